@@ -1,0 +1,58 @@
+//! # netswap-proto
+//!
+//! Everything about netswap that does not touch a socket or a clock: the 10-byte
+//! frame header ([`frame`]), reassembly of multi-frame messages ([`Reassembler`]),
+//! fair fragmentation of outgoing messages ([`OutQueue`]), typed requests and replies
+//! ([`Request`], [`Reply`]), salted SHA-256 identities ([`Identity`]) and the record
+//! store with its ownership and permission state machine ([`Store`]).
+//!
+//! The server and every client stand on this crate. It is driven like quinn-proto:
+//! bytes, events and "now" go in; messages, replies, notifications and deadlines come
+//! out. The wire contract it implements is `docs/PROTOCOL.md`.
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use netswap_proto::{decode_frame, OutQueue, Reassembler, ReassemblyLimits, Inbound, Request, Access};
+//!
+//! // A client encodes a CREATE; the server decodes and reassembles it.
+//! let req = Request::Create { access: Access::READ, data: "hello".into() };
+//! let mut q = OutQueue::new();
+//! q.push(req.encode(1)).unwrap();
+//! let mut wire = BytesMut::new();
+//! q.write_to(&mut wire, usize::MAX);
+//!
+//! let mut r = Reassembler::new(ReassemblyLimits::default());
+//! let frame = decode_frame(&mut wire).unwrap().unwrap();
+//! let Some(Inbound::Message(m)) = r.push(frame).unwrap() else { panic!() };
+//! assert_eq!(Request::parse(m.op, m.arg, m.payload).unwrap(), req);
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod frame;
+pub mod identity;
+pub mod message;
+pub mod outbound;
+pub mod reassembly;
+pub mod store;
+pub mod types;
+
+pub use frame::{
+    Frame, FrameHeader, FramingError, HEADER_LEN, MAX_FRAME, MAX_FRAMES, MAX_MESSAGE, MAX_PAYLOAD,
+    RESERVED_XID, decode_frame,
+};
+pub use identity::{Identity, IdentityKey};
+pub use message::{
+    BadReply, HelloInfo, Malformed, NewOwner, OutMessage, RecordInfo, Reply, Request,
+};
+pub use outbound::{OutFrame, OutQueue};
+pub use reassembly::{InMessage, Inbound, Reassembler, ReassemblyLimits};
+pub use store::{Applied, ConnId, Notification, Reaped, Session, Store, StoreConfig, StoreStats};
+pub use types::{Access, Event, Opcode, ParsePointerError, Pointer, Status, Version};
+
+/// The protocol version HELLO reports.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Default largest record: 64 MiB.
+pub const DEFAULT_MAX_RECORD_BYTES: u64 = 64 * 1024 * 1024;
+/// Default listen address of the server.
+pub const DEFAULT_PORT: u16 = 7420;

@@ -1,0 +1,806 @@
+//! Typed requests and replies, parsed from and encoded to message payloads.
+//!
+//! A message is what [`crate::Reassembler`] hands over: `XID`, `OP`, `ARG` and the whole
+//! payload. [`Request::parse`] turns it into a [`Request`] or a [`Malformed`] with a
+//! precise reason; [`Reply::parse`] does the same for replies on the client side.
+//! Both encode to an [`OutMessage`], which [`crate::OutQueue`] cuts into frames.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::identity::{Identity, normalize_ip};
+use crate::types::{Access, Event, Opcode, Pointer, Status, Version};
+
+/// A whole message ready to be framed: header fields plus a payload in two parts, a
+/// small `head` (pointers, offsets) and a `body` (record data, shared without copying).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutMessage {
+    /// Transaction id.
+    pub xid: u32,
+    /// Opcode (request) or status (reply).
+    pub op: u8,
+    /// Opcode-specific argument.
+    pub arg: u8,
+    /// First part of the payload.
+    pub head: Bytes,
+    /// Second part of the payload.
+    pub body: Bytes,
+}
+
+impl OutMessage {
+    /// Total payload length.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+    /// True when the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The whole payload as one buffer (copies when both parts are non-empty).
+    pub fn payload(&self) -> Bytes {
+        if self.body.is_empty() {
+            self.head.clone()
+        } else if self.head.is_empty() {
+            self.body.clone()
+        } else {
+            let mut b = BytesMut::with_capacity(self.len());
+            b.extend_from_slice(&self.head);
+            b.extend_from_slice(&self.body);
+            b.freeze()
+        }
+    }
+}
+
+/// A request that is not well formed: the reply is MALFORMED with this reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub Cow<'static, str>);
+
+impl Malformed {
+    fn new(reason: impl Into<Cow<'static, str>>) -> Malformed {
+        Malformed(reason.into())
+    }
+}
+
+/// The new owner named by TRANSFER.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NewOwner {
+    /// An identity, as HELLO reports it.
+    Identity(Identity),
+    /// An IP address, hashed by the server (IPv4-mapped IPv6 counts as IPv4).
+    Ip(IpAddr),
+}
+
+/// A client request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// CREATE: a new record with these access bits and initial data.
+    Create {
+        /// Access bits for others.
+        access: Access,
+        /// Initial data (may be empty).
+        data: Bytes,
+    },
+    /// SET_ACCESS: change the access bits (owner only).
+    SetAccess {
+        /// The record.
+        ptr: Pointer,
+        /// The new bits.
+        access: Access,
+    },
+    /// READ: the whole record, or `len` bytes from `offset` (cut at the end).
+    Read {
+        /// The record.
+        ptr: Pointer,
+        /// `Some((offset, len))` for a range read.
+        range: Option<(u64, u32)>,
+    },
+    /// REPLACE: new data for the whole record.
+    Replace {
+        /// The record.
+        ptr: Pointer,
+        /// The new data.
+        data: Bytes,
+    },
+    /// WRITE_AT: overwrite (and possibly grow) from `offset`.
+    WriteAt {
+        /// The record.
+        ptr: Pointer,
+        /// Where to write; at most the current size.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// DELETE (owner only).
+    Delete {
+        /// The record.
+        ptr: Pointer,
+    },
+    /// TAKEOVER: become the owner where the TAKEOVER bit allows.
+    Takeover {
+        /// The record.
+        ptr: Pointer,
+    },
+    /// TRANSFER: hand the record to another identity (owner only).
+    Transfer {
+        /// The record.
+        ptr: Pointer,
+        /// Who gets it.
+        to: NewOwner,
+    },
+    /// INFO: size, version, access bits, whether the caller owns it.
+    Info {
+        /// The record.
+        ptr: Pointer,
+    },
+    /// HELLO: server parameters and the caller's identity.
+    Hello,
+    /// WATCH: push a NOTIFY with this request's XID on every change.
+    Watch {
+        /// The record.
+        ptr: Pointer,
+    },
+    /// UNWATCH: end this connection's watch of the record.
+    Unwatch {
+        /// The record.
+        ptr: Pointer,
+    },
+    /// REPLACE_IF: replace only when the version is `expected`.
+    ReplaceIf {
+        /// The record.
+        ptr: Pointer,
+        /// The version the caller last saw.
+        expected: Version,
+        /// The new data.
+        data: Bytes,
+    },
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().expect("4 bytes"))
+}
+
+fn pointer_at(payload: &[u8], op: Opcode) -> Result<Pointer, Malformed> {
+    Pointer::new(be_u64(payload))
+        .ok_or_else(|| Malformed::new(format!("{}: pointer 0 is never valid", op.name())))
+}
+
+fn exact_len(payload: &Bytes, op: Opcode, want: usize, what: &str) -> Result<(), Malformed> {
+    if payload.len() == want {
+        Ok(())
+    } else {
+        Err(Malformed::new(format!(
+            "{}: payload must be {want} bytes ({what}), got {}",
+            op.name(),
+            payload.len()
+        )))
+    }
+}
+
+fn min_len(payload: &Bytes, op: Opcode, want: usize, what: &str) -> Result<(), Malformed> {
+    if payload.len() >= want {
+        Ok(())
+    } else {
+        Err(Malformed::new(format!(
+            "{}: payload must be at least {want} bytes ({what}), got {}",
+            op.name(),
+            payload.len()
+        )))
+    }
+}
+
+impl Request {
+    /// Parses a reassembled request message.
+    ///
+    /// Checks, in order: the opcode is known; `ARG` is 0 for opcodes without an
+    /// argument and has no reserved bits for those with access bits; the payload has the
+    /// size the opcode requires; pointers are not 0.
+    pub fn parse(op: u8, arg: u8, payload: Bytes) -> Result<Request, Malformed> {
+        let op = Opcode::from_u8(op)
+            .ok_or_else(|| Malformed::new(format!("unknown opcode 0x{op:02x}")))?;
+        let access = match op {
+            Opcode::Create | Opcode::SetAccess => Access::from_wire(arg).ok_or_else(|| {
+                Malformed::new(format!(
+                    "{}: reserved access bits set in ARG 0x{arg:02x} (only 0x01 READ, 0x02 WRITE, 0x04 TAKEOVER exist)",
+                    op.name()
+                ))
+            })?,
+            _ if arg != 0 => {
+                return Err(Malformed::new(format!(
+                    "{}: ARG must be 0, got 0x{arg:02x}",
+                    op.name()
+                )));
+            }
+            _ => Access::empty(),
+        };
+        let ptr_only = |payload: &Bytes| -> Result<Pointer, Malformed> {
+            exact_len(payload, op, 8, "a pointer")?;
+            pointer_at(payload, op)
+        };
+        Ok(match op {
+            Opcode::Create => Request::Create {
+                access,
+                data: payload,
+            },
+            Opcode::SetAccess => Request::SetAccess {
+                ptr: ptr_only(&payload)?,
+                access,
+            },
+            Opcode::Read => match payload.len() {
+                8 => Request::Read {
+                    ptr: pointer_at(&payload, op)?,
+                    range: None,
+                },
+                20 => Request::Read {
+                    ptr: pointer_at(&payload, op)?,
+                    range: Some((be_u64(&payload[8..]), be_u32(&payload[16..]))),
+                },
+                n => {
+                    return Err(Malformed::new(format!(
+                        "READ: payload must be 8 bytes (pointer) or 20 (pointer, offset, length), got {n}"
+                    )));
+                }
+            },
+            Opcode::Replace => {
+                min_len(&payload, op, 8, "a pointer, then the data")?;
+                Request::Replace {
+                    ptr: pointer_at(&payload, op)?,
+                    data: payload.slice(8..),
+                }
+            }
+            Opcode::WriteAt => {
+                min_len(&payload, op, 16, "a pointer and an offset, then the data")?;
+                Request::WriteAt {
+                    ptr: pointer_at(&payload, op)?,
+                    offset: be_u64(&payload[8..]),
+                    data: payload.slice(16..),
+                }
+            }
+            Opcode::Delete => Request::Delete {
+                ptr: ptr_only(&payload)?,
+            },
+            Opcode::Takeover => Request::Takeover {
+                ptr: ptr_only(&payload)?,
+            },
+            Opcode::Transfer => {
+                let to = match payload.len() {
+                    12 => NewOwner::Ip(IpAddr::V4(Ipv4Addr::from(be_u32(&payload[8..])))),
+                    24 => {
+                        let octets: [u8; 16] = payload[8..24].try_into().expect("16 bytes");
+                        NewOwner::Ip(normalize_ip(IpAddr::V6(Ipv6Addr::from(octets))))
+                    }
+                    40 => {
+                        NewOwner::Identity(Identity(payload[8..40].try_into().expect("32 bytes")))
+                    }
+                    n => {
+                        return Err(Malformed::new(format!(
+                            "TRANSFER: payload must be a pointer plus a 4-byte IPv4 address, a 16-byte IPv6 address or a 32-byte identity (12, 24 or 40 bytes), got {n}"
+                        )));
+                    }
+                };
+                Request::Transfer {
+                    ptr: pointer_at(&payload, op)?,
+                    to,
+                }
+            }
+            Opcode::Info => Request::Info {
+                ptr: ptr_only(&payload)?,
+            },
+            Opcode::Hello => {
+                exact_len(&payload, op, 0, "empty")?;
+                Request::Hello
+            }
+            Opcode::Watch => Request::Watch {
+                ptr: ptr_only(&payload)?,
+            },
+            Opcode::Unwatch => Request::Unwatch {
+                ptr: ptr_only(&payload)?,
+            },
+            Opcode::ReplaceIf => {
+                min_len(&payload, op, 16, "a pointer and a version, then the data")?;
+                Request::ReplaceIf {
+                    ptr: pointer_at(&payload, op)?,
+                    expected: be_u64(&payload[8..]),
+                    data: payload.slice(16..),
+                }
+            }
+        })
+    }
+
+    /// The request's opcode.
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Request::Create { .. } => Opcode::Create,
+            Request::SetAccess { .. } => Opcode::SetAccess,
+            Request::Read { .. } => Opcode::Read,
+            Request::Replace { .. } => Opcode::Replace,
+            Request::WriteAt { .. } => Opcode::WriteAt,
+            Request::Delete { .. } => Opcode::Delete,
+            Request::Takeover { .. } => Opcode::Takeover,
+            Request::Transfer { .. } => Opcode::Transfer,
+            Request::Info { .. } => Opcode::Info,
+            Request::Hello => Opcode::Hello,
+            Request::Watch { .. } => Opcode::Watch,
+            Request::Unwatch { .. } => Opcode::Unwatch,
+            Request::ReplaceIf { .. } => Opcode::ReplaceIf,
+        }
+    }
+
+    /// The record this request is about (`None` for CREATE and HELLO).
+    pub fn pointer(&self) -> Option<Pointer> {
+        match *self {
+            Request::Create { .. } | Request::Hello => None,
+            Request::SetAccess { ptr, .. }
+            | Request::Read { ptr, .. }
+            | Request::Replace { ptr, .. }
+            | Request::WriteAt { ptr, .. }
+            | Request::Delete { ptr }
+            | Request::Takeover { ptr }
+            | Request::Transfer { ptr, .. }
+            | Request::Info { ptr }
+            | Request::Watch { ptr }
+            | Request::Unwatch { ptr }
+            | Request::ReplaceIf { ptr, .. } => Some(ptr),
+        }
+    }
+
+    /// Encodes the request as a message with this XID. Record data is not copied.
+    pub fn encode(&self, xid: u32) -> OutMessage {
+        let mut head = BytesMut::with_capacity(40);
+        let mut arg = 0u8;
+        let mut body = Bytes::new();
+        if let Some(ptr) = self.pointer() {
+            head.put_u64(ptr.get());
+        }
+        match self {
+            Request::Create { access, data } => {
+                arg = access.bits();
+                body = data.clone();
+            }
+            Request::SetAccess { access, .. } => arg = access.bits(),
+            Request::Read { range, .. } => {
+                if let Some((off, n)) = range {
+                    head.put_u64(*off);
+                    head.put_u32(*n);
+                }
+            }
+            Request::Replace { data, .. } => body = data.clone(),
+            Request::WriteAt { offset, data, .. } => {
+                head.put_u64(*offset);
+                body = data.clone();
+            }
+            Request::Transfer { to, .. } => match to {
+                NewOwner::Identity(id) => head.put_slice(&id.0),
+                NewOwner::Ip(IpAddr::V4(v4)) => head.put_slice(&v4.octets()),
+                NewOwner::Ip(IpAddr::V6(v6)) => head.put_slice(&v6.octets()),
+            },
+            Request::ReplaceIf { expected, data, .. } => {
+                head.put_u64(*expected);
+                body = data.clone();
+            }
+            Request::Delete { .. }
+            | Request::Takeover { .. }
+            | Request::Info { .. }
+            | Request::Hello
+            | Request::Watch { .. }
+            | Request::Unwatch { .. } => {}
+        }
+        OutMessage {
+            xid,
+            op: self.opcode() as u8,
+            arg,
+            head: head.freeze(),
+            body,
+        }
+    }
+}
+
+/// INFO's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordInfo {
+    /// Data size in bytes.
+    pub size: u64,
+    /// Current version.
+    pub version: Version,
+    /// Access bits for others.
+    pub access: Access,
+    /// True when the caller's identity owns the record.
+    pub owned: bool,
+}
+
+/// HELLO's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HelloInfo {
+    /// Protocol version (1).
+    pub protocol: u8,
+    /// Largest record the server stores.
+    pub max_record_bytes: u64,
+    /// Largest request message the server accepts.
+    pub max_message_bytes: u64,
+    /// Seconds an orphaned record survives.
+    pub orphan_grace_secs: u32,
+    /// The caller's identity.
+    pub identity: Identity,
+}
+
+/// A server reply, typed by what it answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// OK to CREATE: the new record's pointer.
+    Created(Pointer),
+    /// OK with an empty payload (SET_ACCESS, DELETE, TAKEOVER, TRANSFER, WATCH, UNWATCH).
+    Done,
+    /// OK to REPLACE, WRITE_AT or REPLACE_IF: the new version.
+    Written(Version),
+    /// DATA: the bytes read.
+    Data(Bytes),
+    /// OK to INFO.
+    Info(RecordInfo),
+    /// OK to HELLO.
+    Hello(HelloInfo),
+    /// CONFLICT to REPLACE_IF: the current version.
+    Conflict(Version),
+    /// NOTIFY: a watched record changed.
+    Notify {
+        /// What happened.
+        event: Event,
+        /// The record.
+        ptr: Pointer,
+        /// Its version after the event.
+        version: Version,
+    },
+    /// Any status that carries a reason.
+    Error {
+        /// The status.
+        status: Status,
+        /// The server's short reason.
+        reason: Cow<'static, str>,
+    },
+}
+
+/// A reply the client cannot make sense of.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("bad reply: {0}")]
+pub struct BadReply(pub String);
+
+impl Reply {
+    /// An error reply with a static or formatted reason.
+    pub fn error(status: Status, reason: impl Into<Cow<'static, str>>) -> Reply {
+        Reply::Error {
+            status,
+            reason: reason.into(),
+        }
+    }
+
+    /// The status byte this reply carries.
+    pub fn status(&self) -> Status {
+        match self {
+            Reply::Created(_)
+            | Reply::Done
+            | Reply::Written(_)
+            | Reply::Info(_)
+            | Reply::Hello(_) => Status::Ok,
+            Reply::Data(_) => Status::Data,
+            Reply::Conflict(_) => Status::Conflict,
+            Reply::Notify { .. } => Status::Notify,
+            Reply::Error { status, .. } => *status,
+        }
+    }
+
+    /// Encodes the reply as a message with this XID. Data is not copied.
+    pub fn encode(&self, xid: u32) -> OutMessage {
+        let mut arg = 0;
+        let mut body = Bytes::new();
+        let head = match self {
+            Reply::Created(p) => Bytes::copy_from_slice(&p.to_be_bytes()),
+            Reply::Done => Bytes::new(),
+            Reply::Written(v) | Reply::Conflict(v) => Bytes::copy_from_slice(&v.to_be_bytes()),
+            Reply::Data(d) => {
+                body = d.clone();
+                Bytes::new()
+            }
+            Reply::Info(i) => {
+                let mut b = BytesMut::with_capacity(18);
+                b.put_u64(i.size);
+                b.put_u64(i.version);
+                b.put_u8(i.access.bits());
+                b.put_u8(u8::from(i.owned));
+                b.freeze()
+            }
+            Reply::Hello(h) => {
+                let mut b = BytesMut::with_capacity(53);
+                b.put_u8(h.protocol);
+                b.put_u64(h.max_record_bytes);
+                b.put_u64(h.max_message_bytes);
+                b.put_u32(h.orphan_grace_secs);
+                b.put_slice(&h.identity.0);
+                b.freeze()
+            }
+            Reply::Notify {
+                event,
+                ptr,
+                version,
+            } => {
+                arg = *event as u8;
+                let mut b = BytesMut::with_capacity(16);
+                b.put_u64(ptr.get());
+                b.put_u64(*version);
+                b.freeze()
+            }
+            Reply::Error { reason, .. } => match reason {
+                Cow::Borrowed(s) => Bytes::from_static(s.as_bytes()),
+                Cow::Owned(s) => Bytes::copy_from_slice(s.as_bytes()),
+            },
+        };
+        OutMessage {
+            xid,
+            op: self.status() as u8,
+            arg,
+            head,
+            body,
+        }
+    }
+
+    /// Parses a reply to a request with opcode `request` (`None` when the request is
+    /// not known, e.g. a NOTIFY or a message on the reserved XID).
+    pub fn parse(
+        request: Option<Opcode>,
+        status: u8,
+        arg: u8,
+        payload: Bytes,
+    ) -> Result<Reply, BadReply> {
+        let status = Status::from_u8(status)
+            .ok_or_else(|| BadReply(format!("unknown status 0x{status:02x}")))?;
+        let want = |n: usize| -> Result<(), BadReply> {
+            if payload.len() == n {
+                Ok(())
+            } else {
+                Err(BadReply(format!(
+                    "{} reply must carry {n} bytes, got {}",
+                    status.name(),
+                    payload.len()
+                )))
+            }
+        };
+        if status != Status::Notify && arg != 0 {
+            return Err(BadReply(format!("{} reply with ARG {arg}", status.name())));
+        }
+        Ok(match status {
+            Status::Data => Reply::Data(payload),
+            Status::Conflict => {
+                want(8)?;
+                Reply::Conflict(be_u64(&payload))
+            }
+            Status::Notify => {
+                want(16)?;
+                let event = Event::from_u8(arg)
+                    .ok_or_else(|| BadReply(format!("NOTIFY with unknown event {arg}")))?;
+                let ptr = Pointer::new(be_u64(&payload))
+                    .ok_or_else(|| BadReply("NOTIFY for pointer 0".into()))?;
+                Reply::Notify {
+                    event,
+                    ptr,
+                    version: be_u64(&payload[8..]),
+                }
+            }
+            Status::Ok => match request {
+                Some(Opcode::Create) => {
+                    want(8)?;
+                    Reply::Created(
+                        Pointer::new(be_u64(&payload))
+                            .ok_or_else(|| BadReply("CREATE returned pointer 0".into()))?,
+                    )
+                }
+                Some(Opcode::Replace | Opcode::WriteAt | Opcode::ReplaceIf) => {
+                    want(8)?;
+                    Reply::Written(be_u64(&payload))
+                }
+                Some(Opcode::Info) => {
+                    want(18)?;
+                    Reply::Info(RecordInfo {
+                        size: be_u64(&payload),
+                        version: be_u64(&payload[8..]),
+                        access: Access::from_bits_truncate(payload[16]),
+                        owned: payload[17] & 1 == 1,
+                    })
+                }
+                Some(Opcode::Hello) => {
+                    want(53)?;
+                    Reply::Hello(HelloInfo {
+                        protocol: payload[0],
+                        max_record_bytes: be_u64(&payload[1..]),
+                        max_message_bytes: be_u64(&payload[9..]),
+                        orphan_grace_secs: be_u32(&payload[17..]),
+                        identity: Identity(payload[21..53].try_into().expect("32 bytes")),
+                    })
+                }
+                _ => {
+                    want(0)?;
+                    Reply::Done
+                }
+            },
+            _ => Reply::Error {
+                status,
+                reason: Cow::Owned(String::from_utf8_lossy(&payload).into_owned()),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(n: u64) -> Pointer {
+        Pointer::new(n).unwrap()
+    }
+
+    fn round_trip(req: Request) {
+        let m = req.encode(7);
+        let back = Request::parse(m.op, m.arg, m.payload()).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        let id = Identity([9; 32]);
+        for req in [
+            Request::Create {
+                access: Access::READ | Access::TAKEOVER,
+                data: Bytes::from_static(b"hello"),
+            },
+            Request::Create {
+                access: Access::empty(),
+                data: Bytes::new(),
+            },
+            Request::SetAccess {
+                ptr: p(1),
+                access: Access::WRITE,
+            },
+            Request::Read {
+                ptr: p(2),
+                range: None,
+            },
+            Request::Read {
+                ptr: p(2),
+                range: Some((5, 9)),
+            },
+            Request::Replace {
+                ptr: p(3),
+                data: Bytes::from_static(b"x"),
+            },
+            Request::WriteAt {
+                ptr: p(4),
+                offset: 10,
+                data: Bytes::from_static(b"yz"),
+            },
+            Request::Delete { ptr: p(5) },
+            Request::Takeover { ptr: p(6) },
+            Request::Transfer {
+                ptr: p(7),
+                to: NewOwner::Identity(id),
+            },
+            Request::Transfer {
+                ptr: p(7),
+                to: NewOwner::Ip("10.1.2.3".parse().unwrap()),
+            },
+            Request::Transfer {
+                ptr: p(7),
+                to: NewOwner::Ip("2001:db8::1".parse().unwrap()),
+            },
+            Request::Info { ptr: p(8) },
+            Request::Hello,
+            Request::Watch { ptr: p(9) },
+            Request::Unwatch { ptr: p(10) },
+            Request::ReplaceIf {
+                ptr: p(11),
+                expected: 3,
+                data: Bytes::from_static(b"new"),
+            },
+        ] {
+            round_trip(req);
+        }
+    }
+
+    #[test]
+    fn transfer_to_mapped_v6_is_normalised_to_v4() {
+        let mut payload = 1u64.to_be_bytes().to_vec();
+        payload.extend_from_slice(&"::ffff:10.0.0.1".parse::<Ipv6Addr>().unwrap().octets());
+        let r = Request::parse(0x07, 0, payload.into()).unwrap();
+        assert_eq!(
+            r,
+            Request::Transfer {
+                ptr: p(1),
+                to: NewOwner::Ip("10.0.0.1".parse().unwrap())
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_reasons_are_precise() {
+        let reason = |op, arg, payload: &[u8]| {
+            Request::parse(op, arg, Bytes::copy_from_slice(payload))
+                .unwrap_err()
+                .0
+                .into_owned()
+        };
+        assert_eq!(reason(0x0D, 0, b""), "unknown opcode 0x0d");
+        assert!(reason(0x00, 0x08, b"").contains("reserved access bits"));
+        assert!(reason(0x01, 0x80, &[0, 0, 0, 0, 0, 0, 0, 1]).contains("reserved access bits"));
+        assert_eq!(reason(0x02, 1, &[0; 8]), "READ: ARG must be 0, got 0x01");
+        assert!(reason(0x02, 0, &[0; 9]).starts_with("READ: payload must be 8 bytes"));
+        assert_eq!(reason(0x05, 0, &[0; 8]), "DELETE: pointer 0 is never valid");
+        assert_eq!(
+            reason(0x05, 0, &[0; 7]),
+            "DELETE: payload must be 8 bytes (a pointer), got 7"
+        );
+        assert!(reason(0x03, 0, &[0; 7]).starts_with("REPLACE: payload must be at least 8"));
+        assert!(reason(0x04, 0, &[0; 15]).starts_with("WRITE_AT: payload must be at least 16"));
+        assert!(reason(0x0C, 0, &[0; 15]).starts_with("REPLACE_IF: payload must be at least 16"));
+        assert!(reason(0x07, 0, &[0; 13]).starts_with("TRANSFER: payload must be"));
+        assert_eq!(
+            reason(0x09, 0, b"x"),
+            "HELLO: payload must be 0 bytes (empty), got 1"
+        );
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let cases: Vec<(Option<Opcode>, Reply)> = vec![
+            (Some(Opcode::Create), Reply::Created(p(0xabc))),
+            (Some(Opcode::Delete), Reply::Done),
+            (Some(Opcode::WriteAt), Reply::Written(42)),
+            (Some(Opcode::Read), Reply::Data(Bytes::from_static(b"abc"))),
+            (
+                Some(Opcode::Info),
+                Reply::Info(RecordInfo {
+                    size: 5,
+                    version: 2,
+                    access: Access::READ,
+                    owned: true,
+                }),
+            ),
+            (
+                Some(Opcode::Hello),
+                Reply::Hello(HelloInfo {
+                    protocol: 1,
+                    max_record_bytes: 64,
+                    max_message_bytes: 80,
+                    orphan_grace_secs: 300,
+                    identity: Identity([3; 32]),
+                }),
+            ),
+            (Some(Opcode::ReplaceIf), Reply::Conflict(7)),
+            (
+                None,
+                Reply::Notify {
+                    event: Event::OwnerChanged,
+                    ptr: p(5),
+                    version: 9,
+                },
+            ),
+            (
+                Some(Opcode::Read),
+                Reply::error(Status::AddressFault, "no such record"),
+            ),
+        ];
+        for (req, reply) in cases {
+            let m = reply.encode(1);
+            assert_eq!(Reply::parse(req, m.op, m.arg, m.payload()).unwrap(), reply);
+        }
+    }
+
+    #[test]
+    fn bad_replies_are_errors_not_panics() {
+        assert!(Reply::parse(Some(Opcode::Create), 0, 0, Bytes::from_static(b"123")).is_err());
+        assert!(Reply::parse(None, 0x0B, 0, Bytes::new()).is_err());
+        assert!(Reply::parse(None, 0x08, 9, Bytes::from_static(&[1; 16])).is_err());
+        assert!(Reply::parse(Some(Opcode::Hello), 0, 0, Bytes::from_static(&[1; 52])).is_err());
+    }
+}

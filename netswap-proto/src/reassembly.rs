@@ -1,0 +1,453 @@
+//! Reassembly of multi-frame messages, per connection.
+//!
+//! Frames of different XIDs may interleave. A message's first frame says how many
+//! frames follow, so an oversized message is refused (TOO_LARGE) at its first frame
+//! and the rest of it is then checked for framing but never buffered. The bytes that
+//! unfinished messages may still grow to ("promised" bytes) and their number are
+//! bounded per connection: past either bound a new message gets BUSY.
+
+use std::collections::HashMap;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::frame::{Frame, FramingError, MAX_PAYLOAD};
+use crate::types::Status;
+
+/// Per-connection bounds on what reassembly may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReassemblyLimits {
+    /// Largest request message accepted (`--max-message-bytes`).
+    pub max_message_bytes: u64,
+    /// Largest number of messages being reassembled at once; the next one gets BUSY.
+    /// The same number bounds the refused messages whose frames are being discarded;
+    /// past that the connection is closed with PROTOCOL_ERROR.
+    pub max_partial_messages: usize,
+    /// Largest sum of the sizes unfinished messages may reach (from their frame
+    /// counts); a new message that would go over it gets BUSY.
+    pub max_partial_bytes: u64,
+}
+
+impl Default for ReassemblyLimits {
+    fn default() -> Self {
+        ReassemblyLimits {
+            max_message_bytes: crate::DEFAULT_MAX_RECORD_BYTES + 16,
+            max_partial_messages: 64,
+            max_partial_bytes: 2 * (crate::DEFAULT_MAX_RECORD_BYTES + 16),
+        }
+    }
+}
+
+/// A whole request message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InMessage {
+    /// Transaction id.
+    pub xid: u32,
+    /// Opcode byte (not yet checked).
+    pub op: u8,
+    /// Argument byte.
+    pub arg: u8,
+    /// The concatenated payload.
+    pub payload: Bytes,
+}
+
+/// What one frame completed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// A whole message to apply.
+    Message(InMessage),
+    /// A message refused without being applied; answer it with `status` and `reason`.
+    Refused {
+        /// Its XID.
+        xid: u32,
+        /// TOO_LARGE or BUSY.
+        status: Status,
+        /// A short reason.
+        reason: String,
+    },
+}
+
+#[derive(Debug)]
+struct Partial {
+    op: u8,
+    arg: u8,
+    /// REMAINING the next frame must carry.
+    next_remaining: u16,
+    /// Bytes reserved in `promised` for this message.
+    promised: u64,
+    /// `None` while discarding a refused message.
+    buf: Option<BytesMut>,
+}
+
+/// Reassembles frames into messages for one connection. No I/O, no clock.
+#[derive(Debug)]
+pub struct Reassembler {
+    limits: ReassemblyLimits,
+    partial: HashMap<u32, Partial>,
+    buffering: usize,
+    discarding: usize,
+    promised: u64,
+    buffered: u64,
+}
+
+impl Reassembler {
+    /// A reassembler with these bounds.
+    pub fn new(limits: ReassemblyLimits) -> Reassembler {
+        Reassembler {
+            limits,
+            partial: HashMap::new(),
+            buffering: 0,
+            discarding: 0,
+            promised: 0,
+            buffered: 0,
+        }
+    }
+
+    /// The bounds in force.
+    pub fn limits(&self) -> &ReassemblyLimits {
+        &self.limits
+    }
+
+    /// Number of messages being buffered (not counting refused ones being discarded).
+    pub fn partial_messages(&self) -> usize {
+        self.buffering
+    }
+
+    /// Bytes currently held in unfinished messages.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.buffered
+    }
+
+    /// True when some message has started but not finished (a slow sender may be
+    /// holding it open: the I/O layer times this out).
+    pub fn has_unfinished(&self) -> bool {
+        !self.partial.is_empty()
+    }
+
+    /// Feeds one frame. Returns a message or a refusal when this frame finishes one or
+    /// refuses one, `None` when it was buffered or discarded, and an error when the
+    /// framing is broken (the connection must be closed with PROTOCOL_ERROR).
+    pub fn push(&mut self, frame: Frame) -> Result<Option<Inbound>, FramingError> {
+        let h = frame.header;
+        if h.len as usize > MAX_PAYLOAD {
+            return Err(FramingError::LengthTooLarge { len: h.len });
+        }
+        if let Some(p) = self.partial.get_mut(&h.xid) {
+            if h.remaining != p.next_remaining {
+                return Err(FramingError::BadRemaining {
+                    xid: h.xid,
+                    expected: p.next_remaining,
+                    got: h.remaining,
+                });
+            }
+            if h.op != p.op || h.arg != p.arg {
+                return Err(FramingError::HeaderChanged { xid: h.xid });
+            }
+            if h.remaining > 0 && h.len as usize != MAX_PAYLOAD {
+                return Err(FramingError::ShortFrame {
+                    xid: h.xid,
+                    len: h.len,
+                });
+            }
+            if let Some(buf) = p.buf.as_mut() {
+                buf.extend_from_slice(&frame.payload);
+                self.buffered += frame.payload.len() as u64;
+            }
+            if h.remaining > 0 {
+                p.next_remaining = h.remaining - 1;
+                return Ok(None);
+            }
+            let p = self.partial.remove(&h.xid).expect("present");
+            self.promised -= p.promised;
+            let Some(buf) = p.buf else {
+                self.discarding -= 1;
+                return Ok(None);
+            };
+            self.buffering -= 1;
+            self.buffered -= buf.len() as u64;
+            if buf.len() as u64 > self.limits.max_message_bytes {
+                return Ok(Some(Inbound::Refused {
+                    xid: h.xid,
+                    status: Status::TooLarge,
+                    reason: format!(
+                        "message of {} bytes is over the limit of {} bytes",
+                        buf.len(),
+                        self.limits.max_message_bytes
+                    ),
+                }));
+            }
+            return Ok(Some(Inbound::Message(InMessage {
+                xid: h.xid,
+                op: h.op,
+                arg: h.arg,
+                payload: buf.freeze(),
+            })));
+        }
+
+        // The first frame of a message.
+        if h.remaining == 0 {
+            if frame.payload.len() as u64 > self.limits.max_message_bytes {
+                return Ok(Some(too_large(
+                    h.xid,
+                    frame.payload.len() as u64,
+                    &self.limits,
+                )));
+            }
+            return Ok(Some(Inbound::Message(InMessage {
+                xid: h.xid,
+                op: h.op,
+                arg: h.arg,
+                payload: frame.payload,
+            })));
+        }
+        if h.len as usize != MAX_PAYLOAD {
+            return Err(FramingError::ShortFrame {
+                xid: h.xid,
+                len: h.len,
+            });
+        }
+        let smallest = h.remaining as u64 * MAX_PAYLOAD as u64;
+        let largest = smallest + MAX_PAYLOAD as u64;
+        let refusal = if smallest > self.limits.max_message_bytes {
+            Some(too_large(h.xid, smallest, &self.limits))
+        } else if self.buffering >= self.limits.max_partial_messages {
+            Some(Inbound::Refused {
+                xid: h.xid,
+                status: Status::Busy,
+                reason: format!(
+                    "{} messages are already being received on this connection",
+                    self.buffering
+                ),
+            })
+        } else if self.promised + largest > self.limits.max_partial_bytes {
+            Some(Inbound::Refused {
+                xid: h.xid,
+                status: Status::Busy,
+                reason: format!(
+                    "unfinished messages on this connection would hold over {} bytes",
+                    self.limits.max_partial_bytes
+                ),
+            })
+        } else {
+            None
+        };
+        let next_remaining = h.remaining - 1;
+        if refusal.is_some() {
+            if self.discarding >= self.limits.max_partial_messages {
+                return Err(FramingError::TooManyUnfinished {
+                    limit: self.limits.max_partial_messages,
+                });
+            }
+            self.discarding += 1;
+            self.partial.insert(
+                h.xid,
+                Partial {
+                    op: h.op,
+                    arg: h.arg,
+                    next_remaining,
+                    promised: 0,
+                    buf: None,
+                },
+            );
+            return Ok(refusal);
+        }
+        // Grow on demand rather than allocating the promised size up front.
+        let mut buf = BytesMut::with_capacity((largest as usize).min(64 * 1024));
+        buf.extend_from_slice(&frame.payload);
+        self.buffered += frame.payload.len() as u64;
+        self.buffering += 1;
+        self.promised += largest;
+        self.partial.insert(
+            h.xid,
+            Partial {
+                op: h.op,
+                arg: h.arg,
+                next_remaining,
+                promised: largest,
+                buf: Some(buf),
+            },
+        );
+        Ok(None)
+    }
+}
+
+fn too_large(xid: u32, at_least: u64, limits: &ReassemblyLimits) -> Inbound {
+    Inbound::Refused {
+        xid,
+        status: Status::TooLarge,
+        reason: format!(
+            "message of at least {at_least} bytes is over the limit of {} bytes",
+            limits.max_message_bytes
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::FrameHeader;
+
+    fn frame(xid: u32, remaining: u16, op: u8, payload: &[u8]) -> Frame {
+        Frame {
+            header: FrameHeader {
+                xid,
+                remaining,
+                op,
+                arg: 0,
+                len: payload.len() as u16,
+            },
+            payload: Bytes::copy_from_slice(payload),
+        }
+    }
+
+    fn limits(max_message: u64) -> ReassemblyLimits {
+        ReassemblyLimits {
+            max_message_bytes: max_message,
+            max_partial_messages: 2,
+            max_partial_bytes: 10 * 1390,
+        }
+    }
+
+    #[test]
+    fn interleaved_messages_reassemble() {
+        let mut r = Reassembler::new(limits(100_000));
+        let full_a = [b'a'; 1390];
+        let full_b = [b'b'; 1390];
+        assert_eq!(r.push(frame(1, 1, 3, &full_a)), Ok(None));
+        assert_eq!(r.push(frame(2, 2, 3, &full_b)), Ok(None));
+        // A single-frame message in the middle is delivered at once.
+        let got = r.push(frame(3, 0, 2, b"small")).unwrap().unwrap();
+        assert!(matches!(got, Inbound::Message(ref m) if m.xid == 3 && &m.payload[..] == b"small"));
+        let a = r.push(frame(1, 0, 3, b"end")).unwrap().unwrap();
+        let Inbound::Message(a) = a else { panic!() };
+        assert_eq!(a.payload.len(), 1393);
+        assert_eq!(&a.payload[1390..], b"end");
+        assert_eq!(r.push(frame(2, 1, 3, &full_b)), Ok(None));
+        let Inbound::Message(b) = r.push(frame(2, 0, 3, b"")).unwrap().unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.payload.len(), 2780, "an empty last frame is valid");
+        assert_eq!(r.buffered_bytes(), 0);
+        assert!(!r.has_unfinished());
+    }
+
+    #[test]
+    fn oversized_message_is_refused_at_first_frame_and_discarded() {
+        let mut r = Reassembler::new(limits(2000));
+        let full = [0u8; 1390];
+        let refused = r.push(frame(5, 2, 3, &full)).unwrap().unwrap();
+        assert!(matches!(
+            refused,
+            Inbound::Refused {
+                xid: 5,
+                status: Status::TooLarge,
+                ..
+            }
+        ));
+        assert_eq!(r.buffered_bytes(), 0);
+        assert_eq!(r.push(frame(5, 1, 3, &full)), Ok(None));
+        assert_eq!(r.push(frame(5, 0, 3, b"x")), Ok(None));
+        assert_eq!(r.buffered_bytes(), 0);
+        // The connection stays usable.
+        assert!(matches!(
+            r.push(frame(6, 0, 9, b"")),
+            Ok(Some(Inbound::Message(_)))
+        ));
+    }
+
+    #[test]
+    fn last_band_overflow_is_refused_at_last_frame() {
+        let mut r = Reassembler::new(limits(1400));
+        let full = [0u8; 1390];
+        assert_eq!(r.push(frame(5, 1, 3, &full)), Ok(None));
+        let got = r.push(frame(5, 0, 3, &[0; 11])).unwrap().unwrap();
+        assert!(matches!(
+            got,
+            Inbound::Refused {
+                status: Status::TooLarge,
+                ..
+            }
+        ));
+        let got = r.push(frame(6, 1, 3, &full)).unwrap();
+        assert_eq!(got, None);
+        let got = r.push(frame(6, 0, 3, &[0; 10])).unwrap().unwrap();
+        assert!(matches!(got, Inbound::Message(ref m) if m.payload.len() == 1400));
+    }
+
+    #[test]
+    fn busy_past_partial_limits() {
+        let mut r = Reassembler::new(limits(1_000_000));
+        let full = [0u8; 1390];
+        assert_eq!(r.push(frame(1, 1, 3, &full)), Ok(None));
+        assert_eq!(r.push(frame(2, 1, 3, &full)), Ok(None));
+        let got = r.push(frame(3, 1, 3, &full)).unwrap().unwrap();
+        assert!(matches!(
+            got,
+            Inbound::Refused {
+                xid: 3,
+                status: Status::Busy,
+                ..
+            }
+        ));
+        // Promised bytes: a 9-frame message does not fit beside the two 2-frame ones.
+        let mut r = Reassembler::new(limits(1_000_000));
+        assert_eq!(r.push(frame(1, 1, 3, &full)), Ok(None));
+        let got = r.push(frame(2, 8, 3, &full)).unwrap().unwrap();
+        assert!(matches!(
+            got,
+            Inbound::Refused {
+                xid: 2,
+                status: Status::Busy,
+                ..
+            }
+        ));
+        assert_eq!(r.push(frame(2, 7, 3, &full)), Ok(None));
+    }
+
+    #[test]
+    fn framing_errors() {
+        let full = [0u8; 1390];
+        let mut r = Reassembler::new(limits(100_000));
+        assert_eq!(
+            r.push(frame(1, 1, 3, b"short")),
+            Err(FramingError::ShortFrame { xid: 1, len: 5 })
+        );
+        let mut r = Reassembler::new(limits(100_000));
+        r.push(frame(1, 3, 3, &full)).unwrap();
+        assert_eq!(
+            r.push(frame(1, 1, 3, &full)),
+            Err(FramingError::BadRemaining {
+                xid: 1,
+                expected: 2,
+                got: 1
+            })
+        );
+        let mut r = Reassembler::new(limits(100_000));
+        r.push(frame(1, 3, 3, &full)).unwrap();
+        assert_eq!(
+            r.push(frame(1, 2, 4, &full)),
+            Err(FramingError::HeaderChanged { xid: 1 })
+        );
+        let mut r = Reassembler::new(limits(100_000));
+        r.push(frame(1, 2, 3, &full)).unwrap();
+        assert_eq!(
+            r.push(frame(1, 1, 3, b"x")),
+            Err(FramingError::ShortFrame { xid: 1, len: 1 })
+        );
+    }
+
+    #[test]
+    fn too_many_discarded_messages_is_a_protocol_error() {
+        let mut r = Reassembler::new(limits(10));
+        let full = [0u8; 1390];
+        for xid in 0..2 {
+            assert!(matches!(
+                r.push(frame(xid, 5, 3, &full)),
+                Ok(Some(Inbound::Refused { .. }))
+            ));
+        }
+        assert_eq!(
+            r.push(frame(9, 5, 3, &full)),
+            Err(FramingError::TooManyUnfinished { limit: 2 })
+        );
+    }
+}

@@ -1,0 +1,778 @@
+use super::*;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+struct World {
+    store: Store,
+    rng: SmallRng,
+    t0: Instant,
+}
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+impl World {
+    fn new(config: StoreConfig) -> World {
+        World {
+            store: Store::new(config, IdentityKey::new(*b"test key")),
+            rng: SmallRng::seed_from_u64(7),
+            t0: Instant::now(),
+        }
+    }
+    fn default() -> World {
+        World::new(StoreConfig {
+            shards: 4,
+            orphan_grace: Duration::from_secs(300),
+            ..StoreConfig::default()
+        })
+    }
+    fn at(&self, secs: u64) -> Instant {
+        self.t0 + Duration::from_secs(secs)
+    }
+    fn apply(&mut self, s: &mut Session, req: Request) -> Applied {
+        self.apply_at(s, req, 0)
+    }
+    fn apply_at(&mut self, s: &mut Session, req: Request, secs: u64) -> Applied {
+        let now = self.at(secs);
+        self.store.apply(s, 1, req, now, &mut self.rng)
+    }
+    fn reply(&mut self, s: &mut Session, req: Request) -> Reply {
+        self.apply(s, req).reply
+    }
+    fn create(&mut self, s: &mut Session, access: Access, data: &'static [u8]) -> Pointer {
+        match self.reply(
+            s,
+            Request::Create {
+                access,
+                data: Bytes::from_static(data),
+            },
+        ) {
+            Reply::Created(p) => p,
+            other => panic!("create failed: {other:?}"),
+        }
+    }
+    fn read(&mut self, s: &mut Session, ptr: Pointer) -> Reply {
+        self.reply(s, Request::Read { ptr, range: None })
+    }
+}
+
+fn status(r: &Reply) -> Status {
+    r.status()
+}
+
+fn data(b: &'static [u8]) -> Reply {
+    Reply::Data(Bytes::from_static(b))
+}
+
+#[test]
+fn create_read_and_version() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let p = w.create(&mut a, Access::empty(), b"hello");
+    assert_eq!(w.read(&mut a, p), data(b"hello"));
+    let info = w.reply(&mut a, Request::Info { ptr: p });
+    assert_eq!(
+        info,
+        Reply::Info(RecordInfo {
+            size: 5,
+            version: 1,
+            access: Access::empty(),
+            owned: true
+        })
+    );
+    let p2 = w.create(&mut a, Access::empty(), b"");
+    assert_ne!(p, p2);
+    assert_eq!(w.read(&mut a, p2), data(b""));
+}
+
+#[test]
+fn permissions_across_identities() {
+    let mut w = World::default();
+    let mut owner = w.store.connect(ip(2));
+    let mut other = w.store.connect(ip(3));
+    let closed = w.create(&mut owner, Access::empty(), b"secret");
+    let readable = w.create(&mut owner, Access::READ, b"public");
+    let writable = w.create(&mut owner, Access::READ | Access::WRITE, b"shared");
+
+    for req in [
+        Request::Read {
+            ptr: closed,
+            range: None,
+        },
+        Request::Info { ptr: closed },
+        Request::Watch { ptr: closed },
+        Request::Replace {
+            ptr: readable,
+            data: Bytes::from_static(b"x"),
+        },
+        Request::WriteAt {
+            ptr: readable,
+            offset: 0,
+            data: Bytes::from_static(b"x"),
+        },
+        Request::ReplaceIf {
+            ptr: readable,
+            expected: 1,
+            data: Bytes::from_static(b"x"),
+        },
+        Request::Delete { ptr: writable },
+        Request::SetAccess {
+            ptr: writable,
+            access: Access::all(),
+        },
+        Request::Transfer {
+            ptr: writable,
+            to: NewOwner::Ip(ip(3)),
+        },
+        Request::Takeover { ptr: writable },
+    ] {
+        let r = w.reply(&mut other, req.clone());
+        assert_eq!(status(&r), Status::AccessViolation, "{req:?} gave {r:?}");
+    }
+    assert_eq!(w.read(&mut other, readable), data(b"public"));
+    assert_eq!(
+        w.reply(
+            &mut other,
+            Request::Replace {
+                ptr: writable,
+                data: Bytes::from_static(b"changed")
+            }
+        ),
+        Reply::Written(2)
+    );
+    assert_eq!(w.read(&mut owner, writable), data(b"changed"));
+    // Nothing the other identity tried changed the closed record.
+    assert_eq!(w.read(&mut owner, closed), data(b"secret"));
+    let Reply::Info(info) = w.reply(&mut other, Request::Info { ptr: readable }) else {
+        panic!()
+    };
+    assert!(!info.owned);
+}
+
+#[test]
+fn unknown_pointer_is_address_fault_for_every_op() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let p = Pointer::new(12345).unwrap();
+    for req in [
+        Request::Read {
+            ptr: p,
+            range: None,
+        },
+        Request::Info { ptr: p },
+        Request::Replace {
+            ptr: p,
+            data: Bytes::new(),
+        },
+        Request::WriteAt {
+            ptr: p,
+            offset: 0,
+            data: Bytes::new(),
+        },
+        Request::ReplaceIf {
+            ptr: p,
+            expected: 1,
+            data: Bytes::new(),
+        },
+        Request::Delete { ptr: p },
+        Request::SetAccess {
+            ptr: p,
+            access: Access::READ,
+        },
+        Request::Takeover { ptr: p },
+        Request::Transfer {
+            ptr: p,
+            to: NewOwner::Ip(ip(3)),
+        },
+        Request::Watch { ptr: p },
+        Request::Unwatch { ptr: p },
+    ] {
+        assert_eq!(
+            w.reply(&mut a, req),
+            Reply::error(Status::AddressFault, "no such record")
+        );
+    }
+}
+
+#[test]
+fn ranges_read_and_write() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let p = w.create(&mut a, Access::empty(), b"0123456789");
+    let rr = |off, n| Request::Read {
+        ptr: p,
+        range: Some((off, n)),
+    };
+    assert_eq!(w.reply(&mut a, rr(2, 3)), data(b"234"));
+    assert_eq!(w.reply(&mut a, rr(8, 100)), data(b"89"), "cut at the end");
+    assert_eq!(
+        w.reply(&mut a, rr(10, 5)),
+        data(b""),
+        "off == size is empty"
+    );
+    assert_eq!(status(&w.reply(&mut a, rr(11, 1))), Status::AddressFault);
+    assert_eq!(
+        status(&w.reply(&mut a, rr(u64::MAX, u32::MAX))),
+        Status::AddressFault
+    );
+
+    let wa = |off, d: &'static [u8]| Request::WriteAt {
+        ptr: p,
+        offset: off,
+        data: Bytes::from_static(d),
+    };
+    assert_eq!(w.reply(&mut a, wa(1, b"ab")), Reply::Written(2));
+    assert_eq!(w.read(&mut a, p), data(b"0ab3456789"));
+    assert_eq!(w.reply(&mut a, wa(10, b"XY")), Reply::Written(3), "append");
+    assert_eq!(w.reply(&mut a, wa(11, b"ZZZ")), Reply::Written(4), "grow");
+    assert_eq!(w.read(&mut a, p), data(b"0ab3456789XZZZ"));
+    let r = w.reply(&mut a, wa(15, b"!"));
+    assert_eq!(status(&r), Status::AddressFault);
+    assert_eq!(
+        reason_of(&r).unwrap(),
+        "offset 15 is past the end of the record (14 bytes)"
+    );
+    assert_eq!(w.read(&mut a, p), data(b"0ab3456789XZZZ"), "unchanged");
+}
+
+#[test]
+fn write_at_is_copy_on_write_while_a_reader_holds_the_bytes() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let p = w.create(&mut a, Access::empty(), b"aaaa");
+    let Reply::Data(held) = w.read(&mut a, p) else {
+        panic!()
+    };
+    w.reply(
+        &mut a,
+        Request::WriteAt {
+            ptr: p,
+            offset: 0,
+            data: Bytes::from_static(b"b"),
+        },
+    );
+    assert_eq!(&held[..], b"aaaa", "a reply being sent keeps its bytes");
+    assert_eq!(w.read(&mut a, p), data(b"baaa"));
+}
+
+#[test]
+fn replace_if_conflicts_and_every_write_bumps_the_version() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let p = w.create(&mut a, Access::empty(), b"v1");
+    let cas = |ver, d: &'static [u8]| Request::ReplaceIf {
+        ptr: p,
+        expected: ver,
+        data: Bytes::from_static(d),
+    };
+    assert_eq!(w.reply(&mut a, cas(1, b"v2")), Reply::Written(2));
+    assert_eq!(w.reply(&mut a, cas(1, b"lost")), Reply::Conflict(2));
+    assert_eq!(w.read(&mut a, p), data(b"v2"));
+    // Same bytes still bump the version.
+    assert_eq!(
+        w.reply(
+            &mut a,
+            Request::Replace {
+                ptr: p,
+                data: Bytes::from_static(b"v2")
+            }
+        ),
+        Reply::Written(3)
+    );
+    // Access changes do not.
+    w.reply(
+        &mut a,
+        Request::SetAccess {
+            ptr: p,
+            access: Access::READ,
+        },
+    );
+    let Reply::Info(i) = w.reply(&mut a, Request::Info { ptr: p }) else {
+        panic!()
+    };
+    assert_eq!((i.version, i.access), (3, Access::READ));
+}
+
+#[test]
+fn record_size_limit_and_precedence() {
+    let mut w = World::new(StoreConfig {
+        max_record_bytes: 8,
+        shards: 2,
+        ..StoreConfig::default()
+    });
+    let mut a = w.store.connect(ip(2));
+    let mut b = w.store.connect(ip(3));
+    let r = w.reply(
+        &mut a,
+        Request::Create {
+            access: Access::empty(),
+            data: Bytes::from_static(b"123456789"),
+        },
+    );
+    assert_eq!(status(&r), Status::TooLarge);
+    let p = w.create(&mut a, Access::empty(), b"12345678");
+    let grow = Request::WriteAt {
+        ptr: p,
+        offset: 8,
+        data: Bytes::from_static(b"9"),
+    };
+    assert_eq!(status(&w.reply(&mut a, grow.clone())), Status::TooLarge);
+    // ACCESS_VIOLATION comes before TOO_LARGE.
+    assert_eq!(status(&w.reply(&mut b, grow)), Status::AccessViolation);
+    // CONFLICT comes before TOO_LARGE.
+    let r = w.reply(
+        &mut a,
+        Request::ReplaceIf {
+            ptr: p,
+            expected: 9,
+            data: Bytes::from_static(b"123456789"),
+        },
+    );
+    assert_eq!(r, Reply::Conflict(1));
+    assert_eq!(w.read(&mut a, p), data(b"12345678"));
+}
+
+#[test]
+fn quotas_count_records_and_bytes_per_identity() {
+    let mut w = World::new(StoreConfig {
+        quota_records: 2,
+        quota_bytes: 10,
+        shards: 2,
+        ..StoreConfig::default()
+    });
+    let mut a = w.store.connect(ip(2));
+    let mut b = w.store.connect(ip(3));
+    let p1 = w.create(&mut a, Access::WRITE | Access::TAKEOVER, b"12345");
+    let _p2 = w.create(&mut a, Access::empty(), b"123");
+    let r = w.reply(
+        &mut a,
+        Request::Create {
+            access: Access::empty(),
+            data: Bytes::new(),
+        },
+    );
+    assert_eq!(status(&r), Status::QuotaExceeded);
+    assert!(reason_of(&r).unwrap().contains("2 records"));
+    // Another identity is not affected.
+    w.create(&mut b, Access::empty(), b"1234567890");
+    // Growth by a writer is charged to the owner: a has 8 of 10 bytes.
+    let r = w.reply(
+        &mut b,
+        Request::WriteAt {
+            ptr: p1,
+            offset: 5,
+            data: Bytes::from_static(b"abc"),
+        },
+    );
+    assert_eq!(status(&r), Status::QuotaExceeded);
+    assert_eq!(
+        w.reply(
+            &mut b,
+            Request::WriteAt {
+                ptr: p1,
+                offset: 5,
+                data: Bytes::from_static(b"ab"),
+            }
+        ),
+        Reply::Written(2)
+    );
+    assert_eq!((a.account().records(), a.account().bytes()), (2, 10));
+    // Takeover charges the receiver: b is full on bytes.
+    assert_eq!(
+        status(&w.reply(&mut b, Request::Takeover { ptr: p1 })),
+        Status::QuotaExceeded
+    );
+    // Shrinking gives bytes back; delete gives the record back.
+    w.reply(
+        &mut a,
+        Request::Replace {
+            ptr: p1,
+            data: Bytes::new(),
+        },
+    );
+    assert_eq!(a.account().bytes(), 3);
+    w.reply(&mut a, Request::Delete { ptr: p1 });
+    assert_eq!((a.account().records(), a.account().bytes()), (1, 3));
+    w.create(&mut a, Access::empty(), b"1234567");
+}
+
+#[test]
+fn takeover_clears_the_bit_and_moves_ownership() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let mut b = w.store.connect(ip(3));
+    let mut c = w.store.connect(ip(4));
+    let p = w.create(&mut a, Access::READ | Access::TAKEOVER, b"x");
+    assert_eq!(
+        w.reply(&mut a, Request::Takeover { ptr: p }),
+        Reply::Done,
+        "owner: no-op"
+    );
+    assert_eq!(w.reply(&mut b, Request::Takeover { ptr: p }), Reply::Done);
+    let Reply::Info(i) = w.reply(&mut b, Request::Info { ptr: p }) else {
+        panic!()
+    };
+    assert!(i.owned);
+    assert_eq!(i.access, Access::READ, "TAKEOVER bit cleared");
+    assert_eq!(
+        status(&w.reply(&mut c, Request::Takeover { ptr: p })),
+        Status::AccessViolation
+    );
+    assert_eq!(
+        status(&w.reply(&mut a, Request::Delete { ptr: p })),
+        Status::AccessViolation,
+        "the old owner lost its rights"
+    );
+    assert_eq!((a.account().records(), b.account().records()), (0, 1));
+}
+
+#[test]
+fn transfer_to_ip_and_identity() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let mut b = w.store.connect(ip(3));
+    let p = w.create(&mut a, Access::empty(), b"x");
+    assert_eq!(
+        w.reply(
+            &mut a,
+            Request::Transfer {
+                ptr: p,
+                to: NewOwner::Ip("::ffff:127.0.0.3".parse().unwrap())
+            }
+        ),
+        Reply::Done
+    );
+    assert_eq!(w.read(&mut b, p), data(b"x"), "b owns it now");
+    assert_eq!(status(&w.read(&mut a, p)), Status::AccessViolation);
+    let a_id = *a.identity();
+    assert_eq!(
+        w.reply(
+            &mut b,
+            Request::Transfer {
+                ptr: p,
+                to: NewOwner::Identity(a_id)
+            }
+        ),
+        Reply::Done
+    );
+    assert_eq!(w.read(&mut a, p), data(b"x"));
+    assert_eq!(
+        w.reply(
+            &mut a,
+            Request::Transfer {
+                ptr: p,
+                to: NewOwner::Identity(a_id)
+            }
+        ),
+        Reply::Done,
+        "to oneself: no-op"
+    );
+}
+
+#[test]
+fn watches_see_every_event_once() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let mut b = w.store.connect(ip(3));
+    let p = w.create(
+        &mut a,
+        Access::READ | Access::WRITE | Access::TAKEOVER,
+        b"x",
+    );
+    let r = w
+        .store
+        .apply(&mut b, 40, Request::Watch { ptr: p }, w.t0, &mut w.rng);
+    assert_eq!(r.reply, Reply::Done);
+    let r = w
+        .store
+        .apply(&mut a, 41, Request::Watch { ptr: p }, w.t0, &mut w.rng);
+    assert_eq!(r.reply, Reply::Done);
+    let events = |r: &Applied| {
+        let mut v: Vec<_> = r
+            .notifications
+            .iter()
+            .map(|n| (n.conn, n.xid, n.event, n.version))
+            .collect();
+        v.sort();
+        v
+    };
+    let (ca, cb) = (a.conn(), b.conn());
+    let r = w.apply(
+        &mut b,
+        Request::Replace {
+            ptr: p,
+            data: Bytes::from_static(b"y"),
+        },
+    );
+    assert_eq!(
+        events(&r),
+        vec![(ca, 41, Event::Changed, 2), (cb, 40, Event::Changed, 2)],
+        "the writer's own watch is told too"
+    );
+    let r = w.apply(
+        &mut a,
+        Request::SetAccess {
+            ptr: p,
+            access: Access::READ | Access::TAKEOVER,
+        },
+    );
+    assert_eq!(events(&r).len(), 2);
+    assert!(
+        r.notifications
+            .iter()
+            .all(|n| n.event == Event::AccessChanged)
+    );
+    let r = w.apply(
+        &mut a,
+        Request::SetAccess {
+            ptr: p,
+            access: Access::READ | Access::TAKEOVER,
+        },
+    );
+    assert!(
+        r.notifications.is_empty(),
+        "no event when the bits do not change"
+    );
+    let r = w.apply(&mut b, Request::Takeover { ptr: p });
+    assert_eq!(
+        events(&r),
+        vec![
+            (ca, 41, Event::OwnerChanged, 2),
+            (cb, 40, Event::OwnerChanged, 2)
+        ]
+    );
+    // A second WATCH moves the watch to the new XID.
+    let r = w
+        .store
+        .apply(&mut a, 50, Request::Watch { ptr: p }, w.t0, &mut w.rng);
+    assert_eq!(r.reply, Reply::Done);
+    assert_eq!(w.reply(&mut a, Request::Unwatch { ptr: p }), Reply::Done);
+    assert_eq!(
+        w.reply(&mut a, Request::Unwatch { ptr: p }),
+        Reply::error(Status::AddressFault, "no such watch on this connection")
+    );
+    let r = w.apply(&mut b, Request::Delete { ptr: p });
+    assert_eq!(events(&r), vec![(cb, 40, Event::Deleted, 2)]);
+    assert_eq!(w.store.stats().watches, 0, "deletion ends the watch");
+}
+
+#[test]
+fn watch_limit_per_connection() {
+    let mut w = World::new(StoreConfig {
+        max_watches_per_connection: 1,
+        shards: 1,
+        ..StoreConfig::default()
+    });
+    let mut a = w.store.connect(ip(2));
+    let p1 = w.create(&mut a, Access::empty(), b"1");
+    let p2 = w.create(&mut a, Access::empty(), b"2");
+    assert_eq!(w.reply(&mut a, Request::Watch { ptr: p1 }), Reply::Done);
+    assert_eq!(
+        w.reply(&mut a, Request::Watch { ptr: p1 }),
+        Reply::Done,
+        "re-watch is fine"
+    );
+    assert_eq!(
+        status(&w.reply(&mut a, Request::Watch { ptr: p2 })),
+        Status::QuotaExceeded
+    );
+}
+
+#[test]
+fn disconnect_ends_watches() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let mut b = w.store.connect(ip(3));
+    let p = w.create(&mut a, Access::READ, b"x");
+    w.reply(&mut b, Request::Watch { ptr: p });
+    assert_eq!(w.store.stats().watches, 1);
+    w.store.disconnect(b, w.at(0));
+    assert_eq!(w.store.stats().watches, 0);
+    let r = w.apply(
+        &mut a,
+        Request::Replace {
+            ptr: p,
+            data: Bytes::new(),
+        },
+    );
+    assert!(r.notifications.is_empty());
+}
+
+#[test]
+fn orphans_are_reaped_after_the_grace_period() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let mut b = w.store.connect(ip(3));
+    let p = w.create(&mut a, Access::READ, b"x");
+    w.reply(&mut b, Request::Watch { ptr: p });
+    assert_eq!(w.store.disconnect(a, w.at(10)), Some(w.at(310)));
+    assert_eq!(w.store.next_deadline(), Some(w.at(310)));
+    assert_eq!(w.store.reap(w.at(309)), Reaped::default());
+    assert_eq!(
+        w.read(&mut b, p),
+        data(b"x"),
+        "readable during the grace period"
+    );
+    let reaped = w.store.reap(w.at(310));
+    assert_eq!(reaped.records, vec![p]);
+    assert_eq!(reaped.notifications.len(), 1);
+    assert_eq!(reaped.notifications[0].event, Event::Deleted);
+    assert_eq!(status(&w.read(&mut b, p)), Status::AddressFault);
+    assert_eq!(w.store.next_deadline(), None);
+    assert_eq!(
+        w.store.stats().accounts,
+        1,
+        "the gone identity is forgotten"
+    );
+}
+
+#[test]
+fn reconnect_keeps_records() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let p = w.create(&mut a, Access::empty(), b"x");
+    w.store.disconnect(a, w.at(0));
+    let mut a = w.store.connect(ip(2));
+    assert_eq!(w.store.reap(w.at(1000)), Reaped::default());
+    assert_eq!(w.read(&mut a, p), data(b"x"));
+    assert_eq!(w.store.next_deadline(), None);
+}
+
+#[test]
+fn a_second_connection_keeps_the_identity_online() {
+    let mut w = World::default();
+    let mut a1 = w.store.connect(ip(2));
+    let a2 = w.store.connect(ip(2));
+    let p = w.create(&mut a1, Access::empty(), b"x");
+    assert_eq!(w.store.disconnect(a2, w.at(0)), None);
+    assert_eq!(w.store.reap(w.at(1000)), Reaped::default());
+    assert_eq!(w.read(&mut a1, p), data(b"x"));
+}
+
+#[test]
+fn adoption_saves_an_orphan() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let mut b = w.store.connect(ip(3));
+    let kept = w.create(&mut a, Access::TAKEOVER, b"kept");
+    let lost = w.create(&mut a, Access::empty(), b"lost");
+    w.store.disconnect(a, w.at(0));
+    assert_eq!(
+        w.reply(&mut b, Request::Takeover { ptr: kept }),
+        Reply::Done
+    );
+    assert_eq!(w.store.reap(w.at(300)).records, vec![lost]);
+    assert_eq!(w.read(&mut b, kept), data(b"kept"));
+}
+
+#[test]
+fn transfer_to_an_absent_identity_starts_that_records_grace() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let p = w.create(&mut a, Access::empty(), b"gift");
+    let absent = NewOwner::Ip(ip(9));
+    assert_eq!(
+        w.apply_at(&mut a, Request::Transfer { ptr: p, to: absent }, 100)
+            .reply,
+        Reply::Done
+    );
+    assert_eq!(w.store.next_deadline(), Some(w.at(400)));
+    assert!(w.store.reap(w.at(399)).records.is_empty());
+    assert_eq!(w.store.reap(w.at(400)).records, vec![p]);
+    assert_eq!(a.account().records(), 0);
+}
+
+#[test]
+fn transfer_then_connect_cancels_the_grace() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let p = w.create(&mut a, Access::empty(), b"gift");
+    w.apply(
+        &mut a,
+        Request::Transfer {
+            ptr: p,
+            to: NewOwner::Ip(ip(9)),
+        },
+    );
+    let mut nine = w.store.connect(ip(9));
+    assert!(w.store.reap(w.at(400)).records.is_empty());
+    assert_eq!(w.read(&mut nine, p), data(b"gift"));
+    // When it leaves again, its own grace counts from then.
+    w.store.disconnect(nine, w.at(500));
+    assert!(w.store.reap(w.at(799)).records.is_empty());
+    assert_eq!(w.store.reap(w.at(800)).records, vec![p]);
+}
+
+#[test]
+fn transfer_to_an_identity_already_in_grace_gets_the_later_deadline() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let b = w.store.connect(ip(3));
+    let mut b2 = w.store.connect(ip(3));
+    let own = w.create(&mut b2, Access::empty(), b"b's own");
+    w.store.disconnect(b, w.at(0));
+    w.store.disconnect(b2, w.at(0)); // b's records expire at 300
+    let gift = w.create(&mut a, Access::empty(), b"gift");
+    let b_id = w.store.identity_of(ip(3));
+    w.apply_at(
+        &mut a,
+        Request::Transfer {
+            ptr: gift,
+            to: NewOwner::Identity(b_id),
+        },
+        200,
+    );
+    assert_eq!(w.store.reap(w.at(300)).records, vec![own]);
+    assert!(w.store.reap(w.at(499)).records.is_empty());
+    assert_eq!(w.store.reap(w.at(500)).records, vec![gift]);
+}
+
+#[test]
+fn hello_reports_limits_and_identity() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let Reply::Hello(h) = w.reply(&mut a, Request::Hello) else {
+        panic!()
+    };
+    assert_eq!(h.protocol, 1);
+    assert_eq!(h.max_record_bytes, 64 << 20);
+    assert_eq!(h.orphan_grace_secs, 300);
+    assert_eq!(h.identity, w.store.identity_of(ip(2)));
+}
+
+#[test]
+fn pointers_are_not_sequential() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let ps: Vec<u64> = (0..100)
+        .map(|_| w.create(&mut a, Access::empty(), b"").get())
+        .collect();
+    let sequential = ps
+        .windows(2)
+        .filter(|p| p[1].wrapping_sub(p[0]) == 1)
+        .count();
+    assert_eq!(sequential, 0);
+    let distinct: HashSet<_> = ps.iter().collect();
+    assert_eq!(distinct.len(), 100);
+}
+
+#[test]
+fn small_data_does_not_pin_the_network_buffer() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let big = Bytes::from(vec![1u8; 65536]);
+    let p = match w.reply(
+        &mut a,
+        Request::Create {
+            access: Access::empty(),
+            data: big.slice(0..10),
+        },
+    ) {
+        Reply::Created(p) => p,
+        r => panic!("{r:?}"),
+    };
+    // If the store kept a slice of `big`, `big` would not be unique.
+    assert!(big.try_into_mut().is_ok());
+    assert_eq!(w.read(&mut a, p), Reply::Data(Bytes::from(vec![1u8; 10])));
+}
