@@ -488,7 +488,7 @@ impl Store {
         rng: &mut dyn RngCore,
     ) -> Applied {
         let cfg = &self.config;
-        let me = session.account.clone();
+        let me = &session.account;
         match request {
             Request::Hello => Reply::Hello(self.hello(session)).into(),
             Request::Create { access, data } => {
@@ -515,7 +515,7 @@ impl Store {
                         Record {
                             data,
                             version: 1,
-                            owner: me,
+                            owner: me.clone(),
                             access,
                         },
                     );
@@ -527,7 +527,7 @@ impl Store {
                 let Some(rec) = shard.records.get(&ptr.get()) else {
                     return no_such_record().into();
                 };
-                if !rec.may(&me, Access::READ) {
+                if !rec.may(me, Access::READ) {
                     return denied("the record's READ bit is not set").into();
                 }
                 let size = rec.data.len() as u64;
@@ -549,32 +549,32 @@ impl Store {
                 let Some(rec) = shard.records.get(&ptr.get()) else {
                     return no_such_record().into();
                 };
-                if !rec.may(&me, Access::READ) {
+                if !rec.may(me, Access::READ) {
                     return denied("the record's READ bit is not set").into();
                 }
                 Reply::Info(RecordInfo {
                     size: rec.data.len() as u64,
                     version: rec.version,
                     access: rec.access,
-                    owned: Arc::ptr_eq(&rec.owner, &me),
+                    owned: Arc::ptr_eq(&rec.owner, me),
                 })
                 .into()
             }
-            Request::Replace { ptr, data } => self.write(&me, ptr, None, WriteKind::Replace(data)),
+            Request::Replace { ptr, data } => self.write(me, ptr, None, WriteKind::Replace(data)),
             Request::ReplaceIf {
                 ptr,
                 expected,
                 data,
-            } => self.write(&me, ptr, Some(expected), WriteKind::Replace(data)),
+            } => self.write(me, ptr, Some(expected), WriteKind::Replace(data)),
             Request::WriteAt { ptr, offset, data } => {
-                self.write(&me, ptr, None, WriteKind::At(offset, data))
+                self.write(me, ptr, None, WriteKind::At(offset, data))
             }
             Request::SetAccess { ptr, access } => {
                 let mut shard = self.shard(ptr.get());
                 let Some(rec) = shard.records.get_mut(&ptr.get()) else {
                     return no_such_record().into();
                 };
-                if !Arc::ptr_eq(&rec.owner, &me) {
+                if !Arc::ptr_eq(&rec.owner, me) {
                     return denied("only the owner may change access bits").into();
                 }
                 if rec.access == access {
@@ -593,7 +593,7 @@ impl Store {
                 let Some(rec) = shard.records.get(&ptr.get()) else {
                     return no_such_record().into();
                 };
-                if !Arc::ptr_eq(&rec.owner, &me) {
+                if !Arc::ptr_eq(&rec.owner, me) {
                     return denied("only the owner may delete a record").into();
                 }
                 let mut notifications = Vec::new();
@@ -608,13 +608,13 @@ impl Store {
                 let Some(rec) = shard.records.get(&ptr.get()) else {
                     return no_such_record().into();
                 };
-                if Arc::ptr_eq(&rec.owner, &me) {
+                if Arc::ptr_eq(&rec.owner, me) {
                     return Reply::Done.into();
                 }
                 if !rec.access.contains(Access::TAKEOVER) {
                     return denied("the record's TAKEOVER bit is not set").into();
                 }
-                self.change_owner(&mut shard, ptr, me, now)
+                self.change_owner(&mut shard, ptr, me.clone(), now, true)
             }
             Request::Transfer { ptr, to } => {
                 let target = match to {
@@ -625,7 +625,7 @@ impl Store {
                 let Some(rec) = shard.records.get(&ptr.get()) else {
                     return no_such_record().into();
                 };
-                if !Arc::ptr_eq(&rec.owner, &me) {
+                if !Arc::ptr_eq(&rec.owner, me) {
                     return denied("only the owner may transfer a record").into();
                 }
                 if target == *me.identity() {
@@ -634,14 +634,14 @@ impl Store {
                 // Lock order: shard, then registry (reap and connect never hold the
                 // registry while taking a shard).
                 let new_owner = Self::account_for(&mut self.registry(), target);
-                self.change_owner(&mut shard, ptr, new_owner, now)
+                self.change_owner(&mut shard, ptr, new_owner, now, false)
             }
             Request::Watch { ptr } => {
                 let mut shard = self.shard(ptr.get());
                 let Some(rec) = shard.records.get(&ptr.get()) else {
                     return no_such_record().into();
                 };
-                if !rec.may(&me, Access::READ) {
+                if !rec.may(me, Access::READ) {
                     return denied("the record's READ bit is not set").into();
                 }
                 if !session.watches.contains_key(&ptr)
@@ -691,6 +691,7 @@ impl Store {
         ptr: Pointer,
         new_owner: Arc<Account>,
         now: Instant,
+        clear_takeover: bool,
     ) -> Applied {
         let cfg = &self.config;
         let rec = shard
@@ -702,7 +703,9 @@ impl Store {
             return quota_reply(kind, cfg).into();
         }
         rec.owner.release(1, size);
-        rec.access.remove(Access::TAKEOVER);
+        if clear_takeover {
+            rec.access.remove(Access::TAKEOVER);
+        }
         let st = new_owner.lock_state();
         let offline = (st.connections == 0).then_some(st.generation);
         drop(st);

@@ -432,7 +432,7 @@ fn transfer_to_ip_and_identity() {
     let mut w = World::default();
     let mut a = w.store.connect(ip(2));
     let mut b = w.store.connect(ip(3));
-    let p = w.create(&mut a, Access::empty(), b"x");
+    let p = w.create(&mut a, Access::TAKEOVER, b"x");
     assert_eq!(
         w.reply(
             &mut a,
@@ -444,6 +444,10 @@ fn transfer_to_ip_and_identity() {
         Reply::Done
     );
     assert_eq!(w.read(&mut b, p), data(b"x"), "b owns it now");
+    let Reply::Info(i) = w.reply(&mut b, Request::Info { ptr: p }) else {
+        panic!()
+    };
+    assert_eq!(i.access, Access::TAKEOVER, "TRANSFER keeps the access bits");
     assert_eq!(status(&w.read(&mut a, p)), Status::AccessViolation);
     let a_id = *a.identity();
     assert_eq!(

@@ -1,0 +1,45 @@
+//! Feeds arbitrary bytes, cut into arbitrary reads, through frame decoding, reassembly
+//! and request parsing, and checks the bounds reassembly promises.
+#![no_main]
+
+use bytes::BytesMut;
+use libfuzzer_sys::fuzz_target;
+use netswap_proto::{Inbound, Reassembler, ReassemblyLimits, Request, decode_frame};
+
+fuzz_target!(|input: &[u8]| {
+    // The first byte chooses the read size, so splits are explored too.
+    let Some((&step, stream)) = input.split_first() else {
+        return;
+    };
+    let step = step as usize + 1;
+    let limits = ReassemblyLimits {
+        max_message_bytes: 20_000,
+        max_partial_messages: 4,
+        max_partial_bytes: 40_000,
+    };
+    let mut r = Reassembler::new(limits);
+    let mut buf = BytesMut::new();
+    for chunk in stream.chunks(step) {
+        buf.extend_from_slice(chunk);
+        loop {
+            match decode_frame(&mut buf) {
+                Ok(Some(frame)) => match r.push(frame) {
+                    Ok(Some(Inbound::Message(m))) => {
+                        assert!(m.payload.len() as u64 <= limits.max_message_bytes);
+                        if let Ok(req) = Request::parse(m.op, m.arg, m.payload) {
+                            // Whatever parses must encode back to an equal request.
+                            let out = req.encode(m.xid);
+                            assert_eq!(Request::parse(out.op, out.arg, out.payload()).unwrap(), req);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return, // PROTOCOL_ERROR: the server closes the connection
+                },
+                Ok(None) => break,
+                Err(_) => return,
+            }
+            assert!(r.buffered_bytes() <= limits.max_partial_bytes);
+            assert!(r.partial_messages() <= limits.max_partial_messages);
+        }
+    }
+});

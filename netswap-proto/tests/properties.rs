@@ -1,0 +1,422 @@
+//! Property tests: encode/decode round trips, framing under any split and interleaving,
+//! and the store's invariants under random operation sequences.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use netswap_proto::*;
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+fn pointer() -> impl Strategy<Value = Pointer> {
+    (1u64..).prop_map(|p| Pointer::new(p).unwrap())
+}
+
+fn access() -> impl Strategy<Value = Access> {
+    (0u8..8).prop_map(|b| Access::from_bits(b).unwrap())
+}
+
+fn data(max: usize) -> impl Strategy<Value = Bytes> {
+    prop::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    let owner = prop_oneof![
+        any::<[u8; 32]>().prop_map(|b| NewOwner::Identity(Identity(b))),
+        any::<[u8; 4]>().prop_map(|b| NewOwner::Ip(IpAddr::from(b))),
+        any::<[u8; 16]>().prop_map(|b| NewOwner::Ip(identity::normalize_ip(IpAddr::from(b)))),
+    ];
+    prop_oneof![
+        (access(), data(3000)).prop_map(|(access, data)| Request::Create { access, data }),
+        (pointer(), access()).prop_map(|(ptr, access)| Request::SetAccess { ptr, access }),
+        (pointer(), prop::option::of((any::<u64>(), any::<u32>())))
+            .prop_map(|(ptr, range)| Request::Read { ptr, range }),
+        (pointer(), data(3000)).prop_map(|(ptr, data)| Request::Replace { ptr, data }),
+        (pointer(), any::<u64>(), data(100)).prop_map(|(ptr, offset, data)| Request::WriteAt {
+            ptr,
+            offset,
+            data
+        }),
+        pointer().prop_map(|ptr| Request::Delete { ptr }),
+        pointer().prop_map(|ptr| Request::Takeover { ptr }),
+        (pointer(), owner).prop_map(|(ptr, to)| Request::Transfer { ptr, to }),
+        pointer().prop_map(|ptr| Request::Info { ptr }),
+        Just(Request::Hello),
+        pointer().prop_map(|ptr| Request::Watch { ptr }),
+        pointer().prop_map(|ptr| Request::Unwatch { ptr }),
+        (pointer(), any::<u64>(), data(100)).prop_map(|(ptr, expected, data)| {
+            Request::ReplaceIf {
+                ptr,
+                expected,
+                data,
+            }
+        }),
+    ]
+}
+
+/// Frames one message by itself (what any sender must produce).
+fn frames_of(msg: OutMessage) -> Vec<OutFrame> {
+    let mut q = OutQueue::new();
+    q.push(msg).unwrap();
+    std::iter::from_fn(|| q.pop_frame()).collect()
+}
+
+fn feed(stream: &[u8], cuts: &[usize], r: &mut Reassembler) -> Result<Vec<Inbound>, FramingError> {
+    let mut out = Vec::new();
+    let mut buf = BytesMut::new();
+    let mut start = 0;
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+    points.push(stream.len());
+    points.sort_unstable();
+    for end in points {
+        buf.extend_from_slice(&stream[start..end]);
+        start = end;
+        while let Some(f) = decode_frame(&mut buf)? {
+            if let Some(m) = r.push(f)? {
+                out.push(m);
+            }
+        }
+    }
+    assert!(
+        buf.is_empty(),
+        "no bytes left over at the end of a whole stream"
+    );
+    Ok(out)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn request_round_trips_through_frames(req in request(), xid in any::<u32>(), cuts in prop::collection::vec(any::<usize>(), 0..8)) {
+        let mut wire = BytesMut::new();
+        for f in frames_of(req.encode(xid)) {
+            f.encode(&mut wire);
+        }
+        let mut r = Reassembler::new(ReassemblyLimits::default());
+        let got = feed(&wire, &cuts, &mut r).unwrap();
+        prop_assert_eq!(got.len(), 1);
+        let Inbound::Message(m) = &got[0] else { panic!("refused: {:?}", got[0]) };
+        prop_assert_eq!(m.xid, xid);
+        prop_assert_eq!(Request::parse(m.op, m.arg, m.payload.clone()).unwrap(), req);
+    }
+
+    #[test]
+    fn reply_round_trips(status in 0u8..=10, arg in 0u8..=4, payload in data(200), op in 0u8..13) {
+        // Whatever parses must encode back to the same bytes.
+        let op = Opcode::from_u8(op);
+        if let Ok(reply) = Reply::parse(op, status, arg, payload.clone()) {
+            let m = reply.encode(3);
+            prop_assert_eq!(m.op, status);
+            prop_assert_eq!(m.arg, arg);
+            if reply.status().carries_reason() {
+                prop_assert_eq!(m.payload(), Bytes::from(String::from_utf8_lossy(&payload).into_owned()));
+            } else if let Reply::Info(_) = reply {
+                // Reserved access bits are dropped on parse.
+                prop_assert_eq!(m.payload().len(), 18);
+            } else {
+                prop_assert_eq!(m.payload(), payload);
+            }
+        }
+    }
+
+    #[test]
+    fn any_interleaving_and_any_split_gives_the_same_messages(
+        sizes in prop::collection::vec(0usize..6000, 1..6),
+        order_seed in any::<u64>(),
+        cuts in prop::collection::vec(any::<usize>(), 0..20),
+    ) {
+        // Each message's frames in order; messages interleaved in a random order.
+        let msgs: Vec<OutMessage> = sizes.iter().enumerate().map(|(i, &n)| OutMessage {
+            xid: i as u32 * 7919,
+            op: 3,
+            arg: 0,
+            head: Bytes::from(vec![i as u8; 8]),
+            body: Bytes::from((0..n).map(|b| (b * 31 + i) as u8).collect::<Vec<u8>>()),
+        }).collect();
+        let mut queues: Vec<std::collections::VecDeque<OutFrame>> =
+            msgs.iter().map(|m| frames_of(m.clone()).into()).collect();
+        let mut rng = SmallRng::seed_from_u64(order_seed);
+        let mut wire = BytesMut::new();
+        while queues.iter().any(|q| !q.is_empty()) {
+            let live: Vec<usize> = (0..queues.len()).filter(|&i| !queues[i].is_empty()).collect();
+            let pick = live[(rand::RngCore::next_u32(&mut rng) as usize) % live.len()];
+            queues[pick].pop_front().unwrap().encode(&mut wire);
+        }
+        let mut r = Reassembler::new(ReassemblyLimits::default());
+        let got = feed(&wire, &cuts, &mut r).unwrap();
+        let got: BTreeMap<u32, Bytes> = got.into_iter().map(|m| match m {
+            Inbound::Message(m) => (m.xid, m.payload),
+            other => panic!("refused: {other:?}"),
+        }).collect();
+        let want: BTreeMap<u32, Bytes> = msgs.iter().map(|m| (m.xid, m.payload())).collect();
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(r.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn garbage_never_panics_and_memory_stays_bounded(stream in prop::collection::vec(any::<u8>(), 0..20_000)) {
+        let limits = ReassemblyLimits { max_message_bytes: 50_000, max_partial_messages: 4, max_partial_bytes: 100_000 };
+        let mut r = Reassembler::new(limits);
+        let mut buf = BytesMut::from(&stream[..]);
+        loop {
+            match decode_frame(&mut buf) {
+                Ok(Some(f)) => match r.push(f) {
+                    Ok(Some(Inbound::Message(m))) => { let _ = Request::parse(m.op, m.arg, m.payload); }
+                    Ok(_) => {}
+                    Err(_) => break,
+                },
+                Ok(None) | Err(_) => break,
+            }
+            prop_assert!(r.buffered_bytes() <= limits.max_partial_bytes);
+            prop_assert!(r.partial_messages() <= limits.max_partial_messages);
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create {
+        who: usize,
+        access: u8,
+        len: usize,
+    },
+    Read {
+        who: usize,
+        rec: usize,
+    },
+    Replace {
+        who: usize,
+        rec: usize,
+        len: usize,
+    },
+    WriteAt {
+        who: usize,
+        rec: usize,
+        off: u64,
+        len: usize,
+    },
+    ReplaceIf {
+        who: usize,
+        rec: usize,
+        ver: u64,
+    },
+    Delete {
+        who: usize,
+        rec: usize,
+    },
+    SetAccess {
+        who: usize,
+        rec: usize,
+        access: u8,
+    },
+    Takeover {
+        who: usize,
+        rec: usize,
+    },
+    Transfer {
+        who: usize,
+        rec: usize,
+        to: usize,
+    },
+    Disconnect {
+        who: usize,
+    },
+    Connect {
+        who: usize,
+    },
+    Advance {
+        secs: u64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let who = 0usize..4;
+    let rec = 0usize..16;
+    prop_oneof![
+        (who.clone(), 0u8..8, 0usize..40).prop_map(|(who, access, len)| Op::Create {
+            who,
+            access,
+            len
+        }),
+        (who.clone(), rec.clone()).prop_map(|(who, rec)| Op::Read { who, rec }),
+        (who.clone(), rec.clone(), 0usize..40).prop_map(|(who, rec, len)| Op::Replace {
+            who,
+            rec,
+            len
+        }),
+        (who.clone(), rec.clone(), 0u64..50, 0usize..20)
+            .prop_map(|(who, rec, off, len)| Op::WriteAt { who, rec, off, len }),
+        (who.clone(), rec.clone(), 0u64..5).prop_map(|(who, rec, ver)| Op::ReplaceIf {
+            who,
+            rec,
+            ver
+        }),
+        (who.clone(), rec.clone()).prop_map(|(who, rec)| Op::Delete { who, rec }),
+        (who.clone(), rec.clone(), 0u8..8).prop_map(|(who, rec, access)| Op::SetAccess {
+            who,
+            rec,
+            access
+        }),
+        (who.clone(), rec.clone()).prop_map(|(who, rec)| Op::Takeover { who, rec }),
+        (who.clone(), rec.clone(), 0usize..5).prop_map(|(who, rec, to)| Op::Transfer {
+            who,
+            rec,
+            to
+        }),
+        who.clone().prop_map(|who| Op::Disconnect { who }),
+        who.prop_map(|who| Op::Connect { who }),
+        (0u64..200).prop_map(|secs| Op::Advance { secs }),
+    ]
+}
+
+/// What the test believes about a record, from replies alone.
+#[derive(Clone, Debug)]
+struct Known {
+    owner: usize,
+    version: u64,
+    data: Vec<u8>,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Drives the store with random operations from four identities and checks, after
+    /// every step: quotas hold and match what each identity owns; versions only grow;
+    /// only owners delete; data is what the last acknowledged write left; records
+    /// disappear only by DELETE or by reaping, and reaped records are gone.
+    #[test]
+    fn store_invariants(ops in prop::collection::vec(op(), 1..120)) {
+        let cfg = StoreConfig {
+            quota_records: 5,
+            quota_bytes: 120,
+            max_record_bytes: 60,
+            orphan_grace: Duration::from_secs(300),
+            shards: 4,
+            ..StoreConfig::default()
+        };
+        let store = Store::new(cfg.clone(), IdentityKey::new(*b"prop"));
+        let ips: Vec<IpAddr> = (2..7u8).map(|i| IpAddr::from([127, 0, 0, i])).collect();
+        let mut sessions: Vec<Vec<Session>> = (0..4).map(|i| vec![store.connect(ips[i])]).collect();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut ptrs: Vec<Pointer> = Vec::new();
+        let mut known: HashMap<Pointer, Known> = HashMap::new();
+        let mut xid = 0u32;
+
+        for op in ops {
+            xid += 1;
+            let pick = |rec: usize, ptrs: &Vec<Pointer>| ptrs.get(rec % ptrs.len().max(1)).copied()
+                .unwrap_or(Pointer::new(99).unwrap());
+            let (who, req) = match op {
+                Op::Create { who, access, len } => (who, Request::Create { access: Access::from_bits(access).unwrap(), data: vec![xid as u8; len].into() }),
+                Op::Read { who, rec } => (who, Request::Read { ptr: pick(rec, &ptrs), range: None }),
+                Op::Replace { who, rec, len } => (who, Request::Replace { ptr: pick(rec, &ptrs), data: vec![xid as u8; len].into() }),
+                Op::WriteAt { who, rec, off, len } => (who, Request::WriteAt { ptr: pick(rec, &ptrs), offset: off, data: vec![xid as u8; len].into() }),
+                Op::ReplaceIf { who, rec, ver } => (who, Request::ReplaceIf { ptr: pick(rec, &ptrs), expected: ver, data: vec![xid as u8; 3].into() }),
+                Op::Delete { who, rec } => (who, Request::Delete { ptr: pick(rec, &ptrs) }),
+                Op::SetAccess { who, rec, access } => (who, Request::SetAccess { ptr: pick(rec, &ptrs), access: Access::from_bits(access).unwrap() }),
+                Op::Takeover { who, rec } => (who, Request::Takeover { ptr: pick(rec, &ptrs) }),
+                Op::Transfer { who, rec, to } => (who, Request::Transfer { ptr: pick(rec, &ptrs), to: NewOwner::Ip(ips[to]) }),
+                Op::Disconnect { who } => {
+                    if let Some(s) = sessions[who].pop() { store.disconnect(s, now); }
+                    continue;
+                }
+                Op::Connect { who } => { sessions[who].push(store.connect(ips[who])); continue; }
+                Op::Advance { secs } => {
+                    now += Duration::from_secs(secs);
+                    let reaped = store.reap(now);
+                    for p in reaped.records {
+                        let k = known.remove(&p).expect("reaped a record the test knew");
+                        // Only records of identities with no connection are reaped.
+                        prop_assert!(k.owner == 4 || sessions[k.owner].is_empty(), "reaped a connected owner's record");
+                    }
+                    continue;
+                }
+            };
+            let Some(session) = sessions[who].last_mut() else { continue };
+            let ptr = req.pointer();
+            let before = ptr.and_then(|p| known.get(&p).cloned());
+            let applied = store.apply(session, xid, req.clone(), now, &mut rng);
+            match (&req, &applied.reply) {
+                (Request::Create { data, .. }, Reply::Created(p)) => {
+                    ptrs.push(*p);
+                    known.insert(*p, Known { owner: who, version: 1, data: data.to_vec() });
+                }
+                (Request::Read { .. }, Reply::Data(d)) => {
+                    prop_assert_eq!(&d[..], &before.unwrap().data[..]);
+                }
+                (Request::Replace { data, .. } | Request::ReplaceIf { data, .. }, Reply::Written(v)) => {
+                    let k = known.get_mut(&ptr.unwrap()).unwrap();
+                    prop_assert_eq!(*v, k.version + 1, "versions grow by one");
+                    k.version = *v;
+                    k.data = data.to_vec();
+                }
+                (Request::WriteAt { offset, data, .. }, Reply::Written(v)) => {
+                    let k = known.get_mut(&ptr.unwrap()).unwrap();
+                    prop_assert_eq!(*v, k.version + 1);
+                    k.version = *v;
+                    let end = *offset as usize + data.len();
+                    if k.data.len() < end { k.data.resize(end, 0); }
+                    k.data[*offset as usize..end].copy_from_slice(data);
+                }
+                (Request::Delete { .. }, Reply::Done) => {
+                    let k = known.remove(&ptr.unwrap()).unwrap();
+                    prop_assert_eq!(k.owner, who, "only owners delete");
+                }
+                (Request::Takeover { .. }, Reply::Done) => {
+                    known.get_mut(&ptr.unwrap()).unwrap().owner = who;
+                }
+                (Request::Transfer { to: NewOwner::Ip(ip), .. }, Reply::Done) => {
+                    known.get_mut(&ptr.unwrap()).unwrap().owner = ips.iter().position(|i| i == ip).unwrap();
+                }
+                (Request::ReplaceIf { expected, .. }, Reply::Conflict(v)) => {
+                    prop_assert_ne!(*expected, *v);
+                    prop_assert_eq!(*v, before.unwrap().version);
+                }
+                (_, Reply::Error { reason, .. }) => {
+                    // A known record never answers "no such record".
+                    if let Some(p) = ptr && before.is_some() {
+                        prop_assert_ne!(reason.as_ref(), "no such record", "record {} vanished", p);
+                    }
+                }
+                (_, Reply::Done) => {}
+                (r, reply) => prop_assert!(false, "unexpected reply {reply:?} to {r:?}"),
+            }
+
+            // Cross-check the store against what the test knows.
+            let mut owned_records = [0u64; 5];
+            let mut owned_bytes = [0u64; 5];
+            for (p, k) in &known {
+                owned_records[k.owner] += 1;
+                owned_bytes[k.owner] += k.data.len() as u64;
+                // The owner (or, if absent, anyone after a read-only look) sees the truth.
+                if k.owner < 4 && let Some(s) = sessions[k.owner].last_mut() {
+                    let info = store.apply(s, 0, Request::Info { ptr: *p }, now, &mut rng).reply;
+                    prop_assert_eq!(info, Reply::Info(RecordInfo {
+                        size: k.data.len() as u64,
+                        version: k.version,
+                        access: match store.apply(s, 0, Request::Info { ptr: *p }, now, &mut rng).reply {
+                            Reply::Info(i) => i.access, _ => unreachable!() },
+                        owned: true,
+                    }));
+                }
+            }
+            for who in 0..4 {
+                if let Some(s) = sessions[who].last() {
+                    prop_assert_eq!(s.account().records(), owned_records[who]);
+                    prop_assert_eq!(s.account().bytes(), owned_bytes[who]);
+                    prop_assert!(s.account().records() <= cfg.quota_records);
+                    prop_assert!(s.account().bytes() <= cfg.quota_bytes);
+                }
+            }
+            let stats = store.stats();
+            prop_assert_eq!(stats.records, known.len() as u64);
+            prop_assert_eq!(stats.data_bytes, owned_bytes.iter().sum::<u64>());
+        }
+    }
+}
