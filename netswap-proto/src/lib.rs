@@ -45,7 +45,7 @@ pub use identity::{Identity, IdentityKey};
 pub use message::{
     BadReply, HelloInfo, Malformed, NewOwner, OutMessage, RecordInfo, Reply, Request,
 };
-pub use outbound::{OutFrame, OutQueue};
+pub use outbound::{LARGE_MESSAGE, OutFrame, OutQueue};
 pub use reassembly::{InMessage, Inbound, Reassembler, ReassemblyLimits};
 pub use store::{Applied, ConnId, Notification, Reaped, Session, Store, StoreConfig, StoreStats};
 pub use types::{Access, Event, Opcode, ParsePointerError, Pointer, Status, Version};

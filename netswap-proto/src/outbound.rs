@@ -46,11 +46,18 @@ struct Sending {
     remaining: u16,
 }
 
+/// Messages of at least this many payload bytes count as large in
+/// [`OutQueue::large_messages`]; the rest count by bytes in
+/// [`OutQueue::small_pending_bytes`].
+pub const LARGE_MESSAGE: usize = 1 << 20;
+
 /// A queue of outgoing messages that yields their frames round-robin.
 #[derive(Debug, Default)]
 pub struct OutQueue {
     queue: VecDeque<Sending>,
     pending_bytes: usize,
+    small_pending: usize,
+    large: usize,
 }
 
 /// Frames needed for a payload of `len` bytes (an empty payload is one empty frame).
@@ -72,6 +79,11 @@ impl OutQueue {
         }
         let remaining = (frame_count(len) - 1) as u16;
         self.pending_bytes += len + frame_count(len) * HEADER_LEN;
+        if len >= LARGE_MESSAGE {
+            self.large += 1;
+        } else {
+            self.small_pending += len + frame_count(len) * HEADER_LEN;
+        }
         self.queue.push_back(Sending {
             msg,
             sent: 0,
@@ -93,6 +105,20 @@ impl OutQueue {
     /// Wire bytes (headers included) still to be produced.
     pub fn pending_bytes(&self) -> usize {
         self.pending_bytes
+    }
+
+    /// Wire bytes still to be produced for messages smaller than [`LARGE_MESSAGE`].
+    ///
+    /// Large replies usually share their bytes with the store, so a server applies
+    /// backpressure on this figure and on [`OutQueue::large_messages`] separately:
+    /// one large reply in flight must not stop it from reading small requests.
+    pub fn small_pending_bytes(&self) -> usize {
+        self.small_pending
+    }
+
+    /// Messages of at least [`LARGE_MESSAGE`] bytes not yet completely framed.
+    pub fn large_messages(&self) -> usize {
+        self.large
     }
 
     /// The next frame in round-robin order.
@@ -127,10 +153,16 @@ impl OutQueue {
             second,
         };
         self.pending_bytes -= n + HEADER_LEN;
+        let large = total >= LARGE_MESSAGE;
+        if !large {
+            self.small_pending -= n + HEADER_LEN;
+        }
         if s.remaining > 0 {
             s.sent = end;
             s.remaining -= 1;
             self.queue.push_back(s);
+        } else if large {
+            self.large -= 1;
         }
         Some(frame)
     }
@@ -169,16 +201,19 @@ mod tests {
     #[test]
     fn small_message_is_not_stuck_behind_a_large_one() {
         let mut q = OutQueue::new();
-        q.push(msg(1, 100 * MAX_PAYLOAD)).unwrap();
+        q.push(msg(1, 755 * MAX_PAYLOAD)).unwrap();
         q.push(msg(2, 10)).unwrap();
+        assert_eq!(q.small_pending_bytes(), HEADER_LEN + 10);
         let first = q.pop_frame().unwrap();
         assert_eq!(first.header.xid, 1);
-        assert_eq!(first.header.remaining, 99);
+        assert_eq!(first.header.remaining, 754);
         let second = q.pop_frame().unwrap();
         assert_eq!(second.header.xid, 2, "the small reply goes out second");
         assert_eq!(second.header.remaining, 0);
+        assert_eq!((q.large_messages(), q.small_pending_bytes()), (1, 0));
         let rest: Vec<_> = std::iter::from_fn(|| q.pop_frame()).collect();
-        assert_eq!(rest.len(), 99);
+        assert_eq!(rest.len(), 754);
+        assert_eq!((q.large_messages(), q.small_pending_bytes()), (0, 0));
         assert!(rest.iter().all(|f| f.header.xid == 1));
         assert_eq!(rest.last().unwrap().header.remaining, 0);
         assert_eq!(q.pending_bytes(), 0);

@@ -1,0 +1,272 @@
+//! Command-line flags (each with an environment variable) and the resolved config.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use netswap_proto::{IdentityKey, MAX_MESSAGE, ReassemblyLimits, StoreConfig};
+use rand::RngCore;
+
+/// netswap-server: swap space over the network.
+///
+/// Serves netswap records over plain TCP (protocol v1, see docs/PROTOCOL.md), in
+/// memory. Every flag can also be set with the environment variable shown.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "netswap-server", version, about, long_about = None)]
+pub struct Args {
+    /// Address and port to listen on (IPv4 or IPv6, e.g. [::]:7420).
+    #[arg(long, env = "NETSWAP_LISTEN", default_value = "127.0.0.1:7420")]
+    pub listen: SocketAddr,
+
+    /// Seconds an identity's records survive after its last connection closes.
+    #[arg(long, env = "NETSWAP_ORPHAN_GRACE", default_value_t = 300)]
+    pub orphan_grace: u64,
+
+    /// Largest record in bytes (at most 91,095,040, the largest message).
+    #[arg(long, env = "NETSWAP_MAX_RECORD_BYTES", default_value_t = netswap_proto::DEFAULT_MAX_RECORD_BYTES)]
+    pub max_record_bytes: u64,
+
+    /// Largest request message in bytes [default: max record bytes + 16].
+    #[arg(long, env = "NETSWAP_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<u64>,
+
+    /// Connections one IP address may hold open at once.
+    #[arg(long, env = "NETSWAP_MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub max_connections_per_ip: u32,
+
+    /// Records one identity may own.
+    #[arg(long, env = "NETSWAP_QUOTA_RECORDS", default_value_t = 1_000_000)]
+    pub quota_records: u64,
+
+    /// Data bytes one identity may own (default 1 GiB).
+    #[arg(long, env = "NETSWAP_QUOTA_BYTES", default_value_t = 1 << 30)]
+    pub quota_bytes: u64,
+
+    /// Close a connection after this many seconds with no bytes in either direction
+    /// (0 = never).
+    #[arg(long, env = "NETSWAP_IDLE_TIMEOUT", default_value_t = 0)]
+    pub idle_timeout: u64,
+
+    /// Close a connection that stops sending in the middle of a frame or a
+    /// multi-frame message for this many seconds.
+    #[arg(long, env = "NETSWAP_STALL_TIMEOUT", default_value_t = 30)]
+    pub stall_timeout: u64,
+
+    /// File holding the secret that salts identities (raw bytes). Created with 32
+    /// random bytes (mode 0600) when missing. Without it, a random key per start.
+    #[arg(long, env = "NETSWAP_IDENTITY_KEY")]
+    pub identity_key: Option<PathBuf>,
+
+    /// Multi-frame messages one connection may have unfinished at once (BUSY past it).
+    #[arg(long, env = "NETSWAP_MAX_PARTIAL_MESSAGES", default_value_t = 64)]
+    pub max_partial_messages: usize,
+
+    /// Bytes unfinished messages on one connection may grow to
+    /// [default: 2 × max message bytes].
+    #[arg(long, env = "NETSWAP_MAX_PARTIAL_BYTES")]
+    pub max_partial_bytes: Option<u64>,
+
+    /// Reply bytes queued for a connection before the server stops reading its
+    /// requests (backpressure for clients that do not read).
+    #[arg(long, env = "NETSWAP_MAX_OUTPUT_BYTES", default_value_t = 4 << 20)]
+    pub max_output_bytes: usize,
+
+    /// Records one connection may watch at once.
+    #[arg(long, env = "NETSWAP_MAX_WATCHES", default_value_t = 65_536)]
+    pub max_watches: usize,
+
+    /// Notifications queued for a watching connection that does not read; past it
+    /// the connection is closed (like Redis's pub/sub output limit).
+    #[arg(long, env = "NETSWAP_NOTIFY_QUEUE", default_value_t = 4096)]
+    pub notify_queue: usize,
+
+    /// Worker threads (1 = a single-threaded runtime) [default: number of CPUs].
+    #[arg(long, env = "NETSWAP_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Store shards (rounded up to a power of two).
+    #[arg(long, env = "NETSWAP_SHARDS", default_value_t = 64)]
+    pub shards: usize,
+}
+
+/// Everything the server needs, resolved from [`Args`] or built by hand (tests).
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Store limits and timings.
+    pub store: StoreConfig,
+    /// Per-connection reassembly bounds.
+    pub reassembly: ReassemblyLimits,
+    /// Connections per IP address.
+    pub max_connections_per_ip: u32,
+    /// Idle timeout (`None` = never).
+    pub idle_timeout: Option<Duration>,
+    /// Stalled-sender timeout.
+    pub stall_timeout: Duration,
+    /// Backpressure threshold for queued replies.
+    pub max_output_bytes: usize,
+    /// Notification queue per watching connection.
+    pub notify_queue: usize,
+    /// Identity salt.
+    pub identity_key: IdentityKey,
+}
+
+/// A configuration error, reported before the server starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// An out-of-range value.
+    #[error("{0}")]
+    Invalid(String),
+    /// The identity key file could not be read or created.
+    #[error("identity key file {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl ServerConfig {
+    /// Defaults for everything, listening on `listen` (port 0 picks a free port).
+    pub fn new(listen: SocketAddr) -> ServerConfig {
+        let args = Args::parse_from(["netswap-server", "--listen", &listen.to_string()]);
+        ServerConfig::from_args(&args).expect("defaults are valid")
+    }
+
+    /// Resolves and validates command-line arguments.
+    pub fn from_args(a: &Args) -> Result<ServerConfig, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if a.max_record_bytes > MAX_MESSAGE {
+            return invalid(format!(
+                "--max-record-bytes {} is over {MAX_MESSAGE}, the largest message (a record must fit one reply)",
+                a.max_record_bytes
+            ));
+        }
+        let max_message = a.max_message_bytes.unwrap_or(a.max_record_bytes + 16);
+        if max_message > MAX_MESSAGE {
+            return invalid(format!(
+                "--max-message-bytes {max_message} is over {MAX_MESSAGE}, the largest message"
+            ));
+        }
+        if a.max_connections_per_ip == 0 || a.max_partial_messages == 0 || a.notify_queue == 0 {
+            return invalid(
+                "--max-connections-per-ip, --max-partial-messages and --notify-queue must be at least 1"
+                    .into(),
+            );
+        }
+        let identity_key = match &a.identity_key {
+            Some(path) => load_or_create_key(path).map_err(|source| ConfigError::KeyFile {
+                path: path.clone(),
+                source,
+            })?,
+            None => {
+                let mut k = [0u8; 32];
+                rand::rng().fill_bytes(&mut k);
+                IdentityKey::new(k)
+            }
+        };
+        Ok(ServerConfig {
+            listen: a.listen,
+            store: StoreConfig {
+                max_record_bytes: a.max_record_bytes,
+                max_message_bytes: max_message,
+                quota_records: a.quota_records,
+                quota_bytes: a.quota_bytes,
+                orphan_grace: Duration::from_secs(a.orphan_grace),
+                max_watches_per_connection: a.max_watches,
+                shards: a.shards,
+            },
+            reassembly: ReassemblyLimits {
+                max_message_bytes: max_message,
+                max_partial_messages: a.max_partial_messages,
+                max_partial_bytes: a
+                    .max_partial_bytes
+                    .unwrap_or(2 * max_message)
+                    .max(netswap_proto::MAX_PAYLOAD as u64 * 2),
+            },
+            max_connections_per_ip: a.max_connections_per_ip,
+            idle_timeout: (a.idle_timeout > 0).then(|| Duration::from_secs(a.idle_timeout)),
+            stall_timeout: Duration::from_secs(a.stall_timeout.max(1)),
+            max_output_bytes: a.max_output_bytes.max(64 * 1024),
+            notify_queue: a.notify_queue,
+            identity_key,
+        })
+    }
+}
+
+fn load_or_create_key(path: &Path) -> std::io::Result<IdentityKey> {
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.is_empty() => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the key file is empty",
+        )),
+        Ok(bytes) => Ok(IdentityKey::new(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut k = [0u8; 32];
+            rand::rng().fill_bytes(&mut k);
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts.open(path)?;
+            f.write_all(&k)?;
+            f.sync_all()?;
+            Ok(IdentityKey::new(k))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_protocol() {
+        let c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+        assert_eq!(c.store.max_record_bytes, 67_108_864);
+        assert_eq!(c.store.max_message_bytes, 67_108_880);
+        assert_eq!(c.store.quota_records, 1_000_000);
+        assert_eq!(c.store.quota_bytes, 1 << 30);
+        assert_eq!(c.store.orphan_grace, Duration::from_secs(300));
+        assert_eq!(c.max_connections_per_ip, 256);
+        assert_eq!(c.idle_timeout, None);
+    }
+
+    #[test]
+    fn record_limit_is_capped_by_the_largest_message() {
+        let a = Args::parse_from(["x", "--max-record-bytes", "91095041"]);
+        assert!(ServerConfig::from_args(&a).is_err());
+        let a = Args::parse_from([
+            "x",
+            "--max-record-bytes",
+            "91095040",
+            "--max-message-bytes",
+            "91095040",
+        ]);
+        assert!(ServerConfig::from_args(&a).is_ok());
+    }
+
+    #[test]
+    fn key_file_is_created_then_reused() {
+        let dir = std::env::temp_dir().join(format!("netswap-key-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let k1 = load_or_create_key(&dir).unwrap();
+        assert_eq!(k1.as_bytes().len(), 32);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let k2 = load_or_create_key(&dir).unwrap();
+        assert_eq!(k1, k2);
+        std::fs::write(&dir, b"").unwrap();
+        assert!(load_or_create_key(&dir).is_err());
+        std::fs::remove_file(&dir).unwrap();
+    }
+}

@@ -1,0 +1,450 @@
+//! One client connection: a single task that reads many frames per read, applies the
+//! complete requests to the store, and writes many frames per write.
+//!
+//! The loop is readiness-driven on one socket (no split halves, no per-request
+//! tasks): after every read it processes every whole frame, queues the replies in the
+//! fair [`OutQueue`], and writes optimistically, so a pipelining client costs one read
+//! and one write syscall per batch. Backpressure: when a client does not read its
+//! replies, the server stops reading its requests.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use netswap_proto::{
+    Event, Inbound, Notification, OutQueue, RESERVED_XID, Reassembler, Reply, Request, Session,
+    Status, decode_frame,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, info};
+
+use crate::hub::{Hub, Overflow};
+
+/// Bytes reserved for each read.
+const READ_CHUNK: usize = 64 * 1024;
+/// Bytes of frames encoded per write.
+const WRITE_CHUNK: usize = 64 * 1024;
+/// Reads per wake-up before the loop gives writes and other tasks a turn.
+const READS_PER_WAKE: usize = 4;
+/// Large replies queued before the server stops reading a connection's requests.
+const MAX_LARGE_REPLIES: usize = 4;
+/// How long a closing connection may take to flush its last replies.
+const FLUSH_ON_CLOSE: Duration = Duration::from_secs(2);
+/// How long input is drained after PROTOCOL_ERROR, so the peer can read the reason.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The peer closed and everything was answered.
+    Eof,
+    /// Framing broke: PROTOCOL_ERROR was sent.
+    ProtocolError(String),
+    /// No progress on a partial frame or message.
+    Stalled,
+    /// No traffic for the idle timeout.
+    Idle,
+    /// The watcher did not read its notifications.
+    Overflow,
+    /// The server is shutting down.
+    Shutdown,
+    /// A socket error.
+    Io(io::Error),
+}
+
+struct Conn {
+    hub: Arc<Hub>,
+    session: Session,
+    reasm: Reassembler,
+    outq: OutQueue,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    notes: Option<mpsc::Receiver<Notification>>,
+    overflow: Option<Arc<Overflow>>,
+    last_rx: Instant,
+    last_io: Instant,
+    eof: bool,
+    /// Set after a fatal condition: stop reading, flush, then end with this reason.
+    closing: Option<End>,
+    /// When a closing connection stops waiting for its peer to read.
+    closing_deadline: Option<Instant>,
+}
+
+/// Serves one accepted connection until it ends.
+pub(crate) async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    hub: Arc<Hub>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let Some(slot) = hub.admit(peer.ip()) else {
+        info!(%peer, limit = hub.config.max_connections_per_ip, "refused: too many connections from this address");
+        refuse(&mut stream, hub.config.max_connections_per_ip).await;
+        return;
+    };
+    let session = hub.store.connect(peer.ip());
+    debug!(%peer, conn = session.conn().0, identity = %session.identity(), "connected");
+    let now = Instant::now();
+    let mut conn = Conn {
+        reasm: Reassembler::new(hub.config.reassembly),
+        hub,
+        session,
+        outq: OutQueue::new(),
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        notes: None,
+        overflow: None,
+        last_rx: now,
+        last_io: now,
+        eof: false,
+        closing: None,
+        closing_deadline: None,
+    };
+    let end = conn.run(&stream, &mut shutdown).await;
+    match &end {
+        End::Eof | End::Shutdown => debug!(%peer, ?end, "closed"),
+        End::Io(e) => debug!(%peer, error = %e, "closed by a socket error"),
+        End::ProtocolError(reason) => info!(%peer, %reason, "closed: protocol error"),
+        _ => info!(%peer, ?end, "closed by the server"),
+    }
+    if matches!(end, End::ProtocolError(_) | End::Stalled) {
+        linger(&mut stream).await;
+    }
+    let Conn { hub, session, .. } = conn;
+    hub.close_route(session.conn());
+    if hub
+        .store
+        .disconnect(session, std::time::Instant::now())
+        .is_some()
+    {
+        hub.reaper.notify_one();
+    }
+    drop(slot);
+}
+
+/// Tells a connection over the per-IP limit why it is closed, then closes it.
+async fn refuse(stream: &mut TcpStream, limit: u32) {
+    let reason = format!("too many connections from this address (limit {limit})");
+    let mut q = OutQueue::new();
+    let _ = q.push(Reply::error(Status::Busy, reason).encode(RESERVED_XID));
+    let mut buf = BytesMut::new();
+    q.write_to(&mut buf, usize::MAX);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&buf).await?;
+        stream.shutdown().await
+    })
+    .await;
+    linger(stream).await;
+}
+
+/// Half-closes, then discards input for a moment so that the peer's unread requests
+/// do not turn our close into a reset that destroys the reason we sent.
+async fn linger(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+async fn next_note(notes: &mut Option<mpsc::Receiver<Notification>>) -> Option<Notification> {
+    match notes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn overflowed(overflow: &Option<Arc<Overflow>>) {
+    match overflow {
+        Some(o) if !o.is_set() => o.notify.notified().await,
+        Some(_) => {}
+        None => std::future::pending().await,
+    }
+}
+
+impl Conn {
+    async fn run(&mut self, stream: &TcpStream, shutdown: &mut watch::Receiver<bool>) -> End {
+        let timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
+        loop {
+            if self.has_output()
+                && let Err(e) = self.flush(stream)
+            {
+                return End::Io(e);
+            }
+            if !self.has_output() {
+                if let Some(end) = self.closing.take() {
+                    return end;
+                }
+                if self.eof {
+                    return End::Eof;
+                }
+            }
+            let read = self.wants_read();
+            let write = self.has_output();
+            let interest = match (read, write) {
+                (true, true) => Interest::READABLE | Interest::WRITABLE,
+                (true, false) => Interest::READABLE,
+                (false, true) => Interest::WRITABLE,
+                (false, false) => return self.closing.take().unwrap_or(End::Eof),
+            };
+            if let Some(d) = self.deadline()
+                && armed.is_none_or(|a| d < a)
+            {
+                timer.as_mut().reset(d);
+                armed = Some(d);
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return self.finish(stream).await,
+                _ = overflowed(&self.overflow), if self.closing.is_none() => {
+                    self.fatal(End::Overflow, format!(
+                        "over {} notifications were waiting to be read", self.hub.config.notify_queue));
+                }
+                Some(n) = next_note(&mut self.notes) => self.notify(n),
+                ready = stream.ready(interest) => match ready {
+                    Ok(r) if r.is_readable() || r.is_read_closed() => {
+                        if let Err(e) = self.read(stream) {
+                            return End::Io(e);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return End::Io(e),
+                },
+                _ = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    let now = Instant::now();
+                    let cfg = &self.hub.config;
+                    if self.closing_deadline.is_some_and(|d| d <= now) {
+                        return self.closing.take().unwrap_or(End::Eof);
+                    } else if self.closing.is_none() && self.stalled() && self.last_rx + cfg.stall_timeout <= now {
+                        let reason = format!(
+                            "no progress on a partial message for {} s", cfg.stall_timeout.as_secs());
+                        self.fatal(End::Stalled, reason);
+                    } else if cfg.idle_timeout.is_some_and(|t| self.last_io + t <= now) {
+                        return End::Idle;
+                    }
+                }
+            }
+        }
+    }
+
+    fn has_output(&self) -> bool {
+        !self.wbuf.is_empty() || !self.outq.is_empty()
+    }
+
+    fn wants_read(&self) -> bool {
+        !self.eof
+            && self.closing.is_none()
+            && self.outq.small_pending_bytes() + self.wbuf.len() < self.hub.config.max_output_bytes
+            && self.outq.large_messages() < MAX_LARGE_REPLIES
+    }
+
+    fn stalled(&self) -> bool {
+        !self.rbuf.is_empty() || self.reasm.has_unfinished()
+    }
+
+    /// The next moment a timeout may end this connection.
+    fn deadline(&self) -> Option<Instant> {
+        if self.closing_deadline.is_some() {
+            return self.closing_deadline;
+        }
+        let stall = self
+            .stalled()
+            .then(|| self.last_rx + self.hub.config.stall_timeout);
+        let idle = self.hub.config.idle_timeout.map(|t| self.last_io + t);
+        match (stall, idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Reads what is available (a few reads at most) and processes every whole frame.
+    fn read(&mut self, stream: &TcpStream) -> io::Result<()> {
+        for _ in 0..READS_PER_WAKE {
+            if !self.wants_read() {
+                break;
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < netswap_proto::MAX_FRAME {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            match stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(_) => {
+                    let now = Instant::now();
+                    self.last_rx = now;
+                    self.last_io = now;
+                    self.process();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.rbuf.is_empty() {
+            // Idle connections hold no read buffer.
+            self.rbuf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// Takes every whole frame off the read buffer and acts on it.
+    fn process(&mut self) {
+        while self.closing.is_none() {
+            let frame = match decode_frame(&mut self.rbuf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    let xid = match self.rbuf.get(..4) {
+                        Some(b) => u32::from_be_bytes(b.try_into().expect("4 bytes")),
+                        None => RESERVED_XID,
+                    };
+                    self.protocol_error(xid, e.to_string());
+                    break;
+                }
+            };
+            let xid = frame.header.xid;
+            match self.reasm.push(frame) {
+                Ok(None) => {}
+                Ok(Some(Inbound::Message(m))) => self.apply(m.xid, m.op, m.arg, m.payload),
+                Ok(Some(Inbound::Refused {
+                    xid,
+                    status,
+                    reason,
+                })) => {
+                    debug!(xid, ?status, %reason, "refused a message");
+                    self.reply(xid, Reply::error(status, reason));
+                }
+                Err(e) => self.protocol_error(xid, e.to_string()),
+            }
+        }
+    }
+
+    fn apply(&mut self, xid: u32, op: u8, arg: u8, payload: bytes::Bytes) {
+        let request = match Request::parse(op, arg, payload) {
+            Ok(r) => r,
+            Err(m) => return self.reply(xid, Reply::error(Status::Malformed, m.0)),
+        };
+        let wake_reaper = matches!(request, Request::Transfer { .. });
+        if matches!(request, Request::Watch { .. }) && self.notes.is_none() {
+            // Open the mailbox before the watch exists, so no notification is lost.
+            let (rx, overflow) = self.hub.open_route(self.session.conn());
+            self.notes = Some(rx);
+            self.overflow = Some(overflow);
+        }
+        let applied = self.hub.store.apply(
+            &mut self.session,
+            xid,
+            request,
+            std::time::Instant::now(),
+            &mut rand::rng(),
+        );
+        self.reply(xid, applied.reply);
+        if !applied.notifications.is_empty() {
+            let me = self.session.conn();
+            for n in applied.notifications.iter().filter(|n| n.conn == me) {
+                self.notify(*n);
+            }
+            self.hub
+                .deliver(applied.notifications.into_iter().filter(|n| n.conn != me));
+        }
+        if wake_reaper {
+            self.hub.reaper.notify_one();
+        }
+    }
+
+    fn reply(&mut self, xid: u32, reply: Reply) {
+        // Replies are bounded by the record size, which is capped below the framing
+        // limit, so this cannot fail.
+        let _ = self.outq.push(reply.encode(xid));
+    }
+
+    /// Queues a notification for this connection, unless its watch has ended since.
+    fn notify(&mut self, n: Notification) {
+        if self.session.watches().get(&n.ptr) != Some(&n.xid) {
+            return;
+        }
+        if n.event == Event::Deleted {
+            self.session.watch_ended(n.ptr, n.xid);
+        }
+        self.reply(n.xid, n.to_reply());
+    }
+
+    fn protocol_error(&mut self, xid: u32, reason: String) {
+        debug!(xid, %reason, "protocol error");
+        self.reply(xid, Reply::error(Status::ProtocolError, reason.clone()));
+        self.closing = Some(End::ProtocolError(reason));
+        self.closing_deadline = Some(Instant::now() + FLUSH_ON_CLOSE);
+        self.rbuf.clear();
+    }
+
+    fn fatal(&mut self, end: End, reason: String) {
+        if self.closing.is_none() {
+            let status = match end {
+                End::Overflow => Status::Busy,
+                _ => Status::ProtocolError,
+            };
+            self.reply(RESERVED_XID, Reply::error(status, reason));
+            self.closing = Some(end);
+            self.closing_deadline = Some(Instant::now() + FLUSH_ON_CLOSE);
+        }
+    }
+
+    /// Writes queued frames until the socket would block or nothing is left.
+    fn flush(&mut self, stream: &TcpStream) -> io::Result<()> {
+        loop {
+            if self.wbuf.is_empty() {
+                if self.outq.is_empty() {
+                    break;
+                }
+                self.outq.write_to(&mut self.wbuf, WRITE_CHUNK);
+            }
+            match stream.try_write(&self.wbuf) {
+                Ok(n) => {
+                    self.wbuf.advance(n);
+                    self.last_io = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.has_output() {
+            self.wbuf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// Server shutdown: stop reading, give queued replies a moment to leave.
+    async fn finish(&mut self, stream: &TcpStream) -> End {
+        let deadline = Instant::now() + FLUSH_ON_CLOSE;
+        while self.has_output() {
+            if self.flush(stream).is_err() {
+                break;
+            }
+            if !self.has_output() {
+                break;
+            }
+            tokio::select! {
+                r = stream.writable() => if r.is_err() { break },
+                _ = sleep_until(deadline) => break,
+            }
+        }
+        End::Shutdown
+    }
+}

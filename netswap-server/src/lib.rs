@@ -1,0 +1,251 @@
+//! # netswap-server
+//!
+//! The tokio server around [`netswap_proto`]: it accepts TCP connections (IPv4 and
+//! IPv6), serves every v1 operation, delivers watch notifications, reaps orphaned
+//! records on time, enforces the limits, and shuts down cleanly.
+//!
+//! The binary (`cargo run --release -p netswap-server`) is a thin command line over
+//! [`Server`]; tests and embedders use [`spawn`] to run one on a background thread.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use netswap_server::{Server, ServerConfig};
+//! let server = Server::bind(ServerConfig::new("127.0.0.1:0".parse().unwrap())).await?;
+//! println!("listening on {}", server.local_addr());
+//! server.run(async { tokio::signal::ctrl_c().await.ok(); }).await
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod config;
+mod conn;
+mod hub;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::{Args, ConfigError, ServerConfig};
+use netswap_proto::StoreStats;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use hub::Hub;
+
+/// How long shutdown waits for connections to flush their last replies.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// A bound, not yet running, server.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    hub: Arc<Hub>,
+}
+
+/// A read-only view of a running server's state, for tests and monitoring.
+#[derive(Clone, Debug)]
+pub struct ServerStats {
+    hub: Arc<Hub>,
+}
+
+impl ServerStats {
+    /// Records, bytes, identities and watches in the store.
+    pub fn store(&self) -> StoreStats {
+        self.hub.store.stats()
+    }
+    /// Open client connections.
+    pub fn connections(&self) -> u32 {
+        self.hub.connections()
+    }
+}
+
+impl Server {
+    /// Binds the listening socket.
+    pub async fn bind(config: ServerConfig) -> io::Result<Server> {
+        let listener = TcpListener::bind(config.listen).await?;
+        Ok(Server {
+            listener,
+            hub: Arc::new(Hub::new(config)),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// A handle on the server's counters.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            hub: self.hub.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets connections
+    /// flush their replies (up to a few seconds) and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let reaper = tokio::spawn(reap(self.hub.clone(), stop_rx.clone()));
+        let mut conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        conns.spawn(conn::serve(stream, peer, self.hub.clone(), stop_rx.clone()));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        info!(connections = conns.len(), "shutting down");
+        drop(self.listener);
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                left = conns.len(),
+                "connections did not finish in time; closing them"
+            );
+            conns.shutdown().await;
+        }
+        let _ = reaper.await;
+        let stats = self.hub.store.stats();
+        info!(records = stats.records, bytes = stats.data_bytes, "stopped");
+        Ok(())
+    }
+}
+
+/// Deletes orphaned records when their grace period ends: sleeps until the next
+/// deadline (or until woken because a new one may be earlier), never polls.
+async fn reap(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let next = hub.store.next_deadline();
+        let sleep = async {
+            match next {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = hub.reaper.notified() => continue,
+            _ = sleep => {}
+        }
+        let reaped = hub.store.reap(std::time::Instant::now());
+        if !reaped.records.is_empty() {
+            info!(records = reaped.records.len(), "reaped orphaned records");
+        }
+        hub.deliver(reaped.notifications);
+    }
+}
+
+/// A server running on its own thread and runtime; stopped by [`RunningServer::stop`]
+/// or when dropped.
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: SocketAddr,
+    stats: ServerStats,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl RunningServer {
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// Its counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+    /// Shuts it down and waits for it.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.stop_inner()
+    }
+    fn stop_inner(&mut self) -> io::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| io::Error::other("server thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+/// Starts a server on a new thread with a `threads`-worker runtime (1 = current
+/// thread) and returns once it listens.
+pub fn spawn(config: ServerConfig, threads: usize) -> io::Result<RunningServer> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    // Everything runtime-related happens on the new thread, so this works from inside
+    // another runtime too (e.g. an async test).
+    let thread = std::thread::Builder::new()
+        .name("netswap-server".into())
+        .spawn(move || {
+            let runtime = build_runtime(threads)?;
+            runtime.block_on(async {
+                let server = match Server::bind(config).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                        return Err(e);
+                    }
+                };
+                let _ = ready_tx.send(Ok((server.local_addr(), server.stats())));
+                server
+                    .run(async {
+                        let _ = rx.await;
+                    })
+                    .await
+            })
+        })?;
+    let (addr, stats) = ready_rx
+        .recv()
+        .map_err(|_| io::Error::other("server thread ended before listening"))??;
+    Ok(RunningServer {
+        addr,
+        stats,
+        stop: Some(tx),
+        thread: Some(thread),
+    })
+}
+
+/// A tokio runtime with `threads` workers (1 = the single-threaded scheduler).
+pub fn build_runtime(threads: usize) -> io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}

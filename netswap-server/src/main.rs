@@ -1,0 +1,75 @@
+//! `netswap-server`: see `--help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use netswap_server::{Args, Server, ServerConfig, build_runtime};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match ServerConfig::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("netswap-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let runtime = match build_runtime(threads) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("netswap-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let server = Server::bind(config.clone())
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        println!("netswap-server listening on {}", server.local_addr());
+        tracing::info!(
+            addr = %server.local_addr(),
+            threads,
+            orphan_grace_secs = config.store.orphan_grace.as_secs(),
+            max_record_bytes = config.store.max_record_bytes,
+            "listening"
+        );
+        server
+            .run(shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netswap-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
