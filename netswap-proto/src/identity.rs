@@ -47,6 +47,25 @@ impl fmt::Display for Identity {
     }
 }
 
+/// Why a string is not an [`Identity`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("an identity is 64 hex digits")]
+pub struct ParseIdentityError;
+
+impl std::str::FromStr for Identity {
+    type Err = ParseIdentityError;
+    fn from_str(s: &str) -> Result<Identity, ParseIdentityError> {
+        if s.len() != 64 || !s.is_ascii() {
+            return Err(ParseIdentityError);
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| ParseIdentityError)?;
+        }
+        Ok(Identity(out))
+    }
+}
+
 /// The per-server secret salting identities. Any length; 32 random bytes by default.
 #[derive(Clone, PartialEq, Eq)]
 pub struct IdentityKey(Vec<u8>);
@@ -93,6 +112,14 @@ mod tests {
         assert_ne!(a, c);
         let other_key = Identity::derive(&IdentityKey::new(*b"j"), "127.0.0.2".parse().unwrap());
         assert_ne!(a, other_key);
+    }
+
+    #[test]
+    fn identity_hex_round_trips() {
+        let id = Identity([0xab; 32]);
+        assert_eq!(id.to_string().parse::<Identity>(), Ok(id));
+        assert!("ab".parse::<Identity>().is_err());
+        assert!("zz".repeat(32).parse::<Identity>().is_err());
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub use frame::{
     Frame, FrameHeader, FramingError, HEADER_LEN, MAX_FRAME, MAX_FRAMES, MAX_MESSAGE, MAX_PAYLOAD,
     RESERVED_XID, decode_frame,
 };
-pub use identity::{Identity, IdentityKey};
+pub use identity::{Identity, IdentityKey, ParseIdentityError};
 pub use message::{
     BadReply, HelloInfo, Malformed, NewOwner, OutMessage, RecordInfo, Reply, Request,
 };

@@ -73,6 +73,18 @@ pub enum NewOwner {
     Ip(IpAddr),
 }
 
+impl From<IpAddr> for NewOwner {
+    fn from(ip: IpAddr) -> NewOwner {
+        NewOwner::Ip(normalize_ip(ip))
+    }
+}
+
+impl From<Identity> for NewOwner {
+    fn from(id: Identity) -> NewOwner {
+        NewOwner::Identity(id)
+    }
+}
+
 /// A client request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
