@@ -1,0 +1,696 @@
+//! `netswap-bench`: a load generator for netswap servers, like `redis-benchmark`.
+//!
+//! It costs the machine little per request: each thread runs one single-threaded
+//! runtime, each connection is one task that keeps `--pipeline` requests in flight
+//! with pre-encoded frames (no task or allocation per request), replies are matched by
+//! XID (one XID per pipeline slot), and latencies go into an `hdrhistogram`.
+//!
+//! Modes: `load` (throughput and latency), `fill` (many records, memory per record),
+//! `idle` (many idle connections, memory per connection), `hol` (latency of small reads
+//! on a connection that carries a huge transfer).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use clap::{Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use netswap_client::{Access, Client, Options, Pointer};
+use netswap_proto::{
+    Inbound, MAX_MESSAGE, OutQueue, Reassembler, ReassemblyLimits, Request, Status, decode_frame,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpSocket;
+
+/// Load generator for netswap.
+#[derive(Parser, Debug)]
+#[command(name = "netswap-bench", version, about)]
+struct Cli {
+    /// Server address.
+    #[arg(
+        long,
+        short = 's',
+        env = "NETSWAP_SERVER",
+        default_value = "127.0.0.1:7420",
+        global = true
+    )]
+    server: SocketAddr,
+    /// Print one JSON object instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The server's process id, to report its resident memory (Linux /proc).
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Op {
+    /// READ whole records.
+    Read,
+    /// REPLACE whole records.
+    Replace,
+    /// WRITE_AT offset 0 (same size: no growth).
+    WriteAt,
+    /// CREATE a record, then DELETE it (two operations).
+    CreateDelete,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// Throughput and latency of one operation.
+    Load {
+        /// Connections.
+        #[arg(long, short = 'c', default_value_t = 50)]
+        connections: usize,
+        /// Requests in flight per connection.
+        #[arg(long, short = 'P', default_value_t = 1)]
+        pipeline: usize,
+        /// Value size in bytes.
+        #[arg(long, short = 'd', default_value_t = 64)]
+        size: usize,
+        /// The operation.
+        #[arg(long, value_enum, default_value = "read")]
+        op: Op,
+        /// Records created beforehand and used at random.
+        #[arg(long, default_value_t = 10_000)]
+        keys: usize,
+        /// Seconds to run (ignored with --requests).
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Stop after this many requests in total instead.
+        #[arg(long, short = 'n')]
+        requests: Option<u64>,
+        /// Threads, each with its own runtime and share of the connections.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Create records and report the server's memory per record.
+    Fill {
+        /// Records to create.
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        /// Value size in bytes.
+        #[arg(long, short = 'd', default_value_t = 64)]
+        size: usize,
+        /// Connections (each from its own 127.0.0.x address, so quotas are per address).
+        #[arg(long, short = 'c', default_value_t = 4)]
+        connections: usize,
+        /// Requests in flight per connection.
+        #[arg(long, short = 'P', default_value_t = 64)]
+        pipeline: usize,
+    },
+    /// Open many connections, say HELLO, hold them idle, report memory per connection.
+    Idle {
+        /// Connections (spread over 127.0.0.x source addresses, 200 per address).
+        #[arg(long, short = 'c', default_value_t = 10_000)]
+        connections: usize,
+        /// Seconds to hold them.
+        #[arg(long, default_value_t = 2.0)]
+        hold: f64,
+    },
+    /// Latency of small reads on one connection while it carries a huge transfer.
+    Hol {
+        /// Size of the large record.
+        #[arg(long, default_value_t = 64 << 20)]
+        big: usize,
+        /// Direction of the large transfer.
+        #[arg(long, value_enum, default_value = "write")]
+        direction: Direction,
+        /// Small reads issued one after another during the transfer.
+        #[arg(long, default_value_t = 200)]
+        reads: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Direction {
+    /// The large record is being written (REPLACE).
+    Write,
+    /// The large record is being read.
+    Read,
+}
+
+fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn loopback(n: usize) -> IpAddr {
+    // 127.0.0.2 … 127.0.0.254, then 127.0.1.2 …
+    let n = n as u32;
+    IpAddr::from([127, 0, (n / 253) as u8, (n % 253 + 2) as u8])
+}
+
+async fn raw_connect(
+    server: SocketAddr,
+    from: Option<IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = if server.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = from {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    let s = sock.connect(server).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// What one connection measured.
+struct Tally {
+    ops: u64,
+    errors: u64,
+    bytes: u64,
+    hist: Histogram<u64>,
+}
+
+struct LoadSpec {
+    server: SocketAddr,
+    op: Op,
+    pipeline: usize,
+    keys: Arc<Vec<Pointer>>,
+    value: Bytes,
+    stop: Arc<AtomicBool>,
+    budget: Arc<AtomicU64>,
+    deadline: Instant,
+}
+
+fn request(spec: &LoadSpec, n: u64, created: Option<Pointer>) -> Request {
+    let ptr = spec.keys[(n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize % spec.keys.len()];
+    match (spec.op, created) {
+        (Op::Read, _) => Request::Read { ptr, range: None },
+        (Op::Replace, _) => Request::Replace {
+            ptr,
+            data: spec.value.clone(),
+        },
+        (Op::WriteAt, _) => Request::WriteAt {
+            ptr,
+            offset: 0,
+            data: spec.value.clone(),
+        },
+        (Op::CreateDelete, None) => Request::Create {
+            access: Access::empty(),
+            data: spec.value.clone(),
+        },
+        (Op::CreateDelete, Some(ptr)) => Request::Delete { ptr },
+    }
+}
+
+/// One connection keeping `pipeline` requests in flight until the deadline or budget.
+async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
+    let mut stream = raw_connect(spec.server, None).await?;
+    let p = spec.pipeline;
+    let mut sent_at = vec![Instant::now(); p];
+    let mut created: Vec<Option<Pointer>> = vec![None; p];
+    let mut outq = OutQueue::new();
+    let mut wbuf = BytesMut::with_capacity(64 * 1024);
+    let mut rbuf = BytesMut::with_capacity(256 * 1024);
+    let mut reasm = Reassembler::new(ReassemblyLimits {
+        max_message_bytes: MAX_MESSAGE,
+        max_partial_messages: usize::MAX,
+        max_partial_bytes: u64::MAX,
+    });
+    let mut tally = Tally {
+        ops: 0,
+        errors: 0,
+        bytes: 0,
+        hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram"),
+    };
+    let mut counter = (conn_no as u64) << 40;
+    let mut inflight = 0usize;
+    let take = |spec: &LoadSpec| -> bool {
+        !spec.stop.load(Ordering::Relaxed)
+            && spec
+                .budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                .is_ok()
+    };
+    for slot in 0..p {
+        if !take(&spec) {
+            break;
+        }
+        counter += 1;
+        outq.push(request(&spec, counter, None).encode(slot as u32))
+            .unwrap();
+        sent_at[slot] = Instant::now();
+        inflight += 1;
+    }
+    loop {
+        while !outq.is_empty() {
+            wbuf.clear();
+            outq.write_to(&mut wbuf, 64 * 1024);
+            tally.bytes += wbuf.len() as u64;
+            stream.write_all(&wbuf).await?;
+        }
+        if inflight == 0 {
+            break;
+        }
+        if rbuf.capacity() - rbuf.len() < 16 * 1024 {
+            rbuf.reserve(256 * 1024);
+        }
+        let n = stream.read_buf(&mut rbuf).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            ));
+        }
+        tally.bytes += n as u64;
+        let now = Instant::now();
+        let past_deadline = now >= spec.deadline;
+        if past_deadline {
+            spec.stop.store(true, Ordering::Relaxed);
+        }
+        while let Some(f) = decode_frame(&mut rbuf).map_err(std::io::Error::other)? {
+            let Some(Inbound::Message(m)) = reasm.push(f).map_err(std::io::Error::other)? else {
+                continue;
+            };
+            let slot = m.xid as usize;
+            inflight -= 1;
+            tally.ops += 1;
+            let _ = tally
+                .hist
+                .record((now - sent_at[slot]).as_nanos().max(1) as u64);
+            let mut next_created = None;
+            if m.op == Status::Ok as u8 || m.op == Status::Data as u8 {
+                if spec.op == Op::CreateDelete && created[slot].is_none() && m.payload.len() == 8 {
+                    next_created =
+                        Pointer::new(u64::from_be_bytes(m.payload[..8].try_into().unwrap()));
+                }
+            } else {
+                tally.errors += 1;
+            }
+            created[slot] = next_created;
+            // A created record is always deleted, even past the deadline.
+            if next_created.is_some() || take(&spec) {
+                counter += 1;
+                outq.push(request(&spec, counter, next_created).encode(slot as u32))
+                    .unwrap();
+                sent_at[slot] = Instant::now();
+                inflight += 1;
+            }
+        }
+    }
+    Ok(tally)
+}
+
+fn quantile_us(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+#[allow(clippy::too_many_arguments)]
+fn load(
+    cli: &Cli,
+    connections: usize,
+    pipeline: usize,
+    size: usize,
+    op: Op,
+    keys: usize,
+    duration: f64,
+    requests: Option<u64>,
+    threads: usize,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let value = Bytes::from(vec![0x5Au8; size]);
+    // Records every connection may read and write (same identity or not).
+    let ptrs = rt.block_on(async {
+        let c = Client::connect_with(cli.server, Options::default()).await?;
+        let mut ptrs = Vec::with_capacity(keys.max(1));
+        let mut pending = Vec::new();
+        for _ in 0..keys.max(1) {
+            let c = c.clone();
+            let v = value.clone();
+            pending.push(tokio::spawn(async move {
+                c.create(Access::READ | Access::WRITE, v).await
+            }));
+            if pending.len() == 256 {
+                for p in pending.drain(..) {
+                    ptrs.push(p.await.unwrap()?);
+                }
+            }
+        }
+        for p in pending {
+            ptrs.push(p.await.unwrap()?);
+        }
+        Ok::<_, netswap_client::Error>((c, ptrs))
+    });
+    let (keeper, ptrs) = ptrs.map_err(|e| format!("cannot prepare records: {e}"))?;
+    let rss_before = rss_kib(cli.server_pid);
+    let started = Instant::now();
+    let spec = Arc::new(LoadSpec {
+        server: cli.server,
+        op,
+        pipeline,
+        keys: Arc::new(ptrs),
+        value,
+        stop: Arc::new(AtomicBool::new(false)),
+        budget: Arc::new(AtomicU64::new(requests.unwrap_or(u64::MAX))),
+        deadline: if requests.is_some() {
+            started + Duration::from_secs(3600)
+        } else {
+            started + Duration::from_secs_f64(duration)
+        },
+    });
+    let threads = threads.clamp(1, connections.max(1));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let spec = spec.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let mut tasks = Vec::new();
+                    for c in (t..connections).step_by(threads) {
+                        tasks.push(tokio::spawn(drive(spec.clone(), c)));
+                    }
+                    let mut out = Vec::new();
+                    for task in tasks {
+                        out.push(task.await.unwrap());
+                    }
+                    out
+                })
+            })
+        })
+        .collect();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+    let (mut ops, mut errors, mut bytes) = (0u64, 0u64, 0u64);
+    for h in handles {
+        for t in h.join().map_err(|_| "a load thread panicked")? {
+            let t = t.map_err(|e| format!("connection failed: {e}"))?;
+            ops += t.ops;
+            errors += t.errors;
+            bytes += t.bytes;
+            hist.add(&t.hist).unwrap();
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rss_after = rss_kib(cli.server_pid);
+    drop(keeper);
+    let ops_per_sec = ops as f64 / elapsed;
+    let op_name = format!("{op:?}").to_lowercase();
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "tool": "netswap-bench", "mode": "load", "op": op_name, "size": size,
+                "connections": connections, "pipeline": pipeline, "threads": threads,
+                "ops": ops, "errors": errors, "seconds": elapsed, "ops_per_sec": ops_per_sec,
+                "p50_us": quantile_us(&hist, 0.5), "p99_us": quantile_us(&hist, 0.99),
+                "p999_us": quantile_us(&hist, 0.999), "max_us": hist.max() as f64 / 1000.0,
+                "wire_bytes_per_op": bytes as f64 / ops.max(1) as f64,
+                "server_rss_kib_before": rss_before, "server_rss_kib_after": rss_after,
+            })
+        );
+    } else {
+        println!(
+            "{op_name} {size} B, {connections} connections, pipeline {pipeline}, {threads} thread(s)"
+        );
+        println!("  {ops} ops in {elapsed:.2} s: {ops_per_sec:.0} ops/s, {errors} errors");
+        println!(
+            "  latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
+            quantile_us(&hist, 0.5),
+            quantile_us(&hist, 0.99),
+            quantile_us(&hist, 0.999),
+            hist.max() as f64 / 1000.0
+        );
+        println!(
+            "  {:.1} bytes on the wire per op (both directions, headers included)",
+            bytes as f64 / ops.max(1) as f64
+        );
+    }
+    if errors > 0 {
+        return Err(format!("{errors} requests failed"));
+    }
+    Ok(())
+}
+
+fn fill(
+    cli: &Cli,
+    records: u64,
+    size: usize,
+    connections: usize,
+    pipeline: usize,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let before = rss_kib(cli.server_pid);
+    let started = Instant::now();
+    let value = Bytes::from(vec![0xA5u8; size]);
+    let created = rt.block_on(async {
+        let per = records.div_ceil(connections as u64);
+        let mut tasks = Vec::new();
+        for c in 0..connections {
+            let value = value.clone();
+            let server = cli.server;
+            let n = per.min(records.saturating_sub(per * c as u64));
+            tasks.push(tokio::spawn(async move {
+                let client = Client::connect_with(
+                    server,
+                    Options {
+                        local_addr: Some(loopback(c)),
+                        ..Options::default()
+                    },
+                )
+                .await?;
+                let mut done = 0u64;
+                let mut pending = std::collections::VecDeque::new();
+                while done < n {
+                    while pending.len() < pipeline && done + (pending.len() as u64) < n {
+                        let c = client.clone();
+                        let v = value.clone();
+                        pending.push_back(tokio::spawn(
+                            async move { c.create(Access::READ, v).await },
+                        ));
+                    }
+                    pending.pop_front().unwrap().await.unwrap()?;
+                    done += 1;
+                }
+                // Keep the records: the connection stays open until all are counted.
+                Ok::<_, netswap_client::Error>((client, done))
+            }));
+        }
+        let mut keep = Vec::new();
+        let mut total = 0;
+        for t in tasks {
+            let (c, n) = t.await.unwrap()?;
+            total += n;
+            keep.push(c);
+        }
+        let after = rss_kib(cli.server_pid);
+        Ok::<_, netswap_client::Error>((total, after, keep))
+    });
+    let (total, after, _keep) = created.map_err(|e| format!("fill failed: {e}"))?;
+    let secs = started.elapsed().as_secs_f64();
+    let per_record = match (before, after) {
+        (Some(b), Some(a)) => Some((a.saturating_sub(b) * 1024) as f64 / total as f64),
+        _ => None,
+    };
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"tool": "netswap-bench", "mode": "fill", "records": total, "size": size,
+                "seconds": secs, "records_per_sec": total as f64 / secs,
+                "server_rss_kib_before": before, "server_rss_kib_after": after,
+                "server_bytes_per_record": per_record})
+        );
+    } else {
+        println!(
+            "created {total} records of {size} B in {secs:.2} s ({:.0}/s)",
+            total as f64 / secs
+        );
+        if let Some(p) = per_record {
+            println!(
+                "server RSS {} KiB -> {} KiB: {p:.1} bytes per record",
+                before.unwrap(),
+                after.unwrap()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn idle(cli: &Cli, connections: usize, hold: f64) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let before = rss_kib(cli.server_pid);
+    let started = Instant::now();
+    let result = rt.block_on(async {
+        let mut open = Vec::with_capacity(connections);
+        let hello = {
+            let mut q = OutQueue::new();
+            q.push(Request::Hello.encode(1)).unwrap();
+            let mut b = BytesMut::new();
+            q.write_to(&mut b, usize::MAX);
+            b.freeze()
+        };
+        for i in 0..connections {
+            let mut s = raw_connect(cli.server, Some(loopback(i / 200)))
+                .await
+                .map_err(|e| format!("connection {i}: {e}"))?;
+            s.write_all(&hello).await.map_err(|e| e.to_string())?;
+            let mut reply = [0u8; 63];
+            s.read_exact(&mut reply)
+                .await
+                .map_err(|e| format!("connection {i}: {e}"))?;
+            open.push(s);
+        }
+        let opened = started.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs_f64(hold)).await;
+        let during = rss_kib(cli.server_pid);
+        // Every connection is still served.
+        let mut alive = 0;
+        for s in open.iter_mut().step_by((connections / 100).max(1)) {
+            s.write_all(&hello).await.map_err(|e| e.to_string())?;
+            let mut reply = [0u8; 63];
+            if s.read_exact(&mut reply).await.is_ok() {
+                alive += 1;
+            }
+        }
+        Ok::<_, String>((opened, during, alive))
+    });
+    let (opened, during, alive) = result?;
+    let per_conn = match (before, during) {
+        (Some(b), Some(a)) => Some((a.saturating_sub(b) * 1024) as f64 / connections as f64),
+        _ => None,
+    };
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({"tool": "netswap-bench", "mode": "idle", "connections": connections,
+                "open_seconds": opened, "server_rss_kib_before": before, "server_rss_kib_during": during,
+                "server_bytes_per_connection": per_conn, "sampled_alive": alive})
+        );
+    } else {
+        println!(
+            "{connections} idle connections opened in {opened:.2} s; sampled {alive} still answering"
+        );
+        if let Some(p) = per_conn {
+            println!(
+                "server RSS {} KiB -> {} KiB: {p:.0} bytes per idle connection",
+                before.unwrap(),
+                during.unwrap()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn hol(cli: &Cli, big: usize, direction: Direction, reads: usize) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let c = Client::connect_with(cli.server, Options { request_timeout: None, ..Options::default() })
+            .await
+            .map_err(|e| e.to_string())?;
+        let small = c.create(Access::empty(), vec![1u8; 64]).await.map_err(|e| e.to_string())?;
+        let big_ptr = c.create(Access::empty(), vec![2u8; big]).await.map_err(|e| e.to_string())?;
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+        let transfer = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                match direction {
+                    Direction::Write => c.replace(big_ptr, vec![3u8; big]).await.map(|_| ()),
+                    Direction::Read => c.read(big_ptr).await.map(|_| ()),
+                }
+                .map(|_| t.elapsed())
+            })
+        };
+        let mut during = 0;
+        for _ in 0..reads {
+            let t = Instant::now();
+            c.read(small).await.map_err(|e| e.to_string())?;
+            let _ = hist.record(t.elapsed().as_nanos() as u64);
+            if !transfer.is_finished() {
+                during += 1;
+            }
+        }
+        let took = transfer.await.unwrap().map_err(|e| e.to_string())?;
+        let dir = format!("{direction:?}").to_lowercase();
+        if cli.json {
+            println!(
+                "{}",
+                serde_json::json!({"tool": "netswap-bench", "mode": "hol", "direction": dir, "big": big,
+                    "transfer_seconds": took.as_secs_f64(), "small_reads": reads, "during_transfer": during,
+                    "p50_us": quantile_us(&hist, 0.5), "p99_us": quantile_us(&hist, 0.99), "max_us": hist.max() as f64 / 1000.0})
+            );
+        } else {
+            println!(
+                "{dir} of {big} B took {:.1} ms; {during} of {reads} small reads ran during it",
+                took.as_secs_f64() * 1000.0
+            );
+            println!(
+                "  small read latency p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+                quantile_us(&hist, 0.5),
+                quantile_us(&hist, 0.99),
+                hist.max() as f64 / 1000.0
+            );
+        }
+        Ok(())
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.mode {
+        Mode::Load {
+            connections,
+            pipeline,
+            size,
+            op,
+            keys,
+            duration,
+            requests,
+            threads,
+        } => load(
+            &cli,
+            connections,
+            pipeline.max(1),
+            size,
+            op,
+            keys,
+            duration,
+            requests,
+            threads,
+        ),
+        Mode::Fill {
+            records,
+            size,
+            connections,
+            pipeline,
+        } => fill(&cli, records, size, connections.max(1), pipeline.max(1)),
+        Mode::Idle { connections, hold } => idle(&cli, connections, hold),
+        Mode::Hol {
+            big,
+            direction,
+            reads,
+        } => hol(&cli, big, direction, reads),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netswap-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
