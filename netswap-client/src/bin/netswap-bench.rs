@@ -234,14 +234,14 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
                 .is_ok()
     };
-    for slot in 0..p {
+    for (slot, sent) in sent_at.iter_mut().enumerate() {
         if !take(&spec) {
             break;
         }
         counter += 1;
         outq.push(request(&spec, counter, None).encode(slot as u32))
             .unwrap();
-        sent_at[slot] = Instant::now();
+        *sent = Instant::now();
         inflight += 1;
     }
     loop {
