@@ -1,11 +1,36 @@
 #!/usr/bin/env bash
-# Runs every netswap test: installs what a fresh machine lacks, builds everything, and
-# runs the Rust tests (unit, property, vector, integration, doc) and the checks CI
-# applies. Usage: ./scripts/test.sh
+# Runs every netswap test. On a fresh machine it first installs what is missing
+# (Mono and NUnit from Debian for the C# tests; npm packages for the Node addon),
+# then builds everything and runs the Rust, C, C# and Node.js tests and the checks CI
+# applies (vectors current, rustfmt, clippy with warnings as errors).
+# Usage: ./scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$(pwd)
 
 step() { printf '\n==> %s\n' "$*"; }
+
+apt_install() {
+  # Installs Debian packages as root (CI) or through sudo.
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq -o DPkg::Lock::Timeout=600 "$@" >/dev/null
+}
+
+step "prerequisites"
+missing=()
+command -v mcs >/dev/null && command -v mono >/dev/null || missing+=(mono-devel)
+command -v nunit-console >/dev/null || missing+=(nunit-console)
+[ -d /usr/lib/cli/nunit.framework-2.6.3 ] || missing+=(libnunit-cil-dev)
+command -v valgrind >/dev/null || missing+=(valgrind)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing from Debian: ${missing[*]}"
+  apt_install "${missing[@]}"
+else
+  echo "all present"
+fi
 
 step "test vectors are current (scripts/gen_vectors.py --check)"
 python3 scripts/gen_vectors.py --check
@@ -16,10 +41,14 @@ cargo fmt --all --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-step "Rust tests"
-cargo test --workspace --quiet 2>&1 | tee target/rust-tests.log
-# cargo test exits non-zero on failure (set -e + pipefail); its "test result:" lines
-# are the summary.
+step "Rust tests (unit, property, vectors, server, client, CLI, and the C tests incl. valgrind)"
+cargo test --workspace --quiet
+
+step "release build (server, CLI, bench, C library)"
+cargo build --release --quiet -p netswap-server -p netswap-client -p netswap-ffi
+
+step "C# tests (Mono)"
+./bindings/csharp/test.sh
 
 step "benchmarks compile"
 cargo bench --workspace --no-run --quiet

@@ -804,6 +804,20 @@ pub unsafe extern "C" fn netswap_pointer_parse(
 #[cfg(test)]
 mod tests {
     #[test]
+    fn checked_in_csharp_bindings_are_current() {
+        let generated = include_str!(concat!(env!("OUT_DIR"), "/NativeMethods.g.cs"));
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../bindings/csharp/src/NativeMethods.g.cs"
+        );
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            generated == checked_in,
+            "bindings/csharp/src/NativeMethods.g.cs is stale: run `NETSWAP_WRITE_HEADER=1 cargo build -p netswap-ffi` and commit it"
+        );
+    }
+
+    #[test]
     fn checked_in_header_is_current() {
         let generated = include_str!(concat!(env!("OUT_DIR"), "/netswap.h"));
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../include/netswap.h");

@@ -1,0 +1,247 @@
+// NUnit tests of the C# client against a real server, whose address is in
+// NETSWAP_TEST_SERVER (started by bindings/csharp/test.sh with
+// --max-record-bytes 1600000 --quota-bytes 2000000). Identities: 127.0.0.2, .3, .9.
+using System;
+using System.Collections.Generic;
+using System.IO;
+using System.Linq;
+using System.Net;
+using System.Text;
+using System.Text.RegularExpressions;
+using System.Threading;
+using System.Threading.Tasks;
+using NUnit.Framework;
+
+namespace Netswap.Tests
+{
+    [TestFixture]
+    public class NetswapClientTests
+    {
+        static string Server { get { return Environment.GetEnvironmentVariable("NETSWAP_TEST_SERVER") ?? "127.0.0.1:7420"; } }
+
+        static NetswapClient From(string local)
+        {
+            return NetswapClient.Connect(Server, new ConnectOptions { LocalAddress = local });
+        }
+
+        static byte[] B(string s) { return Encoding.UTF8.GetBytes(s); }
+        static string S(byte[] b) { return Encoding.UTF8.GetString(b); }
+
+        [Test]
+        public void EveryOperation()
+        {
+            using (var a = From("127.0.0.2"))
+            using (var b = From("127.0.0.3"))
+            {
+                Assert.AreEqual(1, a.ServerInfo.Protocol);
+                Assert.AreEqual(1600000UL, a.ServerInfo.MaxRecordBytes);
+                Assert.AreEqual(32, a.Identity.Length);
+                Assert.IsFalse(a.Identity.SequenceEqual(b.Identity), "different addresses, different identities");
+
+                var p = a.Create(B("hello world"), Access.Read);
+                Assert.AreEqual("hello world", S(b.Read(p)));
+                Assert.AreEqual("world", S(a.ReadRange(p, 6, 100)));
+                Assert.AreEqual(2UL, a.WriteAt(p, 11, B("!")));
+                Assert.AreEqual(3UL, a.Replace(p, B("v3")));
+                Assert.AreEqual(4UL, a.ReplaceIf(p, 3, B("v4")));
+                var info = b.Info(p);
+                Assert.AreEqual(2UL, info.Size);
+                Assert.AreEqual(4UL, info.Version);
+                Assert.AreEqual(Access.Read, info.Access);
+                Assert.IsFalse(info.Owned);
+
+                a.SetAccess(p, Access.Read | Access.Takeover);
+                b.Takeover(p);
+                Assert.IsTrue(b.Info(p).Owned);
+                Assert.AreEqual(Access.Read, b.Info(p).Access, "takeover clears the flag");
+                b.Transfer(p, IPAddress.Parse("127.0.0.2"));
+                Assert.IsTrue(a.Info(p).Owned);
+                a.Transfer(p, b.Identity);
+                Assert.IsTrue(b.Info(p).Owned);
+                b.Delete(p);
+                Assert.Throws<AddressFaultException>(() => b.Info(p));
+
+                var empty = a.Create(new byte[0]);
+                Assert.AreEqual(0, a.Read(empty).Length);
+                var part = a.Create(B("xxabcxx"), 2, 3);
+                Assert.AreEqual("abc", S(a.Read(part)));
+            }
+        }
+
+        [Test]
+        public void EachErrorIsItsOwnExceptionWithTheServersReason()
+        {
+            using (var a = From("127.0.0.2"))
+            using (var b = From("127.0.0.3"))
+            {
+                var p = a.Create(B("secret"));
+                var av = Assert.Throws<NetswapAccessViolationException>(() => b.Read(p));
+                Assert.AreEqual(ResultCode.AccessViolation, av.Code);
+                StringAssert.Contains("READ bit", av.Reason);
+                Assert.IsInstanceOf<NetswapException>(av);
+
+                var af = Assert.Throws<AddressFaultException>(() => a.ReadRange(p, 100, 1));
+                StringAssert.Contains("past the end", af.Reason);
+                Assert.Throws<AddressFaultException>(() => a.Read(new Pointer(0x1234)));
+
+                var conflict = Assert.Throws<ConflictException>(() => a.ReplaceIf(p, 9, B("x")));
+                Assert.AreEqual(1UL, conflict.CurrentVersion);
+
+                var tl = Assert.Throws<TooLargeException>(() => a.Create(new byte[1600001]));
+                StringAssert.Contains("1600000", tl.Reason);
+
+                Assert.Throws<ArgumentException>(() => new Pointer(0));
+                Assert.Throws<ArgumentNullException>(() => a.Create(null));
+                Assert.Throws<ArgumentOutOfRangeException>(() => a.Create(new byte[2], 1, 5));
+            }
+            // Quota: 2,000,000 bytes per identity.
+            using (var q = From("127.0.0.9"))
+            {
+                var big = q.Create(new byte[1500000]);
+                var qe = Assert.Throws<QuotaExceededException>(() => q.Create(new byte[1500000]));
+                StringAssert.Contains("quota", qe.Reason);
+                q.Delete(big);
+            }
+            // No server: an I/O error.
+            var io = Assert.Throws<NetswapIOException>(() => NetswapClient.Connect("127.0.0.1:1"));
+            Assert.AreEqual(ResultCode.IO, io.Code);
+        }
+
+        [Test]
+        public void AsyncForms()
+        {
+            using (var a = NetswapClient.ConnectAsync(Server, new ConnectOptions { LocalAddress = "127.0.0.2" }).Result)
+            {
+                var p = a.CreateAsync(B("async"), Access.Read).Result;
+                Assert.AreEqual("async", S(a.ReadAsync(p).Result));
+                Assert.AreEqual(2UL, a.ReplaceAsync(p, B("two")).Result);
+                Assert.AreEqual(3UL, a.WriteAtAsync(p, 3, B("!")).Result);
+                Assert.AreEqual("two!", S(a.ReadRangeAsync(p, 0, 10).Result));
+                Assert.AreEqual(4UL, a.ReplaceIfAsync(p, 3, B("four")).Result);
+                Assert.AreEqual(4UL, a.InfoAsync(p).Result.Version);
+                Assert.AreEqual(1, a.HelloAsync().Result.Protocol);
+                a.SetAccessAsync(p, Access.Takeover).Wait();
+                a.TakeoverAsync(p).Wait();
+                a.TransferAsync(p, a.Identity).Wait();
+                var failed = Assert.Throws<AggregateException>(() => a.ReplaceIfAsync(p, 1, B("x")).Wait());
+                Assert.IsInstanceOf<ConflictException>(failed.InnerException);
+                a.DeleteAsync(p).Wait();
+                // Many at once.
+                var tasks = Enumerable.Range(0, 50).Select(i => a.CreateAsync(B("n" + i))).ToArray();
+                Task.WaitAll(tasks);
+                Assert.AreEqual(50, tasks.Select(t => t.Result).Distinct().Count());
+                foreach (var t in tasks) a.Delete(t.Result);
+            }
+        }
+
+        [Test]
+        public void WatchDeliversEventsInOrderAndStopsOnDispose()
+        {
+            using (var a = From("127.0.0.2"))
+            using (var b = From("127.0.0.3"))
+            {
+                var p = a.Create(B("v1"), Access.Read);
+                var events = new List<WatchEvent>();
+                var got = new SemaphoreSlim(0);
+                var w = b.Watch(p, e =>
+                {
+                    lock (events) events.Add(e);
+                    // The handler runs on the thread pool and may use the client.
+                    b.Info(p);
+                    got.Release();
+                });
+                Assert.AreEqual(p, w.Pointer);
+                a.Replace(p, B("v2"));
+                a.Replace(p, B("v3"));
+                a.SetAccess(p, Access.Read | Access.Write);
+                for (int i = 0; i < 3; i++) Assert.IsTrue(got.Wait(10000), "event " + i);
+                lock (events)
+                {
+                    Assert.AreEqual(WatchEventKind.Changed, events[0].Kind);
+                    Assert.AreEqual(2UL, events[0].Version);
+                    Assert.AreEqual(3UL, events[1].Version);
+                    Assert.AreEqual(WatchEventKind.AccessChanged, events[2].Kind);
+                }
+                w.Dispose();
+                w.Dispose();
+                a.Replace(p, B("v4"));
+                Assert.IsFalse(got.Wait(300), "no event after Dispose");
+
+                // Collections while a watch is active do not break the callback.
+                var deleted = new ManualResetEventSlim();
+                using (b.Watch(p, e => { if (e.Kind == WatchEventKind.Deleted) deleted.Set(); }))
+                {
+                    GC.Collect();
+                    GC.WaitForPendingFinalizers();
+                    a.Delete(p);
+                    Assert.IsTrue(deleted.Wait(10000));
+                }
+            }
+        }
+
+        [Test]
+        public void DisposeSemantics()
+        {
+            var a = From("127.0.0.2");
+            var p = a.Create(B("x"));
+            var w = a.Watch(p, e => { });
+            a.Dispose();
+            a.Dispose();
+            w.Dispose();
+            Assert.Throws<ObjectDisposedException>(() => a.Read(p));
+            Assert.Throws<ObjectDisposedException>(() => a.Hello());
+        }
+
+        [Test]
+        public void SeveralThreadsShareOneClient()
+        {
+            using (var a = From("127.0.0.2"))
+            {
+                var shared = a.Create(B("0"), Access.Read | Access.Write);
+                var errors = 0;
+                var threads = Enumerable.Range(0, 4).Select(t => new Thread(() =>
+                {
+                    try
+                    {
+                        for (int i = 0; i < 100; i++)
+                        {
+                            var text = "thread " + t + " item " + i;
+                            var p = a.Create(B(text));
+                            if (S(a.Read(p)) != text) Interlocked.Increment(ref errors);
+                            a.Delete(p);
+                            a.WriteAt(shared, 0, B("x"));
+                        }
+                    }
+                    catch (Exception) { Interlocked.Increment(ref errors); }
+                })).ToList();
+                threads.ForEach(t => t.Start());
+                threads.ForEach(t => t.Join());
+                Assert.AreEqual(0, errors);
+                Assert.AreEqual(401UL, a.Info(shared).Version);
+                a.Delete(shared);
+            }
+        }
+
+        [Test]
+        public void PointerTextMatchesTheVectors()
+        {
+            var p = Pointer.Parse("0x00000000DEADBEEF");
+            Assert.AreEqual(0xdeadbeefUL, p.Value);
+            Assert.AreEqual("00000000deadbeef", p.ToString());
+            Pointer q;
+            Assert.IsFalse(Pointer.TryParse("0", out q));
+            Assert.IsFalse(Pointer.TryParse("12345678901234567", out q));
+            Assert.IsFalse(Pointer.TryParse("xyz", out q));
+            Assert.Throws<FormatException>(() => Pointer.Parse(""));
+            var root = Environment.GetEnvironmentVariable("NETSWAP_VECTORS") ?? "../../tests/vectors";
+            var json = File.ReadAllText(Path.Combine(root, "requests.json"));
+            var seen = 0;
+            foreach (Match m in Regex.Matches(json, "\"ptr\": \"([0-9a-f]{16})\""))
+            {
+                Assert.AreEqual(m.Groups[1].Value, Pointer.Parse(m.Groups[1].Value).ToString());
+                seen++;
+            }
+            Assert.GreaterOrEqual(seen, 10);
+        }
+    }
+}
