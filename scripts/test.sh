@@ -25,6 +25,7 @@ command -v nunit-console >/dev/null || missing+=(nunit-console)
 [ -d /usr/lib/cli/nunit.framework-2.6.3 ] || missing+=(libnunit-cil-dev)
 command -v valgrind >/dev/null || missing+=(valgrind)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing from Debian: ${missing[*]}"
   apt_install "${missing[@]}"
@@ -49,6 +50,21 @@ cargo build --release --quiet -p netswap-server -p netswap-client -p netswap-ffi
 
 step "C# tests (Mono)"
 ./bindings/csharp/test.sh
+
+step "Node.js addon (npm ci, napi build, types, node --test)"
+(
+  cd bindings/node
+  npm ci --no-audit --no-fund --loglevel=error
+  npx napi build --platform --release --js index.js --dts index.d.ts
+  if git -C "$root" rev-parse --git-dir >/dev/null 2>&1 &&
+     ! git -C "$root" diff --quiet -- bindings/node/index.js bindings/node/index.d.ts; then
+    echo "bindings/node/index.js or index.d.ts is stale: commit what 'npm run build' generated" >&2
+    git -C "$root" diff --stat -- bindings/node/index.js bindings/node/index.d.ts >&2
+    exit 1
+  fi
+  npx tsc -p tsconfig.json
+  NETSWAP_SERVER_BIN="$root/target/release/netswap-server" node --test __test__/
+)
 
 step "benchmarks compile"
 cargo bench --workspace --no-run --quiet
