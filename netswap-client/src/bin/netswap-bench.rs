@@ -134,6 +134,14 @@ enum Direction {
     Read,
 }
 
+/// A single-threaded runtime: the load generator must cost the machine little.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
     status
@@ -319,10 +327,7 @@ fn load(
     requests: Option<u64>,
     threads: usize,
 ) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = runtime()?;
     let value = Bytes::from(vec![0x5Au8; size]);
     // Records every connection may read and write (same identity or not).
     let ptrs = rt.block_on(async {
@@ -368,10 +373,7 @@ fn load(
         .map(|t| {
             let spec = spec.clone();
             std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let rt = runtime().expect("a runtime");
                 rt.block_on(async {
                     let mut tasks = Vec::new();
                     for c in (t..connections).step_by(threads) {
@@ -445,10 +447,7 @@ fn fill(
     connections: usize,
     pipeline: usize,
 ) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = runtime()?;
     let before = rss_kib(cli.server_pid);
     let started = Instant::now();
     let value = Bytes::from(vec![0xA5u8; size]);
@@ -526,10 +525,7 @@ fn fill(
 }
 
 fn idle(cli: &Cli, connections: usize, hold: f64) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = runtime()?;
     let before = rss_kib(cli.server_pid);
     let started = Instant::now();
     let result = rt.block_on(async {
@@ -594,10 +590,7 @@ fn idle(cli: &Cli, connections: usize, hold: f64) -> Result<(), String> {
 }
 
 fn hol(cli: &Cli, big: usize, direction: Direction, reads: usize) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = runtime()?;
     rt.block_on(async {
         let c = Client::connect_with(cli.server, Options { request_timeout: None, ..Options::default() })
             .await
