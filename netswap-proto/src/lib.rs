@@ -43,7 +43,8 @@ pub use frame::{
 };
 pub use identity::{Identity, IdentityKey, ParseIdentityError};
 pub use message::{
-    BadReply, HelloInfo, Malformed, NewOwner, OutMessage, RecordInfo, Reply, Request,
+    BadReply, HEAD_CAPACITY, Head, HelloInfo, Malformed, NewOwner, OutMessage, RecordInfo, Reply,
+    Request,
 };
 pub use outbound::{LARGE_MESSAGE, OutFrame, OutQueue};
 pub use reassembly::{InMessage, Inbound, Reassembler, ReassemblyLimits};

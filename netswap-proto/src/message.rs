@@ -8,13 +8,67 @@
 use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
 use crate::identity::{Identity, normalize_ip};
 use crate::types::{Access, Event, Opcode, Pointer, Status, Version};
 
+/// Bytes a [`Head`] holds inline.
+pub const HEAD_CAPACITY: usize = 72;
+
+/// The small first part of a message payload (pointers, offsets, versions, and
+/// small values), held inline: building and sending it allocates nothing and
+/// touches no reference count.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    len: u8,
+    buf: [u8; HEAD_CAPACITY],
+}
+
+impl Head {
+    /// An empty head.
+    pub const fn new() -> Head {
+        Head {
+            len: 0,
+            buf: [0; HEAD_CAPACITY],
+        }
+    }
+    /// A head holding `bytes`, which must fit [`HEAD_CAPACITY`].
+    pub fn from_slice(bytes: &[u8]) -> Head {
+        let mut h = Head::new();
+        h.put(bytes);
+        h
+    }
+    /// Appends bytes; panics past [`HEAD_CAPACITY`] (heads are built from fixed fields).
+    pub fn put(&mut self, bytes: &[u8]) {
+        let start = self.len as usize;
+        self.buf[start..start + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len() as u8;
+    }
+}
+
+impl Default for Head {
+    fn default() -> Head {
+        Head::new()
+    }
+}
+
+impl std::ops::Deref for Head {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+}
+
+impl std::fmt::Debug for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Head({:02x?})", &self[..])
+    }
+}
+
 /// A whole message ready to be framed: header fields plus a payload in two parts, a
-/// small `head` (pointers, offsets) and a `body` (record data, shared without copying).
+/// small inline `head` (pointers, offsets, small values) and a `body` (record data,
+/// shared without copying).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutMessage {
     /// Transaction id.
@@ -24,7 +78,7 @@ pub struct OutMessage {
     /// Opcode-specific argument.
     pub arg: u8,
     /// First part of the payload.
-    pub head: Bytes,
+    pub head: Head,
     /// Second part of the payload.
     pub body: Bytes,
 }
@@ -38,11 +92,9 @@ impl OutMessage {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// The whole payload as one buffer (copies when both parts are non-empty).
+    /// The whole payload as one buffer (copies the head).
     pub fn payload(&self) -> Bytes {
-        if self.body.is_empty() {
-            self.head.clone()
-        } else if self.head.is_empty() {
+        if self.head.is_empty() {
             self.body.clone()
         } else {
             let mut b = BytesMut::with_capacity(self.len());
@@ -364,11 +416,11 @@ impl Request {
 
     /// Encodes the request as a message with this XID. Record data is not copied.
     pub fn encode(&self, xid: u32) -> OutMessage {
-        let mut head = BytesMut::with_capacity(40);
+        let mut head = Head::new();
         let mut arg = 0u8;
         let mut body = Bytes::new();
         if let Some(ptr) = self.pointer() {
-            head.put_u64(ptr.get());
+            head.put(&ptr.to_be_bytes());
         }
         match self {
             Request::Create { access, data } => {
@@ -378,22 +430,22 @@ impl Request {
             Request::SetAccess { access, .. } => arg = access.bits(),
             Request::Read { range, .. } => {
                 if let Some((off, n)) = range {
-                    head.put_u64(*off);
-                    head.put_u32(*n);
+                    head.put(&off.to_be_bytes());
+                    head.put(&n.to_be_bytes());
                 }
             }
             Request::Replace { data, .. } => body = data.clone(),
             Request::WriteAt { offset, data, .. } => {
-                head.put_u64(*offset);
+                head.put(&offset.to_be_bytes());
                 body = data.clone();
             }
             Request::Transfer { to, .. } => match to {
-                NewOwner::Identity(id) => head.put_slice(&id.0),
-                NewOwner::Ip(IpAddr::V4(v4)) => head.put_slice(&v4.octets()),
-                NewOwner::Ip(IpAddr::V6(v6)) => head.put_slice(&v6.octets()),
+                NewOwner::Identity(id) => head.put(&id.0),
+                NewOwner::Ip(IpAddr::V4(v4)) => head.put(&v4.octets()),
+                NewOwner::Ip(IpAddr::V6(v6)) => head.put(&v6.octets()),
             },
             Request::ReplaceIf { expected, data, .. } => {
-                head.put_u64(*expected);
+                head.put(&expected.to_be_bytes());
                 body = data.clone();
             }
             Request::Delete { .. }
@@ -407,7 +459,7 @@ impl Request {
             xid,
             op: self.opcode() as u8,
             arg,
-            head: head.freeze(),
+            head,
             body,
         }
     }
@@ -509,30 +561,25 @@ impl Reply {
     pub fn encode(&self, xid: u32) -> OutMessage {
         let mut arg = 0;
         let mut body = Bytes::new();
-        let head = match self {
-            Reply::Created(p) => Bytes::copy_from_slice(&p.to_be_bytes()),
-            Reply::Done => Bytes::new(),
-            Reply::Written(v) | Reply::Conflict(v) => Bytes::copy_from_slice(&v.to_be_bytes()),
-            Reply::Data(d) => {
-                body = d.clone();
-                Bytes::new()
-            }
+        let mut head = Head::new();
+        match self {
+            Reply::Created(p) => head.put(&p.to_be_bytes()),
+            Reply::Done => {}
+            Reply::Written(v) | Reply::Conflict(v) => head.put(&v.to_be_bytes()),
+            // Small values are copied inline: no reference count to touch.
+            Reply::Data(d) if d.len() <= HEAD_CAPACITY => head.put(d),
+            Reply::Data(d) => body = d.clone(),
             Reply::Info(i) => {
-                let mut b = BytesMut::with_capacity(18);
-                b.put_u64(i.size);
-                b.put_u64(i.version);
-                b.put_u8(i.access.bits());
-                b.put_u8(u8::from(i.owned));
-                b.freeze()
+                head.put(&i.size.to_be_bytes());
+                head.put(&i.version.to_be_bytes());
+                head.put(&[i.access.bits(), u8::from(i.owned)]);
             }
             Reply::Hello(h) => {
-                let mut b = BytesMut::with_capacity(53);
-                b.put_u8(h.protocol);
-                b.put_u64(h.max_record_bytes);
-                b.put_u64(h.max_message_bytes);
-                b.put_u32(h.orphan_grace_secs);
-                b.put_slice(&h.identity.0);
-                b.freeze()
+                head.put(&[h.protocol]);
+                head.put(&h.max_record_bytes.to_be_bytes());
+                head.put(&h.max_message_bytes.to_be_bytes());
+                head.put(&h.orphan_grace_secs.to_be_bytes());
+                head.put(&h.identity.0);
             }
             Reply::Notify {
                 event,
@@ -540,16 +587,16 @@ impl Reply {
                 version,
             } => {
                 arg = *event as u8;
-                let mut b = BytesMut::with_capacity(16);
-                b.put_u64(ptr.get());
-                b.put_u64(*version);
-                b.freeze()
+                head.put(&ptr.to_be_bytes());
+                head.put(&version.to_be_bytes());
             }
-            Reply::Error { reason, .. } => match reason {
-                Cow::Borrowed(s) => Bytes::from_static(s.as_bytes()),
-                Cow::Owned(s) => Bytes::copy_from_slice(s.as_bytes()),
-            },
-        };
+            Reply::Error { reason, .. } => {
+                body = match reason {
+                    Cow::Borrowed(s) => Bytes::from_static(s.as_bytes()),
+                    Cow::Owned(s) => Bytes::copy_from_slice(s.as_bytes()),
+                }
+            }
+        }
         OutMessage {
             xid,
             op: self.status() as u8,

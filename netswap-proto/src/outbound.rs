@@ -9,16 +9,17 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 
 use crate::frame::{FrameHeader, HEADER_LEN, MAX_MESSAGE, MAX_PAYLOAD};
-use crate::message::OutMessage;
+use crate::message::{Head, OutMessage};
 
-/// One outgoing frame: a header and its payload as up to two shared slices.
+/// One outgoing frame: a header and its payload as the part of the message's inline
+/// head it carries and a shared slice of its body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutFrame {
     /// The frame header.
     pub header: FrameHeader,
-    /// First part of the payload.
-    pub first: Bytes,
-    /// Second part of the payload (empty unless the frame spans a message's head and body).
+    /// First part of the payload (from the message's head).
+    pub first: Head,
+    /// Second part of the payload (from the message's body).
     pub second: Bytes,
 }
 
@@ -128,18 +129,20 @@ impl OutQueue {
         let n = (total - s.sent).min(MAX_PAYLOAD);
         let (start, end) = (s.sent, s.sent + n);
         let head_len = s.msg.head.len();
-        let (first, second) = if end <= head_len {
-            (s.msg.head.slice(start..end), Bytes::new())
-        } else if start >= head_len {
-            (
-                s.msg.body.slice(start - head_len..end - head_len),
-                Bytes::new(),
-            )
+        let first = if start < head_len {
+            Head::from_slice(&s.msg.head[start..end.min(head_len)])
         } else {
-            (
-                s.msg.head.slice(start..),
-                s.msg.body.slice(..end - head_len),
-            )
+            Head::new()
+        };
+        let second = if end > head_len {
+            let from = start.max(head_len) - head_len;
+            if from == 0 && end - head_len == s.msg.body.len() {
+                s.msg.body.clone()
+            } else {
+                s.msg.body.slice(from..end - head_len)
+            }
+        } else {
+            Bytes::new()
         };
         let frame = OutFrame {
             header: FrameHeader {
@@ -193,7 +196,7 @@ mod tests {
             xid,
             op: 3,
             arg: 0,
-            head: Bytes::new(),
+            head: Head::new(),
             body: Bytes::from(vec![xid as u8; len]),
         }
     }
@@ -226,7 +229,7 @@ mod tests {
             xid: 7,
             op: 3,
             arg: 0,
-            head: Bytes::from_static(&[1; 16]),
+            head: Head::from_slice(&[1; 16]),
             body: Bytes::from(vec![2; 2 * MAX_PAYLOAD]),
         })
         .unwrap();

@@ -134,7 +134,7 @@ proptest! {
             xid: i as u32 * 7919,
             op: 3,
             arg: 0,
-            head: Bytes::from(vec![i as u8; 8]),
+            head: Head::from_slice(&[i as u8; 8]),
             body: Bytes::from((0..n).map(|b| (b * 31 + i) as u8).collect::<Vec<u8>>()),
         }).collect();
         let mut queues: Vec<std::collections::VecDeque<OutFrame>> =

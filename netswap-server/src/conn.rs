@@ -69,6 +69,8 @@ struct Conn {
     last_rx: Instant,
     last_io: Instant,
     eof: bool,
+    /// "Now" for the store, read once per batch of frames.
+    batch_now: std::time::Instant,
     /// Set after a fatal condition: stop reading, flush, then end with this reason.
     closing: Option<End>,
     /// When a closing connection stops waiting for its peer to read.
@@ -103,6 +105,7 @@ pub(crate) async fn serve(
         last_rx: now,
         last_io: now,
         eof: false,
+        batch_now: std::time::Instant::now(),
         closing: None,
         closing_deadline: None,
     };
@@ -289,6 +292,7 @@ impl Conn {
                     let now = Instant::now();
                     self.last_rx = now;
                     self.last_io = now;
+                    self.batch_now = now.into_std();
                     self.process();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -351,7 +355,7 @@ impl Conn {
             &mut self.session,
             xid,
             request,
-            std::time::Instant::now(),
+            self.batch_now,
             &mut rand::rng(),
         );
         self.reply(xid, applied.reply);

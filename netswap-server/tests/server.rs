@@ -414,7 +414,7 @@ async fn malformed_too_large_and_busy_keep_the_connection_open() {
         xid: 50,
         op: 0x0D,
         arg: 0,
-        head: Bytes::new(),
+        head: Head::new(),
         body: Bytes::new(),
     }))
     .await;

@@ -87,6 +87,10 @@ enum Mode {
         /// Threads, each with its own runtime and share of the connections.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Speak memcached's binary protocol instead (GET/SET on keys "key:%012d"), to
+        /// measure a memcached server with the same client design.
+        #[arg(long, value_enum, default_value = "netswap")]
+        protocol: Protocol,
     },
     /// Create records and report the server's memory per record.
     Fill {
@@ -124,6 +128,14 @@ enum Mode {
         #[arg(long, default_value_t = 200)]
         reads: usize,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Protocol {
+    /// netswap v1.
+    Netswap,
+    /// memcached's binary protocol (read = GET, replace/write-at = SET).
+    Memcached,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -311,6 +323,139 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
     Ok(tally)
 }
 
+/// memcached binary-protocol request: GET (0x00) or SET (0x01) of key `n`.
+fn mc_request(out: &mut BytesMut, set: bool, key: usize, value: &[u8], opaque: u32) {
+    use bytes::BufMut;
+    let key = format!("key:{key:012}");
+    let extras = if set { 8 } else { 0 };
+    let body = extras + key.len() + if set { value.len() } else { 0 };
+    out.put_u8(0x80);
+    out.put_u8(if set { 0x01 } else { 0x00 });
+    out.put_u16(key.len() as u16);
+    out.put_u8(extras as u8);
+    out.put_u8(0);
+    out.put_u16(0);
+    out.put_u32(body as u32);
+    out.put_u32(opaque);
+    out.put_u64(0);
+    if set {
+        out.put_u64(0); // flags, expiration
+    }
+    out.put_slice(key.as_bytes());
+    if set {
+        out.put_slice(value);
+    }
+}
+
+/// Stores every key once so that GETs hit.
+async fn mc_preload(server: SocketAddr, keys: usize, value: &[u8]) -> std::io::Result<()> {
+    let mut s = raw_connect(server, None).await?;
+    let mut out = BytesMut::new();
+    for k in 0..keys {
+        mc_request(&mut out, true, k, value, k as u32);
+    }
+    s.write_all(&out).await?;
+    let mut buf = BytesMut::new();
+    let mut seen = 0;
+    while seen < keys {
+        s.read_buf(&mut buf).await?;
+        while buf.len() >= 24 {
+            let body = u32::from_be_bytes(buf[8..12].try_into().unwrap()) as usize;
+            if buf.len() < 24 + body {
+                break;
+            }
+            let _ = buf.split_to(24 + body);
+            seen += 1;
+        }
+    }
+    Ok(())
+}
+
+/// One memcached connection keeping `pipeline` requests in flight.
+async fn drive_memcached(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
+    let mut stream = raw_connect(spec.server, None).await?;
+    let p = spec.pipeline;
+    let set = spec.op != Op::Read;
+    let keys = spec.keys.len();
+    let mut sent_at = vec![Instant::now(); p];
+    let mut wbuf = BytesMut::with_capacity(64 * 1024);
+    let mut rbuf = BytesMut::with_capacity(256 * 1024);
+    let mut tally = Tally {
+        ops: 0,
+        errors: 0,
+        bytes: 0,
+        hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram"),
+    };
+    let mut counter = (conn_no as u64) << 40;
+    let mut inflight = 0usize;
+    let take = |spec: &LoadSpec| -> bool {
+        !spec.stop.load(Ordering::Relaxed)
+            && spec
+                .budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                .is_ok()
+    };
+    let key_of = |n: u64| (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize % keys;
+    for (slot, sent) in sent_at.iter_mut().enumerate() {
+        if !take(&spec) {
+            break;
+        }
+        counter += 1;
+        mc_request(&mut wbuf, set, key_of(counter), &spec.value, slot as u32);
+        *sent = Instant::now();
+        inflight += 1;
+    }
+    loop {
+        if !wbuf.is_empty() {
+            tally.bytes += wbuf.len() as u64;
+            stream.write_all(&wbuf).await?;
+            wbuf.clear();
+        }
+        if inflight == 0 {
+            break;
+        }
+        if rbuf.capacity() - rbuf.len() < 16 * 1024 {
+            rbuf.reserve(256 * 1024);
+        }
+        let n = stream.read_buf(&mut rbuf).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            ));
+        }
+        tally.bytes += n as u64;
+        let now = Instant::now();
+        if now >= spec.deadline {
+            spec.stop.store(true, Ordering::Relaxed);
+        }
+        while rbuf.len() >= 24 {
+            let body = u32::from_be_bytes(rbuf[8..12].try_into().unwrap()) as usize;
+            if rbuf.len() < 24 + body {
+                break;
+            }
+            let status = u16::from_be_bytes(rbuf[6..8].try_into().unwrap());
+            let slot = u32::from_be_bytes(rbuf[12..16].try_into().unwrap()) as usize;
+            let _ = rbuf.split_to(24 + body);
+            inflight -= 1;
+            tally.ops += 1;
+            if status != 0 {
+                tally.errors += 1;
+            }
+            let _ = tally
+                .hist
+                .record((now - sent_at[slot]).as_nanos().max(1) as u64);
+            if take(&spec) {
+                counter += 1;
+                mc_request(&mut wbuf, set, key_of(counter), &spec.value, slot as u32);
+                sent_at[slot] = Instant::now();
+                inflight += 1;
+            }
+        }
+    }
+    Ok(tally)
+}
+
 fn quantile_us(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
@@ -326,11 +471,28 @@ fn load(
     duration: f64,
     requests: Option<u64>,
     threads: usize,
+    protocol: Protocol,
 ) -> Result<(), String> {
     let rt = runtime()?;
     let value = Bytes::from(vec![0x5Au8; size]);
+    if protocol == Protocol::Memcached {
+        if op == Op::CreateDelete {
+            return Err("--protocol memcached supports read, replace and write-at".into());
+        }
+        rt.block_on(mc_preload(cli.server, keys.max(1), &value))
+            .map_err(|e| format!("cannot preload memcached: {e}"))?;
+    }
     // Records every connection may read and write (same identity or not).
     let ptrs = rt.block_on(async {
+        if protocol == Protocol::Memcached {
+            // Keys are "key:%012d" for 0..keys; the pointers only count them.
+            return Ok((
+                None,
+                (1..=keys.max(1) as u64)
+                    .map(|k| Pointer::new(k).unwrap())
+                    .collect(),
+            ));
+        }
         let c = Client::connect_with(cli.server, Options::default()).await?;
         let mut ptrs = Vec::with_capacity(keys.max(1));
         let mut pending = Vec::new();
@@ -349,7 +511,7 @@ fn load(
         for p in pending {
             ptrs.push(p.await.unwrap()?);
         }
-        Ok::<_, netswap_client::Error>((c, ptrs))
+        Ok::<_, netswap_client::Error>((Some(c), ptrs))
     });
     let (keeper, ptrs) = ptrs.map_err(|e| format!("cannot prepare records: {e}"))?;
     let rss_before = rss_kib(cli.server_pid);
@@ -377,7 +539,10 @@ fn load(
                 rt.block_on(async {
                     let mut tasks = Vec::new();
                     for c in (t..connections).step_by(threads) {
-                        tasks.push(tokio::spawn(drive(spec.clone(), c)));
+                        tasks.push(match protocol {
+                            Protocol::Netswap => tokio::spawn(drive(spec.clone(), c)),
+                            Protocol::Memcached => tokio::spawn(drive_memcached(spec.clone(), c)),
+                        });
                     }
                     let mut out = Vec::new();
                     for task in tasks {
@@ -408,7 +573,8 @@ fn load(
         println!(
             "{}",
             serde_json::json!({
-                "tool": "netswap-bench", "mode": "load", "op": op_name, "size": size,
+                "tool": "netswap-bench", "mode": "load", "protocol": format!("{protocol:?}").to_lowercase(),
+                "op": op_name, "size": size,
                 "connections": connections, "pipeline": pipeline, "threads": threads,
                 "ops": ops, "errors": errors, "seconds": elapsed, "ops_per_sec": ops_per_sec,
                 "p50_us": quantile_us(&hist, 0.5), "p99_us": quantile_us(&hist, 0.99),
@@ -655,6 +821,7 @@ fn main() -> std::process::ExitCode {
             duration,
             requests,
             threads,
+            protocol,
         } => load(
             &cli,
             connections,
@@ -665,6 +832,7 @@ fn main() -> std::process::ExitCode {
             duration,
             requests,
             threads,
+            protocol,
         ),
         Mode::Fill {
             records,

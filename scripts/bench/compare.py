@@ -1,0 +1,428 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of netswap, Redis and memcached on loopback, in one run.
+
+Started by scripts/bench/compare.sh (which installs the servers and tools and builds
+netswap). Starts each server on a free loopback port, runs equivalent workloads one
+after another, stops the servers it started, prints a table with netswap's ratio to
+each, and writes docs/bench/results.json and docs/bench/chart.svg.
+
+Which client measured each row is printed with it: netswap-bench for netswap,
+redis-benchmark for Redis, and for memcached netswap-bench's memcached binary-protocol
+mode (`--protocol memcached`: the same pipelined client design, keys preloaded so that
+every GET hits). memaslap (libmemcached-tools) was tried first and is not used: its GET
+phase asks for keys its SET phase never stored, so it measured cache misses, and it
+cannot pipeline. Memory and head-of-line rows are measured by this script (raw
+sockets, /proc RSS) where no tool exists.
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+REL = os.path.join(ROOT, "target", "release")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=10):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Server:
+    def __init__(self, name, argv, port):
+        self.name, self.port = name, port
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def netswap_server(threads):
+    port = free_port()
+    return Server("netswap", [os.path.join(REL, "netswap-server"), "--listen", f"127.0.0.1:{port}",
+                              "--threads", str(threads), "--quota-records", "100000000",
+                              "--quota-bytes", str(64 << 30)], port)
+
+
+def redis_server():
+    port = free_port()
+    return Server("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                            "--appendonly", "no", "--protected-mode", "no",
+                            "--proto-max-bulk-len", "128mb", "--client-query-buffer-limit", "256mb"], port)
+
+
+def memcached_server():
+    port = free_port()
+    return Server("memcached", ["memcached", "-p", str(port), "-l", "127.0.0.1", "-U", "0",
+                                "-t", "2", "-m", "4096", "-I", "2m", "-u", "root"], port)
+
+
+# ---- netswap -------------------------------------------------------------------
+
+def netswap_bench(port, pid, *args):
+    out = subprocess.run([os.path.join(REL, "netswap-bench"), "-s", f"127.0.0.1:{port}",
+                          "--server-pid", str(pid), "--json", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def keys_for(size):
+    return 64 if size >= 65536 else 10000
+
+
+def netswap_load(srv, op, size, conns, pipeline, secs, protocol="netswap"):
+    r = netswap_bench(srv.port, srv.proc.pid, "load", "--protocol", protocol, "--op", op, "-d", str(size),
+                      "-c", str(conns), "-P", str(pipeline), "--keys", str(keys_for(size)),
+                      "--duration", str(secs))
+    return {"ops": r["ops_per_sec"], "p99_us": r["p99_us"], "wire": r["wire_bytes_per_op"]}
+
+
+def memcached_load(srv, op, size, conns, pipeline, secs):
+    return netswap_load(srv, "read" if op == "read" else "replace", size, conns, pipeline, secs, "memcached")
+
+
+# ---- Redis -----------------------------------------------------------------------
+
+def redis_bench(port, test, size, conns, pipeline, n, keys):
+    out = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(conns),
+                          "-P", str(pipeline), "-d", str(size), "-t", test, "-n", str(n),
+                          "-r", str(keys), "--csv", "-q"],
+                         check=True, capture_output=True, text=True).stdout
+    rows = [l for l in out.splitlines() if l.startswith('"') and not l.startswith('"test"')]
+    fields = [f.strip('"') for f in rows[-1].split('","')]
+    return {"ops": float(fields[1]), "p99_us": float(fields[6]) * 1000}
+
+
+def redis_load(srv, op, size, conns, pipeline, secs, guess):
+    n = max(2000, int(guess * secs))
+    keys = keys_for(size)
+    if op == "read":
+        # Random keys in [0, keys): 12 sets per key leave ~none unset (e^-12), so GETs hit.
+        redis_bench(srv.port, "set", size, conns, pipeline, keys * 12, keys)
+        return redis_bench(srv.port, "get", size, conns, pipeline, n, keys)
+    return redis_bench(srv.port, "set", size, conns, pipeline, n, keys)
+
+
+def resp(*parts):
+    out = b"*%d\r\n" % len(parts)
+    for p in parts:
+        p = p if isinstance(p, bytes) else str(p).encode()
+        out += b"$%d\r\n%s\r\n" % (len(p), p)
+    return out
+
+
+# ---- memcached ------------------------------------------------------------------
+
+# ---- memory ------------------------------------------------------------------------
+
+def memory_netswap(n, size):
+    srv = netswap_server(1)
+    try:
+        r = netswap_bench(srv.port, srv.proc.pid, "fill", "--records", str(n), "--size", str(size),
+                          "-c", "4", "-P", "128")
+        return r["server_bytes_per_record"]
+    finally:
+        srv.stop()
+
+
+def memory_redis(n, size):
+    srv = redis_server()
+    try:
+        before = rss_kib(srv.proc.pid)
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        script = "for i=1,tonumber(ARGV[1]) do redis.call('SET', string.format('key:%012d', i), ARGV[2]) end return 1"
+        s.sendall(resp("EVAL", script, 0, n, b"v" * size))
+        s.settimeout(120)
+        got = s.recv(100)
+        assert got.startswith(b":1"), got
+        s.close()
+        return (rss_kib(srv.proc.pid) - before) * 1024 / n
+    finally:
+        srv.stop()
+
+
+def memory_memcached(n, size):
+    srv = memcached_server()
+    try:
+        before = rss_kib(srv.proc.pid)
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        value = b"v" * size
+        batch = []
+        for i in range(n):
+            batch.append(b"set key:%012d 0 0 %d noreply\r\n%s\r\n" % (i, size, value))
+            if len(batch) == 2000:
+                s.sendall(b"".join(batch))
+                batch = []
+        s.sendall(b"".join(batch) + b"mn\r\n")
+        s.settimeout(120)
+        buf = b""
+        while b"MN" not in buf:
+            buf += s.recv(100)
+        s.close()
+        return (rss_kib(srv.proc.pid) - before) * 1024 / n
+    finally:
+        srv.stop()
+
+
+# ---- head-of-line -------------------------------------------------------------------
+
+def hol_netswap(direction, big):
+    srv = netswap_server(1)
+    try:
+        r = netswap_bench(srv.port, srv.proc.pid, "hol", "--big", str(big), "--direction", direction,
+                          "--reads", "200")
+        return {"p99_us": r["p99_us"], "transfer_ms": r["transfer_seconds"] * 1000,
+                "during": r["during_transfer"]}
+    finally:
+        srv.stop()
+
+
+def hol_redis(direction, big, reads=200):
+    """One connection, the way a Redis client pipeline carries it: the big SET (or GET)
+    first, then small GETs issued every 0.5 ms while it is in flight."""
+    srv = redis_server()
+    try:
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        s.sendall(resp("SET", "small", b"x" * 64) + resp("SET", "big", b"b" * big))
+        f = s.makefile("rb")
+        assert f.readline() == b"+OK\r\n" and f.readline() == b"+OK\r\n"
+        first = resp("SET", "big", b"c" * big) if direction == "write" else resp("GET", "big")
+        get_small = resp("GET", "small")
+        issued = [0.0] * reads
+        received = [0.0] * reads
+
+        def writer():
+            start = time.perf_counter()
+            s.sendall(first)   # the small GETs queue behind it on the same connection
+            for i in range(reads):
+                due = start + i * 0.0005
+                now = time.perf_counter()
+                if now < due:
+                    time.sleep(due - now)
+                issued[i] = max(due, time.perf_counter()) if time.perf_counter() < due else due
+                s.sendall(get_small)
+
+        t = threading.Thread(target=writer)
+        t0 = time.perf_counter()
+        t.start()
+        line = f.readline()            # reply to the big request
+        if direction == "read":
+            f.read(int(line[1:]) + 2)
+        transfer_ms = (time.perf_counter() - t0) * 1000
+        for i in range(reads):
+            f.readline()
+            f.read(66)
+            received[i] = time.perf_counter()
+        t.join()
+        lat = sorted((received[i] - issued[i]) * 1e6 for i in range(reads))
+        return {"p99_us": lat[int(0.99 * (reads - 1))], "transfer_ms": transfer_ms,
+                "during": sum(1 for i in range(reads) if issued[i] - t0 < transfer_ms / 1000)}
+    finally:
+        srv.stop()
+
+
+# ---- report -------------------------------------------------------------------------
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def svg_chart(rows, path):
+    """Grouped bars of ops/s (log scale) for the small-value rows."""
+    groups = [r for r in rows if r["kind"] == "ops"]
+    systems = [("netswap", "#2b7bb9"), ("redis", "#d1495b"), ("memcached", "#66a182")]
+    w, h, left, top, bottom = 960, 420, 70, 40, 90
+    plot_h = h - top - bottom
+    import math
+    vmax = max(max(r.get(s) or 0 for s, _ in systems) for r in groups)
+    vmin = 10 ** 4
+    lmax = math.log10(vmax * 1.3)
+    lmin = math.log10(vmin)
+
+    def y(v):
+        v = max(v, vmin)
+        return top + plot_h - (math.log10(v) - lmin) / (lmax - lmin) * plot_h
+
+    gw = (w - left - 20) / len(groups)
+    bw = gw / 4
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2}" y="22" text-anchor="middle" font-size="15">ops/s on loopback, 2 vCPUs shared by server and load generator (log scale; higher is better)</text>']
+    for e in range(4, int(lmax) + 1):
+        yy = y(10 ** e)
+        out.append(f'<line x1="{left}" x2="{w - 20}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{10 ** e:,}</text>')
+    for gi, r in enumerate(groups):
+        x0 = left + gi * gw + bw / 2
+        for si, (s, color) in enumerate(systems):
+            v = r.get(s)
+            if not v:
+                continue
+            x = x0 + si * bw
+            out.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{bw - 2:.1f}" height="{top + plot_h - y(v):.1f}" fill="{color}"><title>{s}: {v:,.0f} ops/s</title></rect>')
+        label = r["label"].replace("&", "and")
+        out.append(f'<text x="{x0 + 1.5 * bw:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{label}</text>')
+    for si, (s, color) in enumerate(systems):
+        out.append(f'<rect x="{left + si * 130}" y="{h - 30}" width="12" height="12" fill="{color}"/>')
+        out.append(f'<text x="{left + si * 130 + 18}" y="{h - 20}">{s}</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--runs", type=int, default=3, help="runs per small-value row (median)")
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--threads", type=int, default=1, help="netswap-server --threads")
+    ap.add_argument("--quick", action="store_true", help="1 run, 2 s, 100k records (smoke test)")
+    a = ap.parse_args()
+    if a.quick:
+        a.seconds, a.runs, a.records = 2, 1, 100_000
+    rows = []
+
+    def ops_row(label, op, size, conns, pipeline, redis_guess):
+        r = {"kind": "ops", "label": label, "tools": "netswap-bench / redis-benchmark / netswap-bench --protocol memcached"}
+        ns, rd, mc = [], [], []
+        for _ in range(a.runs):
+            srv = netswap_server(a.threads)
+            try:
+                ns.append(netswap_load(srv, "read" if op == "read" else "replace", size, conns, pipeline, a.seconds))
+            finally:
+                srv.stop()
+            srv = redis_server()
+            try:
+                rd.append(redis_load(srv, op, size, conns, pipeline, a.seconds, redis_guess))
+            finally:
+                srv.stop()
+            srv = memcached_server()
+            try:
+                mc.append(memcached_load(srv, op, size, conns, pipeline, a.seconds))
+            finally:
+                srv.stop()
+        r["netswap"] = median([x["ops"] for x in ns])
+        r["netswap_p99_us"] = median([x["p99_us"] for x in ns])
+        r["netswap_wire_bytes"] = ns[0]["wire"]
+        r["redis"] = median([x["ops"] for x in rd])
+        r["redis_p99_us"] = median([x["p99_us"] for x in rd])
+        r["memcached"] = median([x["ops"] for x in mc])
+        r["memcached_p99_us"] = median([x["p99_us"] for x in mc])
+        r["memcached_wire_bytes"] = mc[0]["wire"]
+        r["size"] = size
+        rows.append(r)
+        print_row(r)
+
+    print(f"netswap {a.threads} thread(s); medians of {a.runs} run(s) of {a.seconds:g} s; 50 connections\n")
+    ops_row("64 B read, P1", "read", 64, 50, 1, 100_000)
+    ops_row("64 B write, P1", "write", 64, 50, 1, 100_000)
+    ops_row("64 B read, P16", "read", 64, 50, 16, 700_000)
+    ops_row("64 B write, P16", "write", 64, 50, 16, 700_000)
+    for size, label in [(65536, "64 KiB"), (1 << 20, "1 MiB")]:
+        for op in ["read", "write"]:
+            r = {"kind": "bytes", "label": f"{label} {op}, 4 conns", "size": size,
+                 "tools": "netswap-bench / redis-benchmark / netswap-bench --protocol memcached"}
+            srv = netswap_server(a.threads)
+            try:
+                r["netswap"] = netswap_load(srv, "read" if op == "read" else "replace", size, 4, 1, a.seconds)["ops"] * size
+            finally:
+                srv.stop()
+            srv = redis_server()
+            try:
+                r["redis"] = redis_load(srv, op, size, 4, 1, a.seconds, 20000 if size == 65536 else 1000)["ops"] * size
+            finally:
+                srv.stop()
+            srv = memcached_server()
+            try:
+                r["memcached"] = memcached_load(srv, op, size, 4, 1, a.seconds)["ops"] * size
+            finally:
+                srv.stop()
+            rows.append(r)
+            print_row(r)
+    r = {"kind": "memory", "label": f"bytes per 64 B record ({a.records:,} records)",
+         "tools": "netswap-bench fill / Lua EVAL / raw set pipeline; server RSS growth",
+         "netswap": memory_netswap(a.records, 64), "redis": memory_redis(a.records, 64),
+         "memcached": memory_memcached(a.records, 64)}
+    rows.append(r)
+    print_row(r)
+    for direction in ["write", "read"]:
+        ns = hol_netswap(direction, 64 << 20)
+        rd = hol_redis(direction, 64 << 20)
+        r = {"kind": "hol", "label": f"p99 small read during a 64 MiB {direction}, same connection (us)",
+             "tools": "netswap-bench hol / this script (raw RESP)", "netswap": ns["p99_us"], "redis": rd["p99_us"],
+             "memcached": None, "netswap_transfer_ms": ns["transfer_ms"], "redis_transfer_ms": rd["transfer_ms"]}
+        rows.append(r)
+        print_row(r)
+    os.makedirs(os.path.join(ROOT, "docs", "bench"), exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": a.seconds, "runs": a.runs,
+            "netswap_threads": a.threads, "cpus": os.cpu_count(),
+            "redis": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip(),
+            "memcached": subprocess.run(["memcached", "-V"], capture_output=True, text=True).stdout.strip()}
+    with open(os.path.join(ROOT, "docs", "bench", "results.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    svg_chart(rows, os.path.join(ROOT, "docs", "bench", "chart.svg"))
+    print("\nwrote docs/bench/results.json and docs/bench/chart.svg")
+
+
+def fmt(kind, v):
+    if v is None:
+        return "—"
+    if kind == "bytes":
+        return f"{v / 1e6:,.0f} MB/s"
+    if kind == "memory":
+        return f"{v:,.0f} B"
+    if kind == "hol":
+        return f"{v:,.0f} us"
+    return f"{v:,.0f}/s"
+
+
+def ratio(kind, a, b):
+    if not a or not b:
+        return "—"
+    x = (b / a) if kind in ("memory", "hol") else (a / b)   # >1 = netswap better
+    return f"{x:.2f}x"
+
+
+def print_row(r):
+    k = r["kind"]
+    print(f"{r['label']:<62} netswap {fmt(k, r['netswap']):>14}  redis {fmt(k, r['redis']):>14} "
+          f"({ratio(k, r['netswap'], r['redis'])})  memcached {fmt(k, r.get('memcached')):>14} "
+          f"({ratio(k, r['netswap'], r.get('memcached'))})  [{r['tools']}]"
+          + (f" note: {r['memcached_note']}" if r.get("memcached_note") else ""), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
