@@ -47,7 +47,7 @@ pub use message::{
     Request,
 };
 pub use outbound::{LARGE_MESSAGE, OutFrame, OutQueue};
-pub use reassembly::{InMessage, Inbound, Reassembler, ReassemblyLimits};
+pub use reassembly::{InMessage, Inbound, Reassembler, ReassemblyLimits, SharedBudget};
 pub use store::{Applied, ConnId, Notification, Reaped, Session, Store, StoreConfig, StoreStats};
 pub use types::{Access, Event, Opcode, ParsePointerError, Pointer, Status, Version};
 

@@ -7,6 +7,8 @@
 //! bounded per connection: past either bound a new message gets BUSY.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
@@ -34,6 +36,42 @@ impl Default for ReassemblyLimits {
             max_partial_messages: 64,
             max_partial_bytes: 2 * (crate::DEFAULT_MAX_RECORD_BYTES + 16),
         }
+    }
+}
+
+/// A budget of bytes shared by the reassemblers of many connections, so that the
+/// memory held by unfinished messages is bounded server-wide, not only per connection.
+#[derive(Debug)]
+pub struct SharedBudget {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl SharedBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<SharedBudget> {
+        Arc::new(SharedBudget {
+            limit,
+            used: AtomicU64::new(0),
+        })
+    }
+    /// Bytes currently promised to unfinished messages.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+    /// The limit.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+    fn acquire(&self, n: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|&t| t <= self.limit)
+            })
+            .is_ok()
+    }
+    fn release(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
@@ -87,6 +125,15 @@ pub struct Reassembler {
     discarding: usize,
     promised: u64,
     buffered: u64,
+    shared: Option<Arc<SharedBudget>>,
+}
+
+impl Drop for Reassembler {
+    fn drop(&mut self) {
+        if let Some(b) = &self.shared {
+            b.release(self.promised);
+        }
+    }
 }
 
 impl Reassembler {
@@ -99,7 +146,18 @@ impl Reassembler {
             discarding: 0,
             promised: 0,
             buffered: 0,
+            shared: None,
         }
+    }
+
+    /// A reassembler that also draws the bytes it promises to unfinished messages
+    /// from `budget`, shared with other connections; when the budget is spent, a new
+    /// multi-frame message gets BUSY. What it holds is given back as messages finish
+    /// and when it is dropped.
+    pub fn with_shared_budget(limits: ReassemblyLimits, budget: Arc<SharedBudget>) -> Reassembler {
+        let mut r = Reassembler::new(limits);
+        r.shared = Some(budget);
+        r
     }
 
     /// The bounds in force.
@@ -158,6 +216,9 @@ impl Reassembler {
             }
             let p = self.partial.remove(&h.xid).expect("present");
             self.promised -= p.promised;
+            if let Some(b) = &self.shared {
+                b.release(p.promised);
+            }
             let Some(buf) = p.buf else {
                 self.discarding -= 1;
                 return Ok(None);
@@ -226,6 +287,12 @@ impl Reassembler {
                     "unfinished messages on this connection would hold over {} bytes",
                     self.limits.max_partial_bytes
                 ),
+            })
+        } else if self.shared.as_ref().is_some_and(|b| !b.acquire(largest)) {
+            Some(Inbound::Refused {
+                xid: h.xid,
+                status: Status::Busy,
+                reason: "the server's memory for unfinished messages is in use; retry later".into(),
             })
         } else {
             None
@@ -433,6 +500,33 @@ mod tests {
             r.push(frame(1, 1, 3, b"x")),
             Err(FramingError::ShortFrame { xid: 1, len: 1 })
         );
+    }
+
+    #[test]
+    fn a_shared_budget_bounds_all_connections_together() {
+        let budget = SharedBudget::new(3 * 1390);
+        let full = [0u8; 1390];
+        let mut a = Reassembler::with_shared_budget(limits(1_000_000), budget.clone());
+        let mut b = Reassembler::with_shared_budget(limits(1_000_000), budget.clone());
+        assert_eq!(a.push(frame(1, 1, 3, &full)), Ok(None)); // promises 2 frames
+        assert_eq!(budget.used(), 2 * 1390);
+        let refused = b.push(frame(1, 1, 3, &full)).unwrap().unwrap();
+        assert!(matches!(
+            refused,
+            Inbound::Refused {
+                status: Status::Busy,
+                ..
+            }
+        ));
+        // Finishing a message gives its share back; so does dropping a connection.
+        assert!(matches!(
+            a.push(frame(1, 0, 3, b"x")),
+            Ok(Some(Inbound::Message(_)))
+        ));
+        assert_eq!(budget.used(), 0);
+        assert_eq!(b.push(frame(2, 1, 3, &full)), Ok(None));
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

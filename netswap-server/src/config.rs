@@ -68,6 +68,11 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_MAX_PARTIAL_BYTES")]
     pub max_partial_bytes: Option<u64>,
 
+    /// Bytes unfinished messages may hold on all connections together (BUSY past it)
+    /// [default: 1 GiB, at least 2 × max message bytes].
+    #[arg(long, env = "NETSWAP_MAX_TOTAL_PARTIAL_BYTES")]
+    pub max_total_partial_bytes: Option<u64>,
+
     /// Reply bytes queued for a connection before the server stops reading its
     /// requests (backpressure for clients that do not read).
     #[arg(long, env = "NETSWAP_MAX_OUTPUT_BYTES", default_value_t = 4 << 20)]
@@ -100,6 +105,8 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Per-connection reassembly bounds.
     pub reassembly: ReassemblyLimits,
+    /// Server-wide bound on bytes promised to unfinished messages.
+    pub max_total_partial_bytes: u64,
     /// Connections per IP address.
     pub max_connections_per_ip: u32,
     /// Idle timeout (`None` = never).
@@ -188,6 +195,10 @@ impl ServerConfig {
                     .unwrap_or(2 * max_message)
                     .max(netswap_proto::MAX_PAYLOAD as u64 * 2),
             },
+            max_total_partial_bytes: a
+                .max_total_partial_bytes
+                .unwrap_or(1 << 30)
+                .max(2 * max_message),
             max_connections_per_ip: a.max_connections_per_ip,
             idle_timeout: (a.idle_timeout > 0).then(|| Duration::from_secs(a.idle_timeout)),
             stall_timeout: Duration::from_secs(a.stall_timeout.max(1)),

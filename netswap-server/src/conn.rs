@@ -29,8 +29,10 @@ use crate::hub::{Hub, Overflow};
 const READ_CHUNK: usize = 64 * 1024;
 /// Bytes of frames encoded per write.
 const WRITE_CHUNK: usize = 64 * 1024;
-/// Reads per wake-up before the loop gives writes and other tasks a turn.
-const READS_PER_WAKE: usize = 4;
+/// Reads per turn before the connection yields to writes and to other connections:
+/// with input always available, tokio's own budget would let one connection run for
+/// over a hundred turns' worth (many MB of requests) while others wait.
+const READS_PER_WAKE: usize = 2;
 /// Large replies queued before the server stops reading a connection's requests.
 const MAX_LARGE_REPLIES: usize = 4;
 /// How long a closing connection may take to flush its last replies.
@@ -94,7 +96,7 @@ pub(crate) async fn serve(
     debug!(%peer, conn = session.conn().0, identity = %session.identity(), "connected");
     let now = Instant::now();
     let mut conn = Conn {
-        reasm: Reassembler::new(hub.config.reassembly),
+        reasm: Reassembler::with_shared_budget(hub.config.reassembly, hub.partial_budget.clone()),
         hub,
         session,
         outq: OutQueue::new(),
@@ -219,8 +221,19 @@ impl Conn {
                 Some(n) = next_note(&mut self.notes) => self.notify(n),
                 ready = stream.ready(interest) => match ready {
                     Ok(r) if r.is_readable() || r.is_read_closed() => {
-                        if let Err(e) = self.read(stream) {
-                            return End::Io(e);
+                        match self.read(stream) {
+                            Err(e) => return End::Io(e),
+                            // More input is waiting: answer what was read, then let
+                            // the other connections have their turn.
+                            Ok(true) => {
+                                if self.has_output()
+                                    && let Err(e) = self.flush(stream)
+                                {
+                                    return End::Io(e);
+                                }
+                                tokio::task::yield_now().await;
+                            }
+                            Ok(false) => {}
                         }
                     }
                     Ok(_) => {}
@@ -275,9 +288,12 @@ impl Conn {
     }
 
     /// Reads what is available (a few reads at most) and processes every whole frame.
-    fn read(&mut self, stream: &TcpStream) -> io::Result<()> {
+    /// Returns true when it stopped at its per-turn cap with more input likely waiting.
+    fn read(&mut self, stream: &TcpStream) -> io::Result<bool> {
+        let mut capped = true;
         for _ in 0..READS_PER_WAKE {
             if !self.wants_read() {
+                capped = false;
                 break;
             }
             if self.rbuf.capacity() - self.rbuf.len() < netswap_proto::MAX_FRAME {
@@ -286,6 +302,7 @@ impl Conn {
             match stream.try_read_buf(&mut self.rbuf) {
                 Ok(0) => {
                     self.eof = true;
+                    capped = false;
                     break;
                 }
                 Ok(_) => {
@@ -295,7 +312,10 @@ impl Conn {
                     self.batch_now = now.into_std();
                     self.process();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    capped = false;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
@@ -304,7 +324,7 @@ impl Conn {
             // Idle connections hold no read buffer.
             self.rbuf = BytesMut::new();
         }
-        Ok(())
+        Ok(capped)
     }
 
     /// Takes every whole frame off the read buffer and acts on it.

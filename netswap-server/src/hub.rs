@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use netswap_proto::identity::normalize_ip;
-use netswap_proto::{ConnId, Notification, Store};
+use netswap_proto::{ConnId, Notification, SharedBudget, Store};
 use tokio::sync::{Notify, mpsc};
 
 use crate::config::ServerConfig;
@@ -41,6 +41,8 @@ pub(crate) struct Hub {
     routes: Mutex<HashMap<ConnId, Route>>,
     /// Wakes the reaper when a new orphan deadline may be earlier than it thinks.
     pub reaper: Notify,
+    /// Bytes promised to unfinished messages, all connections together.
+    pub partial_budget: Arc<SharedBudget>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -70,6 +72,7 @@ impl Hub {
     pub fn new(config: ServerConfig) -> Hub {
         Hub {
             store: Store::new(config.store.clone(), config.identity_key.clone()),
+            partial_budget: SharedBudget::new(config.max_total_partial_bytes),
             config,
             per_ip: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),

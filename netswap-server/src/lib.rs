@@ -62,6 +62,10 @@ impl ServerStats {
     pub fn connections(&self) -> u32 {
         self.hub.connections()
     }
+    /// Bytes currently promised to unfinished multi-frame messages, all connections.
+    pub fn partial_bytes(&self) -> u64 {
+        self.hub.partial_budget.used()
+    }
 }
 
 impl Server {

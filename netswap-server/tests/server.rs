@@ -667,3 +667,66 @@ async fn ipv6_loopback_works() {
     assert_eq!(buf[6], Status::Ok as u8);
     srv.stop().unwrap();
 }
+
+#[tokio::test]
+async fn unfinished_messages_are_bounded_server_wide() {
+    // Each connection may hold 10 frames' worth, all of them together 15.
+    let srv = server(|c| {
+        c.reassembly.max_partial_bytes = 10 * MAX_PAYLOAD as u64;
+        c.max_total_partial_bytes = 15 * MAX_PAYLOAD as u64;
+    });
+    let mut a = Raw::connect(srv.addr(), 2).await;
+    let mut b = Raw::connect(srv.addr(), 3).await;
+    let p = a.create(Access::empty(), &b"x"[..]).await;
+    let msg = |xid| {
+        Raw::frames(
+            Request::Replace {
+                ptr: p,
+                data: Bytes::from(vec![1u8; 8 * MAX_PAYLOAD]),
+            }
+            .encode(xid),
+        )
+    };
+    let (ma, mb) = (msg(10), msg(20));
+    a.send_raw(&ma[..MAX_FRAME]).await; // promises 9 frames
+    for _ in 0..200 {
+        if srv.stats().partial_bytes() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // b's message fits its own limit but not what is left server-wide.
+    b.send_raw(&mb[..MAX_FRAME]).await;
+    let m = b.reply_to(20).await;
+    assert_eq!(m.status(), Status::Busy);
+    assert!(m.reason().contains("retry"), "{}", m.reason());
+    assert_eq!(srv.stats().partial_bytes(), 9 * MAX_PAYLOAD as u64);
+    // When a's message completes, the budget is free again.
+    a.send_raw(&ma[MAX_FRAME..]).await;
+    assert_eq!(a.reply_to(10).await.status(), Status::Ok);
+    b.send_raw(&mb[MAX_FRAME..]).await; // the refused message's rest is discarded
+    let m = b
+        .call(Request::Replace {
+            ptr: p,
+            data: Bytes::from(vec![2u8; 8 * MAX_PAYLOAD]),
+        })
+        .await;
+    assert_eq!(
+        m.status(),
+        Status::AccessViolation,
+        "b is not the owner, but its message was accepted"
+    );
+    // A connection that vanishes mid-message gives its share back.
+    a.send_raw(&msg(30)[..MAX_FRAME]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(srv.stats().partial_bytes(), 9 * MAX_PAYLOAD as u64);
+    drop(a);
+    for _ in 0..100 {
+        if srv.stats().partial_bytes() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(srv.stats().partial_bytes(), 0);
+    srv.stop().unwrap();
+}

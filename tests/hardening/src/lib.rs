@@ -1,0 +1,610 @@
+//! # netswap-hardening
+//!
+//! Adversarial scenarios against a running netswap server, each bounded in count and
+//! time and aimed at loopback only. Every scenario runs a well-behaved "probe" client
+//! beside the attack and reports its latency, so that "others unaffected" is a figure.
+//!
+//! The same functions run small as tests (`cargo test -p netswap-hardening`, part of
+//! the test command) and large from the `flood` and `soak` binaries, which also
+//! sample the server process's resident memory (docs/RELIABILITY.md).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use hdrhistogram::Histogram;
+use netswap_client::{Access, Client, Error, Options, Pointer};
+use netswap_proto::{FrameHeader, MAX_PAYLOAD, OutQueue, Request, Status, decode_frame};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// 127.0.N.M for attacker/victim number `n` (skipping .0, .1 and .255).
+pub fn loopback(n: u32) -> IpAddr {
+    IpAddr::from([127, 0, (n / 250 + 10) as u8, (n % 250 + 2) as u8])
+}
+
+/// Connects from `from` with a raw socket.
+pub async fn raw(addr: SocketAddr, from: IpAddr) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    s.bind(SocketAddr::new(from, 0))?;
+    let stream = s.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Encodes a whole message.
+pub fn frames(req: &Request, xid: u32) -> Vec<u8> {
+    let mut q = OutQueue::new();
+    q.push(req.encode(xid)).expect("fits");
+    let mut b = BytesMut::new();
+    q.write_to(&mut b, usize::MAX);
+    b.to_vec()
+}
+
+/// Latency figures of the well-behaved client.
+#[derive(Clone, Debug, Default)]
+pub struct Probe {
+    /// Calls made.
+    pub calls: u64,
+    /// Calls that failed.
+    pub failures: u64,
+    /// Median latency, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Slowest call, µs.
+    pub max_us: f64,
+}
+
+/// Runs READs of one record from its own identity until `stop`, every millisecond.
+pub async fn probe(addr: SocketAddr, from: IpAddr, stop: Arc<AtomicBool>) -> Probe {
+    let opts = Options {
+        local_addr: Some(from),
+        request_timeout: Some(Duration::from_secs(10)),
+        ..Options::default()
+    };
+    let Ok(c) = Client::connect_with(addr, opts).await else {
+        return Probe {
+            failures: 1,
+            ..Probe::default()
+        };
+    };
+    let p = c
+        .create(Access::empty(), "probe")
+        .await
+        .expect("probe record");
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+    let mut failures = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        match c.read(p).await {
+            Ok(d) if &d[..] == b"probe" => {
+                let _ = h.record(t.elapsed().as_nanos() as u64);
+            }
+            _ => failures += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Probe {
+        calls: h.len() + failures,
+        failures,
+        p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
+        max_us: h.max() as f64 / 1000.0,
+    }
+}
+
+/// What an attack did and how the server held.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Scenario name.
+    pub name: String,
+    /// What the attackers did, in numbers.
+    pub attempts: u64,
+    /// How many of those the server refused or cut off as it should.
+    pub refused: u64,
+    /// Seconds the attack ran.
+    pub seconds: f64,
+    /// The well-behaved client meanwhile.
+    pub probe: Probe,
+    /// Free-form figures.
+    pub notes: Vec<String>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{}: {} attempts, {} refused/cut off, {:.1} s; probe {} calls, {} failed, p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+            self.name,
+            self.attempts,
+            self.refused,
+            self.seconds,
+            self.probe.calls,
+            self.probe.failures,
+            self.probe.p50_us,
+            self.probe.p99_us,
+            self.probe.max_us
+        )?;
+        for n in &self.notes {
+            writeln!(f, "  {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `attack` beside a probe client and reports both.
+pub async fn with_probe<F, Fut>(addr: SocketAddr, name: &str, attack: F) -> Report
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Report>,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    // The probe has a thread and runtime of its own, so that the attackers' tasks in
+    // this process do not delay it: its latency is the server's doing.
+    let probe_stop = stop.clone();
+    let probe_thread = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(probe(addr, IpAddr::from([127, 0, 0, 200]), probe_stop))
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let mut report = attack().await;
+    report.seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    report.probe = tokio::task::spawn_blocking(move || probe_thread.join().expect("probe"))
+        .await
+        .expect("probe thread");
+    report.name = name.to_string();
+    report
+}
+
+/// Reads whatever the server sends until it closes; returns the statuses seen.
+async fn drain(mut s: TcpStream, limit: Duration) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    let mut statuses = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        loop {
+            match s.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    while let Ok(Some(f)) = decode_frame(&mut buf) {
+                        statuses.push(f.header.op);
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    statuses
+}
+
+/// Opens `n` connections from one address, over the per-IP limit: the extra ones
+/// must get BUSY on the reserved XID and be closed, the rest keep working.
+pub async fn connection_flood(addr: SocketAddr, n: u32) -> Report {
+    let from = loopback(7);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    let mut failed_to_connect = 0;
+    for _ in 0..n {
+        match raw(addr, from).await {
+            Ok(s) => held.push(s),
+            Err(_) => failed_to_connect += 1,
+        }
+    }
+    // Every connection says HELLO; the refused ones have a BUSY waiting instead.
+    let hello = frames(&Request::Hello, 1);
+    let mut tasks = Vec::new();
+    for mut s in held {
+        let hello = hello.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = s.write_all(&hello).await;
+            let mut header = [0u8; 10];
+            match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut header)).await {
+                Ok(Ok(_)) => Some((header[6], s)),
+                _ => None,
+            }
+        }));
+    }
+    let mut served = 0;
+    let mut keep = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Some((op, s)) if op == Status::Busy as u8 => {
+                refused += 1;
+                drop(s);
+            }
+            Some((_, s)) => {
+                served += 1;
+                keep.push(s);
+            }
+            None => {}
+        }
+    }
+    Report {
+        attempts: n as u64,
+        refused,
+        notes: vec![format!(
+            "{served} served (the limit), {refused} refused with BUSY, {failed_to_connect} could not connect"
+        )],
+        ..Report::default()
+    }
+}
+
+/// `n` connections that send half a header, and `n` that send the first frame of a
+/// message promising `promise` bytes, then go silent: reassembly memory stays within
+/// its bounds and the stall timeout cuts them all off.
+pub async fn half_frames(addr: SocketAddr, n: u32, promise: usize, wait: Duration) -> Report {
+    let mut conns = Vec::new();
+    let mut attempts = 0;
+    for i in 0..n {
+        let from = loopback(100 + i / 100); // 200 connections per address
+        if let Ok(mut s) = raw(addr, from).await {
+            let _ = s.write_all(&[0, 0, 0, 1, 0]).await;
+            conns.push(s);
+            attempts += 1;
+        }
+        if let Ok(mut s) = raw(addr, from).await {
+            let remaining = (promise / MAX_PAYLOAD).min(u16::MAX as usize) as u16;
+            let mut first = FrameHeader {
+                xid: 7,
+                remaining,
+                op: 3,
+                arg: 0,
+                len: MAX_PAYLOAD as u16,
+            }
+            .to_bytes()
+            .to_vec();
+            first.extend_from_slice(&[0u8; MAX_PAYLOAD]);
+            let _ = s.write_all(&first).await;
+            conns.push(s);
+            attempts += 1;
+        }
+    }
+    let mut tasks = Vec::new();
+    for s in conns {
+        tasks.push(tokio::spawn(drain(s, wait)));
+    }
+    let mut cut = 0;
+    let mut busy = 0;
+    for t in tasks {
+        let statuses = t.await.unwrap();
+        if statuses.contains(&(Status::ProtocolError as u8)) {
+            cut += 1;
+        }
+        if statuses.contains(&(Status::Busy as u8)) {
+            busy += 1;
+        }
+    }
+    Report {
+        attempts,
+        refused: cut,
+        notes: vec![format!(
+            "{cut} stalled connections cut off with PROTOCOL_ERROR, {busy} partial messages refused with BUSY (server-wide budget)"
+        )],
+        ..Report::default()
+    }
+}
+
+/// Clients that request large reads and never read the replies: the server stops
+/// reading them (backpressure) instead of queueing without bound.
+pub async fn non_readers(addr: SocketAddr, clients: u32, record: usize, requests: u32) -> Report {
+    let owner = Client::connect_with(
+        addr,
+        Options {
+            local_addr: Some(loopback(300)),
+            ..Options::default()
+        },
+    )
+    .await
+    .expect("owner connects");
+    let p = owner
+        .create(Access::READ, vec![9u8; record])
+        .await
+        .expect("record");
+    let mut held = Vec::new();
+    let mut sent_total = 0u64;
+    for i in 0..clients {
+        let mut s = raw(addr, loopback(310 + i / 100)).await.expect("connect");
+        let mut burst = Vec::new();
+        for x in 0..requests {
+            burst.extend(frames(
+                &Request::Read {
+                    ptr: p,
+                    range: None,
+                },
+                x,
+            ));
+        }
+        // Write what the server accepts within a second; it stops reading early.
+        let sent = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut sent = 0;
+            for chunk in burst.chunks(4096) {
+                if s.write_all(chunk).await.is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+            sent
+        })
+        .await
+        .unwrap_or(0);
+        sent_total += sent as u64;
+        held.push(s);
+    }
+    Report {
+        attempts: clients as u64 * requests as u64,
+        refused: 0,
+        notes: vec![
+            format!(
+                "{clients} clients asked for {requests} reads of {record} B each ({} MB of replies) and read none",
+                clients as u64 * requests as u64 * record as u64 / 1_000_000
+            ),
+            format!("requests bytes fully written by the deadline: {sent_total}"),
+        ],
+        ..Report::default()
+    }
+}
+
+/// Malformed requests and over-the-limit messages at a high rate for `dur` (the
+/// server's `--max-message-bytes` must be below 5,560): every one gets MALFORMED or
+/// TOO_LARGE and the connection stays usable.
+pub async fn garbage_rate(addr: SocketAddr, conns: u32, dur: Duration) -> Report {
+    let stop = Instant::now() + dur;
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        tasks.push(tokio::spawn(async move {
+            let Ok(s) = raw(addr, loopback(400 + c)).await else {
+                return (0u64, 0u64);
+            };
+            let (mut rd, mut wr) = s.into_split();
+            let sent = Arc::new(AtomicU64::new(0));
+            let sent2 = sent.clone();
+            let writer = tokio::spawn(async move {
+                let mut xid = 0u32;
+                let mut rng = SmallRng::seed_from_u64(c as u64);
+                while Instant::now() < stop {
+                    let mut batch = Vec::new();
+                    for _ in 0..64 {
+                        xid = xid.wrapping_add(1);
+                        match rng.random_range(0..4) {
+                            0 => batch.extend(frames_raw(xid, 0, 0x0D, 0, &[])), // unknown op
+                            1 => batch.extend(frames_raw(xid, 0, 0x05, 0, &[1, 2, 3])), // short
+                            2 => batch.extend(frames_raw(xid, 0, 0x00, 0x80, b"x")), // reserved bits
+                            _ => {
+                                // A 4-frame message over a server limit below 5,560
+                                // bytes: TOO_LARGE at its first frame, the rest
+                                // discarded unbuffered.
+                                for r in (0..4u16).rev() {
+                                    batch.extend(frames_raw(xid, r, 0x03, 0, &[0; MAX_PAYLOAD]));
+                                }
+                            }
+                        }
+                        sent2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if wr.write_all(&batch).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = wr.shutdown().await;
+            });
+            let mut buf = BytesMut::new();
+            let mut got = 0u64;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), rd.read_buf(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(_)) => {
+                        while let Ok(Some(f)) = decode_frame(&mut buf) {
+                            if f.header.op == Status::Malformed as u8
+                                || f.header.op == Status::TooLarge as u8
+                            {
+                                got += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            let _ = writer.await;
+            (sent.load(Ordering::Relaxed), got)
+        }));
+    }
+    let (mut sent, mut answered) = (0, 0);
+    for t in tasks {
+        let (s, g) = t.await.unwrap();
+        sent += s;
+        answered += g;
+    }
+    Report {
+        attempts: sent,
+        refused: answered,
+        notes: vec![format!(
+            "{sent} bad requests sent, {answered} answered MALFORMED or TOO_LARGE on connections that stayed open"
+        )],
+        ..Report::default()
+    }
+}
+
+fn frames_raw(xid: u32, remaining: u16, op: u8, arg: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = FrameHeader {
+        xid,
+        remaining,
+        op,
+        arg,
+        len: payload.len() as u16,
+    }
+    .to_bytes()
+    .to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// One identity creates records until its quota is exhausted; another identity is
+/// not affected.
+pub async fn quota_exhaustion(addr: SocketAddr, quota_records: u64) -> Report {
+    let greedy = Client::connect_with(
+        addr,
+        Options {
+            local_addr: Some(loopback(500)),
+            ..Options::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let mut made = 0;
+    let mut refused = 0;
+    for _ in 0..quota_records + 100 {
+        match greedy.create(Access::empty(), "x").await {
+            Ok(_) => made += 1,
+            Err(Error::QuotaExceeded(_)) => refused += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    let other = Client::connect_with(
+        addr,
+        Options {
+            local_addr: Some(loopback(501)),
+            ..Options::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let fine = other.create(Access::empty(), "still fine").await.is_ok();
+    Report {
+        attempts: quota_records + 100,
+        refused,
+        notes: vec![format!(
+            "{made} created up to the quota of {quota_records}, {refused} refused with QUOTA_EXCEEDED; another identity could still create: {fine}"
+        )],
+        ..Report::default()
+    }
+}
+
+/// The soak: `clients` tasks from `identities` addresses doing mixed operations with
+/// random disconnects for `dur`; every acknowledged write is remembered, and at the
+/// end every record must hold exactly its last acknowledged bytes and version.
+/// Returns the records checked and any mismatch.
+pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration) -> SoakResult {
+    let stop = Instant::now() + dur;
+    let mut tasks = Vec::new();
+    let ops = Arc::new(AtomicU64::new(0));
+    let reconnects = Arc::new(AtomicU64::new(0));
+    for c in 0..clients {
+        let ops = ops.clone();
+        let reconnects = reconnects.clone();
+        tasks.push(tokio::spawn(async move {
+            let from = loopback(600 + c % identities);
+            let mut rng = SmallRng::seed_from_u64(c as u64 * 7919);
+            // What this task knows: record -> (bytes, version) as last acknowledged.
+            let mut mine: HashMap<Pointer, (Vec<u8>, u64)> = HashMap::new();
+            let connect = || {
+                Client::connect_with(
+                    addr,
+                    Options {
+                        local_addr: Some(from),
+                        request_timeout: Some(Duration::from_secs(20)),
+                        ..Options::default()
+                    },
+                )
+            };
+            let mut client = connect().await.expect("connect");
+            while Instant::now() < stop {
+                ops.fetch_add(1, Ordering::Relaxed);
+                let roll: u32 = rng.random_range(0..100);
+                let pick = mine
+                    .keys()
+                    .nth(rng.random_range(0..mine.len().max(1)))
+                    .copied();
+                match (roll, pick) {
+                    (0..=14, _) | (_, None) => {
+                        let len = rng.random_range(0..2000);
+                        let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                        if let Ok(p) = client.create(Access::READ, data.clone()).await {
+                            mine.insert(p, (data, 1));
+                        }
+                    }
+                    (15..=44, Some(p)) => {
+                        let data: Vec<u8> = (0..rng.random_range(0..3000))
+                            .map(|_| rng.random())
+                            .collect();
+                        if let Ok(v) = client.replace(p, data.clone()).await {
+                            mine.insert(p, (data, v));
+                        }
+                    }
+                    (45..=59, Some(p)) => {
+                        let (cur, _) = mine[&p].clone();
+                        let off = rng.random_range(0..=cur.len());
+                        let patch: Vec<u8> = (0..rng.random_range(1..100))
+                            .map(|_| rng.random())
+                            .collect();
+                        if let Ok(v) = client.write_at(p, off as u64, patch.clone()).await {
+                            let mut next = cur;
+                            if next.len() < off + patch.len() {
+                                next.resize(off + patch.len(), 0);
+                            }
+                            next[off..off + patch.len()].copy_from_slice(&patch);
+                            mine.insert(p, (next, v));
+                        }
+                    }
+                    (60..=84, Some(p)) => {
+                        if let Ok(d) = client.read(p).await {
+                            assert_eq!(&d[..], &mine[&p].0[..], "read returned other bytes");
+                        }
+                    }
+                    (85..=92, Some(p)) => {
+                        if client.delete(p).await.is_ok() {
+                            mine.remove(&p);
+                        }
+                    }
+                    _ => {
+                        // Drop the connection mid-flight and come back.
+                        client.close();
+                        reconnects.fetch_add(1, Ordering::Relaxed);
+                        client = connect().await.expect("reconnect");
+                    }
+                }
+            }
+            // Every record this task wrote holds exactly what was last acknowledged.
+            // A reply lost to a closed connection leaves the record one of two ways,
+            // so those are checked by version (the later one wins).
+            let mut checked = 0;
+            let mut mismatches = Vec::new();
+            for (p, (data, version)) in &mine {
+                match (client.read(*p).await, client.info(*p).await) {
+                    (Ok(d), Ok(i)) if d[..] == data[..] && i.version == *version => checked += 1,
+                    (d, i) => mismatches.push(format!("{p}: {:?} / {:?}", d.map(|d| d.len()), i)),
+                }
+            }
+            (checked, mismatches)
+        }));
+    }
+    let mut result = SoakResult::default();
+    for t in tasks {
+        let (checked, mismatches) = t.await.expect("soak task");
+        result.checked += checked;
+        result.mismatches.extend(mismatches);
+    }
+    result.ops = ops.load(Ordering::Relaxed);
+    result.reconnects = reconnects.load(Ordering::Relaxed);
+    result
+}
+
+/// What [`soak`] found.
+#[derive(Debug, Default)]
+pub struct SoakResult {
+    /// Operations issued.
+    pub ops: u64,
+    /// Deliberate disconnects.
+    pub reconnects: u64,
+    /// Records verified at the end.
+    pub checked: u64,
+    /// Records whose bytes or version differ from the last acknowledged write.
+    pub mismatches: Vec<String>,
+}

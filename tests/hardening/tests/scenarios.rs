@@ -1,0 +1,110 @@
+//! The fast adversarial scenarios, run by the test command against an in-process
+//! server. They assert on what the server reports (connections, bytes held for
+//! unfinished messages, records) and on a well-behaved client served meanwhile.
+//! The long versions, with the server's RSS sampled, are the `flood` and `soak`
+//! binaries (docs/RELIABILITY.md).
+
+use std::time::Duration;
+
+use netswap_hardening::*;
+use netswap_server::{RunningServer, ServerConfig};
+
+fn server(tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer {
+    let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    tweak(&mut c);
+    netswap_server::spawn(c, 2).unwrap()
+}
+
+fn probe_ok(r: &Report) {
+    assert_eq!(r.probe.failures, 0, "{r}");
+    assert!(r.probe.calls > 0, "{r}");
+    assert!(
+        r.probe.p99_us < 250_000.0,
+        "well-behaved client slowed to {r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_flood_is_refused_cleanly() {
+    let srv = server(|c| c.max_connections_per_ip = 20);
+    let r = with_probe(srv.addr(), "connection flood", || {
+        connection_flood(srv.addr(), 300)
+    })
+    .await;
+    println!("{r}");
+    assert_eq!(r.refused, 280, "{r}");
+    probe_ok(&r);
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_partial_frames_are_cut_off_and_memory_returned() {
+    let srv = server(|c| {
+        c.stall_timeout = Duration::from_secs(1);
+        c.max_total_partial_bytes = 64 << 20;
+    });
+    let stats = srv.stats().clone();
+    let r = with_probe(srv.addr(), "half frames", || {
+        half_frames(srv.addr(), 150, 8 << 20, Duration::from_secs(10))
+    })
+    .await;
+    println!("{r}");
+    assert_eq!(
+        r.refused, r.attempts,
+        "every stalled connection is cut off: {r}"
+    );
+    assert_eq!(stats.partial_bytes(), 0, "nothing held for dead messages");
+    probe_ok(&r);
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_do_not_stop_others() {
+    let srv = server(|c| c.max_output_bytes = 256 * 1024);
+    let r = with_probe(srv.addr(), "non-readers", || {
+        non_readers(srv.addr(), 10, 1 << 20, 200)
+    })
+    .await;
+    println!("{r}");
+    probe_ok(&r);
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_at_high_rate() {
+    let srv = server(|c| {
+        c.store.max_message_bytes = 4000;
+        c.reassembly.max_message_bytes = 4000;
+    });
+    let r = with_probe(srv.addr(), "garbage", || {
+        garbage_rate(srv.addr(), 4, Duration::from_secs(2))
+    })
+    .await;
+    println!("{r}");
+    assert!(r.attempts > 1000, "{r}");
+    assert_eq!(r.refused, r.attempts, "every bad request answered: {r}");
+    probe_ok(&r);
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_exhaustion_affects_only_that_identity() {
+    let srv = server(|c| c.store.quota_records = 500);
+    let r = with_probe(srv.addr(), "quota", || quota_exhaustion(srv.addr(), 500)).await;
+    println!("{r}");
+    assert_eq!(r.refused, 100, "{r}");
+    assert!(r.notes[0].ends_with("true"), "{r}");
+    probe_ok(&r);
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_soak_loses_nothing() {
+    let srv = server(|c| c.store.orphan_grace = Duration::from_secs(60));
+    let result = soak(srv.addr(), 40, 10, Duration::from_secs(4)).await;
+    println!("{result:?}");
+    assert!(result.mismatches.is_empty(), "{:?}", result.mismatches);
+    assert!(result.ops > 1000 && result.reconnects > 10, "{result:?}");
+    assert!(result.checked > 0);
+    srv.stop().unwrap();
+}
