@@ -582,14 +582,16 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
                     (d, i) => mismatches.push(format!("{p}: {:?} / {:?}", d.map(|d| d.len()), i)),
                 }
             }
-            (checked, mismatches)
+            client.close();
+            (checked, mismatches, mine.into_keys().collect::<Vec<_>>())
         }));
     }
     let mut result = SoakResult::default();
     for t in tasks {
-        let (checked, mismatches) = t.await.expect("soak task");
+        let (checked, mismatches, records) = t.await.expect("soak task");
         result.checked += checked;
         result.mismatches.extend(mismatches);
+        result.records.extend(records);
     }
     result.ops = ops.load(Ordering::Relaxed);
     result.reconnects = reconnects.load(Ordering::Relaxed);
@@ -607,4 +609,29 @@ pub struct SoakResult {
     pub checked: u64,
     /// Records whose bytes or version differ from the last acknowledged write.
     pub mismatches: Vec<String>,
+    /// Every record alive at the end (all their owners have disconnected since).
+    pub records: Vec<Pointer>,
+}
+
+/// Counts how many of `records` still exist, asking from a fresh identity (the soak's
+/// records are readable by all).
+pub async fn count_alive(addr: SocketAddr, records: &[Pointer]) -> usize {
+    let c = Client::connect_with(
+        addr,
+        Options {
+            local_addr: Some(IpAddr::from([127, 0, 0, 201])),
+            ..Options::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let mut alive = 0;
+    for p in records {
+        match c.info(*p).await {
+            Ok(_) => alive += 1,
+            Err(Error::AddressFault(_)) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    alive
 }

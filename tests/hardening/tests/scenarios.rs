@@ -99,12 +99,23 @@ async fn quota_exhaustion_affects_only_that_identity() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn short_soak_loses_nothing() {
-    let srv = server(|c| c.store.orphan_grace = Duration::from_secs(60));
+async fn short_soak_loses_nothing_and_reaps_orphans() {
+    let srv = server(|c| c.store.orphan_grace = Duration::from_secs(2));
     let result = soak(srv.addr(), 40, 10, Duration::from_secs(4)).await;
-    println!("{result:?}");
+    println!(
+        "ops {} reconnects {} checked {} mismatches {:?}",
+        result.ops, result.reconnects, result.checked, result.mismatches
+    );
     assert!(result.mismatches.is_empty(), "{:?}", result.mismatches);
-    assert!(result.ops > 1000 && result.reconnects > 10, "{result:?}");
+    assert!(result.ops > 1000 && result.reconnects > 10);
     assert!(result.checked > 0);
+    // Every owner has left: within the grace the records live, after it they are gone.
+    assert_eq!(
+        count_alive(srv.addr(), &result.records).await,
+        result.records.len()
+    );
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert_eq!(count_alive(srv.addr(), &result.records).await, 0);
+    assert_eq!(srv.stats().store().records, 0);
     srv.stop().unwrap();
 }

@@ -1,0 +1,143 @@
+//! `flood`: every adversarial scenario at scale, each against a fresh release server
+//! process whose resident memory is sampled every 100 ms. Bounded: each scenario
+//! stops by itself; loopback only. Figures go to docs/RELIABILITY.md.
+//!
+//! Run: `cargo run --release -p netswap-hardening --bin flood`
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use netswap_hardening::*;
+
+/// Adversarial scenarios against netswap-server, with its RSS sampled.
+#[derive(Parser)]
+struct Args {
+    /// The server binary.
+    #[arg(long, default_value = "target/release/netswap-server")]
+    server_bin: String,
+    /// Scale factor for counts and durations (1 = the documented run).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+fn start(bin: &str, args: &[&str]) -> Server {
+    let mut child = Command::new(bin)
+        .args(["--listen", "127.0.0.1:0", "--threads", "1"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server binary (build it: cargo build --release -p netswap-server)");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    Server { child, addr }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn run<F, Fut>(bin: &str, args: &[&str], name: &str, attack: F)
+where
+    F: FnOnce(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Report>,
+{
+    let mut srv = start(bin, args);
+    let pid = srv.child.id();
+    let before = rss_kib(pid);
+    let peak = Arc::new(AtomicU64::new(before));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let addr = srv.addr;
+    let report = with_probe(addr, name, || attack(addr)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    print!("{report}");
+    println!(
+        "  server RSS: {} MiB before, {} MiB peak, {} MiB after; server flags: {}",
+        before / 1024,
+        peak.load(Ordering::Relaxed) / 1024,
+        after / 1024,
+        args.join(" ")
+    );
+    let _ = srv.child.kill();
+    let _ = srv.child.wait();
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a = Args::parse();
+    let s = a.scale;
+    let n = |x: f64| (x * s).max(1.0) as u32;
+    let bin = a.server_bin.as_str();
+    println!("netswap flood scenarios (scale {s})\n");
+    run(
+        bin,
+        &[],
+        "connection flood past the per-IP limit (256)",
+        |addr| connection_flood(addr, n(3000.0)),
+    )
+    .await;
+    let conns = n(3000.0);
+    run(
+        bin,
+        &["--stall-timeout", "3"],
+        "half-sent frames and 64 MiB promises, then silence",
+        move |addr| half_frames(addr, conns, 64 << 20, Duration::from_secs(30)),
+    )
+    .await;
+    let clients = n(40.0);
+    run(
+        bin,
+        &["--max-output-bytes", "1048576"],
+        "clients asking for large reads and reading nothing",
+        move |addr| non_readers(addr, clients, 4 << 20, 500),
+    )
+    .await;
+    let secs = 10.0 * s;
+    run(
+        bin,
+        &["--max-message-bytes", "4000", "--max-record-bytes", "3984"],
+        "malformed and over-the-limit messages at full rate",
+        move |addr| garbage_rate(addr, 8, Duration::from_secs_f64(secs)),
+    )
+    .await;
+    run(
+        bin,
+        &["--quota-records", "20000"],
+        "one identity exhausting its quota",
+        |addr| quota_exhaustion(addr, 20000),
+    )
+    .await;
+}

@@ -1,0 +1,140 @@
+//! `soak`: hundreds of clients doing mixed operations with random disconnects for
+//! minutes against a release server process; then every record must hold exactly its
+//! last acknowledged bytes and version, and once every owner has gone, all records
+//! must be reaped after the grace period and none before. Server RSS is sampled.
+//!
+//! Run: `cargo run --release -p netswap-hardening --bin soak -- --seconds 180`
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use netswap_hardening::*;
+
+/// Soak test against netswap-server.
+#[derive(Parser)]
+struct Args {
+    /// The server binary.
+    #[arg(long, default_value = "target/release/netswap-server")]
+    server_bin: String,
+    /// Client tasks.
+    #[arg(long, default_value_t = 300)]
+    clients: u32,
+    /// Distinct identities (source addresses) they share.
+    #[arg(long, default_value_t = 60)]
+    identities: u32,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 180)]
+    seconds: u64,
+    /// The server's orphan grace, seconds.
+    #[arg(long, default_value_t = 10)]
+    grace: u64,
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a = Args::parse();
+    let mut child = Command::new(&a.server_bin)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--orphan-grace",
+            &a.grace.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server binary");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    let pid = child.id();
+    let sampler = std::thread::spawn(move || {
+        let mut samples = Vec::new();
+        let start = Instant::now();
+        while let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if s.is_empty() {
+                break;
+            }
+            samples.push((start.elapsed().as_secs(), rss_kib(pid)));
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        samples
+    });
+    println!(
+        "soak: {} clients over {} identities for {} s, orphan grace {} s",
+        a.clients, a.identities, a.seconds, a.grace
+    );
+    let started = Instant::now();
+    let result = soak(
+        addr,
+        a.clients,
+        a.identities,
+        Duration::from_secs(a.seconds),
+    )
+    .await;
+    let took = started.elapsed().as_secs_f64();
+    println!(
+        "  {} operations ({:.0}/s), {} deliberate disconnects, {} records verified, {} mismatches",
+        result.ops,
+        result.ops as f64 / took,
+        result.reconnects,
+        result.checked,
+        result.mismatches.len()
+    );
+    for m in result.mismatches.iter().take(10) {
+        println!("  MISMATCH {m}");
+    }
+    let alive = count_alive(addr, &result.records).await;
+    println!(
+        "  all owners gone: {alive} of {} records alive within the grace period",
+        result.records.len()
+    );
+    tokio::time::sleep(Duration::from_secs(a.grace + 2)).await;
+    let after = count_alive(addr, &result.records).await;
+    println!(
+        "  {} s later: {after} records alive (all should be reaped)",
+        a.grace + 2
+    );
+    let rss_end = rss_kib(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    let samples = sampler.join().unwrap();
+    let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let at = |t: u64| samples.iter().find(|s| s.0 >= t).map_or(0, |s| s.1) / 1024;
+    println!(
+        "  server RSS: {} MiB at 10 s, {} MiB at half time, {} MiB at the end of the load, peak {} MiB, {} MiB after reaping",
+        at(10),
+        at(a.seconds / 2),
+        at(a.seconds),
+        max / 1024,
+        rss_end / 1024
+    );
+    let ok = result.mismatches.is_empty() && alive == result.records.len() && after == 0;
+    println!(
+        "  verdict: {}",
+        if ok {
+            "nothing lost, nothing left behind"
+        } else {
+            "FAILED"
+        }
+    );
+    std::process::exit(if ok { 0 } else { 1 });
+}
