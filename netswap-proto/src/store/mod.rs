@@ -7,6 +7,7 @@
 //! owner, so requests on different records do not serialize on one lock.
 
 mod account;
+mod records;
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -21,6 +22,7 @@ use rand::RngCore;
 
 pub use account::Account;
 use account::QuotaKind;
+use records::{Data, Record, Records};
 
 use crate::identity::{Identity, IdentityKey};
 use crate::message::{HelloInfo, NewOwner, RecordInfo, Reply, Request};
@@ -149,14 +151,6 @@ impl Session {
     }
 }
 
-#[derive(Debug)]
-struct Record {
-    data: Bytes,
-    version: Version,
-    owner: Arc<Account>,
-    access: Access,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Watcher {
     conn: ConnId,
@@ -169,7 +163,7 @@ type PtrMap<V> = HashMap<u64, V, BuildNoHashHasher<u64>>;
 /// own hash.
 #[derive(Debug, Default)]
 struct Shard {
-    records: PtrMap<Record>,
+    records: Records,
     data_bytes: u64,
     watches: PtrMap<Vec<Watcher>>,
     /// Records handed to an identity with no open connection: their own deadline and
@@ -405,7 +399,7 @@ impl Store {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             let mut doomed: Vec<u64> = Vec::new();
             if !due_set.is_empty() {
-                for (ptr, rec) in shard.records.iter() {
+                for rec in shard.records.iter() {
                     if !due_set.contains(&Arc::as_ptr(&rec.owner)) {
                         continue;
                     }
@@ -413,10 +407,10 @@ impl Store {
                     // own, later deadline.
                     let spared = shard
                         .transfer_deadline
-                        .get(ptr)
+                        .get(&rec.ptr)
                         .is_some_and(|&(d, g)| d > now && g == rec.owner.lock_state().generation);
                     if !spared {
-                        doomed.push(*ptr);
+                        doomed.push(rec.ptr);
                     }
                 }
             }
@@ -428,7 +422,7 @@ impl Store {
                 let Some((_, generation)) = shard.transfer_deadline.remove(&ptr) else {
                     continue;
                 };
-                if let Some(rec) = shard.records.get(&ptr) {
+                if let Some(rec) = shard.records.get(ptr) {
                     let st = rec.owner.lock_state();
                     if st.connections == 0 && st.generation == generation {
                         doomed.push(ptr);
@@ -500,31 +494,29 @@ impl Store {
                 {
                     return quota_reply(kind, cfg).into();
                 }
-                let data = own(data);
+                let data = Data::from_bytes(data, own);
                 loop {
                     let Some(ptr) = Pointer::new(rng.next_u64()) else {
                         continue;
                     };
                     let mut shard = self.shard(ptr.get());
-                    if shard.records.contains_key(&ptr.get()) {
+                    if shard.records.contains_key(ptr.get()) {
                         continue;
                     }
                     shard.data_bytes += data.len() as u64;
-                    shard.records.insert(
-                        ptr.get(),
-                        Record {
-                            data,
-                            version: 1,
-                            owner: me.clone(),
-                            access,
-                        },
-                    );
+                    shard.records.insert(Record {
+                        ptr: ptr.get(),
+                        data,
+                        version: 1,
+                        owner: me.clone(),
+                        access,
+                    });
                     return Reply::Created(ptr).into();
                 }
             }
             Request::Read { ptr, range } => {
                 let shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(&ptr.get()) else {
+                let Some(rec) = shard.records.get(ptr.get()) else {
                     return no_such_record().into();
                 };
                 if !rec.may(me, Access::READ) {
@@ -532,7 +524,7 @@ impl Store {
                 }
                 let size = rec.data.len() as u64;
                 match range {
-                    None => Reply::Data(rec.data.clone()).into(),
+                    None => Reply::Data(rec.data.slice(0, size as usize)).into(),
                     Some((off, _)) if off > size => Reply::error(
                         Status::AddressFault,
                         format!("offset {off} is past the end of the record ({size} bytes)"),
@@ -540,13 +532,13 @@ impl Store {
                     .into(),
                     Some((off, n)) => {
                         let end = size.min(off + n as u64);
-                        Reply::Data(rec.data.slice(off as usize..end as usize)).into()
+                        Reply::Data(rec.data.slice(off as usize, end as usize)).into()
                     }
                 }
             }
             Request::Info { ptr } => {
                 let shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(&ptr.get()) else {
+                let Some(rec) = shard.records.get(ptr.get()) else {
                     return no_such_record().into();
                 };
                 if !rec.may(me, Access::READ) {
@@ -571,7 +563,7 @@ impl Store {
             }
             Request::SetAccess { ptr, access } => {
                 let mut shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get_mut(&ptr.get()) else {
+                let Some(rec) = shard.records.get_mut(ptr.get()) else {
                     return no_such_record().into();
                 };
                 if !Arc::ptr_eq(&rec.owner, me) {
@@ -590,7 +582,7 @@ impl Store {
             }
             Request::Delete { ptr } => {
                 let mut shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(&ptr.get()) else {
+                let Some(rec) = shard.records.get(ptr.get()) else {
                     return no_such_record().into();
                 };
                 if !Arc::ptr_eq(&rec.owner, me) {
@@ -605,7 +597,7 @@ impl Store {
             }
             Request::Takeover { ptr } => {
                 let mut shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(&ptr.get()) else {
+                let Some(rec) = shard.records.get(ptr.get()) else {
                     return no_such_record().into();
                 };
                 if Arc::ptr_eq(&rec.owner, me) {
@@ -622,7 +614,7 @@ impl Store {
                     NewOwner::Ip(ip) => self.identity_of(ip),
                 };
                 let mut shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(&ptr.get()) else {
+                let Some(rec) = shard.records.get(ptr.get()) else {
                     return no_such_record().into();
                 };
                 if !Arc::ptr_eq(&rec.owner, me) {
@@ -638,7 +630,7 @@ impl Store {
             }
             Request::Watch { ptr } => {
                 let mut shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(&ptr.get()) else {
+                let Some(rec) = shard.records.get(ptr.get()) else {
                     return no_such_record().into();
                 };
                 if !rec.may(me, Access::READ) {
@@ -667,7 +659,7 @@ impl Store {
             }
             Request::Unwatch { ptr } => {
                 let mut shard = self.shard(ptr.get());
-                if !shard.records.contains_key(&ptr.get()) {
+                if !shard.records.contains_key(ptr.get()) {
                     return no_such_record().into();
                 }
                 if session.watches.remove(&ptr).is_none() {
@@ -694,10 +686,7 @@ impl Store {
         clear_takeover: bool,
     ) -> Applied {
         let cfg = &self.config;
-        let rec = shard
-            .records
-            .get_mut(&ptr.get())
-            .expect("checked by caller");
+        let rec = shard.records.get_mut(ptr.get()).expect("checked by caller");
         let size = rec.data.len() as u64;
         if let Err(kind) = new_owner.charge(1, size, cfg.quota_records, cfg.quota_bytes) {
             return quota_reply(kind, cfg).into();
@@ -733,7 +722,7 @@ impl Store {
         let cfg = &self.config;
         let mut shard = self.shard(ptr.get());
         let shard = &mut *shard;
-        let Some(rec) = shard.records.get_mut(&ptr.get()) else {
+        let Some(rec) = shard.records.get_mut(ptr.get()) else {
             return no_such_record().into();
         };
         if !rec.may(me, Access::WRITE) {
@@ -771,10 +760,10 @@ impl Store {
         } else {
             rec.owner.release(0, old - new_len);
         }
-        rec.data = match kind {
-            WriteKind::Replace(d) => own(d),
-            WriteKind::At(off, d) => patch(std::mem::take(&mut rec.data), off as usize, &d),
-        };
+        match kind {
+            WriteKind::Replace(d) => rec.data = Data::from_bytes(d, own),
+            WriteKind::At(off, d) => rec.data.patch(off as usize, &d),
+        }
         rec.version += 1;
         let version = rec.version;
         shard.data_bytes = shard.data_bytes + new_len - old;
@@ -788,30 +777,6 @@ impl Store {
 enum WriteKind {
     Replace(Bytes),
     At(u64, Bytes),
-}
-
-/// Writes `src` at `off` into `data`, in place when nobody else holds the buffer
-/// (copy-on-write otherwise: a reply still being sent keeps the old bytes).
-fn patch(data: Bytes, off: usize, src: &[u8]) -> Bytes {
-    let end = off + src.len();
-    match data.try_into_mut() {
-        Ok(mut buf) => {
-            if end > buf.len() {
-                buf.resize(end, 0);
-            }
-            buf[off..end].copy_from_slice(src);
-            buf.freeze()
-        }
-        Err(shared) => {
-            let mut v = Vec::with_capacity(shared.len().max(end));
-            v.extend_from_slice(&shared);
-            if end > v.len() {
-                v.resize(end, 0);
-            }
-            v[off..end].copy_from_slice(src);
-            Bytes::from(v)
-        }
-    }
 }
 
 impl Record {
@@ -844,7 +809,7 @@ impl Shard {
     }
 
     fn remove_record(&mut self, ptr: Pointer, notifications: &mut Vec<Notification>) {
-        let Some(rec) = self.records.remove(&ptr.get()) else {
+        let Some(rec) = self.records.remove(ptr.get()) else {
             return;
         };
         rec.owner.release(1, rec.data.len() as u64);

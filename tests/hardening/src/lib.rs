@@ -582,16 +582,26 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
                     (d, i) => mismatches.push(format!("{p}: {:?} / {:?}", d.map(|d| d.len()), i)),
                 }
             }
-            client.close();
-            (checked, mismatches, mine.into_keys().collect::<Vec<_>>())
+            // Stay connected until every task has verified: then all leave at once.
+            (
+                checked,
+                mismatches,
+                mine.into_keys().collect::<Vec<_>>(),
+                client,
+            )
         }));
     }
     let mut result = SoakResult::default();
+    let mut clients = Vec::new();
     for t in tasks {
-        let (checked, mismatches, records) = t.await.expect("soak task");
+        let (checked, mismatches, records, client) = t.await.expect("soak task");
         result.checked += checked;
         result.mismatches.extend(mismatches);
         result.records.extend(records);
+        clients.push(client);
+    }
+    for c in clients {
+        c.close();
     }
     result.ops = ops.load(Ordering::Relaxed);
     result.reconnects = reconnects.load(Ordering::Relaxed);
@@ -609,7 +619,8 @@ pub struct SoakResult {
     pub checked: u64,
     /// Records whose bytes or version differ from the last acknowledged write.
     pub mismatches: Vec<String>,
-    /// Every record alive at the end (all their owners have disconnected since).
+    /// Every record alive at the end; all their owners disconnected at the same moment
+    /// when `soak` returned.
     pub records: Vec<Pointer>,
 }
 
@@ -625,13 +636,25 @@ pub async fn count_alive(addr: SocketAddr, records: &[Pointer]) -> usize {
     )
     .await
     .expect("connect");
+    // Many requests in flight at once on the one connection.
+    let mut tasks = Vec::new();
+    for chunk in records.chunks(records.len().div_ceil(64).max(1)) {
+        let (c, chunk) = (c.clone(), chunk.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut alive = 0;
+            for p in chunk {
+                match c.info(p).await {
+                    Ok(_) => alive += 1,
+                    Err(Error::AddressFault(_)) => {}
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            alive
+        }));
+    }
     let mut alive = 0;
-    for p in records {
-        match c.info(*p).await {
-            Ok(_) => alive += 1,
-            Err(Error::AddressFault(_)) => {}
-            Err(e) => panic!("unexpected {e}"),
-        }
+    for t in tasks {
+        alive += t.await.expect("count task");
     }
     alive
 }

@@ -29,6 +29,10 @@ struct Args {
     /// The server's orphan grace, seconds.
     #[arg(long, default_value_t = 10)]
     grace: u64,
+    /// Rounds against the same server (each: load, verify, leave, reap): the server's
+    /// memory after the second round shows whether anything accumulates.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -82,37 +86,43 @@ async fn main() {
         "soak: {} clients over {} identities for {} s, orphan grace {} s",
         a.clients, a.identities, a.seconds, a.grace
     );
-    let started = Instant::now();
-    let result = soak(
-        addr,
-        a.clients,
-        a.identities,
-        Duration::from_secs(a.seconds),
-    )
-    .await;
-    let took = started.elapsed().as_secs_f64();
-    println!(
-        "  {} operations ({:.0}/s), {} deliberate disconnects, {} records verified, {} mismatches",
-        result.ops,
-        result.ops as f64 / took,
-        result.reconnects,
-        result.checked,
-        result.mismatches.len()
-    );
-    for m in result.mismatches.iter().take(10) {
-        println!("  MISMATCH {m}");
+    let mut ok = true;
+    let mut after_rounds = Vec::new();
+    for round in 1..=a.rounds {
+        let started = Instant::now();
+        let result = soak(
+            addr,
+            a.clients,
+            a.identities,
+            Duration::from_secs(a.seconds),
+        )
+        .await;
+        let took = started.elapsed().as_secs_f64();
+        println!(
+            "round {round}: {} operations ({:.0}/s), {} deliberate disconnects, {} records verified, {} mismatches",
+            result.ops,
+            result.ops as f64 / took,
+            result.reconnects,
+            result.checked,
+            result.mismatches.len()
+        );
+        for m in result.mismatches.iter().take(10) {
+            println!("  MISMATCH {m}");
+        }
+        let alive = count_alive(addr, &result.records).await;
+        println!(
+            "  all owners left at once: {alive} of {} records alive within the grace period",
+            result.records.len()
+        );
+        tokio::time::sleep(Duration::from_secs(a.grace + 2)).await;
+        let after = count_alive(addr, &result.records).await;
+        println!(
+            "  {} s later: {after} records alive (all should be reaped)",
+            a.grace + 2
+        );
+        ok &= result.mismatches.is_empty() && alive == result.records.len() && after == 0;
+        after_rounds.push(rss_kib(pid) / 1024);
     }
-    let alive = count_alive(addr, &result.records).await;
-    println!(
-        "  all owners gone: {alive} of {} records alive within the grace period",
-        result.records.len()
-    );
-    tokio::time::sleep(Duration::from_secs(a.grace + 2)).await;
-    let after = count_alive(addr, &result.records).await;
-    println!(
-        "  {} s later: {after} records alive (all should be reaped)",
-        a.grace + 2
-    );
     let rss_end = rss_kib(pid);
     let _ = child.kill();
     let _ = child.wait();
@@ -120,16 +130,15 @@ async fn main() {
     let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
     let at = |t: u64| samples.iter().find(|s| s.0 >= t).map_or(0, |s| s.1) / 1024;
     println!(
-        "  server RSS: {} MiB at 10 s, {} MiB at half time, {} MiB at the end of the load, peak {} MiB, {} MiB after reaping",
+        "server RSS: {} MiB at 10 s, {} MiB at half of round 1, peak {} MiB; after each round's reaping: {:?} MiB; at the end {} MiB",
         at(10),
         at(a.seconds / 2),
-        at(a.seconds),
         max / 1024,
+        after_rounds,
         rss_end / 1024
     );
-    let ok = result.mismatches.is_empty() && alive == result.records.len() && after == 0;
     println!(
-        "  verdict: {}",
+        "verdict: {}",
         if ok {
             "nothing lost, nothing left behind"
         } else {
