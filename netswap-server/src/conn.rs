@@ -430,22 +430,90 @@ impl Conn {
     }
 
     /// Writes queued frames until the socket would block or nothing is left.
+    ///
+    /// Frames go out in batches with one `writev`: headers and small payloads are
+    /// copied into a staging buffer, large payload slices (record data shared with the
+    /// store) are handed to the kernel where they are, without a copy. Whatever a
+    /// partial write leaves is copied to `wbuf` and written first next time.
     fn flush(&mut self, stream: &TcpStream) -> io::Result<()> {
+        /// Payload slices at least this long are written in place, not staged.
+        const IN_PLACE: usize = 1024;
+        enum Seg {
+            Staged(usize, usize),
+            Body(usize),
+        }
         loop {
-            if self.wbuf.is_empty() {
-                if self.outq.is_empty() {
-                    break;
+            if !self.wbuf.is_empty() {
+                match stream.try_write(&self.wbuf) {
+                    Ok(n) => {
+                        self.wbuf.advance(n);
+                        self.last_io = Instant::now();
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
                 }
-                self.outq.write_to(&mut self.wbuf, WRITE_CHUNK);
             }
-            match stream.try_write(&self.wbuf) {
-                Ok(n) => {
-                    self.wbuf.advance(n);
-                    self.last_io = Instant::now();
+            if self.outq.is_empty() {
+                break;
+            }
+            let mut stage = BytesMut::with_capacity(WRITE_CHUNK + netswap_proto::MAX_FRAME);
+            let mut frames = Vec::new();
+            let mut segs: Vec<Seg> = Vec::new();
+            let mut total = 0;
+            let mut staged_from = 0;
+            while total < WRITE_CHUNK && segs.len() < 256 {
+                let Some(f) = self.outq.pop_frame() else {
+                    break;
+                };
+                total += netswap_proto::HEADER_LEN + f.first.len() + f.second.len();
+                stage.extend_from_slice(&f.header.to_bytes());
+                stage.extend_from_slice(&f.first);
+                if f.second.len() >= IN_PLACE {
+                    segs.push(Seg::Staged(staged_from, stage.len()));
+                    staged_from = stage.len();
+                    segs.push(Seg::Body(frames.len()));
+                    frames.push(f.second);
+                } else {
+                    stage.extend_from_slice(&f.second);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            }
+            if staged_from < stage.len() {
+                segs.push(Seg::Staged(staged_from, stage.len()));
+            }
+            let slices: Vec<io::IoSlice<'_>> = segs
+                .iter()
+                .map(|s| match *s {
+                    Seg::Staged(a, b) => io::IoSlice::new(&stage[a..b]),
+                    Seg::Body(i) => io::IoSlice::new(&frames[i]),
+                })
+                .filter(|s| !s.is_empty())
+                .collect();
+            let written = match stream.try_write_vectored(&slices) {
+                Ok(n) => {
+                    self.last_io = Instant::now();
+                    n
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    0
+                }
                 Err(e) => return Err(e),
+            };
+            if written < total {
+                // Keep the unwritten rest, in order, for the next attempt.
+                let mut skip = written;
+                for s in &slices {
+                    if skip >= s.len() {
+                        skip -= s.len();
+                    } else {
+                        self.wbuf.extend_from_slice(&s[skip..]);
+                        skip = 0;
+                    }
+                }
             }
         }
         if !self.has_output() {
