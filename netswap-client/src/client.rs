@@ -267,6 +267,8 @@ impl Client {
             .map_err(|_| Error::Timeout)??;
         let peer = stream.peer_addr()?;
         stream.set_nodelay(true)?;
+        #[cfg(target_os = "linux")]
+        let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(netswap_proto::NOTSENT_LOWAT);
         let (rd, wr) = stream.into_split();
         let inner = Arc::new(Inner {
             out: Mutex::new(OutQueue::new()),

@@ -55,5 +55,11 @@ pub use types::{Access, Event, Opcode, ParsePointerError, Pointer, Status, Versi
 pub const PROTOCOL_VERSION: u8 = 1;
 /// Default largest record: 64 MiB.
 pub const DEFAULT_MAX_RECORD_BYTES: u64 = 64 * 1024 * 1024;
+/// Unsent bytes a sender should let the kernel hold per connection (Linux's
+/// `TCP_NOTSENT_LOWAT`): beyond it, frames wait in the application's fair queue, so a
+/// small reply is not stuck behind megabytes of a large one already handed to the
+/// kernel.
+pub const NOTSENT_LOWAT: u32 = 128 * 1024;
+
 /// Default listen address of the server.
 pub const DEFAULT_PORT: u16 = 7420;

@@ -6,7 +6,6 @@
 //! unfinished messages may still grow to ("promised" bytes) and their number are
 //! bounded per connection: past either bound a new message gets BUSY.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -120,7 +119,8 @@ struct Partial {
 #[derive(Debug)]
 pub struct Reassembler {
     limits: ReassemblyLimits,
-    partial: HashMap<u32, Partial>,
+    /// Unfinished messages by XID: few at a time, so a vector beats a hash map.
+    partial: Vec<(u32, Partial)>,
     buffering: usize,
     discarding: usize,
     promised: u64,
@@ -141,7 +141,7 @@ impl Reassembler {
     pub fn new(limits: ReassemblyLimits) -> Reassembler {
         Reassembler {
             limits,
-            partial: HashMap::new(),
+            partial: Vec::new(),
             buffering: 0,
             discarding: 0,
             promised: 0,
@@ -189,7 +189,13 @@ impl Reassembler {
         if h.len as usize > MAX_PAYLOAD {
             return Err(FramingError::LengthTooLarge { len: h.len });
         }
-        if let Some(p) = self.partial.get_mut(&h.xid) {
+        let found = if self.partial.is_empty() {
+            None
+        } else {
+            self.partial.iter().position(|(x, _)| *x == h.xid)
+        };
+        if let Some(i) = found {
+            let p = &mut self.partial[i].1;
             if h.remaining != p.next_remaining {
                 return Err(FramingError::BadRemaining {
                     xid: h.xid,
@@ -214,7 +220,7 @@ impl Reassembler {
                 p.next_remaining = h.remaining - 1;
                 return Ok(None);
             }
-            let p = self.partial.remove(&h.xid).expect("present");
+            let (_, p) = self.partial.swap_remove(i);
             self.promised -= p.promised;
             if let Some(b) = &self.shared {
                 b.release(p.promised);
@@ -305,7 +311,7 @@ impl Reassembler {
                 });
             }
             self.discarding += 1;
-            self.partial.insert(
+            self.partial.push((
                 h.xid,
                 Partial {
                     op: h.op,
@@ -314,7 +320,7 @@ impl Reassembler {
                     promised: 0,
                     buf: None,
                 },
-            );
+            ));
             return Ok(refusal);
         }
         // Grow on demand rather than allocating the promised size up front.
@@ -323,7 +329,7 @@ impl Reassembler {
         self.buffered += frame.payload.len() as u64;
         self.buffering += 1;
         self.promised += largest;
-        self.partial.insert(
+        self.partial.push((
             h.xid,
             Partial {
                 op: h.op,
@@ -332,7 +338,7 @@ impl Reassembler {
                 promised: largest,
                 buf: Some(buf),
             },
-        );
+        ));
         Ok(None)
     }
 }

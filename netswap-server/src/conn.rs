@@ -87,6 +87,8 @@ pub(crate) async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(netswap_proto::NOTSENT_LOWAT);
     let Some(slot) = hub.admit(peer.ip()) else {
         info!(%peer, limit = hub.config.max_connections_per_ip, "refused: too many connections from this address");
         refuse(&mut stream, hub.config.max_connections_per_ip).await;
@@ -297,7 +299,13 @@ impl Conn {
                 break;
             }
             if self.rbuf.capacity() - self.rbuf.len() < netswap_proto::MAX_FRAME {
-                self.rbuf.reserve(READ_CHUNK);
+                // Larger reads while a large message is arriving: fewer syscalls.
+                let chunk = if self.reasm.has_unfinished() {
+                    4 * READ_CHUNK
+                } else {
+                    READ_CHUNK
+                };
+                self.rbuf.reserve(chunk);
             }
             match stream.try_read_buf(&mut self.rbuf) {
                 Ok(0) => {

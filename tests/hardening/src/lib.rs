@@ -294,9 +294,16 @@ pub async fn half_frames(addr: SocketAddr, n: u32, promise: usize, wait: Duratio
     }
 }
 
-/// Clients that request large reads and never read the replies: the server stops
-/// reading them (backpressure) instead of queueing without bound.
-pub async fn non_readers(addr: SocketAddr, clients: u32, record: usize, requests: u32) -> Report {
+/// Clients that request large reads and never read the replies, holding their
+/// connections for `hold`: the server stops reading them (backpressure) instead of
+/// queueing without bound, and keeps serving others.
+pub async fn non_readers(
+    addr: SocketAddr,
+    clients: u32,
+    record: usize,
+    requests: u32,
+    hold: Duration,
+) -> Report {
     let owner = Client::connect_with(
         addr,
         Options {
@@ -340,6 +347,8 @@ pub async fn non_readers(addr: SocketAddr, clients: u32, record: usize, requests
         sent_total += sent as u64;
         held.push(s);
     }
+    tokio::time::sleep(hold).await;
+    drop(held);
     Report {
         attempts: clients as u64 * requests as u64,
         refused: 0,

@@ -62,7 +62,7 @@ async fn stalled_partial_frames_are_cut_off_and_memory_returned() {
 async fn clients_that_never_read_do_not_stop_others() {
     let srv = server(|c| c.max_output_bytes = 256 * 1024);
     let r = with_probe(srv.addr(), "non-readers", || {
-        non_readers(srv.addr(), 10, 1 << 20, 200)
+        non_readers(srv.addr(), 10, 1 << 20, 200, Duration::from_secs(1))
     })
     .await;
     println!("{r}");

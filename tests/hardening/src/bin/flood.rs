@@ -122,7 +122,7 @@ async fn main() {
         bin,
         &["--max-output-bytes", "1048576"],
         "clients asking for large reads and reading nothing",
-        move |addr| non_readers(addr, clients, 4 << 20, 500),
+        move |addr| non_readers(addr, clients, 4 << 20, 500, Duration::from_secs(5)),
     )
     .await;
     let secs = 10.0 * s;
