@@ -731,11 +731,11 @@ async fn read_loop(inner: Arc<Inner>, mut rd: OwnedReadHalf) {
         if buf.capacity() - buf.len() < netswap_proto::MAX_FRAME {
             buf.reserve(READ_CHUNK);
         }
-        match rd.read_buf(&mut buf).await {
+        let n = match rd.read_buf(&mut buf).await {
             Ok(0) => break "the server closed the connection".to_string(),
-            Ok(_) => {}
+            Ok(n) => n,
             Err(e) => break format!("read failed: {e}"),
-        }
+        };
         let mut broken = None;
         loop {
             match decode_frame(&mut buf).map(|f| f.map(|f| reasm.push(f))) {
@@ -765,6 +765,11 @@ async fn read_loop(inner: Arc<Inner>, mut rd: OwnedReadHalf) {
         }
         if let Some(b) = broken {
             break b;
+        }
+        if n >= READ_CHUNK / 2 {
+            // A large reply is streaming in: let the tasks it just answered run now,
+            // not after tokio's budget of reads (megabytes later).
+            tokio::task::yield_now().await;
         }
     };
     inner.fail_all(reason);

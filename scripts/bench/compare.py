@@ -310,6 +310,8 @@ def main():
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--threads", type=int, default=1, help="netswap-server --threads")
     ap.add_argument("--quick", action="store_true", help="1 run, 2 s, 100k records (smoke test)")
+    ap.add_argument("--only", default="ops,bytes,memory,hol",
+                    help="comma list of row kinds to run: ops, bytes, memory, hol")
     a = ap.parse_args()
     if a.quick:
         a.seconds, a.runs, a.records = 2, 1, 100_000
@@ -346,12 +348,14 @@ def main():
         rows.append(r)
         print_row(r)
 
+    only = set(a.only.split(","))
     print(f"netswap {a.threads} thread(s); medians of {a.runs} run(s) of {a.seconds:g} s; 50 connections\n")
-    ops_row("64 B read, P1", "read", 64, 50, 1, 100_000)
-    ops_row("64 B write, P1", "write", 64, 50, 1, 100_000)
-    ops_row("64 B read, P16", "read", 64, 50, 16, 700_000)
-    ops_row("64 B write, P16", "write", 64, 50, 16, 700_000)
-    for size, label in [(65536, "64 KiB"), (1 << 20, "1 MiB")]:
+    if "ops" in only:
+        ops_row("64 B read, P1", "read", 64, 50, 1, 100_000)
+        ops_row("64 B write, P1", "write", 64, 50, 1, 100_000)
+        ops_row("64 B read, P16", "read", 64, 50, 16, 700_000)
+        ops_row("64 B write, P16", "write", 64, 50, 16, 700_000)
+    for size, label in ([(65536, "64 KiB"), (1 << 20, "1 MiB")] if "bytes" in only else []):
         for op in ["read", "write"]:
             r = {"kind": "bytes", "label": f"{label} {op}, 4 conns", "size": size,
                  "tools": "netswap-bench / redis-benchmark / netswap-bench --protocol memcached"}
@@ -372,13 +376,14 @@ def main():
                 srv.stop()
             rows.append(r)
             print_row(r)
-    r = {"kind": "memory", "label": f"bytes per 64 B record ({a.records:,} records)",
-         "tools": "netswap-bench fill / Lua EVAL / raw set pipeline; server RSS growth",
-         "netswap": memory_netswap(a.records, 64), "redis": memory_redis(a.records, 64),
-         "memcached": memory_memcached(a.records, 64)}
-    rows.append(r)
-    print_row(r)
-    for direction in ["write", "read"]:
+    if "memory" in only:
+        r = {"kind": "memory", "label": f"bytes per 64 B record ({a.records:,} records)",
+             "tools": "netswap-bench fill / Lua EVAL / raw set pipeline; server RSS growth",
+             "netswap": memory_netswap(a.records, 64), "redis": memory_redis(a.records, 64),
+             "memcached": memory_memcached(a.records, 64)}
+        rows.append(r)
+        print_row(r)
+    for direction in (["write", "read"] if "hol" in only else []):
         ns = hol_netswap(direction, 64 << 20)
         rd = hol_redis(direction, 64 << 20)
         r = {"kind": "hol", "label": f"p99 small read during a 64 MiB {direction}, same connection (us)",
@@ -386,6 +391,9 @@ def main():
              "memcached": None, "netswap_transfer_ms": ns["transfer_ms"], "redis_transfer_ms": rd["transfer_ms"]}
         rows.append(r)
         print_row(r)
+    if only != {"ops", "bytes", "memory", "hol"}:
+        print("\n(partial run: docs/bench/ left as it was)")
+        return 0
     os.makedirs(os.path.join(ROOT, "docs", "bench"), exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": a.seconds, "runs": a.runs,
             "netswap_threads": a.threads, "cpus": os.cpu_count(),
