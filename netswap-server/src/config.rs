@@ -87,7 +87,7 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_NOTIFY_QUEUE", default_value_t = 4096)]
     pub notify_queue: usize,
 
-    /// Worker threads (1 = a single-threaded runtime) [default: number of CPUs].
+    /// Worker threads (1 = a single-threaded runtime) [default: CPUs − 1, at least 1].
     #[arg(long, env = "NETSWAP_THREADS")]
     pub threads: Option<usize>,
 
