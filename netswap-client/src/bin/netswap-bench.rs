@@ -193,6 +193,17 @@ struct Tally {
     hist: Histogram<u64>,
 }
 
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            ops: 0,
+            errors: 0,
+            bytes: 0,
+            hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram"),
+        }
+    }
+}
+
 struct LoadSpec {
     server: SocketAddr,
     op: Op,
@@ -202,6 +213,17 @@ struct LoadSpec {
     stop: Arc<AtomicBool>,
     budget: Arc<AtomicU64>,
     deadline: Instant,
+}
+
+impl LoadSpec {
+    /// Takes one request from the shared budget, unless the run is over.
+    fn take(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed)
+            && self
+                .budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                .is_ok()
+    }
 }
 
 fn request(spec: &LoadSpec, n: u64, created: Option<Pointer>) -> Request {
@@ -239,23 +261,11 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
         max_partial_messages: usize::MAX,
         max_partial_bytes: u64::MAX,
     });
-    let mut tally = Tally {
-        ops: 0,
-        errors: 0,
-        bytes: 0,
-        hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram"),
-    };
+    let mut tally = Tally::new();
     let mut counter = (conn_no as u64) << 40;
     let mut inflight = 0usize;
-    let take = |spec: &LoadSpec| -> bool {
-        !spec.stop.load(Ordering::Relaxed)
-            && spec
-                .budget
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
-                .is_ok()
-    };
     for (slot, sent) in sent_at.iter_mut().enumerate() {
-        if !take(&spec) {
+        if !spec.take() {
             break;
         }
         counter += 1;
@@ -311,7 +321,7 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
             }
             created[slot] = next_created;
             // A created record is always deleted, even past the deadline.
-            if next_created.is_some() || take(&spec) {
+            if next_created.is_some() || spec.take() {
                 counter += 1;
                 outq.push(request(&spec, counter, next_created).encode(slot as u32))
                     .unwrap();
@@ -380,24 +390,12 @@ async fn drive_memcached(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result
     let mut sent_at = vec![Instant::now(); p];
     let mut wbuf = BytesMut::with_capacity(64 * 1024);
     let mut rbuf = BytesMut::with_capacity(256 * 1024);
-    let mut tally = Tally {
-        ops: 0,
-        errors: 0,
-        bytes: 0,
-        hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram"),
-    };
+    let mut tally = Tally::new();
     let mut counter = (conn_no as u64) << 40;
     let mut inflight = 0usize;
-    let take = |spec: &LoadSpec| -> bool {
-        !spec.stop.load(Ordering::Relaxed)
-            && spec
-                .budget
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
-                .is_ok()
-    };
     let key_of = |n: u64| (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize % keys;
     for (slot, sent) in sent_at.iter_mut().enumerate() {
-        if !take(&spec) {
+        if !spec.take() {
             break;
         }
         counter += 1;
@@ -445,7 +443,7 @@ async fn drive_memcached(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result
             let _ = tally
                 .hist
                 .record((now - sent_at[slot]).as_nanos().max(1) as u64);
-            if take(&spec) {
+            if spec.take() {
                 counter += 1;
                 mc_request(&mut wbuf, set, key_of(counter), &spec.value, slot as u32);
                 sent_at[slot] = Instant::now();

@@ -667,3 +667,66 @@ pub async fn count_alive(addr: SocketAddr, records: &[Pointer]) -> usize {
     }
     alive
 }
+
+/// A `netswap-server` process started for a long scenario, killed when dropped.
+#[derive(Debug)]
+pub struct ServerProcess {
+    child: std::process::Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts `bin --listen 127.0.0.1:0 --threads 1 ARGS` and waits for its address.
+    pub fn start(bin: &str, args: &[&str]) -> ServerProcess {
+        let mut child = std::process::Command::new(bin)
+            .args(["--listen", "127.0.0.1:0", "--threads", "1"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("server binary (build it: cargo build --release -p netswap-server)");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("the server prints its address");
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("netswap-server listening on ADDR");
+        ServerProcess { child, addr }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its resident memory now, KiB (Linux /proc).
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of process `pid` in KiB (0 when it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -5,7 +5,6 @@
 //! Run: `cargo run --release -p netswap-hardening --bin flood`
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,47 +23,13 @@ struct Args {
     scale: f64,
 }
 
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-fn start(bin: &str, args: &[&str]) -> Server {
-    let mut child = Command::new(bin)
-        .args(["--listen", "127.0.0.1:0", "--threads", "1"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server binary (build it: cargo build --release -p netswap-server)");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
-    Server { child, addr }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 async fn run<F, Fut>(bin: &str, args: &[&str], name: &str, attack: F)
 where
     F: FnOnce(SocketAddr) -> Fut,
     Fut: std::future::Future<Output = Report>,
 {
-    let mut srv = start(bin, args);
-    let pid = srv.child.id();
+    let srv = ServerProcess::start(bin, args);
+    let pid = srv.pid();
     let before = rss_kib(pid);
     let peak = Arc::new(AtomicU64::new(before));
     let stop = Arc::new(AtomicBool::new(false));
@@ -91,8 +56,7 @@ where
         after / 1024,
         args.join(" ")
     );
-    let _ = srv.child.kill();
-    let _ = srv.child.wait();
+    drop(srv);
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

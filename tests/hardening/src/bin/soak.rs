@@ -5,7 +5,6 @@
 //!
 //! Run: `cargo run --release -p netswap-hardening --bin soak -- --seconds 180`
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -35,41 +34,12 @@ struct Args {
     rounds: u32,
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let a = Args::parse();
-    let mut child = Command::new(&a.server_bin)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-            "--orphan-grace",
-            &a.grace.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server binary");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
-    let pid = child.id();
+    let server = ServerProcess::start(&a.server_bin, &["--orphan-grace", &a.grace.to_string()]);
+    let addr = server.addr;
+    let pid = server.pid();
     let sampler = std::thread::spawn(move || {
         let mut samples = Vec::new();
         let start = Instant::now();
@@ -124,8 +94,7 @@ async fn main() {
         after_rounds.push(rss_kib(pid) / 1024);
     }
     let rss_end = rss_kib(pid);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     let samples = sampler.join().unwrap();
     let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
     let at = |t: u64| samples.iter().find(|s| s.0 >= t).map_or(0, |s| s.1) / 1024;
