@@ -96,3 +96,32 @@ impl Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_failure_status_has_its_variant_and_code() {
+        for status in Status::ALL {
+            let e = Error::from_status(status, "why".into());
+            match status {
+                Status::Ok | Status::Data | Status::Notify | Status::Conflict => {
+                    assert!(matches!(e, Error::BadReply(_)), "{status:?}");
+                }
+                s => {
+                    assert_eq!(e.status(), Some(s));
+                    assert_eq!(e.code(), s.name());
+                    assert!(e.to_string().ends_with("why"), "{e}");
+                }
+            }
+        }
+        assert_eq!(Error::Conflict { current: 3 }.code(), "CONFLICT");
+        assert_eq!(Error::Timeout.code(), "TIMEOUT");
+        assert_eq!(Error::Disconnected("x".into()).code(), "DISCONNECTED");
+        assert_eq!(
+            Error::InvalidArgument("x".into()).code(),
+            "INVALID_ARGUMENT"
+        );
+    }
+}

@@ -10,6 +10,8 @@ using System.Threading;
 using System.Threading.Tasks;
 using Netswap.Native;
 
+[assembly: System.Runtime.CompilerServices.InternalsVisibleTo("Netswap.Tests")]
+
 namespace Netswap
 {
     /// <summary>Marks a static method as called from native code, for Mono/Unity's AOT

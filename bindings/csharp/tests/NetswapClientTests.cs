@@ -108,6 +108,38 @@ namespace Netswap.Tests
         }
 
         [Test]
+        public void EveryResultCodeHasItsExceptionType()
+        {
+            var expected = new Dictionary<ResultCode, Type>
+            {
+                { ResultCode.AccessViolation, typeof(NetswapAccessViolationException) },
+                { ResultCode.AddressFault, typeof(AddressFaultException) },
+                { ResultCode.Malformed, typeof(MalformedRequestException) },
+                { ResultCode.TooLarge, typeof(TooLargeException) },
+                { ResultCode.QuotaExceeded, typeof(QuotaExceededException) },
+                { ResultCode.Conflict, typeof(ConflictException) },
+                { ResultCode.ProtocolError, typeof(ProtocolErrorException) },
+                { ResultCode.Busy, typeof(BusyException) },
+                { ResultCode.IO, typeof(NetswapIOException) },
+                { ResultCode.Timeout, typeof(NetswapTimeoutException) },
+                { ResultCode.Disconnected, typeof(DisconnectedException) },
+                { ResultCode.BadReply, typeof(BadReplyException) },
+                { ResultCode.Panic, typeof(NetswapException) },
+            };
+            foreach (var kv in expected)
+            {
+                var e = NetswapException.For(kv.Key, "why", 7);
+                Assert.AreEqual(kv.Value, e.GetType(), kv.Key.ToString());
+                Assert.AreEqual(kv.Key, e.Code);
+                Assert.AreEqual("why", e.Reason);
+            }
+            Assert.AreEqual(7UL, ((ConflictException)NetswapException.For(ResultCode.Conflict, "", 7)).CurrentVersion);
+            // The native codes are the same numbers.
+            foreach (ResultCode code in Enum.GetValues(typeof(ResultCode)))
+                Assert.AreEqual(code.ToString().ToUpperInvariant(), ((Netswap.Native.netswap_result)code).ToString().Replace("NETSWAP_", "").Replace("_", ""));
+        }
+
+        [Test]
         public void AsyncForms()
         {
             using (var a = NetswapClient.ConnectAsync(Server, new ConnectOptions { LocalAddress = "127.0.0.2" }).Result)
