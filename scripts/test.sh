@@ -43,6 +43,8 @@ step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "Rust tests (unit, property, vectors, server, client, CLI, and the C tests incl. valgrind)"
+# The C tests link against the cdylib, which `cargo test` alone does not build.
+cargo build --quiet -p netswap-ffi --lib
 cargo test --workspace --quiet
 
 step "release build (server, CLI, bench, C library)"

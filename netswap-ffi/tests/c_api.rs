@@ -17,7 +17,29 @@ fn lib_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
+/// `cargo test` builds this crate as an rlib only: build the C library (the cdylib)
+/// the C program links against, if it is not there yet.
+fn ensure_library() {
+    if lib_dir().join("libnetswap.so").exists() {
+        return;
+    }
+    let profile = lib_dir().file_name().unwrap().to_string_lossy().into_owned();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "-p", "netswap-ffi", "--lib"]);
+    if profile == "release" {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("cargo runs");
+    assert!(status.success(), "cargo build -p netswap-ffi failed");
+    assert!(
+        lib_dir().join("libnetswap.so").exists(),
+        "libnetswap.so not found in {:?}",
+        lib_dir()
+    );
+}
+
 fn build(name: &str, extra: &[&str]) -> PathBuf {
+    ensure_library();
     let out = lib_dir().join(name);
     let lib = lib_dir();
     let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
