@@ -23,7 +23,11 @@ fn ensure_library() {
     if lib_dir().join("libnetswap.so").exists() {
         return;
     }
-    let profile = lib_dir().file_name().unwrap().to_string_lossy().into_owned();
+    let profile = lib_dir()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(["build", "-p", "netswap-ffi", "--lib"]);
     if profile == "release" {
