@@ -247,6 +247,32 @@ fn request(spec: &LoadSpec, n: u64, created: Option<Pointer>) -> Request {
     }
 }
 
+/// Reads more replies into `rbuf` (counting the bytes) and ends the run at the
+/// deadline; the server closing the connection is an error. Returns the time of the read.
+async fn read_more(
+    stream: &mut tokio::net::TcpStream,
+    rbuf: &mut BytesMut,
+    tally: &mut Tally,
+    spec: &LoadSpec,
+) -> std::io::Result<Instant> {
+    if rbuf.capacity() - rbuf.len() < 16 * 1024 {
+        rbuf.reserve(256 * 1024);
+    }
+    let n = stream.read_buf(rbuf).await?;
+    if n == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the server closed the connection",
+        ));
+    }
+    tally.bytes += n as u64;
+    let now = Instant::now();
+    if now >= spec.deadline {
+        spec.stop.store(true, Ordering::Relaxed);
+    }
+    Ok(now)
+}
+
 /// One connection keeping `pipeline` requests in flight until the deadline or budget.
 async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
     let mut stream = raw_connect(spec.server, None).await?;
@@ -284,22 +310,7 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
         if inflight == 0 {
             break;
         }
-        if rbuf.capacity() - rbuf.len() < 16 * 1024 {
-            rbuf.reserve(256 * 1024);
-        }
-        let n = stream.read_buf(&mut rbuf).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the server closed the connection",
-            ));
-        }
-        tally.bytes += n as u64;
-        let now = Instant::now();
-        let past_deadline = now >= spec.deadline;
-        if past_deadline {
-            spec.stop.store(true, Ordering::Relaxed);
-        }
+        let now = read_more(&mut stream, &mut rbuf, &mut tally, &spec).await?;
         while let Some(f) = decode_frame(&mut rbuf).map_err(std::io::Error::other)? {
             let Some(Inbound::Message(m)) = reasm.push(f).map_err(std::io::Error::other)? else {
                 continue;
@@ -412,21 +423,7 @@ async fn drive_memcached(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result
         if inflight == 0 {
             break;
         }
-        if rbuf.capacity() - rbuf.len() < 16 * 1024 {
-            rbuf.reserve(256 * 1024);
-        }
-        let n = stream.read_buf(&mut rbuf).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the server closed the connection",
-            ));
-        }
-        tally.bytes += n as u64;
-        let now = Instant::now();
-        if now >= spec.deadline {
-            spec.stop.store(true, Ordering::Relaxed);
-        }
+        let now = read_more(&mut stream, &mut rbuf, &mut tally, &spec).await?;
         while rbuf.len() >= 24 {
             let body = u32::from_be_bytes(rbuf[8..12].try_into().unwrap()) as usize;
             if rbuf.len() < 24 + body {
