@@ -323,8 +323,11 @@ impl Reassembler {
             ));
             return Ok(refusal);
         }
-        // Grow on demand rather than allocating the promised size up front.
-        let mut buf = BytesMut::with_capacity((largest as usize).min(64 * 1024));
+        // Reserve the promised size once: growing on demand re-copied the message
+        // at every doubling (over a third of the server's time on 1 MiB uploads).
+        // The promise is already bounded per connection and server-wide, and a large
+        // allocation is only address space until the frames arrive and fill it.
+        let mut buf = BytesMut::with_capacity(largest as usize);
         buf.extend_from_slice(&frame.payload);
         self.buffered += frame.payload.len() as u64;
         self.buffering += 1;
