@@ -34,6 +34,7 @@ pub mod identity;
 pub mod message;
 pub mod outbound;
 pub mod reassembly;
+pub mod receive;
 pub mod store;
 pub mod types;
 
@@ -46,8 +47,9 @@ pub use message::{
     BadReply, HEAD_CAPACITY, Head, HelloInfo, Malformed, NewOwner, OutMessage, RecordInfo, Reply,
     Request,
 };
-pub use outbound::{LARGE_MESSAGE, OutFrame, OutQueue};
+pub use outbound::{LARGE_MESSAGE, OutFrame, OutQueue, WriteBuf};
 pub use reassembly::{InMessage, Inbound, Reassembler, ReassemblyLimits, SharedBudget};
+pub use receive::{ReceiveError, Receiver};
 pub use store::{Applied, ConnId, Notification, Reaped, Session, Store, StoreConfig, StoreStats};
 pub use types::{Access, Event, Opcode, ParsePointerError, Pointer, Status, Version};
 

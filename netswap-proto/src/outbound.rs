@@ -6,9 +6,11 @@
 
 use std::collections::VecDeque;
 
-use bytes::{Bytes, BytesMut};
+use std::io::IoSlice;
 
-use crate::frame::{FrameHeader, HEADER_LEN, MAX_MESSAGE, MAX_PAYLOAD};
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::frame::{FrameHeader, HEADER_LEN, MAX_FRAME, MAX_MESSAGE, MAX_PAYLOAD};
 use crate::message::{Head, OutMessage};
 
 /// One outgoing frame: a header and its payload as the part of the message's inline
@@ -124,37 +126,47 @@ impl OutQueue {
 
     /// The next frame in round-robin order.
     pub fn pop_frame(&mut self) -> Option<OutFrame> {
+        self.pop_frame_with(|header, first, body, range| OutFrame {
+            header: *header,
+            first: Head::from_slice(first),
+            second: if range.len() == body.len() {
+                body.clone()
+            } else {
+                body.slice(range)
+            },
+        })
+    }
+
+    /// The next frame in round-robin order, lent to `f` as its header, the part of the
+    /// message's head it carries, and the message's body with the range it carries:
+    /// no reference count is taken unless `f` takes one.
+    pub fn pop_frame_with<R>(
+        &mut self,
+        f: impl FnOnce(&FrameHeader, &[u8], &Bytes, std::ops::Range<usize>) -> R,
+    ) -> Option<R> {
         let mut s = self.queue.pop_front()?;
         let total = s.msg.len();
         let n = (total - s.sent).min(MAX_PAYLOAD);
         let (start, end) = (s.sent, s.sent + n);
         let head_len = s.msg.head.len();
         let first = if start < head_len {
-            Head::from_slice(&s.msg.head[start..end.min(head_len)])
+            &s.msg.head[start..end.min(head_len)]
         } else {
-            Head::new()
+            &[]
         };
-        let second = if end > head_len {
-            let from = start.max(head_len) - head_len;
-            if from == 0 && end - head_len == s.msg.body.len() {
-                s.msg.body.clone()
-            } else {
-                s.msg.body.slice(from..end - head_len)
-            }
+        let range = if end > head_len {
+            start.max(head_len) - head_len..end - head_len
         } else {
-            Bytes::new()
+            0..0
         };
-        let frame = OutFrame {
-            header: FrameHeader {
-                xid: s.msg.xid,
-                remaining: s.remaining,
-                op: s.msg.op,
-                arg: s.msg.arg,
-                len: n as u16,
-            },
-            first,
-            second,
+        let header = FrameHeader {
+            xid: s.msg.xid,
+            remaining: s.remaining,
+            op: s.msg.op,
+            arg: s.msg.arg,
+            len: n as u16,
         };
+        let out = f(&header, first, &s.msg.body, range);
         self.pending_bytes -= n + HEADER_LEN;
         let large = total >= LARGE_MESSAGE;
         if !large {
@@ -167,7 +179,7 @@ impl OutQueue {
         } else if large {
             self.large -= 1;
         }
-        Some(frame)
+        Some(out)
     }
 
     /// Encodes frames into `dst` until it holds at least `limit` bytes or the queue is
@@ -184,6 +196,207 @@ impl OutQueue {
             }
         }
         frames
+    }
+}
+
+/// Payload slices at least this long are written from where they are, not staged.
+const IN_PLACE: usize = 1024;
+/// Staging memory is reserved in blocks of this size.
+const STAGE_BLOCK: usize = 16 * 1024;
+
+/// Frames taken from an [`OutQueue`] on their way to a socket, as a [`Buf`] for
+/// vectored writes: headers and short payloads are staged into one buffer, longer
+/// payload slices (record data shared with the store) are written from where they
+/// are, without a copy. A partial write just advances it.
+///
+/// Per frame it stores two (pointer, length) pairs and nothing else: the memory they
+/// point into is kept alive by one reference per staging block and per message body,
+/// taken once per [`WriteBuf::fill`], not once per frame.
+#[derive(Debug, Default)]
+pub struct WriteBuf {
+    /// Slices still to write, in order. Each points into a holder below.
+    segs: VecDeque<Seg>,
+    /// What keeps the memory of `segs` alive, with the sequence number of the last
+    /// slice that points into it.
+    holders: VecDeque<(u64, Bytes)>,
+    /// Staging block being filled (its filled part is not yet a holder).
+    stage: BytesMut,
+    /// Sequence number of `segs[0]`.
+    first_seq: u64,
+    /// The last slice points into the unsealed staging block (a staged slice may be
+    /// merged into it).
+    stage_open: bool,
+    len: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Seg {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the raw pointers point into memory owned through `Bytes`/`BytesMut` held by
+// the same `WriteBuf` (both are `Send`); they are only read, and only through `&self`.
+unsafe impl Send for WriteBuf {}
+// SAFETY: as above; shared access only reads.
+unsafe impl Sync for WriteBuf {}
+
+impl WriteBuf {
+    /// An empty buffer.
+    pub fn new() -> WriteBuf {
+        WriteBuf::default()
+    }
+
+    /// Bytes waiting to be written.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends a slice. Staged slices that follow each other in the unsealed block
+    /// become one (many small replies: one slice), never slices of different holders.
+    fn push_seg(&mut self, ptr: *const u8, len: usize, staged: bool) {
+        if staged
+            && self.stage_open
+            && let Some(last) = self.segs.back_mut()
+            && last.ptr.wrapping_add(last.len) == ptr
+        {
+            last.len += len;
+        } else {
+            self.segs.push_back(Seg { ptr, len });
+        }
+        self.stage_open = staged;
+        self.len += len;
+    }
+
+    /// Sequence number of the last slice.
+    fn last_seq(&self) -> u64 {
+        (self.first_seq + self.segs.len() as u64).saturating_sub(1)
+    }
+
+    /// Freezes the staged bytes into a holder held until slice `last` is written
+    /// (their slices already point into them).
+    fn seal_stage(&mut self, last: u64) {
+        if !self.stage.is_empty() {
+            let block = self.stage.split().freeze();
+            self.holders.push_back((last, block));
+        }
+        self.stage_open = false;
+    }
+
+    /// Takes frames from `q`, in its fair order, until at least `limit` bytes wait or
+    /// `q` is empty. Returns the number of frames taken.
+    pub fn fill(&mut self, q: &mut OutQueue, limit: usize) -> usize {
+        let mut frames = 0;
+        while self.len < limit {
+            let room = self.stage.capacity() - self.stage.len();
+            if room < MAX_FRAME {
+                // A new block: the staged slices point into this one, so it is never
+                // grown (which could move it), only sealed and replaced.
+                self.seal_stage(self.last_seq());
+                self.stage.reserve(STAGE_BLOCK);
+            }
+            let taken = q.pop_frame_with(|header, first, body, range| {
+                let in_place = range.len() >= IN_PLACE;
+                let at = self.stage.len();
+                self.stage.extend_from_slice(&header.to_bytes());
+                self.stage.extend_from_slice(first);
+                if !in_place {
+                    self.stage.extend_from_slice(&body[range.clone()]);
+                }
+                let staged = self.stage.len() - at;
+                // SAFETY: `at..at + staged` is inside the block's filled part.
+                let ptr = unsafe { self.stage.as_ptr().add(at) };
+                self.push_seg(ptr, staged, true);
+                if in_place {
+                    let same = self
+                        .holders
+                        .back()
+                        .is_some_and(|(_, h)| h.as_ptr() == body.as_ptr() && h.len() == body.len());
+                    // SAFETY: `range` is inside `body`.
+                    let ptr = unsafe { body.as_ptr().add(range.start) };
+                    if !same {
+                        // Seal the staged slices so far: holders stay in the order of
+                        // their last slices, and are released in that order.
+                        self.seal_stage(self.last_seq());
+                    }
+                    self.push_seg(ptr, range.len(), false);
+                    let seq = self.last_seq();
+                    if same {
+                        self.holders.back_mut().expect("checked").0 = seq;
+                    } else {
+                        self.holders.push_back((seq, body.clone()));
+                    }
+                }
+            });
+            if taken.is_none() {
+                break;
+            }
+            frames += 1;
+        }
+        self.seal_stage(self.last_seq());
+        frames
+    }
+
+    /// Gives back the staging memory when nothing waits (idle connections).
+    pub fn release_idle_buffer(&mut self) {
+        if self.is_empty() {
+            *self = WriteBuf {
+                first_seq: self.first_seq,
+                ..WriteBuf::default()
+            };
+        }
+    }
+}
+
+impl Buf for WriteBuf {
+    fn remaining(&self) -> usize {
+        self.len
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self.segs.front() {
+            // SAFETY: a holder keeps the slice's memory alive until it is consumed.
+            Some(s) => unsafe { std::slice::from_raw_parts(s.ptr, s.len) },
+            None => &[],
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (d, s) in dst.iter_mut().zip(&self.segs) {
+            // SAFETY: as in `chunk`.
+            *d = IoSlice::new(unsafe { std::slice::from_raw_parts(s.ptr, s.len) });
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.len, "advance past the end of a WriteBuf");
+        self.len -= cnt;
+        while cnt > 0 {
+            let front = self.segs.front_mut().expect("bytes remain");
+            if cnt < front.len {
+                front.ptr = front.ptr.wrapping_add(cnt);
+                front.len -= cnt;
+                break;
+            }
+            cnt -= front.len;
+            self.segs.pop_front();
+            self.first_seq += 1;
+        }
+        while self
+            .holders
+            .front()
+            .is_some_and(|(last, _)| *last < self.first_seq)
+        {
+            self.holders.pop_front();
+        }
     }
 }
 
@@ -246,6 +459,46 @@ mod tests {
         assert_eq!(lens, vec![(2, 1390), (1, 1390), (0, 16)]);
         assert_eq!(&payload[..16], &[1; 16]);
         assert!(payload[16..].iter().all(|&b| b == 2));
+    }
+
+    #[test]
+    fn write_buf_yields_the_same_bytes_as_encoding_through_any_partial_writes() {
+        let msgs = [
+            msg(1, 5000),
+            msg(2, 10),
+            msg(3, 0),
+            msg(4, 3 * MAX_PAYLOAD + 1),
+        ];
+        let mut q = OutQueue::new();
+        for m in &msgs {
+            q.push(m.clone()).unwrap();
+        }
+        let mut want = BytesMut::new();
+        q.write_to(&mut want, usize::MAX);
+        for m in &msgs {
+            q.push(m.clone()).unwrap();
+        }
+        let mut wb = WriteBuf::new();
+        let mut got = Vec::new();
+        let mut step = 1;
+        while !q.is_empty() || !wb.is_empty() {
+            if wb.len() < 3000 {
+                wb.fill(&mut q, 3000);
+            }
+            // A "socket" taking at most 3 slices and `step` bytes per write.
+            let mut io = [IoSlice::new(&[]); 3];
+            let k = wb.chunks_vectored(&mut io);
+            let mut n = 0;
+            for s in &io[..k] {
+                let take = s.len().min(step - n);
+                got.extend_from_slice(&s[..take]);
+                n += take;
+            }
+            wb.advance(n);
+            step = step % 4000 + 777;
+        }
+        assert_eq!(got, want.to_vec());
+        assert_eq!(wb.remaining(), 0);
     }
 
     #[test]

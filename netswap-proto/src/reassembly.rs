@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::frame::{Frame, FramingError, MAX_PAYLOAD};
+use crate::frame::{Frame, FrameHeader, FramingError, MAX_PAYLOAD};
 use crate::types::Status;
 
 /// Per-connection bounds on what reassembly may hold.
@@ -126,6 +126,8 @@ pub struct Reassembler {
     promised: u64,
     buffered: u64,
     shared: Option<Arc<SharedBudget>>,
+    /// The XID that last had a frame buffered (the likeliest sender of the next frame).
+    last_xid: Option<u32>,
 }
 
 impl Drop for Reassembler {
@@ -147,6 +149,7 @@ impl Reassembler {
             promised: 0,
             buffered: 0,
             shared: None,
+            last_xid: None,
         }
     }
 
@@ -218,6 +221,7 @@ impl Reassembler {
             }
             if h.remaining > 0 {
                 p.next_remaining = h.remaining - 1;
+                self.last_xid = Some(h.xid);
                 return Ok(None);
             }
             let (_, p) = self.partial.swap_remove(i);
@@ -332,6 +336,7 @@ impl Reassembler {
         self.buffered += frame.payload.len() as u64;
         self.buffering += 1;
         self.promised += largest;
+        self.last_xid = Some(h.xid);
         self.partial.push((
             h.xid,
             Partial {
@@ -343,6 +348,51 @@ impl Reassembler {
             },
         ));
         Ok(None)
+    }
+}
+
+/// Direct placement of payloads (see [`crate::receive`]): frames checked and consumed
+/// by the caller, their payload written by the caller straight into the message's buffer.
+impl Reassembler {
+    /// The message whose next frames a read may place directly: the one that last
+    /// had a frame buffered, if it is still being buffered and is due at least one more
+    /// full (not last) frame. Returns its XID and how many full frames are still due.
+    pub(crate) fn direct_target(&self) -> Option<(u32, u16)> {
+        let xid = self.last_xid?;
+        let p = &self.partial.iter().find(|(x, _)| *x == xid)?.1;
+        (p.buf.is_some() && p.next_remaining > 0).then_some((xid, p.next_remaining))
+    }
+
+    /// Accepts `h` as the header of a full, not-last frame of a message being buffered,
+    /// exactly when [`Reassembler::push`] would; its payload must then be appended with
+    /// [`Reassembler::direct_buf`] and [`Reassembler::add_buffered`]. Without a match
+    /// nothing changes and the frame must go through `push`.
+    pub(crate) fn accept_direct(&mut self, h: &FrameHeader) -> bool {
+        if h.remaining == 0 || h.len as usize != MAX_PAYLOAD {
+            return false;
+        }
+        let Some((_, p)) = self.partial.iter_mut().find(|(x, _)| *x == h.xid) else {
+            return false;
+        };
+        if p.buf.is_none() || h.remaining != p.next_remaining || h.op != p.op || h.arg != p.arg {
+            return false;
+        }
+        p.next_remaining = h.remaining - 1;
+        self.last_xid = Some(h.xid);
+        true
+    }
+
+    /// The buffer of the message being buffered under `xid`.
+    pub(crate) fn direct_buf(&mut self, xid: u32) -> Option<&mut BytesMut> {
+        self.partial
+            .iter_mut()
+            .find(|(x, _)| *x == xid)
+            .and_then(|(_, p)| p.buf.as_mut())
+    }
+
+    /// Counts `n` payload bytes appended through [`Reassembler::direct_buf`].
+    pub(crate) fn add_buffered(&mut self, n: usize) {
+        self.buffered += n as u64;
     }
 }
 

@@ -158,6 +158,135 @@ proptest! {
     }
 
     #[test]
+    fn the_receiver_with_direct_reads_gives_what_plain_decoding_gives(
+        sizes in prop::collection::vec(0usize..40_000, 1..5),
+        order_seed in any::<u64>(),
+        burst in 1usize..40,
+        reads in prop::collection::vec(1usize..70_000, 1..12),
+        corrupt in prop::option::of((any::<prop::sample::Index>(), any::<u8>())),
+    ) {
+        // Messages interleaved in bursts (a sender finishing a batch of one message's
+        // frames before the next), read with arbitrary read sizes; optionally one byte
+        // corrupted. Whatever the plain path yields, the receiver must yield too.
+        let msgs: Vec<OutMessage> = sizes.iter().enumerate().map(|(i, &n)| OutMessage {
+            xid: i as u32 + 1,
+            op: 3,
+            arg: 0,
+            head: Head::new(),
+            body: Bytes::from((0..n).map(|b| (b * 13 + i) as u8).collect::<Vec<u8>>()),
+        }).collect();
+        let mut queues: Vec<std::collections::VecDeque<OutFrame>> =
+            msgs.iter().map(|m| frames_of(m.clone()).into()).collect();
+        let mut rng = SmallRng::seed_from_u64(order_seed);
+        let mut wire = BytesMut::new();
+        while queues.iter().any(|q| !q.is_empty()) {
+            let live: Vec<usize> = (0..queues.len()).filter(|&i| !queues[i].is_empty()).collect();
+            let pick = live[(rand::RngCore::next_u32(&mut rng) as usize) % live.len()];
+            for _ in 0..burst {
+                if let Some(f) = queues[pick].pop_front() {
+                    f.encode(&mut wire);
+                }
+            }
+        }
+        if let Some((at, byte)) = corrupt {
+            let i = at.index(wire.len());
+            wire[i] ^= byte;
+        }
+        let limits = ReassemblyLimits::default();
+        let mut plain_r = Reassembler::new(limits);
+        let mut plain_buf = wire.clone();
+        let plain = (|| {
+            let mut out = Vec::new();
+            while let Some(f) = decode_frame(&mut plain_buf)? {
+                out.extend(plain_r.push(f)?);
+            }
+            Ok::<_, FramingError>(out)
+        })();
+        let mut rx = Receiver::new(Reassembler::new(limits), 16 * 1024);
+        let mut got = Vec::new();
+        let mut at = 0;
+        let mut k = 0;
+        let direct = loop {
+            if at == wire.len() {
+                break Ok(got);
+            }
+            let want = reads[k % reads.len()];
+            k += 1;
+            let n = rx.read_with(|bufs| -> Result<usize, ()> {
+                let mut n = 0;
+                for b in bufs.iter_mut() {
+                    let c = b.len().min(want - n).min(wire.len() - at - n);
+                    for (d, s) in b[..c].iter_mut().zip(&wire[at + n..at + n + c]) {
+                        d.write(*s);
+                    }
+                    n += c;
+                }
+                Ok(n)
+            }).unwrap();
+            at += n;
+            let mut failed = None;
+            loop {
+                match rx.next_inbound() {
+                    Ok(Some(m)) => got.push(m),
+                    Ok(None) => break,
+                    Err(e) => { failed = Some(e.error); break; }
+                }
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+        };
+        match (plain, direct) {
+            (Ok(a), Ok(b)) => {
+                prop_assert_eq!(a, b);
+                prop_assert_eq!(rx.reassembler().buffered_bytes(), 0);
+            }
+            (Err(a), Err(b)) => prop_assert_eq!(a, b),
+            (a, b) => prop_assert!(false, "plain {:?} but receiver {:?}", a.map(|v| v.len()), b.map(|v| v.len())),
+        }
+    }
+
+    #[test]
+    fn write_buf_sends_exactly_the_encoded_frames(
+        sizes in prop::collection::vec(0usize..12_000, 1..8),
+        writes in prop::collection::vec((1usize..20_000, 1usize..20), 1..10),
+        limit in 1usize..40_000,
+    ) {
+        let msgs: Vec<OutMessage> = sizes.iter().enumerate().map(|(i, &n)| OutMessage {
+            xid: i as u32,
+            op: 1,
+            arg: 0,
+            head: Head::from_slice(&[i as u8; 5]),
+            body: Bytes::from((0..n).map(|b| (b * 5 + i) as u8).collect::<Vec<u8>>()),
+        }).collect();
+        let mut q = OutQueue::new();
+        for m in &msgs { q.push(m.clone()).unwrap(); }
+        let mut want = BytesMut::new();
+        q.write_to(&mut want, usize::MAX);
+        for m in &msgs { q.push(m.clone()).unwrap(); }
+        let mut wb = WriteBuf::new();
+        let mut got = Vec::new();
+        let mut k = 0;
+        while !q.is_empty() || !wb.is_empty() {
+            wb.fill(&mut q, limit);
+            // A socket that takes at most `cap` slices and `max` bytes per write.
+            let (max, cap) = writes[k % writes.len()];
+            k += 1;
+            let mut io = vec![std::io::IoSlice::new(&[]); cap];
+            let n = bytes::Buf::chunks_vectored(&wb, &mut io);
+            let mut taken = 0;
+            for s in &io[..n] {
+                let t = s.len().min(max - taken);
+                got.extend_from_slice(&s[..t]);
+                taken += t;
+            }
+            bytes::Buf::advance(&mut wb, taken);
+            if wb.is_empty() { wb.release_idle_buffer(); }
+        }
+        prop_assert_eq!(got, want.to_vec());
+    }
+
+    #[test]
     fn garbage_never_panics_and_memory_stays_bounded(stream in prop::collection::vec(any::<u8>(), 0..20_000)) {
         let limits = ReassemblyLimits { max_message_bytes: 50_000, max_partial_messages: 4, max_partial_bytes: 100_000 };
         let mut r = Reassembler::new(limits);
