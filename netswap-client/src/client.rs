@@ -13,12 +13,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use netswap_proto::{
     Access, Event, HelloInfo, Identity, Inbound, MAX_MESSAGE, NewOwner, Opcode, OutQueue, Pointer,
-    RESERVED_XID, Reassembler, ReassemblyLimits, RecordInfo, Reply, Request, Version, decode_frame,
+    RESERVED_XID, Reassembler, ReassemblyLimits, Receiver, RecordInfo, Reply, Request, Version,
+    WriteBuf,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream, lookup_host};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -27,7 +28,7 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 
 /// Bytes of frames the writer encodes per write.
-const WRITE_CHUNK: usize = 64 * 1024;
+const WRITE_CHUNK: usize = 256 * 1024;
 /// Bytes reserved per read.
 const READ_CHUNK: usize = 64 * 1024;
 /// Room WRITE_AT needs besides its data (pointer and offset).
@@ -720,28 +721,24 @@ async fn open(addr: impl tokio::net::ToSocketAddrs, options: &Options) -> Result
     })))
 }
 
-async fn read_loop(inner: Arc<Inner>, mut rd: OwnedReadHalf) {
-    let mut reasm = Reassembler::new(ReassemblyLimits {
+async fn read_loop(inner: Arc<Inner>, rd: OwnedReadHalf) {
+    let reasm = Reassembler::new(ReassemblyLimits {
         max_message_bytes: MAX_MESSAGE,
         max_partial_messages: usize::MAX,
         max_partial_bytes: u64::MAX,
     });
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut rx = Receiver::new(reasm, READ_CHUNK);
     let reason = loop {
-        if buf.capacity() - buf.len() < netswap_proto::MAX_FRAME {
-            buf.reserve(READ_CHUNK);
-        }
-        let n = match rd.read_buf(&mut buf).await {
+        let n = match crate::raw::read_frames(rd.as_ref(), &mut rx).await {
             Ok(0) => break "the server closed the connection".to_string(),
             Ok(n) => n,
             Err(e) => break format!("read failed: {e}"),
         };
         let mut broken = None;
         loop {
-            match decode_frame(&mut buf).map(|f| f.map(|f| reasm.push(f))) {
+            match rx.next_inbound() {
                 Ok(None) => break,
-                Ok(Some(Ok(None))) => {}
-                Ok(Some(Ok(Some(Inbound::Message(m))))) => {
+                Ok(Some(Inbound::Message(m))) => {
                     if m.xid == RESERVED_XID {
                         // The server speaks for itself just before closing.
                         let reason = String::from_utf8_lossy(&m.payload).into_owned();
@@ -756,9 +753,9 @@ async fn read_loop(inner: Arc<Inner>, mut rd: OwnedReadHalf) {
                         inner.deliver(m.xid, m.op, m.arg, m.payload);
                     }
                 }
-                Ok(Some(Ok(Some(Inbound::Refused { .. })))) => {}
-                Ok(Some(Err(e))) | Err(e) => {
-                    broken = Some(format!("the server's framing is broken: {e}"));
+                Ok(Some(Inbound::Refused { .. })) => {}
+                Err(e) => {
+                    broken = Some(format!("the server's framing is broken: {}", e.error));
                     break;
                 }
             }
@@ -776,10 +773,10 @@ async fn read_loop(inner: Arc<Inner>, mut rd: OwnedReadHalf) {
 }
 
 async fn write_loop(inner: Arc<Inner>, mut wr: OwnedWriteHalf) {
-    let mut buf = BytesMut::with_capacity(WRITE_CHUNK + netswap_proto::MAX_FRAME);
+    // Vectored writes: large payloads go to the kernel from the caller's buffers.
+    let mut buf = WriteBuf::new();
     loop {
-        buf.clear();
-        let written = lock(&inner.out).write_to(&mut buf, WRITE_CHUNK);
+        let written = buf.fill(&mut lock(&inner.out), WRITE_CHUNK);
         if written == 0 {
             if inner.closed.load(Ordering::Acquire) {
                 let _ = wr.shutdown().await;
@@ -788,7 +785,7 @@ async fn write_loop(inner: Arc<Inner>, mut wr: OwnedWriteHalf) {
             inner.wake_writer.notified().await;
             continue;
         }
-        if let Err(e) = wr.write_all(&buf).await {
+        if let Err(e) = wr.write_all_buf(&mut buf).await {
             inner.fail_all(format!("write failed: {e}"));
             return;
         }

@@ -40,6 +40,7 @@
 pub mod blocking;
 mod client;
 mod error;
+pub mod raw;
 
 pub use client::{Client, Options, Watch, WatchEvent};
 pub use error::{Error, Result};

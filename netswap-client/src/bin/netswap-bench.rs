@@ -19,7 +19,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use netswap_client::{Access, Client, Options, Pointer};
 use netswap_proto::{
-    Inbound, MAX_MESSAGE, OutQueue, Reassembler, ReassemblyLimits, Request, Status, decode_frame,
+    Inbound, MAX_MESSAGE, OutQueue, Reassembler, ReassemblyLimits, Receiver, Request, Status,
+    WriteBuf,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
@@ -259,6 +260,11 @@ async fn read_more(
         rbuf.reserve(256 * 1024);
     }
     let n = stream.read_buf(rbuf).await?;
+    after_read(n, tally, spec)
+}
+
+/// Counts a read of `n` bytes (0: the server closed) and stops the run at its deadline.
+fn after_read(n: usize, tally: &mut Tally, spec: &LoadSpec) -> std::io::Result<Instant> {
     if n == 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
@@ -280,13 +286,16 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
     let mut sent_at = vec![Instant::now(); p];
     let mut created: Vec<Option<Pointer>> = vec![None; p];
     let mut outq = OutQueue::new();
-    let mut wbuf = BytesMut::with_capacity(64 * 1024);
-    let mut rbuf = BytesMut::with_capacity(256 * 1024);
-    let mut reasm = Reassembler::new(ReassemblyLimits {
-        max_message_bytes: MAX_MESSAGE,
-        max_partial_messages: usize::MAX,
-        max_partial_bytes: u64::MAX,
-    });
+    // As the client library does: vectored writes, replies read into place.
+    let mut wbuf = WriteBuf::new();
+    let mut rx = Receiver::new(
+        Reassembler::new(ReassemblyLimits {
+            max_message_bytes: MAX_MESSAGE,
+            max_partial_messages: usize::MAX,
+            max_partial_bytes: u64::MAX,
+        }),
+        256 * 1024,
+    );
     let mut tally = Tally::new();
     let mut counter = (conn_no as u64) << 40;
     let mut inflight = 0usize;
@@ -302,17 +311,20 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
     }
     loop {
         while !outq.is_empty() {
-            wbuf.clear();
-            outq.write_to(&mut wbuf, 64 * 1024);
+            wbuf.fill(&mut outq, 256 * 1024);
             tally.bytes += wbuf.len() as u64;
-            stream.write_all(&wbuf).await?;
+            stream.write_all_buf(&mut wbuf).await?;
         }
         if inflight == 0 {
             break;
         }
-        let now = read_more(&mut stream, &mut rbuf, &mut tally, &spec).await?;
-        while let Some(f) = decode_frame(&mut rbuf).map_err(std::io::Error::other)? {
-            let Some(Inbound::Message(m)) = reasm.push(f).map_err(std::io::Error::other)? else {
+        let n = netswap_client::raw::read_frames(&stream, &mut rx).await?;
+        let now = after_read(n, &mut tally, &spec)?;
+        while let Some(m) = rx
+            .next_inbound()
+            .map_err(|e| std::io::Error::other(e.error))?
+        {
+            let Inbound::Message(m) = m else {
                 continue;
             };
             let slot = m.xid as usize;
