@@ -25,6 +25,10 @@ pub async fn read_frames(stream: &TcpStream, rx: &mut Receiver) -> io::Result<us
 
 /// One non-blocking `recvmsg` into a receiver's (possibly uninitialised) buffers.
 pub fn recv_into(sock: &socket2::Socket, bufs: &mut [&mut [MaybeUninit<u8>]]) -> io::Result<usize> {
+    if let [one] = bufs {
+        // The common case (no large message arriving): no allocation.
+        return sock.recv(one);
+    }
     let mut slices: Vec<socket2::MaybeUninitSlice<'_>> = bufs
         .iter_mut()
         .map(|b| socket2::MaybeUninitSlice::new(b))

@@ -146,7 +146,9 @@ impl Receiver {
     ) -> Result<usize, E> {
         self.start_direct_frame();
         let Some((xid, first, frames, more)) = self.direct_plan() else {
-            self.rbuf.reserve(self.read_chunk);
+            if self.rbuf.capacity() - self.rbuf.len() < crate::frame::MAX_FRAME {
+                self.rbuf.reserve(self.read_chunk);
+            }
             let n = read(&mut [self.rbuf.spare_capacity_mut()])?;
             // SAFETY: `read` initialised the first `n` bytes of the spare capacity.
             unsafe { self.rbuf.set_len(self.rbuf.len() + n) };

@@ -143,6 +143,10 @@ fn recv_into(
     sock: &socket2::SockRef<'_>,
     bufs: &mut [&mut [std::mem::MaybeUninit<u8>]],
 ) -> io::Result<usize> {
+    if let [one] = bufs {
+        // The common case (no large message arriving): no allocation.
+        return sock.recv(one);
+    }
     let mut slices: Vec<socket2::MaybeUninitSlice<'_>> = bufs
         .iter_mut()
         .map(|b| socket2::MaybeUninitSlice::new(b))
@@ -448,9 +452,15 @@ impl Conn {
             if self.wbuf.is_empty() {
                 break;
             }
-            let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
-            let k = self.wbuf.chunks_vectored(&mut slices);
-            match stream.try_write_vectored(&slices[..k]) {
+            let written = if self.wbuf.chunk().len() == self.wbuf.len() {
+                // One slice (small replies only): a plain write.
+                stream.try_write(self.wbuf.chunk())
+            } else {
+                let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
+                let k = self.wbuf.chunks_vectored(&mut slices);
+                stream.try_write_vectored(&slices[..k])
+            };
+            match written {
                 Ok(n) => {
                     self.wbuf.advance(n);
                     self.last_io = Instant::now();

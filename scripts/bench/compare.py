@@ -261,43 +261,47 @@ def median(xs):
 
 
 def svg_chart(rows, path):
-    """Grouped bars of ops/s (log scale) for the small-value rows."""
-    groups = [r for r in rows if r["kind"] == "ops"]
-    systems = [("netswap", "#2b7bb9"), ("redis", "#d1495b"), ("memcached", "#66a182")]
-    w, h, left, top, bottom = 960, 420, 70, 40, 90
-    plot_h = h - top - bottom
+    """One horizontal bar per row and rival: how many times better netswap is (log scale)."""
     import math
-    vmax = max(max(r.get(s) or 0 for s, _ in systems) for r in groups)
-    vmin = 10 ** 4
-    lmax = math.log10(vmax * 1.3)
-    lmin = math.log10(vmin)
+    rivals = [("redis", "Redis", "#d1495b"), ("memcached", "memcached", "#66a182")]
+    lo, hi = 0.25, 256.0
+    w, left, right, top, row_h = 980, 330, 60, 56, 34
+    h = top + row_h * len(rows) + 50
+    plot_w = w - left - right
 
-    def y(v):
-        v = max(v, vmin)
-        return top + plot_h - (math.log10(v) - lmin) / (lmax - lmin) * plot_h
+    def x(v):
+        v = min(max(v, lo), hi)
+        return left + (math.log2(v) - math.log2(lo)) / (math.log2(hi) - math.log2(lo)) * plot_w
 
-    gw = (w - left - 20) / len(groups)
-    bw = gw / 4
+    def better(r, s):
+        a, b = r.get("netswap"), r.get(s)
+        if not a or not b:
+            return None
+        return b / a if r["kind"] in ("memory", "hol") else a / b
+
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
            f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2}" y="22" text-anchor="middle" font-size="15">ops/s on loopback, 2 vCPUs shared by server and load generator (log scale; higher is better)</text>']
-    for e in range(4, int(lmax) + 1):
-        yy = y(10 ** e)
-        out.append(f'<line x1="{left}" x2="{w - 20}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{10 ** e:,}</text>')
-    for gi, r in enumerate(groups):
-        x0 = left + gi * gw + bw / 2
-        for si, (s, color) in enumerate(systems):
-            v = r.get(s)
-            if not v:
+           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="15">netswap against Redis and memcached, same machine, same run</text>',
+           f'<text x="{w / 2}" y="38" text-anchor="middle" fill="#555">times better (log scale): right of 1x netswap wins; throughput, bytes per record and p99 latency</text>']
+    for v in [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256]:
+        xx = x(v)
+        out.append(f'<line x1="{xx:.1f}" x2="{xx:.1f}" y1="{top - 6}" y2="{h - 44}" stroke="{"#333" if v == 1 else "#e3e3e3"}"/>')
+        out.append(f'<text x="{xx:.1f}" y="{h - 30}" text-anchor="middle">{v:g}x</text>')
+    for i, r in enumerate(rows):
+        y0 = top + i * row_h
+        label = r["label"].replace("&", "and").replace(", same connection (us)", "")
+        out.append(f'<text x="{left - 8}" y="{y0 + row_h / 2 + 4:.1f}" text-anchor="end">{label}</text>')
+        for j, (s, name, color) in enumerate(rivals):
+            v = better(r, s)
+            if v is None:
                 continue
-            x = x0 + si * bw
-            out.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{bw - 2:.1f}" height="{top + plot_h - y(v):.1f}" fill="{color}"><title>{s}: {v:,.0f} ops/s</title></rect>')
-        label = r["label"].replace("&", "and")
-        out.append(f'<text x="{x0 + 1.5 * bw:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{label}</text>')
-    for si, (s, color) in enumerate(systems):
-        out.append(f'<rect x="{left + si * 130}" y="{h - 30}" width="12" height="12" fill="{color}"/>')
-        out.append(f'<text x="{left + si * 130 + 18}" y="{h - 20}">{s}</text>')
+            yy = y0 + 4 + j * (row_h - 8) / 2
+            x1, x2 = sorted([x(1), x(v)])
+            out.append(f'<rect x="{x1:.1f}" y="{yy:.1f}" width="{max(x2 - x1, 1):.1f}" height="{(row_h - 10) / 2:.1f}" fill="{color}"><title>{name}: {v:.2f}x</title></rect>')
+            out.append(f'<text x="{x(v) + (4 if v >= 1 else -4):.1f}" y="{yy + 10:.1f}" font-size="10" text-anchor="{"start" if v >= 1 else "end"}">{v:.2f}x</text>')
+    for j, (s, name, color) in enumerate(rivals):
+        out.append(f'<rect x="{left + j * 160}" y="{h - 18}" width="12" height="12" fill="{color}"/>')
+        out.append(f'<text x="{left + j * 160 + 18}" y="{h - 8}">against {name}</text>')
     out.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
@@ -306,7 +310,7 @@ def svg_chart(rows, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5)
-    ap.add_argument("--runs", type=int, default=3, help="runs per small-value row (median)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per throughput row, servers alternating (median)")
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--threads", type=int, default=1, help="netswap-server --threads")
     ap.add_argument("--quick", action="store_true", help="1 run, 2 s, 100k records (smoke test)")
@@ -351,29 +355,33 @@ def main():
     only = set(a.only.split(","))
     print(f"netswap {a.threads} thread(s); medians of {a.runs} run(s) of {a.seconds:g} s; 50 connections\n")
     if "ops" in only:
-        ops_row("64 B read, P1", "read", 64, 50, 1, 100_000)
-        ops_row("64 B write, P1", "write", 64, 50, 1, 100_000)
-        ops_row("64 B read, P16", "read", 64, 50, 16, 700_000)
-        ops_row("64 B write, P16", "write", 64, 50, 16, 700_000)
+        for size, label in [(64, "64 B"), (1024, "1 KiB")]:
+            ops_row(f"{label} read, P1", "read", size, 50, 1, 100_000)
+            ops_row(f"{label} write, P1", "write", size, 50, 1, 100_000)
+            ops_row(f"{label} read, P16", "read", size, 50, 16, 700_000)
+            ops_row(f"{label} write, P16", "write", size, 50, 16, 700_000)
     for size, label in ([(65536, "64 KiB"), (1 << 20, "1 MiB")] if "bytes" in only else []):
         for op in ["read", "write"]:
             r = {"kind": "bytes", "label": f"{label} {op}, 4 conns", "size": size,
                  "tools": "netswap-bench / redis-benchmark / netswap-bench --protocol memcached"}
-            srv = netswap_server(a.threads)
-            try:
-                r["netswap"] = netswap_load(srv, "read" if op == "read" else "replace", size, 4, 1, a.seconds)["ops"] * size
-            finally:
-                srv.stop()
-            srv = redis_server()
-            try:
-                r["redis"] = redis_load(srv, op, size, 4, 1, a.seconds, 20000 if size == 65536 else 1000)["ops"] * size
-            finally:
-                srv.stop()
-            srv = memcached_server()
-            try:
-                r["memcached"] = memcached_load(srv, op, size, 4, 1, a.seconds)["ops"] * size
-            finally:
-                srv.stop()
+            ns, rd, mc = [], [], []
+            for _ in range(a.runs):
+                srv = netswap_server(a.threads)
+                try:
+                    ns.append(netswap_load(srv, "read" if op == "read" else "replace", size, 4, 1, a.seconds)["ops"] * size)
+                finally:
+                    srv.stop()
+                srv = redis_server()
+                try:
+                    rd.append(redis_load(srv, op, size, 4, 1, a.seconds, 20000 if size == 65536 else 3000)["ops"] * size)
+                finally:
+                    srv.stop()
+                srv = memcached_server()
+                try:
+                    mc.append(memcached_load(srv, op, size, 4, 1, a.seconds)["ops"] * size)
+                finally:
+                    srv.stop()
+            r["netswap"], r["redis"], r["memcached"] = median(ns), median(rd), median(mc)
             rows.append(r)
             print_row(r)
     if "memory" in only:
