@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 
 /// Bytes of frames the writer encodes per write.
-const WRITE_CHUNK: usize = 256 * 1024;
+const WRITE_CHUNK: usize = 64 * 1024;
 /// Bytes reserved per read.
 const READ_CHUNK: usize = 64 * 1024;
 /// Room WRITE_AT needs besides its data (pointer and offset).

@@ -10,15 +10,34 @@ use tokio::net::TcpStream;
 /// Waits until `stream` is readable and reads once into `rx`, large messages straight
 /// into their buffers (see [`Receiver`]). Returns the bytes read; 0 at end of stream.
 /// Afterwards take what arrived with [`Receiver::next_inbound`].
+///
+/// A read that returns less than there was room for has drained the socket: readiness
+/// is then cleared as if it had returned would-block (tokio keeps it if data arrived
+/// meanwhile), so the next call waits for data instead of making a `recv` only to
+/// learn that the socket is empty.
 pub async fn read_frames(stream: &TcpStream, rx: &mut Receiver) -> io::Result<usize> {
     let sock = socket2::SockRef::from(stream);
     loop {
         stream.readable().await?;
-        match stream.try_io(Interest::READABLE, || {
-            rx.read_with(|bufs| recv_into(&sock, bufs))
-        }) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            other => return other,
+        let mut drained_n = None;
+        let read = stream.try_io(Interest::READABLE, || {
+            let mut short = false;
+            let n = rx.read_with(|bufs| {
+                let room: usize = bufs.iter().map(|b| b.len()).sum();
+                let n = recv_into(&sock, bufs)?;
+                short = n < room;
+                Ok::<_, io::Error>(n)
+            })?;
+            if short && n > 0 {
+                drained_n = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match (read, drained_n) {
+            (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
+            (Err(e), _) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            (other, _) => return other,
         }
     }
 }

@@ -138,6 +138,34 @@ pub(crate) async fn serve(
     drop(slot);
 }
 
+/// Reads once into `rx` (large messages straight into their buffers, see
+/// [`Receiver`]). The flag says the socket was drained: the read returned less than
+/// there was room for. Then readiness is cleared as if the read had returned
+/// would-block (tokio keeps it if data arrived meanwhile), which saves the extra
+/// `recv` per request that only learns the socket is empty.
+fn read_once(stream: &TcpStream, rx: &mut Receiver) -> (io::Result<usize>, bool) {
+    let sock = socket2::SockRef::from(stream);
+    let mut drained_n = None;
+    let read = stream.try_io(Interest::READABLE, || {
+        let mut short = false;
+        let n = rx.read_with(|bufs| {
+            let room: usize = bufs.iter().map(|b| b.len()).sum();
+            let n = recv_into(&sock, bufs)?;
+            short = n < room;
+            Ok::<_, io::Error>(n)
+        })?;
+        if short && n > 0 {
+            drained_n = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (read, drained_n) {
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => (Ok(n), true),
+        (read, _) => (read, false),
+    }
+}
+
 /// One non-blocking `recvmsg` into the receiver's (possibly uninitialised) buffers.
 fn recv_into(
     sock: &socket2::SockRef<'_>,
@@ -317,11 +345,7 @@ impl Conn {
                 capped = false;
                 break;
             }
-            // Large messages are read straight into their buffers (see Receiver).
-            let sock = socket2::SockRef::from(stream);
-            let read = stream.try_io(Interest::READABLE, || {
-                self.rx.read_with(|bufs| recv_into(&sock, bufs))
-            });
+            let (read, drained) = read_once(stream, &mut self.rx);
             match read {
                 Ok(0) => {
                     self.eof = true;
@@ -334,6 +358,11 @@ impl Conn {
                     self.last_io = now;
                     self.batch_now = now.into_std();
                     self.process();
+                    if drained {
+                        // Nothing more waits: no read just to learn it would block.
+                        capped = false;
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     capped = false;
