@@ -144,7 +144,7 @@ impl OutQueue {
         &mut self,
         f: impl FnOnce(&FrameHeader, &[u8], &Bytes, std::ops::Range<usize>) -> R,
     ) -> Option<R> {
-        let mut s = self.queue.pop_front()?;
+        let s = self.queue.front_mut()?;
         let total = s.msg.len();
         let n = (total - s.sent).min(MAX_PAYLOAD);
         let (start, end) = (s.sent, s.sent + n);
@@ -175,9 +175,16 @@ impl OutQueue {
         if s.remaining > 0 {
             s.sent = end;
             s.remaining -= 1;
-            self.queue.push_back(s);
-        } else if large {
-            self.large -= 1;
+            if self.queue.len() > 1 {
+                // Its turn is over: to the back (a lone message stays where it is).
+                let s = self.queue.pop_front().expect("front exists");
+                self.queue.push_back(s);
+            }
+        } else {
+            self.queue.pop_front();
+            if large {
+                self.large -= 1;
+            }
         }
         Some(out)
     }
@@ -199,8 +206,10 @@ impl OutQueue {
     }
 }
 
-/// Payload slices at least this long are written from where they are, not staged.
-const IN_PLACE: usize = 1024;
+/// Bodies at least this long are written from where they are, not staged (their
+/// frames' slices of at least half a frame): below it, copying is cheaper than a
+/// reference and a separate slice per frame.
+const IN_PLACE: usize = 8 * 1024;
 /// Staging memory is reserved in blocks of this size.
 const STAGE_BLOCK: usize = 16 * 1024;
 
@@ -292,6 +301,9 @@ impl WriteBuf {
     /// `q` is empty. Returns the number of frames taken.
     pub fn fill(&mut self, q: &mut OutQueue, limit: usize) -> usize {
         let mut frames = 0;
+        // Room for the slices this fill will add (two per large frame), up front.
+        let expect = limit.min(q.pending_bytes()) / MAX_FRAME + q.len();
+        self.segs.reserve(2 * expect.min(1024));
         while self.len < limit {
             let room = self.stage.capacity() - self.stage.len();
             if room < MAX_FRAME {
@@ -301,7 +313,7 @@ impl WriteBuf {
                 self.stage.reserve(STAGE_BLOCK);
             }
             let taken = q.pop_frame_with(|header, first, body, range| {
-                let in_place = range.len() >= IN_PLACE;
+                let in_place = body.len() >= IN_PLACE && range.len() >= MAX_PAYLOAD / 2;
                 let at = self.stage.len();
                 self.stage.extend_from_slice(&header.to_bytes());
                 self.stage.extend_from_slice(first);
