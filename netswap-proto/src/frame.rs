@@ -4,7 +4,7 @@
 //! whole frame is buffered (a partial frame is `Ok(None)`, "need more bytes"), then
 //! splits it off the buffer without copying its payload.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use nom::IResult;
 use nom::Parser;
 use nom::number::streaming::{be_u8, be_u16, be_u32};
@@ -159,7 +159,8 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, FramingError> {
         return Ok(None);
     }
     let mut frame = buf.split_to(total);
-    let payload = frame.split_off(HEADER_LEN).freeze();
+    frame.advance(HEADER_LEN);
+    let payload = frame.freeze();
     Ok(Some(Frame { header, payload }))
 }
 

@@ -354,6 +354,36 @@ impl WriteBuf {
         frames
     }
 
+    /// Appends a message that fits one frame and has a small body straight after what
+    /// waits, as an [`OutQueue`] holding nothing else would produce it: a server
+    /// answering small requests while nothing is queued skips the queue. Returns false,
+    /// doing nothing, for any other message.
+    pub fn push_message(&mut self, msg: &OutMessage) -> bool {
+        let len = msg.len();
+        if len > MAX_PAYLOAD || msg.body.len() >= IN_PLACE {
+            return false;
+        }
+        if self.stage.capacity() - self.stage.len() < HEADER_LEN + len {
+            self.seal_stage(self.last_seq());
+            self.stage.reserve(STAGE_BLOCK);
+        }
+        let header = FrameHeader {
+            xid: msg.xid,
+            remaining: 0,
+            op: msg.op,
+            arg: msg.arg,
+            len: len as u16,
+        };
+        let at = self.stage.len();
+        self.stage.extend_from_slice(&header.to_bytes());
+        self.stage.extend_from_slice(&msg.head);
+        self.stage.extend_from_slice(&msg.body);
+        // SAFETY: `at..` is inside the block's filled part, which is never moved.
+        let ptr = unsafe { self.stage.as_ptr().add(at) };
+        self.push_seg(ptr, HEADER_LEN + len, true);
+        true
+    }
+
     /// Gives back the staging memory when nothing waits (idle connections).
     pub fn release_idle_buffer(&mut self) {
         if self.is_empty() {
@@ -511,6 +541,30 @@ mod tests {
         }
         assert_eq!(got, want.to_vec());
         assert_eq!(wb.remaining(), 0);
+    }
+
+    #[test]
+    fn push_message_writes_what_the_queue_would() {
+        let small = [msg(1, 10), msg(2, 0), msg(3, MAX_PAYLOAD)];
+        let mut q = OutQueue::new();
+        let mut want = BytesMut::new();
+        for m in &small {
+            q.push(m.clone()).unwrap();
+        }
+        q.write_to(&mut want, usize::MAX);
+        let mut wb = WriteBuf::new();
+        for m in &small {
+            assert!(wb.push_message(m));
+        }
+        assert!(!wb.push_message(&msg(4, MAX_PAYLOAD + 1)), "two frames");
+        assert!(!wb.push_message(&msg(5, IN_PLACE)), "a large body");
+        let mut got = Vec::new();
+        while wb.has_remaining() {
+            got.extend_from_slice(wb.chunk());
+            let n = wb.chunk().len();
+            wb.advance(n);
+        }
+        assert_eq!(got, want.to_vec());
     }
 
     #[test]

@@ -430,9 +430,15 @@ impl Conn {
     }
 
     fn reply(&mut self, xid: u32, reply: Reply) {
+        let msg = reply.encode(xid);
+        // With nothing queued, a small reply goes straight to the write buffer, in
+        // the order the queue would have produced.
+        if self.outq.is_empty() && self.wbuf.push_message(&msg) {
+            return;
+        }
         // Replies are bounded by the record size, which is capped below the framing
         // limit, so this cannot fail.
-        let _ = self.outq.push(reply.encode(xid));
+        let _ = self.outq.push(msg);
     }
 
     /// Queues a notification for this connection, unless its watch has ended since.
