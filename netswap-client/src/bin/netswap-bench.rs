@@ -279,6 +279,14 @@ fn after_read(n: usize, tally: &mut Tally, spec: &LoadSpec) -> std::io::Result<I
     Ok(now)
 }
 
+/// Queues a request: a small one straight into the write buffer when nothing is
+/// queued ahead of it (as the server does with small replies).
+fn queue(outq: &mut OutQueue, wbuf: &mut WriteBuf, msg: netswap_proto::OutMessage) {
+    if !(outq.is_empty() && wbuf.push_message(&msg)) {
+        outq.push(msg).expect("requests fit the framing");
+    }
+}
+
 /// One connection keeping `pipeline` requests in flight until the deadline or budget.
 async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
     let mut stream = raw_connect(spec.server, None).await?;
@@ -304,13 +312,16 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
             break;
         }
         counter += 1;
-        outq.push(request(&spec, counter, None).encode(slot as u32))
-            .unwrap();
+        queue(
+            &mut outq,
+            &mut wbuf,
+            request(&spec, counter, None).encode(slot as u32),
+        );
         *sent = Instant::now();
         inflight += 1;
     }
     loop {
-        while !outq.is_empty() {
+        while !outq.is_empty() || !wbuf.is_empty() {
             wbuf.fill(&mut outq, 256 * 1024);
             tally.bytes += wbuf.len() as u64;
             stream.write_all_buf(&mut wbuf).await?;
@@ -346,8 +357,11 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
             // A created record is always deleted, even past the deadline.
             if next_created.is_some() || spec.take() {
                 counter += 1;
-                outq.push(request(&spec, counter, next_created).encode(slot as u32))
-                    .unwrap();
+                queue(
+                    &mut outq,
+                    &mut wbuf,
+                    request(&spec, counter, next_created).encode(slot as u32),
+                );
                 sent_at[slot] = Instant::now();
                 inflight += 1;
             }
