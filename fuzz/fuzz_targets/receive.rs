@@ -7,7 +7,6 @@
 #![no_main]
 
 use std::collections::VecDeque;
-use std::mem::MaybeUninit;
 
 use arbitrary::Arbitrary;
 use bytes::{Bytes, BytesMut};
@@ -97,20 +96,7 @@ fuzz_target!(|input: Input| {
         }
         let want = input.reads.get(k % input.reads.len().max(1)).copied().unwrap_or(1400).max(1) as usize;
         k += 1;
-        let n = rx
-            .read_with(|bufs: &mut [&mut [MaybeUninit<u8>]]| {
-                let mut n = 0;
-                for b in bufs.iter_mut() {
-                    let c = b.len().min(want - n).min(wire.len() - at - n);
-                    for (d, s) in b[..c].iter_mut().zip(&wire[at + n..at + n + c]) {
-                        d.write(*s);
-                    }
-                    n += c;
-                }
-                Ok::<_, ()>(n)
-            })
-            .unwrap();
-        at += n;
+        at += rx.read_from_slice(&wire[at..(at + want).min(wire.len())]);
         let mut failed = None;
         loop {
             match rx.next_inbound() {

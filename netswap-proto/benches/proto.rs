@@ -80,22 +80,7 @@ fn decode(c: &mut Criterion) {
             let mut at = 0;
             let mut got = None;
             while at < wire.len() {
-                at += rx
-                    .read_with(|bufs| {
-                        let mut n = 0;
-                        for buf in bufs.iter_mut() {
-                            let k = buf.len().min(wire.len() - at - n).min(64 * 1024 - n);
-                            let src = &wire[at + n..at + n + k];
-                            // SAFETY: MaybeUninit<u8> and u8 have the same layout.
-                            let src = unsafe {
-                                &*(src as *const [u8] as *const [std::mem::MaybeUninit<u8>])
-                            };
-                            buf[..k].copy_from_slice(src);
-                            n += k;
-                        }
-                        Ok::<_, ()>(n)
-                    })
-                    .unwrap();
+                at += rx.read_from_slice(&wire[at..(at + 64 * 1024).min(wire.len())]);
                 while let Some(m) = rx.next_inbound().unwrap() {
                     if let Inbound::Message(m) = m {
                         got = Some(Request::parse(m.op, m.arg, m.payload).unwrap());

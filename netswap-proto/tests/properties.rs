@@ -212,18 +212,7 @@ proptest! {
             }
             let want = reads[k % reads.len()];
             k += 1;
-            let n = rx.read_with(|bufs| -> Result<usize, ()> {
-                let mut n = 0;
-                for b in bufs.iter_mut() {
-                    let c = b.len().min(want - n).min(wire.len() - at - n);
-                    for (d, s) in b[..c].iter_mut().zip(&wire[at + n..at + n + c]) {
-                        d.write(*s);
-                    }
-                    n += c;
-                }
-                Ok(n)
-            }).unwrap();
-            at += n;
+            at += rx.read_from_slice(&wire[at..(at + want).min(wire.len())]);
             let mut failed = None;
             loop {
                 match rx.next_inbound() {
