@@ -42,6 +42,10 @@ cargo fmt --all --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+step "API docs build without warnings (broken links, missing docs)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet \
+  -p netswap-proto -p netswap-client -p netswap-server -p netswap-ffi
+
 step "Rust tests (unit, property, vectors, server, client, CLI, and the C tests incl. valgrind)"
 # The C tests link against the cdylib, which `cargo test` alone does not build.
 cargo build --quiet -p netswap-ffi --lib

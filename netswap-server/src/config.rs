@@ -16,7 +16,7 @@ use rand::RngCore;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "netswap-server", version, about, long_about = None)]
 pub struct Args {
-    /// Address and port to listen on (IPv4 or IPv6, e.g. [::]:7420).
+    /// Address and port to listen on (IPv4 or IPv6, e.g. `[::]:7420`).
     #[arg(long, env = "NETSWAP_LISTEN", default_value = "127.0.0.1:7420")]
     pub listen: SocketAddr,
 
