@@ -21,14 +21,8 @@ pub async fn read_frames(stream: &TcpStream, rx: &mut Receiver) -> io::Result<us
         stream.readable().await?;
         let mut drained_n = None;
         let read = stream.try_io(Interest::READABLE, || {
-            let mut short = false;
-            let n = rx.read_with(|bufs| {
-                let room: usize = bufs.iter().map(|b| b.len()).sum();
-                let n = recv_into(&sock, bufs)?;
-                short = n < room;
-                Ok::<_, io::Error>(n)
-            })?;
-            if short && n > 0 {
+            let n = rx.read_with(|bufs| recv_into(&sock, bufs))?;
+            if n > 0 && rx.drained() {
                 drained_n = Some(n);
                 return Err(io::ErrorKind::WouldBlock.into());
             }

@@ -25,6 +25,8 @@ use crate::reassembly::{Inbound, Reassembler};
 
 /// Full frames of one message placed directly by one read, at most.
 const MAX_DIRECT_FRAMES: usize = 120;
+/// A header slot and a full payload.
+const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_PAYLOAD;
 /// Plain reads after a scattered read that guessed wrong.
 const COOLDOWN: u8 = 8;
 
@@ -58,6 +60,8 @@ pub struct Receiver {
     /// several messages interleaved: scattering would only add a copy).
     cooldown: u8,
     direct: u64,
+    /// The last read returned less than the room it was lent.
+    drained: bool,
 }
 
 impl Receiver {
@@ -71,12 +75,20 @@ impl Receiver {
             read_chunk: read_chunk.max(crate::frame::MAX_FRAME),
             cooldown: 0,
             direct: 0,
+            drained: false,
         }
     }
 
     /// The reassembler (limits and what it holds).
     pub fn reassembler(&self) -> &Reassembler {
         &self.reasm
+    }
+
+    /// True when the last read returned less than the room it was lent: the source had
+    /// nothing more at that moment (a socket reader may skip the read that would only
+    /// report would-block).
+    pub fn drained(&self) -> bool {
+        self.drained
     }
 
     /// Payload bytes read straight into their message's buffer so far.
@@ -149,7 +161,10 @@ impl Receiver {
             if self.rbuf.capacity() - self.rbuf.len() < crate::frame::MAX_FRAME {
                 self.rbuf.reserve(self.read_chunk);
             }
-            let n = read(&mut [self.rbuf.spare_capacity_mut()])?;
+            let spare = self.rbuf.spare_capacity_mut();
+            let room = spare.len();
+            let n = read(&mut [spare])?;
+            self.drained = n < room;
             // SAFETY: `read` initialised the first `n` bytes of the spare capacity.
             unsafe { self.rbuf.set_len(self.rbuf.len() + n) };
             return Ok(n);
@@ -189,8 +204,10 @@ impl Receiver {
             self.read_chunk
         };
         bufs.push(&mut self.rbuf.spare_capacity_mut()[..tail]);
+        let room = first + frames * MAX_FRAME_LEN + tail;
         let n = read(&mut bufs)?;
         drop(bufs);
+        self.drained = n < room;
         self.place(xid, first, frames, n);
         Ok(n)
     }
@@ -474,6 +491,20 @@ mod tests {
             let want: Vec<_> = msgs.iter().map(|m| (m.xid, m.payload())).collect();
             assert_eq!(got, want, "reads of {sizes:?}");
         }
+    }
+
+    #[test]
+    fn drained_says_whether_a_read_filled_what_it_was_lent() {
+        let w = wire(&[msg(1, 1 << 20)]);
+        let mut rx = Receiver::new(Reassembler::new(ReassemblyLimits::default()), 4096);
+        // Far more than one read takes: the read is full, the source not drained.
+        let n = rx.read_from_slice(&w);
+        assert!(n < w.len() && !rx.drained());
+        while rx.next_inbound().unwrap().is_some() {}
+        // Then a direct read (the message is known) of only 100 bytes: drained.
+        assert_eq!(rx.read_from_slice(&w[n..n + 100]), 100);
+        assert!(rx.drained());
+        assert!(rx.direct_bytes() > 0 || rx.buffered() > 0);
     }
 
     #[test]
