@@ -32,6 +32,7 @@
 pub mod frame;
 pub mod identity;
 pub mod message;
+pub mod notify;
 pub mod outbound;
 pub mod reassembly;
 pub mod receive;
@@ -47,6 +48,7 @@ pub use message::{
     BadReply, HEAD_CAPACITY, Head, HelloInfo, Malformed, NewOwner, OutMessage, RecordInfo, Reply,
     Request,
 };
+pub use notify::{NotifyQueue, Pushed};
 pub use outbound::{LARGE_MESSAGE, OutFrame, OutQueue, WriteBuf};
 pub use reassembly::{InMessage, Inbound, Reassembler, ReassemblyLimits, SharedBudget};
 pub use receive::{ReceiveError, Receiver};

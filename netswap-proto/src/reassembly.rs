@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
@@ -44,14 +45,26 @@ impl Default for ReassemblyLimits {
 pub struct SharedBudget {
     limit: u64,
     used: AtomicU64,
+    /// The BUSY reason when this budget refuses a message.
+    refusal: &'static str,
 }
 
 impl SharedBudget {
-    /// A budget of `limit` bytes.
+    /// A budget of `limit` bytes (the server-wide one).
     pub fn new(limit: u64) -> Arc<SharedBudget> {
+        SharedBudget::with_refusal(
+            limit,
+            "the server's memory for unfinished messages is in use; retry later",
+        )
+    }
+
+    /// A budget of `limit` bytes that refuses with `refusal` as the BUSY reason (for
+    /// example one address's share of the server-wide budget).
+    pub fn with_refusal(limit: u64, refusal: &'static str) -> Arc<SharedBudget> {
         Arc::new(SharedBudget {
             limit,
             used: AtomicU64::new(0),
+            refusal,
         })
     }
     /// Bytes currently promised to unfinished messages.
@@ -113,6 +126,8 @@ struct Partial {
     promised: u64,
     /// `None` while discarding a refused message.
     buf: Option<BytesMut>,
+    /// When its last frame arrived (the clock the caller last gave).
+    progress: Option<Instant>,
 }
 
 /// Reassembles frames into messages for one connection. No I/O, no clock.
@@ -125,14 +140,17 @@ pub struct Reassembler {
     discarding: usize,
     promised: u64,
     buffered: u64,
-    shared: Option<Arc<SharedBudget>>,
+    /// Budgets shared with other connections, all of which a promise draws from.
+    shared: Vec<Arc<SharedBudget>>,
     /// The XID that last had a frame buffered (the likeliest sender of the next frame).
     last_xid: Option<u32>,
+    /// "Now" as the caller last said ([`Reassembler::set_now`]).
+    now: Option<Instant>,
 }
 
 impl Drop for Reassembler {
     fn drop(&mut self) {
-        if let Some(b) = &self.shared {
+        for b in &self.shared {
             b.release(self.promised);
         }
     }
@@ -148,9 +166,26 @@ impl Reassembler {
             discarding: 0,
             promised: 0,
             buffered: 0,
-            shared: None,
+            shared: Vec::new(),
             last_xid: None,
+            now: None,
         }
+    }
+
+    /// Tells the reassembler the time, so that it can say how long each unfinished
+    /// message has waited for its next frame ([`Reassembler::oldest_progress`]).
+    /// There is no clock inside: frames pushed count as arriving at the last time given.
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = Some(now);
+    }
+
+    /// When the unfinished message that has waited longest for its next frame last
+    /// received one (its first frame, for one that never progressed). A sender that
+    /// keeps the connection busy with other traffic does not reset this: each message
+    /// must progress by itself. `None` when no message is unfinished (or no time was
+    /// ever given).
+    pub fn oldest_progress(&self) -> Option<Instant> {
+        self.partial.iter().filter_map(|(_, p)| p.progress).min()
     }
 
     /// A reassembler that also draws the bytes it promises to unfinished messages
@@ -158,9 +193,33 @@ impl Reassembler {
     /// multi-frame message gets BUSY. What it holds is given back as messages finish
     /// and when it is dropped.
     pub fn with_shared_budget(limits: ReassemblyLimits, budget: Arc<SharedBudget>) -> Reassembler {
+        Reassembler::with_shared_budgets(limits, vec![budget])
+    }
+
+    /// Like [`Reassembler::with_shared_budget`] with several budgets (e.g. the share of
+    /// the connection's address, then the server-wide one): a promise must fit all of
+    /// them, and a refusal names the first that is spent.
+    pub fn with_shared_budgets(
+        limits: ReassemblyLimits,
+        budgets: Vec<Arc<SharedBudget>>,
+    ) -> Reassembler {
         let mut r = Reassembler::new(limits);
-        r.shared = Some(budget);
+        r.shared = budgets;
         r
+    }
+
+    /// Draws `n` bytes from every shared budget, or from none: the reason of the first
+    /// that has no room.
+    fn acquire_shared(&self, n: u64) -> Result<(), &'static str> {
+        for (i, b) in self.shared.iter().enumerate() {
+            if !b.acquire(n) {
+                for taken in &self.shared[..i] {
+                    taken.release(n);
+                }
+                return Err(b.refusal);
+            }
+        }
+        Ok(())
     }
 
     /// The bounds in force.
@@ -219,6 +278,7 @@ impl Reassembler {
                 buf.extend_from_slice(&frame.payload);
                 self.buffered += frame.payload.len() as u64;
             }
+            p.progress = self.now.or(p.progress);
             if h.remaining > 0 {
                 p.next_remaining = h.remaining - 1;
                 self.last_xid = Some(h.xid);
@@ -226,7 +286,7 @@ impl Reassembler {
             }
             let (_, p) = self.partial.swap_remove(i);
             self.promised -= p.promised;
-            if let Some(b) = &self.shared {
+            for b in &self.shared {
                 b.release(p.promised);
             }
             let Some(buf) = p.buf else {
@@ -298,11 +358,11 @@ impl Reassembler {
                     self.limits.max_partial_bytes
                 ),
             })
-        } else if self.shared.as_ref().is_some_and(|b| !b.acquire(largest)) {
+        } else if let Err(reason) = self.acquire_shared(largest) {
             Some(Inbound::Refused {
                 xid: h.xid,
                 status: Status::Busy,
-                reason: "the server's memory for unfinished messages is in use; retry later".into(),
+                reason: reason.into(),
             })
         } else {
             None
@@ -323,6 +383,7 @@ impl Reassembler {
                     next_remaining,
                     promised: 0,
                     buf: None,
+                    progress: self.now,
                 },
             ));
             return Ok(refusal);
@@ -345,6 +406,7 @@ impl Reassembler {
                 next_remaining,
                 promised: largest,
                 buf: Some(buf),
+                progress: self.now,
             },
         ));
         Ok(None)
@@ -378,6 +440,7 @@ impl Reassembler {
             return false;
         }
         p.next_remaining = h.remaining - 1;
+        p.progress = self.now.or(p.progress);
         self.last_xid = Some(h.xid);
         true
     }
@@ -586,6 +649,61 @@ mod tests {
         assert_eq!(b.push(frame(2, 1, 3, &full)), Ok(None));
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_promise_must_fit_every_budget_and_takes_from_none_when_one_is_spent() {
+        let per_ip = SharedBudget::with_refusal(2 * 1390, "this address holds too much");
+        let global = SharedBudget::new(10 * 1390);
+        let full = [0u8; 1390];
+        let mut a = Reassembler::with_shared_budgets(
+            limits(1_000_000),
+            vec![per_ip.clone(), global.clone()],
+        );
+        assert_eq!(a.push(frame(1, 1, 3, &full)), Ok(None));
+        let Some(Inbound::Refused { status, reason, .. }) = a.push(frame(2, 1, 3, &full)).unwrap()
+        else {
+            panic!("refused")
+        };
+        assert_eq!(status, Status::Busy);
+        assert_eq!(reason, "this address holds too much");
+        assert_eq!(
+            global.used(),
+            2 * 1390,
+            "nothing taken from the other budget"
+        );
+        // Another address has its own share of the same global budget.
+        let other_ip = SharedBudget::with_refusal(2 * 1390, "x");
+        let mut b =
+            Reassembler::with_shared_budgets(limits(1_000_000), vec![other_ip, global.clone()]);
+        assert_eq!(b.push(frame(1, 1, 3, &full)), Ok(None));
+        assert_eq!(global.used(), 4 * 1390);
+        drop(a);
+        drop(b);
+        assert_eq!((per_ip.used(), global.used()), (0, 0));
+    }
+
+    #[test]
+    fn each_unfinished_message_reports_its_own_last_progress() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let full = [0u8; 1390];
+        let mut r = Reassembler::new(limits(1_000_000));
+        assert_eq!(r.oldest_progress(), None);
+        r.set_now(t0);
+        r.push(frame(1, 2, 3, &full)).unwrap();
+        r.set_now(t0 + Duration::from_secs(1));
+        r.push(frame(2, 1, 3, &full)).unwrap();
+        // Other traffic (a single-frame message) does not count as progress of 1.
+        r.set_now(t0 + Duration::from_secs(5));
+        r.push(frame(3, 0, 9, b"")).unwrap();
+        assert_eq!(r.oldest_progress(), Some(t0));
+        r.push(frame(1, 1, 3, &full)).unwrap();
+        assert_eq!(r.oldest_progress(), Some(t0 + Duration::from_secs(1)));
+        r.push(frame(2, 0, 3, b"x")).unwrap();
+        assert_eq!(r.oldest_progress(), Some(t0 + Duration::from_secs(5)));
+        r.push(frame(1, 0, 3, b"x")).unwrap();
+        assert_eq!(r.oldest_progress(), None);
     }
 
     #[test]

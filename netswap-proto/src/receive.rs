@@ -17,6 +17,7 @@
 //! No I/O: the caller does the read with the buffers [`Receiver::read_with`] lends.
 
 use std::mem::MaybeUninit;
+use std::time::Instant;
 
 use bytes::BytesMut;
 
@@ -62,6 +63,14 @@ pub struct Receiver {
     direct: u64,
     /// The last read returned less than the room it was lent.
     drained: bool,
+    /// "Now" as the caller last said.
+    now: Option<Instant>,
+    /// Frames completed so far (decoded, or placed directly).
+    frames: u64,
+    /// `frames` when the partial frame was last looked at.
+    frames_seen: u64,
+    /// Since when the frame now partly read has been waiting for the rest of itself.
+    frame_since: Option<Instant>,
 }
 
 impl Receiver {
@@ -76,7 +85,44 @@ impl Receiver {
             cooldown: 0,
             direct: 0,
             drained: false,
+            now: None,
+            frames: 0,
+            frames_seen: 0,
+            frame_since: None,
         }
+    }
+
+    /// Tells the receiver the time before the bytes of a read are processed, so that
+    /// it can say how long a partial frame or an unfinished message has been waiting
+    /// ([`Receiver::stalled_since`]). There is no clock inside.
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = Some(now);
+        self.reasm.set_now(now);
+    }
+
+    /// The earliest moment from which something has waited for more bytes without
+    /// progress: a frame read in part, or an unfinished message waiting for its next
+    /// frame. Each counts on its own, so other traffic on the connection (keepalives)
+    /// does not hide a stalled message, and a frame trickled a byte at a time is as
+    /// old as its first byte. `None` when nothing is unfinished.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        match (self.frame_since, self.reasm.oldest_progress()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Notes whether a frame is partly read, and since when (called whenever the
+    /// decoded frames run out).
+    fn mark_partial_frame(&mut self) {
+        let partial = self.current.is_some() || !self.rbuf.is_empty();
+        if !partial {
+            self.frame_since = None;
+        } else if self.frames != self.frames_seen || self.frame_since.is_none() {
+            // A new frame started (the previous one completed since we last looked).
+            self.frame_since = self.now;
+        }
+        self.frames_seen = self.frames;
     }
 
     /// The reassembler (limits and what it holds).
@@ -125,12 +171,16 @@ impl Receiver {
     /// are needed. An error means the byte stream is broken: close the connection.
     pub fn next_inbound(&mut self) -> Result<Option<Inbound>, ReceiveError> {
         if self.current.is_some() {
+            self.mark_partial_frame();
             return Ok(None);
         }
         loop {
             let frame = match decode_frame(&mut self.rbuf) {
                 Ok(Some(f)) => f,
-                Ok(None) => return Ok(None),
+                Ok(None) => {
+                    self.mark_partial_frame();
+                    return Ok(None);
+                }
                 Err(error) => {
                     let xid = match self.rbuf.get(..4) {
                         Some(b) => u32::from_be_bytes(b.try_into().expect("4 bytes")),
@@ -140,6 +190,7 @@ impl Receiver {
                 }
             };
             let xid = frame.header.xid;
+            self.frames += 1;
             match self.reasm.push(frame) {
                 Ok(None) => {}
                 Ok(Some(inbound)) => return Ok(Some(inbound)),
@@ -250,6 +301,7 @@ impl Receiver {
         if present >= MAX_PAYLOAD || !self.reasm.accept_direct(&h) {
             return;
         }
+        self.frames += 1;
         let buf = self
             .reasm
             .direct_buf(h.xid)
@@ -324,6 +376,7 @@ impl Receiver {
                 self.commit(xid, placed);
                 return self.misplaced(xid, i, frames, n);
             }
+            self.frames += 1;
             n -= HEADER_LEN;
             let k = n.min(MAX_PAYLOAD);
             placed += k;
@@ -505,6 +558,52 @@ mod tests {
         assert_eq!(rx.read_from_slice(&w[n..n + 100]), 100);
         assert!(rx.drained());
         assert!(rx.direct_bytes() > 0 || rx.buffered() > 0);
+    }
+
+    #[test]
+    fn a_trickled_frame_is_as_old_as_its_first_byte() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let w = wire(&[msg(1, 100), msg(2, 100)]);
+        let one = HEADER_LEN + 100;
+        let mut rx = Receiver::new(Reassembler::new(ReassemblyLimits::default()), 4096);
+        // One byte a second: the partial frame keeps its first byte's time.
+        for (i, b) in w[..5].iter().enumerate() {
+            rx.set_now(at(i as u64));
+            rx.read_from_slice(std::slice::from_ref(b));
+            assert_eq!(rx.next_inbound().unwrap(), None);
+            assert_eq!(rx.stalled_since(), Some(t0));
+        }
+        // The rest of frame 1 and the start of frame 2: frame 2 is new.
+        rx.set_now(at(10));
+        rx.read_from_slice(&w[5..one + 3]);
+        assert!(rx.next_inbound().unwrap().is_some());
+        assert_eq!(rx.next_inbound().unwrap(), None);
+        assert_eq!(rx.stalled_since(), Some(at(10)));
+        rx.set_now(at(11));
+        rx.read_from_slice(&w[one + 3..]);
+        assert!(rx.next_inbound().unwrap().is_some());
+        assert_eq!(rx.next_inbound().unwrap(), None);
+        assert_eq!(rx.stalled_since(), None);
+    }
+
+    #[test]
+    fn a_stalled_message_stays_stalled_while_other_messages_flow() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let big = wire(&[msg(1, 3 * MAX_PAYLOAD)]);
+        let mut rx = Receiver::new(Reassembler::new(ReassemblyLimits::default()), 4096);
+        rx.set_now(t0);
+        rx.read_from_slice(&big[..MAX_FRAME_LEN]);
+        assert_eq!(rx.next_inbound().unwrap(), None);
+        for s in 1..10 {
+            rx.set_now(t0 + Duration::from_secs(s));
+            rx.read_from_slice(&wire(&[msg(100 + s as u32, 0)]));
+            assert!(rx.next_inbound().unwrap().is_some());
+            assert_eq!(rx.next_inbound().unwrap(), None);
+            assert_eq!(rx.stalled_since(), Some(t0), "keepalives are not progress");
+        }
     }
 
     #[test]

@@ -73,6 +73,19 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_MAX_TOTAL_PARTIAL_BYTES")]
     pub max_total_partial_bytes: Option<u64>,
 
+    /// Bytes unfinished messages from one address (an IPv4 address or an IPv6 /64)
+    /// may hold on all its connections together: its share of the server-wide budget
+    /// [default: a quarter of it, at least 2 × max message bytes].
+    #[arg(long, env = "NETSWAP_MAX_PARTIAL_BYTES_PER_IP")]
+    pub max_partial_bytes_per_ip: Option<u64>,
+
+    /// Lookups of pointers that do not exist one address (an IPv4 address or an IPv6
+    /// /64) may make per second, with a burst of as many; past it, its requests that
+    /// name a pointer get BUSY until the rate allows again (0 = no limit). A pointer
+    /// is a capability: this bounds how fast anyone can guess.
+    #[arg(long, env = "NETSWAP_MAX_MISSES_PER_SECOND", default_value_t = 1000)]
+    pub max_misses_per_second: u32,
+
     /// Reply bytes queued for a connection before the server stops reading its
     /// requests (backpressure for clients that do not read).
     #[arg(long, env = "NETSWAP_MAX_OUTPUT_BYTES", default_value_t = 4 << 20)]
@@ -82,9 +95,10 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_MAX_WATCHES", default_value_t = 65_536)]
     pub max_watches: usize,
 
-    /// Notifications queued for a watching connection that does not read; past it
-    /// the connection is closed (like Redis's pub/sub output limit).
-    #[arg(long, env = "NETSWAP_NOTIFY_QUEUE", default_value_t = 4096)]
+    /// Notifications queued exactly for a watching connection that is behind; past
+    /// it, each watch's further notifications are merged into one summary with the
+    /// latest version until it catches up (bounded memory, no disconnect).
+    #[arg(long, env = "NETSWAP_NOTIFY_QUEUE", default_value_t = 16_384)]
     pub notify_queue: usize,
 
     /// Worker threads (1 = a single-threaded runtime) [default: CPUs − 1, at least 1].
@@ -107,6 +121,10 @@ pub struct ServerConfig {
     pub reassembly: ReassemblyLimits,
     /// Server-wide bound on bytes promised to unfinished messages.
     pub max_total_partial_bytes: u64,
+    /// One address's (IPv4, or IPv6 /64) share of that bound.
+    pub max_partial_bytes_per_ip: u64,
+    /// Misses (lookups of pointers that do not exist) per second and address; 0 = off.
+    pub max_misses_per_second: u32,
     /// Connections per IP address.
     pub max_connections_per_ip: u32,
     /// Idle timeout (`None` = never).
@@ -176,6 +194,10 @@ impl ServerConfig {
                 IdentityKey::new(k)
             }
         };
+        let max_total_partial_bytes = a
+            .max_total_partial_bytes
+            .unwrap_or(1 << 30)
+            .max(2 * max_message);
         Ok(ServerConfig {
             listen: a.listen,
             store: StoreConfig {
@@ -195,10 +217,13 @@ impl ServerConfig {
                     .unwrap_or(2 * max_message)
                     .max(netswap_proto::MAX_PAYLOAD as u64 * 2),
             },
-            max_total_partial_bytes: a
-                .max_total_partial_bytes
-                .unwrap_or(1 << 30)
-                .max(2 * max_message),
+            max_total_partial_bytes,
+            max_partial_bytes_per_ip: a
+                .max_partial_bytes_per_ip
+                .unwrap_or(max_total_partial_bytes / 4)
+                .max(2 * max_message)
+                .min(max_total_partial_bytes),
+            max_misses_per_second: a.max_misses_per_second,
             max_connections_per_ip: a.max_connections_per_ip,
             idle_timeout: (a.idle_timeout > 0).then(|| Duration::from_secs(a.idle_timeout)),
             stall_timeout: Duration::from_secs(a.stall_timeout.max(1)),

@@ -10,6 +10,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -19,11 +20,11 @@ use netswap_proto::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info};
 
-use crate::hub::{Hub, Overflow};
+use crate::hub::{Hub, Mailbox, NetKey};
 
 /// Bytes reserved for each read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -53,8 +54,6 @@ enum End {
     Stalled,
     /// No traffic for the idle timeout.
     Idle,
-    /// The watcher did not read its notifications.
-    Overflow,
     /// The server is shutting down.
     Shutdown,
     /// A socket error.
@@ -63,12 +62,19 @@ enum End {
 
 struct Conn {
     hub: Arc<Hub>,
+    /// The network the peer's address belongs to (for the miss throttle).
+    net: NetKey,
+    /// Until when requests that name a pointer get BUSY: this network looked up too
+    /// many pointers that do not exist.
+    throttled_until: Option<std::time::Instant>,
     session: Session,
     rx: Receiver,
     outq: OutQueue,
     wbuf: WriteBuf,
-    notes: Option<mpsc::Receiver<Notification>>,
-    overflow: Option<Arc<Overflow>>,
+    /// Notifications from other connections' requests, once this one watches.
+    mailbox: Option<Arc<Mailbox>>,
+    /// Reused buffer for notifications taken from the mailbox.
+    notes: Vec<Notification>,
     last_rx: Instant,
     last_io: Instant,
     eof: bool,
@@ -100,15 +106,20 @@ pub(crate) async fn serve(
     let now = Instant::now();
     let mut conn = Conn {
         rx: Receiver::new(
-            Reassembler::with_shared_budget(hub.config.reassembly, hub.partial_budget.clone()),
+            Reassembler::with_shared_budgets(
+                hub.config.reassembly,
+                vec![slot.partial_budget.clone(), hub.partial_budget.clone()],
+            ),
             READ_CHUNK,
         ),
+        net: slot.net,
+        throttled_until: None,
         hub,
         session,
         outq: OutQueue::new(),
         wbuf: WriteBuf::new(),
-        notes: None,
-        overflow: None,
+        mailbox: None,
+        notes: Vec::new(),
         last_rx: now,
         last_io: now,
         eof: false,
@@ -176,6 +187,16 @@ fn recv_into(
     sock.recv_vectored(&mut slices).map(|(n, _)| n)
 }
 
+fn throttled_reply(wait: Duration) -> Reply {
+    Reply::error(
+        Status::Busy,
+        format!(
+            "too many lookups of pointers that do not exist from this address; retry in {} ms",
+            wait.as_millis().max(1)
+        ),
+    )
+}
+
 /// Tells a connection over the per-IP limit why it is closed, then closes it.
 async fn refuse(stream: &mut TcpStream, limit: u32) {
     let reason = format!("too many connections from this address (limit {limit})");
@@ -206,17 +227,14 @@ async fn linger(stream: &mut TcpStream) {
     .await;
 }
 
-async fn next_note(notes: &mut Option<mpsc::Receiver<Notification>>) -> Option<Notification> {
-    match notes {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
+/// Bytes a NOTIFY takes on the wire (header, pointer, version).
+const NOTIFY_WIRE_BYTES: usize = netswap_proto::HEADER_LEN + 16;
+/// Notifications moved from the mailbox to the output per turn, at most.
+const NOTES_PER_TURN: usize = 4096;
 
-async fn overflowed(overflow: &Option<Arc<Overflow>>) {
-    match overflow {
-        Some(o) if !o.is_set() => o.notify.notified().await,
-        Some(_) => {}
+async fn mailbox_ready(mailbox: &Option<Arc<Mailbox>>) {
+    match mailbox {
+        Some(m) => m.ready.notified().await,
         None => std::future::pending().await,
     }
 }
@@ -240,6 +258,7 @@ impl Conn {
                     return End::Eof;
                 }
             }
+            self.take_notes();
             let read = self.wants_read();
             let write = self.has_output();
             let interest = match (read, write) {
@@ -257,11 +276,7 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return self.finish(stream).await,
-                _ = overflowed(&self.overflow), if self.closing.is_none() => {
-                    self.fatal(End::Overflow, format!(
-                        "over {} notifications were waiting to be read", self.hub.config.notify_queue));
-                }
-                Some(n) = next_note(&mut self.notes) => self.notify(n),
+                _ = mailbox_ready(&self.mailbox), if self.notes_room() > 0 => {}
                 ready = stream.ready(interest) => match ready {
                     Ok(r) if r.is_readable() || r.is_read_closed() => {
                         match self.read(stream) {
@@ -288,9 +303,9 @@ impl Conn {
                     let cfg = &self.hub.config;
                     if self.closing_deadline.is_some_and(|d| d <= now) {
                         return self.closing.take().unwrap_or(End::Eof);
-                    } else if self.closing.is_none() && self.stalled() && self.last_rx + cfg.stall_timeout <= now {
+                    } else if self.closing.is_none() && self.stall_deadline().is_some_and(|d| d <= now) {
                         let reason = format!(
-                            "no progress on a partial message for {} s", cfg.stall_timeout.as_secs());
+                            "no progress on a partial frame or message for {} s", cfg.stall_timeout.as_secs());
                         self.fatal(End::Stalled, reason);
                     } else if cfg.idle_timeout.is_some_and(|t| self.last_io + t <= now) {
                         return End::Idle;
@@ -307,12 +322,59 @@ impl Conn {
     fn wants_read(&self) -> bool {
         !self.eof
             && self.closing.is_none()
-            && self.outq.small_pending_bytes() + self.wbuf.len() < self.hub.config.max_output_bytes
+            && self.output_room() > 0
             && self.outq.large_messages() < MAX_LARGE_REPLIES
     }
 
-    fn stalled(&self) -> bool {
-        self.rx.is_mid_message()
+    /// Bytes of small replies that may still be queued before this connection stops
+    /// taking more work (requests or notifications): backpressure on a slow reader.
+    fn output_room(&self) -> usize {
+        self.hub
+            .config
+            .max_output_bytes
+            .saturating_sub(self.outq.small_pending_bytes() + self.wbuf.len())
+    }
+
+    /// How many notifications the output takes now: at most one write batch of them
+    /// waits in the write buffer (or, behind a large reply, in the fair queue), so a
+    /// watcher that does not read leaves them in the mailbox, which merges them
+    /// instead of growing.
+    fn notes_room(&self) -> usize {
+        if self.closing.is_some() {
+            return 0;
+        }
+        let queued = if self.outq.is_empty() {
+            self.wbuf.len()
+        } else {
+            self.outq.small_pending_bytes()
+        };
+        (WRITE_CHUNK.saturating_sub(queued) / NOTIFY_WIRE_BYTES).min(NOTES_PER_TURN)
+    }
+
+    /// Moves waiting notifications from the mailbox to the output (see
+    /// [`Conn::notes_room`]).
+    fn take_notes(&mut self) {
+        let Some(mailbox) = self.mailbox.clone() else {
+            return;
+        };
+        let max = self.notes_room();
+        if max == 0 {
+            return;
+        }
+        let mut notes = std::mem::take(&mut self.notes);
+        mailbox.take(max, &mut notes);
+        for n in notes.drain(..) {
+            self.notify(n);
+        }
+        self.notes = notes;
+    }
+
+    /// When the oldest partial frame or unfinished message times out: each must
+    /// progress by itself within the stall timeout (other traffic does not count).
+    fn stall_deadline(&self) -> Option<Instant> {
+        self.rx
+            .stalled_since()
+            .map(|t| Instant::from_std(t) + self.hub.config.stall_timeout)
     }
 
     /// The next moment a timeout may end this connection.
@@ -320,9 +382,7 @@ impl Conn {
         if self.closing_deadline.is_some() {
             return self.closing_deadline;
         }
-        let stall = self
-            .stalled()
-            .then(|| self.last_rx + self.hub.config.stall_timeout);
+        let stall = self.stall_deadline();
         let idle = self.hub.config.idle_timeout.map(|t| self.last_io + t);
         match (stall, idle) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -351,6 +411,7 @@ impl Conn {
                     self.last_rx = now;
                     self.last_io = now;
                     self.batch_now = now.into_std();
+                    self.rx.set_now(self.batch_now);
                     self.process();
                     if drained {
                         // Nothing more waits: no read just to learn it would block.
@@ -395,12 +456,17 @@ impl Conn {
             Ok(r) => r,
             Err(m) => return self.reply(xid, Reply::error(Status::Malformed, m.0)),
         };
+        if let Some(until) = self.throttled_until {
+            if self.batch_now < until && request.pointer().is_some() {
+                self.hub.throttle.throttled.fetch_add(1, Ordering::Relaxed);
+                return self.reply(xid, throttled_reply(until - self.batch_now));
+            }
+            self.throttled_until = None;
+        }
         let wake_reaper = matches!(request, Request::Transfer { .. });
-        if matches!(request, Request::Watch { .. }) && self.notes.is_none() {
+        if matches!(request, Request::Watch { .. }) && self.mailbox.is_none() {
             // Open the mailbox before the watch exists, so no notification is lost.
-            let (rx, overflow) = self.hub.open_route(self.session.conn());
-            self.notes = Some(rx);
-            self.overflow = Some(overflow);
+            self.mailbox = Some(self.hub.open_route(self.session.conn()));
         }
         let applied = self.hub.store.apply(
             &mut self.session,
@@ -409,7 +475,17 @@ impl Conn {
             self.batch_now,
             &mut rand::rng(),
         );
-        self.reply(xid, applied.reply);
+        if applied.miss
+            && let Some(wait) = self.hub.throttle.miss(self.net)
+        {
+            // Over the rate: this miss and the next lookups say BUSY, so a scanner
+            // learns nothing more until the rate allows.
+            self.throttled_until = Some(self.batch_now + wait);
+            self.hub.throttle.throttled.fetch_add(1, Ordering::Relaxed);
+            self.reply(xid, throttled_reply(wait));
+        } else {
+            self.reply(xid, applied.reply);
+        }
         if !applied.notifications.is_empty() {
             let me = self.session.conn();
             for n in applied.notifications.iter().filter(|n| n.conn == me) {
@@ -456,11 +532,7 @@ impl Conn {
 
     fn fatal(&mut self, end: End, reason: String) {
         if self.closing.is_none() {
-            let status = match end {
-                End::Overflow => Status::Busy,
-                _ => Status::ProtocolError,
-            };
-            self.reply(RESERVED_XID, Reply::error(status, reason));
+            self.reply(RESERVED_XID, Reply::error(Status::ProtocolError, reason));
             self.closing = Some(end);
             self.closing_deadline = Some(Instant::now() + FLUSH_ON_CLOSE);
         }

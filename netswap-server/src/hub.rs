@@ -3,32 +3,48 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tracing::warn;
 
 use netswap_proto::identity::normalize_ip;
-use netswap_proto::{ConnId, Notification, SharedBudget, Store};
-use tokio::sync::{Notify, mpsc};
+use netswap_proto::{ConnId, Notification, NotifyQueue, Pushed, SharedBudget, Store};
+use tokio::sync::Notify;
 
 use crate::config::ServerConfig;
 
-/// A watching connection's mailbox.
+/// A watching connection's mailbox: notifications from other connections wait here
+/// until the connection's task has room for them in its output. Bounded: past
+/// `--notify-queue` waiting notifications, each watch's are merged (see
+/// [`NotifyQueue`]), so a watcher that does not read costs bounded memory and a burst
+/// from a writer never disconnects a watcher that reads.
 #[derive(Debug)]
-struct Route {
-    tx: mpsc::Sender<Notification>,
-    overflow: Arc<Overflow>,
+pub(crate) struct Mailbox {
+    queue: Mutex<NotifyQueue>,
+    /// Wakes the connection's task when the queue was empty.
+    pub(crate) ready: Notify,
 }
 
-/// Raised when a watcher's notification queue is full: it is then disconnected.
-#[derive(Debug, Default)]
-pub(crate) struct Overflow {
-    flag: AtomicBool,
-    pub(crate) notify: Notify,
-}
+impl Mailbox {
+    /// Takes up to `max` notifications.
+    pub(crate) fn take(&self, max: usize, out: &mut Vec<Notification>) {
+        let mut q = lock(&self.queue);
+        while out.len() < max {
+            match q.pop() {
+                Some(n) => out.push(n),
+                None => break,
+            }
+        }
+    }
 
-impl Overflow {
-    pub(crate) fn is_set(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
+    /// Notifications waiting.
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.queue).len()
     }
 }
 
@@ -38,7 +54,12 @@ pub(crate) struct Hub {
     pub store: Store,
     pub config: ServerConfig,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
-    routes: Mutex<HashMap<ConnId, Route>>,
+    per_net: Mutex<HashMap<NetKey, NetEntry>>,
+    /// Throttle on lookups of pointers that do not exist.
+    pub throttle: MissThrottle,
+    routes: Mutex<HashMap<ConnId, Arc<Mailbox>>>,
+    /// Notifications merged into summaries because their watcher was behind.
+    pub notifications_merged: AtomicU64,
     /// Wakes the reaper when a new orphan deadline may be earlier than it thinks.
     pub reaper: Notify,
     /// Bytes promised to unfinished messages, all connections together.
@@ -49,11 +70,50 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The network a client's address belongs to, for limits that an attacker must not
+/// dodge by changing addresses within it: an IPv4 address, or an IPv6 /64 (what one
+/// subscriber usually gets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct NetKey(IpAddr);
+
+impl NetKey {
+    pub fn of(ip: IpAddr) -> NetKey {
+        match normalize_ip(ip) {
+            IpAddr::V4(v4) => NetKey(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                NetKey(IpAddr::V6(bits.into()))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for NetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => write!(f, "{v4}"),
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
+}
+
+/// What one network (see [`NetKey`]) holds while it has connections.
+#[derive(Debug)]
+struct NetEntry {
+    connections: u32,
+    /// Its share of the server-wide budget for unfinished messages.
+    partial_budget: Arc<SharedBudget>,
+}
+
 /// Holds one slot of an IP's connection count; gives it back when dropped.
 #[derive(Debug)]
 pub(crate) struct IpSlot {
     hub: Arc<Hub>,
     ip: IpAddr,
+    /// The network the address belongs to.
+    pub net: NetKey,
+    /// The network's share of the budget for unfinished messages.
+    pub partial_budget: Arc<SharedBudget>,
 }
 
 impl Drop for IpSlot {
@@ -65,6 +125,76 @@ impl Drop for IpSlot {
                 map.remove(&self.ip);
             }
         }
+        drop(map);
+        let mut nets = lock(&self.hub.per_net);
+        if let Some(e) = nets.get_mut(&self.net) {
+            e.connections -= 1;
+            if e.connections == 0 {
+                nets.remove(&self.net);
+            }
+        }
+    }
+}
+
+/// Lookups of pointers that do not exist, throttled per network: a pointer is a
+/// capability, and a scanner must not try millions a second. Past the rate, the
+/// network's requests that name a pointer get BUSY until the bucket refills.
+#[derive(Debug)]
+pub(crate) struct MissThrottle {
+    /// `None` when the throttle is off (`--max-misses-per-second 0`).
+    limiter: Option<DefaultKeyedRateLimiter<NetKey>>,
+    per_second: u32,
+    /// One log line per offender per minute.
+    log: DefaultKeyedRateLimiter<NetKey>,
+    /// Lookups of pointers that do not exist.
+    pub misses: AtomicU64,
+    /// Requests answered BUSY by the throttle.
+    pub throttled: AtomicU64,
+}
+
+impl MissThrottle {
+    fn new(per_second: u32) -> MissThrottle {
+        MissThrottle {
+            limiter: NonZeroU32::new(per_second)
+                .map(|n| RateLimiter::keyed(Quota::per_second(n).allow_burst(n))),
+            per_second,
+            log: RateLimiter::keyed(Quota::per_minute(NonZeroU32::MIN)),
+            misses: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one miss by `net`; returns how long its lookups must wait when it is
+    /// over the rate.
+    pub fn miss(&self, net: NetKey) -> Option<Duration> {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let limiter = self.limiter.as_ref()?;
+        let clock = DefaultClock::default();
+        match limiter.check_key(&net) {
+            Ok(()) => None,
+            Err(not_until) => {
+                if self.log.check_key(&net).is_ok() {
+                    warn!(
+                        network = %net,
+                        limit_per_second = self.per_second,
+                        "throttled: too many lookups of pointers that do not exist (pointer scanning?)"
+                    );
+                }
+                Some(
+                    not_until
+                        .wait_time_from(clock.now())
+                        .max(Duration::from_millis(1)),
+                )
+            }
+        }
+    }
+
+    /// Forgets networks whose bucket is full again (called now and then).
+    pub fn prune(&self) {
+        if let Some(l) = &self.limiter {
+            l.retain_recent();
+        }
+        self.log.retain_recent();
     }
 }
 
@@ -73,9 +203,12 @@ impl Hub {
         Hub {
             store: Store::new(config.store.clone(), config.identity_key.clone()),
             partial_budget: SharedBudget::new(config.max_total_partial_bytes),
+            throttle: MissThrottle::new(config.max_misses_per_second),
             config,
             per_ip: Mutex::new(HashMap::new()),
+            per_net: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
+            notifications_merged: AtomicU64::new(0),
             reaper: Notify::new(),
         }
     }
@@ -89,10 +222,30 @@ impl Hub {
             return None;
         }
         *n += 1;
+        drop(map);
+        let net = NetKey::of(ip);
+        let mut nets = lock(&self.per_net);
+        let entry = nets.entry(net).or_insert_with(|| NetEntry {
+            connections: 0,
+            partial_budget: SharedBudget::with_refusal(
+                self.config.max_partial_bytes_per_ip,
+                "unfinished messages from this address hold its share of the server's memory; retry later",
+            ),
+        });
+        entry.connections += 1;
+        let partial_budget = entry.partial_budget.clone();
+        drop(nets);
         Some(IpSlot {
             hub: self.clone(),
             ip,
+            net,
+            partial_budget,
         })
+    }
+
+    /// Notifications waiting in all mailboxes.
+    pub fn notifications_waiting(&self) -> usize {
+        lock(&self.routes).values().map(|m| m.len()).sum()
     }
 
     /// Number of open connections (for logs and tests).
@@ -101,34 +254,41 @@ impl Hub {
     }
 
     /// Opens a mailbox for a connection that started watching.
-    pub fn open_route(&self, conn: ConnId) -> (mpsc::Receiver<Notification>, Arc<Overflow>) {
-        let (tx, rx) = mpsc::channel(self.config.notify_queue);
-        let overflow = Arc::new(Overflow::default());
-        lock(&self.routes).insert(
-            conn,
-            Route {
-                tx,
-                overflow: overflow.clone(),
-            },
-        );
-        (rx, overflow)
+    pub fn open_route(&self, conn: ConnId) -> Arc<Mailbox> {
+        let mailbox = Arc::new(Mailbox {
+            queue: Mutex::new(NotifyQueue::new(self.config.notify_queue)),
+            ready: Notify::new(),
+        });
+        lock(&self.routes).insert(conn, mailbox.clone());
+        mailbox
     }
 
     pub fn close_route(&self, conn: ConnId) {
         lock(&self.routes).remove(&conn);
     }
 
-    /// Delivers notifications for other connections. A watcher whose queue is full
-    /// is flagged and disconnects itself: the writer never waits for a slow reader.
+    /// Delivers notifications for other connections. Never waits for a watcher: a
+    /// watcher that is behind gets merged notifications (see [`Mailbox`]).
     pub fn deliver(&self, notifications: impl IntoIterator<Item = Notification>) {
         let routes = lock(&self.routes);
+        let mut merged = 0;
         for n in notifications {
-            let Some(route) = routes.get(&n.conn) else {
+            let Some(mailbox) = routes.get(&n.conn) else {
                 continue; // the watcher is gone
             };
-            if route.tx.try_send(n).is_err() && !route.overflow.flag.swap(true, Ordering::AcqRel) {
-                route.overflow.notify.notify_one();
+            let mut q = lock(&mailbox.queue);
+            let was_empty = q.is_empty();
+            if q.push(n) == Pushed::Merged {
+                merged += 1;
             }
+            drop(q);
+            if was_empty {
+                mailbox.ready.notify_one();
+            }
+        }
+        if merged > 0 {
+            self.notifications_merged
+                .fetch_add(merged, Ordering::Relaxed);
         }
     }
 }

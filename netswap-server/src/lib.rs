@@ -26,6 +26,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub use config::{Args, ConfigError, ServerConfig};
@@ -66,6 +67,22 @@ impl ServerStats {
     pub fn partial_bytes(&self) -> u64 {
         self.hub.partial_budget.used()
     }
+    /// Notifications waiting in watchers' mailboxes (a merged summary counts once).
+    pub fn notifications_waiting(&self) -> usize {
+        self.hub.notifications_waiting()
+    }
+    /// Notifications merged into summaries because their watcher was behind.
+    pub fn notifications_merged(&self) -> u64 {
+        self.hub.notifications_merged.load(Ordering::Relaxed)
+    }
+    /// Lookups of pointers that do not exist.
+    pub fn misses(&self) -> u64 {
+        self.hub.throttle.misses.load(Ordering::Relaxed)
+    }
+    /// Requests answered BUSY by the throttle on such lookups.
+    pub fn throttled(&self) -> u64 {
+        self.hub.throttle.throttled.load(Ordering::Relaxed)
+    }
 }
 
 impl Server {
@@ -97,6 +114,7 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let reaper = tokio::spawn(reap(self.hub.clone(), stop_rx.clone()));
+        let housekeeping = tokio::spawn(housekeep(self.hub.clone(), stop_rx.clone()));
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -130,6 +148,7 @@ impl Server {
             conns.shutdown().await;
         }
         let _ = reaper.await;
+        let _ = housekeeping.await;
         let stats = self.hub.store.stats();
         info!(records = stats.records, bytes = stats.data_bytes, "stopped");
         Ok(())
@@ -157,6 +176,19 @@ async fn reap(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
             info!(records = reaped.records.len(), "reaped orphaned records");
         }
         hub.deliver(reaped.notifications);
+    }
+}
+
+/// Periodic upkeep that has no deadline of its own: forgets the throttle state of
+/// networks whose miss budget is full again.
+async fn housekeep(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => hub.throttle.prune(),
+        }
     }
 }
 

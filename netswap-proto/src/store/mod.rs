@@ -98,6 +98,20 @@ pub struct Applied {
     pub reply: Reply,
     /// Watchers to notify (possibly including the caller's own watches).
     pub notifications: Vec<Notification>,
+    /// The request named a pointer that does not exist (for the server's throttle on
+    /// pointer guessing).
+    pub miss: bool,
+}
+
+impl Applied {
+    /// ADDRESS_FAULT "no such record", flagged as a miss.
+    pub fn missing() -> Applied {
+        Applied {
+            reply: no_such_record(),
+            notifications: Vec::new(),
+            miss: true,
+        }
+    }
 }
 
 impl From<Reply> for Applied {
@@ -105,6 +119,7 @@ impl From<Reply> for Applied {
         Applied {
             reply,
             notifications: Vec::new(),
+            miss: false,
         }
     }
 }
@@ -517,7 +532,7 @@ impl Store {
             Request::Read { ptr, range } => {
                 let shard = self.shard(ptr.get());
                 let Some(rec) = shard.records.get(ptr.get()) else {
-                    return no_such_record().into();
+                    return Applied::missing();
                 };
                 if !rec.may(me, Access::READ) {
                     return denied("the record's READ bit is not set").into();
@@ -539,7 +554,7 @@ impl Store {
             Request::Info { ptr } => {
                 let shard = self.shard(ptr.get());
                 let Some(rec) = shard.records.get(ptr.get()) else {
-                    return no_such_record().into();
+                    return Applied::missing();
                 };
                 if !rec.may(me, Access::READ) {
                     return denied("the record's READ bit is not set").into();
@@ -564,7 +579,7 @@ impl Store {
             Request::SetAccess { ptr, access } => {
                 let mut shard = self.shard(ptr.get());
                 let Some(rec) = shard.records.get_mut(ptr.get()) else {
-                    return no_such_record().into();
+                    return Applied::missing();
                 };
                 if !Arc::ptr_eq(&rec.owner, me) {
                     return denied("only the owner may change access bits").into();
@@ -578,12 +593,13 @@ impl Store {
                 Applied {
                     reply: Reply::Done,
                     notifications,
+                    miss: false,
                 }
             }
             Request::Delete { ptr } => {
                 let mut shard = self.shard(ptr.get());
                 let Some(rec) = shard.records.get(ptr.get()) else {
-                    return no_such_record().into();
+                    return Applied::missing();
                 };
                 if !Arc::ptr_eq(&rec.owner, me) {
                     return denied("only the owner may delete a record").into();
@@ -593,12 +609,13 @@ impl Store {
                 Applied {
                     reply: Reply::Done,
                     notifications,
+                    miss: false,
                 }
             }
             Request::Takeover { ptr } => {
                 let mut shard = self.shard(ptr.get());
                 let Some(rec) = shard.records.get(ptr.get()) else {
-                    return no_such_record().into();
+                    return Applied::missing();
                 };
                 if Arc::ptr_eq(&rec.owner, me) {
                     return Reply::Done.into();
@@ -615,7 +632,7 @@ impl Store {
                 };
                 let mut shard = self.shard(ptr.get());
                 let Some(rec) = shard.records.get(ptr.get()) else {
-                    return no_such_record().into();
+                    return Applied::missing();
                 };
                 if !Arc::ptr_eq(&rec.owner, me) {
                     return denied("only the owner may transfer a record").into();
@@ -631,7 +648,7 @@ impl Store {
             Request::Watch { ptr } => {
                 let mut shard = self.shard(ptr.get());
                 let Some(rec) = shard.records.get(ptr.get()) else {
-                    return no_such_record().into();
+                    return Applied::missing();
                 };
                 if !rec.may(me, Access::READ) {
                     return denied("the record's READ bit is not set").into();
@@ -660,7 +677,7 @@ impl Store {
             Request::Unwatch { ptr } => {
                 let mut shard = self.shard(ptr.get());
                 if !shard.records.contains_key(ptr.get()) {
-                    return no_such_record().into();
+                    return Applied::missing();
                 }
                 if session.watches.remove(&ptr).is_none() {
                     return Reply::error(Status::AddressFault, "no such watch on this connection")
@@ -709,6 +726,7 @@ impl Store {
         Applied {
             reply: Reply::Done,
             notifications: shard.notify(ptr, Event::OwnerChanged, version),
+            miss: false,
         }
     }
 
@@ -723,7 +741,7 @@ impl Store {
         let mut shard = self.shard(ptr.get());
         let shard = &mut *shard;
         let Some(rec) = shard.records.get_mut(ptr.get()) else {
-            return no_such_record().into();
+            return Applied::missing();
         };
         if !rec.may(me, Access::WRITE) {
             return denied("the record's WRITE bit is not set").into();
@@ -770,6 +788,7 @@ impl Store {
         Applied {
             reply: Reply::Written(version),
             notifications: shard.notify(ptr, Event::Changed, version),
+            miss: false,
         }
     }
 }
