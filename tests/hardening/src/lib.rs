@@ -652,10 +652,19 @@ pub async fn count_alive(addr: SocketAddr, records: &[Pointer]) -> usize {
         tasks.push(tokio::spawn(async move {
             let mut alive = 0;
             for p in chunk {
-                match c.info(p).await {
-                    Ok(_) => alive += 1,
-                    Err(Error::AddressFault(_)) => {}
-                    Err(e) => panic!("unexpected {e}"),
+                loop {
+                    match c.info(p).await {
+                        Ok(_) => alive += 1,
+                        Err(Error::AddressFault(_)) => {}
+                        // Asking for many records that are gone is what a pointer
+                        // scanner does: the server throttles it; wait and ask again.
+                        Err(Error::Busy(_)) => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            continue;
+                        }
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                    break;
                 }
             }
             alive
