@@ -36,6 +36,7 @@ pub mod notify;
 pub mod outbound;
 pub mod reassembly;
 pub mod receive;
+pub mod rules;
 pub mod store;
 pub mod types;
 

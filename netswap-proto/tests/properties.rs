@@ -404,6 +404,9 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Clone, Debug)]
 struct Known {
     owner: usize,
+    /// Who is charged for it: the owner, or for a record handed to an identity with
+    /// no connection, the one who paid before, until the owner connects.
+    payer: usize,
     version: u64,
     data: Vec<u8>,
 }
@@ -434,6 +437,9 @@ proptest! {
         let mut ptrs: Vec<Pointer> = Vec::new();
         let mut known: HashMap<Pointer, Known> = HashMap::new();
         let mut xid = 0u32;
+        // Records whose charge moved to an identity when it connected (which may take
+        // it past its quota).
+        let mut migrated = [0u64; 5];
 
         for op in ops {
             xid += 1;
@@ -453,7 +459,19 @@ proptest! {
                     if let Some(s) = sessions[who].pop() { store.disconnect(s, now); }
                     continue;
                 }
-                Op::Connect { who } => { sessions[who].push(store.connect(ips[who])); continue; }
+                Op::Connect { who } => {
+                    if sessions[who].is_empty() {
+                        // First connection: the records parked with it become its charge.
+                        for k in known.values_mut() {
+                            if k.owner == who && k.payer != who {
+                                k.payer = who;
+                                migrated[who] += 1;
+                            }
+                        }
+                    }
+                    sessions[who].push(store.connect(ips[who]));
+                    continue;
+                }
                 Op::Advance { secs } => {
                     now += Duration::from_secs(secs);
                     let reaped = store.reap(now);
@@ -472,7 +490,7 @@ proptest! {
             match (&req, &applied.reply) {
                 (Request::Create { data, .. }, Reply::Created(p)) => {
                     ptrs.push(*p);
-                    known.insert(*p, Known { owner: who, version: 1, data: data.to_vec() });
+                    known.insert(*p, Known { owner: who, payer: who, version: 1, data: data.to_vec() });
                 }
                 (Request::Read { .. }, Reply::Data(d)) => {
                     prop_assert_eq!(&d[..], &before.unwrap().data[..]);
@@ -496,10 +514,20 @@ proptest! {
                     prop_assert_eq!(k.owner, who, "only owners delete");
                 }
                 (Request::Takeover { .. }, Reply::Done) => {
-                    known.get_mut(&ptr.unwrap()).unwrap().owner = who;
+                    let k = known.get_mut(&ptr.unwrap()).unwrap();
+                    k.owner = who;
+                    k.payer = who;
                 }
                 (Request::Transfer { to: NewOwner::Ip(ip), .. }, Reply::Done) => {
-                    known.get_mut(&ptr.unwrap()).unwrap().owner = ips.iter().position(|i| i == ip).unwrap();
+                    let to = ips.iter().position(|i| i == ip).unwrap();
+                    let k = known.get_mut(&ptr.unwrap()).unwrap();
+                    if k.owner != to {
+                        k.owner = to;
+                        // A receiver with no connection does not pay until it connects.
+                        if to < 4 && !sessions[to].is_empty() {
+                            k.payer = to;
+                        }
+                    }
                 }
                 (Request::ReplaceIf { expected, .. }, Reply::Conflict(v)) => {
                     prop_assert_ne!(*expected, *v);
@@ -519,8 +547,8 @@ proptest! {
             let mut owned_records = [0u64; 5];
             let mut owned_bytes = [0u64; 5];
             for (p, k) in &known {
-                owned_records[k.owner] += 1;
-                owned_bytes[k.owner] += k.data.len() as u64;
+                owned_records[k.payer] += 1;
+                owned_bytes[k.payer] += k.data.len() as u64;
                 // The owner (or, if absent, anyone after a read-only look) sees the truth.
                 if k.owner < 4 && let Some(s) = sessions[k.owner].last_mut() {
                     let info = store.apply(s, 0, Request::Info { ptr: *p }, now, &mut rng).reply;
@@ -537,9 +565,16 @@ proptest! {
                 if let Some(s) = sessions[who].last() {
                     prop_assert_eq!(s.account().records(), owned_records[who]);
                     prop_assert_eq!(s.account().bytes(), owned_bytes[who]);
-                    prop_assert!(s.account().records() <= cfg.quota_records);
-                    prop_assert!(s.account().bytes() <= cfg.quota_bytes);
+                    // Within the quota, unless parked records became its charge when
+                    // it connected.
+                    if migrated[who] == 0 {
+                        prop_assert!(s.account().records() <= cfg.quota_records);
+                        prop_assert!(s.account().bytes() <= cfg.quota_bytes);
+                    }
                 }
+            }
+            if let Err(e) = store.audit() {
+                prop_assert!(false, "the store's books: {}", e);
             }
             let stats = store.stats();
             prop_assert_eq!(stats.records, known.len() as u64);

@@ -1,16 +1,20 @@
-//! The record store and its ownership/permission state machine.
+//! The embedded record store: records in memory, in shards.
 //!
 //! Driven like quinn-proto: connection opened/closed events, requests and "now" go in;
 //! replies, notifications for watchers, deadlines and reaped records come out. There
 //! is no clock and no thread inside. The store is `Sync`: records live in shards (by
 //! pointer), each behind its own mutex, and quota usage is counted with atomics per
-//! owner, so requests on different records do not serialize on one lock.
+//! identity, so requests on different records do not serialize on one lock.
+//!
+//! The rules (who may do what, what changes, which error wins, who pays) are not
+//! here: [`crate::rules`] decides, and the store applies the decision under the
+//! record's shard lock. The Redis Cluster backend applies the same decisions.
 
 mod account;
 mod records;
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,12 +25,12 @@ use nohash_hasher::BuildNoHashHasher;
 use rand::RngCore;
 
 pub use account::Account;
-use account::QuotaKind;
 use records::{Data, Record, Records};
 
 use crate::identity::{Identity, IdentityKey};
-use crate::message::{HelloInfo, NewOwner, RecordInfo, Reply, Request};
-use crate::types::{Access, Event, Pointer, Status, Version};
+use crate::message::{HelloInfo, NewOwner, Reply, Request};
+use crate::rules::{self, Decision, Payer, RecordView, Usage, WriteKind};
+use crate::types::{Access, Event, Pointer, Version};
 
 /// The store's limits and timings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,20 +111,24 @@ impl Applied {
     /// ADDRESS_FAULT "no such record", flagged as a miss.
     pub fn missing() -> Applied {
         Applied {
-            reply: no_such_record(),
+            reply: rules::no_such_record(),
             notifications: Vec::new(),
             miss: true,
+        }
+    }
+
+    fn notifying(reply: Reply, notifications: Vec<Notification>) -> Applied {
+        Applied {
+            reply,
+            notifications,
+            miss: false,
         }
     }
 }
 
 impl From<Reply> for Applied {
     fn from(reply: Reply) -> Applied {
-        Applied {
-            reply,
-            notifications: Vec::new(),
-            miss: false,
-        }
+        Applied::notifying(reply, Vec::new())
     }
 }
 
@@ -185,6 +193,9 @@ struct Shard {
     /// the generation of that identity at the transfer.
     transfer_deadline: PtrMap<(Instant, u64)>,
     transfer_order: BTreeSet<(Instant, u64)>,
+    /// Records paid for by an identity other than their owner ("parked": handed to an
+    /// identity that had no open connection, see [`rules::Payer`]).
+    payers: PtrMap<Arc<Account>>,
 }
 
 #[derive(Debug, Default)]
@@ -200,7 +211,7 @@ pub struct StoreStats {
     pub records: u64,
     /// Data bytes stored.
     pub data_bytes: u64,
-    /// Identities known (connected, or owning records).
+    /// Identities known (connected, or owning or paying for records).
     pub accounts: u64,
     /// Watches registered.
     pub watches: u64,
@@ -218,42 +229,9 @@ fn own(data: Bytes) -> Bytes {
     }
 }
 
-fn no_such_record() -> Reply {
-    Reply::error(Status::AddressFault, "no such record")
-}
-
-fn quota_reply(kind: QuotaKind, cfg: &StoreConfig) -> Reply {
-    match kind {
-        QuotaKind::Records => Reply::error(
-            Status::QuotaExceeded,
-            format!(
-                "the owner's quota of {} records is used up",
-                cfg.quota_records
-            ),
-        ),
-        QuotaKind::Bytes => Reply::error(
-            Status::QuotaExceeded,
-            format!(
-                "the owner's quota of {} bytes would be exceeded",
-                cfg.quota_bytes
-            ),
-        ),
-    }
-}
-
-fn too_large(size: u64, cfg: &StoreConfig) -> Reply {
-    Reply::error(
-        Status::TooLarge,
-        format!(
-            "record of {size} bytes is over the limit of {} bytes",
-            cfg.max_record_bytes
-        ),
-    )
-}
-
-fn denied(what: &'static str) -> Reply {
-    Reply::error(Status::AccessViolation, what)
-}
+/// Accounts that lost a reference during a request: pruned from the registry once the
+/// shard lock is released, if nothing refers to them any more.
+type Released = Vec<Arc<Account>>;
 
 /// The record store. See the module documentation.
 #[derive(Debug)]
@@ -307,10 +285,12 @@ impl Store {
             .clone()
     }
 
-    /// A connection from `ip` opened. Cancels its identity's pending orphan expiry.
+    /// A connection from `ip` opened. Cancels its identity's pending orphan expiry,
+    /// and when it is the identity's first connection, the charge of every record
+    /// handed to it while it was away moves to it (see [`rules::Payer`]).
     pub fn connect(&self, ip: IpAddr) -> Session {
         let identity = self.identity_of(ip);
-        let account = {
+        let (account, parked) = {
             let mut reg = self.registry();
             let account = Self::account_for(&mut reg, identity);
             let mut st = account.lock_state();
@@ -319,9 +299,31 @@ impl Store {
             if let Some(d) = st.offline_deadline.take() {
                 reg.offline.remove(&(d, identity));
             }
+            let parked = std::mem::take(&mut st.parked);
             drop(st);
-            account
+            (account, parked)
         };
+        let mut released = Released::new();
+        for ptr in parked {
+            let mut shard = self.shard(ptr);
+            let shard = &mut *shard;
+            let Some(rec) = shard.records.get(ptr) else {
+                continue;
+            };
+            if !Arc::ptr_eq(&rec.owner, &account) {
+                continue;
+            }
+            if let Some(payer) = shard.payers.remove(&ptr) {
+                let charge = Usage {
+                    records: 1,
+                    bytes: rec.data.len() as u64,
+                };
+                account.charge_over_quota(charge);
+                payer.release(charge);
+                released.push(payer);
+            }
+        }
+        self.prune_released(released);
         Session {
             conn: ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed)),
             account,
@@ -364,12 +366,29 @@ impl Store {
         deadline
     }
 
-    /// Forgets an account nobody refers to any more (no connection, no record).
+    /// Forgets an account nobody refers to any more (no connection, no record owned or
+    /// paid for): only the registry holds it.
     fn prune(reg: &mut Registry, identity: &Identity) {
         if let Some(a) = reg.accounts.get(identity)
             && Arc::strong_count(a) == 1
         {
+            if let Some(d) = a.lock_state().offline_deadline {
+                reg.offline.remove(&(d, *identity));
+            }
             reg.accounts.remove(identity);
+        }
+    }
+
+    /// Prunes the accounts a request let go of (call with no shard lock held).
+    fn prune_released(&self, released: Released) {
+        if released.is_empty() {
+            return;
+        }
+        let ids: Vec<Identity> = released.iter().map(|a| *a.identity()).collect();
+        drop(released);
+        let mut reg = self.registry();
+        for id in ids {
+            Self::prune(&mut reg, &id);
         }
     }
 
@@ -385,11 +404,13 @@ impl Store {
         next
     }
 
-    /// Deletes the records whose orphan grace has run out by `now`.
+    /// Deletes the records whose orphan grace has run out by `now`
+    /// ([`rules::orphan_expiry`]).
     pub fn reap(&self, now: Instant) -> Reaped {
         let mut out = Reaped::default();
-        // Accounts whose own deadline has passed.
-        let mut due: Vec<Arc<Account>> = Vec::new();
+        let mut released = Released::new();
+        // Accounts whose own deadline has passed, with that deadline.
+        let mut due: Vec<(Arc<Account>, Instant)> = Vec::new();
         {
             let mut reg = self.registry();
             while let Some(&(d, identity)) = reg.offline.first() {
@@ -402,29 +423,29 @@ impl Store {
                     if st.connections == 0 && st.offline_deadline == Some(d) {
                         st.offline_deadline = None;
                         drop(st);
-                        if a.records() > 0 {
-                            due.push(a.clone());
-                        }
+                        due.push((a.clone(), d));
                     }
                 }
             }
         }
-        let due_set: HashSet<*const Account> = due.iter().map(Arc::as_ptr).collect();
+        let due_set: HashMap<*const Account, Instant> =
+            due.iter().map(|(a, d)| (Arc::as_ptr(a), *d)).collect();
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             let mut doomed: Vec<u64> = Vec::new();
             if !due_set.is_empty() {
                 for rec in shard.records.iter() {
-                    if !due_set.contains(&Arc::as_ptr(&rec.owner)) {
+                    let Some(&owner_deadline) = due_set.get(&Arc::as_ptr(&rec.owner)) else {
                         continue;
-                    }
+                    };
                     // A record handed to this identity after it went away keeps its
                     // own, later deadline.
-                    let spared = shard
+                    let own = shard
                         .transfer_deadline
                         .get(&rec.ptr)
-                        .is_some_and(|&(d, g)| d > now && g == rec.owner.lock_state().generation);
-                    if !spared {
+                        .filter(|&&(_, g)| g == rec.owner.lock_state().generation)
+                        .map(|&(d, _)| d);
+                    if rules::orphan_expiry(Some(owner_deadline), own).is_some_and(|d| d <= now) {
                         doomed.push(rec.ptr);
                     }
                 }
@@ -439,7 +460,11 @@ impl Store {
                 };
                 if let Some(rec) = shard.records.get(ptr) {
                     let st = rec.owner.lock_state();
-                    if st.connections == 0 && st.generation == generation {
+                    let owner_deadline = st.offline_deadline;
+                    if st.connections == 0
+                        && st.generation == generation
+                        && rules::orphan_expiry(owner_deadline, Some(d)).is_some_and(|e| e <= now)
+                    {
                         doomed.push(ptr);
                     }
                 }
@@ -448,16 +473,12 @@ impl Store {
             doomed.dedup();
             for ptr in doomed {
                 let p = Pointer::new(ptr).expect("stored pointers are non-zero");
-                shard.remove_record(p, &mut out.notifications);
+                shard.remove_record(p, &mut out.notifications, &mut released);
                 out.records.push(p);
             }
         }
-        let mut reg = self.registry();
-        for a in due {
-            let identity = *a.identity();
-            drop(a);
-            Self::prune(&mut reg, &identity);
-        }
+        released.extend(due.into_iter().map(|(a, _)| a));
+        self.prune_released(released);
         out
     }
 
@@ -474,6 +495,71 @@ impl Store {
             s.watches += shard.watches.values().map(|w| w.len() as u64).sum::<u64>();
         }
         s
+    }
+
+    /// Checks the store's books (for tests and fuzzing; locks everything in turn):
+    /// every identity's quota usage is exactly the records it pays for and their
+    /// bytes, every record's payer and owner are known accounts, every parked record
+    /// is in its owner's parked set and only those, and the byte counts add up.
+    pub fn audit(&self) -> Result<(), String> {
+        let reg = self.registry();
+        let mut paid: HashMap<Identity, Usage> = HashMap::new();
+        let mut parked: HashMap<Identity, Vec<u64>> = HashMap::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut bytes = 0;
+            for rec in shard.records.iter() {
+                bytes += rec.data.len() as u64;
+                let owner = *rec.owner.identity();
+                let payer = shard.payers.get(&rec.ptr).unwrap_or(&rec.owner);
+                for a in [&rec.owner, payer] {
+                    if !reg
+                        .accounts
+                        .get(a.identity())
+                        .is_some_and(|r| Arc::ptr_eq(r, a))
+                    {
+                        return Err(format!("record {:x}: account not registered", rec.ptr));
+                    }
+                }
+                let u = paid.entry(*payer.identity()).or_default();
+                u.records += 1;
+                u.bytes += rec.data.len() as u64;
+                if shard.payers.contains_key(&rec.ptr) {
+                    parked.entry(owner).or_default().push(rec.ptr);
+                }
+            }
+            if bytes != shard.data_bytes {
+                return Err(format!(
+                    "shard counts {} bytes, holds {bytes}",
+                    shard.data_bytes
+                ));
+            }
+            if shard.payers.keys().any(|p| !shard.records.contains_key(*p)) {
+                return Err("a payer is recorded for a record that is gone".into());
+            }
+        }
+        for (id, a) in &reg.accounts {
+            let want = paid.get(id).copied().unwrap_or_default();
+            if (a.records(), a.bytes()) != (want.records, want.bytes) {
+                return Err(format!(
+                    "{id} is charged {} records / {} bytes but pays for {} / {}",
+                    a.records(),
+                    a.bytes(),
+                    want.records,
+                    want.bytes
+                ));
+            }
+            let mut have: Vec<u64> = a.lock_state().parked.iter().copied().collect();
+            let mut want = parked.remove(id).unwrap_or_default();
+            have.sort_unstable();
+            want.sort_unstable();
+            if have != want {
+                return Err(format!(
+                    "{id}: parked set {have:x?}, parked records {want:x?}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The HELLO answer for `session`.
@@ -496,177 +582,180 @@ impl Store {
         now: Instant,
         rng: &mut dyn RngCore,
     ) -> Applied {
+        let Some(ptr) = request.pointer() else {
+            return match request {
+                Request::Create { access, data } => self.create(session, access, data, rng),
+                _ => Reply::Hello(self.hello(session)).into(),
+            };
+        };
+        let transfer_to = match &request {
+            Request::Transfer { to, .. } => Some(match *to {
+                NewOwner::Identity(id) => id,
+                NewOwner::Ip(ip) => self.identity_of(ip),
+            }),
+            _ => None,
+        };
+        let mut released = Released::new();
+        let applied = {
+            let mut guard = self.shard(ptr.get());
+            let shard = &mut *guard;
+            let me = &session.account;
+            let view = shard.records.get(ptr.get()).map(|r| RecordView {
+                owned_by_caller: Arc::ptr_eq(&r.owner, me),
+                access: r.access,
+                version: r.version,
+                size: r.data.len() as u64,
+            });
+            let decision = rules::decide(
+                &request,
+                view.as_ref(),
+                me.identity(),
+                transfer_to.as_ref(),
+                &self.config,
+            );
+            self.carry_out(
+                shard,
+                session,
+                xid,
+                ptr,
+                decision,
+                request,
+                now,
+                &mut released,
+            )
+        };
+        self.prune_released(released);
+        applied
+    }
+
+    fn create(
+        &self,
+        session: &Session,
+        access: Access,
+        data: Bytes,
+        rng: &mut dyn RngCore,
+    ) -> Applied {
         let cfg = &self.config;
         let me = &session.account;
-        match request {
-            Request::Hello => Reply::Hello(self.hello(session)).into(),
-            Request::Create { access, data } => {
-                if data.len() as u64 > cfg.max_record_bytes {
-                    return too_large(data.len() as u64, cfg).into();
-                }
-                if let Err(kind) =
-                    me.charge(1, data.len() as u64, cfg.quota_records, cfg.quota_bytes)
-                {
-                    return quota_reply(kind, cfg).into();
-                }
-                let data = Data::from_bytes(data, own);
-                loop {
-                    let Some(ptr) = Pointer::new(rng.next_u64()) else {
-                        continue;
-                    };
-                    let mut shard = self.shard(ptr.get());
-                    if shard.records.contains_key(ptr.get()) {
-                        continue;
-                    }
-                    shard.data_bytes += data.len() as u64;
-                    shard.records.insert(Record {
-                        ptr: ptr.get(),
-                        data,
-                        version: 1,
-                        owner: me.clone(),
-                        access,
-                    });
-                    return Reply::Created(ptr).into();
-                }
+        if let Err(reply) = rules::decide_create(data.len() as u64, cfg) {
+            return reply.into();
+        }
+        let charge = Usage {
+            records: 1,
+            bytes: data.len() as u64,
+        };
+        if let Err(kind) = me.charge(charge, cfg) {
+            return kind.reply(cfg).into();
+        }
+        let data = Data::from_bytes(data, own);
+        loop {
+            let Some(ptr) = Pointer::new(rng.next_u64()) else {
+                continue;
+            };
+            let mut shard = self.shard(ptr.get());
+            if shard.records.contains_key(ptr.get()) {
+                continue;
             }
-            Request::Read { ptr, range } => {
-                let shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(ptr.get()) else {
-                    return Applied::missing();
-                };
-                if !rec.may(me, Access::READ) {
-                    return denied("the record's READ bit is not set").into();
-                }
-                let size = rec.data.len() as u64;
-                match range {
-                    None => Reply::Data(rec.data.slice(0, size as usize)).into(),
-                    Some((off, _)) if off > size => Reply::error(
-                        Status::AddressFault,
-                        format!("offset {off} is past the end of the record ({size} bytes)"),
-                    )
-                    .into(),
-                    Some((off, n)) => {
-                        let end = size.min(off + n as u64);
-                        Reply::Data(rec.data.slice(off as usize, end as usize)).into()
-                    }
-                }
-            }
-            Request::Info { ptr } => {
-                let shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(ptr.get()) else {
-                    return Applied::missing();
-                };
-                if !rec.may(me, Access::READ) {
-                    return denied("the record's READ bit is not set").into();
-                }
-                Reply::Info(RecordInfo {
-                    size: rec.data.len() as u64,
-                    version: rec.version,
-                    access: rec.access,
-                    owned: Arc::ptr_eq(&rec.owner, me),
-                })
-                .into()
-            }
-            Request::Replace { ptr, data } => self.write(me, ptr, None, WriteKind::Replace(data)),
-            Request::ReplaceIf {
-                ptr,
-                expected,
+            shard.data_bytes += data.len() as u64;
+            shard.records.insert(Record {
+                ptr: ptr.get(),
                 data,
-            } => self.write(me, ptr, Some(expected), WriteKind::Replace(data)),
-            Request::WriteAt { ptr, offset, data } => {
-                self.write(me, ptr, None, WriteKind::At(offset, data))
+                version: 1,
+                owner: me.clone(),
+                access,
+            });
+            return Reply::Created(ptr).into();
+        }
+    }
+
+    /// Applies a decision to the record, under its shard's lock.
+    #[allow(clippy::too_many_arguments)]
+    fn carry_out(
+        &self,
+        shard: &mut Shard,
+        session: &mut Session,
+        xid: u32,
+        ptr: Pointer,
+        decision: Decision,
+        request: Request,
+        now: Instant,
+        released: &mut Released,
+    ) -> Applied {
+        let cfg = &self.config;
+        let key = ptr.get();
+        match decision {
+            Decision::Missing => Applied::missing(),
+            Decision::Answer(reply) => reply.into(),
+            Decision::Read { start, end } => {
+                let rec = shard.records.get(key).expect("decided on it");
+                Reply::Data(rec.data.slice(start as usize, end as usize)).into()
             }
-            Request::SetAccess { ptr, access } => {
-                let mut shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get_mut(ptr.get()) else {
-                    return Applied::missing();
+            Decision::Info(info) => Reply::Info(info).into(),
+            Decision::Write(w) => {
+                let payer = shard.payer(key).clone();
+                if w.bytes_delta > 0 {
+                    let grow = Usage {
+                        records: 0,
+                        bytes: w.bytes_delta as u64,
+                    };
+                    if let Err(kind) = payer.charge(grow, cfg) {
+                        return kind.reply(cfg).into();
+                    }
+                } else {
+                    payer.release(Usage {
+                        records: 0,
+                        bytes: w.bytes_delta.unsigned_abs(),
+                    });
+                }
+                let data = match request {
+                    Request::Replace { data, .. }
+                    | Request::ReplaceIf { data, .. }
+                    | Request::WriteAt { data, .. } => data,
+                    _ => unreachable!("only writes decide a write"),
                 };
-                if !Arc::ptr_eq(&rec.owner, me) {
-                    return denied("only the owner may change access bits").into();
+                let rec = shard.records.get_mut(key).expect("decided on it");
+                match w.kind {
+                    WriteKind::Replace => rec.data = Data::from_bytes(data, own),
+                    WriteKind::At(off) => rec.data.patch(off as usize, &data),
                 }
-                if rec.access == access {
-                    return Reply::Done.into();
-                }
+                rec.version = w.new_version;
+                shard.data_bytes = (shard.data_bytes as i64 + w.bytes_delta) as u64;
+                Applied::notifying(
+                    Reply::Written(w.new_version),
+                    shard.notify(ptr, Event::Changed, w.new_version),
+                )
+            }
+            Decision::SetAccess(access) => {
+                let rec = shard.records.get_mut(key).expect("decided on it");
                 rec.access = access;
                 let version = rec.version;
-                let notifications = shard.notify(ptr, Event::AccessChanged, version);
-                Applied {
-                    reply: Reply::Done,
-                    notifications,
-                    miss: false,
-                }
+                Applied::notifying(
+                    Reply::Done,
+                    shard.notify(ptr, Event::AccessChanged, version),
+                )
             }
-            Request::Delete { ptr } => {
-                let mut shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(ptr.get()) else {
-                    return Applied::missing();
-                };
-                if !Arc::ptr_eq(&rec.owner, me) {
-                    return denied("only the owner may delete a record").into();
-                }
+            Decision::Delete => {
                 let mut notifications = Vec::new();
-                shard.remove_record(ptr, &mut notifications);
-                Applied {
-                    reply: Reply::Done,
-                    notifications,
-                    miss: false,
-                }
+                shard.remove_record(ptr, &mut notifications, released);
+                Applied::notifying(Reply::Done, notifications)
             }
-            Request::Takeover { ptr } => {
-                let mut shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(ptr.get()) else {
-                    return Applied::missing();
-                };
-                if Arc::ptr_eq(&rec.owner, me) {
-                    return Reply::Done.into();
-                }
-                if !rec.access.contains(Access::TAKEOVER) {
-                    return denied("the record's TAKEOVER bit is not set").into();
-                }
-                self.change_owner(&mut shard, ptr, me.clone(), now, true)
+            Decision::TakeOver => {
+                let taker = session.account.clone();
+                self.change_owner(shard, ptr, taker, true, now, released)
             }
-            Request::Transfer { ptr, to } => {
-                let target = match to {
-                    NewOwner::Identity(id) => id,
-                    NewOwner::Ip(ip) => self.identity_of(ip),
-                };
-                let mut shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(ptr.get()) else {
-                    return Applied::missing();
-                };
-                if !Arc::ptr_eq(&rec.owner, me) {
-                    return denied("only the owner may transfer a record").into();
-                }
-                if target == *me.identity() {
-                    return Reply::Done.into();
-                }
+            Decision::Transfer(to) => {
                 // Lock order: shard, then registry (reap and connect never hold the
                 // registry while taking a shard).
-                let new_owner = Self::account_for(&mut self.registry(), target);
-                self.change_owner(&mut shard, ptr, new_owner, now, false)
+                let new_owner = Self::account_for(&mut self.registry(), to);
+                self.change_owner(shard, ptr, new_owner, false, now, released)
             }
-            Request::Watch { ptr } => {
-                let mut shard = self.shard(ptr.get());
-                let Some(rec) = shard.records.get(ptr.get()) else {
-                    return Applied::missing();
-                };
-                if !rec.may(me, Access::READ) {
-                    return denied("the record's READ bit is not set").into();
-                }
-                if !session.watches.contains_key(&ptr)
-                    && session.watches.len() >= cfg.max_watches_per_connection
-                {
-                    return Reply::error(
-                        Status::QuotaExceeded,
-                        format!(
-                            "this connection already watches {} records",
-                            session.watches.len()
-                        ),
-                    )
-                    .into();
+            Decision::Watch => {
+                let already = session.watches.contains_key(&ptr);
+                if let Err(reply) = rules::admit_watch(session.watches.len(), already, cfg) {
+                    return reply.into();
                 }
                 let conn = session.conn;
-                let list = shard.watches.entry(ptr.get()).or_default();
+                let list = shard.watches.entry(key).or_default();
                 match list.iter_mut().find(|w| w.conn == conn) {
                     Some(w) => w.xid = xid,
                     None => list.push(Watcher { conn, xid }),
@@ -674,19 +763,14 @@ impl Store {
                 session.watches.insert(ptr, xid);
                 Reply::Done.into()
             }
-            Request::Unwatch { ptr } => {
-                let mut shard = self.shard(ptr.get());
-                if !shard.records.contains_key(ptr.get()) {
-                    return Applied::missing();
-                }
+            Decision::Unwatch => {
                 if session.watches.remove(&ptr).is_none() {
-                    return Reply::error(Status::AddressFault, "no such watch on this connection")
-                        .into();
+                    return rules::no_such_watch().into();
                 }
-                if let Some(list) = shard.watches.get_mut(&ptr.get()) {
+                if let Some(list) = shard.watches.get_mut(&key) {
                     list.retain(|w| w.conn != session.conn);
                     if list.is_empty() {
-                        shard.watches.remove(&ptr.get());
+                        shard.watches.remove(&key);
                     }
                 }
                 Reply::Done.into()
@@ -694,117 +778,84 @@ impl Store {
         }
     }
 
+    /// Gives the record a new owner. TAKEOVER (`takeover`): the taker pays and the
+    /// TAKEOVER bit is cleared. TRANSFER: the new owner pays if it is connected, else
+    /// the payer so far keeps paying until it connects ([`rules::payer_after_transfer`]),
+    /// and the record's own orphan grace starts now.
     fn change_owner(
         &self,
         shard: &mut Shard,
         ptr: Pointer,
         new_owner: Arc<Account>,
+        takeover: bool,
         now: Instant,
-        clear_takeover: bool,
+        released: &mut Released,
     ) -> Applied {
         let cfg = &self.config;
-        let rec = shard.records.get_mut(ptr.get()).expect("checked by caller");
-        let size = rec.data.len() as u64;
-        if let Err(kind) = new_owner.charge(1, size, cfg.quota_records, cfg.quota_bytes) {
-            return quota_reply(kind, cfg).into();
+        let key = ptr.get();
+        let rec = shard.records.get(key).expect("decided on it");
+        let charge = Usage {
+            records: 1,
+            bytes: rec.data.len() as u64,
+        };
+        let old_owner = rec.owner.clone();
+        let old_payer = shard.payers.get(&key).unwrap_or(&rec.owner).clone();
+        let (payer, offline_generation) = {
+            let mut st = new_owner.lock_state();
+            let connected = st.connections > 0;
+            let payer = if takeover {
+                Payer::NewOwner
+            } else {
+                rules::payer_after_transfer(connected)
+            };
+            if payer == Payer::Unchanged {
+                // Under the receiver's state lock, so that a connect either sees this
+                // record parked or happened before and made the receiver pay.
+                st.parked.insert(key);
+            }
+            (payer, (!connected).then_some(st.generation))
+        };
+        if payer == Payer::NewOwner {
+            // (A parked record taken over by the one who pays for it: nothing moves.)
+            if !Arc::ptr_eq(&new_owner, &old_payer) {
+                if let Err(kind) = new_owner.charge(charge, cfg) {
+                    return kind.reply(cfg).into();
+                }
+                old_payer.release(charge);
+            }
+            shard.payers.remove(&key);
+        } else {
+            shard.payers.insert(key, old_payer.clone());
         }
-        rec.owner.release(1, size);
-        if clear_takeover {
+        // The old owner no longer has this record parked with it (if it had).
+        old_owner.lock_state().parked.remove(&key);
+        let rec = shard.records.get_mut(key).expect("decided on it");
+        if takeover {
             rec.access.remove(Access::TAKEOVER);
         }
-        let st = new_owner.lock_state();
-        let offline = (st.connections == 0).then_some(st.generation);
-        drop(st);
         rec.owner = new_owner;
         let version = rec.version;
-        shard.clear_deadline(ptr.get());
-        if let Some(generation) = offline {
+        shard.clear_deadline(key);
+        if let Some(generation) = offline_generation.filter(|_| !takeover) {
             let d = now + cfg.orphan_grace;
-            shard.transfer_deadline.insert(ptr.get(), (d, generation));
-            shard.transfer_order.insert((d, ptr.get()));
+            shard.transfer_deadline.insert(key, (d, generation));
+            shard.transfer_order.insert((d, key));
         }
-        Applied {
-            reply: Reply::Done,
-            notifications: shard.notify(ptr, Event::OwnerChanged, version),
-            miss: false,
-        }
-    }
-
-    fn write(
-        &self,
-        me: &Arc<Account>,
-        ptr: Pointer,
-        expected: Option<Version>,
-        kind: WriteKind,
-    ) -> Applied {
-        let cfg = &self.config;
-        let mut shard = self.shard(ptr.get());
-        let shard = &mut *shard;
-        let Some(rec) = shard.records.get_mut(ptr.get()) else {
-            return Applied::missing();
-        };
-        if !rec.may(me, Access::WRITE) {
-            return denied("the record's WRITE bit is not set").into();
-        }
-        let old = rec.data.len() as u64;
-        let new_len = match &kind {
-            WriteKind::Replace(d) => d.len() as u64,
-            WriteKind::At(off, d) => {
-                if *off > old {
-                    return Reply::error(
-                        Status::AddressFault,
-                        format!("offset {off} is past the end of the record ({old} bytes)"),
-                    )
-                    .into();
-                }
-                old.max(off + d.len() as u64)
-            }
-        };
-        if let Some(expected) = expected
-            && expected != rec.version
-        {
-            return Reply::Conflict(rec.version).into();
-        }
-        if new_len > cfg.max_record_bytes {
-            return too_large(new_len, cfg).into();
-        }
-        if new_len > old {
-            if let Err(kind) =
-                rec.owner
-                    .charge(0, new_len - old, cfg.quota_records, cfg.quota_bytes)
-            {
-                return quota_reply(kind, cfg).into();
-            }
-        } else {
-            rec.owner.release(0, old - new_len);
-        }
-        match kind {
-            WriteKind::Replace(d) => rec.data = Data::from_bytes(d, own),
-            WriteKind::At(off, d) => rec.data.patch(off as usize, &d),
-        }
-        rec.version += 1;
-        let version = rec.version;
-        shard.data_bytes = shard.data_bytes + new_len - old;
-        Applied {
-            reply: Reply::Written(version),
-            notifications: shard.notify(ptr, Event::Changed, version),
-            miss: false,
-        }
-    }
-}
-
-enum WriteKind {
-    Replace(Bytes),
-    At(u64, Bytes),
-}
-
-impl Record {
-    fn may(&self, who: &Arc<Account>, bit: Access) -> bool {
-        Arc::ptr_eq(&self.owner, who) || self.access.contains(bit)
+        released.push(old_owner);
+        released.push(old_payer);
+        Applied::notifying(Reply::Done, shard.notify(ptr, Event::OwnerChanged, version))
     }
 }
 
 impl Shard {
+    /// Who pays for a record: its owner, unless it is parked.
+    fn payer(&self, key: u64) -> &Arc<Account> {
+        match self.payers.get(&key) {
+            Some(p) => p,
+            None => &self.records.get(key).expect("the record exists").owner,
+        }
+    }
+
     fn notify(&self, ptr: Pointer, event: Event, version: Version) -> Vec<Notification> {
         match self.watches.get(&ptr.get()) {
             None => Vec::new(),
@@ -827,14 +878,31 @@ impl Shard {
         }
     }
 
-    fn remove_record(&mut self, ptr: Pointer, notifications: &mut Vec<Notification>) {
-        let Some(rec) = self.records.remove(ptr.get()) else {
+    fn remove_record(
+        &mut self,
+        ptr: Pointer,
+        notifications: &mut Vec<Notification>,
+        released: &mut Released,
+    ) {
+        let key = ptr.get();
+        let Some(rec) = self.records.remove(key) else {
             return;
         };
-        rec.owner.release(1, rec.data.len() as u64);
+        let charge = Usage {
+            records: 1,
+            bytes: rec.data.len() as u64,
+        };
+        match self.payers.remove(&key) {
+            Some(payer) => {
+                payer.release(charge);
+                rec.owner.lock_state().parked.remove(&key);
+                released.push(payer);
+            }
+            None => rec.owner.release(charge),
+        }
         self.data_bytes -= rec.data.len() as u64;
-        self.clear_deadline(ptr.get());
-        if let Some(list) = self.watches.remove(&ptr.get()) {
+        self.clear_deadline(key);
+        if let Some(list) = self.watches.remove(&key) {
             notifications.extend(list.into_iter().map(|w| Notification {
                 conn: w.conn,
                 xid: w.xid,
@@ -843,6 +911,7 @@ impl Shard {
                 version: rec.version,
             }));
         }
+        released.push(rec.owner);
     }
 }
 

@@ -1,6 +1,9 @@
 use super::*;
+use crate::message::RecordInfo;
+use crate::types::Status;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
+use std::collections::HashSet;
 
 struct World {
     store: Store,
@@ -779,4 +782,163 @@ fn small_data_does_not_pin_the_network_buffer() {
     // If the store kept a slice of `big`, `big` would not be unique.
     assert!(big.try_into_mut().is_ok());
     assert_eq!(w.read(&mut a, p), Reply::Data(Bytes::from(vec![1u8; 10])));
+}
+
+#[test]
+fn quota_cannot_be_parked_with_identities_that_never_connect() {
+    // Issue 13: one identity kept 50 × its byte quota alive by handing each full
+    // record to an identity that never connects, then creating more.
+    let mut w = World::new(StoreConfig {
+        quota_bytes: 100_000,
+        shards: 4,
+        ..StoreConfig::default()
+    });
+    let mut a = w.store.connect(ip(2));
+    let full = Bytes::from(vec![7u8; 100_000]);
+    let mut created = 0;
+    for i in 0..50u8 {
+        let r = w.reply(
+            &mut a,
+            Request::Create {
+                access: Access::empty(),
+                data: full.clone(),
+            },
+        );
+        let Reply::Created(p) = r else {
+            assert_eq!(status(&r), Status::QuotaExceeded);
+            continue;
+        };
+        created += 1;
+        let nobody = NewOwner::Identity(Identity([i; 32]));
+        assert_eq!(
+            w.reply(&mut a, Request::Transfer { ptr: p, to: nobody }),
+            Reply::Done
+        );
+    }
+    assert_eq!(created, 1, "what a hands to absent identities still counts");
+    assert_eq!(a.account().bytes(), 100_000);
+    assert_eq!(w.store.stats().data_bytes, 100_000);
+}
+
+#[test]
+fn a_parked_charge_moves_to_the_receiver_when_it_connects() {
+    let mut w = World::new(StoreConfig {
+        quota_records: 1,
+        shards: 4,
+        ..StoreConfig::default()
+    });
+    let mut a = w.store.connect(ip(2));
+    let p = w.create(&mut a, Access::empty(), b"gift");
+    w.reply(
+        &mut a,
+        Request::Transfer {
+            ptr: p,
+            to: NewOwner::Ip(ip(9)),
+        },
+    );
+    assert_eq!(a.account().records(), 1, "a pays until 9 connects");
+    let nine = w.store.connect(ip(9));
+    assert_eq!((a.account().records(), nine.account().records()), (0, 1));
+    assert_eq!(nine.account().bytes(), 4);
+    w.create(&mut a, Access::empty(), b"room again");
+    // 9 is at its quota of one record; a second gift while connected is refused ...
+    let mut b = w.store.connect(ip(3));
+    let q = w.create(&mut b, Access::empty(), b"second");
+    assert_eq!(
+        status(&w.reply(
+            &mut b,
+            Request::Transfer {
+                ptr: q,
+                to: NewOwner::Ip(ip(9))
+            }
+        )),
+        Status::QuotaExceeded
+    );
+    // ... but gifts received while away move even past the quota.
+    w.store.disconnect(nine, w.at(0));
+    assert_eq!(
+        w.reply(
+            &mut b,
+            Request::Transfer {
+                ptr: q,
+                to: NewOwner::Ip(ip(9))
+            }
+        ),
+        Reply::Done
+    );
+    let nine = w.store.connect(ip(9));
+    assert_eq!(nine.account().records(), 2);
+    assert_eq!(b.account().records(), 0);
+    assert_eq!(w.read(&mut a, p).status(), Status::AccessViolation);
+}
+
+#[test]
+fn an_unclaimed_gift_is_reaped_and_gives_the_sender_its_quota_back() {
+    let mut w = World::new(StoreConfig {
+        quota_records: 1,
+        shards: 4,
+        ..StoreConfig::default()
+    });
+    let mut a = w.store.connect(ip(2));
+    let p = w.create(&mut a, Access::empty(), b"gift");
+    w.apply_at(
+        &mut a,
+        Request::Transfer {
+            ptr: p,
+            to: NewOwner::Ip(ip(9)),
+        },
+        10,
+    );
+    let r = w.reply(
+        &mut a,
+        Request::Create {
+            access: Access::empty(),
+            data: Bytes::new(),
+        },
+    );
+    assert_eq!(status(&r), Status::QuotaExceeded);
+    assert_eq!(w.store.reap(w.at(310)).records, vec![p]);
+    assert_eq!(a.account().records(), 0);
+    w.create(&mut a, Access::empty(), b"");
+}
+
+#[test]
+fn accounts_of_transfer_targets_are_forgotten_when_nothing_refers_to_them() {
+    // Issue 13: TRANSFER to a made-up identity, TAKEOVER back, SET_ACCESS R|T; every
+    // cycle used to leave an account behind (~185 B each).
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let p = w.create(&mut a, Access::READ | Access::TAKEOVER, b"cycled");
+    let before = w.store.stats().accounts;
+    for i in 0..1000u32 {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        let to = NewOwner::Identity(Identity(id));
+        assert_eq!(
+            w.reply(&mut a, Request::Transfer { ptr: p, to }),
+            Reply::Done
+        );
+        assert_eq!(w.reply(&mut a, Request::Takeover { ptr: p }), Reply::Done);
+        w.reply(
+            &mut a,
+            Request::SetAccess {
+                ptr: p,
+                access: Access::READ | Access::TAKEOVER,
+            },
+        );
+    }
+    assert_eq!(w.store.stats().accounts, before);
+    // Also when the gift is deleted or reaped instead of taken back.
+    let q = w.create(&mut a, Access::empty(), b"x");
+    w.reply(
+        &mut a,
+        Request::Transfer {
+            ptr: q,
+            to: NewOwner::Identity(Identity([9; 32])),
+        },
+    );
+    assert_eq!(w.store.stats().accounts, before + 1);
+    w.store.reap(w.at(400));
+    assert_eq!(w.store.stats().accounts, before);
+    assert_eq!(a.account().records(), 1);
 }
