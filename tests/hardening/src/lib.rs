@@ -496,6 +496,367 @@ pub async fn quota_exhaustion(addr: SocketAddr, quota_records: u64) -> Report {
     }
 }
 
+/// Reads frames from `s` until `want` NOTIFYs have arrived, the connection closes, or
+/// `limit` passes; returns the NOTIFY count, the last version seen and whether the
+/// server closed the connection.
+async fn read_notifies(s: &mut TcpStream, want: u64, limit: Duration) -> (u64, u64, bool) {
+    let mut buf = BytesMut::new();
+    let (mut count, mut last, mut closed) = (0u64, 0u64, false);
+    let _ = tokio::time::timeout(limit, async {
+        while count < want {
+            match s.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    closed = true;
+                    break;
+                }
+                Ok(_) => {
+                    while let Ok(Some(f)) = decode_frame(&mut buf) {
+                        if f.header.op == Status::Notify as u8 && f.payload.len() == 16 {
+                            count += 1;
+                            last = u64::from_be_bytes(f.payload[8..16].try_into().unwrap());
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    (count, last, closed)
+}
+
+async fn watch_one(addr: SocketAddr, from: IpAddr, ptr: Pointer, rcvbuf: Option<u32>) -> TcpStream {
+    let sock = TcpSocket::new_v4().expect("socket");
+    if let Some(n) = rcvbuf {
+        sock.set_recv_buffer_size(n).expect("SO_RCVBUF");
+    }
+    sock.bind(SocketAddr::new(from, 0)).expect("bind");
+    let mut s = sock.connect(addr).await.expect("connect");
+    s.write_all(&frames(&Request::Watch { ptr }, 1))
+        .await
+        .expect("watch");
+    let mut header = [0u8; 10];
+    s.read_exact(&mut header).await.expect("watch acknowledged");
+    assert_eq!(header[6], Status::Ok as u8, "WATCH refused");
+    s
+}
+
+/// A writer pipelines `n` REPLACEs of one record in a single write while a watcher
+/// reads promptly: the watcher must get every notification (in order, the last with
+/// the final version) and stay connected.
+pub async fn watch_burst(addr: SocketAddr, n: u32) -> Report {
+    let owner = Client::connect_with(
+        addr,
+        Options {
+            local_addr: Some(loopback(600)),
+            ..Options::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let ptr = owner.create(Access::READ, "v").await.expect("create");
+    let mut watcher = watch_one(addr, loopback(601), ptr, None).await;
+    let mut burst = Vec::new();
+    for i in 0..n {
+        burst.extend_from_slice(&frames(
+            &Request::Replace {
+                ptr,
+                data: i.to_be_bytes().to_vec().into(),
+            },
+            10 + i,
+        ));
+    }
+    let mut writer = raw(addr, loopback(600)).await.expect("connect");
+    let send = tokio::spawn(async move {
+        writer.write_all(&burst).await.expect("burst");
+        drain_count(writer, n as usize).await
+    });
+    let (count, last, closed) =
+        read_notifies(&mut watcher, n as u64, Duration::from_secs(60)).await;
+    let acked = send.await.expect("writer");
+    Report {
+        attempts: n as u64,
+        refused: if closed { 1 } else { 0 },
+        notes: vec![format!(
+            "{count} NOTIFYs of {n} changes received, last version {last} (final {}), {acked} REPLACEs acknowledged, watcher {}",
+            n + 1,
+            if closed {
+                "DISCONNECTED"
+            } else {
+                "still connected"
+            }
+        )],
+        ..Report::default()
+    }
+}
+
+/// Reads replies from `s` until `n` frames arrived or it closes.
+async fn drain_count(mut s: TcpStream, n: usize) -> usize {
+    let mut buf = BytesMut::new();
+    let mut got = 0;
+    while got < n {
+        match s.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                while let Ok(Some(_)) = decode_frame(&mut buf) {
+                    got += 1;
+                }
+            }
+        }
+    }
+    got
+}
+
+/// A watcher with a 4 KiB receive buffer that never reads, while `n` REPLACEs in
+/// batches of 32 change its record: its notifications must merge (the harness samples
+/// the server's memory), the connection stays open, and when it finally reads it
+/// catches up to the final version.
+pub async fn stuck_watcher(addr: SocketAddr, n: u32) -> Report {
+    let owner = Client::connect_with(
+        addr,
+        Options {
+            local_addr: Some(loopback(610)),
+            ..Options::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let ptr = owner.create(Access::READ, "v").await.expect("create");
+    let mut watcher = watch_one(addr, loopback(611), ptr, Some(4096)).await;
+    let mut writer = raw(addr, loopback(610)).await.expect("connect");
+    let mut xid = 10u32;
+    let mut sent = 0;
+    while sent < n {
+        let k = 32.min(n - sent);
+        let mut batch = Vec::new();
+        for i in 0..k {
+            batch.extend_from_slice(&frames(
+                &Request::Replace {
+                    ptr,
+                    data: (sent + i).to_be_bytes().to_vec().into(),
+                },
+                xid + i,
+            ));
+        }
+        writer.write_all(&batch).await.expect("batch");
+        let mut header = [0u8; 10];
+        let mut payload = vec![0u8; 64];
+        for _ in 0..k {
+            writer.read_exact(&mut header).await.expect("reply");
+            let len = u16::from_be_bytes([header[8], header[9]]) as usize;
+            writer.read_exact(&mut payload[..len]).await.expect("reply");
+        }
+        xid += k;
+        sent += k;
+    }
+    // Now it reads: whatever was merged arrives with the final version.
+    let final_version = n as u64 + 1;
+    let mut buf = BytesMut::new();
+    let (mut count, mut last, mut closed) = (0u64, 0u64, false);
+    let _ = tokio::time::timeout(Duration::from_secs(60), async {
+        while last < final_version {
+            match watcher.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    closed = true;
+                    break;
+                }
+                Ok(_) => {
+                    while let Ok(Some(f)) = decode_frame(&mut buf) {
+                        if f.header.op == Status::Notify as u8 && f.payload.len() == 16 {
+                            count += 1;
+                            last = u64::from_be_bytes(f.payload[8..16].try_into().unwrap());
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    Report {
+        attempts: n as u64,
+        refused: n as u64 - count.min(n as u64),
+        notes: vec![format!(
+            "{n} changes while the watcher read nothing; then it read {count} NOTIFYs ({} merged away), last version {last} of {final_version}, watcher {}",
+            n as u64 - count.min(n as u64),
+            if closed {
+                "DISCONNECTED"
+            } else {
+                "still connected"
+            }
+        )],
+        ..Report::default()
+    }
+}
+
+/// `conns` connections each hold two promises of `promise` bytes open and send a
+/// HELLO every 400 ms (keepalives); after the stall timeout, another client's
+/// multi-frame CREATE must succeed.
+pub async fn keepalive_pinning(
+    addr: SocketAddr,
+    conns: u32,
+    promise: usize,
+    stall: Duration,
+) -> Report {
+    let mut holders = Vec::new();
+    for i in 0..conns {
+        let mut s = raw(addr, loopback(620 + i)).await.expect("connect");
+        for xid in [1u32, 2] {
+            let remaining = (promise / MAX_PAYLOAD) as u16;
+            let mut first = FrameHeader {
+                xid,
+                remaining,
+                op: 0,
+                arg: 0,
+                len: MAX_PAYLOAD as u16,
+            }
+            .to_bytes()
+            .to_vec();
+            first.extend_from_slice(&[0u8; MAX_PAYLOAD]);
+            s.write_all(&first).await.expect("first frame");
+        }
+        holders.push(s);
+    }
+    let keepalive = tokio::spawn(async move {
+        let mut cut = 0;
+        for round in 0..((stall.as_millis() / 400) as u32 + 5) {
+            for s in holders.iter_mut() {
+                if s.write_all(&frames(&Request::Hello, 100 + round))
+                    .await
+                    .is_err()
+                {
+                    cut += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        let mut closed = 0;
+        for s in holders {
+            if drain(s, Duration::from_secs(2))
+                .await
+                .contains(&(Status::ProtocolError as u8))
+            {
+                closed += 1;
+            }
+        }
+        (cut, closed)
+    });
+    let other = Client::connect_with(
+        addr,
+        Options {
+            local_addr: Some(loopback(619)),
+            ..Options::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let big = vec![1u8; 3 * MAX_PAYLOAD];
+    let during = other.create(Access::empty(), big.clone()).await;
+    tokio::time::sleep(stall + Duration::from_secs(1)).await;
+    let after = other.create(Access::empty(), big).await;
+    let (_, closed) = keepalive.await.expect("keepalive task");
+    Report {
+        attempts: conns as u64,
+        refused: closed as u64,
+        notes: vec![format!(
+            "{conns} holders × 2 promises of {promise} B with HELLOs every 400 ms; another client's 3-frame CREATE while held: {}; after the stall timeout: {}; {closed} holders cut off with PROTOCOL_ERROR",
+            match during {
+                Ok(_) => "OK".into(),
+                Err(e) => e.to_string(),
+            },
+            match after {
+                Ok(_) => "OK".into(),
+                Err(e) => e.to_string(),
+            },
+        )],
+        ..Report::default()
+    }
+}
+
+/// `cycles` times: TRANSFER a record to a made-up identity, TAKEOVER it back,
+/// SET_ACCESS READ|TAKEOVER (the harness compares the server's memory before and after).
+pub async fn transfer_cycles(addr: SocketAddr, cycles: u32) -> Report {
+    let c = Client::connect_with(
+        addr,
+        Options {
+            local_addr: Some(loopback(630)),
+            ..Options::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let ptr = c
+        .create(Access::READ | Access::TAKEOVER, "cycled")
+        .await
+        .expect("create");
+    let mut rng = SmallRng::seed_from_u64(13);
+    let mut failed = 0;
+    for _ in 0..cycles {
+        let mut id = [0u8; 32];
+        rng.fill(&mut id[..]);
+        let ok = c.transfer(ptr, netswap_client::Identity(id)).await.is_ok()
+            && c.takeover(ptr).await.is_ok()
+            && c.set_access(ptr, Access::READ | Access::TAKEOVER)
+                .await
+                .is_ok();
+        if !ok {
+            failed += 1;
+        }
+    }
+    Report {
+        attempts: cycles as u64,
+        refused: failed,
+        notes: vec![format!(
+            "{cycles} TRANSFER/TAKEOVER/SET_ACCESS cycles to distinct made-up identities, {failed} failed"
+        )],
+        ..Report::default()
+    }
+}
+
+/// A scanner guesses `n` random pointers as fast as it can (pipelined 1,000 at a
+/// time): past the miss rate, its lookups are answered BUSY.
+pub async fn pointer_scan(addr: SocketAddr, n: u32) -> Report {
+    let mut s = raw(addr, loopback(640)).await.expect("connect");
+    let mut rng = SmallRng::seed_from_u64(99);
+    let (mut faults, mut busy, mut other) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    let mut xid = 0u32;
+    while xid < n {
+        let k = 1000.min(n - xid);
+        let mut batch = Vec::new();
+        for i in 0..k {
+            let ptr = Pointer::new(rng.random::<u64>() | 1).expect("non-zero");
+            batch.extend_from_slice(&frames(&Request::Read { ptr, range: None }, xid + i));
+        }
+        s.write_all(&batch).await.expect("guesses");
+        let mut buf = BytesMut::new();
+        let mut got = 0;
+        while got < k {
+            if s.read_buf(&mut buf).await.expect("replies") == 0 {
+                break;
+            }
+            while let Ok(Some(f)) = decode_frame(&mut buf) {
+                got += 1;
+                match Status::from_u8(f.header.op) {
+                    Some(Status::AddressFault) => faults += 1,
+                    Some(Status::Busy) => busy += 1,
+                    _ => other += 1,
+                }
+            }
+        }
+        xid += k;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Report {
+        attempts: n as u64,
+        refused: busy,
+        notes: vec![format!(
+            "{n} guesses in {secs:.1} s ({:.0}/s): {faults} answered ADDRESS_FAULT ({:.0}/s), {busy} BUSY, {other} other",
+            n as f64 / secs,
+            faults as f64 / secs
+        )],
+        ..Report::default()
+    }
+}
+
 /// The soak: `clients` tasks from `identities` addresses doing mixed operations with
 /// random disconnects for `dur`; every acknowledged write is remembered, and at the
 /// end every record must hold exactly its last acknowledged bytes and version.

@@ -119,3 +119,89 @@ async fn short_soak_loses_nothing_and_reaps_orphans() {
     assert_eq!(srv.stats().store().records, 0);
     srv.stop().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_changes_reaches_a_prompt_watcher_whole() {
+    let srv = server(|_| {});
+    let r = with_probe(srv.addr(), "watch burst", || {
+        watch_burst(srv.addr(), 10_000)
+    })
+    .await;
+    println!("{r}");
+    assert_eq!(r.refused, 0, "the watcher was disconnected: {r}");
+    assert!(r.notes[0].starts_with("10000 NOTIFYs"), "{r}");
+    probe_ok(&r);
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_reads_nothing_gets_merged_notifications() {
+    let srv = server(|c| c.notify_queue = 64);
+    let stats = srv.stats().clone();
+    let r = with_probe(srv.addr(), "stuck watcher", || {
+        stuck_watcher(srv.addr(), 200_000)
+    })
+    .await;
+    println!("{r}");
+    assert!(r.notes[0].contains("still connected"), "{r}");
+    assert!(r.notes[0].contains("last version 200001"), "{r}");
+    assert!(stats.notifications_merged() > 0, "{r}");
+    assert!(stats.notifications_waiting() <= 65);
+    probe_ok(&r);
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_do_not_pin_the_partial_budget() {
+    let srv = server(|c| {
+        c.stall_timeout = Duration::from_secs(2);
+        c.max_total_partial_bytes = 4 << 20;
+        c.max_partial_bytes_per_ip = 4 << 20;
+    });
+    let r = with_probe(srv.addr(), "keepalive pinning", || {
+        keepalive_pinning(srv.addr(), 2, 1 << 20, Duration::from_secs(2))
+    })
+    .await;
+    println!("{r}");
+    assert!(r.notes[0].contains("after the stall timeout: OK"), "{r}");
+    assert_eq!(r.refused, 2, "both holders cut off: {r}");
+    assert_eq!(srv.stats().partial_bytes(), 0);
+    probe_ok(&r);
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_cycles_leave_no_accounts_behind() {
+    let srv = server(|_| {});
+    let stats = srv.stats().clone();
+    let r = with_probe(srv.addr(), "transfer cycles", || {
+        transfer_cycles(srv.addr(), 2_000)
+    })
+    .await;
+    println!("{r}");
+    assert_eq!(r.refused, 0, "{r}");
+    // The cycling client, the probe: nothing else is remembered.
+    assert_eq!(stats.store().accounts, 2, "{:?}", stats.store());
+    probe_ok(&r);
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pointer_scanning_is_throttled() {
+    let srv = server(|c| c.max_misses_per_second = 1000);
+    let stats = srv.stats().clone();
+    let r = with_probe(srv.addr(), "pointer scan", || {
+        pointer_scan(srv.addr(), 20_000)
+    })
+    .await;
+    println!("{r}");
+    let answered = stats.misses();
+    assert!(
+        answered as f64 <= 1000.0 * (r.seconds + 1.0) + 1.0,
+        "{answered} misses looked up in {:.1} s: {r}",
+        r.seconds
+    );
+    assert!(r.refused > 10_000, "{r}");
+    probe_ok(&r);
+    srv.stop().unwrap();
+}

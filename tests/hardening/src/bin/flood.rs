@@ -104,4 +104,57 @@ async fn main() {
         |addr| quota_exhaustion(addr, 20000),
     )
     .await;
+    let changes = n(10_000.0);
+    run(
+        bin,
+        &[],
+        "a burst of changes pipelined in one write, to a watcher that reads",
+        move |addr| watch_burst(addr, changes),
+    )
+    .await;
+    let changes = n(1_000_000.0);
+    run(
+        bin,
+        &["--notify-queue", "64"],
+        "a watcher that never reads (4 KiB receive buffer) while its record changes",
+        move |addr| stuck_watcher(addr, changes),
+    )
+    .await;
+    run(
+        bin,
+        &[
+            "--stall-timeout",
+            "2",
+            "--max-total-partial-bytes",
+            "4194304",
+            "--max-partial-bytes-per-ip",
+            "4194304",
+        ],
+        "two clients holding 1 MiB promises open with keepalive HELLOs",
+        |addr| keepalive_pinning(addr, 2, 1 << 20, Duration::from_secs(2)),
+    )
+    .await;
+    let cycles = n(60_000.0);
+    run(
+        bin,
+        &[],
+        "TRANSFER to made-up identities, TAKEOVER back, SET_ACCESS",
+        move |addr| transfer_cycles(addr, cycles),
+    )
+    .await;
+    let guesses = n(2_000_000.0);
+    run(
+        bin,
+        &[],
+        "pointer scanning at full rate (default --max-misses-per-second 1000)",
+        move |addr| pointer_scan(addr, guesses),
+    )
+    .await;
+    run(
+        bin,
+        &["--max-misses-per-second", "0"],
+        "pointer scanning at full rate, throttle off (for comparison)",
+        move |addr| pointer_scan(addr, guesses),
+    )
+    .await;
 }
