@@ -639,7 +639,7 @@ pub async fn stuck_watcher(addr: SocketAddr, n: u32) -> Report {
         }
         writer.write_all(&batch).await.expect("batch");
         let mut header = [0u8; 10];
-        let mut payload = vec![0u8; 64];
+        let mut payload = [0u8; 64];
         for _ in 0..k {
             writer.read_exact(&mut header).await.expect("reply");
             let len = u16::from_be_bytes([header[8], header[9]]) as usize;
