@@ -37,6 +37,7 @@ pub mod outbound;
 pub mod reassembly;
 pub mod receive;
 pub mod rules;
+pub mod snapshot;
 pub mod store;
 pub mod types;
 

@@ -108,6 +108,19 @@ pub struct Args {
     /// Store shards (rounded up to a power of two).
     #[arg(long, env = "NETSWAP_SHARDS", default_value_t = 64)]
     pub shards: usize,
+
+    /// Keep records across restarts: load the snapshot in this directory at start,
+    /// write one every --snapshot-interval and at shutdown (SIGINT/SIGTERM), and on
+    /// SIGUSR1. Needs --identity-key (the same key must map addresses to the same
+    /// identities after a restart). Off by default: records live in memory only.
+    #[arg(long, env = "NETSWAP_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Seconds between periodic snapshots with --data-dir (0 = only at shutdown and
+    /// on SIGUSR1). A crash (SIGKILL, power loss) loses at most the changes since the
+    /// last snapshot finished.
+    #[arg(long, env = "NETSWAP_SNAPSHOT_INTERVAL", default_value_t = 60)]
+    pub snapshot_interval: u64,
 }
 
 /// Everything the server needs, resolved from [`Args`] or built by hand (tests).
@@ -137,6 +150,10 @@ pub struct ServerConfig {
     pub notify_queue: usize,
     /// Identity salt.
     pub identity_key: IdentityKey,
+    /// Where snapshots live (`None`: in memory only).
+    pub data_dir: Option<PathBuf>,
+    /// Periodic snapshots (`None`: only at shutdown and on request).
+    pub snapshot_interval: Option<Duration>,
 }
 
 /// A configuration error, reported before the server starts.
@@ -180,6 +197,12 @@ impl ServerConfig {
         if a.max_connections_per_ip == 0 || a.max_partial_messages == 0 || a.notify_queue == 0 {
             return invalid(
                 "--max-connections-per-ip, --max-partial-messages and --notify-queue must be at least 1"
+                    .into(),
+            );
+        }
+        if a.data_dir.is_some() && a.identity_key.is_none() {
+            return invalid(
+                "--data-dir needs --identity-key FILE: without the same key after a restart, every address would map to another identity and no owner could use its records"
                     .into(),
             );
         }
@@ -230,6 +253,9 @@ impl ServerConfig {
             max_output_bytes: a.max_output_bytes.max(64 * 1024),
             notify_queue: a.notify_queue,
             identity_key,
+            data_dir: a.data_dir.clone(),
+            snapshot_interval: (a.snapshot_interval > 0)
+                .then(|| Duration::from_secs(a.snapshot_interval)),
         })
     }
 }

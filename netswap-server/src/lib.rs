@@ -21,6 +21,7 @@
 pub mod config;
 mod conn;
 mod hub;
+pub mod persist;
 
 use std::future::Future;
 use std::io;
@@ -32,9 +33,11 @@ use std::time::Duration;
 pub use config::{Args, ConfigError, ServerConfig};
 use netswap_proto::StoreStats;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+
+pub use persist::{DataDir, LoadError, SnapshotReport};
 
 use hub::Hub;
 
@@ -46,6 +49,60 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 pub struct Server {
     listener: TcpListener,
     hub: Arc<Hub>,
+    data: Option<Arc<DataDir>>,
+    snapshots: (SnapshotSender, mpsc::UnboundedReceiver<SnapshotRequest>),
+}
+
+/// A request for a snapshot now, with where to say how it went.
+type SnapshotRequest = Option<oneshot::Sender<Result<SnapshotReport, String>>>;
+type SnapshotSender = mpsc::UnboundedSender<SnapshotRequest>;
+
+/// Asks a running server with `--data-dir` for a snapshot now (what SIGUSR1 does).
+#[derive(Clone, Debug)]
+pub struct SnapshotHandle {
+    tx: SnapshotSender,
+}
+
+impl SnapshotHandle {
+    /// Requests a snapshot and returns at once (the server logs the outcome).
+    pub fn request(&self) {
+        let _ = self.tx.send(None);
+    }
+
+    /// Requests a snapshot and waits until it is on disk.
+    pub async fn snapshot(&self) -> Result<SnapshotReport, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Some(tx))
+            .map_err(|_| "the server is not running".to_string())?;
+        rx.await
+            .map_err(|_| "the server stopped before the snapshot".to_string())?
+    }
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listening socket.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The data directory or its snapshot.
+    #[error(transparent)]
+    Data(#[from] LoadError),
+}
+
+impl From<StartError> for io::Error {
+    fn from(e: StartError) -> io::Error {
+        match e {
+            StartError::Listen { source, .. } => source,
+            StartError::Data(d) => io::Error::other(d.to_string()),
+        }
+    }
 }
 
 /// A read-only view of a running server's state, for tests and monitoring.
@@ -86,13 +143,62 @@ impl ServerStats {
 }
 
 impl Server {
-    /// Binds the listening socket.
-    pub async fn bind(config: ServerConfig) -> io::Result<Server> {
-        let listener = TcpListener::bind(config.listen).await?;
+    /// Loads the snapshot when `--data-dir` is set (before anything can connect), then
+    /// binds the listening socket.
+    pub async fn bind(config: ServerConfig) -> Result<Server, StartError> {
+        let listen = config.listen;
+        let data = config.data_dir.clone();
+        let hub = Arc::new(Hub::new(config));
+        let data = match data {
+            Some(dir) => {
+                let dir = DataDir::open(&dir)?;
+                let loaded = dir.load(
+                    &hub.store,
+                    &hub.config.identity_key,
+                    std::time::Instant::now(),
+                )?;
+                match loaded {
+                    Some(r) => info!(
+                        file = %dir.snapshot_path().display(),
+                        records = r.records,
+                        bytes = r.bytes,
+                        seconds = r.elapsed.as_secs_f64(),
+                        grace_secs = hub.config.store.orphan_grace.as_secs(),
+                        "snapshot loaded; every owner is offline until it reconnects"
+                    ),
+                    None => {
+                        info!(file = %dir.snapshot_path().display(), "no snapshot yet: starting empty")
+                    }
+                }
+                hub.reaper.notify_one();
+                Some(Arc::new(dir))
+            }
+            None => None,
+        };
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: listen,
+                source,
+            })?;
         Ok(Server {
             listener,
-            hub: Arc::new(Hub::new(config)),
+            hub,
+            data,
+            snapshots: mpsc::unbounded_channel(),
         })
+    }
+
+    /// Where snapshots go (`None` without `--data-dir`).
+    pub fn data_dir(&self) -> Option<&DataDir> {
+        self.data.as_deref()
+    }
+
+    /// A handle to request snapshots (they fail without `--data-dir`).
+    pub fn snapshot_handle(&self) -> SnapshotHandle {
+        SnapshotHandle {
+            tx: self.snapshots.0.clone(),
+        }
     }
 
     /// The address actually bound (useful with port 0).
@@ -115,6 +221,13 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let reaper = tokio::spawn(reap(self.hub.clone(), stop_rx.clone()));
         let housekeeping = tokio::spawn(housekeep(self.hub.clone(), stop_rx.clone()));
+        let (_, requests) = self.snapshots;
+        let persister = tokio::spawn(persist_loop(
+            self.hub.clone(),
+            self.data.clone(),
+            requests,
+            stop_rx.clone(),
+        ));
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -149,9 +262,69 @@ impl Server {
         }
         let _ = reaper.await;
         let _ = housekeeping.await;
+        let _ = persister.await;
+        if let Some(dir) = self.data.clone() {
+            // Every reply has been flushed (or its connection given up on): the last
+            // snapshot holds everything that was acknowledged.
+            let hub = self.hub.clone();
+            match tokio::task::spawn_blocking(move || {
+                dir.save(&hub.store, &hub.config.identity_key)
+            })
+            .await
+            {
+                Ok(Ok(r)) => persist::log_saved("shutdown", &r),
+                Ok(Err(e)) => {
+                    error!(error = %e, "the shutdown snapshot failed; the previous snapshot is kept");
+                    return Err(e);
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
         let stats = self.hub.store.stats();
         info!(records = stats.records, bytes = stats.data_bytes, "stopped");
         Ok(())
+    }
+}
+
+/// Writes periodic and requested snapshots, one at a time, on a blocking thread.
+async fn persist_loop(
+    hub: Arc<Hub>,
+    data: Option<Arc<DataDir>>,
+    mut requests: mpsc::UnboundedReceiver<SnapshotRequest>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let interval = hub.config.snapshot_interval.filter(|_| data.is_some());
+    let mut tick = tokio::time::interval(interval.unwrap_or(Duration::from_secs(3600)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is now: nothing to save yet
+    loop {
+        let (why, reply) = tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick(), if interval.is_some() => ("periodic", None),
+            r = requests.recv() => match r {
+                Some(reply) => ("requested", reply),
+                None => return,
+            },
+        };
+        let Some(dir) = data.clone() else {
+            if let Some(tx) = reply {
+                let _ = tx.send(Err("snapshots need --data-dir".into()));
+            }
+            continue;
+        };
+        let h = hub.clone();
+        let result =
+            tokio::task::spawn_blocking(move || dir.save(&h.store, &h.config.identity_key))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        match &result {
+            Ok(r) => persist::log_saved(why, r),
+            Err(e) => error!(why, error = %e, "snapshot failed; the previous snapshot is kept"),
+        }
+        if let Some(tx) = reply {
+            let _ = tx.send(result);
+        }
     }
 }
 
@@ -198,6 +371,7 @@ async fn housekeep(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
 pub struct RunningServer {
     addr: SocketAddr,
     stats: ServerStats,
+    snapshots: SnapshotHandle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
@@ -210,6 +384,18 @@ impl RunningServer {
     /// Its counters.
     pub fn stats(&self) -> &ServerStats {
         &self.stats
+    }
+    /// Writes a snapshot now and waits for it (needs `--data-dir`).
+    pub fn snapshot(&self) -> Result<SnapshotReport, String> {
+        let h = self.snapshots.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(|e| e.to_string())?
+                .block_on(h.snapshot())
+        })
+        .join()
+        .map_err(|_| "snapshot thread panicked".to_string())?
     }
     /// Shuts it down and waits for it.
     pub fn stop(mut self) -> io::Result<()> {
@@ -249,11 +435,16 @@ pub fn spawn(config: ServerConfig, threads: usize) -> io::Result<RunningServer> 
                 let server = match Server::bind(config).await {
                     Ok(s) => s,
                     Err(e) => {
+                        let e = io::Error::from(e);
                         let _ = ready_tx.send(Err(io::Error::new(e.kind(), e.to_string())));
                         return Err(e);
                     }
                 };
-                let _ = ready_tx.send(Ok((server.local_addr(), server.stats())));
+                let _ = ready_tx.send(Ok((
+                    server.local_addr(),
+                    server.stats(),
+                    server.snapshot_handle(),
+                )));
                 server
                     .run(async {
                         let _ = rx.await;
@@ -261,12 +452,13 @@ pub fn spawn(config: ServerConfig, threads: usize) -> io::Result<RunningServer> 
                     .await
             })
         })?;
-    let (addr, stats) = ready_rx
+    let (addr, stats, snapshots) = ready_rx
         .recv()
         .map_err(|_| io::Error::other("server thread ended before listening"))??;
     Ok(RunningServer {
         addr,
         stats,
+        snapshots,
         stop: Some(tx),
         thread: Some(thread),
     })

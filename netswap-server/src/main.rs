@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use netswap_server::{Args, Server, ServerConfig, build_runtime};
+use netswap_server::{Args, Server, ServerConfig, StartError, build_runtime};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -37,9 +37,24 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let server = Server::bind(config.clone())
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let server = match Server::bind(config.clone()).await {
+            Ok(s) => s,
+            Err(e @ StartError::Data(_)) => return Err((e.to_string(), ExitCode::from(3))),
+            Err(e) => return Err((e.to_string(), ExitCode::FAILURE)),
+        };
+        #[cfg(unix)]
+        if server.data_dir().is_some() {
+            // SIGUSR1: a snapshot now.
+            let handle = server.snapshot_handle();
+            let mut usr1 =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                    .expect("SIGUSR1 handler");
+            tokio::spawn(async move {
+                while usr1.recv().await.is_some() {
+                    handle.request();
+                }
+            });
+        }
         println!("netswap-server listening on {}", server.local_addr());
         tracing::info!(
             addr = %server.local_addr(),
@@ -51,13 +66,13 @@ fn main() -> ExitCode {
         server
             .run(shutdown_signal())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| (e.to_string(), ExitCode::FAILURE))
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err((e, code)) => {
             eprintln!("netswap-server: {e}");
-            ExitCode::FAILURE
+            code
         }
     }
 }

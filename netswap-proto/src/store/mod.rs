@@ -14,13 +14,13 @@ mod account;
 mod records;
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use nohash_hasher::BuildNoHashHasher;
 use rand::RngCore;
 
@@ -30,6 +30,7 @@ use records::{Data, Record, Records};
 use crate::identity::{Identity, IdentityKey};
 use crate::message::{HelloInfo, NewOwner, Reply, Request};
 use crate::rules::{self, Decision, Payer, RecordView, Usage, WriteKind};
+use crate::snapshot::SnapshotRecord;
 use crate::types::{Access, Event, Pointer, Version};
 
 /// The store's limits and timings.
@@ -497,6 +498,78 @@ impl Store {
         s
     }
 
+    /// Copies every record out for a snapshot, handing them to `sink` a page (up to
+    /// 1,024 records of one shard) at a time. Each page is copied under its shard's
+    /// lock, which is then released before `sink` runs: serving never waits for more
+    /// than one page's copy (large values are shared, not copied). Records changed
+    /// while the export runs are exported as they were when their page was copied.
+    pub fn export<E>(
+        &self,
+        mut sink: impl FnMut(Vec<SnapshotRecord>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for shard in self.shards.iter() {
+            let mut page = 0;
+            loop {
+                let chunk = {
+                    let s = shard.lock().unwrap_or_else(|e| e.into_inner());
+                    if page >= s.records.pages() {
+                        break;
+                    }
+                    // Small values share one copy per page.
+                    let inline: usize = s
+                        .records
+                        .page(page)
+                        .filter(|r| matches!(r.data, Data::Inline { .. }))
+                        .map(|r| r.data.len())
+                        .sum();
+                    let mut arena = BytesMut::with_capacity(inline);
+                    for r in s.records.page(page) {
+                        if let Data::Inline { .. } = r.data {
+                            arena.extend_from_slice(r.data.as_slice());
+                        }
+                    }
+                    let arena = arena.freeze();
+                    let mut at = 0;
+                    let mut out = Vec::with_capacity(1024);
+                    for r in s.records.page(page) {
+                        let data = match &r.data {
+                            Data::Shared(b) => b.clone(),
+                            Data::Inline { .. } => {
+                                let d = arena.slice(at..at + r.data.len());
+                                at += r.data.len();
+                                d
+                            }
+                        };
+                        out.push(SnapshotRecord {
+                            ptr: Pointer::new(r.ptr).expect("stored pointers are non-zero"),
+                            owner: *r.owner.identity(),
+                            payer: s.payers.get(&r.ptr).map(|p| *p.identity()),
+                            access: r.access,
+                            version: r.version,
+                            data,
+                        });
+                    }
+                    out
+                };
+                page += 1;
+                if !chunk.is_empty() {
+                    sink(chunk)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts loading records from a snapshot into this (empty) store.
+    pub fn restore(&self) -> Restore<'_> {
+        Restore {
+            store: self,
+            owners: HashSet::new(),
+            records: 0,
+            bytes: 0,
+        }
+    }
+
     /// Checks the store's books (for tests and fuzzing; locks everything in turn):
     /// every identity's quota usage is exactly the records it pays for and their
     /// bytes, every record's payer and owner are known accounts, every parked record
@@ -912,6 +985,79 @@ impl Shard {
             }));
         }
         released.push(rec.owner);
+    }
+}
+
+/// Loads records from a snapshot: see [`Store::restore`].
+#[derive(Debug)]
+pub struct Restore<'a> {
+    store: &'a Store,
+    owners: HashSet<Identity>,
+    records: u64,
+    bytes: u64,
+}
+
+impl Restore<'_> {
+    /// Adds one record: charged to its payer (even past the quota: the snapshot is
+    /// what was stored), parked with its owner when someone else pays. Refuses a
+    /// pointer that is already there.
+    pub fn add(&mut self, r: SnapshotRecord) -> Result<(), String> {
+        let store = self.store;
+        let (owner, payer) = {
+            let mut reg = store.registry();
+            let owner = Store::account_for(&mut reg, r.owner);
+            let payer = r.payer.map(|p| Store::account_for(&mut reg, p));
+            (owner, payer)
+        };
+        let key = r.ptr.get();
+        let size = r.data.len() as u64;
+        let mut shard = store.shard(key);
+        if shard.records.contains_key(key) {
+            return Err(format!("record {} appears twice", r.ptr));
+        }
+        let charge = Usage {
+            records: 1,
+            bytes: size,
+        };
+        match payer {
+            Some(p) => {
+                p.charge_over_quota(charge);
+                owner.lock_state().parked.insert(key);
+                shard.payers.insert(key, p);
+            }
+            None => owner.charge_over_quota(charge),
+        }
+        shard.data_bytes += size;
+        shard.records.insert(Record {
+            ptr: key,
+            version: r.version,
+            owner,
+            access: r.access,
+            data: Data::from_bytes(r.data, own),
+        });
+        self.owners.insert(r.owner);
+        self.records += 1;
+        self.bytes += size;
+        Ok(())
+    }
+
+    /// Ends the load: every identity that owns records is disconnected, so its
+    /// records start their orphan grace at `now` (an owner that reconnects within it
+    /// keeps everything). Returns the records and bytes loaded.
+    pub fn finish(self, now: Instant) -> (u64, u64) {
+        let deadline = now + self.store.config.orphan_grace;
+        let mut reg = self.store.registry();
+        for id in &self.owners {
+            let Some(a) = reg.accounts.get(id).cloned() else {
+                continue;
+            };
+            let mut st = a.lock_state();
+            if st.connections == 0 && st.offline_deadline.is_none() {
+                st.offline_deadline = Some(deadline);
+                reg.offline.insert((deadline, *id));
+            }
+        }
+        (self.records, self.bytes)
     }
 }
 

@@ -209,6 +209,20 @@ impl Records {
         record
     }
 
+    /// Number of pages (for walking the records a page at a time).
+    pub(crate) fn pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// The records of page `i` (up to 1,024).
+    pub(crate) fn page(&self, i: usize) -> impl Iterator<Item = &Record> {
+        self.pages
+            .get(i)
+            .into_iter()
+            .flatten()
+            .filter_map(Option::as_ref)
+    }
+
     /// Every record, in no particular order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Record> {
         self.pages.iter().flatten().filter_map(Option::as_ref)

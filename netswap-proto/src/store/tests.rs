@@ -942,3 +942,124 @@ fn accounts_of_transfer_targets_are_forgotten_when_nothing_refers_to_them() {
     assert_eq!(w.store.stats().accounts, before);
     assert_eq!(a.account().records(), 1);
 }
+
+#[test]
+fn a_snapshot_restores_every_record_exactly_and_starts_the_grace() {
+    use crate::snapshot::{SnapshotLimits, SnapshotReader, SnapshotWriter};
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let mut b = w.store.connect(ip(3));
+    let mut made = Vec::new();
+    for (i, len) in [0usize, 1, 64, 65, 1390, 5000, 200_000]
+        .into_iter()
+        .enumerate()
+    {
+        let data: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+        let access = Access::from_bits_truncate(i as u8);
+        let s = if i % 2 == 0 { &mut a } else { &mut b };
+        let Reply::Created(p) = w.reply(
+            s,
+            Request::Create {
+                access,
+                data: data.into(),
+            },
+        ) else {
+            panic!()
+        };
+        made.push(p);
+    }
+    // Versions, and a parked record (handed to an identity that never connected).
+    for _ in 0..3 {
+        w.reply(
+            &mut a,
+            Request::WriteAt {
+                ptr: made[0],
+                offset: 0,
+                data: Bytes::from_static(b"z"),
+            },
+        );
+    }
+    w.reply(
+        &mut b,
+        Request::Transfer {
+            ptr: made[1],
+            to: NewOwner::Ip(ip(9)),
+        },
+    );
+    let key = IdentityKey::new(*b"test key");
+    let mut file = SnapshotWriter::new(Vec::new(), &key, 0).unwrap();
+    w.store
+        .export(|chunk| {
+            for r in &chunk {
+                file.write(r)?;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .unwrap();
+    let (totals, file) = file.finish().unwrap();
+    assert_eq!(totals.records, made.len() as u64);
+
+    let fresh = Store::new(w.store.config().clone(), key.clone());
+    let mut reader = SnapshotReader::new(
+        &file[..],
+        &key,
+        SnapshotLimits {
+            max_record_bytes: 64 << 20,
+        },
+    )
+    .unwrap();
+    let mut restore = fresh.restore();
+    while let Some(r) = reader.next_record().unwrap() {
+        restore.add(r).unwrap();
+    }
+    let t0 = w.at(1000);
+    assert_eq!(restore.finish(t0), (totals.records, totals.bytes));
+    fresh.audit().unwrap();
+    assert_eq!(fresh.stats().records, w.store.stats().records);
+    assert_eq!(fresh.stats().data_bytes, w.store.stats().data_bytes);
+    let mut rng = SmallRng::seed_from_u64(1);
+    let mut a2 = fresh.connect(ip(2));
+    let mut nine = fresh.connect(ip(9));
+    for p in &made {
+        let before = w
+            .store
+            .apply(&mut a, 0, Request::Info { ptr: *p }, t0, &mut w.rng)
+            .reply;
+        let after = fresh
+            .apply(&mut a2, 0, Request::Info { ptr: *p }, t0, &mut rng)
+            .reply;
+        assert_eq!(before, after, "metadata of {p}");
+        let read = |st: &Store, s: &mut Session, rng: &mut SmallRng| {
+            st.apply(
+                s,
+                0,
+                Request::Read {
+                    ptr: *p,
+                    range: None,
+                },
+                t0,
+                rng,
+            )
+            .reply
+        };
+        let mut owner9 = read(&fresh, &mut nine, &mut rng);
+        if owner9.status() != Status::Data {
+            owner9 = read(&fresh, &mut a2, &mut rng);
+        }
+        let mut orig = read(&w.store, &mut a, &mut w.rng);
+        if orig.status() != Status::Data {
+            orig = read(&w.store, &mut b, &mut w.rng);
+        }
+        if orig.status() == Status::Data {
+            assert_eq!(orig, owner9, "bytes of {p}");
+        }
+    }
+    // 9 connected after the restore: the parked record's charge moved to it.
+    assert_eq!(nine.account().records(), 1);
+    // Everyone else is offline since the load: reaped a grace period after it,
+    // unless they came back (2 did).
+    fresh.disconnect(nine, t0);
+    let reaped = fresh.reap(t0 + Duration::from_secs(300));
+    assert_eq!(reaped.records.len(), 3, "b's records, and 9's gift");
+    fresh.audit().unwrap();
+}
