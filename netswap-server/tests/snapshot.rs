@@ -318,7 +318,7 @@ async fn a_damaged_snapshot_is_refused_with_its_offset_and_left_alone() {
     stop(child);
     let good = digest(&dir.snapshot());
     let path = dir.snapshot().display().to_string();
-    let mut check = |damage: &dyn Fn(&mut Vec<u8>), extra: &[&str], expect: &str| {
+    let check = |damage: &dyn Fn(&mut Vec<u8>), extra: &[&str], expect: &str| {
         let mut bad = good.clone();
         damage(&mut bad);
         std::fs::write(dir.snapshot(), &bad).unwrap();
