@@ -866,25 +866,37 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
     let mut tasks = Vec::new();
     let ops = Arc::new(AtomicU64::new(0));
     let reconnects = Arc::new(AtomicU64::new(0));
+    let unknown = Arc::new(AtomicU64::new(0));
     for c in 0..clients {
         let ops = ops.clone();
         let reconnects = reconnects.clone();
+        let unknown = unknown.clone();
         tasks.push(tokio::spawn(async move {
             let from = loopback(600 + c % identities);
             let mut rng = SmallRng::seed_from_u64(c as u64 * 7919);
             // What this task knows: record -> (bytes, version) as last acknowledged.
             let mut mine: HashMap<Pointer, (Vec<u8>, u64)> = HashMap::new();
-            let connect = || {
-                Client::connect_with(
-                    addr,
-                    Options {
-                        local_addr: Some(from),
-                        request_timeout: Some(Duration::from_secs(20)),
-                        ..Options::default()
-                    },
-                )
+            let connect = || async move {
+                // The server may be restarting: keep trying for a while.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let c = Client::connect_with(
+                        addr,
+                        Options {
+                            local_addr: Some(from),
+                            request_timeout: Some(Duration::from_secs(20)),
+                            ..Options::default()
+                        },
+                    )
+                    .await;
+                    match c {
+                        Ok(c) => return c,
+                        Err(e) if Instant::now() > deadline => panic!("cannot reconnect: {e}"),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
             };
-            let mut client = connect().await.expect("connect");
+            let mut client = connect().await;
             while Instant::now() < stop {
                 ops.fetch_add(1, Ordering::Relaxed);
                 let roll: u32 = rng.random_range(0..100);
@@ -892,10 +904,17 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
                     .keys()
                     .nth(rng.random_range(0..mine.len().max(1)))
                     .copied();
+                // A write whose reply was lost with the connection (a server restart):
+                // the record holds the old state or the new one.
+                let mut uncertain: Option<(Pointer, Option<(Vec<u8>, u64)>)> = None;
+                let lost =
+                    |e: &Error| matches!(e, Error::Disconnected(_) | Error::Io(_) | Error::Timeout);
                 match (roll, pick) {
                     (0..=14, _) | (_, None) => {
                         let len = rng.random_range(0..2000);
                         let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                        // (A CREATE whose reply is lost leaves a record nobody tracks;
+                        // it is not one of the acknowledged records checked below.)
                         if let Ok(p) = client.create(Access::READ, data.clone()).await {
                             mine.insert(p, (data, 1));
                         }
@@ -904,23 +923,34 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
                         let data: Vec<u8> = (0..rng.random_range(0..3000))
                             .map(|_| rng.random())
                             .collect();
-                        if let Ok(v) = client.replace(p, data.clone()).await {
-                            mine.insert(p, (data, v));
+                        match client.replace(p, data.clone()).await {
+                            Ok(v) => {
+                                mine.insert(p, (data, v));
+                            }
+                            Err(e) if lost(&e) => {
+                                let v = mine[&p].1 + 1;
+                                uncertain = Some((p, Some((data, v))));
+                            }
+                            Err(_) => {}
                         }
                     }
                     (45..=59, Some(p)) => {
-                        let (cur, _) = mine[&p].clone();
+                        let (cur, v) = mine[&p].clone();
                         let off = rng.random_range(0..=cur.len());
                         let patch: Vec<u8> = (0..rng.random_range(1..100))
                             .map(|_| rng.random())
                             .collect();
-                        if let Ok(v) = client.write_at(p, off as u64, patch.clone()).await {
-                            let mut next = cur;
-                            if next.len() < off + patch.len() {
-                                next.resize(off + patch.len(), 0);
+                        let mut next = cur;
+                        if next.len() < off + patch.len() {
+                            next.resize(off + patch.len(), 0);
+                        }
+                        next[off..off + patch.len()].copy_from_slice(&patch);
+                        match client.write_at(p, off as u64, patch.clone()).await {
+                            Ok(v) => {
+                                mine.insert(p, (next, v));
                             }
-                            next[off..off + patch.len()].copy_from_slice(&patch);
-                            mine.insert(p, (next, v));
+                            Err(e) if lost(&e) => uncertain = Some((p, Some((next, v + 1)))),
+                            Err(_) => {}
                         }
                     }
                     (60..=84, Some(p)) => {
@@ -928,22 +958,52 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
                             assert_eq!(&d[..], &mine[&p].0[..], "read returned other bytes");
                         }
                     }
-                    (85..=92, Some(p)) => {
-                        if client.delete(p).await.is_ok() {
+                    (85..=92, Some(p)) => match client.delete(p).await {
+                        Ok(()) => {
                             mine.remove(&p);
                         }
-                    }
+                        Err(e) if lost(&e) => uncertain = Some((p, None)),
+                        Err(_) => {}
+                    },
                     _ => {
                         // Drop the connection mid-flight and come back.
                         client.close();
                         reconnects.fetch_add(1, Ordering::Relaxed);
-                        client = connect().await.expect("reconnect");
+                        client = connect().await;
+                    }
+                }
+                if client.is_closed() {
+                    client = connect().await;
+                }
+                if let Some((p, new)) = uncertain {
+                    // Ask what became of it: exactly the old or the new state is fine.
+                    unknown.fetch_add(1, Ordering::Relaxed);
+                    let old = mine.get(&p).cloned();
+                    let (d, i) = loop {
+                        match (client.read(p).await, client.info(p).await) {
+                            (Err(e), _) | (_, Err(e)) if lost(&e) => client = connect().await,
+                            other => break other,
+                        }
+                    };
+                    let now = match (d, i) {
+                        (Ok(d), Ok(i)) => Some((d.to_vec(), i.version)),
+                        _ => None,
+                    };
+                    if now == new {
+                        match new {
+                            Some(state) => {
+                                mine.insert(p, state);
+                            }
+                            None => {
+                                mine.remove(&p);
+                            }
+                        }
+                    } else {
+                        assert_eq!(now, old, "record {p} is neither the old nor the new state");
                     }
                 }
             }
             // Every record this task wrote holds exactly what was last acknowledged.
-            // A reply lost to a closed connection leaves the record one of two ways,
-            // so those are checked by version (the later one wins).
             let mut checked = 0;
             let mut mismatches = Vec::new();
             for (p, (data, version)) in &mine {
@@ -975,6 +1035,7 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
     }
     result.ops = ops.load(Ordering::Relaxed);
     result.reconnects = reconnects.load(Ordering::Relaxed);
+    result.unknown_outcomes = unknown.load(Ordering::Relaxed);
     result
 }
 
@@ -989,6 +1050,9 @@ pub struct SoakResult {
     pub checked: u64,
     /// Records whose bytes or version differ from the last acknowledged write.
     pub mismatches: Vec<String>,
+    /// Writes whose reply was lost with the connection (a server restart), each then
+    /// found in exactly its old or its new state.
+    pub unknown_outcomes: u64,
     /// Every record alive at the end; all their owners disconnected at the same moment
     /// when `soak` returned.
     pub records: Vec<Pointer>,
@@ -1049,8 +1113,13 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `bin --listen 127.0.0.1:0 --threads 1 ARGS` and waits for its address.
     pub fn start(bin: &str, args: &[&str]) -> ServerProcess {
+        ServerProcess::start_at(bin, "127.0.0.1:0".parse().expect("address"), args)
+    }
+
+    /// Like [`ServerProcess::start`] on a given address (a restart on the same port).
+    pub fn start_at(bin: &str, listen: SocketAddr, args: &[&str]) -> ServerProcess {
         let mut child = std::process::Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--threads", "1"])
+            .args(["--listen", &listen.to_string(), "--threads", "1"])
             .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -1079,6 +1148,15 @@ impl ServerProcess {
     /// Its resident memory now, KiB (Linux /proc).
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.pid())
+    }
+
+    /// Stops it with SIGTERM (a clean shutdown: replies flushed, and with
+    /// `--data-dir` a snapshot written) and waits; returns whether it exited 0.
+    pub fn terminate(mut self) -> bool {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().is_ok_and(|s| s.success())
     }
 }
 

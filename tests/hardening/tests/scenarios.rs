@@ -121,6 +121,48 @@ async fn short_soak_loses_nothing_and_reaps_orphans() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_with_a_restart_in_the_middle_loses_nothing() {
+    // The embedded store with snapshots: stopped cleanly (a snapshot after the last
+    // reply) and started again on the same port while the soak runs.
+    let dir = std::env::temp_dir().join(format!("netswap-soak-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.clone();
+    let config = move |listen: std::net::SocketAddr| {
+        let mut c = ServerConfig::new(listen);
+        c.store.orphan_grace = Duration::from_secs(30);
+        c.data_dir = Some(data.clone());
+        c.identity_key = netswap_proto::IdentityKey::new(*b"soak restart key");
+        c
+    };
+    let first = netswap_server::spawn(config("127.0.0.1:0".parse().unwrap()), 2).unwrap();
+    let addr = first.addr();
+    let restart = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::spawn_blocking(move || {
+            first.stop().unwrap();
+            netswap_server::spawn(config(addr), 2).unwrap()
+        })
+        .await
+        .unwrap()
+    });
+    let result = soak(addr, 40, 10, Duration::from_secs(5)).await;
+    let second = restart.await.unwrap();
+    println!(
+        "ops {} reconnects {} unknown outcomes {} checked {} mismatches {:?}",
+        result.ops, result.reconnects, result.unknown_outcomes, result.checked, result.mismatches
+    );
+    assert!(result.mismatches.is_empty(), "{:?}", result.mismatches);
+    assert!(result.checked > 100, "{}", result.checked);
+    assert_eq!(
+        count_alive(addr, &result.records).await,
+        result.records.len(),
+        "every acknowledged record survived the restart"
+    );
+    second.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_changes_reaches_a_prompt_watcher_whole() {
     let srv = server(|_| {});
     let r = with_probe(srv.addr(), "watch burst", || {

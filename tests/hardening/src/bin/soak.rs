@@ -4,7 +4,10 @@
 //! must be reaped after the grace period and none before. Server RSS is sampled.
 //!
 //! Run: `cargo run --release -p netswap-hardening --bin soak -- --seconds 180`
+//! (add `--restart-after 60` to restart the server from its snapshot mid-way).
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -32,26 +35,78 @@ struct Args {
     /// memory after the second round shows whether anything accumulates.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
+    /// Restart the server (SIGTERM, then start it again on the same port from its
+    /// snapshot, `--data-dir`) this many seconds into the first round; 0 = never.
+    #[arg(long, default_value_t = 0)]
+    restart_after: u64,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let a = Args::parse();
-    let server = ServerProcess::start(&a.server_bin, &["--orphan-grace", &a.grace.to_string()]);
+    let data = std::env::temp_dir().join(format!("netswap-soak-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).expect("a data directory");
+    let grace = a.grace.to_string();
+    let dir = data.join("data").display().to_string();
+    let key = data.join("identity.key").display().to_string();
+    let mut flags = vec!["--orphan-grace", grace.as_str()];
+    if a.restart_after > 0 {
+        flags.extend([
+            "--data-dir",
+            &dir,
+            "--identity-key",
+            &key,
+            "--snapshot-interval",
+            "0",
+        ]);
+    }
+    let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = ServerProcess::start(&a.server_bin, &args);
     let addr = server.addr;
-    let pid = server.pid();
+    let pid = Arc::new(AtomicU32::new(server.pid()));
+    let server = Arc::new(Mutex::new(Some(server)));
+    let sampled = pid.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let finished = done.clone();
     let sampler = std::thread::spawn(move || {
         let mut samples = Vec::new();
         let start = Instant::now();
-        while let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-            if s.is_empty() {
-                break;
-            }
-            samples.push((start.elapsed().as_secs(), rss_kib(pid)));
+        while !finished.load(Ordering::Relaxed) {
+            samples.push((
+                start.elapsed().as_secs(),
+                rss_kib(sampled.load(Ordering::Relaxed)),
+            ));
             std::thread::sleep(Duration::from_secs(1));
         }
         samples
     });
+    if a.restart_after > 0 {
+        let (server, pid, bin) = (server.clone(), pid.clone(), a.server_bin.clone());
+        let after = Duration::from_secs(a.restart_after);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let old = server.lock().unwrap().take().expect("running");
+            let t = Instant::now();
+            let clean = tokio::task::spawn_blocking(move || old.terminate())
+                .await
+                .unwrap();
+            let next = tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+                ServerProcess::start_at(&bin, addr, &args)
+            })
+            .await
+            .unwrap();
+            pid.store(next.pid(), Ordering::Relaxed);
+            println!(
+                "  restarted the server {} s into round 1 (clean exit with a snapshot: {clean}); back after {:.2} s",
+                after.as_secs(),
+                t.elapsed().as_secs_f64()
+            );
+            *server.lock().unwrap() = Some(next);
+        });
+    }
     println!(
         "soak: {} clients over {} identities for {} s, orphan grace {} s",
         a.clients, a.identities, a.seconds, a.grace
@@ -69,10 +124,11 @@ async fn main() {
         .await;
         let took = started.elapsed().as_secs_f64();
         println!(
-            "round {round}: {} operations ({:.0}/s), {} deliberate disconnects, {} records verified, {} mismatches",
+            "round {round}: {} operations ({:.0}/s), {} deliberate disconnects, {} writes whose reply was lost in a restart (each found old or new), {} records verified, {} mismatches",
             result.ops,
             result.ops as f64 / took,
             result.reconnects,
+            result.unknown_outcomes,
             result.checked,
             result.mismatches.len()
         );
@@ -91,11 +147,13 @@ async fn main() {
             a.grace + 2
         );
         ok &= result.mismatches.is_empty() && alive == result.records.len() && after == 0;
-        after_rounds.push(rss_kib(pid) / 1024);
+        after_rounds.push(rss_kib(pid.load(Ordering::Relaxed)) / 1024);
     }
-    let rss_end = rss_kib(pid);
-    drop(server);
+    let rss_end = rss_kib(pid.load(Ordering::Relaxed));
+    drop(server.lock().unwrap().take());
+    done.store(true, Ordering::Relaxed);
     let samples = sampler.join().unwrap();
+    let _ = std::fs::remove_dir_all(&data);
     let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
     let at = |t: u64| samples.iter().find(|s| s.0 >= t).map_or(0, |s| s.1) / 1024;
     println!(
