@@ -875,7 +875,7 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
             let from = loopback(600 + c % identities);
             let mut rng = SmallRng::seed_from_u64(c as u64 * 7919);
             // What this task knows: record -> (bytes, version) as last acknowledged.
-            let mut mine: HashMap<Pointer, (Vec<u8>, u64)> = HashMap::new();
+            let mut mine: HashMap<Pointer, Known> = HashMap::new();
             let connect = || async move {
                 // The server may be restarting: keep trying for a while.
                 let deadline = Instant::now() + Duration::from_secs(60);
@@ -906,7 +906,7 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
                     .copied();
                 // A write whose reply was lost with the connection (a server restart):
                 // the record holds the old state or the new one.
-                let mut uncertain: Option<(Pointer, Option<(Vec<u8>, u64)>)> = None;
+                let mut uncertain: Option<(Pointer, Option<Known>)> = None;
                 let lost =
                     |e: &Error| matches!(e, Error::Disconnected(_) | Error::Io(_) | Error::Timeout);
                 match (roll, pick) {
@@ -1038,6 +1038,9 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
     result.unknown_outcomes = unknown.load(Ordering::Relaxed);
     result
 }
+
+/// A record's bytes and version as a soak task last saw them acknowledged.
+type Known = (Vec<u8>, u64);
 
 /// What [`soak`] found.
 #[derive(Debug, Default)]
