@@ -220,6 +220,8 @@ pub struct SnapshotReader<R: Read> {
     totals: SnapshotTotals,
     ended: bool,
     created_unix_ms: u64,
+    /// Where the last record returned starts in the file.
+    record_at: u64,
 }
 
 impl<R: Read> SnapshotReader<R> {
@@ -264,6 +266,7 @@ impl<R: Read> SnapshotReader<R> {
             totals: SnapshotTotals::default(),
             ended: false,
             created_unix_ms: u64::from_be_bytes(h[52..60].try_into().expect("8")),
+            record_at: 0,
         })
     }
 
@@ -276,6 +279,12 @@ impl<R: Read> SnapshotReader<R> {
     /// What has been read so far.
     pub fn totals(&self) -> SnapshotTotals {
         self.totals
+    }
+
+    /// The file offset where the last record returned starts (for errors found
+    /// after decoding, e.g. a pointer that appears twice).
+    pub fn record_offset(&self) -> u64 {
+        self.record_at
     }
 
     /// Reads the next block into `self.block`. Returns false at the end block (after
@@ -398,6 +407,7 @@ impl<R: Read> SnapshotReader<R> {
             }
         }
         let at = self.entry_at();
+        self.record_at = at;
         let tag = self.take(1, "an entry")?[0];
         if tag != ENTRY_RECORD {
             return Err(SnapshotError::at(

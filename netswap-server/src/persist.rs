@@ -141,7 +141,7 @@ impl DataDir {
             match reader.next_record() {
                 Ok(Some(r)) => restore
                     .add(r)
-                    .map_err(|e| corrupt(format!("(record {}): {e}", reader.totals().records)))?,
+                    .map_err(|e| corrupt(format!("at byte {}: {e}", reader.record_offset())))?,
                 Ok(None) => break,
                 Err(e) => return Err(corrupt(e.to_string())),
             }
