@@ -109,6 +109,29 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_SHARDS", default_value_t = 64)]
     pub shards: usize,
 
+    /// Where records live: `memory` (this process, the fastest) or
+    /// `redis-cluster://HOST:PORT,HOST:PORT,...` (the server becomes a stateless
+    /// gateway; any number of gateways on one cluster are one netswap; they must all
+    /// use the same --identity-key). See docs/ARCHITECTURE.md.
+    #[arg(long, env = "NETSWAP_STORE", default_value = "memory")]
+    pub store: String,
+
+    /// With Redis Cluster: seconds an identity stays connected after its gateway
+    /// vanished without saying goodbye (leases are renewed every third of this).
+    #[arg(long, env = "NETSWAP_LEASE_TTL", default_value_t = 15)]
+    pub lease_ttl: u64,
+
+    /// With Redis Cluster: replicas that must have a write before it is acknowledged
+    /// (Redis `WAIT`; 0 = Redis's asynchronous replication, which can lose the last
+    /// acknowledged writes when a primary fails).
+    #[arg(long, env = "NETSWAP_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
+    /// With Redis Cluster: the prefix of every key, so that several netswap
+    /// deployments can share one cluster.
+    #[arg(long, env = "NETSWAP_REDIS_PREFIX", default_value = "ns")]
+    pub redis_prefix: String,
+
     /// Keep records across restarts: load the snapshot in this directory at start,
     /// write one every --snapshot-interval and at shutdown (SIGINT/SIGTERM), and on
     /// SIGUSR1. Needs --identity-key (the same key must map addresses to the same
@@ -152,6 +175,8 @@ pub struct ServerConfig {
     pub identity_key: IdentityKey,
     /// Where snapshots live (`None`: in memory only).
     pub data_dir: Option<PathBuf>,
+    /// Redis Cluster instead of the embedded store (`None`: embedded).
+    pub cluster: Option<crate::cluster::ClusterOptions>,
     /// Periodic snapshots (`None`: only at shutdown and on request).
     pub snapshot_interval: Option<Duration>,
 }
@@ -197,6 +222,32 @@ impl ServerConfig {
         if a.max_connections_per_ip == 0 || a.max_partial_messages == 0 || a.notify_queue == 0 {
             return invalid(
                 "--max-connections-per-ip, --max-partial-messages and --notify-queue must be at least 1"
+                    .into(),
+            );
+        }
+        let cluster = match a.store.as_str() {
+            "memory" => None,
+            url => {
+                let mut o =
+                    crate::cluster::ClusterOptions::parse(url).map_err(ConfigError::Invalid)?;
+                o.lease_ttl = Duration::from_secs(a.lease_ttl.max(1));
+                o.wait_replicas = a.redis_wait_replicas;
+                if a.redis_prefix.is_empty() || a.redis_prefix.contains(['{', '}']) {
+                    return invalid("--redis-prefix must be non-empty and hold no braces".into());
+                }
+                o.prefix = a.redis_prefix.clone();
+                Some(o)
+            }
+        };
+        if cluster.is_some() && a.identity_key.is_none() {
+            return invalid(
+                "--store redis-cluster://... needs --identity-key FILE, the same file on every gateway: identities are the hash of the key and the address, so gateways with different keys would see every client as someone else"
+                    .into(),
+            );
+        }
+        if cluster.is_some() && a.data_dir.is_some() {
+            return invalid(
+                "--data-dir is for the embedded store; with Redis Cluster, durability comes from Redis (AOF, replicas)"
                     .into(),
             );
         }
@@ -254,6 +305,7 @@ impl ServerConfig {
             notify_queue: a.notify_queue,
             identity_key,
             data_dir: a.data_dir.clone(),
+            cluster,
             snapshot_interval: (a.snapshot_interval > 0)
                 .then(|| Duration::from_secs(a.snapshot_interval)),
         })

@@ -7,16 +7,20 @@
 //! and one write syscall per batch. Backpressure: when a client does not read its
 //! replies, the server stops reading its requests.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use netswap_proto::{
-    Event, Inbound, Notification, OutQueue, RESERVED_XID, Reassembler, Receiver, Reply, Request,
-    Session, Status, WriteBuf,
+    Applied, ConnId, Event, Inbound, Notification, OutQueue, Pointer, RESERVED_XID, Reassembler,
+    Receiver, Reply, Request, Session, Status, WriteBuf,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
@@ -24,7 +28,8 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, info};
 
-use crate::hub::{Hub, Mailbox, NetKey};
+use crate::cluster::{Caller, ClusterSession, ClusterStore, Outcome, WatchChange};
+use crate::hub::{Backend, Hub, Mailbox, NetKey};
 
 /// Bytes reserved for each read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -60,14 +65,64 @@ enum End {
     Io(io::Error),
 }
 
+/// The connection's state in its store.
+enum ConnSession {
+    Memory(Session),
+    Cluster(ClusterSession),
+}
+
+impl ConnSession {
+    fn conn(&self) -> ConnId {
+        match self {
+            ConnSession::Memory(s) => s.conn(),
+            ConnSession::Cluster(s) => s.conn(),
+        }
+    }
+    fn identity(&self) -> &netswap_proto::Identity {
+        match self {
+            ConnSession::Memory(s) => s.identity(),
+            ConnSession::Cluster(s) => s.identity(),
+        }
+    }
+    fn watches(&self) -> &std::collections::HashMap<Pointer, u32> {
+        match self {
+            ConnSession::Memory(s) => s.watches(),
+            ConnSession::Cluster(s) => s.watches(),
+        }
+    }
+    fn watch_ended(&mut self, ptr: Pointer, xid: u32) {
+        match self {
+            ConnSession::Memory(s) => s.watch_ended(ptr, xid),
+            ConnSession::Cluster(s) => s.watch_ended(ptr, xid),
+        }
+    }
+}
+
+/// A request being served by an asynchronous backend, and its outcome.
+type InFlight = Pin<Box<dyn Future<Output = (u32, Option<Pointer>, Outcome)> + Send>>;
+
+/// Requests one connection may have in flight to an asynchronous backend (queued
+/// ones included) before it stops reading more.
+const MAX_IN_FLIGHT: usize = 1024;
+
 struct Conn {
     hub: Arc<Hub>,
+    /// With Redis Cluster: requests in flight, at most one per record at a time (the
+    /// others wait in `waiting`, in arrival order), and the notifications of WATCHes
+    /// still in flight (sent after their OK).
+    in_flight: FuturesUnordered<InFlight>,
+    busy: std::collections::HashSet<Pointer>,
+    waiting: std::collections::HashMap<Pointer, std::collections::VecDeque<(u32, Request)>>,
+    queued: usize,
+    held: std::collections::HashMap<u32, Vec<Notification>>,
+    /// A PROTOCOL_ERROR waiting for the requests in flight before it.
+    deferred: Option<(u32, Reply)>,
     /// The network the peer's address belongs to (for the miss throttle).
     net: NetKey,
     /// Until when requests that name a pointer get BUSY: this network looked up too
     /// many pointers that do not exist.
     throttled_until: Option<std::time::Instant>,
-    session: Session,
+    session: ConnSession,
     rx: Receiver,
     outq: OutQueue,
     wbuf: WriteBuf,
@@ -101,7 +156,17 @@ pub(crate) async fn serve(
         refuse(&mut stream, hub.config.max_connections_per_ip).await;
         return;
     };
-    let session = hub.store.connect(peer.ip());
+    let session = match &hub.backend {
+        Backend::Memory(store) => ConnSession::Memory(store.connect(peer.ip())),
+        Backend::Cluster(c) => match c.open(peer.ip()).await {
+            Ok(s) => ConnSession::Cluster(s),
+            Err(reply) => {
+                info!(%peer, "refused: the store is unavailable");
+                refuse_with(&mut stream, reply).await;
+                return;
+            }
+        },
+    };
     debug!(%peer, conn = session.conn().0, identity = %session.identity(), "connected");
     let now = Instant::now();
     let mut conn = Conn {
@@ -114,6 +179,12 @@ pub(crate) async fn serve(
         ),
         net: slot.net,
         throttled_until: None,
+        in_flight: FuturesUnordered::new(),
+        busy: Default::default(),
+        waiting: Default::default(),
+        queued: 0,
+        held: Default::default(),
+        deferred: None,
         hub,
         session,
         outq: OutQueue::new(),
@@ -139,12 +210,14 @@ pub(crate) async fn serve(
     }
     let Conn { hub, session, .. } = conn;
     hub.close_route(session.conn());
-    if hub
-        .store
-        .disconnect(session, std::time::Instant::now())
-        .is_some()
-    {
-        hub.reaper.notify_one();
+    match (session, &hub.backend) {
+        (ConnSession::Memory(s), Backend::Memory(store)) => {
+            if store.disconnect(s, std::time::Instant::now()).is_some() {
+                hub.reaper.notify_one();
+            }
+        }
+        (ConnSession::Cluster(s), Backend::Cluster(c)) => c.close(s).await,
+        _ => unreachable!("a session belongs to its backend"),
     }
     drop(slot);
 }
@@ -200,8 +273,13 @@ fn throttled_reply(wait: Duration) -> Reply {
 /// Tells a connection over the per-IP limit why it is closed, then closes it.
 async fn refuse(stream: &mut TcpStream, limit: u32) {
     let reason = format!("too many connections from this address (limit {limit})");
+    refuse_with(stream, Reply::error(Status::Busy, reason)).await;
+}
+
+/// Sends `reply` on the reserved XID, then closes the connection.
+async fn refuse_with(stream: &mut TcpStream, reply: Reply) {
     let mut q = OutQueue::new();
-    let _ = q.push(Reply::error(Status::Busy, reason).encode(RESERVED_XID));
+    let _ = q.push(reply.encode(RESERVED_XID));
     let mut buf = BytesMut::new();
     q.write_to(&mut buf, usize::MAX);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -250,7 +328,7 @@ impl Conn {
             {
                 return End::Io(e);
             }
-            if !self.has_output() {
+            if !self.has_output() && !self.has_work() {
                 if let Some(end) = self.closing.take() {
                     return end;
                 }
@@ -265,7 +343,10 @@ impl Conn {
                 (true, true) => Interest::READABLE | Interest::WRITABLE,
                 (true, false) => Interest::READABLE,
                 (false, true) => Interest::WRITABLE,
-                (false, false) => return self.closing.take().unwrap_or(End::Eof),
+                (false, false) if !self.has_work() => {
+                    return self.closing.take().unwrap_or(End::Eof);
+                }
+                (false, false) => Interest::READABLE,
             };
             if let Some(d) = self.deadline()
                 && armed.is_none_or(|a| d < a)
@@ -275,9 +356,13 @@ impl Conn {
             }
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => return self.finish(stream).await,
+                _ = shutdown.changed() => return self.shut_down(stream).await,
                 _ = mailbox_ready(&self.mailbox), if self.notes_room() > 0 => {}
-                ready = stream.ready(interest) => match ready {
+                Some((xid, ptr, outcome)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.finish(xid, ptr, outcome);
+                    self.send_deferred();
+                }
+                ready = stream.ready(interest), if read || write => match ready {
                     Ok(r) if r.is_readable() || r.is_read_closed() => {
                         match self.read(stream) {
                             Err(e) => return End::Io(e),
@@ -324,6 +409,12 @@ impl Conn {
             && self.closing.is_none()
             && self.output_room() > 0
             && self.outq.large_messages() < MAX_LARGE_REPLIES
+            && self.in_flight.len() + self.queued < MAX_IN_FLIGHT
+    }
+
+    /// Requests still being served (the connection must not end before them).
+    fn has_work(&self) -> bool {
+        !self.in_flight.is_empty()
     }
 
     /// Bytes of small replies that may still be queued before this connection stops
@@ -463,18 +554,30 @@ impl Conn {
             }
             self.throttled_until = None;
         }
-        let wake_reaper = matches!(request, Request::Transfer { .. });
         if matches!(request, Request::Watch { .. }) && self.mailbox.is_none() {
             // Open the mailbox before the watch exists, so no notification is lost.
             self.mailbox = Some(self.hub.open_route(self.session.conn()));
         }
-        let applied = self.hub.store.apply(
-            &mut self.session,
-            xid,
-            request,
-            self.batch_now,
-            &mut rand::rng(),
-        );
+        let hub = self.hub.clone();
+        match (&hub.backend, &mut self.session) {
+            (Backend::Memory(store), ConnSession::Memory(session)) => {
+                let wake_reaper = matches!(request, Request::Transfer { .. });
+                let applied = store.apply(session, xid, request, self.batch_now, &mut rand::rng());
+                self.answer(xid, applied);
+                if wake_reaper {
+                    self.hub.reaper.notify_one();
+                }
+            }
+            (Backend::Cluster(c), ConnSession::Cluster(_)) => {
+                let c = c.clone();
+                self.submit(c, xid, request);
+            }
+            _ => unreachable!("a session belongs to its backend"),
+        }
+    }
+
+    /// Replies to an applied request: the miss throttle, the reply, notifications.
+    fn answer(&mut self, xid: u32, applied: Applied) {
         if applied.miss
             && let Some(wait) = self.hub.throttle.miss(self.net)
         {
@@ -494,8 +597,83 @@ impl Conn {
             self.hub
                 .deliver(applied.notifications.into_iter().filter(|n| n.conn != me));
         }
-        if wake_reaper {
-            self.hub.reaper.notify_one();
+    }
+
+    /// Starts a request on the Redis Cluster backend, or queues it behind the one in
+    /// flight on the same record: requests on one record are applied in the order
+    /// they arrived; requests on different records run concurrently.
+    fn submit(&mut self, c: Arc<ClusterStore>, xid: u32, request: Request) {
+        let ptr = request.pointer();
+        if let Some(p) = ptr
+            && self.busy.contains(&p)
+        {
+            self.waiting.entry(p).or_default().push_back((xid, request));
+            self.queued += 1;
+            return;
+        }
+        self.start(c, xid, ptr, request);
+    }
+
+    fn start(&mut self, c: Arc<ClusterStore>, xid: u32, ptr: Option<Pointer>, request: Request) {
+        let ConnSession::Cluster(session) = &self.session else {
+            unreachable!("only the cluster backend is asynchronous")
+        };
+        if matches!(request, Request::Watch { .. }) {
+            self.held.entry(xid).or_default();
+        }
+        let caller = Caller {
+            conn: session.conn(),
+            xid,
+            identity: *session.identity(),
+            watching: session.watches().len(),
+            watch_xid: ptr.and_then(|p| session.watches().get(&p).copied()),
+        };
+        if let Some(p) = ptr {
+            self.busy.insert(p);
+        }
+        self.in_flight.push(Box::pin(async move {
+            let outcome = c.apply(caller, request).await;
+            (xid, ptr, outcome)
+        }));
+    }
+
+    /// A request on the cluster backend completed.
+    fn finish(&mut self, xid: u32, ptr: Option<Pointer>, outcome: Outcome) {
+        if let ConnSession::Cluster(s) = &mut self.session {
+            match outcome.watch {
+                WatchChange::Added(p, x) => s.set_watch(p, x),
+                WatchChange::Removed(p) => {
+                    s.watch_ended(p, s.watches().get(&p).copied().unwrap_or(0));
+                }
+                WatchChange::None => {}
+            }
+        }
+        self.answer(xid, outcome.applied);
+        if let Some(held) = self.held.remove(&xid) {
+            // After the WATCH's OK, the events that raced with it.
+            for n in held {
+                self.notify(n);
+            }
+        }
+        let Some(p) = ptr else { return };
+        self.busy.remove(&p);
+        let next = match self.waiting.get_mut(&p) {
+            Some(q) => {
+                let next = q.pop_front();
+                if q.is_empty() {
+                    self.waiting.remove(&p);
+                }
+                next
+            }
+            None => None,
+        };
+        if self.closing.is_some() {
+            return; // a closing connection starts nothing new
+        }
+        if let (Some((x, r)), Backend::Cluster(c)) = (next, &self.hub.backend) {
+            self.queued -= 1;
+            let c = c.clone();
+            self.start(c, x, Some(p), r);
         }
     }
 
@@ -513,6 +691,10 @@ impl Conn {
 
     /// Queues a notification for this connection, unless its watch has ended since.
     fn notify(&mut self, n: Notification) {
+        if let Some(held) = self.held.get_mut(&n.xid) {
+            held.push(n); // its WATCH is still in flight
+            return;
+        }
         if self.session.watches().get(&n.ptr) != Some(&n.xid) {
             return;
         }
@@ -524,10 +706,25 @@ impl Conn {
 
     fn protocol_error(&mut self, xid: u32, reason: String) {
         debug!(xid, %reason, "protocol error");
-        self.reply(xid, Reply::error(Status::ProtocolError, reason.clone()));
+        // Requests queued behind others never started: they are not applied. Those in
+        // flight are answered first, then the PROTOCOL_ERROR (as with the embedded
+        // store, where every earlier reply is already queued).
+        self.waiting.clear();
+        self.queued = 0;
+        self.deferred = Some((xid, Reply::error(Status::ProtocolError, reason.clone())));
         self.closing = Some(End::ProtocolError(reason));
         self.closing_deadline = Some(Instant::now() + FLUSH_ON_CLOSE);
         self.rx.discard_input();
+        self.send_deferred();
+    }
+
+    /// Sends the PROTOCOL_ERROR once no request is in flight any more.
+    fn send_deferred(&mut self) {
+        if self.in_flight.is_empty()
+            && let Some((xid, reply)) = self.deferred.take()
+        {
+            self.reply(xid, reply);
+        }
     }
 
     fn fatal(&mut self, end: End, reason: String) {
@@ -575,9 +772,23 @@ impl Conn {
         Ok(())
     }
 
-    /// Server shutdown: stop reading, give queued replies a moment to leave.
-    async fn finish(&mut self, stream: &TcpStream) -> End {
+    /// Server shutdown: stop reading, let requests in flight complete and queued
+    /// replies leave, for a moment.
+    async fn shut_down(&mut self, stream: &TcpStream) -> End {
         let deadline = Instant::now() + FLUSH_ON_CLOSE;
+        // Requests queued behind others never started: they are not applied.
+        self.waiting.clear();
+        self.queued = 0;
+        while !self.in_flight.is_empty() {
+            tokio::select! {
+                Some((xid, ptr, outcome)) = self.in_flight.next() => {
+                    self.busy.clear();
+                    self.finish(xid, ptr, outcome);
+                }
+                _ = sleep_until(deadline) => break,
+            }
+        }
+        self.send_deferred();
         while self.has_output() {
             if self.flush(stream).is_err() {
                 break;

@@ -16,6 +16,7 @@ use netswap_proto::identity::normalize_ip;
 use netswap_proto::{ConnId, Notification, NotifyQueue, Pushed, SharedBudget, Store};
 use tokio::sync::Notify;
 
+use crate::cluster::ClusterStore;
 use crate::config::ServerConfig;
 
 /// A watching connection's mailbox: notifications from other connections wait here
@@ -48,10 +49,19 @@ impl Mailbox {
     }
 }
 
+/// Where records live.
+#[derive(Debug)]
+pub(crate) enum Backend {
+    /// The embedded store, in this process.
+    Memory(Store),
+    /// Redis Cluster: this server is a stateless gateway.
+    Cluster(Arc<ClusterStore>),
+}
+
 /// Shared server state.
 #[derive(Debug)]
 pub(crate) struct Hub {
-    pub store: Store,
+    pub backend: Backend,
     pub config: ServerConfig,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
     per_net: Mutex<HashMap<NetKey, NetEntry>>,
@@ -199,9 +209,9 @@ impl MissThrottle {
 }
 
 impl Hub {
-    pub fn new(config: ServerConfig) -> Hub {
+    pub fn new(config: ServerConfig, backend: Backend) -> Hub {
         Hub {
-            store: Store::new(config.store.clone(), config.identity_key.clone()),
+            backend,
             partial_budget: SharedBudget::new(config.max_total_partial_bytes),
             throttle: MissThrottle::new(config.max_misses_per_second),
             config,
@@ -241,6 +251,14 @@ impl Hub {
             net,
             partial_budget,
         })
+    }
+
+    /// The embedded store (`None` with Redis Cluster).
+    pub fn memory(&self) -> Option<&Store> {
+        match &self.backend {
+            Backend::Memory(s) => Some(s),
+            Backend::Cluster(_) => None,
+        }
     }
 
     /// Notifications waiting in all mailboxes.

@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+mod cluster;
 pub mod config;
 mod conn;
 mod hub;
@@ -31,7 +32,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub use config::{Args, ConfigError, ServerConfig};
-use netswap_proto::StoreStats;
+use netswap_proto::{Store, StoreStats};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -39,7 +40,9 @@ use tracing::{error, info, warn};
 
 pub use persist::{DataDir, LoadError, SnapshotReport};
 
-use hub::Hub;
+pub use cluster::ClusterOptions;
+use cluster::ClusterStore;
+use hub::{Backend, Hub};
 
 /// How long shutdown waits for connections to flush their last replies.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -94,6 +97,9 @@ pub enum StartError {
     /// The data directory or its snapshot.
     #[error(transparent)]
     Data(#[from] LoadError),
+    /// The Redis Cluster is down, unreachable or not a cluster.
+    #[error("{0}")]
+    Store(String),
 }
 
 impl From<StartError> for io::Error {
@@ -101,6 +107,7 @@ impl From<StartError> for io::Error {
         match e {
             StartError::Listen { source, .. } => source,
             StartError::Data(d) => io::Error::other(d.to_string()),
+            StartError::Store(s) => io::Error::other(s),
         }
     }
 }
@@ -112,9 +119,29 @@ pub struct ServerStats {
 }
 
 impl ServerStats {
-    /// Records, bytes, identities and watches in the store.
+    /// Records, bytes, identities and watches in the store. With Redis Cluster: the
+    /// identities connected to this gateway and the watches registered on it (the
+    /// records are the cluster's).
     pub fn store(&self) -> StoreStats {
-        self.hub.store.stats()
+        match &self.hub.backend {
+            Backend::Memory(s) => s.stats(),
+            Backend::Cluster(c) => StoreStats {
+                accounts: c.local_identities() as u64,
+                watches: c.watch_count(),
+                ..StoreStats::default()
+            },
+        }
+    }
+    /// Records and data bytes in the store: the embedded store's counts, or, with
+    /// Redis Cluster, a scan of the deployment's keys on every primary.
+    pub async fn count_records(&self) -> io::Result<(u64, u64)> {
+        match &self.hub.backend {
+            Backend::Memory(s) => {
+                let st = s.stats();
+                Ok((st.records, st.data_bytes))
+            }
+            Backend::Cluster(c) => c.count_records().await.map_err(io::Error::other),
+        }
     }
     /// Open client connections.
     pub fn connections(&self) -> u32 {
@@ -148,15 +175,27 @@ impl Server {
     pub async fn bind(config: ServerConfig) -> Result<Server, StartError> {
         let listen = config.listen;
         let data = config.data_dir.clone();
-        let hub = Arc::new(Hub::new(config));
-        let data = match data {
-            Some(dir) => {
+        let backend = match &config.cluster {
+            None => Backend::Memory(Store::new(
+                config.store.clone(),
+                config.identity_key.clone(),
+            )),
+            Some(opts) => Backend::Cluster(Arc::new(
+                ClusterStore::connect(
+                    config.store.clone(),
+                    config.identity_key.clone(),
+                    opts.clone(),
+                )
+                .await
+                .map_err(StartError::Store)?,
+            )),
+        };
+        let hub = Arc::new(Hub::new(config, backend));
+        let data = match (data, hub.memory()) {
+            (Some(dir), Some(store)) => {
                 let dir = DataDir::open(&dir)?;
-                let loaded = dir.load(
-                    &hub.store,
-                    &hub.config.identity_key,
-                    std::time::Instant::now(),
-                )?;
+                let loaded =
+                    dir.load(store, &hub.config.identity_key, std::time::Instant::now())?;
                 match loaded {
                     Some(r) => info!(
                         file = %dir.snapshot_path().display(),
@@ -173,7 +212,7 @@ impl Server {
                 hub.reaper.notify_one();
                 Some(Arc::new(dir))
             }
-            None => None,
+            _ => None,
         };
         let listener = TcpListener::bind(listen)
             .await
@@ -268,7 +307,10 @@ impl Server {
             // snapshot holds everything that was acknowledged.
             let hub = self.hub.clone();
             match tokio::task::spawn_blocking(move || {
-                dir.save(&hub.store, &hub.config.identity_key)
+                dir.save(
+                    hub.memory().expect("snapshots are of the embedded store"),
+                    &hub.config.identity_key,
+                )
             })
             .await
             {
@@ -280,7 +322,10 @@ impl Server {
                 Err(e) => return Err(io::Error::other(e)),
             }
         }
-        let stats = self.hub.store.stats();
+        let stats = ServerStats {
+            hub: self.hub.clone(),
+        }
+        .store();
         info!(records = stats.records, bytes = stats.data_bytes, "stopped");
         Ok(())
     }
@@ -313,11 +358,15 @@ async fn persist_loop(
             continue;
         };
         let h = hub.clone();
-        let result =
-            tokio::task::spawn_blocking(move || dir.save(&h.store, &h.config.identity_key))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
+        let result = tokio::task::spawn_blocking(move || {
+            dir.save(
+                h.memory().expect("snapshots are of the embedded store"),
+                &h.config.identity_key,
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match &result {
             Ok(r) => persist::log_saved(why, r),
             Err(e) => error!(why, error = %e, "snapshot failed; the previous snapshot is kept"),
@@ -331,8 +380,12 @@ async fn persist_loop(
 /// Deletes orphaned records when their grace period ends: sleeps until the next
 /// deadline (or until woken because a new one may be earlier), never polls.
 async fn reap(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
+    let store = match &hub.backend {
+        Backend::Memory(s) => s,
+        Backend::Cluster(c) => return cluster_upkeep(hub.clone(), c.clone(), stop).await,
+    };
     loop {
-        let next = hub.store.next_deadline();
+        let next = store.next_deadline();
         let sleep = async {
             match next {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -344,12 +397,40 @@ async fn reap(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
             _ = hub.reaper.notified() => continue,
             _ = sleep => {}
         }
-        let reaped = hub.store.reap(std::time::Instant::now());
+        let reaped = store.reap(std::time::Instant::now());
         if !reaped.records.is_empty() {
             info!(records = reaped.records.len(), "reaped orphaned records");
         }
         hub.deliver(reaped.notifications);
     }
+}
+
+/// The gateway's own work with Redis Cluster: hands the cluster's events to the
+/// watchers' mailboxes, renews leases, reaps (when it is the reaper) and drops
+/// subscriptions nobody uses.
+async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Receiver<bool>) {
+    let pushes = tokio::spawn(c.clone().dispatch_events());
+    let mut events = c.take_events().expect("taken once");
+    let mut renew = tokio::time::interval(c.lease_renewal());
+    let mut reap = tokio::time::interval(Duration::from_secs(1));
+    let mut sweep = tokio::time::interval(Duration::from_secs(10));
+    for t in [&mut renew, &mut reap, &mut sweep] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            Some(batch) = events.recv() => hub.deliver(batch),
+            _ = renew.tick() => c.renew_leases().await,
+            _ = reap.tick() => {
+                if let Err(e) = c.reap_once().await {
+                    warn!(error = %e, "reaping failed; trying again in a second");
+                }
+            }
+            _ = sweep.tick() => c.sweep_subscriptions(Duration::from_secs(30)).await,
+        }
+    }
+    pushes.abort();
 }
 
 /// Periodic upkeep that has no deadline of its own: forgets the throttle state of

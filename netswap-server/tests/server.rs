@@ -14,9 +14,8 @@ fn ptr_req(ptr: Pointer) -> Request {
     Request::Read { ptr, range: None }
 }
 
-#[tokio::test]
-async fn every_operation_over_tcp() {
-    let srv = server(|_| {});
+async fn every_operation_over_tcp(backend: Backend) {
+    let srv = server_on(backend, |_| {});
     let mut a = Raw::connect(srv.addr(), 2).await;
     let Reply::Hello(h) = a.ask(Request::Hello).await else {
         panic!()
@@ -105,9 +104,8 @@ async fn every_operation_over_tcp() {
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn permissions_takeover_and_transfer_across_identities() {
-    let srv = server(|_| {});
+async fn permissions_takeover_and_transfer_across_identities(backend: Backend) {
+    let srv = server_on(backend, |_| {});
     let mut a = Raw::connect(srv.addr(), 2).await;
     let mut b = Raw::connect(srv.addr(), 3).await;
     let mut c = Raw::connect(srv.addr(), 4).await;
@@ -160,9 +158,8 @@ async fn permissions_takeover_and_transfer_across_identities() {
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn ten_megabyte_record_both_ways() {
-    let srv = server(|_| {});
+async fn ten_megabyte_record_both_ways(backend: Backend) {
+    let srv = server_on(backend, |_| {});
     let mut a = Raw::connect(srv.addr(), 2).await;
     let big: Vec<u8> = (0..10_000_000u32).map(|i| (i % 251) as u8).collect();
     let p = a.create(Access::empty(), big.clone()).await;
@@ -185,9 +182,8 @@ async fn ten_megabyte_record_both_ways() {
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn a_small_request_is_served_while_a_large_upload_is_half_way() {
-    let srv = server(|_| {});
+async fn a_small_request_is_served_while_a_large_upload_is_half_way(backend: Backend) {
+    let srv = server_on(backend, |_| {});
     let mut a = Raw::connect(srv.addr(), 2).await;
     let p = a.create(Access::empty(), &b"small"[..]).await;
     let upload = Raw::frames(
@@ -211,9 +207,8 @@ async fn a_small_request_is_served_while_a_large_upload_is_half_way() {
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn a_small_reply_is_not_held_behind_a_large_one() {
-    let srv = server(|_| {});
+async fn a_small_reply_is_not_held_behind_a_large_one(backend: Backend) {
+    let srv = server_on(backend, |_| {});
     let mut a = Raw::connect(srv.addr(), 2).await;
     let big = a.create(Access::empty(), vec![1u8; 20_000_000]).await;
     let small = a.create(Access::empty(), &b"tiny"[..]).await;
@@ -229,9 +224,8 @@ async fn a_small_reply_is_not_held_behind_a_large_one() {
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn watches_across_connections() {
-    let srv = server(|_| {});
+async fn watches_across_connections(backend: Backend) {
+    let srv = server_on(backend, |_| {});
     let mut owner = Raw::connect(srv.addr(), 2).await;
     let mut watcher = Raw::connect(srv.addr(), 3).await;
     let p = owner
@@ -280,9 +274,8 @@ async fn watches_across_connections() {
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn orphans_are_reaped_unless_adopted_or_the_owner_returns() {
-    let srv = server(|c| c.store.orphan_grace = Duration::from_secs(1));
+async fn orphans_are_reaped_unless_adopted_or_the_owner_returns(backend: Backend) {
+    let srv = server_on(backend, |c| c.store.orphan_grace = Duration::from_secs(1));
     let mut other = Raw::connect(srv.addr(), 3).await;
     // Owner 2 leaves; one record is adopted, one is not.
     let mut a = Raw::connect(srv.addr(), 2).await;
@@ -306,20 +299,23 @@ async fn orphans_are_reaped_unless_adopted_or_the_owner_returns() {
         data(b"lost"),
         "alive during the grace"
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        other.call(ptr_req(lost)).await.status(),
-        Status::AddressFault,
-        "reaped"
+    // Reaped after the grace (the cluster's reaper looks once a second).
+    let start = std::time::Instant::now();
+    while other.call(ptr_req(lost)).await.status() != Status::AddressFault {
+        assert!(start.elapsed() < Duration::from_secs(8), "not reaped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "reaped before the grace ended"
     );
     assert_eq!(other.read(adopted).await, data(b"adopt me"));
     assert_eq!(other.read(kept).await, data(b"kept"));
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn framing_errors_close_only_the_offending_connection() {
-    let srv = server(|_| {});
+async fn framing_errors_close_only_the_offending_connection(backend: Backend) {
+    let srv = server_on(backend, |_| {});
     let mut good = Raw::connect(srv.addr(), 2).await;
     let p = good.create(Access::READ, &b"safe"[..]).await;
     for bad in [
@@ -398,9 +394,8 @@ async fn framing_errors_close_only_the_offending_connection() {
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn malformed_too_large_and_busy_keep_the_connection_open() {
-    let srv = server(|c| {
+async fn malformed_too_large_and_busy_keep_the_connection_open(backend: Backend) {
+    let srv = server_on(backend, |c| {
         c.store.max_record_bytes = 10_000;
         c.store.max_message_bytes = 10_016;
         c.reassembly.max_message_bytes = 10_016;
@@ -476,10 +471,9 @@ async fn malformed_too_large_and_busy_keep_the_connection_open() {
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn garbage_and_half_frames_leave_the_server_and_its_data_intact() {
+async fn garbage_and_half_frames_leave_the_server_and_its_data_intact(backend: Backend) {
     use rand::{RngCore, SeedableRng};
-    let srv = server(|c| c.stall_timeout = Duration::from_secs(1));
+    let srv = server_on(backend, |c| c.stall_timeout = Duration::from_secs(1));
     let mut good = Raw::connect(srv.addr(), 2).await;
     let p = good.create(Access::READ, &b"precious"[..]).await;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(42);
@@ -508,13 +502,12 @@ async fn garbage_and_half_frames_leave_the_server_and_its_data_intact() {
     );
 
     assert_eq!(good.read(p).await, data(b"precious"));
-    assert_eq!(srv.stats().store().records, 1);
+    assert_eq!(srv.stats().count_records().await.unwrap().0, 1);
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn connection_limit_per_ip() {
-    let srv = server(|c| c.max_connections_per_ip = 3);
+async fn connection_limit_per_ip(backend: Backend) {
+    let srv = server_on(backend, |c| c.max_connections_per_ip = 3);
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut c = Raw::connect(srv.addr(), 2).await;
@@ -535,9 +528,8 @@ async fn connection_limit_per_ip() {
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn idle_connections_close_after_the_idle_timeout() {
-    let srv = server(|c| c.idle_timeout = Some(Duration::from_secs(1)));
+async fn idle_connections_close_after_the_idle_timeout(backend: Backend) {
+    let srv = server_on(backend, |c| c.idle_timeout = Some(Duration::from_secs(1)));
     let mut a = Raw::connect(srv.addr(), 2).await;
     assert_eq!(a.call(Request::Hello).await.status(), Status::Ok);
     let started = std::time::Instant::now();
@@ -546,9 +538,8 @@ async fn idle_connections_close_after_the_idle_timeout() {
     srv.stop().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_and_twenty_concurrent_clients() {
-    let srv = server(|_| {});
+async fn a_hundred_and_twenty_concurrent_clients(backend: Backend) {
+    let srv = server_on(backend, |_| {});
     let addr = srv.addr();
     let mut tasks = Vec::new();
     for i in 0..120u32 {
@@ -574,7 +565,7 @@ async fn a_hundred_and_twenty_concurrent_clients() {
     for t in tasks {
         ptrs.push(t.await.unwrap());
     }
-    assert_eq!(srv.stats().store().records, 120);
+    assert_eq!(srv.stats().count_records().await.unwrap().0, 120);
     ptrs.sort();
     ptrs.dedup();
     assert_eq!(ptrs.len(), 120);
@@ -668,10 +659,9 @@ async fn ipv6_loopback_works() {
     srv.stop().unwrap();
 }
 
-#[tokio::test]
-async fn unfinished_messages_are_bounded_server_wide() {
+async fn unfinished_messages_are_bounded_server_wide(backend: Backend) {
     // Each connection may hold 10 frames' worth, all of them together 15.
-    let srv = server(|c| {
+    let srv = server_on(backend, |c| {
         c.reassembly.max_partial_bytes = 10 * MAX_PAYLOAD as u64;
         c.max_total_partial_bytes = 15 * MAX_PAYLOAD as u64;
     });
@@ -730,3 +720,20 @@ async fn unfinished_messages_are_bounded_server_wide() {
     assert_eq!(srv.stats().partial_bytes(), 0);
     srv.stop().unwrap();
 }
+
+on_both_backends!(
+    every_operation_over_tcp,
+    permissions_takeover_and_transfer_across_identities,
+    ten_megabyte_record_both_ways,
+    a_small_request_is_served_while_a_large_upload_is_half_way,
+    a_small_reply_is_not_held_behind_a_large_one,
+    watches_across_connections,
+    orphans_are_reaped_unless_adopted_or_the_owner_returns,
+    framing_errors_close_only_the_offending_connection,
+    malformed_too_large_and_busy_keep_the_connection_open,
+    garbage_and_half_frames_leave_the_server_and_its_data_intact,
+    connection_limit_per_ip,
+    idle_connections_close_after_the_idle_timeout,
+    a_hundred_and_twenty_concurrent_clients,
+    unfinished_messages_are_bounded_server_wide,
+);

@@ -30,10 +30,70 @@ impl Msg {
     }
 }
 
+pub mod cluster;
+
 pub fn server(tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer {
+    server_on(Backend::Memory, tweak)
+}
+
+/// Where a test server keeps its records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded store.
+    Memory,
+    /// A gateway on the shared Redis Cluster ([`cluster::shared`]), with keys of its
+    /// own (a random prefix), so tests do not see each other's records.
+    Cluster,
+}
+
+/// The identity key every test gateway shares.
+pub const GATEWAY_KEY: &[u8] = b"netswap test gateways";
+
+/// Options for a gateway on the shared cluster under `prefix`.
+pub fn cluster_options(prefix: &str) -> netswap_server::ClusterOptions {
+    let nodes = cluster::shared().nodes().join(",");
+    let mut o = netswap_server::ClusterOptions::parse(&format!("redis-cluster://{nodes}")).unwrap();
+    o.prefix = prefix.to_string();
+    o.lease_ttl = Duration::from_secs(2);
+    o
+}
+
+/// A fresh key prefix, so that a test's records are its own.
+pub fn fresh_prefix() -> String {
+    format!("t{:016x}", rand::random::<u64>())
+}
+
+pub fn server_on(backend: Backend, tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer {
     let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    if backend == Backend::Cluster {
+        c.cluster = Some(cluster_options(&fresh_prefix()));
+        c.identity_key = IdentityKey::new(GATEWAY_KEY);
+    }
     tweak(&mut c);
     netswap_server::spawn(c, 1).expect("server starts")
+}
+
+/// Runs `test` on both backends: `name_memory` and `name_cluster` tests.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Memory).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Cluster).await
+                }
+            )*
+        }
+    };
 }
 
 /// 127.0.0.N as a local address: a different identity per N.

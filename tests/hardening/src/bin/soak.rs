@@ -53,7 +53,12 @@ async fn main() {
     // The final check asks about every record after they are reaped: hundreds of
     // thousands of lookups of pointers that are gone, which the miss throttle would
     // (rightly) slow to 1,000 a second.
-    let mut flags = vec!["--orphan-grace", grace.as_str(), "--max-misses-per-second", "0"];
+    let mut flags = vec![
+        "--orphan-grace",
+        grace.as_str(),
+        "--max-misses-per-second",
+        "0",
+    ];
     if a.restart_after > 0 {
         flags.extend([
             "--data-dir",

@@ -1,0 +1,140 @@
+//! Where everything lives in Redis Cluster. Every key carries a hash tag, so that all
+//! the keys of one record (or of one identity) are in one hash slot and a script can
+//! change them atomically.
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `ns:{r:PTR}:m` | hash | a record's state: `o` owner, `p` payer (absent: the owner pays), `a` access bits, `v` version, `r` revision (+1 on every change), `x`/`g` its own orphan deadline (ms) and its owner's generation then (a record handed to an absent identity) |
+//! | `ns:{r:PTR}:d` | string | the record's data (absent when empty) |
+//! | `ns:{r:PTR}:e` | sharded channel | events of the record (SPUBLISHed by the commit) |
+//! | `ns:{r:PTR}:op:ID` | string, 1 h TTL | "change ID was committed" (for repairing quotas) |
+//! | `ns:{i:ID}:q` | hash | an identity's quota usage `n` records, `b` bytes, revision `r`, generation `g` (+1 per connect), offline-since `off` (ms), pending charges `p:OPID` |
+//! | `ns:{i:ID}:l` | sorted set | the identity's leases: gateway id → lease expiry (ms) |
+//! | `ns:{i:ID}:o` | set | pointers it owns (an index for reaping; may hold stale entries) |
+//! | `ns:{i:ID}:k` | set | pointers it owns that another identity still pays for ("parked") |
+//! | `ns:{reap}` | sorted set | `i:ID` or `r:PTR` → when to look at it for reaping (ms) |
+//! | `ns:{reap}:lock` | string, TTL | which gateway is the reaper now |
+//!
+//! `PTR` is 16 lowercase hex digits, `ID` 64. Times are Redis server time
+//! (`TIME`) in milliseconds, so gateways' clocks do not matter. `ns` is the prefix
+//! (`--redis-prefix`): several netswap deployments can share one cluster.
+
+use netswap_proto::{Identity, Pointer};
+
+/// The key names of one deployment (one prefix).
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn record(&self, ptr: Pointer) -> RecordKeys {
+        RecordKeys::of(&self.prefix, ptr)
+    }
+
+    pub fn identity(&self, id: &Identity) -> IdentityKeys {
+        IdentityKeys::of(&self.prefix, id)
+    }
+
+    /// The reaper's schedule.
+    pub fn reap(&self) -> String {
+        format!("{}:{{reap}}", self.prefix)
+    }
+
+    /// Who reaps.
+    pub fn reap_lock(&self) -> String {
+        format!("{}:{{reap}}:lock", self.prefix)
+    }
+
+    /// The pointer a record event channel of this deployment names.
+    pub fn pointer_of_channel(&self, channel: &[u8]) -> Option<Pointer> {
+        let s = std::str::from_utf8(channel).ok()?;
+        let hex = s
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":{r:")?
+            .strip_suffix("}:e")?;
+        hex.parse().ok()
+    }
+}
+
+/// Keys of one record.
+pub(crate) struct RecordKeys {
+    pub meta: String,
+    pub data: String,
+    pub events: String,
+    tag: String,
+}
+
+impl RecordKeys {
+    fn of(prefix: &str, ptr: Pointer) -> RecordKeys {
+        let tag = format!("{prefix}:{{r:{ptr}}}");
+        RecordKeys {
+            meta: format!("{tag}:m"),
+            data: format!("{tag}:d"),
+            events: format!("{tag}:e"),
+            tag,
+        }
+    }
+
+    /// The marker that a change with this operation id was committed.
+    pub fn op(&self, op: &str) -> String {
+        format!("{}:op:{op}", self.tag)
+    }
+}
+
+/// Keys of one identity.
+pub(crate) struct IdentityKeys {
+    pub quota: String,
+    pub leases: String,
+    pub owned: String,
+    pub parked: String,
+}
+
+impl IdentityKeys {
+    fn of(prefix: &str, id: &Identity) -> IdentityKeys {
+        let tag = format!("{prefix}:{{i:{id}}}");
+        IdentityKeys {
+            quota: format!("{tag}:q"),
+            leases: format!("{tag}:l"),
+            owned: format!("{tag}:o"),
+            parked: format!("{tag}:k"),
+        }
+    }
+}
+
+/// A member of [`REAP`] for an identity.
+pub(crate) fn reap_identity(id: &Identity) -> String {
+    format!("i:{id}")
+}
+
+/// A member of [`REAP`] for a record with its own deadline.
+pub(crate) fn reap_record(ptr: Pointer) -> String {
+    format!("r:{ptr}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_records_keys_share_one_slot_and_its_channel_names_it() {
+        let p = Pointer::new(0xabc).unwrap();
+        let keys = Keys::new("ns");
+        let k = keys.record(p);
+        assert_eq!(k.meta, "ns:{r:0000000000000abc}:m");
+        assert_eq!(k.op("x1"), "ns:{r:0000000000000abc}:op:x1");
+        assert_eq!(keys.pointer_of_channel(k.events.as_bytes()), Some(p));
+        assert_eq!(keys.pointer_of_channel(b"ns:{r:zz}:e"), None);
+        assert_eq!(
+            Keys::new("other").pointer_of_channel(k.events.as_bytes()),
+            None
+        );
+        assert_eq!(keys.reap(), "ns:{reap}");
+    }
+}

@@ -1,0 +1,873 @@
+//! The Redis Cluster backend: the netswap server as a stateless gateway.
+//!
+//! Records, quotas, leases and the reaper's schedule live in Redis Cluster
+//! (`docs/ARCHITECTURE.md` has the data layout; [`keys`] the key names). The gateway
+//! keeps no record itself. Every request is decided by `netswap_proto::rules` on a
+//! record's state loaded from Redis, and the decided change is applied by a
+//! compare-and-set script that checks the record's revision; when another gateway
+//! changed the record in between, the gateway loads it again and decides again. Any
+//! number of gateways pointed at one cluster are one netswap.
+//!
+//! - Quotas span slots: reserve, commit, settle, with a repair pass ([`quota`]).
+//! - Liveness: a gateway holds a lease (with a TTL) on each identity it has
+//!   connections of, renewed every third of the TTL. An identity with no live lease
+//!   on any gateway is offline; its records are reaped a grace period later by one
+//!   elected reaper. A gateway that dies stops renewing: its leases run out.
+//! - Watches: each gateway subscribes (sharded pub/sub) to the channels of the records
+//!   its connections watch; commits publish their events atomically with the change.
+
+mod events;
+pub(crate) mod keys;
+mod ops;
+pub(crate) mod quota;
+mod reaper;
+pub(crate) mod redis_io;
+pub(crate) mod scripts;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use netswap_proto::rules::{self, Usage};
+use netswap_proto::{
+    Access, Applied, ConnId, HelloInfo, Identity, IdentityKey, NewOwner, Notification, Pointer,
+    Reply, Request, StoreConfig,
+};
+use rand::RngCore;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, RedisError, Value};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use keys::Keys;
+use quota::{QuotaBook, QuotaError};
+use redis_io::{Change, Committed, DataOp, unavailable};
+
+/// Bytes a READ gets back with the record's state in one round trip; larger ranges are
+/// read in a second one, once the caller is known to be allowed.
+const MAX_INLINE: usize = 16 * 1024;
+/// How long a quota reservation and its commit may take before the commit is fenced.
+const FENCE: Duration = Duration::from_secs(10);
+/// Attempts at a request whose record keeps changing under it.
+const MAX_ATTEMPTS: usize = 64;
+/// Events remembered per watched record, for watches being registered.
+const RECENT_EVENTS: usize = 64;
+
+/// Settings of the Redis Cluster backend.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Seed nodes, `host:port`.
+    pub nodes: Vec<String>,
+    /// Lease time to live: how long an identity stays "connected" after its gateway
+    /// vanished without saying goodbye.
+    pub lease_ttl: Duration,
+    /// Replicas that must acknowledge a write before it is acknowledged (`WAIT`);
+    /// 0 = Redis's asynchronous replication.
+    pub wait_replicas: u32,
+    /// How long one Redis command may take.
+    pub response_timeout: Duration,
+    /// Prefix of every key (`--redis-prefix`): deployments sharing a cluster use
+    /// different ones.
+    pub prefix: String,
+}
+
+impl ClusterOptions {
+    /// Parses `redis-cluster://host:port,host:port,...`.
+    pub fn parse(url: &str) -> Result<ClusterOptions, String> {
+        let rest = url.strip_prefix("redis-cluster://").ok_or_else(|| {
+            format!("--store {url}: expected memory or redis-cluster://HOST:PORT,...")
+        })?;
+        let nodes: Vec<String> = rest
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.to_string())
+            .collect();
+        if nodes.is_empty() {
+            return Err(format!("--store {url}: no nodes"));
+        }
+        for n in &nodes {
+            if n.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(format!("--store: node {n:?} is not HOST:PORT"));
+            }
+        }
+        Ok(ClusterOptions {
+            nodes,
+            lease_ttl: Duration::from_secs(15),
+            wait_replicas: 0,
+            response_timeout: Duration::from_secs(2),
+            prefix: "ns".into(),
+        })
+    }
+}
+
+/// One connection's state on this gateway.
+#[derive(Debug)]
+pub(crate) struct ClusterSession {
+    conn: ConnId,
+    identity: Identity,
+    watches: HashMap<Pointer, u32>,
+}
+
+impl ClusterSession {
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+    pub fn watches(&self) -> &HashMap<Pointer, u32> {
+        &self.watches
+    }
+    pub fn watch_ended(&mut self, ptr: Pointer, xid: u32) {
+        if self.watches.get(&ptr) == Some(&xid) {
+            self.watches.remove(&ptr);
+        }
+    }
+    pub fn set_watch(&mut self, ptr: Pointer, xid: u32) {
+        self.watches.insert(ptr, xid);
+    }
+}
+
+/// What a request needs to know about its connection.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Caller {
+    pub conn: ConnId,
+    pub xid: u32,
+    pub identity: Identity,
+    /// Records the connection watches.
+    pub watching: usize,
+    /// The XID of its watch on the request's record, if any.
+    pub watch_xid: Option<u32>,
+}
+
+/// What a request did to the connection's watches (the connection updates its own
+/// map when the request completes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WatchChange {
+    None,
+    Added(Pointer, u32),
+    Removed(Pointer),
+}
+
+/// The result of a request on this backend.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub applied: Applied,
+    pub watch: WatchChange,
+}
+
+impl From<Reply> for Outcome {
+    fn from(r: Reply) -> Outcome {
+        Outcome {
+            applied: r.into(),
+            watch: WatchChange::None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Local {
+    /// Identities with connections on this gateway, and how many.
+    identities: HashMap<Identity, u32>,
+    /// Records watched from this gateway.
+    watched: HashMap<Pointer, events::WatchEntry>,
+}
+
+/// The Redis Cluster backend. See the module documentation.
+pub(crate) struct ClusterStore {
+    redis: ClusterConnection,
+    cfg: StoreConfig,
+    key: IdentityKey,
+    opts: ClusterOptions,
+    /// This gateway's name in leases and the reaper lock.
+    gateway: String,
+    keys: Keys,
+    local: Mutex<Local>,
+    quota: Arc<QuotaBook>,
+    /// Redis time (ms) at a local instant, to estimate Redis time without asking.
+    clock: Mutex<(Instant, u64)>,
+    next_conn: AtomicU64,
+    next_op: AtomicU64,
+    events: mpsc::UnboundedSender<Vec<Notification>>,
+    events_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Notification>>>>,
+    push_rx: Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>>,
+}
+
+impl std::fmt::Debug for ClusterStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterStore")
+            .field("nodes", &self.opts.nodes)
+            .field("gateway", &self.gateway)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ClusterStore {
+    /// Connects to the cluster (a clear error when it is down or unreachable) and
+    /// loads the scripts.
+    pub async fn connect(
+        cfg: StoreConfig,
+        key: IdentityKey,
+        opts: ClusterOptions,
+    ) -> Result<ClusterStore, String> {
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        let urls: Vec<String> = opts
+            .nodes
+            .iter()
+            .map(|n| format!("redis://{n}/?protocol=resp3"))
+            .collect();
+        let client = ClusterClientBuilder::new(urls)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(push_tx)
+            .connection_timeout(Duration::from_secs(2))
+            .response_timeout(opts.response_timeout)
+            .retries(6)
+            .build()
+            .map_err(|e| format!("Redis Cluster {}: {e}", opts.nodes.join(",")))?;
+        let redis = tokio::time::timeout(Duration::from_secs(10), client.get_async_connection())
+            .await
+            .map_err(|_| {
+                format!(
+                    "Redis Cluster {}: no answer within 10 s",
+                    opts.nodes.join(",")
+                )
+            })?
+            .map_err(|e| {
+                format!(
+                    "Redis Cluster {} is unreachable or not a working cluster: {e}",
+                    opts.nodes.join(",")
+                )
+            })?;
+        let (now, at) = redis_io::redis_now(&redis)
+            .await
+            .map_err(|e| format!("Redis Cluster {}: {e}", opts.nodes.join(",")))?;
+        let mut id = [0u8; 8];
+        rand::rng().fill_bytes(&mut id);
+        let gateway = id.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let keys = Keys::new(&opts.prefix);
+        info!(nodes = %opts.nodes.join(","), gateway, "connected to Redis Cluster");
+        Ok(ClusterStore {
+            redis,
+            cfg,
+            key,
+            opts,
+            gateway,
+            local: Mutex::new(Local::default()),
+            quota: Arc::new(QuotaBook::new(keys.clone())),
+            keys,
+            clock: Mutex::new((at, now)),
+            next_conn: AtomicU64::new(1),
+            next_op: AtomicU64::new(1),
+            events,
+            events_rx: Mutex::new(Some(events_rx)),
+            push_rx: Mutex::new(Some(push_rx)),
+        })
+    }
+
+    /// Notifications for local watchers (taken once, by the server's event task).
+    pub fn take_events(&self) -> Option<mpsc::UnboundedReceiver<Vec<Notification>>> {
+        lock(&self.events_rx).take()
+    }
+
+    /// Redis time now, estimated from the last reading.
+    fn now_ms(&self) -> u64 {
+        let (at, ms) = *lock(&self.clock);
+        ms + at.elapsed().as_millis() as u64
+    }
+
+    fn note_clock(&self, ms: u64) {
+        *lock(&self.clock) = (Instant::now(), ms);
+    }
+
+    fn op_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.gateway,
+            self.next_op.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    fn identity_of(&self, ip: IpAddr) -> Identity {
+        Identity::derive(&self.key, ip)
+    }
+
+    /// The HELLO answer.
+    pub fn hello(&self, identity: Identity) -> HelloInfo {
+        HelloInfo {
+            protocol: netswap_proto::PROTOCOL_VERSION,
+            max_record_bytes: self.cfg.max_record_bytes,
+            max_message_bytes: self.cfg.max_message_bytes,
+            orphan_grace_secs: self.cfg.orphan_grace.as_secs().min(u32::MAX as u64) as u32,
+            identity,
+        }
+    }
+
+    // ---- connections and leases ----
+
+    /// A connection from `ip` opened: the first one of its identity on this gateway
+    /// takes a lease (which makes the identity connected for every gateway), and the
+    /// charges of records handed to it while it was away move to it.
+    pub async fn open(self: &Arc<Self>, ip: IpAddr) -> Result<ClusterSession, Reply> {
+        let identity = self.identity_of(ip);
+        let first = {
+            let mut l = lock(&self.local);
+            let n = l.identities.entry(identity).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if first && let Err(e) = self.take_lease(&identity, true).await {
+            self.close_identity(&identity).await;
+            return Err(unavailable(&e));
+        }
+        if first {
+            let me = self.clone();
+            tokio::spawn(async move { me.claim_parked(identity).await });
+        }
+        Ok(ClusterSession {
+            conn: ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed)),
+            identity,
+            watches: HashMap::new(),
+        })
+    }
+
+    async fn take_lease(&self, id: &Identity, new: bool) -> redis::RedisResult<u64> {
+        let k = self.keys.identity(id);
+        let ttl = redis_io::ms(self.opts.lease_ttl).to_string();
+        let v = redis_io::run(
+            &self.redis,
+            &scripts::LEASE,
+            &[&k.leases, &k.quota],
+            &[
+                self.gateway.as_bytes(),
+                ttl.as_bytes(),
+                if new { b"1" } else { b"0" },
+            ],
+        )
+        .await?;
+        let now = match &v {
+            Value::Array(items) => items.first().and_then(redis_io::as_int).unwrap_or(0) as u64,
+            _ => 0,
+        };
+        self.note_clock(now);
+        // The reaper looks at the identity once its lease could have run out.
+        let due = now + redis_io::ms(self.opts.lease_ttl + self.cfg.orphan_grace);
+        redis::cmd("ZADD")
+            .arg(self.keys.reap())
+            .arg("GT")
+            .arg(due)
+            .arg(keys::reap_identity(id))
+            .query_async::<Value>(&mut self.redis.clone())
+            .await?;
+        // (A new ZADD GT on a member that is not there adds it.)
+        Ok(now)
+    }
+
+    async fn close_identity(&self, id: &Identity) {
+        let last = {
+            let mut l = lock(&self.local);
+            match l.identities.get_mut(id) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    l.identities.remove(id);
+                    true
+                }
+                None => false,
+            }
+        };
+        if !last {
+            return;
+        }
+        let k = self.keys.identity(id);
+        let released = redis_io::run(
+            &self.redis,
+            &scripts::RELEASE,
+            &[&k.leases, &k.quota],
+            &[self.gateway.as_bytes()],
+        )
+        .await;
+        match released {
+            Ok(Value::Array(items)) => {
+                let live = items.first().and_then(redis_io::as_int).unwrap_or(1);
+                let now = items.get(1).and_then(redis_io::as_int).unwrap_or(0) as u64;
+                self.note_clock(now);
+                if live == 0 {
+                    let due = now + redis_io::ms(self.cfg.orphan_grace);
+                    let _ = redis::cmd("ZADD")
+                        .arg(self.keys.reap())
+                        .arg(due)
+                        .arg(keys::reap_identity(id))
+                        .query_async::<Value>(&mut self.redis.clone())
+                        .await;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(identity = %id, error = %e, "could not release a lease; it runs out by itself")
+            }
+        }
+        self.quota
+            .forget_unused(|i| lock(&self.local).identities.contains_key(i));
+    }
+
+    /// A connection closed: its watches end; the last connection of its identity on
+    /// this gateway gives up the lease.
+    pub async fn close(&self, session: ClusterSession) {
+        for ptr in session.watches.keys() {
+            self.unregister_watch(*ptr, session.conn);
+        }
+        self.close_identity(&session.identity).await;
+    }
+
+    /// Counts this deployment's records and their data bytes by scanning every
+    /// primary (for monitoring and tests: it reads every key of the prefix).
+    pub async fn count_records(&self) -> redis::RedisResult<(u64, u64)> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let mut conn = self.redis.clone();
+        let nodes = conn
+            .route_command(
+                redis::cmd("CLUSTER").arg("NODES").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await?;
+        let text = match nodes {
+            Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            Value::VerbatimString { text, .. } => text,
+            Value::SimpleString(s) => s,
+            other => {
+                return Err(RedisError::from((
+                    redis::ErrorKind::Parse,
+                    "CLUSTER NODES",
+                    format!("{other:?}"),
+                )));
+            }
+        };
+        let pattern = format!("{}:{{r:*}}:m", self.opts.prefix);
+        let (mut records, mut bytes) = (0u64, 0u64);
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 3 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let Some((host, port)) = f[1].split('@').next().and_then(|a| a.rsplit_once(':')) else {
+                continue;
+            };
+            let Ok(port) = port.parse::<u16>() else {
+                continue;
+            };
+            let route = SingleNodeRoutingInfo::ByAddress {
+                host: host.to_string(),
+                port,
+            };
+            let mut cursor = "0".to_string();
+            loop {
+                let v = conn
+                    .route_command(
+                        redis::cmd("SCAN")
+                            .arg(&cursor)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(1000)
+                            .clone(),
+                        RoutingInfo::SingleNode(route.clone()),
+                    )
+                    .await?;
+                let Value::Array(parts) = v else { break };
+                let (Some(next), Some(Value::Array(keys))) = (parts.first(), parts.get(1)) else {
+                    break;
+                };
+                cursor = redis_io::as_bytes(next)
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_else(|| "0".into());
+                if !keys.is_empty() {
+                    let mut pipe = redis::pipe();
+                    for k in keys {
+                        let Some(k) = redis_io::as_bytes(k) else {
+                            continue;
+                        };
+                        let meta = String::from_utf8_lossy(k);
+                        pipe.cmd("STRLEN")
+                            .arg(format!("{}d", meta.trim_end_matches('m')));
+                    }
+                    let n = keys.len();
+                    let lens = conn.route_pipeline(pipe, 0, n, route.clone()).await?;
+                    records += n as u64;
+                    bytes += lens.iter().filter_map(redis_io::as_int).sum::<i64>() as u64;
+                }
+                if cursor == "0" {
+                    break;
+                }
+            }
+        }
+        Ok((records, bytes))
+    }
+
+    /// How often leases are renewed: a third of their time to live.
+    pub fn lease_renewal(&self) -> Duration {
+        (self.opts.lease_ttl / 3).max(Duration::from_millis(100))
+    }
+
+    /// Identities with connections on this gateway.
+    pub fn local_identities(&self) -> usize {
+        lock(&self.local).identities.len()
+    }
+
+    /// Renews this gateway's leases (every third of the TTL, by the server).
+    pub async fn renew_leases(&self) {
+        let ids: Vec<Identity> = lock(&self.local).identities.keys().copied().collect();
+        for id in ids {
+            if let Err(e) = self.take_lease(&id, false).await {
+                warn!(identity = %id, error = %e, "lease renewal failed");
+            }
+        }
+    }
+
+    /// Moves the charge of every record handed to `id` while it was away to `id`
+    /// ([`rules::Payer`]), even past its quota.
+    async fn claim_parked(&self, id: Identity) {
+        let k = self.keys.identity(&id);
+        let parked: Vec<Vec<u8>> = match redis::cmd("SMEMBERS")
+            .arg(&k.parked)
+            .query_async(&mut self.redis.clone())
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(identity = %id, error = %e, "could not list records parked with an identity");
+                return;
+            }
+        };
+        for raw in parked {
+            let Some(ptr) = std::str::from_utf8(&raw)
+                .ok()
+                .and_then(|s| s.parse::<Pointer>().ok())
+            else {
+                continue;
+            };
+            for _ in 0..MAX_ATTEMPTS {
+                match self.claim_one(&id, ptr).await {
+                    Ok(true) => break,
+                    Ok(false) => continue,
+                    Err(e) => {
+                        warn!(identity = %id, %ptr, error = ?e, "could not move a parked record's charge");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One parked record: `Ok(false)` when it changed meanwhile (try again).
+    async fn claim_one(&self, id: &Identity, ptr: Pointer) -> Result<bool, QuotaError> {
+        let k = self.keys.identity(id);
+        let Some(rec) = redis_io::load(&self.redis, &self.keys.record(ptr), None, 0).await? else {
+            let _: Value = redis::cmd("SREM")
+                .arg(&k.parked)
+                .arg(ptr.to_string())
+                .query_async(&mut self.redis.clone())
+                .await?;
+            return Ok(true);
+        };
+        let Some(payer) = rec.payer.filter(|_| rec.owner == *id) else {
+            let _: Value = redis::cmd("SREM")
+                .arg(&k.parked)
+                .arg(ptr.to_string())
+                .query_async(&mut self.redis.clone())
+                .await?;
+            return Ok(true);
+        };
+        let charge = Usage {
+            records: 1,
+            bytes: rec.size,
+        };
+        let op = self.op_id();
+        let now = self.now_ms();
+        let deadline = now + redis_io::ms(FENCE);
+        self.quota
+            .reserve(
+                &self.redis,
+                &self.cfg,
+                id,
+                &op,
+                ptr,
+                charge,
+                deadline,
+                true,
+                now,
+            )
+            .await?;
+        if let Err(e) = self
+            .quota
+            .note_release(&self.redis, &payer, &op, ptr, charge, deadline)
+            .await
+        {
+            let _ = self.quota.settle(&self.redis, id, &op, false).await;
+            return Err(e);
+        }
+        let change = Change {
+            expected: Some(rec.rev),
+            fence: deadline,
+            op: Some(op.clone()),
+            set: vec![("r", (rec.rev + 1).to_string().into_bytes())],
+            del: vec!["p", "x", "g"],
+            ..Change::default()
+        };
+        let committed = redis_io::commit(
+            &self.redis,
+            &self.keys.record(ptr),
+            change,
+            self.opts.wait_replicas,
+        )
+        .await?;
+        let ok = committed == Committed::Yes;
+        self.quota.settle(&self.redis, id, &op, ok).await?;
+        self.quota.settle(&self.redis, &payer, &op, ok).await?;
+        if ok {
+            let _: Value = redis::cmd("SREM")
+                .arg(&k.parked)
+                .arg(ptr.to_string())
+                .query_async(&mut self.redis.clone())
+                .await?;
+        }
+        Ok(ok)
+    }
+
+    /// Is `id` connected to any gateway (a live lease)? With its generation.
+    async fn liveness(&self, id: &Identity) -> redis::RedisResult<Liveness> {
+        let k = self.keys.identity(id);
+        let v = redis_io::run(&self.redis, &scripts::LIVENESS, &[&k.leases, &k.quota], &[]).await?;
+        let Value::Array(items) = v else {
+            return Err(RedisError::from((redis::ErrorKind::Parse, "LIVENESS")));
+        };
+        let get = |i: usize| items.get(i).and_then(redis_io::as_int);
+        let now = get(4).unwrap_or(0) as u64;
+        self.note_clock(now);
+        let last_lease = match items.get(1) {
+            Some(Value::Double(d)) => Some(*d as u64),
+            Some(v) => redis_io::as_int(v).map(|x| x as u64).or_else(|| {
+                redis_io::as_bytes(v).and_then(|b| {
+                    std::str::from_utf8(b)
+                        .ok()?
+                        .parse::<f64>()
+                        .ok()
+                        .map(|f| f as u64)
+                })
+            }),
+            None => None,
+        };
+        Ok(Liveness {
+            live: get(0).unwrap_or(0) > 0,
+            offline_since: match (last_lease, get(2).map(|x| x as u64)) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
+            generation: get(3).unwrap_or(0) as u64,
+            now,
+        })
+    }
+
+    // ---- requests ----
+
+    /// Applies one request. Never waits on Redis for longer than the per-command
+    /// timeout times the retries; a cluster that is unreachable or failing answers
+    /// BUSY (retry later).
+    pub async fn apply(self: Arc<Self>, caller: Caller, request: Request) -> Outcome {
+        let Some(ptr) = request.pointer() else {
+            return match request {
+                Request::Create { access, data } => self.create(&caller, access, data).await.into(),
+                _ => Reply::Hello(self.hello(caller.identity)).into(),
+            };
+        };
+        let transfer_to = match &request {
+            Request::Transfer { to, .. } => Some(match *to {
+                NewOwner::Identity(id) => id,
+                NewOwner::Ip(ip) => self.identity_of(ip),
+            }),
+            _ => None,
+        };
+        let watch = matches!(request, Request::Watch { .. });
+        if watch && let Err(e) = self.subscribe(ptr).await {
+            return unavailable(&e).into();
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            match self
+                .attempt(&caller, ptr, &request, transfer_to.as_ref())
+                .await
+            {
+                Ok(Some(outcome)) => {
+                    if watch && outcome.watch == WatchChange::None {
+                        self.unsubscribe_if_unwatched(ptr).await;
+                    }
+                    return outcome;
+                }
+                Ok(None) => continue, // the record changed under us: decide again
+                Err(AttemptError::Redis(e)) => return unavailable(&e).into(),
+            }
+        }
+        Reply::error(
+            netswap_proto::Status::Busy,
+            "the record kept changing under this request; retry later",
+        )
+        .into()
+    }
+
+    async fn create(&self, caller: &Caller, access: Access, data: Bytes) -> Reply {
+        if let Err(r) = rules::decide_create(data.len() as u64, &self.cfg) {
+            return r;
+        }
+        let me = caller.identity;
+        let charge = Usage {
+            records: 1,
+            bytes: data.len() as u64,
+        };
+        loop {
+            let ptr = loop {
+                if let Some(p) = Pointer::new(rand::rng().next_u64()) {
+                    break p;
+                }
+            };
+            let op = self.op_id();
+            let now = self.now_ms();
+            let deadline = now + redis_io::ms(FENCE);
+            match self
+                .quota
+                .reserve(
+                    &self.redis,
+                    &self.cfg,
+                    &me,
+                    &op,
+                    ptr,
+                    charge,
+                    deadline,
+                    false,
+                    now,
+                )
+                .await
+            {
+                Ok(()) => {}
+                Err(QuotaError::Exceeded(kind)) => return kind.reply(&self.cfg),
+                Err(QuotaError::Redis(e)) => return unavailable(&e),
+            }
+            let ik = self.keys.identity(&me);
+            let indexed: redis::RedisResult<Value> = redis::cmd("SADD")
+                .arg(&ik.owned)
+                .arg(ptr.to_string())
+                .query_async(&mut self.redis.clone())
+                .await;
+            let change = Change {
+                expected: None,
+                fence: deadline,
+                op: Some(op.clone()),
+                data: DataOp::Set(data.clone()),
+                set: vec![
+                    ("r", b"1".to_vec()),
+                    ("o", me.0.to_vec()),
+                    ("a", access.bits().to_string().into_bytes()),
+                    ("v", b"1".to_vec()),
+                ],
+                ..Change::default()
+            };
+            let committed = match indexed {
+                Ok(_) => {
+                    redis_io::commit(
+                        &self.redis,
+                        &self.keys.record(ptr),
+                        change,
+                        self.opts.wait_replicas,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match committed {
+                Ok(Committed::Yes) => {
+                    self.settle_later(vec![(me, op)], true);
+                    return Reply::Created(ptr);
+                }
+                Ok(c) => {
+                    // A pointer that exists already (or the fence): give the charge
+                    // back and try another pointer.
+                    let _ = self.quota.settle(&self.redis, &me, &op, false).await;
+                    if c == Committed::Fenced {
+                        return Reply::error(
+                            netswap_proto::Status::Busy,
+                            "the store was too slow to apply the change; retry later",
+                        );
+                    }
+                }
+                Err(e) => {
+                    // Unknown whether it committed: the repair pass settles it.
+                    return unavailable(&e);
+                }
+            }
+        }
+    }
+
+    /// Settles quota entries after a commit, without delaying the reply; a failure
+    /// leaves them to the repair pass.
+    fn settle_later(&self, entries: Vec<(Identity, String)>, committed: bool) {
+        let redis = self.redis.clone();
+        let quota = self.quota.clone();
+        tokio::spawn(async move {
+            for (id, op) in entries {
+                if let Err(e) = quota.settle(&redis, &id, &op, committed).await {
+                    debug!(identity = %id, op, error = ?e, "settle failed; the repair pass will do it");
+                }
+            }
+        });
+    }
+}
+
+pub(crate) struct Liveness {
+    live: bool,
+    offline_since: Option<u64>,
+    generation: u64,
+    now: u64,
+}
+
+/// Redis failed (unreachable, an error reply, a timeout).
+#[derive(Debug)]
+pub(crate) enum AttemptError {
+    Redis(RedisError),
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Redis(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<RedisError> for AttemptError {
+    fn from(e: RedisError) -> Self {
+        AttemptError::Redis(e)
+    }
+}
+
+impl From<QuotaError> for AttemptError {
+    fn from(e: QuotaError) -> Self {
+        match e {
+            QuotaError::Redis(e) => AttemptError::Redis(e),
+            QuotaError::Exceeded(_) => {
+                unreachable!("quota refusals are answered where they happen")
+            }
+        }
+    }
+}

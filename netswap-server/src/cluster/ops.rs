@@ -1,0 +1,424 @@
+//! The requests that name a record, on the Redis Cluster backend: load the record,
+//! let `netswap_proto::rules` decide, apply the decision with a compare-and-set.
+
+use netswap_proto::rules::{self, Decision, Payer, RecordView, Usage, Write, WriteKind};
+use netswap_proto::{Applied, Event, Identity, Pointer, Reply, Request};
+use redis::Value;
+
+use super::events::EventInfo;
+use super::keys;
+use super::redis_io::{self, Change, Committed, DataOp, Stored};
+use super::{AttemptError, Caller, ClusterStore, FENCE, MAX_INLINE, Outcome, WatchChange};
+
+/// `Ok(None)`: the record changed under the attempt; decide again.
+type Attempt = Result<Option<Outcome>, AttemptError>;
+
+fn done(reply: Reply) -> Attempt {
+    Ok(Some(reply.into()))
+}
+
+impl ClusterStore {
+    /// One attempt at a request that names `ptr`.
+    pub(super) async fn attempt(
+        &self,
+        caller: &Caller,
+        ptr: Pointer,
+        request: &Request,
+        transfer_to: Option<&Identity>,
+    ) -> Attempt {
+        let range = match request {
+            Request::Read { range: None, .. } => Some((0, 1u64 << 53)),
+            Request::Read {
+                range: Some((off, n)),
+                ..
+            } => Some((*off, *n as u64)),
+            _ => None,
+        };
+        let Some(rec) =
+            redis_io::load(&self.redis, &self.keys.record(ptr), range, MAX_INLINE).await?
+        else {
+            return Ok(Some(Outcome {
+                applied: Applied::missing(),
+                watch: WatchChange::None,
+            }));
+        };
+        let me = caller.identity;
+        let view = RecordView {
+            owned_by_caller: rec.owner == me,
+            access: rec.access,
+            version: rec.version,
+            size: rec.size,
+        };
+        match rules::decide(request, Some(&view), &me, transfer_to, &self.cfg) {
+            Decision::Missing => unreachable!("the record exists"),
+            Decision::Answer(r) => done(r),
+            Decision::Info(i) => done(Reply::Info(i)),
+            Decision::Read { start, end } => match rec.data {
+                Some(d) if d.len() as u64 == end - start => done(Reply::Data(d)),
+                _ => {
+                    match redis_io::range(&self.redis, &self.keys.record(ptr), rec.rev, start, end)
+                        .await?
+                    {
+                        Some(d) => done(Reply::Data(d)),
+                        None => Ok(None),
+                    }
+                }
+            },
+            Decision::Write(w) => self.write(ptr, &rec, w, request).await,
+            Decision::SetAccess(access) => {
+                let rev = rec.rev + 1;
+                let change = Change {
+                    expected: Some(rec.rev),
+                    event: Some(
+                        EventInfo::new(Event::AccessChanged, rec.version, rev, rec.owner, access)
+                            .encode(),
+                    ),
+                    set: vec![
+                        ("r", rev.to_string().into_bytes()),
+                        ("a", access.bits().to_string().into_bytes()),
+                    ],
+                    ..Change::default()
+                };
+                self.commit_or_retry(ptr, change, Reply::Done).await
+            }
+            Decision::Delete => {
+                let (ok, _) = self.delete(ptr, &rec).await?;
+                if ok { done(Reply::Done) } else { Ok(None) }
+            }
+            Decision::TakeOver => self.change_owner(ptr, &rec, me, true).await,
+            Decision::Transfer(to) => self.change_owner(ptr, &rec, to, false).await,
+            Decision::Watch => {
+                if let Err(r) =
+                    rules::admit_watch(caller.watching, caller.watch_xid.is_some(), &self.cfg)
+                {
+                    return done(r);
+                }
+                self.register_watch(ptr, caller.conn, caller.xid, &rec);
+                Ok(Some(Outcome {
+                    applied: Reply::Done.into(),
+                    watch: WatchChange::Added(ptr, caller.xid),
+                }))
+            }
+            Decision::Unwatch => {
+                if caller.watch_xid.is_none() {
+                    return done(rules::no_such_watch());
+                }
+                self.unregister_watch(ptr, caller.conn);
+                Ok(Some(Outcome {
+                    applied: Reply::Done.into(),
+                    watch: WatchChange::Removed(ptr),
+                }))
+            }
+        }
+    }
+
+    async fn commit_or_retry(&self, ptr: Pointer, change: Change, reply: Reply) -> Attempt {
+        match redis_io::commit(
+            &self.redis,
+            &self.keys.record(ptr),
+            change,
+            self.opts.wait_replicas,
+        )
+        .await?
+        {
+            Committed::Yes => done(reply),
+            Committed::Changed | Committed::Fenced => Ok(None),
+        }
+    }
+
+    /// REPLACE, REPLACE_IF, WRITE_AT: growth is charged to whoever pays for the
+    /// record (reserve, commit, settle); shrinking gives back after the commit.
+    async fn write(&self, ptr: Pointer, rec: &Stored, w: Write, request: &Request) -> Attempt {
+        let data = match request {
+            Request::Replace { data, .. }
+            | Request::ReplaceIf { data, .. }
+            | Request::WriteAt { data, .. } => data.clone(),
+            _ => unreachable!("only writes decide a write"),
+        };
+        let payer = rec.payer();
+        let rev = rec.rev + 1;
+        let mut change = Change {
+            expected: Some(rec.rev),
+            event: Some(
+                EventInfo::new(Event::Changed, w.new_version, rev, rec.owner, rec.access).encode(),
+            ),
+            data: match w.kind {
+                WriteKind::Replace => DataOp::Set(data),
+                WriteKind::At(off) => DataOp::Range(off, data),
+            },
+            set: vec![
+                ("r", rev.to_string().into_bytes()),
+                ("v", w.new_version.to_string().into_bytes()),
+            ],
+            ..Change::default()
+        };
+        let mut pending = None;
+        if w.bytes_delta != 0 {
+            let op = self.op_id();
+            let now = self.now_ms();
+            let deadline = now + redis_io::ms(FENCE);
+            let amount = Usage {
+                records: 0,
+                bytes: w.bytes_delta.unsigned_abs(),
+            };
+            let noted = if w.bytes_delta > 0 {
+                self.quota
+                    .reserve(
+                        &self.redis,
+                        &self.cfg,
+                        &payer,
+                        &op,
+                        ptr,
+                        amount,
+                        deadline,
+                        false,
+                        now,
+                    )
+                    .await
+            } else {
+                self.quota
+                    .note_release(&self.redis, &payer, &op, ptr, amount, deadline)
+                    .await
+            };
+            match noted {
+                Ok(()) => {}
+                Err(super::QuotaError::Exceeded(kind)) => return done(kind.reply(&self.cfg)),
+                Err(super::QuotaError::Redis(e)) => return Err(e.into()),
+            }
+            change.fence = deadline;
+            change.op = Some(op.clone());
+            pending = Some(op);
+        }
+        let committed = redis_io::commit(
+            &self.redis,
+            &self.keys.record(ptr),
+            change,
+            self.opts.wait_replicas,
+        )
+        .await;
+        let ok = matches!(committed, Ok(Committed::Yes));
+        if let Some(op) = pending {
+            match &committed {
+                // Unknown outcome: the repair pass settles it once the fence passed.
+                Err(_) => {}
+                Ok(_) => self.settle_later(vec![(payer, op)], ok),
+            }
+        }
+        match committed? {
+            Committed::Yes => done(Reply::Written(w.new_version)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Deletes a record (DELETE, or the reaper): the payer gets its charge back, the
+    /// watchers a "deleted" event. `Ok((false, _))`: it changed meanwhile.
+    pub(super) async fn delete(
+        &self,
+        ptr: Pointer,
+        rec: &Stored,
+    ) -> Result<(bool, ()), AttemptError> {
+        let payer = rec.payer();
+        let op = self.op_id();
+        let now = self.now_ms();
+        let deadline = now + redis_io::ms(FENCE);
+        let back = Usage {
+            records: 1,
+            bytes: rec.size,
+        };
+        self.quota
+            .note_release(&self.redis, &payer, &op, ptr, back, deadline)
+            .await?;
+        let change = Change {
+            expected: Some(rec.rev),
+            fence: deadline,
+            op: Some(op.clone()),
+            data: DataOp::DeleteRecord,
+            event: Some(
+                EventInfo::new(
+                    Event::Deleted,
+                    rec.version,
+                    rec.rev + 1,
+                    rec.owner,
+                    rec.access,
+                )
+                .encode(),
+            ),
+            ..Change::default()
+        };
+        let committed = redis_io::commit(
+            &self.redis,
+            &self.keys.record(ptr),
+            change,
+            self.opts.wait_replicas,
+        )
+        .await;
+        let ok = matches!(committed, Ok(Committed::Yes));
+        if committed.is_ok() {
+            self.settle_later(vec![(payer, op)], ok);
+        }
+        if ok {
+            // The indexes may keep stale entries; the reaper and claims skip those.
+            let mut pipe = redis::pipe();
+            pipe.cmd("SREM")
+                .arg(self.keys.identity(&rec.owner).owned)
+                .arg(ptr.to_string())
+                .ignore();
+            let _ = pipe.query_async::<Value>(&mut self.redis.clone()).await;
+            if rec.payer.is_some() {
+                let _: redis::RedisResult<Value> = redis::cmd("SREM")
+                    .arg(self.keys.identity(&rec.owner).parked)
+                    .arg(ptr.to_string())
+                    .query_async(&mut self.redis.clone())
+                    .await;
+            }
+        }
+        committed?;
+        Ok((ok, ()))
+    }
+
+    /// TAKEOVER (`takeover`: the caller takes it and pays, the TAKEOVER bit is
+    /// cleared) or TRANSFER to `to` (who pays when connected anywhere; else the payer
+    /// so far keeps paying and the record gets its own orphan deadline).
+    async fn change_owner(
+        &self,
+        ptr: Pointer,
+        rec: &Stored,
+        to: Identity,
+        takeover: bool,
+    ) -> Attempt {
+        let old_payer = rec.payer();
+        let receiver = self.liveness(&to).await?;
+        let payer = if takeover {
+            Payer::NewOwner
+        } else {
+            rules::payer_after_transfer(receiver.live)
+        };
+        let charge = Usage {
+            records: 1,
+            bytes: rec.size,
+        };
+        let op = self.op_id();
+        let now = receiver.now;
+        let deadline = now + redis_io::ms(FENCE);
+        let moves = payer == Payer::NewOwner && to != old_payer;
+        if moves {
+            match self
+                .quota
+                .reserve(
+                    &self.redis,
+                    &self.cfg,
+                    &to,
+                    &op,
+                    ptr,
+                    charge,
+                    deadline,
+                    false,
+                    now,
+                )
+                .await
+            {
+                Ok(()) => {}
+                Err(super::QuotaError::Exceeded(kind)) => return done(kind.reply(&self.cfg)),
+                Err(super::QuotaError::Redis(e)) => return Err(e.into()),
+            }
+            if let Err(e) = self
+                .quota
+                .note_release(&self.redis, &old_payer, &op, ptr, charge, deadline)
+                .await
+            {
+                let _ = self.quota.settle(&self.redis, &to, &op, false).await;
+                return Err(e.into());
+            }
+        }
+        let rev = rec.rev + 1;
+        let access = if takeover {
+            rec.access - netswap_proto::Access::TAKEOVER
+        } else {
+            rec.access
+        };
+        let mut set = vec![
+            ("r", rev.to_string().into_bytes()),
+            ("o", to.0.to_vec()),
+            ("a", access.bits().to_string().into_bytes()),
+        ];
+        let mut del = vec![];
+        let own_deadline =
+            (!takeover && !receiver.live).then(|| now + redis_io::ms(self.cfg.orphan_grace));
+        match own_deadline {
+            Some(x) => {
+                set.push(("x", x.to_string().into_bytes()));
+                set.push(("g", receiver.generation.to_string().into_bytes()));
+            }
+            None => del.extend(["x", "g"]),
+        }
+        match payer {
+            Payer::NewOwner => del.push("p"),
+            Payer::Unchanged => set.push(("p", old_payer.0.to_vec())),
+        }
+        // Index first, so that the reaper and claims always find the record.
+        let tk = self.keys.identity(&to);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD")
+            .arg(&tk.owned)
+            .arg(ptr.to_string())
+            .ignore();
+        if payer == Payer::Unchanged {
+            pipe.cmd("SADD")
+                .arg(&tk.parked)
+                .arg(ptr.to_string())
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<Value>(&mut self.redis.clone()).await {
+            if moves {
+                self.settle_later(vec![(to, op.clone()), (old_payer, op)], false);
+            }
+            return Err(e.into());
+        }
+        if let Some(x) = own_deadline {
+            let _: redis::RedisResult<Value> = redis::cmd("ZADD")
+                .arg(self.keys.reap())
+                .arg(x)
+                .arg(keys::reap_record(ptr))
+                .query_async(&mut self.redis.clone())
+                .await;
+        }
+        let change = Change {
+            expected: Some(rec.rev),
+            fence: if moves { deadline } else { 0 },
+            op: moves.then(|| op.clone()),
+            event: Some(EventInfo::new(Event::OwnerChanged, rec.version, rev, to, access).encode()),
+            set,
+            del,
+            ..Change::default()
+        };
+        let committed = redis_io::commit(
+            &self.redis,
+            &self.keys.record(ptr),
+            change,
+            self.opts.wait_replicas,
+        )
+        .await;
+        let ok = matches!(committed, Ok(Committed::Yes));
+        if moves && committed.is_ok() {
+            self.settle_later(vec![(to, op.clone()), (old_payer, op)], ok);
+        }
+        if ok {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SREM")
+                .arg(self.keys.identity(&rec.owner).owned)
+                .arg(ptr.to_string())
+                .ignore();
+            if rec.payer.is_some() {
+                pipe.cmd("SREM")
+                    .arg(self.keys.identity(&rec.owner).parked)
+                    .arg(ptr.to_string())
+                    .ignore();
+            }
+            let _ = pipe.query_async::<Value>(&mut self.redis.clone()).await;
+        }
+        match committed? {
+            Committed::Yes => done(Reply::Done),
+            _ => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Orphans across gateways. One gateway at a time is the reaper (a lock key with a
+//! TTL, renewed while it works). It looks at the identities and records whose time has
+//! come in `ns:{reap}` and deletes what [`rules::orphan_expiry`] says has expired:
+//! an identity with no live lease on any gateway, offline for the grace period, loses
+//! its records, except those handed to it while it was away, which keep their own,
+//! later deadline. Every deletion is a compare-and-set like any other, so a reaper
+//! racing with a TAKEOVER loses cleanly.
+
+use std::time::Duration;
+
+use netswap_proto::rules;
+use netswap_proto::{Identity, Pointer};
+use redis::Value;
+use tracing::info;
+
+use super::redis_io;
+use super::{AttemptError, ClusterStore, MAX_ATTEMPTS};
+
+/// How long the reaper lock lasts unless renewed.
+const LOCK_TTL: Duration = Duration::from_secs(10);
+/// Schedule entries looked at per round.
+const BATCH: usize = 200;
+
+impl ClusterStore {
+    /// One round of reaping, if this gateway is (or becomes) the reaper. Returns the
+    /// records deleted.
+    pub async fn reap_once(&self) -> Result<usize, AttemptError> {
+        let mut redis = self.redis.clone();
+        let got: Option<String> = redis::cmd("SET")
+            .arg(self.keys.reap_lock())
+            .arg(&self.gateway)
+            .arg("NX")
+            .arg("PX")
+            .arg(redis_io::ms(LOCK_TTL))
+            .query_async(&mut redis)
+            .await?;
+        if got.is_none() {
+            let holder: Option<String> = redis::cmd("GET")
+                .arg(self.keys.reap_lock())
+                .query_async(&mut redis)
+                .await?;
+            if holder.as_deref() != Some(self.gateway.as_str()) {
+                return Ok(0);
+            }
+            let _: Value = redis::cmd("PEXPIRE")
+                .arg(self.keys.reap_lock())
+                .arg(redis_io::ms(LOCK_TTL))
+                .query_async(&mut redis)
+                .await?;
+        }
+        let (now, _) = redis_io::redis_now(&self.redis).await?;
+        self.note_clock(now);
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.reap())
+            .arg("-inf")
+            .arg(now)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(BATCH)
+            .query_async(&mut redis)
+            .await?;
+        let mut reaped = 0;
+        for member in due {
+            if let Some(hex) = member.strip_prefix("i:") {
+                if let Ok(id) = hex.parse::<Identity>() {
+                    reaped += self.reap_identity(&member, &id).await?;
+                    continue;
+                }
+            } else if let Some(hex) = member.strip_prefix("r:")
+                && let Ok(ptr) = hex.parse::<Pointer>()
+            {
+                reaped += self.reap_record(&member, ptr).await?;
+                continue;
+            }
+            let _: Value = redis::cmd("ZREM")
+                .arg(self.keys.reap())
+                .arg(&member)
+                .query_async(&mut redis)
+                .await?;
+        }
+        if reaped > 0 {
+            info!(records = reaped, "reaped orphaned records");
+        }
+        Ok(reaped)
+    }
+
+    async fn reschedule(&self, member: &str, at: Option<u64>) -> redis::RedisResult<()> {
+        let mut redis = self.redis.clone();
+        match at {
+            Some(t) => {
+                let _: Value = redis::cmd("ZADD")
+                    .arg(self.keys.reap())
+                    .arg(t)
+                    .arg(member)
+                    .query_async(&mut redis)
+                    .await?;
+            }
+            None => {
+                let _: Value = redis::cmd("ZREM")
+                    .arg(self.keys.reap())
+                    .arg(member)
+                    .query_async(&mut redis)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn reap_identity(&self, member: &str, id: &Identity) -> Result<usize, AttemptError> {
+        let live = self.liveness(id).await?;
+        if live.live {
+            // Its gateways put it back on the schedule as they renew.
+            self.reschedule(member, None).await?;
+            return Ok(0);
+        }
+        let owner_deadline = live
+            .offline_since
+            .map(|t| t + redis_io::ms(self.cfg.orphan_grace));
+        if let Some(d) = owner_deadline.filter(|d| *d > live.now) {
+            self.reschedule(member, Some(d)).await?;
+            return Ok(0);
+        }
+        let k = self.keys.identity(id);
+        let owned: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&k.owned)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        let mut reaped = 0;
+        for s in owned {
+            let Ok(ptr) = s.parse::<Pointer>() else {
+                continue;
+            };
+            for _ in 0..MAX_ATTEMPTS {
+                let Some(rec) =
+                    redis_io::load(&self.redis, &self.keys.record(ptr), None, 0).await?
+                else {
+                    let _: Value = redis::cmd("SREM")
+                        .arg(&k.owned)
+                        .arg(&s)
+                        .query_async(&mut self.redis.clone())
+                        .await?;
+                    break;
+                };
+                if rec.owner != *id {
+                    let _: Value = redis::cmd("SREM")
+                        .arg(&k.owned)
+                        .arg(&s)
+                        .query_async(&mut self.redis.clone())
+                        .await?;
+                    break;
+                }
+                let own = rec
+                    .deadline
+                    .filter(|&(_, g)| g == live.generation)
+                    .map(|(x, _)| x);
+                if rules::orphan_expiry(owner_deadline, own).is_some_and(|e| e > live.now) {
+                    break; // its own, later deadline is on the schedule
+                }
+                let (deleted, _) = self.delete(ptr, &rec).await?;
+                if deleted {
+                    reaped += 1;
+                    break;
+                }
+            }
+        }
+        self.quota.repair(&self.redis, id, live.now).await?;
+        self.reschedule(member, None).await?;
+        Ok(reaped)
+    }
+
+    async fn reap_record(&self, member: &str, ptr: Pointer) -> Result<usize, AttemptError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(rec) = redis_io::load(&self.redis, &self.keys.record(ptr), None, 0).await?
+            else {
+                self.reschedule(member, None).await?;
+                return Ok(0);
+            };
+            let owner = self.liveness(&rec.owner).await?;
+            let own = rec
+                .deadline
+                .filter(|&(_, g)| g == owner.generation && !owner.live)
+                .map(|(x, _)| x);
+            let Some(own) = own else {
+                // The owner connected since the record was handed to it: the record
+                // follows its owner's lifetime now.
+                self.reschedule(member, None).await?;
+                return Ok(0);
+            };
+            let owner_deadline = owner
+                .offline_since
+                .map(|t| t + redis_io::ms(self.cfg.orphan_grace));
+            let expiry = rules::orphan_expiry(owner_deadline, Some(own)).expect("a deadline");
+            if expiry > owner.now {
+                self.reschedule(member, Some(expiry)).await?;
+                return Ok(0);
+            }
+            let (deleted, _) = self.delete(ptr, &rec).await?;
+            if deleted {
+                self.reschedule(member, None).await?;
+                return Ok(1);
+            }
+        }
+        Ok(0)
+    }
+}

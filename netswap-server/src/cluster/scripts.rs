@@ -1,0 +1,191 @@
+//! The few Lua scripts the Redis Cluster backend runs. None of them knows a rule of
+//! records: they load state, compare-and-set it, and read Redis's clock. Every
+//! decision (who may, what changes, which error, quotas, expiry) is made in Rust by
+//! `netswap_proto::rules`, on state loaded first; a script only applies a decided
+//! change if the state did not change in between (the revision still matches), and
+//! the gateway decides again when it did.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Loads a record: `{rev, owner, payer, access, version, deadline, generation, size,
+/// data}` or nil. `data` is the range `[start, start+len)` (cut at the end) when it is
+/// at most `max_inline` bytes and `len >= 0`, else nil (the gateway fetches it
+/// separately, after deciding the caller may read it).
+///
+/// KEYS: meta, data. ARGV: start, len (-1: none), max_inline.
+pub(crate) static LOAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local m = redis.call('HMGET', KEYS[1], 'r', 'o', 'p', 'a', 'v', 'x', 'g')
+if not m[1] then return false end
+local size = redis.call('STRLEN', KEYS[2])
+local d = false
+local s = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+if n >= 0 and s <= size then
+  local e = s + n
+  if e > size then e = size end
+  if e <= s then
+    d = ''
+  elseif e - s <= tonumber(ARGV[3]) then
+    d = redis.call('GETRANGE', KEYS[2], s, e - 1)
+  end
+end
+return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, size, d}
+"#,
+    )
+});
+
+/// Reads a range of a record's data if the record is still at revision `rev`:
+/// `{1, bytes}`, or `{0}` when it changed.
+///
+/// KEYS: meta, data. ARGV: rev, start, end (exclusive).
+pub(crate) static RANGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HGET', KEYS[1], 'r') ~= ARGV[1] then return {0} end
+local s = tonumber(ARGV[2])
+local e = tonumber(ARGV[3])
+if e <= s then return {1, ''} end
+return {1, redis.call('GETRANGE', KEYS[2], s, e - 1)}
+"#,
+    )
+});
+
+/// Applies a decided change to a record if it is still at the expected revision.
+/// Returns `{1}` when applied, `{0, rev}` when the record changed (or exists, for a
+/// create; or is gone: rev nil), `{-1}` when `fence` (ms, Redis time) has passed.
+///
+/// KEYS: meta, data, op marker (or meta again), event channel.
+/// ARGV: expected rev ('' = must not exist), fence (0 = none), event payload ('' =
+/// none), data op ('n' none, 's' set, 'r' set range, 'd' delete the record), offset,
+/// bytes, op id ('' = none), n, n field/value pairs to set, k, k fields to delete.
+pub(crate) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('HGET', KEYS[1], 'r')
+if ARGV[1] == '' then
+  if cur then return {0, cur} end
+elseif cur ~= ARGV[1] then
+  return {0, cur or false}
+end
+local fence = tonumber(ARGV[2])
+if fence > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > fence then return {-1} end
+end
+local op = ARGV[4]
+if op == 'd' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+else
+  if op == 's' then
+    if #ARGV[6] > 0 then redis.call('SET', KEYS[2], ARGV[6]) else redis.call('DEL', KEYS[2]) end
+  elseif op == 'r' then
+    redis.call('SETRANGE', KEYS[2], tonumber(ARGV[5]), ARGV[6])
+  end
+  local n = tonumber(ARGV[8])
+  local i = 9
+  for j = 1, n do
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  local k = tonumber(ARGV[i])
+  for j = 1, k do
+    redis.call('HDEL', KEYS[1], ARGV[i + j])
+  end
+end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[3], '1', 'EX', 3600) end
+if ARGV[3] ~= '' then redis.call('SPUBLISH', KEYS[4], ARGV[3]) end
+return {1}
+"#,
+    )
+});
+
+/// Compare-and-set on a hash with a revision field `r`: sets and deletes fields if
+/// `r` is still `expected` ('' = absent), and sets `r` to `next`. Returns `{1}`, or
+/// `{0, HGETALL}` when it changed (so the caller can decide again at once).
+///
+/// KEYS: the hash. ARGV: expected, next, n, n pairs, k, k fields.
+pub(crate) static CAS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('HGET', KEYS[1], 'r') or ''
+if cur ~= ARGV[1] then return {0, redis.call('HGETALL', KEYS[1])} end
+local n = tonumber(ARGV[3])
+local i = 4
+for j = 1, n do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+local k = tonumber(ARGV[i])
+for j = 1, k do
+  redis.call('HDEL', KEYS[1], ARGV[i + j])
+end
+redis.call('HSET', KEYS[1], 'r', ARGV[2])
+return {1}
+"#,
+    )
+});
+
+/// Redis's clock, in milliseconds.
+const NOW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"#;
+
+/// Takes or renews a gateway's lease on an identity: `{now, generation}`. A new lease
+/// (`ARGV[3] == '1'`) bumps the identity's generation (a connect voids deadlines set
+/// before it).
+///
+/// KEYS: leases, quota hash. ARGV: gateway, ttl ms, new ('1'/'0').
+pub(crate) static LEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"{NOW}
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local g
+if ARGV[3] == '1' then
+  g = redis.call('HINCRBY', KEYS[2], 'g', 1)
+else
+  g = tonumber(redis.call('HGET', KEYS[2], 'g') or '0')
+end
+return {{now, g}}
+"#
+    ))
+});
+
+/// Gives up a gateway's lease on an identity; when no live lease remains, notes the
+/// time it went offline. Returns `{live leases left, now}`.
+///
+/// KEYS: leases, quota hash. ARGV: gateway.
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"{NOW}
+redis.call('ZREM', KEYS[1], ARGV[1])
+local live = redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+if live == 0 then redis.call('HSET', KEYS[2], 'off', now) end
+return {{live, now}}
+"#
+    ))
+});
+
+/// What the reaper needs to know about an identity:
+/// `{live leases, latest lease expiry or false, offline since or false, generation, now}`.
+///
+/// KEYS: leases, quota hash.
+pub(crate) static LIVENESS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"{NOW}
+local live = redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+local last = redis.call('ZRANGE', KEYS[1], 0, 0, 'REV', 'WITHSCORES')
+local off = redis.call('HGET', KEYS[2], 'off')
+local g = redis.call('HGET', KEYS[2], 'g') or '0'
+return {{live, last[2] or false, off or false, g, now}}
+"#
+    ))
+});
+
+/// Redis's clock: `now` in ms.
+pub(crate) static TIME: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{NOW}\nreturn now")));

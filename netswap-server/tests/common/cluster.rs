@@ -1,0 +1,259 @@
+//! A real Redis Cluster on loopback for the tests (Debian's `redis-server`): started
+//! on free ports in a temporary directory, three primaries with a replica each, and
+//! stopped when dropped. Each node runs under a small shell watchdog that kills it
+//! when the test process is gone, so an aborted test run leaves nothing behind.
+//!
+//! `NETSWAP_TEST_REDIS_CLUSTER=host:port,...` (set by `scripts/test.sh`, which starts
+//! one cluster for the whole run) is used by [`shared`] instead of starting another.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// A running cluster.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+    nodes: Vec<Option<Child>>,
+    owned: bool,
+}
+
+fn free_port_pair() -> u16 {
+    // The cluster bus listens on port + 10000.
+    loop {
+        let p = 20000 + (rand::random::<u16>() % 10000);
+        if TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok()
+        {
+            return p;
+        }
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (Debian's redis-tools; the test command installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl RedisCluster {
+    /// Starts `primaries` primaries with `replicas` replicas each. `aof`: with the
+    /// append-only file on (fsync every second), so a restart keeps the data.
+    pub fn start(primaries: usize, replicas: usize, aof: bool) -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "netswap-redis-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let n = primaries * (1 + replicas);
+        let ports: Vec<u16> = (0..n).map(|_| free_port_pair()).collect();
+        let mut c = RedisCluster {
+            ports,
+            dir,
+            nodes: Vec::new(),
+            owned: true,
+        };
+        for i in 0..n {
+            let child = c.spawn_node(i, aof);
+            c.nodes.push(Some(child));
+        }
+        for &p in &c.ports {
+            wait_until(Duration::from_secs(10), || {
+                redis_cli(p, &["PING"]).trim() == "PONG"
+            });
+        }
+        let addrs: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut args = vec!["--cluster".to_string(), "create".to_string()];
+        args.extend(addrs);
+        args.extend([
+            "--cluster-replicas".into(),
+            replicas.to_string(),
+            "--cluster-yes".into(),
+        ]);
+        let out = Command::new("redis-cli")
+            .args(&args)
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        c.wait_healthy();
+        c
+    }
+
+    fn spawn_node(&self, i: usize, aof: bool) -> Child {
+        let port = self.ports[i];
+        let dir = self.dir.join(port.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let redis = format!(
+            "redis-server --port {port} --bind 127.0.0.1 --cluster-enabled yes \
+             --cluster-config-file nodes.conf --cluster-node-timeout 1500 \
+             --appendonly {aof} --appendfsync everysec --save '' --dir {dir} \
+             --logfile {dir}/log.txt --cluster-require-full-coverage no",
+            aof = if aof { "yes" } else { "no" },
+            dir = dir.display()
+        );
+        // The watchdog: when the test process is gone, the node goes too.
+        let script = format!(
+            "{redis} & node=$!; echo $node > {dir}/pid; trap 'kill -9 $node 2>/dev/null' TERM; \
+             while kill -0 {parent} 2>/dev/null && kill -0 $node 2>/dev/null; do sleep 0.5; done; \
+             kill -9 $node 2>/dev/null; wait",
+            parent = std::process::id(),
+            dir = dir.display()
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sh")
+    }
+
+    /// `host:port,...` of every node.
+    pub fn nodes(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// Waits until every slot is served and every live node agrees.
+    pub fn wait_healthy(&self) {
+        wait_until(Duration::from_secs(30), || {
+            self.live_ports().iter().all(|&p| {
+                let info = redis_cli(p, &["CLUSTER", "INFO"]);
+                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+            })
+        });
+    }
+
+    fn live_ports(&self) -> Vec<u16> {
+        self.ports
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.owned || self.nodes.get(*i).is_some_and(|n| n.is_some()))
+            .map(|(_, p)| *p)
+            .collect()
+    }
+
+    /// The port of the primary serving `key`.
+    pub fn primary_of(&self, key: &str) -> u16 {
+        let any = self.live_ports()[0];
+        let slot: u16 = redis_cli(any, &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .unwrap();
+        for line in redis_cli(any, &["CLUSTER", "NODES"]).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let port: u16 = f[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap();
+            for range in &f[8..] {
+                let (a, b) = match range.split_once('-') {
+                    Some((a, b)) => (a.parse::<u16>().unwrap_or(1), b.parse::<u16>().unwrap_or(0)),
+                    None => match range.parse::<u16>() {
+                        Ok(x) => (x, x),
+                        Err(_) => continue,
+                    },
+                };
+                if (a..=b).contains(&slot) {
+                    return port;
+                }
+            }
+        }
+        panic!("no primary serves slot {slot}");
+    }
+
+    /// Kills the node on `port` with SIGKILL.
+    pub fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|&p| p == port).expect("a node");
+        if let Some(mut child) = self.nodes[i].take() {
+            let pid_file = self.dir.join(port.to_string()).join("pid");
+            if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills every node (SIGKILL).
+    pub fn kill_all(&mut self) {
+        for p in self.ports.clone() {
+            self.kill(p);
+        }
+    }
+
+    /// Starts every killed node again (from its AOF and nodes.conf).
+    pub fn restart_killed(&mut self, aof: bool) {
+        for i in 0..self.ports.len() {
+            if self.nodes[i].is_none() {
+                let child = self.spawn_node(i, aof);
+                self.nodes[i] = Some(child);
+            }
+        }
+        for &p in &self.ports {
+            wait_until(Duration::from_secs(10), || {
+                redis_cli(p, &["PING"]).trim() == "PONG"
+            });
+        }
+        self.wait_healthy();
+    }
+
+    fn shared_from_env() -> Option<RedisCluster> {
+        let nodes = std::env::var("NETSWAP_TEST_REDIS_CLUSTER").ok()?;
+        let ports = nodes
+            .split(',')
+            .filter_map(|n| n.rsplit_once(':')?.1.parse().ok())
+            .collect();
+        Some(RedisCluster {
+            ports,
+            dir: PathBuf::new(),
+            nodes: Vec::new(),
+            owned: false,
+        })
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        if self.owned {
+            self.kill_all();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The cluster the conformance tests share: the test command's, or one started for
+/// this test binary (stopped by its watchdogs when the binary exits).
+pub fn shared() -> &'static RedisCluster {
+    static SHARED: OnceLock<RedisCluster> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        RedisCluster::shared_from_env().unwrap_or_else(|| RedisCluster::start(3, 1, false))
+    })
+}
+
+fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < limit,
+            "Redis Cluster not ready within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
