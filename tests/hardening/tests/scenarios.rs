@@ -235,16 +235,16 @@ async fn transfer_cycles_leave_no_accounts_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pointer_scanning_is_throttled() {
     let srv = server(|c| c.max_misses_per_second = 1000);
-    let stats = srv.stats().clone();
     let r = with_probe(srv.addr(), "pointer scan", || {
         pointer_scan(srv.addr(), 20_000)
     })
     .await;
     println!("{r}");
-    let answered = stats.misses();
+    // A burst of 1,000, then 1,000 a second.
+    let answered = r.attempts - r.refused;
     assert!(
-        answered as f64 <= 1000.0 * (r.seconds + 1.0) + 1.0,
-        "{answered} misses looked up in {:.1} s: {r}",
+        answered as f64 <= 1000.0 * (r.seconds + 1.0) + 10.0,
+        "{answered} misses answered in {:.1} s: {r}",
         r.seconds
     );
     assert!(r.refused > 10_000, "{r}");
