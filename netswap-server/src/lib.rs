@@ -413,6 +413,17 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
     let mut events = c.take_events().expect("taken once");
     let mut renew = tokio::time::interval(c.lease_renewal());
     let mut reap = tokio::time::interval(Duration::from_secs(1));
+    c.refresh_topology().await;
+    let topology = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                c.refresh_topology().await;
+            }
+        })
+    };
     let mut sweep = tokio::time::interval(Duration::from_secs(10));
     for t in [&mut renew, &mut reap, &mut sweep] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -431,6 +442,7 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
         }
     }
     pushes.abort();
+    topology.abort();
 }
 
 /// Periodic upkeep that has no deadline of its own: forgets the throttle state of

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         let server = match Server::bind(config.clone()).await {
             Ok(s) => s,
             Err(e @ StartError::Data(_)) => return Err((e.to_string(), ExitCode::from(3))),
+            Err(e @ StartError::Store(_)) => return Err((e.to_string(), ExitCode::from(4))),
             Err(e) => return Err((e.to_string(), ExitCode::FAILURE)),
         };
         #[cfg(unix)]

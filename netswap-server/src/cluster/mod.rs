@@ -54,6 +54,9 @@ const MAX_INLINE: usize = 16 * 1024;
 const FENCE: Duration = Duration::from_secs(10);
 /// Attempts at a request whose record keeps changing under it.
 const MAX_ATTEMPTS: usize = 64;
+/// How long a commit whose reply was lost is sent again (a failover takes a few
+/// seconds).
+const RESEND_FOR: Duration = Duration::from_secs(15);
 /// Events remembered per watched record, for watches being registered.
 const RECENT_EVENTS: usize = 64;
 
@@ -196,6 +199,11 @@ pub(crate) struct ClusterStore {
     clock: Mutex<(Instant, u64)>,
     next_conn: AtomicU64,
     next_op: AtomicU64,
+    /// Replicas per slot range, for `WAIT`.
+    replicas: Mutex<redis_io::Replicas>,
+    /// Writes acknowledged with fewer replicas than `--redis-wait-replicas` asked
+    /// (their primary had fewer: a failover).
+    unreplicated: AtomicU64,
     events: mpsc::UnboundedSender<Vec<Notification>>,
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Notification>>>>,
     push_rx: Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>>,
@@ -231,9 +239,9 @@ impl ClusterStore {
         let client = ClusterClientBuilder::new(urls)
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(push_tx)
-            .connection_timeout(Duration::from_secs(2))
+            .connection_timeout(Duration::from_secs(1))
             .response_timeout(opts.response_timeout)
-            .retries(6)
+            .retries(2)
             .build()
             .map_err(|e| format!("Redis Cluster {}: {e}", opts.nodes.join(",")))?;
         let redis = tokio::time::timeout(Duration::from_secs(10), client.get_async_connection())
@@ -271,6 +279,8 @@ impl ClusterStore {
             clock: Mutex::new((at, now)),
             next_conn: AtomicU64::new(1),
             next_op: AtomicU64::new(1),
+            replicas: Mutex::default(),
+            unreplicated: AtomicU64::new(0),
             events,
             events_rx: Mutex::new(Some(events_rx)),
             push_rx: Mutex::new(Some(push_rx)),
@@ -290,6 +300,46 @@ impl ClusterStore {
 
     fn note_clock(&self, ms: u64) {
         *lock(&self.clock) = (Instant::now(), ms);
+    }
+
+    /// How many replicas a commit to `ptr` waits for: what `--redis-wait-replicas`
+    /// asks, but never more than its primary has (see [`redis_io::Replicas`]).
+    fn wait_for(&self, ptr: Pointer) -> redis_io::Wait {
+        let asked = self.opts.wait_replicas;
+        let replicas = if asked == 0 {
+            0
+        } else {
+            match lock(&self.replicas).of(&self.keys.record(ptr).meta) {
+                Some(have) if have < asked => {
+                    self.unreplicated.fetch_add(1, Ordering::Relaxed);
+                    have
+                }
+                _ => asked,
+            }
+        };
+        redis_io::Wait {
+            replicas,
+            ms: (redis_io::ms(self.opts.response_timeout) / 2).clamp(10, 1000),
+        }
+    }
+
+    /// Refreshes what the gateway knows of the cluster's replicas (every second).
+    pub async fn refresh_topology(&self) {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let nodes = self
+            .redis
+            .clone()
+            .route_command(
+                redis::cmd("CLUSTER").arg("NODES").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await;
+        let text = match nodes {
+            Ok(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+            Ok(Value::VerbatimString { text, .. }) => text,
+            _ => return,
+        };
+        *lock(&self.replicas) = redis_io::Replicas::parse(&text);
     }
 
     fn op_id(&self) -> String {
@@ -623,21 +673,18 @@ impl ClusterStore {
         let change = Change {
             expected: Some(rec.rev),
             fence: deadline,
-            op: Some(op.clone()),
+            op: op.clone(),
+            mark: true,
             set: vec![("r", (rec.rev + 1).to_string().into_bytes())],
             del: vec!["p", "x", "g"],
             ..Change::default()
         };
-        let committed = redis_io::commit(
-            &self.redis,
-            &self.keys.record(ptr),
-            change,
-            self.opts.wait_replicas,
-        )
-        .await?;
+        let committed = self.commit(ptr, &change).await?;
+        if committed == Committed::Unknown {
+            return Ok(true); // the repair pass settles it from the marker
+        }
         let ok = committed == Committed::Yes;
-        self.quota.settle(&self.redis, id, &op, ok).await?;
-        self.quota.settle(&self.redis, &payer, &op, ok).await?;
+        self.settle_later(ptr, op, vec![*id, payer], ok);
         if ok {
             let _: Value = redis::cmd("SREM")
                 .arg(&k.parked)
@@ -764,6 +811,7 @@ impl ClusterStore {
                 Err(QuotaError::Exceeded(kind)) => return kind.reply(&self.cfg),
                 Err(QuotaError::Redis(e)) => return unavailable(&e),
             }
+            crash_point("create-after-reserve");
             let ik = self.keys.identity(&me);
             let indexed: redis::RedisResult<Value> = redis::cmd("SADD")
                 .arg(&ik.owned)
@@ -773,7 +821,8 @@ impl ClusterStore {
             let change = Change {
                 expected: None,
                 fence: deadline,
-                op: Some(op.clone()),
+                op: op.clone(),
+                mark: true,
                 data: DataOp::Set(data.clone()),
                 set: vec![
                     ("r", b"1".to_vec()),
@@ -784,25 +833,18 @@ impl ClusterStore {
                 ..Change::default()
             };
             let committed = match indexed {
-                Ok(_) => {
-                    redis_io::commit(
-                        &self.redis,
-                        &self.keys.record(ptr),
-                        change,
-                        self.opts.wait_replicas,
-                    )
-                    .await
-                }
+                Ok(_) => self.commit(ptr, &change).await,
                 Err(e) => Err(e),
             };
             match committed {
                 Ok(Committed::Yes) => {
-                    self.settle_later(vec![(me, op)], true);
+                    self.settle_later(ptr, op, vec![me], true);
                     return Reply::Created(ptr);
                 }
                 Ok(c) => {
-                    // A pointer that exists already (or the fence): give the charge
-                    // back and try another pointer.
+                    // A pointer that exists already (a re-send that finds the record
+                    // changed is that too: ours would carry our operation id), or the
+                    // fence: give the charge back and try another pointer.
                     let _ = self.quota.settle(&self.redis, &me, &op, false).await;
                     if c == Committed::Fenced {
                         return Reply::error(
@@ -819,18 +861,53 @@ impl ClusterStore {
         }
     }
 
-    /// Settles quota entries after a commit, without delaying the reply; a failure
-    /// leaves them to the repair pass.
-    fn settle_later(&self, entries: Vec<(Identity, String)>, committed: bool) {
+    /// Settles the quota entries of operation `op` on record `ptr` after its commit,
+    /// without delaying the reply, then removes its marker; a failure leaves them to
+    /// the repair pass (which reads the marker).
+    fn settle_later(&self, ptr: Pointer, op: String, ids: Vec<Identity>, committed: bool) {
         let redis = self.redis.clone();
         let quota = self.quota.clone();
+        let marker = self.keys.record(ptr).op(&op);
         tokio::spawn(async move {
-            for (id, op) in entries {
+            for id in ids {
                 if let Err(e) = quota.settle(&redis, &id, &op, committed).await {
                     debug!(identity = %id, op, error = ?e, "settle failed; the repair pass will do it");
+                    return;
                 }
             }
+            let _: redis::RedisResult<Value> = redis::cmd("DEL")
+                .arg(&marker)
+                .query_async(&mut redis.clone())
+                .await;
         });
+    }
+
+    /// Commits a decided change. When Redis fails mid-way (a failover, a timeout) the
+    /// same change is sent again, with backoff, for up to [`RESEND_FOR`]: the commit
+    /// is idempotent (its operation id), so the re-send either applies it or finds it
+    /// applied. A re-send that finds the record changed cannot tell: `Unknown`.
+    pub(super) async fn commit(
+        &self,
+        ptr: Pointer,
+        change: &Change,
+    ) -> redis::RedisResult<Committed> {
+        let keys = self.keys.record(ptr);
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        let mut resent = false;
+        loop {
+            match redis_io::commit(&self.redis, &keys, change, self.wait_for(ptr)).await {
+                Ok(Committed::Changed) if resent => return Ok(Committed::Unknown),
+                Ok(c) => return Ok(c),
+                Err(e) if started.elapsed() + pause > RESEND_FOR => return Err(e),
+                Err(e) => {
+                    debug!(%ptr, error = %e, "commit failed; sending it again");
+                    resent = true;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
     }
 }
 
@@ -839,6 +916,21 @@ pub(crate) struct Liveness {
     offline_since: Option<u64>,
     generation: u64,
     now: u64,
+}
+
+/// For the crash tests: `NETSWAP_CRASH_AT=NAME` makes the process abort at the named
+/// point (e.g. between a quota reservation and its commit), as a gateway dying
+/// mid-operation would. Read once; unset in production.
+fn crash_point(name: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("NETSWAP_CRASH_AT").ok())
+        .as_deref()
+        == Some(name)
+    {
+        eprintln!("netswap-server: NETSWAP_CRASH_AT={name}: aborting here, as a crash would");
+        std::process::abort();
+    }
 }
 
 /// Redis failed (unreachable, an error reply, a timeout).

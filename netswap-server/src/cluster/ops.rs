@@ -13,6 +13,14 @@ use super::{AttemptError, Caller, ClusterStore, FENCE, MAX_INLINE, Outcome, Watc
 /// `Ok(None)`: the record changed under the attempt; decide again.
 type Attempt = Result<Option<Outcome>, AttemptError>;
 
+/// The reply when a change's outcome cannot be told (see `Committed::Unknown`).
+fn outcome_unknown() -> Reply {
+    Reply::error(
+        netswap_proto::Status::Busy,
+        "the cluster failed over while this change was applied, and the record changed since: read it to see whether the change was applied",
+    )
+}
+
 fn done(reply: Reply) -> Attempt {
     Ok(Some(reply.into()))
 }
@@ -77,14 +85,16 @@ impl ClusterStore {
                         ("r", rev.to_string().into_bytes()),
                         ("a", access.bits().to_string().into_bytes()),
                     ],
+                    op: self.op_id(),
                     ..Change::default()
                 };
                 self.commit_or_retry(ptr, change, Reply::Done).await
             }
-            Decision::Delete => {
-                let (ok, _) = self.delete(ptr, &rec).await?;
-                if ok { done(Reply::Done) } else { Ok(None) }
-            }
+            Decision::Delete => match self.delete(ptr, &rec).await? {
+                Committed::Yes => done(Reply::Done),
+                Committed::Unknown => done(outcome_unknown()),
+                Committed::Changed | Committed::Fenced => Ok(None),
+            },
             Decision::TakeOver => self.change_owner(ptr, &rec, me, true).await,
             Decision::Transfer(to) => self.change_owner(ptr, &rec, to, false).await,
             Decision::Watch => {
@@ -113,15 +123,9 @@ impl ClusterStore {
     }
 
     async fn commit_or_retry(&self, ptr: Pointer, change: Change, reply: Reply) -> Attempt {
-        match redis_io::commit(
-            &self.redis,
-            &self.keys.record(ptr),
-            change,
-            self.opts.wait_replicas,
-        )
-        .await?
-        {
+        match self.commit(ptr, &change).await? {
             Committed::Yes => done(reply),
+            Committed::Unknown => done(outcome_unknown()),
             Committed::Changed | Committed::Fenced => Ok(None),
         }
     }
@@ -150,6 +154,7 @@ impl ClusterStore {
                 ("r", rev.to_string().into_bytes()),
                 ("v", w.new_version.to_string().into_bytes()),
             ],
+            op: self.op_id(),
             ..Change::default()
         };
         let mut pending = None;
@@ -186,37 +191,32 @@ impl ClusterStore {
                 Err(super::QuotaError::Redis(e)) => return Err(e.into()),
             }
             change.fence = deadline;
-            change.op = Some(op.clone());
+            change.op = op.clone();
+            change.mark = true;
             pending = Some(op);
         }
-        let committed = redis_io::commit(
-            &self.redis,
-            &self.keys.record(ptr),
-            change,
-            self.opts.wait_replicas,
-        )
-        .await;
-        let ok = matches!(committed, Ok(Committed::Yes));
+        let committed = self.commit(ptr, &change).await;
         if let Some(op) = pending {
             match &committed {
-                // Unknown outcome: the repair pass settles it once the fence passed.
-                Err(_) => {}
-                Ok(_) => self.settle_later(vec![(payer, op)], ok),
+                // Unknown outcome: the repair pass settles it from the marker.
+                Err(_) | Ok(Committed::Unknown) => {}
+                Ok(c) => self.settle_later(ptr, op, vec![payer], *c == Committed::Yes),
             }
         }
         match committed? {
             Committed::Yes => done(Reply::Written(w.new_version)),
-            _ => Ok(None),
+            Committed::Unknown => done(outcome_unknown()),
+            Committed::Changed | Committed::Fenced => Ok(None),
         }
     }
 
     /// Deletes a record (DELETE, or the reaper): the payer gets its charge back, the
-    /// watchers a "deleted" event. `Ok((false, _))`: it changed meanwhile.
+    /// watchers a "deleted" event.
     pub(super) async fn delete(
         &self,
         ptr: Pointer,
         rec: &Stored,
-    ) -> Result<(bool, ()), AttemptError> {
+    ) -> Result<Committed, AttemptError> {
         let payer = rec.payer();
         let op = self.op_id();
         let now = self.now_ms();
@@ -231,7 +231,8 @@ impl ClusterStore {
         let change = Change {
             expected: Some(rec.rev),
             fence: deadline,
-            op: Some(op.clone()),
+            op: op.clone(),
+            mark: true,
             data: DataOp::DeleteRecord,
             event: Some(
                 EventInfo::new(
@@ -245,35 +246,28 @@ impl ClusterStore {
             ),
             ..Change::default()
         };
-        let committed = redis_io::commit(
-            &self.redis,
-            &self.keys.record(ptr),
-            change,
-            self.opts.wait_replicas,
-        )
-        .await;
-        let ok = matches!(committed, Ok(Committed::Yes));
-        if committed.is_ok() {
-            self.settle_later(vec![(payer, op)], ok);
+        let committed = self.commit(ptr, &change).await;
+        match &committed {
+            Err(_) | Ok(Committed::Unknown) => {}
+            Ok(c) => self.settle_later(ptr, op, vec![payer], *c == Committed::Yes),
         }
-        if ok {
+        if matches!(committed, Ok(Committed::Yes)) {
             // The indexes may keep stale entries; the reaper and claims skip those.
+            let owner = self.keys.identity(&rec.owner);
             let mut pipe = redis::pipe();
             pipe.cmd("SREM")
-                .arg(self.keys.identity(&rec.owner).owned)
+                .arg(&owner.owned)
                 .arg(ptr.to_string())
                 .ignore();
-            let _ = pipe.query_async::<Value>(&mut self.redis.clone()).await;
             if rec.payer.is_some() {
-                let _: redis::RedisResult<Value> = redis::cmd("SREM")
-                    .arg(self.keys.identity(&rec.owner).parked)
+                pipe.cmd("SREM")
+                    .arg(&owner.parked)
                     .arg(ptr.to_string())
-                    .query_async(&mut self.redis.clone())
-                    .await;
+                    .ignore();
             }
+            let _ = pipe.query_async::<Value>(&mut self.redis.clone()).await;
         }
-        committed?;
-        Ok((ok, ()))
+        Ok(committed?)
     }
 
     /// TAKEOVER (`takeover`: the caller takes it and pays, the TAKEOVER bit is
@@ -370,7 +364,7 @@ impl ClusterStore {
         }
         if let Err(e) = pipe.query_async::<Value>(&mut self.redis.clone()).await {
             if moves {
-                self.settle_later(vec![(to, op.clone()), (old_payer, op)], false);
+                self.settle_later(ptr, op, vec![to, old_payer], false);
             }
             return Err(e.into());
         }
@@ -385,32 +379,32 @@ impl ClusterStore {
         let change = Change {
             expected: Some(rec.rev),
             fence: if moves { deadline } else { 0 },
-            op: moves.then(|| op.clone()),
+            op: op.clone(),
+            mark: moves,
             event: Some(EventInfo::new(Event::OwnerChanged, rec.version, rev, to, access).encode()),
             set,
             del,
             ..Change::default()
         };
-        let committed = redis_io::commit(
-            &self.redis,
-            &self.keys.record(ptr),
-            change,
-            self.opts.wait_replicas,
-        )
-        .await;
-        let ok = matches!(committed, Ok(Committed::Yes));
-        if moves && committed.is_ok() {
-            self.settle_later(vec![(to, op.clone()), (old_payer, op)], ok);
+        let committed = self.commit(ptr, &change).await;
+        if moves {
+            match &committed {
+                Err(_) | Ok(Committed::Unknown) => {}
+                Ok(c) => {
+                    self.settle_later(ptr, op.clone(), vec![to, old_payer], *c == Committed::Yes)
+                }
+            }
         }
-        if ok {
+        if matches!(committed, Ok(Committed::Yes)) {
+            let old = self.keys.identity(&rec.owner);
             let mut pipe = redis::pipe();
             pipe.cmd("SREM")
-                .arg(self.keys.identity(&rec.owner).owned)
+                .arg(&old.owned)
                 .arg(ptr.to_string())
                 .ignore();
             if rec.payer.is_some() {
                 pipe.cmd("SREM")
-                    .arg(self.keys.identity(&rec.owner).parked)
+                    .arg(&old.parked)
                     .arg(ptr.to_string())
                     .ignore();
             }
@@ -418,7 +412,8 @@ impl ClusterStore {
         }
         match committed? {
             Committed::Yes => done(Reply::Done),
-            _ => Ok(None),
+            Committed::Unknown => done(outcome_unknown()),
+            Committed::Changed | Committed::Fenced => Ok(None),
         }
     }
 }

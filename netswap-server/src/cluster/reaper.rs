@@ -156,8 +156,7 @@ impl ClusterStore {
                 if rules::orphan_expiry(owner_deadline, own).is_some_and(|e| e > live.now) {
                     break; // its own, later deadline is on the schedule
                 }
-                let (deleted, _) = self.delete(ptr, &rec).await?;
-                if deleted {
+                if self.delete(ptr, &rec).await? == super::redis_io::Committed::Yes {
                     reaped += 1;
                     break;
                 }
@@ -194,8 +193,7 @@ impl ClusterStore {
                 self.reschedule(member, Some(expiry)).await?;
                 return Ok(0);
             }
-            let (deleted, _) = self.delete(ptr, &rec).await?;
-            if deleted {
+            if self.delete(ptr, &rec).await? == super::redis_io::Committed::Yes {
                 self.reschedule(member, None).await?;
                 return Ok(1);
             }

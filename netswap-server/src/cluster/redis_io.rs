@@ -45,10 +45,13 @@ pub(crate) enum Committed {
     Changed,
     /// The fence passed: the change was not applied and never will be.
     Fenced,
+    /// A reply was lost (a failover) and by the time a re-send got an answer the
+    /// record had changed: whether this change was applied cannot be told.
+    Unknown,
 }
 
 /// What a commit changes (see `scripts::COMMIT`).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Change {
     /// Expected revision; `None`: the record must not exist (a create).
     pub expected: Option<u64>,
@@ -57,13 +60,16 @@ pub(crate) struct Change {
     /// Event to publish to watchers.
     pub event: Option<Vec<u8>>,
     pub data: DataOp,
-    /// Marks the change as committed, for quota repair.
-    pub op: Option<String>,
+    /// The operation id (makes the commit idempotent).
+    pub op: String,
+    /// Also leave a marker key (kept until the quota entries are settled), for
+    /// changes that move quota charges.
+    pub mark: bool,
     pub set: Vec<(&'static str, Vec<u8>)>,
     pub del: Vec<&'static str>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) enum DataOp {
     #[default]
     None,
@@ -222,28 +228,27 @@ pub(crate) async fn range(
 pub(crate) async fn commit(
     conn: &ClusterConnection,
     k: &RecordKeys,
-    change: Change,
-    wait_replicas: u32,
+    change: &Change,
+    wait: Wait,
 ) -> RedisResult<Committed> {
-    let op_key = change.op.as_ref().map(|o| k.op(o));
+    let op_key = k.op(&change.op);
     let keys = [
         k.meta.as_str(),
         k.data.as_str(),
-        op_key.as_deref().unwrap_or(k.meta.as_str()),
+        op_key.as_str(),
         k.events.as_str(),
     ];
     let expected = change.expected.map(|r| r.to_string()).unwrap_or_default();
     let fence = change.fence.to_string();
-    let (data_op, offset, data): (&[u8], String, Bytes) = match change.data {
+    let (data_op, offset, data): (&[u8], String, Bytes) = match &change.data {
         DataOp::None => (b"n", "0".into(), Bytes::new()),
-        DataOp::Set(b) => (b"s", "0".into(), b),
-        DataOp::Range(off, b) => (b"r", off.to_string(), b),
+        DataOp::Set(b) => (b"s", "0".into(), b.clone()),
+        DataOp::Range(off, b) => (b"r", off.to_string(), b.clone()),
         DataOp::DeleteRecord => (b"d", "0".into(), Bytes::new()),
     };
     let n_set = change.set.len().to_string();
     let n_del = change.del.len().to_string();
-    let event = change.event.unwrap_or_default();
-    let op = change.op.unwrap_or_default();
+    let event = change.event.clone().unwrap_or_default();
     let mut args: Vec<&[u8]> = vec![
         expected.as_bytes(),
         fence.as_bytes(),
@@ -251,7 +256,8 @@ pub(crate) async fn commit(
         data_op,
         offset.as_bytes(),
         &data,
-        op.as_bytes(),
+        change.op.as_bytes(),
+        if change.mark { b"1" } else { b"0" },
         n_set.as_bytes(),
     ];
     for (f, v) in &change.set {
@@ -262,10 +268,10 @@ pub(crate) async fn commit(
     for f in &change.del {
         args.push(f.as_bytes());
     }
-    let v = if wait_replicas == 0 {
+    let v = if wait.replicas == 0 {
         run(conn, &scripts::COMMIT, &keys, &args).await?
     } else {
-        commit_and_wait(conn, &keys, &args, wait_replicas).await?
+        commit_and_wait(conn, &keys, &args, wait).await?
     };
     match v {
         Value::Array(items) => match items.first().and_then(int) {
@@ -278,50 +284,114 @@ pub(crate) async fn commit(
     }
 }
 
-/// How long `WAIT` may wait for replicas.
-const WAIT_MS: u64 = 1000;
+/// How many replicas must have a commit before it is acknowledged, and how long
+/// `WAIT` may take (less than the response timeout, so a lagging replica gives a
+/// warning, not a timeout).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Wait {
+    pub replicas: u32,
+    pub ms: u64,
+}
+
+/// The hash slot of a key (CRC16/XMODEM of its hash tag, as Redis Cluster defines).
+pub(crate) fn slot_of(key: &str) -> u16 {
+    let b = key.as_bytes();
+    let tagged = b
+        .iter()
+        .position(|&c| c == b'{')
+        .and_then(|open| {
+            let close = b[open + 1..].iter().position(|&c| c == b'}')?;
+            (close > 0).then(|| &b[open + 1..open + 1 + close])
+        })
+        .unwrap_or(b);
+    crc16::State::<crc16::XMODEM>::calculate(tagged) % 16384
+}
+
+/// For each slot range, how many replicas its primary has that are not failing
+/// (from `CLUSTER NODES`, refreshed every second). `WAIT` is only sent where a replica
+/// can answer it: `WAIT` blocks the connection it is sent on, and the gateway has one
+/// multiplexed connection per node, so a `WAIT` that can only time out (a promoted
+/// replica that has no replica of its own yet) would hold up every request to that
+/// node.
+#[derive(Debug, Default)]
+pub(crate) struct Replicas {
+    ranges: Vec<(u16, u16, u32)>,
+}
+
+impl Replicas {
+    /// Replicas of the primary serving `key` (`None`: not known yet).
+    pub fn of(&self, key: &str) -> Option<u32> {
+        let slot = slot_of(key);
+        self.ranges
+            .iter()
+            .find(|(a, b, _)| (*a..=*b).contains(&slot))
+            .map(|r| r.2)
+    }
+
+    /// Reads `CLUSTER NODES`.
+    pub fn parse(nodes: &str) -> Replicas {
+        let lines: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let healthy_replicas = |id: &str| {
+            lines
+                .iter()
+                .filter(|f| {
+                    f.len() > 3 && f[2].contains("slave") && !f[2].contains("fail") && f[3] == id
+                })
+                .count() as u32
+        };
+        let mut ranges = Vec::new();
+        for f in &lines {
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let n = healthy_replicas(f[0]);
+            for r in &f[8..] {
+                let (a, b) = match r.split_once('-') {
+                    Some((a, b)) => (a.parse().ok(), b.parse().ok()),
+                    None => (r.parse().ok(), r.parse().ok()),
+                };
+                if let (Some(a), Some(b)) = (a, b) {
+                    ranges.push((a, b, n));
+                }
+            }
+        }
+        Replicas { ranges }
+    }
+}
 
 async fn commit_and_wait(
     conn: &ClusterConnection,
     keys: &[&str],
     args: &[&[u8]],
-    replicas: u32,
+    wait: Wait,
 ) -> RedisResult<Value> {
-    let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(keys[0], SlotAddr::Master));
-    for attempt in 0..2 {
-        let mut inv = scripts::COMMIT.prepare_invoke();
-        for k in keys {
-            inv.key(*k);
-        }
-        for a in args {
-            inv.arg(*a);
-        }
-        let mut pipe = redis::pipe();
-        pipe.invoke_script(&inv)
-            .cmd("WAIT")
-            .arg(replicas)
-            .arg(WAIT_MS);
-        match conn.clone().route_pipeline(pipe, 0, 2, route.clone()).await {
-            Ok(mut values) if values.len() == 2 => {
-                if int(&values[1]).is_some_and(|n| n < replicas as i64) {
-                    tracing::warn!(
-                        replicas,
-                        "WAIT: fewer replicas than asked acknowledged a write within {WAIT_MS} ms"
-                    );
-                }
-                return Ok(values.swap_remove(0));
-            }
-            Ok(_) => return Err(bad("COMMIT+WAIT")),
-            Err(e)
-                if attempt == 0
-                    && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                inv.load_async(&mut conn.clone()).await?;
-            }
-            Err(e) => return Err(e),
-        }
+    use redis::cluster_routing::RoutingInfo;
+    // The commit goes by the cluster's routing (which follows MOVED and failovers),
+    // then WAIT to the primary of the same slot, on the same multiplexed connection:
+    // it waits for every write this gateway sent that node, ours included.
+    let v = run(conn, &scripts::COMMIT, keys, args).await?;
+    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+        keys[0],
+        SlotAddr::Master,
+    )));
+    let acked = conn
+        .clone()
+        .route_command(
+            redis::cmd("WAIT").arg(wait.replicas).arg(wait.ms).clone(),
+            route,
+        )
+        .await?;
+    if int(&acked).is_some_and(|n| n < wait.replicas as i64) {
+        tracing::warn!(
+            replicas = wait.replicas,
+            "WAIT: fewer replicas than asked acknowledged a write within {} ms",
+            wait.ms
+        );
     }
-    Err(bad("COMMIT+WAIT after loading the script"))
+    Ok(v)
 }
 
 /// Redis time in ms, and the local instant it was read at (the midpoint of the call).
@@ -346,4 +416,50 @@ pub(crate) fn as_bytes(v: &Value) -> Option<&[u8]> {
 /// A deadline for a change (for fences), `ahead` from Redis time now as estimated.
 pub(crate) fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_redis_clusters() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(slot_of("foo"), 12182);
+        assert_eq!(
+            slot_of("{user1000}.following"),
+            slot_of("{user1000}.followers")
+        );
+        assert_eq!(slot_of("{}x"), slot_of("{}x"));
+        assert_eq!(
+            slot_of("ns:{r:0000000000000001}:m"),
+            slot_of("r:0000000000000001")
+        );
+    }
+
+    #[test]
+    fn replicas_per_slot_range_come_from_cluster_nodes() {
+        let nodes = "\
+a 127.0.0.1:1@2 myself,master - 0 0 1 connected 0-5460
+b 127.0.0.1:3@4 master - 0 0 2 connected 5461-10922
+c 127.0.0.1:5@6 master - 0 0 3 connected 10923-16383
+d 127.0.0.1:7@8 slave a 0 0 1 connected
+e 127.0.0.1:9@10 slave,fail b 0 0 2 connected
+";
+        let r = Replicas::parse(nodes);
+        let key_in = |lo: u16, hi: u16| {
+            (0..100_000)
+                .map(|i| format!("k{i}"))
+                .find(|k| (lo..=hi).contains(&slot_of(k)))
+                .unwrap()
+        };
+        assert_eq!(r.of(&key_in(0, 5460)), Some(1));
+        assert_eq!(
+            r.of(&key_in(5461, 10922)),
+            Some(0),
+            "a failing replica does not count"
+        );
+        assert_eq!(r.of(&key_in(10923, 16383)), Some(0));
+        assert_eq!(Replicas::default().of("x"), None);
+    }
 }

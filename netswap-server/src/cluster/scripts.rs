@@ -55,16 +55,22 @@ return {1, redis.call('GETRANGE', KEYS[2], s, e - 1)}
 });
 
 /// Applies a decided change to a record if it is still at the expected revision.
-/// Returns `{1}` when applied, `{0, rev}` when the record changed (or exists, for a
-/// create; or is gone: rev nil), `{-1}` when `fence` (ms, Redis time) has passed.
+/// Idempotent: the change's operation id is stored with the record (`l`, and a marker
+/// key for changes that move quota charges), so a re-send after a lost reply finds
+/// it applied. Returns `{1}` when applied (now or before), `{0, rev}` when the record
+/// changed (or exists, for a create; or is gone: rev nil), `{-1}` when `fence` (ms,
+/// Redis time) has passed.
 ///
-/// KEYS: meta, data, op marker (or meta again), event channel.
+/// KEYS: meta, data, op marker, event channel.
 /// ARGV: expected rev ('' = must not exist), fence (0 = none), event payload ('' =
 /// none), data op ('n' none, 's' set, 'r' set range, 'd' delete the record), offset,
-/// bytes, op id ('' = none), n, n field/value pairs to set, k, k fields to delete.
+/// bytes, op id, mark ('1': set the marker key), n, n field/value pairs to set, k, k
+/// fields to delete.
 pub(crate) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+if ARGV[8] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {1} end
+if redis.call('HGET', KEYS[1], 'l') == ARGV[7] then return {1} end
 local cur = redis.call('HGET', KEYS[1], 'r')
 if ARGV[1] == '' then
   if cur then return {0, cur} end
@@ -85,8 +91,8 @@ else
   elseif op == 'r' then
     redis.call('SETRANGE', KEYS[2], tonumber(ARGV[5]), ARGV[6])
   end
-  local n = tonumber(ARGV[8])
-  local i = 9
+  local n = tonumber(ARGV[9])
+  local i = 10
   for j = 1, n do
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
     i = i + 2
@@ -95,8 +101,9 @@ else
   for j = 1, k do
     redis.call('HDEL', KEYS[1], ARGV[i + j])
   end
+  redis.call('HSET', KEYS[1], 'l', ARGV[7])
 end
-if ARGV[7] ~= '' then redis.call('SET', KEYS[3], '1', 'EX', 3600) end
+if ARGV[8] == '1' then redis.call('SET', KEYS[3], '1', 'EX', 604800) end
 if ARGV[3] ~= '' then redis.call('SPUBLISH', KEYS[4], ARGV[3]) end
 return {1}
 "#,

@@ -125,12 +125,16 @@ impl RedisCluster {
             .collect()
     }
 
-    /// Waits until every slot is served and every live node agrees.
+    /// Waits until every slot is served, every live node agrees, and every replica
+    /// is in sync with its primary.
     pub fn wait_healthy(&self) {
         wait_until(Duration::from_secs(30), || {
             self.live_ports().iter().all(|&p| {
                 let info = redis_cli(p, &["CLUSTER", "INFO"]);
-                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+                let repl = redis_cli(p, &["INFO", "replication"]);
+                info.contains("cluster_state:ok")
+                    && info.contains("cluster_slots_ok:16384")
+                    && (repl.contains("role:master") || repl.contains("master_link_status:up"))
             })
         });
     }

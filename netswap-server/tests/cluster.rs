@@ -1,0 +1,602 @@
+//! Gateways on Redis Cluster: several gateways are one netswap (pointers, watches,
+//! races, quotas and orphans across them), a gateway killed mid-operation or for good
+//! is repaired around, and the cluster failing, failing over or vanishing is survived.
+//! The cluster is real (Debian's redis-server), started on loopback.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::cluster::RedisCluster;
+use common::*;
+use netswap_proto::*;
+use netswap_server::{RunningServer, ServerConfig};
+use tokio::sync::Barrier;
+
+/// An in-process gateway on the shared cluster, under `prefix`.
+fn gateway(prefix: &str, tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer {
+    let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    c.cluster = Some(cluster_options(prefix));
+    c.identity_key = IdentityKey::new(GATEWAY_KEY);
+    tweak(&mut c);
+    netswap_server::spawn(c, 2).expect("gateway starts")
+}
+
+/// A gateway process (so that it can be killed with SIGKILL).
+struct GatewayProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl GatewayProcess {
+    fn start(
+        nodes: &[String],
+        prefix: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> GatewayProcess {
+        let key = std::env::temp_dir().join(format!("netswap-gw-key-{}", std::process::id()));
+        std::fs::write(&key, GATEWAY_KEY).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_netswap-server"));
+        cmd.args(["--listen", "127.0.0.1:0", "--threads", "1"])
+            .arg("--store")
+            .arg(format!("redis-cluster://{}", nodes.join(",")))
+            .arg("--identity-key")
+            .arg(&key)
+            .args(["--redis-prefix", prefix, "--lease-ttl", "2"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("gateway binary");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("netswap-server listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        GatewayProcess { child, addr }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill(); // SIGKILL: no goodbye
+        let _ = self.child.wait();
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn eventually(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn status(m: &Msg) -> Status {
+    m.status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pointer_made_through_one_gateway_works_through_another() {
+    let prefix = fresh_prefix();
+    let (a, b) = (gateway(&prefix, |_| {}), gateway(&prefix, |_| {}));
+    let mut owner = Raw::connect(a.addr(), 2).await;
+    let mut other = Raw::connect(b.addr(), 3).await;
+    let p = owner
+        .create(
+            Access::READ | Access::WRITE | Access::TAKEOVER,
+            &b"made on A"[..],
+        )
+        .await;
+    assert_eq!(other.read(p).await, data(b"made on A"));
+    // A watch on B sees a change made through A.
+    other.send(50, &Request::Watch { ptr: p }).await;
+    assert_eq!(other.reply_to(50).await.status(), Status::Ok);
+    assert_eq!(
+        owner
+            .ask(Request::WriteAt {
+                ptr: p,
+                offset: 0,
+                data: Bytes::from_static(b"MADE"),
+            })
+            .await,
+        Reply::Written(2)
+    );
+    let n = other.reply_to(50).await;
+    assert_eq!(
+        Reply::parse(None, n.status, n.arg, n.payload).unwrap(),
+        Reply::Notify {
+            event: Event::Changed,
+            ptr: p,
+            version: 2
+        }
+    );
+    // TAKEOVER through B, then the old owner is refused through A.
+    assert_eq!(other.ask(Request::Takeover { ptr: p }).await, Reply::Done);
+    let n = other.reply_to(50).await;
+    assert_eq!(n.arg, Event::OwnerChanged as u8);
+    assert_eq!(
+        owner.call(Request::Delete { ptr: p }).await.status(),
+        Status::AccessViolation
+    );
+    assert_eq!(other.ask(Request::Delete { ptr: p }).await, Reply::Done);
+    let n = other.reply_to(50).await;
+    assert_eq!(n.arg, Event::Deleted as u8);
+    assert_eq!(
+        owner
+            .call(Request::Read {
+                ptr: p,
+                range: None
+            })
+            .await
+            .status(),
+        Status::AddressFault
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_and_replace_if_races_through_two_gateways_have_one_winner() {
+    let prefix = fresh_prefix();
+    let gws = [gateway(&prefix, |_| {}), gateway(&prefix, |_| {})];
+    let mut owner = Raw::connect(gws[0].addr(), 2).await;
+    for round in 0..10 {
+        let p = owner
+            .create(
+                Access::READ | Access::WRITE | Access::TAKEOVER,
+                &b"race"[..],
+            )
+            .await;
+        let racers = 8usize;
+        let barrier = Arc::new(Barrier::new(racers));
+        let mut tasks = Vec::new();
+        for i in 0..racers {
+            let addr = gws[i % 2].addr();
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = Raw::connect(addr, 10 + i as u8).await;
+                barrier.wait().await;
+                let take = c.call(Request::Takeover { ptr: p }).await;
+                let cas = c
+                    .call(Request::ReplaceIf {
+                        ptr: p,
+                        expected: 1,
+                        data: Bytes::from(format!("racer {i}")),
+                    })
+                    .await;
+                (status(&take), status(&cas))
+            }));
+        }
+        let mut takes = 0;
+        let mut writes = 0;
+        for t in tasks {
+            let (take, cas) = t.await.unwrap();
+            match take {
+                Status::Ok => takes += 1,
+                Status::AccessViolation => {}
+                s => panic!("takeover: {s:?}"),
+            }
+            match cas {
+                Status::Ok => writes += 1,
+                Status::Conflict | Status::AccessViolation => {}
+                s => panic!("replace_if: {s:?}"),
+            }
+        }
+        assert_eq!(takes, 1, "round {round}: exactly one TAKEOVER wins");
+        assert_eq!(
+            writes, 1,
+            "round {round}: exactly one REPLACE_IF at version 1 wins"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_hold_across_gateways() {
+    let prefix = fresh_prefix();
+    let cfg = |c: &mut ServerConfig| c.store.quota_records = 5;
+    let gws = [gateway(&prefix, cfg), gateway(&prefix, cfg)];
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let addr = gws[i % 2].addr();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr, 4).await; // one identity on both gateways
+            c.call(Request::Create {
+                access: Access::empty(),
+                data: Bytes::from_static(b"x"),
+            })
+            .await
+            .status()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Status::Ok => ok += 1,
+            Status::QuotaExceeded => {}
+            s => panic!("{s:?}"),
+        }
+    }
+    assert_eq!(ok, 5, "exactly the quota, through both gateways together");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_one_record_keep_their_order_on_a_connection() {
+    let prefix = fresh_prefix();
+    let gw = gateway(&prefix, |_| {});
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let p = c.create(Access::empty(), &b""[..]).await;
+    // 200 appends pipelined in one write: applied in the order they arrived.
+    let mut bytes = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..200u32 {
+        let piece = format!("{i},");
+        bytes.extend_from_slice(&Raw::frames(
+            Request::WriteAt {
+                ptr: p,
+                offset: want.len() as u64,
+                data: Bytes::from(piece.clone()),
+            }
+            .encode(1000 + i),
+        ));
+        want.extend_from_slice(piece.as_bytes());
+    }
+    c.send_raw(&bytes).await;
+    for i in 0..200u32 {
+        assert_eq!(
+            c.reply_to(1000 + i).await.status(),
+            Status::Ok,
+            "append {i}"
+        );
+    }
+    assert_eq!(c.read(p).await, Reply::Data(Bytes::from(want)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_reaped_only_when_no_gateway_holds_their_identity() {
+    let cluster = common::cluster::shared();
+    let prefix = fresh_prefix();
+    let grace = ["--orphan-grace", "2"];
+    let survivor = GatewayProcess::start(&cluster.nodes(), &prefix, &grace, &[]);
+    // Identity 2 only on the gateway that will die; identity 3 on both.
+    let doomed = GatewayProcess::start(&cluster.nodes(), &prefix, &grace, &[]);
+    let mut lonely = Raw::connect(doomed.addr, 2).await;
+    let mut both_a = Raw::connect(doomed.addr, 3).await;
+    let _both_b = Raw::connect(survivor.addr, 3).await;
+    let lost = lonely
+        .create(Access::READ, &b"only on the dead gateway"[..])
+        .await;
+    let kept = both_a
+        .create(Access::READ, &b"also on a live one"[..])
+        .await;
+    doomed.kill();
+    let mut observer = Raw::connect(survivor.addr, 9).await;
+    // Alive while the dead gateway's lease runs out (2 s) and during the grace (2 s).
+    assert_eq!(observer.read(lost).await, data(b"only on the dead gateway"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        observer.read(lost).await,
+        data(b"only on the dead gateway"),
+        "still in its grace period"
+    );
+    eventually(
+        "the orphan is reaped",
+        Duration::from_secs(10),
+        async || {
+            observer
+                .call(Request::Read {
+                    ptr: lost,
+                    range: None,
+                })
+                .await
+                .status()
+                == Status::AddressFault
+        },
+    )
+    .await;
+    assert_eq!(
+        observer.read(kept).await,
+        data(b"also on a live one"),
+        "its owner is still connected through the other gateway"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_between_quota_reservation_and_commit_is_repaired() {
+    let cluster = common::cluster::shared();
+    let prefix = fresh_prefix();
+    let quota = ["--quota-records", "2"];
+    let mut crashing = GatewayProcess::start(
+        &cluster.nodes(),
+        &prefix,
+        &quota,
+        &[("NETSWAP_CRASH_AT", "create-after-reserve")],
+    );
+    let mut c = Raw::connect(crashing.addr, 2).await;
+    c.send(
+        1,
+        &Request::Create {
+            access: Access::empty(),
+            data: Bytes::new(),
+        },
+    )
+    .await;
+    assert!(c.until_closed().await.is_empty(), "it died mid-request");
+    assert!(
+        crashing
+            .wait_exit(Duration::from_secs(5))
+            .is_some_and(|s| !s.success()),
+        "the gateway aborted"
+    );
+    // Through another gateway: the dead one's reservation holds one of the two
+    // records of quota until its fence has passed, then it is repaired (undone).
+    let gw = gateway(&prefix, |c| c.store.quota_records = 2);
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let mut created = Vec::new();
+    let started = Instant::now();
+    while created.len() < 2 {
+        match c
+            .call(Request::Create {
+                access: Access::empty(),
+                data: Bytes::new(),
+            })
+            .await
+            .status()
+        {
+            Status::Ok => created.push(()),
+            Status::QuotaExceeded => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "never repaired"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            s => panic!("{s:?}"),
+        }
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(5),
+        "the quota was free before the fence: the dead gateway's reservation was ignored"
+    );
+    // And not one more: the repair undid the reservation, it did not lose a charge.
+    assert_eq!(
+        c.call(Request::Create {
+            access: Access::empty(),
+            data: Bytes::new()
+        })
+        .await
+        .status(),
+        Status::QuotaExceeded
+    );
+}
+
+#[test]
+fn a_cluster_that_is_down_at_start_is_a_clear_error() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }; // nothing listens there now
+    let key = std::env::temp_dir().join(format!("netswap-down-key-{}", std::process::id()));
+    std::fs::write(&key, GATEWAY_KEY).unwrap();
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_netswap-server"))
+        .args(["--listen", "127.0.0.1:0", "--store"])
+        .arg(format!("redis-cluster://127.0.0.1:{port}"))
+        .arg("--identity-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "exit code 4: the store is unavailable"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("unreachable"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(15));
+    // And without the shared identity key, gateways are refused outright.
+    let out = Command::new(env!("CARGO_BIN_EXE_netswap-server"))
+        .args(["--listen", "127.0.0.1:0", "--store"])
+        .arg(format!("redis-cluster://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--identity-key"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_goes_away_gets_busy_replies_and_is_used_again_when_back() {
+    let mut cluster = RedisCluster::start(3, 0, true);
+    let prefix = fresh_prefix();
+    let gw = {
+        let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+        let mut o = netswap_server::ClusterOptions::parse(&format!(
+            "redis-cluster://{}",
+            cluster.nodes().join(",")
+        ))
+        .unwrap();
+        o.prefix = prefix;
+        o.response_timeout = Duration::from_millis(500);
+        c.cluster = Some(o);
+        c.identity_key = IdentityKey::new(GATEWAY_KEY);
+        netswap_server::spawn(c, 2).unwrap()
+    };
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let p = c.create(Access::READ, &b"survives"[..]).await;
+    // Let the append-only file reach the disk, then take the whole cluster away.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.kill_all();
+    let t = Instant::now();
+    let m = tokio::time::timeout(
+        Duration::from_secs(30),
+        c.call(Request::Read {
+            ptr: p,
+            range: None,
+        }),
+    )
+    .await
+    .expect("no hang: an answer while the cluster is gone");
+    assert_eq!(m.status(), Status::Busy, "{}", m.reason());
+    assert!(m.reason().contains("Redis Cluster"), "{}", m.reason());
+    assert!(m.reason().contains("retry later"), "{}", m.reason());
+    println!("BUSY after {:?} with the cluster gone", t.elapsed());
+    assert_eq!(
+        c.call(Request::Hello).await.status(),
+        Status::Ok,
+        "the gateway itself is fine"
+    );
+    cluster.restart_killed(true);
+    eventually(
+        "the gateway uses the cluster again",
+        Duration::from_secs(30),
+        async || c.read(p).await == data(b"survives"),
+    )
+    .await;
+    let q = c.create(Access::READ, &b"after"[..]).await;
+    assert_eq!(c.read(q).await, data(b"after"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
+    let mut cluster = RedisCluster::start(3, 1, false);
+    let prefix = fresh_prefix();
+    let opts = |o: &mut netswap_server::ClusterOptions| {
+        o.prefix = prefix.clone();
+        o.wait_replicas = 1; // acknowledged = on a replica too
+        o.response_timeout = Duration::from_millis(1000);
+    };
+    let mk = || {
+        let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+        let mut o = netswap_server::ClusterOptions::parse(&format!(
+            "redis-cluster://{}",
+            cluster.nodes().join(",")
+        ))
+        .unwrap();
+        opts(&mut o);
+        c.cluster = Some(o);
+        c.identity_key = IdentityKey::new(GATEWAY_KEY);
+        netswap_server::spawn(c, 2).unwrap()
+    };
+    let gws = [mk(), mk()];
+    // 16 writers, each with its own record, writing a counter as fast as it can.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..16u8 {
+        let addr = gws[w as usize % 2].addr();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr, 20 + w).await;
+            let p = c.create(Access::READ, &b"0"[..]).await;
+            let mut acked = 0u64;
+            // Writes answered BUSY since the last acknowledged one: not applied, or
+            // (a lost reply the gateway could not resolve) maybe applied.
+            let mut maybe: Vec<u64> = Vec::new();
+            let mut longest = Duration::ZERO;
+            let mut last_ok = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let m = c
+                    .call(Request::Replace {
+                        ptr: p,
+                        data: Bytes::from(n.to_string()),
+                    })
+                    .await;
+                match m.status() {
+                    Status::Ok => {
+                        acked = n;
+                        maybe.clear();
+                        longest = longest.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                    }
+                    Status::Busy => {
+                        maybe.push(n);
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    s => panic!("{s:?}: {}", m.reason()),
+                }
+            }
+            // A write stall still open at the end counts too.
+            longest = longest.max(last_ok.elapsed());
+            (p, acked, maybe, longest, c)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let victim = cluster.primary_of("ns:{r:0000000000000001}:m");
+    cluster.kill(victim);
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut worst = Duration::ZERO;
+    let mut checked = 0;
+    let mut unresolved = 0;
+    for w in writers {
+        let (p, acked, maybe, longest, mut c) = w.await.unwrap();
+        worst = worst.max(longest);
+        assert!(acked > 0);
+        let got = loop {
+            match c.read(p).await {
+                Reply::Data(d) => break d,
+                Reply::Error {
+                    status: Status::Busy,
+                    ..
+                } => tokio::time::sleep(Duration::from_millis(100)).await,
+                r => panic!("{r:?}"),
+            }
+        };
+        // The last acknowledged write, or one of the BUSY ones after it: never an
+        // older state.
+        let v: u64 = std::str::from_utf8(&got).unwrap().parse().unwrap();
+        assert!(
+            v == acked || maybe.contains(&v),
+            "record {p}: read {v}, last acknowledged {acked}, BUSY after it {maybe:?}"
+        );
+        unresolved += maybe.len();
+        checked += 1;
+    }
+    println!(
+        "failover: {checked} records checked, longest write stall {:.2} s, {unresolved} BUSY writes after the last acknowledged ones (primary killed {:.1} s before the end)",
+        worst.as_secs_f64(),
+        killed_at.elapsed().as_secs_f64()
+    );
+    // Failure detection (cluster-node-timeout 1.5 s), the election, and the gateway
+    // following the new topology: a few seconds, and well before the end.
+    assert!(
+        worst < Duration::from_secs(11),
+        "writes did not recover: stalled {worst:?}"
+    );
+}
