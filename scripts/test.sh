@@ -26,6 +26,8 @@ command -v nunit-console >/dev/null || missing+=(nunit-console)
 command -v valgrind >/dev/null || missing+=(valgrind)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing from Debian: ${missing[*]}"
   apt_install "${missing[@]}"
@@ -46,7 +48,17 @@ step "API docs build without warnings (broken links, missing docs)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet \
   -p netswap-proto -p netswap-client -p netswap-server -p netswap-ffi
 
-step "Rust tests (unit, property, vectors, server, client, CLI, and the C tests incl. valgrind)"
+step "Redis Cluster for the gateway tests (3 primaries + 3 replicas on loopback)"
+cluster_dir=$(mktemp -d /tmp/netswap-test-cluster.XXXXXX)
+trap 'scripts/redis-cluster.sh stop "$cluster_dir"; rm -rf "$cluster_dir"' EXIT
+# A free base port: the tests' own clusters pick theirs at random in 20000-29999.
+base=17000
+while redis-cli -p $base PING >/dev/null 2>&1; do base=$((base + 10)); done
+NETSWAP_TEST_REDIS_CLUSTER=$(scripts/redis-cluster.sh start "$cluster_dir" $base 3)
+export NETSWAP_TEST_REDIS_CLUSTER
+echo "cluster: $NETSWAP_TEST_REDIS_CLUSTER"
+
+step "Rust tests (unit, property, vectors, server on both backends, gateways on Redis Cluster, client, CLI, and the C tests incl. valgrind)"
 # The C tests link against the cdylib, which `cargo test` alone does not build.
 cargo build --quiet -p netswap-ffi --lib
 cargo test --workspace --quiet
