@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use futures_util::stream::FuturesUnordered;
 use netswap_proto::{
     Applied, ConnId, Event, Inbound, Notification, OutQueue, Pointer, RESERVED_XID, Reassembler,
@@ -360,6 +360,11 @@ impl Conn {
                 _ = mailbox_ready(&self.mailbox), if self.notes_room() > 0 => {}
                 Some((xid, ptr, outcome)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     self.finish(xid, ptr, outcome);
+                    // Every other request that is done too, so their replies leave in
+                    // one write.
+                    while let Some(Some((xid, ptr, outcome))) = self.in_flight.next().now_or_never() {
+                        self.finish(xid, ptr, outcome);
+                    }
                     self.send_deferred();
                 }
                 ready = stream.ready(interest), if read || write => match ready {
