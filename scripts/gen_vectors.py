@@ -21,7 +21,7 @@ import sys
 MAX_PAYLOAD = 1390
 OPS = {name: i for i, name in enumerate([
     "CREATE", "SET_ACCESS", "READ", "REPLACE", "WRITE_AT", "DELETE", "TAKEOVER",
-    "TRANSFER", "INFO", "HELLO", "WATCH", "UNWATCH", "REPLACE_IF"])}
+    "TRANSFER", "INFO", "HELLO", "WATCH", "UNWATCH", "REPLACE_IF", "STATS"])}
 STATUS = {name: i for i, name in enumerate([
     "OK", "ACCESS_VIOLATION", "ADDRESS_FAULT", "DATA", "MALFORMED", "TOO_LARGE",
     "QUOTA_EXCEEDED", "CONFLICT", "NOTIFY", "PROTOCOL_ERROR", "BUSY"])}
@@ -95,6 +95,7 @@ def requests():
         request("unwatch", 16, "UNWATCH", 0, ptr(P), {"ptr": hx}),
         request("replace-if", 17, "REPLACE_IF", 0, ptr(P) + u64(7) + b"cas",
                 {"ptr": hx, "version": "7", "data": h(b"cas")}),
+        request("stats", 18, "STATS", 0, b"", {}),
         request("xid-max-client", 0xFFFFFFFE, "HELLO", 0, b"", {}),
     ]
     # A 3-frame REPLACE: 8-byte pointer + 3000 data bytes = 3008 = 1390 + 1390 + 228.
@@ -130,6 +131,10 @@ def replies():
                "max_message_bytes": "67108880", "orphan_grace_secs": 300,
                "identity": h(ident)}),
         reply("conflict", 17, "REPLACE_IF", "CONFLICT", 0, u64(9), {"version": "9"}),
+        reply("stats", 18, "STATS", "OK", 0,
+              struct.pack(">H", 2) + bytes([7]) + b"records" + u64(3)
+              + bytes([10]) + b"your_bytes" + u64(12),
+              {"stats": [["records", "3"], ["your_bytes", "12"]]}),
         reply("notify-changed", 15, None, "NOTIFY", 1, ptr(P) + u64(4),
               {"event": 1, "ptr": hx, "version": "4"}),
         reply("notify-deleted", 15, None, "NOTIFY", 2, ptr(P) + u64(4),
@@ -152,7 +157,7 @@ def malformed():
     """Request messages every server must answer with MALFORMED (and keep the connection)."""
     P = ptr(0x42)
     cases = [
-        ("unknown-opcode", 0x0D, 0, b"", "unknown opcode 0x0d"),
+        ("unknown-opcode", 0x0E, 0, b"", "unknown opcode 0x0e"),
         ("create-reserved-access-bit", OPS["CREATE"], 0x08, b"x", None),
         ("set-access-reserved-bit", OPS["SET_ACCESS"], 0x80, P, None),
         ("read-nonzero-arg", OPS["READ"], 1, P, "READ: ARG must be 0, got 0x01"),
@@ -164,6 +169,7 @@ def malformed():
         ("replace-if-short", OPS["REPLACE_IF"], 0, P + b"\x00" * 7, None),
         ("transfer-bad-length", OPS["TRANSFER"], 0, P + b"\x00" * 5, None),
         ("hello-with-payload", OPS["HELLO"], 0, b"x", "HELLO: payload must be 0 bytes (empty), got 1"),
+        ("stats-with-payload", OPS["STATS"], 0, b"x", "STATS: payload must be 0 bytes (empty), got 1"),
     ]
     return [{"name": n, "xid": 100 + i, "op": op, "arg": arg, "payload": h(p),
              "wire": h(frames(100 + i, op, arg, p)), "reason": r}

@@ -28,6 +28,8 @@ command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v prometheus >/dev/null || missing+=(prometheus)
+command -v script >/dev/null || missing+=(bsdutils)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing from Debian: ${missing[*]}"
   apt_install "${missing[@]}"
@@ -64,7 +66,7 @@ cargo build --quiet -p netswap-ffi --lib
 cargo test --workspace --quiet
 
 step "release build (server, CLI, bench, C library)"
-cargo build --release --quiet -p netswap-server -p netswap-client -p netswap-ffi
+cargo build --release --quiet -p netswap-server -p netswap-cli -p netswap-ffi
 
 step "C# tests (Mono)"
 ./bindings/csharp/test.sh

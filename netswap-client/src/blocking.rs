@@ -78,6 +78,10 @@ impl Client {
     pub fn hello(&self) -> Result<HelloInfo> {
         self.runtime.block_on(self.inner.hello())
     }
+    /// See [`crate::Client::stats`].
+    pub fn stats(&self) -> Result<Vec<(String, u64)>> {
+        self.runtime.block_on(self.inner.stats())
+    }
     /// See [`crate::Client::create`].
     pub fn create(&self, access: Access, data: impl Into<Bytes>) -> Result<Pointer> {
         self.runtime.block_on(self.inner.create(access, data))

@@ -395,6 +395,16 @@ impl Client {
         }
     }
 
+    /// The server's counters (STATS): server-wide figures (requests, bytes, records,
+    /// connections, …) and this client's own quota usage, as `(name, value)` pairs in
+    /// the server's order. docs/PROTOCOL.md lists the names.
+    pub async fn stats(&self) -> Result<Vec<(String, u64)>> {
+        match self.call(Request::Stats).await? {
+            Reply::Stats(s) => Ok(s),
+            r => Self::unexpected(r),
+        }
+    }
+
     /// Creates a record with `access` for other identities and returns its pointer.
     /// Data larger than one message is sent as a CREATE and WRITE_ATs.
     pub async fn create(&self, access: Access, data: impl Into<Bytes>) -> Result<Pointer> {

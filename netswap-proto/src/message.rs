@@ -220,6 +220,8 @@ pub enum Request {
         /// The new data.
         data: Bytes,
     },
+    /// STATS: the server's counters (server-wide, plus the caller's own usage).
+    Stats,
 }
 
 fn be_u64(b: &[u8]) -> u64 {
@@ -366,6 +368,10 @@ impl Request {
             Opcode::Unwatch => Request::Unwatch {
                 ptr: ptr_only(&payload)?,
             },
+            Opcode::Stats => {
+                exact_len(&payload, op, 0, "empty")?;
+                Request::Stats
+            }
             Opcode::ReplaceIf => {
                 min_len(&payload, op, 16, "a pointer and a version, then the data")?;
                 Request::ReplaceIf {
@@ -393,13 +399,14 @@ impl Request {
             Request::Watch { .. } => Opcode::Watch,
             Request::Unwatch { .. } => Opcode::Unwatch,
             Request::ReplaceIf { .. } => Opcode::ReplaceIf,
+            Request::Stats => Opcode::Stats,
         }
     }
 
     /// The record this request is about (`None` for CREATE and HELLO).
     pub fn pointer(&self) -> Option<Pointer> {
         match *self {
-            Request::Create { .. } | Request::Hello => None,
+            Request::Create { .. } | Request::Hello | Request::Stats => None,
             Request::SetAccess { ptr, .. }
             | Request::Read { ptr, .. }
             | Request::Replace { ptr, .. }
@@ -452,6 +459,7 @@ impl Request {
             | Request::Takeover { .. }
             | Request::Info { .. }
             | Request::Hello
+            | Request::Stats
             | Request::Watch { .. }
             | Request::Unwatch { .. } => {}
         }
@@ -508,6 +516,8 @@ pub enum Reply {
     Info(RecordInfo),
     /// OK to HELLO.
     Hello(HelloInfo),
+    /// OK to STATS: named counters, in the server's order.
+    Stats(Vec<(String, u64)>),
     /// CONFLICT to REPLACE_IF: the current version.
     Conflict(Version),
     /// NOTIFY: a watched record changed.
@@ -549,7 +559,8 @@ impl Reply {
             | Reply::Done
             | Reply::Written(_)
             | Reply::Info(_)
-            | Reply::Hello(_) => Status::Ok,
+            | Reply::Hello(_)
+            | Reply::Stats(_) => Status::Ok,
             Reply::Data(_) => Status::Data,
             Reply::Conflict(_) => Status::Conflict,
             Reply::Notify { .. } => Status::Notify,
@@ -580,6 +591,17 @@ impl Reply {
                 head.put(&h.max_message_bytes.to_be_bytes());
                 head.put(&h.orphan_grace_secs.to_be_bytes());
                 head.put(&h.identity.0);
+            }
+            Reply::Stats(entries) => {
+                let mut b = BytesMut::new();
+                b.extend_from_slice(&(entries.len() as u16).to_be_bytes());
+                for (name, value) in entries {
+                    let name = &name.as_bytes()[..name.len().min(255)];
+                    b.extend_from_slice(&[name.len() as u8]);
+                    b.extend_from_slice(name);
+                    b.extend_from_slice(&value.to_be_bytes());
+                }
+                body = b.freeze();
             }
             Reply::Notify {
                 event,
@@ -679,6 +701,7 @@ impl Reply {
                         identity: Identity(payload[21..53].try_into().expect("32 bytes")),
                     })
                 }
+                Some(Opcode::Stats) => Reply::Stats(parse_stats(&payload)?),
                 _ => {
                     want(0)?;
                     Reply::Done
@@ -690,6 +713,25 @@ impl Reply {
             },
         })
     }
+}
+
+/// STATS's payload: count u16, then per entry a name (length u8, ASCII) and a u64.
+fn parse_stats(b: &[u8]) -> Result<Vec<(String, u64)>, BadReply> {
+    let bad = || BadReply("STATS reply is cut short".into());
+    let n = u16::from_be_bytes(b.get(..2).ok_or_else(bad)?.try_into().expect("2")) as usize;
+    let mut at = 2;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = *b.get(at).ok_or_else(bad)? as usize;
+        let name = b.get(at + 1..at + 1 + len).ok_or_else(bad)?;
+        let value = b.get(at + 1 + len..at + 9 + len).ok_or_else(bad)?;
+        out.push((String::from_utf8_lossy(name).into_owned(), be_u64(value)));
+        at += 9 + len;
+    }
+    if at != b.len() {
+        return Err(BadReply("STATS reply has bytes after its entries".into()));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -789,7 +831,7 @@ mod tests {
                 .0
                 .into_owned()
         };
-        assert_eq!(reason(0x0D, 0, b""), "unknown opcode 0x0d");
+        assert_eq!(reason(0x0E, 0, b""), "unknown opcode 0x0e");
         assert!(reason(0x00, 0x08, b"").contains("reserved access bits"));
         assert!(reason(0x01, 0x80, &[0, 0, 0, 0, 0, 0, 0, 1]).contains("reserved access bits"));
         assert_eq!(reason(0x02, 1, &[0; 8]), "READ: ARG must be 0, got 0x01");

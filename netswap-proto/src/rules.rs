@@ -150,8 +150,8 @@ pub fn decide(
         return Decision::Missing;
     };
     match request {
-        Request::Create { .. } | Request::Hello => {
-            unreachable!("CREATE and HELLO name no record")
+        Request::Create { .. } | Request::Hello | Request::Stats => {
+            unreachable!("CREATE, HELLO and STATS name no record")
         }
         Request::Read { range, .. } => {
             if !may(rec, Access::READ) {

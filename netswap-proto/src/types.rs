@@ -126,11 +126,13 @@ pub enum Opcode {
     Unwatch = 0x0B,
     /// Replace only if the version matches (compare-and-swap).
     ReplaceIf = 0x0C,
+    /// The server's counters.
+    Stats = 0x0D,
 }
 
 impl Opcode {
     /// Every opcode, in wire order.
-    pub const ALL: [Opcode; 13] = [
+    pub const ALL: [Opcode; 14] = [
         Opcode::Create,
         Opcode::SetAccess,
         Opcode::Read,
@@ -144,6 +146,7 @@ impl Opcode {
         Opcode::Watch,
         Opcode::Unwatch,
         Opcode::ReplaceIf,
+        Opcode::Stats,
     ];
 
     /// The opcode for a wire byte, if it is one.
@@ -167,6 +170,7 @@ impl Opcode {
             Opcode::Watch => "WATCH",
             Opcode::Unwatch => "UNWATCH",
             Opcode::ReplaceIf => "REPLACE_IF",
+            Opcode::Stats => "STATS",
         }
     }
 }
@@ -306,7 +310,7 @@ mod tests {
         for op in Opcode::ALL {
             assert_eq!(Opcode::from_u8(op as u8), Some(op));
         }
-        assert_eq!(Opcode::from_u8(0x0D), None);
+        assert_eq!(Opcode::from_u8(0x0E), None);
         for s in Status::ALL {
             assert_eq!(Status::from_u8(s as u8), Some(s));
         }

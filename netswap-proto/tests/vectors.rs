@@ -93,6 +93,7 @@ fn request_from_fields(op: &str, f: &Value) -> Request {
         },
         "INFO" => Request::Info { ptr: ptr() },
         "HELLO" => Request::Hello,
+        "STATS" => Request::Stats,
         "WATCH" => Request::Watch { ptr: ptr() },
         "UNWATCH" => Request::Unwatch { ptr: ptr() },
         "REPLACE_IF" => Request::ReplaceIf {
@@ -132,6 +133,14 @@ fn requests_decode_to_their_fields_and_encode_to_their_bytes() {
 fn reply_from_fields(status: &str, f: &Value) -> Reply {
     match status {
         "OK" if f.get("ptr").is_some() => Reply::Created(ptr_of(&f["ptr"])),
+        "OK" if f.get("stats").is_some() => Reply::Stats(
+            f["stats"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e[0].as_str().unwrap().to_owned(), u64_of(&e[1])))
+                .collect(),
+        ),
         "OK" if f.get("identity").is_some() => Reply::Hello(HelloInfo {
             protocol: f["protocol"].as_u64().unwrap() as u8,
             max_record_bytes: u64_of(&f["max_record_bytes"]),

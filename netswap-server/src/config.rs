@@ -109,6 +109,10 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_SHARDS", default_value_t = 64)]
     pub shards: usize,
 
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off by default).
+    #[arg(long, env = "NETSWAP_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Where records live: `memory` (this process, the fastest) or
     /// `redis-cluster://HOST:PORT,HOST:PORT,...` (the server becomes a stateless
     /// gateway; any number of gateways on one cluster are one netswap; they must all
@@ -175,6 +179,8 @@ pub struct ServerConfig {
     pub identity_key: IdentityKey,
     /// Where snapshots live (`None`: in memory only).
     pub data_dir: Option<PathBuf>,
+    /// Where /metrics is served (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
     /// Redis Cluster instead of the embedded store (`None`: embedded).
     pub cluster: Option<crate::cluster::ClusterOptions>,
     /// Periodic snapshots (`None`: only at shutdown and on request).
@@ -305,6 +311,7 @@ impl ServerConfig {
             notify_queue: a.notify_queue,
             identity_key,
             data_dir: a.data_dir.clone(),
+            metrics_listen: a.metrics_listen,
             cluster,
             snapshot_interval: (a.snapshot_interval > 0)
                 .then(|| Duration::from_secs(a.snapshot_interval)),

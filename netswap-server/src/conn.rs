@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use futures_util::{FutureExt, StreamExt};
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use netswap_proto::{
     Applied, ConnId, Event, Inbound, Notification, OutQueue, Pointer, RESERVED_XID, Reassembler,
     Receiver, Reply, Request, Session, Status, WriteBuf,
@@ -30,6 +30,7 @@ use tracing::{debug, info};
 
 use crate::cluster::{Caller, ClusterSession, ClusterStore, Outcome, WatchChange};
 use crate::hub::{Backend, Hub, Mailbox, NetKey};
+use crate::metrics::Local;
 
 /// Bytes reserved for each read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -99,7 +100,8 @@ impl ConnSession {
 }
 
 /// A request being served by an asynchronous backend, and its outcome.
-type InFlight = Pin<Box<dyn Future<Output = (u32, Option<Pointer>, Outcome)> + Send>>;
+type InFlight =
+    Pin<Box<dyn Future<Output = (u32, Option<Pointer>, (u8, Instant), Outcome)> + Send>>;
 
 /// Requests one connection may have in flight to an asynchronous backend (queued
 /// ones included) before it stops reading more.
@@ -117,6 +119,8 @@ struct Conn {
     held: std::collections::HashMap<u32, Vec<Notification>>,
     /// A PROTOCOL_ERROR waiting for the requests in flight before it.
     deferred: Option<(u32, Reply)>,
+    /// Counts since the last flush to the hub's metrics.
+    stats: Local,
     /// The network the peer's address belongs to (for the miss throttle).
     net: NetKey,
     /// Until when requests that name a pointer get BUSY: this network looked up too
@@ -152,6 +156,9 @@ pub(crate) async fn serve(
     #[cfg(target_os = "linux")]
     let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(netswap_proto::NOTSENT_LOWAT);
     let Some(slot) = hub.admit(peer.ip()) else {
+        hub.metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
         info!(%peer, limit = hub.config.max_connections_per_ip, "refused: too many connections from this address");
         refuse(&mut stream, hub.config.max_connections_per_ip).await;
         return;
@@ -162,12 +169,18 @@ pub(crate) async fn serve(
             Ok(s) => ConnSession::Cluster(s),
             Err(reply) => {
                 info!(%peer, "refused: the store is unavailable");
+                hub.metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 refuse_with(&mut stream, reply).await;
                 return;
             }
         },
     };
     debug!(%peer, conn = session.conn().0, identity = %session.identity(), "connected");
+    hub.metrics
+        .connections_accepted
+        .fetch_add(1, Ordering::Relaxed);
     let now = Instant::now();
     let mut conn = Conn {
         rx: Receiver::new(
@@ -185,6 +198,7 @@ pub(crate) async fn serve(
         queued: 0,
         held: Default::default(),
         deferred: None,
+        stats: Local::default(),
         hub,
         session,
         outq: OutQueue::new(),
@@ -199,6 +213,7 @@ pub(crate) async fn serve(
         closing_deadline: None,
     };
     let end = conn.run(&stream, &mut shutdown).await;
+    conn.stats.flush(&conn.hub.metrics);
     match &end {
         End::Eof | End::Shutdown => debug!(%peer, ?end, "closed"),
         End::Io(e) => debug!(%peer, error = %e, "closed by a socket error"),
@@ -323,6 +338,7 @@ impl Conn {
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
         loop {
+            self.stats.flush(&self.hub.metrics);
             if self.has_output()
                 && let Err(e) = self.flush(stream)
             {
@@ -358,12 +374,12 @@ impl Conn {
                 biased;
                 _ = shutdown.changed() => return self.shut_down(stream).await,
                 _ = mailbox_ready(&self.mailbox), if self.notes_room() > 0 => {}
-                Some((xid, ptr, outcome)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    self.finish(xid, ptr, outcome);
+                Some((xid, ptr, started, outcome)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.finish(xid, ptr, started, outcome);
                     // Every other request that is done too, so their replies leave in
                     // one write.
-                    while let Some(Some((xid, ptr, outcome))) = self.in_flight.next().now_or_never() {
-                        self.finish(xid, ptr, outcome);
+                    while let Some(Some((xid, ptr, started, outcome))) = self.in_flight.next().now_or_never() {
+                        self.finish(xid, ptr, started, outcome);
                     }
                     self.send_deferred();
                 }
@@ -502,13 +518,15 @@ impl Conn {
                     capped = false;
                     break;
                 }
-                Ok(_) => {
+                Ok(n) => {
                     let now = Instant::now();
                     self.last_rx = now;
                     self.last_io = now;
                     self.batch_now = now.into_std();
                     self.rx.set_now(self.batch_now);
+                    self.stats.bytes_in += n as u64;
                     self.process();
+                    self.stats.batch_done(self.batch_now);
                     if drained {
                         // Nothing more waits: no read just to learn it would block.
                         capped = false;
@@ -540,6 +558,7 @@ impl Conn {
                     reason,
                 })) => {
                     debug!(xid, ?status, %reason, "refused a message");
+                    self.stats.answered(0xFF, status);
                     self.reply(xid, Reply::error(status, reason));
                 }
                 Err(e) => self.protocol_error(e.xid, e.error.to_string()),
@@ -550,14 +569,29 @@ impl Conn {
     fn apply(&mut self, xid: u32, op: u8, arg: u8, payload: bytes::Bytes) {
         let request = match Request::parse(op, arg, payload) {
             Ok(r) => r,
-            Err(m) => return self.reply(xid, Reply::error(Status::Malformed, m.0)),
+            Err(m) => {
+                self.stats.answered(op, Status::Malformed);
+                return self.reply(xid, Reply::error(Status::Malformed, m.0));
+            }
         };
         if let Some(until) = self.throttled_until {
             if self.batch_now < until && request.pointer().is_some() {
                 self.hub.throttle.throttled.fetch_add(1, Ordering::Relaxed);
+                self.stats.answered(op, Status::Busy);
                 return self.reply(xid, throttled_reply(until - self.batch_now));
             }
             self.throttled_until = None;
+        }
+        if request == Request::Stats {
+            // Server-wide counters, and the caller's own usage: nothing about any
+            // other identity.
+            self.stats.flush(&self.hub.metrics);
+            let own = match &self.session {
+                ConnSession::Memory(s) => Some((s.account().records(), s.account().bytes())),
+                ConnSession::Cluster(_) => None,
+            };
+            self.stats.answered(op, Status::Ok);
+            return self.reply(xid, Reply::Stats(self.hub.stats_entries(own)));
         }
         if matches!(request, Request::Watch { .. }) && self.mailbox.is_none() {
             // Open the mailbox before the watch exists, so no notification is lost.
@@ -568,7 +602,7 @@ impl Conn {
             (Backend::Memory(store), ConnSession::Memory(session)) => {
                 let wake_reaper = matches!(request, Request::Transfer { .. });
                 let applied = store.apply(session, xid, request, self.batch_now, &mut rand::rng());
-                self.answer(xid, applied);
+                self.answer(xid, Some(op), applied);
                 if wake_reaper {
                     self.hub.reaper.notify_one();
                 }
@@ -581,8 +615,9 @@ impl Conn {
         }
     }
 
-    /// Replies to an applied request: the miss throttle, the reply, notifications.
-    fn answer(&mut self, xid: u32, applied: Applied) {
+    /// Replies to an applied request: the miss throttle, the reply, notifications;
+    /// counted under `op` (`None`: counted already, with its own latency).
+    fn answer(&mut self, xid: u32, op: Option<u8>, applied: Applied) {
         if applied.miss
             && let Some(wait) = self.hub.throttle.miss(self.net)
         {
@@ -590,8 +625,14 @@ impl Conn {
             // learns nothing more until the rate allows.
             self.throttled_until = Some(self.batch_now + wait);
             self.hub.throttle.throttled.fetch_add(1, Ordering::Relaxed);
+            if let Some(op) = op {
+                self.stats.answered(op, Status::Busy);
+            }
             self.reply(xid, throttled_reply(wait));
         } else {
+            if let Some(op) = op {
+                self.stats.answered(op, applied.reply.status());
+            }
             self.reply(xid, applied.reply);
         }
         if !applied.notifications.is_empty() {
@@ -636,14 +677,20 @@ impl Conn {
         if let Some(p) = ptr {
             self.busy.insert(p);
         }
+        let started = (request.opcode() as u8, Instant::now());
         self.in_flight.push(Box::pin(async move {
             let outcome = c.apply(caller, request).await;
-            (xid, ptr, outcome)
+            (xid, ptr, started, outcome)
         }));
     }
 
     /// A request on the cluster backend completed.
-    fn finish(&mut self, xid: u32, ptr: Option<Pointer>, outcome: Outcome) {
+    fn finish(&mut self, xid: u32, ptr: Option<Pointer>, started: (u8, Instant), outcome: Outcome) {
+        self.stats.answered_after(
+            started.0,
+            outcome.applied.reply.status(),
+            started.1.elapsed(),
+        );
         if let ConnSession::Cluster(s) = &mut self.session {
             match outcome.watch {
                 WatchChange::Added(p, x) => s.set_watch(p, x),
@@ -653,7 +700,7 @@ impl Conn {
                 WatchChange::None => {}
             }
         }
-        self.answer(xid, outcome.applied);
+        self.answer(xid, None, outcome.applied);
         if let Some(held) = self.held.remove(&xid) {
             // After the WATCH's OK, the events that raced with it.
             for n in held {
@@ -706,11 +753,17 @@ impl Conn {
         if n.event == Event::Deleted {
             self.session.watch_ended(n.ptr, n.xid);
         }
+        self.stats.notifications += 1;
+        self.stats.touch();
         self.reply(n.xid, n.to_reply());
     }
 
     fn protocol_error(&mut self, xid: u32, reason: String) {
         debug!(xid, %reason, "protocol error");
+        self.hub
+            .metrics
+            .protocol_errors
+            .fetch_add(1, Ordering::Relaxed);
         // Requests queued behind others never started: they are not applied. Those in
         // flight are answered first, then the PROTOCOL_ERROR (as with the embedded
         // store, where every earlier reply is already queued).
@@ -734,6 +787,10 @@ impl Conn {
 
     fn fatal(&mut self, end: End, reason: String) {
         if self.closing.is_none() {
+            self.hub
+                .metrics
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
             self.reply(RESERVED_XID, Reply::error(Status::ProtocolError, reason));
             self.closing = Some(end);
             self.closing_deadline = Some(Instant::now() + FLUSH_ON_CLOSE);
@@ -766,6 +823,8 @@ impl Conn {
             match written {
                 Ok(n) => {
                     self.wbuf.advance(n);
+                    self.stats.bytes_out += n as u64;
+                    self.stats.touch();
                     self.last_io = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -786,9 +845,9 @@ impl Conn {
         self.queued = 0;
         while !self.in_flight.is_empty() {
             tokio::select! {
-                Some((xid, ptr, outcome)) = self.in_flight.next() => {
+                Some((xid, ptr, started, outcome)) = self.in_flight.next() => {
                     self.busy.clear();
-                    self.finish(xid, ptr, outcome);
+                    self.finish(xid, ptr, started, outcome);
                 }
                 _ = sleep_until(deadline) => break,
             }

@@ -62,6 +62,8 @@ pub(crate) enum Backend {
 #[derive(Debug)]
 pub(crate) struct Hub {
     pub backend: Backend,
+    /// Counters for STATS and /metrics.
+    pub metrics: crate::metrics::Metrics,
     pub config: ServerConfig,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
     per_net: Mutex<HashMap<NetKey, NetEntry>>,
@@ -212,6 +214,7 @@ impl Hub {
     pub fn new(config: ServerConfig, backend: Backend) -> Hub {
         Hub {
             backend,
+            metrics: crate::metrics::Metrics::default(),
             partial_budget: SharedBudget::new(config.max_total_partial_bytes),
             throttle: MissThrottle::new(config.max_misses_per_second),
             config,

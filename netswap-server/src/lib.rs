@@ -22,6 +22,7 @@ mod cluster;
 pub mod config;
 mod conn;
 mod hub;
+mod metrics;
 pub mod persist;
 
 use std::future::Future;
@@ -51,6 +52,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     hub: Arc<Hub>,
     data: Option<Arc<DataDir>>,
     snapshots: (SnapshotSender, mpsc::UnboundedReceiver<SnapshotRequest>),
@@ -143,6 +145,18 @@ impl ServerStats {
             Backend::Cluster(c) => c.count_records().await.map_err(io::Error::other),
         }
     }
+    /// Requests answered with this opcode and status.
+    pub fn requests(&self, op: netswap_proto::Opcode, status: netswap_proto::Status) -> u64 {
+        self.hub.metrics.requests(op, status)
+    }
+    /// The Prometheus text `/metrics` serves.
+    pub fn prometheus_text(&self) -> String {
+        metrics::render(&self.hub)
+    }
+    /// What a STATS request answers (without the caller's own usage).
+    pub fn stats_entries(&self) -> Vec<(String, u64)> {
+        self.hub.stats_entries(None)
+    }
     /// Open client connections.
     pub fn connections(&self) -> u32 {
         self.hub.connections()
@@ -220,12 +234,26 @@ impl Server {
                 addr: listen,
                 source,
             })?;
+        let metrics = match hub.config.metrics_listen {
+            Some(addr) => Some(
+                metrics::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Server {
             listener,
+            metrics,
             hub,
             data,
             snapshots: mpsc::unbounded_channel(),
         })
+    }
+
+    /// Where `/metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Where snapshots go (`None` without `--data-dir`).
@@ -261,6 +289,9 @@ impl Server {
         let reaper = tokio::spawn(reap(self.hub.clone(), stop_rx.clone()));
         let housekeeping = tokio::spawn(housekeep(self.hub.clone(), stop_rx.clone()));
         let (_, requests) = self.snapshots;
+        let metrics = self
+            .metrics
+            .map(|l| tokio::spawn(metrics::serve_metrics(l, self.hub.clone(), stop_rx.clone())));
         let persister = tokio::spawn(persist_loop(
             self.hub.clone(),
             self.data.clone(),
@@ -302,6 +333,9 @@ impl Server {
         let _ = reaper.await;
         let _ = housekeeping.await;
         let _ = persister.await;
+        if let Some(m) = metrics {
+            let _ = m.await;
+        }
         if let Some(dir) = self.data.clone() {
             // Every reply has been flushed (or its connection given up on): the last
             // snapshot holds everything that was acknowledged.
@@ -368,8 +402,18 @@ async fn persist_loop(
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()));
         match &result {
-            Ok(r) => persist::log_saved(why, r),
-            Err(e) => error!(why, error = %e, "snapshot failed; the previous snapshot is kept"),
+            Ok(r) => {
+                hub.metrics
+                    .snapshots_written
+                    .fetch_add(1, Ordering::Relaxed);
+                persist::log_saved(why, r)
+            }
+            Err(e) => {
+                hub.metrics
+                    .snapshot_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                error!(why, error = %e, "snapshot failed; the previous snapshot is kept")
+            }
         }
         if let Some(tx) = reply {
             let _ = tx.send(result);
@@ -398,6 +442,9 @@ async fn reap(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
             _ = sleep => {}
         }
         let reaped = store.reap(std::time::Instant::now());
+        hub.metrics
+            .orphans_reaped
+            .fetch_add(reaped.records.len() as u64, Ordering::Relaxed);
         if !reaped.records.is_empty() {
             info!(records = reaped.records.len(), "reaped orphaned records");
         }
@@ -434,8 +481,11 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
             Some(batch) = events.recv() => hub.deliver(batch),
             _ = renew.tick() => c.renew_leases().await,
             _ = reap.tick() => {
-                if let Err(e) = c.reap_once().await {
-                    warn!(error = %e, "reaping failed; trying again in a second");
+                match c.reap_once().await {
+                    Ok(n) => {
+                        hub.metrics.orphans_reaped.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => warn!(error = %e, "reaping failed; trying again in a second"),
                 }
             }
             _ = sweep.tick() => c.sweep_subscriptions(Duration::from_secs(30)).await,

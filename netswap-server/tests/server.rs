@@ -407,7 +407,7 @@ async fn malformed_too_large_and_busy_keep_the_connection_open(backend: Backend)
     assert_eq!(m.status(), Status::Ok);
     a.send_raw(&Raw::frames(OutMessage {
         xid: 50,
-        op: 0x0D,
+        op: 0x0E,
         arg: 0,
         head: Head::new(),
         body: Bytes::new(),
@@ -416,7 +416,7 @@ async fn malformed_too_large_and_busy_keep_the_connection_open(backend: Backend)
     let m = a.reply_to(50).await;
     assert_eq!(
         (m.status(), m.reason().as_str()),
-        (Status::Malformed, "unknown opcode 0x0d")
+        (Status::Malformed, "unknown opcode 0x0e")
     );
 
     // A 20-frame message is refused at its first frame; its other frames are discarded.

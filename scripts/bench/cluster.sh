@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}
 secs=${2:-5}
-cargo build --release --quiet -p netswap-server -p netswap-client
+cargo build --release --quiet -p netswap-server -p netswap-cli
 bin=target/release
 work=$(mktemp -d /tmp/netswap-clusterbench.XXXXXX)
 nodes=$(scripts/redis-cluster.sh start "$work/cluster" 18000 3)

@@ -14,5 +14,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null
 fi
-cargo build --release --quiet -p netswap-server -p netswap-client
+cargo build --release --quiet -p netswap-server -p netswap-cli
 exec python3 scripts/bench/compare.py "$@"

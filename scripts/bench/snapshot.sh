@@ -14,7 +14,7 @@ shift || true
 cases=("$@")
 [ ${#cases[@]} -gt 0 ] || cases=(records large)
 
-cargo build --release --quiet -p netswap-server -p netswap-client
+cargo build --release --quiet -p netswap-server -p netswap-cli
 bin=target/release
 work=$(mktemp -d /var/tmp/netswap-snapbench.XXXXXX)
 trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT

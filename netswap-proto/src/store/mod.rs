@@ -483,6 +483,20 @@ impl Store {
         out
     }
 
+    /// Identities whose records are waiting out their orphan grace, and records with a
+    /// grace of their own (handed to an absent identity).
+    pub fn orphans_pending(&self) -> u64 {
+        let mut n = self.registry().offline.len() as u64;
+        for s in self.shards.iter() {
+            n += s
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .transfer_order
+                .len() as u64;
+        }
+        n
+    }
+
     /// Counts records, bytes, identities and watches (locks every shard in turn).
     pub fn stats(&self) -> StoreStats {
         let mut s = StoreStats {
@@ -658,6 +672,19 @@ impl Store {
         let Some(ptr) = request.pointer() else {
             return match request {
                 Request::Create { access, data } => self.create(session, access, data, rng),
+                Request::Stats => {
+                    let st = self.stats();
+                    let me = session.account();
+                    Reply::Stats(vec![
+                        ("records".into(), st.records),
+                        ("data_bytes".into(), st.data_bytes),
+                        ("identities".into(), st.accounts),
+                        ("watches".into(), st.watches),
+                        ("your_records".into(), me.records()),
+                        ("your_bytes".into(), me.bytes()),
+                    ])
+                    .into()
+                }
                 _ => Reply::Hello(self.hello(session)).into(),
             };
         };

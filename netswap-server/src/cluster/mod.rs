@@ -199,6 +199,9 @@ pub(crate) struct ClusterStore {
     clock: Mutex<(Instant, u64)>,
     next_conn: AtomicU64,
     next_op: AtomicU64,
+    /// The last counts for STATS: records, bytes, pending orphans.
+    counts: Mutex<(u64, u64, u64)>,
+    counted_at: Mutex<Option<Instant>>,
     /// Replicas per slot range, for `WAIT`.
     replicas: Mutex<redis_io::Replicas>,
     /// Writes acknowledged with fewer replicas than `--redis-wait-replicas` asked
@@ -280,6 +283,8 @@ impl ClusterStore {
             next_conn: AtomicU64::new(1),
             next_op: AtomicU64::new(1),
             replicas: Mutex::default(),
+            counts: Mutex::default(),
+            counted_at: Mutex::default(),
             unreplicated: AtomicU64::new(0),
             events,
             events_rx: Mutex::new(Some(events_rx)),
@@ -566,6 +571,37 @@ impl ClusterStore {
             }
         }
         Ok((records, bytes))
+    }
+
+    /// Counts records, bytes and pending orphans for STATS and /metrics (every 10 s).
+    pub async fn count_for_stats(&self) {
+        let counted = self.count_records().await;
+        let pending: redis::RedisResult<u64> = redis::cmd("ZCARD")
+            .arg(self.keys.reap())
+            .query_async(&mut self.redis.clone())
+            .await;
+        let mut c = lock(&self.counts);
+        if let Ok((r, b)) = counted {
+            c.0 = r;
+            c.1 = b;
+        }
+        if let Ok(p) = pending {
+            c.2 = p;
+        }
+    }
+
+    /// The last counts: records, data bytes, pending orphans. When they are over a
+    /// second old, a new count starts in the background (at most one per second, so
+    /// a flood of STATS or scrapes does not become a flood of scans).
+    pub fn last_counts(self: &Arc<Self>) -> (u64, u64, u64) {
+        let mut at = lock(&self.counted_at);
+        if at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            *at = Some(Instant::now());
+            let me = self.clone();
+            tokio::spawn(async move { me.count_for_stats().await });
+        }
+        drop(at);
+        *lock(&self.counts)
     }
 
     /// How often leases are renewed: a third of their time to live.

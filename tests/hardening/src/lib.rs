@@ -385,7 +385,7 @@ pub async fn garbage_rate(addr: SocketAddr, conns: u32, dur: Duration) -> Report
                     for _ in 0..64 {
                         xid = xid.wrapping_add(1);
                         match rng.random_range(0..4) {
-                            0 => batch.extend(frames_raw(xid, 0, 0x0D, 0, &[])), // unknown op
+                            0 => batch.extend(frames_raw(xid, 0, 0x7F, 0, &[])), // unknown op
                             1 => batch.extend(frames_raw(xid, 0, 0x05, 0, &[1, 2, 3])), // short
                             2 => batch.extend(frames_raw(xid, 0, 0x00, 0x80, b"x")), // reserved bits
                             _ => {

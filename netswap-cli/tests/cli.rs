@@ -220,3 +220,82 @@ fn no_server_is_a_clear_error() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn stats_prints_a_table_or_json() {
+    let srv = server();
+    let out = netswap(&srv, 2, &["create", "--data", "abc"]);
+    assert!(out.status.success());
+    let out = netswap(&srv, 2, &["stats"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("requests_create "))
+        .expect(&text);
+    assert_eq!(line.split_whitespace().nth(1), Some("1"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["your_bytes", "3"]),
+        "{text}"
+    );
+    let out = netswap(&srv, 2, &["stats", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["records"], 1);
+    assert_eq!(v["data_bytes"], 3);
+}
+
+#[test]
+fn top_draws_live_numbers_and_quits_on_q() {
+    let srv = server();
+    netswap(&srv, 2, &["create", "--data", "abc"]);
+    // A pseudo-terminal of 120 × 30 (util-linux `script`), q pressed after 2.5 s.
+    let cmd = format!(
+        "stty cols 120 rows 30; {} --server {} top --interval 0.5",
+        env!("CARGO_BIN_EXE_netswap"),
+        srv.addr()
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let mut input = child.stdin.take().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    input.write_all(b"q").unwrap();
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "q quits at once"
+    );
+    assert!(out.status.success(), "{out:?}");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    // What was drawn, without escape sequences and spaces (ratatui moves the cursor
+    // over blank cells instead of writing them).
+    let mut text = String::new();
+    let mut chars = screen.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else if !c.is_whitespace() {
+            text.push(c);
+        }
+    }
+    for want in [
+        "netswaptop",
+        "requestsbyopcode",
+        "CREATE",
+        "connections_accepted",
+    ] {
+        assert!(text.contains(want), "{want:?} not drawn in {text}");
+    }
+    // The terminal is restored (the alternate screen left, the cursor shown again).
+    assert!(screen.contains("\x1b[?1049l"), "alternate screen not left");
+}

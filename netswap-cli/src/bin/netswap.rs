@@ -15,6 +15,8 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use netswap_client::{Access, Client, Error, Event, Identity, NewOwner, Options, Pointer};
 
+mod top;
+
 /// Command-line client for netswap, swap space over the network.
 #[derive(Parser, Debug)]
 #[command(name = "netswap", version, about)]
@@ -145,6 +147,19 @@ enum Command {
     },
     /// Print the server's limits and your identity.
     Hello,
+    /// Print the server's counters (STATS) as a table, or as JSON.
+    Stats {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A live view of the server's counters and rates, refreshed every second; q or
+    /// Ctrl-C to quit.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
     /// Print a line for every change to a record until it is deleted or Ctrl-C.
     Watch {
         /// The record's pointer.
@@ -365,6 +380,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 format!("orphan-grace-seconds: {}", h.orphan_grace_secs),
             );
             w(&mut out, format!("identity: {}", h.identity));
+        }
+        Command::Stats { json } => {
+            let stats = client.stats().await?;
+            if json {
+                let map: serde_json::Map<String, serde_json::Value> = stats
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::from(v)))
+                    .collect();
+                w(&mut out, serde_json::Value::Object(map).to_string());
+            } else {
+                let width = stats.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+                for (k, v) in stats {
+                    w(&mut out, format!("{k:<width$}  {v}"));
+                }
+            }
+        }
+        Command::Top { interval } => {
+            drop(out);
+            return top::run(client, Duration::from_secs_f64(interval.max(0.1)))
+                .await
+                .map_err(Failure::Client);
         }
         Command::Watch { ptr } => {
             let mut watch = client.watch(ptr).await?;
