@@ -48,6 +48,7 @@ run_case() {
   sed 's/^/   /' "$work/during.txt"
   echo "   snapshots written during the run (seconds each, records, bytes):"
   grep "snapshot written" "$log" | sed -E 's/.*records=([0-9]+) bytes=([0-9]+) seconds=([0-9.]+).*/     \3 s  \1 records  \2 bytes/' | head -20
+  grep -E "snapshot (written|failed)" "$log" | tail -3 | sed "s/^/   log: /"
   ls -l "$work/$name/netswap.snapshot" | awk '{print "   snapshot file: " $5 " bytes"}'
   kill $server; wait $server 2>/dev/null || true
 }
