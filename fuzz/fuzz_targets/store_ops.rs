@@ -61,7 +61,7 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::SetAccess { who, rec, access: a } => (who, Request::SetAccess { ptr: pick(rec), access: access(a) }),
             Op::Takeover { who, rec } => (who, Request::Takeover { ptr: pick(rec) }),
             Op::Transfer { who, rec, to } => (who, Request::Transfer { ptr: pick(rec), to: NewOwner::Ip(ips[to as usize % 5]) }),
-            Op::Watch { who, rec } => (who, Request::Watch { ptr: pick(rec) }),
+            Op::Watch { who, rec } => (who, Request::watch(pick(rec))),
             Op::Unwatch { who, rec } => (who, Request::Unwatch { ptr: pick(rec) }),
             Op::Disconnect { who } => {
                 if let Some(s) = sessions[who as usize % 4].pop() {

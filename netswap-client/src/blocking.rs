@@ -1,17 +1,23 @@
 //! The blocking client: the async client's API without `async`, for simple programs,
-//! scripts and the C ABI. It drives an async [`crate::Client`] on an internal
-//! one-thread runtime; it is `Send + Sync` and may be shared by threads.
+//! scripts and the C ABI.
 //!
-//! Do not call it from inside an async runtime (use [`crate::Client`] there).
+//! It drives an async [`crate::Client`] on its own one-thread runtime and waits for
+//! each call on an ordinary channel, so it works from any thread — also from inside
+//! another tokio runtime (where it blocks that runtime's thread for the call, as any
+//! blocking function would; prefer [`crate::Client`] there). It is `Send + Sync`:
+//! clones share the connection, and threads may call it at once.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use netswap_proto::{Access, HelloInfo, Identity, NewOwner, Pointer, RecordInfo, Version};
 
-use crate::client::{Options, WatchEvent};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::options::{ConnectionState, Options};
+use crate::watch::{MirrorEvent, WatchEvent};
 
 /// A blocking netswap client. Clones share the connection and the runtime.
 ///
@@ -24,28 +30,73 @@ use crate::error::Result;
 /// ```
 #[derive(Clone, Debug)]
 pub struct Client {
-    runtime: Arc<tokio::runtime::Runtime>,
+    // Dropped first: the connection closes before its runtime goes.
     inner: crate::Client,
+    runtime: Arc<Runtime>,
+}
+
+/// The client's runtime. Shut down without waiting when the last handle goes, so
+/// dropping a client is fine anywhere (also inside another runtime).
+#[derive(Debug)]
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for Runtime {
+    type Target = tokio::runtime::Runtime;
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Runs `f` on `runtime` and waits for it on this thread.
+fn run<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    f: impl Future<Output = T> + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = tx.send(f.await);
+    });
+    rx.recv()
+        .expect("the client's runtime ends only when the client does")
 }
 
 impl Client {
     /// Connects with default [`Options`].
-    pub fn connect(addr: &str) -> Result<Client> {
+    pub fn connect(addr: impl std::fmt::Display) -> Result<Client> {
         Client::connect_with(addr, Options::default())
     }
 
     /// Connects with these options.
-    pub fn connect_with(addr: &str, options: Options) -> Result<Client> {
+    pub fn connect_with(addr: impl std::fmt::Display, options: Options) -> Result<Client> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("netswap-client")
             .enable_all()
             .build()?;
-        let inner = runtime.block_on(crate::Client::connect_with(addr, options))?;
+        let addr = addr.to_string();
+        let inner = run(&runtime, async move {
+            crate::Client::connect_with(&addr, options).await
+        })?;
         Ok(Client {
-            runtime: Arc::new(runtime),
             inner,
+            runtime: Arc::new(Runtime(Some(runtime))),
         })
+    }
+
+    /// Runs a call of the async client on the client's runtime.
+    fn call<T: Send + 'static, F: Future<Output = Result<T>> + Send + 'static>(
+        &self,
+        f: impl FnOnce(crate::Client) -> F,
+    ) -> Result<T> {
+        run(&self.runtime, f(self.inner.clone()))
     }
 
     /// The async client underneath (for use on the internal runtime's handle).
@@ -58,13 +109,40 @@ impl Client {
         self.runtime.handle()
     }
 
+    /// A handle on the same connection whose calls wait at most `timeout`; see
+    /// [`crate::Client::with_timeout`].
+    pub fn with_timeout(&self, timeout: impl Into<Option<Duration>>) -> Client {
+        Client {
+            inner: self.inner.with_timeout(timeout),
+            runtime: self.runtime.clone(),
+        }
+    }
+
     /// See [`crate::Client::server_info`].
-    pub fn server_info(&self) -> &HelloInfo {
+    pub fn server_info(&self) -> HelloInfo {
         self.inner.server_info()
     }
     /// See [`crate::Client::identity`].
     pub fn identity(&self) -> Identity {
         self.inner.identity()
+    }
+    /// See [`crate::Client::state`].
+    pub fn state(&self) -> ConnectionState {
+        self.inner.state()
+    }
+    /// Blocks until the connection state differs from `seen`, or `timeout` passes;
+    /// returns the state then.
+    pub fn wait_state_change(&self, seen: &ConnectionState, timeout: Duration) -> ConnectionState {
+        let mut rx = self.inner.state_changes();
+        let seen = seen.clone();
+        run(&self.runtime, async move {
+            let _ = tokio::time::timeout(timeout, rx.wait_for(|s| *s != seen)).await;
+            rx.borrow().clone()
+        })
+    }
+    /// See [`crate::Client::in_flight`].
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight()
     }
     /// See [`crate::Client::is_closed`].
     pub fn is_closed(&self) -> bool {
@@ -76,33 +154,34 @@ impl Client {
     }
     /// See [`crate::Client::hello`].
     pub fn hello(&self) -> Result<HelloInfo> {
-        self.runtime.block_on(self.inner.hello())
+        self.call(|c| async move { c.hello().await })
     }
     /// See [`crate::Client::stats`].
     pub fn stats(&self) -> Result<Vec<(String, u64)>> {
-        self.runtime.block_on(self.inner.stats())
+        self.call(|c| async move { c.stats().await })
     }
     /// See [`crate::Client::create`].
     pub fn create(&self, access: Access, data: impl Into<Bytes>) -> Result<Pointer> {
-        self.runtime.block_on(self.inner.create(access, data))
+        let data = data.into();
+        self.call(|c| async move { c.create(access, data).await })
     }
     /// See [`crate::Client::read`].
     pub fn read(&self, ptr: Pointer) -> Result<Bytes> {
-        self.runtime.block_on(self.inner.read(ptr))
+        self.call(|c| async move { c.read(ptr).await })
     }
     /// See [`crate::Client::read_range`].
     pub fn read_range(&self, ptr: Pointer, offset: u64, len: u32) -> Result<Bytes> {
-        self.runtime
-            .block_on(self.inner.read_range(ptr, offset, len))
+        self.call(|c| async move { c.read_range(ptr, offset, len).await })
     }
     /// See [`crate::Client::replace`].
     pub fn replace(&self, ptr: Pointer, data: impl Into<Bytes>) -> Result<Version> {
-        self.runtime.block_on(self.inner.replace(ptr, data))
+        let data = data.into();
+        self.call(|c| async move { c.replace(ptr, data).await })
     }
     /// See [`crate::Client::write_at`].
     pub fn write_at(&self, ptr: Pointer, offset: u64, data: impl Into<Bytes>) -> Result<Version> {
-        self.runtime
-            .block_on(self.inner.write_at(ptr, offset, data))
+        let data = data.into();
+        self.call(|c| async move { c.write_at(ptr, offset, data).await })
     }
     /// See [`crate::Client::replace_if`].
     pub fn replace_if(
@@ -111,24 +190,25 @@ impl Client {
         expected: Version,
         data: impl Into<Bytes>,
     ) -> Result<Version> {
-        self.runtime
-            .block_on(self.inner.replace_if(ptr, expected, data))
+        let data = data.into();
+        self.call(|c| async move { c.replace_if(ptr, expected, data).await })
     }
     /// See [`crate::Client::delete`].
     pub fn delete(&self, ptr: Pointer) -> Result<()> {
-        self.runtime.block_on(self.inner.delete(ptr))
+        self.call(|c| async move { c.delete(ptr).await })
     }
     /// See [`crate::Client::set_access`].
     pub fn set_access(&self, ptr: Pointer, access: Access) -> Result<()> {
-        self.runtime.block_on(self.inner.set_access(ptr, access))
+        self.call(|c| async move { c.set_access(ptr, access).await })
     }
     /// See [`crate::Client::takeover`].
     pub fn takeover(&self, ptr: Pointer) -> Result<()> {
-        self.runtime.block_on(self.inner.takeover(ptr))
+        self.call(|c| async move { c.takeover(ptr).await })
     }
     /// See [`crate::Client::transfer`].
     pub fn transfer(&self, ptr: Pointer, to: impl Into<NewOwner>) -> Result<()> {
-        self.runtime.block_on(self.inner.transfer(ptr, to))
+        let to = to.into();
+        self.call(|c| async move { c.transfer(ptr, to).await })
     }
     /// Transfers to the identity of an IP address.
     pub fn transfer_to_ip(&self, ptr: Pointer, ip: IpAddr) -> Result<()> {
@@ -136,14 +216,30 @@ impl Client {
     }
     /// See [`crate::Client::info`].
     pub fn info(&self, ptr: Pointer) -> Result<RecordInfo> {
-        self.runtime.block_on(self.inner.info(ptr))
+        self.call(|c| async move { c.info(ptr).await })
     }
     /// See [`crate::Client::watch`]. The returned iterator blocks for each event.
     pub fn watch(&self, ptr: Pointer) -> Result<Watch> {
-        let inner = self.runtime.block_on(self.inner.watch(ptr))?;
+        self.watch_with(ptr, 0)
+    }
+    /// See [`crate::Client::watch_with`].
+    pub fn watch_with(&self, ptr: Pointer, min_interval_ms: u32) -> Result<Watch> {
+        let inner = self.call(|c| async move { c.watch_with(ptr, min_interval_ms).await })?;
         Ok(Watch {
-            inner,
-            _runtime: self.runtime.clone(),
+            inner: Some(inner),
+            runtime: self.runtime.clone(),
+        })
+    }
+    /// See [`crate::Client::mirror`].
+    pub fn mirror(&self, ptr: Pointer) -> Result<Mirror> {
+        self.mirror_with(ptr, 0)
+    }
+    /// See [`crate::Client::mirror_with`].
+    pub fn mirror_with(&self, ptr: Pointer, min_interval_ms: u32) -> Result<Mirror> {
+        let inner = self.call(|c| async move { c.mirror_with(ptr, min_interval_ms).await })?;
+        Ok(Mirror {
+            inner: Some(inner),
+            runtime: self.runtime.clone(),
         })
     }
 }
@@ -151,20 +247,102 @@ impl Client {
 /// A blocking iterator of [`WatchEvent`]s; dropping it unwatches.
 #[derive(Debug)]
 pub struct Watch {
-    inner: crate::client::Watch,
-    _runtime: Arc<tokio::runtime::Runtime>,
+    inner: Option<crate::Watch>,
+    runtime: Arc<Runtime>,
 }
 
 impl Watch {
     /// The watched record.
     pub fn pointer(&self) -> Pointer {
-        self.inner.pointer()
+        self.inner
+            .as_ref()
+            .expect("present until dropped")
+            .pointer()
+    }
+
+    /// The next event, waiting at most `timeout`: `Ok(None)` when the watch has
+    /// ended, `Err(Error::Timeout { .. })` when nothing came in time.
+    pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<WatchEvent>> {
+        let mut w = self.inner.take().expect("present until dropped");
+        let (w, got) = run(&self.runtime, async move {
+            let got = tokio::time::timeout(timeout, w.next()).await;
+            (w, got)
+        });
+        self.inner = Some(w);
+        got.map_err(|_| Error::Timeout {
+            what: "a watch event".into(),
+            waited: timeout,
+            in_flight: 0,
+        })
     }
 }
 
 impl Iterator for Watch {
     type Item = WatchEvent;
     fn next(&mut self) -> Option<WatchEvent> {
-        self.inner.blocking_next()
+        let mut w = self.inner.take()?;
+        let (w, got) = run(&self.runtime, async move {
+            let got = w.next().await;
+            (w, got)
+        });
+        self.inner = Some(w);
+        got
+    }
+}
+
+/// A blocking [`crate::Mirror`]: the copy is kept up to date in the background; the
+/// iterator blocks for each event.
+#[derive(Debug)]
+pub struct Mirror {
+    inner: Option<crate::Mirror>,
+    runtime: Arc<Runtime>,
+}
+
+impl Mirror {
+    fn get(&self) -> &crate::Mirror {
+        self.inner.as_ref().expect("present until dropped")
+    }
+    /// The mirrored record.
+    pub fn pointer(&self) -> Pointer {
+        self.get().pointer()
+    }
+    /// The version of the copy.
+    pub fn version(&self) -> Version {
+        self.get().version()
+    }
+    /// A copy of the bytes.
+    pub fn data(&self) -> Bytes {
+        self.get().data()
+    }
+    /// Looks at the bytes and their version without copying them.
+    pub fn with_data<R>(&self, f: impl FnOnce(&[u8], Version) -> R) -> R {
+        self.get().with_data(f)
+    }
+    /// The next event, waiting at most `timeout` (see [`Watch::next_timeout`]).
+    pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<MirrorEvent>> {
+        let mut m = self.inner.take().expect("present until dropped");
+        let (m, got) = run(&self.runtime, async move {
+            let got = tokio::time::timeout(timeout, m.next()).await;
+            (m, got)
+        });
+        self.inner = Some(m);
+        got.map_err(|_| Error::Timeout {
+            what: "a mirror event".into(),
+            waited: timeout,
+            in_flight: 0,
+        })
+    }
+}
+
+impl Iterator for Mirror {
+    type Item = MirrorEvent;
+    fn next(&mut self) -> Option<MirrorEvent> {
+        let mut m = self.inner.take()?;
+        let (m, got) = run(&self.runtime, async move {
+            let got = m.next().await;
+            (m, got)
+        });
+        self.inner = Some(m);
+        got
     }
 }

@@ -1,229 +1,68 @@
-//! The async client: one TCP connection shared by any number of tasks.
+//! The async client: one connection at a time, shared by any number of tasks, and
+//! replaced when the network takes it away.
 //!
-//! Callers put whole messages on a shared fair [`OutQueue`]; a writer task cuts them
-//! into frames round-robin (so a large upload does not block a small read issued
-//! later) and writes them in batches. A reader task reassembles replies and routes
-//! each to its caller by XID. Many requests in flight at once is the normal case.
+//! A supervisor task waits for the connection to end (or to stop answering its
+//! keepalives), then connects again with exponential backoff and full jitter,
+//! registers every watch again and tells each watcher what changed while it was away.
+//! Calls made meanwhile wait for the new connection up to their deadline; reads in
+//! flight when the connection dropped are sent again once, other requests fail with
+//! [`Error::Disconnected`] (their outcome is unknown).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use netswap_proto::{
-    Access, Event, HelloInfo, Identity, Inbound, MAX_MESSAGE, NewOwner, Opcode, OutQueue, Pointer,
-    RESERVED_XID, Reassembler, ReassemblyLimits, Receiver, RecordInfo, Reply, Request, Version,
-    WriteBuf,
+    Access, HelloInfo, Identity, MAX_MESSAGE, NewOwner, Opcode, Pointer, RecordInfo, Reply,
+    Request, Version, WatchOptions,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpSocket, TcpStream, lookup_host};
-use tokio::sync::{Notify, mpsc, oneshot};
+use rand::Rng;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
+use crate::conn::{Conn, Pending, describe, lock};
 use crate::error::{Error, Result};
+use crate::options::{ConnectionState, Options};
+use crate::watch::{Mirror, Watch, WatchReg};
 
-/// Bytes of frames the writer encodes per write.
-const WRITE_CHUNK: usize = 64 * 1024;
-/// Bytes reserved per read.
-const READ_CHUNK: usize = 64 * 1024;
 /// Room WRITE_AT needs besides its data (pointer and offset).
 const WRITE_AT_HEAD: u64 = 16;
 
-/// Connection options.
-#[derive(Clone, Debug)]
-pub struct Options {
-    /// Local address to bind before connecting (port 0 = any). On one machine,
-    /// 127.0.0.2, 127.0.0.3, … act as different identities.
-    pub local_addr: Option<IpAddr>,
-    /// How long connecting (and the initial HELLO) may take.
-    pub connect_timeout: Duration,
-    /// How long each call waits for its reply (`None` = no limit).
-    pub request_timeout: Option<Duration>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            local_addr: None,
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Some(Duration::from_secs(30)),
-        }
-    }
-}
-
-/// A change to a watched record, pushed by the server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WatchEvent {
-    /// What happened.
-    pub event: Event,
-    /// The record.
-    pub ptr: Pointer,
-    /// Its version after the event (the last version when deleted).
-    pub version: Version,
-}
-
-enum Route {
-    /// A call waiting for its one reply.
-    Call {
-        op: Opcode,
-        tx: oneshot::Sender<Result<Reply>>,
-    },
-    /// A watch: first its acknowledgement, then events.
-    Watch {
-        ack: Option<oneshot::Sender<Result<Reply>>>,
-        events: mpsc::UnboundedSender<WatchEvent>,
-    },
-    /// A reply nobody waits for any more (timed out, or an UNWATCH sent on drop);
-    /// the XID stays taken until it arrives. `then_free` is a watch XID to free too.
-    Discard { then_free: Option<u32> },
-}
-
-struct Inner {
-    out: Mutex<OutQueue>,
-    wake_writer: Notify,
-    routes: Mutex<HashMap<u32, Route>>,
-    next_xid: AtomicU32,
+/// State shared by a client's clones, its supervisor and its watches.
+pub(crate) struct Shared {
+    addr: String,
+    pub(crate) options: Options,
+    current: Mutex<Option<Arc<Conn>>>,
+    /// The last connection's HELLO and peer (kept while reconnecting).
+    last: Mutex<(HelloInfo, SocketAddr)>,
+    state: watch::Sender<ConnectionState>,
+    pub(crate) watches: Mutex<HashMap<u64, WatchReg>>,
+    pub(crate) next_watch: AtomicU64,
+    generation: AtomicU64,
     closed: AtomicBool,
-    close_reason: Mutex<Option<String>>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// Closes the client when the last [`Client`] clone (or watch, or mirror) is dropped.
+struct Guard(Arc<Shared>);
 
-impl Inner {
-    fn disconnected(&self) -> Error {
-        Error::Disconnected(
-            lock(&self.close_reason)
-                .clone()
-                .unwrap_or_else(|| "the connection is closed".into()),
-        )
-    }
-
-    /// Takes a free XID (never the reserved one, never one still in use) and routes
-    /// its reply.
-    fn register(&self, route: Route) -> Result<u32> {
-        let mut routes = lock(&self.routes);
-        if self.closed.load(Ordering::Acquire) {
-            return Err(self.disconnected());
-        }
-        loop {
-            let xid = self.next_xid.fetch_add(1, Ordering::Relaxed);
-            if xid != RESERVED_XID && !routes.contains_key(&xid) {
-                routes.insert(xid, route);
-                return Ok(xid);
-            }
-        }
-    }
-
-    fn send(&self, request: &Request, xid: u32) {
-        let msg = request.encode(xid);
-        lock(&self.out)
-            .push(msg)
-            .expect("request size checked before sending");
-        self.wake_writer.notify_one();
-    }
-
-    /// Ends the connection: every waiting call fails, every watch stream ends.
-    fn fail_all(&self, reason: String) {
-        {
-            let mut r = lock(&self.close_reason);
-            if r.is_none() {
-                *r = Some(reason);
-            }
-        }
-        self.closed.store(true, Ordering::Release);
-        let routes = std::mem::take(&mut *lock(&self.routes));
-        for (_, route) in routes {
-            match route {
-                Route::Call { tx, .. } => {
-                    let _ = tx.send(Err(self.disconnected()));
-                }
-                Route::Watch { ack: Some(tx), .. } => {
-                    let _ = tx.send(Err(self.disconnected()));
-                }
-                _ => {}
-            }
-        }
-        self.wake_writer.notify_one();
-    }
-
-    fn deliver(&self, xid: u32, status: u8, arg: u8, payload: Bytes) {
-        let mut routes = lock(&self.routes);
-        let Some(route) = routes.remove(&xid) else {
-            return; // a reply to no one (e.g. the reserved XID before a close)
-        };
-        match route {
-            Route::Call { op, tx } => {
-                let reply =
-                    Reply::parse(Some(op), status, arg, payload).map_err(|e| Error::BadReply(e.0));
-                let _ = tx.send(reply);
-            }
-            Route::Discard { then_free } => {
-                if let Some(w) = then_free {
-                    routes.remove(&w);
-                }
-            }
-            Route::Watch { mut ack, events } => {
-                let reply = Reply::parse(Some(Opcode::Watch), status, arg, payload)
-                    .map_err(|e| Error::BadReply(e.0));
-                match (ack.take(), reply) {
-                    (Some(tx), reply) => {
-                        let ok = matches!(reply, Ok(Reply::Done));
-                        let _ = tx.send(reply);
-                        if ok {
-                            routes.insert(xid, Route::Watch { ack: None, events });
-                        }
-                    }
-                    (
-                        None,
-                        Ok(Reply::Notify {
-                            event,
-                            ptr,
-                            version,
-                        }),
-                    ) => {
-                        let _ = events.send(WatchEvent {
-                            event,
-                            ptr,
-                            version,
-                        });
-                        if event != Event::Deleted {
-                            routes.insert(xid, Route::Watch { ack: None, events });
-                        }
-                        // Deleted: the watch has ended and its XID is free.
-                    }
-                    (None, _) => {
-                        routes.insert(xid, Route::Watch { ack: None, events });
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Stops the connection's tasks when the last [`Client`] clone is dropped.
-struct Tasks {
-    inner: Arc<Inner>,
-    reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
-}
-
-impl Drop for Tasks {
+impl Drop for Guard {
     fn drop(&mut self) {
-        self.inner.fail_all("the client was closed".into());
-        self.reader.abort();
-        self.writer.abort();
+        self.0.shut("the client was closed".into());
     }
 }
 
-/// An async netswap client. Cheap to clone: clones share one connection, and each
-/// call may run concurrently with any other.
+/// An async netswap client.
+///
+/// Cheap to clone, and `Send + Sync`: clones share one connection, and any number of
+/// tasks may call it at once (requests are multiplexed over the connection and their
+/// frames interleaved fairly, so a large upload does not delay a small read issued
+/// after it). The connection is replaced automatically when it drops (see
+/// [`Options::reconnect`]); watches survive that.
 ///
 /// ```no_run
 /// # async fn demo() -> netswap_client::Result<()> {
@@ -232,134 +71,169 @@ impl Drop for Tasks {
 /// let ptr = client.create(Access::READ, "shared state").await?;
 /// println!("give this to others: {ptr}");
 /// assert_eq!(&client.read(ptr).await?[..], b"shared state");
+/// // One call with its own deadline:
+/// let quick = client.with_timeout(std::time::Duration::from_millis(200));
+/// quick.info(ptr).await?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
-    tasks: Arc<Tasks>,
-    hello: HelloInfo,
-    options: Options,
-    peer: SocketAddr,
+    pub(crate) shared: Arc<Shared>,
+    _guard: Arc<Guard>,
+    /// Per-clone deadline (`None`: the options' `request_timeout`).
+    timeout: Option<Option<Duration>>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("peer", &self.peer)
-            .field("identity", &self.hello.identity)
+            .field("peer", &self.peer_addr())
+            .field("identity", &self.identity())
+            .field("state", &self.state())
             .finish()
     }
 }
 
 impl Client {
-    /// Connects with default [`Options`].
-    pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> Result<Client> {
+    /// Connects with default [`Options`]. `addr` is `"host:port"` or a
+    /// [`SocketAddr`] (anything that prints as one; host names are looked up again at
+    /// each reconnect).
+    pub async fn connect(addr: impl std::fmt::Display) -> Result<Client> {
         Client::connect_with(addr, Options::default()).await
     }
 
     /// Connects, then asks HELLO for the server's limits and this client's identity.
-    pub async fn connect_with(
-        addr: impl tokio::net::ToSocketAddrs,
-        options: Options,
-    ) -> Result<Client> {
-        let stream = tokio::time::timeout(options.connect_timeout, open(addr, &options))
-            .await
-            .map_err(|_| Error::Timeout)??;
-        let peer = stream.peer_addr()?;
-        stream.set_nodelay(true)?;
-        #[cfg(target_os = "linux")]
-        let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(netswap_proto::NOTSENT_LOWAT);
-        let (rd, wr) = stream.into_split();
-        let inner = Arc::new(Inner {
-            out: Mutex::new(OutQueue::new()),
-            wake_writer: Notify::new(),
-            routes: Mutex::new(HashMap::new()),
-            next_xid: AtomicU32::new(1),
-            closed: AtomicBool::new(false),
-            close_reason: Mutex::new(None),
-        });
-        let tasks = Arc::new(Tasks {
-            reader: tokio::spawn(read_loop(inner.clone(), rd)),
-            writer: tokio::spawn(write_loop(inner.clone(), wr)),
-            inner: inner.clone(),
-        });
-        let mut client = Client {
-            inner,
-            tasks,
-            hello: HelloInfo {
-                protocol: 0,
-                max_record_bytes: 0,
-                max_message_bytes: 0,
-                orphan_grace_secs: 0,
-                identity: Identity([0; 32]),
-            },
+    /// The first connection is not retried: a server that cannot be reached now is
+    /// an error here. Later drops are reconnected as `options.reconnect` says.
+    pub async fn connect_with(addr: impl std::fmt::Display, options: Options) -> Result<Client> {
+        let addr = addr.to_string();
+        let shared = Arc::new(Shared {
+            addr: addr.clone(),
             options,
-            peer,
-        };
-        client.hello = tokio::time::timeout(client.options.connect_timeout, client.hello())
-            .await
-            .map_err(|_| Error::Timeout)??;
-        Ok(client)
+            current: Mutex::new(None),
+            last: Mutex::new((
+                HelloInfo {
+                    protocol: 0,
+                    max_record_bytes: 0,
+                    max_message_bytes: 0,
+                    orphan_grace_secs: 0,
+                    identity: Identity([0; 32]),
+                },
+                SocketAddr::from(([0, 0, 0, 0], 0)),
+            )),
+            state: watch::channel(ConnectionState::Connected).0,
+            watches: Mutex::new(HashMap::new()),
+            next_watch: AtomicU64::new(1),
+            generation: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            supervisor: Mutex::new(None),
+        });
+        let conn = Conn::open(&addr, &shared.options, 1, Arc::downgrade(&shared)).await?;
+        shared.install(conn.clone());
+        let supervisor = tokio::spawn(shared.clone().supervise(conn));
+        *lock(&shared.supervisor) = Some(supervisor);
+        Ok(Client {
+            _guard: Arc::new(Guard(shared.clone())),
+            shared,
+            timeout: None,
+        })
     }
 
-    /// The server's address.
+    /// A handle on the same connection whose calls wait at most `timeout` (`None`: no
+    /// limit), instead of [`Options::request_timeout`].
+    pub fn with_timeout(&self, timeout: impl Into<Option<Duration>>) -> Client {
+        Client {
+            timeout: Some(timeout.into()),
+            ..self.clone()
+        }
+    }
+
+    fn deadline(&self, started: Instant) -> Option<Instant> {
+        self.timeout
+            .unwrap_or(self.shared.options.request_timeout)
+            .map(|t| started + t)
+    }
+
+    /// The server's address (of the current or last connection).
     pub fn peer_addr(&self) -> SocketAddr {
-        self.peer
+        lock(&self.shared.last).1
     }
 
-    /// What the server said at connect time (limits, protocol version).
-    pub fn server_info(&self) -> &HelloInfo {
-        &self.hello
+    /// What the server said when the current (or last) connection began: limits,
+    /// protocol version, this client's identity.
+    pub fn server_info(&self) -> HelloInfo {
+        lock(&self.shared.last).0
     }
 
     /// This client's identity on the server (the hash of its IP address).
     pub fn identity(&self) -> Identity {
-        self.hello.identity
+        self.server_info().identity
     }
 
-    /// True once the connection has ended (every later call fails with
-    /// [`Error::Disconnected`]).
+    /// Where the connection stands now.
+    pub fn state(&self) -> ConnectionState {
+        self.shared.state.borrow().clone()
+    }
+
+    /// Every change of [`Client::state`], with its reason (a `tokio::sync::watch`
+    /// receiver: `changed().await`, then `borrow()`).
+    pub fn state_changes(&self) -> watch::Receiver<ConnectionState> {
+        self.shared.state.subscribe()
+    }
+
+    /// Requests waiting for their replies on the current connection.
+    pub fn in_flight(&self) -> usize {
+        self.shared.current_conn().map_or(0, |c| c.in_flight())
+    }
+
+    /// Bytes of requests waiting to be written to the current connection (a server
+    /// that does not read makes them wait; cancelled calls take theirs back).
+    pub fn unsent_bytes(&self) -> usize {
+        self.shared.current_conn().map_or(0, |c| c.unsent_bytes())
+    }
+
+    /// True once the client is closed for good (every later call fails with
+    /// [`Error::Disconnected`]). A connection being replaced is not closed.
     pub fn is_closed(&self) -> bool {
-        self.inner.closed.load(Ordering::Acquire)
+        self.shared.closed.load(Ordering::Acquire)
     }
 
-    /// Closes the connection now; pending calls fail with [`Error::Disconnected`].
+    /// Closes the client now: pending calls fail with [`Error::Disconnected`], watches
+    /// end, and it does not reconnect.
     pub fn close(&self) {
-        self.inner.fail_all("the client was closed".into());
-        self.tasks.reader.abort();
-        self.tasks.writer.abort();
+        self.shared.shut("the client was closed".into());
     }
 
+    /// Sends `request` and waits for its reply. Reads are sent again once if the
+    /// connection drops before their reply; other requests then fail with
+    /// [`Error::Disconnected`]. Waiting for a connection counts against the deadline.
     async fn call(&self, request: Request) -> Result<Reply> {
-        let (tx, rx) = oneshot::channel();
-        let xid = self.inner.register(Route::Call {
-            op: request.opcode(),
-            tx,
-        })?;
-        self.inner.send(&request, xid);
-        self.wait(xid, rx).await
-    }
-
-    async fn wait(&self, xid: u32, rx: oneshot::Receiver<Result<Reply>>) -> Result<Reply> {
-        let reply = match self.options.request_timeout {
-            None => rx.await,
-            Some(t) => match tokio::time::timeout(t, rx).await {
-                Ok(r) => r,
-                Err(_) => {
-                    // Keep the XID taken until the late reply arrives.
-                    if let Some(r) = lock(&self.inner.routes).get_mut(&xid) {
-                        *r = Route::Discard { then_free: None };
+        let started = Instant::now();
+        let deadline = self.deadline(started);
+        let op = request.opcode();
+        let idempotent = matches!(
+            op,
+            Opcode::Read | Opcode::Info | Opcode::Hello | Opcode::Stats
+        );
+        let mut resent = false;
+        loop {
+            let conn = self.shared.connection(started, deadline, &request).await?;
+            let Ok(pending) = conn.start(&request) else {
+                continue; // it closed just now, before this left: wait for the next one
+            };
+            match pending.wait(started, deadline).await {
+                Err(Error::Disconnected(reason)) if conn.is_closed() && !self.is_closed() => {
+                    if idempotent && !resent && self.shared.options.reconnect.enabled {
+                        resent = true;
+                        continue;
                     }
-                    return Err(Error::Timeout);
+                    return Err(Error::Disconnected(format!(
+                        "the connection was lost while {} was in flight ({reason}); its outcome is unknown",
+                        describe(op, request.pointer())
+                    )));
                 }
-            },
-        };
-        let reply = reply.map_err(|_| self.inner.disconnected())??;
-        match reply {
-            Reply::Error { status, reason } => Err(Error::from_status(status, reason.into_owned())),
-            Reply::Conflict(current) => Err(Error::Conflict { current }),
-            r => Ok(r),
+                r => return r,
+            }
         }
     }
 
@@ -369,14 +243,17 @@ impl Client {
 
     /// Largest data one request may carry after a `head`-byte header.
     fn room(&self, head: u64) -> u64 {
-        self.hello.max_message_bytes.saturating_sub(head).max(1)
+        self.server_info()
+            .max_message_bytes
+            .saturating_sub(head)
+            .max(1)
     }
 
     fn check_record_size(&self, len: u64) -> Result<()> {
-        if len > self.hello.max_record_bytes {
+        let max = self.server_info().max_record_bytes;
+        if len > max {
             return Err(Error::TooLarge(format!(
-                "record of {len} bytes is over the server's limit of {} bytes",
-                self.hello.max_record_bytes
+                "record of {len} bytes is over the server's limit of {max} bytes"
             )));
         }
         if len > MAX_MESSAGE {
@@ -435,33 +312,32 @@ impl Client {
     /// are sent round-robin, so messages with the same frame count finish in the
     /// order they were queued: the full-size chunks are pipelined together, and a
     /// shorter tail is sent only once they are acknowledged (it would otherwise
-    /// overtake them).
+    /// overtake them). All of them go on one connection.
     async fn write_chunks(&self, ptr: Pointer, offset: u64, data: Bytes) -> Result<Version> {
+        let started = Instant::now();
+        let deadline = self.deadline(started);
         let room = self.room(WRITE_AT_HEAD) as usize;
         let full = data.len() / room;
+        let conn = self
+            .shared
+            .connection(started, deadline, &Request::Delete { ptr })
+            .await?;
         let mut version = 0;
         let mut at = 0usize;
         let send_batch = async |count: usize, at: &mut usize| -> Result<Version> {
-            let mut pending = Vec::with_capacity(count);
+            let mut pending: Vec<Pending> = Vec::with_capacity(count);
             for _ in 0..count {
                 let end = (*at + room).min(data.len());
-                let (tx, rx) = oneshot::channel();
-                let request = Request::WriteAt {
+                pending.push(conn.start(&Request::WriteAt {
                     ptr,
                     offset: offset + *at as u64,
                     data: data.slice(*at..end),
-                };
-                let xid = self.inner.register(Route::Call {
-                    op: Opcode::WriteAt,
-                    tx,
-                })?;
-                self.inner.send(&request, xid);
-                pending.push((xid, rx));
+                })?);
                 *at = end;
             }
             let mut version = 0;
-            for (xid, rx) in pending {
-                match self.wait(xid, rx).await? {
+            for p in pending {
+                match p.wait(started, deadline).await? {
                     Reply::Written(v) => version = v,
                     r => return Self::unexpected(r),
                 }
@@ -533,7 +409,14 @@ impl Client {
         offset: u64,
         data: impl Into<Bytes>,
     ) -> Result<Version> {
-        self.write_chunks(ptr, offset, data.into()).await
+        let data = data.into();
+        if data.len() as u64 <= self.room(WRITE_AT_HEAD) {
+            return match self.call(Request::WriteAt { ptr, offset, data }).await? {
+                Reply::Written(v) => Ok(v),
+                r => Self::unexpected(r),
+            };
+        }
+        self.write_chunks(ptr, offset, data).await
     }
 
     /// Replaces the data only if the record is still at version `expected`;
@@ -589,7 +472,7 @@ impl Client {
     }
 
     /// Hands the record to another identity, given as an [`Identity`] or an
-    /// [`IpAddr`] (owner only).
+    /// [`std::net::IpAddr`] (owner only).
     pub async fn transfer(&self, ptr: Pointer, to: impl Into<NewOwner>) -> Result<()> {
         self.done(Request::Transfer { ptr, to: to.into() }).await
     }
@@ -604,200 +487,228 @@ impl Client {
 
     /// Watches a record: the stream yields an event for every change, deletion or
     /// owner or access change. Dropping the stream unwatches. The stream ends after a
-    /// [`Event::Deleted`] or when the connection closes.
+    /// [`netswap_proto::Event::Deleted`] or when the client is closed; a connection
+    /// that drops and comes back does not end it (see [`Client::watch_with`]).
     pub async fn watch(&self, ptr: Pointer) -> Result<Watch> {
-        let (ack, ack_rx) = oneshot::channel();
-        let (events, rx) = mpsc::unbounded_channel();
-        let xid = self.inner.register(Route::Watch {
-            ack: Some(ack),
-            events,
-        })?;
-        self.inner.send(&Request::Watch { ptr }, xid);
-        match self.wait(xid, ack_rx).await? {
-            Reply::Done => Ok(Watch {
-                inner: self.inner.clone(),
-                _tasks: self.tasks.clone(),
-                ptr,
-                xid,
-                rx,
-                ended: false,
-            }),
-            r => Self::unexpected(r),
+        self.watch_with(ptr, 0).await
+    }
+
+    /// Watches a record, at most one event per `min_interval_ms` (0: every event;
+    /// changes in between are merged by the server: the event carries the latest
+    /// version). After a reconnect the watch is registered again; if the record
+    /// changed (or was deleted, or changed owner or access bits) while the
+    /// connection was down, an event says so.
+    pub async fn watch_with(&self, ptr: Pointer, min_interval_ms: u32) -> Result<Watch> {
+        let options = WatchOptions {
+            data: false,
+            state: true,
+            min_interval_ms,
+        };
+        let (id, rx) = self.shared.add_watch(ptr, options);
+        let watch = Watch::new(self.clone(), id, ptr, rx);
+        self.register_new(id).await?;
+        Ok(watch)
+    }
+
+    /// A local copy of a record, kept exact by a data watch: the server pushes the
+    /// bytes each change wrote, the mirror applies them in version order, and
+    /// repairs itself from a fresh copy whenever a change could not come as bytes (a
+    /// gap in the versions, a merge too large, a reconnect). Needs READ access.
+    pub async fn mirror(&self, ptr: Pointer) -> Result<Mirror> {
+        self.mirror_with(ptr, 0).await
+    }
+
+    /// A mirror that receives at most one update per `min_interval_ms` (a game's
+    /// tick): changes in between are merged by the server into one delta.
+    pub async fn mirror_with(&self, ptr: Pointer, min_interval_ms: u32) -> Result<Mirror> {
+        let options = WatchOptions {
+            data: true,
+            state: true,
+            min_interval_ms,
+        };
+        let (id, state, rx) = self.shared.add_mirror(ptr, options);
+        let mirror = Mirror::new(self.clone(), id, ptr, state, rx);
+        self.register_new(id).await?;
+        Ok(mirror)
+    }
+
+    /// Registers a new watch on the connection (a WATCH is a read: sent again once
+    /// if the connection drops first).
+    async fn register_new(&self, id: u64) -> Result<()> {
+        let started = Instant::now();
+        let deadline = self.deadline(started);
+        let mut resent = false;
+        loop {
+            let request = self.shared.watch_request(id)?;
+            let conn = self.shared.connection(started, deadline, &request).await?;
+            match self
+                .shared
+                .register(id, &conn, None, started, deadline)
+                .await
+            {
+                Err(Error::Disconnected(_)) if conn.is_closed() && !self.is_closed() && !resent => {
+                    resent = true;
+                }
+                r => return r,
+            }
         }
     }
 }
 
-/// A stream of [`WatchEvent`]s for one record; dropping it unwatches.
-pub struct Watch {
-    inner: Arc<Inner>,
-    _tasks: Arc<Tasks>,
-    ptr: Pointer,
-    xid: u32,
-    rx: mpsc::UnboundedReceiver<WatchEvent>,
-    ended: bool,
-}
-
-impl std::fmt::Debug for Watch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watch").field("ptr", &self.ptr).finish()
-    }
-}
-
-impl Watch {
-    /// The watched record.
-    pub fn pointer(&self) -> Pointer {
-        self.ptr
+impl Shared {
+    pub(crate) fn current_conn(&self) -> Option<Arc<Conn>> {
+        lock(&self.current).clone()
     }
 
-    /// The next event; `None` once the record is deleted or the connection closed.
-    pub async fn next(&mut self) -> Option<WatchEvent> {
-        let e = self.rx.recv().await;
-        self.note(e)
+    fn install(&self, conn: Arc<Conn>) {
+        *lock(&self.last) = (*conn.hello(), conn.peer);
+        *lock(&self.current) = Some(conn);
+        self.state.send_replace(ConnectionState::Connected);
     }
 
-    /// Like [`Watch::next`], from synchronous code, blocking the thread.
-    pub(crate) fn blocking_next(&mut self) -> Option<WatchEvent> {
-        let e = self.rx.blocking_recv();
-        self.note(e)
-    }
-
-    fn note(&mut self, e: Option<WatchEvent>) -> Option<WatchEvent> {
-        match e {
-            Some(ev) if ev.event == Event::Deleted => self.ended = true,
-            None => self.ended = true,
-            _ => {}
-        }
-        e
-    }
-}
-
-impl futures_core::Stream for Watch {
-    type Item = WatchEvent;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WatchEvent>> {
-        let polled = self.rx.poll_recv(cx);
-        match polled {
-            Poll::Ready(e) => Poll::Ready(self.note(e)),
-            Poll::Pending => Poll::Pending,
+    /// The connection to send on: the current one, or the next one (waiting up to
+    /// `deadline` while the client reconnects).
+    pub(crate) async fn connection(
+        &self,
+        started: Instant,
+        deadline: Option<Instant>,
+        request: &Request,
+    ) -> Result<Arc<Conn>> {
+        let mut rx = self.state.subscribe();
+        loop {
+            if let ConnectionState::Closed { reason } = &*rx.borrow_and_update() {
+                return Err(Error::Disconnected(reason.clone()));
+            }
+            if let Some(c) = self.current_conn()
+                && !c.is_closed()
+            {
+                return Ok(c);
+            }
+            let changed = rx.changed();
+            let r = match deadline {
+                None => changed.await,
+                Some(d) => match tokio::time::timeout_at(d, changed).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(Error::Timeout {
+                            what: format!(
+                                "the connection to come back, to send {}",
+                                describe(request.opcode(), request.pointer())
+                            ),
+                            waited: started.elapsed(),
+                            in_flight: 0,
+                        });
+                    }
+                },
+            };
+            if r.is_err() {
+                return Err(Error::Disconnected("the client was closed".into()));
+            }
         }
     }
-}
 
-impl Drop for Watch {
-    fn drop(&mut self) {
-        if self.ended || self.inner.closed.load(Ordering::Acquire) {
+    /// Closes the client for good.
+    pub(crate) fn shut(&self, reason: String) {
+        if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        // Unwatch without waiting: the watch XID stays taken until the UNWATCH's
-        // reply arrives, so no late NOTIFY can reach a new call with that XID.
-        let mut routes = lock(&self.inner.routes);
-        if let Some(r) = routes.get_mut(&self.xid) {
-            *r = Route::Discard { then_free: None };
-        } else {
-            return; // already ended (deleted)
+        if let Some(s) = lock(&self.supervisor).take() {
+            s.abort();
         }
-        drop(routes);
-        if let Ok(xid) = self.inner.register(Route::Discard {
-            then_free: Some(self.xid),
-        }) {
-            self.inner.send(&Request::Unwatch { ptr: self.ptr }, xid);
+        self.state.send_replace(ConnectionState::Closed {
+            reason: reason.clone(),
+        });
+        if let Some(c) = lock(&self.current).take() {
+            c.kill(reason);
         }
+        // Every watch stream ends.
+        lock(&self.watches).clear();
     }
-}
 
-async fn open(addr: impl tokio::net::ToSocketAddrs, options: &Options) -> Result<TcpStream> {
-    let mut last = None;
-    for addr in lookup_host(addr).await? {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(ip) = options.local_addr {
-            if ip.is_ipv4() != addr.is_ipv4() {
-                continue;
-            }
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
-        match socket.connect(addr).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(Error::Io(last.unwrap_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no address to connect to (or none of the local address's family)",
-        )
-    })))
-}
-
-async fn read_loop(inner: Arc<Inner>, rd: OwnedReadHalf) {
-    let reasm = Reassembler::new(ReassemblyLimits {
-        max_message_bytes: MAX_MESSAGE,
-        max_partial_messages: usize::MAX,
-        max_partial_bytes: u64::MAX,
-    });
-    let mut rx = Receiver::new(reasm, READ_CHUNK);
-    let reason = loop {
-        let n = match crate::raw::read_frames(rd.as_ref(), &mut rx).await {
-            Ok(0) => break "the server closed the connection".to_string(),
-            Ok(n) => n,
-            Err(e) => break format!("read failed: {e}"),
-        };
-        let mut broken = None;
+    /// Waits for the connection to end (or to stop answering), then replaces it;
+    /// watches are registered again on each new connection.
+    async fn supervise(self: Arc<Self>, mut conn: Arc<Conn>) {
         loop {
-            match rx.next_inbound() {
-                Ok(None) => break,
-                Ok(Some(Inbound::Message(m))) => {
-                    if m.xid == RESERVED_XID {
-                        // The server speaks for itself just before closing.
-                        let reason = String::from_utf8_lossy(&m.payload).into_owned();
-                        *lock(&inner.close_reason) =
-                            Some(format!("the server closed the connection: {reason}"));
-                    } else if m.op == netswap_proto::Status::ProtocolError as u8 {
-                        let reason = String::from_utf8_lossy(&m.payload).into_owned();
-                        *lock(&inner.close_reason) =
-                            Some(format!("the server reported a protocol error: {reason}"));
-                        inner.deliver(m.xid, m.op, m.arg, m.payload);
-                    } else {
-                        inner.deliver(m.xid, m.op, m.arg, m.payload);
-                    }
-                }
-                Ok(Some(Inbound::Refused { .. })) => {}
-                Err(e) => {
-                    broken = Some(format!("the server's framing is broken: {}", e.error));
-                    break;
-                }
+            tokio::select! {
+                _ = conn.ended() => {}
+                _ = keepalive(&conn, self.options.keepalive) => {}
             }
-        }
-        if let Some(b) = broken {
-            break b;
-        }
-        if n >= READ_CHUNK / 2 {
-            // A large reply is streaming in: let the tasks it just answered run now,
-            // not after tokio's budget of reads (megabytes later).
-            tokio::task::yield_now().await;
-        }
-    };
-    inner.fail_all(reason);
-}
-
-async fn write_loop(inner: Arc<Inner>, mut wr: OwnedWriteHalf) {
-    // Vectored writes: large payloads go to the kernel from the caller's buffers.
-    let mut buf = WriteBuf::new();
-    loop {
-        let written = buf.fill(&mut lock(&inner.out), WRITE_CHUNK);
-        if written == 0 {
-            if inner.closed.load(Ordering::Acquire) {
-                let _ = wr.shutdown().await;
+            if self.closed.load(Ordering::Acquire) {
                 return;
             }
-            inner.wake_writer.notified().await;
+            let mut reason = match conn.disconnected() {
+                Error::Disconnected(r) => r,
+                e => e.to_string(),
+            };
+            if !self.options.reconnect.enabled {
+                self.shut(reason);
+                return;
+            }
+            let mut attempt = 0;
+            conn = loop {
+                attempt += 1;
+                if self
+                    .options
+                    .reconnect
+                    .max_attempts
+                    .is_some_and(|m| attempt > m)
+                {
+                    self.shut(format!(
+                        "gave up reconnecting after {} attempts: {reason}",
+                        attempt - 1
+                    ));
+                    return;
+                }
+                self.state.send_replace(ConnectionState::Reconnecting {
+                    attempt,
+                    reason: reason.clone(),
+                });
+                let window = self.options.reconnect.window(attempt);
+                let pause = rand::rng().random_range(Duration::ZERO..=window);
+                tokio::time::sleep(pause).await;
+                let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                match Conn::open(&self.addr, &self.options, generation, Arc::downgrade(&self)).await
+                {
+                    Ok(c) => break c,
+                    Err(e) => reason = format!("connecting again failed: {e}"),
+                }
+            };
+            if self.closed.load(Ordering::Acquire) {
+                conn.kill("the client was closed".into());
+                return;
+            }
+            self.install(conn.clone());
+            self.register_all_again(&conn).await;
+        }
+    }
+}
+
+/// Resolves when `conn` did not answer a keepalive (and kills it); never resolves
+/// without keepalives.
+async fn keepalive(conn: &Arc<Conn>, every: Option<Duration>) {
+    let Some(every) = every else {
+        return std::future::pending().await;
+    };
+    loop {
+        let quiet = conn.quiet_for();
+        if quiet < every {
+            tokio::time::sleep(every - quiet).await;
             continue;
         }
-        if let Err(e) = wr.write_all_buf(&mut buf).await {
-            inner.fail_all(format!("write failed: {e}"));
-            return;
+        let started = Instant::now();
+        let Ok(pending) = conn.start(&Request::Hello) else {
+            return std::future::pending().await; // closed: `ended` resolves
+        };
+        match pending.wait(started, Some(started + every)).await {
+            Ok(_) => {}
+            Err(Error::Timeout { .. }) => {
+                conn.kill(format!(
+                    "the server did not answer a keepalive within {} ms",
+                    every.as_millis()
+                ));
+                return;
+            }
+            Err(_) => return std::future::pending().await,
         }
     }
 }

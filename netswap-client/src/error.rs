@@ -36,10 +36,22 @@ pub enum Error {
     /// Connecting, reading or writing failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
-    /// No reply within the request timeout (or no connection within the connect timeout).
-    #[error("timed out")]
-    Timeout,
-    /// The connection is closed; the call was not (or not surely) applied.
+    /// No reply within the call's deadline (or no connection within the connect
+    /// timeout). Says what it waited for.
+    #[error("timed out after {} ms waiting for {what} ({in_flight} requests in flight on the connection)", waited.as_millis())]
+    Timeout {
+        /// What the call waited for, e.g. `"READ of 9c1f03e27a4b5d10"` or `"the
+        /// connection"`.
+        what: String,
+        /// How long it waited.
+        waited: std::time::Duration,
+        /// Requests in flight on the connection when it gave up (itself included).
+        in_flight: usize,
+    },
+    /// The connection is gone: the client is closed, or the connection dropped while
+    /// a request that is not idempotent was in flight. Its outcome is unknown (it may
+    /// or may not have been applied); it is never re-sent blindly. Reads (READ, INFO,
+    /// HELLO, STATS, WATCH) are re-sent once on the new connection instead.
     #[error("disconnected: {0}")]
     Disconnected(String),
     /// The server sent something this client cannot understand.
@@ -72,7 +84,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::Io(_) => "IO",
-            Error::Timeout => "TIMEOUT",
+            Error::Timeout { .. } => "TIMEOUT",
             Error::Disconnected(_) => "DISCONNECTED",
             Error::BadReply(_) => "BAD_REPLY",
             Error::InvalidArgument(_) => "INVALID_ARGUMENT",
@@ -117,7 +129,16 @@ mod tests {
             }
         }
         assert_eq!(Error::Conflict { current: 3 }.code(), "CONFLICT");
-        assert_eq!(Error::Timeout.code(), "TIMEOUT");
+        let t = Error::Timeout {
+            what: "READ of 0000000000000001".into(),
+            waited: std::time::Duration::from_millis(2500),
+            in_flight: 3,
+        };
+        assert_eq!(t.code(), "TIMEOUT");
+        assert_eq!(
+            t.to_string(),
+            "timed out after 2500 ms waiting for READ of 0000000000000001 (3 requests in flight on the connection)"
+        );
         assert_eq!(Error::Disconnected("x".into()).code(), "DISCONNECTED");
         assert_eq!(
             Error::InvalidArgument("x".into()).code(),

@@ -4,11 +4,18 @@
 //! a random 64-bit [`Pointer`], hand the pointer to others over any channel, and let
 //! them read, write, watch or take over the record where its [`Access`] bits allow.
 //!
-//! - [`Client`]: async (tokio). One TCP connection shared by any number of tasks;
-//!   requests are pipelined and their frames interleaved fairly, so a large upload
-//!   does not delay a small read issued after it.
+//! - [`Client`]: async (tokio). One TCP connection shared by any number of tasks
+//!   (`Clone + Send + Sync`); requests are pipelined and their frames interleaved
+//!   fairly, so a large upload does not delay a small read issued after it.
+//! - It survives the network: a dropped connection is replaced with exponential
+//!   backoff and jitter ([`Reconnect`]), watches are registered again and say what
+//!   changed meanwhile, reads in flight are sent again once, and every call has a
+//!   deadline ([`Client::with_timeout`]) and stops when its future is dropped.
+//!   [`Client::state_changes`] tells when the connection comes and goes.
+//! - [`Client::mirror`]: a local copy of a record kept exact by the bytes the server
+//!   pushes for every change (a data watch).
 //! - [`blocking::Client`]: the same API for synchronous code.
-//! - Binaries: `netswap` (a command-line client, like `redis-cli`).
+//! - The `netswap` CLI and `netswap-bench` live in the `netswap-cli` crate.
 //!
 //! ```no_run
 //! # async fn demo() -> netswap_client::Result<()> {
@@ -39,12 +46,17 @@
 
 pub mod blocking;
 mod client;
+mod conn;
 mod error;
+mod options;
 pub mod raw;
+mod watch;
 
-pub use client::{Client, Options, Watch, WatchEvent};
+pub use client::Client;
 pub use error::{Error, Result};
 pub use netswap_proto::{
     Access, Event, HelloInfo, Identity, NewOwner, ParsePointerError, Pointer, RecordInfo, Status,
     Version,
 };
+pub use options::{ConnectionState, Options, Reconnect};
+pub use watch::{Mirror, MirrorEvent, Watch, WatchEvent};

@@ -4,7 +4,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use netswap_client::{Access, Client, Error, Event, Options, Pointer, RecordInfo, blocking};
+use netswap_client::{
+    Access, Client, Error, Event, Options, Pointer, Reconnect, RecordInfo, blocking,
+};
 use netswap_proto::{Reply, Request, decode_frame};
 use netswap_server::{RunningServer, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -283,7 +285,7 @@ async fn a_silent_server_times_out_the_request() {
     )
     .await
     .unwrap();
-    assert!(matches!(c.hello().await, Err(Error::Timeout)));
+    assert!(matches!(c.hello().await, Err(Error::Timeout { .. })));
 }
 
 #[tokio::test]
@@ -295,9 +297,11 @@ async fn a_connection_dying_mid_request_fails_every_pending_call() {
         drop(s);
     })
     .await;
-    let c = Client::connect_with(addr, Options::default())
-        .await
-        .unwrap();
+    let no_reconnect = Options {
+        reconnect: Reconnect::disabled(),
+        ..Options::default()
+    };
+    let c = Client::connect_with(addr, no_reconnect).await.unwrap();
     let p = Pointer::new(5).unwrap();
     let calls: Vec<_> = (0..10)
         .map(|_| {
@@ -314,12 +318,21 @@ async fn a_connection_dying_mid_request_fails_every_pending_call() {
     }
     assert!(c.is_closed());
     assert!(matches!(c.hello().await, Err(Error::Disconnected(_))));
+    assert_eq!(c.state().name(), "CLOSED");
 }
 
 #[tokio::test]
-async fn server_shutdown_fails_calls_clearly() {
+async fn server_shutdown_fails_calls_clearly_without_reconnection() {
     let srv = server(|_| {});
-    let c = client(&srv, 2).await;
+    let c = Client::connect_with(
+        srv.addr(),
+        Options {
+            reconnect: Reconnect::disabled(),
+            ..from(2)
+        },
+    )
+    .await
+    .unwrap();
     c.hello().await.unwrap();
     tokio::task::spawn_blocking(move || srv.stop().unwrap())
         .await
@@ -365,7 +378,7 @@ fn connect_errors_are_clear() {
         .local_addr()
         .unwrap()
         .port();
-    let e = blocking::Client::connect(&format!("127.0.0.1:{port}")).unwrap_err();
+    let e = blocking::Client::connect(format!("127.0.0.1:{port}")).unwrap_err();
     assert!(matches!(e, Error::Io(_)), "{e}");
     assert_eq!(e.code(), "IO");
     let e = blocking::Client::connect("not an address").unwrap_err();

@@ -188,7 +188,7 @@ fn from_error(e: &Error) -> netswap_result {
         Error::ProtocolError(_) => NETSWAP_PROTOCOL_ERROR,
         Error::Busy(_) => NETSWAP_BUSY,
         Error::Io(_) => NETSWAP_IO,
-        Error::Timeout => NETSWAP_TIMEOUT,
+        Error::Timeout { .. } => NETSWAP_TIMEOUT,
         Error::Disconnected(_) => NETSWAP_DISCONNECTED,
         Error::BadReply(_) => NETSWAP_BAD_REPLY,
         Error::InvalidArgument(_) => NETSWAP_INVALID_ARGUMENT,

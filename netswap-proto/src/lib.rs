@@ -47,10 +47,11 @@ pub use frame::{
 };
 pub use identity::{Identity, IdentityKey, ParseIdentityError};
 pub use message::{
-    BadReply, HEAD_CAPACITY, Head, HelloInfo, Malformed, NewOwner, OutMessage, RecordInfo, Reply,
-    Request,
+    BadReply, DELTA_HEAD, DELTA_RANGE_HEAD, Delta, EVENT_DELTA, HEAD_CAPACITY, Head, HelloInfo,
+    MAX_WATCH_INTERVAL_MS, Malformed, NewOwner, OutMessage, RecordInfo, Reply, Request, WATCH_DATA,
+    WATCH_STATE, WATCH_STATE_LEN, WatchOptions,
 };
-pub use notify::{NotifyQueue, Pushed};
+pub use notify::{NotifyQueue, Pushed, WatchConfig};
 pub use outbound::{LARGE_MESSAGE, OutFrame, OutQueue, WriteBuf};
 pub use reassembly::{InMessage, Inbound, Reassembler, ReassemblyLimits, SharedBudget};
 pub use receive::{ReceiveError, Receiver};

@@ -137,6 +137,94 @@ impl From<Identity> for NewOwner {
     }
 }
 
+/// What a WATCH asks for beyond v1's bare notifications (all off by default, which
+/// is exactly v1's WATCH: ARG 0, an 8-byte payload, an empty OK).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WatchOptions {
+    /// Notifications carry the changed bytes (NOTIFY event 5, a [`Delta`]), and the
+    /// OK carries the record's state and whole data, so a client can keep an exact
+    /// copy. Implies `state`. ARG bit 0x01.
+    pub data: bool,
+    /// The OK carries the record's state (INFO's fields), so the client knows the
+    /// version the watch starts from. ARG bit 0x02.
+    pub state: bool,
+    /// At most one notification per this many milliseconds for this watch; changes
+    /// in between are merged (0 = none; at most [`MAX_WATCH_INTERVAL_MS`]).
+    pub min_interval_ms: u32,
+}
+
+/// WATCH ARG bit: notifications carry the changed bytes.
+pub const WATCH_DATA: u8 = 0x01;
+/// WATCH ARG bit: the OK carries the record's state.
+pub const WATCH_STATE: u8 = 0x02;
+/// Longest minimum interval a WATCH may ask for: one minute.
+pub const MAX_WATCH_INTERVAL_MS: u32 = 60_000;
+/// NOTIFY ARG of a data change that carries its bytes (a data watch's "changed").
+pub const EVENT_DELTA: u8 = 5;
+/// Bytes of a NOTIFY delta's fixed part: pointer, version, base version, size.
+pub const DELTA_HEAD: usize = 32;
+/// Bytes before each range's data in a NOTIFY delta: offset u64, length u32.
+pub const DELTA_RANGE_HEAD: usize = 12;
+/// Bytes of INFO's fields at the start of a WATCH's OK with state.
+pub const WATCH_STATE_LEN: usize = 18;
+
+impl WatchOptions {
+    /// Options for a watch that keeps an exact copy: data, with the state.
+    pub fn data() -> WatchOptions {
+        WatchOptions {
+            data: true,
+            state: true,
+            min_interval_ms: 0,
+        }
+    }
+
+    /// The OK will carry the record's state (asked for, or implied by `data`).
+    pub fn wants_state(&self) -> bool {
+        self.data || self.state
+    }
+
+    /// These options as WATCH's ARG.
+    pub fn arg(&self) -> u8 {
+        (if self.data { WATCH_DATA } else { 0 }) | (if self.state { WATCH_STATE } else { 0 })
+    }
+}
+
+/// The bytes a data change made, as a data watch's NOTIFY carries them: applied to a
+/// copy of the record at version `base`, they give the record at the NOTIFY's
+/// version. To apply: resize the copy to `size` (cut, or grow with zeros), then write
+/// each range. The ranges cover every byte that changed, including every byte beyond
+/// the old size; they do not overlap and are in ascending order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// The version these changes apply to.
+    pub base: Version,
+    /// The record's size after them.
+    pub size: u64,
+    /// `(offset, bytes)` of every changed range.
+    pub ranges: Vec<(u64, Bytes)>,
+}
+
+impl Delta {
+    /// Bytes this delta takes in a NOTIFY payload.
+    pub fn wire_len(&self) -> usize {
+        DELTA_HEAD
+            + self
+                .ranges
+                .iter()
+                .map(|(_, b)| DELTA_RANGE_HEAD + b.len())
+                .sum::<usize>()
+    }
+
+    /// Applies the delta to `copy`, which must hold the record at version `base`.
+    pub fn apply_to(&self, copy: &mut Vec<u8>) {
+        copy.resize(self.size as usize, 0);
+        for (off, bytes) in &self.ranges {
+            let off = *off as usize;
+            copy[off..off + bytes.len()].copy_from_slice(bytes);
+        }
+    }
+}
+
 /// A client request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -205,6 +293,8 @@ pub enum Request {
     Watch {
         /// The record.
         ptr: Pointer,
+        /// Data, state, rate limit (all off: v1's WATCH).
+        options: WatchOptions,
     },
     /// UNWATCH: end this connection's watch of the record.
     Unwatch {
@@ -262,6 +352,14 @@ fn min_len(payload: &Bytes, op: Opcode, want: usize, what: &str) -> Result<(), M
 }
 
 impl Request {
+    /// A v1 WATCH of `ptr` (no data, no state, no rate limit).
+    pub fn watch(ptr: Pointer) -> Request {
+        Request::Watch {
+            ptr,
+            options: WatchOptions::default(),
+        }
+    }
+
     /// Parses a reassembled request message.
     ///
     /// Checks, in order: the opcode is known; `ARG` is 0 for opcodes without an
@@ -277,6 +375,12 @@ impl Request {
                     op.name()
                 ))
             })?,
+            Opcode::Watch if arg & !(WATCH_DATA | WATCH_STATE) != 0 => {
+                return Err(Malformed::new(format!(
+                    "WATCH: reserved bits set in ARG 0x{arg:02x} (only 0x01 DATA, 0x02 STATE exist)"
+                )));
+            }
+            Opcode::Watch => Access::empty(),
             _ if arg != 0 => {
                 return Err(Malformed::new(format!(
                     "{}: ARG must be 0, got 0x{arg:02x}",
@@ -362,9 +466,30 @@ impl Request {
                 exact_len(&payload, op, 0, "empty")?;
                 Request::Hello
             }
-            Opcode::Watch => Request::Watch {
-                ptr: ptr_only(&payload)?,
-            },
+            Opcode::Watch => {
+                let min_interval_ms = match payload.len() {
+                    8 => 0,
+                    12 => be_u32(&payload[8..]),
+                    n => {
+                        return Err(Malformed::new(format!(
+                            "WATCH: payload must be 8 bytes (pointer) or 12 (pointer, minimum interval in ms), got {n}"
+                        )));
+                    }
+                };
+                if min_interval_ms > MAX_WATCH_INTERVAL_MS {
+                    return Err(Malformed::new(format!(
+                        "WATCH: minimum interval {min_interval_ms} ms is over the limit of {MAX_WATCH_INTERVAL_MS} ms"
+                    )));
+                }
+                Request::Watch {
+                    ptr: pointer_at(&payload, op)?,
+                    options: WatchOptions {
+                        data: arg & WATCH_DATA != 0,
+                        state: arg & WATCH_STATE != 0,
+                        min_interval_ms,
+                    },
+                }
+            }
             Opcode::Unwatch => Request::Unwatch {
                 ptr: ptr_only(&payload)?,
             },
@@ -415,7 +540,7 @@ impl Request {
             | Request::Takeover { ptr }
             | Request::Transfer { ptr, .. }
             | Request::Info { ptr }
-            | Request::Watch { ptr }
+            | Request::Watch { ptr, .. }
             | Request::Unwatch { ptr }
             | Request::ReplaceIf { ptr, .. } => Some(ptr),
         }
@@ -455,12 +580,17 @@ impl Request {
                 head.put(&expected.to_be_bytes());
                 body = data.clone();
             }
+            Request::Watch { options, .. } => {
+                arg = options.arg();
+                if options.min_interval_ms > 0 {
+                    head.put(&options.min_interval_ms.to_be_bytes());
+                }
+            }
             Request::Delete { .. }
             | Request::Takeover { .. }
             | Request::Info { .. }
             | Request::Hello
             | Request::Stats
-            | Request::Watch { .. }
             | Request::Unwatch { .. } => {}
         }
         OutMessage {
@@ -514,6 +644,9 @@ pub enum Reply {
     Data(Bytes),
     /// OK to INFO.
     Info(RecordInfo),
+    /// OK to a WATCH that asked for the state: the record's state when the watch
+    /// began, and (for a data watch) its whole data; empty otherwise.
+    Watching(RecordInfo, Bytes),
     /// OK to HELLO.
     Hello(HelloInfo),
     /// OK to STATS: named counters, in the server's order.
@@ -528,6 +661,8 @@ pub enum Reply {
         ptr: Pointer,
         /// Its version after the event.
         version: Version,
+        /// The changed bytes, on a data watch's "changed" (NOTIFY event 5).
+        delta: Option<Delta>,
     },
     /// Any status that carries a reason.
     Error {
@@ -559,6 +694,7 @@ impl Reply {
             | Reply::Done
             | Reply::Written(_)
             | Reply::Info(_)
+            | Reply::Watching(..)
             | Reply::Hello(_)
             | Reply::Stats(_) => Status::Ok,
             Reply::Data(_) => Status::Data,
@@ -580,10 +716,10 @@ impl Reply {
             // Small values are copied inline: no reference count to touch.
             Reply::Data(d) if d.len() <= HEAD_CAPACITY => head.put(d),
             Reply::Data(d) => body = d.clone(),
-            Reply::Info(i) => {
-                head.put(&i.size.to_be_bytes());
-                head.put(&i.version.to_be_bytes());
-                head.put(&[i.access.bits(), u8::from(i.owned)]);
+            Reply::Info(i) => put_info(&mut head, i),
+            Reply::Watching(i, data) => {
+                put_info(&mut head, i);
+                body = data.clone();
             }
             Reply::Hello(h) => {
                 head.put(&[h.protocol]);
@@ -607,10 +743,35 @@ impl Reply {
                 event,
                 ptr,
                 version,
+                delta,
             } => {
                 arg = *event as u8;
                 head.put(&ptr.to_be_bytes());
                 head.put(&version.to_be_bytes());
+                if let Some(d) = delta {
+                    arg = EVENT_DELTA;
+                    head.put(&d.base.to_be_bytes());
+                    head.put(&d.size.to_be_bytes());
+                    match &d.ranges[..] {
+                        [] => {}
+                        // One range (every change that is not merged): its head
+                        // inline, its bytes shared.
+                        [(off, bytes)] => {
+                            head.put(&off.to_be_bytes());
+                            head.put(&(bytes.len() as u32).to_be_bytes());
+                            body = bytes.clone();
+                        }
+                        ranges => {
+                            let mut b = BytesMut::with_capacity(d.wire_len() - DELTA_HEAD);
+                            for (off, bytes) in ranges {
+                                b.extend_from_slice(&off.to_be_bytes());
+                                b.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                                b.extend_from_slice(bytes);
+                            }
+                            body = b.freeze();
+                        }
+                    }
+                }
             }
             Reply::Error { reason, .. } => {
                 body = match reason {
@@ -658,6 +819,7 @@ impl Reply {
                 want(8)?;
                 Reply::Conflict(be_u64(&payload))
             }
+            Status::Notify if arg == EVENT_DELTA => parse_delta(&payload)?,
             Status::Notify => {
                 want(16)?;
                 let event = Event::from_u8(arg)
@@ -668,6 +830,7 @@ impl Reply {
                     event,
                     ptr,
                     version: be_u64(&payload[8..]),
+                    delta: None,
                 }
             }
             Status::Ok => match request {
@@ -684,12 +847,16 @@ impl Reply {
                 }
                 Some(Opcode::Info) => {
                     want(18)?;
-                    Reply::Info(RecordInfo {
-                        size: be_u64(&payload),
-                        version: be_u64(&payload[8..]),
-                        access: Access::from_bits_truncate(payload[16]),
-                        owned: payload[17] & 1 == 1,
-                    })
+                    Reply::Info(info_at(&payload))
+                }
+                Some(Opcode::Watch) if !payload.is_empty() => {
+                    if payload.len() < WATCH_STATE_LEN {
+                        return Err(BadReply(format!(
+                            "WATCH's OK must carry 0 bytes or at least {WATCH_STATE_LEN}, got {}",
+                            payload.len()
+                        )));
+                    }
+                    Reply::Watching(info_at(&payload), payload.slice(WATCH_STATE_LEN..))
                 }
                 Some(Opcode::Hello) => {
                     want(53)?;
@@ -713,6 +880,72 @@ impl Reply {
             },
         })
     }
+}
+
+fn put_info(head: &mut Head, i: &RecordInfo) {
+    head.put(&i.size.to_be_bytes());
+    head.put(&i.version.to_be_bytes());
+    head.put(&[i.access.bits(), u8::from(i.owned)]);
+}
+
+fn info_at(b: &[u8]) -> RecordInfo {
+    RecordInfo {
+        size: be_u64(b),
+        version: be_u64(&b[8..]),
+        access: Access::from_bits_truncate(b[16]),
+        owned: b[17] & 1 == 1,
+    }
+}
+
+/// A data watch's NOTIFY (event 5): `ptr ver base size`, then ranges of `off len
+/// bytes` to the end of the payload.
+fn parse_delta(b: &Bytes) -> Result<Reply, BadReply> {
+    if b.len() < DELTA_HEAD {
+        return Err(BadReply(format!(
+            "NOTIFY with data must carry at least {DELTA_HEAD} bytes, got {}",
+            b.len()
+        )));
+    }
+    let ptr = Pointer::new(be_u64(b)).ok_or_else(|| BadReply("NOTIFY for pointer 0".into()))?;
+    let version = be_u64(&b[8..]);
+    let base = be_u64(&b[16..]);
+    let size = be_u64(&b[24..]);
+    if base >= version {
+        return Err(BadReply(format!(
+            "NOTIFY delta from version {base} to {version} does not go forward"
+        )));
+    }
+    let mut ranges = Vec::new();
+    let mut at = DELTA_HEAD;
+    let mut end_of_last = 0u64;
+    while at < b.len() {
+        let Some(h) = b.get(at..at + DELTA_RANGE_HEAD) else {
+            return Err(BadReply("NOTIFY delta: a range header is cut short".into()));
+        };
+        let off = be_u64(h);
+        let len = be_u32(&h[8..]) as usize;
+        let start = at + DELTA_RANGE_HEAD;
+        if b.len() - start < len {
+            return Err(BadReply(
+                "NOTIFY delta: a range's bytes are cut short".into(),
+            ));
+        }
+        let end = off.checked_add(len as u64).filter(|e| *e <= size);
+        if off < end_of_last || end.is_none() {
+            return Err(BadReply(format!(
+                "NOTIFY delta: range at {off} ({len} bytes) overlaps the one before or passes the size {size}"
+            )));
+        }
+        end_of_last = end.unwrap_or(0);
+        ranges.push((off, b.slice(start..start + len)));
+        at = start + len;
+    }
+    Ok(Reply::Notify {
+        event: Event::Changed,
+        ptr,
+        version,
+        delta: Some(Delta { base, size, ranges }),
+    })
 }
 
 /// STATS's payload: count u16, then per entry a name (length u8, ASCII) and a u64.
@@ -797,7 +1030,26 @@ mod tests {
             },
             Request::Info { ptr: p(8) },
             Request::Hello,
-            Request::Watch { ptr: p(9) },
+            Request::Watch {
+                ptr: p(9),
+                options: WatchOptions::default(),
+            },
+            Request::Watch {
+                ptr: p(9),
+                options: WatchOptions {
+                    data: true,
+                    state: false,
+                    min_interval_ms: 50,
+                },
+            },
+            Request::Watch {
+                ptr: p(9),
+                options: WatchOptions {
+                    data: false,
+                    state: true,
+                    min_interval_ms: MAX_WATCH_INTERVAL_MS,
+                },
+            },
             Request::Unwatch { ptr: p(10) },
             Request::ReplaceIf {
                 ptr: p(11),
@@ -849,6 +1101,29 @@ mod tests {
             reason(0x09, 0, b"x"),
             "HELLO: payload must be 0 bytes (empty), got 1"
         );
+        let watch = |interval: u32| {
+            let mut b = 1u64.to_be_bytes().to_vec();
+            b.extend_from_slice(&interval.to_be_bytes());
+            b
+        };
+        assert_eq!(
+            reason(0x0A, 0x04, &[0, 0, 0, 0, 0, 0, 0, 1]),
+            "WATCH: reserved bits set in ARG 0x04 (only 0x01 DATA, 0x02 STATE exist)"
+        );
+        assert!(reason(0x0A, 0x01, &[0; 10]).starts_with("WATCH: payload must be 8 bytes"));
+        assert_eq!(
+            reason(0x0A, 0x01, &watch(60_001)),
+            "WATCH: minimum interval 60001 ms is over the limit of 60000 ms"
+        );
+        assert_eq!(reason(0x0A, 0, &[0; 12]), "WATCH: pointer 0 is never valid");
+        // A v1 WATCH is still exactly that.
+        assert_eq!(
+            Request::parse(0x0A, 0, Bytes::from(watch(0)[..8].to_vec())).unwrap(),
+            Request::Watch {
+                ptr: p(1),
+                options: WatchOptions::default()
+            }
+        );
     }
 
     #[test]
@@ -884,6 +1159,62 @@ mod tests {
                     event: Event::OwnerChanged,
                     ptr: p(5),
                     version: 9,
+                    delta: None,
+                },
+            ),
+            (Some(Opcode::Watch), Reply::Done),
+            (
+                Some(Opcode::Watch),
+                Reply::Watching(
+                    RecordInfo {
+                        size: 3,
+                        version: 4,
+                        access: Access::READ,
+                        owned: false,
+                    },
+                    Bytes::from_static(b"abc"),
+                ),
+            ),
+            (
+                None,
+                Reply::Notify {
+                    event: Event::Changed,
+                    ptr: p(5),
+                    version: 10,
+                    delta: Some(Delta {
+                        base: 9,
+                        size: 100,
+                        ranges: vec![(4, Bytes::from_static(b"xyz"))],
+                    }),
+                },
+            ),
+            (
+                None,
+                Reply::Notify {
+                    event: Event::Changed,
+                    ptr: p(5),
+                    version: 12,
+                    delta: Some(Delta {
+                        base: 9,
+                        size: 6,
+                        ranges: vec![
+                            (0, Bytes::from_static(b"ab")),
+                            (3, Bytes::from_static(b"cde")),
+                        ],
+                    }),
+                },
+            ),
+            (
+                None,
+                Reply::Notify {
+                    event: Event::Changed,
+                    ptr: p(5),
+                    version: 2,
+                    delta: Some(Delta {
+                        base: 1,
+                        size: 0,
+                        ranges: vec![],
+                    }),
                 },
             ),
             (
@@ -903,5 +1234,57 @@ mod tests {
         assert!(Reply::parse(None, 0x0B, 0, Bytes::new()).is_err());
         assert!(Reply::parse(None, 0x08, 9, Bytes::from_static(&[1; 16])).is_err());
         assert!(Reply::parse(Some(Opcode::Hello), 0, 0, Bytes::from_static(&[1; 52])).is_err());
+        assert!(Reply::parse(Some(Opcode::Watch), 0, 0, Bytes::from_static(&[1; 17])).is_err());
+        let delta = |tail: &[u8]| {
+            let mut b = Vec::new();
+            for v in [5u64, 3, 2, 10] {
+                b.extend_from_slice(&v.to_be_bytes()); // ptr, version, base, size
+            }
+            b.extend_from_slice(tail);
+            Reply::parse(None, 0x08, EVENT_DELTA, Bytes::from(b))
+        };
+        assert!(delta(&[]).is_ok());
+        assert!(delta(&[0; 11]).is_err(), "a cut range header");
+        assert!(
+            delta(&[0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 2, 1]).is_err(),
+            "cut bytes"
+        );
+        assert!(
+            delta(&[0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 2, 1, 1]).is_err(),
+            "past the size"
+        );
+        let overlapping = [
+            &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 1, 1][..],
+            &[0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 1, 1][..],
+        ]
+        .concat();
+        assert!(delta(&overlapping).is_err(), "overlapping ranges");
+        let mut backwards = vec![0u8; 32];
+        backwards[7] = 5;
+        backwards[15] = 2;
+        backwards[23] = 2; // base == version
+        assert!(Reply::parse(None, 0x08, EVENT_DELTA, Bytes::from(backwards)).is_err());
+    }
+
+    #[test]
+    fn a_delta_applied_to_its_base_gives_the_new_bytes() {
+        let mut copy = b"hello world".to_vec();
+        Delta {
+            base: 1,
+            size: 13,
+            ranges: vec![
+                (0, Bytes::from_static(b"J")),
+                (11, Bytes::from_static(b"!!")),
+            ],
+        }
+        .apply_to(&mut copy);
+        assert_eq!(copy, b"Jello world!!");
+        Delta {
+            base: 2,
+            size: 3,
+            ranges: vec![],
+        }
+        .apply_to(&mut copy);
+        assert_eq!(copy, b"Jel");
     }
 }

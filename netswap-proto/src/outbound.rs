@@ -100,6 +100,27 @@ impl OutQueue {
         self.queue.is_empty()
     }
 
+    /// Takes back the message with this XID if none of its frames was produced yet
+    /// (a request cancelled before it left: the peer never sees it). True when it was
+    /// removed.
+    pub fn remove_unstarted(&mut self, xid: u32) -> bool {
+        let Some(i) = self.queue.iter().position(|s| {
+            s.msg.xid == xid && s.sent == 0 && s.remaining as usize + 1 == frame_count(s.msg.len())
+        }) else {
+            return false;
+        };
+        let s = self.queue.remove(i).expect("found");
+        let len = s.msg.len();
+        let wire = len + frame_count(len) * HEADER_LEN;
+        self.pending_bytes -= wire;
+        if len >= LARGE_MESSAGE {
+            self.large -= 1;
+        } else {
+            self.small_pending -= wire;
+        }
+        true
+    }
+
     /// Messages not yet completely framed.
     pub fn len(&self) -> usize {
         self.queue.len()
@@ -565,6 +586,23 @@ mod tests {
             wb.advance(n);
         }
         assert_eq!(got, want.to_vec());
+    }
+
+    #[test]
+    fn a_message_is_taken_back_only_before_its_first_frame() {
+        let mut q = OutQueue::new();
+        q.push(msg(1, 3000)).unwrap();
+        q.push(msg(2, 10)).unwrap();
+        q.push(msg(3, 10)).unwrap();
+        let before = q.pending_bytes();
+        assert!(q.remove_unstarted(3));
+        assert_eq!(q.pending_bytes(), before - 20);
+        assert!(!q.remove_unstarted(3), "gone");
+        q.pop_frame(); // first frame of 1
+        assert!(!q.remove_unstarted(1), "started: it must finish");
+        assert!(q.remove_unstarted(2));
+        while q.pop_frame().is_some() {}
+        assert_eq!((q.pending_bytes(), q.small_pending_bytes()), (0, 0));
     }
 
     #[test]

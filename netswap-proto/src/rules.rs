@@ -14,8 +14,9 @@
 //! (no such record), ACCESS_VIOLATION, ADDRESS_FAULT (range) or CONFLICT, TOO_LARGE
 //! (record size), QUOTA_EXCEEDED (checked by [`charge`] when the change is applied).
 
+use crate::frame::MAX_MESSAGE;
 use crate::identity::Identity;
-use crate::message::{RecordInfo, Reply, Request};
+use crate::message::{RecordInfo, Reply, Request, WATCH_STATE_LEN};
 use crate::store::StoreConfig;
 use crate::types::{Access, Status, Version};
 
@@ -83,11 +84,17 @@ pub enum Decision {
     /// Hand the record to this identity (see [`payer_after_transfer`]); notify
     /// "owner changed".
     Transfer(Identity),
-    /// Register (or move) the caller's watch (see [`admit_watch`]).
-    Watch,
+    /// Register (or move) the caller's watch (see [`admit_watch`]) and answer OK:
+    /// empty, or with this state (a WATCH that asked for it), followed by the whole
+    /// data for a data watch.
+    Watch(Option<RecordInfo>),
     /// End the caller's watch, if it has one (see [`no_such_watch`]).
     Unwatch,
 }
+
+/// The largest record a data watch may watch: its OK must carry the state and the
+/// whole data in one message.
+pub const MAX_DATA_WATCH: u64 = MAX_MESSAGE - WATCH_STATE_LEN as u64;
 
 /// ADDRESS_FAULT for a pointer that names no record.
 pub fn no_such_record() -> Reply {
@@ -221,11 +228,25 @@ pub fn decide(
             }
             Decision::Transfer(to)
         }
-        Request::Watch { .. } => {
+        Request::Watch { options, .. } => {
             if !may(rec, Access::READ) {
                 return Decision::Answer(denied("the record's READ bit is not set"));
             }
-            Decision::Watch
+            if options.data && rec.size > MAX_DATA_WATCH {
+                return Decision::Answer(Reply::error(
+                    Status::TooLarge,
+                    format!(
+                        "a record of {} bytes is too large to watch with its data (at most {} bytes); watch it without data and read ranges",
+                        rec.size, MAX_DATA_WATCH
+                    ),
+                ));
+            }
+            Decision::Watch(options.wants_state().then_some(RecordInfo {
+                size: rec.size,
+                version: rec.version,
+                access: rec.access,
+                owned: rec.owned_by_caller,
+            }))
         }
         Request::Unwatch { .. } => Decision::Unwatch,
     }
@@ -610,5 +631,46 @@ mod tests {
         assert_eq!(orphan_expiry(Some(5), Some(9)), Some(9));
         assert_eq!(orphan_expiry(Some(5), None), Some(5));
         assert_eq!(orphan_expiry::<u32>(None, None), None);
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+    use crate::message::WatchOptions;
+    use crate::types::Pointer;
+
+    #[test]
+    fn a_record_too_large_for_one_message_cannot_be_watched_with_its_data() {
+        let cfg = StoreConfig::default();
+        let rec = RecordView {
+            owned_by_caller: true,
+            access: Access::empty(),
+            version: 3,
+            size: MAX_DATA_WATCH + 1,
+        };
+        let ptr = Pointer::new(1).unwrap();
+        let me = Identity([1; 32]);
+        let with_data = Request::Watch {
+            ptr,
+            options: WatchOptions::data(),
+        };
+        match decide(&with_data, Some(&rec), &me, None, &cfg) {
+            Decision::Answer(r) => assert_eq!(r.status(), Status::TooLarge),
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(
+            decide(&Request::watch(ptr), Some(&rec), &me, None, &cfg),
+            Decision::Watch(None),
+            "without data it is a v1 watch"
+        );
+        let fits = RecordView {
+            size: MAX_DATA_WATCH,
+            ..rec
+        };
+        assert!(matches!(
+            decide(&with_data, Some(&fits), &me, None, &cfg),
+            Decision::Watch(Some(RecordInfo { version: 3, .. }))
+        ));
     }
 }

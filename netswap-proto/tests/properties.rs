@@ -45,7 +45,20 @@ fn request() -> impl Strategy<Value = Request> {
         (pointer(), owner).prop_map(|(ptr, to)| Request::Transfer { ptr, to }),
         pointer().prop_map(|ptr| Request::Info { ptr }),
         Just(Request::Hello),
-        pointer().prop_map(|ptr| Request::Watch { ptr }),
+        (
+            pointer(),
+            any::<bool>(),
+            any::<bool>(),
+            0..=MAX_WATCH_INTERVAL_MS
+        )
+            .prop_map(|(ptr, data, state, min_interval_ms)| Request::Watch {
+                ptr,
+                options: WatchOptions {
+                    data,
+                    state,
+                    min_interval_ms
+                }
+            }),
         pointer().prop_map(|ptr| Request::Unwatch { ptr }),
         (pointer(), any::<u64>(), data(100)).prop_map(|(ptr, expected, data)| {
             Request::ReplaceIf {
@@ -105,7 +118,7 @@ proptest! {
     }
 
     #[test]
-    fn reply_round_trips(status in 0u8..=10, arg in 0u8..=4, payload in data(200), op in 0u8..13) {
+    fn reply_round_trips(status in 0u8..=10, arg in 0u8..=5, payload in data(200), op in 0u8..13) {
         // Whatever parses must encode back to the same bytes.
         let op = Opcode::from_u8(op);
         if let Ok(reply) = Reply::parse(op, status, arg, payload.clone()) {
@@ -114,9 +127,10 @@ proptest! {
             prop_assert_eq!(m.arg, arg);
             if reply.status().carries_reason() {
                 prop_assert_eq!(m.payload(), Bytes::from(String::from_utf8_lossy(&payload).into_owned()));
-            } else if let Reply::Info(_) = reply {
-                // Reserved access bits are dropped on parse.
-                prop_assert_eq!(m.payload().len(), 18);
+            } else if let Reply::Info(_) | Reply::Watching(..) = reply {
+                // Reserved access bits and flags are dropped on parse.
+                prop_assert_eq!(m.payload().len(), payload.len());
+                prop_assert_eq!(&m.payload()[18..], &payload[18..]);
             } else {
                 prop_assert_eq!(m.payload(), payload);
             }
@@ -580,5 +594,114 @@ proptest! {
             prop_assert_eq!(stats.records, known.len() as u64);
             prop_assert_eq!(stats.data_bytes, owned_bytes.iter().sum::<u64>());
         }
+    }
+}
+
+/// What a writer or the watcher's connection does next, for the mirror property.
+#[derive(Clone, Debug)]
+enum SyncOp {
+    /// WRITE_AT at an offset (taken modulo size + 1) of `len` bytes.
+    WriteAt { writer: usize, off: u64, len: usize },
+    /// REPLACE with `len` bytes.
+    Replace { writer: usize, len: usize },
+    /// Time passes.
+    Advance { ms: u64 },
+    /// The watcher's socket takes up to `n` notifications.
+    Pop { n: usize },
+}
+
+fn sync_op() -> impl Strategy<Value = SyncOp> {
+    prop_oneof![
+        4 => (0usize..3, any::<u64>(), 0usize..40).prop_map(|(writer, off, len)| SyncOp::WriteAt { writer, off, len }),
+        1 => (0usize..3, 0usize..120).prop_map(|(writer, len)| SyncOp::Replace { writer, len }),
+        2 => (0u64..80).prop_map(|ms| SyncOp::Advance { ms }),
+        2 => (0usize..6).prop_map(|n| SyncOp::Pop { n }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A mirror fed by a data watch stays byte-exact: writers change a record at
+    /// random (WRITE_AT anywhere, growing, REPLACE shrinking or growing), the
+    /// watcher's queue is small (so changes are merged), with or without a rate
+    /// limit, and the watcher pops at random moments. Applying what it receives in
+    /// version order (and re-reading when a change comes without its bytes or after a
+    /// gap, as the client's mirror does) always ends at the record's bytes.
+    #[test]
+    fn a_mirror_stays_exact_under_random_concurrent_writes(
+        ops in prop::collection::vec(sync_op(), 1..150),
+        limit in 1usize..6,
+        byte_limit in 16usize..400,
+        interval_ms in prop_oneof![Just(0u64), 1u64..60],
+    ) {
+        let store = Store::new(StoreConfig { shards: 2, ..StoreConfig::default() }, IdentityKey::new(*b"mirror"));
+        let mut writers: Vec<Session> = (2..5u8).map(|i| store.connect(IpAddr::from([127, 0, 0, i]))).collect();
+        let mut watcher = store.connect(IpAddr::from([127, 0, 0, 9]));
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut now = Instant::now();
+        let Reply::Created(ptr) = store
+            .apply(&mut writers[0], 1, Request::Create { access: Access::READ | Access::WRITE, data: Bytes::from_static(b"initial") }, now, &mut rng)
+            .reply else { panic!() };
+        let mut queue = NotifyQueue::new(limit, byte_limit);
+        queue.configure(ptr, 7, WatchConfig { data: true, min_interval: Duration::from_millis(interval_ms) });
+        let options = WatchOptions { data: true, state: true, min_interval_ms: interval_ms as u32 };
+        let Reply::Watching(info, data) = store.apply(&mut watcher, 7, Request::Watch { ptr, options }, now, &mut rng).reply else { panic!() };
+        let mut copy = data.to_vec();
+        let mut version = info.version;
+        let mut rereads = 0;
+        let read_record = |store: &Store, s: &mut Session, rng: &mut SmallRng, now| {
+            let Reply::Info(i) = store.apply(s, 9, Request::Info { ptr }, now, rng).reply else { panic!() };
+            let Reply::Data(d) = store.apply(s, 9, Request::Read { ptr, range: None }, now, rng).reply else { panic!() };
+            (d.to_vec(), i.version)
+        };
+        let mut take = |queue: &mut NotifyQueue, n: usize, now, copy: &mut Vec<u8>, version: &mut Version, watcher: &mut Session, rng: &mut SmallRng| -> Result<(), TestCaseError> {
+            for _ in 0..n {
+                let Some(note) = queue.pop(now) else { break };
+                prop_assert_eq!(note.event, Event::Changed);
+                match note.delta {
+                    Some(d) if d.base == *version => {
+                        d.apply_to(copy);
+                        *version = note.version;
+                    }
+                    _ if note.version <= *version => {}
+                    _ => {
+                        // A change without its bytes, or a gap: read the record.
+                        let (d, v) = read_record(&store, watcher, rng, now);
+                        *copy = d;
+                        *version = v;
+                        rereads += 1;
+                    }
+                }
+            }
+            Ok(())
+        };
+        for (i, op) in ops.into_iter().enumerate() {
+            let xid = 100 + i as u32;
+            let size = match store.apply(&mut writers[0], xid, Request::Info { ptr }, now, &mut rng).reply {
+                Reply::Info(i) => i.size,
+                r => panic!("{r:?}"),
+            };
+            let (w, req) = match op {
+                SyncOp::WriteAt { writer, off, len } => (writer, Request::WriteAt { ptr, offset: off % (size + 1), data: vec![i as u8 ^ 0x5a; len].into() }),
+                SyncOp::Replace { writer, len } => (writer, Request::Replace { ptr, data: (0..len).map(|b| (b + i) as u8).collect::<Vec<u8>>().into() }),
+                SyncOp::Advance { ms } => { now += Duration::from_millis(ms); continue; }
+                SyncOp::Pop { n } => { take(&mut queue, n, now, &mut copy, &mut version, &mut watcher, &mut rng)?; continue; }
+            };
+            let applied = store.apply(&mut writers[w], xid, req, now, &mut rng);
+            prop_assert!(matches!(applied.reply, Reply::Written(_)), "{:?}", applied.reply);
+            for n in applied.notifications {
+                prop_assert_eq!(n.conn, watcher.conn());
+                queue.push(n, now);
+            }
+        }
+        // Time enough for any rate-limited summary, then everything is taken.
+        now += Duration::from_millis(interval_ms + 1);
+        take(&mut queue, usize::MAX, now, &mut copy, &mut version, &mut watcher, &mut rng)?;
+        prop_assert!(queue.is_empty());
+        let (want, want_version) = read_record(&store, &mut watcher, &mut rng, now);
+        prop_assert_eq!(version, want_version);
+        prop_assert_eq!(copy, want, "after {} re-reads", rereads);
+        prop_assert!(queue.held_bytes() == 0);
     }
 }

@@ -94,7 +94,16 @@ fn request_from_fields(op: &str, f: &Value) -> Request {
         "INFO" => Request::Info { ptr: ptr() },
         "HELLO" => Request::Hello,
         "STATS" => Request::Stats,
-        "WATCH" => Request::Watch { ptr: ptr() },
+        "WATCH" => Request::Watch {
+            ptr: ptr(),
+            options: WatchOptions {
+                data: f.get("data").is_some_and(|d| d.as_bool().unwrap()),
+                state: f.get("state").is_some_and(|d| d.as_bool().unwrap()),
+                min_interval_ms: f
+                    .get("min_interval_ms")
+                    .map_or(0, |m| m.as_u64().unwrap() as u32),
+            },
+        },
         "UNWATCH" => Request::Unwatch { ptr: ptr() },
         "REPLACE_IF" => Request::ReplaceIf {
             ptr: ptr(),
@@ -148,6 +157,15 @@ fn reply_from_fields(status: &str, f: &Value) -> Reply {
             orphan_grace_secs: f["orphan_grace_secs"].as_u64().unwrap() as u32,
             identity: Identity(hex_of(&f["identity"])[..].try_into().unwrap()),
         }),
+        "OK" if f.get("watching").is_some() => Reply::Watching(
+            RecordInfo {
+                size: u64_of(&f["size"]),
+                version: u64_of(&f["version"]),
+                access: access_of(&f["access"]),
+                owned: f["owned"].as_bool().unwrap(),
+            },
+            f.get("data").map(hex_of).unwrap_or_default(),
+        ),
         "OK" if f.get("size").is_some() => Reply::Info(RecordInfo {
             size: u64_of(&f["size"]),
             version: u64_of(&f["version"]),
@@ -158,10 +176,26 @@ fn reply_from_fields(status: &str, f: &Value) -> Reply {
         "OK" => Reply::Done,
         "DATA" => Reply::Data(hex_of(&f["data"])),
         "CONFLICT" => Reply::Conflict(u64_of(&f["version"])),
+        "NOTIFY" if f["event"].as_u64() == Some(EVENT_DELTA as u64) => Reply::Notify {
+            event: Event::Changed,
+            ptr: ptr_of(&f["ptr"]),
+            version: u64_of(&f["version"]),
+            delta: Some(Delta {
+                base: u64_of(&f["base"]),
+                size: u64_of(&f["size"]),
+                ranges: f["ranges"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| (u64_of(&r[0]), hex_of(&r[1])))
+                    .collect(),
+            }),
+        },
         "NOTIFY" => Reply::Notify {
             event: Event::from_u8(f["event"].as_u64().unwrap() as u8).unwrap(),
             ptr: ptr_of(&f["ptr"]),
             version: u64_of(&f["version"]),
+            delta: None,
         },
         s => Reply::error(
             Status::ALL.into_iter().find(|x| x.name() == s).unwrap(),

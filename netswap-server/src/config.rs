@@ -101,6 +101,12 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_NOTIFY_QUEUE", default_value_t = 16_384)]
     pub notify_queue: usize,
 
+    /// Bytes of changed data (data watches) held for one watching connection that is
+    /// behind; past it, data changes are merged too, and a watch whose merged bytes do
+    /// not fit is told "changed" without them (it reads the record).
+    #[arg(long, env = "NETSWAP_NOTIFY_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub notify_queue_bytes: usize,
+
     /// Worker threads (1 = a single-threaded runtime) [default: CPUs − 1, at least 1].
     #[arg(long, env = "NETSWAP_THREADS")]
     pub threads: Option<usize>,
@@ -175,6 +181,8 @@ pub struct ServerConfig {
     pub max_output_bytes: usize,
     /// Notification queue per watching connection.
     pub notify_queue: usize,
+    /// Bytes of changed data held for one watching connection.
+    pub notify_queue_bytes: usize,
     /// Identity salt.
     pub identity_key: IdentityKey,
     /// Where snapshots live (`None`: in memory only).
@@ -309,6 +317,7 @@ impl ServerConfig {
             stall_timeout: Duration::from_secs(a.stall_timeout.max(1)),
             max_output_bytes: a.max_output_bytes.max(64 * 1024),
             notify_queue: a.notify_queue,
+            notify_queue_bytes: a.notify_queue_bytes,
             identity_key,
             data_dir: a.data_dir.clone(),
             metrics_listen: a.metrics_listen,

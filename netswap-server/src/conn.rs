@@ -20,7 +20,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use netswap_proto::{
     Applied, ConnId, Event, Inbound, Notification, OutQueue, Pointer, RESERVED_XID, Reassembler,
-    Receiver, Reply, Request, Session, Status, WriteBuf,
+    Receiver, Reply, Request, Session, Status, WatchConfig, WatchOptions, WriteBuf,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
@@ -117,6 +117,8 @@ struct Conn {
     waiting: std::collections::HashMap<Pointer, std::collections::VecDeque<(u32, Request)>>,
     queued: usize,
     held: std::collections::HashMap<u32, Vec<Notification>>,
+    /// WATCHes in flight: their record and the XID of the watch they replace.
+    watches_starting: std::collections::HashMap<u32, (Pointer, Option<u32>)>,
     /// A PROTOCOL_ERROR waiting for the requests in flight before it.
     deferred: Option<(u32, Reply)>,
     /// Counts since the last flush to the hub's metrics.
@@ -197,6 +199,7 @@ pub(crate) async fn serve(
         waiting: Default::default(),
         queued: 0,
         held: Default::default(),
+        watches_starting: Default::default(),
         deferred: None,
         stats: Local::default(),
         hub,
@@ -320,10 +323,8 @@ async fn linger(stream: &mut TcpStream) {
     .await;
 }
 
-/// Bytes a NOTIFY takes on the wire (header, pointer, version).
-const NOTIFY_WIRE_BYTES: usize = netswap_proto::HEADER_LEN + 16;
-/// Notifications moved from the mailbox to the output per turn, at most.
-const NOTES_PER_TURN: usize = 4096;
+/// Bytes of notifications moved from the mailbox to the output per turn, at most.
+const NOTE_BYTES_PER_TURN: usize = 128 * 1024;
 
 async fn mailbox_ready(mailbox: &Option<Arc<Mailbox>>) {
     match mailbox {
@@ -447,20 +448,20 @@ impl Conn {
             .saturating_sub(self.outq.small_pending_bytes() + self.wbuf.len())
     }
 
-    /// How many notifications the output takes now: at most one write batch of them
-    /// waits in the write buffer (or, behind a large reply, in the fair queue), so a
+    /// How many bytes of notifications the output takes now: at most one write batch
+    /// of small ones waits to be sent (in the write buffer, or behind a large reply in
+    /// the fair queue) and a few large deltas at most, so a
     /// watcher that does not read leaves them in the mailbox, which merges them
     /// instead of growing.
     fn notes_room(&self) -> usize {
         if self.closing.is_some() {
             return 0;
         }
-        let queued = if self.outq.is_empty() {
-            self.wbuf.len()
-        } else {
-            self.outq.small_pending_bytes()
-        };
-        (WRITE_CHUNK.saturating_sub(queued) / NOTIFY_WIRE_BYTES).min(NOTES_PER_TURN)
+        if self.outq.large_messages() >= MAX_LARGE_REPLIES {
+            return 0; // large deltas (or replies) are waiting to be sent
+        }
+        let queued = self.wbuf.len() + self.outq.small_pending_bytes();
+        WRITE_CHUNK.saturating_sub(queued).min(NOTE_BYTES_PER_TURN)
     }
 
     /// Moves waiting notifications from the mailbox to the output (see
@@ -474,11 +475,40 @@ impl Conn {
             return;
         }
         let mut notes = std::mem::take(&mut self.notes);
-        mailbox.take(max, &mut notes);
+        mailbox.take(max, std::time::Instant::now(), &mut notes);
         for n in notes.drain(..) {
             self.notify(n);
         }
         self.notes = notes;
+    }
+
+    /// A WATCH is about to be applied: its mailbox knows how the watch wants its
+    /// notifications before the first can arrive. Returns the XID of the watch it
+    /// replaces on the same record, if any.
+    fn watch_starting(&mut self, ptr: Pointer, xid: u32, options: WatchOptions) -> Option<u32> {
+        let mailbox = self
+            .mailbox
+            .get_or_insert_with(|| self.hub.open_route(self.session.conn()));
+        mailbox.configure(
+            ptr,
+            xid,
+            WatchConfig {
+                data: options.data,
+                min_interval: Duration::from_millis(options.min_interval_ms.into()),
+            },
+        );
+        self.session.watches().get(&ptr).copied()
+    }
+
+    /// A WATCH was answered: the configuration of the watch that did not come to be
+    /// (refused), or of the one it replaced (accepted), is forgotten.
+    fn watch_settled(&mut self, ptr: Pointer, xid: u32, replaced: Option<u32>, ok: bool) {
+        let Some(mailbox) = &self.mailbox else { return };
+        match (ok, replaced) {
+            (false, _) => mailbox.forget(ptr, xid),
+            (true, Some(old)) if old != xid => mailbox.forget(ptr, old),
+            _ => {}
+        }
     }
 
     /// When the oldest partial frame or unfinished message times out: each must
@@ -489,17 +519,20 @@ impl Conn {
             .map(|t| Instant::from_std(t) + self.hub.config.stall_timeout)
     }
 
-    /// The next moment a timeout may end this connection.
+    /// The next moment a timeout may end this connection, or a rate-limited watch's
+    /// notification becomes due.
     fn deadline(&self) -> Option<Instant> {
         if self.closing_deadline.is_some() {
             return self.closing_deadline;
         }
         let stall = self.stall_deadline();
         let idle = self.hub.config.idle_timeout.map(|t| self.last_io + t);
-        match (stall, idle) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let due = self
+            .mailbox
+            .as_ref()
+            .and_then(|m| m.next_due())
+            .map(Instant::from_std);
+        [stall, idle, due].into_iter().flatten().min()
     }
 
     /// Reads what is available (a few reads at most) and processes every whole frame.
@@ -593,15 +626,33 @@ impl Conn {
             self.stats.answered(op, Status::Ok);
             return self.reply(xid, Reply::Stats(self.hub.stats_entries(own)));
         }
-        if matches!(request, Request::Watch { .. }) && self.mailbox.is_none() {
-            // Open the mailbox before the watch exists, so no notification is lost.
-            self.mailbox = Some(self.hub.open_route(self.session.conn()));
-        }
         let hub = self.hub.clone();
         match (&hub.backend, &mut self.session) {
-            (Backend::Memory(store), ConnSession::Memory(session)) => {
+            (Backend::Memory(store), ConnSession::Memory(_)) => {
+                // The mailbox exists and knows the watch before the watch does, so no
+                // notification is lost or sent the wrong way.
+                let watch = match request {
+                    Request::Watch { ptr, options } => {
+                        Some((ptr, self.watch_starting(ptr, xid, options)))
+                    }
+                    _ => None,
+                };
+                let unwatch = match request {
+                    Request::Unwatch { ptr } => self.session.watches().get(&ptr).map(|x| (ptr, *x)),
+                    _ => None,
+                };
+                let ConnSession::Memory(session) = &mut self.session else {
+                    unreachable!("matched above")
+                };
                 let wake_reaper = matches!(request, Request::Transfer { .. });
                 let applied = store.apply(session, xid, request, self.batch_now, &mut rand::rng());
+                let ok = applied.reply.status() == Status::Ok;
+                if let Some((ptr, replaced)) = watch {
+                    self.watch_settled(ptr, xid, replaced, ok);
+                }
+                if let (Some((ptr, old)), true, Some(m)) = (unwatch, ok, &self.mailbox) {
+                    m.forget(ptr, old);
+                }
                 self.answer(xid, Some(op), applied);
                 if wake_reaper {
                     self.hub.reaper.notify_one();
@@ -638,7 +689,7 @@ impl Conn {
         if !applied.notifications.is_empty() {
             let me = self.session.conn();
             for n in applied.notifications.iter().filter(|n| n.conn == me) {
-                self.notify(*n);
+                self.notify(n.clone());
             }
             self.hub
                 .deliver(applied.notifications.into_iter().filter(|n| n.conn != me));
@@ -661,12 +712,14 @@ impl Conn {
     }
 
     fn start(&mut self, c: Arc<ClusterStore>, xid: u32, ptr: Option<Pointer>, request: Request) {
+        if let Request::Watch { ptr, options } = request {
+            self.held.entry(xid).or_default();
+            let replaced = self.watch_starting(ptr, xid, options);
+            self.watches_starting.insert(xid, (ptr, replaced));
+        }
         let ConnSession::Cluster(session) = &self.session else {
             unreachable!("only the cluster backend is asynchronous")
         };
-        if matches!(request, Request::Watch { .. }) {
-            self.held.entry(xid).or_default();
-        }
         let caller = Caller {
             conn: session.conn(),
             xid,
@@ -695,10 +748,18 @@ impl Conn {
             match outcome.watch {
                 WatchChange::Added(p, x) => s.set_watch(p, x),
                 WatchChange::Removed(p) => {
-                    s.watch_ended(p, s.watches().get(&p).copied().unwrap_or(0));
+                    let old = s.watches().get(&p).copied().unwrap_or(0);
+                    s.watch_ended(p, old);
+                    if let Some(m) = &self.mailbox {
+                        m.forget(p, old);
+                    }
                 }
                 WatchChange::None => {}
             }
+        }
+        if let Some((p, replaced)) = self.watches_starting.remove(&xid) {
+            let ok = outcome.applied.reply.status() == Status::Ok;
+            self.watch_settled(p, xid, replaced, ok);
         }
         self.answer(xid, None, outcome.applied);
         if let Some(held) = self.held.remove(&xid) {
@@ -748,10 +809,17 @@ impl Conn {
             return;
         }
         if self.session.watches().get(&n.ptr) != Some(&n.xid) {
+            self.hub
+                .metrics
+                .notifications_dropped
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         if n.event == Event::Deleted {
             self.session.watch_ended(n.ptr, n.xid);
+            if let Some(m) = &self.mailbox {
+                m.forget(n.ptr, n.xid);
+            }
         }
         self.stats.notifications += 1;
         self.stats.touch();

@@ -6,14 +6,16 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tracing::warn;
 
 use netswap_proto::identity::normalize_ip;
-use netswap_proto::{ConnId, Notification, NotifyQueue, Pushed, SharedBudget, Store};
+use netswap_proto::{
+    ConnId, Notification, NotifyQueue, Pointer, Pushed, SharedBudget, Store, WatchConfig,
+};
 use tokio::sync::Notify;
 
 use crate::cluster::ClusterStore;
@@ -27,27 +29,64 @@ use crate::config::ServerConfig;
 #[derive(Debug)]
 pub(crate) struct Mailbox {
     queue: Mutex<NotifyQueue>,
-    /// Wakes the connection's task when the queue was empty.
+    /// Wakes the connection's task when something became ready to send, or a
+    /// rate-limited watch's summary is due earlier than before.
     pub(crate) ready: Notify,
 }
 
 impl Mailbox {
-    /// Takes up to `max` notifications.
-    pub(crate) fn take(&self, max: usize, out: &mut Vec<Notification>) {
+    /// Takes notifications that may be sent at `now`, until their payloads add up to
+    /// `max_bytes` (at least one, if any is ready).
+    pub(crate) fn take(&self, max_bytes: usize, now: Instant, out: &mut Vec<Notification>) {
         let mut q = lock(&self.queue);
-        while out.len() < max {
-            match q.pop() {
-                Some(n) => out.push(n),
+        let mut bytes = 0;
+        while bytes < max_bytes {
+            match q.pop(now) {
+                Some(n) => {
+                    bytes += NOTIFY_OVERHEAD + n.wire_len();
+                    out.push(n);
+                }
                 None => break,
             }
         }
+    }
+
+    /// Says how a watch wants its notifications, before it is registered.
+    pub(crate) fn configure(&self, ptr: Pointer, xid: u32, config: WatchConfig) {
+        lock(&self.queue).configure(ptr, xid, config);
+    }
+
+    /// Forgets a watch that ended or moved to another XID.
+    pub(crate) fn forget(&self, ptr: Pointer, xid: u32) {
+        lock(&self.queue).forget(ptr, xid);
+    }
+
+    /// When the next rate-limited summary is due, if nothing else waits.
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        lock(&self.queue).next_due()
     }
 
     /// Notifications waiting.
     pub(crate) fn len(&self) -> usize {
         lock(&self.queue).len()
     }
+
+    /// Adds a notification; true when it was merged.
+    fn push(&self, n: Notification, now: Instant) -> bool {
+        let mut q = lock(&self.queue);
+        let (was_ready, was_due) = (q.ready(now), q.next_due());
+        let merged = q.push(n, now) == Pushed::Merged;
+        let wake = (!was_ready && q.ready(now)) || q.next_due() != was_due;
+        drop(q);
+        if wake {
+            self.ready.notify_one();
+        }
+        merged
+    }
 }
+
+/// Bytes of a NOTIFY besides its payload (the frame header).
+const NOTIFY_OVERHEAD: usize = netswap_proto::HEADER_LEN;
 
 /// Where records live.
 #[derive(Debug)]
@@ -277,15 +316,23 @@ impl Hub {
     /// Opens a mailbox for a connection that started watching.
     pub fn open_route(&self, conn: ConnId) -> Arc<Mailbox> {
         let mailbox = Arc::new(Mailbox {
-            queue: Mutex::new(NotifyQueue::new(self.config.notify_queue)),
+            queue: Mutex::new(NotifyQueue::new(
+                self.config.notify_queue,
+                self.config.notify_queue_bytes,
+            )),
             ready: Notify::new(),
         });
         lock(&self.routes).insert(conn, mailbox.clone());
         mailbox
     }
 
+    /// The connection closed: what still waited for it is dropped (and counted).
     pub fn close_route(&self, conn: ConnId) {
-        lock(&self.routes).remove(&conn);
+        if let Some(m) = lock(&self.routes).remove(&conn) {
+            self.metrics
+                .notifications_dropped
+                .fetch_add(m.len() as u64, Ordering::Relaxed);
+        }
     }
 
     /// Delivers notifications for other connections. Never waits for a watcher: a
@@ -293,18 +340,13 @@ impl Hub {
     pub fn deliver(&self, notifications: impl IntoIterator<Item = Notification>) {
         let routes = lock(&self.routes);
         let mut merged = 0;
+        let now = Instant::now();
         for n in notifications {
             let Some(mailbox) = routes.get(&n.conn) else {
                 continue; // the watcher is gone
             };
-            let mut q = lock(&mailbox.queue);
-            let was_empty = q.is_empty();
-            if q.push(n) == Pushed::Merged {
+            if mailbox.push(n, now) {
                 merged += 1;
-            }
-            drop(q);
-            if was_empty {
-                mailbox.ready.notify_one();
             }
         }
         if merged > 0 {

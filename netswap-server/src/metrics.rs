@@ -72,6 +72,8 @@ pub(crate) struct Metrics {
     pub protocol_errors: AtomicU64,
     pub busy: AtomicU64,
     pub notifications_sent: AtomicU64,
+    /// Notifications never sent: their watch ended or their connection closed first.
+    pub notifications_dropped: AtomicU64,
     pub orphans_reaped: AtomicU64,
     pub snapshots_written: AtomicU64,
     pub snapshot_failures: AtomicU64,
@@ -96,6 +98,7 @@ impl Default for Metrics {
             protocol_errors: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             notifications_sent: AtomicU64::new(0),
+            notifications_dropped: AtomicU64::new(0),
             orphans_reaped: AtomicU64::new(0),
             snapshots_written: AtomicU64::new(0),
             snapshot_failures: AtomicU64::new(0),
@@ -314,6 +317,10 @@ impl Hub {
                 load(&self.notifications_merged),
             ),
             ("notifications_waiting".into(), g.notifications_waiting),
+            (
+                "notifications_dropped".into(),
+                load(&m.notifications_dropped),
+            ),
             ("snapshots_written".into(), load(&m.snapshots_written)),
         ];
         for (i, op) in Opcode::ALL.iter().enumerate() {
@@ -472,6 +479,12 @@ impl Collector for HubCollector {
             "netswap_notifications_merged",
             "Notifications merged into summaries because their watcher was behind.",
             load(&hub.notifications_merged),
+        )?;
+        counter(
+            &mut e,
+            "netswap_notifications_dropped",
+            "Notifications never sent because their watch ended or their connection closed first.",
+            load(&m.notifications_dropped),
         )?;
         gauge(
             &mut e,

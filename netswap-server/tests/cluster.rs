@@ -108,6 +108,11 @@ fn status(m: &Msg) -> Status {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pointer_made_through_one_gateway_works_through_another() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
     let prefix = fresh_prefix();
     let (a, b) = (gateway(&prefix, |_| {}), gateway(&prefix, |_| {}));
     let mut owner = Raw::connect(a.addr(), 2).await;
@@ -120,7 +125,7 @@ async fn a_pointer_made_through_one_gateway_works_through_another() {
         .await;
     assert_eq!(other.read(p).await, data(b"made on A"));
     // A watch on B sees a change made through A.
-    other.send(50, &Request::Watch { ptr: p }).await;
+    other.send(50, &Request::watch(p)).await;
     assert_eq!(other.reply_to(50).await.status(), Status::Ok);
     assert_eq!(
         owner
@@ -138,7 +143,8 @@ async fn a_pointer_made_through_one_gateway_works_through_another() {
         Reply::Notify {
             event: Event::Changed,
             ptr: p,
-            version: 2
+            version: 2,
+            delta: None
         }
     );
     // TAKEOVER through B, then the old owner is refused through A.

@@ -136,7 +136,7 @@ async fn watches_notifications_and_orphans_are_counted(backend: Backend) {
     let mut owner = Raw::connect(srv.addr(), 2).await;
     let mut watcher = Raw::connect(srv.addr(), 3).await;
     let p = owner.create(Access::READ, &b"v"[..]).await;
-    watcher.send(7, &Request::Watch { ptr: p }).await;
+    watcher.send(7, &Request::watch(p)).await;
     assert_eq!(watcher.reply_to(7).await.status(), Status::Ok);
     owner
         .ask(Request::Replace {
@@ -232,7 +232,7 @@ async fn merged_notifications_and_throttled_misses_are_counted() {
     let mut owner = Raw::connect(srv.addr(), 2).await;
     let mut watcher = Raw::connect_with_recv_buffer(srv.addr(), 3, 4096).await;
     let p = owner.create(Access::READ, &b"v"[..]).await;
-    watcher.send(7, &Request::Watch { ptr: p }).await;
+    watcher.send(7, &Request::watch(p)).await;
     assert_eq!(watcher.reply_to(7).await.status(), Status::Ok);
     let mut burst = Vec::new();
     for i in 0..50_000u32 {

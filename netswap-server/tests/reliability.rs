@@ -45,7 +45,7 @@ async fn a_watcher_that_reads_gets_every_notification_of_a_burst() {
     let mut owner = Raw::connect(srv.addr(), 2).await;
     let mut watcher = Raw::connect(srv.addr(), 3).await;
     let p = owner.create(Access::READ, &b"v"[..]).await;
-    watcher.send(1, &Request::Watch { ptr: p }).await;
+    watcher.send(1, &Request::watch(p)).await;
     assert_eq!(watcher.reply_to(1).await.status(), Status::Ok);
     const N: u32 = 10_000;
     let mut burst = Vec::new();
@@ -81,7 +81,7 @@ async fn a_watcher_that_never_reads_costs_bounded_memory_and_catches_up() {
     let mut owner = Raw::connect(srv.addr(), 2).await;
     let mut watcher = Raw::connect_with_recv_buffer(srv.addr(), 3, 4096).await;
     let p = owner.create(Access::READ, &b"v"[..]).await;
-    watcher.send(1, &Request::Watch { ptr: p }).await;
+    watcher.send(1, &Request::watch(p)).await;
     assert_eq!(watcher.reply_to(1).await.status(), Status::Ok);
     const N: u32 = 300_000;
     let mut xid = 1000;

@@ -87,7 +87,7 @@ async fn every_operation_over_tcp(backend: Backend) {
         .await,
         Reply::Done
     );
-    assert_eq!(a.ask(Request::Watch { ptr: p }).await, Reply::Done);
+    assert_eq!(a.ask(Request::watch(p)).await, Reply::Done);
     assert_eq!(a.ask(Request::Unwatch { ptr: p }).await, Reply::Done);
     assert_eq!(a.ask(Request::Takeover { ptr: p }).await, Reply::Done);
     assert_eq!(
@@ -231,7 +231,7 @@ async fn watches_across_connections(backend: Backend) {
     let p = owner
         .create(Access::READ | Access::WRITE | Access::TAKEOVER, &b"v1"[..])
         .await;
-    watcher.send(77, &Request::Watch { ptr: p }).await;
+    watcher.send(77, &Request::watch(p)).await;
     assert_eq!(watcher.reply_to(77).await.status(), Status::Ok);
 
     let expect = |m: Msg, event: Event, version: u64| {
@@ -242,7 +242,8 @@ async fn watches_across_connections(backend: Backend) {
             Reply::Notify {
                 event,
                 ptr: p,
-                version
+                version,
+                delta: None
             }
         );
     };

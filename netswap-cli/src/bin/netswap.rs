@@ -251,6 +251,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         local_addr: cli.bind,
         connect_timeout: Duration::from_secs(cli.timeout),
         request_timeout: Some(Duration::from_secs(cli.timeout)),
+        ..Options::default()
     };
     // Everything that can be wrong with the command line is found before connecting.
     let command = cli.command;

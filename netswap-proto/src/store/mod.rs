@@ -28,7 +28,7 @@ pub use account::Account;
 use records::{Data, Record, Records};
 
 use crate::identity::{Identity, IdentityKey};
-use crate::message::{HelloInfo, NewOwner, Reply, Request};
+use crate::message::{Delta, HelloInfo, NewOwner, Reply, Request};
 use crate::rules::{self, Decision, Payer, RecordView, Usage, WriteKind};
 use crate::snapshot::SnapshotRecord;
 use crate::types::{Access, Event, Pointer, Version};
@@ -71,7 +71,7 @@ impl Default for StoreConfig {
 pub struct ConnId(pub u64);
 
 /// Tell connection `conn` about `event` on its watch with XID `xid`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Notification {
     /// The watching connection.
     pub conn: ConnId,
@@ -83,16 +83,43 @@ pub struct Notification {
     pub ptr: Pointer,
     /// Its version after the event (the last version for a deletion).
     pub version: Version,
+    /// For a data watch's "changed": the bytes the change wrote (one range, from
+    /// `version - 1`; or several merged changes). `None` on a data watch's "changed"
+    /// means the bytes could not be sent: the watcher must read the record.
+    pub delta: Option<Delta>,
 }
 
 impl Notification {
-    /// The NOTIFY reply that carries this notification.
+    /// A notification without data.
+    pub fn new(conn: ConnId, xid: u32, event: Event, ptr: Pointer, version: Version) -> Self {
+        Notification {
+            conn,
+            xid,
+            event,
+            ptr,
+            version,
+            delta: None,
+        }
+    }
+
+    /// The NOTIFY reply that carries this notification. A delta that does not fit
+    /// one message is left out (a plain "changed": the watcher reads the record).
     pub fn to_reply(&self) -> Reply {
         Reply::Notify {
             event: self.event,
             ptr: self.ptr,
             version: self.version,
+            delta: self
+                .delta
+                .as_ref()
+                .filter(|d| d.wire_len() as u64 <= crate::frame::MAX_MESSAGE)
+                .cloned(),
         }
+    }
+
+    /// Bytes this notification's NOTIFY payload takes.
+    pub fn wire_len(&self) -> usize {
+        self.delta.as_ref().map_or(16, Delta::wire_len)
     }
 }
 
@@ -179,6 +206,8 @@ impl Session {
 struct Watcher {
     conn: ConnId,
     xid: u32,
+    /// A data watch: its notifications carry the changed bytes.
+    data: bool,
 }
 
 type PtrMap<V> = HashMap<u64, V, BuildNoHashHasher<u64>>;
@@ -813,6 +842,16 @@ impl Store {
                     | Request::WriteAt { data, .. } => data,
                     _ => unreachable!("only writes decide a write"),
                 };
+                let offset = match w.kind {
+                    WriteKind::Replace => 0,
+                    WriteKind::At(off) => off,
+                };
+                // Data watches get the written bytes (shared, not copied).
+                let delta = Delta {
+                    base: w.new_version - 1,
+                    size: w.new_size,
+                    ranges: vec![(offset, data.clone())],
+                };
                 let rec = shard.records.get_mut(key).expect("decided on it");
                 match w.kind {
                     WriteKind::Replace => rec.data = Data::from_bytes(data, own),
@@ -822,7 +861,7 @@ impl Store {
                 shard.data_bytes = (shard.data_bytes as i64 + w.bytes_delta) as u64;
                 Applied::notifying(
                     Reply::Written(w.new_version),
-                    shard.notify(ptr, Event::Changed, w.new_version),
+                    shard.notify_change(ptr, w.new_version, delta),
                 )
             }
             Decision::SetAccess(access) => {
@@ -849,19 +888,36 @@ impl Store {
                 let new_owner = Self::account_for(&mut self.registry(), to);
                 self.change_owner(shard, ptr, new_owner, false, now, released)
             }
-            Decision::Watch => {
+            Decision::Watch(state) => {
                 let already = session.watches.contains_key(&ptr);
                 if let Err(reply) = rules::admit_watch(session.watches.len(), already, cfg) {
                     return reply.into();
                 }
+                let data = matches!(request, Request::Watch { options, .. } if options.data);
                 let conn = session.conn;
                 let list = shard.watches.entry(key).or_default();
                 match list.iter_mut().find(|w| w.conn == conn) {
-                    Some(w) => w.xid = xid,
-                    None => list.push(Watcher { conn, xid }),
+                    Some(w) => {
+                        w.xid = xid;
+                        w.data = data;
+                    }
+                    None => list.push(Watcher { conn, xid, data }),
                 }
                 session.watches.insert(ptr, xid);
-                Reply::Done.into()
+                match state {
+                    None => Reply::Done.into(),
+                    // The state and (for a data watch) the bytes, read under the same
+                    // lock as the registration: every later change is notified.
+                    Some(info) => {
+                        let bytes = if data {
+                            let rec = shard.records.get(key).expect("decided on it");
+                            rec.data.slice(0, rec.data.len())
+                        } else {
+                            Bytes::new()
+                        };
+                        Reply::Watching(info, bytes).into()
+                    }
+                }
             }
             Decision::Unwatch => {
                 if session.watches.remove(&ptr).is_none() {
@@ -961,12 +1017,20 @@ impl Shard {
             None => Vec::new(),
             Some(list) => list
                 .iter()
+                .map(|w| Notification::new(w.conn, w.xid, event, ptr, version))
+                .collect(),
+        }
+    }
+
+    /// "Changed" for every watcher; data watchers also get the bytes.
+    fn notify_change(&self, ptr: Pointer, version: Version, delta: Delta) -> Vec<Notification> {
+        match self.watches.get(&ptr.get()) {
+            None => Vec::new(),
+            Some(list) => list
+                .iter()
                 .map(|w| Notification {
-                    conn: w.conn,
-                    xid: w.xid,
-                    event,
-                    ptr,
-                    version,
+                    delta: w.data.then(|| delta.clone()),
+                    ..Notification::new(w.conn, w.xid, Event::Changed, ptr, version)
                 })
                 .collect(),
         }
@@ -1003,13 +1067,10 @@ impl Shard {
         self.data_bytes -= rec.data.len() as u64;
         self.clear_deadline(key);
         if let Some(list) = self.watches.remove(&key) {
-            notifications.extend(list.into_iter().map(|w| Notification {
-                conn: w.conn,
-                xid: w.xid,
-                event: Event::Deleted,
-                ptr,
-                version: rec.version,
-            }));
+            notifications.extend(
+                list.into_iter()
+                    .map(|w| Notification::new(w.conn, w.xid, Event::Deleted, ptr, rec.version)),
+            );
         }
         released.push(rec.owner);
     }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::message::RecordInfo;
+use crate::message::{RecordInfo, WatchOptions};
 use crate::types::Status;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -104,7 +104,7 @@ fn permissions_across_identities() {
             range: None,
         },
         Request::Info { ptr: closed },
-        Request::Watch { ptr: closed },
+        Request::watch(closed),
         Request::Replace {
             ptr: readable,
             data: Bytes::from_static(b"x"),
@@ -188,7 +188,7 @@ fn unknown_pointer_is_address_fault_for_every_op() {
             ptr: p,
             to: NewOwner::Ip(ip(3)),
         },
-        Request::Watch { ptr: p },
+        Request::watch(p),
         Request::Unwatch { ptr: p },
     ] {
         assert_eq!(
@@ -489,11 +489,11 @@ fn watches_see_every_event_once() {
     );
     let r = w
         .store
-        .apply(&mut b, 40, Request::Watch { ptr: p }, w.t0, &mut w.rng);
+        .apply(&mut b, 40, Request::watch(p), w.t0, &mut w.rng);
     assert_eq!(r.reply, Reply::Done);
     let r = w
         .store
-        .apply(&mut a, 41, Request::Watch { ptr: p }, w.t0, &mut w.rng);
+        .apply(&mut a, 41, Request::watch(p), w.t0, &mut w.rng);
     assert_eq!(r.reply, Reply::Done);
     let events = |r: &Applied| {
         let mut v: Vec<_> = r
@@ -552,7 +552,7 @@ fn watches_see_every_event_once() {
     // A second WATCH moves the watch to the new XID.
     let r = w
         .store
-        .apply(&mut a, 50, Request::Watch { ptr: p }, w.t0, &mut w.rng);
+        .apply(&mut a, 50, Request::watch(p), w.t0, &mut w.rng);
     assert_eq!(r.reply, Reply::Done);
     assert_eq!(w.reply(&mut a, Request::Unwatch { ptr: p }), Reply::Done);
     assert_eq!(
@@ -574,14 +574,14 @@ fn watch_limit_per_connection() {
     let mut a = w.store.connect(ip(2));
     let p1 = w.create(&mut a, Access::empty(), b"1");
     let p2 = w.create(&mut a, Access::empty(), b"2");
-    assert_eq!(w.reply(&mut a, Request::Watch { ptr: p1 }), Reply::Done);
+    assert_eq!(w.reply(&mut a, Request::watch(p1)), Reply::Done);
     assert_eq!(
-        w.reply(&mut a, Request::Watch { ptr: p1 }),
+        w.reply(&mut a, Request::watch(p1)),
         Reply::Done,
         "re-watch is fine"
     );
     assert_eq!(
-        status(&w.reply(&mut a, Request::Watch { ptr: p2 })),
+        status(&w.reply(&mut a, Request::watch(p2))),
         Status::QuotaExceeded
     );
 }
@@ -592,7 +592,7 @@ fn disconnect_ends_watches() {
     let mut a = w.store.connect(ip(2));
     let mut b = w.store.connect(ip(3));
     let p = w.create(&mut a, Access::READ, b"x");
-    w.reply(&mut b, Request::Watch { ptr: p });
+    w.reply(&mut b, Request::watch(p));
     assert_eq!(w.store.stats().watches, 1);
     w.store.disconnect(b, w.at(0));
     assert_eq!(w.store.stats().watches, 0);
@@ -612,7 +612,7 @@ fn orphans_are_reaped_after_the_grace_period() {
     let mut a = w.store.connect(ip(2));
     let mut b = w.store.connect(ip(3));
     let p = w.create(&mut a, Access::READ, b"x");
-    w.reply(&mut b, Request::Watch { ptr: p });
+    w.reply(&mut b, Request::watch(p));
     assert_eq!(w.store.disconnect(a, w.at(10)), Some(w.at(310)));
     assert_eq!(w.store.next_deadline(), Some(w.at(310)));
     assert_eq!(w.store.reap(w.at(309)), Reaped::default());
@@ -1062,4 +1062,106 @@ fn a_snapshot_restores_every_record_exactly_and_starts_the_grace() {
     let reaped = fresh.reap(t0 + Duration::from_secs(300));
     assert_eq!(reaped.records.len(), 3, "b's records, and 9's gift");
     fresh.audit().unwrap();
+}
+
+#[test]
+fn a_data_watch_starts_from_the_state_and_gets_the_written_bytes() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let mut b = w.store.connect(ip(3));
+    let p = w.create(&mut a, Access::READ | Access::WRITE, b"hello world");
+    w.reply(
+        &mut a,
+        Request::WriteAt {
+            ptr: p,
+            offset: 0,
+            data: Bytes::from_static(b"H"),
+        },
+    );
+    let watch = |options| Request::Watch { ptr: p, options };
+    // State only: INFO's fields, no bytes.
+    let state = WatchOptions {
+        state: true,
+        ..WatchOptions::default()
+    };
+    let info = RecordInfo {
+        size: 11,
+        version: 2,
+        access: Access::READ | Access::WRITE,
+        owned: false,
+    };
+    assert_eq!(
+        w.reply(&mut b, watch(state)),
+        Reply::Watching(info, Bytes::new())
+    );
+    // Data: the state and the whole value, then the bytes of every change.
+    assert_eq!(
+        w.reply(&mut b, watch(WatchOptions::data())),
+        Reply::Watching(info, Bytes::from_static(b"Hello world"))
+    );
+    let plain = w.store.connect(ip(4));
+    let mut plain = plain;
+    w.reply(&mut plain, Request::watch(p));
+    let r = w.apply(
+        &mut a,
+        Request::WriteAt {
+            ptr: p,
+            offset: 6,
+            data: Bytes::from_static(b"W"),
+        },
+    );
+    let for_b = r.notifications.iter().find(|n| n.conn == b.conn()).unwrap();
+    assert_eq!(
+        for_b.delta,
+        Some(Delta {
+            base: 2,
+            size: 11,
+            ranges: vec![(6, Bytes::from_static(b"W"))]
+        })
+    );
+    let for_plain = r
+        .notifications
+        .iter()
+        .find(|n| n.conn == plain.conn())
+        .unwrap();
+    assert_eq!(for_plain.delta, None, "a v1 watch gets no bytes");
+    assert_eq!(
+        for_plain.to_reply().encode(1).len(),
+        16,
+        "and exactly v1's NOTIFY"
+    );
+    let r = w.apply(
+        &mut a,
+        Request::Replace {
+            ptr: p,
+            data: Bytes::from_static(b"bye"),
+        },
+    );
+    let for_b = r.notifications.iter().find(|n| n.conn == b.conn()).unwrap();
+    assert_eq!(
+        for_b.to_reply(),
+        Reply::Notify {
+            event: Event::Changed,
+            ptr: p,
+            version: 4,
+            delta: Some(Delta {
+                base: 3,
+                size: 3,
+                ranges: vec![(0, Bytes::from_static(b"bye"))]
+            })
+        }
+    );
+    // A watch without READ is refused as before, with or without data.
+    let mut c = w.store.connect(ip(5));
+    let q = w.create(&mut c, Access::empty(), b"secret");
+    assert_eq!(
+        status(&w.reply(
+            &mut b,
+            Request::Watch {
+                ptr: q,
+                options: WatchOptions::data()
+            }
+        )),
+        Status::AccessViolation
+    );
 }

@@ -13,21 +13,37 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netswap_proto::{Access, ConnId, Event, Identity, Notification, Pointer, Version};
+use bytes::Bytes;
+use netswap_proto::{Access, ConnId, Delta, Event, Identity, Notification, Pointer, Version};
 use redis::{PushInfo, PushKind, Value};
 use tracing::{debug, warn};
 
 use super::redis_io::{self, Stored};
 use super::{ClusterStore, RECENT_EVENTS, lock};
 
-/// An event as published: kind, version, revision, owner and access bits after it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An event as published: kind, version, revision, owner and access bits after it;
+/// on the channel with bytes, a data change also carries what it wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct EventInfo {
     pub event: Event,
     pub version: Version,
     pub rev: u64,
     pub owner: Identity,
     pub access: Access,
+    /// The record's size after a data change, the offset written and the bytes.
+    pub wrote: Option<(u64, u64, Bytes)>,
+}
+
+/// Bytes of an event without its data.
+const EVENT_LEN: usize = 50;
+
+/// What the commit script appends to an event on the channel with bytes, before the
+/// bytes: the record's new size and the offset written.
+pub(crate) fn delta_head(size: u64, offset: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&size.to_be_bytes());
+    v.extend_from_slice(&offset.to_be_bytes());
+    v
 }
 
 impl EventInfo {
@@ -38,12 +54,14 @@ impl EventInfo {
             rev,
             owner,
             access,
+            wrote: None,
         }
     }
 
-    /// `kind u8, version u64, rev u64, owner [32], access u8`.
+    /// `kind u8, version u64, rev u64, owner [32], access u8` (the commit script adds
+    /// `size u64, offset u64, bytes` on the channel with bytes).
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(50);
+        let mut v = Vec::with_capacity(EVENT_LEN);
         v.push(self.event as u8);
         v.extend_from_slice(&self.version.to_be_bytes());
         v.extend_from_slice(&self.rev.to_be_bytes());
@@ -52,32 +70,70 @@ impl EventInfo {
         v
     }
 
-    pub fn decode(b: &[u8]) -> Option<EventInfo> {
-        if b.len() != 50 {
+    pub fn decode(b: &Bytes) -> Option<EventInfo> {
+        if b.len() != EVENT_LEN && b.len() < EVENT_LEN + 16 {
             return None;
         }
+        let wrote = (b.len() > EVENT_LEN).then(|| {
+            (
+                u64::from_be_bytes(b[50..58].try_into().expect("8 bytes")),
+                u64::from_be_bytes(b[58..66].try_into().expect("8 bytes")),
+                b.slice(66..),
+            )
+        });
         Some(EventInfo {
             event: Event::from_u8(b[0])?,
             version: u64::from_be_bytes(b[1..9].try_into().ok()?),
             rev: u64::from_be_bytes(b[9..17].try_into().ok()?),
             owner: Identity(b[17..49].try_into().ok()?),
             access: Access::from_bits_truncate(b[49]),
+            wrote,
         })
     }
+
+    /// The notification for one watcher: data watchers get the bytes when the event
+    /// carries them (else a "changed" without bytes: they read the record).
+    fn note(&self, w: &Watcher, ptr: Pointer) -> Notification {
+        let mut n = Notification::new(w.conn, w.xid, self.event, ptr, self.version);
+        if w.data
+            && self.event == Event::Changed
+            && let Some((size, offset, bytes)) = &self.wrote
+        {
+            n.delta = Some(Delta {
+                base: self.version - 1,
+                size: *size,
+                ranges: vec![(*offset, bytes.clone())],
+            });
+        }
+        n
+    }
+}
+
+/// One connection's watch of a record on this gateway.
+#[derive(Clone, Copy, Debug)]
+struct Watcher {
+    conn: ConnId,
+    xid: u32,
+    /// The revision its WATCH was decided on: it sees the events after it.
+    from: u64,
+    /// A data watch.
+    data: bool,
 }
 
 /// A record watched from this gateway.
 #[derive(Debug)]
 pub(crate) struct WatchEntry {
-    /// Connections watching, with their XID and the revision their WATCH was decided
-    /// on (they see the events after it).
-    watchers: Vec<(ConnId, u32, u64)>,
+    watchers: Vec<Watcher>,
     /// Recent events, for watches being registered.
     recent: VecDeque<EventInfo>,
     /// The record as last known here: revision, version, owner, access.
     known: Option<(u64, Version, Identity, Access)>,
-    /// The subscription is confirmed.
+    /// The subscription to the record's channel is confirmed.
     subscribed: tokio::sync::watch::Sender<bool>,
+    /// The subscription to the channel with bytes is confirmed: from then on, events
+    /// are taken from that channel only (it carries every event; the plain channel
+    /// is ignored, so a data watch never gets a change without its bytes).
+    with_bytes: tokio::sync::watch::Sender<bool>,
     /// When the last watcher left (for unsubscribing idle channels later).
     idle_since: Option<Instant>,
 }
@@ -89,32 +145,24 @@ impl WatchEntry {
             recent: VecDeque::new(),
             known: None,
             subscribed: tokio::sync::watch::channel(false).0,
+            with_bytes: tokio::sync::watch::channel(false).0,
             idle_since: None,
         }
     }
 
     fn remove(&mut self, conn: ConnId) {
-        self.watchers.retain(|(c, _, _)| *c != conn);
+        self.watchers.retain(|w| w.conn != conn);
         if self.watchers.is_empty() {
             self.idle_since = Some(Instant::now());
         }
     }
 }
 
-fn note(conn: ConnId, xid: u32, ptr: Pointer, event: Event, version: Version) -> Notification {
-    Notification {
-        conn,
-        xid,
-        event,
-        ptr,
-        version,
-    }
-}
-
 impl ClusterStore {
-    /// Makes sure this gateway is subscribed to `ptr`'s events, before a WATCH loads
-    /// the record (so no event after the load can be missed).
-    pub(super) async fn subscribe(&self, ptr: Pointer) -> redis::RedisResult<()> {
+    /// Makes sure this gateway is subscribed to `ptr`'s events (and, for a data
+    /// watch, to its events with bytes), before a WATCH loads the record (so no event
+    /// after the load can be missed).
+    pub(super) async fn subscribe(&self, ptr: Pointer, data: bool) -> redis::RedisResult<()> {
         let (mut ready, first) = {
             let mut l = lock(&self.local);
             match l.watched.get(&ptr) {
@@ -136,33 +184,61 @@ impl ClusterStore {
                     if let Some(e) = l.watched.get(&ptr) {
                         e.subscribed.send_replace(true);
                     }
-                    return Ok(());
                 }
                 Err(e) => {
                     l.watched.remove(&ptr);
                     return Err(e);
                 }
             }
+        } else {
+            let _ = tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|s| *s)).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|s| *s)).await;
+        if !data {
+            return Ok(());
+        }
+        let mut with_bytes = match lock(&self.local).watched.get(&ptr) {
+            Some(e) if *e.with_bytes.borrow() => return Ok(()),
+            Some(e) => e.with_bytes.subscribe(),
+            None => return Ok(()),
+        };
+        self.redis
+            .clone()
+            .ssubscribe(self.keys.record(ptr).data_events)
+            .await?;
+        // Switched over when the confirmation is dispatched, in order with the events
+        // (see `on_push`).
+        let _ = tokio::time::timeout(Duration::from_secs(5), with_bytes.wait_for(|s| *s)).await;
         Ok(())
     }
 
     /// Registers a watch decided on `rec`, delivering the events that came since the
     /// state it was decided on.
-    pub(super) fn register_watch(&self, ptr: Pointer, conn: ConnId, xid: u32, rec: &Stored) {
+    pub(super) fn register_watch(
+        &self,
+        ptr: Pointer,
+        conn: ConnId,
+        xid: u32,
+        data: bool,
+        rec: &Stored,
+    ) {
         let mut out = Vec::new();
         {
             let mut l = lock(&self.local);
             let e = l.watched.entry(ptr).or_insert_with(WatchEntry::new);
-            e.watchers.retain(|(c, _, _)| *c != conn);
-            e.watchers.push((conn, xid, rec.rev));
+            e.watchers.retain(|w| w.conn != conn);
+            let w = Watcher {
+                conn,
+                xid,
+                from: rec.rev,
+                data,
+            };
+            e.watchers.push(w);
             e.idle_since = None;
             if e.known.is_none_or(|(r, ..)| r < rec.rev) {
                 e.known = Some((rec.rev, rec.version, rec.owner, rec.access));
             }
             for ev in e.recent.iter().filter(|ev| ev.rev > rec.rev) {
-                out.push(note(conn, xid, ptr, ev.event, ev.version));
+                out.push(ev.note(&w, ptr));
             }
             if out.iter().any(|n| n.event == Event::Deleted) {
                 e.remove(conn);
@@ -210,10 +286,11 @@ impl ClusterStore {
             gone
         };
         for p in gone {
+            let k = self.keys.record(p);
             if let Err(e) = self
                 .redis
                 .clone()
-                .sunsubscribe(self.keys.record(p).events)
+                .sunsubscribe(&[k.events, k.data_events][..])
                 .await
             {
                 debug!(ptr = %p, error = %e, "SUNSUBSCRIBE failed");
@@ -248,29 +325,42 @@ impl ClusterStore {
                 else {
                     return;
                 };
-                let (Some(ptr), Some(ev)) = (
-                    self.keys.pointer_of_channel(channel),
-                    EventInfo::decode(msg),
+                let (Some((ptr, with_bytes)), Some(ev)) = (
+                    self.keys.channel(channel),
+                    EventInfo::decode(&Bytes::copy_from_slice(msg)),
                 ) else {
                     warn!("an event that is not netswap's on a netswap channel");
                     return;
                 };
-                let out = self.on_event(ptr, ev);
+                let out = self.on_event(ptr, ev, with_bytes);
                 if !out.is_empty() {
                     let _ = self.events.send(out);
                 }
             }
             PushKind::SSubscribe => {
-                // A (re)subscription confirmed: after a lost connection, events may
-                // have been missed, so look at the record again.
-                let Some(ptr) = push.data.first().and_then(|v| match v {
-                    Value::BulkString(c) => self.keys.pointer_of_channel(c),
+                let Some((ptr, with_bytes)) = push.data.first().and_then(|v| match v {
+                    Value::BulkString(c) => self.keys.channel(c),
                     _ => None,
                 }) else {
                     return;
                 };
-                let known = lock(&self.local).watched.get(&ptr).and_then(|e| e.known);
-                if known.is_some() {
+                let resync = {
+                    let l = lock(&self.local);
+                    let Some(e) = l.watched.get(&ptr) else { return };
+                    let switched = *e.with_bytes.borrow();
+                    if with_bytes && !switched {
+                        // From now on the events come from the channel with bytes:
+                        // this confirmation is in order with the events, so none is
+                        // taken twice or missed.
+                        e.with_bytes.send_replace(true);
+                        false
+                    } else {
+                        // A (re)subscription of the channel in use: after a lost
+                        // connection, events may have been missed.
+                        with_bytes == switched && e.known.is_some()
+                    }
+                };
+                if resync {
                     let me = self.clone();
                     tokio::spawn(async move { me.resync(ptr).await });
                 }
@@ -279,14 +369,13 @@ impl ClusterStore {
         }
     }
 
-    fn on_event(&self, ptr: Pointer, ev: EventInfo) -> Vec<Notification> {
+    fn on_event(&self, ptr: Pointer, ev: EventInfo, with_bytes: bool) -> Vec<Notification> {
         let mut l = lock(&self.local);
         let Some(e) = l.watched.get_mut(&ptr) else {
             return Vec::new();
         };
-        e.recent.push_back(ev);
-        if e.recent.len() > RECENT_EVENTS {
-            e.recent.pop_front();
+        if with_bytes != *e.with_bytes.borrow() {
+            return Vec::new(); // the other channel carries the same event
         }
         if e.known.is_none_or(|(r, ..)| r < ev.rev) {
             e.known = Some((ev.rev, ev.version, ev.owner, ev.access));
@@ -294,8 +383,8 @@ impl ClusterStore {
         let out: Vec<Notification> = e
             .watchers
             .iter()
-            .filter(|(_, _, from)| ev.rev > *from)
-            .map(|(c, x, _)| note(*c, *x, ptr, ev.event, ev.version))
+            .filter(|w| ev.rev > w.from)
+            .map(|w| ev.note(w, ptr))
             .collect();
         if ev.event == Event::Deleted {
             // Every watch of a deleted record ends.
@@ -303,8 +392,12 @@ impl ClusterStore {
             e.idle_since = Some(Instant::now());
         } else {
             for w in e.watchers.iter_mut() {
-                w.2 = w.2.max(ev.rev);
+                w.from = w.from.max(ev.rev);
             }
+        }
+        e.recent.push_back(ev);
+        if e.recent.len() > RECENT_EVENTS {
+            e.recent.pop_front();
         }
         out
     }
@@ -345,13 +438,14 @@ impl ClusterStore {
                 Some(_) => {}
             }
             let mut out = Vec::new();
-            for (c, x, from) in e.watchers.iter_mut() {
-                if now.as_ref().is_none_or(|r| r.rev > *from) {
+            for w in e.watchers.iter_mut() {
+                if now.as_ref().is_none_or(|r| r.rev > w.from) {
+                    // Without the bytes: a data watch reads the record again.
                     for (ev, v) in &events {
-                        out.push(note(*c, *x, ptr, *ev, *v));
+                        out.push(Notification::new(w.conn, w.xid, *ev, ptr, *v));
                     }
                     if let Some(r) = &now {
-                        *from = r.rev;
+                        w.from = r.rev;
                     }
                 }
             }
@@ -374,7 +468,13 @@ mod tests {
     #[test]
     fn events_round_trip() {
         let e = EventInfo::new(Event::OwnerChanged, 7, 9, Identity([3; 32]), Access::READ);
-        assert_eq!(EventInfo::decode(&e.encode()), Some(e));
-        assert_eq!(EventInfo::decode(b"short"), None);
+        assert_eq!(EventInfo::decode(&Bytes::from(e.encode())), Some(e.clone()));
+        assert_eq!(EventInfo::decode(&Bytes::from_static(b"short")), None);
+        // As the commit script sends it on the channel with bytes.
+        let mut with = e.encode();
+        with.extend_from_slice(&delta_head(12, 4));
+        with.extend_from_slice(b"abc");
+        let got = EventInfo::decode(&Bytes::from(with)).unwrap();
+        assert_eq!(got.wrote, Some((12, 4, Bytes::from_static(b"abc"))));
     }
 }

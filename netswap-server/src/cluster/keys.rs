@@ -7,6 +7,7 @@
 //! | `ns:{r:PTR}:m` | hash | a record's state: `o` owner, `p` payer (absent: the owner pays), `a` access bits, `v` version, `r` revision (+1 on every change), `x`/`g` its own orphan deadline (ms) and its owner's generation then (a record handed to an absent identity) |
 //! | `ns:{r:PTR}:d` | string | the record's data (absent when empty) |
 //! | `ns:{r:PTR}:e` | sharded channel | events of the record (SPUBLISHed by the commit) |
+//! | `ns:{r:PTR}:E` | sharded channel | the same events with the bytes each data change wrote, published only while a gateway subscribes (it has data watches on the record) |
 //! | `ns:{r:PTR}:op:ID` | string, 1 h TTL | "change ID was committed" (for repairing quotas) |
 //! | `ns:{i:ID}:q` | hash | an identity's quota usage `n` records, `b` bytes, revision `r`, generation `g` (+1 per connect), offline-since `off` (ms), pending charges `p:OPID` |
 //! | `ns:{i:ID}:l` | sorted set | the identity's leases: gateway id → lease expiry (ms) |
@@ -52,14 +53,16 @@ impl Keys {
         format!("{}:{{reap}}:lock", self.prefix)
     }
 
-    /// The pointer a record event channel of this deployment names.
-    pub fn pointer_of_channel(&self, channel: &[u8]) -> Option<Pointer> {
+    /// The pointer a record event channel names, and whether it is the channel with
+    /// the changed bytes (`…:E`).
+    pub fn channel(&self, channel: &[u8]) -> Option<(Pointer, bool)> {
         let s = std::str::from_utf8(channel).ok()?;
-        let hex = s
-            .strip_prefix(self.prefix.as_str())?
-            .strip_prefix(":{r:")?
-            .strip_suffix("}:e")?;
-        hex.parse().ok()
+        let rest = s.strip_prefix(self.prefix.as_str())?.strip_prefix(":{r:")?;
+        let (hex, data) = match rest.strip_suffix("}:e") {
+            Some(h) => (h, false),
+            None => (rest.strip_suffix("}:E")?, true),
+        };
+        Some((hex.parse().ok()?, data))
     }
 }
 
@@ -68,6 +71,8 @@ pub(crate) struct RecordKeys {
     pub meta: String,
     pub data: String,
     pub events: String,
+    /// The channel of events with the changed bytes.
+    pub data_events: String,
     tag: String,
 }
 
@@ -78,6 +83,7 @@ impl RecordKeys {
             meta: format!("{tag}:m"),
             data: format!("{tag}:d"),
             events: format!("{tag}:e"),
+            data_events: format!("{tag}:E"),
             tag,
         }
     }
@@ -129,12 +135,11 @@ mod tests {
         let k = keys.record(p);
         assert_eq!(k.meta, "ns:{r:0000000000000abc}:m");
         assert_eq!(k.op("x1"), "ns:{r:0000000000000abc}:op:x1");
-        assert_eq!(keys.pointer_of_channel(k.events.as_bytes()), Some(p));
-        assert_eq!(keys.pointer_of_channel(b"ns:{r:zz}:e"), None);
-        assert_eq!(
-            Keys::new("other").pointer_of_channel(k.events.as_bytes()),
-            None
-        );
+        assert_eq!(keys.channel(k.events.as_bytes()), Some((p, false)));
+        assert_eq!(keys.channel(k.data_events.as_bytes()), Some((p, true)));
+        assert_eq!(keys.channel(b"ns:{r:zz}:e"), None);
+        assert_eq!(keys.channel(b"ns:{r:0000000000000abc}:x"), None);
+        assert_eq!(Keys::new("other").channel(k.events.as_bytes()), None);
         assert_eq!(keys.reap(), "ns:{reap}");
     }
 }

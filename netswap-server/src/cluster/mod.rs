@@ -785,7 +785,8 @@ impl ClusterStore {
             _ => None,
         };
         let watch = matches!(request, Request::Watch { .. });
-        if watch && let Err(e) = self.subscribe(ptr).await {
+        let data = matches!(request, Request::Watch { options, .. } if options.data);
+        if watch && let Err(e) = self.subscribe(ptr, data).await {
             return unavailable(&e).into();
         }
         for _ in 0..MAX_ATTEMPTS {

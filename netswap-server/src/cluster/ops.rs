@@ -40,6 +40,7 @@ impl ClusterStore {
                 range: Some((off, n)),
                 ..
             } => Some((*off, *n as u64)),
+            Request::Watch { options, .. } if options.data => Some((0, 1u64 << 53)),
             _ => None,
         };
         let Some(rec) =
@@ -97,15 +98,40 @@ impl ClusterStore {
             },
             Decision::TakeOver => self.change_owner(ptr, &rec, me, true).await,
             Decision::Transfer(to) => self.change_owner(ptr, &rec, to, false).await,
-            Decision::Watch => {
+            Decision::Watch(state) => {
                 if let Err(r) =
                     rules::admit_watch(caller.watching, caller.watch_xid.is_some(), &self.cfg)
                 {
                     return done(r);
                 }
-                self.register_watch(ptr, caller.conn, caller.xid, &rec);
+                let data = matches!(request, Request::Watch { options, .. } if options.data);
+                // A data watch starts from the whole value at the revision it is
+                // registered on (read separately when it did not come with the load).
+                let bytes = match (&rec.data, data) {
+                    (_, false) => bytes::Bytes::new(),
+                    (Some(d), true) if d.len() as u64 == rec.size => d.clone(),
+                    (_, true) => {
+                        match redis_io::range(
+                            &self.redis,
+                            &self.keys.record(ptr),
+                            rec.rev,
+                            0,
+                            rec.size,
+                        )
+                        .await?
+                        {
+                            Some(d) => d,
+                            None => return Ok(None),
+                        }
+                    }
+                };
+                self.register_watch(ptr, caller.conn, caller.xid, data, &rec);
+                let reply = match state {
+                    Some(info) => Reply::Watching(info, bytes),
+                    None => Reply::Done,
+                };
                 Ok(Some(Outcome {
-                    applied: Reply::Done.into(),
+                    applied: reply.into(),
                     watch: WatchChange::Added(ptr, caller.xid),
                 }))
             }
@@ -155,6 +181,7 @@ impl ClusterStore {
                 ("v", w.new_version.to_string().into_bytes()),
             ],
             op: self.op_id(),
+            new_size: Some(w.new_size),
             ..Change::default()
         };
         let mut pending = None;

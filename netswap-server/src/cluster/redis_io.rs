@@ -65,6 +65,9 @@ pub(crate) struct Change {
     /// Also leave a marker key (kept until the quota entries are settled), for
     /// changes that move quota charges.
     pub mark: bool,
+    /// A data change: the record's size afterwards (the channel of events with bytes
+    /// carries it with the offset and the bytes).
+    pub new_size: Option<u64>,
     pub set: Vec<(&'static str, Vec<u8>)>,
     pub del: Vec<&'static str>,
 }
@@ -237,6 +240,7 @@ pub(crate) async fn commit(
         k.data.as_str(),
         op_key.as_str(),
         k.events.as_str(),
+        k.data_events.as_str(),
     ];
     let expected = change.expected.map(|r| r.to_string()).unwrap_or_default();
     let fence = change.fence.to_string();
@@ -249,6 +253,11 @@ pub(crate) async fn commit(
     let n_set = change.set.len().to_string();
     let n_del = change.del.len().to_string();
     let event = change.event.clone().unwrap_or_default();
+    let delta_head: Vec<u8> = match (&change.data, change.new_size) {
+        (DataOp::Set(_), Some(size)) => super::events::delta_head(size, 0),
+        (DataOp::Range(off, _), Some(size)) => super::events::delta_head(size, *off),
+        _ => Vec::new(),
+    };
     let mut args: Vec<&[u8]> = vec![
         expected.as_bytes(),
         fence.as_bytes(),
@@ -258,6 +267,7 @@ pub(crate) async fn commit(
         &data,
         change.op.as_bytes(),
         if change.mark { b"1" } else { b"0" },
+        &delta_head,
         n_set.as_bytes(),
     ];
     for (f, v) in &change.set {

@@ -61,11 +61,16 @@ return {1, redis.call('GETRANGE', KEYS[2], s, e - 1)}
 /// changed (or exists, for a create; or is gone: rev nil), `{-1}` when `fence` (ms,
 /// Redis time) has passed.
 ///
-/// KEYS: meta, data, op marker, event channel.
+/// The event goes to the record's channel, and, only while some gateway subscribes
+/// to it (it has data watches), to the channel of events with bytes: the event, then
+/// the `delta head` (the record's new size u64 and the offset u64 of a data change)
+/// and the bytes written.
+///
+/// KEYS: meta, data, op marker, event channel, channel of events with bytes.
 /// ARGV: expected rev ('' = must not exist), fence (0 = none), event payload ('' =
 /// none), data op ('n' none, 's' set, 'r' set range, 'd' delete the record), offset,
-/// bytes, op id, mark ('1': set the marker key), n, n field/value pairs to set, k, k
-/// fields to delete.
+/// bytes, op id, mark ('1': set the marker key), delta head ('' = not a data change),
+/// n, n field/value pairs to set, k, k fields to delete.
 pub(crate) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -91,8 +96,8 @@ else
   elseif op == 'r' then
     redis.call('SETRANGE', KEYS[2], tonumber(ARGV[5]), ARGV[6])
   end
-  local n = tonumber(ARGV[9])
-  local i = 10
+  local n = tonumber(ARGV[10])
+  local i = 11
   for j = 1, n do
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
     i = i + 2
@@ -104,7 +109,16 @@ else
   redis.call('HSET', KEYS[1], 'l', ARGV[7])
 end
 if ARGV[8] == '1' then redis.call('SET', KEYS[3], '1', 'EX', 604800) end
-if ARGV[3] ~= '' then redis.call('SPUBLISH', KEYS[4], ARGV[3]) end
+if ARGV[3] ~= '' then
+  redis.call('SPUBLISH', KEYS[4], ARGV[3])
+  if redis.call('PUBSUB', 'SHARDNUMSUB', KEYS[5])[2] > 0 then
+    if ARGV[9] ~= '' then
+      redis.call('SPUBLISH', KEYS[5], ARGV[3] .. ARGV[9] .. ARGV[6])
+    else
+      redis.call('SPUBLISH', KEYS[5], ARGV[3])
+    end
+  end
+end
 return {1}
 "#,
     )

@@ -531,7 +531,7 @@ async fn watch_one(addr: SocketAddr, from: IpAddr, ptr: Pointer, rcvbuf: Option<
     }
     sock.bind(SocketAddr::new(from, 0)).expect("bind");
     let mut s = sock.connect(addr).await.expect("connect");
-    s.write_all(&frames(&Request::Watch { ptr }, 1))
+    s.write_all(&frames(&Request::watch(ptr), 1))
         .await
         .expect("watch");
     let mut header = [0u8; 10];
@@ -907,8 +907,12 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
                 // A write whose reply was lost with the connection (a server restart):
                 // the record holds the old state or the new one.
                 let mut uncertain: Option<(Pointer, Option<Known>)> = None;
-                let lost =
-                    |e: &Error| matches!(e, Error::Disconnected(_) | Error::Io(_) | Error::Timeout);
+                let lost = |e: &Error| {
+                    matches!(
+                        e,
+                        Error::Disconnected(_) | Error::Io(_) | Error::Timeout { .. }
+                    )
+                };
                 match (roll, pick) {
                     (0..=14, _) | (_, None) => {
                         let len = rng.random_range(0..2000);
