@@ -170,6 +170,53 @@ fn ownership_commands() {
 }
 
 #[test]
+fn watch_data_prints_each_delta() {
+    let srv = server();
+    let ptr = ok(&netswap(
+        &srv,
+        2,
+        &["create", "-a", "read", "-d", "hello world"],
+    ))
+    .trim()
+    .to_string();
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_netswap"))
+        .args([
+            "--server",
+            &srv.addr().to_string(),
+            "--bind",
+            "127.0.0.3",
+            "watch",
+            "--data",
+            &ptr,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(watch.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, format!("watching {ptr} version 1 size 11\n"));
+    ok(&netswap(
+        &srv,
+        2,
+        &["write", &ptr, "--at", "6", "-d", "W\u{1}"],
+    ));
+    ok(&netswap(&srv, 2, &["replace", &ptr, "-d", "bye"]));
+    ok(&netswap(&srv, 2, &["delete", &ptr]));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert_eq!(
+        rest,
+        format!(
+            "delta {ptr} version 2 size 11 at 6 len 2: W\\x01\n\
+             delta {ptr} version 3 size 3 at 0 len 3: bye\n\
+             deleted {ptr}\n"
+        )
+    );
+    assert!(watch.wait().unwrap().success());
+}
+
+#[test]
 fn watch_prints_events_until_the_record_is_deleted() {
     let srv = server();
     let ptr = ok(&netswap(&srv, 2, &["create", "-a", "read", "-d", "x"]))

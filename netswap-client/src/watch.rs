@@ -36,13 +36,13 @@ pub struct WatchEvent {
 /// What happened to a [`Mirror`]'s copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MirrorEvent {
-    /// A change (or several merged) was applied: these byte ranges (offset, length)
-    /// of the copy are new, and the copy may have changed size.
+    /// A change (or several merged) was applied: these bytes of the copy are new,
+    /// and the copy may have changed size (a shrink changes no byte).
     Updated {
         /// The copy's version now.
         version: Version,
-        /// The ranges that changed.
-        changed: Vec<(u64, u64)>,
+        /// The bytes that changed, by offset (shared with the message they came in).
+        changed: Vec<(u64, Bytes)>,
         /// The copy's size now.
         size: u64,
     },
@@ -301,12 +301,10 @@ impl Shared {
                         Some(d) if d.base == c.version => {
                             d.apply_to(&mut c.data);
                             c.version = version;
-                            let changed =
-                                d.ranges.iter().map(|(o, b)| (*o, b.len() as u64)).collect();
                             let _ = tx.send(MirrorEvent::Updated {
                                 version,
-                                changed,
                                 size: d.size,
+                                changed: d.ranges,
                             });
                         }
                         _ if version <= c.version => {} // already in the copy

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use netswap_client::{Access, Client, Error, Event, Identity, NewOwner, Options, Pointer};
+use netswap_client::{
+    Access, Client, Error, Event, Identity, MirrorEvent, NewOwner, Options, Pointer,
+};
 
 mod top;
 
@@ -68,6 +70,14 @@ impl DataSource {
 enum Output {
     /// The bytes as they are.
     Raw,
+    /// Lowercase hex.
+    Hex,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeltaOutput {
+    /// As text (bytes that are not printable ASCII escaped).
+    Text,
     /// Lowercase hex.
     Hex,
 }
@@ -164,6 +174,16 @@ enum Command {
     Watch {
         /// The record's pointer.
         ptr: Pointer,
+        /// Print the bytes each change wrote (a data watch): one line per changed
+        /// range, with its offset and length.
+        #[arg(long)]
+        data: bool,
+        /// At most one line (or merged delta) per this many milliseconds.
+        #[arg(long, default_value_t = 0)]
+        interval: u32,
+        /// How --data prints bytes.
+        #[arg(long, short = 'o', value_enum, default_value = "text")]
+        output: DeltaOutput,
     },
 }
 
@@ -403,8 +423,65 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await
                 .map_err(Failure::Client);
         }
-        Command::Watch { ptr } => {
-            let mut watch = client.watch(ptr).await?;
+        Command::Watch {
+            ptr,
+            data: true,
+            interval,
+            output,
+        } => {
+            let mut mirror = client.mirror_with(ptr, interval).await?;
+            let (version, size) = mirror.with_data(|d, v| (v, d.len()));
+            w(
+                &mut out,
+                format!("watching {ptr} version {version} size {size}"),
+            );
+            let _ = out.flush();
+            let show = |b: &[u8]| match output {
+                DeltaOutput::Hex => hex(b),
+                DeltaOutput::Text => b.escape_ascii().to_string(),
+            };
+            loop {
+                let e = tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    e = mirror.next() => e,
+                };
+                let lines: Vec<String> = match e {
+                    None => break,
+                    Some(MirrorEvent::Updated {
+                        version,
+                        changed,
+                        size,
+                    }) => {
+                        if changed.is_empty() {
+                            vec![format!("delta {ptr} version {version} size {size}")]
+                        } else {
+                            changed
+                                .iter()
+                                .map(|(off, b)| {
+                                    format!(
+                                        "delta {ptr} version {version} size {size} at {off} len {}: {}",
+                                        b.len(),
+                                        show(b)
+                                    )
+                                })
+                                .collect()
+                        }
+                    }
+                    Some(MirrorEvent::Reloaded { version, size }) => {
+                        vec![format!("reloaded {ptr} version {version} size {size}")]
+                    }
+                    Some(MirrorEvent::OwnerChanged) => vec![format!("owner-changed {ptr}")],
+                    Some(MirrorEvent::AccessChanged) => vec![format!("access-changed {ptr}")],
+                    Some(MirrorEvent::Deleted) => vec![format!("deleted {ptr}")],
+                };
+                for line in lines {
+                    w(&mut out, line);
+                }
+                let _ = out.flush();
+            }
+        }
+        Command::Watch { ptr, interval, .. } => {
+            let mut watch = client.watch_with(ptr, interval).await?;
             w(&mut out, format!("watching {ptr}"));
             let _ = out.flush();
             loop {
