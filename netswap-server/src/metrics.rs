@@ -120,6 +120,9 @@ pub(crate) struct Local {
     pub notifications: u64,
     pub busy: u64,
     dirty: bool,
+    /// Opcodes (by index, as bits) with counts since the last flush: a flush looks at
+    /// those rows only.
+    ops: u32,
 }
 
 impl Default for Local {
@@ -134,6 +137,7 @@ impl Default for Local {
             notifications: 0,
             busy: 0,
             dirty: false,
+            ops: 0,
         }
     }
 }
@@ -145,6 +149,7 @@ impl Local {
         let i = op_index(op);
         self.requests[i * STATUSES + status as usize] += 1;
         self.batch[i] += 1;
+        self.ops |= 1 << i;
         if status == Status::Busy {
             self.busy += 1;
         }
@@ -154,6 +159,7 @@ impl Local {
     /// A request answered `took` after its last frame (an asynchronous backend).
     pub fn answered_after(&mut self, op: u8, status: Status, took: Duration) {
         let i = op_index(op);
+        self.ops |= 1 << i;
         self.requests[i * STATUSES + status as usize] += 1;
         self.latency[i * (BUCKETS.len() + 1) + bucket(took)] += 1;
         self.latency_ns[i] += took.as_nanos() as u64;
@@ -190,22 +196,25 @@ impl Local {
             return;
         }
         self.dirty = false;
-        for (i, n) in self.requests.iter_mut().enumerate() {
-            if *n > 0 {
-                m.requests[i].fetch_add(*n as u64, Ordering::Relaxed);
-                *n = 0;
+        let rows = BUCKETS.len() + 1;
+        while self.ops != 0 {
+            let op = self.ops.trailing_zeros() as usize;
+            self.ops &= self.ops - 1;
+            for s in op * STATUSES..(op + 1) * STATUSES {
+                let n = std::mem::take(&mut self.requests[s]);
+                if n > 0 {
+                    m.requests[s].fetch_add(n as u64, Ordering::Relaxed);
+                }
             }
-        }
-        for (i, n) in self.latency.iter_mut().enumerate() {
-            if *n > 0 {
-                m.latency[i].fetch_add(*n as u64, Ordering::Relaxed);
-                *n = 0;
+            for b in op * rows..(op + 1) * rows {
+                let n = std::mem::take(&mut self.latency[b]);
+                if n > 0 {
+                    m.latency[b].fetch_add(n as u64, Ordering::Relaxed);
+                }
             }
-        }
-        for (i, n) in self.latency_ns.iter_mut().enumerate() {
-            if *n > 0 {
-                m.latency_ns[i].fetch_add(*n, Ordering::Relaxed);
-                *n = 0;
+            let ns = std::mem::take(&mut self.latency_ns[op]);
+            if ns > 0 {
+                m.latency_ns[op].fetch_add(ns, Ordering::Relaxed);
             }
         }
         for (local, shared) in [

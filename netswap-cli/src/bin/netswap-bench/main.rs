@@ -7,7 +7,10 @@
 //!
 //! Modes: `load` (throughput and latency), `fill` (many records, memory per record),
 //! `idle` (many idle connections, memory per connection), `hol` (latency of small reads
-//! on a connection that carries a huge transfer).
+//! on a connection that carries a huge transfer), `sync` (many watchers keeping a copy
+//! of one record: notify + READ, data watches, or Redis's SETRANGE + PUBLISH + GET).
+
+mod sync;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -116,6 +119,34 @@ enum Mode {
         /// Seconds to hold them.
         #[arg(long, default_value_t = 2.0)]
         hold: f64,
+    },
+    /// Many watchers keep an exact copy of one record that a writer changes at a tick
+    /// rate: bytes on the wire per update and the time until every copy has it.
+    Sync {
+        /// How the copies are kept.
+        #[arg(long, value_enum, default_value = "delta")]
+        how: sync::How,
+        /// Watchers (each its own connection; two for Redis).
+        #[arg(long, short = 'w', default_value_t = 50)]
+        watchers: usize,
+        /// The record's size.
+        #[arg(long, short = 'd', default_value_t = 4096)]
+        size: usize,
+        /// Bytes each update changes, at a random offset.
+        #[arg(long, default_value_t = 64)]
+        change: usize,
+        /// Updates per second.
+        #[arg(long, default_value_t = 60.0)]
+        rate: f64,
+        /// Updates in all.
+        #[arg(long, default_value_t = 600)]
+        updates: u64,
+        /// Minimum interval of the watches in ms (netswap only; 0 = every change).
+        #[arg(long, default_value_t = 0)]
+        interval: u32,
+        /// The Redis server for --how redis.
+        #[arg(long, default_value = "127.0.0.1:6379")]
+        redis: SocketAddr,
     },
     /// Latency of small reads on one connection while it carries a huge transfer.
     Hol {
@@ -867,6 +898,29 @@ fn main() -> std::process::ExitCode {
             direction,
             reads,
         } => hol(&cli, big, direction, reads),
+        Mode::Sync {
+            how,
+            watchers,
+            size,
+            change,
+            rate,
+            updates,
+            interval,
+            redis,
+        } => sync::sync(
+            sync::Spec {
+                server: cli.server,
+                redis,
+                how,
+                watchers: watchers.max(1),
+                size,
+                change,
+                rate,
+                updates,
+                interval_ms: interval,
+            },
+            cli.json,
+        ),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
