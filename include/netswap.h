@@ -63,6 +63,32 @@
 #define NETSWAP_EVENT_ACCESS_CHANGED 4
 
 /**
+ * Mirror event: a change (or several merged) was applied; `changed` lists the bytes.
+ */
+#define NETSWAP_MIRROR_UPDATED 1
+
+/**
+ * Mirror event: the copy was replaced by a fresh one (after a gap in the versions or a
+ * reconnect during which the record changed).
+ */
+#define NETSWAP_MIRROR_RELOADED 2
+
+/**
+ * Mirror event: the owner changed.
+ */
+#define NETSWAP_MIRROR_OWNER_CHANGED 3
+
+/**
+ * Mirror event: the access bits changed.
+ */
+#define NETSWAP_MIRROR_ACCESS_CHANGED 4
+
+/**
+ * Mirror event: the record is gone; the copy keeps its last bytes; no more events.
+ */
+#define NETSWAP_MIRROR_DELETED 5
+
+/**
  * Result codes. Values 0–10 match the protocol's status codes.
  */
 typedef enum netswap_result {
@@ -126,7 +152,88 @@ typedef enum netswap_result {
    * An internal error (a Rust panic) was caught; the handle may be unusable.
    */
   NETSWAP_PANIC = 105,
+  /**
+   * The call was cancelled (netswap_cancel_trigger()) before it completed.
+   */
+  NETSWAP_CANCELLED = 106,
 } netswap_result;
+
+/**
+ * Where a client's connection stands (netswap_client_state()).
+ */
+typedef enum netswap_state {
+  /**
+   * Connected.
+   */
+  NETSWAP_STATE_CONNECTED = 0,
+  /**
+   * The connection dropped; connecting again (calls wait, up to their deadline).
+   */
+  NETSWAP_STATE_RECONNECTING = 1,
+  /**
+   * Closed for good: every call fails with NETSWAP_DISCONNECTED.
+   */
+  NETSWAP_STATE_CLOSED = 2,
+} netswap_state;
+
+/**
+ * What netswap_call_async() does.
+ */
+typedef enum netswap_op {
+  /**
+   * CREATE: `access`, `data`. Outcome: `ptr`.
+   */
+  NETSWAP_OP_CREATE = 0,
+  /**
+   * READ of the whole record. Outcome: `data`.
+   */
+  NETSWAP_OP_READ = 1,
+  /**
+   * READ of `length` bytes from `offset`. Outcome: `data`.
+   */
+  NETSWAP_OP_READ_RANGE = 2,
+  /**
+   * REPLACE with `data`. Outcome: `version`.
+   */
+  NETSWAP_OP_REPLACE = 3,
+  /**
+   * WRITE_AT `offset` of `data`. Outcome: `version`.
+   */
+  NETSWAP_OP_WRITE_AT = 4,
+  /**
+   * REPLACE_IF at version `version` with `data`. Outcome: `version` (the current
+   * one on NETSWAP_CONFLICT).
+   */
+  NETSWAP_OP_REPLACE_IF = 5,
+  /**
+   * DELETE.
+   */
+  NETSWAP_OP_DELETE = 6,
+  /**
+   * SET_ACCESS to `access`.
+   */
+  NETSWAP_OP_SET_ACCESS = 7,
+  /**
+   * TAKEOVER.
+   */
+  NETSWAP_OP_TAKEOVER = 8,
+  /**
+   * TRANSFER to the identity of the address `ip`.
+   */
+  NETSWAP_OP_TRANSFER_TO_IP = 9,
+  /**
+   * TRANSFER to the 32-byte identity in `data`.
+   */
+  NETSWAP_OP_TRANSFER_TO_IDENTITY = 10,
+  /**
+   * INFO. Outcome: `info`.
+   */
+  NETSWAP_OP_INFO = 11,
+  /**
+   * HELLO. Outcome: `hello`.
+   */
+  NETSWAP_OP_HELLO = 12,
+} netswap_op;
 
 /**
  * Bytes read from a record (opaque, library-owned). Release with netswap_buffer_free().
@@ -134,9 +241,22 @@ typedef enum netswap_result {
 typedef struct netswap_buffer netswap_buffer;
 
 /**
- * A connection to a netswap server (opaque). Thread-safe.
+ * A cancel token (opaque): triggered once, it cancels every call it was given to.
+ * Freeing it does not cancel; the library keeps what it needs of it.
+ */
+typedef struct netswap_cancel netswap_cancel;
+
+/**
+ * A connection to a netswap server (opaque). Thread-safe: one handle may be used by
+ * several threads at once. netswap_client_with_timeout() makes more handles on the
+ * same connection; it closes when the last handle is freed.
  */
 typedef struct netswap_client netswap_client;
+
+/**
+ * A mirror (opaque). Release with netswap_mirror_free().
+ */
+typedef struct netswap_mirror netswap_mirror;
 
 /**
  * A watch registration (opaque). Release with netswap_watcher_free().
@@ -144,7 +264,8 @@ typedef struct netswap_client netswap_client;
 typedef struct netswap_watcher netswap_watcher;
 
 /**
- * Connection options; initialise with netswap_options_init().
+ * Connection options; initialise with netswap_options_init() (a zeroed struct means:
+ * no reconnection and no keepalives).
  */
 typedef struct netswap_options {
   /**
@@ -153,14 +274,47 @@ typedef struct netswap_options {
    */
   const char *local_addr;
   /**
-   * Milliseconds to wait for the connection (0: 10,000).
+   * Milliseconds to wait for each connection attempt (0: 10,000).
    */
   uint32_t connect_timeout_ms;
   /**
-   * Milliseconds each call waits for its reply (0: no limit).
+   * Milliseconds each call waits for its reply, waiting for a reconnection included
+   * (0: no limit). netswap_client_with_timeout() makes a handle with another one.
    */
   uint32_t request_timeout_ms;
+  /**
+   * Reconnect automatically when the connection drops (netswap_options_init: true).
+   * Watches and mirrors are registered again; reads in flight are sent again once;
+   * other calls in flight fail with NETSWAP_DISCONNECTED (outcome unknown).
+   */
+  bool reconnect;
+  /**
+   * First backoff window in ms (0: 100); attempt n waits a random time up to
+   * min(max, first × 2^(n−1)).
+   */
+  uint32_t reconnect_initial_delay_ms;
+  /**
+   * Largest backoff window in ms (0: 5,000).
+   */
+  uint32_t reconnect_max_delay_ms;
+  /**
+   * Failed attempts in a row before the client closes for good (0: never).
+   */
+  uint32_t reconnect_max_attempts;
+  /**
+   * Ask the server something after this many ms of silence; no answer within as
+   * long means the connection is dead (0: never; netswap_options_init: 15,000).
+   */
+  uint32_t keepalive_ms;
 } netswap_options;
+
+/**
+ * Called when the connection state changes: the new state, the reconnection attempt
+ * (RECONNECTING; else 0) and why (a NUL-terminated string valid during the call; ""
+ * when connected). Runs on the library's I/O thread, with the same rules as watch
+ * callbacks.
+ */
+typedef void (*netswap_state_callback)(void *user_data, enum netswap_state state, uint32_t attempt, const char *reason);
 
 /**
  * What netswap_hello() reports.
@@ -215,6 +369,128 @@ typedef struct netswap_record_info {
  */
 typedef void (*netswap_watch_callback)(void *user_data, uint8_t event, uint64_t ptr, uint64_t version);
 
+/**
+ * One call for netswap_call_async(): the operation and the fields it uses (the others
+ * are ignored). Everything it points to is copied before netswap_call_async() returns.
+ */
+typedef struct netswap_call {
+  /**
+   * The operation.
+   */
+  enum netswap_op op;
+  /**
+   * The record (all but CREATE and HELLO).
+   */
+  uint64_t ptr;
+  /**
+   * READ_RANGE, WRITE_AT.
+   */
+  uint64_t offset;
+  /**
+   * READ_RANGE.
+   */
+  uint32_t length;
+  /**
+   * REPLACE_IF: the expected version.
+   */
+  uint64_t version;
+  /**
+   * CREATE, SET_ACCESS: NETSWAP_ACCESS_* bits.
+   */
+  uint8_t access;
+  /**
+   * CREATE, REPLACE, WRITE_AT, REPLACE_IF: the bytes; TRANSFER_TO_IDENTITY: 32
+   * bytes. May be NULL when `data_len` is 0.
+   */
+  const uint8_t *data;
+  /**
+   * Bytes at `data`.
+   */
+  size_t data_len;
+  /**
+   * TRANSFER_TO_IP: the address ("10.0.0.7", "::1").
+   */
+  const char *ip;
+  /**
+   * Deadline in ms (0: the client handle's request timeout).
+   */
+  uint32_t timeout_ms;
+  /**
+   * Cancels the call when triggered (NULL: not cancellable).
+   */
+  const struct netswap_cancel *cancel;
+} netswap_call;
+
+/**
+ * What a completed call gives its callback. Valid only during the callback: copy what
+ * you keep.
+ */
+typedef struct netswap_outcome {
+  /**
+   * CREATE: the new pointer.
+   */
+  uint64_t ptr;
+  /**
+   * Writes: the new version; REPLACE_IF on NETSWAP_CONFLICT: the current version.
+   */
+  uint64_t version;
+  /**
+   * READ, READ_RANGE: the bytes (NULL when empty).
+   */
+  const uint8_t *data;
+  /**
+   * Bytes at `data`.
+   */
+  size_t data_len;
+  /**
+   * INFO.
+   */
+  struct netswap_record_info info;
+  /**
+   * HELLO.
+   */
+  struct netswap_hello_info hello;
+  /**
+   * On failure: what went wrong (NUL-terminated); "" on success.
+   */
+  const char *message;
+} netswap_outcome;
+
+/**
+ * Called once per started call, with its result (NETSWAP_CANCELLED when it was
+ * cancelled first) and outcome, on the library's I/O thread. It must return quickly
+ * and must not wait for other netswap calls.
+ */
+typedef void (*netswap_completion)(void *user_data, enum netswap_result result, const struct netswap_outcome *outcome);
+
+/**
+ * Bytes that changed in a mirror's copy: `len` bytes at `offset` (valid during the
+ * callback only).
+ */
+typedef struct netswap_range {
+  /**
+   * Where in the record.
+   */
+  uint64_t offset;
+  /**
+   * The new bytes.
+   */
+  const uint8_t *data;
+  /**
+   * How many.
+   */
+  size_t len;
+} netswap_range;
+
+/**
+ * Called for every event of a mirror, in order: `event` is a NETSWAP_MIRROR_* value,
+ * `version` and `size` the copy's right after it (netswap_mirror_copy() may already
+ * give a later version), `changed[0..changed_len]` the bytes an UPDATED event changed
+ * (else NULL and 0): applied in order to the copy at the previous event's version
+ * they give this one. Same thread rules as netswap_watch().
+ */
+typedef void (*netswap_mirror_callback)(void *user_data, uint8_t event, uint64_t version, uint64_t size, const struct netswap_range *changed, size_t changed_len);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -232,7 +508,9 @@ const char *netswap_last_error(void);
 const char *netswap_result_name(enum netswap_result result);
 
 /**
- * Sets `options` to the defaults: any local address, 10 s to connect, 30 s per call.
+ * Sets `options` to the defaults: any local address, 10 s to connect, 30 s per call,
+ * reconnection on (100 ms first window, 5 s largest, never giving up), keepalives
+ * after 15 s of silence.
  */
 void netswap_options_init(struct netswap_options *options);
 
@@ -244,11 +522,39 @@ void netswap_options_init(struct netswap_options *options);
 enum netswap_result netswap_connect(const char *addr, const struct netswap_options *options, struct netswap_client **out);
 
 /**
- * Closes the connection and releases the client. Callbacks of its watches have
- * stopped when this returns (their netswap_watcher handles must still be freed).
- * NULL is ignored. The client must not be in use by another thread.
+ * A second handle on the same connection whose calls wait at most `timeout_ms`
+ * (0: no limit) instead of the connection's request timeout: a per-call deadline.
+ * Release it with netswap_client_free() (the connection closes with its last handle).
+ */
+enum netswap_result netswap_client_with_timeout(const struct netswap_client *client, uint32_t timeout_ms, struct netswap_client **out);
+
+/**
+ * The connection's state now. When `reason` is not NULL, up to `reason_len` − 1
+ * bytes of why (and a NUL) are written there. A NULL client is CLOSED.
+ */
+enum netswap_state netswap_client_state(const struct netswap_client *client, char *reason, size_t reason_len);
+
+/**
+ * Calls `callback(user_data, state, attempt, reason)` on every change of the
+ * connection's state (NULL removes it; a new one replaces the old). When this
+ * returns, the old callback is not running and will not run again. Same thread rules
+ * as netswap_watch(); `user_data` must stay valid until it is replaced or the last
+ * handle is freed.
+ */
+enum netswap_result netswap_set_state_callback(const struct netswap_client *client, netswap_state_callback callback, void *user_data);
+
+/**
+ * Releases a client handle. The last handle of a connection closes it: callbacks of
+ * its watches, mirrors and state have stopped when this returns (their handles must
+ * still be freed). NULL is ignored. The handle must not be in use by another thread.
  */
 void netswap_client_free(struct netswap_client *client);
+
+/**
+ * What the server said when the current (or last) connection began: its limits and
+ * the caller's identity. No round trip.
+ */
+enum netswap_result netswap_client_server_info(const struct netswap_client *client, struct netswap_hello_info *out);
 
 /**
  * Asks the server for its limits and the caller's identity.
@@ -356,6 +662,14 @@ enum netswap_result netswap_info(const struct netswap_client *client, uint64_t p
 enum netswap_result netswap_watch(const struct netswap_client *client, uint64_t ptr, netswap_watch_callback callback, void *user_data, struct netswap_watcher **out);
 
 /**
+ * netswap_watch() with at most one event per `min_interval_ms` (0: every event):
+ * changes in between are merged by the server (the event carries the latest
+ * version). The watch survives reconnects: it is registered again, and an event
+ * tells what changed (or that the record is gone) while the connection was down.
+ */
+enum netswap_result netswap_watch_with(const struct netswap_client *client, uint64_t ptr, uint32_t min_interval_ms, netswap_watch_callback callback, void *user_data, struct netswap_watcher **out);
+
+/**
  * Ends a watch and releases it: when this returns no callback of this watch is
  * running or will run (except when called from inside that callback, which then is
  * the last). Valid after the client was freed. NULL is ignored.
@@ -372,6 +686,65 @@ enum netswap_result netswap_pointer_format(uint64_t ptr, char *out);
  * Parses 1 to 16 hex digits (optionally "0x"-prefixed) into `*out`; 0 is refused.
  */
 enum netswap_result netswap_pointer_parse(const char *text, uint64_t *out);
+
+/**
+ * A new cancel token. Release it with netswap_cancel_free().
+ */
+struct netswap_cancel *netswap_cancel_new(void);
+
+/**
+ * Cancels every call started with this token that has not completed: each completes
+ * with NETSWAP_CANCELLED (a request that has not left is taken back; one that has is
+ * abandoned). Later calls with it complete with NETSWAP_CANCELLED at once. NULL is
+ * ignored; safe from any thread.
+ */
+void netswap_cancel_trigger(const struct netswap_cancel *cancel);
+
+/**
+ * Releases a cancel token (calls it was given to are not cancelled). NULL is ignored.
+ */
+void netswap_cancel_free(struct netswap_cancel *cancel);
+
+/**
+ * Starts `call` on `client` and returns at once. On NETSWAP_OK, `completion` will be
+ * called exactly once with the result (it may already have been called when this
+ * returns); on any other result (a NULL or invalid argument) it is not called. The
+ * call copies what `call` points to. `user_data` is passed as given.
+ */
+enum netswap_result netswap_call_async(const struct netswap_client *client, const struct netswap_call *call, netswap_completion completion, void *user_data);
+
+/**
+ * Starts mirroring the record `ptr` (READ access needed): `*out` holds an exact copy
+ * from now on, updated in the background, at most once per `min_interval_ms` (0:
+ * every change). `callback` (may be NULL) hears about each update. The mirror
+ * survives reconnects. Release it with netswap_mirror_free().
+ */
+enum netswap_result netswap_mirror_new(const struct netswap_client *client, uint64_t ptr, uint32_t min_interval_ms, netswap_mirror_callback callback, void *user_data, struct netswap_mirror **out);
+
+/**
+ * The version of the mirror's copy (0 for NULL).
+ */
+uint64_t netswap_mirror_version(const struct netswap_mirror *mirror);
+
+/**
+ * A copy of the mirror's bytes as they are now, in a new library-owned buffer (release
+ * it with netswap_buffer_free()), and their version in `*out_version` (may be NULL).
+ */
+enum netswap_result netswap_mirror_copy(const struct netswap_mirror *mirror, struct netswap_buffer **out, uint64_t *out_version);
+
+/**
+ * Copies the mirror's bytes into the caller's buffer `dst` of `capacity` bytes:
+ * `*out_len` is the copy's size (the bytes written are min(size, capacity); call again
+ * with more room when it is larger), `*out_version` (may be NULL) its version.
+ */
+enum netswap_result netswap_mirror_read_into(const struct netswap_mirror *mirror, uint8_t *dst, size_t capacity, size_t *out_len, uint64_t *out_version);
+
+/**
+ * Ends a mirror and releases it: when this returns no callback of it is running or
+ * will run (except when called from inside its callback, which then is the last).
+ * Valid after the client was freed. NULL is ignored.
+ */
+void netswap_mirror_free(struct netswap_mirror *mirror);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -35,6 +35,8 @@ fn main() {
 fn csharp_builder() -> csbindgen::Builder {
     csbindgen::Builder::default()
         .input_extern_file("src/lib.rs")
+        .input_extern_file("src/calls.rs")
+        .input_extern_file("src/mirror.rs")
         .csharp_dll_name("netswap")
         .csharp_namespace("Netswap.Native")
         .csharp_class_name("NativeMethods")

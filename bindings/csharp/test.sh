@@ -28,6 +28,7 @@ for _ in $(seq 50); do grep -q listening "$build/server.log" && break; sleep 0.1
 cd "$build"
 status=0
 NETSWAP_TEST_SERVER="127.0.0.1:$port" NETSWAP_VECTORS="$root/tests/vectors" \
+  NETSWAP_SERVER_BIN="$target/netswap-server" \
   LD_LIBRARY_PATH="$build${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   nunit-console -nologo -labels Netswap.Tests.dll || status=$?
 # NUnit 2.6's summary is not a standard one: print ours.

@@ -260,6 +260,11 @@ impl Watch {
             .pointer()
     }
 
+    /// The async watch underneath, to be polled on [`Client::runtime`].
+    pub fn into_async(mut self) -> crate::Watch {
+        self.inner.take().expect("present until dropped")
+    }
+
     /// The next event, waiting at most `timeout`: `Ok(None)` when the watch has
     /// ended, `Err(Error::Timeout { .. })` when nothing came in time.
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<WatchEvent>> {
@@ -301,6 +306,10 @@ pub struct Mirror {
 impl Mirror {
     fn get(&self) -> &crate::Mirror {
         self.inner.as_ref().expect("present until dropped")
+    }
+    /// The async mirror underneath, to be polled on [`Client::runtime`].
+    pub fn into_async(mut self) -> crate::Mirror {
+        self.inner.take().expect("present until dropped")
     }
     /// The mirrored record.
     pub fn pointer(&self) -> Pointer {

@@ -59,4 +59,4 @@ pub use netswap_proto::{
     Version,
 };
 pub use options::{ConnectionState, Options, Reconnect};
-pub use watch::{Mirror, MirrorEvent, Watch, WatchEvent};
+pub use watch::{Mirror, MirrorEvent, MirrorView, Watch, WatchEvent};

@@ -516,6 +516,47 @@ impl Mirror {
     pub fn try_next(&mut self) -> Option<MirrorEvent> {
         self.rx.try_recv().ok()
     }
+
+    /// A handle on the copy alone (cheap to clone, `Send + Sync`), for threads that
+    /// look at the bytes while another consumes the events.
+    pub fn view(&self) -> MirrorView {
+        MirrorView {
+            copy: self.copy.clone(),
+        }
+    }
+}
+
+/// The copy of a [`Mirror`], readable from anywhere while the mirror lives (see
+/// [`Mirror::view`]). After the mirror is dropped it keeps its last bytes.
+#[derive(Clone)]
+pub struct MirrorView {
+    copy: Arc<Mutex<MirrorCopy>>,
+}
+
+impl std::fmt::Debug for MirrorView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorView")
+            .field("version", &self.version())
+            .finish()
+    }
+}
+
+impl MirrorView {
+    /// The version of the copy.
+    pub fn version(&self) -> Version {
+        lock(&self.copy).version
+    }
+
+    /// A copy of the bytes.
+    pub fn data(&self) -> Bytes {
+        Bytes::copy_from_slice(&lock(&self.copy).data)
+    }
+
+    /// Looks at the bytes and their version without copying them.
+    pub fn with_data<R>(&self, f: impl FnOnce(&[u8], Version) -> R) -> R {
+        let c = lock(&self.copy);
+        f(&c.data, c.version)
+    }
 }
 
 impl futures_core::Stream for Mirror {

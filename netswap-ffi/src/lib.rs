@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ::netswap_client::{Access, Error, Identity, Options, Pointer, blocking};
+use ::netswap_client::{
+    Access, ConnectionState, Error, Identity, Options, Pointer, Reconnect, blocking,
+};
 use bytes::Bytes;
 
 /// Result codes. Values 0–10 match the protocol's status codes.
@@ -52,22 +54,67 @@ pub enum netswap_result {
     NETSWAP_INVALID_ARGUMENT = 104,
     /// An internal error (a Rust panic) was caught; the handle may be unusable.
     NETSWAP_PANIC = 105,
+    /// The call was cancelled (netswap_cancel_trigger()) before it completed.
+    NETSWAP_CANCELLED = 106,
 }
 
 use netswap_result::*;
 
-/// Connection options; initialise with netswap_options_init().
+/// Connection options; initialise with netswap_options_init() (a zeroed struct means:
+/// no reconnection and no keepalives).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct netswap_options {
     /// Local IP address to connect from (NULL: any). On one machine 127.0.0.2,
     /// 127.0.0.3, … are different identities. Borrowed during netswap_connect only.
     pub local_addr: *const c_char,
-    /// Milliseconds to wait for the connection (0: 10,000).
+    /// Milliseconds to wait for each connection attempt (0: 10,000).
     pub connect_timeout_ms: u32,
-    /// Milliseconds each call waits for its reply (0: no limit).
+    /// Milliseconds each call waits for its reply, waiting for a reconnection included
+    /// (0: no limit). netswap_client_with_timeout() makes a handle with another one.
     pub request_timeout_ms: u32,
+    /// Reconnect automatically when the connection drops (netswap_options_init: true).
+    /// Watches and mirrors are registered again; reads in flight are sent again once;
+    /// other calls in flight fail with NETSWAP_DISCONNECTED (outcome unknown).
+    pub reconnect: bool,
+    /// First backoff window in ms (0: 100); attempt n waits a random time up to
+    /// min(max, first × 2^(n−1)).
+    pub reconnect_initial_delay_ms: u32,
+    /// Largest backoff window in ms (0: 5,000).
+    pub reconnect_max_delay_ms: u32,
+    /// Failed attempts in a row before the client closes for good (0: never).
+    pub reconnect_max_attempts: u32,
+    /// Ask the server something after this many ms of silence; no answer within as
+    /// long means the connection is dead (0: never; netswap_options_init: 15,000).
+    pub keepalive_ms: u32,
 }
+
+/// Where a client's connection stands (netswap_client_state()).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum netswap_state {
+    /// Connected.
+    NETSWAP_STATE_CONNECTED = 0,
+    /// The connection dropped; connecting again (calls wait, up to their deadline).
+    NETSWAP_STATE_RECONNECTING = 1,
+    /// Closed for good: every call fails with NETSWAP_DISCONNECTED.
+    NETSWAP_STATE_CLOSED = 2,
+}
+
+use netswap_state::*;
+
+/// Called when the connection state changes: the new state, the reconnection attempt
+/// (RECONNECTING; else 0) and why (a NUL-terminated string valid during the call; ""
+/// when connected). Runs on the library's I/O thread, with the same rules as watch
+/// callbacks.
+pub type netswap_state_callback = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        state: netswap_state,
+        attempt: u32,
+        reason: *const c_char,
+    ),
+>;
 
 /// What netswap_info() reports.
 #[repr(C)]
@@ -115,10 +162,55 @@ pub const NETSWAP_EVENT_OWNER_CHANGED: u8 = 3;
 /// Watch event: the access bits changed.
 pub const NETSWAP_EVENT_ACCESS_CHANGED: u8 = 4;
 
-/// A connection to a netswap server (opaque). Thread-safe.
+/// A connection to a netswap server (opaque). Thread-safe: one handle may be used by
+/// several threads at once. netswap_client_with_timeout() makes more handles on the
+/// same connection; it closes when the last handle is freed.
 pub struct netswap_client {
     client: blocking::Client,
-    watches: Mutex<Vec<Arc<WatchShared>>>,
+    shared: Arc<ClientShared>,
+}
+
+/// What every handle on one connection shares.
+struct ClientShared {
+    /// Handles not yet freed.
+    handles: AtomicU64,
+    /// Callbacks to stop when the last handle is freed (watches, mirrors).
+    callbacks: Mutex<Vec<Arc<WatchShared>>>,
+    /// The state callback, if any.
+    state: Mutex<Option<(Arc<WatchShared>, tokio::task::JoinHandle<()>)>>,
+}
+
+impl netswap_client {
+    fn register_callbacks(&self, s: Arc<WatchShared>) {
+        self.shared
+            .callbacks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(s);
+    }
+}
+
+impl WatchShared {
+    fn new() -> Arc<WatchShared> {
+        Arc::new(WatchShared {
+            cancelled: AtomicBool::new(false),
+            running: Mutex::new(()),
+            callback_thread: AtomicU64::new(0),
+        })
+    }
+
+    /// Runs `f` as a callback of this registration unless it was stopped: one at a
+    /// time, a panic caught.
+    fn run(&self, f: impl FnOnce()) -> bool {
+        let _running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if self.cancelled.load(Ordering::Acquire) {
+            return false;
+        }
+        self.callback_thread.store(thread_id(), Ordering::Release);
+        let _ = catch_unwind(AssertUnwindSafe(f));
+        self.callback_thread.store(0, Ordering::Release);
+        true
+    }
 }
 
 /// Bytes read from a record (opaque, library-owned). Release with netswap_buffer_free().
@@ -136,7 +228,7 @@ pub struct netswap_watcher {
 pub type netswap_watch_callback =
     Option<unsafe extern "C" fn(user_data: *mut c_void, event: u8, ptr: u64, version: u64)>;
 
-struct WatchShared {
+pub(crate) struct WatchShared {
     cancelled: AtomicBool,
     /// Held while a callback runs, so that stopping can wait for it.
     running: Mutex<()>,
@@ -172,13 +264,14 @@ fn set_error(msg: impl Into<String>) {
     LAST_ERROR.with(|e| *e.borrow_mut() = CString::new(msg).unwrap_or_default());
 }
 
-fn fail(code: netswap_result, msg: impl Into<String>) -> netswap_result {
+pub(crate) fn fail(code: netswap_result, msg: impl Into<String>) -> netswap_result {
     set_error(msg);
     code
 }
 
-fn from_error(e: &Error) -> netswap_result {
-    let code = match e {
+/// The result code of a client error.
+pub(crate) fn code_of(e: &Error) -> netswap_result {
+    match e {
         Error::AccessViolation(_) => NETSWAP_ACCESS_VIOLATION,
         Error::AddressFault(_) => NETSWAP_ADDRESS_FAULT,
         Error::Malformed(_) => NETSWAP_MALFORMED,
@@ -192,12 +285,34 @@ fn from_error(e: &Error) -> netswap_result {
         Error::Disconnected(_) => NETSWAP_DISCONNECTED,
         Error::BadReply(_) => NETSWAP_BAD_REPLY,
         Error::InvalidArgument(_) => NETSWAP_INVALID_ARGUMENT,
-    };
-    fail(code, e.to_string())
+    }
+}
+
+pub(crate) fn from_error(e: &Error) -> netswap_result {
+    fail(code_of(e), e.to_string())
+}
+
+pub(crate) fn record_info(i: &::netswap_client::RecordInfo) -> netswap_record_info {
+    netswap_record_info {
+        size: i.size,
+        version: i.version,
+        access: i.access.bits(),
+        owned: i.owned,
+    }
+}
+
+pub(crate) fn hello_info(h: &::netswap_client::HelloInfo) -> netswap_hello_info {
+    netswap_hello_info {
+        protocol: h.protocol,
+        max_record_bytes: h.max_record_bytes,
+        max_message_bytes: h.max_message_bytes,
+        orphan_grace_secs: h.orphan_grace_secs,
+        identity: h.identity.0,
+    }
 }
 
 /// Runs `f`, turning a panic into NETSWAP_PANIC.
-fn guard(f: impl FnOnce() -> netswap_result) -> netswap_result {
+pub(crate) fn guard(f: impl FnOnce() -> netswap_result) -> netswap_result {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => {
@@ -216,8 +331,8 @@ macro_rules! arg {
         match unsafe { $p.as_ref() } {
             Some(r) => r,
             None => {
-                return fail(
-                    NETSWAP_INVALID_ARGUMENT,
+                return $crate::fail(
+                    $crate::netswap_result::NETSWAP_INVALID_ARGUMENT,
                     concat!("argument `", $name, "` is NULL"),
                 )
             }
@@ -230,8 +345,8 @@ macro_rules! out {
         match unsafe { $p.as_mut() } {
             Some(r) => r,
             None => {
-                return fail(
-                    NETSWAP_INVALID_ARGUMENT,
+                return $crate::fail(
+                    $crate::netswap_result::NETSWAP_INVALID_ARGUMENT,
                     concat!("argument `", $name, "` is NULL"),
                 )
             }
@@ -239,11 +354,11 @@ macro_rules! out {
     };
 }
 
-fn pointer(raw: u64) -> Result<Pointer, netswap_result> {
+pub(crate) fn pointer(raw: u64) -> Result<Pointer, netswap_result> {
     Pointer::new(raw).ok_or_else(|| fail(NETSWAP_INVALID_ARGUMENT, "pointer 0 is never valid"))
 }
 
-unsafe fn bytes_arg(data: *const u8, len: usize) -> Result<Bytes, netswap_result> {
+pub(crate) unsafe fn bytes_arg(data: *const u8, len: usize) -> Result<Bytes, netswap_result> {
     if len == 0 {
         return Ok(Bytes::new());
     }
@@ -259,7 +374,7 @@ unsafe fn bytes_arg(data: *const u8, len: usize) -> Result<Bytes, netswap_result
     }))
 }
 
-unsafe fn str_arg<'a>(s: *const c_char, name: &str) -> Result<&'a str, netswap_result> {
+pub(crate) unsafe fn str_arg<'a>(s: *const c_char, name: &str) -> Result<&'a str, netswap_result> {
     if s.is_null() {
         return Err(fail(
             NETSWAP_INVALID_ARGUMENT,
@@ -275,7 +390,7 @@ unsafe fn str_arg<'a>(s: *const c_char, name: &str) -> Result<&'a str, netswap_r
     })
 }
 
-fn access_arg(bits: u8) -> Result<Access, netswap_result> {
+pub(crate) fn access_arg(bits: u8) -> Result<Access, netswap_result> {
     Access::from_bits(bits).ok_or_else(|| {
         fail(
             NETSWAP_INVALID_ARGUMENT,
@@ -297,10 +412,15 @@ macro_rules! call {
     ($e:expr) => {
         match $e {
             Ok(v) => v,
-            Err(e) => return from_error(&e),
+            Err(e) => return $crate::from_error(&e),
         }
     };
 }
+
+mod calls;
+mod mirror;
+pub use calls::*;
+pub use mirror::*;
 
 /// The message describing the last failure on the calling thread ("" if none). The
 /// string belongs to the library and stays valid until the next failing call on this
@@ -329,11 +449,14 @@ pub extern "C" fn netswap_result_name(result: netswap_result) -> *const c_char {
         NETSWAP_BAD_REPLY => c"NETSWAP_BAD_REPLY",
         NETSWAP_INVALID_ARGUMENT => c"NETSWAP_INVALID_ARGUMENT",
         NETSWAP_PANIC => c"NETSWAP_PANIC",
+        NETSWAP_CANCELLED => c"NETSWAP_CANCELLED",
     };
     s.as_ptr()
 }
 
-/// Sets `options` to the defaults: any local address, 10 s to connect, 30 s per call.
+/// Sets `options` to the defaults: any local address, 10 s to connect, 30 s per call,
+/// reconnection on (100 ms first window, 5 s largest, never giving up), keepalives
+/// after 15 s of silence.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn netswap_options_init(options: *mut netswap_options) {
     if let Some(o) = unsafe { options.as_mut() } {
@@ -341,8 +464,38 @@ pub unsafe extern "C" fn netswap_options_init(options: *mut netswap_options) {
             local_addr: std::ptr::null(),
             connect_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
+            reconnect: true,
+            reconnect_initial_delay_ms: 100,
+            reconnect_max_delay_ms: 5_000,
+            reconnect_max_attempts: 0,
+            keepalive_ms: 15_000,
         };
     }
+}
+
+fn options_from(o: &netswap_options) -> Result<Options, netswap_result> {
+    let mut opts = Options::default();
+    if !o.local_addr.is_null() {
+        let ip = unsafe { str_arg(o.local_addr, "options.local_addr") }?;
+        opts.local_addr = Some(ip.parse::<IpAddr>().map_err(|_| {
+            fail(
+                NETSWAP_INVALID_ARGUMENT,
+                format!("options.local_addr {ip:?} is not an IP address"),
+            )
+        })?);
+    }
+    let ms = |v: u32, default: u64| Duration::from_millis(if v > 0 { v.into() } else { default });
+    opts.connect_timeout = ms(o.connect_timeout_ms, 10_000);
+    opts.request_timeout =
+        (o.request_timeout_ms > 0).then(|| Duration::from_millis(o.request_timeout_ms.into()));
+    opts.reconnect = Reconnect {
+        enabled: o.reconnect,
+        initial_delay: ms(o.reconnect_initial_delay_ms, 100),
+        max_delay: ms(o.reconnect_max_delay_ms, 5_000),
+        max_attempts: (o.reconnect_max_attempts > 0).then_some(o.reconnect_max_attempts),
+    };
+    opts.keepalive = (o.keepalive_ms > 0).then(|| Duration::from_millis(o.keepalive_ms.into()));
+    Ok(opts)
 }
 
 /// Connects to the server at `addr` ("host:port") and says HELLO. `options` may be
@@ -357,51 +510,174 @@ pub unsafe extern "C" fn netswap_connect(
     guard(|| {
         let out = out!(out, "out");
         let addr = tri!(unsafe { str_arg(addr, "addr") });
-        let mut opts = Options::default();
-        if let Some(o) = unsafe { options.as_ref() } {
-            if !o.local_addr.is_null() {
-                let ip = tri!(unsafe { str_arg(o.local_addr, "options.local_addr") });
-                opts.local_addr = Some(tri!(ip.parse::<IpAddr>().map_err(|_| fail(
-                    NETSWAP_INVALID_ARGUMENT,
-                    format!("options.local_addr {ip:?} is not an IP address")
-                ))));
-            }
-            if o.connect_timeout_ms > 0 {
-                opts.connect_timeout = Duration::from_millis(o.connect_timeout_ms.into());
-            }
-            opts.request_timeout = (o.request_timeout_ms > 0)
-                .then(|| Duration::from_millis(o.request_timeout_ms.into()));
-        }
+        let opts = match unsafe { options.as_ref() } {
+            Some(o) => tri!(options_from(o)),
+            None => Options::default(),
+        };
         let client = call!(blocking::Client::connect_with(addr, opts));
         *out = Box::into_raw(Box::new(netswap_client {
             client,
-            watches: Mutex::new(Vec::new()),
+            shared: Arc::new(ClientShared {
+                handles: AtomicU64::new(1),
+                callbacks: Mutex::new(Vec::new()),
+                state: Mutex::new(None),
+            }),
         }));
         NETSWAP_OK
     })
 }
 
-/// Closes the connection and releases the client. Callbacks of its watches have
-/// stopped when this returns (their netswap_watcher handles must still be freed).
-/// NULL is ignored. The client must not be in use by another thread.
+/// A second handle on the same connection whose calls wait at most `timeout_ms`
+/// (0: no limit) instead of the connection's request timeout: a per-call deadline.
+/// Release it with netswap_client_free() (the connection closes with its last handle).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn netswap_client_with_timeout(
+    client: *const netswap_client,
+    timeout_ms: u32,
+    out: *mut *mut netswap_client,
+) -> netswap_result {
+    guard(|| {
+        let c = arg!(client, "client");
+        let out = out!(out, "out");
+        let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
+        c.shared.handles.fetch_add(1, Ordering::AcqRel);
+        *out = Box::into_raw(Box::new(netswap_client {
+            client: c.client.with_timeout(timeout),
+            shared: c.shared.clone(),
+        }));
+        NETSWAP_OK
+    })
+}
+
+fn state_parts(s: &ConnectionState) -> (netswap_state, u32, &str) {
+    match s {
+        ConnectionState::Connected => (NETSWAP_STATE_CONNECTED, 0, ""),
+        ConnectionState::Reconnecting { attempt, reason } => {
+            (NETSWAP_STATE_RECONNECTING, *attempt, reason)
+        }
+        ConnectionState::Closed { reason } => (NETSWAP_STATE_CLOSED, 0, reason),
+    }
+}
+
+/// The connection's state now. When `reason` is not NULL, up to `reason_len` − 1
+/// bytes of why (and a NUL) are written there. A NULL client is CLOSED.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn netswap_client_state(
+    client: *const netswap_client,
+    reason: *mut c_char,
+    reason_len: usize,
+) -> netswap_state {
+    let Some(c) = (unsafe { client.as_ref() }) else {
+        return NETSWAP_STATE_CLOSED;
+    };
+    catch_unwind(AssertUnwindSafe(|| {
+        let s = c.client.state();
+        let (state, _, why) = state_parts(&s);
+        if !reason.is_null() && reason_len > 0 {
+            let n = why.len().min(reason_len - 1);
+            // SAFETY: the caller promises `reason_len` writable bytes at `reason`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(why.as_ptr(), reason as *mut u8, n);
+                *reason.add(n) = 0;
+            }
+        }
+        state
+    }))
+    .unwrap_or(NETSWAP_STATE_CLOSED)
+}
+
+/// Calls `callback(user_data, state, attempt, reason)` on every change of the
+/// connection's state (NULL removes it; a new one replaces the old). When this
+/// returns, the old callback is not running and will not run again. Same thread rules
+/// as netswap_watch(); `user_data` must stay valid until it is replaced or the last
+/// handle is freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn netswap_set_state_callback(
+    client: *const netswap_client,
+    callback: netswap_state_callback,
+    user_data: *mut c_void,
+) -> netswap_result {
+    guard(|| {
+        let c = arg!(client, "client");
+        let mut slot = c.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((old, task)) = slot.take() {
+            old.stop();
+            task.abort();
+        }
+        let Some(cb) = callback else {
+            return NETSWAP_OK;
+        };
+        let shared = WatchShared::new();
+        let s = shared.clone();
+        let mut changes = c.client.as_async().state_changes();
+        let user = user_data as usize; // the caller vouches for its thread-safety
+        let task = c.client.runtime().spawn(async move {
+            while changes.changed().await.is_ok() {
+                let now = changes.borrow_and_update().clone();
+                let (state, attempt, why) = state_parts(&now);
+                let why = CString::new(why.replace('\0', " ")).unwrap_or_default();
+                let go_on =
+                    s.run(|| unsafe { cb(user as *mut c_void, state, attempt, why.as_ptr()) });
+                if !go_on || state == NETSWAP_STATE_CLOSED {
+                    return;
+                }
+            }
+        });
+        *slot = Some((shared, task));
+        NETSWAP_OK
+    })
+}
+
+/// Releases a client handle. The last handle of a connection closes it: callbacks of
+/// its watches, mirrors and state have stopped when this returns (their handles must
+/// still be freed). NULL is ignored. The handle must not be in use by another thread.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn netswap_client_free(client: *mut netswap_client) {
     if client.is_null() {
         return;
     }
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: created by netswap_connect and not freed before (caller's contract).
+        // SAFETY: created by this library and not freed before (caller's contract).
         let c = unsafe { Box::from_raw(client) };
+        if c.shared.handles.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
         for w in c
-            .watches
+            .shared
+            .callbacks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain(..)
         {
             w.stop();
         }
+        if let Some((s, task)) = c
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            s.stop();
+            task.abort();
+        }
         c.client.close();
     }));
+}
+
+/// What the server said when the current (or last) connection began: its limits and
+/// the caller's identity. No round trip.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn netswap_client_server_info(
+    client: *const netswap_client,
+    out: *mut netswap_hello_info,
+) -> netswap_result {
+    guard(|| {
+        let c = arg!(client, "client");
+        let out = out!(out, "out");
+        *out = hello_info(&c.client.server_info());
+        NETSWAP_OK
+    })
 }
 
 /// Asks the server for its limits and the caller's identity.
@@ -414,13 +690,7 @@ pub unsafe extern "C" fn netswap_hello(
         let c = arg!(client, "client");
         let out = out!(out, "out");
         let h = call!(c.client.hello());
-        *out = netswap_hello_info {
-            protocol: h.protocol,
-            max_record_bytes: h.max_record_bytes,
-            max_message_bytes: h.max_message_bytes,
-            orphan_grace_secs: h.orphan_grace_secs,
-            identity: h.identity.0,
-        };
+        *out = hello_info(&h);
         NETSWAP_OK
     })
 }
@@ -687,12 +957,7 @@ pub unsafe extern "C" fn netswap_info(
         let c = arg!(client, "client");
         let out = out!(out, "out");
         let i = call!(c.client.info(tri!(pointer(ptr))));
-        *out = netswap_record_info {
-            size: i.size,
-            version: i.version,
-            access: i.access.bits(),
-            owned: i.owned,
-        };
+        *out = record_info(&i);
         NETSWAP_OK
     })
 }
@@ -713,6 +978,22 @@ pub unsafe extern "C" fn netswap_watch(
     user_data: *mut c_void,
     out: *mut *mut netswap_watcher,
 ) -> netswap_result {
+    unsafe { netswap_watch_with(client, ptr, 0, callback, user_data, out) }
+}
+
+/// netswap_watch() with at most one event per `min_interval_ms` (0: every event):
+/// changes in between are merged by the server (the event carries the latest
+/// version). The watch survives reconnects: it is registered again, and an event
+/// tells what changed (or that the record is gone) while the connection was down.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn netswap_watch_with(
+    client: *const netswap_client,
+    ptr: u64,
+    min_interval_ms: u32,
+    callback: netswap_watch_callback,
+    user_data: *mut c_void,
+    out: *mut *mut netswap_watcher,
+) -> netswap_result {
     guard(|| {
         let c = arg!(client, "client");
         let out = out!(out, "out");
@@ -720,32 +1001,22 @@ pub unsafe extern "C" fn netswap_watch(
             return fail(NETSWAP_INVALID_ARGUMENT, "argument `callback` is NULL");
         };
         let ptr = tri!(pointer(ptr));
-        let mut watch = call!(c.client.runtime().block_on(c.client.as_async().watch(ptr)));
-        let shared = Arc::new(WatchShared {
-            cancelled: AtomicBool::new(false),
-            running: Mutex::new(()),
-            callback_thread: AtomicU64::new(0),
-        });
+        let watch = call!(c.client.watch_with(ptr, min_interval_ms));
+        let mut watch = watch.into_async();
+        let shared = WatchShared::new();
         let user = user_data as usize; // the caller vouches for its thread-safety
         let s = shared.clone();
         let task = c.client.runtime().spawn(async move {
-            while let Some(e) = ::netswap_client::Watch::next(&mut watch).await {
-                let _running = s.running.lock().unwrap_or_else(|e| e.into_inner());
-                if s.cancelled.load(Ordering::Acquire) {
-                    return;
-                }
-                s.callback_thread.store(thread_id(), Ordering::Release);
-                let call = AssertUnwindSafe(|| unsafe {
+            while let Some(e) = watch.next().await {
+                let go_on = s.run(|| unsafe {
                     cb(user as *mut c_void, e.event as u8, e.ptr.get(), e.version)
                 });
-                let _ = catch_unwind(call);
-                s.callback_thread.store(0, Ordering::Release);
+                if !go_on {
+                    return;
+                }
             }
         });
-        c.watches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(shared.clone());
+        c.register_callbacks(shared.clone());
         *out = Box::into_raw(Box::new(netswap_watcher { shared, task }));
         NETSWAP_OK
     })

@@ -36,42 +36,42 @@ namespace Netswap
         InvalidArgument = 104,
         /// <summary>An internal error in the native library.</summary>
         Panic = 105,
+        /// <summary>The call was cancelled before it completed.</summary>
+        Cancelled = 106,
     }
 
-    /// <summary>Base of every netswap error; <see cref="Reason"/> is the server's (or the
-    /// library's) short explanation.</summary>
+    /// <summary>Base of every netswap error. <see cref="Code"/> says which it is (each
+    /// code also has its own subclass, all named <c>Netswap…Exception</c>);
+    /// <see cref="Exception.Message"/> is the server's (or the library's) explanation,
+    /// e.g. "access violation: the record's READ bit is not set".</summary>
     public class NetswapException : Exception
     {
         /// <summary>The result code.</summary>
         public ResultCode Code { get; private set; }
-        /// <summary>The short reason.</summary>
-        public string Reason { get; private set; }
 
-        /// <summary>An exception for <paramref name="code"/>.</summary>
-        public NetswapException(ResultCode code, string reason)
-            : base(code + ": " + reason)
+        /// <summary>An exception for <paramref name="code"/> with <paramref name="message"/>.</summary>
+        public NetswapException(ResultCode code, string message) : base(message)
         {
             Code = code;
-            Reason = reason;
         }
 
-        internal static NetswapException For(ResultCode code, string reason, ulong currentVersion)
+        internal static NetswapException For(ResultCode code, string message, ulong currentVersion)
         {
             switch (code)
             {
-                case ResultCode.AccessViolation: return new NetswapAccessViolationException(reason);
-                case ResultCode.AddressFault: return new AddressFaultException(reason);
-                case ResultCode.Malformed: return new MalformedRequestException(reason);
-                case ResultCode.TooLarge: return new TooLargeException(reason);
-                case ResultCode.QuotaExceeded: return new QuotaExceededException(reason);
-                case ResultCode.Conflict: return new ConflictException(reason, currentVersion);
-                case ResultCode.ProtocolError: return new ProtocolErrorException(reason);
-                case ResultCode.Busy: return new BusyException(reason);
-                case ResultCode.IO: return new NetswapIOException(reason);
-                case ResultCode.Timeout: return new NetswapTimeoutException(reason);
-                case ResultCode.Disconnected: return new DisconnectedException(reason);
-                case ResultCode.BadReply: return new BadReplyException(reason);
-                default: return new NetswapException(code, reason);
+                case ResultCode.AccessViolation: return new NetswapAccessViolationException(message);
+                case ResultCode.AddressFault: return new NetswapAddressFaultException(message);
+                case ResultCode.Malformed: return new NetswapMalformedException(message);
+                case ResultCode.TooLarge: return new NetswapTooLargeException(message);
+                case ResultCode.QuotaExceeded: return new NetswapQuotaExceededException(message);
+                case ResultCode.ProtocolError: return new NetswapProtocolErrorException(message);
+                case ResultCode.Busy: return new NetswapBusyException(message);
+                case ResultCode.IO: return new NetswapIOException(message);
+                case ResultCode.Timeout: return new NetswapTimeoutException(message);
+                case ResultCode.Disconnected: return new NetswapDisconnectedException(message);
+                case ResultCode.BadReply: return new NetswapBadReplyException(message);
+                case ResultCode.Conflict: return new NetswapConflictException(message, currentVersion);
+                default: return new NetswapException(code, message);
             }
         }
     }
@@ -80,88 +80,88 @@ namespace Netswap
     public class NetswapAccessViolationException : NetswapException
     {
         /// <summary>Creates it.</summary>
-        public NetswapAccessViolationException(string reason) : base(ResultCode.AccessViolation, reason) { }
+        public NetswapAccessViolationException(string message) : base(ResultCode.AccessViolation, message) { }
     }
 
     /// <summary>No such record, or a range outside it (ADDRESS_FAULT).</summary>
-    public class AddressFaultException : NetswapException
+    public class NetswapAddressFaultException : NetswapException
     {
         /// <summary>Creates it.</summary>
-        public AddressFaultException(string reason) : base(ResultCode.AddressFault, reason) { }
+        public NetswapAddressFaultException(string message) : base(ResultCode.AddressFault, message) { }
     }
 
     /// <summary>The server found the request malformed (MALFORMED).</summary>
-    public class MalformedRequestException : NetswapException
+    public class NetswapMalformedException : NetswapException
     {
         /// <summary>Creates it.</summary>
-        public MalformedRequestException(string reason) : base(ResultCode.Malformed, reason) { }
+        public NetswapMalformedException(string message) : base(ResultCode.Malformed, message) { }
     }
 
     /// <summary>Over the server's message or record size limit (TOO_LARGE).</summary>
-    public class TooLargeException : NetswapException
+    public class NetswapTooLargeException : NetswapException
     {
         /// <summary>Creates it.</summary>
-        public TooLargeException(string reason) : base(ResultCode.TooLarge, reason) { }
+        public NetswapTooLargeException(string message) : base(ResultCode.TooLarge, message) { }
     }
 
     /// <summary>Over the owner's record-count or byte quota (QUOTA_EXCEEDED).</summary>
-    public class QuotaExceededException : NetswapException
+    public class NetswapQuotaExceededException : NetswapException
     {
         /// <summary>Creates it.</summary>
-        public QuotaExceededException(string reason) : base(ResultCode.QuotaExceeded, reason) { }
-    }
-
-    /// <summary>ReplaceIf found another version (CONFLICT).</summary>
-    public class ConflictException : NetswapException
-    {
-        /// <summary>The record's current version.</summary>
-        public ulong CurrentVersion { get; private set; }
-        /// <summary>Creates it.</summary>
-        public ConflictException(string reason, ulong currentVersion) : base(ResultCode.Conflict, reason)
-        {
-            CurrentVersion = currentVersion;
-        }
+        public NetswapQuotaExceededException(string message) : base(ResultCode.QuotaExceeded, message) { }
     }
 
     /// <summary>The server found the framing broken and closed the connection (PROTOCOL_ERROR).</summary>
-    public class ProtocolErrorException : NetswapException
+    public class NetswapProtocolErrorException : NetswapException
     {
         /// <summary>Creates it.</summary>
-        public ProtocolErrorException(string reason) : base(ResultCode.ProtocolError, reason) { }
+        public NetswapProtocolErrorException(string message) : base(ResultCode.ProtocolError, message) { }
     }
 
     /// <summary>A server limit on in-flight work; retry later (BUSY).</summary>
-    public class BusyException : NetswapException
+    public class NetswapBusyException : NetswapException
     {
         /// <summary>Creates it.</summary>
-        public BusyException(string reason) : base(ResultCode.Busy, reason) { }
+        public NetswapBusyException(string message) : base(ResultCode.Busy, message) { }
     }
 
     /// <summary>Connecting, reading or writing failed.</summary>
     public class NetswapIOException : NetswapException
     {
         /// <summary>Creates it.</summary>
-        public NetswapIOException(string reason) : base(ResultCode.IO, reason) { }
+        public NetswapIOException(string message) : base(ResultCode.IO, message) { }
     }
 
-    /// <summary>No reply within the request timeout.</summary>
+    /// <summary>No reply within the call's deadline; the message says what it waited for, how long, and how many requests were in flight.</summary>
     public class NetswapTimeoutException : NetswapException
     {
         /// <summary>Creates it.</summary>
-        public NetswapTimeoutException(string reason) : base(ResultCode.Timeout, reason) { }
+        public NetswapTimeoutException(string message) : base(ResultCode.Timeout, message) { }
     }
 
-    /// <summary>The connection is closed.</summary>
-    public class DisconnectedException : NetswapException
+    /// <summary>The client is closed, or the connection dropped while a request that is not a read was in flight: its outcome is unknown (it is never re-sent blindly).</summary>
+    public class NetswapDisconnectedException : NetswapException
     {
         /// <summary>Creates it.</summary>
-        public DisconnectedException(string reason) : base(ResultCode.Disconnected, reason) { }
+        public NetswapDisconnectedException(string message) : base(ResultCode.Disconnected, message) { }
     }
 
     /// <summary>The server sent something the client cannot understand.</summary>
-    public class BadReplyException : NetswapException
+    public class NetswapBadReplyException : NetswapException
     {
         /// <summary>Creates it.</summary>
-        public BadReplyException(string reason) : base(ResultCode.BadReply, reason) { }
+        public NetswapBadReplyException(string message) : base(ResultCode.BadReply, message) { }
+    }
+
+    /// <summary>ReplaceIf found another version (CONFLICT).</summary>
+    public class NetswapConflictException : NetswapException
+    {
+        /// <summary>The record's current version.</summary>
+        public ulong CurrentVersion { get; private set; }
+        /// <summary>Creates it.</summary>
+        public NetswapConflictException(string message, ulong currentVersion) : base(ResultCode.Conflict, message)
+        {
+            CurrentVersion = currentVersion;
+        }
     }
 }

@@ -42,10 +42,43 @@ namespace Netswap.Native
         ///  Watch event: the access bits changed.
         /// </summary>
         internal const byte NETSWAP_EVENT_ACCESS_CHANGED = 4;
+        /// <summary>
+        ///  Mirror event: a change (or several merged) was applied; `changed` lists the bytes.
+        /// </summary>
+        internal const byte NETSWAP_MIRROR_UPDATED = 1;
+        /// <summary>
+        ///  Mirror event: the copy was replaced by a fresh one (after a gap in the versions or a
+        ///  reconnect during which the record changed).
+        /// </summary>
+        internal const byte NETSWAP_MIRROR_RELOADED = 2;
+        /// <summary>
+        ///  Mirror event: the owner changed.
+        /// </summary>
+        internal const byte NETSWAP_MIRROR_OWNER_CHANGED = 3;
+        /// <summary>
+        ///  Mirror event: the access bits changed.
+        /// </summary>
+        internal const byte NETSWAP_MIRROR_ACCESS_CHANGED = 4;
+        /// <summary>
+        ///  Mirror event: the record is gone; the copy keeps its last bytes; no more events.
+        /// </summary>
+        internal const byte NETSWAP_MIRROR_DELETED = 5;
 
 
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+        internal delegate void netswap_call_async_completion_delegate(void* user_data, netswap_result result, netswap_outcome* outcome);
+
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+        internal delegate void netswap_mirror_new_callback_delegate(void* user_data, byte @event, ulong version, ulong size, netswap_range* changed, System.UIntPtr changed_len);
+
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+        internal delegate void netswap_set_state_callback_callback_delegate(void* user_data, netswap_state state, uint attempt, byte* reason);
+
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
         internal delegate void netswap_watch_callback_delegate(void* user_data, byte @event, ulong ptr, ulong version);
+
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+        internal delegate void netswap_watch_with_callback_delegate(void* user_data, byte @event, ulong ptr, ulong version);
 
 
 
@@ -64,7 +97,9 @@ namespace Netswap.Native
         internal static extern byte* netswap_result_name(netswap_result result);
 
         /// <summary>
-        ///  Sets `options` to the defaults: any local address, 10 s to connect, 30 s per call.
+        ///  Sets `options` to the defaults: any local address, 10 s to connect, 30 s per call,
+        ///  reconnection on (100 ms first window, 5 s largest, never giving up), keepalives
+        ///  after 15 s of silence.
         /// </summary>
         [DllImport(__DllName, EntryPoint = "netswap_options_init", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
         internal static extern void netswap_options_init(netswap_options* options);
@@ -78,12 +113,44 @@ namespace Netswap.Native
         internal static extern netswap_result netswap_connect(byte* addr, netswap_options* options, netswap_client** @out);
 
         /// <summary>
-        ///  Closes the connection and releases the client. Callbacks of its watches have
-        ///  stopped when this returns (their netswap_watcher handles must still be freed).
-        ///  NULL is ignored. The client must not be in use by another thread.
+        ///  A second handle on the same connection whose calls wait at most `timeout_ms`
+        ///  (0: no limit) instead of the connection's request timeout: a per-call deadline.
+        ///  Release it with netswap_client_free() (the connection closes with its last handle).
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_client_with_timeout", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern netswap_result netswap_client_with_timeout(netswap_client* client, uint timeout_ms, netswap_client** @out);
+
+        /// <summary>
+        ///  The connection's state now. When `reason` is not NULL, up to `reason_len` − 1
+        ///  bytes of why (and a NUL) are written there. A NULL client is CLOSED.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_client_state", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern netswap_state netswap_client_state(netswap_client* client, byte* reason, System.UIntPtr reason_len);
+
+        /// <summary>
+        ///  Calls `callback(user_data, state, attempt, reason)` on every change of the
+        ///  connection's state (NULL removes it; a new one replaces the old). When this
+        ///  returns, the old callback is not running and will not run again. Same thread rules
+        ///  as netswap_watch(); `user_data` must stay valid until it is replaced or the last
+        ///  handle is freed.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_set_state_callback", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern netswap_result netswap_set_state_callback(netswap_client* client, netswap_set_state_callback_callback_delegate callback, void* user_data);
+
+        /// <summary>
+        ///  Releases a client handle. The last handle of a connection closes it: callbacks of
+        ///  its watches, mirrors and state have stopped when this returns (their handles must
+        ///  still be freed). NULL is ignored. The handle must not be in use by another thread.
         /// </summary>
         [DllImport(__DllName, EntryPoint = "netswap_client_free", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
         internal static extern void netswap_client_free(netswap_client* client);
+
+        /// <summary>
+        ///  What the server said when the current (or last) connection began: its limits and
+        ///  the caller's identity. No round trip.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_client_server_info", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern netswap_result netswap_client_server_info(netswap_client* client, netswap_hello_info* @out);
 
         /// <summary>
         ///  Asks the server for its limits and the caller's identity.
@@ -209,6 +276,15 @@ namespace Netswap.Native
         internal static extern netswap_result netswap_watch(netswap_client* client, ulong ptr, netswap_watch_callback_delegate callback, void* user_data, netswap_watcher** @out);
 
         /// <summary>
+        ///  netswap_watch() with at most one event per `min_interval_ms` (0: every event):
+        ///  changes in between are merged by the server (the event carries the latest
+        ///  version). The watch survives reconnects: it is registered again, and an event
+        ///  tells what changed (or that the record is gone) while the connection was down.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_watch_with", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern netswap_result netswap_watch_with(netswap_client* client, ulong ptr, uint min_interval_ms, netswap_watch_with_callback_delegate callback, void* user_data, netswap_watcher** @out);
+
+        /// <summary>
         ///  Ends a watch and releases it: when this returns no callback of this watch is
         ///  running or will run (except when called from inside that callback, which then is
         ///  the last). Valid after the client was freed. NULL is ignored.
@@ -229,11 +305,80 @@ namespace Netswap.Native
         [DllImport(__DllName, EntryPoint = "netswap_pointer_parse", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
         internal static extern netswap_result netswap_pointer_parse(byte* text, ulong* @out);
 
+        /// <summary>
+        ///  A new cancel token. Release it with netswap_cancel_free().
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_cancel_new", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern netswap_cancel* netswap_cancel_new();
+
+        /// <summary>
+        ///  Cancels every call started with this token that has not completed: each completes
+        ///  with NETSWAP_CANCELLED (a request that has not left is taken back; one that has is
+        ///  abandoned). Later calls with it complete with NETSWAP_CANCELLED at once. NULL is
+        ///  ignored; safe from any thread.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_cancel_trigger", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern void netswap_cancel_trigger(netswap_cancel* cancel);
+
+        /// <summary>
+        ///  Releases a cancel token (calls it was given to are not cancelled). NULL is ignored.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_cancel_free", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern void netswap_cancel_free(netswap_cancel* cancel);
+
+        /// <summary>
+        ///  Starts `call` on `client` and returns at once. On NETSWAP_OK, `completion` will be
+        ///  called exactly once with the result (it may already have been called when this
+        ///  returns); on any other result (a NULL or invalid argument) it is not called. The
+        ///  call copies what `call` points to. `user_data` is passed as given.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_call_async", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern netswap_result netswap_call_async(netswap_client* client, netswap_call* call, netswap_call_async_completion_delegate completion, void* user_data);
+
+        /// <summary>
+        ///  Starts mirroring the record `ptr` (READ access needed): `*out` holds an exact copy
+        ///  from now on, updated in the background, at most once per `min_interval_ms` (0:
+        ///  every change). `callback` (may be NULL) hears about each update. The mirror
+        ///  survives reconnects. Release it with netswap_mirror_free().
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_mirror_new", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern netswap_result netswap_mirror_new(netswap_client* client, ulong ptr, uint min_interval_ms, netswap_mirror_new_callback_delegate callback, void* user_data, netswap_mirror** @out);
+
+        /// <summary>
+        ///  The version of the mirror's copy (0 for NULL).
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_mirror_version", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern ulong netswap_mirror_version(netswap_mirror* mirror);
+
+        /// <summary>
+        ///  A copy of the mirror's bytes as they are now, in a new library-owned buffer (release
+        ///  it with netswap_buffer_free()), and their version in `*out_version` (may be NULL).
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_mirror_copy", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern netswap_result netswap_mirror_copy(netswap_mirror* mirror, netswap_buffer** @out, ulong* out_version);
+
+        /// <summary>
+        ///  Copies the mirror's bytes into the caller's buffer `dst` of `capacity` bytes:
+        ///  `*out_len` is the copy's size (the bytes written are min(size, capacity); call again
+        ///  with more room when it is larger), `*out_version` (may be NULL) its version.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_mirror_read_into", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern netswap_result netswap_mirror_read_into(netswap_mirror* mirror, byte* dst, System.UIntPtr capacity, System.UIntPtr* out_len, ulong* out_version);
+
+        /// <summary>
+        ///  Ends a mirror and releases it: when this returns no callback of it is running or
+        ///  will run (except when called from inside its callback, which then is the last).
+        ///  Valid after the client was freed. NULL is ignored.
+        /// </summary>
+        [DllImport(__DllName, EntryPoint = "netswap_mirror_free", CallingConvention = CallingConvention.Cdecl, ExactSpelling = true)]
+        internal static extern void netswap_mirror_free(netswap_mirror* mirror);
+
 
     }
 
     /// <summary>
-    ///  Connection options; initialise with netswap_options_init().
+    ///  Connection options; initialise with netswap_options_init() (a zeroed struct means:
+    ///  no reconnection and no keepalives).
     /// </summary>
     [StructLayout(LayoutKind.Sequential)]
     internal unsafe partial struct netswap_options
@@ -244,13 +389,38 @@ namespace Netswap.Native
         /// </summary>
         public byte* local_addr;
         /// <summary>
-        ///  Milliseconds to wait for the connection (0: 10,000).
+        ///  Milliseconds to wait for each connection attempt (0: 10,000).
         /// </summary>
         public uint connect_timeout_ms;
         /// <summary>
-        ///  Milliseconds each call waits for its reply (0: no limit).
+        ///  Milliseconds each call waits for its reply, waiting for a reconnection included
+        ///  (0: no limit). netswap_client_with_timeout() makes a handle with another one.
         /// </summary>
         public uint request_timeout_ms;
+        /// <summary>
+        ///  Reconnect automatically when the connection drops (netswap_options_init: true).
+        ///  Watches and mirrors are registered again; reads in flight are sent again once;
+        ///  other calls in flight fail with NETSWAP_DISCONNECTED (outcome unknown).
+        /// </summary>
+        [MarshalAs(UnmanagedType.U1)] public bool reconnect;
+        /// <summary>
+        ///  First backoff window in ms (0: 100); attempt n waits a random time up to
+        ///  min(max, first × 2^(n−1)).
+        /// </summary>
+        public uint reconnect_initial_delay_ms;
+        /// <summary>
+        ///  Largest backoff window in ms (0: 5,000).
+        /// </summary>
+        public uint reconnect_max_delay_ms;
+        /// <summary>
+        ///  Failed attempts in a row before the client closes for good (0: never).
+        /// </summary>
+        public uint reconnect_max_attempts;
+        /// <summary>
+        ///  Ask the server something after this many ms of silence; no answer within as
+        ///  long means the connection is dead (0: never; netswap_options_init: 15,000).
+        /// </summary>
+        public uint keepalive_ms;
     }
 
     /// <summary>
@@ -306,7 +476,9 @@ namespace Netswap.Native
     }
 
     /// <summary>
-    ///  A connection to a netswap server (opaque). Thread-safe.
+    ///  A connection to a netswap server (opaque). Thread-safe: one handle may be used by
+    ///  several threads at once. netswap_client_with_timeout() makes more handles on the
+    ///  same connection; it closes when the last handle is freed.
     /// </summary>
     [StructLayout(LayoutKind.Sequential)]
     internal unsafe partial struct netswap_client
@@ -326,6 +498,135 @@ namespace Netswap.Native
     /// </summary>
     [StructLayout(LayoutKind.Sequential)]
     internal unsafe partial struct netswap_watcher
+    {
+    }
+
+    /// <summary>
+    ///  One call for netswap_call_async(): the operation and the fields it uses (the others
+    ///  are ignored). Everything it points to is copied before netswap_call_async() returns.
+    /// </summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal unsafe partial struct netswap_call
+    {
+        /// <summary>
+        ///  The operation.
+        /// </summary>
+        public netswap_op op;
+        /// <summary>
+        ///  The record (all but CREATE and HELLO).
+        /// </summary>
+        public ulong ptr;
+        /// <summary>
+        ///  READ_RANGE, WRITE_AT.
+        /// </summary>
+        public ulong offset;
+        /// <summary>
+        ///  READ_RANGE.
+        /// </summary>
+        public uint length;
+        /// <summary>
+        ///  REPLACE_IF: the expected version.
+        /// </summary>
+        public ulong version;
+        /// <summary>
+        ///  CREATE, SET_ACCESS: NETSWAP_ACCESS_* bits.
+        /// </summary>
+        public byte access;
+        /// <summary>
+        ///  CREATE, REPLACE, WRITE_AT, REPLACE_IF: the bytes; TRANSFER_TO_IDENTITY: 32
+        ///  bytes. May be NULL when `data_len` is 0.
+        /// </summary>
+        public byte* data;
+        /// <summary>
+        ///  Bytes at `data`.
+        /// </summary>
+        public System.UIntPtr data_len;
+        /// <summary>
+        ///  TRANSFER_TO_IP: the address ("10.0.0.7", "::1").
+        /// </summary>
+        public byte* ip;
+        /// <summary>
+        ///  Deadline in ms (0: the client handle's request timeout).
+        /// </summary>
+        public uint timeout_ms;
+        /// <summary>
+        ///  Cancels the call when triggered (NULL: not cancellable).
+        /// </summary>
+        public netswap_cancel* cancel;
+    }
+
+    /// <summary>
+    ///  What a completed call gives its callback. Valid only during the callback: copy what
+    ///  you keep.
+    /// </summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal unsafe partial struct netswap_outcome
+    {
+        /// <summary>
+        ///  CREATE: the new pointer.
+        /// </summary>
+        public ulong ptr;
+        /// <summary>
+        ///  Writes: the new version; REPLACE_IF on NETSWAP_CONFLICT: the current version.
+        /// </summary>
+        public ulong version;
+        /// <summary>
+        ///  READ, READ_RANGE: the bytes (NULL when empty).
+        /// </summary>
+        public byte* data;
+        /// <summary>
+        ///  Bytes at `data`.
+        /// </summary>
+        public System.UIntPtr data_len;
+        /// <summary>
+        ///  INFO.
+        /// </summary>
+        public netswap_record_info info;
+        /// <summary>
+        ///  HELLO.
+        /// </summary>
+        public netswap_hello_info hello;
+        /// <summary>
+        ///  On failure: what went wrong (NUL-terminated); "" on success.
+        /// </summary>
+        public byte* message;
+    }
+
+    /// <summary>
+    ///  A cancel token (opaque): triggered once, it cancels every call it was given to.
+    ///  Freeing it does not cancel; the library keeps what it needs of it.
+    /// </summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal unsafe partial struct netswap_cancel
+    {
+    }
+
+    /// <summary>
+    ///  Bytes that changed in a mirror's copy: `len` bytes at `offset` (valid during the
+    ///  callback only).
+    /// </summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal unsafe partial struct netswap_range
+    {
+        /// <summary>
+        ///  Where in the record.
+        /// </summary>
+        public ulong offset;
+        /// <summary>
+        ///  The new bytes.
+        /// </summary>
+        public byte* data;
+        /// <summary>
+        ///  How many.
+        /// </summary>
+        public System.UIntPtr len;
+    }
+
+    /// <summary>
+    ///  A mirror (opaque). Release with netswap_mirror_free().
+    /// </summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal unsafe partial struct netswap_mirror
     {
     }
 
@@ -395,6 +696,89 @@ namespace Netswap.Native
         ///  An internal error (a Rust panic) was caught; the handle may be unusable.
         /// </summary>
         NETSWAP_PANIC = 105,
+        /// <summary>
+        ///  The call was cancelled (netswap_cancel_trigger()) before it completed.
+        /// </summary>
+        NETSWAP_CANCELLED = 106,
+    }
+
+    /// <summary>
+    ///  Where a client's connection stands (netswap_client_state()).
+    /// </summary>
+    internal enum netswap_state : uint
+    {
+        /// <summary>
+        ///  Connected.
+        /// </summary>
+        NETSWAP_STATE_CONNECTED = 0,
+        /// <summary>
+        ///  The connection dropped; connecting again (calls wait, up to their deadline).
+        /// </summary>
+        NETSWAP_STATE_RECONNECTING = 1,
+        /// <summary>
+        ///  Closed for good: every call fails with NETSWAP_DISCONNECTED.
+        /// </summary>
+        NETSWAP_STATE_CLOSED = 2,
+    }
+
+    /// <summary>
+    ///  What netswap_call_async() does.
+    /// </summary>
+    internal enum netswap_op : uint
+    {
+        /// <summary>
+        ///  CREATE: `access`, `data`. Outcome: `ptr`.
+        /// </summary>
+        NETSWAP_OP_CREATE = 0,
+        /// <summary>
+        ///  READ of the whole record. Outcome: `data`.
+        /// </summary>
+        NETSWAP_OP_READ = 1,
+        /// <summary>
+        ///  READ of `length` bytes from `offset`. Outcome: `data`.
+        /// </summary>
+        NETSWAP_OP_READ_RANGE = 2,
+        /// <summary>
+        ///  REPLACE with `data`. Outcome: `version`.
+        /// </summary>
+        NETSWAP_OP_REPLACE = 3,
+        /// <summary>
+        ///  WRITE_AT `offset` of `data`. Outcome: `version`.
+        /// </summary>
+        NETSWAP_OP_WRITE_AT = 4,
+        /// <summary>
+        ///  REPLACE_IF at version `version` with `data`. Outcome: `version` (the current
+        ///  one on NETSWAP_CONFLICT).
+        /// </summary>
+        NETSWAP_OP_REPLACE_IF = 5,
+        /// <summary>
+        ///  DELETE.
+        /// </summary>
+        NETSWAP_OP_DELETE = 6,
+        /// <summary>
+        ///  SET_ACCESS to `access`.
+        /// </summary>
+        NETSWAP_OP_SET_ACCESS = 7,
+        /// <summary>
+        ///  TAKEOVER.
+        /// </summary>
+        NETSWAP_OP_TAKEOVER = 8,
+        /// <summary>
+        ///  TRANSFER to the identity of the address `ip`.
+        /// </summary>
+        NETSWAP_OP_TRANSFER_TO_IP = 9,
+        /// <summary>
+        ///  TRANSFER to the 32-byte identity in `data`.
+        /// </summary>
+        NETSWAP_OP_TRANSFER_TO_IDENTITY = 10,
+        /// <summary>
+        ///  INFO. Outcome: `info`.
+        /// </summary>
+        NETSWAP_OP_INFO = 11,
+        /// <summary>
+        ///  HELLO. Outcome: `hello`.
+        /// </summary>
+        NETSWAP_OP_HELLO = 12,
     }
 
 

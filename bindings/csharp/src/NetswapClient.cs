@@ -3,6 +3,7 @@
 // exceptions, Tasks and managed data.
 using System;
 using System.Collections.Generic;
+using System.Diagnostics;
 using System.Net;
 using System.Runtime.InteropServices;
 using System.Text;
@@ -36,23 +37,124 @@ namespace Netswap
         }
     }
 
-    /// <summary>A connection to a netswap server. Thread-safe: one client may be shared
-    /// by threads and tasks. Every operation has a synchronous form and a
-    /// <see cref="Task"/> form (which runs the blocking call on the thread pool).
-    /// Failures throw a subclass of <see cref="NetswapException"/>.</summary>
+    /// <summary>Runs handlers one at a time, in order, on the thread pool (never on the
+    /// native I/O thread, so a handler may use the client).</summary>
+    internal sealed class SerialQueue
+    {
+        private readonly Queue<Action> queue = new Queue<Action>();
+        private bool draining;
+        private volatile bool stopped;
+
+        public void Post(Action a)
+        {
+            lock (queue)
+            {
+                if (stopped) return;
+                queue.Enqueue(a);
+                if (draining) return;
+                draining = true;
+            }
+            ThreadPool.QueueUserWorkItem(_ => Drain());
+        }
+
+        public void Stop() { stopped = true; }
+
+        private void Drain()
+        {
+            while (true)
+            {
+                Action a;
+                lock (queue)
+                {
+                    if (queue.Count == 0 || stopped)
+                    {
+                        queue.Clear();
+                        draining = false;
+                        return;
+                    }
+                    a = queue.Dequeue();
+                }
+                a();
+            }
+        }
+    }
+
+    /// <summary>What every handle on one connection shares: its events.</summary>
+    internal sealed unsafe class Connection
+    {
+        internal readonly SerialQueue Events = new SerialQueue();
+        internal EventHandler<ConnectionStateChangedEventArgs> StateChanged;
+        internal EventHandler<HandlerFailedEventArgs> HandlerFailed;
+        internal GCHandle Self;
+
+        internal void Failed(Exception e, Pointer? ptr, object sender)
+        {
+            var h = HandlerFailed;
+            if (h == null)
+            {
+                Trace.TraceError("netswap: a handler threw (no HandlerFailed subscriber): " + e);
+                return;
+            }
+            try { h(sender, new HandlerFailedEventArgs(e, ptr)); }
+            catch (Exception inner) { Trace.TraceError("netswap: a HandlerFailed handler threw: " + inner); }
+        }
+
+        internal static readonly NativeMethods.netswap_set_state_callback_callback_delegate StateCallback = OnState;
+
+        [MonoPInvokeCallback(typeof(NativeMethods.netswap_set_state_callback_callback_delegate))]
+        private static unsafe void OnState(void* user, netswap_state state, uint attempt, byte* reason)
+        {
+            try
+            {
+                var c = (Connection)GCHandle.FromIntPtr((IntPtr)user).Target;
+                if (c == null) return;
+                var args = new ConnectionStateChangedEventArgs((ConnectionState)state, attempt, NetswapClient.Utf8At(reason));
+                c.Events.Post(() =>
+                {
+                    var h = c.StateChanged;
+                    if (h == null) return;
+                    try { h(c, args); }
+                    catch (Exception e) { c.Failed(e, null, c); }
+                });
+            }
+            catch (Exception)
+            {
+                // Never let an exception unwind into native code.
+            }
+        }
+    }
+
+    /// <summary>A connection to a netswap server.
+    /// <para>Thread-safe: one client may be shared by any number of threads and tasks;
+    /// calls are multiplexed over its connection. Every operation has a synchronous form
+    /// and a truly asynchronous <see cref="Task"/> form (completed by a native callback,
+    /// no thread blocked) with an optional <see cref="CancellationToken"/>.</para>
+    /// <para>When the connection drops it is replaced automatically (see
+    /// <see cref="ConnectOptions.Reconnect"/>); <see cref="StateChanged"/> tells.
+    /// Failures throw a subclass of <see cref="NetswapException"/>.</para></summary>
     public sealed class NetswapClient : IDisposable
     {
         private readonly ClientHandle handle;
-        private readonly List<Watcher> watchers = new List<Watcher>();
+        private readonly Connection connection;
+        private readonly List<IDisposable> owned = new List<IDisposable>();
+        private readonly bool primary;
         private ServerInfo info;
 
-        private NetswapClient(ClientHandle handle) { this.handle = handle; }
+        private NetswapClient(ClientHandle handle, Connection connection, bool primary, ServerInfo info)
+        {
+            this.handle = handle;
+            this.connection = connection;
+            this.primary = primary;
+            this.info = info;
+        }
 
-        /// <summary>Connects to "host:port" and asks the server for its limits.</summary>
+        /// <summary>Connects to "host:port" and asks the server for its limits. The first
+        /// connection is not retried: a server that cannot be reached now throws.</summary>
         public static NetswapClient Connect(string address, ConnectOptions options = null)
         {
             if (address == null) throw new ArgumentNullException("address");
             options = options ?? new ConnectOptions();
+            var reconnect = options.Reconnect ?? new ReconnectOptions();
             var h = new ClientHandle();
             unsafe
             {
@@ -66,20 +168,66 @@ namespace Netswap
                     o.local_addr = l;
                     o.connect_timeout_ms = Millis(options.ConnectTimeout);
                     o.request_timeout_ms = Millis(options.RequestTimeout);
+                    o.reconnect = reconnect.Enabled;
+                    o.reconnect_initial_delay_ms = Millis(reconnect.InitialDelay);
+                    o.reconnect_max_delay_ms = Millis(reconnect.MaxDelay);
+                    o.reconnect_max_attempts = reconnect.MaxAttempts;
+                    o.keepalive_ms = Millis(options.Keepalive);
                     netswap_client* c = null;
                     Check(NativeMethods.netswap_connect(a, &o, &c), 0);
                     h.Set((IntPtr)c);
                 }
             }
-            var client = new NetswapClient(h);
-            client.info = client.Hello();
+            var connection = new Connection();
+            connection.Self = GCHandle.Alloc(connection);
+            var client = new NetswapClient(h, connection, true, null);
+            client.With(p =>
+            {
+                unsafe
+                {
+                    Check(NativeMethods.netswap_set_state_callback((netswap_client*)p, Connection.StateCallback,
+                        (void*)GCHandle.ToIntPtr(connection.Self)), 0);
+                }
+                return 0;
+            });
+            client.info = client.With(p =>
+            {
+                unsafe
+                {
+                    var o = new netswap_hello_info();
+                    Check(NativeMethods.netswap_client_server_info((netswap_client*)p, &o), 0);
+                    return HelloOf(&o);
+                }
+            });
             return client;
         }
 
-        /// <summary><see cref="Connect"/> on the thread pool.</summary>
-        public static Task<NetswapClient> ConnectAsync(string address, ConnectOptions options = null)
+        /// <summary><see cref="Connect"/> on the thread pool (connecting is the one call
+        /// that is not asynchronous in the native library). The token stops waiting for
+        /// it.</summary>
+        public static Task<NetswapClient> ConnectAsync(string address, ConnectOptions options = null,
+            CancellationToken cancellationToken = default(CancellationToken))
         {
-            return Task.Run(() => Connect(address, options));
+            return Task.Run(() => Connect(address, options), cancellationToken);
+        }
+
+        /// <summary>A handle on the same connection whose calls wait at most
+        /// <paramref name="timeout"/> (TimeSpan.Zero: no limit) instead of
+        /// <see cref="ConnectOptions.RequestTimeout"/>. Dispose it when done; the connection
+        /// closes with its last handle.</summary>
+        public NetswapClient WithTimeout(TimeSpan timeout)
+        {
+            return With(p =>
+            {
+                unsafe
+                {
+                    var h = new ClientHandle();
+                    netswap_client* c = null;
+                    Check(NativeMethods.netswap_client_with_timeout((netswap_client*)p, Millis(timeout), &c), 0);
+                    h.Set((IntPtr)c);
+                    return new NetswapClient(h, connection, false, info);
+                }
+            });
         }
 
         /// <summary>What the server said when this client connected.</summary>
@@ -88,25 +236,60 @@ namespace Netswap
         /// <summary>This client's identity (32 bytes).</summary>
         public byte[] Identity { get { return (byte[])info.Identity.Clone(); } }
 
-        /// <summary>Closes the connection. Watches end; calls on other threads fail.
-        /// Calling it again does nothing.</summary>
-        public void Dispose()
+        /// <summary>Where the connection stands now.</summary>
+        public ConnectionState State
         {
-            Watcher[] live;
-            lock (watchers) { live = watchers.ToArray(); watchers.Clear(); }
-            foreach (var w in live) w.Dispose();
-            handle.Dispose();
+            get
+            {
+                return With(p => { unsafe { return (ConnectionState)NativeMethods.netswap_client_state((netswap_client*)p, null, UIntPtr.Zero); } });
+            }
         }
 
-        // ---- Calls -------------------------------------------------------------------
+        /// <summary>Raised, in order on the thread pool, when the connection drops
+        /// (<see cref="ConnectionState.Reconnecting"/>, with the reason and attempt), comes
+        /// back, or closes for good.</summary>
+        public event EventHandler<ConnectionStateChangedEventArgs> StateChanged
+        {
+            add { lock (connection) connection.StateChanged += value; }
+            remove { lock (connection) connection.StateChanged -= value; }
+        }
 
-        private static uint Millis(TimeSpan t)
+        /// <summary>Raised when a watch, mirror or StateChanged handler throws (the watch
+        /// goes on). Without a subscriber the exception is written to
+        /// <see cref="Trace"/>; it is never swallowed silently.</summary>
+        public event EventHandler<HandlerFailedEventArgs> HandlerFailed
+        {
+            add { lock (connection) connection.HandlerFailed += value; }
+            remove { lock (connection) connection.HandlerFailed -= value; }
+        }
+
+        /// <summary>Releases this handle: its watches and mirrors end; the connection closes
+        /// with its last handle (calls on other threads then fail). Calling it again does
+        /// nothing.</summary>
+        public void Dispose()
+        {
+            IDisposable[] live;
+            lock (owned) { live = owned.ToArray(); owned.Clear(); }
+            foreach (var w in live) w.Dispose();
+            handle.Dispose();
+            if (primary)
+            {
+                connection.Events.Stop();
+            }
+        }
+
+        internal void Forget(IDisposable w) { lock (owned) owned.Remove(w); }
+        internal Connection Connection { get { return connection; } }
+
+        // ---- Plumbing --------------------------------------------------------------
+
+        internal static uint Millis(TimeSpan t)
         {
             if (t <= TimeSpan.Zero) return 0;
             return (uint)Math.Min(uint.MaxValue, Math.Max(1.0, t.TotalMilliseconds));
         }
 
-        private static byte[] Utf8(string s)
+        internal static byte[] Utf8(string s)
         {
             var bytes = Encoding.UTF8.GetBytes(s);
             var z = new byte[bytes.Length + 1];
@@ -114,26 +297,31 @@ namespace Netswap
             return z;
         }
 
-        internal static unsafe string LastError()
+        internal static unsafe string Utf8At(byte* p)
         {
-            byte* p = NativeMethods.netswap_last_error();
             if (p == null) return "";
             int n = 0;
             while (p[n] != 0) n++;
             return Encoding.UTF8.GetString(p, n);
         }
 
+        internal static unsafe string LastError() { return Utf8At(NativeMethods.netswap_last_error()); }
+
+        internal static Exception Error(netswap_result rc, string message, ulong currentVersion)
+        {
+            if (rc == netswap_result.NETSWAP_INVALID_ARGUMENT) return new ArgumentException(message);
+            return NetswapException.For((ResultCode)rc, message, currentVersion);
+        }
+
         private static void Check(netswap_result rc, ulong currentVersion)
         {
             if (rc == netswap_result.NETSWAP_OK) return;
-            string reason = LastError();
-            if (rc == netswap_result.NETSWAP_INVALID_ARGUMENT) throw new ArgumentException(reason);
-            throw NetswapException.For((ResultCode)rc, reason, currentVersion);
+            throw Error(rc, LastError(), currentVersion);
         }
 
         /// <summary>Runs a native call with the handle kept alive (and not released by a
         /// concurrent Dispose) for its duration.</summary>
-        private unsafe T With<T>(Func<IntPtr, T> call)
+        internal T With<T>(Func<IntPtr, T> call)
         {
             bool added = false;
             try
@@ -173,6 +361,20 @@ namespace Netswap
             }
         }
 
+        private static unsafe ServerInfo HelloOf(netswap_hello_info* o)
+        {
+            var id = new byte[32];
+            for (int i = 0; i < 32; i++) id[i] = o->identity[i];
+            return new ServerInfo
+            {
+                Protocol = o->protocol,
+                MaxRecordBytes = o->max_record_bytes,
+                MaxMessageBytes = o->max_message_bytes,
+                OrphanGraceSeconds = o->orphan_grace_secs,
+                Identity = id,
+            };
+        }
+
         // ---- Operations ----------------------------------------------------------------
 
         /// <summary>Asks the server for its limits and this client's identity.</summary>
@@ -184,16 +386,7 @@ namespace Netswap
                 {
                     var o = new netswap_hello_info();
                     Check(NativeMethods.netswap_hello((netswap_client*)h, &o), 0);
-                    var id = new byte[32];
-                    for (int i = 0; i < 32; i++) id[i] = o.identity[i];
-                    return new ServerInfo
-                    {
-                        Protocol = o.protocol,
-                        MaxRecordBytes = o.max_record_bytes,
-                        MaxMessageBytes = o.max_message_bytes,
-                        OrphanGraceSeconds = o.orphan_grace_secs,
-                        Identity = id,
-                    };
+                    return HelloOf(&o);
                 }
             });
         }
@@ -236,7 +429,7 @@ namespace Netswap
         }
 
         /// <summary>Reads up to <paramref name="length"/> bytes from <paramref name="offset"/>
-        /// (cut at the end of the record; past the end is an <see cref="AddressFaultException"/>).</summary>
+        /// (cut at the end of the record; past the end is a <see cref="NetswapAddressFaultException"/>).</summary>
         public byte[] ReadRange(Pointer ptr, ulong offset, uint length)
         {
             return With(h =>
@@ -284,7 +477,7 @@ namespace Netswap
         }
 
         /// <summary>Replaces the data only if the record is at <paramref name="expectedVersion"/>;
-        /// otherwise throws <see cref="ConflictException"/> with the current version.</summary>
+        /// otherwise throws <see cref="NetswapConflictException"/> with the current version.</summary>
         public ulong ReplaceIf(Pointer ptr, ulong expectedVersion, byte[] data)
         {
             CheckData(data, 0, data == null ? 0 : data.Length);
@@ -339,8 +532,7 @@ namespace Netswap
         /// <summary>Hands the record to a 32-byte identity (owner only).</summary>
         public void Transfer(Pointer ptr, byte[] identity)
         {
-            if (identity == null) throw new ArgumentNullException("identity");
-            if (identity.Length != 32) throw new ArgumentException("an identity is 32 bytes", "identity");
+            CheckIdentity(identity);
             With(h =>
             {
                 unsafe
@@ -350,6 +542,12 @@ namespace Netswap
                 }
                 return 0;
             });
+        }
+
+        private static void CheckIdentity(byte[] identity)
+        {
+            if (identity == null) throw new ArgumentNullException("identity");
+            if (identity.Length != 32) throw new ArgumentException("an identity is 32 bytes", "identity");
         }
 
         /// <summary>Size, version, access flags and ownership of the record.</summary>
@@ -367,9 +565,13 @@ namespace Netswap
         }
 
         /// <summary>Watches a record: <paramref name="onEvent"/> is called, in order and on
-        /// the thread pool, for every change. It may call this client. Dispose the result
-        /// to stop watching; a deletion ends the watch by itself.</summary>
-        public Watcher Watch(Pointer ptr, Action<WatchEvent> onEvent)
+        /// the thread pool, for every change, at most once per
+        /// <paramref name="minInterval"/> (changes in between are merged by the server).
+        /// The watch survives reconnects: after one, an event tells what changed while the
+        /// connection was down. An exception thrown by the handler is reported through
+        /// <see cref="HandlerFailed"/>. Dispose the result to stop; a deletion ends the watch
+        /// by itself.</summary>
+        public Watcher Watch(Pointer ptr, Action<WatchEvent> onEvent, TimeSpan minInterval = default(TimeSpan))
         {
             if (onEvent == null) throw new ArgumentNullException("onEvent");
             var w = new Watcher(this, ptr, onEvent);
@@ -378,48 +580,286 @@ namespace Netswap
                 unsafe
                 {
                     netswap_watcher* native = null;
-                    var rc = NativeMethods.netswap_watch((netswap_client*)h, ptr.Value, Watcher.NativeCallback,
-                        (void*)GCHandle.ToIntPtr(w.Self), &native);
+                    var rc = NativeMethods.netswap_watch_with((netswap_client*)h, ptr.Value, Millis(minInterval),
+                        Watcher.NativeCallback, (void*)GCHandle.ToIntPtr(w.Self), &native);
                     if (rc != netswap_result.NETSWAP_OK) w.FreeSelf();
                     Check(rc, 0);
                     w.Native = (IntPtr)native;
                 }
                 return 0;
             });
-            lock (watchers) watchers.Add(w);
+            lock (owned) owned.Add(w);
             return w;
         }
 
-        internal void Forget(Watcher w) { lock (watchers) watchers.Remove(w); }
+        /// <summary>An exact local copy of a record (READ access needed), kept up to date
+        /// by the bytes the server pushes for every change, at most once per
+        /// <paramref name="minInterval"/>. It survives reconnects and repairs itself after
+        /// a gap. Dispose it to stop.</summary>
+        public Mirror Mirror(Pointer ptr, TimeSpan minInterval = default(TimeSpan))
+        {
+            var m = new Mirror(this, ptr);
+            With(h =>
+            {
+                unsafe
+                {
+                    netswap_mirror* native = null;
+                    var rc = NativeMethods.netswap_mirror_new((netswap_client*)h, ptr.Value, Millis(minInterval),
+                        Netswap.Mirror.NativeCallback, (void*)GCHandle.ToIntPtr(m.Self), &native);
+                    if (rc != netswap_result.NETSWAP_OK) m.FreeSelf();
+                    Check(rc, 0);
+                    m.Attach((IntPtr)native);
+                }
+                return 0;
+            });
+            lock (owned) owned.Add(m);
+            return m;
+        }
 
-        // ---- Task forms ------------------------------------------------------------------
+        // ---- Asynchronous forms ------------------------------------------------------------
 
-        /// <summary><see cref="Hello"/> on the thread pool.</summary>
-        public Task<ServerInfo> HelloAsync() { return Task.Run(() => Hello()); }
-        /// <summary><see cref="Create(byte[], Access)"/> on the thread pool.</summary>
-        public Task<Pointer> CreateAsync(byte[] data, Access access = Access.None) { return Task.Run(() => Create(data, access)); }
-        /// <summary><see cref="Read"/> on the thread pool.</summary>
-        public Task<byte[]> ReadAsync(Pointer ptr) { return Task.Run(() => Read(ptr)); }
-        /// <summary><see cref="ReadRange"/> on the thread pool.</summary>
-        public Task<byte[]> ReadRangeAsync(Pointer ptr, ulong offset, uint length) { return Task.Run(() => ReadRange(ptr, offset, length)); }
-        /// <summary><see cref="Replace"/> on the thread pool.</summary>
-        public Task<ulong> ReplaceAsync(Pointer ptr, byte[] data) { return Task.Run(() => Replace(ptr, data)); }
-        /// <summary><see cref="WriteAt"/> on the thread pool.</summary>
-        public Task<ulong> WriteAtAsync(Pointer ptr, ulong offset, byte[] data) { return Task.Run(() => WriteAt(ptr, offset, data)); }
-        /// <summary><see cref="ReplaceIf"/> on the thread pool.</summary>
-        public Task<ulong> ReplaceIfAsync(Pointer ptr, ulong expectedVersion, byte[] data) { return Task.Run(() => ReplaceIf(ptr, expectedVersion, data)); }
-        /// <summary><see cref="Delete"/> on the thread pool.</summary>
-        public Task DeleteAsync(Pointer ptr) { return Task.Run(() => Delete(ptr)); }
-        /// <summary><see cref="SetAccess"/> on the thread pool.</summary>
-        public Task SetAccessAsync(Pointer ptr, Access access) { return Task.Run(() => SetAccess(ptr, access)); }
-        /// <summary><see cref="Takeover"/> on the thread pool.</summary>
-        public Task TakeoverAsync(Pointer ptr) { return Task.Run(() => Takeover(ptr)); }
-        /// <summary><see cref="Transfer(Pointer, IPAddress)"/> on the thread pool.</summary>
-        public Task TransferAsync(Pointer ptr, IPAddress to) { return Task.Run(() => Transfer(ptr, to)); }
-        /// <summary><see cref="Transfer(Pointer, byte[])"/> on the thread pool.</summary>
-        public Task TransferAsync(Pointer ptr, byte[] identity) { return Task.Run(() => Transfer(ptr, identity)); }
-        /// <summary><see cref="Info"/> on the thread pool.</summary>
-        public Task<RecordInfo> InfoAsync(Pointer ptr) { return Task.Run(() => Info(ptr)); }
+        private unsafe Task<T> Start<T>(netswap_call* call, Func<IntPtr, T> take, CancellationToken ct)
+        {
+            var pending = new Pending<T>(take, ct);
+            try
+            {
+                pending.Arm();
+                call->cancel = (netswap_cancel*)pending.Cancel;
+                var rc = With(h => NativeMethods.netswap_call_async((netswap_client*)h, call, Pending.Callback,
+                    (void*)GCHandle.ToIntPtr(pending.Self)));
+                if (rc != netswap_result.NETSWAP_OK)
+                {
+                    var e = Error(rc, LastError(), 0);
+                    pending.Finish();
+                    throw e;
+                }
+            }
+            catch
+            {
+                pending.Finish();
+                throw;
+            }
+            return pending.Task;
+        }
+
+        private unsafe Task<T> Start<T>(netswap_op op, Pointer? ptr, Func<IntPtr, T> take, CancellationToken ct,
+            byte[] data = null, ulong offset = 0, uint length = 0, ulong version = 0, Access access = Access.None,
+            byte[] ip = null)
+        {
+            var call = new netswap_call
+            {
+                op = op,
+                ptr = ptr.HasValue ? ptr.Value.Value : 0,
+                offset = offset,
+                length = length,
+                version = version,
+                access = (byte)access,
+                data_len = (UIntPtr)(data == null ? 0 : data.Length),
+            };
+            fixed (byte* d = data)
+            fixed (byte* i = ip)
+            {
+                call.data = d;
+                call.ip = i;
+                return Start(&call, take, ct);
+            }
+        }
+
+        private static unsafe ulong VersionOf(IntPtr o) { return ((netswap_outcome*)o)->version; }
+        private static object Nothing(IntPtr o) { return null; }
+
+        private static unsafe byte[] DataOf(IntPtr p)
+        {
+            var o = (netswap_outcome*)p;
+            int len = checked((int)(ulong)o->data_len);
+            var bytes = new byte[len];
+            if (len > 0) Marshal.Copy((IntPtr)o->data, bytes, 0, len);
+            return bytes;
+        }
+
+        /// <summary>Asks the server for its limits and this client's identity.</summary>
+        public Task<ServerInfo> HelloAsync(CancellationToken cancellationToken = default(CancellationToken))
+        {
+            unsafe { return Start(netswap_op.NETSWAP_OP_HELLO, null, o => HelloOf(&((netswap_outcome*)o)->hello), cancellationToken); }
+        }
+
+        /// <summary>Creates a record and returns its pointer.</summary>
+        public Task<Pointer> CreateAsync(byte[] data, Access access = Access.None,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            if (data == null) throw new ArgumentNullException("data");
+            unsafe { return Start(netswap_op.NETSWAP_OP_CREATE, null, o => new Pointer(((netswap_outcome*)o)->ptr), cancellationToken, data: data, access: access); }
+        }
+
+        /// <summary>Reads the whole record.</summary>
+        public Task<byte[]> ReadAsync(Pointer ptr, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            return Start(netswap_op.NETSWAP_OP_READ, ptr, DataOf, cancellationToken);
+        }
+
+        /// <summary>Reads up to <paramref name="length"/> bytes from <paramref name="offset"/>.</summary>
+        public Task<byte[]> ReadRangeAsync(Pointer ptr, ulong offset, uint length,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            return Start(netswap_op.NETSWAP_OP_READ_RANGE, ptr, DataOf, cancellationToken, offset: offset, length: length);
+        }
+
+        /// <summary>Replaces the record's data; returns the new version.</summary>
+        public Task<ulong> ReplaceAsync(Pointer ptr, byte[] data, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            CheckData(data, 0, data == null ? 0 : data.Length);
+            return Start(netswap_op.NETSWAP_OP_REPLACE, ptr, VersionOf, cancellationToken, data: data);
+        }
+
+        /// <summary>Writes bytes at an offset; returns the new version.</summary>
+        public Task<ulong> WriteAtAsync(Pointer ptr, ulong offset, byte[] data,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            CheckData(data, 0, data == null ? 0 : data.Length);
+            return Start(netswap_op.NETSWAP_OP_WRITE_AT, ptr, VersionOf, cancellationToken, data: data, offset: offset);
+        }
+
+        /// <summary>Replaces the data only if the record is at <paramref name="expectedVersion"/>
+        /// (else <see cref="NetswapConflictException"/>).</summary>
+        public Task<ulong> ReplaceIfAsync(Pointer ptr, ulong expectedVersion, byte[] data,
+            CancellationToken cancellationToken = default(CancellationToken))
+        {
+            CheckData(data, 0, data == null ? 0 : data.Length);
+            return Start(netswap_op.NETSWAP_OP_REPLACE_IF, ptr, VersionOf, cancellationToken, data: data, version: expectedVersion);
+        }
+
+        /// <summary>Deletes the record (owner only).</summary>
+        public Task DeleteAsync(Pointer ptr, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            return Start(netswap_op.NETSWAP_OP_DELETE, ptr, Nothing, cancellationToken);
+        }
+
+        /// <summary>Sets what other identities may do (owner only).</summary>
+        public Task SetAccessAsync(Pointer ptr, Access access, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            return Start(netswap_op.NETSWAP_OP_SET_ACCESS, ptr, Nothing, cancellationToken, access: access);
+        }
+
+        /// <summary>Takes ownership of a record whose Takeover flag is set.</summary>
+        public Task TakeoverAsync(Pointer ptr, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            return Start(netswap_op.NETSWAP_OP_TAKEOVER, ptr, Nothing, cancellationToken);
+        }
+
+        /// <summary>Hands the record to the identity of an IP address (owner only).</summary>
+        public Task TransferAsync(Pointer ptr, IPAddress to, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            if (to == null) throw new ArgumentNullException("to");
+            return Start(netswap_op.NETSWAP_OP_TRANSFER_TO_IP, ptr, Nothing, cancellationToken, ip: Utf8(to.ToString()));
+        }
+
+        /// <summary>Hands the record to a 32-byte identity (owner only).</summary>
+        public Task TransferAsync(Pointer ptr, byte[] identity, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            CheckIdentity(identity);
+            return Start(netswap_op.NETSWAP_OP_TRANSFER_TO_IDENTITY, ptr, Nothing, cancellationToken, data: identity);
+        }
+
+        /// <summary>Size, version, access flags and ownership of the record.</summary>
+        public Task<RecordInfo> InfoAsync(Pointer ptr, CancellationToken cancellationToken = default(CancellationToken))
+        {
+            unsafe
+            {
+                return Start(netswap_op.NETSWAP_OP_INFO, ptr, o =>
+                {
+                    var i = &((netswap_outcome*)o)->info;
+                    return new RecordInfo(i->size, i->version, (Access)i->access, i->owned);
+                }, cancellationToken);
+            }
+        }
+    }
+
+    /// <summary>An asynchronous call in flight: completed by the native callback.</summary>
+    internal abstract unsafe class Pending
+    {
+        internal static readonly NativeMethods.netswap_call_async_completion_delegate Callback = OnDone;
+
+        internal GCHandle Self;
+        internal IntPtr Cancel;
+        protected CancellationTokenRegistration Registration;
+        private int finished;
+
+        internal abstract void Complete(netswap_result rc, IntPtr outcome);
+
+        [MonoPInvokeCallback(typeof(NativeMethods.netswap_call_async_completion_delegate))]
+        private static unsafe void OnDone(void* user, netswap_result rc, netswap_outcome* outcome)
+        {
+            Pending p = null;
+            try
+            {
+                p = (Pending)GCHandle.FromIntPtr((IntPtr)user).Target;
+                p.Complete(rc, (IntPtr)outcome);
+            }
+            catch (Exception)
+            {
+                // Never let an exception unwind into native code.
+            }
+            finally
+            {
+                if (p != null) p.Finish();
+            }
+        }
+
+        /// <summary>Releases the cancel token and the GC handle, once (after the
+        /// cancellation registration, which may be running its callback, is gone).</summary>
+        internal unsafe void Finish()
+        {
+            if (Interlocked.Exchange(ref finished, 1) != 0) return;
+            Registration.Dispose();
+            if (Cancel != IntPtr.Zero) NativeMethods.netswap_cancel_free((netswap_cancel*)Cancel);
+            Cancel = IntPtr.Zero;
+            if (Self.IsAllocated) Self.Free();
+        }
+    }
+
+    internal sealed class Pending<T> : Pending
+    {
+        private readonly TaskCompletionSource<T> tcs =
+            new TaskCompletionSource<T>(TaskCreationOptions.RunContinuationsAsynchronously);
+        private readonly Func<IntPtr, T> take;
+        private readonly CancellationToken token;
+
+        internal Pending(Func<IntPtr, T> take, CancellationToken token)
+        {
+            this.take = take;
+            this.token = token;
+            Self = GCHandle.Alloc(this);
+        }
+
+        internal Task<T> Task { get { return tcs.Task; } }
+
+        /// <summary>Creates the native cancel token and ties it to the CancellationToken,
+        /// before the call starts (a token already cancelled cancels at once).</summary>
+        internal unsafe void Arm()
+        {
+            if (!token.CanBeCanceled) return;
+            Cancel = (IntPtr)NativeMethods.netswap_cancel_new();
+            IntPtr c = Cancel;
+            Registration = token.Register(() => NativeMethods.netswap_cancel_trigger((netswap_cancel*)c));
+        }
+
+        internal override unsafe void Complete(netswap_result rc, IntPtr outcome)
+        {
+            var o = (netswap_outcome*)outcome;
+            if (rc == netswap_result.NETSWAP_OK)
+            {
+                try { tcs.TrySetResult(take(outcome)); }
+                catch (Exception e) { tcs.TrySetException(e); }
+            }
+            else if (rc == netswap_result.NETSWAP_CANCELLED)
+            {
+                tcs.TrySetCanceled(token);
+            }
+            else
+            {
+                tcs.TrySetException(NetswapClient.Error(rc, NetswapClient.Utf8At(o->message), o->version));
+            }
+        }
     }
 
     /// <summary>A watch on one record; dispose it to stop. Events reach the handler in
@@ -429,12 +869,11 @@ namespace Netswap
     {
         // One static delegate instance, rooted for the process lifetime: the GC can never
         // collect what native code calls.
-        internal static readonly NativeMethods.netswap_watch_callback_delegate NativeCallback = OnNative;
+        internal static readonly NativeMethods.netswap_watch_with_callback_delegate NativeCallback = OnNative;
 
         private readonly NetswapClient client;
         private readonly Action<WatchEvent> handler;
-        private readonly Queue<WatchEvent> queue = new Queue<WatchEvent>();
-        private bool draining;
+        private readonly SerialQueue queue = new SerialQueue();
         private int disposed;
         internal GCHandle Self;
         internal IntPtr Native;
@@ -455,47 +894,23 @@ namespace Netswap
             if (Self.IsAllocated) Self.Free();
         }
 
-        [MonoPInvokeCallback(typeof(NativeMethods.netswap_watch_callback_delegate))]
+        [MonoPInvokeCallback(typeof(NativeMethods.netswap_watch_with_callback_delegate))]
         private static unsafe void OnNative(void* userData, byte @event, ulong ptr, ulong version)
         {
             try
             {
                 var w = (Watcher)GCHandle.FromIntPtr((IntPtr)userData).Target;
-                if (w != null) w.Enqueue(new WatchEvent((WatchEventKind)@event, new Pointer(ptr), version));
+                if (w == null) return;
+                var e = new WatchEvent((WatchEventKind)@event, new Pointer(ptr), version);
+                w.queue.Post(() =>
+                {
+                    try { w.handler(e); }
+                    catch (Exception ex) { w.client.Connection.Failed(ex, w.Pointer, w); }
+                });
             }
             catch (Exception)
             {
                 // Never let an exception unwind into native code.
-            }
-        }
-
-        private void Enqueue(WatchEvent e)
-        {
-            lock (queue)
-            {
-                queue.Enqueue(e);
-                if (draining) return;
-                draining = true;
-            }
-            ThreadPool.QueueUserWorkItem(_ => Drain());
-        }
-
-        private void Drain()
-        {
-            while (true)
-            {
-                WatchEvent e;
-                lock (queue)
-                {
-                    if (queue.Count == 0 || Volatile.Read(ref disposed) != 0)
-                    {
-                        draining = false;
-                        return;
-                    }
-                    e = queue.Dequeue();
-                }
-                try { handler(e); }
-                catch (Exception) { /* a handler's exception must not stop the watch */ }
             }
         }
 
@@ -504,8 +919,154 @@ namespace Netswap
         public void Dispose()
         {
             if (Interlocked.Exchange(ref disposed, 1) != 0) return;
+            queue.Stop();
             unsafe { NativeMethods.netswap_watcher_free((netswap_watcher*)Native); }
             Native = IntPtr.Zero;
+            FreeSelf();
+            client.Forget(this);
+        }
+    }
+
+    /// <summary>An exact local copy of a record (see <see cref="NetswapClient.Mirror"/>).
+    /// <see cref="Data"/> and <see cref="Version"/> are the latest the mirror has handed
+    /// out; the <see cref="Changed"/> event (in order, on the thread pool) tells what
+    /// changed, with the exact copy right after each change (immutable snapshots: each
+    /// update copies the record once, which suits state records of kilobytes, not
+    /// megabytes). Dispose it to stop.</summary>
+    public sealed unsafe class Mirror : IDisposable
+    {
+        internal static readonly NativeMethods.netswap_mirror_new_callback_delegate NativeCallback = OnNative;
+
+        private readonly NetswapClient client;
+        private readonly SerialQueue queue = new SerialQueue();
+        private readonly object gate = new object();
+        private ReadOnlyMemory<byte> data = ReadOnlyMemory<byte>.Empty;
+        private ulong version;
+        private int disposed;
+        internal GCHandle Self;
+        private IntPtr native;
+
+        /// <summary>The mirrored record.</summary>
+        public Pointer Pointer { get; private set; }
+
+        /// <summary>The latest copy of the bytes (an immutable snapshot).</summary>
+        public ReadOnlyMemory<byte> Data { get { lock (gate) return data; } }
+
+        /// <summary>The version of <see cref="Data"/>.</summary>
+        public ulong Version { get { lock (gate) return version; } }
+
+        /// <summary>Raised for every change (in order, on the thread pool). An exception
+        /// thrown by a handler is reported through <see cref="NetswapClient.HandlerFailed"/>.</summary>
+        public event EventHandler<MirrorEvent> Changed;
+
+        internal Mirror(NetswapClient client, Pointer ptr)
+        {
+            this.client = client;
+            Pointer = ptr;
+            Self = GCHandle.Alloc(this);
+        }
+
+        internal void FreeSelf()
+        {
+            if (Self.IsAllocated) Self.Free();
+        }
+
+        internal void Attach(IntPtr n)
+        {
+            native = n;
+            Refresh();
+        }
+
+        /// <summary>Takes the native copy as it is now.</summary>
+        private void Refresh()
+        {
+            var n = (netswap_mirror*)native;
+            if (n == null) return;
+            byte[] buf = new byte[0];
+            while (true)
+            {
+                UIntPtr len;
+                ulong v;
+                fixed (byte* b = buf)
+                    NativeMethods.netswap_mirror_read_into(n, b, (UIntPtr)buf.Length, &len, &v);
+                if ((ulong)len <= (ulong)buf.Length)
+                {
+                    if ((ulong)len < (ulong)buf.Length) Array.Resize(ref buf, (int)(ulong)len);
+                    lock (gate)
+                    {
+                        if (v >= version)
+                        {
+                            data = buf;
+                            version = v;
+                        }
+                    }
+                    return;
+                }
+                buf = new byte[(int)(ulong)len];
+            }
+        }
+
+        [MonoPInvokeCallback(typeof(NativeMethods.netswap_mirror_new_callback_delegate))]
+        private static unsafe void OnNative(void* user, byte @event, ulong version, ulong size, netswap_range* changed,
+            UIntPtr changedLen)
+        {
+            try
+            {
+                var m = (Mirror)GCHandle.FromIntPtr((IntPtr)user).Target;
+                if (m == null) return;
+                // An event right after the mirror began may come before Mirror() has the
+                // native handle: it has it a moment later.
+                if (!SpinWait.SpinUntil(() => m.native != IntPtr.Zero || Volatile.Read(ref m.disposed) != 0, 1000)
+                    || Volatile.Read(ref m.disposed) != 0)
+                    return;
+                var kind = (MirrorEventKind)@event;
+                int n = (int)(ulong)changedLen;
+                var ranges = new ChangedRange[n];
+                for (int i = 0; i < n; i++) ranges[i] = new ChangedRange(changed[i].offset, (int)(ulong)changed[i].len);
+                MirrorEvent e;
+                lock (m.gate)
+                {
+                    if (kind == MirrorEventKind.Updated)
+                    {
+                        // Events come in order: applying each to the copy of the one before
+                        // gives each its exact bytes. One the copy already holds (taken from
+                        // the native copy when the mirror began) is skipped.
+                        if (version <= m.version) return;
+                        var next = new byte[(int)size];
+                        m.data.Span.Slice(0, Math.Min(m.data.Length, next.Length)).CopyTo(next);
+                        for (int i = 0; i < n; i++)
+                            Marshal.Copy((IntPtr)changed[i].data, next, (int)changed[i].offset, (int)(ulong)changed[i].len);
+                        m.data = next;
+                        m.version = version;
+                    }
+                    else if (kind == MirrorEventKind.Reloaded)
+                    {
+                        m.Refresh();
+                    }
+                    e = new MirrorEvent(kind, m.version, m.data, ranges);
+                }
+                m.queue.Post(() =>
+                {
+                    var h = m.Changed;
+                    if (h == null) return;
+                    try { h(m, e); }
+                    catch (Exception ex) { m.client.Connection.Failed(ex, m.Pointer, m); }
+                });
+            }
+            catch (Exception)
+            {
+                // Never let an exception unwind into native code.
+            }
+        }
+
+        /// <summary>Stops mirroring (the copy keeps its last bytes). Calling it again does
+        /// nothing.</summary>
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref disposed, 1) != 0) return;
+            queue.Stop();
+            unsafe { NativeMethods.netswap_mirror_free((netswap_mirror*)native); }
+            native = IntPtr.Zero;
             FreeSelf();
             client.Forget(this);
         }

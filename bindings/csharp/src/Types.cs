@@ -149,16 +149,162 @@ namespace Netswap
         /// <summary>Local IP address to connect from (null: any). On one machine 127.0.0.2,
         /// 127.0.0.3, … are different identities.</summary>
         public string LocalAddress { get; set; }
-        /// <summary>How long connecting may take.</summary>
+        /// <summary>How long each connection attempt may take.</summary>
         public TimeSpan ConnectTimeout { get; set; }
-        /// <summary>How long each call waits for its reply (TimeSpan.Zero: no limit).</summary>
+        /// <summary>How long each call waits for its reply, waiting for a reconnection
+        /// included (TimeSpan.Zero: no limit). <see cref="NetswapClient.WithTimeout"/>
+        /// makes a handle with another deadline.</summary>
         public TimeSpan RequestTimeout { get; set; }
+        /// <summary>What happens when the connection drops.</summary>
+        public ReconnectOptions Reconnect { get; set; }
+        /// <summary>After this long without a byte from the server, ask it something; no
+        /// answer within as long means the connection is dead and it is replaced
+        /// (TimeSpan.Zero: never).</summary>
+        public TimeSpan Keepalive { get; set; }
 
-        /// <summary>Defaults: any local address, 10 s to connect, 30 s per call.</summary>
+        /// <summary>Defaults: any local address, 10 s to connect, 30 s per call,
+        /// reconnection on, keepalives after 15 s of silence.</summary>
         public ConnectOptions()
         {
             ConnectTimeout = TimeSpan.FromSeconds(10);
             RequestTimeout = TimeSpan.FromSeconds(30);
+            Reconnect = new ReconnectOptions();
+            Keepalive = TimeSpan.FromSeconds(15);
         }
+    }
+
+    /// <summary>Automatic reconnection: exponential backoff with full jitter (attempt n
+    /// waits a random time up to min(MaxDelay, InitialDelay × 2^(n−1))), so a thousand
+    /// clients of a restarted server do not come back at once. Watches and mirrors are
+    /// registered again and tell what changed meanwhile; reads in flight are sent again
+    /// once; other calls in flight fail with <see cref="NetswapDisconnectedException"/>
+    /// (their outcome is unknown).</summary>
+    public sealed class ReconnectOptions
+    {
+        /// <summary>Reconnect at all (default true).</summary>
+        public bool Enabled { get; set; }
+        /// <summary>The first backoff window (default 100 ms).</summary>
+        public TimeSpan InitialDelay { get; set; }
+        /// <summary>The largest backoff window (default 5 s).</summary>
+        public TimeSpan MaxDelay { get; set; }
+        /// <summary>Failed attempts in a row before the client closes for good (0, the
+        /// default: never).</summary>
+        public uint MaxAttempts { get; set; }
+
+        /// <summary>The defaults.</summary>
+        public ReconnectOptions()
+        {
+            Enabled = true;
+            InitialDelay = TimeSpan.FromMilliseconds(100);
+            MaxDelay = TimeSpan.FromSeconds(5);
+        }
+    }
+
+    /// <summary>Where a client's connection stands.</summary>
+    public enum ConnectionState
+    {
+        /// <summary>Connected.</summary>
+        Connected = 0,
+        /// <summary>The connection dropped; connecting again (calls wait, up to their
+        /// deadline).</summary>
+        Reconnecting = 1,
+        /// <summary>Closed for good.</summary>
+        Closed = 2,
+    }
+
+    /// <summary>A change of <see cref="NetswapClient.State"/>.</summary>
+    public sealed class ConnectionStateChangedEventArgs : EventArgs
+    {
+        /// <summary>The new state.</summary>
+        public ConnectionState State { get; private set; }
+        /// <summary>The reconnection attempt (Reconnecting; else 0).</summary>
+        public uint Attempt { get; private set; }
+        /// <summary>Why (empty when connected).</summary>
+        public string Reason { get; private set; }
+
+        internal ConnectionStateChangedEventArgs(ConnectionState state, uint attempt, string reason)
+        {
+            State = state;
+            Attempt = attempt;
+            Reason = reason;
+        }
+
+        /// <inheritdoc/>
+        public override string ToString() { return State + (Reason.Length > 0 ? ": " + Reason : ""); }
+    }
+
+    /// <summary>An exception thrown by a watch or mirror handler (or a StateChanged
+    /// handler); see <see cref="NetswapClient.HandlerFailed"/>.</summary>
+    public sealed class HandlerFailedEventArgs : EventArgs
+    {
+        /// <summary>What the handler threw.</summary>
+        public Exception Exception { get; private set; }
+        /// <summary>The record whose handler threw (null for a StateChanged handler).</summary>
+        public Pointer? Pointer { get; private set; }
+
+        internal HandlerFailedEventArgs(Exception e, Pointer? pointer)
+        {
+            Exception = e;
+            Pointer = pointer;
+        }
+    }
+
+    /// <summary>What happened to a <see cref="Mirror"/>'s copy.</summary>
+    public enum MirrorEventKind : byte
+    {
+        /// <summary>A change (or several merged) was applied; <see cref="MirrorEvent.Changed"/>
+        /// lists the ranges.</summary>
+        Updated = 1,
+        /// <summary>The copy was replaced by a fresh one (after a gap or a reconnect).</summary>
+        Reloaded = 2,
+        /// <summary>The owner changed.</summary>
+        OwnerChanged = 3,
+        /// <summary>The access flags changed.</summary>
+        AccessChanged = 4,
+        /// <summary>The record is gone; the copy keeps its last bytes; no more events.</summary>
+        Deleted = 5,
+    }
+
+    /// <summary>A range of bytes that changed in a mirror's copy.</summary>
+    public struct ChangedRange
+    {
+        /// <summary>Where.</summary>
+        public readonly ulong Offset;
+        /// <summary>How many bytes.</summary>
+        public readonly int Length;
+
+        internal ChangedRange(ulong offset, int length)
+        {
+            Offset = offset;
+            Length = length;
+        }
+
+        /// <inheritdoc/>
+        public override string ToString() { return Offset + "+" + Length; }
+    }
+
+    /// <summary>One event of a <see cref="Mirror"/>, with the copy exactly as it was right
+    /// after it.</summary>
+    public sealed class MirrorEvent : EventArgs
+    {
+        /// <summary>What happened.</summary>
+        public MirrorEventKind Kind { get; private set; }
+        /// <summary>The copy's version after it.</summary>
+        public ulong Version { get; private set; }
+        /// <summary>The bytes after it (an immutable snapshot).</summary>
+        public ReadOnlyMemory<byte> Data { get; private set; }
+        /// <summary>Updated: the ranges that changed.</summary>
+        public ChangedRange[] Changed { get; private set; }
+
+        internal MirrorEvent(MirrorEventKind kind, ulong version, ReadOnlyMemory<byte> data, ChangedRange[] changed)
+        {
+            Kind = kind;
+            Version = version;
+            Data = data;
+            Changed = changed;
+        }
+
+        /// <inheritdoc/>
+        public override string ToString() { return Kind + " version " + Version + " (" + Data.Length + " bytes)"; }
     }
 }

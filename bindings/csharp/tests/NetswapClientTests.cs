@@ -59,7 +59,7 @@ namespace Netswap.Tests
                 a.Transfer(p, b.Identity);
                 Assert.IsTrue(b.Info(p).Owned);
                 b.Delete(p);
-                Assert.Throws<AddressFaultException>(() => b.Info(p));
+                Assert.Throws<NetswapAddressFaultException>(() => b.Info(p));
 
                 var empty = a.Create(new byte[0]);
                 Assert.AreEqual(0, a.Read(empty).Length);
@@ -77,18 +77,19 @@ namespace Netswap.Tests
                 var p = a.Create(B("secret"));
                 var av = Assert.Throws<NetswapAccessViolationException>(() => b.Read(p));
                 Assert.AreEqual(ResultCode.AccessViolation, av.Code);
-                StringAssert.Contains("READ bit", av.Reason);
+                // The library's message, once: not "AccessViolation: access violation: …".
+                Assert.AreEqual("access violation: the record's READ bit is not set", av.Message);
                 Assert.IsInstanceOf<NetswapException>(av);
 
-                var af = Assert.Throws<AddressFaultException>(() => a.ReadRange(p, 100, 1));
-                StringAssert.Contains("past the end", af.Reason);
-                Assert.Throws<AddressFaultException>(() => a.Read(new Pointer(0x1234)));
+                var af = Assert.Throws<NetswapAddressFaultException>(() => a.ReadRange(p, 100, 1));
+                StringAssert.Contains("past the end", af.Message);
+                Assert.Throws<NetswapAddressFaultException>(() => a.Read(new Pointer(0x1234)));
 
-                var conflict = Assert.Throws<ConflictException>(() => a.ReplaceIf(p, 9, B("x")));
+                var conflict = Assert.Throws<NetswapConflictException>(() => a.ReplaceIf(p, 9, B("x")));
                 Assert.AreEqual(1UL, conflict.CurrentVersion);
 
-                var tl = Assert.Throws<TooLargeException>(() => a.Create(new byte[1600001]));
-                StringAssert.Contains("1600000", tl.Reason);
+                var tl = Assert.Throws<NetswapTooLargeException>(() => a.Create(new byte[1600001]));
+                StringAssert.Contains("1600000", tl.Message);
 
                 Assert.Throws<ArgumentException>(() => new Pointer(0));
                 Assert.Throws<ArgumentNullException>(() => a.Create(null));
@@ -98,8 +99,8 @@ namespace Netswap.Tests
             using (var q = From("127.0.0.9"))
             {
                 var big = q.Create(new byte[1500000]);
-                var qe = Assert.Throws<QuotaExceededException>(() => q.Create(new byte[1500000]));
-                StringAssert.Contains("quota", qe.Reason);
+                var qe = Assert.Throws<NetswapQuotaExceededException>(() => q.Create(new byte[1500000]));
+                StringAssert.Contains("quota", qe.Message);
                 q.Delete(big);
             }
             // No server: an I/O error.
@@ -113,30 +114,45 @@ namespace Netswap.Tests
             var expected = new Dictionary<ResultCode, Type>
             {
                 { ResultCode.AccessViolation, typeof(NetswapAccessViolationException) },
-                { ResultCode.AddressFault, typeof(AddressFaultException) },
-                { ResultCode.Malformed, typeof(MalformedRequestException) },
-                { ResultCode.TooLarge, typeof(TooLargeException) },
-                { ResultCode.QuotaExceeded, typeof(QuotaExceededException) },
-                { ResultCode.Conflict, typeof(ConflictException) },
-                { ResultCode.ProtocolError, typeof(ProtocolErrorException) },
-                { ResultCode.Busy, typeof(BusyException) },
+                { ResultCode.AddressFault, typeof(NetswapAddressFaultException) },
+                { ResultCode.Malformed, typeof(NetswapMalformedException) },
+                { ResultCode.TooLarge, typeof(NetswapTooLargeException) },
+                { ResultCode.QuotaExceeded, typeof(NetswapQuotaExceededException) },
+                { ResultCode.Conflict, typeof(NetswapConflictException) },
+                { ResultCode.ProtocolError, typeof(NetswapProtocolErrorException) },
+                { ResultCode.Busy, typeof(NetswapBusyException) },
                 { ResultCode.IO, typeof(NetswapIOException) },
                 { ResultCode.Timeout, typeof(NetswapTimeoutException) },
-                { ResultCode.Disconnected, typeof(DisconnectedException) },
-                { ResultCode.BadReply, typeof(BadReplyException) },
+                { ResultCode.Disconnected, typeof(NetswapDisconnectedException) },
+                { ResultCode.BadReply, typeof(NetswapBadReplyException) },
                 { ResultCode.Panic, typeof(NetswapException) },
+                { ResultCode.Cancelled, typeof(NetswapException) },
             };
             foreach (var kv in expected)
             {
                 var e = NetswapException.For(kv.Key, "why", 7);
                 Assert.AreEqual(kv.Value, e.GetType(), kv.Key.ToString());
                 Assert.AreEqual(kv.Key, e.Code);
-                Assert.AreEqual("why", e.Reason);
+                Assert.AreEqual("why", e.Message);
+                StringAssert.StartsWith("Netswap", e.GetType().Name, "one naming rule for every exception");
             }
-            Assert.AreEqual(7UL, ((ConflictException)NetswapException.For(ResultCode.Conflict, "", 7)).CurrentVersion);
+            Assert.AreEqual(7UL, ((NetswapConflictException)NetswapException.For(ResultCode.Conflict, "", 7)).CurrentVersion);
             // The native codes are the same numbers.
             foreach (ResultCode code in Enum.GetValues(typeof(ResultCode)))
                 Assert.AreEqual(code.ToString().ToUpperInvariant(), ((Netswap.Native.netswap_result)code).ToString().Replace("NETSWAP_", "").Replace("_", ""));
+            // And the same numbers as the protocol's statuses in the test vectors.
+            var root = Environment.GetEnvironmentVariable("NETSWAP_VECTORS") ?? "../../tests/vectors";
+            var replies = File.ReadAllText(Path.Combine(root, "replies.json"));
+            var statuses = 0;
+            foreach (Match m in Regex.Matches(replies, "\"status\": (\\d+),\\s*\"status_name\": \"([A-Z_]+)\""))
+            {
+                var name = m.Groups[2].Value.Replace("_", "");
+                ResultCode code;
+                if (!Enum.TryParse(name, true, out code)) continue; // OK, DATA and NOTIFY are not errors
+                Assert.AreEqual(int.Parse(m.Groups[1].Value), (int)code, name);
+                statuses++;
+            }
+            Assert.GreaterOrEqual(statuses, 4);
         }
 
         [Test]
@@ -156,7 +172,7 @@ namespace Netswap.Tests
                 a.TakeoverAsync(p).Wait();
                 a.TransferAsync(p, a.Identity).Wait();
                 var failed = Assert.Throws<AggregateException>(() => a.ReplaceIfAsync(p, 1, B("x")).Wait());
-                Assert.IsInstanceOf<ConflictException>(failed.InnerException);
+                Assert.IsInstanceOf<NetswapConflictException>(failed.InnerException);
                 a.DeleteAsync(p).Wait();
                 // Many at once.
                 var tasks = Enumerable.Range(0, 50).Select(i => a.CreateAsync(B("n" + i))).ToArray();
