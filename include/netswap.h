@@ -652,9 +652,10 @@ enum netswap_result netswap_info(const struct netswap_client *client, uint64_t p
 /**
  * Watches a record: `callback(user_data, event, ptr, version)` is called for every
  * change, on the client's internal I/O thread (not the caller's), one call at a
- * time, in order. The callback must return quickly and must not call netswap
- * functions except netswap_watcher_free() on its own watch (others fail with
- * NETSWAP_PANIC there): hand the event to another thread instead. `user_data` is
+ * time, in order. The callback must return quickly and must not make blocking netswap
+ * calls (they fail with NETSWAP_INVALID_ARGUMENT there, as they would wait for the
+ * thread they block): hand the event to another thread, or use netswap_call_async().
+ * netswap_watcher_free() on its own watch is allowed. `user_data` is
  * passed as given and must stay valid until netswap_watcher_free() returns. After a
  * NETSWAP_EVENT_DELETED no more calls come. Release `*out` with
  * netswap_watcher_free().

@@ -4,7 +4,9 @@
 //! It drives an async [`crate::Client`] on its own one-thread runtime and waits for
 //! each call on an ordinary channel, so it works from any thread — also from inside
 //! another tokio runtime (where it blocks that runtime's thread for the call, as any
-//! blocking function would; prefer [`crate::Client`] there). It is `Send + Sync`:
+//! blocking function would; prefer [`crate::Client`] there). The one place it refuses
+//! (with [`Error::InvalidArgument`]) is its own I/O thread, where a blocking call
+//! could never complete. It is `Send + Sync`:
 //! clones share the connection, and threads may call it at once.
 
 use std::future::Future;
@@ -55,6 +57,22 @@ impl Drop for Runtime {
     }
 }
 
+thread_local! {
+    /// Set on the I/O threads of blocking clients: a blocking call there (from a watch
+    /// or mirror callback of the C ABI, say) would wait for the thread it blocks.
+    static IO_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Refuses a blocking call on a client's own I/O thread (it could never complete).
+fn not_on_io_thread() -> Result<()> {
+    if IO_THREAD.with(|t| t.get()) {
+        return Err(Error::InvalidArgument(
+            "a blocking call from a netswap I/O thread (a watch, mirror or state callback) would wait for itself: hand the work to another thread".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `f` on `runtime` and waits for it on this thread.
 fn run<T: Send + 'static>(
     runtime: &tokio::runtime::Runtime,
@@ -76,9 +94,11 @@ impl Client {
 
     /// Connects with these options.
     pub fn connect_with(addr: impl std::fmt::Display, options: Options) -> Result<Client> {
+        not_on_io_thread()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("netswap-client")
+            .on_thread_start(|| IO_THREAD.with(|t| t.set(true)))
             .enable_all()
             .build()?;
         let addr = addr.to_string();
@@ -96,6 +116,7 @@ impl Client {
         &self,
         f: impl FnOnce(crate::Client) -> F,
     ) -> Result<T> {
+        not_on_io_thread()?;
         run(&self.runtime, f(self.inner.clone()))
     }
 
@@ -133,6 +154,9 @@ impl Client {
     /// Blocks until the connection state differs from `seen`, or `timeout` passes;
     /// returns the state then.
     pub fn wait_state_change(&self, seen: &ConnectionState, timeout: Duration) -> ConnectionState {
+        if not_on_io_thread().is_err() {
+            return self.state();
+        }
         let mut rx = self.inner.state_changes();
         let seen = seen.clone();
         run(&self.runtime, async move {
@@ -268,6 +292,7 @@ impl Watch {
     /// The next event, waiting at most `timeout`: `Ok(None)` when the watch has
     /// ended, `Err(Error::Timeout { .. })` when nothing came in time.
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<WatchEvent>> {
+        not_on_io_thread()?;
         let mut w = self.inner.take().expect("present until dropped");
         let (w, got) = run(&self.runtime, async move {
             let got = tokio::time::timeout(timeout, w.next()).await;
@@ -285,6 +310,7 @@ impl Watch {
 impl Iterator for Watch {
     type Item = WatchEvent;
     fn next(&mut self) -> Option<WatchEvent> {
+        not_on_io_thread().ok()?;
         let mut w = self.inner.take()?;
         let (w, got) = run(&self.runtime, async move {
             let got = w.next().await;
@@ -329,6 +355,7 @@ impl Mirror {
     }
     /// The next event, waiting at most `timeout` (see [`Watch::next_timeout`]).
     pub fn next_timeout(&mut self, timeout: Duration) -> Result<Option<MirrorEvent>> {
+        not_on_io_thread()?;
         let mut m = self.inner.take().expect("present until dropped");
         let (m, got) = run(&self.runtime, async move {
             let got = tokio::time::timeout(timeout, m.next()).await;
@@ -346,6 +373,7 @@ impl Mirror {
 impl Iterator for Mirror {
     type Item = MirrorEvent;
     fn next(&mut self) -> Option<MirrorEvent> {
+        not_on_io_thread().ok()?;
         let mut m = self.inner.take()?;
         let (m, got) = run(&self.runtime, async move {
             let got = m.next().await;

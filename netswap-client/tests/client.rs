@@ -391,3 +391,37 @@ fn requests_round_trip_through_the_same_codec_as_the_server() {
     let m = Request::Hello.encode(7);
     assert_eq!((m.xid, m.op, m.len()), (7, 0x09, 0));
 }
+
+/// The blocking client inside an async runtime (a common mistake that used to panic
+/// with "Cannot start a runtime from within a runtime"): it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_blocking_client_works_inside_a_tokio_runtime() {
+    let srv = server(|_| {});
+    let c = blocking::Client::connect_with(srv.addr(), from(2)).unwrap();
+    let p = c.create(Access::READ, "inside").unwrap();
+    assert_eq!(&c.read(p).unwrap()[..], b"inside");
+    let mut w = c.watch(p).unwrap();
+    c.replace(p, "changed").unwrap();
+    assert_eq!(
+        w.next_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+    drop(w);
+    drop(c); // dropping it here is fine too
+}
+
+#[test]
+fn the_blocking_client_from_a_current_thread_runtime() {
+    let srv = server(|_| {});
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = blocking::Client::connect_with(srv.addr(), from(3)).unwrap();
+        assert_eq!(c.hello().unwrap().protocol, 1);
+    });
+}

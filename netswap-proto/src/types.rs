@@ -15,7 +15,7 @@ use std::str::FromStr;
 /// assert_eq!(p.get(), 0xdead_beef);
 /// assert_eq!(p.to_string(), "00000000deadbeef");
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Pointer(u64);
 
 impl Pointer {
@@ -36,6 +36,14 @@ impl Pointer {
 impl fmt::Display for Pointer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Hex, like [`Display`](fmt::Display) (pointers are shown as hex everywhere):
+/// `Pointer(00000000deadbeef)`.
+impl fmt::Debug for Pointer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pointer({:016x})", self.0)
     }
 }
 
@@ -286,6 +294,13 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pointer_debug_is_hex_like_display() {
+        let p = Pointer::new(0xdead_beef).unwrap();
+        assert_eq!(format!("{p:?}"), "Pointer(00000000deadbeef)");
+        assert_eq!(format!("{:?}", Some(p)), "Some(Pointer(00000000deadbeef))");
+    }
 
     #[test]
     fn pointer_parse_and_display() {

@@ -59,10 +59,14 @@ static void on_state(void *user, netswap_state state, uint32_t attempt, const ch
     pthread_mutex_unlock(&seen_lock);
 }
 
+static netswap_result blocking_from_callback = NETSWAP_OK;
+
 static void on_watch(void *user, uint8_t event, uint64_t ptr, uint64_t version) {
-    (void)user;
-    (void)ptr;
+    /* A blocking call here would wait for this very thread: it is refused. */
+    netswap_record_info info;
+    netswap_result rc = netswap_info((const netswap_client *)user, ptr, &info);
     pthread_mutex_lock(&seen_lock);
+    blocking_from_callback = rc;
     if (event == NETSWAP_EVENT_CHANGED) last_changed_version = version;
     pthread_mutex_unlock(&seen_lock);
 }
@@ -251,7 +255,7 @@ int main(int argc, char **argv) {
     char hex[17];
     netswap_pointer_format(p, hex);
     netswap_watcher *w = NULL;
-    CHECK(netswap_watch_with(c, p, 0, on_watch, NULL, &w) == NETSWAP_OK);
+    CHECK(netswap_watch_with(c, p, 0, on_watch, c, &w) == NETSWAP_OK);
     netswap_mirror *m = NULL;
     CHECK(netswap_mirror_new(c, p, 0, on_mirror, NULL, &m) == NETSWAP_OK);
     CHECK(netswap_mirror_version(m) == 1);
@@ -276,6 +280,7 @@ int main(int argc, char **argv) {
     }
     pthread_mutex_lock(&seen_lock);
     CHECK(last_changed_version == changed_to);
+    CHECK(blocking_from_callback == NETSWAP_INVALID_ARGUMENT);
     pthread_mutex_unlock(&seen_lock);
     CHECK(wait_for(&mirror_reloads, 10.0));
     uint8_t copy[64];
