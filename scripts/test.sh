@@ -37,8 +37,9 @@ else
   echo "all present"
 fi
 
-step "test vectors are current (scripts/gen_vectors.py --check)"
+step "test vectors are current (scripts/gen_vectors.py --check); README examples are their files"
 python3 scripts/gen_vectors.py --check
+python3 scripts/check_readme_examples.py bindings/node/README.md
 
 step "cargo fmt --check"
 cargo fmt --all --check
@@ -71,19 +72,21 @@ cargo build --release --quiet -p netswap-server -p netswap-cli -p netswap-ffi
 step "C# tests (Mono)"
 ./bindings/csharp/test.sh
 
-step "Node.js addon (npm ci, napi build, types, node --test)"
+step "Node.js addon (npm ci, napi build, types, node --test, the packages installed outside the repository)"
 (
   cd bindings/node
   npm ci --no-audit --no-fund --loglevel=error
-  npx napi build --platform --release --js index.js --dts index.d.ts
+  npx napi build --platform --release --strip --js index.js --dts index.d.ts
   if git -C "$root" rev-parse --git-dir >/dev/null 2>&1 &&
      ! git -C "$root" diff --quiet -- bindings/node/index.js bindings/node/index.d.ts; then
     echo "bindings/node/index.js or index.d.ts is stale: commit what 'npm run build' generated" >&2
     git -C "$root" diff --stat -- bindings/node/index.js bindings/node/index.d.ts >&2
     exit 1
   fi
-  npx tsc -p tsconfig.json
+  npx tsc -p tsconfig.json            # the published types stand alone (no @types/node)
+  npx tsc -p tsconfig.nodetypes.json  # and agree with @types/node
   NETSWAP_SERVER_BIN="$root/target/release/netswap-server" node --test __test__/
+  ./test-package.sh "$root/target/release/netswap-server"
 )
 
 step "benchmarks compile"

@@ -9,60 +9,99 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+/**
+ * Aborts the calls it was given to (through `CallOptions.cancelId`): each rejects with
+ * code `ABORTED` at once, and its request is taken back if it has not left.
+ */
+export declare class Canceller {
+  /** A new canceller. */
+  constructor()
+  /** Its id, for `CallOptions.cancelId`. */
+  get id(): number
+  /** Aborts every call given this canceller that has not completed, and every later one. */
+  cancel(): void
+}
+
 /** A connection to a netswap server. Create it with `Client.connect`. */
 export declare class Client {
   /** Connects to "host:port" and asks the server for its limits. */
   static connect(address: string, options?: ConnectOptions | undefined | null): Promise<Client>
+  /** Where the connection stands: "connected", "reconnecting" or "closed". */
+  get state(): 'connected' | 'reconnecting' | 'closed'
+  /**
+   * Calls `callback(change)` on the event loop for every change of the connection's
+   * state, until the client is closed. It does not keep the process alive.
+   */
+  onStateChange(callback: (change: StateChange) => void): void
   /** This client's identity on the server, 64 hex digits. */
   get identity(): string
-  /** True once `close()` was called or the connection ended. */
+  /** True once `close()` was called, or the client gave up reconnecting. */
   get closed(): boolean
   /**
    * Closes the connection: pending calls reject with code `DISCONNECTED`, later
-   * calls with `CLOSED`, and watches end.
+   * calls with `CLOSED`, and watches and mirrors end.
    */
   close(): void
   /** The server's limits and this client's identity. */
-  hello(): Promise<ServerInfo>
+  hello(options?: CallOptions | undefined | null): Promise<ServerInfo>
   /** Creates a record; resolves to its pointer. */
-  create(data: Uint8Array, access?: AccessFlags | undefined | null): Promise<bigint>
+  create(data: Uint8Array, access?: AccessFlags | undefined | null, options?: CallOptions | undefined | null): Promise<bigint>
   /** Reads the whole record. */
-  read(ptr: bigint): Promise<Buffer>
+  read(ptr: bigint, options?: CallOptions | undefined | null): Promise<Buffer>
   /**
    * Reads up to `length` bytes from `offset` (cut at the end; past the end is
    * `ADDRESS_FAULT`).
    */
-  readRange(ptr: bigint, offset: bigint, length: number): Promise<Buffer>
+  readRange(ptr: bigint, offset: bigint, length: bigint, options?: CallOptions | undefined | null): Promise<Buffer>
   /** Replaces the data; resolves to the new version. */
-  replace(ptr: bigint, data: Uint8Array): Promise<bigint>
+  replace(ptr: bigint, data: Uint8Array, options?: CallOptions | undefined | null): Promise<bigint>
   /**
    * Writes at `offset` (at most the current size; the record may grow); resolves to
    * the new version.
    */
-  writeAt(ptr: bigint, offset: bigint, data: Uint8Array): Promise<bigint>
+  writeAt(ptr: bigint, offset: bigint, data: Uint8Array, options?: CallOptions | undefined | null): Promise<bigint>
   /**
    * Replaces the data only at version `expected`; otherwise rejects with code
    * `CONFLICT` (the message names the current version).
    */
-  replaceIf(ptr: bigint, expected: bigint, data: Uint8Array): Promise<bigint>
+  replaceIf(ptr: bigint, expected: bigint, data: Uint8Array, options?: CallOptions | undefined | null): Promise<bigint>
   /** Deletes the record (owner only). */
-  delete(ptr: bigint): Promise<void>
+  delete(ptr: bigint, options?: CallOptions | undefined | null): Promise<void>
   /** Sets what other identities may do (owner only). */
-  setAccess(ptr: bigint, access: AccessFlags): Promise<void>
+  setAccess(ptr: bigint, access: AccessFlags, options?: CallOptions | undefined | null): Promise<void>
   /** Takes ownership of a record whose takeover flag is set (the flag is cleared). */
-  takeover(ptr: bigint): Promise<void>
+  takeover(ptr: bigint, options?: CallOptions | undefined | null): Promise<void>
   /**
    * Hands the record to another identity: an IP address ("10.0.0.7") or a
    * 64-hex-digit identity (owner only).
    */
-  transfer(ptr: bigint, to: string): Promise<void>
+  transfer(ptr: bigint, to: string, options?: CallOptions | undefined | null): Promise<void>
   /** Size, version, access flags and ownership of the record. */
-  info(ptr: bigint): Promise<RecordInfo>
+  info(ptr: bigint, options?: CallOptions | undefined | null): Promise<RecordInfo>
   /**
    * Watches a record: `callback(event)` runs on the event loop for every change, in
-   * order. Resolves once the server accepted the watch, to a `Subscription`.
+   * order, at most once per `minIntervalMs` (changes in between are merged by the
+   * server). The watch survives reconnects (an event then tells what changed while
+   * the connection was down). Resolves once the server accepted the watch, to a
+   * `Subscription`.
    */
-  watch(ptr: bigint, callback: (event: WatchEvent) => void): Promise<Subscription>
+  watch(ptr: bigint, callback: (event: WatchEvent) => void, minIntervalMs?: number | undefined | null): Promise<Subscription>
+  /**
+   * Mirrors a record (READ access needed): an exact local copy kept up to date by the
+   * bytes the server pushes for each change, at most once per `minIntervalMs`;
+   * `callback(change)` hears about each update. Resolves once the copy is there.
+   */
+  mirror(ptr: bigint, callback: (change: MirrorChange) => void, minIntervalMs?: number | undefined | null): Promise<MirrorHandle>
+}
+
+/** A mirror: an exact local copy of a record, kept up to date in the background. */
+export declare class MirrorHandle {
+  /** A copy of the bytes as they are now. */
+  get data(): Buffer
+  /** The copy's version. */
+  get version(): bigint
+  /** Stops mirroring (the copy keeps its last bytes). Calling it again does nothing. */
+  close(): void
 }
 
 /** An active watch; `unsubscribe()` ends it. */
@@ -83,6 +122,22 @@ export interface AccessFlags {
   takeover?: boolean
 }
 
+/** Per-call options (the entry module fills them from `{ timeoutMs, signal }`). */
+export interface CallOptions {
+  /** The call's deadline in ms (0 = none), instead of the client's. */
+  timeoutMs?: number
+  /** The `Canceller` whose `cancel()` aborts the call. */
+  cancelId?: number
+}
+
+/** A byte range that changed in a mirror's copy. */
+export interface ChangedRange {
+  /** Where. */
+  offset: bigint
+  /** How many bytes. */
+  length: bigint
+}
+
 /** Options for `Client.connect`. */
 export interface ConnectOptions {
   /**
@@ -90,10 +145,32 @@ export interface ConnectOptions {
    * identity).
    */
   localAddress?: string
-  /** Milliseconds to wait for the connection (default 10000). */
+  /** Milliseconds to wait for each connection attempt (default 10000). */
   connectTimeoutMs?: number
-  /** Milliseconds each call waits for its reply (default 30000; 0 = no limit). */
+  /**
+   * Milliseconds each call waits for its reply, waiting for a reconnection included
+   * (default 30000; 0 = no limit).
+   */
   requestTimeoutMs?: number
+  /** Reconnection (on by default). */
+  reconnect?: ReconnectOptions
+  /**
+   * Ask the server something after this many ms of silence; no answer within as
+   * long means the connection is dead (default 15000; 0 = never).
+   */
+  keepaliveMs?: number
+}
+
+/** One event of a mirror. */
+export interface MirrorChange {
+  /** "updated", "reloaded", "owner-changed", "access-changed" or "deleted". */
+  kind: string
+  /** The copy's version right after it. */
+  version: bigint
+  /** The copy's size right after it. */
+  size: bigint
+  /** "updated": the ranges that changed. */
+  changed: Array<ChangedRange>
 }
 
 /** Parses 1 to 16 hex digits (optionally "0x"-prefixed) into a pointer. */
@@ -101,6 +178,18 @@ export declare function pointerFromHex(text: string): bigint
 
 /** Formats a pointer as 16 lowercase hex digits. */
 export declare function pointerToHex(ptr: bigint): string
+
+/** Automatic reconnection with exponential backoff and full jitter. */
+export interface ReconnectOptions {
+  /** Reconnect at all (default true). */
+  enabled?: boolean
+  /** The first backoff window in ms (default 100). */
+  initialDelayMs?: number
+  /** The largest backoff window in ms (default 5000). */
+  maxDelayMs?: number
+  /** Failed attempts in a row before the client closes for good (default: never). */
+  maxAttempts?: number
+}
 
 /** What `info` reports. */
 export interface RecordInfo {
@@ -128,10 +217,20 @@ export interface ServerInfo {
   identity: string
 }
 
+/** A change of the connection's state. */
+export interface StateChange {
+  /** "connected", "reconnecting" or "closed". */
+  state: string
+  /** The reconnection attempt ("reconnecting"; else 0). */
+  attempt: number
+  /** Why ("" when connected). */
+  reason: string
+}
+
 /** One change to a watched record. */
 export interface WatchEvent {
   /** "changed", "deleted", "owner-changed" or "access-changed". */
-  event: string
+  event: 'changed' | 'deleted' | 'owner-changed' | 'access-changed'
   /** The record. */
   ptr: bigint
   /** Its version after the event (the last version when deleted). */

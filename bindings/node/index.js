@@ -835,7 +835,9 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
+module.exports.Canceller = nativeBinding.Canceller
 module.exports.Client = nativeBinding.Client
+module.exports.MirrorHandle = nativeBinding.MirrorHandle
 module.exports.Subscription = nativeBinding.Subscription
 module.exports.pointerFromHex = nativeBinding.pointerFromHex
 module.exports.pointerToHex = nativeBinding.pointerToHex

@@ -7,9 +7,9 @@ import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { fileURLToPath } from 'node:url'
 import path from 'node:path'
+import { Client, Pointer, ErrorCode, NetswapError } from '../netswap.mjs'
 
 const require = createRequire(import.meta.url)
-const { Client, Pointer, ErrorCode } = require('../netswap.js')
 
 const here = path.dirname(fileURLToPath(import.meta.url))
 const root = path.resolve(here, '../../..')
@@ -62,7 +62,7 @@ test('every method', async () => {
   const p = await a.create(text('hello world'), { read: true })
   assert.equal(typeof p, 'bigint')
   assert.equal((await b.read(p)).toString(), 'hello world')
-  assert.equal((await a.readRange(p, 6n, 100)).toString(), 'world')
+  assert.equal((await a.readRange(p, 6n, 100n)).toString(), 'world')
   assert.equal(await a.writeAt(p, 11n, text('!')), 2n)
   assert.equal(await a.replace(p, new Uint8Array([118, 51])), 3n)
   assert.equal(await a.replaceIf(p, 3n, text('v4')), 4n)
@@ -91,12 +91,33 @@ test('errors carry a stable code and the reason', async () => {
   const b = await connect('127.0.0.3')
   const p = await a.create(text('secret'))
   await assert.rejects(b.read(p), (e) => e.code === ErrorCode.ACCESS_VIOLATION && /READ bit/.test(e.message))
-  await rejectsWith(a.readRange(p, 100n, 1), 'ADDRESS_FAULT')
+  await rejectsWith(a.readRange(p, 100n, 1n), 'ADDRESS_FAULT')
   await assert.rejects(a.replaceIf(p, 9n, text('x')), (e) => e.code === 'CONFLICT' && /version 1/.test(e.message))
   await rejectsWith(a.create(Buffer.alloc(60000001)), 'TOO_LARGE')
   await rejectsWith(a.read(0n), 'INVALID_ARGUMENT')
   await rejectsWith(a.read(-5n), 'INVALID_ARGUMENT')
   await rejectsWith(a.transfer(p, 'nobody'), 'INVALID_ARGUMENT')
+  // Wrong types get the documented code and a message naming the argument, never a
+  // raw napi status (BigintExpected, InvalidArg) with an empty message.
+  for (const [call, words] of [
+    [() => a.read(123), /read: ptr must be a bigint \(got number\)/],
+    [() => a.create('str'), /create: data must be a Buffer or Uint8Array \(got string\)/],
+    [() => a.create(text('x'), 'read'), /create: access must be an object/],
+    [() => a.create(text('x'), { raed: true }), /unknown access flag "raed"/],
+    [() => a.readRange(p, 0n, 5), /readRange: length must be a bigint \(got number\)/],
+    [() => a.writeAt(p, 0, text('x')), /writeAt: offset must be a bigint/],
+    [() => a.read(p, { timeoutMs: -1 }), /read: timeoutMs must be a whole number of milliseconds/],
+    [() => a.read(p, { signal: 'stop' }), /read: signal must be an AbortSignal/],
+    [() => a.watch(p, 'not a function'), /watch: callback must be a function/],
+    [() => Client.connect(7420), /connect: address must be a string/],
+  ]) {
+    await assert.rejects(call(), (e) => {
+      assert.ok(e instanceof NetswapError, `a NetswapError: ${e}`)
+      assert.equal(e.code, 'INVALID_ARGUMENT')
+      assert.match(e.message, words)
+      return true
+    })
+  }
   await rejectsWith(Client.connect('127.0.0.1:1'), 'IO')
   await rejectsWith(Client.connect(address, { localAddress: 'not an ip' }), 'INVALID_ARGUMENT')
   // Quota: 2000 records per identity.
@@ -191,6 +212,27 @@ test('close semantics', async () => {
   assert.equal(a.closed, true)
   await rejectsWith(a.read(p), 'CLOSED')
   assert.throws(() => a.identity, (e) => e.code === 'CLOSED')
+})
+
+test('the package works through require() too, with the same classes', () => {
+  const cjs = require('../netswap.cjs')
+  assert.equal(cjs.Client, Client)
+  assert.equal(cjs.ErrorCode.CONFLICT, 'CONFLICT')
+  assert.equal(typeof cjs.Pointer.toHex, 'function')
+})
+
+test('watch events and error codes agree with the test vectors', () => {
+  const replies = JSON.parse(readFileSync(path.join(root, 'tests/vectors/replies.json'), 'utf8')).vectors
+  const names = { 1: 'changed', 2: 'deleted', 3: 'owner-changed', 4: 'access-changed', 5: 'changed' }
+  let notifies = 0
+  for (const v of replies.filter((r) => r.status_name === 'NOTIFY')) {
+    assert.ok(v.fields.event in names, `NOTIFY event ${v.fields.event} has a name`)
+    notifies++
+  }
+  assert.ok(notifies >= 4)
+  for (const v of replies.filter((r) => !['OK', 'DATA', 'NOTIFY'].includes(r.status_name))) {
+    assert.equal(ErrorCode[v.status_name], v.status_name, `${v.status_name} is an ErrorCode`)
+  }
 })
 
 test('pointer helpers agree with the test vectors', () => {
