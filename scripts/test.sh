@@ -39,7 +39,7 @@ fi
 
 step "test vectors are current (scripts/gen_vectors.py --check); README examples are their files"
 python3 scripts/gen_vectors.py --check
-python3 scripts/check_readme_examples.py bindings/node/README.md
+python3 scripts/check_readme_examples.py bindings/node/README.md bindings/csharp/README.md
 
 step "cargo fmt --check"
 cargo fmt --all --check

@@ -16,6 +16,9 @@ mcs -target:library -langversion:7.2 -unsafe -warnaserror -doc:"$build/Netswap.x
 # shellcheck disable=SC2046
 mcs -target:library -langversion:7.2 -r:"$build/Netswap.dll" -r:System.Net.Http \
     $(pkg-config --libs nunit) -out:"$build/Netswap.Tests.dll" "$here"/tests/*.cs
+# The README's example, compiled as a user of the library would.
+mcs -langversion:7.2 -warnaserror -r:"$build/Netswap.dll" -out:"$build/Quickstart.exe" \
+    "$here/examples/Quickstart.cs"
 cp "$target/libnetswap.so" "$build/"
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -31,6 +34,21 @@ NETSWAP_TEST_SERVER="127.0.0.1:$port" NETSWAP_VECTORS="$root/tests/vectors" \
   NETSWAP_SERVER_BIN="$target/netswap-server" \
   LD_LIBRARY_PATH="$build${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   nunit-console -nologo -labels Netswap.Tests.dll || status=$?
+# The example against the same server: what the README says it prints.
+out=$(cd "$build" && NETSWAP_SERVER="127.0.0.1:$port" LD_LIBRARY_PATH="$build" mono Quickstart.exe)
+expected='level 1
+conflict: the record is at version 2 (2)
+mirror: level 3'
+got=$(echo "$out" | grep -v -e '^pointer: ' -e '^watch: ')
+if [ "$got" != "$expected" ] || ! echo "$out" | grep -qE '^watch: Changed [0-9a-f]{16} version 3$'; then
+  echo "examples/Quickstart.cs printed:" >&2
+  echo "$out" >&2
+  status=1
+else
+  echo "examples/Quickstart.cs: ok"
+fi
+# The Unity package, assembled and checked.
+"$root/bindings/unity/assemble.sh" "$build/com.netswap.client" "$target/libnetswap.so" || status=1
 # NUnit 2.6's summary is not a standard one: print ours.
 python3 - "$build/TestResult.xml" <<'PY'
 import sys, xml.etree.ElementTree as ET
