@@ -9,7 +9,7 @@
 # Usage: bindings/node/test-package.sh SERVER_BIN
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-server_bin=$1
+server_bin=$(realpath "$1")
 work=$(mktemp -d /tmp/netswap-node-package.XXXXXX)
 trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
 

@@ -8,7 +8,6 @@
 //! flight when the connection dropped are sent again once, other requests fail with
 //! [`Error::Disconnected`] (their outcome is unknown).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,7 +26,7 @@ use tokio::time::Instant;
 use crate::conn::{Conn, Pending, describe, lock};
 use crate::error::{Error, Result};
 use crate::options::{ConnectionState, Options};
-use crate::watch::{Mirror, Watch, WatchReg};
+use crate::watch::{Mirror, Watch, Watches};
 
 /// Room WRITE_AT needs besides its data (pointer and offset).
 const WRITE_AT_HEAD: u64 = 16;
@@ -40,7 +39,7 @@ pub(crate) struct Shared {
     /// The last connection's HELLO and peer (kept while reconnecting).
     last: Mutex<(HelloInfo, SocketAddr)>,
     state: watch::Sender<ConnectionState>,
-    pub(crate) watches: Mutex<HashMap<u64, WatchReg>>,
+    pub(crate) watches: Mutex<Watches>,
     pub(crate) next_watch: AtomicU64,
     generation: AtomicU64,
     closed: AtomicBool,
@@ -122,7 +121,7 @@ impl Client {
                 SocketAddr::from(([0, 0, 0, 0], 0)),
             )),
             state: watch::channel(ConnectionState::Connected).0,
-            watches: Mutex::new(HashMap::new()),
+            watches: Mutex::new(Watches::default()),
             next_watch: AtomicU64::new(1),
             generation: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -504,9 +503,9 @@ impl Client {
             state: true,
             min_interval_ms,
         };
-        let (id, rx) = self.shared.add_watch(ptr, options);
-        let watch = Watch::new(self.clone(), id, ptr, rx);
-        self.register_new(id).await?;
+        let (member, group, rx) = self.shared.add_watch(ptr, options);
+        let watch = Watch::new(self.clone(), member, ptr, rx);
+        self.register_new(group, ptr, options).await?;
         Ok(watch)
     }
 
@@ -526,24 +525,27 @@ impl Client {
             state: true,
             min_interval_ms,
         };
-        let (id, state, rx) = self.shared.add_mirror(ptr, options);
-        let mirror = Mirror::new(self.clone(), id, ptr, state, rx);
-        self.register_new(id).await?;
+        let (member, group, copy, rx) = self.shared.add_mirror(ptr, options);
+        let mirror = Mirror::new(self.clone(), member, ptr, copy, rx);
+        self.register_new(group, ptr, options).await?;
         Ok(mirror)
     }
 
-    /// Registers a new watch on the connection (a WATCH is a read: sent again once
-    /// if the connection drops first).
-    async fn register_new(&self, id: u64) -> Result<()> {
+    /// Registers the group a new watch or mirror joined, so that it asks for what
+    /// the newcomer needs (a WATCH is a read: sent again once if the connection
+    /// drops first). If that fails, the newcomer is dropped by the caller, which
+    /// takes it out of the group.
+    async fn register_new(&self, group: u64, ptr: Pointer, options: WatchOptions) -> Result<()> {
         let started = Instant::now();
         let deadline = self.deadline(started);
         let mut resent = false;
+        // What a wait for the connection is described as.
+        let probe = Request::Watch { ptr, options };
         loop {
-            let request = self.shared.watch_request(id)?;
-            let conn = self.shared.connection(started, deadline, &request).await?;
+            let conn = self.shared.connection(started, deadline, &probe).await?;
             match self
                 .shared
-                .register(id, &conn, None, started, deadline)
+                .register(group, &conn, false, started, deadline)
                 .await
             {
                 Err(Error::Disconnected(_)) if conn.is_closed() && !self.is_closed() && !resent => {
@@ -622,7 +624,8 @@ impl Shared {
             c.kill(reason);
         }
         // Every watch stream ends.
-        lock(&self.watches).clear();
+        let ended = std::mem::take(&mut *lock(&self.watches));
+        drop(ended);
     }
 
     /// Waits for the connection to end (or to stop answering), then replaces it;

@@ -1,12 +1,16 @@
 //! Watches and mirrors, and the table that keeps them across connections.
 //!
-//! A watch lives in the client, not in a connection: when the connection is replaced
-//! it is registered again (asking for the record's state), and the watcher is told
-//! what changed while it was away. A [`Mirror`] is a data watch that keeps an exact
-//! local copy: each NOTIFY carries the bytes a change wrote and the version it applies
-//! to; a gap in the versions (or a change that came without its bytes) makes the
-//! mirror register again, which brings a fresh copy.
+//! The server keeps one watch per connection and record (a second WATCH moves it), so
+//! all the watches and mirrors one client has of a record share one registration: a
+//! *group*. It asks for the most any member needs (the bytes when one is a mirror, the
+//! shortest interval), and its events go to every member. A group lives in the client,
+//! not in a connection: when the connection is replaced it is registered again (asking
+//! for the record's state), and its members are told what changed while it was away.
+//! A mirror keeps an exact copy: each NOTIFY carries the bytes a change wrote and the
+//! version it applies to; a gap in the versions (or a change that came without its
+//! bytes) registers the group again, which brings a fresh copy.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -70,46 +74,150 @@ pub(crate) struct MirrorCopy {
 
 pub(crate) enum Sink {
     Events(mpsc::UnboundedSender<WatchEvent>),
-    Mirror(Arc<Mutex<MirrorCopy>>, mpsc::UnboundedSender<MirrorEvent>),
+    Mirror(mpsc::UnboundedSender<MirrorEvent>),
 }
 
-/// One watch of the client: where it is registered and what it last saw.
-pub(crate) struct WatchReg {
-    ptr: Pointer,
-    options: WatchOptions,
-    /// The connection generation and XID it is registered with now.
-    at: Option<(u64, u32)>,
-    /// The record's state as last seen (`None` before the first registration).
-    last: Option<RecordInfo>,
+struct Member {
     sink: Sink,
-    /// A mirror is being registered again to repair a gap.
+    options: WatchOptions,
+    /// Joined since the last acknowledgement: nothing to compare yet.
+    fresh: bool,
+}
+
+/// All of a client's watches and mirrors of one record: one registration.
+pub(crate) struct Group {
+    ptr: Pointer,
+    members: HashMap<u64, Member>,
+    /// What the registration asked for, and where it is (connection generation, XID).
+    registered: Option<(WatchOptions, u64, u32)>,
+    /// The record's state as last seen.
+    last: Option<RecordInfo>,
+    /// The copy the group's mirrors share (once one joined).
+    copy: Option<Arc<Mutex<MirrorCopy>>>,
+    /// A gap is being repaired by registering again.
     resyncing: bool,
+    /// One registration at a time.
+    registering: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Group {
+    /// What the members need together: the bytes when one is a mirror; the shortest
+    /// interval.
+    fn wanted(&self) -> WatchOptions {
+        let data = self.members.values().any(|m| m.options.data);
+        let min_interval_ms = self
+            .members
+            .values()
+            .map(|m| m.options.min_interval_ms)
+            .min()
+            .unwrap_or(0);
+        WatchOptions {
+            data,
+            state: true,
+            min_interval_ms,
+        }
+    }
+
+    fn send_all(&self, event: Event, version: Version) {
+        for m in self.members.values() {
+            match &m.sink {
+                Sink::Events(tx) => {
+                    let _ = tx.send(WatchEvent {
+                        event,
+                        ptr: self.ptr,
+                        version,
+                    });
+                }
+                Sink::Mirror(tx) => {
+                    let _ = tx.send(match event {
+                        Event::Deleted => MirrorEvent::Deleted,
+                        Event::OwnerChanged => MirrorEvent::OwnerChanged,
+                        Event::AccessChanged => MirrorEvent::AccessChanged,
+                        // A mirror learns data changes from the copy, not from here.
+                        Event::Changed => continue,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The table of groups.
+#[derive(Default)]
+pub(crate) struct Watches {
+    groups: HashMap<u64, Group>,
+    by_ptr: HashMap<Pointer, u64>,
+    /// Member id -> group id.
+    member_of: HashMap<u64, u64>,
 }
 
 impl Shared {
-    fn add(&self, ptr: Pointer, options: WatchOptions, sink: Sink) -> u64 {
-        let id = self.next_watch_id();
-        lock(&self.watches).insert(
-            id,
-            WatchReg {
-                ptr,
-                options,
-                at: None,
-                last: None,
+    /// Adds a member to the group of `ptr` (made if needed). Returns the member id and
+    /// the group id, and for a mirror the copy it shares.
+    fn join(
+        &self,
+        ptr: Pointer,
+        options: WatchOptions,
+        sink: Sink,
+    ) -> (u64, u64, Option<Arc<Mutex<MirrorCopy>>>) {
+        let mut w = lock(&self.watches);
+        let member = self.next_watch_id();
+        let group_id = match w.by_ptr.get(&ptr) {
+            Some(g) => *g,
+            None => {
+                let g = self.next_watch_id();
+                w.groups.insert(
+                    g,
+                    Group {
+                        ptr,
+                        members: HashMap::new(),
+                        registered: None,
+                        last: None,
+                        copy: None,
+                        resyncing: false,
+                        registering: Arc::new(tokio::sync::Mutex::new(())),
+                    },
+                );
+                w.by_ptr.insert(ptr, g);
+                g
+            }
+        };
+        w.member_of.insert(member, group_id);
+        let group = w.groups.get_mut(&group_id).expect("made above");
+        let copy = if options.data {
+            Some(
+                group
+                    .copy
+                    .get_or_insert_with(|| {
+                        Arc::new(Mutex::new(MirrorCopy {
+                            data: Vec::new(),
+                            version: 0,
+                        }))
+                    })
+                    .clone(),
+            )
+        } else {
+            None
+        };
+        group.members.insert(
+            member,
+            Member {
                 sink,
-                resyncing: false,
+                options,
+                fresh: true,
             },
         );
-        id
+        (member, group_id, copy)
     }
 
     pub(crate) fn add_watch(
         &self,
         ptr: Pointer,
         options: WatchOptions,
-    ) -> (u64, mpsc::UnboundedReceiver<WatchEvent>) {
+    ) -> (u64, u64, mpsc::UnboundedReceiver<WatchEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (self.add(ptr, options, Sink::Events(tx)), rx)
+        let (member, group, _) = self.join(ptr, options, Sink::Events(tx));
+        (member, group, rx)
     }
 
     pub(crate) fn add_mirror(
@@ -118,63 +226,76 @@ impl Shared {
         options: WatchOptions,
     ) -> (
         u64,
+        u64,
         Arc<Mutex<MirrorCopy>>,
         mpsc::UnboundedReceiver<MirrorEvent>,
     ) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let copy = Arc::new(Mutex::new(MirrorCopy {
-            data: Vec::new(),
-            version: 0,
-        }));
-        (
-            self.add(ptr, options, Sink::Mirror(copy.clone(), tx)),
-            copy,
-            rx,
-        )
+        let (member, group, copy) = self.join(ptr, options, Sink::Mirror(tx));
+        (member, group, copy.expect("a mirror has a copy"), rx)
     }
 
-    /// The WATCH that registers watch `id`.
-    pub(crate) fn watch_request(&self, id: u64) -> Result<Request> {
-        let w = lock(&self.watches);
-        let reg = w
-            .get(&id)
-            .ok_or_else(|| Error::Disconnected("the watch has ended".into()))?;
-        Ok(Request::Watch {
-            ptr: reg.ptr,
-            options: reg.options,
-        })
-    }
-
-    /// Registers watch `id` on `conn` (replacing its registration with XID
-    /// `replaces`, if any) and waits for the acknowledgement, which
-    /// [`Shared::watch_acknowledged`] has already applied. A record that is gone, or
-    /// no longer readable, ends the watch with a last event.
+    /// Makes sure group `id` is registered on `conn` with what its members need
+    /// (`force`: register again even so, to repair a mirror). Waits for the
+    /// acknowledgement, which [`Shared::watch_acknowledged`] has already applied. A
+    /// record that is gone, or no longer readable, ends the group with a last event.
     pub(crate) async fn register(
         self: &Arc<Self>,
         id: u64,
         conn: &Arc<Conn>,
-        replaces: Option<u32>,
+        force: bool,
         started: Instant,
         deadline: Option<Instant>,
     ) -> Result<()> {
-        let request = self.watch_request(id)?;
+        let registering = match lock(&self.watches).groups.get(&id) {
+            Some(g) => g.registering.clone(),
+            None => return Err(Error::Disconnected("the watch has ended".into())),
+        };
+        let _one_at_a_time = registering.lock().await;
+        let (request, replaces) = {
+            let w = lock(&self.watches);
+            let Some(g) = w.groups.get(&id) else {
+                return Err(Error::Disconnected("the watch has ended".into()));
+            };
+            let wanted = g.wanted();
+            let replaces = match g.registered {
+                Some((have, generation, xid)) if generation == conn.generation => {
+                    let covers = (have.data || !wanted.data)
+                        && have.min_interval_ms <= wanted.min_interval_ms;
+                    if covers && !force {
+                        return Ok(());
+                    }
+                    Some(xid)
+                }
+                _ => None,
+            };
+            (
+                Request::Watch {
+                    ptr: g.ptr,
+                    options: wanted,
+                },
+                replaces,
+            )
+        };
         let (_, pending) = conn.start_watch(id, &request, replaces)?;
         match pending.wait(started, deadline).await {
             Ok(_) => Ok(()),
             Err(e @ (Error::AddressFault(_) | Error::AccessViolation(_))) => {
-                let gone = matches!(e, Error::AddressFault(_));
-                if let Some(reg) = lock(&self.watches).remove(&id)
-                    && reg.last.is_some()
-                {
-                    // A watch that was running: it ends with what happened.
-                    let version = reg.last.map_or(0, |l| l.version);
-                    let event = if gone {
-                        Event::Deleted
-                    } else {
-                        Event::AccessChanged
-                    };
-                    // The stream ends after this event.
-                    reg.send(event, version);
+                let mut w = lock(&self.watches);
+                if let Some(g) = w.groups.remove(&id) {
+                    w.by_ptr.remove(&g.ptr);
+                    for m in g.members.keys() {
+                        w.member_of.remove(m);
+                    }
+                    // Members that were running end with what happened; the streams end.
+                    if let Some(last) = g.last {
+                        let event = if matches!(e, Error::AddressFault(_)) {
+                            Event::Deleted
+                        } else {
+                            Event::AccessChanged
+                        };
+                        g.send_all(event, last.version);
+                    }
                 }
                 Err(e)
             }
@@ -182,75 +303,87 @@ impl Shared {
         }
     }
 
-    /// A new connection: every watch registered on an earlier one is registered
-    /// again. Failures other than the connection's own end the watch (the record is
-    /// gone or unreadable) or are retried at the next connection.
+    /// A new connection: every group registered on an earlier one is registered again.
+    /// Failures other than the connection's own end the group (the record is gone or
+    /// unreadable) or are retried at the next connection.
     pub(crate) async fn register_all_again(self: &Arc<Self>, conn: &Arc<Conn>) {
         let ids: Vec<u64> = lock(&self.watches)
+            .groups
             .iter()
-            .filter(|(_, w)| w.at.is_some_and(|(g, _)| g < conn.generation))
+            .filter(|(_, g)| {
+                g.registered
+                    .is_some_and(|(_, generation, _)| generation < conn.generation)
+            })
             .map(|(id, _)| *id)
             .collect();
         let started = Instant::now();
         let deadline = self.options.request_timeout.map(|t| started + t);
         let all = ids.into_iter().map(|id| async move {
-            let _ = self.register(id, conn, None, started, deadline).await;
+            let _ = self.register(id, conn, false, started, deadline).await;
         });
         futures_util::future::join_all(all).await;
     }
 
-    /// The acknowledgement of a WATCH for watch `id` arrived (on connection
-    /// `generation`, XID `xid`): from now on its NOTIFYs come with that XID. Called
-    /// by the connection's reader before any NOTIFY on that XID. After a first
-    /// registration this only records the state; after a later one, the watcher is
-    /// told what changed meanwhile (a mirror takes the fresh copy).
+    /// The acknowledgement of a WATCH for group `id` arrived (on connection
+    /// `generation`, XID `xid`): from now on its NOTIFYs come with that XID. Called by
+    /// the connection's reader before any NOTIFY on that XID. Members that were
+    /// already running are told what changed since they last saw the record; mirrors
+    /// take the fresh copy.
     pub(crate) fn watch_acknowledged(&self, id: u64, generation: u64, xid: u32, reply: &Reply) {
-        let mut watches = lock(&self.watches);
-        let Some(reg) = watches.get_mut(&id) else {
+        let mut w = lock(&self.watches);
+        let Some(g) = w.groups.get_mut(&id) else {
             return;
         };
-        reg.at = Some((generation, xid));
         let Reply::Watching(info, data) = reply else {
             return; // a v1 acknowledgement: nothing to compare
         };
-        let before = reg.last.replace(*info);
-        reg.resyncing = false;
-        match &reg.sink {
-            Sink::Events(tx) => {
-                let Some(b) = before else { return };
-                let send = |event| {
-                    let _ = tx.send(WatchEvent {
-                        event,
-                        ptr: reg.ptr,
-                        version: info.version,
-                    });
-                };
-                if b.owned != info.owned {
-                    send(Event::OwnerChanged);
-                }
-                if b.access != info.access {
-                    send(Event::AccessChanged);
-                }
-                if b.version != info.version {
-                    send(Event::Changed);
-                }
-            }
-            Sink::Mirror(copy, tx) => {
+        g.registered = Some((g.wanted(), generation, xid));
+        let before = g.last.replace(*info);
+        g.resyncing = false;
+        let reloaded = match &g.copy {
+            Some(copy) if g.registered.is_some_and(|(o, ..)| o.data) => {
                 let mut c = lock(copy);
-                let changed = before.is_none_or(|b| b.version != info.version)
-                    || c.data.len() as u64 != info.size;
+                let changed = c.version != info.version || c.data[..] != data[..];
                 c.data.clear();
                 c.data.extend_from_slice(data);
                 c.version = info.version;
-                drop(c);
-                if let Some(b) = before {
-                    if b.owned != info.owned {
-                        let _ = tx.send(MirrorEvent::OwnerChanged);
+                changed
+            }
+            _ => false,
+        };
+        for m in g.members.values_mut() {
+            if std::mem::replace(&mut m.fresh, false) {
+                continue;
+            }
+            let Some(b) = before else { continue };
+            let mut events = Vec::new();
+            if b.owned != info.owned {
+                events.push(Event::OwnerChanged);
+            }
+            if b.access != info.access {
+                events.push(Event::AccessChanged);
+            }
+            match &m.sink {
+                Sink::Events(tx) => {
+                    if b.version != info.version {
+                        events.push(Event::Changed);
                     }
-                    if b.access != info.access {
-                        let _ = tx.send(MirrorEvent::AccessChanged);
+                    for event in events {
+                        let _ = tx.send(WatchEvent {
+                            event,
+                            ptr: g.ptr,
+                            version: info.version,
+                        });
                     }
-                    if changed {
+                }
+                Sink::Mirror(tx) => {
+                    for event in events {
+                        let _ = tx.send(match event {
+                            Event::OwnerChanged => MirrorEvent::OwnerChanged,
+                            _ => MirrorEvent::AccessChanged,
+                        });
+                    }
+                    if reloaded {
                         let _ = tx.send(MirrorEvent::Reloaded {
                             version: info.version,
                             size: info.size,
@@ -261,7 +394,7 @@ impl Shared {
         }
     }
 
-    /// A NOTIFY for watch `id` arrived on connection `generation`, XID `xid`.
+    /// A NOTIFY for group `id` arrived on connection `generation`, XID `xid`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn notified(
         self: &Arc<Self>,
@@ -273,117 +406,106 @@ impl Shared {
         version: Version,
         delta: Option<Delta>,
     ) {
-        let mut watches = lock(&self.watches);
-        let Some(reg) = watches.get_mut(&id) else {
+        let mut w = lock(&self.watches);
+        let Some(g) = w.groups.get_mut(&id) else {
             return;
         };
-        if reg.at != Some((generation, xid)) {
+        if g.registered
+            .is_none_or(|(_, gen_, x)| (gen_, x) != (generation, xid))
+        {
             return; // from a registration that has been replaced
         }
-        if let Some(last) = &mut reg.last
+        if let Some(last) = &mut g.last
             && event == Event::Changed
         {
             last.version = last.version.max(version);
         }
         let mut resync = false;
-        match &reg.sink {
-            Sink::Events(tx) => {
-                let _ = tx.send(WatchEvent {
-                    event,
-                    ptr,
-                    version,
-                });
-            }
-            Sink::Mirror(copy, tx) => match event {
-                Event::Changed => {
-                    let mut c = lock(copy);
-                    match delta {
-                        Some(d) if d.base == c.version => {
-                            d.apply_to(&mut c.data);
-                            c.version = version;
+        if event == Event::Changed
+            && let Some(copy) = &g.copy
+        {
+            let mut c = lock(copy);
+            match &delta {
+                Some(d) if d.base == c.version => {
+                    d.apply_to(&mut c.data);
+                    c.version = version;
+                    drop(c);
+                    for m in g.members.values() {
+                        if let Sink::Mirror(tx) = &m.sink {
                             let _ = tx.send(MirrorEvent::Updated {
                                 version,
                                 size: d.size,
-                                changed: d.ranges,
+                                changed: d.ranges.clone(),
                             });
                         }
-                        _ if version <= c.version => {} // already in the copy
-                        // A gap, or a change without its bytes: a fresh copy.
-                        _ => resync = !reg.resyncing,
                     }
                 }
-                Event::Deleted => {
-                    let _ = tx.send(MirrorEvent::Deleted);
-                }
-                Event::OwnerChanged => {
-                    let _ = tx.send(MirrorEvent::OwnerChanged);
-                }
-                Event::AccessChanged => {
-                    let _ = tx.send(MirrorEvent::AccessChanged);
-                }
-            },
+                _ if version <= c.version => {} // already in the copy
+                // A gap, or a change without its bytes: a fresh copy.
+                _ => resync = !g.resyncing,
+            }
         }
+        g.send_all(event, version);
         if event == Event::Deleted {
-            watches.remove(&id);
+            // The watch has ended for every member; the streams end.
+            let g = w.groups.remove(&id).expect("found above");
+            w.by_ptr.remove(&g.ptr);
+            for m in g.members.keys() {
+                w.member_of.remove(m);
+            }
             return;
         }
+        let _ = ptr;
         if resync {
-            reg.resyncing = true;
-            drop(watches);
+            g.resyncing = true;
+            drop(w);
             let me = self.clone();
-            tokio::spawn(async move { me.resync(id, generation, xid).await });
+            tokio::spawn(async move { me.resync(id, generation).await });
         }
     }
 
-    /// Registers a mirror again on its connection, which brings a fresh copy (the
-    /// new registration replaces the old one).
-    async fn resync(self: Arc<Self>, id: u64, generation: u64, xid: u32) {
+    /// Registers a group again on its connection, which brings a fresh copy.
+    async fn resync(self: Arc<Self>, id: u64, generation: u64) {
         let Some(conn) = self.current_conn().filter(|c| c.generation == generation) else {
             return; // a new connection registers it anyway
         };
         let started = Instant::now();
         let deadline = self.options.request_timeout.map(|t| started + t);
         if self
-            .register(id, &conn, Some(xid), started, deadline)
+            .register(id, &conn, true, started, deadline)
             .await
             .is_err()
-            && let Some(reg) = lock(&self.watches).get_mut(&id)
+            && let Some(g) = lock(&self.watches).groups.get_mut(&id)
         {
-            reg.resyncing = false; // the next gap tries again
+            g.resyncing = false; // the next gap tries again
         }
     }
 
-    /// A watch or mirror was dropped: forget it and unwatch.
-    pub(crate) fn end_watch(&self, id: u64) {
-        let Some(reg) = lock(&self.watches).remove(&id) else {
+    /// A watch or mirror was dropped: it leaves its group; the last one out unwatches.
+    pub(crate) fn end_watch(&self, member: u64) {
+        let mut w = lock(&self.watches);
+        let Some(id) = w.member_of.remove(&member) else {
             return;
         };
-        if let (Some((generation, xid)), Some(conn)) = (reg.at, self.current_conn())
+        let Some(g) = w.groups.get_mut(&id) else {
+            return;
+        };
+        g.members.remove(&member);
+        if !g.members.is_empty() {
+            return; // the registration stays as it is for the others
+        }
+        let g = w.groups.remove(&id).expect("found above");
+        w.by_ptr.remove(&g.ptr);
+        drop(w);
+        if let (Some((_, generation, xid)), Some(conn)) = (g.registered, self.current_conn())
             && conn.generation == generation
         {
-            conn.unwatch(reg.ptr, xid);
+            conn.unwatch(g.ptr, xid);
         }
     }
-}
 
-impl WatchReg {
-    /// Sends a last event (the watch is ending).
-    fn send(&self, event: Event, version: Version) {
-        match &self.sink {
-            Sink::Events(tx) => {
-                let _ = tx.send(WatchEvent {
-                    event,
-                    ptr: self.ptr,
-                    version,
-                });
-            }
-            Sink::Mirror(_, tx) => {
-                let _ = tx.send(match event {
-                    Event::Deleted => MirrorEvent::Deleted,
-                    _ => MirrorEvent::AccessChanged,
-                });
-            }
-        }
+    pub(crate) fn next_watch_id(&self) -> u64 {
+        self.next_watch.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -392,7 +514,8 @@ impl WatchReg {
 /// It survives reconnects: on a new connection the watch is registered again, and an
 /// event tells what changed while the connection was down. It ends after
 /// [`Event::Deleted`], when the record is no longer readable, or when the client is
-/// closed.
+/// closed. Watches and mirrors of one record on one client share one registration
+/// with the server: the shortest interval among them applies to all.
 pub struct Watch {
     client: Client,
     id: u64,
@@ -569,11 +692,5 @@ impl futures_core::Stream for Mirror {
 impl Drop for Mirror {
     fn drop(&mut self) {
         self.client.shared.end_watch(self.id);
-    }
-}
-
-impl Shared {
-    pub(crate) fn next_watch_id(&self) -> u64 {
-        self.next_watch.fetch_add(1, Ordering::Relaxed)
     }
 }

@@ -228,6 +228,68 @@ async fn watch_streams_and_unwatch_on_drop() {
     assert_eq!(watcher.hello().await.unwrap().protocol, 1);
 }
 
+/// The server keeps one watch per connection and record; a client's watches and
+/// mirrors of one record share it, and each gets its events.
+#[tokio::test]
+async fn watches_and_mirrors_of_one_record_share_a_registration() {
+    let srv = server(|_| {});
+    let owner = client(&srv, 2).await;
+    let c = client(&srv, 3).await;
+    let p = owner.create(Access::READ, "0123456789").await.unwrap();
+    let next = async |w: &mut netswap_client::Watch| {
+        tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("an event in time")
+            .expect("the watch is running")
+    };
+    let mut first = c.watch(p).await.unwrap();
+    let mut mirror = c.mirror(p).await.unwrap();
+    let mut second = c.watch_with(p, 0).await.unwrap();
+    assert_eq!(
+        srv.stats().store().watches,
+        1,
+        "one registration on the server"
+    );
+    assert_eq!(&mirror.data()[..], b"0123456789");
+
+    owner.write_at(p, 2, "ab").await.unwrap();
+    assert_eq!(next(&mut first).await.version, 2);
+    assert_eq!(next(&mut second).await.version, 2);
+    let m = tokio::time::timeout(Duration::from_secs(5), mirror.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&m, netswap_client::MirrorEvent::Updated { version: 2, changed, .. }
+            if changed == &[(2, Bytes::from_static(b"ab"))]),
+        "{m:?}"
+    );
+    assert_eq!(&mirror.data()[..], b"01ab456789");
+
+    // Dropping some members leaves the others running.
+    drop(first);
+    drop(mirror);
+    owner.write_at(p, 0, "X").await.unwrap();
+    let e = next(&mut second).await;
+    assert_eq!((e.event, e.version), (Event::Changed, 3));
+    assert_eq!(srv.stats().store().watches, 1);
+    // A mirror joining a running watch gets its copy.
+    let again = c.mirror(p).await.unwrap();
+    assert_eq!(
+        (&again.data()[..], again.version()),
+        (&b"X1ab456789"[..], 3)
+    );
+    drop(again);
+    drop(second);
+    for _ in 0..100 {
+        if srv.stats().store().watches == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(srv.stats().store().watches, 0, "the last one out unwatched");
+}
+
 /// A fake server that answers HELLO, then does `then` with the connection.
 async fn fake_server<F, Fut>(then: F) -> SocketAddr
 where
@@ -424,4 +486,52 @@ fn the_blocking_client_from_a_current_thread_runtime() {
         let c = blocking::Client::connect_with(srv.addr(), from(3)).unwrap();
         assert_eq!(c.hello().unwrap().protocol, 1);
     });
+}
+
+/// The README's example (examples/quickstart.rs), run against a real server.
+#[test]
+fn the_readme_example_runs() {
+    let srv = server(|_| {});
+    let deps = std::env::current_exe().unwrap();
+    let exe = deps
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/quickstart");
+    // Built now (quick when it is current): a test run of this file alone does not
+    // build the examples.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "netswap-client",
+            "--example",
+            "quickstart",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = std::process::Command::new(&exe)
+        .env("NETSWAP_SERVER", srv.addr().to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("pointer: ") && lines[0].len() == 25,
+        "{text}"
+    );
+    assert_eq!(lines[1], "conflict: the record is at version 2");
+    assert_eq!(lines[2], "watch: Changed version 3");
+    assert_eq!(lines[3], "mirror: version 4, 4 bytes changed");
+    assert_eq!(lines[4], "mirror: NEXT state");
+    assert_eq!(lines[5], "version 4, 10 bytes, connected");
 }
