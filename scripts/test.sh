@@ -39,7 +39,7 @@ fi
 
 step "test vectors are current (scripts/gen_vectors.py --check); README examples are their files"
 python3 scripts/gen_vectors.py --check
-python3 scripts/check_readme_examples.py bindings/node/README.md bindings/csharp/README.md
+python3 scripts/check_readme_examples.py README.md bindings/node/README.md bindings/csharp/README.md
 
 step "cargo fmt --check"
 cargo fmt --all --check
@@ -68,6 +68,9 @@ cargo test --workspace --quiet
 
 step "release build (server, CLI, bench, C library)"
 cargo build --release --quiet -p netswap-server -p netswap-cli -p netswap-ffi
+
+step "C library installed with pkg-config files; the README's C example built outside the repository, shared and static"
+./examples/c/test.sh target/release/netswap-server
 
 step "C# tests (Mono)"
 ./bindings/csharp/test.sh

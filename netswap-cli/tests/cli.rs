@@ -88,6 +88,66 @@ fn create_read_write_info_round_trip() {
     );
 }
 
+/// The README's 60-second tour, command by command, with the outputs its comments
+/// show (keep the two in step).
+#[test]
+fn the_readme_tour() {
+    let srv = server();
+    let ptr = ok(&netswap(
+        &srv,
+        1,
+        &["create", "--access", "read,write", "--data", "hello"],
+    ))
+    .trim()
+    .to_string();
+    assert_eq!(ptr.len(), 16);
+    assert_eq!(ok(&netswap(&srv, 2, &["read", &ptr])), "hello");
+    assert_eq!(
+        ok(&netswap(
+            &srv,
+            2,
+            &["write", &ptr, "--at", "5", "--data", ", world"]
+        )),
+        "2\n"
+    );
+    assert_eq!(
+        ok(&netswap(&srv, 1, &["info", &ptr])),
+        "size: 12\nversion: 2\naccess: read,write\nowned: yes\n"
+    );
+    assert_eq!(
+        ok(&netswap(&srv, 1, &["info", &ptr, "--json"])),
+        "{\"access\":\"read,write\",\"owned\":true,\"size\":12,\"version\":2}\n"
+    );
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_netswap"))
+        .args(["--server", &srv.addr().to_string(), "--bind", "127.0.0.2"])
+        .args(["watch", &ptr])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(watch.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(
+        ok(&netswap(&srv, 1, &["replace", &ptr, "--data", "bye"])),
+        "3\n"
+    );
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, format!("changed {ptr} version 3\n"));
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    let o = netswap(&srv, 2, &["delete", &ptr]);
+    assert_eq!(o.status.code(), Some(11));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("access violation"));
+    // Without --access, nobody else can read it.
+    let private = ok(&netswap(&srv, 1, &["create", "--data", "mine"]));
+    assert_eq!(
+        netswap(&srv, 2, &["read", private.trim()]).status.code(),
+        Some(11)
+    );
+    assert!(ok(&netswap(&srv, 1, &["--help"])).starts_with("Command-line client for netswap"));
+}
+
 #[test]
 fn data_from_stdin_and_files() {
     let srv = server();
@@ -163,7 +223,7 @@ fn ownership_commands() {
     assert!(ok(&netswap(&srv, 3, &["info", &ptr])).contains("owned: yes"));
     ok(&netswap(&srv, 3, &["transfer", &ptr, "127.0.0.4"]));
     assert!(ok(&netswap(&srv, 4, &["info", &ptr])).contains("owned: yes"));
-    ok(&netswap(&srv, 4, &["set-access", &ptr, "none"]));
+    ok(&netswap(&srv, 4, &["set-access", &ptr, "--access", "none"]));
     assert_eq!(netswap(&srv, 2, &["read", &ptr]).status.code(), Some(11));
     ok(&netswap(&srv, 4, &["delete", &ptr]));
     assert_eq!(netswap(&srv, 4, &["info", &ptr]).status.code(), Some(12));

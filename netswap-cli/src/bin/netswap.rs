@@ -19,9 +19,14 @@ use netswap_client::{
 
 mod top;
 
-/// Command-line client for netswap, swap space over the network.
+/// Command-line client for netswap servers: create, read, write, watch and manage
+/// records by their network pointers; print a server's counters.
+///
+/// Exit codes: 0 success, 1 connection or I/O failure, 2 usage, 10 + the status code
+/// for a refusal (11 ACCESS_VIOLATION, 12 ADDRESS_FAULT, 15 TOO_LARGE, 16
+/// QUOTA_EXCEEDED, 17 CONFLICT, 20 BUSY).
 #[derive(Parser, Debug)]
-#[command(name = "netswap", version, about)]
+#[command(name = "netswap", version)]
 struct Cli {
     /// Server address.
     #[arg(
@@ -85,8 +90,10 @@ enum DeltaOutput {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a record and print its pointer. Data from --data, --data-file or stdin.
+    /// Other identities can do nothing with it unless --access says so.
     Create {
-        /// What other identities may do: none, or a comma list of read, write, takeover.
+        /// What other identities may do: none (the default: only you can use it), or
+        /// a comma list of read, write, takeover (or all).
         #[arg(long, short = 'a', default_value = "none")]
         access: String,
         #[command(flatten)]
@@ -135,7 +142,8 @@ enum Command {
     SetAccess {
         /// The record's pointer.
         ptr: Pointer,
-        /// none, or a comma list of read, write, takeover.
+        /// none, or a comma list of read, write, takeover (or all), as for create.
+        #[arg(long, short = 'a')]
         access: String,
     },
     /// Take over a record whose takeover bit is set.
@@ -150,10 +158,14 @@ enum Command {
         /// The new owner: an IP address or a 64-hex-digit identity.
         to: String,
     },
-    /// Print a record's size, version, access bits and whether you own it.
+    /// Print a record's size, version, access bits and whether you own it, one
+    /// `name: value` line each.
     Info {
         /// The record's pointer.
         ptr: Pointer,
+        /// One JSON object instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the server's limits and your identity.
     Hello,
@@ -374,7 +386,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Transfer { ptr, .. } => {
             client.transfer(ptr, owner.expect("resolved above")).await?
         }
-        Command::Info { ptr } => {
+        Command::Info { ptr, json: true } => {
+            let i = client.info(ptr).await?;
+            let v = serde_json::json!({
+                "size": i.size,
+                "version": i.version,
+                "access": access_text(i.access),
+                "owned": i.owned,
+            });
+            w(&mut out, v.to_string());
+        }
+        Command::Info { ptr, .. } => {
             let i = client.info(ptr).await?;
             w(&mut out, format!("size: {}", i.size));
             w(&mut out, format!("version: {}", i.version));

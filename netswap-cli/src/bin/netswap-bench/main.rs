@@ -28,9 +28,11 @@ use netswap_proto::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
-/// Load generator for netswap.
+/// Load generator for netswap servers (and, for comparison, Redis): throughput and
+/// latency percentiles, memory per record and per connection, head-of-line blocking,
+/// state sync by watches.
 #[derive(Parser, Debug)]
-#[command(name = "netswap-bench", version, about)]
+#[command(name = "netswap-bench", version)]
 struct Cli {
     /// Server address.
     #[arg(
