@@ -123,6 +123,29 @@ def reply(name, xid, request_op, status, arg, payload, fields):
     }
 
 
+def delta_reply(name, p, version, base, size, ranges, before):
+    """NOTIFY event 5, with what a mirror at `base` holds before and after applying it
+    (resize to `size`, zero-filled, then write each range), for every client's mirror
+    code to check itself against."""
+    after = bytearray(before[:size].ljust(size, b"\0"))
+    last = 0
+    for off, data in ranges:
+        assert off >= last and off + len(data) <= size, "ranges ascend and fit"
+        after[off:off + len(data)] = data
+        last = off + len(data)
+    # Every byte past the old size is covered by a range.
+    covered = set(i for off, data in ranges for i in range(off, off + len(data)))
+    assert all(i in covered for i in range(len(before), size)), name
+    payload = ptr(p) + u64(version) + u64(base) + u64(size)
+    for off, data in ranges:
+        payload += u64(off) + u32(len(data)) + data
+    v = reply(name, 20, None, "NOTIFY", 5, payload,
+              {"event": 5, "ptr": "%016x" % p, "version": str(version), "base": str(base),
+               "size": str(size), "ranges": [[str(off), h(data)] for off, data in ranges]})
+    v["mirror"] = {"before": h(before), "after": h(bytes(after))}
+    return v
+
+
 def replies():
     P = 0x0123456789ABCDEF
     hx = "%016x" % P
@@ -160,23 +183,11 @@ def replies():
               u64(5) + u64(3) + bytes([0x03, 0x01]) + b"hello",
               {"size": "5", "version": "3", "access": 3, "owned": True, "watching": True,
                "data": h(b"hello")}),
-        reply("notify-delta-write-at", 20, None, "NOTIFY", 5,
-              ptr(P) + u64(4) + u64(3) + u64(5) + u64(1) + u32(2) + b"EL",
-              {"event": 5, "ptr": hx, "version": "4", "base": "3", "size": "5",
-               "ranges": [["1", h(b"EL")]]}),
-        reply("notify-delta-replace-shrinks", 20, None, "NOTIFY", 5,
-              ptr(P) + u64(5) + u64(4) + u64(2) + u64(0) + u32(2) + b"hi",
-              {"event": 5, "ptr": hx, "version": "5", "base": "4", "size": "2",
-               "ranges": [["0", h(b"hi")]]}),
-        reply("notify-delta-merged", 20, None, "NOTIFY", 5,
-              ptr(P) + u64(9) + u64(5) + u64(8) + u64(0) + u32(1) + b"H"
-              + u64(6) + u32(2) + b"!!",
-              {"event": 5, "ptr": hx, "version": "9", "base": "5", "size": "8",
-               "ranges": [["0", h(b"H")], ["6", h(b"!!")]]}),
-        reply("notify-delta-empty", 20, None, "NOTIFY", 5,
-              ptr(P) + u64(6) + u64(5) + u64(0),
-              {"event": 5, "ptr": hx, "version": "6", "base": "5", "size": "0",
-               "ranges": []}),
+        delta_reply("notify-delta-write-at", P, 4, 3, 5, [(1, b"EL")], b"hello"),
+        delta_reply("notify-delta-replace-shrinks", P, 5, 4, 2, [(0, b"hi")], b"hELlo"),
+        delta_reply("notify-delta-merged", P, 9, 5, 8, [(0, b"H"), (6, b"!!")], b"abcdefgh"),
+        delta_reply("notify-delta-grows", P, 7, 6, 6, [(3, b"def")], b"abc"),
+        delta_reply("notify-delta-empty", P, 6, 5, 0, [], b"hi"),
         reply("access-violation", 8, "DELETE", "ACCESS_VIOLATION", 0,
               b"only the owner may delete a record",
               {"reason": "only the owner may delete a record"}),

@@ -14,7 +14,7 @@ mkdir -p "$build"
 mcs -target:library -langversion:7.2 -unsafe -warnaserror -doc:"$build/Netswap.xml" \
     -out:"$build/Netswap.dll" "$here"/src/*.cs
 # shellcheck disable=SC2046
-mcs -target:library -langversion:7.2 -r:"$build/Netswap.dll" -r:System.Net.Http \
+mcs -target:library -langversion:7.2 -unsafe -r:"$build/Netswap.dll" -r:System.Net.Http \
     $(pkg-config --libs nunit) -out:"$build/Netswap.Tests.dll" "$here"/tests/*.cs
 # The README's example, compiled as a user of the library would.
 mcs -langversion:7.2 -warnaserror -r:"$build/Netswap.dll" -out:"$build/Quickstart.exe" \

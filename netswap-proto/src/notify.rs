@@ -247,14 +247,16 @@ impl NotifyQueue {
         self.held_bytes = self.held_bytes + d.held() - before;
     }
 
-    /// The next notification to send at `now`: the exact ones first, then summaries
-    /// that are due.
+    /// The next notification to send at `now`: the rest of a summary being sent, then
+    /// the exact ones, then summaries that are due.
     pub fn pop(&mut self, now: Instant) -> Option<Notification> {
-        if let Some(n) = self.exact.pop_front() {
-            self.held_bytes -= data_len(&n);
+        // The rest of a summary being sent goes first: a change pushed meanwhile is
+        // newer than it.
+        if let Some(n) = self.expanding.pop_front() {
             return Some(n);
         }
-        if let Some(n) = self.expanding.pop_front() {
+        if let Some(n) = self.exact.pop_front() {
+            self.held_bytes -= data_len(&n);
             return Some(n);
         }
         while let Some(&(t, key)) = self.timed.first()
@@ -262,6 +264,10 @@ impl NotifyQueue {
         {
             self.timed.pop_first();
             self.order.push_back(key);
+            // It is in the send order now: nothing may queue it again.
+            if let Some(s) = self.summaries.get_mut(&key) {
+                s.due = None;
+            }
         }
         let key = self.order.pop_front()?;
         let s = self

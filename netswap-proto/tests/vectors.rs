@@ -227,6 +227,29 @@ fn replies_decode_to_their_fields_and_encode_to_their_bytes() {
     }
 }
 
+/// Every delta vector says what a mirror holds before and after applying it.
+#[test]
+fn deltas_turn_their_before_into_their_after() {
+    let mut checked = 0;
+    for v in vectors("replies.json") {
+        let Some(mirror) = v.get("mirror") else {
+            continue;
+        };
+        let name = v["name"].as_str().unwrap();
+        let Reply::Notify {
+            delta: Some(delta), ..
+        } = reply_from_fields("NOTIFY", &v["fields"])
+        else {
+            panic!("{name}: a mirror vector is a delta")
+        };
+        let mut copy = hex_of(&mirror["before"]).to_vec();
+        delta.apply_to(&mut copy);
+        assert_eq!(copy, hex_of(&mirror["after"]).to_vec(), "{name}");
+        checked += 1;
+    }
+    assert!(checked >= 5);
+}
+
 #[test]
 fn malformed_requests_are_refused_with_their_reasons() {
     for v in vectors("malformed.json") {

@@ -259,6 +259,44 @@ static void test_vectors(const char *path) {
     CHECK(p == 0x1f);
 }
 
+/* A watch interval over the limit is NETSWAP_MALFORMED with the reason of the test
+   vector "watch-interval-over-a-minute" (malformed.json, next to requests.json). */
+static void test_watch_vector(netswap_client *a, const char *requests_path) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s", requests_path);
+    char *slash = strrchr(path, '/');
+    snprintf(slash ? slash + 1 : path, sizeof path - (size_t)(slash ? slash + 1 - path : 0), "malformed.json");
+    FILE *f = fopen(path, "rb");
+    CHECK(f != NULL);
+    if (!f) return;
+    static char text[1 << 20];
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[n] = 0;
+    char *at = strstr(text, "\"name\": \"watch-interval-over-a-minute\"");
+    CHECK(at != NULL);
+    if (!at) return;
+    char *payload = strstr(at, "\"payload\": \"") + 12;
+    char interval_hex[9] = {0};
+    memcpy(interval_hex, payload + 16, 8); /* after the 8-byte pointer */
+    uint32_t interval = (uint32_t)strtoul(interval_hex, NULL, 16);
+    CHECK(interval == 60001);
+    char *reason = strstr(at, "\"reason\": \"") + 11;
+    char want[256] = {0};
+    memcpy(want, reason, (size_t)(strchr(reason, '"') - reason));
+
+    uint64_t p = 0;
+    CHECK_RC(netswap_create(a, NETSWAP_ACCESS_READ, (const uint8_t *)"tick", 4, &p), NETSWAP_OK);
+    struct events e = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0};
+    netswap_watcher *w = NULL;
+    CHECK_RC(netswap_watch_with(a, p, interval, on_event, &e, &w), NETSWAP_MALFORMED);
+    CHECK(w == NULL);
+    CHECK(strstr(netswap_last_error(), want) != NULL); /* "malformed request: " + the reason */
+    CHECK_RC(netswap_watch_with(a, p, interval - 1, on_event, &e, &w), NETSWAP_OK);
+    netswap_watcher_free(w);
+    CHECK_RC(netswap_delete(a, p), NETSWAP_OK);
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s HOST:PORT requests.json\n", argv[0]);
@@ -270,6 +308,7 @@ int main(int argc, char **argv) {
     test_watch(a, b);
     test_threads(a);
     test_vectors(argv[2]);
+    test_watch_vector(a, argv[2]);
 
     /* A watch still registered when its client is freed: callbacks stop, the
        handle is still freed by the caller. */

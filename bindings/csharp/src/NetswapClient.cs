@@ -1032,11 +1032,7 @@ namespace Netswap
                         // gives each its exact bytes. One the copy already holds (taken from
                         // the native copy when the mirror began) is skipped.
                         if (version <= m.version) return;
-                        var next = new byte[(int)size];
-                        m.data.Span.Slice(0, Math.Min(m.data.Length, next.Length)).CopyTo(next);
-                        for (int i = 0; i < n; i++)
-                            Marshal.Copy((IntPtr)changed[i].data, next, (int)changed[i].offset, (int)(ulong)changed[i].len);
-                        m.data = next;
+                        m.data = ApplyDelta(m.data.Span, size, changed, n);
                         m.version = version;
                     }
                     else if (kind == MirrorEventKind.Reloaded)
@@ -1057,6 +1053,22 @@ namespace Netswap
             {
                 // Never let an exception unwind into native code.
             }
+        }
+
+        /// <summary>The copy after a delta: <paramref name="before"/> cut or grown with
+        /// zeros to <paramref name="size"/>, then each changed range written (the ranges
+        /// were checked against the size by the native library).</summary>
+        internal static byte[] ApplyDelta(ReadOnlySpan<byte> before, ulong size, netswap_range* changed, int n)
+        {
+            var next = new byte[checked((int)size)];
+            before.Slice(0, Math.Min(before.Length, next.Length)).CopyTo(next);
+            for (int i = 0; i < n; i++)
+            {
+                int len = checked((int)(ulong)changed[i].len);
+                int off = checked((int)changed[i].offset);
+                new ReadOnlySpan<byte>(changed[i].data, len).CopyTo(new Span<byte>(next, off, len));
+            }
+            return next;
         }
 
         /// <summary>Stops mirroring (the copy keeps its last bytes). Calling it again does

@@ -291,5 +291,77 @@ namespace Netswap.Tests
             }
             Assert.GreaterOrEqual(seen, 10);
         }
+
+        /// <summary>A watch interval over the limit is MALFORMED with the reason of the
+        /// test vector.</summary>
+        [Test]
+        public void WatchIntervalOverTheLimitMatchesTheVector()
+        {
+            var root = Environment.GetEnvironmentVariable("NETSWAP_VECTORS") ?? "../../tests/vectors";
+            var json = File.ReadAllText(Path.Combine(root, "malformed.json"));
+            var m = Regex.Match(json,
+                "\"name\": \"watch-interval-over-a-minute\".*?\"payload\": \"[0-9a-f]{16}([0-9a-f]{8})\".*?\"reason\": \"([^\"]*)\"",
+                RegexOptions.Singleline);
+            Assert.IsTrue(m.Success, "the vector is there");
+            var ms = Convert.ToInt32(m.Groups[1].Value, 16);
+            Assert.AreEqual(60001, ms);
+            using (var a = From("127.0.0.2"))
+            {
+                var p = a.Create(B("tick"), Access.Read);
+                var e = Assert.Throws<NetswapMalformedException>(() => a.Watch(p, ev => { }, TimeSpan.FromMilliseconds(ms)));
+                Assert.AreEqual("malformed request: " + m.Groups[2].Value, e.Message);
+                e = Assert.Throws<NetswapMalformedException>(() => a.Mirror(p, TimeSpan.FromMilliseconds(ms)));
+                Assert.AreEqual("malformed request: " + m.Groups[2].Value, e.Message);
+                using (var mirror = a.Mirror(p, TimeSpan.FromMilliseconds(ms - 1)))
+                    Assert.AreEqual("tick", S(mirror.Data.ToArray()));
+            }
+        }
+
+        static byte[] Hex(string h)
+        {
+            var b = new byte[h.Length / 2];
+            for (int i = 0; i < b.Length; i++) b[i] = Convert.ToByte(h.Substring(2 * i, 2), 16);
+            return b;
+        }
+
+        /// <summary>The mirror's own delta code turns each delta vector's "before" into
+        /// its "after".</summary>
+        [Test]
+        public unsafe void MirrorDeltasMatchTheVectors()
+        {
+            var root = Environment.GetEnvironmentVariable("NETSWAP_VECTORS") ?? "../../tests/vectors";
+            var json = File.ReadAllText(Path.Combine(root, "replies.json"));
+            var vectors = Regex.Matches(json,
+                "\"size\": \"(\\d+)\",\\s*\"ranges\": \\[(.*?)\\]\\s*\\},\\s*\"mirror\": \\{\\s*\"before\": \"([0-9a-f]*)\",\\s*\"after\": \"([0-9a-f]*)\"",
+                RegexOptions.Singleline);
+            foreach (Match v in vectors)
+            {
+                var ranges = Regex.Matches(v.Groups[2].Value, "\\[\\s*\"(\\d+)\",\\s*\"([0-9a-f]*)\"\\s*\\]");
+                var bytes = new byte[ranges.Count][];
+                var handles = new System.Runtime.InteropServices.GCHandle[ranges.Count];
+                var native = new Netswap.Native.netswap_range[ranges.Count];
+                try
+                {
+                    for (int i = 0; i < ranges.Count; i++)
+                    {
+                        bytes[i] = Hex(ranges[i].Groups[2].Value);
+                        handles[i] = System.Runtime.InteropServices.GCHandle.Alloc(bytes[i], System.Runtime.InteropServices.GCHandleType.Pinned);
+                        native[i].offset = ulong.Parse(ranges[i].Groups[1].Value);
+                        native[i].data = (byte*)handles[i].AddrOfPinnedObject();
+                        native[i].len = (UIntPtr)bytes[i].Length;
+                    }
+                    fixed (Netswap.Native.netswap_range* r = native)
+                    {
+                        var after = Mirror.ApplyDelta(Hex(v.Groups[3].Value), ulong.Parse(v.Groups[1].Value), r, native.Length);
+                        CollectionAssert.AreEqual(Hex(v.Groups[4].Value), after, v.Value);
+                    }
+                }
+                finally
+                {
+                    foreach (var h in handles) if (h.IsAllocated) h.Free();
+                }
+            }
+            Assert.GreaterOrEqual(vectors.Count, 5, "the delta vectors were found");
+        }
     }
 }

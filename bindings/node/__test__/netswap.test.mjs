@@ -248,3 +248,24 @@ test('pointer helpers agree with the test vectors', () => {
   assert.throws(() => Pointer.fromHex('0'), (e) => e.code === 'INVALID_ARGUMENT')
   assert.throws(() => Pointer.toHex(0n), (e) => e.code === 'INVALID_ARGUMENT')
 })
+
+test('an interval over the limit is MALFORMED with the reason in the test vectors', async () => {
+  const malformed = JSON.parse(readFileSync(path.join(root, 'tests/vectors/malformed.json'), 'utf8')).vectors
+  const vector = malformed.find((v) => v.name === 'watch-interval-over-a-minute')
+  const interval = Number.parseInt(vector.payload.slice(16), 16) // after the 8-byte pointer
+  assert.equal(interval, 60001)
+  const a = await connect('127.0.0.2')
+  const p = await a.create(text('tick'), { read: true })
+  for (const attempt of [() => a.watch(p, () => {}, { minIntervalMs: interval }), () => a.mirror(p, { minIntervalMs: interval })]) {
+    await assert.rejects(attempt(), (err) => {
+      assert.equal(err.code, 'MALFORMED')
+      assert.equal(err.message, `malformed request: ${vector.reason}`)
+      return true
+    })
+  }
+  // The limit itself is fine.
+  const m = await a.mirror(p, { minIntervalMs: interval - 1 })
+  assert.equal(m.data.toString(), 'tick')
+  m.close()
+  a.close()
+})

@@ -243,3 +243,51 @@ fn a_gap_or_too_many_ranges_or_the_byte_budget_gives_a_change_without_bytes() {
     let m = q.pop(now).unwrap();
     assert_eq!((m.version, m.delta), (4, None));
 }
+
+/// A summary becomes several notifications; a change that arrives while they are being
+/// sent must not overtake the rest of them (found by the `watch_sync` fuzz target's
+/// model: the newer delta came first and the older one after it).
+#[test]
+fn a_summary_being_sent_is_not_overtaken_by_a_newer_change() {
+    let mut q = NotifyQueue::new(1, 1 << 20);
+    data_watch(&mut q, 1, 0);
+    q.push(n(9, Event::Changed, 2), t0()); // fills the exact queue
+    q.push(n(1, Event::OwnerChanged, 5), t0());
+    q.push(w(1, 6, 0, b"a", 4), t0());
+    assert_eq!(q.pop(t0()).unwrap().ptr.get(), 9);
+    // The summary of watch 1: owner changed, then changed (v6).
+    assert_eq!(q.pop(t0()).unwrap().event, Event::OwnerChanged);
+    // A new change now has room in the exact queue …
+    assert_eq!(q.push(w(1, 7, 1, b"b", 4), t0()), Pushed::Queued);
+    // … but the summary's "changed" (v6) goes first.
+    let next = q.pop(t0()).unwrap();
+    assert_eq!((next.event, next.version), (Event::Changed, 6));
+    let last = q.pop(t0()).unwrap();
+    assert_eq!((last.version, last.delta.unwrap().base), (7, 6));
+    assert!(q.pop(t0()).is_none());
+}
+
+/// A rate-limited summary that has become due waits in the send order; a deletion
+/// merged into it then must not queue it a second time (found by the `watch_sync`
+/// fuzz target: the second turn found no summary and panicked).
+#[test]
+fn a_deletion_merged_into_a_due_summary_sends_it_once() {
+    let start = t0();
+    let mut q = NotifyQueue::new(8, 1 << 20);
+    data_watch(&mut q, 1, 50);
+    data_watch(&mut q, 2, 50);
+    // The first change of each is sent at once; the next ones wait for the interval.
+    q.push(w(1, 2, 0, b"a", 4), start);
+    q.push(w(2, 2, 0, b"a", 4), start);
+    assert_eq!(drain_at(&mut q, start).len(), 2);
+    q.push(w(1, 3, 0, b"b", 4), start);
+    q.push(w(2, 3, 0, b"b", 4), start);
+    // Both are due: one is sent, the other waits its turn …
+    let later = start + Duration::from_millis(50);
+    let sent = q.pop(later).unwrap().ptr.get();
+    // … when its record is deleted.
+    let gone = 3 - sent;
+    q.push(n(gone, Event::Deleted, 3), later);
+    assert_eq!(drain_at(&mut q, later), vec![(gone, Event::Deleted, 3)]);
+    assert!(q.is_empty());
+}
