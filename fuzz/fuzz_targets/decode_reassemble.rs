@@ -1,10 +1,13 @@
 //! Feeds arbitrary bytes, cut into arbitrary reads, through frame decoding, reassembly
-//! and request parsing, and checks the bounds reassembly promises.
+//! and request parsing (the server's side) and reply parsing (the client's side, with
+//! NOTIFY deltas applied to a mirror), and checks the bounds reassembly promises.
 #![no_main]
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use netswap_proto::{Inbound, Reassembler, ReassemblyLimits, Request, decode_frame};
+use netswap_proto::{
+    Inbound, Opcode, Reassembler, ReassemblyLimits, Reply, Request, decode_frame,
+};
 
 fuzz_target!(|input: &[u8]| {
     // The first byte chooses the read size, so splits are explored too.
@@ -26,10 +29,27 @@ fuzz_target!(|input: &[u8]| {
                 Ok(Some(frame)) => match r.push(frame) {
                     Ok(Some(Inbound::Message(m))) => {
                         assert!(m.payload.len() as u64 <= limits.max_message_bytes);
-                        if let Ok(req) = Request::parse(m.op, m.arg, m.payload) {
+                        if let Ok(req) = Request::parse(m.op, m.arg, m.payload.clone()) {
                             // Whatever parses must encode back to an equal request.
                             let out = req.encode(m.xid);
                             assert_eq!(Request::parse(out.op, out.arg, out.payload()).unwrap(), req);
+                        }
+                        // The same message as a reply from a hostile server, to a
+                        // request the XID chooses.
+                        let asked = Opcode::ALL.get(m.xid as usize % (Opcode::ALL.len() + 1)).copied();
+                        if let Ok(reply) = Reply::parse(asked, m.op, m.arg, m.payload) {
+                            let out = reply.encode(m.xid);
+                            assert_eq!(Reply::parse(asked, out.op, out.arg, out.payload()).unwrap(), reply);
+                            // (Sizes up to the protocol's 87 MiB parse; a mebibyte keeps
+                            // the runs fast.)
+                            if let Reply::Notify { delta: Some(d), .. } = reply
+                                && d.size <= 1 << 20
+                            {
+                                // A mirror of any size takes any delta that parses.
+                                let mut copy = vec![7u8; step];
+                                d.apply_to(&mut copy);
+                                assert_eq!(copy.len() as u64, d.size);
+                            }
                         }
                     }
                     Ok(_) => {}

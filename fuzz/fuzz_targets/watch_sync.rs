@@ -3,7 +3,8 @@
 //! bounded `NotifyQueue`s, taking notifications at arbitrary moments. Checks, against
 //! an independent model of every record's bytes at every version:
 //! - each data watch's copy is exact at the version of every delta it applies, and a
-//!   delta's base is always the copy's version (no gap within one server);
+//!   delta's base is always the copy's version (no gap within one registration; told
+//!   "changed" without the bytes, the watcher sends its WATCH again, as clients do);
 //! - a watch's versions never go back;
 //! - no kind of event is lost: once drained, every change, owner change and access
 //!   change pushed for a live watch has been delivered (merged, not dropped), and
@@ -51,6 +52,7 @@ struct Input {
 struct Seen {
     xid: u32,
     data: bool,
+    interval: u32,
     copy: Vec<u8>,
     version: Version,
     /// Latest version of each kind of event pushed and not yet delivered.
@@ -59,6 +61,8 @@ struct Seen {
 
 struct Watcher {
     session: Session,
+    /// XIDs for WATCHes sent again (above those of the operations).
+    next_xid: u32,
     queue: NotifyQueue,
     watches: HashMap<Pointer, Seen>,
 }
@@ -101,7 +105,37 @@ fn current(history: &History, ptr: Pointer) -> Option<(Version, &Vec<u8>)> {
     history.live.get(&ptr)?.last_key_value().map(|(v, d)| (*v, d))
 }
 
-fn take(wt: &mut Watcher, n: usize, now: Instant, history: &History, byte_limit: usize) {
+/// What a client does when told "changed" without the bytes: it sends the WATCH again,
+/// which moves the watch to a new XID and brings the current value; what is still
+/// queued for the old XID is ignored.
+fn rewatch(store: &Store, wt: &mut Watcher, ptr: Pointer, now: Instant, rng: &mut rand::rngs::SmallRng, history: &History) {
+    let Some(old) = wt.watches.get(&ptr) else { return };
+    let (old_xid, interval) = (old.xid, old.interval);
+    wt.next_xid += 1;
+    let xid = wt.next_xid;
+    let options = WatchOptions { data: true, state: true, min_interval_ms: interval };
+    wt.queue.configure(ptr, xid, WatchConfig { data: true, min_interval: Duration::from_millis(interval as u64) });
+    match store.apply(&mut wt.session, xid, Request::Watch { ptr, options }, now, rng).reply {
+        Reply::Watching(info, bytes) => {
+            let (v, d) = current(history, ptr).expect("a watched record lives");
+            assert_eq!((info.version, &bytes[..]), (v, &d[..]));
+            wt.queue.forget(ptr, old_xid);
+            wt.watches.insert(ptr, Seen { xid, data: true, interval, copy: bytes.to_vec(), version: v, pending: HashMap::new() });
+        }
+        // Gone (its "deleted" is still on its way on the old XID), or no longer
+        // readable: the client ends the mirror.
+        _ => {
+            wt.queue.forget(ptr, xid);
+            if current(history, ptr).is_some() {
+                wt.queue.forget(ptr, old_xid);
+                wt.watches.remove(&ptr);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn take(store: &Store, wt: &mut Watcher, n: usize, now: Instant, rng: &mut rand::rngs::SmallRng, history: &History, byte_limit: usize) {
     for _ in 0..n {
         let Some(note) = wt.queue.pop(now) else { break };
         assert!(wt.queue.held_bytes() <= byte_limit);
@@ -122,6 +156,7 @@ fn take(wt: &mut Watcher, n: usize, now: Instant, history: &History, byte_limit:
         {
             seen.pending.remove(&kind(note.event));
         }
+        let mut resync = false;
         match note.event {
             Event::Deleted => {
                 assert!(current(history, note.ptr).is_none(), "deleted, but the record lives");
@@ -130,7 +165,7 @@ fn take(wt: &mut Watcher, n: usize, now: Instant, history: &History, byte_limit:
             }
             Event::Changed if seen.data => match &note.delta {
                 Some(d) if note.version > seen.version => {
-                    assert_eq!(d.base, seen.version, "a gap in the versions within one server");
+                    assert_eq!(d.base, seen.version, "a gap in the versions within one registration");
                     d.apply_to(&mut seen.copy);
                     seen.version = note.version;
                     let want = history.at(note.ptr, note.version);
@@ -138,14 +173,16 @@ fn take(wt: &mut Watcher, n: usize, now: Instant, history: &History, byte_limit:
                 }
                 Some(_) => {}
                 None => {
-                    // Told to read the record: the read sees what is there now.
-                    let (v, d) = current(history, note.ptr).expect("a changed record lives");
-                    assert!(v >= note.version);
-                    seen.copy = d.clone();
-                    seen.version = v;
+                    if let Some((v, _)) = current(history, note.ptr) {
+                        assert!(v >= note.version);
+                    }
+                    resync = true;
                 }
             },
             _ => {}
+        }
+        if resync {
+            rewatch(store, wt, note.ptr, now, rng, history);
         }
     }
 }
@@ -169,6 +206,7 @@ fuzz_target!(|input: Input| {
         .iter()
         .map(|ip| Watcher {
             session: store.connect(*ip),
+            next_xid: 1 << 20,
             queue: NotifyQueue::new(limit, byte_limit),
             watches: HashMap::new(),
         })
@@ -245,7 +283,7 @@ fuzz_target!(|input: Input| {
                         } else {
                             assert!(bytes.is_empty());
                         }
-                        if let Some(old) = wt.watches.insert(ptr, Seen { xid, data, copy: bytes.to_vec(), version: info.version, pending: HashMap::new() }) {
+                        if let Some(old) = wt.watches.insert(ptr, Seen { xid, data, interval: interval as u32, copy: bytes.to_vec(), version: info.version, pending: HashMap::new() }) {
                             wt.queue.forget(ptr, old.xid);
                         }
                     }
@@ -278,7 +316,7 @@ fuzz_target!(|input: Input| {
             Op::Pop { who, n } => {
                 // Mostly a few at a time: the interesting moments are between them.
                 let n = if n < 16 { usize::MAX } else { 1 + n as usize % 3 };
-                take(&mut watchers[who as usize], n, now, &history, byte_limit);
+                take(&store, &mut watchers[who as usize], n, now, &mut rng, &history, byte_limit);
                 continue;
             }
             Op::Advance { ms } => {
@@ -329,7 +367,7 @@ fuzz_target!(|input: Input| {
     // Everything that was pushed is delivered once the intervals have passed.
     now += Duration::from_secs(1);
     for wt in watchers.iter_mut() {
-        take(wt, usize::MAX, now, &history, byte_limit);
+        take(&store, wt, usize::MAX, now, &mut rng, &history, byte_limit);
         assert!(wt.queue.is_empty());
         assert_eq!(wt.queue.held_bytes(), 0);
         for (ptr, seen) in &wt.watches {

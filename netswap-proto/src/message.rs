@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bytes::{Bytes, BytesMut};
 
+use crate::frame::MAX_MESSAGE;
 use crate::identity::{Identity, normalize_ip};
 use crate::types::{Access, Event, Opcode, Pointer, Status, Version};
 
@@ -915,6 +916,12 @@ fn parse_delta(b: &Bytes) -> Result<Reply, BadReply> {
             "NOTIFY delta from version {base} to {version} does not go forward"
         )));
     }
+    // A mirror grows its copy to this size: no record is larger than a message.
+    if size > MAX_MESSAGE {
+        return Err(BadReply(format!(
+            "NOTIFY delta: size {size} is over the largest record ({MAX_MESSAGE} bytes)"
+        )));
+    }
     let mut ranges = Vec::new();
     let mut at = DELTA_HEAD;
     let mut end_of_last = 0u64;
@@ -1263,7 +1270,14 @@ mod tests {
         backwards[7] = 5;
         backwards[15] = 2;
         backwards[23] = 2; // base == version
-        assert!(Reply::parse(None, 0x08, EVENT_DELTA, Bytes::from(backwards)).is_err());
+        assert!(Reply::parse(None, 0x08, EVENT_DELTA, Bytes::from(backwards.clone())).is_err());
+        // A size no record can have would make a mirror allocate it.
+        let mut huge = backwards;
+        huge[23] = 1;
+        huge[24..32].copy_from_slice(&(MAX_MESSAGE + 1).to_be_bytes());
+        assert!(Reply::parse(None, 0x08, EVENT_DELTA, Bytes::from(huge.clone())).is_err());
+        huge[24..32].copy_from_slice(&MAX_MESSAGE.to_be_bytes());
+        assert!(Reply::parse(None, 0x08, EVENT_DELTA, Bytes::from(huge)).is_ok());
     }
 
     #[test]
