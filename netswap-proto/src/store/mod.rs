@@ -25,7 +25,7 @@ use nohash_hasher::BuildNoHashHasher;
 use rand::RngCore;
 
 pub use account::Account;
-use records::{Data, Record, Records};
+use records::{Data, DataRef, Record, Records};
 
 use crate::identity::{Identity, IdentityKey};
 use crate::message::{Delta, HelloInfo, NewOwner, Reply, Request};
@@ -340,7 +340,7 @@ impl Store {
             let Some(rec) = shard.records.get(ptr) else {
                 continue;
             };
-            if !Arc::ptr_eq(&rec.owner, &account) {
+            if !Arc::ptr_eq(rec.owner, &account) {
                 continue;
             }
             if let Some(payer) = shard.payers.remove(&ptr) {
@@ -465,7 +465,7 @@ impl Store {
             let mut doomed: Vec<u64> = Vec::new();
             if !due_set.is_empty() {
                 for rec in shard.records.iter() {
-                    let Some(&owner_deadline) = due_set.get(&Arc::as_ptr(&rec.owner)) else {
+                    let Some(&owner_deadline) = due_set.get(&Arc::as_ptr(rec.owner)) else {
                         continue;
                     };
                     // A record handed to this identity after it went away keeps its
@@ -542,7 +542,7 @@ impl Store {
     }
 
     /// Copies every record out for a snapshot, handing them to `sink` a page (up to
-    /// 1,024 records of one shard) at a time. Each page is copied under its shard's
+    /// 256 records of one shard) at a time. Each page is copied under its shard's
     /// lock, which is then released before `sink` runs: serving never waits for more
     /// than one page's copy (large values are shared, not copied). Records changed
     /// while the export runs are exported as they were when their page was copied.
@@ -562,22 +562,22 @@ impl Store {
                     let inline: usize = s
                         .records
                         .page(page)
-                        .filter(|r| matches!(r.data, Data::Inline { .. }))
+                        .filter(|r| matches!(r.data, DataRef::Inline(_)))
                         .map(|r| r.data.len())
                         .sum();
                     let mut arena = BytesMut::with_capacity(inline);
                     for r in s.records.page(page) {
-                        if let Data::Inline { .. } = r.data {
-                            arena.extend_from_slice(r.data.as_slice());
+                        if let DataRef::Inline(b) = r.data {
+                            arena.extend_from_slice(b);
                         }
                     }
                     let arena = arena.freeze();
                     let mut at = 0;
-                    let mut out = Vec::with_capacity(1024);
+                    let mut out = Vec::with_capacity(records::PAGE);
                     for r in s.records.page(page) {
-                        let data = match &r.data {
-                            Data::Shared(b) => b.clone(),
-                            Data::Inline { .. } => {
+                        let data = match r.data {
+                            DataRef::Shared(b) => b.clone(),
+                            DataRef::Inline(_) => {
                                 let d = arena.slice(at..at + r.data.len());
                                 at += r.data.len();
                                 d
@@ -627,8 +627,8 @@ impl Store {
             for rec in shard.records.iter() {
                 bytes += rec.data.len() as u64;
                 let owner = *rec.owner.identity();
-                let payer = shard.payers.get(&rec.ptr).unwrap_or(&rec.owner);
-                for a in [&rec.owner, payer] {
+                let payer = shard.payers.get(&rec.ptr).unwrap_or(rec.owner);
+                for a in [rec.owner, payer] {
                     if !reg
                         .accounts
                         .get(a.identity())
@@ -729,11 +729,16 @@ impl Store {
             let mut guard = self.shard(ptr.get());
             let shard = &mut *guard;
             let me = &session.account;
-            let view = shard.records.get(ptr.get()).map(|r| RecordView {
-                owned_by_caller: Arc::ptr_eq(&r.owner, me),
-                access: r.access,
-                version: r.version,
-                size: r.data.len() as u64,
+            // One lookup: the decision and its application use the same slot.
+            let slot = shard.records.find(ptr.get());
+            let view = slot.map(|s| {
+                let r = shard.records.at(s);
+                RecordView {
+                    owned_by_caller: Arc::ptr_eq(r.owner, me),
+                    access: r.access,
+                    version: r.version,
+                    size: r.data.len() as u64,
+                }
             });
             let decision = rules::decide(
                 &request,
@@ -747,6 +752,7 @@ impl Store {
                 session,
                 xid,
                 ptr,
+                slot,
                 decision,
                 request,
                 now,
@@ -805,6 +811,7 @@ impl Store {
         session: &mut Session,
         xid: u32,
         ptr: Pointer,
+        slot: Option<u32>,
         decision: Decision,
         request: Request,
         now: Instant,
@@ -812,11 +819,12 @@ impl Store {
     ) -> Applied {
         let cfg = &self.config;
         let key = ptr.get();
+        let decided = || slot.expect("decided on it");
         match decision {
             Decision::Missing => Applied::missing(),
             Decision::Answer(reply) => reply.into(),
             Decision::Read { start, end } => {
-                let rec = shard.records.get(key).expect("decided on it");
+                let rec = shard.records.at(decided());
                 Reply::Data(rec.data.slice(start as usize, end as usize)).into()
             }
             Decision::Info(info) => Reply::Info(info).into(),
@@ -846,28 +854,31 @@ impl Store {
                     WriteKind::Replace => 0,
                     WriteKind::At(off) => off,
                 };
-                // Data watches get the written bytes (shared, not copied).
-                let delta = Delta {
-                    base: w.new_version - 1,
-                    size: w.new_size,
-                    ranges: vec![(offset, data.clone())],
+                // Data watches get the written bytes (shared, not copied); without
+                // watchers nothing is built.
+                let notifications = if shard.watches.contains_key(&key) {
+                    let delta = Delta {
+                        base: w.new_version - 1,
+                        size: w.new_size,
+                        ranges: vec![(offset, data.clone())],
+                    };
+                    shard.notify_change(ptr, w.new_version, delta)
+                } else {
+                    Vec::new()
                 };
-                let rec = shard.records.get_mut(key).expect("decided on it");
+                let s = decided();
                 match w.kind {
-                    WriteKind::Replace => rec.data = Data::from_bytes(data, own),
-                    WriteKind::At(off) => rec.data.patch(off as usize, &data),
+                    WriteKind::Replace => shard.records.set_data(s, Data::from_bytes(data, own)),
+                    WriteKind::At(off) => shard.records.patch(s, off as usize, &data),
                 }
-                rec.version = w.new_version;
+                shard.records.set_version(s, w.new_version);
                 shard.data_bytes = (shard.data_bytes as i64 + w.bytes_delta) as u64;
-                Applied::notifying(
-                    Reply::Written(w.new_version),
-                    shard.notify_change(ptr, w.new_version, delta),
-                )
+                Applied::notifying(Reply::Written(w.new_version), notifications)
             }
             Decision::SetAccess(access) => {
-                let rec = shard.records.get_mut(key).expect("decided on it");
-                rec.access = access;
-                let version = rec.version;
+                let s = decided();
+                shard.records.set_access(s, access);
+                let version = shard.records.at(s).version;
                 Applied::notifying(
                     Reply::Done,
                     shard.notify(ptr, Event::AccessChanged, version),
@@ -955,7 +966,7 @@ impl Store {
             bytes: rec.data.len() as u64,
         };
         let old_owner = rec.owner.clone();
-        let old_payer = shard.payers.get(&key).unwrap_or(&rec.owner).clone();
+        let old_payer = shard.payers.get(&key).unwrap_or(rec.owner).clone();
         let (payer, offline_generation) = {
             let mut st = new_owner.lock_state();
             let connected = st.connections > 0;
@@ -985,12 +996,13 @@ impl Store {
         }
         // The old owner no longer has this record parked with it (if it had).
         old_owner.lock_state().parked.remove(&key);
-        let rec = shard.records.get_mut(key).expect("decided on it");
+        let s = shard.records.find(key).expect("decided on it");
         if takeover {
-            rec.access.remove(Access::TAKEOVER);
+            let access = shard.records.at(s).access - Access::TAKEOVER;
+            shard.records.set_access(s, access);
         }
-        rec.owner = new_owner;
-        let version = rec.version;
+        shard.records.set_owner(s, new_owner);
+        let version = shard.records.at(s).version;
         shard.clear_deadline(key);
         if let Some(generation) = offline_generation.filter(|_| !takeover) {
             let d = now + cfg.orphan_grace;
@@ -1008,7 +1020,7 @@ impl Shard {
     fn payer(&self, key: u64) -> &Arc<Account> {
         match self.payers.get(&key) {
             Some(p) => p,
-            None => &self.records.get(key).expect("the record exists").owner,
+            None => self.records.get(key).expect("the record exists").owner,
         }
     }
 
