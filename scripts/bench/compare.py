@@ -2,17 +2,18 @@
 """Side-by-side benchmark of netswap, Redis and memcached on loopback, in one run.
 
 Started by scripts/bench/compare.sh (which installs the servers and tools and builds
-netswap). Starts each server on a free loopback port, runs equivalent workloads one
-after another, stops the servers it started, prints a table with netswap's ratio to
-each, and writes docs/bench/results.json and docs/bench/chart.svg.
+netswap). For every throughput row and every run it starts each contender on a free
+loopback port, runs the same workload against it with the same load generator, stops
+it, and goes on to the next, so the contenders alternate; the table shows medians.
 
-Which client measured each row is printed with it: netswap-bench for netswap,
-redis-benchmark for Redis, and for memcached netswap-bench's memcached binary-protocol
-mode (`--protocol memcached`: the same pipelined client design, keys preloaded so that
-every GET hits). memaslap (libmemcached-tools) was tried first and is not used: its GET
-phase asks for keys its SET phase never stored, so it measured cache misses, and it
-cannot pipeline. Memory and head-of-line rows are measured by this script (raw
-sockets, /proc RSS) where no tool exists.
+One driver for every server: `netswap-bench load`, speaking netswap's protocol to
+netswap-server (with --threads 1 and --threads 2) and to the framing-only ceiling
+(`netswap-bench ceiling`: the same reads, reassembly and writes, no store), RESP to
+Redis (`--protocol resp`: GET/SET, pipelined, keys preloaded) and memcached's binary
+protocol to memcached (`--protocol memcached`). redis-benchmark runs as a second
+opinion for Redis, in its own clearly labelled column, never in a ratio.
+Memory and head-of-line rows are measured by this script (raw sockets, /proc RSS)
+where no tool exists.
 """
 import argparse
 import json
@@ -77,6 +78,19 @@ def netswap_server(threads):
                               "--quota-bytes", str(64 << 30)], port)
 
 
+def ceiling_server(size, threads=1):
+    """netswap-bench ceiling: frames replies like netswap-server, keeps no records."""
+    proc = subprocess.Popen([os.path.join(REL, "netswap-bench"), "ceiling", "--listen", "127.0.0.1:0",
+                             "-d", str(size), "--threads", str(threads)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    port = int(line.rsplit(":", 1)[1])
+    srv = Server.__new__(Server)
+    srv.name, srv.port, srv.proc = "ceiling", port, proc
+    wait_port(port)
+    return srv
+
+
 def redis_server():
     port = free_port()
     return Server("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -112,6 +126,28 @@ def netswap_load(srv, op, size, conns, pipeline, secs, protocol="netswap"):
 
 def memcached_load(srv, op, size, conns, pipeline, secs):
     return netswap_load(srv, "read" if op == "read" else "replace", size, conns, pipeline, secs, "memcached")
+
+
+def resp_load(srv, op, size, conns, pipeline, secs):
+    return netswap_load(srv, "read" if op == "read" else "replace", size, conns, pipeline, secs, "resp")
+
+
+# Every contender of a throughput row: (key, label, start(size), load(srv, op, size, conns, pipeline, secs)).
+def contenders(second_opinion):
+    ns = lambda srv, op, size, c, p, secs: netswap_load(srv, "read" if op == "read" else "replace", size, c, p, secs)
+    out = [
+        ("netswap", "netswap (1 thread)", lambda size: netswap_server(1), ns),
+        ("netswap_t2", "netswap (2 threads)", lambda size: netswap_server(2), ns),
+        ("ceiling", "framing-only ceiling", lambda size: ceiling_server(size), ns),
+        ("redis", "Redis", lambda size: redis_server(), resp_load),
+        ("memcached", "memcached -t 2", lambda size: memcached_server(), memcached_load),
+    ]
+    if second_opinion:
+        guess = lambda p: 700_000 if p > 1 else 100_000
+        out.append(("redis_rb", "Redis (redis-benchmark, second opinion)", lambda size: redis_server(),
+                    lambda srv, op, size, c, p, secs: redis_load(srv, op, size, c, p, secs,
+                                                                 guess(p) if size < 65536 else 20000)))
+    return out
 
 
 # ---- Redis -----------------------------------------------------------------------
@@ -310,80 +346,52 @@ def svg_chart(rows, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5)
-    ap.add_argument("--runs", type=int, default=3, help="runs per throughput row, servers alternating (median)")
+    ap.add_argument("--runs", type=int, default=5, help="runs per throughput row, contenders alternating (median)")
     ap.add_argument("--records", type=int, default=1_000_000)
-    ap.add_argument("--threads", type=int, default=1, help="netswap-server --threads")
     ap.add_argument("--quick", action="store_true", help="1 run, 2 s, 100k records (smoke test)")
+    ap.add_argument("--no-second-opinion", action="store_true", help="skip redis-benchmark")
     ap.add_argument("--only", default="ops,bytes,memory,hol",
                     help="comma list of row kinds to run: ops, bytes, memory, hol")
+    ap.add_argument("--rows", default="", help="only throughput rows whose label contains this")
     a = ap.parse_args()
     if a.quick:
         a.seconds, a.runs, a.records = 2, 1, 100_000
     rows = []
+    who = contenders(not a.no_second_opinion)
 
-    def ops_row(label, op, size, conns, pipeline, redis_guess):
-        r = {"kind": "ops", "label": label, "tools": "netswap-bench / redis-benchmark / netswap-bench --protocol memcached"}
-        ns, rd, mc = [], [], []
+    def throughput_row(kind, label, op, size, conns, pipeline):
+        if a.rows and a.rows not in label:
+            return
+        r = {"kind": kind, "label": label, "size": size, "op": op, "connections": conns, "pipeline": pipeline,
+             "tools": "netswap-bench load for every contender (protocol netswap / resp / memcached)",
+             "runs": {k: [] for k, *_ in who}}
         for _ in range(a.runs):
-            srv = netswap_server(a.threads)
-            try:
-                ns.append(netswap_load(srv, "read" if op == "read" else "replace", size, conns, pipeline, a.seconds))
-            finally:
-                srv.stop()
-            srv = redis_server()
-            try:
-                rd.append(redis_load(srv, op, size, conns, pipeline, a.seconds, redis_guess))
-            finally:
-                srv.stop()
-            srv = memcached_server()
-            try:
-                mc.append(memcached_load(srv, op, size, conns, pipeline, a.seconds))
-            finally:
-                srv.stop()
-        r["netswap"] = median([x["ops"] for x in ns])
-        r["netswap_p99_us"] = median([x["p99_us"] for x in ns])
-        r["netswap_wire_bytes"] = ns[0]["wire"]
-        r["redis"] = median([x["ops"] for x in rd])
-        r["redis_p99_us"] = median([x["p99_us"] for x in rd])
-        r["memcached"] = median([x["ops"] for x in mc])
-        r["memcached_p99_us"] = median([x["p99_us"] for x in mc])
-        r["memcached_wire_bytes"] = mc[0]["wire"]
-        r["size"] = size
+            for key, _, start, load in who:
+                srv = start(size)
+                try:
+                    m = load(srv, op, size, conns, pipeline, a.seconds)
+                finally:
+                    srv.stop()
+                r["runs"][key].append(m)
+        scale = size if kind == "bytes" else 1
+        for key, *_ in who:
+            ms = r["runs"][key]
+            r[key] = median([m["ops"] for m in ms]) * scale
+            r[key + "_p99_us"] = median([m["p99_us"] for m in ms])
         rows.append(r)
-        print_row(r)
+        print_row(r, who)
 
     only = set(a.only.split(","))
-    print(f"netswap {a.threads} thread(s); medians of {a.runs} run(s) of {a.seconds:g} s; 50 connections\n")
+    print(f"medians of {a.runs} alternating run(s) of {a.seconds:g} s\n")
     if "ops" in only:
         for size, label in [(64, "64 B"), (1024, "1 KiB")]:
-            ops_row(f"{label} read, P1", "read", size, 50, 1, 100_000)
-            ops_row(f"{label} write, P1", "write", size, 50, 1, 100_000)
-            ops_row(f"{label} read, P16", "read", size, 50, 16, 700_000)
-            ops_row(f"{label} write, P16", "write", size, 50, 16, 700_000)
-    for size, label in ([(65536, "64 KiB"), (1 << 20, "1 MiB")] if "bytes" in only else []):
-        for op in ["read", "write"]:
-            r = {"kind": "bytes", "label": f"{label} {op}, 4 conns", "size": size,
-                 "tools": "netswap-bench / redis-benchmark / netswap-bench --protocol memcached"}
-            ns, rd, mc = [], [], []
-            for _ in range(a.runs):
-                srv = netswap_server(a.threads)
-                try:
-                    ns.append(netswap_load(srv, "read" if op == "read" else "replace", size, 4, 1, a.seconds)["ops"] * size)
-                finally:
-                    srv.stop()
-                srv = redis_server()
-                try:
-                    rd.append(redis_load(srv, op, size, 4, 1, a.seconds, 20000 if size == 65536 else 3000)["ops"] * size)
-                finally:
-                    srv.stop()
-                srv = memcached_server()
-                try:
-                    mc.append(memcached_load(srv, op, size, 4, 1, a.seconds)["ops"] * size)
-                finally:
-                    srv.stop()
-            r["netswap"], r["redis"], r["memcached"] = median(ns), median(rd), median(mc)
-            rows.append(r)
-            print_row(r)
+            for op in ["read", "write"]:
+                for p in [1, 16]:
+                    throughput_row("ops", f"{label} {op}, P{p}", op, size, 50, p)
+    if "bytes" in only:
+        for size, label in [(65536, "64 KiB"), (1 << 20, "1 MiB")]:
+            for op in ["read", "write"]:
+                throughput_row("bytes", f"{label} {op}, 4 conns", op, size, 4, 1)
     if "memory" in only:
         r = {"kind": "memory", "label": f"bytes per 64 B record ({a.records:,} records)",
              "tools": "netswap-bench fill / Lua EVAL / raw set pipeline; server RSS growth",
@@ -399,12 +407,13 @@ def main():
              "memcached": None, "netswap_transfer_ms": ns["transfer_ms"], "redis_transfer_ms": rd["transfer_ms"]}
         rows.append(r)
         print_row(r)
-    if only != {"ops", "bytes", "memory", "hol"}:
+    if only != {"ops", "bytes", "memory", "hol"} or a.rows:
         print("\n(partial run: docs/bench/ left as it was)")
         return 0
     os.makedirs(os.path.join(ROOT, "docs", "bench"), exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": a.seconds, "runs": a.runs,
-            "netswap_threads": a.threads, "cpus": os.cpu_count(),
+            "contenders": [[k, label] for k, label, *_ in who], "cpus": os.cpu_count(),
+            "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
             "redis": subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip(),
             "memcached": subprocess.run(["memcached", "-V"], capture_output=True, text=True).stdout.strip()}
     with open(os.path.join(ROOT, "docs", "bench", "results.json"), "w") as f:
@@ -432,12 +441,17 @@ def ratio(kind, a, b):
     return f"{x:.2f}x"
 
 
-def print_row(r):
+def print_row(r, who=None):
     k = r["kind"]
-    print(f"{r['label']:<62} netswap {fmt(k, r['netswap']):>14}  redis {fmt(k, r['redis']):>14} "
-          f"({ratio(k, r['netswap'], r['redis'])})  memcached {fmt(k, r.get('memcached')):>14} "
-          f"({ratio(k, r['netswap'], r.get('memcached'))})  [{r['tools']}]"
-          + (f" note: {r['memcached_note']}" if r.get("memcached_note") else ""), flush=True)
+    if who is None:
+        print(f"{r['label']:<62} netswap {fmt(k, r['netswap']):>14}  redis {fmt(k, r['redis']):>14} "
+              f"({ratio(k, r['netswap'], r['redis'])})  memcached {fmt(k, r.get('memcached')):>14} "
+              f"({ratio(k, r['netswap'], r.get('memcached'))})  [{r['tools']}]", flush=True)
+        return
+    cols = "  ".join(f"{key} {fmt(k, r[key])}" for key, *_ in who)
+    rat = "  ".join(f"/{key} {ratio(k, r['netswap'], r[key])}" for key in ("redis", "memcached", "ceiling"))
+    best = max(("netswap", "netswap_t2"), key=lambda key: r[key])
+    print(f"{r['label']:<22} {cols}  | netswap(1t) {rat}  | faster threads: {best}", flush=True)
 
 
 if __name__ == "__main__":

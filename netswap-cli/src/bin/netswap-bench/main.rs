@@ -8,8 +8,13 @@
 //! Modes: `load` (throughput and latency), `fill` (many records, memory per record),
 //! `idle` (many idle connections, memory per connection), `hol` (latency of small reads
 //! on a connection that carries a huge transfer), `sync` (many watchers keeping a copy
-//! of one record: notify + READ, data watches, or Redis's SETRANGE + PUBLISH + GET).
+//! of one record: notify + READ, data watches, or Redis's SETRANGE + PUBLISH + GET),
+//! `ceiling` (a server that only frames replies, to compare netswap-server with).
+//! `load --protocol memcached|resp` measures memcached and Redis with the same client
+//! design.
 
+mod ceiling;
+mod kv;
 mod sync;
 
 use std::net::{IpAddr, SocketAddr};
@@ -93,8 +98,8 @@ enum Mode {
         /// Threads, each with its own runtime and share of the connections.
         #[arg(long, default_value_t = 1)]
         threads: usize,
-        /// Speak memcached's binary protocol instead (GET/SET on keys "key:%012d"), to
-        /// measure a memcached server with the same client design.
+        /// Speak memcached's binary protocol or Redis's RESP instead (GET/SET on keys
+        /// "key:%012d", preloaded), to measure those servers with the same client design.
         #[arg(long, value_enum, default_value = "netswap")]
         protocol: Protocol,
     },
@@ -150,6 +155,19 @@ enum Mode {
         #[arg(long, default_value = "127.0.0.1:6379")]
         redis: SocketAddr,
     },
+    /// Serve as the framing-only ceiling: a server that reads, reassembles and writes
+    /// like netswap-server but keeps no records (every READ gets the same value).
+    Ceiling {
+        /// Where to listen (port 0: any free one; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Size of the value every READ gets.
+        #[arg(long, short = 'd', default_value_t = 64)]
+        size: usize,
+        /// Worker threads (1: a single-threaded runtime, as netswap-server --threads 1).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
     /// Latency of small reads on one connection while it carries a huge transfer.
     Hol {
         /// Size of the large record.
@@ -170,6 +188,8 @@ enum Protocol {
     Netswap,
     /// memcached's binary protocol (read = GET, replace/write-at = SET).
     Memcached,
+    /// Redis's RESP (read = GET, replace/write-at = SET).
+    Resp,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -403,113 +423,6 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
     Ok(tally)
 }
 
-/// memcached binary-protocol request: GET (0x00) or SET (0x01) of key `n`.
-fn mc_request(out: &mut BytesMut, set: bool, key: usize, value: &[u8], opaque: u32) {
-    use bytes::BufMut;
-    let key = format!("key:{key:012}");
-    let extras = if set { 8 } else { 0 };
-    let body = extras + key.len() + if set { value.len() } else { 0 };
-    out.put_u8(0x80);
-    out.put_u8(if set { 0x01 } else { 0x00 });
-    out.put_u16(key.len() as u16);
-    out.put_u8(extras as u8);
-    out.put_u8(0);
-    out.put_u16(0);
-    out.put_u32(body as u32);
-    out.put_u32(opaque);
-    out.put_u64(0);
-    if set {
-        out.put_u64(0); // flags, expiration
-    }
-    out.put_slice(key.as_bytes());
-    if set {
-        out.put_slice(value);
-    }
-}
-
-/// Stores every key once so that GETs hit.
-async fn mc_preload(server: SocketAddr, keys: usize, value: &[u8]) -> std::io::Result<()> {
-    let mut s = raw_connect(server, None).await?;
-    let mut out = BytesMut::new();
-    for k in 0..keys {
-        mc_request(&mut out, true, k, value, k as u32);
-    }
-    s.write_all(&out).await?;
-    let mut buf = BytesMut::new();
-    let mut seen = 0;
-    while seen < keys {
-        s.read_buf(&mut buf).await?;
-        while buf.len() >= 24 {
-            let body = u32::from_be_bytes(buf[8..12].try_into().unwrap()) as usize;
-            if buf.len() < 24 + body {
-                break;
-            }
-            let _ = buf.split_to(24 + body);
-            seen += 1;
-        }
-    }
-    Ok(())
-}
-
-/// One memcached connection keeping `pipeline` requests in flight.
-async fn drive_memcached(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
-    let mut stream = raw_connect(spec.server, None).await?;
-    let p = spec.pipeline;
-    let set = spec.op != Op::Read;
-    let keys = spec.keys.len();
-    let mut sent_at = vec![Instant::now(); p];
-    let mut wbuf = BytesMut::with_capacity(64 * 1024);
-    let mut rbuf = BytesMut::with_capacity(256 * 1024);
-    let mut tally = Tally::new();
-    let mut counter = (conn_no as u64) << 40;
-    let mut inflight = 0usize;
-    let key_of = |n: u64| (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize % keys;
-    for (slot, sent) in sent_at.iter_mut().enumerate() {
-        if !spec.take() {
-            break;
-        }
-        counter += 1;
-        mc_request(&mut wbuf, set, key_of(counter), &spec.value, slot as u32);
-        *sent = Instant::now();
-        inflight += 1;
-    }
-    loop {
-        if !wbuf.is_empty() {
-            tally.bytes += wbuf.len() as u64;
-            stream.write_all(&wbuf).await?;
-            wbuf.clear();
-        }
-        if inflight == 0 {
-            break;
-        }
-        let now = read_more(&mut stream, &mut rbuf, &mut tally, &spec).await?;
-        while rbuf.len() >= 24 {
-            let body = u32::from_be_bytes(rbuf[8..12].try_into().unwrap()) as usize;
-            if rbuf.len() < 24 + body {
-                break;
-            }
-            let status = u16::from_be_bytes(rbuf[6..8].try_into().unwrap());
-            let slot = u32::from_be_bytes(rbuf[12..16].try_into().unwrap()) as usize;
-            let _ = rbuf.split_to(24 + body);
-            inflight -= 1;
-            tally.ops += 1;
-            if status != 0 {
-                tally.errors += 1;
-            }
-            let _ = tally
-                .hist
-                .record((now - sent_at[slot]).as_nanos().max(1) as u64);
-            if spec.take() {
-                counter += 1;
-                mc_request(&mut wbuf, set, key_of(counter), &spec.value, slot as u32);
-                sent_at[slot] = Instant::now();
-                inflight += 1;
-            }
-        }
-    }
-    Ok(tally)
-}
-
 fn quantile_us(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
@@ -529,16 +442,21 @@ fn load(
 ) -> Result<(), String> {
     let rt = runtime()?;
     let value = Bytes::from(vec![0x5Au8; size]);
-    if protocol == Protocol::Memcached {
+    if protocol != Protocol::Netswap {
         if op == Op::CreateDelete {
-            return Err("--protocol memcached supports read, replace and write-at".into());
+            return Err(format!(
+                "--protocol {protocol:?} supports read, replace and write-at"
+            ));
         }
-        rt.block_on(mc_preload(cli.server, keys.max(1), &value))
-            .map_err(|e| format!("cannot preload memcached: {e}"))?;
+        let preloaded = match protocol {
+            Protocol::Memcached => rt.block_on(kv::mc_preload(cli.server, keys.max(1), &value)),
+            _ => rt.block_on(kv::resp_preload(cli.server, keys.max(1), &value)),
+        };
+        preloaded.map_err(|e| format!("cannot preload the keys: {e}"))?;
     }
     // Records every connection may read and write (same identity or not).
     let ptrs = rt.block_on(async {
-        if protocol == Protocol::Memcached {
+        if protocol != Protocol::Netswap {
             // Keys are "key:%012d" for 0..keys; the pointers only count them.
             return Ok((
                 None,
@@ -595,7 +513,10 @@ fn load(
                     for c in (t..connections).step_by(threads) {
                         tasks.push(match protocol {
                             Protocol::Netswap => tokio::spawn(drive(spec.clone(), c)),
-                            Protocol::Memcached => tokio::spawn(drive_memcached(spec.clone(), c)),
+                            Protocol::Memcached => {
+                                tokio::spawn(kv::drive_memcached(spec.clone(), c))
+                            }
+                            Protocol::Resp => tokio::spawn(kv::drive_resp(spec.clone(), c)),
                         });
                     }
                     let mut out = Vec::new();
@@ -895,6 +816,11 @@ fn main() -> std::process::ExitCode {
             pipeline,
         } => fill(&cli, records, size, connections.max(1), pipeline.max(1)),
         Mode::Idle { connections, hold } => idle(&cli, connections, hold),
+        Mode::Ceiling {
+            listen,
+            size,
+            threads,
+        } => ceiling::run(listen, size, threads),
         Mode::Hol {
             big,
             direction,
