@@ -157,6 +157,21 @@ impl Drop for Reassembler {
 }
 
 impl Reassembler {
+    /// Drops every unfinished message and gives back what was promised to them, to the
+    /// shared budgets too (a connection being closed must not keep other clients'
+    /// multi-frame messages BUSY while it says goodbye).
+    pub fn abandon_all(&mut self) {
+        for b in &self.shared {
+            b.release(self.promised);
+        }
+        self.partial.clear();
+        self.buffering = 0;
+        self.discarding = 0;
+        self.promised = 0;
+        self.buffered = 0;
+        self.last_xid = None;
+    }
+
     /// A reassembler with these bounds.
     pub fn new(limits: ReassemblyLimits) -> Reassembler {
         Reassembler {
@@ -649,6 +664,25 @@ mod tests {
         assert_eq!(b.push(frame(2, 1, 3, &full)), Ok(None));
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn abandoning_gives_every_promise_back_at_once_and_only_once() {
+        let budget = SharedBudget::new(10 * 1390);
+        let full = [0u8; 1390];
+        let mut a = Reassembler::with_shared_budget(limits(1_000_000), budget.clone());
+        assert_eq!(a.push(frame(1, 2, 3, &full)), Ok(None));
+        assert_eq!(a.push(frame(2, 1, 3, &full)), Ok(None));
+        assert_eq!(budget.used(), 5 * 1390);
+        a.abandon_all();
+        assert_eq!(budget.used(), 0);
+        assert!(!a.has_unfinished());
+        assert_eq!(a.oldest_progress(), None);
+        // The whole budget is there again, and the accounting still adds up.
+        assert_eq!(a.push(frame(7, 9, 3, &full)), Ok(None));
+        assert_eq!(budget.used(), 10 * 1390);
+        drop(a);
+        assert_eq!(budget.used(), 0, "dropping does not give back twice");
     }
 
     #[test]

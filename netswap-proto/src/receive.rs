@@ -153,11 +153,14 @@ impl Receiver {
         self.current.is_some() || !self.rbuf.is_empty() || self.reasm.has_unfinished()
     }
 
-    /// Drops what has been read and not decoded, for a connection that is closing: it
-    /// must not be fed again.
+    /// Drops what has been read and not decoded and every unfinished message (giving
+    /// back their promises), for a connection that is closing: it must not be fed
+    /// again.
     pub fn discard_input(&mut self) {
         self.rbuf.clear();
         self.current = None;
+        self.frame_since = None;
+        self.reasm.abandon_all();
     }
 
     /// Gives back the read buffer's memory when it holds nothing (idle connections).

@@ -862,6 +862,9 @@ impl Conn {
             self.reply(RESERVED_XID, Reply::error(Status::ProtocolError, reason));
             self.closing = Some(end);
             self.closing_deadline = Some(Instant::now() + FLUSH_ON_CLOSE);
+            // Nothing more is read: release the unfinished messages' share of the
+            // partial-message budgets now, not after the goodbye and linger.
+            self.rx.discard_input();
         }
     }
 

@@ -236,6 +236,7 @@ async fn keepalives_do_not_let_one_client_pin_the_partial_budget() {
         );
         holder.send_raw(&m[..MAX_FRAME]).await;
     }
+    let promised = std::time::Instant::now();
     eventually("both promises are held", || {
         srv.stats().partial_bytes() > (2 << 20) - 4 * MAX_PAYLOAD as u64
     })
@@ -251,8 +252,10 @@ async fn keepalives_do_not_let_one_client_pin_the_partial_budget() {
     };
     other.send_raw(&create(70)).await;
     assert_eq!(other.reply_to(70).await.status(), Status::Busy);
+    // Keepalives every 0.4 s for as long as the test runs; the holder must still be
+    // cut off once its promises have not progressed for the stall timeout.
     let keepalive = tokio::spawn(async move {
-        for _ in 0..12 {
+        for _ in 0..40 {
             let xid = holder.xid();
             if holder
                 .stream
@@ -265,14 +268,27 @@ async fn keepalives_do_not_let_one_client_pin_the_partial_budget() {
             tokio::time::sleep(Duration::from_millis(400)).await;
         }
     });
-    tokio::time::sleep(Duration::from_millis(3000)).await;
-    other.send_raw(&create(71)).await;
+    let mut xid = 71;
+    let status = loop {
+        other.send_raw(&create(xid)).await;
+        let status = other.reply_to(xid).await.status();
+        if status != Status::Busy || promised.elapsed() > Duration::from_secs(12) {
+            break status;
+        }
+        xid += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(
-        other.reply_to(71).await.status(),
+        status,
         Status::Ok,
         "the stalled holder was cut off and its promises released"
     );
-    keepalive.await.unwrap();
+    assert!(
+        promised.elapsed() >= Duration::from_millis(1900),
+        "not before the stall timeout: {:?}",
+        promised.elapsed()
+    );
+    keepalive.abort();
     srv.stop().unwrap();
 }
 
