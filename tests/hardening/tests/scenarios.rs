@@ -118,8 +118,15 @@ async fn short_soak_loses_nothing_and_reaps_orphans() {
         count_alive(srv.addr(), &result.records).await,
         result.records.len()
     );
-    tokio::time::sleep(Duration::from_millis(2600)).await;
-    assert_eq!(count_alive(srv.addr(), &result.records).await, 0);
+    // The grace is 2 s from each owner's last disconnect; the reaper may run a little
+    // later on a loaded machine, so poll (with a bound) instead of one fixed moment.
+    let left = std::time::Instant::now();
+    let mut alive = result.records.len();
+    while alive > 0 && left.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        alive = count_alive(srv.addr(), &result.records).await;
+    }
+    assert_eq!(alive, 0, "reaped after the grace");
     assert_eq!(srv.stats().store().records, 0);
     srv.stop().unwrap();
 }
