@@ -41,6 +41,11 @@ step "test vectors are current (scripts/gen_vectors.py --check); README examples
 python3 scripts/gen_vectors.py --check
 python3 scripts/check_readme_examples.py README.md bindings/node/README.md bindings/csharp/README.md
 
+step "the client library does not depend on what only the binaries need"
+if cargo tree -p netswap-client -e normal --prefix none | grep -E '^(clap|hdrhistogram|serde_json) '; then
+  echo "netswap-client depends on a binary-only crate (above)"; exit 1
+fi
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

@@ -491,39 +491,7 @@ fn the_blocking_client_from_a_current_thread_runtime() {
 /// The README's example (examples/quickstart.rs), run against a real server.
 #[test]
 fn the_readme_example_runs() {
-    let srv = server(|_| {});
-    let deps = std::env::current_exe().unwrap();
-    let exe = deps
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/quickstart");
-    // Built now (quick when it is current): a test run of this file alone does not
-    // build the examples.
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "netswap-client",
-            "--example",
-            "quickstart",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = std::process::Command::new(&exe)
-        .env("NETSWAP_SERVER", srv.addr().to_string())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = run_example("quickstart");
     let lines: Vec<&str> = text.lines().collect();
     assert!(
         lines[0].starts_with("pointer: ") && lines[0].len() == 25,
@@ -534,4 +502,45 @@ fn the_readme_example_runs() {
     assert_eq!(lines[3], "mirror: version 4, 4 bytes changed");
     assert_eq!(lines[4], "mirror: NEXT state");
     assert_eq!(lines[5], "version 4, 10 bytes, connected");
+}
+
+#[test]
+fn the_readme_sharing_example_runs() {
+    let text = run_example("shared");
+    assert_eq!(
+        text,
+        "counts: [100, 100, 100, 100, 100, 100, 100, 100]\nversion: 801\n"
+    );
+}
+
+/// Builds the example `name` (quick when it is current: a test run of this file alone
+/// does not build the examples), runs it against a fresh server and returns what it
+/// printed.
+fn run_example(name: &str) -> String {
+    let srv = server(|_| {});
+    let deps = std::env::current_exe().unwrap();
+    let exe = deps
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "-q", "-p", "netswap-client", "--example", name])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = std::process::Command::new(&exe)
+        .env("NETSWAP_SERVER", srv.addr().to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
 }
