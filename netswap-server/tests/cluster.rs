@@ -39,7 +39,9 @@ impl GatewayProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> GatewayProcess {
-        let key = std::env::temp_dir().join(format!("netswap-gw-key-{}", std::process::id()));
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = std::env::temp_dir().join(format!("netswap-gw-key-{}-{n}", std::process::id()));
         std::fs::write(&key, GATEWAY_KEY).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_netswap-server"));
         cmd.args(["--listen", "127.0.0.1:0", "--threads", "1"])
@@ -67,6 +69,8 @@ impl GatewayProcess {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .unwrap();
+        // Read at start (each gateway has its own file: tests run in parallel).
+        let _ = std::fs::remove_file(&key);
         GatewayProcess { child, addr }
     }
 
@@ -420,6 +424,7 @@ fn a_cluster_that_is_down_at_start_is_a_clear_error() {
         .arg(&key)
         .output()
         .unwrap();
+    let _ = std::fs::remove_file(&key);
     assert_eq!(
         out.status.code(),
         Some(4),
