@@ -305,7 +305,7 @@ async fn a_server_that_never_answers_fails_every_call_by_its_deadline() {
     let c = Client::connect_with(
         addr,
         Options {
-            request_timeout: Some(Duration::from_millis(300)),
+            request_timeout: Some(Duration::from_millis(1000)),
             keepalive: None,
             ..Options::default()
         },
@@ -321,17 +321,18 @@ async fn a_server_that_never_answers_fails_every_call_by_its_deadline() {
             in_flight,
         }) => {
             assert_eq!(what, "READ of 0000000000000007");
-            assert!(waited >= Duration::from_millis(300), "{waited:?}");
+            assert!(waited >= Duration::from_millis(1000), "{waited:?}");
             assert_eq!(in_flight, 1);
         }
         r => panic!("{r:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(2));
-    // A per-call deadline overrides the default, both ways.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // A per-call deadline overrides the default (the margins allow for a loaded CI
+    // machine: 50 ms against a default of 1 s).
     let quick = c.with_timeout(Duration::from_millis(50));
     let started = Instant::now();
     assert!(matches!(quick.info(p).await, Err(Error::Timeout { .. })));
-    assert!(started.elapsed() < Duration::from_millis(290));
+    assert!(started.elapsed() < Duration::from_millis(900));
     // Every one of many concurrent calls fails by its deadline, and their slots are
     // freed.
     let calls: Vec<_> = (0..200)
