@@ -260,8 +260,18 @@ async fn quotas_hold_across_gateways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_on_one_record_keep_their_order_on_a_connection() {
+    // With one turn (every request waits for the one before), the default number of
+    // turns, and no limit.
+    for turns in [1, 64, 0] {
+        appends_keep_their_order(turns).await;
+    }
+}
+
+async fn appends_keep_their_order(turns: usize) {
     let prefix = fresh_prefix();
-    let gw = gateway(&prefix, |_| {});
+    let gw = gateway(&prefix, |c| {
+        c.cluster.as_mut().unwrap().max_in_flight = turns;
+    });
     let mut c = Raw::connect(gw.addr(), 2).await;
     let p = c.create(Access::empty(), &b""[..]).await;
     // 200 appends pipelined in one write: applied in the order they arrived.
@@ -284,10 +294,11 @@ async fn requests_on_one_record_keep_their_order_on_a_connection() {
         assert_eq!(
             c.reply_to(1000 + i).await.status(),
             Status::Ok,
-            "append {i}"
+            "append {i} with {turns} turns"
         );
     }
     assert_eq!(c.read(p).await, Reply::Data(Bytes::from(want)));
+    gw.stop().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

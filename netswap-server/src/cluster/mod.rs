@@ -76,6 +76,8 @@ pub struct ClusterOptions {
     /// Prefix of every key (`--redis-prefix`): deployments sharing a cluster use
     /// different ones.
     pub prefix: String,
+    /// Requests worked on at once (`--redis-max-in-flight`); 0 = no limit.
+    pub max_in_flight: usize,
 }
 
 impl ClusterOptions {
@@ -107,6 +109,7 @@ impl ClusterOptions {
             wait_replicas: 0,
             response_timeout: Duration::from_secs(2),
             prefix: "ns".into(),
+            max_in_flight: 64,
         })
     }
 }
@@ -210,6 +213,8 @@ pub(crate) struct ClusterStore {
     events: mpsc::UnboundedSender<Vec<Notification>>,
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Notification>>>>,
     push_rx: Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>>,
+    /// Turns for requests (`ClusterOptions::max_in_flight`); `None`: no limit.
+    turns: Option<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -270,6 +275,8 @@ impl ClusterStore {
         let (events, events_rx) = mpsc::unbounded_channel();
         let keys = Keys::new(&opts.prefix);
         info!(nodes = %opts.nodes.join(","), gateway, "connected to Redis Cluster");
+        let turns =
+            (opts.max_in_flight > 0).then(|| tokio::sync::Semaphore::new(opts.max_in_flight));
         Ok(ClusterStore {
             redis,
             cfg,
@@ -289,6 +296,7 @@ impl ClusterStore {
             events,
             events_rx: Mutex::new(Some(events_rx)),
             push_rx: Mutex::new(Some(push_rx)),
+            turns,
         })
     }
 
@@ -771,6 +779,12 @@ impl ClusterStore {
     /// timeout times the retries; a cluster that is unreachable or failing answers
     /// BUSY (retry later).
     pub async fn apply(self: Arc<Self>, caller: Caller, request: Request) -> Outcome {
+        // Held until the request is done with Redis: requests queue here, in order,
+        // rather than inside the Redis client.
+        let _turn = match &self.turns {
+            Some(turns) => Some(turns.acquire().await.expect("never closed")),
+            None => None,
+        };
         let Some(ptr) = request.pointer() else {
             return match request {
                 Request::Create { access, data } => self.create(&caller, access, data).await.into(),
