@@ -139,9 +139,9 @@ pub struct Args {
 
     /// With Redis Cluster: requests this gateway works on at once (the rest wait
     /// their turn in the gateway); 0 = no limit. Past a few dozen, more requests in
-    /// flight to the cluster only lengthen the queue inside the Redis client: at 800
-    /// in flight the p99 of a 64 B READ went from 37-54 ms to 350-420 ms and
-    /// throughput fell (docs/BENCHMARKS.md).
+    /// flight to the cluster only lengthen the queue inside the Redis client: with 800
+    /// in flight the p99 of a 64 B READ was 359-492 ms, with 64 turns 47-66 ms and
+    /// 14% more reads per second (docs/BENCHMARKS.md).
     #[arg(long, env = "NETSWAP_REDIS_MAX_IN_FLIGHT", default_value_t = 64)]
     pub redis_max_in_flight: usize,
 
