@@ -6,6 +6,12 @@ use clap::Parser;
 use netswap_server::{Args, Server, ServerConfig, StartError, build_runtime};
 use tracing_subscriber::EnvFilter;
 
+/// With the `mimalloc` feature: mimalloc instead of glibc's malloc (faster for a Redis
+/// Cluster gateway, more memory per record for the embedded store; docs/BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
