@@ -100,6 +100,21 @@ impl<'a> DataRef<'a> {
     }
 }
 
+/// Stores `item` in a free entry of `items` (an index from `free`) or a new one at the
+/// end, and returns its index (the large-value and owner tables reuse freed entries).
+fn put<T>(items: &mut Vec<T>, free: &mut Vec<u32>, item: T) -> u32 {
+    match free.pop() {
+        Some(i) => {
+            items[i as usize] = item;
+            i
+        }
+        None => {
+            items.push(item);
+            (items.len() - 1) as u32
+        }
+    }
+}
+
 fn grown(old: &[u8], off: usize, src: &[u8]) -> Bytes {
     let end = off + src.len();
     let mut v = Vec::with_capacity(old.len().max(end));
@@ -267,16 +282,7 @@ impl Records {
             Data::Shared(b) => match self.slot(slot).large() {
                 Some(i) => self.large[i as usize] = b,
                 None => {
-                    let i = match self.large_free.pop() {
-                        Some(i) => {
-                            self.large[i as usize] = b;
-                            i
-                        }
-                        None => {
-                            self.large.push(b);
-                            (self.large.len() - 1) as u32
-                        }
-                    };
+                    let i = put(&mut self.large, &mut self.large_free, b);
                     let s = self.slot_mut(slot);
                     s.len = LARGE;
                     s.buf[..4].copy_from_slice(&i.to_le_bytes());
@@ -333,16 +339,7 @@ impl Records {
             account: Some(owner),
             records: 1,
         };
-        let i = match self.owner_free.pop() {
-            Some(i) => {
-                self.owners[i as usize] = entry;
-                i
-            }
-            None => {
-                self.owners.push(entry);
-                (self.owners.len() - 1) as u32
-            }
-        };
+        let i = put(&mut self.owners, &mut self.owner_free, entry);
         self.owner_ids.insert(key, i);
         i
     }
