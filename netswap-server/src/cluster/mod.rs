@@ -775,22 +775,31 @@ impl ClusterStore {
 
     // ---- requests ----
 
+    /// A turn to work with Redis, held until the request is done with it: requests
+    /// queue here, in arrival order, rather than inside the Redis client (`None`: no
+    /// limit).
+    async fn turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        match &self.turns {
+            Some(turns) => Some(turns.acquire().await.expect("never closed")),
+            None => None,
+        }
+    }
+
     /// Applies one request. Never waits on Redis for longer than the per-command
     /// timeout times the retries; a cluster that is unreachable or failing answers
     /// BUSY (retry later).
     pub async fn apply(self: Arc<Self>, caller: Caller, request: Request) -> Outcome {
-        // Held until the request is done with Redis: requests queue here, in order,
-        // rather than inside the Redis client.
-        let _turn = match &self.turns {
-            Some(turns) => Some(turns.acquire().await.expect("never closed")),
-            None => None,
-        };
         let Some(ptr) = request.pointer() else {
             return match request {
-                Request::Create { access, data } => self.create(&caller, access, data).await.into(),
+                Request::Create { access, data } => {
+                    let _turn = self.turn().await;
+                    self.create(&caller, access, data).await.into()
+                }
+                // Answered without Redis: a keepalive never waits for a turn.
                 _ => Reply::Hello(self.hello(caller.identity)).into(),
             };
         };
+        let _turn = self.turn().await;
         let transfer_to = match &request {
             Request::Transfer { to, .. } => Some(match *to {
                 NewOwner::Identity(id) => id,
