@@ -190,10 +190,10 @@ impl Server {
         let listen = config.listen;
         let data = config.data_dir.clone();
         let backend = match &config.cluster {
-            None => Backend::Memory(Store::new(
+            None => Backend::Memory(Box::new(Store::new(
                 config.store.clone(),
                 config.identity_key.clone(),
-            )),
+            ))),
             Some(opts) => Backend::Cluster(Arc::new(
                 ClusterStore::connect(
                     config.store.clone(),
@@ -513,6 +513,7 @@ async fn housekeep(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     stats: ServerStats,
     snapshots: SnapshotHandle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -523,6 +524,10 @@ impl RunningServer {
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+    /// Where it serves `/metrics`, when it does (the port it got, for port 0).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
     /// Its counters.
     pub fn stats(&self) -> &ServerStats {
@@ -585,6 +590,7 @@ pub fn spawn(config: ServerConfig, threads: usize) -> io::Result<RunningServer> 
                 };
                 let _ = ready_tx.send(Ok((
                     server.local_addr(),
+                    server.metrics_addr(),
                     server.stats(),
                     server.snapshot_handle(),
                 )));
@@ -595,11 +601,12 @@ pub fn spawn(config: ServerConfig, threads: usize) -> io::Result<RunningServer> 
                     .await
             })
         })?;
-    let (addr, stats, snapshots) = ready_rx
+    let (addr, metrics_addr, stats, snapshots) = ready_rx
         .recv()
         .map_err(|_| io::Error::other("server thread ended before listening"))??;
     Ok(RunningServer {
         addr,
+        metrics_addr,
         stats,
         snapshots,
         stop: Some(tx),

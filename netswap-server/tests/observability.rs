@@ -17,16 +17,14 @@ fn metrics_server(
     backend: Backend,
     tweak: impl FnOnce(&mut ServerConfig),
 ) -> (RunningServer, SocketAddr) {
-    // A free port for /metrics.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Port 0: the server binds /metrics where the OS says (a port picked by the test
+    // and bound later could be taken by another test in between).
     let srv = server_on(backend, |c| {
-        c.metrics_listen = Some(port);
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         tweak(c);
     });
-    (srv, port)
+    let addr = srv.metrics_addr().expect("serves /metrics");
+    (srv, addr)
 }
 
 async fn stats(c: &mut Raw) -> HashMap<String, u64> {
