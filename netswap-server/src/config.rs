@@ -111,8 +111,9 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_THREADS")]
     pub threads: Option<usize>,
 
-    /// Store shards (rounded up to a power of two).
-    #[arg(long, env = "NETSWAP_SHARDS", default_value_t = 64)]
+    /// Store shards, 1 to 256 (rounded up to a power of two).
+    #[arg(long, env = "NETSWAP_SHARDS", default_value_t = 64,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub shards: usize,
 
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off by default).

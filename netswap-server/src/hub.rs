@@ -91,8 +91,8 @@ const NOTIFY_OVERHEAD: usize = netswap_proto::HEADER_LEN;
 /// Where records live.
 #[derive(Debug)]
 pub(crate) enum Backend {
-    /// The embedded store, in this process.
-    Memory(Store),
+    /// The embedded store, in this process (boxed: it is much larger than the other).
+    Memory(Box<Store>),
     /// Redis Cluster: this server is a stateless gateway.
     Cluster(Arc<ClusterStore>),
 }

@@ -9,16 +9,7 @@ runs=${1:-3}
 cargo build --release --quiet -p netswap-server -p netswap-cli
 bin=target/release
 ops() { python3 -c 'import json,sys; print(int(json.load(sys.stdin)["ops_per_sec"]))'; }
-start() { # prints the address the server printed on its first line
-  "$@" >"$tmp/out" 2>/dev/null &
-  pid=$!
-  for _ in $(seq 100); do
-    addr=$(grep -oE '127\.0\.0\.1:[0-9]+' "$tmp/out" | head -1 || true)
-    [ -n "$addr" ] && return
-    sleep 0.05
-  done
-  echo "no address from $*" >&2; exit 1
-}
+source scripts/bench/lib.sh
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 for size in 64 1024; do
   for run in $(seq "$runs"); do

@@ -11,6 +11,7 @@
 //! record's shard lock. The Redis Cluster backend applies the same decisions.
 
 mod account;
+mod place;
 mod records;
 
 use std::borrow::Cow;
@@ -25,6 +26,7 @@ use nohash_hasher::BuildNoHashHasher;
 use rand::RngCore;
 
 pub use account::Account;
+use place::PlaceCodec;
 use records::{Data, DataRef, Record, Records};
 
 use crate::identity::{Identity, IdentityKey};
@@ -48,7 +50,8 @@ pub struct StoreConfig {
     pub orphan_grace: Duration,
     /// Records one connection may watch at once.
     pub max_watches_per_connection: usize,
-    /// Number of shards (rounded up to a power of two).
+    /// Number of shards (rounded up to a power of two; at most 256, more are taken as
+    /// 256).
     pub shards: usize,
 }
 
@@ -212,9 +215,8 @@ struct Watcher {
 
 type PtrMap<V> = HashMap<u64, V, BuildNoHashHasher<u64>>;
 
-/// Records whose pointers fall in one shard. Pointers are random, so they are their
-/// own hash.
-#[derive(Debug, Default)]
+/// The records whose pointers name one shard, and what goes with them.
+#[derive(Debug)]
 struct Shard {
     records: Records,
     data_bytes: u64,
@@ -269,7 +271,8 @@ pub struct Store {
     config: StoreConfig,
     key: IdentityKey,
     shards: Box<[Mutex<Shard>]>,
-    shard_mask: u64,
+    /// Where a pointer says its record is.
+    codec: PlaceCodec,
     registry: Mutex<Registry>,
     next_conn: AtomicU64,
 }
@@ -277,10 +280,16 @@ pub struct Store {
 impl Store {
     /// An empty store.
     pub fn new(config: StoreConfig, key: IdentityKey) -> Store {
-        let n = config.shards.max(1).next_power_of_two();
+        let n = config
+            .shards
+            .clamp(1, 1 << place::MAX_SHARD_BITS)
+            .next_power_of_two();
+        let codec = PlaceCodec::random(n);
         Store {
-            shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
-            shard_mask: n as u64 - 1,
+            shards: (0..n)
+                .map(|i| Mutex::new(Shard::new(Records::new(codec.clone(), i))))
+                .collect(),
+            codec,
             config,
             key,
             registry: Mutex::new(Registry::default()),
@@ -298,10 +307,18 @@ impl Store {
         Identity::derive(&self.key, ip)
     }
 
+    /// The shard a pointer names, locked, and the slot it names there.
+    fn locate(&self, ptr: u64) -> (MutexGuard<'_, Shard>, u32) {
+        let place = self.codec.decode(ptr);
+        let shard = self.shards[place.shard]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        (shard, place.slot)
+    }
+
+    /// The shard a pointer names, locked.
     fn shard(&self, ptr: u64) -> MutexGuard<'_, Shard> {
-        // Low bits pick the shard; the hash map uses the pointer as its own hash.
-        let i = (ptr.rotate_right(32) & self.shard_mask) as usize;
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+        self.locate(ptr).0
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
@@ -503,7 +520,8 @@ impl Store {
             doomed.dedup();
             for ptr in doomed {
                 let p = Pointer::new(ptr).expect("stored pointers are non-zero");
-                shard.remove_record(p, &mut out.notifications, &mut released);
+                let slot = shard.records.find(ptr).expect("found above");
+                shard.remove_record(p, slot, &mut out.notifications, &mut released);
                 out.records.push(p);
             }
         }
@@ -726,11 +744,11 @@ impl Store {
         };
         let mut released = Released::new();
         let applied = {
-            let mut guard = self.shard(ptr.get());
+            let (mut guard, at) = self.locate(ptr.get());
             let shard = &mut *guard;
             let me = &session.account;
             // One lookup: the decision and its application use the same slot.
-            let slot = shard.records.find(ptr.get());
+            let slot = shard.records.find_at(ptr.get(), at);
             let view = slot.map(|s| {
                 let r = shard.records.at(s);
                 RecordView {
@@ -783,24 +801,18 @@ impl Store {
             return kind.reply(cfg).into();
         }
         let data = Data::from_bytes(data, own);
-        loop {
-            let Some(ptr) = Pointer::new(rng.next_u64()) else {
-                continue;
-            };
-            let mut shard = self.shard(ptr.get());
-            if shard.records.contains_key(ptr.get()) {
-                continue;
-            }
-            shard.data_bytes += data.len() as u64;
-            shard.records.insert(Record {
-                ptr: ptr.get(),
-                data,
-                version: 1,
-                owner: me.clone(),
-                access,
-            });
-            return Reply::Created(ptr).into();
-        }
+        // Any shard will do: spread them. The pointer says where the record went.
+        let i = rng.next_u32() as usize % self.shards.len();
+        let mut shard = self.shards[i].lock().unwrap_or_else(|e| e.into_inner());
+        shard.data_bytes += data.len() as u64;
+        let ptr = shard.records.create(Record {
+            ptr: 0,
+            data,
+            version: 1,
+            owner: me.clone(),
+            access,
+        });
+        Reply::Created(Pointer::new(ptr).expect("created pointers are never 0")).into()
     }
 
     /// Applies a decision to the record, under its shard's lock.
@@ -829,7 +841,7 @@ impl Store {
             }
             Decision::Info(info) => Reply::Info(info).into(),
             Decision::Write(w) => {
-                let payer = shard.payer(key).clone();
+                let payer = shard.payer(key, decided()).clone();
                 if w.bytes_delta > 0 {
                     let grow = Usage {
                         records: 0,
@@ -886,18 +898,18 @@ impl Store {
             }
             Decision::Delete => {
                 let mut notifications = Vec::new();
-                shard.remove_record(ptr, &mut notifications, released);
+                shard.remove_record(ptr, decided(), &mut notifications, released);
                 Applied::notifying(Reply::Done, notifications)
             }
             Decision::TakeOver => {
                 let taker = session.account.clone();
-                self.change_owner(shard, ptr, taker, true, now, released)
+                self.change_owner(shard, ptr, decided(), taker, true, now, released)
             }
             Decision::Transfer(to) => {
                 // Lock order: shard, then registry (reap and connect never hold the
                 // registry while taking a shard).
                 let new_owner = Self::account_for(&mut self.registry(), to);
-                self.change_owner(shard, ptr, new_owner, false, now, released)
+                self.change_owner(shard, ptr, decided(), new_owner, false, now, released)
             }
             Decision::Watch(state) => {
                 let already = session.watches.contains_key(&ptr);
@@ -921,7 +933,7 @@ impl Store {
                     // lock as the registration: every later change is notified.
                     Some(info) => {
                         let bytes = if data {
-                            let rec = shard.records.get(key).expect("decided on it");
+                            let rec = shard.records.at(decided());
                             rec.data.slice(0, rec.data.len())
                         } else {
                             Bytes::new()
@@ -949,10 +961,12 @@ impl Store {
     /// TAKEOVER bit is cleared. TRANSFER: the new owner pays if it is connected, else
     /// the payer so far keeps paying until it connects ([`rules::payer_after_transfer`]),
     /// and the record's own orphan grace starts now.
+    #[allow(clippy::too_many_arguments)]
     fn change_owner(
         &self,
         shard: &mut Shard,
         ptr: Pointer,
+        s: u32,
         new_owner: Arc<Account>,
         takeover: bool,
         now: Instant,
@@ -960,7 +974,7 @@ impl Store {
     ) -> Applied {
         let cfg = &self.config;
         let key = ptr.get();
-        let rec = shard.records.get(key).expect("decided on it");
+        let rec = shard.records.at(s);
         let charge = Usage {
             records: 1,
             bytes: rec.data.len() as u64,
@@ -996,7 +1010,6 @@ impl Store {
         }
         // The old owner no longer has this record parked with it (if it had).
         old_owner.lock_state().parked.remove(&key);
-        let s = shard.records.find(key).expect("decided on it");
         if takeover {
             let access = shard.records.at(s).access - Access::TAKEOVER;
             shard.records.set_access(s, access);
@@ -1016,11 +1029,22 @@ impl Store {
 }
 
 impl Shard {
+    fn new(records: Records) -> Shard {
+        Shard {
+            records,
+            data_bytes: 0,
+            watches: PtrMap::default(),
+            transfer_deadline: PtrMap::default(),
+            transfer_order: BTreeSet::new(),
+            payers: PtrMap::default(),
+        }
+    }
+
     /// Who pays for a record: its owner, unless it is parked.
-    fn payer(&self, key: u64) -> &Arc<Account> {
+    fn payer(&self, key: u64, slot: u32) -> &Arc<Account> {
         match self.payers.get(&key) {
             Some(p) => p,
-            None => self.records.get(key).expect("the record exists").owner,
+            None => self.records.at(slot).owner,
         }
     }
 
@@ -1054,16 +1078,16 @@ impl Shard {
         }
     }
 
+    /// Takes record `ptr`, in `slot`, out.
     fn remove_record(
         &mut self,
         ptr: Pointer,
+        slot: u32,
         notifications: &mut Vec<Notification>,
         released: &mut Released,
     ) {
         let key = ptr.get();
-        let Some(rec) = self.records.remove(key) else {
-            return;
-        };
+        let rec = self.records.remove_at(slot);
         let charge = Usage {
             records: 1,
             bytes: rec.data.len() as u64,
@@ -1128,7 +1152,7 @@ impl Restore<'_> {
             None => owner.charge_over_quota(charge),
         }
         shard.data_bytes += size;
-        shard.records.insert(Record {
+        shard.records.insert_foreign(Record {
             ptr: key,
             version: r.version,
             owner,

@@ -1,14 +1,16 @@
 //! Compact record storage for one shard.
 //!
 //! Records live in fixed-size pages of 86-byte slots (dense, never reallocated, freed
-//! slots reused); an open-addressing index maps pointers to slot numbers (4 bytes per
-//! bucket plus hashbrown's control byte). A slot holds the pointer, the version, the
-//! access bits, a 4-byte reference to its owner in the shard's owner table (each
-//! owner's `Arc` once per shard, not once per record) and the value: inline up to
-//! [`INLINE`] bytes, else a 4-byte index into the shard's table of large values,
-//! shared [`Bytes`] that replies send without copying. At a million 64-byte records
-//! this is under 100 bytes per record, against about 215 for a hash map of records
-//! with one allocation per value.
+//! slots reused). A record's pointer says which slot it is in (see [`super::place`]):
+//! a lookup decrypts it and compares the slot's pointer, with no index. Records that
+//! came with pointers of an earlier run (restored from a snapshot) are found through
+//! a small index of those "foreign" pointers instead. A slot holds the pointer, the
+//! version, the access bits, a 4-byte reference to its owner in the shard's owner
+//! table (each owner's `Arc` once per shard, not once per record) and the value:
+//! inline up to [`INLINE`] bytes, else a 4-byte index into the shard's table of large
+//! values, shared [`Bytes`] that replies send without copying. At a million 64-byte
+//! records this is about 90 bytes per record, against about 215 for a hash map of
+//! records with one allocation per value.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use bytes::Bytes;
 use hashbrown::HashTable;
 
 use super::account::Account;
+use super::place::{Place, PlaceCodec};
 use crate::types::{Access, Version};
 
 /// Values up to this size are held inline in the record.
@@ -146,7 +149,8 @@ pub(crate) struct RecordRef<'a> {
     pub data: DataRef<'a>,
 }
 
-/// One stored record: 86 bytes. `ptr` 0 is a free slot (pointers are never 0).
+/// One stored record: 86 bytes. `ptr` 0 is a free slot (pointers are never 0); a free
+/// slot's `version` is the generation its next record gets, or [`RETIRED`].
 #[derive(Clone, Copy)]
 #[repr(C, packed(2))]
 struct Slot {
@@ -161,14 +165,20 @@ struct Slot {
     buf: [u8; INLINE],
 }
 
-const FREE: Slot = Slot {
-    ptr: 0,
-    version: 0,
-    owner: 0,
-    access: 0,
-    len: 0,
-    buf: [0; INLINE],
-};
+/// `Slot::version` of a free slot whose generations ran out: it is never used again.
+const RETIRED: u64 = u64::MAX;
+
+/// A free slot whose next record gets `generation`.
+const fn free_slot(generation: u64) -> Slot {
+    Slot {
+        ptr: 0,
+        version: generation,
+        owner: 0,
+        access: 0,
+        len: 0,
+        buf: [0; INLINE],
+    }
+}
 
 impl Slot {
     fn large(&self) -> Option<u32> {
@@ -184,11 +194,17 @@ struct Owner {
 }
 
 /// The records of one shard.
-#[derive(Default)]
 pub(crate) struct Records {
-    index: HashTable<u32>,
+    codec: PlaceCodec,
+    /// This shard's number (in the pointers of its records).
+    shard: usize,
+    live: usize,
     pages: Vec<Vec<Slot>>,
+    /// Free slots, each with its next generation in the slot.
     free: Vec<u32>,
+    /// Records whose pointers do not say where they are (they came from a snapshot of
+    /// an earlier run, whose key is gone): pointer → slot.
+    foreign: HashTable<u32>,
     large: Vec<Bytes>,
     large_free: Vec<u32>,
     owners: Vec<Owner>,
@@ -198,11 +214,32 @@ pub(crate) struct Records {
 
 impl std::fmt::Debug for Records {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Records").field("len", &self.len()).finish()
+        f.debug_struct("Records")
+            .field("shard", &self.shard)
+            .field("len", &self.len())
+            .field("foreign", &self.foreign.len())
+            .finish()
     }
 }
 
 impl Records {
+    /// The records of shard `shard`, whose pointers `codec` makes.
+    pub(crate) fn new(codec: PlaceCodec, shard: usize) -> Records {
+        Records {
+            codec,
+            shard,
+            live: 0,
+            pages: Vec::new(),
+            free: Vec::new(),
+            foreign: HashTable::new(),
+            large: Vec::new(),
+            large_free: Vec::new(),
+            owners: Vec::new(),
+            owner_ids: HashMap::new(),
+            owner_free: Vec::new(),
+        }
+    }
+
     fn slot(&self, slot: u32) -> &Slot {
         &self.pages[slot as usize / PAGE][slot as usize % PAGE]
     }
@@ -211,17 +248,36 @@ impl Records {
         &mut self.pages[slot as usize / PAGE][slot as usize % PAGE]
     }
 
-    /// The slot of record `ptr`: look it up once, then use [`Records::at`] and the
+    /// The slot of record `ptr`, where `at` is the slot its pointer names (from
+    /// [`PlaceCodec::decode`]): look it up once, then use [`Records::at`] and the
     /// setters.
-    pub(crate) fn find(&self, ptr: u64) -> Option<u32> {
-        // Pointers are random: they are their own hash.
+    pub(crate) fn find_at(&self, ptr: u64, at: u32) -> Option<u32> {
+        let named = self
+            .pages
+            .get(at as usize / PAGE)
+            .and_then(|p| p.get(at as usize % PAGE));
+        if named.is_some_and(|s| s.ptr == ptr) {
+            return Some(at);
+        }
+        self.find_foreign(ptr)
+    }
+
+    fn find_foreign(&self, ptr: u64) -> Option<u32> {
+        if self.foreign.is_empty() {
+            return None;
+        }
         let pages = &self.pages;
-        self.index
+        self.foreign
             .find(ptr, |&s| {
-                let p = pages[s as usize / PAGE][s as usize % PAGE].ptr;
-                p == ptr
+                pages[s as usize / PAGE][s as usize % PAGE].ptr == ptr
             })
             .copied()
+    }
+
+    /// The slot of record `ptr` (decrypting the pointer: where the caller has already
+    /// done so, [`Records::find_at`]).
+    pub(crate) fn find(&self, ptr: u64) -> Option<u32> {
+        self.find_at(ptr, self.codec.decode(ptr).slot)
     }
 
     /// The record in `slot` (from [`Records::find`]).
@@ -244,7 +300,7 @@ impl Records {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.index.len()
+        self.live
     }
 
     pub(crate) fn contains_key(&self, ptr: u64) -> bool {
@@ -357,51 +413,107 @@ impl Records {
         account
     }
 
-    /// Inserts a record whose pointer is not present.
-    pub(crate) fn insert(&mut self, record: Record) {
+    /// A free slot: a freed one (with its next generation) or a new one
+    /// (generation 0). `reuse`: false takes a new one (for foreign records: the slot
+    /// of a foreign record has had no generation, so it is free at 0 again after).
+    fn alloc(&mut self, reuse: bool) -> (u32, u32) {
+        if reuse && let Some(s) = self.free.pop() {
+            return (s, self.slot(s).version as u32);
+        }
+        if self.pages.last().is_none_or(|p| p.len() == PAGE) {
+            self.pages.push(Vec::with_capacity(PAGE));
+        }
+        let page = self.pages.len() - 1;
+        let p = self.pages.last_mut().expect("a page");
+        p.push(free_slot(0));
+        let slot = page * PAGE + p.len() - 1;
+        (
+            u32::try_from(slot).expect("fewer than 2^32 records in one shard"),
+            0,
+        )
+    }
+
+    /// Puts `record` (its `ptr` ignored) in a free slot and returns its new pointer:
+    /// the encryption of where it is, a pointer no record had before in this store.
+    pub(crate) fn create(&mut self, record: Record) -> u64 {
+        let max = u64::from(self.codec.max_generation());
+        let (slot, ptr) = loop {
+            let (slot, generation) = self.alloc(true);
+            let mut g = u64::from(generation);
+            let ptr = loop {
+                if g > max {
+                    break None;
+                }
+                let p = self.codec.encode(Place {
+                    shard: self.shard,
+                    slot,
+                    generation: g as u32,
+                });
+                // 0 is not a pointer; a foreign pointer may already name this place.
+                if p != 0 && self.find_foreign(p).is_none() {
+                    break Some(p);
+                }
+                g += 1;
+            };
+            match ptr {
+                Some(p) => break (slot, p),
+                None => *self.slot_mut(slot) = free_slot(RETIRED),
+            }
+        };
+        self.fill(slot, Record { ptr, ..record });
+        ptr
+    }
+
+    /// Inserts a record that keeps its pointer, from an earlier run (a snapshot). The
+    /// caller makes sure the pointer is not present.
+    pub(crate) fn insert_foreign(&mut self, record: Record) {
         let ptr = record.ptr;
         debug_assert!(ptr != 0, "pointers are never 0");
+        let (slot, _) = self.alloc(false);
+        self.fill(slot, record);
+        let pages = &self.pages;
+        self.foreign.insert_unique(ptr, slot, |&s| {
+            pages[s as usize / PAGE][s as usize % PAGE].ptr
+        });
+    }
+
+    fn fill(&mut self, slot: u32, record: Record) {
         let owner = self.intern(record.owner);
-        let fresh = Slot {
-            ptr,
+        *self.slot_mut(slot) = Slot {
+            ptr: record.ptr,
             version: record.version,
             owner,
             access: record.access.bits(),
             len: 0,
             buf: [0; INLINE],
         };
-        let slot = match self.free.pop() {
-            Some(s) => {
-                *self.slot_mut(s) = fresh;
-                s
-            }
-            None => {
-                if self.pages.last().is_none_or(|p| p.len() == PAGE) {
-                    self.pages.push(Vec::with_capacity(PAGE));
-                }
-                let page = self.pages.len() - 1;
-                let p = self.pages.last_mut().expect("a page");
-                p.push(fresh);
-                (page * PAGE + p.len() - 1) as u32
-            }
-        };
         self.set_data(slot, record.data);
-        let pages = &self.pages;
-        self.index.insert_unique(ptr, slot, |&s| {
-            pages[s as usize / PAGE][s as usize % PAGE].ptr
-        });
+        self.live += 1;
     }
 
-    pub(crate) fn remove(&mut self, ptr: u64) -> Option<Record> {
+    /// Takes the record in `slot` (from [`Records::find`]) out; the slot's next record
+    /// gets the next generation.
+    pub(crate) fn remove_at(&mut self, slot: u32) -> Record {
+        let ptr = self.slot(slot).ptr;
         let pages = &self.pages;
-        let entry = self
-            .index
-            .find_entry(ptr, |&s| {
-                let p = pages[s as usize / PAGE][s as usize % PAGE].ptr;
-                p == ptr
-            })
-            .ok()?;
-        let (slot, _) = entry.remove();
+        let foreign = !self.foreign.is_empty()
+            && match self.foreign.find_entry(ptr, |&s| {
+                pages[s as usize / PAGE][s as usize % PAGE].ptr == ptr
+            }) {
+                Ok(e) => {
+                    e.remove();
+                    true
+                }
+                Err(_) => false,
+            };
+        let next = if foreign {
+            // Its slot was new: no generation of it was ever handed out.
+            0
+        } else {
+            let place = self.codec.decode(ptr);
+            debug_assert_eq!((place.shard, place.slot), (self.shard, slot));
+            u64::from(place.generation) + 1
+        };
         let data = match self.free_large(slot) {
             Some(b) => Data::Shared(b),
             None => {
@@ -414,15 +526,27 @@ impl Records {
         };
         let s = *self.slot(slot);
         let owner = self.unintern(s.owner);
-        *self.slot_mut(slot) = FREE;
-        self.free.push(slot);
-        Some(Record {
+        self.live -= 1;
+        if next > u64::from(self.codec.max_generation()) {
+            *self.slot_mut(slot) = free_slot(RETIRED);
+        } else {
+            *self.slot_mut(slot) = free_slot(next);
+            self.free.push(slot);
+        }
+        Record {
             ptr: s.ptr,
             version: s.version,
             owner,
             access: Access::from_bits_retain(s.access),
             data,
-        })
+        }
+    }
+
+    /// Takes record `ptr` out, if it is here.
+    #[cfg(test)]
+    pub(crate) fn remove(&mut self, ptr: u64) -> Option<Record> {
+        let slot = self.find(ptr)?;
+        Some(self.remove_at(slot))
     }
 
     /// Number of pages (for walking the records a page at a time).
@@ -460,66 +584,156 @@ mod tests {
         }
     }
 
+    fn records(shards: usize) -> Records {
+        Records::new(PlaceCodec::new([9; 16], shards), 0)
+    }
+
     #[test]
     fn a_slot_is_86_bytes() {
         assert_eq!(std::mem::size_of::<Slot>(), 86);
     }
 
     #[test]
-    fn insert_find_remove_and_reuse_slots() {
+    fn create_find_remove_and_reuse_slots() {
         let a = Arc::new(Account::new(Identity([1; 32])));
         let b = Arc::new(Account::new(Identity([2; 32])));
-        let mut r = Records::default();
-        let key = |p: u64| p.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut r = records(64);
+        let mut ptrs = vec![0];
         for p in 1..=3000u64 {
-            r.insert(rec(
-                key(p),
-                &p.to_be_bytes(),
-                if p % 2 == 0 { &a } else { &b },
-            ));
+            ptrs.push(r.create(rec(0, &p.to_be_bytes(), if p % 2 == 0 { &a } else { &b })));
         }
         assert_eq!(r.len(), 3000);
         assert_eq!(r.owners.iter().filter(|o| o.account.is_some()).count(), 2);
-        assert_eq!(
-            r.get(key(77)).unwrap().data.as_slice(),
-            &77u64.to_be_bytes()
-        );
-        assert!(Arc::ptr_eq(r.get(key(77)).unwrap().owner, &b));
-        let gone = r.remove(key(77)).unwrap();
+        // The pointer names the slot: a lookup goes straight there.
+        let s77 = r.find(ptrs[77]).unwrap();
+        assert_eq!(r.codec.decode(ptrs[77]).slot, s77);
+        assert_eq!(r.at(s77).data.as_slice(), &77u64.to_be_bytes());
+        assert!(Arc::ptr_eq(r.at(s77).owner, &b));
+        let gone = r.remove(ptrs[77]).unwrap();
         assert_eq!(
             (gone.ptr, gone.data.as_slice()),
-            (key(77), &77u64.to_be_bytes()[..])
+            (ptrs[77], &77u64.to_be_bytes()[..])
         );
         drop(gone);
-        assert!(r.remove(key(77)).is_none());
-        assert!(!r.contains_key(key(77)));
-        r.insert(rec(key(5000), b"reuses the freed slot", &a));
+        assert!(r.remove(ptrs[77]).is_none());
+        assert!(!r.contains_key(ptrs[77]));
+        // The freed slot is used again, under a new pointer; the old one names nothing.
+        let again = r.create(rec(0, b"reuses the freed slot", &a));
+        assert_ne!(again, ptrs[77]);
+        assert_eq!(r.find(again), Some(s77));
+        assert_eq!(r.codec.decode(again).generation, 1);
+        assert!(r.get(ptrs[77]).is_none());
         assert_eq!(r.pages.iter().map(Vec::len).sum::<usize>(), 3000);
         assert_eq!(r.iter().count(), 3000);
         assert_eq!(
-            r.get(key(2999)).unwrap().data.as_slice(),
+            r.get(ptrs[2999]).unwrap().data.as_slice(),
             &2999u64.to_be_bytes()
         );
         // Owners are counted: the last record of one takes it out of the table.
-        for p in (1..=3000u64).filter(|p| p % 2 == 1 && *p != 77) {
-            r.remove(key(p)).unwrap();
+        for p in (1..=3000usize).filter(|p| p % 2 == 1 && *p != 77) {
+            r.remove(ptrs[p]).unwrap();
         }
         assert_eq!(Arc::strong_count(&b), 1, "the table let go of b");
-        let s = r.find(key(5000)).unwrap();
+        let s = r.find(again).unwrap();
         r.set_owner(s, b.clone());
         assert!(Arc::ptr_eq(r.at(s).owner, &b));
         r.set_version(s, 9);
         r.set_access(s, Access::READ);
         let got = r.at(s);
         assert_eq!((got.version, got.access), (9, Access::READ));
+        // Made-up pointers, and pointers naming slots past the end, name nothing.
+        for guess in [1u64, u64::MAX, 0x1234_5678_9abc_def0] {
+            assert!(r.get(guess).is_none());
+        }
+        assert!(r.find_at(again, u32::MAX).is_none());
+    }
+
+    #[test]
+    fn a_slot_never_gives_the_same_pointer_twice_and_retires_when_out_of_generations() {
+        // 256 shards: 24-bit generations. Make the slot's next generation the last
+        // but one, then churn it.
+        let a = Arc::new(Account::new(Identity([1; 32])));
+        let mut r = records(256);
+        let max = r.codec.max_generation();
+        assert_eq!(max, (1 << 24) - 1);
+        let first = r.create(rec(0, b"x", &a));
+        let slot = r.find(first).unwrap();
+        r.remove_at(slot);
+        r.slot_mut(slot).version = u64::from(max - 1);
+        let mut seen = std::collections::HashSet::from([first]);
+        for _ in 0..2 {
+            let p = r.create(rec(0, b"y", &a));
+            assert_eq!(r.find(p), Some(slot));
+            assert!(seen.insert(p), "a pointer came back");
+            r.remove(p).unwrap();
+        }
+        // Generation `max` was the last: the slot is retired, the next record gets a
+        // new one, and no old pointer names anything.
+        assert!(r.free.is_empty());
+        let p = r.create(rec(0, b"z", &a));
+        assert_ne!(r.find(p), Some(slot));
+        assert!(seen.iter().all(|&old| r.get(old).is_none()));
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn foreign_pointers_are_found_through_their_index_and_their_slots_reused() {
+        let a = Arc::new(Account::new(Identity([1; 32])));
+        let mut r = records(1);
+        let native = r.create(rec(0, b"native", &a));
+        let foreign: Vec<u64> = (1..=500u64)
+            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .collect();
+        for &f in &foreign {
+            r.insert_foreign(rec(f, &f.to_le_bytes(), &a));
+        }
+        assert_eq!(r.len(), 501);
+        for &f in &foreign {
+            assert_eq!(r.get(f).unwrap().data.as_slice(), &f.to_le_bytes());
+        }
+        assert_eq!(r.get(native).unwrap().data.as_slice(), b"native");
+        // A native pointer never equals a foreign one: make a foreign pointer name
+        // the place the next record will take (the slot after the one the foreign
+        // record itself takes), and see creation skip that generation.
+        let next_slot = r.pages.iter().map(Vec::len).sum::<usize>() as u32 + 1;
+        let clash = r.codec.encode(Place {
+            shard: 0,
+            slot: next_slot,
+            generation: 0,
+        });
+        r.insert_foreign(rec(clash, b"clash", &a));
+        let fresh = r.create(rec(0, b"fresh", &a));
+        assert_ne!(fresh, clash);
+        assert_eq!(
+            r.codec.decode(fresh),
+            Place {
+                shard: 0,
+                slot: next_slot,
+                generation: 1
+            }
+        );
+        assert_eq!(r.get(clash).unwrap().data.as_slice(), b"clash");
+        assert_eq!(r.get(fresh).unwrap().data.as_slice(), b"fresh");
+        // Removing foreign records empties their index and frees their slots.
+        for &f in &foreign {
+            r.remove(f).unwrap();
+        }
+        r.remove(clash).unwrap();
+        assert!(r.foreign.is_empty());
+        assert_eq!(r.len(), 2);
+        let before = r.pages.iter().map(Vec::len).sum::<usize>();
+        for _ in 0..501 {
+            r.create(rec(0, b"reuse", &a));
+        }
+        assert_eq!(r.pages.iter().map(Vec::len).sum::<usize>(), before);
     }
 
     #[test]
     fn data_moves_between_inline_and_shared() {
         let a = Arc::new(Account::new(Identity([1; 32])));
-        let mut r = Records::default();
-        r.insert(rec(5, b"abc", &a));
-        let s = r.find(5).unwrap();
+        let mut r = records(64);
+        let p5 = r.create(rec(0, b"abc", &a));
+        let s = r.find(p5).unwrap();
         r.patch(s, 1, b"XY");
         assert_eq!(r.at(s).data.as_slice(), b"aXY");
         r.patch(s, 3, &[7; 100]);
@@ -534,10 +748,10 @@ mod tests {
         r.set_data(s, Data::new(b"small", || unreachable!()));
         assert_eq!(r.at(s).data.as_slice(), b"small");
         assert_eq!(r.large_free.len(), 1);
-        r.insert(rec(6, &[1; 200], &a));
+        let p6 = r.create(rec(0, &[1; 200], &a));
         assert!(r.large_free.is_empty());
-        assert_eq!(r.get(6).unwrap().data.len(), 200);
-        let gone = r.remove(6).unwrap();
+        assert_eq!(r.get(p6).unwrap().data.len(), 200);
+        let gone = r.remove(p6).unwrap();
         assert!(matches!(gone.data, Data::Shared(ref b) if b.len() == 200));
     }
 }

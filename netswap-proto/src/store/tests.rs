@@ -1165,3 +1165,119 @@ fn a_data_watch_starts_from_the_state_and_gets_the_written_bytes() {
         Status::AccessViolation
     );
 }
+
+#[test]
+fn a_deleted_records_pointer_never_names_the_record_that_reuses_its_slot() {
+    // Few records, much churn: slots are reused over and over (the free list is
+    // last in, first out), and every pointer ever handed out is checked to name
+    // only its own record or nothing.
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let mut live: Vec<(Pointer, u64)> = Vec::new();
+    let mut dead: Vec<Pointer> = Vec::new();
+    let mut seen = HashSet::new();
+    for i in 0..20_000u64 {
+        if live.len() >= 8 || (i % 3 == 0 && !live.is_empty()) {
+            let (p, _) = live.swap_remove((i as usize * 7) % live.len());
+            assert_eq!(w.reply(&mut a, Request::Delete { ptr: p }), Reply::Done);
+            dead.push(p);
+        }
+        let value = Bytes::copy_from_slice(&i.to_le_bytes());
+        let Reply::Created(p) = w.reply(
+            &mut a,
+            Request::Create {
+                access: Access::empty(),
+                data: value,
+            },
+        ) else {
+            panic!()
+        };
+        assert!(seen.insert(p), "pointer {p} handed out twice");
+        live.push((p, i));
+    }
+    for (p, i) in &live {
+        assert_eq!(
+            w.read(&mut a, *p),
+            Reply::Data(Bytes::copy_from_slice(&i.to_le_bytes()))
+        );
+    }
+    for p in dead.iter().step_by(97) {
+        assert_eq!(status(&w.read(&mut a, *p)), Status::AddressFault, "{p}");
+    }
+    assert_eq!(w.store.stats().records, live.len() as u64);
+    w.store.audit().unwrap();
+}
+
+#[test]
+fn restored_records_and_new_ones_live_side_by_side() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let old: Vec<Pointer> = (0..300)
+        .map(|_| w.create(&mut a, Access::READ, b"old"))
+        .collect();
+    let mut chunks = Vec::new();
+    w.store
+        .export(|c| {
+            chunks.extend(c);
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+    // A new store (a restart): a new key, so the old pointers are foreign to it.
+    let fresh = Store::new(w.store.config().clone(), IdentityKey::new(*b"test key"));
+    let mut restore = fresh.restore();
+    for r in chunks {
+        restore.add(r).unwrap();
+    }
+    restore.finish(w.at(0));
+    let mut rng = SmallRng::seed_from_u64(3);
+    let mut a2 = fresh.connect(ip(2));
+    let mut apply = |s: &mut Session, req| fresh.apply(s, 1, req, w.at(0), &mut rng).reply;
+    let read = |p: &Pointer| Request::Read {
+        ptr: *p,
+        range: None,
+    };
+    let new: Vec<Pointer> = (0..300)
+        .map(|_| {
+            match apply(
+                &mut a2,
+                Request::Create {
+                    access: Access::READ,
+                    data: Bytes::from_static(b"new"),
+                },
+            ) {
+                Reply::Created(p) => p,
+                r => panic!("{r:?}"),
+            }
+        })
+        .collect();
+    assert!(new.iter().all(|p| !old.contains(p)));
+    for (ps, want) in [(&old, "old"), (&new, "new")] {
+        for p in ps {
+            let got = apply(&mut a2, read(p));
+            assert_eq!(got, Reply::Data(Bytes::from(want)), "{p}");
+        }
+    }
+    // Deleting restored records frees their slots for new ones; what remains is found.
+    for p in old.iter().step_by(2) {
+        assert_eq!(apply(&mut a2, Request::Delete { ptr: *p }), Reply::Done);
+    }
+    for _ in 0..150 {
+        apply(
+            &mut a2,
+            Request::Create {
+                access: Access::empty(),
+                data: Bytes::from_static(b"again"),
+            },
+        );
+    }
+    for p in old.iter().skip(1).step_by(2).chain(&new) {
+        let got = apply(&mut a2, read(p));
+        assert_eq!(got.status(), Status::Data, "{p}");
+    }
+    for p in old.iter().step_by(2) {
+        let got = apply(&mut a2, read(p));
+        assert_eq!(got.status(), Status::AddressFault, "{p}");
+    }
+    assert_eq!(fresh.stats().records, 150 + 300 + 150);
+    fresh.audit().unwrap();
+}

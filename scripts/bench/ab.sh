@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A/B of two netswap-server builds with one load generator: for RUNS rounds, starts A,
+# runs `netswap-bench load ARGS...` against it, stops it, then the same for B
+# (alternating), and prints ops/s and p99 per run, then the medians.
+# Usage: scripts/bench/ab.sh A_SERVER_BINARY B_SERVER_BINARY RUNS [load args...]
+# Example: scripts/bench/ab.sh /tmp/old/netswap-server target/release/netswap-server 5 \
+#            --op read -d 64 -c 50 -P 16 --keys 1000000 --duration 4
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+a=$1 b=$2 runs=$3
+shift 3
+cargo build --release --quiet -p netswap-cli
+bench=target/release/netswap-bench
+tmp=$(mktemp -d)
+trap 'kill "$pid" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+pid=
+source scripts/bench/lib.sh
+for run in $(seq "$runs"); do
+  for side in A B; do
+    bin=$a
+    [ "$side" = B ] && bin=$b
+    start "$bin" --listen 127.0.0.1:0 --threads 1 --quota-records 100000000 \
+      --quota-bytes 68719476736
+    "$bench" -s "$addr" --json load "$@" >"$tmp/r.json"
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+    python3 - "$side" "$run" "$tmp/r.json" >>"$tmp/all" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[3]))
+print(sys.argv[1], sys.argv[2], int(r["ops_per_sec"]), r.get("p99_us", ""))
+EOF
+    tail -1 "$tmp/all"
+  done
+done
+python3 - "$tmp/all" <<'EOF'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+for side in "AB":
+    ops = [int(r[2]) for r in rows if r[0] == side]
+    print(f"{side} median {statistics.median(ops):,.0f} ops/s over {len(ops)} runs")
+a = statistics.median(int(r[2]) for r in rows if r[0] == "A")
+b = statistics.median(int(r[2]) for r in rows if r[0] == "B")
+print(f"B / A = {b / a:.3f}")
+EOF
