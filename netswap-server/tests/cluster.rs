@@ -229,6 +229,154 @@ async fn takeover_and_replace_if_races_through_two_gateways_have_one_winner() {
     }
 }
 
+/// A gateway decides a write on the state it last saw of the record and commits it
+/// at once; the commit's revision check must catch every way that state can go
+/// stale through another gateway, and the request must then be decided again on
+/// the record as it is (not answered from the stale state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_decided_on_a_stale_state_are_decided_again() {
+    let prefix = fresh_prefix();
+    let (a, b) = (gateway(&prefix, |_| {}), gateway(&prefix, |_| {}));
+    let mut owner = Raw::connect(b.addr(), 2).await;
+    let mut writer = Raw::connect(a.addr(), 3).await;
+    let replace = |ptr, d: &'static [u8]| Request::Replace {
+        ptr,
+        data: Bytes::from_static(d),
+    };
+    let p = owner.create(Access::READ | Access::WRITE, &b"v1"[..]).await;
+    // Gateway A sees the record at version 2 (its write).
+    assert_eq!(writer.ask(replace(p, b"v2")).await, Reply::Written(2));
+    // Version 3 through B: A's state is stale, and a REPLACE_IF decided on it would
+    // be a conflict.
+    assert_eq!(owner.ask(replace(p, b"v3")).await, Reply::Written(3));
+    let cas = |expected, d: &'static [u8]| Request::ReplaceIf {
+        ptr: p,
+        expected,
+        data: Bytes::from_static(d),
+    };
+    assert_eq!(writer.ask(cas(3, b"v4")).await, Reply::Written(4));
+    assert_eq!(writer.ask(cas(3, b"no")).await, Reply::Conflict(4));
+    // A stale state that would allow the write: B takes WRITE away.
+    assert_eq!(
+        owner
+            .ask(Request::SetAccess {
+                ptr: p,
+                access: Access::READ
+            })
+            .await,
+        Reply::Done
+    );
+    assert_eq!(
+        writer.call(replace(p, b"refused")).await.status(),
+        Status::AccessViolation
+    );
+    assert_eq!(
+        writer
+            .call(Request::WriteAt {
+                ptr: p,
+                offset: 0,
+                data: Bytes::from_static(b"X")
+            })
+            .await
+            .status(),
+        Status::AccessViolation
+    );
+    assert_eq!(owner.read(p).await, data(b"v4"));
+    // A stale state of a record deleted through B.
+    let q = owner.create(Access::READ | Access::WRITE, &b"q1"[..]).await;
+    assert_eq!(writer.ask(replace(q, b"q2")).await, Reply::Written(2));
+    assert_eq!(owner.ask(Request::Delete { ptr: q }).await, Reply::Done);
+    assert_eq!(
+        writer.call(replace(q, b"gone")).await.status(),
+        Status::AddressFault
+    );
+    assert_eq!(
+        owner
+            .call(Request::Read {
+                ptr: q,
+                range: None
+            })
+            .await
+            .status(),
+        Status::AddressFault
+    );
+    // A takeover through B: the old state names the old owner.
+    let r = owner
+        .create(Access::READ | Access::WRITE | Access::TAKEOVER, &b"r1"[..])
+        .await;
+    assert_eq!(owner.ask(replace(r, b"r2")).await, Reply::Written(2));
+    assert_eq!(writer.ask(replace(r, b"r3")).await, Reply::Written(3));
+    let mut taker = Raw::connect(b.addr(), 4).await;
+    assert_eq!(taker.ask(Request::Takeover { ptr: r }).await, Reply::Done);
+    assert_eq!(
+        taker
+            .ask(Request::SetAccess {
+                ptr: r,
+                access: Access::READ
+            })
+            .await,
+        Reply::Done
+    );
+    assert_eq!(
+        writer.call(replace(r, b"refused")).await.status(),
+        Status::AccessViolation
+    );
+    assert_eq!(owner.read(r).await, data(b"r3"));
+}
+
+/// A write on a record the gateway has seen costs one Redis script call (the
+/// commit), not two (a load, then the commit); with `--redis-state-cache 0` it costs
+/// two. Counted by the cluster's own `INFO commandstats`, on a cluster of this test's
+/// own (the shared one serves other tests at the same time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
+    let cluster = common::cluster::RedisCluster::start(3, 0, false);
+    let nodes = cluster.nodes().join(",");
+    let start = |cache: usize| {
+        let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+        let mut o =
+            netswap_server::ClusterOptions::parse(&format!("redis-cluster://{nodes}")).unwrap();
+        o.prefix = fresh_prefix();
+        o.state_cache = cache;
+        c.cluster = Some(o);
+        c.identity_key = IdentityKey::new(GATEWAY_KEY);
+        netswap_server::spawn(c, 1).expect("gateway starts")
+    };
+    const WRITES: u64 = 200;
+    let mut per_write = Vec::new();
+    for cache in [65_536, 0] {
+        let gw = start(cache);
+        let mut c = Raw::connect(gw.addr(), 2).await;
+        let p = c.create(Access::READ | Access::WRITE, &b"0"[..]).await;
+        assert_eq!(c.read(p).await, data(b"0"));
+        let before = cluster.calls("evalsha") + cluster.calls("eval");
+        for i in 0..WRITES {
+            assert_eq!(
+                c.ask(Request::Replace {
+                    ptr: p,
+                    data: Bytes::from(format!("{:08}", i + 1)),
+                })
+                .await,
+                Reply::Written(i + 2)
+            );
+        }
+        let scripts = cluster.calls("evalsha") + cluster.calls("eval") - before;
+        per_write.push(scripts as f64 / WRITES as f64);
+        assert_eq!(c.read(p).await, data(format!("{WRITES:08}").as_bytes()));
+    }
+    // Leases and the reaper add a few calls of their own while the test runs.
+    assert!(
+        per_write[0] < 1.25,
+        "with the state cache: {:.2} script calls per write",
+        per_write[0]
+    );
+    assert!(
+        per_write[1] >= 2.0,
+        "without it: {:.2} script calls per write",
+        per_write[1]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_hold_across_gateways() {
     let prefix = fresh_prefix();

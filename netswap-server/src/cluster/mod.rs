@@ -23,6 +23,7 @@ pub(crate) mod quota;
 mod reaper;
 pub(crate) mod redis_io;
 pub(crate) mod scripts;
+mod states;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -78,6 +79,9 @@ pub struct ClusterOptions {
     pub prefix: String,
     /// Requests worked on at once (`--redis-max-in-flight`); 0 = no limit.
     pub max_in_flight: usize,
+    /// Records whose last seen state is remembered, so that a write on one of them
+    /// takes one Redis round trip (`--redis-state-cache`); 0 = off.
+    pub state_cache: usize,
 }
 
 impl ClusterOptions {
@@ -110,6 +114,7 @@ impl ClusterOptions {
             response_timeout: Duration::from_secs(2),
             prefix: "ns".into(),
             max_in_flight: 64,
+            state_cache: 65_536,
         })
     }
 }
@@ -215,6 +220,8 @@ pub(crate) struct ClusterStore {
     push_rx: Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>>,
     /// Turns for requests (`ClusterOptions::max_in_flight`); `None`: no limit.
     turns: Option<tokio::sync::Semaphore>,
+    /// Records' last seen states, for writes in one round trip.
+    states: Mutex<states::States>,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -281,7 +288,6 @@ impl ClusterStore {
             redis,
             cfg,
             key,
-            opts,
             gateway,
             local: Mutex::new(Local::default()),
             quota: Arc::new(QuotaBook::new(keys.clone())),
@@ -297,6 +303,8 @@ impl ClusterStore {
             events_rx: Mutex::new(Some(events_rx)),
             push_rx: Mutex::new(Some(push_rx)),
             turns,
+            states: Mutex::new(states::States::new(opts.state_cache)),
+            opts,
         })
     }
 
@@ -812,9 +820,9 @@ impl ClusterStore {
         if watch && let Err(e) = self.subscribe(ptr, data).await {
             return unavailable(&e).into();
         }
-        for _ in 0..MAX_ATTEMPTS {
+        for n in 0..MAX_ATTEMPTS {
             match self
-                .attempt(&caller, ptr, &request, transfer_to.as_ref())
+                .attempt(&caller, ptr, &request, transfer_to.as_ref(), n == 0)
                 .await
             {
                 Ok(Some(outcome)) => {
@@ -951,6 +959,8 @@ impl ClusterStore {
         ptr: Pointer,
         change: &Change,
     ) -> redis::RedisResult<Committed> {
+        // Whatever happens, the state remembered is no longer the record's.
+        lock(&self.states).forget(ptr);
         let keys = self.keys.record(ptr);
         let started = Instant::now();
         let mut pause = Duration::from_millis(50);

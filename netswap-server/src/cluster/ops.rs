@@ -8,7 +8,7 @@ use redis::Value;
 use super::events::EventInfo;
 use super::keys;
 use super::redis_io::{self, Change, Committed, DataOp, Stored};
-use super::{AttemptError, Caller, ClusterStore, FENCE, MAX_INLINE, Outcome, WatchChange};
+use super::{AttemptError, Caller, ClusterStore, FENCE, MAX_INLINE, Outcome, WatchChange, lock};
 
 /// `Ok(None)`: the record changed under the attempt; decide again.
 type Attempt = Result<Option<Outcome>, AttemptError>;
@@ -25,15 +25,45 @@ fn done(reply: Reply) -> Attempt {
     Ok(Some(reply.into()))
 }
 
+/// What the rules see of a record, for `caller`.
+fn view(rec: &Stored, caller: &Identity) -> RecordView {
+    RecordView {
+        owned_by_caller: rec.owner == *caller,
+        access: rec.access,
+        version: rec.version,
+        size: rec.size,
+    }
+}
+
 impl ClusterStore {
-    /// One attempt at a request that names `ptr`.
+    /// One attempt at a request that names `ptr`. `remembered`: a write may be
+    /// decided on the record's last seen state (see `states`) instead of a load.
     pub(super) async fn attempt(
         &self,
         caller: &Caller,
         ptr: Pointer,
         request: &Request,
         transfer_to: Option<&Identity>,
+        remembered: bool,
     ) -> Attempt {
+        let me = caller.identity;
+        let is_write = matches!(
+            request,
+            Request::Replace { .. } | Request::ReplaceIf { .. } | Request::WriteAt { .. }
+        );
+        let remembered = if remembered && is_write {
+            lock(&self.states).get(ptr)
+        } else {
+            None
+        };
+        if let Some(rec) = remembered
+            && let Decision::Write(w) =
+                rules::decide(request, Some(&view(&rec, &me)), &me, transfer_to, &self.cfg)
+        {
+            // The commit checks the revision: a stale state fails it, and the next
+            // attempt loads. Any other decision is taken again on a fresh load.
+            return self.write(ptr, &rec, w, request).await;
+        }
         let range = match request {
             Request::Read { range: None, .. } => Some((0, 1u64 << 53)),
             Request::Read {
@@ -43,22 +73,16 @@ impl ClusterStore {
             Request::Watch { options, .. } if options.data => Some((0, 1u64 << 53)),
             _ => None,
         };
-        let Some(rec) =
-            redis_io::load(&self.redis, &self.keys.record(ptr), range, MAX_INLINE).await?
-        else {
+        let loaded = redis_io::load(&self.redis, &self.keys.record(ptr), range, MAX_INLINE).await?;
+        let Some(rec) = loaded else {
+            lock(&self.states).forget(ptr);
             return Ok(Some(Outcome {
                 applied: Applied::missing(),
                 watch: WatchChange::None,
             }));
         };
-        let me = caller.identity;
-        let view = RecordView {
-            owned_by_caller: rec.owner == me,
-            access: rec.access,
-            version: rec.version,
-            size: rec.size,
-        };
-        match rules::decide(request, Some(&view), &me, transfer_to, &self.cfg) {
+        lock(&self.states).seen(ptr, &rec);
+        match rules::decide(request, Some(&view(&rec, &me)), &me, transfer_to, &self.cfg) {
             Decision::Missing => unreachable!("the record exists"),
             Decision::Answer(r) => done(r),
             Decision::Info(i) => done(Reply::Info(i)),
@@ -231,7 +255,19 @@ impl ClusterStore {
             }
         }
         match committed? {
-            Committed::Yes => done(Reply::Written(w.new_version)),
+            Committed::Yes => {
+                lock(&self.states).seen(
+                    ptr,
+                    &Stored {
+                        rev,
+                        version: w.new_version,
+                        size: w.new_size,
+                        data: None,
+                        ..rec.clone()
+                    },
+                );
+                done(Reply::Written(w.new_version))
+            }
             Committed::Unknown => done(outcome_unknown()),
             Committed::Changed | Committed::Fenced => Ok(None),
         }

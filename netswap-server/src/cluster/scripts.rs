@@ -75,8 +75,9 @@ pub(crate) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if ARGV[8] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {1} end
-if redis.call('HGET', KEYS[1], 'l') == ARGV[7] then return {1} end
-local cur = redis.call('HGET', KEYS[1], 'r')
+local lr = redis.call('HMGET', KEYS[1], 'l', 'r')
+if lr[1] == ARGV[7] then return {1} end
+local cur = lr[2]
 if ARGV[1] == '' then
   if cur then return {0, cur} end
 elseif cur ~= ARGV[1] then
@@ -97,16 +98,16 @@ else
     redis.call('SETRANGE', KEYS[2], tonumber(ARGV[5]), ARGV[6])
   end
   local n = tonumber(ARGV[10])
+  local fields = {'l', ARGV[7]}
   local i = 11
   for j = 1, n do
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    fields[#fields + 1] = ARGV[i]
+    fields[#fields + 1] = ARGV[i + 1]
     i = i + 2
   end
+  redis.call('HSET', KEYS[1], unpack(fields))
   local k = tonumber(ARGV[i])
-  for j = 1, k do
-    redis.call('HDEL', KEYS[1], ARGV[i + j])
-  end
-  redis.call('HSET', KEYS[1], 'l', ARGV[7])
+  if k > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, i + 1, i + k)) end
 end
 if ARGV[8] == '1' then redis.call('SET', KEYS[3], '1', 'EX', 604800) end
 if ARGV[3] ~= '' then

@@ -182,6 +182,22 @@ impl RedisCluster {
         panic!("no primary serves slot {slot}");
     }
 
+    /// How many times the live nodes ran `command` (lowercase, e.g. `evalsha`), from
+    /// `INFO commandstats`.
+    pub fn calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        self.live_ports()
+            .iter()
+            .map(|&p| {
+                redis_cli(p, &["INFO", "commandstats"])
+                    .lines()
+                    .find_map(|l| l.strip_prefix(prefix.as_str()))
+                    .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
     /// Kills the node on `port` with SIGKILL.
     pub fn kill(&mut self, port: u16) {
         let i = self.ports.iter().position(|&p| p == port).expect("a node");
