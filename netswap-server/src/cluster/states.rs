@@ -47,12 +47,13 @@ impl States {
         if self.capacity == 0 {
             return;
         }
+        let state = Stored {
+            data: None,
+            ..rec.clone()
+        };
         if let Some(known) = self.map.get_mut(&ptr) {
-            if known.rev <= rec.rev {
-                *known = Stored {
-                    data: None,
-                    ..rec.clone()
-                };
+            if known.rev <= state.rev {
+                *known = state;
             }
             return;
         }
@@ -61,13 +62,7 @@ impl States {
         {
             self.map.remove(&victim);
         }
-        self.map.insert(
-            ptr,
-            Stored {
-                data: None,
-                ..rec.clone()
-            },
-        );
+        self.map.insert(ptr, state);
     }
 
     /// Forgets `ptr` (it is gone, or a change of this gateway is under way).
