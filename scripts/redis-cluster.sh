@@ -44,8 +44,20 @@ case $cmd in
     (IFS=,; echo "${nodes[*]}")
     ;;
   stop)
-    for pid in "$dir"/*/redis.pid; do
-      [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null || true
+    # SIGTERM, then wait for every node to exit (a node writes nodes.conf on its
+    # way out, so removing DIR before that races with it); SIGKILL after 10 s.
+    pids=()
+    for f in "$dir"/*/redis.pid; do
+      [ -f "$f" ] || continue
+      pid=$(cat "$f")
+      kill "$pid" 2>/dev/null && pids+=("$pid")
+    done
+    for pid in "${pids[@]}"; do
+      for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+      done
+      kill -9 "$pid" 2>/dev/null || true
     done
     ;;
   *) echo "usage: $0 start DIR [BASE] [PRIMARIES] | stop DIR" >&2; exit 2 ;;
