@@ -1,44 +1,74 @@
 #!/usr/bin/env bash
 # One netswap gateway on a Redis Cluster vs the cluster itself (docs/BENCHMARKS.md,
-# "Redis Cluster gateway"). Starts a 3+3 cluster on loopback, then for each row
-# alternates: netswap-bench against one gateway (--threads 1), and redis-benchmark
-# --cluster against the cluster (GET/SET with the same value size, connections and
-# pipeline). Prints medians of RUNS runs.
+# "Redis Cluster gateway"). Starts a 3+3 cluster on loopback and one gateway
+# (--threads 1), then for each row alternates three measurements of RUNS runs each:
+#   gateway   netswap-bench load (netswap protocol) against the gateway;
+#   cluster   netswap-bench load --protocol resp-cluster against the cluster (GET/SET,
+#             each connection on one primary with the keys of its slots): the same
+#             load generator, so the ratio compares the servers, not two tools;
+#   second    redis-benchmark --cluster (a second opinion on the cluster, another tool).
+# Same value size, connections, pipeline and key count everywhere. Prints medians,
+# the gateway's p99, and the CPU time per operation (from /proc: the gateway's, and
+# the six Redis nodes' together) for the first two.
 #
 # Usage: ./scripts/bench/cluster.sh [RUNS] [SECONDS]
+# NETSWAP_GATEWAY_FEATURES=mimalloc builds the gateway with that feature.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}
 secs=${2:-5}
-cargo build --release --quiet -p netswap-server -p netswap-cli
+features=${NETSWAP_GATEWAY_FEATURES:-}
+cargo build --release --quiet -p netswap-cli
+cargo build --release --quiet -p netswap-server ${features:+--features "$features"}
 bin=target/release
 work=$(mktemp -d /tmp/netswap-clusterbench.XXXXXX)
+cp $bin/netswap-server "$work/gateway"
 nodes=$(scripts/redis-cluster.sh start "$work/cluster" 18000 3)
 head -c 32 /dev/urandom >"$work/key"
-$bin/netswap-server --listen 127.0.0.1:7480 --threads 1 --store "redis-cluster://$nodes" \
+"$work/gateway" --listen 127.0.0.1:7480 --threads 1 --store "redis-cluster://$nodes" \
   --identity-key "$work/key" --quota-records 100000000 2>"$work/gw.log" >/dev/null &
 gw=$!
 trap 'kill $gw 2>/dev/null; scripts/redis-cluster.sh stop "$work/cluster"; rm -rf "$work"' EXIT
 sleep 1
+redis_pids=$(cat "$work"/cluster/*/redis.pid)
+tick=$(getconf CLK_TCK)
+# CPU ticks (user + system) of the given processes.
+ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)[\"$1\"])"; }
+echo "gateway build: ${features:-default}; $runs runs of $secs s per column; CPU in us per op"
 for row in "64 1" "64 16" "1024 1" "1024 16"; do
   set -- $row
   size=$1 pipe=$2
   for op in read replace; do
-    ns=() rb=() nsp99=()
+    ns=() nsp99=() nsgw=() nsrd=() cl=() clp99=() clrd=() rb=()
     for ((r = 0; r < runs; r++)); do
+      g0=$(ticks $gw) r0=$(ticks $redis_pids)
       out=$($bin/netswap-bench load -s 127.0.0.1:7480 -c 50 -P "$pipe" -d "$size" --op "$op" --keys 1000 --duration "$secs" --json)
-      ns+=("$(python3 -c 'import json,sys; print(json.load(sys.stdin)["ops_per_sec"])' <<<"$out")")
-      nsp99+=("$(python3 -c 'import json,sys; print(json.load(sys.stdin)["p99_us"])' <<<"$out")")
+      g1=$(ticks $gw) r1=$(ticks $redis_pids)
+      ops=$(field ops <<<"$out")
+      ns+=("$(field ops_per_sec <<<"$out")")
+      nsp99+=("$(field p99_us <<<"$out")")
+      nsgw+=("$(python3 -c "print(($g1-$g0)/$tick*1e6/$ops)")")
+      nsrd+=("$(python3 -c "print(($r1-$r0)/$tick*1e6/$ops)")")
+
+      r0=$(ticks $redis_pids)
+      out=$($bin/netswap-bench load --protocol resp-cluster -s 127.0.0.1:18000 -c 50 -P "$pipe" -d "$size" --op "$op" --keys 1000 --duration "$secs" --json)
+      r1=$(ticks $redis_pids)
+      ops=$(field ops <<<"$out")
+      cl+=("$(field ops_per_sec <<<"$out")")
+      clp99+=("$(field p99_us <<<"$out")")
+      clrd+=("$(python3 -c "print(($r1-$r0)/$tick*1e6/$ops)")")
+
       t=$([ "$op" = read ] && echo get || echo set)
-      n=$((pipe == 1 ? 100000 : 1000000))
+      n=$((pipe == 1 ? 200000 : 2000000))
       out=$(redis-benchmark -h 127.0.0.1 -p 18000 --cluster -c 50 -P "$pipe" -d "$size" -t "$t" -n $n -r 1000 -q 2>/dev/null | tr '\r' '\n' | grep -E "requests per second" | tail -1)
       rb+=("$(awk '{for(i=1;i<=NF;i++) if ($(i+1)=="requests") print $i}' <<<"$out")")
     done
-    a=$(printf '%s\n' "${ns[@]}" | median)
-    b=$(printf '%s\n' "${rb[@]}" | median)
-    p=$(printf '%s\n' "${nsp99[@]}" | median)
-    printf '%-8s %5s B  P%-3s gateway %10.0f ops/s (p99 %6.0f us)  cluster (redis-benchmark) %10.0f ops/s  ratio %.2f\n' \
-      "$op" "$size" "$pipe" "$a" "$p" "$b" "$(python3 -c "print($a/$b)")"
+    m() { printf '%s\n' "$@" | median; }
+    a=$(m "${ns[@]}") b=$(m "${cl[@]}") c=$(m "${rb[@]}")
+    printf '%-7s %4s B P%-2s | gateway %7.0f/s p99 %6.0f us, CPU gw %4.1f + redis %4.1f | cluster %7.0f/s p99 %6.0f us, CPU redis %4.1f | ratio %.2f | redis-benchmark %7.0f/s (ratio %.2f)\n' \
+      "$op" "$size" "$pipe" "$a" "$(m "${nsp99[@]}")" "$(m "${nsgw[@]}")" "$(m "${nsrd[@]}")" \
+      "$b" "$(m "${clp99[@]}")" "$(m "${clrd[@]}")" "$(python3 -c "print($a/$b)")" "$c" "$(python3 -c "print($a/$c)")"
   done
 done

@@ -1,9 +1,11 @@
 //! The same load, in other servers' protocols, so that one client design measures
 //! every server: memcached's binary protocol and Redis's RESP (GET/SET on keys
-//! `key:%012d`, preloaded so that every GET hits).
+//! `key:%012d`, preloaded so that every GET hits), on one Redis or on a Redis Cluster
+//! (`resp-cluster`: each connection talks to one primary, with the keys whose slots
+//! it serves, as `redis-benchmark --cluster` does).
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +27,7 @@ fn key_of(n: u64, keys: usize) -> usize {
 
 /// memcached binary-protocol request: GET (0x00) or SET (0x01) of key `n`.
 fn mc_request(out: &mut BytesMut, set: bool, key: usize, value: &[u8], opaque: u32) {
-    let key = format!("key:{key:012}");
+    let key = key_name(key);
     let extras = if set { 8 } else { 0 };
     let body = extras + key.len() + if set { value.len() } else { 0 };
     out.put_u8(0x80);
@@ -135,7 +137,7 @@ pub(super) async fn drive_memcached(spec: Arc<LoadSpec>, conn_no: usize) -> std:
 
 /// RESP request: `GET key` or `SET key value`, encoded as a client library would.
 fn resp_request(out: &mut BytesMut, set: bool, key: usize, value: &[u8]) {
-    let key = format!("key:{key:012}");
+    let key = key_name(key);
     if set {
         out.put_slice(b"*3\r\n$3\r\nSET\r\n");
     } else {
@@ -159,15 +161,128 @@ fn resp_reply(rbuf: &mut BytesMut) -> std::io::Result<Option<bool>> {
         .map(|(frame, _, _)| !matches!(frame, BytesFrame::Error(_) | BytesFrame::Null)))
 }
 
-/// Stores every key once (pipelined SETs) so that GETs hit.
-pub(super) async fn resp_preload(
-    server: SocketAddr,
-    keys: usize,
-    value: &[u8],
-) -> std::io::Result<()> {
+/// Where RESP connections go: one Redis, or the primaries of a cluster, each with
+/// the keys (numbers of `key:%012d`) it serves.
+pub(super) struct RespTargets {
+    targets: Vec<(SocketAddr, Vec<usize>)>,
+}
+
+impl RespTargets {
+    /// One server with every key.
+    pub fn single(server: SocketAddr, keys: usize) -> RespTargets {
+        RespTargets {
+            targets: vec![(server, (0..keys).collect())],
+        }
+    }
+
+    /// The primaries of the cluster `seed` belongs to (from `CLUSTER SLOTS`), each with
+    /// the keys in its slots. Primaries that would get no key are left out.
+    pub async fn cluster(seed: SocketAddr, keys: usize) -> std::io::Result<RespTargets> {
+        let mut s = raw_connect(seed, None).await?;
+        s.write_all(b"*2\r\n$7\r\nCLUSTER\r\n$5\r\nSLOTS\r\n")
+            .await?;
+        let mut rbuf = BytesMut::with_capacity(16 * 1024);
+        let frame = loop {
+            if let Some((frame, _, _)) = decode_bytes_mut(&mut rbuf).map_err(other)? {
+                break frame;
+            }
+            if s.read_buf(&mut rbuf).await? == 0 {
+                return Err(other("the server closed the connection"));
+            }
+        };
+        let ranges = slot_ranges(&frame, seed.ip())?;
+        let mut targets: Vec<(SocketAddr, Vec<usize>)> = Vec::new();
+        for k in 0..keys {
+            let slot = key_slot(&key_name(k));
+            let addr = ranges
+                .iter()
+                .find(|(a, b, _)| (*a..=*b).contains(&slot))
+                .map(|r| r.2)
+                .ok_or_else(|| other(format!("slot {slot} is not served: is the cluster up?")))?;
+            match targets.iter_mut().find(|t| t.0 == addr) {
+                Some(t) => t.1.push(k),
+                None => targets.push((addr, vec![k])),
+            }
+        }
+        targets.sort_by_key(|t| t.0);
+        Ok(RespTargets { targets })
+    }
+
+    /// Connection `conn_no`'s server and keys (connections go round the servers).
+    fn of(&self, conn_no: usize) -> (SocketAddr, &[usize]) {
+        let (addr, keys) = &self.targets[conn_no % self.targets.len()];
+        (*addr, keys)
+    }
+
+    /// How many servers.
+    pub fn servers(&self) -> usize {
+        self.targets.len()
+    }
+}
+
+/// `(first slot, last slot, primary)` from a `CLUSTER SLOTS` reply (an empty host
+/// means the address the question went to).
+fn slot_ranges(frame: &BytesFrame, seed: IpAddr) -> std::io::Result<Vec<(u16, u16, SocketAddr)>> {
+    let bad = || other("unexpected CLUSTER SLOTS reply (is this a cluster node?)");
+    let int = |f: &BytesFrame| match f {
+        BytesFrame::Integer(i) => Ok(*i),
+        _ => Err(bad()),
+    };
+    let BytesFrame::Array(ranges) = frame else {
+        return Err(bad());
+    };
+    let mut out = Vec::new();
+    for r in ranges {
+        let BytesFrame::Array(r) = r else {
+            return Err(bad());
+        };
+        let [start, end, primary, ..] = r.as_slice() else {
+            return Err(bad());
+        };
+        let BytesFrame::Array(node) = primary else {
+            return Err(bad());
+        };
+        let [host, port, ..] = node.as_slice() else {
+            return Err(bad());
+        };
+        let ip = match host {
+            BytesFrame::BulkString(h) if h.is_empty() => seed,
+            BytesFrame::BulkString(h) => std::str::from_utf8(h)
+                .ok()
+                .and_then(|h| h.parse().ok())
+                .ok_or_else(bad)?,
+            _ => return Err(bad()),
+        };
+        let port = u16::try_from(int(port)?).map_err(|_| bad())?;
+        let (start, end) = (int(start)?, int(end)?);
+        out.push((start as u16, end as u16, SocketAddr::new(ip, port)));
+    }
+    Ok(out)
+}
+
+/// The name of key number `k`.
+fn key_name(k: usize) -> String {
+    format!("key:{k:012}")
+}
+
+/// The Redis Cluster hash slot of a key (no hash tags in the keys used here).
+fn key_slot(key: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(key.as_bytes()) % 16384
+}
+
+/// Stores every key once (pipelined SETs, each on the server that serves it) so that
+/// GETs hit.
+pub(super) async fn resp_preload(targets: &RespTargets, value: &[u8]) -> std::io::Result<()> {
+    for (server, keys) in &targets.targets {
+        resp_preload_one(*server, keys, value).await?;
+    }
+    Ok(())
+}
+
+async fn resp_preload_one(server: SocketAddr, keys: &[usize], value: &[u8]) -> std::io::Result<()> {
     let mut s = raw_connect(server, None).await?;
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
-    for chunk in (0..keys).collect::<Vec<_>>().chunks(1024) {
+    for chunk in keys.chunks(1024) {
         let mut out = BytesMut::new();
         for k in chunk {
             resp_request(&mut out, true, *k, value);
@@ -177,7 +292,11 @@ pub(super) async fn resp_preload(
         while seen < chunk.len() {
             match resp_reply(&mut rbuf)? {
                 Some(true) => seen += 1,
-                Some(false) => return Err(other("a preloading SET failed")),
+                Some(false) => {
+                    return Err(other(format!(
+                        "a preloading SET on {server} got an error (a Redis Cluster node? use --protocol resp-cluster)"
+                    )));
+                }
                 None => {
                     if s.read_buf(&mut rbuf).await? == 0 {
                         return Err(other("the server closed the connection"));
@@ -190,10 +309,17 @@ pub(super) async fn resp_preload(
 }
 
 /// One RESP connection keeping `pipeline` requests in flight (replies come in order).
-pub(super) async fn drive_resp(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
-    let mut stream = raw_connect(spec.server, None).await?;
+/// A reply that is an error (a MOVED included) counts as a failed request.
+pub(super) async fn drive_resp(
+    spec: Arc<LoadSpec>,
+    targets: Arc<RespTargets>,
+    conn_no: usize,
+) -> std::io::Result<Tally> {
+    let (server, own) = targets.of(conn_no);
+    let mut stream = raw_connect(server, None).await?;
     let set = spec.op != Op::Read;
-    let keys = spec.keys.len();
+    let keys = own.len();
+    let key_of = |n: u64| own[key_of(n, keys)];
     let mut sent_at: VecDeque<Instant> = VecDeque::with_capacity(spec.pipeline);
     let mut wbuf = BytesMut::with_capacity(64 * 1024);
     let mut rbuf = BytesMut::with_capacity(256 * 1024);
@@ -204,7 +330,7 @@ pub(super) async fn drive_resp(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::
             break;
         }
         counter += 1;
-        resp_request(&mut wbuf, set, key_of(counter, keys), &spec.value);
+        resp_request(&mut wbuf, set, key_of(counter), &spec.value);
         sent_at.push_back(Instant::now());
     }
     loop {
@@ -228,7 +354,7 @@ pub(super) async fn drive_resp(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::
             let _ = tally.hist.record((now - sent).as_nanos().max(1) as u64);
             if spec.take() {
                 counter += 1;
-                resp_request(&mut wbuf, set, key_of(counter, keys), &spec.value);
+                resp_request(&mut wbuf, set, key_of(counter), &spec.value);
                 sent_at.push_back(Instant::now());
             }
         }

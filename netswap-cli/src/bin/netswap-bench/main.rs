@@ -10,8 +10,8 @@
 //! on a connection that carries a huge transfer), `sync` (many watchers keeping a copy
 //! of one record: notify + READ, data watches, or Redis's SETRANGE + PUBLISH + GET),
 //! `ceiling` (a server that only frames replies, to compare netswap-server with).
-//! `load --protocol memcached|resp` measures memcached and Redis with the same client
-//! design.
+//! `load --protocol memcached|resp|resp-cluster` measures memcached, Redis and a Redis
+//! Cluster with the same client design.
 
 mod ceiling;
 mod kv;
@@ -190,6 +190,10 @@ enum Protocol {
     Memcached,
     /// Redis's RESP (read = GET, replace/write-at = SET).
     Resp,
+    /// Redis's RESP on a Redis Cluster (`--server` is any node): each connection
+    /// talks to one primary (connections go round them) with the keys in its slots,
+    /// as `redis-benchmark --cluster` does.
+    RespCluster,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -442,18 +446,26 @@ fn load(
 ) -> Result<(), String> {
     let rt = runtime()?;
     let value = Bytes::from(vec![0x5Au8; size]);
-    if protocol != Protocol::Netswap {
-        if op == Op::CreateDelete {
-            return Err(format!(
-                "--protocol {protocol:?} supports read, replace and write-at"
-            ));
-        }
-        let preloaded = match protocol {
-            Protocol::Memcached => rt.block_on(kv::mc_preload(cli.server, keys.max(1), &value)),
-            _ => rt.block_on(kv::resp_preload(cli.server, keys.max(1), &value)),
-        };
-        preloaded.map_err(|e| format!("cannot preload the keys: {e}"))?;
+    if protocol != Protocol::Netswap && op == Op::CreateDelete {
+        return Err(format!(
+            "--protocol {protocol:?} supports read, replace and write-at"
+        ));
     }
+    let targets = match protocol {
+        Protocol::Resp => Some(kv::RespTargets::single(cli.server, keys.max(1))),
+        Protocol::RespCluster => Some(
+            rt.block_on(kv::RespTargets::cluster(cli.server, keys.max(1)))
+                .map_err(|e| format!("cannot read the cluster's slots from {}: {e}", cli.server))?,
+        ),
+        _ => None,
+    };
+    let preloaded = match (&targets, protocol) {
+        (Some(t), _) => rt.block_on(kv::resp_preload(t, &value)),
+        (None, Protocol::Memcached) => rt.block_on(kv::mc_preload(cli.server, keys.max(1), &value)),
+        (None, _) => Ok(()),
+    };
+    preloaded.map_err(|e| format!("cannot preload the keys: {e}"))?;
+    let targets = Arc::new(targets.unwrap_or_else(|| kv::RespTargets::single(cli.server, 1)));
     // Records every connection may read and write (same identity or not).
     let ptrs = rt.block_on(async {
         if protocol != Protocol::Netswap {
@@ -506,6 +518,7 @@ fn load(
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let spec = spec.clone();
+            let targets = targets.clone();
             std::thread::spawn(move || {
                 let rt = runtime().expect("a runtime");
                 rt.block_on(async {
@@ -516,7 +529,9 @@ fn load(
                             Protocol::Memcached => {
                                 tokio::spawn(kv::drive_memcached(spec.clone(), c))
                             }
-                            Protocol::Resp => tokio::spawn(kv::drive_resp(spec.clone(), c)),
+                            Protocol::Resp | Protocol::RespCluster => {
+                                tokio::spawn(kv::drive_resp(spec.clone(), targets.clone(), c))
+                            }
                         });
                     }
                     let mut out = Vec::new();
@@ -548,7 +563,8 @@ fn load(
         println!(
             "{}",
             serde_json::json!({
-                "tool": "netswap-bench", "mode": "load", "protocol": format!("{protocol:?}").to_lowercase(),
+                "tool": "netswap-bench", "mode": "load", "protocol": protocol.to_possible_value().map(|v| v.get_name().to_string()),
+                "servers": targets.servers(),
                 "op": op_name, "size": size,
                 "connections": connections, "pipeline": pipeline, "threads": threads,
                 "ops": ops, "errors": errors, "seconds": elapsed, "ops_per_sec": ops_per_sec,

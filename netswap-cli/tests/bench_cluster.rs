@@ -1,0 +1,176 @@
+//! `netswap-bench load --protocol resp-cluster`: the same load generator that measures
+//! a netswap gateway measures the Redis Cluster under it (docs/BENCHMARKS.md). Runs
+//! against the cluster `scripts/test.sh` started (`NETSWAP_TEST_REDIS_CLUSTER`), or
+//! starts its own with `scripts/redis-cluster.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+/// A cluster to measure: the shared one, or one of our own (stopped on drop; one at
+/// a time, as clusters created side by side on this machine can fail to form).
+struct Cluster {
+    nodes: Vec<String>,
+    own: Option<(PathBuf, MutexGuard<'static, ()>)>,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/redis-cluster.sh")
+}
+
+impl Cluster {
+    fn get() -> Cluster {
+        if let Ok(nodes) = std::env::var("NETSWAP_TEST_REDIS_CLUSTER") {
+            return Cluster {
+                nodes: nodes.split(',').map(str::to_string).collect(),
+                own: None,
+            };
+        }
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("netswap-bench-cluster-{pid}"));
+        let base = 30_000 + (pid % 1000) * 10;
+        let out = Command::new(script())
+            .args(["start", dir.to_str().unwrap(), &base.to_string(), "3"])
+            .output()
+            .expect("scripts/redis-cluster.sh runs (redis-server installed?)");
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(dir.join("create.log")).unwrap_or_default()
+        );
+        Cluster {
+            nodes: String::from_utf8(out.stdout)
+                .unwrap()
+                .trim()
+                .split(',')
+                .map(str::to_string)
+                .collect(),
+            own: Some((dir, guard)),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some((dir, _one_at_a_time)) = &self.own {
+            let _ = Command::new(script())
+                .args(["stop", dir.to_str().unwrap()])
+                .status();
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_netswap-bench"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn resp_cluster_reaches_every_primary_and_every_reply_is_a_hit() {
+    let cluster = Cluster::get();
+    // Any node will do as the seed, a replica included.
+    let seed = cluster.nodes.last().unwrap();
+    for op in ["replace", "read"] {
+        let out = json(&bench(&[
+            "load",
+            "--protocol",
+            "resp-cluster",
+            "-s",
+            seed,
+            "-c",
+            "6",
+            "-P",
+            "4",
+            "-d",
+            "100",
+            "--keys",
+            "500",
+            "-n",
+            "3000",
+            "--op",
+            op,
+            "--json",
+        ]));
+        assert_eq!(out["protocol"], "resp-cluster");
+        // A GET that missed, or a MOVED from a node that does not serve the key,
+        // counts as an error (and fails the run).
+        assert_eq!(out["errors"], 0, "{out}");
+        assert_eq!(out["ops"], 3000, "{out}");
+        assert_eq!(out["servers"], 3, "one target per primary: {out}");
+        assert!(out["p99_us"].as_f64().unwrap() > 0.0, "{out}");
+    }
+}
+
+#[test]
+fn plain_resp_on_a_cluster_node_is_a_clear_error() {
+    let cluster = Cluster::get();
+    let o = bench(&[
+        "load",
+        "--protocol",
+        "resp",
+        "-s",
+        &cluster.nodes[0],
+        "--keys",
+        "100",
+        "-n",
+        "10",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--protocol resp-cluster"), "{err}");
+}
+
+/// `netswap-bench load --protocol resp-cluster -s addr -n 10`, which must fail; its
+/// error message.
+fn resp_cluster_error(addr: &str) -> String {
+    let o = bench(&["load", "--protocol", "resp-cluster", "-s", addr, "-n", "10"]);
+    assert!(!o.status.success());
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn resp_cluster_on_a_redis_that_is_not_a_cluster_or_not_there_is_a_clear_error() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let addr = format!("127.0.0.1:{port}");
+    // Nothing listens there yet.
+    let err = resp_cluster_error(&addr);
+    assert!(err.contains("cannot read the cluster's slots"), "{err}");
+    // A Redis without cluster mode.
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server is installed");
+    let up = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    let err = if up {
+        resp_cluster_error(&addr)
+    } else {
+        String::new()
+    };
+    let _ = redis.kill();
+    let _ = redis.wait();
+    assert!(up, "redis-server did not start on {addr}");
+    assert!(err.contains("is this a cluster node?"), "{err}");
+}
