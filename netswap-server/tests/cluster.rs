@@ -326,17 +326,19 @@ async fn writes_decided_on_a_stale_state_are_decided_again() {
 
 /// A write on a record the gateway has seen costs one Redis script call (the
 /// commit), not two (a load, then the commit); with `--redis-state-cache 0` it costs
-/// two. Counted by the cluster's own `INFO commandstats`, on a cluster of this test's
-/// own (the shared one serves other tests at the same time).
+/// two. A write on a record nobody watches publishes nothing; once a connection
+/// (on another gateway) watches it, every write publishes its event. Counted by the
+/// cluster's own `INFO commandstats`, on a cluster of this test's own (the shared
+/// one serves other tests at the same time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
     let cluster = common::cluster::RedisCluster::start(3, 0, false);
     let nodes = cluster.nodes().join(",");
-    let start = |cache: usize| {
+    let start = |prefix: &str, cache: usize| {
         let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
         let mut o =
             netswap_server::ClusterOptions::parse(&format!("redis-cluster://{nodes}")).unwrap();
-        o.prefix = fresh_prefix();
+        o.prefix = prefix.to_string();
         o.state_cache = cache;
         c.cluster = Some(o);
         c.identity_key = IdentityKey::new(GATEWAY_KEY);
@@ -345,11 +347,13 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
     const WRITES: u64 = 200;
     let mut per_write = Vec::new();
     for cache in [65_536, 0] {
-        let gw = start(cache);
+        let prefix = fresh_prefix();
+        let gw = start(&prefix, cache);
         let mut c = Raw::connect(gw.addr(), 2).await;
         let p = c.create(Access::READ | Access::WRITE, &b"0"[..]).await;
         assert_eq!(c.read(p).await, data(b"0"));
         let before = cluster.calls("evalsha") + cluster.calls("eval");
+        let published = cluster.calls("spublish");
         for i in 0..WRITES {
             assert_eq!(
                 c.ask(Request::Replace {
@@ -362,7 +366,41 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
         }
         let scripts = cluster.calls("evalsha") + cluster.calls("eval") - before;
         per_write.push(scripts as f64 / WRITES as f64);
+        assert_eq!(
+            cluster.calls("spublish") - published,
+            0,
+            "writes on a record nobody watches publish nothing"
+        );
         assert_eq!(c.read(p).await, data(format!("{WRITES:08}").as_bytes()));
+        // Watched through another gateway: each write publishes its event once, and
+        // the watcher gets every one.
+        let other = start(&prefix, cache);
+        let mut w = Raw::connect(other.addr(), 3).await;
+        w.send(7, &Request::watch(p)).await;
+        assert_eq!(w.reply_to(7).await.status(), Status::Ok);
+        let published = cluster.calls("spublish");
+        for i in 0..5 {
+            let v = WRITES + 2 + i;
+            assert_eq!(
+                c.ask(Request::Replace {
+                    ptr: p,
+                    data: Bytes::from_static(b"watched"),
+                })
+                .await,
+                Reply::Written(v)
+            );
+            let n = w.reply_to(7).await;
+            assert_eq!(
+                Reply::parse(None, n.status, n.arg, n.payload).unwrap(),
+                Reply::Notify {
+                    event: Event::Changed,
+                    ptr: p,
+                    version: v,
+                    delta: None
+                }
+            );
+        }
+        assert_eq!(cluster.calls("spublish") - published, 5);
     }
     // Leases and the reaper add a few calls of their own while the test runs.
     assert!(
