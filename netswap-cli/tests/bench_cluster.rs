@@ -30,36 +30,49 @@ impl Cluster {
         let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let pid = std::process::id();
         let dir = std::env::temp_dir().join(format!("netswap-bench-cluster-{pid}"));
-        let base = 30_000 + (pid % 1000) * 10;
-        let out = Command::new(script())
-            .args(["start", dir.to_str().unwrap(), &base.to_string(), "3"])
-            .output()
-            .expect("scripts/redis-cluster.sh runs (redis-server installed?)");
-        assert!(
-            out.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(dir.join("create.log")).unwrap_or_default()
-        );
-        Cluster {
-            nodes: String::from_utf8(out.stdout)
-                .unwrap()
-                .trim()
-                .split(',')
-                .map(str::to_string)
-                .collect(),
-            own: Some((dir, guard)),
+        // Ports 12000-16990 (cluster bus +10000), below the kernel's ephemeral range;
+        // another base when a port is taken (a node that cannot bind fails the start).
+        let mut failures = String::new();
+        for attempt in 0..5u32 {
+            let base = 12_000 + (pid.wrapping_add(attempt * 131) % 500) * 10;
+            let out = Command::new(script())
+                .args(["start", dir.to_str().unwrap(), &base.to_string(), "3"])
+                .output()
+                .expect("scripts/redis-cluster.sh runs (redis-server installed?)");
+            if out.status.success() {
+                return Cluster {
+                    nodes: String::from_utf8(out.stdout)
+                        .unwrap()
+                        .trim()
+                        .split(',')
+                        .map(str::to_string)
+                        .collect(),
+                    own: Some((dir, guard)),
+                };
+            }
+            failures += &format!(
+                "base {base}: {}{}\n",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(dir.join("create.log")).unwrap_or_default()
+            );
+            stop(&dir);
         }
+        panic!("no cluster could be started:\n{failures}");
     }
+}
+
+/// Stops the nodes of a cluster started in `dir` and removes it.
+fn stop(dir: &Path) {
+    let _ = Command::new(script())
+        .args(["stop", dir.to_str().unwrap()])
+        .status();
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         if let Some((dir, _one_at_a_time)) = &self.own {
-            let _ = Command::new(script())
-                .args(["stop", dir.to_str().unwrap()])
-                .status();
-            let _ = std::fs::remove_dir_all(dir);
+            stop(dir);
         }
     }
 }
