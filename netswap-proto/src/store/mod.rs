@@ -560,7 +560,7 @@ impl Store {
     }
 
     /// Copies every record out for a snapshot, handing them to `sink` a page (up to
-    /// 256 records of one shard) at a time. Each page is copied under its shard's
+    /// 285 records of one shard) at a time. Each page is copied under its shard's
     /// lock, which is then released before `sink` runs: serving never waits for more
     /// than one page's copy (large values are shared, not copied). Records changed
     /// while the export runs are exported as they were when their page was copied.
