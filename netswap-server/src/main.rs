@@ -6,9 +6,8 @@ use clap::Parser;
 use netswap_server::{Args, Server, ServerConfig, StartError, build_runtime};
 use tracing_subscriber::EnvFilter;
 
-/// With the `mimalloc` feature (on by default): mimalloc instead of glibc's malloc
-/// (7-20% faster for a Redis Cluster gateway, the same speed and 3% more memory per
-/// record for the embedded store; docs/BENCHMARKS.md, "The allocator").
+/// With the `mimalloc` feature: mimalloc instead of glibc's malloc (faster for a Redis
+/// Cluster gateway, more memory per record for the embedded store; docs/BENCHMARKS.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

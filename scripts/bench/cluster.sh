@@ -12,16 +12,14 @@
 # the six Redis nodes' together) for the first two.
 #
 # Usage: ./scripts/bench/cluster.sh [RUNS] [SECONDS]
-# NETSWAP_GATEWAY_CARGO_FLAGS adds cargo flags to the gateway's build (for example
-# "--no-default-features" for glibc's malloc instead of mimalloc).
+# NETSWAP_GATEWAY_FEATURES=mimalloc builds the gateway with that feature.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}
 secs=${2:-5}
-flags=${NETSWAP_GATEWAY_CARGO_FLAGS:-}
+features=${NETSWAP_GATEWAY_FEATURES:-}
 cargo build --release --quiet -p netswap-cli
-# shellcheck disable=SC2086 # flags are words
-cargo build --release --quiet -p netswap-server $flags
+cargo build --release --quiet -p netswap-server ${features:+--features "$features"}
 bin=target/release
 work=$(mktemp -d /tmp/netswap-clusterbench.XXXXXX)
 cp $bin/netswap-server "$work/gateway"
@@ -38,7 +36,7 @@ tick=$(getconf CLK_TCK)
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)[\"$1\"])"; }
-echo "gateway build: ${flags:-default (mimalloc)}; $runs runs of $secs s per column; CPU in us per op"
+echo "gateway build: ${features:-default}; $runs runs of $secs s per column; CPU in us per op"
 for row in "64 1" "64 16" "1024 1" "1024 16"; do
   set -- $row
   size=$1 pipe=$2
