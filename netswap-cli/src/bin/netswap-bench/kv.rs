@@ -193,7 +193,7 @@ impl RespTargets {
         let ranges = slot_ranges(&frame, seed.ip())?;
         let mut targets: Vec<(SocketAddr, Vec<usize>)> = Vec::new();
         for k in 0..keys {
-            let slot = key_slot(&key_name(k));
+            let slot = redis_protocol::redis_keyslot(key_name(k).as_bytes());
             let addr = ranges
                 .iter()
                 .find(|(a, b, _)| (*a..=*b).contains(&slot))
@@ -263,11 +263,6 @@ fn slot_ranges(frame: &BytesFrame, seed: IpAddr) -> std::io::Result<Vec<(u16, u1
 /// The name of key number `k`.
 fn key_name(k: usize) -> String {
     format!("key:{k:012}")
-}
-
-/// The Redis Cluster hash slot of a key (no hash tags in the keys used here).
-fn key_slot(key: &str) -> u16 {
-    crc16::State::<crc16::XMODEM>::calculate(key.as_bytes()) % 16384
 }
 
 /// Stores every key once (pipelined SETs, each on the server that serves it) so that
