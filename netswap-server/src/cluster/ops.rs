@@ -73,7 +73,20 @@ impl ClusterStore {
             Request::Watch { options, .. } if options.data => Some((0, 1u64 << 53)),
             _ => None,
         };
-        let loaded = redis_io::load(&self.redis, &self.keys.record(ptr), range, MAX_INLINE).await?;
+        // How many bytes may come with the load: up to MAX_INLINE, so that a caller
+        // who may not read a big record does not make Redis send it; all of a read
+        // the remembered state allows (decided again on the loaded state below).
+        let inline = match lock(&self.states).get(ptr) {
+            Some(known) if range.is_some() => {
+                match rules::decide(request, Some(&view(&known, &me)), &me, None, &self.cfg) {
+                    Decision::Read { .. } => usize::MAX,
+                    _ if known.size > MAX_INLINE as u64 => 0,
+                    _ => MAX_INLINE,
+                }
+            }
+            _ => MAX_INLINE,
+        };
+        let loaded = redis_io::load(&self.redis, &self.keys.record(ptr), range, inline).await?;
         let Some(rec) = loaded else {
             lock(&self.states).forget(ptr);
             return Ok(Some(Outcome {

@@ -9,8 +9,9 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Loads a record: `{rev, owner, payer, access, version, deadline, generation, size,
-/// data}` or nil. `data` is the range `[start, start+len)` (cut at the end) when it is
+/// Loads a record atomically: `{rev, owner, payer, access, version, deadline,
+/// generation, size, data}` or nil. The fallback of `redis_io::load`, which reads with
+/// plain commands (cheaper for Redis) while no write comes in between. `data` is the range `[start, start+len)` (cut at the end) when it is
 /// at most `max_inline` bytes and `len >= 0`, else nil (the gateway fetches it
 /// separately, after deciding the caller may read it).
 ///
@@ -34,22 +35,6 @@ if n >= 0 and s <= size then
   end
 end
 return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, size, d}
-"#,
-    )
-});
-
-/// Reads a range of a record's data if the record is still at revision `rev`:
-/// `{1, bytes}`, or `{0}` when it changed.
-///
-/// KEYS: meta, data. ARGV: rev, start, end (exclusive).
-pub(crate) static RANGE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('HGET', KEYS[1], 'r') ~= ARGV[1] then return {0} end
-local s = tonumber(ARGV[2])
-local e = tonumber(ARGV[3])
-if e <= s then return {1, ''} end
-return {1, redis.call('GETRANGE', KEYS[2], s, e - 1)}
 "#,
     )
 });

@@ -182,6 +182,28 @@ impl RedisCluster {
         panic!("no primary serves slot {slot}");
     }
 
+    /// Empties every live node's script cache (`SCRIPT FLUSH`).
+    pub fn flush_scripts(&self) {
+        for p in self.live_ports() {
+            redis_cli(p, &["SCRIPT", "FLUSH"]);
+        }
+    }
+
+    /// Bytes the live nodes have sent to their clients (`INFO stats`
+    /// `total_net_output_bytes`: replies, not replication or the cluster bus).
+    pub fn net_output_bytes(&self) -> u64 {
+        self.live_ports()
+            .iter()
+            .map(|&p| {
+                redis_cli(p, &["INFO", "stats"])
+                    .lines()
+                    .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
     /// How many times the live nodes ran `command` (lowercase, e.g. `evalsha`), from
     /// `INFO commandstats`.
     pub fn calls(&self, command: &str) -> u64 {
