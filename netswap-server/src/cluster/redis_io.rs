@@ -504,18 +504,9 @@ pub(crate) struct Wait {
     pub ms: u64,
 }
 
-/// The hash slot of a key (CRC16/XMODEM of its hash tag, as Redis Cluster defines).
+/// The hash slot of a key (CRC16 of its hash tag, as Redis Cluster defines it).
 pub(crate) fn slot_of(key: &str) -> u16 {
-    let b = key.as_bytes();
-    let tagged = b
-        .iter()
-        .position(|&c| c == b'{')
-        .and_then(|open| {
-            let close = b[open + 1..].iter().position(|&c| c == b'}')?;
-            (close > 0).then(|| &b[open + 1..open + 1 + close])
-        })
-        .unwrap_or(b);
-    crc16::State::<crc16::XMODEM>::calculate(tagged) % 16384
+    redis_protocol::redis_keyslot(key.as_bytes())
 }
 
 /// For each slot range, how many replicas its primary has that are not failing
