@@ -265,9 +265,20 @@ fn own(data: Bytes) -> Bytes {
 /// shard lock is released, if nothing refers to them any more.
 type Released = Vec<Arc<Account>>;
 
+/// Where large values go when the store lets go of them ([`Store::set_retire`]).
+struct Retire(Box<dyn Fn(Bytes) + Send + Sync>);
+
+impl std::fmt::Debug for Retire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Retire")
+    }
+}
+
 /// The record store. See the module documentation.
 #[derive(Debug)]
 pub struct Store {
+    /// Where large values the store lets go of are freed (see [`Store::set_retire`]).
+    retire: Option<Retire>,
     config: StoreConfig,
     key: IdentityKey,
     shards: Box<[Mutex<Shard>]>,
@@ -286,6 +297,7 @@ impl Store {
             .next_power_of_two();
         let codec = PlaceCodec::random(n);
         Store {
+            retire: None,
             shards: (0..n)
                 .map(|i| Mutex::new(Shard::new(Records::new(codec.clone(), i))))
                 .collect(),
@@ -294,6 +306,22 @@ impl Store {
             key,
             registry: Mutex::new(Registry::default()),
             next_conn: AtomicU64::new(1),
+        }
+    }
+
+    /// Hands every large value (256 KiB and up) the store lets go of — replaced,
+    /// deleted or reaped — to `retire` instead of freeing it on the spot, after the
+    /// record's shard is unlocked. A server passes them to a thread of its own, so
+    /// that freeing a 64 MiB value (1–3 ms of `munmap`) does not hold up the requests
+    /// behind it. Without it they are freed where they are let go.
+    pub fn set_retire(&mut self, retire: impl Fn(Bytes) + Send + Sync + 'static) {
+        self.retire = Some(Retire(Box::new(retire)));
+    }
+
+    /// Frees or hands on values taken from the shards (call with no shard locked).
+    fn retire(&self, values: Vec<Bytes>) {
+        if let Some(Retire(f)) = &self.retire {
+            values.into_iter().for_each(f);
         }
     }
 
@@ -456,6 +484,7 @@ impl Store {
     pub fn reap(&self, now: Instant) -> Reaped {
         let mut out = Reaped::default();
         let mut released = Released::new();
+        let mut retired = Vec::new();
         // Accounts whose own deadline has passed, with that deadline.
         let mut due: Vec<(Arc<Account>, Instant)> = Vec::new();
         {
@@ -524,9 +553,11 @@ impl Store {
                 shard.remove_record(p, slot, &mut out.notifications, &mut released);
                 out.records.push(p);
             }
+            retired.extend(shard.records.take_retired());
         }
         released.extend(due.into_iter().map(|(a, _)| a));
         self.prune_released(released);
+        self.retire(retired);
         out
     }
 
@@ -765,7 +796,7 @@ impl Store {
                 transfer_to.as_ref(),
                 &self.config,
             );
-            self.carry_out(
+            let applied = self.carry_out(
                 shard,
                 session,
                 xid,
@@ -775,9 +806,12 @@ impl Store {
                 request,
                 now,
                 &mut released,
-            )
+            );
+            (applied, shard.records.take_retired())
         };
+        let (applied, retired) = applied;
         self.prune_released(released);
+        self.retire(retired);
         applied
     }
 
@@ -1109,6 +1143,9 @@ impl Shard {
             );
         }
         released.push(rec.owner);
+        if let Data::Shared(b) = rec.data {
+            self.records.retire(b);
+        }
     }
 }
 

@@ -33,6 +33,11 @@ pub(crate) const INLINE: usize = 64;
 pub(crate) const PAGE: usize = 285;
 /// `Slot::len` of a value held in the large-value table.
 const LARGE: u8 = u8::MAX;
+/// Values from this size up that the store lets go of are retired (handed to
+/// [`Store::set_retire`](super::Store::set_retire)) instead of freed where they were
+/// let go: freeing 64 MiB (`munmap` of its pages) took 1.3–2.8 ms of the event loop,
+/// with the shard locked, in front of every other request (docs/BENCHMARKS.md).
+pub(crate) const RETIRE_MIN: usize = 256 * 1024;
 
 /// A record's bytes, outside the store (what goes in and comes out).
 #[derive(Clone, Debug)]
@@ -211,6 +216,8 @@ pub(crate) struct Records {
     foreign: HashTable<u32>,
     large: Vec<Bytes>,
     large_free: Vec<u32>,
+    /// Large values let go of, to be freed outside the shard's lock ([`RETIRE_MIN`]).
+    retired: Vec<Bytes>,
     owners: Vec<Owner>,
     owner_ids: HashMap<usize, u32>,
     owner_free: Vec<u32>,
@@ -238,6 +245,7 @@ impl Records {
             foreign: HashTable::new(),
             large: Vec::new(),
             large_free: Vec::new(),
+            retired: Vec::new(),
             owners: Vec::new(),
             owner_ids: HashMap::new(),
             owner_free: Vec::new(),
@@ -330,17 +338,34 @@ impl Records {
         self.unintern(old);
     }
 
+    /// Lets go of a value: large ones wait in [`Records::take_retired`].
+    pub(crate) fn retire(&mut self, b: Bytes) {
+        if b.len() >= RETIRE_MIN {
+            self.retired.push(b);
+        }
+    }
+
+    /// The large values let go of since the last call.
+    pub(crate) fn take_retired(&mut self) -> Vec<Bytes> {
+        std::mem::take(&mut self.retired)
+    }
+
     /// Replaces the value.
     pub(crate) fn set_data(&mut self, slot: u32, data: Data) {
         match data {
             Data::Inline { len, buf } => {
-                self.free_large(slot);
+                if let Some(old) = self.free_large(slot) {
+                    self.retire(old);
+                }
                 let s = self.slot_mut(slot);
                 s.len = len;
                 s.buf = buf;
             }
             Data::Shared(b) => match self.slot(slot).large() {
-                Some(i) => self.large[i as usize] = b,
+                Some(i) => {
+                    let old = std::mem::replace(&mut self.large[i as usize], b);
+                    self.retire(old);
+                }
                 None => {
                     let i = put(&mut self.large, &mut self.large_free, b);
                     let s = self.slot_mut(slot);

@@ -1281,3 +1281,61 @@ fn restored_records_and_new_ones_live_side_by_side() {
     assert_eq!(fresh.stats().records, 150 + 300 + 150);
     fresh.audit().unwrap();
 }
+
+#[test]
+fn large_values_let_go_of_are_retired_not_freed_in_place() {
+    let mut w = World::default();
+    let retired: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let seen = retired.clone();
+    w.store
+        .set_retire(move |b: Bytes| seen.lock().unwrap().push(b.len()));
+    let taken = || std::mem::take(&mut *retired.lock().unwrap());
+    let mut a = w.store.connect(ip(2));
+    let big = |n: usize, fill: u8| Bytes::from(vec![fill; n]);
+    let replace = |ptr, data| Request::Replace { ptr, data };
+    let p = match w.reply(
+        &mut a,
+        Request::Create {
+            access: Access::empty(),
+            data: big(300_000, 1),
+        },
+    ) {
+        Reply::Created(p) => p,
+        other => panic!("{other:?}"),
+    };
+    // Replaced by a large value, by a small one: the old large value is retired.
+    assert_eq!(
+        w.reply(&mut a, replace(p, big(400_000, 2))),
+        Reply::Written(2)
+    );
+    assert_eq!(taken(), vec![300_000]);
+    assert_eq!(w.reply(&mut a, replace(p, big(10, 3))), Reply::Written(3));
+    assert_eq!(taken(), vec![400_000]);
+    // Small values, and values under 256 KiB, are freed in place.
+    assert_eq!(
+        w.reply(&mut a, replace(p, big(200_000, 4))),
+        Reply::Written(4)
+    );
+    assert_eq!(
+        w.reply(&mut a, replace(p, big(500_000, 5))),
+        Reply::Written(5)
+    );
+    assert_eq!(taken(), Vec::<usize>::new());
+    assert_eq!(w.read(&mut a, p), Reply::Data(big(500_000, 5)));
+    // Deleted; reaped.
+    assert_eq!(w.reply(&mut a, Request::Delete { ptr: p }), Reply::Done);
+    assert_eq!(taken(), vec![500_000]);
+    let q = match w.reply(
+        &mut a,
+        Request::Create {
+            access: Access::empty(),
+            data: big(1 << 20, 6),
+        },
+    ) {
+        Reply::Created(q) => q,
+        other => panic!("{other:?}"),
+    };
+    w.store.disconnect(a, w.at(10));
+    assert_eq!(w.store.reap(w.at(310)).records, vec![q]);
+    assert_eq!(taken(), vec![1 << 20]);
+}
