@@ -46,7 +46,7 @@ use tracing::{debug, info, warn};
 
 use keys::Keys;
 use quota::{QuotaBook, QuotaError};
-use redis_io::{Change, Committed, DataOp, unavailable};
+use redis_io::{Change, Committed, DataOp, Stored, unavailable};
 
 /// Bytes a READ gets back with the record's state in one round trip; larger ranges are
 /// read in a second one, once the caller is known to be allowed.
@@ -907,6 +907,21 @@ impl ClusterStore {
             match committed {
                 Ok(Committed::Yes) => {
                     self.settle_later(ptr, op, vec![me], true);
+                    // Its state is known: a first write through this gateway is
+                    // decided on it and committed in one round trip.
+                    lock(&self.states).seen(
+                        ptr,
+                        &Stored {
+                            rev: 1,
+                            owner: me,
+                            payer: None,
+                            access,
+                            version: 1,
+                            deadline: None,
+                            size: data.len() as u64,
+                            data: None,
+                        },
+                    );
                     return Reply::Created(ptr);
                 }
                 Ok(c) => {

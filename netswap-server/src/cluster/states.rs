@@ -1,6 +1,6 @@
 //! What this gateway last saw of records: the state (revision, owner, payer, access,
-//! version, size; never the bytes) each record had when it was last loaded or
-//! written through this gateway.
+//! version, size; never the bytes) each record had when it was last loaded, created
+//! or written through this gateway.
 //!
 //! A write (REPLACE, REPLACE_IF, WRITE_AT) on a record found here is decided on that
 //! state and committed at once, in one Redis round trip instead of two (load, then
