@@ -501,6 +501,65 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
     );
 }
 
+/// A record's hash slot moves to another primary (resharding) under a gateway that
+/// knows the old layout: its loads (plain commands in one pipeline) and commits are
+/// answered `MOVED` until it learns the new one, and must still succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_to_another_primary_is_followed() {
+    let cluster = common::cluster::RedisCluster::start(3, 0, false);
+    let mut o = netswap_server::ClusterOptions::parse(&format!(
+        "redis-cluster://{}",
+        cluster.nodes().join(",")
+    ))
+    .unwrap();
+    o.prefix = fresh_prefix();
+    let prefix = o.prefix.clone();
+    let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    c.cluster = Some(o);
+    c.identity_key = IdentityKey::new(GATEWAY_KEY);
+    let gw = netswap_server::spawn(c, 1).expect("gateway starts");
+    let mut a = Raw::connect(gw.addr(), 2).await;
+    let big = Bytes::from(vec![5u8; 100_000]);
+    let p = a.create(Access::READ | Access::WRITE, &b"before"[..]).await;
+    let q = a.create(Access::READ | Access::WRITE, big.clone()).await;
+    assert_eq!(a.read(p).await, data(b"before"));
+    assert_eq!(a.read(q).await, data(&big));
+    for ptr in [p, q] {
+        let key = format!("{prefix}:{{r:{ptr}}}:m");
+        let from = cluster.primary_of(&key);
+        let to = *cluster.ports.iter().find(|&&x| x != from).unwrap();
+        cluster.move_slot_of(&key, to);
+        assert_eq!(cluster.primary_of(&key), to);
+    }
+    let moved = cluster.errors("MOVED");
+    let mut b = Raw::connect(gw.addr(), 3).await;
+    // Reads: a whole small record, a large one (a load, then the rest), a range.
+    assert_eq!(b.read(p).await, data(b"before"));
+    assert_eq!(b.read(q).await, data(&big));
+    assert_eq!(
+        b.ask(Request::Read {
+            ptr: q,
+            range: Some((99_990, 10))
+        })
+        .await,
+        data(&[5u8; 10])
+    );
+    assert_eq!(
+        a.ask(Request::Replace {
+            ptr: p,
+            data: Bytes::from_static(b"after"),
+        })
+        .await,
+        Reply::Written(2)
+    );
+    assert_eq!(b.read(p).await, data(b"after"));
+    assert_eq!(a.ask(Request::Delete { ptr: q }).await, Reply::Done);
+    assert!(
+        cluster.errors("MOVED") > moved,
+        "the gateway was never redirected: the test did not test that"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_hold_across_gateways() {
     let prefix = fresh_prefix();

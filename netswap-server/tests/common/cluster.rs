@@ -182,6 +182,52 @@ impl RedisCluster {
         panic!("no primary serves slot {slot}");
     }
 
+    /// Moves the hash slot of `key` to the primary on `to` (as `redis-cli --cluster
+    /// reshard` does, one slot): marks it importing and migrating, `MIGRATE`s its keys,
+    /// then tells every primary the slot's new owner.
+    pub fn move_slot_of(&self, key: &str, to: u16) {
+        let from = self.primary_of(key);
+        assert_ne!(from, to, "the slot is on {to} already");
+        let slot = redis_cli(from, &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .to_string();
+        let id = |p: u16| redis_cli(p, &["CLUSTER", "MYID"]).trim().to_string();
+        let (from_id, to_id) = (id(from), id(to));
+        redis_cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+        redis_cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+        loop {
+            let keys = redis_cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let to_port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            let out = redis_cli(from, &args);
+            assert!(out.contains("OK"), "MIGRATE: {out}");
+        }
+        for p in self.live_ports() {
+            redis_cli(p, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+        }
+    }
+
+    /// How many error replies of kind `kind` (e.g. `MOVED`) the live nodes gave, from
+    /// `INFO errorstats`.
+    pub fn errors(&self, kind: &str) -> u64 {
+        let prefix = format!("errorstat_{kind}:count=");
+        self.live_ports()
+            .iter()
+            .map(|&p| {
+                redis_cli(p, &["INFO", "errorstats"])
+                    .lines()
+                    .find_map(|l| l.strip_prefix(prefix.as_str()))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
     /// Empties every live node's script cache (`SCRIPT FLUSH`).
     pub fn flush_scripts(&self) {
         for p in self.live_ports() {
