@@ -543,6 +543,47 @@ impl Collector for HubCollector {
             "Seconds since the server started.",
             m.started.elapsed().as_secs(),
         )?;
+        if let Backend::Cluster(c) = &hub.backend {
+            let g = c.counts();
+            {
+                let mut fam = e.encode_descriptor(
+                    "netswap_redis_loads",
+                    "Loads of records from Redis Cluster: by plain commands in one round trip, or by the atomic LOAD script after writes kept coming in between.",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (how, n) in [("plain", g.loads_plain), ("script", g.loads_script)] {
+                    ConstCounter::new(n).encode(fam.encode_family(&[("how", how)])?)?;
+                }
+            }
+            counter(
+                &mut e,
+                "netswap_redis_load_retries",
+                "Loads read again because a write came in between their commands.",
+                g.load_retries,
+            )?;
+            {
+                let mut fam = e.encode_descriptor(
+                    "netswap_redis_state_cache_writes",
+                    "Writes by how the gateway's remembered state served them: hit (one round trip), stale (the commit refused it; decided again), miss (loaded first).",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (result, n) in [
+                    ("hit", g.state_cache_hits),
+                    ("stale", g.state_cache_stale),
+                    ("miss", g.state_cache_misses),
+                ] {
+                    ConstCounter::new(n).encode(fam.encode_family(&[("result", result)])?)?;
+                }
+            }
+            counter(
+                &mut e,
+                "netswap_redis_unreplicated_writes",
+                "Writes acknowledged with fewer replicas than --redis-wait-replicas asked (their primary had fewer: a failover).",
+                g.unreplicated_writes,
+            )?;
+        }
         if let Some(rss) = resident_bytes() {
             gauge(
                 &mut e,

@@ -560,6 +560,57 @@ async fn a_slot_moved_to_another_primary_is_followed() {
     );
 }
 
+/// `/metrics` of a gateway says how its loads and its remembered states served it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_counts_its_loads_and_state_cache_on_metrics() {
+    let prefix = fresh_prefix();
+    let with_metrics =
+        |c: &mut ServerConfig| c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let (a, b) = (gateway(&prefix, with_metrics), gateway(&prefix, |_| {}));
+    let m = a.metrics_addr().expect("serves /metrics");
+    let mut ca = Raw::connect(a.addr(), 2).await;
+    let mut cb = Raw::connect(b.addr(), 3).await;
+    let p = ca.create(Access::READ | Access::WRITE, &b"0"[..]).await;
+    let replace = |d: &'static [u8]| Request::Replace {
+        ptr: p,
+        data: Bytes::from_static(d),
+    };
+    for _ in 0..5 {
+        assert_eq!(ca.read(p).await, data(b"0"));
+    }
+    for v in 2..=4 {
+        assert_eq!(ca.ask(replace(b"a")).await, Reply::Written(v));
+    }
+    // Changed through B: A's remembered state is stale once, then fresh again.
+    assert_eq!(cb.ask(replace(b"b")).await, Reply::Written(5));
+    assert_eq!(ca.ask(replace(b"a")).await, Reply::Written(6));
+    assert_eq!(ca.ask(replace(b"a")).await, Reply::Written(7));
+    let mm = scrape(m);
+    let writes = |r: &str| {
+        metric(
+            &mm,
+            &format!("netswap_redis_state_cache_writes_total{{result=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(
+        (writes("hit"), writes("stale"), writes("miss")),
+        (4.0, 1.0, 0.0),
+        "the create left a state to decide on; B's write made it stale once"
+    );
+    // Five READs and the load after the stale commit (plain commands: nothing
+    // else wrote in between).
+    assert_eq!(
+        metric(&mm, r#"netswap_redis_loads_total{how="plain"}"#),
+        6.0
+    );
+    assert_eq!(
+        metric(&mm, r#"netswap_redis_loads_total{how="script"}"#),
+        0.0
+    );
+    assert_eq!(metric(&mm, "netswap_redis_load_retries_total"), 0.0);
+    assert_eq!(metric(&mm, "netswap_redis_unreplicated_writes_total"), 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_hold_across_gateways() {
     let prefix = fresh_prefix();

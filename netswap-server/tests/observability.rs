@@ -34,27 +34,6 @@ async fn stats(c: &mut Raw) -> HashMap<String, u64> {
     }
 }
 
-/// `/metrics`, parsed into `name{labels}` → value.
-fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
-    let body = ureq::get(format!("http://{addr}/metrics"))
-        .call()
-        .expect("GET /metrics")
-        .into_body()
-        .read_to_string()
-        .unwrap();
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
-    *m.get(key).unwrap_or(&0.0)
-}
-
 async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
     let start = Instant::now();
     while !f().await {

@@ -222,6 +222,32 @@ pub(crate) struct ClusterStore {
     turns: Option<tokio::sync::Semaphore>,
     /// Records' last seen states, for writes in one round trip.
     states: Mutex<states::States>,
+    /// How loads went.
+    loads: redis_io::LoadCounters,
+    /// Writes decided on a remembered state and committed, decided on one that had
+    /// gone stale (the commit refused it), and first attempts of writes with none.
+    cache_hits: AtomicU64,
+    cache_stale: AtomicU64,
+    cache_misses: AtomicU64,
+}
+
+/// What a gateway counts of its work with Redis (for `/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewayCounts {
+    /// Loads answered by plain commands.
+    pub loads_plain: u64,
+    /// Plain tries that saw a change come in between and read again.
+    pub load_retries: u64,
+    /// Loads that fell back to the atomic `LOAD` script.
+    pub loads_script: u64,
+    /// Writes decided on the remembered state and committed in one round trip.
+    pub state_cache_hits: u64,
+    /// Writes decided on a remembered state that had gone stale (decided again).
+    pub state_cache_stale: u64,
+    /// Writes with no remembered state (loaded first).
+    pub state_cache_misses: u64,
+    /// Writes acknowledged with fewer replicas than `--redis-wait-replicas` asked.
+    pub unreplicated_writes: u64,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -304,8 +330,26 @@ impl ClusterStore {
             push_rx: Mutex::new(Some(push_rx)),
             turns,
             states: Mutex::new(states::States::new(opts.state_cache)),
+            loads: redis_io::LoadCounters::default(),
+            cache_hits: AtomicU64::new(0),
+            cache_stale: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
             opts,
         })
+    }
+
+    /// What this gateway has counted of its work with Redis.
+    pub fn counts(&self) -> GatewayCounts {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        GatewayCounts {
+            loads_plain: n(&self.loads.plain),
+            load_retries: n(&self.loads.retries),
+            loads_script: n(&self.loads.script),
+            state_cache_hits: n(&self.cache_hits),
+            state_cache_stale: n(&self.cache_stale),
+            state_cache_misses: n(&self.cache_misses),
+            unreplicated_writes: n(&self.unreplicated),
+        }
     }
 
     /// Notifications for local watchers (taken once, by the server's event task).
@@ -678,7 +722,9 @@ impl ClusterStore {
     /// One parked record: `Ok(false)` when it changed meanwhile (try again).
     async fn claim_one(&self, id: &Identity, ptr: Pointer) -> Result<bool, QuotaError> {
         let k = self.keys.identity(id);
-        let Some(rec) = redis_io::load(&self.redis, &self.keys.record(ptr), None, 0).await? else {
+        let Some(rec) =
+            redis_io::load(&self.redis, &self.keys.record(ptr), None, 0, &self.loads).await?
+        else {
             let _: Value = redis::cmd("SREM")
                 .arg(&k.parked)
                 .arg(ptr.to_string())

@@ -2,6 +2,8 @@
 //! let `netswap_proto::rules` decide, apply the decision with a compare-and-set.
 
 use netswap_proto::rules::{self, Decision, Payer, RecordView, Usage, Write, WriteKind};
+use std::sync::atomic::Ordering;
+
 use netswap_proto::{Applied, Event, Identity, Pointer, Reply, Request};
 use redis::Value;
 
@@ -51,6 +53,7 @@ impl ClusterStore {
             request,
             Request::Replace { .. } | Request::ReplaceIf { .. } | Request::WriteAt { .. }
         );
+        let remembered_asked = remembered;
         let remembered = if remembered && is_write {
             lock(&self.states).get(ptr)
         } else {
@@ -62,7 +65,17 @@ impl ClusterStore {
         {
             // The commit checks the revision: a stale state fails it, and the next
             // attempt loads. Any other decision is taken again on a fresh load.
-            return self.write(ptr, &rec, w, request).await;
+            let done = self.write(ptr, &rec, w, request).await;
+            let counter = match &done {
+                Ok(Some(_)) => &self.cache_hits,
+                Ok(None) => &self.cache_stale,
+                Err(_) => return done,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            return done;
+        }
+        if remembered_asked && is_write {
+            self.cache_misses.fetch_add(1, Ordering::Relaxed);
         }
         let range = match request {
             Request::Read { range: None, .. } => Some((0, 1u64 << 53)),
@@ -86,7 +99,14 @@ impl ClusterStore {
             }
             _ => MAX_INLINE,
         };
-        let loaded = redis_io::load(&self.redis, &self.keys.record(ptr), range, inline).await?;
+        let loaded = redis_io::load(
+            &self.redis,
+            &self.keys.record(ptr),
+            range,
+            inline,
+            &self.loads,
+        )
+        .await?;
         let Some(rec) = loaded else {
             lock(&self.states).forget(ptr);
             return Ok(Some(Outcome {

@@ -132,7 +132,8 @@ impl ClusterStore {
             };
             for _ in 0..MAX_ATTEMPTS {
                 let Some(rec) =
-                    redis_io::load(&self.redis, &self.keys.record(ptr), None, 0).await?
+                    redis_io::load(&self.redis, &self.keys.record(ptr), None, 0, &self.loads)
+                        .await?
                 else {
                     let _: Value = redis::cmd("SREM")
                         .arg(&k.owned)
@@ -169,7 +170,8 @@ impl ClusterStore {
 
     async fn reap_record(&self, member: &str, ptr: Pointer) -> Result<usize, AttemptError> {
         for _ in 0..MAX_ATTEMPTS {
-            let Some(rec) = redis_io::load(&self.redis, &self.keys.record(ptr), None, 0).await?
+            let Some(rec) =
+                redis_io::load(&self.redis, &self.keys.record(ptr), None, 0, &self.loads).await?
             else {
                 self.reschedule(member, None).await?;
                 return Ok(0);

@@ -2,6 +2,7 @@
 //! and errors turned into BUSY replies. Slot routing, pipelining, topology changes and
 //! reconnects are the `redis` crate's (`cluster-async`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -184,6 +185,17 @@ async fn on_slot_of(
     replies.into_iter().map(Value::extract_error).collect()
 }
 
+/// How a gateway's loads went (for `/metrics`).
+#[derive(Debug, Default)]
+pub(crate) struct LoadCounters {
+    /// Loads answered by plain commands.
+    pub plain: AtomicU64,
+    /// Tries with plain commands that saw a change come in between (read again).
+    pub retries: AtomicU64,
+    /// Loads that ran the `LOAD` script after `PLAIN_TRIES` such tries.
+    pub script: AtomicU64,
+}
+
 /// How many times `load` and `range` read with plain commands before they fall back to
 /// the atomic scripts (each try that saw a change in between costs one round trip).
 const PLAIN_TRIES: usize = 3;
@@ -211,12 +223,16 @@ pub(crate) async fn load(
     k: &RecordKeys,
     range: Option<(u64, u64)>,
     max_inline: usize,
+    counters: &LoadCounters,
 ) -> RedisResult<Option<Stored>> {
     for _ in 0..PLAIN_TRIES {
         if let Some(found) = load_plain(conn, k, range, max_inline).await? {
+            counters.plain.fetch_add(1, Ordering::Relaxed);
             return Ok(found);
         }
+        counters.retries.fetch_add(1, Ordering::Relaxed);
     }
+    counters.script.fetch_add(1, Ordering::Relaxed);
     load_script(conn, k, range, max_inline).await
 }
 

@@ -2,6 +2,7 @@
 //! tests can also send what no well-behaved client would.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -252,4 +253,25 @@ impl Raw {
 
 pub fn data(b: &[u8]) -> Reply {
     Reply::Data(Bytes::copy_from_slice(b))
+}
+
+/// `/metrics`, parsed into `name{labels}` → value.
+pub fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let body = ureq::get(format!("http://{addr}/metrics"))
+        .call()
+        .expect("GET /metrics")
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
+    *m.get(key).unwrap_or(&0.0)
 }
