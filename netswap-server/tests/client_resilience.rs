@@ -4,7 +4,7 @@
 //! (Here because it needs the server binary, to kill it with SIGKILL.)
 
 use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -18,14 +18,6 @@ use netswap_client::{
 use netswap_proto::{Reply, decode_frame};
 use netswap_server::ServerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Dir(PathBuf);
 
@@ -49,9 +41,13 @@ impl Drop for Dir {
 struct Process {
     child: Child,
     log: std::sync::mpsc::Receiver<String>,
+    /// The port it listens on.
+    port: u16,
 }
 
 impl Process {
+    /// Port 0: where the OS says (a port picked by the test and bound later could be
+    /// taken in between); a restart passes the port of the run before.
     fn start(dir: &Dir, port: u16) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_netswap-server"))
             .args(["--listen", &format!("127.0.0.1:{port}"), "--threads", "1"])
@@ -68,7 +64,12 @@ impl Process {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        assert!(line.starts_with("netswap-server listening on"), "{line:?}");
+        let port = line
+            .trim()
+            .strip_prefix("netswap-server listening on ")
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .port();
         let (tx, log) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
@@ -76,7 +77,7 @@ impl Process {
                 let _ = tx.send(l);
             }
         });
-        Process { child, log }
+        Process { child, log, port }
     }
 
     fn signal(&self, sig: &str) {
@@ -142,8 +143,8 @@ async fn state_becomes(c: &Client, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_sigkill_and_a_restart_the_client_comes_back_with_its_records_and_watches() {
     let dir = Dir::new("client-restart");
-    let port = free_port();
-    let server = Process::start(&dir, port);
+    let server = Process::start(&dir, 0);
+    let port = server.port;
     let addr = format!("127.0.0.1:{port}");
     let c = Client::connect_with(&addr, from(2)).await.unwrap();
     let shared = c
@@ -192,8 +193,8 @@ async fn after_a_sigkill_and_a_restart_the_client_comes_back_with_its_records_an
 
     // While the client is away, another server on the same data changes both records
     // (and writes a snapshot when it stops).
-    let other_port = free_port();
-    let meanwhile = Process::start(&dir, other_port);
+    let meanwhile = Process::start(&dir, 0);
+    let other_port = meanwhile.port;
     let writer = Client::connect_with(format!("127.0.0.1:{other_port}"), from(3))
         .await
         .unwrap();
@@ -413,14 +414,14 @@ async fn a_silent_connection_is_detected_by_keepalives_and_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_reconnect_spread_over_the_backoff_window() {
-    let port = free_port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = || {
+    let config = |listen: SocketAddr| {
         let mut c = ServerConfig::new(listen);
         c.max_connections_per_ip = 1000;
         c
     };
-    let srv = netswap_server::spawn(config(), 1).unwrap();
+    // Port 0 first; the restart takes the same port again.
+    let srv = netswap_server::spawn(config("127.0.0.1:0".parse().unwrap()), 1).unwrap();
+    let listen = srv.addr();
     let options = Options {
         request_timeout: Some(Duration::from_secs(30)),
         reconnect: Reconnect {
@@ -442,7 +443,7 @@ async fn five_hundred_clients_reconnect_spread_over_the_backoff_window() {
     // Down for a second, then back on the same port.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let back = Instant::now();
-    let srv = netswap_server::spawn(config(), 1).unwrap();
+    let srv = netswap_server::spawn(config(listen), 1).unwrap();
     let waits: Vec<_> = clients
         .iter()
         .map(|c| {
