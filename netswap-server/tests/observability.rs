@@ -332,10 +332,6 @@ async fn a_real_prometheus_scrapes_the_server() {
         ),
     )
     .unwrap();
-    let web = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let mut prom = std::process::Command::new("prometheus")
         .arg(format!(
             "--config.file={}",
@@ -345,11 +341,41 @@ async fn a_real_prometheus_scrapes_the_server() {
             "--storage.tsdb.path={}",
             dir.join("data").display()
         ))
-        .arg(format!("--web.listen-address={web}"))
+        // Port 0, and the port read from its log ('msg="Listening on"
+        // address=127.0.0.1:PORT'): a port picked here and bound later by Prometheus
+        // could be taken in between.
+        .arg("--web.listen-address=127.0.0.1:0")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("prometheus (Debian's prometheus package; the test command installs it)");
+    let log = std::io::BufReader::new(prom.stderr.take().unwrap());
+    // Stopped however the test ends.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let prom = Stop(prom);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut tx = Some(tx);
+        // Read to the end (Prometheus must not block on a full pipe).
+        for line in log.lines().map_while(Result::ok) {
+            if line.contains("msg=\"Listening on\"")
+                && let Some(a) = line.split("address=").nth(1)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(a.trim().to_string());
+            }
+        }
+    });
+    let web = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("Prometheus says where it listens");
     let query = format!(
         "http://{web}/api/v1/query?query=netswap_requests_total%7Bop%3D%22CREATE%22%2Cstatus%3D%22OK%22%7D"
     );
@@ -368,8 +394,7 @@ async fn a_real_prometheus_scrapes_the_server() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let _ = prom.kill();
-    let _ = prom.wait();
+    drop(prom);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
         found, 3.0,
