@@ -327,7 +327,7 @@ async fn writes_decided_on_a_stale_state_are_decided_again() {
 /// A write on a record the gateway has seen costs one Redis round trip (the commit
 /// script), not two (a load, then the commit); with `--redis-state-cache 0` it also
 /// loads. A load is plain commands, no script (`HMGET`, then `STRLEN` and
-/// `GETRANGE` or a `GET`, then `HMGET`; counted by its `STRLEN` or `GET`, which no
+/// `GETRANGE` or a `GET`, then `HGET`; counted by its `STRLEN` or `GET`, which no
 /// script of a write runs), and so is a READ. A write on a record nobody watches publishes nothing;
 /// once a connection (on another gateway) watches it, every write publishes its
 /// event. Counted by the cluster's own `INFO commandstats`, on a cluster of this
