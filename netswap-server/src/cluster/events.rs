@@ -176,7 +176,7 @@ impl ClusterStore {
             }
         };
         if first {
-            let channel = self.keys.record(ptr).events;
+            let channel = self.keys.record(ptr).events();
             let r = self.redis.clone().ssubscribe(&channel).await;
             let mut l = lock(&self.local);
             match r {
@@ -203,7 +203,7 @@ impl ClusterStore {
         };
         self.redis
             .clone()
-            .ssubscribe(self.keys.record(ptr).data_events)
+            .ssubscribe(self.keys.record(ptr).data_events())
             .await?;
         // Switched over when the confirmation is dispatched, in order with the events
         // (see `on_push`).
@@ -290,7 +290,7 @@ impl ClusterStore {
             if let Err(e) = self
                 .redis
                 .clone()
-                .sunsubscribe(&[k.events, k.data_events][..])
+                .sunsubscribe(&[k.events(), k.data_events()][..])
                 .await
             {
                 debug!(ptr = %p, error = %e, "SUNSUBSCRIBE failed");

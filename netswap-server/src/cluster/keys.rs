@@ -66,31 +66,44 @@ impl Keys {
     }
 }
 
-/// Keys of one record.
+/// Keys of one record. Only the two every request uses are made up front (a READ
+/// needs nothing else); the rest on demand.
 pub(crate) struct RecordKeys {
     pub meta: String,
     pub data: String,
-    pub events: String,
-    /// The channel of events with the changed bytes.
-    pub data_events: String,
-    tag: String,
 }
 
 impl RecordKeys {
     fn of(prefix: &str, ptr: Pointer) -> RecordKeys {
-        let tag = format!("{prefix}:{{r:{ptr}}}");
-        RecordKeys {
-            meta: format!("{tag}:m"),
-            data: format!("{tag}:d"),
-            events: format!("{tag}:e"),
-            data_events: format!("{tag}:E"),
-            tag,
-        }
+        let meta = format!("{prefix}:{{r:{ptr}}}:m");
+        let mut data = meta.clone();
+        data.pop();
+        data.push('d');
+        RecordKeys { meta, data }
+    }
+
+    /// `PREFIX:{r:PTR}:` followed by `suffix`.
+    fn with(&self, suffix: &str) -> String {
+        let tag = &self.meta[..self.meta.len() - 1];
+        let mut k = String::with_capacity(tag.len() + suffix.len());
+        k.push_str(tag);
+        k.push_str(suffix);
+        k
+    }
+
+    /// The record's channel of events.
+    pub fn events(&self) -> String {
+        self.with("e")
+    }
+
+    /// The channel of events with the changed bytes.
+    pub fn data_events(&self) -> String {
+        self.with("E")
     }
 
     /// The marker that a change with this operation id was committed.
     pub fn op(&self, op: &str) -> String {
-        format!("{}:op:{op}", self.tag)
+        self.with(&format!("op:{op}"))
     }
 }
 
@@ -134,12 +147,14 @@ mod tests {
         let keys = Keys::new("ns");
         let k = keys.record(p);
         assert_eq!(k.meta, "ns:{r:0000000000000abc}:m");
+        assert_eq!(k.data, "ns:{r:0000000000000abc}:d");
+        assert_eq!(k.events(), "ns:{r:0000000000000abc}:e");
         assert_eq!(k.op("x1"), "ns:{r:0000000000000abc}:op:x1");
-        assert_eq!(keys.channel(k.events.as_bytes()), Some((p, false)));
-        assert_eq!(keys.channel(k.data_events.as_bytes()), Some((p, true)));
+        assert_eq!(keys.channel(k.events().as_bytes()), Some((p, false)));
+        assert_eq!(keys.channel(k.data_events().as_bytes()), Some((p, true)));
         assert_eq!(keys.channel(b"ns:{r:zz}:e"), None);
         assert_eq!(keys.channel(b"ns:{r:0000000000000abc}:x"), None);
-        assert_eq!(Keys::new("other").channel(k.events.as_bytes()), None);
+        assert_eq!(Keys::new("other").channel(k.events().as_bytes()), None);
         assert_eq!(keys.reap(), "ns:{reap}");
     }
 }

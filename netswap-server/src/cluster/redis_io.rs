@@ -453,13 +453,13 @@ pub(crate) async fn commit(
     change: &Change,
     wait: Wait,
 ) -> RedisResult<Committed> {
-    let op_key = k.op(&change.op);
+    let (op_key, events, data_events) = (k.op(&change.op), k.events(), k.data_events());
     let keys = [
         k.meta.as_str(),
         k.data.as_str(),
         op_key.as_str(),
-        k.events.as_str(),
-        k.data_events.as_str(),
+        events.as_str(),
+        data_events.as_str(),
     ];
     let expected = change.expected.map(|r| r.to_string()).unwrap_or_default();
     let fence = change.fence.to_string();
