@@ -212,22 +212,6 @@ impl RedisCluster {
         }
     }
 
-    /// How many error replies of kind `kind` (e.g. `MOVED`) the live nodes gave, from
-    /// `INFO errorstats`.
-    pub fn errors(&self, kind: &str) -> u64 {
-        let prefix = format!("errorstat_{kind}:count=");
-        self.live_ports()
-            .iter()
-            .map(|&p| {
-                redis_cli(p, &["INFO", "errorstats"])
-                    .lines()
-                    .find_map(|l| l.strip_prefix(prefix.as_str()))
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            })
-            .sum()
-    }
-
     /// Empties every live node's script cache (`SCRIPT FLUSH`).
     pub fn flush_scripts(&self) {
         for p in self.live_ports() {
@@ -235,35 +219,37 @@ impl RedisCluster {
         }
     }
 
-    /// Bytes the live nodes have sent to their clients (`INFO stats`
-    /// `total_net_output_bytes`: replies, not replication or the cluster bus).
-    pub fn net_output_bytes(&self) -> u64 {
+    /// The sum over the live nodes of the number after `prefix` on a line of
+    /// `INFO section` (up to a comma: `cmdstat_get:calls=7,usec=…`).
+    fn info_sum(&self, section: &str, prefix: &str) -> u64 {
         self.live_ports()
             .iter()
             .map(|&p| {
-                redis_cli(p, &["INFO", "stats"])
+                redis_cli(p, &["INFO", section])
                     .lines()
-                    .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
-                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .find_map(|l| l.strip_prefix(prefix))
+                    .and_then(|rest| rest.split(',').next()?.trim().parse::<u64>().ok())
                     .unwrap_or(0)
             })
             .sum()
     }
 
+    /// How many error replies of kind `kind` (e.g. `MOVED`) the live nodes gave, from
+    /// `INFO errorstats`.
+    pub fn errors(&self, kind: &str) -> u64 {
+        self.info_sum("errorstats", &format!("errorstat_{kind}:count="))
+    }
+
+    /// Bytes the live nodes have sent to their clients (`INFO stats`
+    /// `total_net_output_bytes`: replies, not replication or the cluster bus).
+    pub fn net_output_bytes(&self) -> u64 {
+        self.info_sum("stats", "total_net_output_bytes:")
+    }
+
     /// How many times the live nodes ran `command` (lowercase, e.g. `evalsha`), from
     /// `INFO commandstats`.
     pub fn calls(&self, command: &str) -> u64 {
-        let prefix = format!("cmdstat_{command}:calls=");
-        self.live_ports()
-            .iter()
-            .map(|&p| {
-                redis_cli(p, &["INFO", "commandstats"])
-                    .lines()
-                    .find_map(|l| l.strip_prefix(prefix.as_str()))
-                    .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
-                    .unwrap_or(0)
-            })
-            .sum()
+        self.info_sum("commandstats", &format!("cmdstat_{command}:calls="))
     }
 
     /// Kills the node on `port` with SIGKILL.
