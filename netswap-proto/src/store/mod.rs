@@ -313,7 +313,7 @@ impl Store {
     /// deleted or reaped — to `retire` instead of freeing it on the spot, after the
     /// record's shard is unlocked. A server passes them to a thread of its own, so
     /// that freeing a 64 MiB value (1–3 ms of `munmap`) does not hold up the requests
-    /// behind it. Without it they are freed where they are let go.
+    /// behind it. Without it they are freed by the caller, also after the unlock.
     pub fn set_retire(&mut self, retire: impl Fn(Bytes) + Send + Sync + 'static) {
         self.retire = Some(Retire(Box::new(retire)));
     }
@@ -774,7 +774,7 @@ impl Store {
             _ => None,
         };
         let mut released = Released::new();
-        let applied = {
+        let (applied, retired) = {
             let (mut guard, at) = self.locate(ptr.get());
             let shard = &mut *guard;
             let me = &session.account;
@@ -809,7 +809,6 @@ impl Store {
             );
             (applied, shard.records.take_retired())
         };
-        let (applied, retired) = applied;
         self.prune_released(released);
         self.retire(retired);
         applied

@@ -33,9 +33,9 @@ pub(crate) const INLINE: usize = 64;
 pub(crate) const PAGE: usize = 285;
 /// `Slot::len` of a value held in the large-value table.
 const LARGE: u8 = u8::MAX;
-/// Values from this size up that the store lets go of are retired (handed to
-/// [`Store::set_retire`](super::Store::set_retire)) instead of freed where they were
-/// let go: freeing 64 MiB (`munmap` of its pages) took 1.3–2.8 ms of the event loop,
+/// Values from this size up that the store lets go of are retired (freed after the
+/// shard's lock is released, by [`Store::set_retire`](super::Store::set_retire)'s hook
+/// when there is one) instead of where they were let go: freeing 64 MiB (`munmap` of its pages) took 1.3–2.8 ms of the event loop,
 /// with the shard locked, in front of every other request (docs/BENCHMARKS.md).
 pub(crate) const RETIRE_MIN: usize = 256 * 1024;
 

@@ -1,9 +1,9 @@
 //! The requests that name a record, on the Redis Cluster backend: load the record,
 //! let `netswap_proto::rules` decide, apply the decision with a compare-and-set.
 
-use netswap_proto::rules::{self, Decision, Payer, RecordView, Usage, Write, WriteKind};
 use std::sync::atomic::Ordering;
 
+use netswap_proto::rules::{self, Decision, Payer, RecordView, Usage, Write, WriteKind};
 use netswap_proto::{Applied, Event, Identity, Pointer, Reply, Request};
 use redis::Value;
 
@@ -78,12 +78,12 @@ impl ClusterStore {
             self.cache_misses.fetch_add(1, Ordering::Relaxed);
         }
         let range = match request {
-            Request::Read { range: None, .. } => Some((0, 1u64 << 53)),
+            Request::Read { range: None, .. } => Some((0, redis_io::WHOLE)),
             Request::Read {
                 range: Some((off, n)),
                 ..
             } => Some((*off, *n as u64)),
-            Request::Watch { options, .. } if options.data => Some((0, 1u64 << 53)),
+            Request::Watch { options, .. } if options.data => Some((0, redis_io::WHOLE)),
             _ => None,
         };
         // How many bytes may come with the load: up to MAX_INLINE, so that a caller

@@ -276,8 +276,9 @@ enum DataRead {
     Whole,
 }
 
-/// Whole records: the range the requests that read all of a record ask for.
-const WHOLE: u64 = 1 << 53;
+/// Whole records: the length of the range that the requests reading all of a record
+/// ask `load` for (a load of `(0, WHOLE)` with no inline limit is one `GET`).
+pub(crate) const WHOLE: u64 = 1 << 53;
 
 /// One try of `load` with plain commands; `Ok(None)`: the record changed in between.
 async fn load_plain(
