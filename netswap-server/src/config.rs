@@ -143,7 +143,7 @@ pub struct Args {
     /// flight to the cluster only lengthen the queue inside the Redis client: with 800
     /// in flight the p99 of a 64 B READ was 359-492 ms, with 64 turns 47-66 ms and
     /// 14% more reads per second (docs/BENCHMARKS.md).
-    #[arg(long, env = "NETSWAP_REDIS_MAX_IN_FLIGHT", default_value_t = 64)]
+    #[arg(long, env = "NETSWAP_REDIS_MAX_IN_FLIGHT", default_value_t = 256)]
     pub redis_max_in_flight: usize,
 
     /// With Redis Cluster: records whose last seen state (not their bytes, ~150 B
@@ -152,6 +152,13 @@ pub struct Args {
     /// revision check catches a state made stale elsewhere. 0 = off.
     #[arg(long, env = "NETSWAP_REDIS_STATE_CACHE", default_value_t = 65_536)]
     pub redis_state_cache: usize,
+
+    /// With Redis Cluster: send the loads and commits of requests that arrive together
+    /// as one pipeline per primary instead of one request each through the Redis
+    /// client (the client's per-request work was a third of the gateway's CPU per
+    /// READ; docs/BENCHMARKS.md). `false` sends each on its own.
+    #[arg(long, env = "NETSWAP_REDIS_BATCH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub redis_batch: bool,
 
     /// With Redis Cluster: the prefix of every key, so that several netswap
     /// deployments can share one cluster.
@@ -264,6 +271,7 @@ impl ServerConfig {
                 o.wait_replicas = a.redis_wait_replicas;
                 o.max_in_flight = a.redis_max_in_flight;
                 o.state_cache = a.redis_state_cache;
+                o.batch = a.redis_batch;
                 if a.redis_prefix.is_empty() || a.redis_prefix.contains(['{', '}']) {
                     return invalid("--redis-prefix must be non-empty and hold no braces".into());
                 }

@@ -483,7 +483,7 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
     let topology = {
         let c = c.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(c.topology_every());
             loop {
                 tick.tick().await;
                 c.refresh_topology().await;

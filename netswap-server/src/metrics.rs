@@ -579,6 +579,24 @@ impl Collector for HubCollector {
             }
             counter(
                 &mut e,
+                "netswap_redis_batches",
+                "Pipelines sent to one primary with the loads and commits of several requests (--redis-batch).",
+                g.batches,
+            )?;
+            counter(
+                &mut e,
+                "netswap_redis_batched",
+                "Loads and commits sent in those pipelines (per pipeline: this over netswap_redis_batches_total).",
+                g.batched,
+            )?;
+            counter(
+                &mut e,
+                "netswap_redis_batched_resent",
+                "Loads and commits of a pipeline that failed as a whole (a slot moved since the gateway last read the cluster's layout), sent again on their own.",
+                g.batched_resent,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_unreplicated_writes",
                 "Writes acknowledged with fewer replicas than --redis-wait-replicas asked (their primary had fewer: a failover).",
                 g.unreplicated_writes,

@@ -26,6 +26,26 @@ fn gateway(prefix: &str, tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer
     netswap_server::spawn(c, 2).expect("gateway starts")
 }
 
+/// An in-process gateway (one thread) on a cluster of the test's own, under a fresh
+/// prefix (returned).
+fn gateway_on(
+    cluster: &RedisCluster,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> (RunningServer, String) {
+    let mut o = netswap_server::ClusterOptions::parse(&format!(
+        "redis-cluster://{}",
+        cluster.nodes().join(",")
+    ))
+    .unwrap();
+    o.prefix = fresh_prefix();
+    let prefix = o.prefix.clone();
+    let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    c.cluster = Some(o);
+    c.identity_key = IdentityKey::new(GATEWAY_KEY);
+    tweak(&mut c);
+    (netswap_server::spawn(c, 1).expect("gateway starts"), prefix)
+}
+
 /// A gateway process (so that it can be killed with SIGKILL).
 struct GatewayProcess {
     child: Child,
@@ -507,17 +527,7 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_moved_to_another_primary_is_followed() {
     let cluster = common::cluster::RedisCluster::start(3, 0, false);
-    let mut o = netswap_server::ClusterOptions::parse(&format!(
-        "redis-cluster://{}",
-        cluster.nodes().join(",")
-    ))
-    .unwrap();
-    o.prefix = fresh_prefix();
-    let prefix = o.prefix.clone();
-    let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
-    c.cluster = Some(o);
-    c.identity_key = IdentityKey::new(GATEWAY_KEY);
-    let gw = netswap_server::spawn(c, 1).expect("gateway starts");
+    let (gw, prefix) = gateway_on(&cluster, |_| {});
     let mut a = Raw::connect(gw.addr(), 2).await;
     let big = Bytes::from(vec![5u8; 100_000]);
     let p = a.create(Access::READ | Access::WRITE, &b"before"[..]).await;
@@ -557,6 +567,118 @@ async fn a_slot_moved_to_another_primary_is_followed() {
     assert!(
         cluster.errors("MOVED") > moved,
         "the gateway was never redirected: the test did not test that"
+    );
+}
+
+/// Sends `requests` pipelined (all before any reply) and returns the typed replies in
+/// the same order.
+async fn pipelined(c: &mut Raw, requests: Vec<Request>) -> Vec<Reply> {
+    let mut sent = Vec::new();
+    for req in requests {
+        let xid = c.xid();
+        c.send(xid, &req).await;
+        sent.push((xid, req.opcode()));
+    }
+    let mut replies = Vec::new();
+    for (xid, op) in sent {
+        let m = c.reply_to(xid).await;
+        replies.push(Reply::parse(Some(op), m.status, m.arg, m.payload).expect("well-formed"));
+    }
+    replies
+}
+
+/// Loads and commits of requests that arrive together go to Redis in one pipeline per
+/// primary, grouped by the layout the gateway last read (`batch.rs`). When a slot moved
+/// since (here the gateway never reads the layout again), a pipeline that holds
+/// records of both nodes fails as a whole, and each request in it is sent again alone:
+/// every answer is still right, a commit re-sent after it was applied is not applied
+/// twice, and `/metrics` says it happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_together_survive_a_slot_moved_under_them() {
+    let cluster = common::cluster::RedisCluster::start(3, 0, false);
+    let (gw, prefix) = gateway_on(&cluster, |c| {
+        let o = c.cluster.as_mut().unwrap();
+        o.topology_every = Duration::from_secs(3600);
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let m = gw.metrics_addr().expect("serves /metrics");
+    let mut a = Raw::connect(gw.addr(), 2).await;
+    let key = |p: Pointer| format!("{prefix}:{{r:{p}}}:m");
+    let mut ptrs = Vec::new();
+    for i in 0..60 {
+        ptrs.push(
+            a.create(Access::READ | Access::WRITE, format!("v{i}"))
+                .await,
+        );
+    }
+    // Of the records of one primary, a third move to each of the two others.
+    let from = cluster.primary_of(&key(ptrs[0]));
+    let others: Vec<u16> = cluster
+        .ports
+        .iter()
+        .copied()
+        .filter(|&x| x != from)
+        .collect();
+    let on_from: Vec<Pointer> = ptrs
+        .iter()
+        .copied()
+        .filter(|&p| cluster.primary_of(&key(p)) == from)
+        .collect();
+    assert!(
+        on_from.len() >= 6,
+        "{} of 60 records on one primary",
+        on_from.len()
+    );
+    for (i, &p) in on_from.iter().enumerate() {
+        if i % 3 > 0 {
+            cluster.move_slot_of(&key(p), others[i % 3 - 1]);
+        }
+    }
+    let reads = || {
+        ptrs.iter()
+            .map(|&ptr| Request::Read { ptr, range: None })
+            .collect::<Vec<_>>()
+    };
+    let resent = || metric(&scrape(m), "netswap_redis_batched_resent_total");
+    for _ in 0..5 {
+        let got = pipelined(&mut a, reads()).await;
+        for (i, r) in got.into_iter().enumerate() {
+            assert_eq!(r, data(format!("v{i}").as_bytes()), "record {i}");
+        }
+        if resent() > 0.0 {
+            break;
+        }
+    }
+    assert!(
+        resent() > 0.0,
+        "no pipeline held records of two nodes: the test did not test that"
+    );
+    // Writes decided on remembered states (of the same size: no quota to reserve
+    // first): their commits go together too. Each is applied once (version 2), also
+    // the ones applied before their group failed.
+    let writes = (0..ptrs.len())
+        .map(|i| Request::Replace {
+            ptr: ptrs[i],
+            data: Bytes::from(format!("w{i}")),
+        })
+        .collect();
+    let before = resent();
+    for (i, r) in pipelined(&mut a, writes).await.into_iter().enumerate() {
+        assert_eq!(r, Reply::Written(2), "record {i}");
+    }
+    assert!(
+        resent() > before,
+        "no pipeline of commits held records of two nodes: the test did not test that"
+    );
+    let got = pipelined(&mut a, reads()).await;
+    for (i, r) in got.into_iter().enumerate() {
+        assert_eq!(r, data(format!("w{i}").as_bytes()), "record {i}");
+    }
+    let mm = scrape(m);
+    assert!(metric(&mm, "netswap_redis_batches_total") > 0.0);
+    assert!(
+        metric(&mm, "netswap_redis_batched_total") > metric(&mm, "netswap_redis_batches_total"),
+        "pipelines carried more than one request on average"
     );
 }
 

@@ -18,7 +18,7 @@ use netswap_proto::{Access, ConnId, Delta, Event, Identity, Notification, Pointe
 use redis::{PushInfo, PushKind, Value};
 use tracing::{debug, warn};
 
-use super::redis_io::{self, Stored};
+use super::redis_io::Stored;
 use super::{ClusterStore, RECENT_EVENTS, lock};
 
 /// An event as published: kind, version, revision, owner and access bits after it;
@@ -405,14 +405,13 @@ impl ClusterStore {
     /// Compares a watched record with what was last known and tells the watchers what
     /// changed while events could not arrive.
     async fn resync(&self, ptr: Pointer) {
-        let now =
-            match redis_io::load(&self.redis, &self.keys.record(ptr), None, 0, &self.loads).await {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(%ptr, error = %e, "could not check a watched record after a reconnect");
-                    return;
-                }
-            };
+        let now = match self.load(ptr, None, 0).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(%ptr, error = %e, "could not check a watched record after a reconnect");
+                return;
+            }
+        };
         let out = {
             let mut l = lock(&self.local);
             let Some(e) = l.watched.get_mut(&ptr) else {

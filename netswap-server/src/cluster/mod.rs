@@ -16,6 +16,7 @@
 //! - Watches: each gateway subscribes (sharded pub/sub) to the channels of the records
 //!   its connections watch; commits publish their events atomically with the change.
 
+mod batch;
 mod events;
 pub(crate) mod keys;
 mod ops;
@@ -82,6 +83,13 @@ pub struct ClusterOptions {
     /// Records whose last seen state is remembered, so that a write on one of them
     /// takes one Redis round trip (`--redis-state-cache`); 0 = off.
     pub state_cache: usize,
+    /// Loads and commits that arrive together go to Redis as one pipeline per
+    /// primary (`--redis-batch`, `batch.rs`).
+    pub batch: bool,
+    /// How often the gateway reads the cluster's layout (`CLUSTER NODES`: replicas
+    /// for `WAIT`, primaries for batching); the `redis` crate follows changes by
+    /// itself in between.
+    pub topology_every: Duration,
 }
 
 impl ClusterOptions {
@@ -113,8 +121,10 @@ impl ClusterOptions {
             wait_replicas: 0,
             response_timeout: Duration::from_secs(2),
             prefix: "ns".into(),
-            max_in_flight: 64,
+            max_in_flight: 256,
             state_cache: 65_536,
+            batch: true,
+            topology_every: Duration::from_secs(1),
         })
     }
 }
@@ -224,6 +234,11 @@ pub(crate) struct ClusterStore {
     states: Mutex<states::States>,
     /// How loads went.
     loads: redis_io::LoadCounters,
+    /// Loads and commits sent together (`None`: each on its own, `--redis-batch
+    /// false`).
+    batch: Option<Arc<batch::Batcher>>,
+    /// The batcher's task (aborted when the store goes).
+    batch_task: Option<tokio::task::JoinHandle<()>>,
     /// Writes decided on a remembered state and committed, decided on one that had
     /// gone stale (the commit refused it), and first attempts of writes with none.
     cache_hits: AtomicU64,
@@ -248,6 +263,13 @@ pub struct GatewayCounts {
     pub state_cache_misses: u64,
     /// Writes acknowledged with fewer replicas than `--redis-wait-replicas` asked.
     pub unreplicated_writes: u64,
+    /// Pipelines the batcher sent (the loads and commits of several requests).
+    pub batches: u64,
+    /// Loads and commits that went in those pipelines.
+    pub batched: u64,
+    /// Loads and commits of a pipeline that failed as a whole (a slot moved), sent
+    /// again alone.
+    pub batched_resent: u64,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -256,6 +278,14 @@ impl std::fmt::Debug for ClusterStore {
             .field("nodes", &self.opts.nodes)
             .field("gateway", &self.gateway)
             .finish()
+    }
+}
+
+impl Drop for ClusterStore {
+    fn drop(&mut self) {
+        if let Some(t) = &self.batch_task {
+            t.abort();
+        }
     }
 }
 
@@ -310,6 +340,10 @@ impl ClusterStore {
         info!(nodes = %opts.nodes.join(","), gateway, "connected to Redis Cluster");
         let turns =
             (opts.max_in_flight > 0).then(|| tokio::sync::Semaphore::new(opts.max_in_flight));
+        let batch = opts.batch.then(|| Arc::new(batch::Batcher::default()));
+        let batch_task = batch
+            .as_ref()
+            .map(|b| tokio::spawn(b.clone().drive(redis.clone())));
         Ok(ClusterStore {
             redis,
             cfg,
@@ -331,6 +365,8 @@ impl ClusterStore {
             turns,
             states: Mutex::new(states::States::new(opts.state_cache)),
             loads: redis_io::LoadCounters::default(),
+            batch,
+            batch_task,
             cache_hits: AtomicU64::new(0),
             cache_stale: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
@@ -349,6 +385,9 @@ impl ClusterStore {
             state_cache_stale: n(&self.cache_stale),
             state_cache_misses: n(&self.cache_misses),
             unreplicated_writes: n(&self.unreplicated),
+            batches: self.batch.as_ref().map_or(0, |b| n(&b.counters.pipelines)),
+            batched: self.batch.as_ref().map_or(0, |b| n(&b.counters.carried)),
+            batched_resent: self.batch.as_ref().map_or(0, |b| n(&b.counters.resent)),
         }
     }
 
@@ -388,7 +427,13 @@ impl ClusterStore {
         }
     }
 
-    /// Refreshes what the gateway knows of the cluster's replicas (every second).
+    /// How often [`ClusterStore::refresh_topology`] runs.
+    pub fn topology_every(&self) -> Duration {
+        self.opts.topology_every
+    }
+
+    /// Refreshes what the gateway knows of the cluster's replicas and primaries
+    /// (every [`ClusterOptions::topology_every`]).
     pub async fn refresh_topology(&self) {
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
         let nodes = self
@@ -405,6 +450,27 @@ impl ClusterStore {
             _ => return,
         };
         *lock(&self.replicas) = redis_io::Replicas::parse(&text);
+        if let Some(b) = &self.batch {
+            b.set_primaries(batch::primaries(&text));
+        }
+    }
+
+    /// Loads a record (`redis_io::load`), with other requests' loads when batching.
+    async fn load(
+        &self,
+        ptr: Pointer,
+        range: Option<(u64, u64)>,
+        max_inline: usize,
+    ) -> redis::RedisResult<Option<redis_io::Stored>> {
+        redis_io::load(
+            &self.redis,
+            self.batch.as_deref(),
+            &self.keys.record(ptr),
+            range,
+            max_inline,
+            &self.loads,
+        )
+        .await
     }
 
     fn op_id(&self) -> String {
@@ -722,9 +788,7 @@ impl ClusterStore {
     /// One parked record: `Ok(false)` when it changed meanwhile (try again).
     async fn claim_one(&self, id: &Identity, ptr: Pointer) -> Result<bool, QuotaError> {
         let k = self.keys.identity(id);
-        let Some(rec) =
-            redis_io::load(&self.redis, &self.keys.record(ptr), None, 0, &self.loads).await?
-        else {
+        let Some(rec) = self.load(ptr, None, 0).await? else {
             let _: Value = redis::cmd("SREM")
                 .arg(&k.parked)
                 .arg(ptr.to_string())
@@ -853,7 +917,12 @@ impl ClusterStore {
                 _ => Reply::Hello(self.hello(caller.identity)).into(),
             };
         };
-        let _turn = self.turn().await;
+        // Reads take no turn: their loads go to Redis in pipelines (`batch.rs`), and
+        // waiting for a turn only cost each read a wake-up (docs/BENCHMARKS.md).
+        let _turn = match request {
+            Request::Read { .. } | Request::Info { .. } => None,
+            _ => self.turn().await,
+        };
         let transfer_to = match &request {
             Request::Transfer { to, .. } => Some(match *to {
                 NewOwner::Identity(id) => id,
@@ -1027,9 +1096,15 @@ impl ClusterStore {
         let mut pause = Duration::from_millis(50);
         let mut resent = false;
         loop {
-            match redis_io::commit(&self.redis, &keys, change, self.wait_for(ptr)).await {
+            // A re-send goes alone, not with other requests' commits.
+            let batch = if resent { None } else { self.batch.as_deref() };
+            match redis_io::commit(&self.redis, batch, &keys, change, self.wait_for(ptr)).await {
                 Ok(Committed::Changed) if resent => return Ok(Committed::Unknown),
                 Ok(c) => return Ok(c),
+                Err(e) if redis_io::is_group_failed(&e) => {
+                    debug!(%ptr, "a pipeline of commits failed; sending this one again alone");
+                    resent = true;
+                }
                 Err(e) if started.elapsed() + pause > RESEND_FOR => return Err(e),
                 Err(e) => {
                     debug!(%ptr, error = %e, "commit failed; sending it again");

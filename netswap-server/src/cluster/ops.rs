@@ -99,14 +99,7 @@ impl ClusterStore {
             }
             _ => MAX_INLINE,
         };
-        let loaded = redis_io::load(
-            &self.redis,
-            &self.keys.record(ptr),
-            range,
-            inline,
-            &self.loads,
-        )
-        .await?;
+        let loaded = self.load(ptr, range, inline).await?;
         let Some(rec) = loaded else {
             lock(&self.states).forget(ptr);
             return Ok(Some(Outcome {

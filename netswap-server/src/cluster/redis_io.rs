@@ -11,6 +11,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{RedisError, RedisResult, Script, Value};
 
+use super::batch::Batcher;
 use super::keys::RecordKeys;
 use super::scripts;
 
@@ -114,14 +115,7 @@ pub(crate) async fn run(
             SlotAddr::Master,
         )))
     };
-    let evalsha = || {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
-        for a in args {
-            cmd.arg(*a);
-        }
-        cmd
-    };
+    let evalsha = || evalsha(script, keys, args);
     match conn
         .clone()
         .route_command(evalsha(), route())
@@ -141,6 +135,34 @@ pub(crate) async fn run(
         }
         other => other,
     }
+}
+
+/// `EVALSHA` of `script` with `keys` and `args`.
+fn evalsha(script: &Script, keys: &[&str], args: &[&[u8]]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    for a in args {
+        cmd.arg(*a);
+    }
+    cmd
+}
+
+/// The error of a commit sent with others in a pipeline that failed as a whole (a
+/// slot moved since the gateway last read the layout): whether it was applied is not
+/// known, so the caller sends it again alone, as after a lost reply.
+pub(crate) fn group_failed() -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::Io,
+        "a pipeline of commits failed as a whole",
+        GROUP_FAILED.to_string(),
+    ))
+}
+
+const GROUP_FAILED: &str = "sent again alone";
+
+/// Whether `e` is [`group_failed`].
+pub(crate) fn is_group_failed(e: &RedisError) -> bool {
+    e.detail() == Some(GROUP_FAILED)
 }
 
 fn int(v: &Value) -> Option<i64> {
@@ -222,13 +244,14 @@ const STATE_FIELDS: [&str; 8] = ["r", "o", "p", "a", "v", "x", "g", "l"];
 /// 4 us of CPU more than the plain commands (docs/BENCHMARKS.md).
 pub(crate) async fn load(
     conn: &ClusterConnection,
+    batch: Option<&Batcher>,
     k: &RecordKeys,
     range: Option<(u64, u64)>,
     max_inline: usize,
     counters: &LoadCounters,
 ) -> RedisResult<Option<Stored>> {
     for _ in 0..PLAIN_TRIES {
-        if let Some(found) = load_plain(conn, k, range, max_inline).await? {
+        if let Some(found) = load_plain(conn, batch, k, range, max_inline).await? {
             counters.plain.fetch_add(1, Ordering::Relaxed);
             return Ok(found);
         }
@@ -281,8 +304,10 @@ enum DataRead {
 pub(crate) const WHOLE: u64 = 1 << 53;
 
 /// One try of `load` with plain commands; `Ok(None)`: the record changed in between.
+/// With a batcher, the commands go with other loads' (`batch.rs`).
 async fn load_plain(
     conn: &ClusterConnection,
+    batch: Option<&Batcher>,
     k: &RecordKeys,
     range: Option<(u64, u64)>,
     max_inline: usize,
@@ -295,23 +320,49 @@ async fn load_plain(
         }
         _ => DataRead::Size,
     };
-    let mut pipe = redis::Pipeline::with_capacity(4);
-    pipe.cmd("HMGET").arg(&k.meta).arg(&STATE_FIELDS[..]);
-    match read {
-        DataRead::Whole => {
-            pipe.cmd("GET").arg(&k.data);
+    let together = match batch {
+        Some(b) => b.send(slot_of(&k.meta), load_commands(k, read)).await,
+        None => None,
+    };
+    let replies = match together {
+        Some(replies) => replies?.into_iter().map(Value::extract_error).collect(),
+        None => {
+            let mut pipe = redis::Pipeline::with_capacity(4);
+            for c in load_commands(k, read) {
+                pipe.add_command(c);
+            }
+            on_slot_of(conn, &k.meta, pipe).await
         }
-        DataRead::Range(s, n) => {
-            pipe.cmd("STRLEN").arg(&k.data);
-            pipe.cmd("GETRANGE").arg(&k.data).arg(s).arg(s + n - 1);
-        }
-        DataRead::Size => {
-            pipe.cmd("STRLEN").arg(&k.data);
-        }
-    }
-    pipe.cmd("HGET").arg(&k.meta).arg("l");
-    let replies = on_slot_of(conn, &k.meta, pipe).await?;
+    }?;
     snapshot(replies, read, range, max_inline)
+}
+
+/// A plain load's commands: `HMGET` of the state, the data's as `read` says, and
+/// `HGET l` last.
+fn load_commands(k: &RecordKeys, read: DataRead) -> Vec<redis::Cmd> {
+    let mut cmds = Vec::with_capacity(4);
+    cmds.push(
+        redis::cmd("HMGET")
+            .arg(&k.meta)
+            .arg(&STATE_FIELDS[..])
+            .take(),
+    );
+    match read {
+        DataRead::Whole => cmds.push(redis::cmd("GET").arg(&k.data).take()),
+        DataRead::Range(s, n) => {
+            cmds.push(redis::cmd("STRLEN").arg(&k.data).take());
+            cmds.push(
+                redis::cmd("GETRANGE")
+                    .arg(&k.data)
+                    .arg(s)
+                    .arg(s + n - 1)
+                    .take(),
+            );
+        }
+        DataRead::Size => cmds.push(redis::cmd("STRLEN").arg(&k.data).take()),
+    }
+    cmds.push(redis::cmd("HGET").arg(&k.meta).arg("l").take());
+    cmds
 }
 
 /// Reads the replies of `load_plain`'s commands (`HMGET` state, the data's as `read`
@@ -450,6 +501,7 @@ pub(crate) async fn range(
 /// it is acknowledged.
 pub(crate) async fn commit(
     conn: &ClusterConnection,
+    batch: Option<&Batcher>,
     k: &RecordKeys,
     change: &Change,
     wait: Wait,
@@ -498,10 +550,24 @@ pub(crate) async fn commit(
     for f in &change.del {
         args.push(f.as_bytes());
     }
-    let v = if wait.replicas == 0 {
-        run(conn, &scripts::COMMIT, &keys, &args).await?
-    } else {
-        commit_and_wait(conn, &keys, &args, wait).await?
+    let v = match (wait.replicas, batch) {
+        (0, Some(b)) => {
+            let cmd = evalsha(&scripts::COMMIT, &keys, &args);
+            let Some(replies) = b.send(slot_of(keys[0]), vec![cmd]).await else {
+                return Err(group_failed());
+            };
+            match replies?.pop().map(Value::extract_error) {
+                Some(Err(e))
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    run(conn, &scripts::COMMIT, &keys, &args).await?
+                }
+                Some(v) => v?,
+                None => return Err(bad("EVALSHA")),
+            }
+        }
+        (0, None) => run(conn, &scripts::COMMIT, &keys, &args).await?,
+        _ => commit_and_wait(conn, &keys, &args, wait).await?,
     };
     match v {
         Value::Array(items) => match items.first().and_then(int) {
