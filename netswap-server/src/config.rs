@@ -138,11 +138,11 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     pub redis_wait_replicas: u32,
 
-    /// With Redis Cluster: requests this gateway works on at once (the rest wait
-    /// their turn in the gateway); 0 = no limit. Past a few dozen, more requests in
-    /// flight to the cluster only lengthen the queue inside the Redis client: with 800
-    /// in flight the p99 of a 64 B READ was 359-492 ms, with 64 turns 47-66 ms and
-    /// 14% more reads per second (docs/BENCHMARKS.md).
+    /// With Redis Cluster: requests that change records this gateway works on at
+    /// once (the rest wait their turn in the gateway, in order); 0 = no limit. Reads
+    /// take no turn (their loads go to Redis in pipelines, see --redis-batch). Writes
+    /// at pipeline 16 on 50 connections: 128 turns 71k/s (p99 18-21 ms), 256 turns
+    /// 78-81k/s (21-25 ms), 512 or no limit 77k/s (51-65 ms) (docs/BENCHMARKS.md).
     #[arg(long, env = "NETSWAP_REDIS_MAX_IN_FLIGHT", default_value_t = 256)]
     pub redis_max_in_flight: usize,
 

@@ -78,7 +78,8 @@ pub struct ClusterOptions {
     /// Prefix of every key (`--redis-prefix`): deployments sharing a cluster use
     /// different ones.
     pub prefix: String,
-    /// Requests worked on at once (`--redis-max-in-flight`); 0 = no limit.
+    /// Requests that change records worked on at once (`--redis-max-in-flight`;
+    /// reads take no turn); 0 = no limit.
     pub max_in_flight: usize,
     /// Records whose last seen state is remembered, so that a write on one of them
     /// takes one Redis round trip (`--redis-state-cache`); 0 = off.
