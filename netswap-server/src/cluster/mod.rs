@@ -912,7 +912,9 @@ impl ClusterStore {
             return match request {
                 Request::Create { access, data } => {
                     let _turn = self.turn().await;
-                    self.create(&caller, access, data).await.into()
+                    // Boxed, as the other rarer branches: every request's future
+                    // holds room for the largest branch it may take.
+                    Box::pin(self.create(&caller, access, data)).await.into()
                 }
                 // Answered without Redis: a keepalive never waits for a turn.
                 _ => Reply::Hello(self.hello(caller.identity)).into(),
@@ -933,7 +935,7 @@ impl ClusterStore {
         };
         let watch = matches!(request, Request::Watch { .. });
         let data = matches!(request, Request::Watch { options, .. } if options.data);
-        if watch && let Err(e) = self.subscribe(ptr, data).await {
+        if watch && let Err(e) = Box::pin(self.subscribe(ptr, data)).await {
             return unavailable(&e).into();
         }
         for n in 0..MAX_ATTEMPTS {
@@ -943,7 +945,7 @@ impl ClusterStore {
             {
                 Ok(Some(outcome)) => {
                     if watch && outcome.watch == WatchChange::None {
-                        self.unsubscribe_if_unwatched(ptr).await;
+                        Box::pin(self.unsubscribe_if_unwatched(ptr)).await;
                     }
                     return outcome;
                 }

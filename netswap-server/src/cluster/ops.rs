@@ -141,13 +141,15 @@ impl ClusterStore {
                 };
                 self.commit_or_retry(ptr, change, Reply::Done).await
             }
-            Decision::Delete => match self.delete(ptr, &rec).await? {
+            // Boxed: rarer than reads and writes, and their futures are large; every
+            // request's future holds room for the largest branch it may take.
+            Decision::Delete => match Box::pin(self.delete(ptr, &rec)).await? {
                 Committed::Yes => done(Reply::Done),
                 Committed::Unknown => done(outcome_unknown()),
                 Committed::Changed | Committed::Fenced => Ok(None),
             },
-            Decision::TakeOver => self.change_owner(ptr, &rec, me, true).await,
-            Decision::Transfer(to) => self.change_owner(ptr, &rec, to, false).await,
+            Decision::TakeOver => Box::pin(self.change_owner(ptr, &rec, me, true)).await,
+            Decision::Transfer(to) => Box::pin(self.change_owner(ptr, &rec, to, false)).await,
             Decision::Watch(state) => {
                 if let Err(r) =
                     rules::admit_watch(caller.watching, caller.watch_xid.is_some(), &self.cfg)
@@ -243,24 +245,26 @@ impl ClusterStore {
                 records: 0,
                 bytes: w.bytes_delta.unsigned_abs(),
             };
+            // Boxed (writes that change a record's size are the rarer ones).
             let noted = if w.bytes_delta > 0 {
-                self.quota
-                    .reserve(
-                        &self.redis,
-                        &self.cfg,
-                        &payer,
-                        &op,
-                        ptr,
-                        amount,
-                        deadline,
-                        false,
-                        now,
-                    )
-                    .await
+                Box::pin(self.quota.reserve(
+                    &self.redis,
+                    &self.cfg,
+                    &payer,
+                    &op,
+                    ptr,
+                    amount,
+                    deadline,
+                    false,
+                    now,
+                ))
+                .await
             } else {
-                self.quota
-                    .note_release(&self.redis, &payer, &op, ptr, amount, deadline)
-                    .await
+                Box::pin(
+                    self.quota
+                        .note_release(&self.redis, &payer, &op, ptr, amount, deadline),
+                )
+                .await
             };
             match noted {
                 Ok(()) => {}

@@ -258,7 +258,9 @@ pub(crate) async fn load(
         counters.retries.fetch_add(1, Ordering::Relaxed);
     }
     counters.script.fetch_add(1, Ordering::Relaxed);
-    load_script(conn, k, range, max_inline).await
+    // Boxed, like every rare path here: a future holds room for the largest of its
+    // awaits, and every request's future would otherwise carry this one's.
+    Box::pin(load_script(conn, k, range, max_inline)).await
 }
 
 /// The bytes a load returns: `[start, min(start+len, size))` if that is at most
@@ -331,7 +333,7 @@ async fn load_plain(
             for c in load_commands(k, read) {
                 pipe.add_command(c);
             }
-            on_slot_of(conn, &k.meta, pipe).await
+            Box::pin(on_slot_of(conn, &k.meta, pipe)).await
         }
     }?;
     snapshot(replies, read, range, max_inline)
@@ -483,7 +485,7 @@ pub(crate) async fn range(
         pipe.cmd("GETRANGE").arg(&k.data).arg(start).arg(end - 1);
     }
     pipe.cmd("HGET").arg(&k.meta).arg("r");
-    let mut replies = on_slot_of(conn, &k.meta, pipe).await?;
+    let mut replies = Box::pin(on_slot_of(conn, &k.meta, pipe)).await?;
     let now = replies.pop().ok_or_else(|| bad("HGET r"))?;
     if int(&now) != Some(rev as i64) {
         return Ok(None);
@@ -560,14 +562,14 @@ pub(crate) async fn commit(
                 Some(Err(e))
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    run(conn, &scripts::COMMIT, &keys, &args).await?
+                    Box::pin(run(conn, &scripts::COMMIT, &keys, &args)).await?
                 }
                 Some(v) => v?,
                 None => return Err(bad("EVALSHA")),
             }
         }
-        (0, None) => run(conn, &scripts::COMMIT, &keys, &args).await?,
-        _ => commit_and_wait(conn, &keys, &args, wait).await?,
+        (0, None) => Box::pin(run(conn, &scripts::COMMIT, &keys, &args)).await?,
+        _ => Box::pin(commit_and_wait(conn, &keys, &args, wait)).await?,
     };
     match v {
         Value::Array(items) => match items.first().and_then(int) {
