@@ -165,6 +165,18 @@ pub(crate) fn is_group_failed(e: &RedisError) -> bool {
     e.detail() == Some(GROUP_FAILED)
 }
 
+/// `replies`, or the first error among them (without copying them into a new vector,
+/// as collecting `Value::extract_error`s would).
+fn first_error(mut replies: Vec<Value>) -> RedisResult<Vec<Value>> {
+    match replies
+        .iter()
+        .position(|v| matches!(v, Value::ServerError(_)))
+    {
+        Some(i) => Err(replies.swap_remove(i).extract_error().unwrap_err()),
+        None => Ok(replies),
+    }
+}
+
 fn int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(i) => Some(*i),
@@ -327,7 +339,7 @@ async fn load_plain(
         None => None,
     };
     let replies = match together {
-        Some(replies) => replies?.into_iter().map(Value::extract_error).collect(),
+        Some(replies) => first_error(replies?),
         None => {
             let mut pipe = redis::Pipeline::with_capacity(4);
             for c in load_commands(k, read) {
@@ -342,28 +354,31 @@ async fn load_plain(
 /// A plain load's commands: `HMGET` of the state, the data's as `read` says, and
 /// `HGET l` last.
 fn load_commands(k: &RecordKeys, read: DataRead) -> Vec<redis::Cmd> {
+    // Sized up front: a command grows its two vectors argument by argument otherwise.
+    let cmd = |name: &str, args: usize, bytes: usize| {
+        let mut c = redis::Cmd::with_capacity(args + 1, name.len() + bytes);
+        c.arg(name);
+        c
+    };
+    let (meta, data) = (k.meta.len(), k.data.len());
     let mut cmds = Vec::with_capacity(4);
-    cmds.push(
-        redis::cmd("HMGET")
-            .arg(&k.meta)
-            .arg(&STATE_FIELDS[..])
-            .take(),
-    );
+    let mut hmget = cmd("HMGET", 1 + STATE_FIELDS.len(), meta + STATE_FIELDS.len());
+    cmds.push(hmget.arg(&k.meta).arg(&STATE_FIELDS[..]).take());
     match read {
-        DataRead::Whole => cmds.push(redis::cmd("GET").arg(&k.data).take()),
+        DataRead::Whole => cmds.push(cmd("GET", 1, data).arg(&k.data).take()),
         DataRead::Range(s, n) => {
-            cmds.push(redis::cmd("STRLEN").arg(&k.data).take());
+            cmds.push(cmd("STRLEN", 1, data).arg(&k.data).take());
             cmds.push(
-                redis::cmd("GETRANGE")
+                cmd("GETRANGE", 3, data + 40)
                     .arg(&k.data)
                     .arg(s)
                     .arg(s + n - 1)
                     .take(),
             );
         }
-        DataRead::Size => cmds.push(redis::cmd("STRLEN").arg(&k.data).take()),
+        DataRead::Size => cmds.push(cmd("STRLEN", 1, data).arg(&k.data).take()),
     }
-    cmds.push(redis::cmd("HGET").arg(&k.meta).arg("l").take());
+    cmds.push(cmd("HGET", 2, meta + 1).arg(&k.meta).arg("l").take());
     cmds
 }
 
