@@ -597,6 +597,18 @@ impl Collector for HubCollector {
             )?;
             counter(
                 &mut e,
+                "netswap_redis_quota_writes",
+                "Compare-and-sets written to identities' quota hashes (the changes that queue up behind one go together in the next).",
+                g.quota_writes,
+            )?;
+            counter(
+                &mut e,
+                "netswap_redis_quota_changes",
+                "Quota changes (reservations, noted releases, settlements) those compare-and-sets carried.",
+                g.quota_changes,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_unreplicated_writes",
                 "Writes acknowledged with fewer replicas than --redis-wait-replicas asked (their primary had fewer: a failover).",
                 g.unreplicated_writes,

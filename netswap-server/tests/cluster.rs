@@ -762,6 +762,64 @@ async fn quotas_hold_across_gateways() {
     assert_eq!(ok, 5, "exactly the quota, through both gateways together");
 }
 
+/// One identity's many concurrent creates and deletes on one gateway: their quota
+/// changes queue behind the one being written and go together in the next
+/// compare-and-set, each decided on what the ones before it left, so the quota holds
+/// exactly; once the deletes are settled the identity's usage is back to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identitys_concurrent_quota_changes_are_written_together_and_hold() {
+    let cluster = common::cluster::shared();
+    let prefix = fresh_prefix();
+    let gw = gateway(&prefix, |c| {
+        c.store.quota_records = 40;
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let m = gw.metrics_addr().expect("serves /metrics");
+    let mut c = Raw::connect(gw.addr(), 5).await;
+    let creates = (0..100)
+        .map(|i| Request::Create {
+            access: Access::empty(),
+            data: Bytes::from(format!("r{i}")),
+        })
+        .collect();
+    let mut made = Vec::new();
+    for r in pipelined(&mut c, creates).await {
+        match r {
+            Reply::Created(p) => made.push(p),
+            Reply::Error {
+                status: Status::QuotaExceeded,
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(made.len(), 40, "exactly the quota");
+    let mm = scrape(m);
+    let writes = metric(&mm, "netswap_redis_quota_writes_total");
+    let changes = metric(&mm, "netswap_redis_quota_changes_total");
+    assert!(
+        changes > writes,
+        "{changes} quota changes in {writes} writes: none went together"
+    );
+    let deletes = made.iter().map(|&ptr| Request::Delete { ptr }).collect();
+    for r in pipelined(&mut c, deletes).await {
+        assert_eq!(r, Reply::Done);
+    }
+    let id = Identity::derive(&IdentityKey::new(GATEWAY_KEY), local(5));
+    let key = format!("{prefix}:{{i:{id}}}:q");
+    eventually(
+        "the usage is back to zero, nothing pending",
+        Duration::from_secs(10),
+        async || {
+            let h = cluster.hgetall(&key);
+            h.get("n").map(String::as_str) == Some("0")
+                && h.get("b").map(String::as_str) == Some("0")
+                && !h.keys().any(|k| k.starts_with("p:"))
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_on_one_record_keep_their_order_on_a_connection() {
     // With one turn (every request waits for the one before), the default number of

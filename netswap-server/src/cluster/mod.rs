@@ -271,6 +271,10 @@ pub struct GatewayCounts {
     /// Loads and commits of a pipeline that failed as a whole (a slot moved), sent
     /// again alone.
     pub batched_resent: u64,
+    /// Compare-and-sets written to identities' quota hashes.
+    pub quota_writes: u64,
+    /// Quota changes (reserve, note, settle) they carried.
+    pub quota_changes: u64,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -389,6 +393,8 @@ impl ClusterStore {
             batches: self.batch.as_ref().map_or(0, |b| n(&b.counters.pipelines)),
             batched: self.batch.as_ref().map_or(0, |b| n(&b.counters.carried)),
             batched_resent: self.batch.as_ref().map_or(0, |b| n(&b.counters.resent)),
+            quota_writes: n(&self.quota.writes),
+            quota_changes: n(&self.quota.changes),
         }
     }
 

@@ -18,15 +18,20 @@
 //! after the deadline the fence guarantees the answer cannot change any more.
 //!
 //! Each gateway caches the quota hashes it uses and serialises its own changes to one
-//! identity, so its compare-and-sets conflict only with other gateways'.
+//! identity, so its compare-and-sets conflict only with other gateways'. Changes that
+//! queue up behind one in flight are written together, in one compare-and-set (group
+//! commit): one identity's many concurrent creates and deletes cost a round trip per
+//! group, not per change.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use netswap_proto::rules::{self, QuotaKind, Usage};
 use netswap_proto::{Identity, Pointer, StoreConfig};
 use redis::Value;
 use redis::cluster_async::ClusterConnection;
+use tokio::sync::oneshot;
 
 use super::keys::Keys;
 use super::redis_io::{as_bytes, run};
@@ -120,7 +125,7 @@ impl State {
 }
 
 /// What a quota operation could not do.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum QuotaError {
     Exceeded(QuotaKind),
     Redis(redis::RedisError),
@@ -136,13 +141,62 @@ impl From<redis::RedisError> for QuotaError {
 #[derive(Debug)]
 pub(crate) struct QuotaBook {
     keys: Keys,
-    states: Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<State>>>>,
+    states: Mutex<HashMap<Identity, Arc<Cell>>>,
+    /// Compare-and-sets written, and the changes they carried.
+    pub writes: AtomicU64,
+    pub changes: AtomicU64,
+}
+
+/// One identity's quota hash as this gateway knows it, and the changes waiting to be
+/// written to it.
+#[derive(Debug, Default)]
+struct Cell {
+    state: tokio::sync::Mutex<State>,
+    queue: Mutex<Vec<Job>>,
+}
+
+/// A change to an identity's quota hash: decided on the state as it is when its group
+/// is written (again on a fresh state if another gateway changed it meanwhile). It
+/// changes `pending` only when it succeeds.
+type Decide = Box<dyn FnMut(&mut State) -> Result<Edit, QuotaError> + Send>;
+
+struct Job {
+    decide: Decide,
+    /// Redis time (ms) of a reservation: entries whose deadline has passed by then are
+    /// repaired before the group is decided (see [`QuotaBook::repair`]).
+    repair_at: Option<u64>,
+    done: oneshot::Sender<Result<(), QuotaError>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Job")
+    }
 }
 
 /// How a change to the cached state is written back.
+#[derive(Default)]
 struct Edit {
     set: Vec<(String, Vec<u8>)>,
     del: Vec<String>,
+}
+
+impl Edit {
+    /// `other` after `self`: a field set and then deleted is deleted, and the other
+    /// way round.
+    fn then(&mut self, other: Edit) {
+        for (f, v) in other.set {
+            self.del.retain(|d| *d != f);
+            self.set.retain(|(s, _)| *s != f);
+            self.set.push((f, v));
+        }
+        for f in other.del {
+            self.set.retain(|(s, _)| *s != f);
+            if !self.del.contains(&f) {
+                self.del.push(f);
+            }
+        }
+    }
 }
 
 impl QuotaBook {
@@ -150,10 +204,12 @@ impl QuotaBook {
         QuotaBook {
             keys,
             states: Mutex::default(),
+            writes: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
         }
     }
 
-    fn state(&self, id: &Identity) -> Arc<tokio::sync::Mutex<State>> {
+    fn state(&self, id: &Identity) -> Arc<Cell> {
         self.states
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -173,39 +229,97 @@ impl QuotaBook {
 
     /// Applies `decide` to the identity's state and writes the result with a
     /// compare-and-set, deciding again on a fresh state when another gateway changed
-    /// it meanwhile.
-    async fn update<T>(
+    /// it meanwhile. Changes to one identity wait for the one being written; the
+    /// first of them to get its turn writes all that waited, in order, in one
+    /// compare-and-set (each is decided on the state the ones before it left, and one
+    /// that fails, e.g. over quota, leaves it as it was).
+    async fn update(
         &self,
         redis: &ClusterConnection,
         id: &Identity,
-        mut decide: impl FnMut(&mut State) -> Result<(Edit, T), QuotaError>,
-    ) -> Result<T, QuotaError> {
+        decide: Decide,
+        repair_at: Option<u64>,
+    ) -> Result<(), QuotaError> {
         let cell = self.state(id);
-        let mut st = cell.lock().await;
+        let (done, result) = oneshot::channel();
+        lock(&cell.queue).push(Job {
+            decide,
+            repair_at,
+            done,
+        });
+        {
+            let mut st = cell.state.lock().await;
+            let jobs = std::mem::take(&mut *lock(&cell.queue));
+            // Empty: a change that got its turn earlier wrote this one with its own.
+            if !jobs.is_empty() {
+                self.write_group(redis, id, &mut st, jobs).await;
+            }
+        }
+        result.await.unwrap_or_else(|_| {
+            Err(QuotaError::Redis(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "a quota change was dropped before it was written",
+            ))))
+        })
+    }
+
+    /// Writes `jobs` (see [`QuotaBook::update`]) and tells each how it went.
+    async fn write_group(
+        &self,
+        redis: &ClusterConnection,
+        id: &Identity,
+        st: &mut State,
+        mut jobs: Vec<Job>,
+    ) {
         let keys = self.keys.identity(id);
         loop {
             if !st.loaded {
-                let v = redis::cmd("HGETALL")
+                match redis::cmd("HGETALL")
                     .arg(&keys.quota)
                     .query_async::<Value>(&mut redis.clone())
-                    .await?;
-                st.load(&flatten(v));
-            }
-            let before = (st.rev.clone(), st.used, st.pending.clone());
-            let (edit, out) = match decide(&mut st) {
-                Ok(x) => x,
-                Err(e) => {
-                    (st.rev, st.used, st.pending) = before;
-                    return Err(e);
+                    .await
+                {
+                    Ok(v) => st.load(&flatten(v)),
+                    Err(e) => return tell(jobs, &Err(QuotaError::Redis(e))),
                 }
-            };
-            let next = (st.rev.parse::<u64>().unwrap_or(0) + 1).to_string();
+            }
+            let rev = st.rev.clone();
+            let mut edit = Edit::default();
+            // Entries of interrupted changes first, so that they do not keep using room.
+            if let Some(now) = jobs.iter().filter_map(|j| j.repair_at).max()
+                && let Err(e) = self.repair_stale(redis, id, st, now, &mut edit).await
+            {
+                st.loaded = false;
+                return tell(jobs, &Err(e));
+            }
+            let mut outcomes = Vec::with_capacity(jobs.len());
+            for job in &mut jobs {
+                let used = st.used;
+                match (job.decide)(st) {
+                    Ok(e) => {
+                        edit.then(e);
+                        outcomes.push(Ok(()));
+                    }
+                    Err(e) => {
+                        st.used = used;
+                        outcomes.push(Err(e));
+                    }
+                }
+            }
+            if edit.set.is_empty() && edit.del.is_empty() {
+                // Nothing to write (refused, or settled already).
+                for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                    let _ = job.done.send(outcome);
+                }
+                return;
+            }
+            let next = (rev.parse::<u64>().unwrap_or(0) + 1).to_string();
             let mut set = edit.set;
             set.push(("n".into(), st.used.records.to_string().into_bytes()));
             set.push(("b".into(), st.used.bytes.to_string().into_bytes()));
             let n = set.len().to_string();
             let k = edit.del.len().to_string();
-            let mut args: Vec<&[u8]> = vec![before.0.as_bytes(), next.as_bytes(), n.as_bytes()];
+            let mut args: Vec<&[u8]> = vec![rev.as_bytes(), next.as_bytes(), n.as_bytes()];
             for (f, v) in &set {
                 args.push(f.as_bytes());
                 args.push(v);
@@ -214,13 +328,18 @@ impl QuotaBook {
             for f in &edit.del {
                 args.push(f.as_bytes());
             }
+            self.writes.fetch_add(1, Ordering::Relaxed);
             let v = run(redis, &scripts::CAS, &[&keys.quota], &args).await;
             match v {
                 Ok(Value::Array(items))
                     if items.first().and_then(super::redis_io::as_int) == Some(1) =>
                 {
                     st.rev = next;
-                    return Ok(out);
+                    self.changes.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                    for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                        let _ = job.done.send(outcome);
+                    }
+                    return;
                 }
                 Ok(Value::Array(items)) if items.len() == 2 => {
                     // Another gateway changed it: decide again on what it holds now.
@@ -228,15 +347,16 @@ impl QuotaBook {
                 }
                 Ok(other) => {
                     st.loaded = false;
-                    return Err(QuotaError::Redis(redis::RedisError::from((
+                    let e = redis::RedisError::from((
                         redis::ErrorKind::Parse,
                         "unexpected reply from Redis",
                         format!("CAS gave {other:?}"),
-                    ))));
+                    ));
+                    return tell(jobs, &Err(QuotaError::Redis(e)));
                 }
                 Err(e) => {
                     st.loaded = false;
-                    return Err(e.into());
+                    return tell(jobs, &Err(QuotaError::Redis(e)));
                 }
             }
         }
@@ -259,15 +379,15 @@ impl QuotaBook {
         over_quota: bool,
         now: u64,
     ) -> Result<(), QuotaError> {
-        self.repair(redis, id, now).await?;
-        self.update(redis, id, |st| {
+        let (cfg, op) = (cfg.clone(), op.to_string());
+        let decide = move |st: &mut State| {
             st.used = if over_quota {
                 Usage {
                     records: st.used.records + add.records,
                     bytes: st.used.bytes + add.bytes,
                 }
             } else {
-                rules::charge(st.used, add, cfg).map_err(QuotaError::Exceeded)?
+                rules::charge(st.used, add, &cfg).map_err(QuotaError::Exceeded)?
             };
             let p = Pending {
                 records: add.records,
@@ -276,16 +396,13 @@ impl QuotaBook {
                 deadline,
                 ptr,
             };
-            st.pending.insert(op.to_string(), p);
-            Ok((
-                Edit {
-                    set: vec![(format!("p:{op}"), p.encode())],
-                    del: vec![],
-                },
-                (),
-            ))
-        })
-        .await
+            st.pending.insert(op.clone(), p);
+            Ok(Edit {
+                set: vec![(format!("p:{op}"), p.encode())],
+                del: vec![],
+            })
+        };
+        self.update(redis, id, Box::new(decide), Some(now)).await
     }
 
     /// Notes a release of `back` for operation `op`, applied when it settles.
@@ -298,7 +415,8 @@ impl QuotaBook {
         back: Usage,
         deadline: u64,
     ) -> Result<(), QuotaError> {
-        self.update(redis, id, |st| {
+        let op = op.to_string();
+        let decide = move |st: &mut State| {
             let p = Pending {
                 records: back.records,
                 bytes: back.bytes,
@@ -306,16 +424,13 @@ impl QuotaBook {
                 deadline,
                 ptr,
             };
-            st.pending.insert(op.to_string(), p);
-            Ok((
-                Edit {
-                    set: vec![(format!("p:{op}"), p.encode())],
-                    del: vec![],
-                },
-                (),
-            ))
-        })
-        .await
+            st.pending.insert(op.clone(), p);
+            Ok(Edit {
+                set: vec![(format!("p:{op}"), p.encode())],
+                del: vec![],
+            })
+        };
+        self.update(redis, id, Box::new(decide), None).await
     }
 
     /// Operation `op` committed (`true`) or never will (`false`): removes its entry,
@@ -327,58 +442,60 @@ impl QuotaBook {
         op: &str,
         committed: bool,
     ) -> Result<(), QuotaError> {
-        self.update(redis, id, |st| {
-            let Some(p) = st.pending.remove(op) else {
-                // Already settled (by a repair pass elsewhere).
-                return Ok((
-                    Edit {
-                        set: vec![],
-                        del: vec![],
-                    },
-                    (),
-                ));
+        let op = op.to_string();
+        let decide = move |st: &mut State| {
+            let Some(p) = st.pending.remove(&op) else {
+                // Already settled (by a repair pass elsewhere): nothing to write.
+                return Ok(Edit::default());
             };
             if p.charge != committed {
                 // A release that committed, or a charge that did not.
                 st.used = rules::release(st.used, p.usage());
             }
-            Ok((
-                Edit {
-                    set: vec![],
-                    del: vec![format!("p:{op}")],
-                },
-                (),
-            ))
-        })
-        .await
+            Ok(Edit {
+                set: vec![],
+                del: vec![format!("p:{op}")],
+            })
+        };
+        self.update(redis, id, Box::new(decide), None).await
     }
 
     /// Settles every entry of `id` whose deadline has passed by `now`, asking the
-    /// record's slot whether its commit happened.
+    /// record's slot whether its commit happened (the reaper's pass; a reservation
+    /// does the same with its group, [`QuotaBook::update`]).
     pub async fn repair(
         &self,
         redis: &ClusterConnection,
         id: &Identity,
         now: u64,
     ) -> Result<(), QuotaError> {
-        let stale: Vec<(String, Pending)> = {
-            let cell = self.state(id);
-            let mut st = cell.lock().await;
-            if !st.loaded {
-                let v = redis::cmd("HGETALL")
-                    .arg(self.keys.identity(id).quota)
-                    .query_async::<Value>(&mut redis.clone())
-                    .await?;
-                st.load(&flatten(v));
-            }
-            st.pending
-                .iter()
-                // A second of margin past the fence: a commit that started before it
-                // has finished.
-                .filter(|(_, p)| p.deadline + 1000 < now)
-                .map(|(k, p)| (k.clone(), *p))
-                .collect()
-        };
+        self.update(
+            redis,
+            id,
+            Box::new(|_: &mut State| Ok(Edit::default())),
+            Some(now),
+        )
+        .await
+    }
+
+    /// Settles, in `st` and `edit`, the entries whose deadline has passed by `now`: the
+    /// marker of the operation says whether its commit happened, and after the
+    /// deadline (and a second of margin: a commit that started before it has finished)
+    /// the fence guarantees that cannot change any more.
+    async fn repair_stale(
+        &self,
+        redis: &ClusterConnection,
+        id: &Identity,
+        st: &mut State,
+        now: u64,
+        edit: &mut Edit,
+    ) -> Result<(), QuotaError> {
+        let stale: Vec<(String, Pending)> = st
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline + 1000 < now)
+            .map(|(k, p)| (k.clone(), *p))
+            .collect();
         for (op, p) in stale {
             let marker = self.keys.record(p.ptr).op(&op);
             let committed: bool = redis::cmd("EXISTS")
@@ -387,10 +504,28 @@ impl QuotaBook {
                 .await?
                 == 1;
             tracing::info!(identity = %id, op, committed, "repairing a quota charge left by an interrupted change");
-            self.settle(redis, id, &op, committed).await?;
+            st.pending.remove(&op);
+            if p.charge != committed {
+                st.used = rules::release(st.used, p.usage());
+            }
+            edit.then(Edit {
+                set: vec![],
+                del: vec![format!("p:{op}")],
+            });
         }
         Ok(())
     }
+}
+
+/// Tells every job of a group the same outcome.
+fn tell(jobs: Vec<Job>, outcome: &Result<(), QuotaError>) {
+    for job in jobs {
+        let _ = job.done.send(outcome.clone());
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// HGETALL's reply as a flat list of fields and values (RESP2 array or RESP3 map).
@@ -405,6 +540,31 @@ fn flatten(v: Value) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn edits_of_one_group_combine_in_order() {
+        let set = |f: &str| Edit {
+            set: vec![(f.to_string(), b"1".to_vec())],
+            del: vec![],
+        };
+        let del = |f: &str| Edit {
+            set: vec![],
+            del: vec![f.to_string()],
+        };
+        let mut e = Edit::default();
+        for x in [
+            set("p:a"),
+            set("p:b"),
+            del("p:a"),
+            del("p:c"),
+            set("p:c"),
+            del("p:c"),
+        ] {
+            e.then(x);
+        }
+        assert_eq!(e.set, vec![("p:b".to_string(), b"1".to_vec())]);
+        assert_eq!(e.del, vec!["p:a".to_string(), "p:c".to_string()]);
+    }
 
     #[test]
     fn pending_entries_round_trip() {

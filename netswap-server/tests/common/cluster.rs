@@ -212,6 +212,17 @@ impl RedisCluster {
         }
     }
 
+    /// The fields of hash `key` (`HGETALL` on its primary).
+    pub fn hgetall(&self, key: &str) -> std::collections::HashMap<String, String> {
+        let out = redis_cli(self.primary_of(key), &["HGETALL", key]);
+        let lines: Vec<&str> = out.lines().collect();
+        lines
+            .chunks(2)
+            .filter(|p| p.len() == 2)
+            .map(|p| (p[0].to_string(), p[1].to_string()))
+            .collect()
+    }
+
     /// Empties every live node's script cache (`SCRIPT FLUSH`).
     pub fn flush_scripts(&self) {
         for p in self.live_ports() {
