@@ -329,11 +329,16 @@ impl QuotaBook {
                 args.push(f.as_bytes());
             }
             self.writes.fetch_add(1, Ordering::Relaxed);
+            // The state now holds the group's decisions, which Redis may or may not
+            // get: until it says, the next writer must read the hash again (also when
+            // this future is dropped mid-way).
+            st.loaded = false;
             let v = run(redis, &scripts::CAS, &[&keys.quota], &args).await;
             match v {
                 Ok(Value::Array(items))
                     if items.first().and_then(super::redis_io::as_int) == Some(1) =>
                 {
+                    st.loaded = true;
                     st.rev = next;
                     self.changes.fetch_add(jobs.len() as u64, Ordering::Relaxed);
                     for (job, outcome) in jobs.into_iter().zip(outcomes) {
