@@ -8,7 +8,10 @@
 //! changed the record in between, the gateway loads it again and decides again. Any
 //! number of gateways pointed at one cluster are one netswap.
 //!
-//! - Quotas span slots: reserve, commit, settle, with a repair pass ([`quota`]).
+//! - Loads and commits of requests that arrive together go to Redis as one pipeline
+//!   per primary (`batch`).
+//! - Quotas span slots: reserve, commit, settle, with a repair pass; one identity's
+//!   changes are written in groups ([`quota`]).
 //! - Liveness: a gateway holds a lease (with a TTL) on each identity it has
 //!   connections of, renewed every third of the TTL. An identity with no live lease
 //!   on any gateway is offline; its records are reaped a grace period later by one

@@ -215,8 +215,7 @@ async fn on_slot_of(
 ) -> RedisResult<Vec<Value>> {
     let count = pipe.len();
     let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master));
-    let replies = conn.clone().route_pipeline(pipe, 0, count, route).await?;
-    replies.into_iter().map(Value::extract_error).collect()
+    first_error(conn.clone().route_pipeline(pipe, 0, count, route).await?)
 }
 
 /// How a gateway's loads went (for `/metrics`).
