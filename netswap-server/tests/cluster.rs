@@ -823,16 +823,19 @@ async fn one_identitys_concurrent_quota_changes_are_written_together_and_hold() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_on_one_record_keep_their_order_on_a_connection() {
     // With one turn (every request waits for the one before), the default number of
-    // turns, and no limit.
-    for turns in [1, 64, 0] {
-        appends_keep_their_order(turns).await;
+    // turns, and no limit; with the commands of requests sent together (the default)
+    // and each on its own (`--redis-batch false`).
+    for (turns, batch) in [(1, true), (256, true), (0, true), (256, false), (0, false)] {
+        appends_keep_their_order(turns, batch).await;
     }
 }
 
-async fn appends_keep_their_order(turns: usize) {
+async fn appends_keep_their_order(turns: usize, batch: bool) {
     let prefix = fresh_prefix();
     let gw = gateway(&prefix, |c| {
-        c.cluster.as_mut().unwrap().max_in_flight = turns;
+        let o = c.cluster.as_mut().unwrap();
+        o.max_in_flight = turns;
+        o.batch = batch;
     });
     let mut c = Raw::connect(gw.addr(), 2).await;
     let p = c.create(Access::empty(), &b""[..]).await;
@@ -856,7 +859,7 @@ async fn appends_keep_their_order(turns: usize) {
         assert_eq!(
             c.reply_to(1000 + i).await.status(),
             Status::Ok,
-            "append {i} with {turns} turns"
+            "append {i} with {turns} turns, batch {batch}"
         );
     }
     assert_eq!(c.read(p).await, Reply::Data(Bytes::from(want)));
