@@ -95,6 +95,35 @@ impl Batcher {
         rx.await.unwrap_or(None)
     }
 
+    /// Sends `cmds` (idempotent commands on keys of `key`'s slot: a group that
+    /// fails may have run them) with other requests' commands, or alone when they
+    /// cannot go together; their replies, errors left in place.
+    pub async fn send_idempotent(
+        batch: Option<&Batcher>,
+        conn: &ClusterConnection,
+        key: &str,
+        cmds: Vec<Cmd>,
+    ) -> RedisResult<Vec<Value>> {
+        let slot = redis_protocol::redis_keyslot(key.as_bytes());
+        let cmds = match batch {
+            Some(b) => {
+                let again = cmds.clone();
+                match b.send(slot, cmds).await {
+                    Some(replies) => return replies,
+                    None => again,
+                }
+            }
+            None => cmds,
+        };
+        let count = cmds.len();
+        let mut pipe = redis::Pipeline::with_capacity(count);
+        for c in cmds {
+            pipe.add_command(c);
+        }
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+        conn.clone().route_pipeline(pipe, 0, count, route).await
+    }
+
     /// Which primary serves which slot, from `CLUSTER NODES` (see [`primaries`]).
     pub fn set_primaries(&self, primaries: Vec<u16>) {
         lock(&self.inner).primaries = primaries;

@@ -1008,11 +1008,18 @@ impl ClusterStore {
             }
             crash_point("create-after-reserve");
             let ik = self.keys.identity(&me);
-            let indexed: redis::RedisResult<Value> = redis::cmd("SADD")
+            let sadd = redis::cmd("SADD")
                 .arg(&ik.owned)
                 .arg(ptr.to_string())
-                .query_async(&mut self.redis.clone())
-                .await;
+                .take();
+            let indexed = batch::Batcher::send_idempotent(
+                self.batch.as_deref(),
+                &self.redis,
+                &ik.owned,
+                vec![sadd],
+            )
+            .await
+            .and_then(|mut v| v.pop().map_or(Ok(Value::Nil), Value::extract_error));
             let change = Change {
                 expected: None,
                 fence: deadline,
@@ -1077,6 +1084,7 @@ impl ClusterStore {
     fn settle_later(&self, ptr: Pointer, op: String, ids: Vec<Identity>, committed: bool) {
         let redis = self.redis.clone();
         let quota = self.quota.clone();
+        let batch = self.batch.clone();
         let marker = self.keys.record(ptr).op(&op);
         tokio::spawn(async move {
             for id in ids {
@@ -1085,10 +1093,24 @@ impl ClusterStore {
                     return;
                 }
             }
-            let _: redis::RedisResult<Value> = redis::cmd("DEL")
-                .arg(&marker)
-                .query_async(&mut redis.clone())
-                .await;
+            let del = redis::cmd("DEL").arg(&marker).take();
+            let _ =
+                batch::Batcher::send_idempotent(batch.as_deref(), &redis, &marker, vec![del]).await;
+        });
+    }
+
+    /// Sends idempotent commands on keys of `key`'s slot after the reply, with other
+    /// requests' commands when batching; what they do may be left undone (index
+    /// clean-up that the reaper and claims tolerate).
+    fn send_later(&self, key: String, cmds: Vec<redis::Cmd>) {
+        let redis = self.redis.clone();
+        let batch = self.batch.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                batch::Batcher::send_idempotent(batch.as_deref(), &redis, &key, cmds).await
+            {
+                debug!(key, error = %e, "index clean-up failed; the reaper skips stale entries");
+            }
         });
     }
 

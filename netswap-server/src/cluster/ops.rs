@@ -345,20 +345,24 @@ impl ClusterStore {
             Ok(c) => self.settle_later(ptr, op, vec![payer], *c == Committed::Yes),
         }
         if matches!(committed, Ok(Committed::Yes)) {
-            // The indexes may keep stale entries; the reaper and claims skip those.
+            // The indexes may keep stale entries (the reaper and claims skip those),
+            // so they are cleaned up after the reply.
             let owner = self.keys.identity(&rec.owner);
-            let mut pipe = redis::pipe();
-            pipe.cmd("SREM")
-                .arg(&owner.owned)
-                .arg(ptr.to_string())
-                .ignore();
-            if rec.payer.is_some() {
-                pipe.cmd("SREM")
-                    .arg(&owner.parked)
+            let mut cmds = vec![
+                redis::cmd("SREM")
+                    .arg(&owner.owned)
                     .arg(ptr.to_string())
-                    .ignore();
+                    .take(),
+            ];
+            if rec.payer.is_some() {
+                cmds.push(
+                    redis::cmd("SREM")
+                        .arg(&owner.parked)
+                        .arg(ptr.to_string())
+                        .take(),
+                );
             }
-            let _ = pipe.query_async::<Value>(&mut self.redis.clone()).await;
+            self.send_later(owner.owned, cmds);
         }
         Ok(committed?)
     }
