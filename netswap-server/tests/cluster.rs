@@ -347,8 +347,8 @@ async fn writes_decided_on_a_stale_state_are_decided_again() {
 /// A write on a record the gateway has seen costs one Redis round trip (the commit
 /// script), not two (a load, then the commit); with `--redis-state-cache 0` it also
 /// loads. A load is plain commands, no script (`HMGET`, then `STRLEN` and
-/// `GETRANGE` or a `GET`, then `HGET`; counted by its `STRLEN` or `GET`, which no
-/// script of a write runs), and so is a READ. A write on a record nobody watches publishes nothing;
+/// `GETRANGE` or a `GET`, then `HGET`; only the `HMGET` when the record's bytes were
+/// last seen in its state hash), and so is a READ. A write on a record nobody watches publishes nothing;
 /// once a connection (on another gateway) watches it, every write publishes its
 /// event. Counted by the cluster's own `INFO commandstats`, on a cluster of this
 /// test's own (the shared one serves other tests at the same time).
@@ -375,22 +375,37 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
         let p = c.create(Access::READ | Access::WRITE, &b"0"[..]).await;
         assert_eq!(c.read(p).await, data(b"0"));
         let scripts = || cluster.calls("evalsha") + cluster.calls("eval");
-        let loads = || cluster.calls("strlen") + cluster.calls("get");
-        let before = (scripts(), loads());
+        let loads = || cluster.calls("hmget");
+        let data_key = || cluster.calls("strlen") + cluster.calls("get");
+        let before = (scripts(), loads(), data_key());
         for _ in 0..WRITES {
             assert_eq!(c.read(p).await, data(b"0"));
         }
         // (The reaper's lock and the record counts for the metrics add a `GET` or
         // a `STRLEN` now and then.)
-        let (s, l) = (scripts() - before.0, loads() - before.1);
+        let (s, l, d) = (
+            scripts() - before.0,
+            loads() - before.1,
+            data_key() - before.2,
+        );
         assert!(
             s == 0 && (WRITES..WRITES + 5).contains(&l),
             "{WRITES} READs: {s} script calls, {l} loads; expected none, and one each"
         );
         if cache > 0 {
+            // Its bytes were seen in its state hash: each load is that one `HMGET`.
+            assert!(
+                d < 5,
+                "{WRITES} READs of a small record: {d} data-key commands"
+            );
+        } else {
+            assert!((WRITES..WRITES + 5).contains(&d), "{d} data-key commands");
+        }
+        if cache > 0 {
             // A record created through this gateway: its first write is decided on
-            // the state the create left, without a load.
-            let before = loads();
+            // the state the create left, without a load. (Each commit runs one
+            // `HMGET` itself: 40 for 20 creates and 20 writes.)
+            let before = loads() + 40;
             for i in 0..20u8 {
                 let r = c.create(Access::READ | Access::WRITE, vec![i]).await;
                 assert_eq!(
@@ -402,7 +417,7 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
                     Reply::Written(2)
                 );
             }
-            let n = loads() - before;
+            let n = loads().saturating_sub(before);
             assert!(n < 5, "20 first writes after a create loaded {n} times");
             // A big record: its bytes come with the load only for a caller the
             // remembered state allows to read them (else the load stops at 16 KiB and
@@ -453,9 +468,10 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
                 Reply::Written(i + 2)
             );
         }
+        // (Each write's commit runs one `HMGET` of its own.)
         per_write.push((
             (scripts() - before.0) as f64 / WRITES as f64,
-            (loads() - before.1) as f64 / WRITES as f64,
+            (loads() - before.1).saturating_sub(WRITES) as f64 / WRITES as f64,
         ));
         assert_eq!(
             cluster.calls("spublish") - published,
@@ -760,6 +776,100 @@ async fn quotas_hold_across_gateways() {
         }
     }
     assert_eq!(ok, 5, "exactly the quota, through both gateways together");
+}
+
+/// A record's bytes up to 1 KiB live in its state hash (field `d`), larger ones in its
+/// data key, never both: writes that cross the limit move them (a WRITE_AT on bytes in
+/// the hash is applied there), and every read, whole or a range, through the gateway
+/// that wrote or another one, sees the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_records_keep_their_bytes_in_their_state_hash_and_move_when_they_grow() {
+    let cluster = common::cluster::shared();
+    let prefix = fresh_prefix();
+    let (a, b) = (gateway(&prefix, |_| {}), gateway(&prefix, |_| {}));
+    let mut ca = Raw::connect(a.addr(), 2).await;
+    let mut cb = Raw::connect(b.addr(), 2).await;
+    let p = ca.create(Access::READ | Access::WRITE, &b"abc"[..]).await;
+    let (meta, data_key) = (
+        format!("{prefix}:{{r:{p}}}:m"),
+        format!("{prefix}:{{r:{p}}}:d"),
+    );
+    let mut want = b"abc".to_vec();
+    let in_hash = |want: &[u8]| {
+        let h = cluster.hgetall(&meta);
+        h.get("d").map(String::as_bytes) == Some(want) && !cluster.exists(&data_key)
+    };
+    let in_key = || !cluster.hgetall(&meta).contains_key("d") && cluster.exists(&data_key);
+    let write_at = |offset: u64, d: &[u8]| Request::WriteAt {
+        ptr: p,
+        offset,
+        data: Bytes::copy_from_slice(d),
+    };
+    let splice = |want: &mut Vec<u8>, offset: usize, d: &[u8]| {
+        if want.len() < offset + d.len() {
+            want.resize(offset + d.len(), 0);
+        }
+        want[offset..offset + d.len()].copy_from_slice(d);
+    };
+    async fn agree(ca: &mut Raw, cb: &mut Raw, p: Pointer, want: &[u8]) {
+        for c in [ca, cb] {
+            assert_eq!(c.read(p).await, data(want));
+            if want.len() >= 2 {
+                let range = Some((2, 7));
+                let end = want.len().min(9);
+                assert_eq!(
+                    c.ask(Request::Read { ptr: p, range }).await,
+                    data(&want[2..end])
+                );
+            }
+        }
+    }
+    assert!(in_hash(&want), "a small record's bytes are in its hash");
+    agree(&mut ca, &mut cb, p, &want).await;
+    // In the hash: inside, and appended at the end.
+    assert_eq!(ca.ask(write_at(1, b"X")).await.status(), Status::Ok);
+    splice(&mut want, 1, b"X");
+    assert!(in_hash(b"aXc"));
+    agree(&mut ca, &mut cb, p, &want).await;
+    assert_eq!(ca.ask(write_at(2, b"Y")).await.status(), Status::Ok);
+    splice(&mut want, 2, b"Y");
+    assert_eq!(ca.ask(write_at(3, b"xy")).await.status(), Status::Ok);
+    splice(&mut want, 3, b"xy");
+    assert_eq!(want, b"aXYxy");
+    assert!(in_hash(&want));
+    agree(&mut ca, &mut cb, p, &want).await;
+    // Past 1 KiB: moved to the data key.
+    let long = vec![9u8; 1100];
+    assert_eq!(cb.ask(write_at(4, &long)).await.status(), Status::Ok);
+    splice(&mut want, 4, &long);
+    assert!(in_key(), "a large record's bytes are in its data key");
+    agree(&mut ca, &mut cb, p, &want).await;
+    // A WRITE_AT on bytes in the data key stays there.
+    assert_eq!(ca.ask(write_at(0, b"Z")).await.status(), Status::Ok);
+    splice(&mut want, 0, b"Z");
+    assert!(in_key());
+    agree(&mut ca, &mut cb, p, &want).await;
+    // Small again: back in the hash; large again: out.
+    let replace = |d: Vec<u8>| Request::Replace {
+        ptr: p,
+        data: Bytes::from(d),
+    };
+    assert_eq!(
+        ca.ask(replace(b"small".to_vec())).await.status(),
+        Status::Ok
+    );
+    want = b"small".to_vec();
+    assert!(in_hash(&want));
+    agree(&mut ca, &mut cb, p, &want).await;
+    want = vec![3u8; 2000];
+    assert_eq!(cb.ask(replace(want.clone())).await.status(), Status::Ok);
+    assert!(in_key());
+    agree(&mut ca, &mut cb, p, &want).await;
+    assert_eq!(ca.ask(replace(Vec::new())).await.status(), Status::Ok);
+    assert!(in_hash(b""), "empty: an empty field, no data key");
+    agree(&mut ca, &mut cb, p, b"").await;
+    assert_eq!(ca.ask(Request::Delete { ptr: p }).await, Reply::Done);
+    assert!(!cluster.exists(&meta) && !cluster.exists(&data_key));
 }
 
 /// One identity's many concurrent creates and deletes on one gateway: their quota

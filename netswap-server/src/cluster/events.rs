@@ -405,7 +405,7 @@ impl ClusterStore {
     /// Compares a watched record with what was last known and tells the watchers what
     /// changed while events could not arrive.
     async fn resync(&self, ptr: Pointer) {
-        let now = match self.load(ptr, None, 0).await {
+        let now = match self.load(ptr, None, 0, false).await {
             Ok(r) => r,
             Err(e) => {
                 warn!(%ptr, error = %e, "could not check a watched record after a reconnect");

@@ -4,8 +4,8 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `ns:{r:PTR}:m` | hash | a record's state: `o` owner, `p` payer (absent: the owner pays), `a` access bits, `v` version, `r` revision (+1 on every change), `x`/`g` its own orphan deadline (ms) and its owner's generation then (a record handed to an absent identity) |
-//! | `ns:{r:PTR}:d` | string | the record's data (absent when empty) |
+//! | `ns:{r:PTR}:m` | hash | a record's state: `o` owner, `p` payer (absent: the owner pays), `a` access bits, `v` version, `r` revision (+1 on every change), `x`/`g` its own orphan deadline (ms) and its owner's generation then (a record handed to an absent identity), `l` the last change's operation id, `d` the data when at most `scripts::IN_HASH` bytes |
+//! | `ns:{r:PTR}:d` | string | the record's data when larger (absent otherwise) |
 //! | `ns:{r:PTR}:e` | sharded channel | events of the record (SPUBLISHed by the commit) |
 //! | `ns:{r:PTR}:E` | sharded channel | the same events with the bytes each data change wrote, published only while a gateway subscribes (it has data watches on the record) |
 //! | `ns:{r:PTR}:op:ID` | string, 1 h TTL | "change ID was committed" (for repairing quotas) |

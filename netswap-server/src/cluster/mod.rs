@@ -465,12 +465,14 @@ impl ClusterStore {
         }
     }
 
-    /// Loads a record (`redis_io::load`), with other requests' loads when batching.
+    /// Loads a record (`redis_io::load`), with other requests' loads when batching;
+    /// `in_hash`: its bytes were last seen in its state hash (one `HMGET` then).
     async fn load(
         &self,
         ptr: Pointer,
         range: Option<(u64, u64)>,
         max_inline: usize,
+        in_hash: bool,
     ) -> redis::RedisResult<Option<redis_io::Stored>> {
         redis_io::load(
             &self.redis,
@@ -478,6 +480,7 @@ impl ClusterStore {
             &self.keys.record(ptr),
             range,
             max_inline,
+            in_hash,
             &self.loads,
         )
         .await
@@ -693,11 +696,14 @@ impl ClusterStore {
                             continue;
                         };
                         let meta = String::from_utf8_lossy(k);
+                        // The bytes are in the data key or in the hash's field `d`.
                         pipe.cmd("STRLEN")
                             .arg(format!("{}d", meta.trim_end_matches('m')));
+                        pipe.cmd("HSTRLEN").arg(meta.as_ref()).arg("d");
                     }
                     let n = keys.len();
-                    let lens = conn.route_pipeline(pipe, 0, n, route.clone()).await?;
+                    let count = pipe.len();
+                    let lens = conn.route_pipeline(pipe, 0, count, route.clone()).await?;
                     records += n as u64;
                     bytes += lens.iter().filter_map(redis_io::as_int).sum::<i64>() as u64;
                 }
@@ -798,7 +804,7 @@ impl ClusterStore {
     /// One parked record: `Ok(false)` when it changed meanwhile (try again).
     async fn claim_one(&self, id: &Identity, ptr: Pointer) -> Result<bool, QuotaError> {
         let k = self.keys.identity(id);
-        let Some(rec) = self.load(ptr, None, 0).await? else {
+        let Some(rec) = self.load(ptr, None, 0, false).await? else {
             let _: Value = redis::cmd("SREM")
                 .arg(&k.parked)
                 .arg(ptr.to_string())
@@ -1022,6 +1028,7 @@ impl ClusterStore {
             .and_then(|mut v| v.pop().map_or(Ok(Value::Nil), Value::extract_error));
             let change = Change {
                 expected: None,
+                inline: true, // new: nothing to move
                 fence: deadline,
                 op: op.clone(),
                 mark: true,
@@ -1054,6 +1061,7 @@ impl ClusterStore {
                             deadline: None,
                             size: data.len() as u64,
                             data: None,
+                            inline: data.len() <= scripts::IN_HASH,
                         },
                     );
                     return Reply::Created(ptr);

@@ -10,6 +10,7 @@ use redis::Value;
 use super::events::EventInfo;
 use super::keys;
 use super::redis_io::{self, Change, Committed, DataOp, Stored};
+use super::scripts;
 use super::{AttemptError, Caller, ClusterStore, FENCE, MAX_INLINE, Outcome, WatchChange, lock};
 
 /// `Ok(None)`: the record changed under the attempt; decide again.
@@ -89,9 +90,10 @@ impl ClusterStore {
         // How many bytes may come with the load: up to MAX_INLINE, so that a caller
         // who may not read a big record does not make Redis send it; all of a read
         // the remembered state allows (decided again on the loaded state below).
-        let inline = match lock(&self.states).get(ptr) {
+        let known = lock(&self.states).get(ptr);
+        let inline = match &known {
             Some(known) if range.is_some() => {
-                match rules::decide(request, Some(&view(&known, &me)), &me, None, &self.cfg) {
+                match rules::decide(request, Some(&view(known, &me)), &me, None, &self.cfg) {
                     Decision::Read { .. } => usize::MAX,
                     _ if known.size > MAX_INLINE as u64 => 0,
                     _ => MAX_INLINE,
@@ -99,7 +101,8 @@ impl ClusterStore {
             }
             _ => MAX_INLINE,
         };
-        let loaded = self.load(ptr, range, inline).await?;
+        let in_hash = known.is_some_and(|k| k.inline);
+        let loaded = self.load(ptr, range, inline, in_hash).await?;
         let Some(rec) = loaded else {
             lock(&self.states).forget(ptr);
             return Ok(Some(Outcome {
@@ -234,6 +237,7 @@ impl ClusterStore {
             ],
             op: self.op_id(),
             new_size: Some(w.new_size),
+            inline: rec.inline,
             ..Change::default()
         };
         let mut pending = None;
@@ -293,6 +297,9 @@ impl ClusterStore {
                         version: w.new_version,
                         size: w.new_size,
                         data: None,
+                        // Where the script put the bytes (`scripts::COMMIT`).
+                        inline: w.new_size <= scripts::IN_HASH as u64
+                            && (rec.inline || matches!(w.kind, WriteKind::Replace)),
                         ..rec.clone()
                     },
                 );

@@ -131,7 +131,7 @@ impl ClusterStore {
                 continue;
             };
             for _ in 0..MAX_ATTEMPTS {
-                let Some(rec) = self.load(ptr, None, 0).await? else {
+                let Some(rec) = self.load(ptr, None, 0, false).await? else {
                     let _: Value = redis::cmd("SREM")
                         .arg(&k.owned)
                         .arg(&s)
@@ -167,7 +167,7 @@ impl ClusterStore {
 
     async fn reap_record(&self, member: &str, ptr: Pointer) -> Result<usize, AttemptError> {
         for _ in 0..MAX_ATTEMPTS {
-            let Some(rec) = self.load(ptr, None, 0).await? else {
+            let Some(rec) = self.load(ptr, None, 0, false).await? else {
                 self.reschedule(member, None).await?;
                 return Ok(0);
             };

@@ -30,6 +30,8 @@ pub(crate) struct Stored {
     pub size: u64,
     /// The bytes asked for, when they were small enough to come with the load.
     pub data: Option<Bytes>,
+    /// The bytes are in the state hash (field `d`), not in the data key.
+    pub inline: bool,
 }
 
 impl Stored {
@@ -72,6 +74,9 @@ pub(crate) struct Change {
     pub new_size: Option<u64>,
     pub set: Vec<(&'static str, Vec<u8>)>,
     pub del: Vec<&'static str>,
+    /// The record's bytes are in its state hash now, or it is new (see
+    /// `scripts::COMMIT`'s data ops).
+    pub inline: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -235,7 +240,7 @@ const PLAIN_TRIES: usize = 3;
 
 /// The fields of a record's state, in the order `HMGET` and `LOAD` return them (`LOAD`
 /// without the last, `l`: the last change's operation id).
-const STATE_FIELDS: [&str; 8] = ["r", "o", "p", "a", "v", "x", "g", "l"];
+const STATE_FIELDS: [&str; 9] = ["r", "o", "p", "a", "v", "x", "g", "l", "d"];
 
 /// Loads a record, with the bytes of `[start, start+len)` when they are at most
 /// `max_inline` (`len` `None`: no bytes; `max_inline` `usize::MAX`: whatever their
@@ -253,14 +258,21 @@ const STATE_FIELDS: [&str; 8] = ["r", "o", "p", "a", "v", "x", "g", "l"];
 /// differ (a write came in between), it reads again; after `PLAIN_TRIES` such
 /// tries it runs the `LOAD` script, which is atomic. A Lua call costs Redis about
 /// 4 us of CPU more than the plain commands (docs/BENCHMARKS.md).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn load(
     conn: &ClusterConnection,
     batch: Option<&Batcher>,
     k: &RecordKeys,
     range: Option<(u64, u64)>,
     max_inline: usize,
+    in_hash: bool,
     counters: &LoadCounters,
 ) -> RedisResult<Option<Stored>> {
+    // Bytes last seen in the state hash: one `HMGET` reads the record atomically.
+    if in_hash && let Some(found) = load_hash(conn, batch, k, range).await? {
+        counters.plain.fetch_add(1, Ordering::Relaxed);
+        return Ok(found);
+    }
     for _ in 0..PLAIN_TRIES {
         if let Some(found) = load_plain(conn, batch, k, range, max_inline).await? {
             counters.plain.fetch_add(1, Ordering::Relaxed);
@@ -350,6 +362,61 @@ async fn load_plain(
     snapshot(replies, read, range, max_inline)
 }
 
+/// A load of a record whose bytes were last seen in its state hash: one `HMGET` of
+/// the state with the bytes. `None`: they are not there (any more): load as usual.
+async fn load_hash(
+    conn: &ClusterConnection,
+    batch: Option<&Batcher>,
+    k: &RecordKeys,
+    range: Option<(u64, u64)>,
+) -> RedisResult<Option<Option<Stored>>> {
+    let hmget = || {
+        let mut c = redis::Cmd::with_capacity(2 + STATE_FIELDS.len(), 64 + k.meta.len());
+        c.arg("HMGET").arg(&k.meta).arg(&STATE_FIELDS[..]);
+        c
+    };
+    let together = match batch {
+        Some(b) => b.send(slot_of(&k.meta), vec![hmget()]).await,
+        None => None,
+    };
+    let mut replies = match together {
+        Some(replies) => first_error(replies?),
+        None => {
+            let mut pipe = redis::Pipeline::with_capacity(1);
+            pipe.add_command(hmget());
+            Box::pin(on_slot_of(conn, &k.meta, pipe)).await
+        }
+    }?;
+    let Some(Value::Array(state)) = replies.pop() else {
+        return Err(bad("HMGET"));
+    };
+    if state.len() != STATE_FIELDS.len() {
+        return Err(bad("HMGET"));
+    }
+    if state[0] == Value::Nil {
+        return Ok(Some(None));
+    }
+    in_hash_record(&state, range).map(|r| r.map(Some))
+}
+
+/// The record of an `HMGET` of `STATE_FIELDS` whose bytes are in the hash (`None`:
+/// they are not), with the bytes of `range`.
+fn in_hash_record(state: &[Value], range: Option<(u64, u64)>) -> RedisResult<Option<Stored>> {
+    let Value::BulkString(bytes) = &state[8] else {
+        return Ok(None);
+    };
+    let size = bytes.len() as u64;
+    let data = range.and_then(|(s, n)| {
+        (s <= size).then(|| {
+            let e = s.saturating_add(n).min(size);
+            Bytes::copy_from_slice(&bytes[s as usize..e.max(s) as usize])
+        })
+    });
+    let mut rec = stored(state, size, data)?;
+    rec.inline = true;
+    Ok(Some(rec))
+}
+
 /// A plain load's commands: `HMGET` of the state, the data's as `read` says, and
 /// `HGET l` last.
 fn load_commands(k: &RecordKeys, read: DataRead) -> Vec<redis::Cmd> {
@@ -410,6 +477,12 @@ fn snapshot(
     if state.len() != STATE_FIELDS.len() {
         return Err(bad("HMGET"));
     }
+    // Bytes in the hash: the `HMGET` alone was one consistent state.
+    if state[0] != Value::Nil
+        && let Some(rec) = in_hash_record(&state, range)?
+    {
+        return Ok(Some(Some(rec)));
+    }
     if state[0] == Value::Nil && last == Value::Nil {
         return Ok(Some(None));
     }
@@ -443,6 +516,7 @@ fn stored(items: &[Value], size: u64, data: Option<Bytes>) -> RedisResult<Stored
         deadline,
         size,
         data,
+        inline: false,
     })
 }
 
@@ -470,16 +544,19 @@ async fn load_script(
     .await?;
     let mut items = match v {
         Value::Nil => return Ok(None),
-        Value::Array(items) if items.len() == 9 => items,
+        Value::Array(items) if items.len() == 10 => items,
         Value::Boolean(false) => return Ok(None),
         other => return Err(bad(&format!("LOAD gave {other:?}"))),
     };
+    let inline = items.pop().and_then(|v| int(&v)) == Some(1);
     let size = int(&items[7]).ok_or_else(|| bad("size"))? as u64;
     let data = match items.pop() {
         Some(Value::BulkString(b)) => Some(Bytes::from(b)),
         _ => None,
     };
-    Ok(Some(stored(&items[..7], size, data)?))
+    let mut rec = stored(&items[..7], size, data)?;
+    rec.inline = inline;
+    Ok(Some(rec))
 }
 
 /// Reads `[start, end)` of a record still at revision `rev` (`None`: it changed).
@@ -532,11 +609,13 @@ pub(crate) async fn commit(
     ];
     let expected = change.expected.map(|r| r.to_string()).unwrap_or_default();
     let fence = change.fence.to_string();
-    let (data_op, offset, data): (&[u8], String, Bytes) = match &change.data {
-        DataOp::None => (b"n", "0".into(), Bytes::new()),
-        DataOp::Set(b) => (b"s", "0".into(), b.clone()),
-        DataOp::Range(off, b) => (b"r", off.to_string(), b.clone()),
-        DataOp::DeleteRecord => (b"d", "0".into(), Bytes::new()),
+    let (data_op, offset, data): (&[u8], String, Bytes) = match (&change.data, change.inline) {
+        (DataOp::None, _) => (b"n", "0".into(), Bytes::new()),
+        (DataOp::Set(b), false) => (b"s", "0".into(), b.clone()),
+        (DataOp::Set(b), true) => (b"S", "0".into(), b.clone()),
+        (DataOp::Range(off, b), false) => (b"r", off.to_string(), b.clone()),
+        (DataOp::Range(off, b), true) => (b"R", off.to_string(), b.clone()),
+        (DataOp::DeleteRecord, _) => (b"d", "0".into(), Bytes::new()),
     };
     let n_set = change.set.len().to_string();
     let n_del = change.del.len().to_string();
@@ -728,8 +807,14 @@ mod tests {
         Value::BulkString(b.to_vec())
     }
 
-    /// `HMGET r o p a v x g l` of a record at revision `rev`, last changed by `op`.
+    /// `HMGET r o p a v x g l d` of a record at revision `rev`, last changed by
+    /// `op`, its bytes in the data key.
     fn state(rev: &str, op: &str) -> Value {
+        state_with(rev, op, Value::Nil)
+    }
+
+    /// The same with `d`, the bytes in the hash (`Nil`: none).
+    fn state_with(rev: &str, op: &str, d: Value) -> Value {
         Value::Array(vec![
             bulk(rev.as_bytes()),
             bulk(&[7; 32]),
@@ -739,7 +824,41 @@ mod tests {
             Value::Nil,
             Value::Nil,
             bulk(op.as_bytes()),
+            d,
         ])
+    }
+
+    #[test]
+    fn bytes_in_the_hash_are_one_consistent_state() {
+        let hashed = || state_with("4", "g-1", bulk(b"hello"));
+        // Whatever the data key's commands and the last operation id said.
+        for end in [last("g-1"), last("g-2"), Value::Nil] {
+            let replies = vec![hashed(), Value::Int(0), bulk(b""), end];
+            let rec = snapshot(replies, DataRead::Range(1, 3), Some((1, 3)), 16)
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert!(rec.inline);
+            assert_eq!((rec.rev, rec.size), (4, 5));
+            assert_eq!(rec.data.as_deref(), Some(&b"ell"[..]));
+        }
+        let Value::Array(st) = hashed() else {
+            unreachable!()
+        };
+        let at = |r| in_hash_record(&st, r).unwrap().unwrap().data;
+        assert_eq!(at(Some((0, WHOLE))).as_deref(), Some(&b"hello"[..]));
+        assert_eq!(
+            at(Some((3, 99))).as_deref(),
+            Some(&b"lo"[..]),
+            "cut at the end"
+        );
+        assert_eq!(at(Some((5, 1))).as_deref(), Some(&b""[..]), "at the end");
+        assert_eq!(at(Some((6, 1))), None, "past the end");
+        assert_eq!(at(None), None, "no bytes asked for");
+        let Value::Array(external) = state("4", "g-1") else {
+            unreachable!()
+        };
+        assert!(in_hash_record(&external, Some((0, 1))).unwrap().is_none());
     }
 
     /// `HGET l` of a record last changed by `op`.
@@ -777,12 +896,12 @@ mod tests {
         }
         // Created in between: missing at the first command is a consistent answer.
         let created = vec![
-            Value::Array(vec![Value::Nil; 8]),
+            Value::Array(vec![Value::Nil; 9]),
             Value::Int(0),
             last("g-3"),
         ];
         assert_eq!(got(created, false).unwrap(), None);
-        let missing = vec![Value::Array(vec![Value::Nil; 8]), Value::Int(0), Value::Nil];
+        let missing = vec![Value::Array(vec![Value::Nil; 9]), Value::Int(0), Value::Nil];
         assert_eq!(got(missing, false).unwrap(), Some(None));
         // Replies of the wrong shape are errors, not guesses.
         assert!(got(vec![state("4", "g-1"), Value::Int(3)], false).is_err());

@@ -9,8 +9,14 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+/// Records' bytes up to this size live in their state hash (field `d`), larger ones
+/// in their own string key: a load of a small record is one `HMGET`, a commit one
+/// `HSET` (docs/ARCHITECTURE.md).
+pub(crate) const IN_HASH: usize = 1024;
+
 /// Loads a record atomically: `{rev, owner, payer, access, version, deadline,
-/// generation, size, data}` or nil. The fallback of `redis_io::load`, which reads with
+/// generation, size, data, inline}` or nil (`inline` 1: the bytes are in the state
+/// hash). The fallback of `redis_io::load`, which reads with
 /// plain commands (cheaper for Redis) while no write comes in between. `data` is the range `[start, start+len)` (cut at the end) when it is
 /// at most `max_inline` bytes and `len >= 0`, else nil (the gateway fetches it
 /// separately, after deciding the caller may read it).
@@ -19,9 +25,11 @@ use redis::Script;
 pub(crate) static LOAD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local m = redis.call('HMGET', KEYS[1], 'r', 'o', 'p', 'a', 'v', 'x', 'g')
+local m = redis.call('HMGET', KEYS[1], 'r', 'o', 'p', 'a', 'v', 'x', 'g', 'd')
 if not m[1] then return false end
-local size = redis.call('STRLEN', KEYS[2])
+local inline = m[8]
+local size
+if inline then size = #inline else size = redis.call('STRLEN', KEYS[2]) end
 local d = false
 local s = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
@@ -30,11 +38,13 @@ if n >= 0 and s <= size then
   if e > size then e = size end
   if e <= s then
     d = ''
+  elseif inline then
+    d = string.sub(inline, s + 1, e)
   elseif e - s <= tonumber(ARGV[3]) then
     d = redis.call('GETRANGE', KEYS[2], s, e - 1)
   end
 end
-return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, size, d}
+return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, size, d, inline and 1 or 0}
 "#,
     )
 });
@@ -60,10 +70,14 @@ return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, siz
 /// ARGV: expected rev ('' = must not exist), fence (0 = none), event payload ('' =
 /// none), data op ('n' none, 's' set, 'r' set range, 'd' delete the record), offset,
 /// bytes, op id, mark ('1': set the marker key), delta head ('' = not a data change),
-/// n, n field/value pairs to set, k, k fields to delete.
+/// n, n field/value pairs to set, k, k fields to delete. The data ops in upper case
+/// ('S', 'R') say the record's bytes are in its state hash now (or it is new): bytes
+/// up to `IN_HASH` go to the hash's field `d`, larger ones to the data key, and a
+/// change of size moves them from one to the other (a WRITE_AT on bytes in the hash
+/// is applied to them there).
 pub(crate) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r#"
+        &r#"
 if ARGV[8] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {1} end
 local lr = redis.call('HMGET', KEYS[1], 'l', 'r')
 if lr[1] == ARGV[7] then return {1} end
@@ -82,11 +96,6 @@ local op = ARGV[4]
 if op == 'd' then
   redis.call('DEL', KEYS[1], KEYS[2])
 else
-  if op == 's' then
-    if #ARGV[6] > 0 then redis.call('SET', KEYS[2], ARGV[6]) else redis.call('DEL', KEYS[2]) end
-  elseif op == 'r' then
-    redis.call('SETRANGE', KEYS[2], tonumber(ARGV[5]), ARGV[6])
-  end
   local n = tonumber(ARGV[10])
   local fields = {'l', ARGV[7]}
   local i = 11
@@ -95,9 +104,33 @@ else
     fields[#fields + 1] = ARGV[i + 1]
     i = i + 2
   end
-  redis.call('HSET', KEYS[1], unpack(fields))
   local k = tonumber(ARGV[i])
-  if k > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, i + 1, i + k)) end
+  local dels = {}
+  for j = 1, k do dels[#dels + 1] = ARGV[i + j] end
+  local inline = (op == 'S' or op == 'R')
+  local bytes = nil
+  if op == 's' or op == 'S' then
+    bytes = ARGV[6]
+  elseif op == 'R' then
+    local cur = redis.call('HGET', KEYS[1], 'd') or ''
+    local off = tonumber(ARGV[5])
+    if off > #cur then cur = cur .. string.rep('\0', off - #cur) end
+    bytes = string.sub(cur, 1, off) .. ARGV[6] .. string.sub(cur, off + #ARGV[6] + 1)
+  elseif op == 'r' then
+    redis.call('SETRANGE', KEYS[2], tonumber(ARGV[5]), ARGV[6])
+  end
+  if bytes then
+    if #bytes <= IN_HASH then
+      fields[#fields + 1] = 'd'
+      fields[#fields + 1] = bytes
+      if not inline then redis.call('DEL', KEYS[2]) end
+    else
+      redis.call('SET', KEYS[2], bytes)
+      if inline and ARGV[1] ~= '' then dels[#dels + 1] = 'd' end
+    end
+  end
+  redis.call('HSET', KEYS[1], unpack(fields))
+  if #dels > 0 then redis.call('HDEL', KEYS[1], unpack(dels)) end
 end
 if ARGV[8] == '1' then redis.call('SET', KEYS[3], '1', 'EX', 604800) end
 if ARGV[3] ~= '' then
@@ -114,7 +147,8 @@ if ARGV[3] ~= '' then
   end
 end
 return {1}
-"#,
+"#
+        .replace("IN_HASH", &IN_HASH.to_string()),
     )
 });
 

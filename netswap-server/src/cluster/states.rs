@@ -93,6 +93,7 @@ mod tests {
             deadline: None,
             size: 3,
             data: Some(Bytes::from_static(b"abc")),
+            inline: true,
         }
     }
 

@@ -223,6 +223,11 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Whether `key` exists (`EXISTS` on its primary).
+    pub fn exists(&self, key: &str) -> bool {
+        redis_cli(self.primary_of(key), &["EXISTS", key]).trim() == "1"
+    }
+
     /// Empties every live node's script cache (`SCRIPT FLUSH`).
     pub fn flush_scripts(&self) {
         for p in self.live_ports() {
