@@ -31,16 +31,32 @@ case $cmd in
       done
     done
     redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1
-    for node in "${nodes[@]}"; do
-      for _ in $(seq 1 300); do
+    # Ready when, in one pass over every node, each sees the whole cluster (all nodes,
+    # all primaries, state ok) and each replica is linked to its primary. Checked node
+    # by node, a node could pass in a moment of "ok" right after `--cluster create`
+    # and fail again while the nodes agree on their epochs (seen: primaries at
+    # cluster_state:fail, cluster_size:1 after this script returned).
+    ready=0
+    for _ in $(seq 1 600); do
+      ready=1
+      for node in "${nodes[@]}"; do
         info=$(redis-cli -p "${node#*:}" CLUSTER INFO 2>/dev/null || true)
         repl=$(redis-cli -p "${node#*:}" INFO replication 2>/dev/null || true)
-        if grep -q cluster_state:ok <<<"$info" && { grep -q role:master <<<"$repl" || grep -q master_link_status:up <<<"$repl"; }; then
+        if ! { grep -q cluster_state:ok <<<"$info" &&
+          grep -q "cluster_size:$primaries" <<<"$info" &&
+          grep -q "cluster_known_nodes:$n" <<<"$info" &&
+          { grep -q role:master <<<"$repl" || grep -q master_link_status:up <<<"$repl"; }; }; then
+          ready=0
           break
         fi
-        sleep 0.1
       done
+      [ "$ready" = 1 ] && break
+      sleep 0.1
     done
+    if [ "$ready" != 1 ]; then
+      echo "redis-cluster.sh: the cluster in $dir did not become ready within 60 s" >&2
+      exit 1
+    fi
     (IFS=,; echo "${nodes[*]}")
     ;;
   stop)
