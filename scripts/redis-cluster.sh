@@ -32,10 +32,9 @@ case $cmd in
     done
     redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1
     # Ready when, in one pass over every node, each sees the whole cluster (all nodes,
-    # all primaries, state ok) and each replica is linked to its primary. Checked node
-    # by node, a node could pass in a moment of "ok" right after `--cluster create`
-    # and fail again while the nodes agree on their epochs (seen: primaries at
-    # cluster_state:fail, cluster_size:1 after this script returned).
+    # all primaries, state ok) and each replica is linked to its primary (checked
+    # node by node, an early node could pass before a later one was ready and then
+    # change its mind).
     ready=0
     for _ in $(seq 1 600); do
       ready=1
