@@ -32,6 +32,7 @@ use redis::{Cmd, RedisResult, Value};
 use tokio::sync::{Notify, oneshot};
 
 use super::lock;
+use super::redis_io::slot_of;
 
 /// Hash slots of Redis Cluster.
 const SLOTS: usize = 16_384;
@@ -95,33 +96,31 @@ impl Batcher {
         rx.await.unwrap_or(None)
     }
 
-    /// Sends `cmds` (idempotent commands on keys of `key`'s slot: a group that
-    /// fails may have run them) with other requests' commands, or alone when they
-    /// cannot go together; their replies, errors left in place.
+    /// Sends the commands `build` makes (idempotent commands on keys of `key`'s
+    /// slot: a group that fails may have run them) with other requests' commands, or
+    /// alone (built again) when they cannot go together, or without a batcher; their
+    /// replies, errors left in place.
     pub async fn send_idempotent(
         batch: Option<&Batcher>,
         conn: &ClusterConnection,
         key: &str,
-        cmds: Vec<Cmd>,
+        build: impl Fn() -> Vec<Cmd>,
     ) -> RedisResult<Vec<Value>> {
-        let slot = redis_protocol::redis_keyslot(key.as_bytes());
-        let cmds = match batch {
-            Some(b) => {
-                let again = cmds.clone();
-                match b.send(slot, cmds).await {
-                    Some(replies) => return replies,
-                    None => again,
-                }
-            }
-            None => cmds,
-        };
+        let slot = slot_of(key);
+        if let Some(b) = batch
+            && let Some(replies) = b.send(slot, build()).await
+        {
+            return replies;
+        }
+        let cmds = build();
         let count = cmds.len();
         let mut pipe = redis::Pipeline::with_capacity(count);
         for c in cmds {
             pipe.add_command(c);
         }
         let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
-        conn.clone().route_pipeline(pipe, 0, count, route).await
+        // Boxed: the rare path, and a request's future holds room for its largest await.
+        Box::pin(conn.clone().route_pipeline(pipe, 0, count, route)).await
     }
 
     /// Which primary serves which slot, from `CLUSTER NODES` (see [`primaries`]).

@@ -1014,15 +1014,19 @@ impl ClusterStore {
             }
             crash_point("create-after-reserve");
             let ik = self.keys.identity(&me);
-            let sadd = redis::cmd("SADD")
-                .arg(&ik.owned)
-                .arg(ptr.to_string())
-                .take();
+            let sadd = || {
+                vec![
+                    redis::cmd("SADD")
+                        .arg(&ik.owned)
+                        .arg(ptr.to_string())
+                        .take(),
+                ]
+            };
             let indexed = batch::Batcher::send_idempotent(
                 self.batch.as_deref(),
                 &self.redis,
                 &ik.owned,
-                vec![sadd],
+                sadd,
             )
             .await
             .and_then(|mut v| v.pop().map_or(Ok(Value::Nil), Value::extract_error));
@@ -1101,9 +1105,8 @@ impl ClusterStore {
                     return;
                 }
             }
-            let del = redis::cmd("DEL").arg(&marker).take();
-            let _ =
-                batch::Batcher::send_idempotent(batch.as_deref(), &redis, &marker, vec![del]).await;
+            let del = || vec![redis::cmd("DEL").arg(&marker).take()];
+            let _ = batch::Batcher::send_idempotent(batch.as_deref(), &redis, &marker, del).await;
         });
     }
 
@@ -1115,7 +1118,8 @@ impl ClusterStore {
         let batch = self.batch.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                batch::Batcher::send_idempotent(batch.as_deref(), &redis, &key, cmds).await
+                batch::Batcher::send_idempotent(batch.as_deref(), &redis, &key, || cmds.clone())
+                    .await
             {
                 debug!(key, error = %e, "index clean-up failed; the reaper skips stale entries");
             }

@@ -34,6 +34,7 @@ use redis::cluster_async::ClusterConnection;
 use tokio::sync::oneshot;
 
 use super::keys::Keys;
+use super::lock;
 use super::redis_io::{as_bytes, run};
 use super::scripts;
 
@@ -210,21 +211,13 @@ impl QuotaBook {
     }
 
     fn state(&self, id: &Identity) -> Arc<Cell> {
-        self.states
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(*id)
-            .or_default()
-            .clone()
+        lock(&self.states).entry(*id).or_default().clone()
     }
 
     /// Forgets cached states nobody is using (identities made up by the thousand
     /// must not grow the gateway).
     pub fn forget_unused(&self, keep: impl Fn(&Identity) -> bool) {
-        self.states
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|id, s| Arc::strong_count(s) > 1 || keep(id));
+        lock(&self.states).retain(|id, s| Arc::strong_count(s) > 1 || keep(id));
     }
 
     /// Applies `decide` to the identity's state and writes the result with a
@@ -527,10 +520,6 @@ fn tell(jobs: Vec<Job>, outcome: &Result<(), QuotaError>) {
     for job in jobs {
         let _ = job.done.send(outcome.clone());
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// HGETALL's reply as a flat list of fields and values (RESP2 array or RESP3 map).

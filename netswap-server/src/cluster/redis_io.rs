@@ -345,21 +345,9 @@ async fn load_plain(
         }
         _ => DataRead::Size,
     };
-    let together = match batch {
-        Some(b) => b.send(slot_of(&k.meta), load_commands(k, read)).await,
-        None => None,
-    };
-    let replies = match together {
-        Some(replies) => first_error(replies?),
-        None => {
-            let mut pipe = redis::Pipeline::with_capacity(4);
-            for c in load_commands(k, read) {
-                pipe.add_command(c);
-            }
-            Box::pin(on_slot_of(conn, &k.meta, pipe)).await
-        }
-    }?;
-    snapshot(replies, read, range, max_inline)
+    let build = || load_commands(k, read);
+    let replies = Batcher::send_idempotent(batch, conn, &k.meta, build).await?;
+    snapshot(first_error(replies)?, read, range, max_inline)
 }
 
 /// A load of a record whose bytes were last seen in its state hash: one `HMGET` of
@@ -370,24 +358,9 @@ async fn load_hash(
     k: &RecordKeys,
     range: Option<(u64, u64)>,
 ) -> RedisResult<Option<Option<Stored>>> {
-    let hmget = || {
-        let mut c = redis::Cmd::with_capacity(2 + STATE_FIELDS.len(), 64 + k.meta.len());
-        c.arg("HMGET").arg(&k.meta).arg(&STATE_FIELDS[..]);
-        c
-    };
-    let together = match batch {
-        Some(b) => b.send(slot_of(&k.meta), vec![hmget()]).await,
-        None => None,
-    };
-    let mut replies = match together {
-        Some(replies) => first_error(replies?),
-        None => {
-            let mut pipe = redis::Pipeline::with_capacity(1);
-            pipe.add_command(hmget());
-            Box::pin(on_slot_of(conn, &k.meta, pipe)).await
-        }
-    }?;
-    let Some(Value::Array(state)) = replies.pop() else {
+    let build = || vec![state_command(k)];
+    let replies = Batcher::send_idempotent(batch, conn, &k.meta, build).await?;
+    let Some(Value::Array(state)) = first_error(replies)?.pop() else {
         return Err(bad("HMGET"));
     };
     if state.len() != STATE_FIELDS.len() {
@@ -409,7 +382,7 @@ fn in_hash_record(state: &[Value], range: Option<(u64, u64)>) -> RedisResult<Opt
     let data = range.and_then(|(s, n)| {
         (s <= size).then(|| {
             let e = s.saturating_add(n).min(size);
-            Bytes::copy_from_slice(&bytes[s as usize..e.max(s) as usize])
+            Bytes::copy_from_slice(&bytes[s as usize..e as usize])
         })
     });
     let mut rec = stored(state, size, data)?;
@@ -417,19 +390,28 @@ fn in_hash_record(state: &[Value], range: Option<(u64, u64)>) -> RedisResult<Opt
     Ok(Some(rec))
 }
 
+/// A command `name` with room for `args` more arguments of `bytes` bytes in all:
+/// sized up front, a command grows its two vectors argument by argument otherwise.
+fn sized_cmd(name: &str, args: usize, bytes: usize) -> redis::Cmd {
+    let mut c = redis::Cmd::with_capacity(args + 1, name.len() + bytes);
+    c.arg(name);
+    c
+}
+
+/// `HMGET` of a record's `STATE_FIELDS`.
+fn state_command(k: &RecordKeys) -> redis::Cmd {
+    let mut c = sized_cmd("HMGET", 1 + STATE_FIELDS.len(), k.meta.len() + 16);
+    c.arg(&k.meta).arg(&STATE_FIELDS[..]);
+    c
+}
+
 /// A plain load's commands: `HMGET` of the state, the data's as `read` says, and
 /// `HGET l` last.
 fn load_commands(k: &RecordKeys, read: DataRead) -> Vec<redis::Cmd> {
-    // Sized up front: a command grows its two vectors argument by argument otherwise.
-    let cmd = |name: &str, args: usize, bytes: usize| {
-        let mut c = redis::Cmd::with_capacity(args + 1, name.len() + bytes);
-        c.arg(name);
-        c
-    };
+    let cmd = sized_cmd;
     let (meta, data) = (k.meta.len(), k.data.len());
     let mut cmds = Vec::with_capacity(4);
-    let mut hmget = cmd("HMGET", 1 + STATE_FIELDS.len(), meta + STATE_FIELDS.len());
-    cmds.push(hmget.arg(&k.meta).arg(&STATE_FIELDS[..]).take());
+    cmds.push(state_command(k));
     match read {
         DataRead::Whole => cmds.push(cmd("GET", 1, data).arg(&k.data).take()),
         DataRead::Range(s, n) => {
