@@ -352,6 +352,32 @@ async fn writes_decided_on_a_stale_state_are_decided_again() {
 /// once a connection (on another gateway) watches it, every write publishes its
 /// event. Counted by the cluster's own `INFO commandstats`, on a cluster of this
 /// test's own (the shared one serves other tests at the same time).
+/// REPLACEs `p`'s bytes with `bytes`, which must make it version `version`.
+async fn replace_as(c: &mut Raw, p: Pointer, bytes: &'static [u8], version: u64) {
+    assert_eq!(
+        c.ask(Request::Replace {
+            ptr: p,
+            data: Bytes::from_static(bytes),
+        })
+        .await,
+        Reply::Written(version)
+    );
+}
+
+/// The next message for the watch `xid` is "`p` changed, now version `version`".
+async fn changed_event(w: &mut Raw, xid: u32, p: Pointer, version: u64) {
+    let n = w.reply_to(xid).await;
+    assert_eq!(
+        Reply::parse(None, n.status, n.arg, n.payload).unwrap(),
+        Reply::Notify {
+            event: Event::Changed,
+            ptr: p,
+            version,
+            delta: None
+        }
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
     let cluster = common::cluster::RedisCluster::start(3, 0, false);
@@ -458,6 +484,8 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
         }
         let before = (scripts(), loads());
         let published = cluster.calls("spublish");
+        let looked = || cluster.calls("pubsub|shardnumsub");
+        let looked_before = looked();
         for i in 0..WRITES {
             assert_eq!(
                 c.ask(Request::Replace {
@@ -478,6 +506,11 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
             0,
             "writes on a record nobody watches publish nothing"
         );
+        assert_eq!(
+            looked() - looked_before,
+            0,
+            "writes on a record never watched do not look for subscribers"
+        );
         assert_eq!(c.read(p).await, data(format!("{WRITES:08}").as_bytes()));
         // Watched through another gateway: each write publishes its event once, and
         // the watcher gets every one.
@@ -488,26 +521,48 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
         let published = cluster.calls("spublish");
         for i in 0..5 {
             let v = WRITES + 2 + i;
-            assert_eq!(
-                c.ask(Request::Replace {
-                    ptr: p,
-                    data: Bytes::from_static(b"watched"),
-                })
-                .await,
-                Reply::Written(v)
-            );
-            let n = w.reply_to(7).await;
-            assert_eq!(
-                Reply::parse(None, n.status, n.arg, n.payload).unwrap(),
-                Reply::Notify {
-                    event: Event::Changed,
-                    ptr: p,
-                    version: v,
-                    delta: None
-                }
-            );
+            replace_as(&mut c, p, b"watched", v).await;
+            changed_event(&mut w, 7, p, v).await;
         }
         assert_eq!(cluster.calls("spublish") - published, 5);
+        // The watcher's gateway goes (and its subscription with it): the next write
+        // finds nobody subscribed and clears the record's mark, and the writes after
+        // it do not look for subscribers any more.
+        let meta = format!("{prefix}:{{r:{p}}}:m");
+        assert!(cluster.hgetall(&meta).contains_key("w"), "marked watched");
+        drop(w);
+        drop(other);
+        let mut v = WRITES + 7;
+        eventually("the mark is cleared", Duration::from_secs(10), async || {
+            replace_as(&mut c, p, b"unwatched", v).await;
+            v += 1;
+            !cluster.hgetall(&meta).contains_key("w")
+        })
+        .await;
+        let (published, looked_before) = (cluster.calls("spublish"), looked());
+        for _ in 0..10 {
+            replace_as(&mut c, p, b"unwatched", v).await;
+            v += 1;
+        }
+        assert_eq!(
+            (
+                cluster.calls("spublish") - published,
+                looked() - looked_before
+            ),
+            (0, 0),
+            "no longer watched: no look for subscribers, nothing published"
+        );
+        // Watched again: marked again, and the events come.
+        let again = start(&prefix, cache);
+        let mut w = Raw::connect(again.addr(), 3).await;
+        w.send(8, &Request::watch(p)).await;
+        assert_eq!(w.reply_to(8).await.status(), Status::Ok);
+        assert!(cluster.hgetall(&meta).contains_key("w"), "marked again");
+        replace_as(&mut c, p, b"watched again", v).await;
+        changed_event(&mut w, 8, p, v).await;
+        drop(w);
+        drop(again);
+        let v = v + 1;
         // Redis forgets its scripts (a restart, a promoted replica, SCRIPT FLUSH):
         // the gateway loads them again and the write goes through.
         cluster.flush_scripts();
@@ -517,7 +572,7 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
                 data: Bytes::from_static(b"after a flush"),
             })
             .await,
-            Reply::Written(WRITES + 7)
+            Reply::Written(v)
         );
         assert_eq!(c.read(p).await, data(b"after a flush"));
     }
@@ -535,6 +590,93 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
         uncached.0,
         uncached.1
     );
+}
+
+/// A gateway's subscriptions are dropped (a network blip): writes in the gap find
+/// nobody subscribed and clear the record's watched mark. The gateway subscribes
+/// again, marks the record again, tells its watcher what changed meanwhile, and the
+/// writes after that are delivered as events again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_outlives_its_subscription_being_dropped() {
+    let cluster = RedisCluster::start(3, 0, false);
+    let (writer, prefix) = gateway_on(&cluster, |_| {});
+    let mut o = netswap_server::ClusterOptions::parse(&format!(
+        "redis-cluster://{}",
+        cluster.nodes().join(",")
+    ))
+    .unwrap();
+    o.prefix = prefix.clone();
+    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    cfg.cluster = Some(o);
+    cfg.identity_key = IdentityKey::new(GATEWAY_KEY);
+    let watcher = netswap_server::spawn(cfg, 1).expect("gateway starts");
+    let mut c = Raw::connect(writer.addr(), 2).await;
+    let p = c.create(Access::READ | Access::WRITE, &b"0"[..]).await;
+    let meta = format!("{prefix}:{{r:{p}}}:m");
+    let mut w = Raw::connect(watcher.addr(), 3).await;
+    w.send(7, &Request::watch(p)).await;
+    assert_eq!(w.reply_to(7).await.status(), Status::Ok);
+    replace_as(&mut c, p, b"1", 2).await;
+    changed_event(&mut w, 7, p, 2).await;
+    // The record's primary takes no new connection for a while (the writer's stay):
+    // the watcher's gateway cannot subscribe again before the writes in the gap.
+    let mut admin = std::net::TcpStream::connect(("127.0.0.1", cluster.primary_of(&meta))).unwrap();
+    let mut inline = |command: &str| {
+        use std::io::{Read, Write};
+        admin
+            .write_all(format!("{command}\r\n").as_bytes())
+            .unwrap();
+        let mut reply = [0u8; 64];
+        let n = admin.read(&mut reply).unwrap();
+        String::from_utf8_lossy(&reply[..n]).trim().to_string()
+    };
+    assert_eq!(inline("CONFIG SET maxclients 1"), "+OK");
+    // Closed as a network blip would.
+    assert_eq!(
+        inline("CLIENT KILL TYPE pubsub"),
+        ":1",
+        "the watcher's gateway subscribed"
+    );
+    // Each write finds nobody subscribed (the first clears the mark); the watcher
+    // learns of them from the resync once it has subscribed again.
+    let mut v = 3;
+    for _ in 0..3 {
+        replace_as(&mut c, p, b"in the gap", v).await;
+        v += 1;
+    }
+    assert_eq!(
+        inline(&format!("HEXISTS {meta} w")),
+        ":0",
+        "nobody subscribed: the mark went"
+    );
+    assert_eq!(inline(&format!("HEXISTS {meta} r")), ":1");
+    assert_eq!(inline("CONFIG SET maxclients 10000"), "+OK");
+    let last_in_gap = v - 1;
+    let mut seen = 0;
+    while seen < last_in_gap {
+        let n = w.reply_to(7).await;
+        match Reply::parse(None, n.status, n.arg, n.payload).unwrap() {
+            Reply::Notify {
+                event: Event::Changed,
+                ptr,
+                version,
+                ..
+            } if ptr == p => seen = version,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    eventually(
+        "marked watched again",
+        Duration::from_secs(10),
+        async || cluster.hgetall(&meta).contains_key("w"),
+    )
+    .await;
+    // Live events again, each write's own.
+    for _ in 0..3 {
+        replace_as(&mut c, p, b"after", v).await;
+        changed_event(&mut w, 7, p, v).await;
+        v += 1;
+    }
 }
 
 /// A record's hash slot moves to another primary (resharding) under a gateway that

@@ -18,7 +18,8 @@ use netswap_proto::{Access, ConnId, Delta, Event, Identity, Notification, Pointe
 use redis::{PushInfo, PushKind, Value};
 use tracing::{debug, warn};
 
-use super::redis_io::Stored;
+use super::redis_io::{self, Stored};
+use super::scripts;
 use super::{ClusterStore, RECENT_EVENTS, lock};
 
 /// An event as published: kind, version, revision, owner and access bits after it;
@@ -193,21 +194,31 @@ impl ClusterStore {
         } else {
             let _ = tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|s| *s)).await;
         }
-        if !data {
-            return Ok(());
+        if data {
+            let with_bytes = match lock(&self.local).watched.get(&ptr) {
+                Some(e) if !*e.with_bytes.borrow() => Some(e.with_bytes.subscribe()),
+                _ => None,
+            };
+            if let Some(mut with_bytes) = with_bytes {
+                self.redis
+                    .clone()
+                    .ssubscribe(self.keys.record(ptr).data_events())
+                    .await?;
+                // Switched over when the confirmation is dispatched, in order with the
+                // events (see `on_push`).
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), with_bytes.wait_for(|s| *s)).await;
+            }
         }
-        let mut with_bytes = match lock(&self.local).watched.get(&ptr) {
-            Some(e) if *e.with_bytes.borrow() => return Ok(()),
-            Some(e) => e.with_bytes.subscribe(),
-            None => return Ok(()),
-        };
-        self.redis
-            .clone()
-            .ssubscribe(self.keys.record(ptr).data_events())
-            .await?;
-        // Switched over when the confirmation is dispatched, in order with the events
-        // (see `on_push`).
-        let _ = tokio::time::timeout(Duration::from_secs(5), with_bytes.wait_for(|s| *s)).await;
+        self.mark_watched(ptr).await
+    }
+
+    /// Marks `ptr` watched in Redis, so that commits look for subscribers and publish
+    /// (`scripts::COMMIT`). After the subscription, before the load: a commit that
+    /// does not see the mark is one the load sees.
+    async fn mark_watched(&self, ptr: Pointer) -> redis::RedisResult<()> {
+        let k = self.keys.record(ptr);
+        redis_io::run(&self.redis, &scripts::WATCHED, &[k.meta.as_str()], &[]).await?;
         Ok(())
     }
 
@@ -405,7 +416,13 @@ impl ClusterStore {
     /// Compares a watched record with what was last known and tells the watchers what
     /// changed while events could not arrive.
     async fn resync(&self, ptr: Pointer) {
-        let now = match self.load(ptr, None, 0, false).await {
+        // Marked again first: while the subscription was gone, a commit that found
+        // nobody subscribed cleared the mark.
+        let loaded = match self.mark_watched(ptr).await {
+            Ok(()) => self.load(ptr, None, 0, false).await,
+            Err(e) => Err(e),
+        };
+        let now = match loaded {
             Ok(r) => r,
             Err(e) => {
                 warn!(%ptr, error = %e, "could not check a watched record after a reconnect");

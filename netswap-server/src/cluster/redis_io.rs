@@ -591,41 +591,52 @@ pub(crate) async fn commit(
     ];
     let expected = change.expected.map(|r| r.to_string()).unwrap_or_default();
     let fence = change.fence.to_string();
+    let small = |b: &Bytes| b.len() <= scripts::IN_HASH;
+    // Where the bytes go (`scripts::COMMIT`'s data ops): small ones into the state
+    // hash, larger ones into the data key, moved when they cross `IN_HASH`.
+    let mut moved_out = false;
     let (data_op, offset, data): (&[u8], String, Bytes) = match (&change.data, change.inline) {
         (DataOp::None, _) => (b"n", "0".into(), Bytes::new()),
-        (DataOp::Set(b), false) => (b"s", "0".into(), b.clone()),
-        (DataOp::Set(b), true) => (b"S", "0".into(), b.clone()),
+        (DataOp::Set(b), true) if small(b) => (b"h", "0".into(), b.clone()),
+        (DataOp::Set(b), false) if small(b) => (b"H", "0".into(), b.clone()),
+        (DataOp::Set(b), inline) => {
+            // Bytes in the hash of an existing record leave it.
+            moved_out = inline && change.expected.is_some();
+            (b"s", "0".into(), b.clone())
+        }
         (DataOp::Range(off, b), false) => (b"r", off.to_string(), b.clone()),
         (DataOp::Range(off, b), true) => (b"R", off.to_string(), b.clone()),
-        (DataOp::DeleteRecord, _) => (b"d", "0".into(), Bytes::new()),
+        (DataOp::DeleteRecord, _) => (b"x", "0".into(), Bytes::new()),
     };
     let n_set = change.set.len().to_string();
-    let n_del = change.del.len().to_string();
     let event = change.event.clone().unwrap_or_default();
     let delta_head: Vec<u8> = match (&change.data, change.new_size) {
         (DataOp::Set(_), Some(size)) => super::events::delta_head(size, 0),
         (DataOp::Range(off, _), Some(size)) => super::events::delta_head(size, *off),
         _ => Vec::new(),
     };
-    let mut args: Vec<&[u8]> = vec![
+    let mut args: Vec<&[u8]> = Vec::with_capacity(11 + 2 * change.set.len() + change.del.len());
+    args.extend_from_slice(&[
         expected.as_bytes(),
         fence.as_bytes(),
-        &event,
+        change.op.as_bytes(),
         data_op,
+        if change.mark { b"1" } else { b"0" },
         offset.as_bytes(),
         &data,
-        change.op.as_bytes(),
-        if change.mark { b"1" } else { b"0" },
+        &event,
         &delta_head,
         n_set.as_bytes(),
-    ];
+    ]);
     for (f, v) in &change.set {
         args.push(f.as_bytes());
         args.push(v);
     }
-    args.push(n_del.as_bytes());
     for f in &change.del {
         args.push(f.as_bytes());
+    }
+    if moved_out {
+        args.push(b"d");
     }
     let v = match (wait.replicas, batch) {
         (0, Some(b)) => {

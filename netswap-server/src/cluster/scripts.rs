@@ -56,99 +56,107 @@ return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, siz
 /// changed (or exists, for a create; or is gone: rev nil), `{-1}` when `fence` (ms,
 /// Redis time) has passed.
 ///
-/// The event goes to the record's channel while some gateway subscribes to it (a
-/// connection watches the record), and likewise to the channel of events with bytes
-/// (data watches): the event, then the `delta head` (the record's new size u64 and
-/// the offset u64 of a data change) and the bytes written. Gateways subscribe on the
-/// slot's primary, where the script runs, and load the record after the subscription
-/// is confirmed, so a commit that publishes nothing was before the watch's starting
-/// state. Skipping the `SPUBLISH` of an unwatched record saves Redis Cluster a
-/// cluster-bus message to each node of the shard per write (measured: 3.5 us of Redis
-/// CPU per REPLACE, +7–10% REPLACEs/s; docs/BENCHMARKS.md).
+/// Events: only a record marked watched (field `w`, set by [`WATCHED`] when a
+/// gateway subscribes to its channels) costs the commit a look at its subscribers
+/// (`PUBSUB SHARDNUMSUB` on the slot's primary, where gateways subscribe); the event
+/// goes to the record's channel while some gateway subscribes to it, and likewise to
+/// the channel of events with bytes (data watches): the event, then the `delta head`
+/// (the record's new size u64 and the offset u64 of a data change) and the bytes
+/// written. When nobody subscribes any more, the commit clears the mark. A gateway
+/// subscribes, then marks, then loads the record, so a commit that publishes nothing
+/// was before the watch's starting state. Skipping the `SPUBLISH` of an unwatched
+/// record saves Redis Cluster a cluster-bus message to each node of the shard per
+/// write, and skipping the look at its subscribers one command (docs/BENCHMARKS.md).
+///
+/// Where the bytes go is decided by the gateway (`redis_io::commit`), by their size
+/// and where they are now: bytes up to `IN_HASH` live in the hash's field `d`,
+/// larger ones in the data key, never both.
 ///
 /// KEYS: meta, data, op marker, event channel, channel of events with bytes.
-/// ARGV: expected rev ('' = must not exist), fence (0 = none), event payload ('' =
-/// none), data op ('n' none, 's' set, 'r' set range, 'd' delete the record), offset,
-/// bytes, op id, mark ('1': set the marker key), delta head ('' = not a data change),
-/// n, n field/value pairs to set, k, k fields to delete. The data ops in upper case
-/// ('S', 'R') say the record's bytes are in its state hash now (or it is new): bytes
-/// up to `IN_HASH` go to the hash's field `d`, larger ones to the data key, and a
-/// change of size moves them from one to the other (a WRITE_AT on bytes in the hash
-/// is applied to them there).
+/// ARGV: expected rev ('' = must not exist), fence (0 = none), op id, data op, mark
+/// ('1': set the marker key), offset, bytes, event payload ('' = none), delta head
+/// ('' = not a data change), n, n field/value pairs to set, then the fields to
+/// delete. Data ops: `n` none; `x` delete the record; `h` bytes into the hash; `H`
+/// the same, and delete the data key (they move in); `s` set the data key; `r` set a
+/// range of the data key; `R` set a range of the bytes in the hash (moved to the
+/// data key if they grow past `IN_HASH`).
 pub(crate) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         &r#"
-if ARGV[8] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {1} end
-local lr = redis.call('HMGET', KEYS[1], 'l', 'r')
-if lr[1] == ARGV[7] then return {1} end
-local cur = lr[2]
+local lrw = redis.call('HMGET', KEYS[1], 'l', 'r', 'w')
+if lrw[1] == ARGV[3] then return {1} end
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {1} end
+local cur = lrw[2]
 if ARGV[1] == '' then
   if cur then return {0, cur} end
 elseif cur ~= ARGV[1] then
   return {0, cur or false}
 end
-local fence = tonumber(ARGV[2])
-if fence > 0 then
+if ARGV[2] ~= '0' then
   local t = redis.call('TIME')
-  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > fence then return {-1} end
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[2]) then return {-1} end
 end
 local op = ARGV[4]
-if op == 'd' then
+local last = 10 + 2 * tonumber(ARGV[10])
+if op == 'x' then
   redis.call('DEL', KEYS[1], KEYS[2])
 else
-  local n = tonumber(ARGV[10])
-  local fields = {'l', ARGV[7]}
-  local i = 11
-  for j = 1, n do
-    fields[#fields + 1] = ARGV[i]
-    fields[#fields + 1] = ARGV[i + 1]
-    i = i + 2
-  end
-  local k = tonumber(ARGV[i])
-  local dels = {}
-  for j = 1, k do dels[#dels + 1] = ARGV[i + j] end
-  local inline = (op == 'S' or op == 'R')
-  local bytes = nil
-  if op == 's' or op == 'S' then
-    bytes = ARGV[6]
+  if op == 'h' or op == 'H' then
+    if op == 'H' then redis.call('DEL', KEYS[2]) end
+    redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', ARGV[7], unpack(ARGV, 11, last))
   elseif op == 'R' then
-    local cur = redis.call('HGET', KEYS[1], 'd') or ''
-    local off = tonumber(ARGV[5])
-    if off > #cur then cur = cur .. string.rep('\0', off - #cur) end
-    bytes = string.sub(cur, 1, off) .. ARGV[6] .. string.sub(cur, off + #ARGV[6] + 1)
-  elseif op == 'r' then
-    redis.call('SETRANGE', KEYS[2], tonumber(ARGV[5]), ARGV[6])
-  end
-  if bytes then
-    if #bytes <= IN_HASH then
-      fields[#fields + 1] = 'd'
-      fields[#fields + 1] = bytes
-      if not inline then redis.call('DEL', KEYS[2]) end
+    local b = redis.call('HGET', KEYS[1], 'd') or ''
+    local off = tonumber(ARGV[6])
+    if off > #b then b = b .. string.rep('\0', off - #b) end
+    b = string.sub(b, 1, off) .. ARGV[7] .. string.sub(b, off + #ARGV[7] + 1)
+    if #b <= IN_HASH then
+      redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', b, unpack(ARGV, 11, last))
     else
-      redis.call('SET', KEYS[2], bytes)
-      if inline and ARGV[1] ~= '' then dels[#dels + 1] = 'd' end
+      redis.call('SET', KEYS[2], b)
+      redis.call('HDEL', KEYS[1], 'd')
+      redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 11, last))
     end
+  else
+    if op == 's' then
+      redis.call('SET', KEYS[2], ARGV[7])
+    elseif op == 'r' then
+      redis.call('SETRANGE', KEYS[2], tonumber(ARGV[6]), ARGV[7])
+    end
+    redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 11, last))
   end
-  redis.call('HSET', KEYS[1], unpack(fields))
-  if #dels > 0 then redis.call('HDEL', KEYS[1], unpack(dels)) end
+  if #ARGV > last then redis.call('HDEL', KEYS[1], unpack(ARGV, last + 1)) end
 end
-if ARGV[8] == '1' then redis.call('SET', KEYS[3], '1', 'EX', 604800) end
-if ARGV[3] ~= '' then
+if ARGV[5] == '1' then redis.call('SET', KEYS[3], '1', 'EX', 604800) end
+if lrw[3] and ARGV[8] ~= '' then
   local subs = redis.call('PUBSUB', 'SHARDNUMSUB', KEYS[4], KEYS[5])
-  if subs[2] > 0 then
-    redis.call('SPUBLISH', KEYS[4], ARGV[3])
-  end
+  if subs[2] > 0 then redis.call('SPUBLISH', KEYS[4], ARGV[8]) end
   if subs[4] > 0 then
     if ARGV[9] ~= '' then
-      redis.call('SPUBLISH', KEYS[5], ARGV[3] .. ARGV[9] .. ARGV[6])
+      redis.call('SPUBLISH', KEYS[5], ARGV[8] .. ARGV[9] .. ARGV[7])
     else
-      redis.call('SPUBLISH', KEYS[5], ARGV[3])
+      redis.call('SPUBLISH', KEYS[5], ARGV[8])
     end
   end
+  if subs[2] == 0 and subs[4] == 0 and op ~= 'x' then redis.call('HDEL', KEYS[1], 'w') end
 end
 return {1}
 "#
         .replace("IN_HASH", &IN_HASH.to_string()),
+    )
+});
+
+/// Marks a record watched (field `w`, see [`COMMIT`]) if it exists; called after
+/// the gateway's subscription to its channels is confirmed and before the record is
+/// loaded for the watch.
+///
+/// KEYS: meta.
+pub(crate) static WATCHED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local rw = redis.call('HMGET', KEYS[1], 'r', 'w')
+if rw[1] and not rw[2] then redis.call('HSET', KEYS[1], 'w', '1') end
+return 1
+"#,
     )
 });
 
