@@ -679,6 +679,86 @@ async fn a_watch_outlives_its_subscription_being_dropped() {
     }
 }
 
+/// `reply` is the data `expect` (without printing megabytes when it is not).
+fn same_bytes(reply: Reply, expect: &[u8], what: &str) {
+    match reply {
+        Reply::Data(d) => assert!(
+            d == expect,
+            "{what}: {} bytes read, not the {} written",
+            d.len(),
+            expect.len()
+        ),
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+/// While a record's slot is being migrated to another primary (`redis-cli --cluster
+/// reshard` in progress: its keys first still on the old primary, then moved, the
+/// slot still migrating), reads and writes that keep a record's size go through at
+/// once: a commit declares only the keys it uses, and Redis refuses a command with
+/// several keys there when some of them do not exist (`TRYAGAIN`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_in_a_slot_being_migrated_are_read_and_written() {
+    let cluster = RedisCluster::start(3, 0, false);
+    let (gw, prefix) = gateway_on(&cluster, |_| {});
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let small = c
+        .create(Access::READ | Access::WRITE, &b"small 0"[..])
+        .await;
+    let big = Bytes::from(vec![1u8; 100_000]);
+    let large = c.create(Access::READ | Access::WRITE, big.clone()).await;
+    let tries = cluster.errors("TRYAGAIN");
+    let asked = cluster.errors("ASK");
+    for (p, value) in [(small, Bytes::from_static(b"small 0")), (large, big)] {
+        let key = format!("{prefix}:{{r:{p}}}:m");
+        let from = cluster.primary_of(&key);
+        let to = *cluster.ports.iter().find(|&&x| x != from).unwrap();
+        let m = cluster.begin_move(&key, to);
+        let mut version = 1;
+        let mut expect = value.to_vec();
+        for stage in ["keys not moved yet", "keys moved, slot still migrating"] {
+            same_bytes(c.read(p).await, &expect, stage);
+            version += 1;
+            expect[0] ^= 0xff;
+            assert_eq!(
+                c.ask(Request::Replace {
+                    ptr: p,
+                    data: Bytes::from(expect.clone()),
+                })
+                .await,
+                Reply::Written(version),
+                "REPLACE, {stage}"
+            );
+            version += 1;
+            expect[1] ^= 0xff;
+            assert_eq!(
+                c.ask(Request::WriteAt {
+                    ptr: p,
+                    offset: 1,
+                    data: Bytes::from(vec![expect[1]]),
+                })
+                .await,
+                Reply::Written(version),
+                "WRITE_AT, {stage}"
+            );
+            same_bytes(c.read(p).await, &expect, stage);
+            cluster.migrate_keys(&m);
+        }
+        cluster.finish_move(&m);
+        assert_eq!(cluster.primary_of(&key), to);
+        same_bytes(c.read(p).await, &expect, "moved");
+    }
+    assert_eq!(
+        cluster.errors("TRYAGAIN"),
+        tries,
+        "no command was refused for keys missing during the migration"
+    );
+    assert!(
+        cluster.errors("ASK") > asked,
+        "the gateway was never redirected with ASK: the test did not test that"
+    );
+}
+
 /// A record's hash slot moves to another primary (resharding) under a gateway that
 /// knows the old layout: its loads (plain commands in one pipeline) and commits are
 /// answered `MOVED` until it learns the new one, and must still succeed.

@@ -32,7 +32,7 @@ use redis::{Cmd, RedisResult, Value};
 use tokio::sync::{Notify, oneshot};
 
 use super::lock;
-use super::redis_io::slot_of;
+use super::redis_io::{asked, on_slot, slot_of};
 
 /// Hash slots of Redis Cluster.
 const SLOTS: usize = 16_384;
@@ -112,15 +112,8 @@ impl Batcher {
         {
             return replies;
         }
-        let cmds = build();
-        let count = cmds.len();
-        let mut pipe = redis::Pipeline::with_capacity(count);
-        for c in cmds {
-            pipe.add_command(c);
-        }
-        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
         // Boxed: the rare path, and a request's future holds room for its largest await.
-        Box::pin(conn.clone().route_pipeline(pipe, 0, count, route)).await
+        Box::pin(on_slot(conn, slot, build)).await
     }
 
     /// Which primary serves which slot, from `CLUSTER NODES` (see [`primaries`]).
@@ -199,6 +192,16 @@ async fn send_group(conn: ClusterConnection, group: Vec<Item>, counters: &BatchC
     }
     let result = conn.clone().route_pipeline(pipe, 0, total, route).await;
     match result {
+        // A slot of the group is being migrated: its entries go again alone (see
+        // `on_slot`).
+        _ if asked(&result) => {
+            counters
+                .resent
+                .fetch_add(answers.len() as u64, Ordering::Relaxed);
+            for (_, answer) in answers {
+                let _ = answer.send(None);
+            }
+        }
         Ok(values) if values.len() == total => {
             let mut values = values.into_iter();
             for (n, answer) in answers {

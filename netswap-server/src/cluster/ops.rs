@@ -334,6 +334,8 @@ impl ClusterStore {
             op: op.clone(),
             mark: true,
             data: DataOp::DeleteRecord,
+            // Bytes in the hash: no data key to delete (nor to declare).
+            inline: rec.inline,
             event: Some(
                 EventInfo::new(
                     Event::Deleted,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use netswap_proto::{Access, Identity, Reply, Status, Version};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{RedisError, RedisResult, Script, Value};
+use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind, Value};
 
 use super::batch::Batcher;
 use super::keys::RecordKeys;
@@ -213,14 +213,44 @@ fn bad(what: &str) -> RedisError {
 /// Sends `pipe` (commands on keys in `key`'s hash slot) to that slot's primary, in
 /// one write, and returns its replies. (`Pipeline::query_async` on a cluster
 /// connection would copy the pipeline and hash every command's key to route it.)
-async fn on_slot_of(
+/// Sends the commands `build` makes to the primary of `slot` as one pipeline. Where
+/// the slot is being migrated and Redis answers `ASK`, builds them again and sends
+/// them one by one, in order: the client library follows `ASK` with `ASKING` once
+/// per request, which lets only the first command of a pipeline through.
+pub(crate) async fn on_slot(
     conn: &ClusterConnection,
-    key: &str,
-    pipe: redis::Pipeline,
+    slot: u16,
+    build: impl Fn() -> Vec<redis::Cmd>,
 ) -> RedisResult<Vec<Value>> {
-    let count = pipe.len();
-    let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master));
-    first_error(conn.clone().route_pipeline(pipe, 0, count, route).await?)
+    let cmds = build();
+    let count = cmds.len();
+    let mut pipe = redis::Pipeline::with_capacity(count);
+    for c in cmds {
+        pipe.add_command(c);
+    }
+    let route = || SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+    let replies = conn.clone().route_pipeline(pipe, 0, count, route()).await;
+    if !asked(&replies) {
+        return replies;
+    }
+    let mut conn = conn.clone();
+    let mut replies = Vec::with_capacity(count);
+    for c in build() {
+        let one = conn.route_command(c, RoutingInfo::SingleNode(route()));
+        replies.push(Box::pin(one).await?);
+    }
+    Ok(replies)
+}
+
+/// Whether Redis answered `ASK` (a slot being migrated) to a pipeline.
+pub(crate) fn asked(replies: &RedisResult<Vec<Value>>) -> bool {
+    let ask = Some(ServerErrorKind::Ask);
+    match replies {
+        Err(e) => e.kind() == ErrorKind::Server(ServerErrorKind::Ask),
+        Ok(values) => values
+            .iter()
+            .any(|v| matches!(v, Value::ServerError(e) if e.kind() == ask)),
+    }
 }
 
 /// How a gateway's loads went (for `/metrics`).
@@ -553,12 +583,22 @@ pub(crate) async fn range(
     start: u64,
     end: u64,
 ) -> RedisResult<Option<Bytes>> {
-    let mut pipe = redis::Pipeline::with_capacity(2);
-    if end > start {
-        pipe.cmd("GETRANGE").arg(&k.data).arg(start).arg(end - 1);
-    }
-    pipe.cmd("HGET").arg(&k.meta).arg("r");
-    let mut replies = Box::pin(on_slot_of(conn, &k.meta, pipe)).await?;
+    let build = || {
+        let mut cmds = Vec::with_capacity(2);
+        if end > start {
+            cmds.push(
+                redis::cmd("GETRANGE")
+                    .arg(&k.data)
+                    .arg(start)
+                    .arg(end - 1)
+                    .take(),
+            );
+        }
+        cmds.push(redis::cmd("HGET").arg(&k.meta).arg("r").take());
+        cmds
+    };
+    let replies = Box::pin(on_slot(conn, slot_of(&k.meta), build)).await?;
+    let mut replies = first_error(replies)?;
     let now = replies.pop().ok_or_else(|| bad("HGET r"))?;
     if int(&now) != Some(rev as i64) {
         return Ok(None);
@@ -582,13 +622,6 @@ pub(crate) async fn commit(
     wait: Wait,
 ) -> RedisResult<Committed> {
     let (op_key, events, data_events) = (k.op(&change.op), k.events(), k.data_events());
-    let keys = [
-        k.meta.as_str(),
-        k.data.as_str(),
-        op_key.as_str(),
-        events.as_str(),
-        data_events.as_str(),
-    ];
     let expected = change.expected.map(|r| r.to_string()).unwrap_or_default();
     let fence = change.fence.to_string();
     let small = |b: &Bytes| b.len() <= scripts::IN_HASH;
@@ -615,7 +648,25 @@ pub(crate) async fn commit(
         (DataOp::Range(off, _), Some(size)) => super::events::delta_head(size, *off),
         _ => Vec::new(),
     };
-    let mut args: Vec<&[u8]> = Vec::with_capacity(11 + 2 * change.set.len() + change.del.len());
+    // Only the keys the script uses (`scripts::COMMIT`): the data key when the bytes
+    // are or go there (or may: a range write that grows bytes in the hash past
+    // `IN_HASH`), the marker when it is set.
+    let uses_data = match (&change.data, change.inline) {
+        (DataOp::None, _) => false,
+        (DataOp::DeleteRecord, inline) => !inline,
+        (DataOp::Range(..), true) => change.new_size.is_none_or(|n| n > scripts::IN_HASH as u64),
+        (DataOp::Set(b), true) => !small(b),
+        (DataOp::Set(_) | DataOp::Range(..), false) => true,
+    };
+    let mut keys = Vec::with_capacity(3);
+    keys.push(k.meta.as_str());
+    if uses_data {
+        keys.push(k.data.as_str());
+    }
+    if change.mark {
+        keys.push(op_key.as_str());
+    }
+    let mut args: Vec<&[u8]> = Vec::with_capacity(13 + 2 * change.set.len() + change.del.len());
     args.extend_from_slice(&[
         expected.as_bytes(),
         fence.as_bytes(),
@@ -626,6 +677,8 @@ pub(crate) async fn commit(
         &data,
         &event,
         &delta_head,
+        events.as_bytes(),
+        data_events.as_bytes(),
         n_set.as_bytes(),
     ]);
     for (f, v) in &change.set {

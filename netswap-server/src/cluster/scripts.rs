@@ -72,20 +72,34 @@ return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, siz
 /// and where they are now: bytes up to `IN_HASH` live in the hash's field `d`,
 /// larger ones in the data key, never both.
 ///
-/// KEYS: meta, data, op marker, event channel, channel of events with bytes.
-/// ARGV: expected rev ('' = must not exist), fence (0 = none), op id, data op, mark
-/// ('1': set the marker key), offset, bytes, event payload ('' = none), delta head
-/// ('' = not a data change), n, n field/value pairs to set, then the fields to
-/// delete. Data ops: `n` none; `x` delete the record; `h` bytes into the hash; `H`
-/// the same, and delete the data key (they move in); `s` set the data key; `r` set a
-/// range of the data key; `R` set a range of the bytes in the hash (moved to the
-/// data key if they grow past `IN_HASH`).
+/// Only the keys the commit uses are declared, so that a commit in a slot being
+/// migrated to another primary is not refused for a key that does not exist
+/// (`TRYAGAIN`: Redis refuses a command with several keys there unless all of them
+/// exist on the node): the data key only when the bytes are (or go) there, the
+/// marker only for changes that set it; the channels are not keys and come as
+/// arguments (a script may publish on a channel of its keys' slot).
+///
+/// KEYS: meta, then the data key if the data op uses it, then the op marker if
+/// mark. ARGV: expected rev ('' = must not exist), fence (0 = none), op id, data
+/// op, mark ('1': set the marker key), offset, bytes, event payload ('' = none),
+/// delta head ('' = not a data change), event channel, channel of events with
+/// bytes, n, n field/value pairs to set, then the fields to delete. Data ops: `n`
+/// none; `x` delete the record (and its data key, if given); `h` bytes into the
+/// hash; `H` the same, and delete the data key (they move in); `s` set the data
+/// key; `r` set a range of the data key; `R` set a range of the bytes in the hash
+/// (moved to the data key if they grow past `IN_HASH`: the data key is given then).
 pub(crate) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         &r#"
 local lrw = redis.call('HMGET', KEYS[1], 'l', 'r', 'w')
 if lrw[1] == ARGV[3] then return {1} end
-if ARGV[5] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {1} end
+local marker = false
+if ARGV[5] == '1' then
+  marker = KEYS[#KEYS]
+  if redis.call('EXISTS', marker) == 1 then return {1} end
+end
+local dk = false
+if #KEYS - (marker and 1 or 0) >= 2 then dk = KEYS[2] end
 local cur = lrw[2]
 if ARGV[1] == '' then
   if cur then return {0, cur} end
@@ -97,44 +111,45 @@ if ARGV[2] ~= '0' then
   if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[2]) then return {-1} end
 end
 local op = ARGV[4]
-local last = 10 + 2 * tonumber(ARGV[10])
+local last = 12 + 2 * tonumber(ARGV[12])
 if op == 'x' then
-  redis.call('DEL', KEYS[1], KEYS[2])
+  if dk then redis.call('DEL', KEYS[1], dk) else redis.call('DEL', KEYS[1]) end
 else
   if op == 'h' or op == 'H' then
-    if op == 'H' then redis.call('DEL', KEYS[2]) end
-    redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', ARGV[7], unpack(ARGV, 11, last))
+    if op == 'H' then redis.call('DEL', dk) end
+    redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', ARGV[7], unpack(ARGV, 13, last))
   elseif op == 'R' then
     local b = redis.call('HGET', KEYS[1], 'd') or ''
     local off = tonumber(ARGV[6])
     if off > #b then b = b .. string.rep('\0', off - #b) end
     b = string.sub(b, 1, off) .. ARGV[7] .. string.sub(b, off + #ARGV[7] + 1)
     if #b <= IN_HASH then
-      redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', b, unpack(ARGV, 11, last))
+      redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', b, unpack(ARGV, 13, last))
     else
-      redis.call('SET', KEYS[2], b)
+      if not dk then return redis.error_reply('COMMIT: bytes outgrow the hash, and no data key was given') end
+      redis.call('SET', dk, b)
       redis.call('HDEL', KEYS[1], 'd')
-      redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 11, last))
+      redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 13, last))
     end
   else
     if op == 's' then
-      redis.call('SET', KEYS[2], ARGV[7])
+      redis.call('SET', dk, ARGV[7])
     elseif op == 'r' then
-      redis.call('SETRANGE', KEYS[2], tonumber(ARGV[6]), ARGV[7])
+      redis.call('SETRANGE', dk, tonumber(ARGV[6]), ARGV[7])
     end
-    redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 11, last))
+    redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 13, last))
   end
   if #ARGV > last then redis.call('HDEL', KEYS[1], unpack(ARGV, last + 1)) end
 end
-if ARGV[5] == '1' then redis.call('SET', KEYS[3], '1', 'EX', 604800) end
+if marker then redis.call('SET', marker, '1', 'EX', 604800) end
 if lrw[3] and ARGV[8] ~= '' then
-  local subs = redis.call('PUBSUB', 'SHARDNUMSUB', KEYS[4], KEYS[5])
-  if subs[2] > 0 then redis.call('SPUBLISH', KEYS[4], ARGV[8]) end
+  local subs = redis.call('PUBSUB', 'SHARDNUMSUB', ARGV[10], ARGV[11])
+  if subs[2] > 0 then redis.call('SPUBLISH', ARGV[10], ARGV[8]) end
   if subs[4] > 0 then
     if ARGV[9] ~= '' then
-      redis.call('SPUBLISH', KEYS[5], ARGV[8] .. ARGV[9] .. ARGV[7])
+      redis.call('SPUBLISH', ARGV[11], ARGV[8] .. ARGV[9] .. ARGV[7])
     else
-      redis.call('SPUBLISH', KEYS[5], ARGV[8])
+      redis.call('SPUBLISH', ARGV[11], ARGV[8])
     end
   end
   if subs[2] == 0 and subs[4] == 0 and op ~= 'x' then redis.call('HDEL', KEYS[1], 'w') end

@@ -41,6 +41,15 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A hash slot on its way from one primary to another ([`RedisCluster::begin_move`]).
+pub struct SlotMove {
+    slot: String,
+    from: u16,
+    to: u16,
+    from_id: String,
+    to_id: String,
+}
+
 impl RedisCluster {
     /// Starts `primaries` primaries with `replicas` replicas each. `aof`: with the
     /// append-only file on (fsync every second), so a restart keeps the data.
@@ -186,29 +195,59 @@ impl RedisCluster {
     /// reshard` does, one slot): marks it importing and migrating, `MIGRATE`s its keys,
     /// then tells every primary the slot's new owner.
     pub fn move_slot_of(&self, key: &str, to: u16) {
+        let m = self.begin_move(key, to);
+        self.migrate_keys(&m);
+        self.finish_move(&m);
+    }
+
+    /// Starts moving the hash slot of `key` to the primary on `to`: the slot is
+    /// importing there and migrating here, no key has moved yet.
+    pub fn begin_move(&self, key: &str, to: u16) -> SlotMove {
         let from = self.primary_of(key);
         assert_ne!(from, to, "the slot is on {to} already");
         let slot = redis_cli(from, &["CLUSTER", "KEYSLOT", key])
             .trim()
             .to_string();
         let id = |p: u16| redis_cli(p, &["CLUSTER", "MYID"]).trim().to_string();
-        let (from_id, to_id) = (id(from), id(to));
-        redis_cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
-        redis_cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+        let m = SlotMove {
+            slot,
+            from,
+            to,
+            from_id: id(from),
+            to_id: id(to),
+        };
+        redis_cli(
+            to,
+            &["CLUSTER", "SETSLOT", &m.slot, "IMPORTING", &m.from_id],
+        );
+        redis_cli(
+            from,
+            &["CLUSTER", "SETSLOT", &m.slot, "MIGRATING", &m.to_id],
+        );
+        m
+    }
+
+    /// `MIGRATE`s every key of a slot being moved to its new primary (the slot stays
+    /// migrating: requests for its keys are redirected with `ASK`).
+    pub fn migrate_keys(&self, m: &SlotMove) {
         loop {
-            let keys = redis_cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            let keys = redis_cli(m.from, &["CLUSTER", "GETKEYSINSLOT", &m.slot, "100"]);
             let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
             if keys.is_empty() {
                 break;
             }
-            let to_port = to.to_string();
+            let to_port = m.to.to_string();
             let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
             args.extend(keys);
-            let out = redis_cli(from, &args);
+            let out = redis_cli(m.from, &args);
             assert!(out.contains("OK"), "MIGRATE: {out}");
         }
+    }
+
+    /// Ends a move: every primary learns the slot's new owner.
+    pub fn finish_move(&self, m: &SlotMove) {
         for p in self.live_ports() {
-            redis_cli(p, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+            redis_cli(p, &["CLUSTER", "SETSLOT", &m.slot, "NODE", &m.to_id]);
         }
     }
 
