@@ -349,10 +349,7 @@ impl ClusterStore {
                 }
             }
             PushKind::SSubscribe => {
-                let Some((ptr, with_bytes)) = push.data.first().and_then(|v| match v {
-                    Value::BulkString(c) => self.keys.channel(c),
-                    _ => None,
-                }) else {
+                let Some((ptr, with_bytes)) = self.channel_of(&push) else {
                     return;
                 };
                 let resync = {
@@ -376,7 +373,60 @@ impl ClusterStore {
                     tokio::spawn(async move { me.resync(ptr).await });
                 }
             }
+            PushKind::SUnsubscribe => {
+                let Some((ptr, with_bytes)) = self.channel_of(&push) else {
+                    return;
+                };
+                // This gateway forgets a record before it unsubscribes from it, so a
+                // record still here lost a subscription it needs: Redis drops the
+                // subscriptions of a slot it gives to another primary.
+                let needed = lock(&self.local)
+                    .watched
+                    .get(&ptr)
+                    .is_some_and(|e| !with_bytes || *e.with_bytes.borrow());
+                if needed {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.resubscribe(ptr, with_bytes).await });
+                }
+            }
             _ => {}
+        }
+    }
+
+    /// The record and kind (with bytes or not) of the channel a (un)subscription
+    /// confirmation names.
+    fn channel_of(&self, push: &PushInfo) -> Option<(Pointer, bool)> {
+        match push.data.first()? {
+            Value::BulkString(c) => self.keys.channel(c),
+            _ => None,
+        }
+    }
+
+    /// Subscribes again to a channel of `ptr` that Redis dropped (its slot moved),
+    /// trying until it works or nobody here watches the record any more. The
+    /// confirmation makes the gateway load the record and report what it missed
+    /// (`on_push`, `resync`).
+    async fn resubscribe(&self, ptr: Pointer, with_bytes: bool) {
+        let k = self.keys.record(ptr);
+        let channel = if with_bytes {
+            k.data_events()
+        } else {
+            k.events()
+        };
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.redis.clone().ssubscribe(&channel).await {
+                Ok(()) => {
+                    debug!(%ptr, "subscribed again after Redis dropped a subscription");
+                    return;
+                }
+                Err(e) => warn!(%ptr, error = %e, "could not subscribe again to a watched record"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+            if !lock(&self.local).watched.contains_key(&ptr) {
+                return;
+            }
         }
     }
 
