@@ -210,13 +210,13 @@ fn bad(what: &str) -> RedisError {
     ))
 }
 
-/// Sends `pipe` (commands on keys in `key`'s hash slot) to that slot's primary, in
-/// one write, and returns its replies. (`Pipeline::query_async` on a cluster
-/// connection would copy the pipeline and hash every command's key to route it.)
-/// Sends the commands `build` makes to the primary of `slot` as one pipeline. Where
-/// the slot is being migrated and Redis answers `ASK`, builds them again and sends
-/// them one by one, in order: the client library follows `ASK` with `ASKING` once
-/// per request, which lets only the first command of a pipeline through.
+/// Sends the commands `build` makes (on keys in `slot`) to that slot's primary as one
+/// pipeline, in one write, and returns their replies, errors left in place.
+/// (`Pipeline::query_async` on a cluster connection would copy the pipeline and hash
+/// every command's key to route it.) Where the slot is being migrated and Redis
+/// answers `ASK`, builds them again and sends them one by one, in order: the client
+/// library follows `ASK` with `ASKING` once per request, which lets only the first
+/// command of a pipeline through.
 pub(crate) async fn on_slot(
     conn: &ClusterConnection,
     slot: u16,
