@@ -621,7 +621,8 @@ pub(crate) async fn commit(
     change: &Change,
     wait: Wait,
 ) -> RedisResult<Committed> {
-    let (op_key, events, data_events) = (k.op(&change.op), k.events(), k.data_events());
+    let (events, data_events) = (k.events(), k.data_events());
+    let op_key = change.mark.then(|| k.op(&change.op));
     let expected = change.expected.map(|r| r.to_string()).unwrap_or_default();
     let fence = change.fence.to_string();
     let small = |b: &Bytes| b.len() <= scripts::IN_HASH;
@@ -663,7 +664,7 @@ pub(crate) async fn commit(
     if uses_data {
         keys.push(k.data.as_str());
     }
-    if change.mark {
+    if let Some(op_key) = &op_key {
         keys.push(op_key.as_str());
     }
     let mut args: Vec<&[u8]> = Vec::with_capacity(13 + 2 * change.set.len() + change.del.len());
