@@ -32,18 +32,28 @@ fn gateway_on(
     cluster: &RedisCluster,
     tweak: impl FnOnce(&mut ServerConfig),
 ) -> (RunningServer, String) {
+    let prefix = fresh_prefix();
+    (gateway_at(cluster, &prefix, tweak), prefix)
+}
+
+/// An in-process gateway (one thread) on a cluster of the test's own, under `prefix`
+/// (another gateway of the same netswap).
+fn gateway_at(
+    cluster: &RedisCluster,
+    prefix: &str,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> RunningServer {
     let mut o = netswap_server::ClusterOptions::parse(&format!(
         "redis-cluster://{}",
         cluster.nodes().join(",")
     ))
     .unwrap();
-    o.prefix = fresh_prefix();
-    let prefix = o.prefix.clone();
+    o.prefix = prefix.to_string();
     let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     c.cluster = Some(o);
     c.identity_key = IdentityKey::new(GATEWAY_KEY);
     tweak(&mut c);
-    (netswap_server::spawn(c, 1).expect("gateway starts"), prefix)
+    netswap_server::spawn(c, 1).expect("gateway starts")
 }
 
 /// A gateway process (so that it can be killed with SIGKILL).
@@ -118,6 +128,15 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// The gateways' logs on the test's output when `RUST_LOG` says which.
+fn logs_from_env() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
+}
+
 async fn eventually(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> bool) {
     let start = Instant::now();
     while !f().await {
@@ -132,11 +151,7 @@ fn status(m: &Msg) -> Status {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pointer_made_through_one_gateway_works_through_another() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .try_init();
-    }
+    logs_from_env();
     let prefix = fresh_prefix();
     let (a, b) = (gateway(&prefix, |_| {}), gateway(&prefix, |_| {}));
     let mut owner = Raw::connect(a.addr(), 2).await;
@@ -600,16 +615,7 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
 async fn a_watch_outlives_its_subscription_being_dropped() {
     let cluster = RedisCluster::start(3, 0, false);
     let (writer, prefix) = gateway_on(&cluster, |_| {});
-    let mut o = netswap_server::ClusterOptions::parse(&format!(
-        "redis-cluster://{}",
-        cluster.nodes().join(",")
-    ))
-    .unwrap();
-    o.prefix = prefix.clone();
-    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
-    cfg.cluster = Some(o);
-    cfg.identity_key = IdentityKey::new(GATEWAY_KEY);
-    let watcher = netswap_server::spawn(cfg, 1).expect("gateway starts");
+    let watcher = gateway_at(&cluster, &prefix, |_| {});
     let mut c = Raw::connect(writer.addr(), 2).await;
     let p = c.create(Access::READ | Access::WRITE, &b"0"[..]).await;
     let meta = format!("{prefix}:{{r:{p}}}:m");
@@ -846,6 +852,115 @@ async fn records_in_a_slot_being_migrated_are_read_and_written() {
     assert!(
         cluster.errors("ASK") > asked,
         "the gateway was never redirected with ASK: the test did not test that"
+    );
+}
+
+/// `redis-cli --cluster reshard` moves all slots of one primary to another while two
+/// gateways write (most writes keep a record's size, some change it) and watch
+/// records that move: no request fails, every acknowledged write reads back through
+/// both gateways, and every watcher sees its record's last version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_under_load_needs_nothing_from_the_gateways() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    logs_from_env();
+    let cluster = RedisCluster::start(3, 0, false);
+    let (a, prefix) = gateway_on(&cluster, |_| {});
+    let b = gateway_at(&cluster, &prefix, |_| {});
+    let (from, to) = (cluster.ports[0], cluster.ports[1]);
+    let slots = cluster.slot_count(from);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    let mut watchers = Vec::new();
+    for w in 0..6u8 {
+        let addr = [a.addr(), b.addr()][w as usize % 2];
+        let watch_addr = [a.addr(), b.addr()][(w as usize + 1) % 2];
+        let mut c = Raw::connect(addr, 20 + w).await;
+        let mut records = Vec::new();
+        for i in 0..30 {
+            // A few large ones: bytes in their own key (two keys to migrate).
+            let size = if i % 10 == 0 { 2000 } else { 60 };
+            records.push(c.create(Access::READ, vec![b'0'; size]).await);
+        }
+        // A record of each writer that moves is watched through the other gateway.
+        let moves = |p: &Pointer| cluster.primary_of(&format!("{prefix}:{{r:{p}}}:m")) == from;
+        let watched = records.iter().position(moves).expect("a record that moves");
+        let seen = Arc::new(AtomicU64::new(0));
+        let mut watcher = Raw::connect(watch_addr, 40 + w).await;
+        watcher.send(7, &Request::watch(records[watched])).await;
+        assert_eq!(watcher.reply_to(7).await.status(), Status::Ok);
+        let (s, first) = (seen.clone(), records[watched]);
+        watchers.push((
+            watched,
+            seen,
+            tokio::spawn(async move {
+                loop {
+                    let (v, _) = next_change(&mut watcher, 7, first).await;
+                    s.fetch_max(v, Relaxed);
+                }
+            }),
+        ));
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked: Vec<(Bytes, u64)> = vec![(Bytes::new(), 1); records.len()];
+            let mut n = 0u64;
+            while !stop.load(Relaxed) {
+                for (i, &p) in records.iter().enumerate() {
+                    n += 1;
+                    let base = if i % 10 == 0 { 2000 } else { 60 };
+                    // Every 7th write changes the record's size.
+                    let size = base + usize::from(n.is_multiple_of(7));
+                    let mut v = format!("{w}-{i}-{n}-").into_bytes();
+                    v.resize(size, b'.');
+                    let v = Bytes::from(v);
+                    match c
+                        .ask(Request::Replace {
+                            ptr: p,
+                            data: v.clone(),
+                        })
+                        .await
+                    {
+                        Reply::Written(version) => acked[i] = (v, version),
+                        r => panic!("writer {w}, record {i}: {r:?}"),
+                    }
+                }
+            }
+            (records, acked, c)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    tokio::task::block_in_place(|| cluster.reshard(from, to, slots));
+    let took = started.elapsed();
+    assert_eq!(cluster.slot_count(from), 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Relaxed);
+    let mut c = Raw::connect(b.addr(), 60).await;
+    for (w, writer) in writers.into_iter().enumerate() {
+        let (records, acked, mut own) = writer.await.unwrap();
+        for (i, p) in records.iter().enumerate() {
+            let (bytes, _) = &acked[i];
+            same_bytes(own.read(*p).await, bytes, "through the writer's gateway");
+            same_bytes(c.read(*p).await, bytes, "through the other gateway");
+        }
+        let (watched, seen, task) = &watchers[w];
+        let last = acked[*watched].1;
+        let watched_key = format!("{prefix}:{{r:{}}}:m", records[*watched]);
+        eventually(
+            &format!(
+                "watcher {w} sees the last version {last} of {} (primary {}; seen {})",
+                records[*watched],
+                cluster.primary_of(&watched_key),
+                seen.load(Relaxed)
+            ),
+            Duration::from_secs(10),
+            async || seen.load(Relaxed) == last,
+        )
+        .await;
+        task.abort();
+    }
+    println!(
+        "resharding {slots} slots under load took {:.1} s",
+        took.as_secs_f64()
     );
 }
 
@@ -1496,11 +1611,7 @@ async fn a_cluster_that_goes_away_gets_busy_replies_and_is_used_again_when_back(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .try_init();
-    }
+    logs_from_env();
     let mut cluster = RedisCluster::start(3, 1, false);
     let prefix = fresh_prefix();
     let opts = |o: &mut netswap_server::ClusterOptions| {

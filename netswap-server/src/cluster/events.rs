@@ -137,6 +137,10 @@ pub(crate) struct WatchEntry {
     with_bytes: tokio::sync::watch::Sender<bool>,
     /// When the last watcher left (for unsubscribing idle channels later).
     idle_since: Option<Instant>,
+    /// A resync is running; `resync_again`: one more is wanted after it (a
+    /// subscription was confirmed again while it ran).
+    resyncing: bool,
+    resync_again: bool,
 }
 
 impl WatchEntry {
@@ -148,6 +152,8 @@ impl WatchEntry {
             subscribed: tokio::sync::watch::channel(false).0,
             with_bytes: tokio::sync::watch::channel(false).0,
             idle_since: None,
+            resyncing: false,
+            resync_again: false,
         }
     }
 
@@ -178,7 +184,7 @@ impl ClusterStore {
         };
         if first {
             let channel = self.keys.record(ptr).events();
-            let r = self.redis.clone().ssubscribe(&channel).await;
+            let r = self.subs.clone().ssubscribe(&channel).await;
             let mut l = lock(&self.local);
             match r {
                 Ok(()) => {
@@ -200,7 +206,7 @@ impl ClusterStore {
                 _ => None,
             };
             if let Some(mut with_bytes) = with_bytes {
-                self.redis
+                self.subs
                     .clone()
                     .ssubscribe(self.keys.record(ptr).data_events())
                     .await?;
@@ -299,7 +305,7 @@ impl ClusterStore {
         for p in gone {
             let k = self.keys.record(p);
             if let Err(e) = self
-                .redis
+                .subs
                 .clone()
                 .sunsubscribe(&[k.events(), k.data_events()][..])
                 .await
@@ -353,8 +359,10 @@ impl ClusterStore {
                     return;
                 };
                 let resync = {
-                    let l = lock(&self.local);
-                    let Some(e) = l.watched.get(&ptr) else { return };
+                    let mut l = lock(&self.local);
+                    let Some(e) = l.watched.get_mut(&ptr) else {
+                        return;
+                    };
                     let switched = *e.with_bytes.borrow();
                     if with_bytes && !switched {
                         // From now on the events come from the channel with bytes:
@@ -369,8 +377,7 @@ impl ClusterStore {
                     }
                 };
                 if resync {
-                    let me = self.clone();
-                    tokio::spawn(async move { me.resync(ptr).await });
+                    self.resync_soon(ptr);
                 }
             }
             PushKind::SUnsubscribe => {
@@ -406,7 +413,7 @@ impl ClusterStore {
     /// trying until it works or nobody here watches the record any more. The
     /// confirmation makes the gateway load the record and report what it missed
     /// (`on_push`, `resync`).
-    async fn resubscribe(&self, ptr: Pointer, with_bytes: bool) {
+    async fn resubscribe(self: &Arc<Self>, ptr: Pointer, with_bytes: bool) {
         let k = self.keys.record(ptr);
         let channel = if with_bytes {
             k.data_events()
@@ -415,9 +422,18 @@ impl ClusterStore {
         };
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.redis.clone().ssubscribe(&channel).await {
+            match self.subs.clone().ssubscribe(&channel).await {
                 Ok(()) => {
                     debug!(%ptr, "subscribed again after Redis dropped a subscription");
+                    // Confirmed: what changed meanwhile is reported now (the client
+                    // library does not always pass the confirmation on as a push).
+                    let in_use = lock(&self.local)
+                        .watched
+                        .get(&ptr)
+                        .is_some_and(|e| *e.with_bytes.borrow() == with_bytes);
+                    if in_use {
+                        self.resync_soon(ptr);
+                    }
                     return;
                 }
                 Err(e) => warn!(%ptr, error = %e, "could not subscribe again to a watched record"),
@@ -461,6 +477,37 @@ impl ClusterStore {
             e.recent.pop_front();
         }
         out
+    }
+
+    /// Resyncs `ptr` (see `resync`) in a task of its own; when one is running, once
+    /// more after it (the client library may confirm a subscription many times in a
+    /// row while the cluster's layout changes).
+    fn resync_soon(self: &Arc<Self>, ptr: Pointer) {
+        {
+            let mut l = lock(&self.local);
+            let Some(e) = l.watched.get_mut(&ptr) else {
+                return;
+            };
+            if e.resyncing {
+                e.resync_again = true;
+                return;
+            }
+            e.resyncing = true;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                me.resync(ptr).await;
+                let mut l = lock(&me.local);
+                let Some(e) = l.watched.get_mut(&ptr) else {
+                    return;
+                };
+                if !std::mem::take(&mut e.resync_again) {
+                    e.resyncing = false;
+                    return;
+                }
+            }
+        });
     }
 
     /// Compares a watched record with what was last known and tells the watchers what

@@ -209,6 +209,12 @@ struct Local {
 /// The Redis Cluster backend. See the module documentation.
 pub(crate) struct ClusterStore {
     redis: ClusterConnection,
+    /// The connection that holds the watch subscriptions, and nothing else: Redis
+    /// sends an `SUNSUBSCRIBE` nobody asked for when a slot moves to another primary,
+    /// and the `redis` crate (1.8) takes any such push for the reply to the oldest
+    /// request in flight on that connection, which would shift every later reply by
+    /// one. Here only (un)subscriptions can be in flight.
+    subs: ClusterConnection,
     cfg: StoreConfig,
     key: IdentityKey,
     opts: ClusterOptions,
@@ -301,6 +307,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A connection to the cluster (RESP3; with `pushes`, its pushes go there): a clear
+/// error when the cluster is down or unreachable.
+async fn cluster_connection(
+    opts: &ClusterOptions,
+    pushes: Option<mpsc::UnboundedSender<PushInfo>>,
+) -> Result<ClusterConnection, String> {
+    let nodes = opts.nodes.join(",");
+    let urls: Vec<String> = opts
+        .nodes
+        .iter()
+        .map(|n| format!("redis://{n}/?protocol=resp3"))
+        .collect();
+    let mut builder = ClusterClientBuilder::new(urls)
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .connection_timeout(Duration::from_secs(1))
+        .response_timeout(opts.response_timeout)
+        .retries(2);
+    if let Some(tx) = pushes {
+        builder = builder.push_sender(tx);
+    }
+    let client = builder
+        .build()
+        .map_err(|e| format!("Redis Cluster {nodes}: {e}"))?;
+    tokio::time::timeout(Duration::from_secs(10), client.get_async_connection())
+        .await
+        .map_err(|_| format!("Redis Cluster {nodes}: no answer within 10 s"))?
+        .map_err(|e| format!("Redis Cluster {nodes} is unreachable or not a working cluster: {e}"))
+}
+
 impl ClusterStore {
     /// Connects to the cluster (a clear error when it is down or unreachable) and
     /// loads the scripts.
@@ -310,33 +345,8 @@ impl ClusterStore {
         opts: ClusterOptions,
     ) -> Result<ClusterStore, String> {
         let (push_tx, push_rx) = mpsc::unbounded_channel();
-        let urls: Vec<String> = opts
-            .nodes
-            .iter()
-            .map(|n| format!("redis://{n}/?protocol=resp3"))
-            .collect();
-        let client = ClusterClientBuilder::new(urls)
-            .use_protocol(redis::ProtocolVersion::RESP3)
-            .push_sender(push_tx)
-            .connection_timeout(Duration::from_secs(1))
-            .response_timeout(opts.response_timeout)
-            .retries(2)
-            .build()
-            .map_err(|e| format!("Redis Cluster {}: {e}", opts.nodes.join(",")))?;
-        let redis = tokio::time::timeout(Duration::from_secs(10), client.get_async_connection())
-            .await
-            .map_err(|_| {
-                format!(
-                    "Redis Cluster {}: no answer within 10 s",
-                    opts.nodes.join(",")
-                )
-            })?
-            .map_err(|e| {
-                format!(
-                    "Redis Cluster {} is unreachable or not a working cluster: {e}",
-                    opts.nodes.join(",")
-                )
-            })?;
+        let redis = cluster_connection(&opts, None).await?;
+        let subs = cluster_connection(&opts, Some(push_tx)).await?;
         let (now, at) = redis_io::redis_now(&redis)
             .await
             .map_err(|e| format!("Redis Cluster {}: {e}", opts.nodes.join(",")))?;
@@ -354,6 +364,7 @@ impl ClusterStore {
             .map(|b| tokio::spawn(b.clone().drive(redis.clone())));
         Ok(ClusterStore {
             redis,
+            subs,
             cfg,
             key,
             gateway,

@@ -200,6 +200,39 @@ impl RedisCluster {
         self.finish_move(&m);
     }
 
+    /// How many hash slots the primary on `port` serves.
+    pub fn slot_count(&self, port: u16) -> usize {
+        let me = redis_cli(port, &["CLUSTER", "MYID"]).trim().to_string();
+        redis_cli(port, &["CLUSTER", "NODES"])
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() > 8 && f[0] == me)
+            .flat_map(|f| f[8..].iter().map(|r| r.to_string()).collect::<Vec<_>>())
+            .map(|r| match r.split_once('-') {
+                Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+                None => 1,
+            })
+            .sum()
+    }
+
+    /// Moves `slots` hash slots from the primary on `from` to the one on `to` with
+    /// the operator's tool (`redis-cli --cluster reshard`), until it is done.
+    pub fn reshard(&self, from: u16, to: u16, slots: usize) {
+        let id = |p: u16| redis_cli(p, &["CLUSTER", "MYID"]).trim().to_string();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+            .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster reshard: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Starts moving the hash slot of `key` to the primary on `to`: the slot is
     /// importing there and migrating here, no key has moved yet.
     pub fn begin_move(&self, key: &str, to: u16) -> SlotMove {
