@@ -888,13 +888,13 @@ async fn resharding_under_load_needs_nothing_from_the_gateways() {
         let mut watcher = Raw::connect(watch_addr, 40 + w).await;
         watcher.send(7, &Request::watch(records[watched])).await;
         assert_eq!(watcher.reply_to(7).await.status(), Status::Ok);
-        let (s, first) = (seen.clone(), records[watched]);
+        let (s, ptr) = (seen.clone(), records[watched]);
         watchers.push((
             watched,
             seen,
             tokio::spawn(async move {
                 loop {
-                    let (v, _) = next_change(&mut watcher, 7, first).await;
+                    let (v, _) = next_change(&mut watcher, 7, ptr).await;
                     s.fetch_max(v, Relaxed);
                 }
             }),
