@@ -191,25 +191,18 @@ async fn send_group(conn: ClusterConnection, group: Vec<Item>, counters: &BatchC
         }
     }
     let result = conn.clone().route_pipeline(pipe, 0, total, route).await;
+    // A slot of the group is being migrated: its entries go again alone (see
+    // `on_slot`), as after any failure of the group.
+    let asked = asked(&result);
     match result {
-        // A slot of the group is being migrated: its entries go again alone (see
-        // `on_slot`).
-        _ if asked(&result) => {
-            counters
-                .resent
-                .fetch_add(answers.len() as u64, Ordering::Relaxed);
-            for (_, answer) in answers {
-                let _ = answer.send(None);
-            }
-        }
-        Ok(values) if values.len() == total => {
+        Ok(values) if values.len() == total && !asked => {
             let mut values = values.into_iter();
             for (n, answer) in answers {
                 let _ = answer.send(Some(Ok(values.by_ref().take(n).collect())));
             }
         }
         // One entry alone: its own error (the crate retried it as it would have).
-        Err(e) if answers.len() == 1 => {
+        Err(e) if answers.len() == 1 && !asked => {
             let (_, answer) = answers.pop().expect("one");
             let _ = answer.send(Some(Err(e)));
         }

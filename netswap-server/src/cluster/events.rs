@@ -359,10 +359,8 @@ impl ClusterStore {
                     return;
                 };
                 let resync = {
-                    let mut l = lock(&self.local);
-                    let Some(e) = l.watched.get_mut(&ptr) else {
-                        return;
-                    };
+                    let l = lock(&self.local);
+                    let Some(e) = l.watched.get(&ptr) else { return };
                     let switched = *e.with_bytes.borrow();
                     if with_bytes && !switched {
                         // From now on the events come from the channel with bytes:
@@ -410,9 +408,8 @@ impl ClusterStore {
     }
 
     /// Subscribes again to a channel of `ptr` that Redis dropped (its slot moved),
-    /// trying until it works or nobody here watches the record any more. The
-    /// confirmation makes the gateway load the record and report what it missed
-    /// (`on_push`, `resync`).
+    /// trying until it works or nobody here watches the record any more; then, if
+    /// it is the channel in use, reports what the watchers missed (`resync`).
     async fn resubscribe(self: &Arc<Self>, ptr: Pointer, with_bytes: bool) {
         let k = self.keys.record(ptr);
         let channel = if with_bytes {

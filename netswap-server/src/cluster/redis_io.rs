@@ -627,37 +627,33 @@ pub(crate) async fn commit(
     let fence = change.fence.to_string();
     let small = |b: &Bytes| b.len() <= scripts::IN_HASH;
     // Where the bytes go (`scripts::COMMIT`'s data ops): small ones into the state
-    // hash, larger ones into the data key, moved when they cross `IN_HASH`.
-    let mut moved_out = false;
-    let (data_op, offset, data): (&[u8], String, Bytes) = match (&change.data, change.inline) {
-        (DataOp::None, _) => (b"n", "0".into(), Bytes::new()),
-        (DataOp::Set(b), true) if small(b) => (b"h", "0".into(), b.clone()),
-        (DataOp::Set(b), false) if small(b) => (b"H", "0".into(), b.clone()),
-        (DataOp::Set(b), inline) => {
-            // Bytes in the hash of an existing record leave it.
-            moved_out = inline && change.expected.is_some();
-            (b"s", "0".into(), b.clone())
-        }
-        (DataOp::Range(off, b), false) => (b"r", off.to_string(), b.clone()),
-        (DataOp::Range(off, b), true) => (b"R", off.to_string(), b.clone()),
-        (DataOp::DeleteRecord, _) => (b"x", "0".into(), Bytes::new()),
-    };
+    // hash, larger ones into the data key, moved when they cross `IN_HASH`. The
+    // data key is declared only when the script uses it (or may: a range write that
+    // grows bytes in the hash past `IN_HASH`), and `d` is deleted from the hash when
+    // the bytes of an existing record leave it.
+    let none = || ("0".to_string(), Bytes::new());
+    let ((offset, data), data_op, uses_data, moved_out): ((String, Bytes), &[u8], bool, bool) =
+        match (&change.data, change.inline) {
+            (DataOp::None, _) => (none(), b"n", false, false),
+            (DataOp::Set(b), true) if small(b) => (("0".into(), b.clone()), b"h", false, false),
+            (DataOp::Set(b), false) if small(b) => (("0".into(), b.clone()), b"H", true, false),
+            (DataOp::Set(b), inline) => {
+                let out = inline && change.expected.is_some();
+                (("0".into(), b.clone()), b"s", true, out)
+            }
+            (DataOp::Range(off, b), false) => ((off.to_string(), b.clone()), b"r", true, false),
+            (DataOp::Range(off, b), true) => {
+                let may_grow_out = change.new_size.is_none_or(|n| n > scripts::IN_HASH as u64);
+                ((off.to_string(), b.clone()), b"R", may_grow_out, false)
+            }
+            (DataOp::DeleteRecord, inline) => (none(), b"x", !inline, false),
+        };
     let n_set = change.set.len().to_string();
-    let event = change.event.clone().unwrap_or_default();
+    let event: &[u8] = change.event.as_deref().unwrap_or_default();
     let delta_head: Vec<u8> = match (&change.data, change.new_size) {
         (DataOp::Set(_), Some(size)) => super::events::delta_head(size, 0),
         (DataOp::Range(off, _), Some(size)) => super::events::delta_head(size, *off),
         _ => Vec::new(),
-    };
-    // Only the keys the script uses (`scripts::COMMIT`): the data key when the bytes
-    // are or go there (or may: a range write that grows bytes in the hash past
-    // `IN_HASH`), the marker when it is set.
-    let uses_data = match (&change.data, change.inline) {
-        (DataOp::None, _) => false,
-        (DataOp::DeleteRecord, inline) => !inline,
-        (DataOp::Range(..), true) => change.new_size.is_none_or(|n| n > scripts::IN_HASH as u64),
-        (DataOp::Set(b), true) => !small(b),
-        (DataOp::Set(_) | DataOp::Range(..), false) => true,
     };
     let mut keys = Vec::with_capacity(3);
     keys.push(k.meta.as_str());
@@ -676,7 +672,7 @@ pub(crate) async fn commit(
         if change.mark { b"1" } else { b"0" },
         offset.as_bytes(),
         &data,
-        &event,
+        event,
         &delta_head,
         events.as_bytes(),
         data_events.as_bytes(),
