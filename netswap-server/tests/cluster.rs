@@ -1609,6 +1609,52 @@ async fn a_cluster_that_goes_away_gets_busy_replies_and_is_used_again_when_back(
     assert_eq!(c.read(q).await, data(b"after"));
 }
 
+/// With `--redis-wait-replicas`, a write is acknowledged once a replica of the node
+/// that applied it has it: also while the record's slot is being migrated and its
+/// keys have moved, where the write is applied by the importing primary (`ASK`) and
+/// the old primary's replicas know nothing of it. `WAIT` must go where the commit
+/// went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_a_migrating_slot_waits_for_the_replica_of_the_node_that_applied_it() {
+    let cluster = RedisCluster::start(3, 1, false);
+    let (gw, prefix) = gateway_on(&cluster, |c| {
+        c.cluster.as_mut().unwrap().wait_replicas = 1;
+    });
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let primaries = cluster.primaries();
+    for (i, value) in [vec![1u8; 10], vec![2u8; 100_000]].into_iter().enumerate() {
+        let len = value.len();
+        let p = c.create(Access::READ | Access::WRITE, value).await;
+        let key = format!("{prefix}:{{r:{p}}}:m");
+        let from = cluster.primary_of(&key);
+        let to = *primaries.iter().find(|&&p| p != from).unwrap();
+        let m = cluster.begin_move(&key, to);
+        cluster.migrate_keys(&m);
+        let calls = |port| {
+            let calls = |cmd| cluster.calls_on(port, cmd);
+            (calls("evalsha"), calls("wait"))
+        };
+        let before = calls(to);
+        let write = Request::Replace {
+            ptr: p,
+            data: Bytes::from(vec![3 + i as u8; len]), // same size: no quota marker
+        };
+        assert_eq!(c.ask(write).await, Reply::Written(2));
+        let after = calls(to);
+        assert!(
+            after.0 > before.0,
+            "the commit ran on the importing primary"
+        );
+        assert!(
+            after.1 > before.1,
+            "WAIT ran where the commit did (not only on the old primary, whose replicas \
+             do not have the write): {before:?} → {after:?}"
+        );
+        cluster.finish_move(&m);
+        same_bytes(c.read(p).await, &vec![3 + i as u8; len], "after the move");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
     logs_from_env();

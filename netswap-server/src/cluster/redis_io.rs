@@ -793,29 +793,79 @@ async fn commit_and_wait(
     args: &[&[u8]],
     wait: Wait,
 ) -> RedisResult<Value> {
-    // The commit goes by the cluster's routing (which follows MOVED and failovers),
-    // then WAIT to the primary of the same slot, on the same multiplexed connection:
-    // it waits for every write this gateway sent that node, ours included.
-    let v = run(conn, &scripts::COMMIT, keys, args).await?;
-    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
-        keys[0],
-        SlotAddr::Master,
-    )));
-    let acked = conn
-        .clone()
-        .route_command(
-            redis::cmd("WAIT").arg(wait.replicas).arg(wait.ms).clone(),
-            route,
-        )
-        .await?;
-    if int(&acked).is_some_and(|n| n < wait.replicas as i64) {
-        tracing::warn!(
-            replicas = wait.replicas,
-            "WAIT: fewer replicas than asked acknowledged a write within {} ms",
-            wait.ms
-        );
+    // The commit and `WAIT` go in one pipeline, so `WAIT` runs on the node that
+    // applied the commit, right after it on the same connection (it waits for every
+    // write this gateway sent that node, ours included), in one round trip. While
+    // the record's slot is being migrated and its keys have moved, the node that
+    // applies it is the importing one: the pipeline goes there after `ASKING` (in
+    // the same write, so no other request takes the `ASKING`), and `WAIT` counts that
+    // node's replicas, not the old primary's.
+    let slot = SingleNodeRoutingInfo::SpecificNode(Route::new(slot_of(keys[0]), SlotAddr::Master));
+    let mut route = slot.clone();
+    let mut asking = false;
+    let mut loaded = false;
+    for _ in 0..4 {
+        let mut pipe = redis::Pipeline::with_capacity(3);
+        if asking {
+            pipe.add_command(redis::cmd("ASKING"));
+        }
+        pipe.add_command(evalsha(&scripts::COMMIT, keys, args));
+        pipe.add_command(redis::cmd("WAIT").arg(wait.replicas).arg(wait.ms).clone());
+        let count = pipe.len();
+        let result = conn
+            .clone()
+            .route_pipeline(pipe, 0, count, route.clone())
+            .await;
+        let e = match result {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::Ask) => e,
+            Err(e) => return Err(e),
+            Ok(mut replies) => {
+                let acked = replies.pop().as_ref().and_then(int);
+                match replies.pop().ok_or_else(|| bad("EVALSHA"))?.extract_error() {
+                    Err(e) => e,
+                    Ok(v) => {
+                        if acked.is_none_or(|n| n < wait.replicas as i64) {
+                            tracing::warn!(
+                                replicas = wait.replicas,
+                                "WAIT: fewer replicas than asked acknowledged a write within {} ms",
+                                wait.ms
+                            );
+                        }
+                        return Ok(v);
+                    }
+                }
+            }
+        };
+        match e.kind() {
+            ErrorKind::Server(ServerErrorKind::Ask) => {
+                let addr = e.redirect_node().map(|(addr, _)| addr);
+                let Some((host, port)) = addr.and_then(|a| a.rsplit_once(':')) else {
+                    return Err(bad("ASK"));
+                };
+                route = SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_string(),
+                    port: port.parse().map_err(|_| bad("ASK"))?,
+                };
+                asking = true;
+            }
+            ErrorKind::Server(ServerErrorKind::NoScript) if !loaded => {
+                // SCRIPT LOAD goes to every primary.
+                scripts::COMMIT
+                    .prepare_invoke()
+                    .load_async(&mut conn.clone())
+                    .await?;
+                loaded = true;
+            }
+            ErrorKind::Server(ServerErrorKind::Moved) => {
+                // The slot has a new owner (the connection learns it from the
+                // redirection): by the slot again.
+                route = slot.clone();
+                asking = false;
+            }
+            _ => return Err(e),
+        }
     }
-    Ok(v)
+    Err(bad("COMMIT: redirected too many times"))
 }
 
 /// Redis time in ms, and the local instant it was read at (the midpoint of the call).

@@ -310,7 +310,11 @@ impl RedisCluster {
     /// The sum over the live nodes of the number after `prefix` on a line of
     /// `INFO section` (up to a comma: `cmdstat_get:calls=7,usec=…`).
     fn info_sum(&self, section: &str, prefix: &str) -> u64 {
-        self.live_ports()
+        self.info_sum_on(&self.live_ports(), section, prefix)
+    }
+
+    fn info_sum_on(&self, ports: &[u16], section: &str, prefix: &str) -> u64 {
+        ports
             .iter()
             .map(|&p| {
                 redis_cli(p, &["INFO", section])
@@ -338,6 +342,25 @@ impl RedisCluster {
     /// `INFO commandstats`.
     pub fn calls(&self, command: &str) -> u64 {
         self.info_sum("commandstats", &format!("cmdstat_{command}:calls="))
+    }
+
+    /// How many times the node on `port` ran `command` (as [`RedisCluster::calls`]).
+    pub fn calls_on(&self, port: u16, command: &str) -> u64 {
+        self.info_sum_on(
+            &[port],
+            "commandstats",
+            &format!("cmdstat_{command}:calls="),
+        )
+    }
+
+    /// The ports of the primaries (from `CLUSTER NODES`).
+    pub fn primaries(&self) -> Vec<u16> {
+        redis_cli(self.live_ports()[0], &["CLUSTER", "NODES"])
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() > 2 && f[2].contains("master") && !f[2].contains("fail"))
+            .filter_map(|f| f[1].split('@').next()?.rsplit_once(':')?.1.parse().ok())
+            .collect()
     }
 
     /// Kills the node on `port` with SIGKILL.
