@@ -768,11 +768,14 @@ fn same_bytes(reply: Reply, expect: &[u8], what: &str) {
 
 /// While a record's slot is being migrated to another primary (`redis-cli --cluster
 /// reshard` in progress: its keys first still on the old primary, then moved, the
-/// slot still migrating), reads and writes that keep a record's size go through at
-/// once: a commit declares only the keys it uses, and Redis refuses a command with
-/// several keys there when some of them do not exist (`TRYAGAIN`).
+/// slot still migrating), reads, writes (also those that change the size) and deletes
+/// go through at once: a commit declares only the keys it uses and keeps its quota
+/// marker in the record's hash, and Redis refuses a command with several keys there
+/// when some of them do not exist (`TRYAGAIN`). Only bytes moving out of the hash to
+/// a data key not there yet wait for the end of the move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_in_a_slot_being_migrated_are_read_and_written() {
+    logs_from_env();
     let cluster = RedisCluster::start(3, 0, false);
     let (gw, prefix) = gateway_on(&cluster, |_| {});
     let mut c = Raw::connect(gw.addr(), 2).await;
@@ -823,29 +826,61 @@ async fn records_in_a_slot_being_migrated_are_read_and_written() {
             tries,
             "no command was refused for keys missing during the migration"
         );
-        // A write that changes the record's size creates a key (its quota marker):
-        // Redis refuses it while the slot is migrating, and it waits for the end of
-        // the move instead of failing.
+        // A write that changes the size moves quota charges and leaves a marker: a
+        // field of the state hash, so it goes through at once too.
         expect.push(7);
-        let grown = Bytes::from(expect.clone());
-        let mut other = Raw::connect(gw.addr(), 2).await;
-        let grow = tokio::spawn(async move {
-            other
-                .ask(Request::Replace {
-                    ptr: p,
-                    data: grown,
-                })
-                .await
-        });
-        eventually(
-            "the growing write is refused",
-            Duration::from_secs(10),
-            async || cluster.errors("TRYAGAIN") > tries,
-        )
-        .await;
-        cluster.finish_move(&m);
-        assert_eq!(grow.await.unwrap(), Reply::Written(version + 1));
-        tries = cluster.errors("TRYAGAIN");
+        version += 1;
+        let grown = Request::Replace {
+            ptr: p,
+            data: Bytes::from(expect.clone()),
+        };
+        assert_eq!(c.ask(grown).await, Reply::Written(version), "growing");
+        same_bytes(c.read(p).await, &expect, "grown");
+        assert_eq!(
+            cluster.errors("TRYAGAIN"),
+            tries,
+            "the growing write was refused"
+        );
+        if p == small {
+            // Bytes that move from the state hash to a data key that does not exist
+            // yet: Redis refuses that while the slot migrates; the write waits for
+            // the end of the move instead of failing.
+            expect.resize(2000, 9);
+            let out = Bytes::from(expect.clone());
+            let mut other = Raw::connect(gw.addr(), 2).await;
+            let move_out =
+                tokio::spawn(
+                    async move { other.ask(Request::Replace { ptr: p, data: out }).await },
+                );
+            eventually(
+                "the write moving the bytes out is refused",
+                Duration::from_secs(10),
+                async || cluster.errors("TRYAGAIN") > tries,
+            )
+            .await;
+            cluster.finish_move(&m);
+            assert_eq!(move_out.await.unwrap(), Reply::Written(version + 1));
+            tries = cluster.errors("TRYAGAIN");
+        } else {
+            // A delete leaves its marker in a tombstone of the hash, at once as well.
+            assert_eq!(c.ask(Request::Delete { ptr: p }).await, Reply::Done);
+            assert!(matches!(
+                c.read(p).await,
+                Reply::Error {
+                    status: Status::AddressFault,
+                    ..
+                }
+            ));
+            assert_eq!(cluster.errors("TRYAGAIN"), tries, "the delete was refused");
+            cluster.finish_move(&m);
+            eventually(
+                "the tombstone goes once the delete's quota is settled",
+                Duration::from_secs(10),
+                async || !cluster.exists(&key),
+            )
+            .await;
+            continue;
+        }
         assert_eq!(cluster.primary_of(&key), to);
         same_bytes(c.read(p).await, &expect, "moved");
     }
@@ -853,6 +888,70 @@ async fn records_in_a_slot_being_migrated_are_read_and_written() {
         cluster.errors("ASK") > asked,
         "the gateway was never redirected with ASK: the test did not test that"
     );
+}
+
+/// Records created in slots being migrated (their keys go to the importing primary,
+/// by `ASK`) are created, read, written and deleted at once, and a deleted one's
+/// tombstone goes once its quota is settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_created_and_deleted_in_slots_being_migrated() {
+    let cluster = RedisCluster::start(3, 0, false);
+    let (gw, prefix) = gateway_on(&cluster, |_| {});
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let (from, to) = (cluster.primaries()[0], cluster.primaries()[1]);
+    let moving: Vec<u16> = cluster.slots_of(from).into_iter().take(128).collect();
+    let moves = cluster.begin_moves(from, to, moving.iter().copied());
+    let tries = cluster.errors("TRYAGAIN");
+    let key = |p: Pointer| format!("{prefix}:{{r:{p}}}:m");
+    let mut landed = Vec::new();
+    for _ in 0..5000 {
+        let p = c.create(Access::READ | Access::WRITE, &b"new"[..]).await;
+        if moving.contains(&redis_protocol::redis_keyslot(key(p).as_bytes())) {
+            landed.push(p);
+            if landed.len() == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(landed.len(), 3, "no create landed in a moving slot");
+    for &p in &landed {
+        assert_eq!(c.read(p).await, data(b"new"));
+        let grown = Request::Replace {
+            ptr: p,
+            data: Bytes::from_static(b"grown"),
+        };
+        assert_eq!(c.ask(grown).await, Reply::Written(2));
+        assert_eq!(c.read(p).await, data(b"grown"));
+        assert_eq!(c.ask(Request::Delete { ptr: p }).await, Reply::Done);
+    }
+    assert_eq!(
+        cluster.errors("TRYAGAIN"),
+        tries,
+        "a create, write or delete was refused while its slot migrated"
+    );
+    assert!(
+        cluster.errors("ASK") > 0,
+        "nothing was redirected: the test did not test that"
+    );
+    for m in &moves {
+        cluster.migrate_keys(m);
+        cluster.finish_move(m);
+    }
+    for &p in &landed {
+        assert!(matches!(
+            c.read(p).await,
+            Reply::Error {
+                status: Status::AddressFault,
+                ..
+            }
+        ));
+        eventually(
+            "the tombstone goes once the delete's quota is settled",
+            Duration::from_secs(10),
+            async || !cluster.exists(&key(p)),
+        )
+        .await;
+    }
 }
 
 /// `redis-cli --cluster reshard` moves all slots of one primary to another while two
@@ -1452,6 +1551,103 @@ async fn orphans_are_reaped_only_when_no_gateway_holds_their_identity() {
     );
 }
 
+/// Room given back through one gateway (a delete) can be used through another that
+/// last saw the identity's quota full: a refusal is decided on the quota as it is in
+/// Redis, not on what the gateway remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_freed_through_one_gateway_is_free_on_another() {
+    let prefix = fresh_prefix();
+    let a = gateway(&prefix, |c| c.store.quota_records = 1);
+    let b = gateway(&prefix, |c| c.store.quota_records = 1);
+    let mut on_a = Raw::connect(a.addr(), 2).await;
+    let mut on_b = Raw::connect(b.addr(), 2).await;
+    let create = || Request::Create {
+        access: Access::empty(),
+        data: Bytes::new(),
+    };
+    let p = on_a.create(Access::empty(), Bytes::new()).await;
+    assert_eq!(on_a.call(create()).await.status(), Status::QuotaExceeded);
+    assert_eq!(on_b.ask(Request::Delete { ptr: p }).await, Reply::Done);
+    eventually(
+        "the room given back through b is free on a",
+        Duration::from_secs(5),
+        async || on_a.call(create()).await.status() == Status::Ok,
+    )
+    .await;
+    assert_eq!(on_b.call(create()).await.status(), Status::QuotaExceeded);
+}
+
+/// Creates an empty record, trying again while the quota is exceeded, until a
+/// repair pass frees room (20 s after `started` at most).
+async fn create_once_repaired(c: &mut Raw, started: Instant) {
+    loop {
+        let create = Request::Create {
+            access: Access::empty(),
+            data: Bytes::new(),
+        };
+        match c.call(create).await.status() {
+            Status::Ok => return,
+            Status::QuotaExceeded => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "never repaired"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            s => panic!("{s:?}"),
+        }
+    }
+}
+
+/// A gateway that dies after a delete's commit and before settling its quota: the
+/// delete's marker (kept in the deleted record's tombstone) tells the repair pass it
+/// happened, and the owner gets the record's charge back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_between_a_delete_and_its_quota_release_is_repaired() {
+    let cluster = common::cluster::shared();
+    let prefix = fresh_prefix();
+    let gw = gateway(&prefix, |c| c.store.quota_records = 1);
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let p = c.create(Access::empty(), Bytes::new()).await;
+    let mut crashing = GatewayProcess::start(
+        &cluster.nodes(),
+        &prefix,
+        &["--quota-records", "1"],
+        &[("NETSWAP_CRASH_AT", "delete-after-commit")],
+    );
+    let mut doomed = Raw::connect(crashing.addr, 2).await;
+    doomed.send(1, &Request::Delete { ptr: p }).await;
+    assert!(
+        doomed.until_closed().await.is_empty(),
+        "it died mid-request"
+    );
+    assert!(
+        crashing
+            .wait_exit(Duration::from_secs(5))
+            .is_some_and(|s| !s.success()),
+        "the gateway aborted"
+    );
+    assert!(
+        matches!(
+            c.read(p).await,
+            Reply::Error {
+                status: Status::AddressFault,
+                ..
+            }
+        ),
+        "the delete was committed"
+    );
+    // The quota is released once the repair pass sees the delete's marker (after
+    // its fence); without it, the one record of quota would stay used for ever.
+    create_once_repaired(&mut c, Instant::now()).await;
+    // Exactly one record's room came back.
+    let again = Request::Create {
+        access: Access::empty(),
+        data: Bytes::new(),
+    };
+    assert_eq!(c.call(again).await.status(), Status::QuotaExceeded);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_between_quota_reservation_and_commit_is_repaired() {
     let cluster = common::cluster::shared();
@@ -1486,24 +1682,8 @@ async fn a_gateway_killed_between_quota_reservation_and_commit_is_repaired() {
     let mut created = Vec::new();
     let started = Instant::now();
     while created.len() < 2 {
-        match c
-            .call(Request::Create {
-                access: Access::empty(),
-                data: Bytes::new(),
-            })
-            .await
-            .status()
-        {
-            Status::Ok => created.push(()),
-            Status::QuotaExceeded => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(20),
-                    "never repaired"
-                );
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            s => panic!("{s:?}"),
-        }
+        create_once_repaired(&mut c, started).await;
+        created.push(());
     }
     assert!(
         started.elapsed() > Duration::from_secs(5),

@@ -4,11 +4,10 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `ns:{r:PTR}:m` | hash | a record's state: `o` owner, `p` payer (absent: the owner pays), `a` access bits, `v` version, `r` revision (+1 on every change), `x`/`g` its own orphan deadline (ms) and its owner's generation then (a record handed to an absent identity), `l` the last change's operation id, `d` the data when at most `scripts::IN_HASH` bytes |
+//! | `ns:{r:PTR}:m` | hash | a record's state: `o` owner, `p` payer (absent: the owner pays), `a` access bits, `v` version, `r` revision (+1 on every change), `x`/`g` its own orphan deadline (ms) and its owner's generation then (a record handed to an absent identity), `l` the last change's operation id, `d` the data when at most `scripts::IN_HASH` bytes, `w` watched (some gateway subscribes to its events), `m:OPID` "change OPID was committed" for the changes that move quota charges, until their quota entries are settled (for repairing quotas). A deleted record's hash stays as a tombstone of its markers only (no `r`; 7-day TTL) until they are settled |
 //! | `ns:{r:PTR}:d` | string | the record's data when larger (absent otherwise) |
 //! | `ns:{r:PTR}:e` | sharded channel | events of the record (SPUBLISHed by the commit) |
 //! | `ns:{r:PTR}:E` | sharded channel | the same events with the bytes each data change wrote, published only while a gateway subscribes (it has data watches on the record) |
-//! | `ns:{r:PTR}:op:ID` | string, 1 h TTL | "change ID was committed" (for repairing quotas) |
 //! | `ns:{i:ID}:q` | hash | an identity's quota usage `n` records, `b` bytes, revision `r`, generation `g` (+1 per connect), offline-since `off` (ms), pending charges `p:OPID` |
 //! | `ns:{i:ID}:l` | sorted set | the identity's leases: gateway id → lease expiry (ms) |
 //! | `ns:{i:ID}:o` | set | pointers it owns (an index for reaping; may hold stale entries) |
@@ -100,11 +99,6 @@ impl RecordKeys {
     pub fn data_events(&self) -> String {
         self.with("E")
     }
-
-    /// The marker that a change with this operation id was committed.
-    pub fn op(&self, op: &str) -> String {
-        self.with(&format!("op:{op}"))
-    }
 }
 
 /// Keys of one identity.
@@ -149,7 +143,6 @@ mod tests {
         assert_eq!(k.meta, "ns:{r:0000000000000abc}:m");
         assert_eq!(k.data, "ns:{r:0000000000000abc}:d");
         assert_eq!(k.events(), "ns:{r:0000000000000abc}:e");
-        assert_eq!(k.op("x1"), "ns:{r:0000000000000abc}:op:x1");
         assert_eq!(keys.channel(k.events().as_bytes()), Some((p, false)));
         assert_eq!(keys.channel(k.data_events().as_bytes()), Some((p, true)));
         assert_eq!(keys.channel(b"ns:{r:zz}:e"), None);

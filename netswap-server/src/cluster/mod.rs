@@ -707,16 +707,21 @@ impl ClusterStore {
                             continue;
                         };
                         let meta = String::from_utf8_lossy(k);
-                        // The bytes are in the data key or in the hash's field `d`.
+                        // A record has a revision (a deleted one's tombstone does
+                        // not); its bytes are in the data key or in the field `d`.
+                        pipe.cmd("HEXISTS").arg(meta.as_ref()).arg("r");
                         pipe.cmd("STRLEN")
                             .arg(format!("{}d", meta.trim_end_matches('m')));
                         pipe.cmd("HSTRLEN").arg(meta.as_ref()).arg("d");
                     }
-                    let n = keys.len();
                     let count = pipe.len();
-                    let lens = conn.route_pipeline(pipe, 0, count, route.clone()).await?;
-                    records += n as u64;
-                    bytes += lens.iter().filter_map(redis_io::as_int).sum::<i64>() as u64;
+                    let replies = conn.route_pipeline(pipe, 0, count, route.clone()).await?;
+                    for r in replies.chunks(3) {
+                        if redis_io::as_int(&r[0]) == Some(1) {
+                            records += 1;
+                            bytes += r[1..].iter().filter_map(redis_io::as_int).sum::<i64>() as u64;
+                        }
+                    }
                 }
                 if cursor == "0" {
                     break;
@@ -1108,7 +1113,7 @@ impl ClusterStore {
         let redis = self.redis.clone();
         let quota = self.quota.clone();
         let batch = self.batch.clone();
-        let marker = self.keys.record(ptr).op(&op);
+        let meta = self.keys.record(ptr).meta;
         tokio::spawn(async move {
             for id in ids {
                 if let Err(e) = quota.settle(&redis, &id, &op, committed).await {
@@ -1116,8 +1121,16 @@ impl ClusterStore {
                     return;
                 }
             }
-            let del = || vec![redis::cmd("DEL").arg(&marker).take()];
-            let _ = batch::Batcher::send_idempotent(batch.as_deref(), &redis, &marker, del).await;
+            // (The last marker of a deleted record's tombstone takes the hash with it.)
+            let del = || {
+                vec![
+                    redis::cmd("HDEL")
+                        .arg(&meta)
+                        .arg(redis_io::marker(&op))
+                        .take(),
+                ]
+            };
+            let _ = batch::Batcher::send_idempotent(batch.as_deref(), &redis, &meta, del).await;
         });
     }
 

@@ -349,6 +349,9 @@ impl ClusterStore {
             ..Change::default()
         };
         let committed = self.commit(ptr, &change).await;
+        if matches!(committed, Ok(Committed::Yes)) {
+            super::crash_point("delete-after-commit");
+        }
         match &committed {
             Err(_) | Ok(Committed::Unknown) => {}
             Ok(c) => self.settle_later(ptr, op, vec![payer], *c == Committed::Yes),

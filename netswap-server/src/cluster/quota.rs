@@ -8,9 +8,10 @@
 //!    the same room; a release (negative) is only noted.
 //! 2. **Commit** the record change, fenced: it carries the entries' deadline and the
 //!    operation id, and the commit script refuses after the deadline and marks the
-//!    operation as committed (`ns:{r:PTR}:op:OPID`, kept an hour).
+//!    operation as committed (field `m:OPID` of the record's state hash; a deleted
+//!    record's hash stays as a tombstone of its markers).
 //! 3. **Settle**: each entry is removed, applying the noted releases. (If the commit
-//!    did not happen, the charges are undone instead.)
+//!    did not happen, the charges are undone instead.) Then the marker goes.
 //!
 //! A gateway that dies between the steps leaves entries behind. They are **repaired**
 //! by whoever next touches that identity's quota (or reaps it), once their deadline
@@ -35,7 +36,7 @@ use tokio::sync::oneshot;
 
 use super::keys::Keys;
 use super::lock;
-use super::redis_io::{as_bytes, run};
+use super::redis_io::{as_bytes, marker, run};
 use super::scripts;
 
 /// A change of an identity's charges, pending until settled.
@@ -266,6 +267,8 @@ impl QuotaBook {
     ) {
         let keys = self.keys.identity(id);
         loop {
+            // Whether the state was read from Redis for this group (else remembered).
+            let fresh = !st.loaded;
             if !st.loaded {
                 match redis::cmd("HGETALL")
                     .arg(&keys.quota)
@@ -298,6 +301,13 @@ impl QuotaBook {
                         outcomes.push(Err(e));
                     }
                 }
+            }
+            if !fresh && outcomes.iter().any(Result::is_err) {
+                // Refused on a remembered state: other gateways may have given room
+                // back since (a refusal writes nothing, so no compare-and-set would
+                // find out). Decide again on the state as it is now.
+                st.loaded = false;
+                continue;
             }
             if edit.set.is_empty() && edit.del.is_empty() {
                 // Nothing to write (refused, or settled already).
@@ -495,9 +505,9 @@ impl QuotaBook {
             .map(|(k, p)| (k.clone(), *p))
             .collect();
         for (op, p) in stale {
-            let marker = self.keys.record(p.ptr).op(&op);
-            let committed: bool = redis::cmd("EXISTS")
-                .arg(&marker)
+            let committed: bool = redis::cmd("HEXISTS")
+                .arg(&self.keys.record(p.ptr).meta)
+                .arg(marker(&op))
                 .query_async::<i64>(&mut redis.clone())
                 .await?
                 == 1;

@@ -66,8 +66,8 @@ pub(crate) struct Change {
     pub data: DataOp,
     /// The operation id (makes the commit idempotent).
     pub op: String,
-    /// Also leave a marker key (kept until the quota entries are settled), for
-    /// changes that move quota charges.
+    /// Also leave a marker (field `m:OP` of the state hash, kept until the quota
+    /// entries are settled), for changes that move quota charges.
     pub mark: bool,
     /// A data change: the record's size afterwards (the channel of events with bytes
     /// carries it with the offset and the bytes).
@@ -121,12 +121,18 @@ pub(crate) async fn run(
         )))
     };
     let evalsha = || evalsha(script, keys, args);
-    match conn
-        .clone()
-        .route_command(evalsha(), route())
-        .await?
-        .extract_error()
-    {
+    let sent = match conn.clone().route_command(evalsha(), route()).await {
+        // Redirected to the node importing the slot and not let in there (see `ask`).
+        Err(e) => match redirect(&e) {
+            Some(to) => ask(conn, to, vec![evalsha()])
+                .await?
+                .pop()
+                .ok_or_else(|| bad("EVALSHA"))?,
+            None => return Err(e),
+        },
+        Ok(v) => v,
+    };
+    match sent.extract_error() {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             // SCRIPT LOAD goes to every primary.
             script
@@ -214,9 +220,8 @@ fn bad(what: &str) -> RedisError {
 /// pipeline, in one write, and returns their replies, errors left in place.
 /// (`Pipeline::query_async` on a cluster connection would copy the pipeline and hash
 /// every command's key to route it.) Where the slot is being migrated and Redis
-/// answers `ASK`, builds them again and sends them one by one, in order: the client
-/// library follows `ASK` with `ASKING` once per request, which lets only the first
-/// command of a pipeline through.
+/// answers `ASK` for keys that have moved, the commands so answered are sent again
+/// to the importing node, each after `ASKING`, in one pipeline ([`ask`]).
 pub(crate) async fn on_slot(
     conn: &ClusterConnection,
     slot: u16,
@@ -228,18 +233,81 @@ pub(crate) async fn on_slot(
     for c in cmds {
         pipe.add_command(c);
     }
-    let route = || SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
-    let replies = conn.clone().route_pipeline(pipe, 0, count, route()).await;
+    let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+    let replies = conn.clone().route_pipeline(pipe, 0, count, route).await;
     if !asked(&replies) {
         return replies;
     }
-    let mut conn = conn.clone();
-    let mut replies = Vec::with_capacity(count);
-    for c in build() {
-        let one = conn.route_command(c, RoutingInfo::SingleNode(route()));
-        replies.push(Box::pin(one).await?);
+    let (mut replies, again, to) = match replies {
+        // The pipeline as a whole: nothing of it ran.
+        Err(e) => {
+            let Some(to) = redirect(&e) else {
+                return Err(e);
+            };
+            (vec![Value::Nil; count], (0..count).collect::<Vec<_>>(), to)
+        }
+        Ok(replies) => {
+            let again: Vec<usize> = (0..count)
+                .filter(|&i| ask_target(&replies[i]).is_some())
+                .collect();
+            let to = ask_target(&replies[again[0]]).expect("asked");
+            (replies, again, to)
+        }
+    };
+    let mut cmds: Vec<Option<redis::Cmd>> = build().into_iter().map(Some).collect();
+    let resend = again
+        .iter()
+        .map(|&i| cmds[i].take().expect("once"))
+        .collect();
+    for (i, v) in again.into_iter().zip(ask(conn, to, resend).await?) {
+        replies[i] = v;
     }
     Ok(replies)
+}
+
+/// Sends `cmds` to the node at `to` (importing a slot being migrated), each after
+/// `ASKING`, in one pipeline, and returns their replies. `ASKING` lets only the next
+/// command on a connection through; the `redis` crate follows `ASK` by sending it as a
+/// request of its own, so on the shared connection another request can take it (seen
+/// under load: the redirected command then bounced between the two nodes until the
+/// crate gave up). In one pipeline nothing comes in between.
+pub(crate) async fn ask(
+    conn: &ClusterConnection,
+    to: (String, u16),
+    cmds: Vec<redis::Cmd>,
+) -> RedisResult<Vec<Value>> {
+    let mut pipe = redis::Pipeline::with_capacity(2 * cmds.len());
+    for c in cmds {
+        pipe.add_command(redis::cmd("ASKING"));
+        pipe.add_command(c);
+    }
+    let count = pipe.len();
+    let route = SingleNodeRoutingInfo::ByAddress {
+        host: to.0,
+        port: to.1,
+    };
+    let replies = conn.clone().route_pipeline(pipe, 0, count, route).await?;
+    Ok(replies.into_iter().skip(1).step_by(2).collect())
+}
+
+/// Where an `ASK` reply redirects to (host, port); `None` for any other reply.
+pub(crate) fn ask_target(v: &Value) -> Option<(String, u16)> {
+    match v {
+        Value::ServerError(e) if e.kind() == Some(ServerErrorKind::Ask) => {
+            redirect(&RedisError::from(e.clone()))
+        }
+        _ => None,
+    }
+}
+
+/// Where an `ASK` error redirects to (host, port).
+fn redirect(e: &RedisError) -> Option<(String, u16)> {
+    if e.kind() != ErrorKind::Server(ServerErrorKind::Ask) {
+        return None;
+    }
+    let (addr, _) = e.redirect_node()?;
+    let (host, port) = addr.rsplit_once(':')?;
+    Some((host.to_string(), port.parse().ok()?))
 }
 
 /// Whether Redis answered `ASK` (a slot being migrated) to a pipeline.
@@ -622,7 +690,6 @@ pub(crate) async fn commit(
     wait: Wait,
 ) -> RedisResult<Committed> {
     let (events, data_events) = (k.events(), k.data_events());
-    let op_key = change.mark.then(|| k.op(&change.op));
     let expected = change.expected.map(|r| r.to_string()).unwrap_or_default();
     let fence = change.fence.to_string();
     let small = |b: &Bytes| b.len() <= scripts::IN_HASH;
@@ -655,13 +722,10 @@ pub(crate) async fn commit(
         (DataOp::Range(off, _), Some(size)) => super::events::delta_head(size, *off),
         _ => Vec::new(),
     };
-    let mut keys = Vec::with_capacity(3);
+    let mut keys = Vec::with_capacity(2);
     keys.push(k.meta.as_str());
     if uses_data {
         keys.push(k.data.as_str());
-    }
-    if let Some(op_key) = &op_key {
-        keys.push(op_key.as_str());
     }
     let mut args: Vec<&[u8]> = Vec::with_capacity(13 + 2 * change.set.len() + change.del.len());
     args.extend_from_slice(&[
@@ -725,6 +789,12 @@ pub(crate) async fn commit(
 pub(crate) struct Wait {
     pub replicas: u32,
     pub ms: u64,
+}
+
+/// The field of a record's state hash that says the change with operation id `op`
+/// was committed (`scripts::COMMIT`'s marker).
+pub(crate) fn marker(op: &str) -> String {
+    format!("m:{op}")
 }
 
 /// The hash slot of a key (CRC16 of its hash tag, as Redis Cluster defines it).
@@ -800,55 +870,34 @@ async fn commit_and_wait(
     // applies it is the importing one: the pipeline goes there after `ASKING` (in
     // the same write, so no other request takes the `ASKING`), and `WAIT` counts that
     // node's replicas, not the old primary's.
+    let build = || {
+        vec![
+            evalsha(&scripts::COMMIT, keys, args),
+            redis::cmd("WAIT").arg(wait.replicas).arg(wait.ms).clone(),
+        ]
+    };
     let slot = SingleNodeRoutingInfo::SpecificNode(Route::new(slot_of(keys[0]), SlotAddr::Master));
-    let mut route = slot.clone();
-    let mut asking = false;
     let mut loaded = false;
-    for _ in 0..4 {
-        let mut pipe = redis::Pipeline::with_capacity(3);
-        if asking {
-            pipe.add_command(redis::cmd("ASKING"));
+    loop {
+        let cmds = build();
+        let mut pipe = redis::Pipeline::with_capacity(cmds.len());
+        for c in cmds {
+            pipe.add_command(c);
         }
-        pipe.add_command(evalsha(&scripts::COMMIT, keys, args));
-        pipe.add_command(redis::cmd("WAIT").arg(wait.replicas).arg(wait.ms).clone());
-        let count = pipe.len();
-        let result = conn
-            .clone()
-            .route_pipeline(pipe, 0, count, route.clone())
-            .await;
-        let e = match result {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::Ask) => e,
-            Err(e) => return Err(e),
-            Ok(mut replies) => {
-                let acked = replies.pop().as_ref().and_then(int);
-                match replies.pop().ok_or_else(|| bad("EVALSHA"))?.extract_error() {
-                    Err(e) => e,
-                    Ok(v) => {
-                        if acked.is_none_or(|n| n < wait.replicas as i64) {
-                            tracing::warn!(
-                                replicas = wait.replicas,
-                                "WAIT: fewer replicas than asked acknowledged a write within {} ms",
-                                wait.ms
-                            );
-                        }
-                        return Ok(v);
-                    }
-                }
-            }
+        let sent = conn.clone().route_pipeline(pipe, 0, 2, slot.clone()).await;
+        let to = match &sent {
+            Err(e) => redirect(e),
+            Ok(replies) => replies.first().and_then(ask_target),
         };
-        match e.kind() {
-            ErrorKind::Server(ServerErrorKind::Ask) => {
-                let addr = e.redirect_node().map(|(addr, _)| addr);
-                let Some((host, port)) = addr.and_then(|a| a.rsplit_once(':')) else {
-                    return Err(bad("ASK"));
-                };
-                route = SingleNodeRoutingInfo::ByAddress {
-                    host: host.to_string(),
-                    port: port.parse().map_err(|_| bad("ASK"))?,
-                };
-                asking = true;
-            }
-            ErrorKind::Server(ServerErrorKind::NoScript) if !loaded => {
+        // Redirected: both again, to the importing node.
+        let mut replies = match to {
+            Some(to) => ask(conn, to, build()).await?,
+            None => sent?,
+        };
+        let acked = replies.pop().as_ref().and_then(int);
+        let committed = replies.pop().ok_or_else(|| bad("EVALSHA"))?.extract_error();
+        match committed {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) && !loaded => {
                 // SCRIPT LOAD goes to every primary.
                 scripts::COMMIT
                     .prepare_invoke()
@@ -856,16 +905,19 @@ async fn commit_and_wait(
                     .await?;
                 loaded = true;
             }
-            ErrorKind::Server(ServerErrorKind::Moved) => {
-                // The slot has a new owner (the connection learns it from the
-                // redirection): by the slot again.
-                route = slot.clone();
-                asking = false;
+            Err(e) => return Err(e),
+            Ok(v) => {
+                if acked.is_none_or(|n| n < wait.replicas as i64) {
+                    tracing::warn!(
+                        replicas = wait.replicas,
+                        "WAIT: fewer replicas than asked acknowledged a write within {} ms",
+                        wait.ms
+                    );
+                }
+                return Ok(v);
             }
-            _ => return Err(e),
         }
     }
-    Err(bad("COMMIT: redirected too many times"))
 }
 
 /// Redis time in ms, and the local instant it was read at (the midpoint of the call).

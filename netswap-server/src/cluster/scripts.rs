@@ -50,9 +50,12 @@ return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, siz
 });
 
 /// Applies a decided change to a record if it is still at the expected revision.
-/// Idempotent: the change's operation id is stored with the record (`l`, and a marker
-/// key for changes that move quota charges), so a re-send after a lost reply finds
-/// it applied. Returns `{1}` when applied (now or before), `{0, rev}` when the record
+/// Idempotent: the change's operation id is stored with the record (`l`, and for
+/// changes that move quota charges a marker field `m:OPID`, removed once the quota
+/// entries are settled), so a re-send after a lost reply finds it applied. A delete
+/// that leaves a marker leaves the hash as a tombstone holding only its markers
+/// (no `r`: the record does not exist for any load), expiring in 7 days; the last
+/// marker's removal removes it, and a create under the same pointer replaces it. Returns `{1}` when applied (now or before), `{0, rev}` when the record
 /// changed (or exists, for a create; or is gone: rev nil), `{-1}` when `fence` (ms,
 /// Redis time) has passed.
 ///
@@ -75,13 +78,14 @@ return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, siz
 /// Only the keys the commit uses are declared, so that a commit in a slot being
 /// migrated to another primary is not refused for a key that does not exist
 /// (`TRYAGAIN`: Redis refuses a command with several keys there unless all of them
-/// exist on the node): the data key only when the bytes are (or go) there, the
-/// marker only for changes that set it; the channels are not keys and come as
-/// arguments (a script may publish on a channel of its keys' slot).
+/// exist on the node): the data key only when the bytes are (or go) there; the
+/// marker is a field of the state hash, not a key of its own, and the channels are
+/// not keys and come as arguments (a script may publish on a channel of its keys'
+/// slot).
 ///
-/// KEYS: meta, then the data key if the data op uses it, then the op marker if
-/// mark. ARGV: expected rev ('' = must not exist), fence (0 = none), op id, data
-/// op, mark ('1': set the marker key), offset, bytes, event payload ('' = none),
+/// KEYS: meta, then the data key if the data op uses it. ARGV: expected rev ('' =
+/// must not exist), fence (0 = none), op id, data op, mark ('1': leave the marker
+/// field), offset, bytes, event payload ('' = none),
 /// delta head ('' = not a data change), event channel, channel of events with
 /// bytes, n, n field/value pairs to set, then the fields to delete. Data ops: `n`
 /// none; `x` delete the record (and its data key, if given); `h` bytes into the
@@ -91,18 +95,17 @@ return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, siz
 pub(crate) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         &r#"
-local lrw = redis.call('HMGET', KEYS[1], 'l', 'r', 'w')
-if lrw[1] == ARGV[3] then return {1} end
 local marker = false
-if ARGV[5] == '1' then
-  marker = KEYS[#KEYS]
-  if redis.call('EXISTS', marker) == 1 then return {1} end
-end
-local dk = false
-if #KEYS - (marker and 1 or 0) >= 2 then dk = KEYS[2] end
+if ARGV[5] == '1' then marker = 'm:' .. ARGV[3] end
+local lrw = redis.call('HMGET', KEYS[1], 'l', 'r', 'w', marker or 'l')
+if lrw[1] == ARGV[3] then return {1} end
+if marker and lrw[4] then return {1} end
+local dk = KEYS[2] or false
 local cur = lrw[2]
 if ARGV[1] == '' then
   if cur then return {0, cur} end
+  -- A deleted record's tombstone (its markers only, see 'x') under the same pointer.
+  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DEL', KEYS[1]) end
 elseif cur ~= ARGV[1] then
   return {0, cur or false}
 end
@@ -114,6 +117,10 @@ local op = ARGV[4]
 local last = 12 + 2 * tonumber(ARGV[12])
 if op == 'x' then
   if dk then redis.call('DEL', KEYS[1], dk) else redis.call('DEL', KEYS[1]) end
+  if marker then
+    redis.call('HSET', KEYS[1], marker, '1')
+    redis.call('EXPIRE', KEYS[1], 604800)
+  end
 else
   if op == 'h' or op == 'H' then
     if op == 'H' then redis.call('DEL', dk) end
@@ -141,7 +148,7 @@ else
   end
   if #ARGV > last then redis.call('HDEL', KEYS[1], unpack(ARGV, last + 1)) end
 end
-if marker then redis.call('SET', marker, '1', 'EX', 604800) end
+if marker and op ~= 'x' then redis.call('HSET', KEYS[1], marker, '1') end
 if lrw[3] and ARGV[8] ~= '' then
   local subs = redis.call('PUBSUB', 'SHARDNUMSUB', ARGV[10], ARGV[11])
   if subs[2] > 0 then redis.call('SPUBLISH', ARGV[10], ARGV[8]) end

@@ -202,17 +202,23 @@ impl RedisCluster {
 
     /// How many hash slots the primary on `port` serves.
     pub fn slot_count(&self, port: u16) -> usize {
+        self.slots_of(port).len()
+    }
+
+    /// The hash slots the primary on `port` serves.
+    pub fn slots_of(&self, port: u16) -> Vec<u16> {
         let me = redis_cli(port, &["CLUSTER", "MYID"]).trim().to_string();
         redis_cli(port, &["CLUSTER", "NODES"])
             .lines()
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
             .filter(|f| f.len() > 8 && f[0] == me)
             .flat_map(|f| f[8..].iter().map(|r| r.to_string()).collect::<Vec<_>>())
-            .map(|r| match r.split_once('-') {
-                Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
-                None => 1,
+            .filter(|r| !r.starts_with('['))
+            .flat_map(|r| match r.split_once('-') {
+                Some((a, b)) => a.parse::<u16>().unwrap()..=b.parse::<u16>().unwrap(),
+                None => r.parse::<u16>().unwrap()..=r.parse::<u16>().unwrap(),
             })
-            .sum()
+            .collect()
     }
 
     /// Moves `slots` hash slots from the primary on `from` to the one on `to` with
@@ -240,24 +246,41 @@ impl RedisCluster {
         assert_ne!(from, to, "the slot is on {to} already");
         let slot = redis_cli(from, &["CLUSTER", "KEYSLOT", key])
             .trim()
-            .to_string();
+            .parse()
+            .unwrap();
+        self.begin_moves(from, to, [slot]).pop().unwrap()
+    }
+
+    /// Starts moving `slots` (served by the primary on `from`) to the primary on `to`.
+    pub fn begin_moves(
+        &self,
+        from: u16,
+        to: u16,
+        slots: impl IntoIterator<Item = u16>,
+    ) -> Vec<SlotMove> {
         let id = |p: u16| redis_cli(p, &["CLUSTER", "MYID"]).trim().to_string();
-        let m = SlotMove {
-            slot,
-            from,
-            to,
-            from_id: id(from),
-            to_id: id(to),
-        };
-        redis_cli(
-            to,
-            &["CLUSTER", "SETSLOT", &m.slot, "IMPORTING", &m.from_id],
-        );
-        redis_cli(
-            from,
-            &["CLUSTER", "SETSLOT", &m.slot, "MIGRATING", &m.to_id],
-        );
-        m
+        let (from_id, to_id) = (id(from), id(to));
+        slots
+            .into_iter()
+            .map(|slot| {
+                let m = SlotMove {
+                    slot: slot.to_string(),
+                    from,
+                    to,
+                    from_id: from_id.clone(),
+                    to_id: to_id.clone(),
+                };
+                redis_cli(
+                    to,
+                    &["CLUSTER", "SETSLOT", &m.slot, "IMPORTING", &m.from_id],
+                );
+                redis_cli(
+                    from,
+                    &["CLUSTER", "SETSLOT", &m.slot, "MIGRATING", &m.to_id],
+                );
+                m
+            })
+            .collect()
     }
 
     /// `MIGRATE`s every key of a slot being moved to its new primary (the slot stays
