@@ -380,8 +380,23 @@ impl WriteBuf {
     /// answering small requests while nothing is queued skips the queue. Returns false,
     /// doing nothing, for any other message.
     pub fn push_message(&mut self, msg: &OutMessage) -> bool {
-        let len = msg.len();
-        if len > MAX_PAYLOAD || msg.body.len() >= IN_PLACE {
+        if msg.body.len() >= IN_PLACE {
+            return false;
+        }
+        self.push_frame(msg.xid, msg.op, msg.arg, &[&msg.head, &msg.body])
+    }
+
+    /// Appends a one-frame message of `payload` (reply status or opcode `op`, `arg`) the
+    /// same way as [`WriteBuf::push_message`], copying the payload from where it is
+    /// (a server copies a READ's bytes from the record, with no handle to share).
+    /// Returns false, doing nothing, when it does not fit one frame.
+    pub fn push_payload(&mut self, xid: u32, op: u8, arg: u8, payload: &[u8]) -> bool {
+        self.push_frame(xid, op, arg, &[payload])
+    }
+
+    fn push_frame(&mut self, xid: u32, op: u8, arg: u8, parts: &[&[u8]]) -> bool {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > MAX_PAYLOAD {
             return false;
         }
         if self.stage.capacity() - self.stage.len() < HEADER_LEN + len {
@@ -389,16 +404,17 @@ impl WriteBuf {
             self.stage.reserve(STAGE_BLOCK);
         }
         let header = FrameHeader {
-            xid: msg.xid,
+            xid,
             remaining: 0,
-            op: msg.op,
-            arg: msg.arg,
+            op,
+            arg,
             len: len as u16,
         };
         let at = self.stage.len();
         self.stage.extend_from_slice(&header.to_bytes());
-        self.stage.extend_from_slice(&msg.head);
-        self.stage.extend_from_slice(&msg.body);
+        for p in parts {
+            self.stage.extend_from_slice(p);
+        }
         // SAFETY: `at..` is inside the block's filled part, which is never moved.
         let ptr = unsafe { self.stage.as_ptr().add(at) };
         self.push_seg(ptr, HEADER_LEN + len, true);
@@ -466,6 +482,7 @@ impl Buf for WriteBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{HEAD_CAPACITY, Reply, Status};
 
     fn msg(xid: u32, len: usize) -> OutMessage {
         OutMessage {
@@ -586,6 +603,27 @@ mod tests {
             wb.advance(n);
         }
         assert_eq!(got, want.to_vec());
+    }
+
+    #[test]
+    fn a_payload_pushed_from_where_it_is_is_the_reply_it_stands_for() {
+        for len in [0, 10, HEAD_CAPACITY, HEAD_CAPACITY + 1, 1024, MAX_PAYLOAD] {
+            let value = Bytes::from(vec![len as u8; len]);
+            let mut want = WriteBuf::new();
+            assert!(want.push_message(&Reply::Data(value.clone()).encode(9)));
+            let mut got = WriteBuf::new();
+            assert!(got.push_payload(9, Status::Data as u8, 0, &value));
+            assert_eq!(
+                got.copy_to_bytes(got.remaining()),
+                want.copy_to_bytes(want.remaining())
+            );
+        }
+        let mut wb = WriteBuf::new();
+        assert!(
+            !wb.push_payload(9, Status::Data as u8, 0, &[0; MAX_PAYLOAD + 1]),
+            "two frames"
+        );
+        assert!(wb.is_empty());
     }
 
     #[test]

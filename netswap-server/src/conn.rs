@@ -645,7 +645,15 @@ impl Conn {
                     unreachable!("matched above")
                 };
                 let wake_reaper = matches!(request, Request::Transfer { .. });
-                let applied = store.apply(session, xid, request, self.batch_now, &mut rand::rng());
+                // A READ's bytes go straight from the record into the write buffer
+                // when nothing is queued before them (see `Conn::reply`).
+                let (outq, wbuf) = (&self.outq, &mut self.wbuf);
+                let mut sink = |bytes: &[u8]| {
+                    outq.is_empty() && wbuf.push_payload(xid, Status::Data as u8, 0, bytes)
+                };
+                let now = self.batch_now;
+                let applied =
+                    store.apply_into(session, xid, request, now, &mut rand::rng(), &mut sink);
                 let ok = applied.reply.status() == Status::Ok;
                 if let Some((ptr, replaced)) = watch {
                     self.watch_settled(ptr, xid, replaced, ok);
@@ -684,7 +692,9 @@ impl Conn {
             if let Some(op) = op {
                 self.stats.answered(op, applied.reply.status());
             }
-            self.reply(xid, applied.reply);
+            if !applied.sent {
+                self.reply(xid, applied.reply);
+            }
         }
         if !applied.notifications.is_empty() {
             let me = self.session.conn();

@@ -136,6 +136,9 @@ pub struct Applied {
     /// The request named a pointer that does not exist (for the server's throttle on
     /// pointer guessing).
     pub miss: bool,
+    /// The reply (a READ's bytes) went to the sink given to [`Store::apply_into`];
+    /// `reply` is then an empty DATA.
+    pub sent: bool,
 }
 
 impl Applied {
@@ -145,6 +148,7 @@ impl Applied {
             reply: rules::no_such_record(),
             notifications: Vec::new(),
             miss: true,
+            sent: false,
         }
     }
 
@@ -153,6 +157,7 @@ impl Applied {
             reply,
             notifications,
             miss: false,
+            sent: false,
         }
     }
 }
@@ -747,6 +752,23 @@ impl Store {
         now: Instant,
         rng: &mut dyn RngCore,
     ) -> Applied {
+        self.apply_into(session, xid, request, now, rng, &mut |_| false)
+    }
+
+    /// [`Store::apply`], offering a READ's bytes to `sink` first, while the record is
+    /// locked: a server that writes them into its output buffer there (returning
+    /// true) copies them once, from the record, with no handle to share and no
+    /// reference count to touch (`Applied::sent`). When `sink` returns false they come
+    /// in the reply as from `apply`.
+    pub fn apply_into(
+        &self,
+        session: &mut Session,
+        xid: u32,
+        request: Request,
+        now: Instant,
+        rng: &mut dyn RngCore,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Applied {
         let Some(ptr) = request.pointer() else {
             return match request {
                 Request::Create { access, data } => self.create(session, access, data, rng),
@@ -796,17 +818,30 @@ impl Store {
                 transfer_to.as_ref(),
                 &self.config,
             );
-            let applied = self.carry_out(
-                shard,
-                session,
-                xid,
-                ptr,
-                slot,
-                decision,
-                request,
-                now,
-                &mut released,
-            );
+            let sent = match (&decision, slot) {
+                (Decision::Read { start, end }, Some(s)) => {
+                    sink(&shard.records.at(s).data.as_slice()[*start as usize..*end as usize])
+                }
+                _ => false,
+            };
+            let applied = if sent {
+                Applied {
+                    sent: true,
+                    ..Reply::Data(Bytes::new()).into()
+                }
+            } else {
+                self.carry_out(
+                    shard,
+                    session,
+                    xid,
+                    ptr,
+                    slot,
+                    decision,
+                    request,
+                    now,
+                    &mut released,
+                )
+            };
             (applied, shard.records.take_retired())
         };
         self.prune_released(released);

@@ -89,6 +89,58 @@ fn create_read_and_version() {
     assert_eq!(w.read(&mut a, p2), data(b""));
 }
 
+/// `apply_into` offers a READ's bytes (only a READ's, only if the caller may read) to
+/// the sink; taken, the reply is marked sent; refused, they come in the reply.
+#[test]
+fn reads_offer_their_bytes_to_the_sink() {
+    let mut w = World::default();
+    let mut owner = w.store.connect(ip(2));
+    let mut other = w.store.connect(ip(3));
+    let big: &'static [u8] = Box::leak(vec![7u8; 3000].into_boxed_slice());
+    let small = w.create(&mut owner, Access::empty(), b"0123456789");
+    let large = w.create(&mut owner, Access::empty(), big);
+    let now = w.at(0);
+    let apply = |w: &mut World, s: &mut Session, req: Request, take: bool| {
+        let mut got: Option<Vec<u8>> = None;
+        let mut sink = |b: &[u8]| {
+            got = Some(b.to_vec());
+            take
+        };
+        let applied = w.store.apply_into(s, 1, req, now, &mut w.rng, &mut sink);
+        (applied, got)
+    };
+    let read = |ptr, range| Request::Read { ptr, range };
+    for (ptr, range, want) in [
+        (small, None, &b"0123456789"[..]),
+        (small, Some((2, 3)), &b"234"[..]),
+        (large, None, big),
+        (large, Some((2990, 100)), &big[..10]),
+    ] {
+        let (applied, got) = apply(&mut w, &mut owner, read(ptr, range), true);
+        assert!(applied.sent);
+        assert_eq!(got.as_deref(), Some(want));
+        let (applied, got) = apply(&mut w, &mut owner, read(ptr, range), false);
+        assert!(!applied.sent, "refused by the sink");
+        assert_eq!(got.as_deref(), Some(want));
+        assert_eq!(applied.reply, Reply::Data(Bytes::copy_from_slice(want)));
+    }
+    // Not offered: a read the caller may not do, a missing record, other requests.
+    let (applied, got) = apply(&mut w, &mut other, read(small, None), true);
+    assert_eq!(applied.reply.status(), Status::AccessViolation);
+    assert!(!applied.sent && got.is_none());
+    w.store.apply(
+        &mut owner,
+        1,
+        Request::Delete { ptr: small },
+        now,
+        &mut w.rng,
+    );
+    let (applied, got) = apply(&mut w, &mut owner, read(small, None), true);
+    assert!(applied.miss && !applied.sent && got.is_none());
+    let (applied, got) = apply(&mut w, &mut owner, Request::Info { ptr: large }, true);
+    assert!(!applied.sent && got.is_none(), "{applied:?}");
+}
+
 #[test]
 fn permissions_across_identities() {
     let mut w = World::default();
