@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::frame::MAX_MESSAGE;
 use crate::identity::{Identity, normalize_ip};
@@ -418,20 +418,21 @@ impl Request {
                     )));
                 }
             },
+            // The data is the payload advanced past the head (not a slice of it: no
+            // second handle on the receive buffer, no reference count to touch).
             Opcode::Replace => {
                 min_len(&payload, op, 8, "a pointer, then the data")?;
-                Request::Replace {
-                    ptr: pointer_at(&payload, op)?,
-                    data: payload.slice(8..),
-                }
+                let ptr = pointer_at(&payload, op)?;
+                let mut data = payload;
+                data.advance(8);
+                Request::Replace { ptr, data }
             }
             Opcode::WriteAt => {
                 min_len(&payload, op, 16, "a pointer and an offset, then the data")?;
-                Request::WriteAt {
-                    ptr: pointer_at(&payload, op)?,
-                    offset: be_u64(&payload[8..]),
-                    data: payload.slice(16..),
-                }
+                let (ptr, offset) = (pointer_at(&payload, op)?, be_u64(&payload[8..]));
+                let mut data = payload;
+                data.advance(16);
+                Request::WriteAt { ptr, offset, data }
             }
             Opcode::Delete => Request::Delete {
                 ptr: ptr_only(&payload)?,
