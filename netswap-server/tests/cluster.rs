@@ -1577,6 +1577,35 @@ async fn quota_freed_through_one_gateway_is_free_on_another() {
     assert_eq!(on_b.call(create()).await.status(), Status::QuotaExceeded);
 }
 
+/// Sends `request` to a gateway process (of `prefix`, started with `args`) that aborts
+/// at crash point `point` while it is handled, and checks that it died there.
+async fn die_at(
+    cluster: &RedisCluster,
+    prefix: &str,
+    args: &[&str],
+    point: &str,
+    request: &Request,
+) {
+    let mut crashing = GatewayProcess::start(
+        &cluster.nodes(),
+        prefix,
+        args,
+        &[("NETSWAP_CRASH_AT", point)],
+    );
+    let mut doomed = Raw::connect(crashing.addr, 2).await;
+    doomed.send(1, request).await;
+    assert!(
+        doomed.until_closed().await.is_empty(),
+        "it died mid-request"
+    );
+    assert!(
+        crashing
+            .wait_exit(Duration::from_secs(5))
+            .is_some_and(|s| !s.success()),
+        "the gateway aborted at {point}"
+    );
+}
+
 /// Creates an empty record, trying again while the quota is exceeded, until a
 /// repair pass frees room (20 s after `started` at most).
 async fn create_once_repaired(c: &mut Raw, started: Instant) {
@@ -1609,24 +1638,14 @@ async fn a_gateway_killed_between_a_delete_and_its_quota_release_is_repaired() {
     let gw = gateway(&prefix, |c| c.store.quota_records = 1);
     let mut c = Raw::connect(gw.addr(), 2).await;
     let p = c.create(Access::empty(), Bytes::new()).await;
-    let mut crashing = GatewayProcess::start(
-        &cluster.nodes(),
+    die_at(
+        cluster,
         &prefix,
         &["--quota-records", "1"],
-        &[("NETSWAP_CRASH_AT", "delete-after-commit")],
-    );
-    let mut doomed = Raw::connect(crashing.addr, 2).await;
-    doomed.send(1, &Request::Delete { ptr: p }).await;
-    assert!(
-        doomed.until_closed().await.is_empty(),
-        "it died mid-request"
-    );
-    assert!(
-        crashing
-            .wait_exit(Duration::from_secs(5))
-            .is_some_and(|s| !s.success()),
-        "the gateway aborted"
-    );
+        "delete-after-commit",
+        &Request::Delete { ptr: p },
+    )
+    .await;
     assert!(
         matches!(
             c.read(p).await,
@@ -1648,33 +1667,59 @@ async fn a_gateway_killed_between_a_delete_and_its_quota_release_is_repaired() {
     assert_eq!(c.call(again).await.status(), Status::QuotaExceeded);
 }
 
+/// A gateway that dies after a size-changing write's commit, before settling its
+/// quota, and the record deleted through another gateway before the repair: the
+/// delete's tombstone keeps the earlier write's marker, so the repair keeps that
+/// write's charge and the identity's bytes add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_keeps_the_markers_of_changes_not_settled_yet() {
+    let cluster = common::cluster::shared();
+    let prefix = fresh_prefix();
+    let gw = gateway(&prefix, |c| c.store.quota_bytes = 300);
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    c.create(Access::empty(), vec![0u8; 200]).await;
+    let p = c.create(Access::READ | Access::WRITE, vec![1u8; 10]).await;
+    let grow = Request::Replace {
+        ptr: p,
+        data: Bytes::from(vec![2u8; 100]),
+    };
+    die_at(
+        cluster,
+        &prefix,
+        &["--quota-bytes", "300"],
+        "resize-after-commit",
+        &grow,
+    )
+    .await;
+    assert_eq!(
+        c.read(p).await,
+        data(&[2u8; 100]),
+        "the write was committed"
+    );
+    // 300 bytes used, the write's +90 still pending; the delete gives back 100.
+    assert_eq!(c.ask(Request::Delete { ptr: p }).await, Reply::Done);
+    // Past the write's fence the next reservation repairs its entry: committed, by
+    // its marker in the tombstone, so its charge stays and 200 bytes are used (a
+    // lost marker would undo it: 110).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let create = |n: usize| Request::Create {
+        access: Access::empty(),
+        data: Bytes::from(vec![3u8; n]),
+    };
+    assert_eq!(c.call(create(101)).await.status(), Status::QuotaExceeded);
+    assert_eq!(c.call(create(100)).await.status(), Status::Ok);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_between_quota_reservation_and_commit_is_repaired() {
     let cluster = common::cluster::shared();
     let prefix = fresh_prefix();
+    let create = Request::Create {
+        access: Access::empty(),
+        data: Bytes::new(),
+    };
     let quota = ["--quota-records", "2"];
-    let mut crashing = GatewayProcess::start(
-        &cluster.nodes(),
-        &prefix,
-        &quota,
-        &[("NETSWAP_CRASH_AT", "create-after-reserve")],
-    );
-    let mut c = Raw::connect(crashing.addr, 2).await;
-    c.send(
-        1,
-        &Request::Create {
-            access: Access::empty(),
-            data: Bytes::new(),
-        },
-    )
-    .await;
-    assert!(c.until_closed().await.is_empty(), "it died mid-request");
-    assert!(
-        crashing
-            .wait_exit(Duration::from_secs(5))
-            .is_some_and(|s| !s.success()),
-        "the gateway aborted"
-    );
+    die_at(cluster, &prefix, &quota, "create-after-reserve", &create).await;
     // Through another gateway: the dead one's reservation holds one of the two
     // records of quota until its fence has passed, then it is repaired (undone).
     let gw = gateway(&prefix, |c| c.store.quota_records = 2);

@@ -281,6 +281,9 @@ impl ClusterStore {
             pending = Some(op);
         }
         let committed = self.commit(ptr, &change).await;
+        if pending.is_some() && matches!(committed, Ok(Committed::Yes)) {
+            super::crash_point("resize-after-commit");
+        }
         if let Some(op) = pending {
             match &committed {
                 // Unknown outcome: the repair pass settles it from the marker.

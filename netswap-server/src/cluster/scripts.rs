@@ -54,8 +54,10 @@ return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, siz
 /// changes that move quota charges a marker field `m:OPID`, removed once the quota
 /// entries are settled), so a re-send after a lost reply finds it applied. A delete
 /// that leaves a marker leaves the hash as a tombstone holding only its markers
-/// (no `r`: the record does not exist for any load), expiring in 7 days; the last
-/// marker's removal removes it, and a create under the same pointer replaces it. Returns `{1}` when applied (now or before), `{0, rev}` when the record
+/// (its own and those of earlier changes not settled yet; no `r`: the record does
+/// not exist for any load), expiring in 7 days; the last marker's removal removes
+/// it, and a create under the same pointer replaces it. Returns `{1}` when applied
+/// (now or before), `{0, rev}` when the record
 /// changed (or exists, for a create; or is gone: rev nil), `{-1}` when `fence` (ms,
 /// Redis time) has passed.
 ///
@@ -116,10 +118,19 @@ end
 local op = ARGV[4]
 local last = 12 + 2 * tonumber(ARGV[12])
 if op == 'x' then
-  if dk then redis.call('DEL', KEYS[1], dk) else redis.call('DEL', KEYS[1]) end
+  if dk then redis.call('DEL', dk) end
   if marker then
+    -- The tombstone: every field but the markers (this one, and those of earlier
+    -- changes not settled yet) goes.
+    local gone = {}
+    for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+      if string.sub(f, 1, 2) ~= 'm:' then gone[#gone + 1] = f end
+    end
+    redis.call('HDEL', KEYS[1], unpack(gone))
     redis.call('HSET', KEYS[1], marker, '1')
     redis.call('EXPIRE', KEYS[1], 604800)
+  else
+    redis.call('DEL', KEYS[1])
   end
 else
   if op == 'h' or op == 'H' then
