@@ -445,6 +445,11 @@ impl ClusterStore {
         redis_io::Wait {
             replicas,
             ms: (redis_io::ms(self.opts.response_timeout) / 2).clamp(10, 1000),
+            nodes: if replicas > 0 {
+                lock(&self.replicas).nodes.clone()
+            } else {
+                Default::default()
+            },
         }
     }
 
