@@ -12,6 +12,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use crate::frame::{FrameHeader, HEADER_LEN, MAX_FRAME, MAX_MESSAGE, MAX_PAYLOAD};
 use crate::message::{Head, OutMessage};
+use crate::types::Status;
 
 /// One outgoing frame: a header and its payload as the part of the message's inline
 /// head it carries and a shared slice of its body.
@@ -386,12 +387,12 @@ impl WriteBuf {
         self.push_frame(msg.xid, msg.op, msg.arg, &[&msg.head, &msg.body])
     }
 
-    /// Appends a one-frame message of `payload` (reply status or opcode `op`, `arg`) the
-    /// same way as [`WriteBuf::push_message`], copying the payload from where it is
-    /// (a server copies a READ's bytes from the record, with no handle to share).
-    /// Returns false, doing nothing, when it does not fit one frame.
-    pub fn push_payload(&mut self, xid: u32, op: u8, arg: u8, payload: &[u8]) -> bool {
-        self.push_frame(xid, op, arg, &[payload])
+    /// Appends the DATA reply to `xid` carrying `data`, as [`WriteBuf::push_message`]
+    /// would append `Reply::Data(data).encode(xid)`, copying the bytes from where they
+    /// are (a server copies a READ's bytes from the record, with no handle to share).
+    /// Returns false, doing nothing, when they do not fit one frame.
+    pub fn push_data(&mut self, xid: u32, data: &[u8]) -> bool {
+        self.push_frame(xid, Status::Data as u8, 0, &[data])
     }
 
     fn push_frame(&mut self, xid: u32, op: u8, arg: u8, parts: &[&[u8]]) -> bool {
@@ -482,7 +483,7 @@ impl Buf for WriteBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{HEAD_CAPACITY, Reply, Status};
+    use crate::{HEAD_CAPACITY, Reply};
 
     fn msg(xid: u32, len: usize) -> OutMessage {
         OutMessage {
@@ -612,17 +613,14 @@ mod tests {
             let mut want = WriteBuf::new();
             assert!(want.push_message(&Reply::Data(value.clone()).encode(9)));
             let mut got = WriteBuf::new();
-            assert!(got.push_payload(9, Status::Data as u8, 0, &value));
+            assert!(got.push_data(9, &value));
             assert_eq!(
                 got.copy_to_bytes(got.remaining()),
                 want.copy_to_bytes(want.remaining())
             );
         }
         let mut wb = WriteBuf::new();
-        assert!(
-            !wb.push_payload(9, Status::Data as u8, 0, &[0; MAX_PAYLOAD + 1]),
-            "two frames"
-        );
+        assert!(!wb.push_data(9, &[0; MAX_PAYLOAD + 1]), "two frames");
         assert!(wb.is_empty());
     }
 

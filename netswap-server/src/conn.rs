@@ -648,9 +648,7 @@ impl Conn {
                 // A READ's bytes go straight from the record into the write buffer
                 // when nothing is queued before them (see `Conn::reply`).
                 let (outq, wbuf) = (&self.outq, &mut self.wbuf);
-                let mut sink = |bytes: &[u8]| {
-                    outq.is_empty() && wbuf.push_payload(xid, Status::Data as u8, 0, bytes)
-                };
+                let mut sink = |bytes: &[u8]| outq.is_empty() && wbuf.push_data(xid, bytes);
                 let now = self.batch_now;
                 let applied =
                     store.apply_into(session, xid, request, now, &mut rand::rng(), &mut sink);

@@ -818,30 +818,18 @@ impl Store {
                 transfer_to.as_ref(),
                 &self.config,
             );
-            let sent = match (&decision, slot) {
-                (Decision::Read { start, end }, Some(s)) => {
-                    sink(&shard.records.at(s).data.as_slice()[*start as usize..*end as usize])
-                }
-                _ => false,
-            };
-            let applied = if sent {
-                Applied {
-                    sent: true,
-                    ..Reply::Data(Bytes::new()).into()
-                }
-            } else {
-                self.carry_out(
-                    shard,
-                    session,
-                    xid,
-                    ptr,
-                    slot,
-                    decision,
-                    request,
-                    now,
-                    &mut released,
-                )
-            };
+            let applied = self.carry_out(
+                shard,
+                session,
+                xid,
+                ptr,
+                slot,
+                decision,
+                request,
+                now,
+                &mut released,
+                sink,
+            );
             (applied, shard.records.take_retired())
         };
         self.prune_released(released);
@@ -896,6 +884,7 @@ impl Store {
         request: Request,
         now: Instant,
         released: &mut Released,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
     ) -> Applied {
         let cfg = &self.config;
         let key = ptr.get();
@@ -905,7 +894,15 @@ impl Store {
             Decision::Answer(reply) => reply.into(),
             Decision::Read { start, end } => {
                 let rec = shard.records.at(decided());
-                Reply::Data(rec.data.slice(start as usize, end as usize)).into()
+                let (start, end) = (start as usize, end as usize);
+                if sink(&rec.data.as_slice()[start..end]) {
+                    Applied {
+                        sent: true,
+                        ..Reply::Data(Bytes::new()).into()
+                    }
+                } else {
+                    Reply::Data(rec.data.slice(start, end)).into()
+                }
             }
             Decision::Info(info) => Reply::Info(info).into(),
             Decision::Write(w) => {

@@ -229,12 +229,7 @@ pub(crate) async fn on_slot(
     slot: u16,
     build: impl Fn() -> Vec<redis::Cmd>,
 ) -> RedisResult<Vec<Value>> {
-    let cmds = build();
-    let count = cmds.len();
-    let mut pipe = redis::Pipeline::with_capacity(count);
-    for c in cmds {
-        pipe.add_command(c);
-    }
+    let (pipe, count) = pipeline(build());
     let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
     let replies = conn.clone().route_pipeline(pipe, 0, count, route).await;
     if !asked(&replies) {
@@ -259,15 +254,26 @@ pub(crate) async fn on_slot(
             (replies, again, to)
         }
     };
-    let mut cmds: Vec<Option<redis::Cmd>> = build().into_iter().map(Some).collect();
-    let resend = again
-        .iter()
-        .map(|&i| cmds[i].take().expect("once"))
+    let resend = build()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| again.contains(i))
+        .map(|(_, c)| c)
         .collect();
     for (i, v) in again.into_iter().zip(ask(conn, to, resend).await?) {
         replies[i] = v;
     }
     Ok(replies)
+}
+
+/// `cmds` as one pipeline, and how many they are.
+fn pipeline(cmds: Vec<redis::Cmd>) -> (redis::Pipeline, usize) {
+    let count = cmds.len();
+    let mut pipe = redis::Pipeline::with_capacity(count);
+    for c in cmds {
+        pipe.add_command(c);
+    }
+    (pipe, count)
 }
 
 /// Sends `cmds` to the node at `to` (importing a slot being migrated), each after
@@ -905,14 +911,9 @@ async fn commit_and_wait(
     let slot = SingleNodeRoutingInfo::SpecificNode(Route::new(slot_of(keys[0]), SlotAddr::Master));
     let mut loaded = false;
     let (v, id) = loop {
-        let mut pipe = redis::Pipeline::with_capacity(2);
-        for c in build() {
-            pipe.add_command(c);
-        }
-        let mut replies = conn
-            .clone()
-            .route_pipeline(pipe, 0, 2, slot.clone())
-            .await?;
+        let (pipe, count) = pipeline(build());
+        let route = slot.clone();
+        let mut replies = conn.clone().route_pipeline(pipe, 0, count, route).await?;
         // Still `ASK` after the library's tries: both again, to the importing node.
         if let Some(to) = replies.first().and_then(ask_target) {
             replies = ask(conn, to, build()).await?;
