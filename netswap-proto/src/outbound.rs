@@ -422,6 +422,25 @@ impl WriteBuf {
         true
     }
 
+    /// Fills `dst` with the slices of the next `max_bytes` bytes at most (the last
+    /// slice cut short where that limit falls inside it) and returns how many it
+    /// filled: one vectored write of a bounded size (see [`crate::MAX_WRITE`]).
+    pub fn io_slices<'a>(&'a self, dst: &mut [IoSlice<'a>], max_bytes: usize) -> usize {
+        let mut n = 0;
+        let mut left = max_bytes;
+        for (d, s) in dst.iter_mut().zip(&self.segs) {
+            if left == 0 {
+                break;
+            }
+            let len = s.len.min(left);
+            // SAFETY: as in `chunk`; `len` is at most the slice's length.
+            *d = IoSlice::new(unsafe { std::slice::from_raw_parts(s.ptr, len) });
+            left -= len;
+            n += 1;
+        }
+        n
+    }
+
     /// Gives back the staging memory when nothing waits (idle connections).
     pub fn release_idle_buffer(&mut self) {
         if self.is_empty() {
@@ -580,6 +599,40 @@ mod tests {
         }
         assert_eq!(got, want.to_vec());
         assert_eq!(wb.remaining(), 0);
+    }
+
+    #[test]
+    fn io_slices_hand_over_at_most_the_limit_and_lose_nothing() {
+        let msgs = [msg(1, 3 * MAX_PAYLOAD + 7), msg(2, 10), msg(3, IN_PLACE)];
+        let mut q = OutQueue::new();
+        for m in &msgs {
+            q.push(m.clone()).unwrap();
+        }
+        let mut want = BytesMut::new();
+        q.write_to(&mut want, usize::MAX);
+        for m in &msgs {
+            q.push(m.clone()).unwrap();
+        }
+        let mut wb = WriteBuf::new();
+        let mut got = Vec::new();
+        let mut limit = 1;
+        while !q.is_empty() || !wb.is_empty() {
+            wb.fill(&mut q, 5000);
+            let mut io = [IoSlice::new(&[]); 8];
+            let k = wb.io_slices(&mut io, limit);
+            let n: usize = io[..k].iter().map(|s| s.len()).sum();
+            assert!(n <= limit, "{n} bytes handed over for a limit of {limit}");
+            assert!(
+                n == limit || n == wb.len() || k == io.len(),
+                "stopped early"
+            );
+            for s in &io[..k] {
+                got.extend_from_slice(s);
+            }
+            wb.advance(n);
+            limit = limit * 3 % 7001 + 1;
+        }
+        assert_eq!(got, want.to_vec());
     }
 
     #[test]
