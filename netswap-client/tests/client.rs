@@ -141,6 +141,31 @@ async fn many_tasks_share_one_client() {
     assert_eq!(srv.stats().store().records, 64);
 }
 
+/// Hundreds of multi-frame requests in flight on one connection: the client starts
+/// at most `MAX_INTERLEAVED` of them at once, so a server holding at most 64 unfinished
+/// messages per connection (its default) answers them all instead of refusing the rest
+/// and closing the connection.
+#[tokio::test]
+async fn hundreds_of_pipelined_multi_frame_writes_are_all_answered() {
+    let srv = server(|_| {});
+    let c = client(&srv, 2).await;
+    let value = |i: u32| Bytes::from(vec![i as u8; 4096]);
+    let created =
+        futures_util::future::join_all((0..300u32).map(|i| c.create(Access::READ, value(i)))).await;
+    let ptrs: Vec<Pointer> = created.into_iter().map(|r| r.unwrap()).collect();
+    let replaced = futures_util::future::join_all(
+        ptrs.iter()
+            .zip(0..)
+            .map(|(&p, i)| c.replace(p, value(i + 1))),
+    )
+    .await;
+    assert!(replaced.into_iter().all(|r| r.unwrap() == 2));
+    for (&p, i) in ptrs.iter().zip(0..) {
+        assert_eq!(c.read(p).await.unwrap(), value(i + 1));
+    }
+    assert_eq!(srv.stats().store().records, 300);
+}
+
 #[tokio::test]
 async fn records_larger_than_a_message_go_in_pieces() {
     // Messages of at most ~20 kB; records up to 1 MB.

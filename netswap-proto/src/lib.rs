@@ -52,7 +52,7 @@ pub use message::{
     WATCH_STATE, WATCH_STATE_LEN, WatchOptions,
 };
 pub use notify::{NotifyQueue, Pushed, WatchConfig};
-pub use outbound::{LARGE_MESSAGE, OutFrame, OutQueue, WriteBuf};
+pub use outbound::{LARGE_MESSAGE, MAX_INTERLEAVED, OutFrame, OutQueue, WriteBuf};
 pub use reassembly::{InMessage, Inbound, Reassembler, ReassemblyLimits, SharedBudget};
 pub use receive::{ReceiveError, Receiver};
 pub use store::{Applied, ConnId, Notification, Reaped, Session, Store, StoreConfig, StoreStats};

@@ -55,10 +55,24 @@ struct Sending {
 /// [`OutQueue::small_pending_bytes`].
 pub const LARGE_MESSAGE: usize = 1 << 20;
 
-/// A queue of outgoing messages that yields their frames round-robin.
+/// Multi-frame messages an [`OutQueue`] interleaves at once, at most; the others wait
+/// their turn unstarted. The receiver holds every started message until its last frame
+/// (a netswap server refuses more than `max_partial_messages`, 64 by default, and
+/// closes a connection that goes on sending the frames of more than that many refused
+/// ones): a client pipelining hundreds of 4 KiB writes must not start them all at once.
+pub const MAX_INTERLEAVED: usize = 16;
+
+/// A queue of outgoing messages that yields their frames round-robin, interleaving at
+/// most [`MAX_INTERLEAVED`] multi-frame messages at a time (single-frame messages always
+/// take their turn in the rotation at once).
 #[derive(Debug, Default)]
 pub struct OutQueue {
+    /// Messages in the rotation.
     queue: VecDeque<Sending>,
+    /// Multi-frame messages in `queue`.
+    multi: usize,
+    /// Multi-frame messages waiting for a place in the rotation, in arrival order.
+    held: VecDeque<Sending>,
     pending_bytes: usize,
     small_pending: usize,
     large: usize,
@@ -88,29 +102,45 @@ impl OutQueue {
         } else {
             self.small_pending += len + frame_count(len) * HEADER_LEN;
         }
-        self.queue.push_back(Sending {
+        let s = Sending {
             msg,
             sent: 0,
             remaining,
-        });
+        };
+        if remaining == 0 {
+            self.queue.push_back(s);
+        } else if self.multi < MAX_INTERLEAVED {
+            self.multi += 1;
+            self.queue.push_back(s);
+        } else {
+            self.held.push_back(s);
+        }
         Ok(())
     }
 
     /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.queue.is_empty() && self.held.is_empty()
     }
 
     /// Takes back the message with this XID if none of its frames was produced yet
     /// (a request cancelled before it left: the peer never sees it). True when it was
     /// removed.
     pub fn remove_unstarted(&mut self, xid: u32) -> bool {
-        let Some(i) = self.queue.iter().position(|s| {
+        let unstarted = |s: &Sending| {
             s.msg.xid == xid && s.sent == 0 && s.remaining as usize + 1 == frame_count(s.msg.len())
-        }) else {
+        };
+        let s = if let Some(i) = self.held.iter().position(unstarted) {
+            self.held.remove(i).expect("found")
+        } else if let Some(i) = self.queue.iter().position(unstarted) {
+            let s = self.queue.remove(i).expect("found");
+            if s.remaining > 0 {
+                self.end_multi();
+            }
+            s
+        } else {
             return false;
         };
-        let s = self.queue.remove(i).expect("found");
         let len = s.msg.len();
         let wire = len + frame_count(len) * HEADER_LEN;
         self.pending_bytes -= wire;
@@ -124,7 +154,15 @@ impl OutQueue {
 
     /// Messages not yet completely framed.
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.held.len()
+    }
+
+    /// A multi-frame message left the rotation: the next held one takes its place.
+    fn end_multi(&mut self) {
+        match self.held.pop_front() {
+            Some(s) => self.queue.push_back(s),
+            None => self.multi -= 1,
+        }
     }
 
     /// Wire bytes (headers included) still to be produced.
@@ -203,9 +241,12 @@ impl OutQueue {
                 self.queue.push_back(s);
             }
         } else {
-            self.queue.pop_front();
+            let done = self.queue.pop_front().expect("front exists");
             if large {
                 self.large -= 1;
+            }
+            if frame_count(done.msg.len()) > 1 {
+                self.end_multi();
             }
         }
         Some(out)
@@ -692,6 +733,62 @@ mod tests {
         assert!(q.remove_unstarted(2));
         while q.pop_frame().is_some() {}
         assert_eq!((q.pending_bytes(), q.small_pending_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn at_most_max_interleaved_messages_are_started_and_a_server_with_default_limits_takes_all() {
+        use crate::frame::decode_frame;
+        use crate::reassembly::{Inbound, Reassembler, ReassemblyLimits};
+        let mut q = OutQueue::new();
+        for xid in 0..100 {
+            q.push(msg(xid, 3 * MAX_PAYLOAD)).unwrap();
+        }
+        q.push(msg(1000, 10)).unwrap();
+        q.push(msg(1001, 4 * MAX_PAYLOAD)).unwrap();
+        assert_eq!(q.len(), 102);
+        assert!(q.remove_unstarted(1001), "a held message is taken back");
+        assert!(q.remove_unstarted(99));
+        // A server's default limits.
+        let mut rx = Reassembler::new(ReassemblyLimits::default());
+        let mut got = Vec::new();
+        let mut frames = 0;
+        let mut started = std::collections::HashSet::new();
+        while let Some(f) = q.pop_frame() {
+            frames += 1;
+            if f.header.remaining > 0 {
+                started.insert(f.header.xid);
+            } else {
+                started.remove(&f.header.xid);
+            }
+            assert!(
+                started.len() <= MAX_INTERLEAVED,
+                "{} started",
+                started.len()
+            );
+            if f.header.xid == 1000 {
+                assert!(
+                    frames <= MAX_INTERLEAVED + 1,
+                    "the small one waited {frames} frames"
+                );
+            }
+            let mut wire = BytesMut::new();
+            f.encode(&mut wire);
+            let frame = decode_frame(&mut wire).unwrap().unwrap();
+            match rx.push(frame).unwrap() {
+                Some(Inbound::Message(m)) => {
+                    assert!(m.payload.iter().all(|&b| b == m.xid as u8));
+                    got.push(m.xid);
+                }
+                Some(other) => panic!("refused: {other:?}"),
+                None => {}
+            }
+        }
+        got.sort();
+        assert_eq!(got, (0..99).chain([1000]).collect::<Vec<_>>());
+        assert_eq!(
+            (q.pending_bytes(), q.small_pending_bytes(), q.len()),
+            (0, 0, 0)
+        );
     }
 
     #[test]
