@@ -397,6 +397,74 @@ async fn framing_errors_close_only_the_offending_connection(backend: Backend) {
     srv.stop().unwrap();
 }
 
+/// Pipelined READs of values held outside their slots are handled in batches (their
+/// values prefetched together): a batch mixing READs, a malformed request, a message
+/// refused at its first frame and a framing error answers each in turn and ends with
+/// the PROTOCOL_ERROR, as one request at a time would.
+async fn a_batch_with_bad_messages_answers_each_then_the_framing_error(backend: Backend) {
+    let srv = server_on(backend, |c| {
+        c.store.max_record_bytes = 10_000;
+        c.store.max_message_bytes = 10_016;
+        c.reassembly.max_message_bytes = 10_016;
+    });
+    let mut a = Raw::connect(srv.addr(), 2).await;
+    let value = Bytes::from(vec![7u8; 1024]);
+    let p = a.create(Access::empty(), value.clone()).await;
+    let q = a.create(Access::empty(), &b"small"[..]).await;
+    // A READ of a value over 64 bytes: the connection's next requests go in batches.
+    assert_eq!(a.read(p).await, Reply::Data(value.clone()));
+    let read = |ptr, xid| Raw::frames(Request::Read { ptr, range: None }.encode(xid));
+    let mut bytes = read(p, 1);
+    bytes.extend(Raw::frames(OutMessage {
+        xid: 2,
+        op: 0x0E,
+        arg: 0,
+        head: Head::new(),
+        body: Bytes::new(),
+    }));
+    let huge = Raw::frames(
+        Request::Replace {
+            ptr: p,
+            data: Bytes::from(vec![0u8; 20 * MAX_PAYLOAD]),
+        }
+        .encode(3),
+    );
+    bytes.extend(&huge[..MAX_FRAME]);
+    bytes.extend(read(q, 4));
+    bytes.extend(read(p, 5));
+    // LEN 1391: the stream is broken from here on.
+    bytes.extend(
+        FrameHeader {
+            xid: 6,
+            remaining: 0,
+            op: 2,
+            arg: 0,
+            len: 1391,
+        }
+        .to_bytes(),
+    );
+    a.send_raw(&bytes).await;
+    let got = a.until_closed().await;
+    let got: Vec<(u32, Status)> = got.iter().map(|m| (m.xid, m.status())).collect();
+    assert_eq!(got.len(), 6, "{got:?}");
+    assert_eq!(got[5], (6, Status::ProtocolError), "{got:?}");
+    let mut answered = got[..5].to_vec();
+    answered.sort_by_key(|&(xid, _)| xid);
+    assert_eq!(
+        answered,
+        [
+            (1, Status::Data),
+            (2, Status::Malformed),
+            (3, Status::TooLarge),
+            (4, Status::Data),
+            (5, Status::Data)
+        ]
+    );
+    let mut b = Raw::connect(srv.addr(), 2).await;
+    assert_eq!(b.read(p).await, Reply::Data(value));
+    srv.stop().unwrap();
+}
+
 async fn malformed_too_large_and_busy_keep_the_connection_open(backend: Backend) {
     let srv = server_on(backend, |c| {
         c.store.max_record_bytes = 10_000;
@@ -743,6 +811,7 @@ on_both_backends!(
     orphans_are_reaped_unless_adopted_or_the_owner_returns,
     framing_errors_close_only_the_offending_connection,
     malformed_too_large_and_busy_keep_the_connection_open,
+    a_batch_with_bad_messages_answers_each_then_the_framing_error,
     garbage_and_half_frames_leave_the_server_and_its_data_intact,
     connection_limit_per_ip,
     idle_connections_close_after_the_idle_timeout,

@@ -29,6 +29,10 @@ pub use account::Account;
 use place::PlaceCodec;
 use records::{Data, DataRef, Record, Records};
 
+/// Values up to this many bytes are held in their record's slot; larger ones in a
+/// buffer of their own (see [`Store::prefetch`]).
+pub const INLINE_VALUE: usize = records::INLINE;
+
 use crate::identity::{Identity, IdentityKey};
 use crate::message::{Delta, HelloInfo, NewOwner, Reply, Request};
 use crate::rules::{self, Decision, Payer, RecordView, Usage, WriteKind};
@@ -740,6 +744,22 @@ impl Store {
             max_message_bytes: self.config.max_message_bytes,
             orphan_grace_secs: self.config.orphan_grace.as_secs().min(u32::MAX as u64) as u32,
             identity: *session.identity(),
+        }
+    }
+
+    /// Asks the CPU to start loading the values of the records `ptrs` name (their
+    /// first KiB), before requests for them are applied: a connection with several
+    /// READs of values larger than [`INLINE_VALUE`] read at once waits for their
+    /// memory together instead of one cache miss after another (a hint: it changes
+    /// nothing; call with no shard locked). It costs a pointer decryption and a lock
+    /// per pointer, so it pays only for values held outside their record's slot
+    /// (docs/BENCHMARKS.md).
+    pub fn prefetch(&self, ptrs: impl IntoIterator<Item = Pointer>) {
+        /// Bytes of a value loaded ahead (the hardware follows the rest).
+        const VALUE_BYTES: usize = 1024;
+        for ptr in ptrs {
+            let (shard, at) = self.locate(ptr.get());
+            shard.records.prefetch_value(ptr.get(), at, VALUE_BYTES);
         }
     }
 

@@ -138,6 +138,18 @@ fn grown(old: &[u8], off: usize, src: &[u8]) -> Bytes {
     Bytes::from(v)
 }
 
+/// A hint to the CPU to load the cache line of `p` (nothing is read; any address).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and reads nothing the program can observe.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// A record going into the store or coming out of it.
 #[derive(Debug)]
 pub(crate) struct Record {
@@ -284,6 +296,28 @@ impl Records {
                 pages[s as usize / PAGE][s as usize % PAGE].ptr == ptr
             })
             .copied()
+    }
+
+    /// Asks the CPU to start loading the first `bytes` bytes of the value of record
+    /// `ptr` in slot `at`, if it is there and held outside its slot.
+    pub(crate) fn prefetch_value(&self, ptr: u64, at: u32, bytes: usize) {
+        let Some(slot) = self
+            .pages
+            .get(at as usize / PAGE)
+            .and_then(|p| p.get(at as usize % PAGE))
+        else {
+            return;
+        };
+        if slot.ptr != ptr {
+            return;
+        }
+        if let Some(i) = slot.large() {
+            let value = &self.large[i as usize];
+            let p = value.as_ptr();
+            for off in (0..value.len().min(bytes)).step_by(64) {
+                prefetch(p.wrapping_add(off));
+            }
+        }
     }
 
     /// The slot of record `ptr` (decrypting the pointer: where the caller has already
