@@ -34,10 +34,12 @@ use crate::metrics::Local;
 
 /// Bytes reserved for each read.
 const READ_CHUNK: usize = 64 * 1024;
-/// Bytes of frames taken from the fair queue per write: larger batches mean fewer
-/// `writev` calls for large replies (measured: 64 KiB to 256 KiB raised 1 MiB reads
-/// by about a fifth), at the cost of a small reply waiting behind at most this much.
-const WRITE_CHUNK: usize = 256 * 1024;
+/// Bytes of frames taken from the fair queue into the write buffer at a time, about one
+/// write ([`netswap_proto::MAX_WRITE`]): a small reply queued during a large one waits
+/// behind at most this much. With 256 KiB (when each `writev` took the whole buffer)
+/// the p99 of a small read during a 64 MiB read rose from 1.7 to 2.4 ms once writes
+/// were capped at 64,000 bytes, for no throughput (docs/BENCHMARKS.md).
+const WRITE_CHUNK: usize = 64 * 1024;
 /// Reads per turn before the connection yields to writes and to other connections:
 /// with input always available, tokio's own budget would let one connection run for
 /// over a hundred turns' worth (many MB of requests) while others wait.
