@@ -747,19 +747,38 @@ impl Store {
         }
     }
 
-    /// Asks the CPU to start loading the values of the records `ptrs` name (their
+    /// Asks the CPU to start loading the records `ptrs` name and their values (the
     /// first KiB), before requests for them are applied: a connection with several
     /// READs of values larger than [`INLINE_VALUE`] read at once waits for their
     /// memory together instead of one cache miss after another (a hint: it changes
-    /// nothing; call with no shard locked). It costs a pointer decryption and a lock
-    /// per pointer, so it pays only for values held outside their record's slot
-    /// (docs/BENCHMARKS.md).
+    /// nothing; call with no shard locked). It costs a pointer decryption and two
+    /// locks per pointer (looks at the first 32), so it pays only for values held
+    /// outside their record's slot (docs/BENCHMARKS.md).
     pub fn prefetch(&self, ptrs: impl IntoIterator<Item = Pointer>) {
+        /// Requests looked at per call, at most.
+        const MAX: usize = 32;
         /// Bytes of a value loaded ahead (the hardware follows the rest).
         const VALUE_BYTES: usize = 1024;
-        for ptr in ptrs {
-            let (shard, at) = self.locate(ptr.get());
-            shard.records.prefetch_value(ptr.get(), at, VALUE_BYTES);
+        // First every record's slot, then (the slots on their way) every value: the
+        // misses of one pass overlap instead of following each other.
+        let mut places = [(0u64, 0usize, 0u32); MAX];
+        let mut n = 0;
+        for ptr in ptrs.into_iter().take(MAX) {
+            let place = self.codec.decode(ptr.get());
+            places[n] = (ptr.get(), place.shard, place.slot);
+            n += 1;
+            self.shards[place.shard]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .records
+                .prefetch_slot(place.slot);
+        }
+        for &(ptr, shard, slot) in &places[..n] {
+            self.shards[shard]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .records
+                .prefetch_value(ptr, slot, VALUE_BYTES);
         }
     }
 

@@ -1391,3 +1391,27 @@ fn large_values_let_go_of_are_retired_not_freed_in_place() {
     assert_eq!(w.store.reap(w.at(310)).records, vec![q]);
     assert_eq!(taken(), vec![1 << 20]);
 }
+
+#[test]
+fn prefetch_of_any_pointer_changes_nothing() {
+    let mut w = World::default();
+    let mut a = w.store.connect(ip(2));
+    let big: &'static [u8] = &[5u8; 3000];
+    let p = w.create(&mut a, Access::empty(), big);
+    let q = w.create(&mut a, Access::empty(), b"small");
+    let gone = w.create(&mut a, Access::empty(), big);
+    assert_eq!(
+        status(&w.reply(&mut a, Request::Delete { ptr: gone })),
+        Status::Ok
+    );
+    // Live records, a deleted one, and pointers naming slots and pages that do not
+    // exist; more than the 32 looked at.
+    let mut ptrs = vec![p, q, gone];
+    ptrs.extend((1..100u64).map(|n| Pointer::new(n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).unwrap()));
+    w.store.prefetch(ptrs.iter().copied());
+    w.store.prefetch(std::iter::empty());
+    assert_eq!(w.read(&mut a, p), Reply::Data(Bytes::from_static(big)));
+    assert_eq!(w.read(&mut a, q), data(b"small"));
+    assert_eq!(status(&w.read(&mut a, gone)), Status::AddressFault);
+    assert_eq!(w.store.stats().records, 2);
+}
