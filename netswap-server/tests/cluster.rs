@@ -885,8 +885,9 @@ async fn records_in_a_slot_being_migrated_are_read_and_written() {
 }
 
 /// Records created in slots being migrated (their keys go to the importing primary,
-/// by `ASK`) are created, read, written and deleted at once, and a deleted one's
-/// tombstone goes once its quota is settled.
+/// by `ASK`), small ones and large ones (two new keys), are created, read, written and
+/// deleted at once, never refused with `TRYAGAIN`, and a deleted one's tombstone goes
+/// once its quota is settled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_are_created_and_deleted_in_slots_being_migrated() {
     let cluster = RedisCluster::start(3, 0, false);
@@ -897,27 +898,43 @@ async fn records_are_created_and_deleted_in_slots_being_migrated() {
     let moves = cluster.begin_moves(from, to, moving.iter().copied());
     let tries = cluster.errors("TRYAGAIN");
     let key = |p: Pointer| format!("{prefix}:{{r:{p}}}:m");
+    // Small records (bytes in the state hash) and large ones (bytes in a data key of
+    // their own: a create of two new keys), three of each.
+    let large = Bytes::from(vec![b'L'; 3000]);
+    let value = |big: bool| {
+        if big {
+            large.clone()
+        } else {
+            Bytes::from_static(b"new")
+        }
+    };
     let mut landed = Vec::new();
-    for _ in 0..5000 {
-        let p = c.create(Access::READ | Access::WRITE, &b"new"[..]).await;
+    for i in 0..10_000 {
+        let big = i % 2 == 1;
+        if landed.iter().filter(|&&(_, b)| b == big).count() == 3 {
+            continue;
+        }
+        let p = c.create(Access::READ | Access::WRITE, value(big)).await;
         if moving.contains(&redis_protocol::redis_keyslot(key(p).as_bytes())) {
-            landed.push(p);
-            if landed.len() == 3 {
+            landed.push((p, big));
+            if landed.len() == 6 {
                 break;
             }
         }
     }
-    assert_eq!(landed.len(), 3, "no create landed in a moving slot");
-    for &p in &landed {
-        assert_eq!(c.read(p).await, data(b"new"));
-        let grown = Request::Replace {
+    assert_eq!(landed.len(), 6, "too few creates landed in a moving slot");
+    for &(p, big) in &landed {
+        assert_eq!(c.read(p).await, Reply::Data(value(big)));
+        let grown = Bytes::from(vec![b'g'; if big { 2500 } else { 5 }]);
+        let replace = Request::Replace {
             ptr: p,
-            data: Bytes::from_static(b"grown"),
+            data: grown.clone(),
         };
-        assert_eq!(c.ask(grown).await, Reply::Written(2));
-        assert_eq!(c.read(p).await, data(b"grown"));
+        assert_eq!(c.ask(replace).await, Reply::Written(2));
+        assert_eq!(c.read(p).await, Reply::Data(grown));
         assert_eq!(c.ask(Request::Delete { ptr: p }).await, Reply::Done);
     }
+    let landed: Vec<Pointer> = landed.into_iter().map(|(p, _)| p).collect();
     assert_eq!(
         cluster.errors("TRYAGAIN"),
         tries,

@@ -733,12 +733,15 @@ pub(crate) async fn commit(
         (DataOp::Range(off, _), Some(size)) => super::events::delta_head(size, *off),
         _ => Vec::new(),
     };
+    // A create's data key is named, not declared (see `scripts::COMMIT`): both keys
+    // are new, and declaring two missing keys is `TRYAGAIN` while the slot moves.
+    let create_data = uses_data && change.expected.is_none() && data_op == b"s";
     let mut keys = Vec::with_capacity(2);
     keys.push(k.meta.as_str());
-    if uses_data {
+    if uses_data && !create_data {
         keys.push(k.data.as_str());
     }
-    let mut args: Vec<&[u8]> = Vec::with_capacity(13 + 2 * change.set.len() + change.del.len());
+    let mut args: Vec<&[u8]> = Vec::with_capacity(14 + 2 * change.set.len() + change.del.len());
     args.extend_from_slice(&[
         expected.as_bytes(),
         fence.as_bytes(),
@@ -752,6 +755,7 @@ pub(crate) async fn commit(
         events.as_bytes(),
         data_events.as_bytes(),
         n_set.as_bytes(),
+        if create_data { k.data.as_bytes() } else { b"" },
     ]);
     for (f, v) in &change.set {
         args.push(f.as_bytes());

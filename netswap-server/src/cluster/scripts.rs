@@ -85,11 +85,20 @@ return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, siz
 /// not keys and come as arguments (a script may publish on a channel of its keys'
 /// slot).
 ///
+/// A create whose bytes go to the data key does not declare it either, and names it
+/// in ARGV instead: both keys are new, and a slot's importing node answers `TRYAGAIN`
+/// to a command that declares several keys not all there, for the whole move; a
+/// script may write an undeclared key of its keys' slot on a node that serves it
+/// (the importing node, after `ASKING`). That `SET` is the script's first write, so
+/// if the node does not serve the key (the old node, where a tombstone of the same
+/// pointer sent the script) it fails before anything else is written.
+///
 /// KEYS: meta, then the data key if the data op uses it. ARGV: expected rev ('' =
 /// must not exist), fence (0 = none), op id, data op, mark ('1': leave the marker
 /// field), offset, bytes, event payload ('' = none),
 /// delta head ('' = not a data change), event channel, channel of events with
-/// bytes, n, n field/value pairs to set, then the fields to delete. Data ops: `n`
+/// bytes, n, the data key of a create that does not declare it ('' = none), n
+/// field/value pairs to set, then the fields to delete. Data ops: `n`
 /// none; `x` delete the record (and its data key, if given); `h` bytes into the
 /// hash; `H` the same, and delete the data key (they move in); `s` set the data
 /// key; `r` set a range of the data key; `R` set a range of the bytes in the hash
@@ -103,11 +112,11 @@ local lrw = redis.call('HMGET', KEYS[1], 'l', 'r', 'w', marker or 'l')
 if lrw[1] == ARGV[3] then return {1} end
 if marker and lrw[4] then return {1} end
 local dk = KEYS[2] or false
+local undeclared = not dk and ARGV[13] ~= ''
+if undeclared then dk = ARGV[13] end
 local cur = lrw[2]
 if ARGV[1] == '' then
   if cur then return {0, cur} end
-  -- A deleted record's tombstone (its markers only, see 'x') under the same pointer.
-  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DEL', KEYS[1]) end
 elseif cur ~= ARGV[1] then
   return {0, cur or false}
 end
@@ -116,7 +125,11 @@ if ARGV[2] ~= '0' then
   if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[2]) then return {-1} end
 end
 local op = ARGV[4]
-local last = 12 + 2 * tonumber(ARGV[12])
+-- First, so that a node that does not serve the undeclared key fails before any write.
+if undeclared and op == 's' then redis.call('SET', dk, ARGV[7]) end
+-- A deleted record's tombstone (its markers only, see 'x') under the same pointer.
+if ARGV[1] == '' and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DEL', KEYS[1]) end
+local last = 13 + 2 * tonumber(ARGV[12])
 if op == 'x' then
   if dk then redis.call('DEL', dk) end
   if marker then
@@ -135,27 +148,27 @@ if op == 'x' then
 else
   if op == 'h' or op == 'H' then
     if op == 'H' then redis.call('DEL', dk) end
-    redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', ARGV[7], unpack(ARGV, 13, last))
+    redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', ARGV[7], unpack(ARGV, 14, last))
   elseif op == 'R' then
     local b = redis.call('HGET', KEYS[1], 'd') or ''
     local off = tonumber(ARGV[6])
     if off > #b then b = b .. string.rep('\0', off - #b) end
     b = string.sub(b, 1, off) .. ARGV[7] .. string.sub(b, off + #ARGV[7] + 1)
     if #b <= IN_HASH then
-      redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', b, unpack(ARGV, 13, last))
+      redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', b, unpack(ARGV, 14, last))
     else
       if not dk then return redis.error_reply('COMMIT: bytes outgrow the hash, and no data key was given') end
       redis.call('SET', dk, b)
       redis.call('HDEL', KEYS[1], 'd')
-      redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 13, last))
+      redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 14, last))
     end
   else
     if op == 's' then
-      redis.call('SET', dk, ARGV[7])
+      if not undeclared then redis.call('SET', dk, ARGV[7]) end
     elseif op == 'r' then
       redis.call('SETRANGE', dk, tonumber(ARGV[6]), ARGV[7])
     end
-    redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 13, last))
+    redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 14, last))
   end
   if #ARGV > last then redis.call('HDEL', KEYS[1], unpack(ARGV, last + 1)) end
 end
