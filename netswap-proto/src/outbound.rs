@@ -507,13 +507,7 @@ impl Buf for WriteBuf {
     }
 
     fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
-        let mut n = 0;
-        for (d, s) in dst.iter_mut().zip(&self.segs) {
-            // SAFETY: as in `chunk`.
-            *d = IoSlice::new(unsafe { std::slice::from_raw_parts(s.ptr, s.len) });
-            n += 1;
-        }
-        n
+        self.io_slices(dst, usize::MAX)
     }
 
     fn advance(&mut self, mut cnt: usize) {
@@ -602,6 +596,20 @@ mod tests {
         assert!(payload[16..].iter().all(|&b| b == 2));
     }
 
+    /// A queue holding `msgs`, and the bytes it produces (encoded by `write_to`).
+    fn queued_with_wire(msgs: &[OutMessage]) -> (OutQueue, BytesMut) {
+        let mut q = OutQueue::new();
+        for m in msgs {
+            q.push(m.clone()).unwrap();
+        }
+        let mut want = BytesMut::new();
+        q.write_to(&mut want, usize::MAX);
+        for m in msgs {
+            q.push(m.clone()).unwrap();
+        }
+        (q, want)
+    }
+
     #[test]
     fn write_buf_yields_the_same_bytes_as_encoding_through_any_partial_writes() {
         let msgs = [
@@ -610,15 +618,7 @@ mod tests {
             msg(3, 0),
             msg(4, 3 * MAX_PAYLOAD + 1),
         ];
-        let mut q = OutQueue::new();
-        for m in &msgs {
-            q.push(m.clone()).unwrap();
-        }
-        let mut want = BytesMut::new();
-        q.write_to(&mut want, usize::MAX);
-        for m in &msgs {
-            q.push(m.clone()).unwrap();
-        }
+        let (mut q, want) = queued_with_wire(&msgs);
         let mut wb = WriteBuf::new();
         let mut got = Vec::new();
         let mut step = 1;
@@ -645,15 +645,7 @@ mod tests {
     #[test]
     fn io_slices_hand_over_at_most_the_limit_and_lose_nothing() {
         let msgs = [msg(1, 3 * MAX_PAYLOAD + 7), msg(2, 10), msg(3, IN_PLACE)];
-        let mut q = OutQueue::new();
-        for m in &msgs {
-            q.push(m.clone()).unwrap();
-        }
-        let mut want = BytesMut::new();
-        q.write_to(&mut want, usize::MAX);
-        for m in &msgs {
-            q.push(m.clone()).unwrap();
-        }
+        let (mut q, want) = queued_with_wire(&msgs);
         let mut wb = WriteBuf::new();
         let mut got = Vec::new();
         let mut limit = 1;

@@ -347,10 +347,12 @@ impl Store {
     /// The shard a pointer names, locked, and the slot it names there.
     fn locate(&self, ptr: u64) -> (MutexGuard<'_, Shard>, u32) {
         let place = self.codec.decode(ptr);
-        let shard = self.shards[place.shard]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        (shard, place.slot)
+        (self.lock_shard(place.shard), place.slot)
+    }
+
+    /// Shard `i`, locked.
+    fn lock_shard(&self, i: usize) -> MutexGuard<'_, Shard> {
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The shard a pointer names, locked.
@@ -767,16 +769,12 @@ impl Store {
             let place = self.codec.decode(ptr.get());
             places[n] = (ptr.get(), place.shard, place.slot);
             n += 1;
-            self.shards[place.shard]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            self.lock_shard(place.shard)
                 .records
                 .prefetch_slot(place.slot);
         }
         for &(ptr, shard, slot) in &places[..n] {
-            self.shards[shard]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            self.lock_shard(shard)
                 .records
                 .prefetch_value(ptr, slot, VALUE_BYTES);
         }
@@ -898,7 +896,7 @@ impl Store {
         let data = Data::from_bytes(data, own);
         // Any shard will do: spread them. The pointer says where the record went.
         let i = rng.next_u32() as usize % self.shards.len();
-        let mut shard = self.shards[i].lock().unwrap_or_else(|e| e.into_inner());
+        let mut shard = self.lock_shard(i);
         shard.data_bytes += data.len() as u64;
         let ptr = shard.records.create(Record {
             ptr: 0,

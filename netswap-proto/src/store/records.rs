@@ -276,11 +276,7 @@ impl Records {
     /// [`PlaceCodec::decode`]): look it up once, then use [`Records::at`] and the
     /// setters.
     pub(crate) fn find_at(&self, ptr: u64, at: u32) -> Option<u32> {
-        let named = self
-            .pages
-            .get(at as usize / PAGE)
-            .and_then(|p| p.get(at as usize % PAGE));
-        if named.is_some_and(|s| s.ptr == ptr) {
+        if self.named(at).is_some_and(|s| s.ptr == ptr) {
             return Some(at);
         }
         self.find_foreign(ptr)
@@ -298,13 +294,16 @@ impl Records {
             .copied()
     }
 
-    /// Asks the CPU to start loading slot `at` (a hint: nothing is read).
-    pub(crate) fn prefetch_slot(&self, at: u32) {
-        if let Some(slot) = self
-            .pages
+    /// Slot `at`, if there is one (any number may come from a pointer).
+    fn named(&self, at: u32) -> Option<&Slot> {
+        self.pages
             .get(at as usize / PAGE)
             .and_then(|p| p.get(at as usize % PAGE))
-        {
+    }
+
+    /// Asks the CPU to start loading slot `at` (a hint: nothing is read).
+    pub(crate) fn prefetch_slot(&self, at: u32) {
+        if let Some(slot) = self.named(at) {
             let p = (slot as *const Slot).cast::<u8>();
             prefetch(p);
             // An 86-byte slot may end in the next cache line.
@@ -315,17 +314,11 @@ impl Records {
     /// Asks the CPU to start loading the first `bytes` bytes of the value of record
     /// `ptr` in slot `at`, if it is there and held outside its slot.
     pub(crate) fn prefetch_value(&self, ptr: u64, at: u32, bytes: usize) {
-        let Some(slot) = self
-            .pages
-            .get(at as usize / PAGE)
-            .and_then(|p| p.get(at as usize % PAGE))
-        else {
-            return;
-        };
-        if slot.ptr != ptr {
-            return;
-        }
-        if let Some(i) = slot.large() {
+        if let Some(i) = self
+            .named(at)
+            .filter(|s| s.ptr == ptr)
+            .and_then(|s| s.large())
+        {
             let value = &self.large[i as usize];
             let p = value.as_ptr();
             for off in (0..value.len().min(bytes)).step_by(64) {
