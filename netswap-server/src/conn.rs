@@ -146,8 +146,9 @@ struct Conn {
     /// Messages taken from `rx` to be handled together (reused; see `Conn::process`).
     batch: Vec<Pending>,
     /// The last READ answered from the embedded store returned a value held outside
-    /// its record's slot: the next batch's values are prefetched.
-    large_reads: bool,
+    /// its record's slot, or the last REPLACE wrote one: the next batch's values are
+    /// prefetched.
+    large_values: bool,
     /// Set after a fatal condition: stop reading, flush, then end with this reason.
     closing: Option<End>,
     /// When a closing connection stops waiting for its peer to read.
@@ -237,7 +238,7 @@ pub(crate) async fn serve(
         eof: false,
         batch_now: std::time::Instant::now(),
         batch: Vec::new(),
-        large_reads: false,
+        large_values: false,
         closing: None,
         closing_deadline: None,
     };
@@ -608,7 +609,7 @@ impl Conn {
     /// Takes every whole frame off the read buffer and acts on it, in order.
     fn process(&mut self) {
         while self.closing.is_none() {
-            if self.large_reads && matches!(self.hub.backend, Backend::Memory(_)) {
+            if self.large_values && matches!(self.hub.backend, Backend::Memory(_)) {
                 if self.process_batch() {
                     continue;
                 }
@@ -629,13 +630,14 @@ impl Conn {
         }
     }
 
-    /// Handles up to [`BATCH`] messages, the values they READ prefetched together
-    /// first ([`netswap_proto::Store::prefetch`]): pipelined READs of values held
-    /// outside their records' slots then wait for their cache misses at once rather
-    /// than one after another (1 KiB reads at pipeline 16: +7-10% over 10,000 records,
-    /// 1.6x over 100,000; docs/BENCHMARKS.md).
-    /// Used while this connection's READs return such values; elsewhere the
-    /// batching itself cost 2-6% (64 B reads). Returns whether more may be waiting.
+    /// Handles up to [`BATCH`] messages, the values they name prefetched together
+    /// first ([`netswap_proto::Store::prefetch`]): pipelined READs and REPLACEs of
+    /// values held outside their records' slots then wait for their cache misses at
+    /// once rather than one after another (1 KiB at pipeline 16 over 10,000 records:
+    /// reads +7-10%, writes +12-15%; docs/BENCHMARKS.md).
+    /// Used while this connection's READs return such values or its REPLACEs write
+    /// them; elsewhere the batching itself cost 2-6% (64 B reads). Returns whether
+    /// more may be waiting.
     fn process_batch(&mut self) -> bool {
         let mut batch = std::mem::take(&mut self.batch);
         let mut error = None;
@@ -748,9 +750,12 @@ impl Conn {
                     unreachable!("matched above")
                 };
                 let wake_reaper = matches!(request, Request::Transfer { .. });
+                if let Request::Replace { data, .. } | Request::ReplaceIf { data, .. } = &request {
+                    self.large_values = data.len() > netswap_proto::INLINE_VALUE;
+                }
                 // A READ's bytes go straight from the record into the write buffer
                 // when nothing is queued before them (see `Conn::reply`).
-                let (outq, wbuf, large) = (&self.outq, &mut self.wbuf, &mut self.large_reads);
+                let (outq, wbuf, large) = (&self.outq, &mut self.wbuf, &mut self.large_values);
                 let mut sink = |bytes: &[u8]| {
                     *large = bytes.len() > netswap_proto::INLINE_VALUE;
                     outq.is_empty() && wbuf.push_data(xid, bytes)

@@ -397,6 +397,68 @@ async fn framing_errors_close_only_the_offending_connection(backend: Backend) {
     srv.stop().unwrap();
 }
 
+/// Pipelined REPLACEs and READs of values held outside their records' slots are
+/// handled in batches with their values prefetched: every READ still sees exactly the
+/// writes sent before it on the connection, across records, sizes (one frame and
+/// several) and a REPLACE_IF that loses.
+async fn batched_writes_and_reads_keep_the_order_of_the_connection(backend: Backend) {
+    let srv = server_on(backend, |_| {});
+    let mut a = Raw::connect(srv.addr(), 2).await;
+    let mut model = Vec::new();
+    let mut ptrs = Vec::new();
+    for i in 0..4u8 {
+        let v = Bytes::from(vec![i; 1024]);
+        ptrs.push(a.create(Access::empty(), v.clone()).await);
+        model.push(v);
+    }
+    // A large READ first: the connection's next requests go in batches.
+    assert_eq!(a.read(ptrs[0]).await, Reply::Data(model[0].clone()));
+    let mut bytes = Vec::new();
+    let mut reads = Vec::new();
+    let mut xid = 100;
+    for round in 0..60u32 {
+        let i = round as usize % 4;
+        let len = if round % 5 == 0 {
+            3000
+        } else {
+            900 + round as usize
+        };
+        let value = Bytes::from(vec![round as u8 ^ 0x5A; len]);
+        let write = if round % 7 == 3 {
+            // Loses (no record is at version 0): the record keeps its bytes.
+            Request::ReplaceIf {
+                ptr: ptrs[i],
+                expected: 0,
+                data: value.clone(),
+            }
+        } else {
+            model[i] = value.clone();
+            Request::Replace {
+                ptr: ptrs[i],
+                data: value,
+            }
+        };
+        bytes.extend(Raw::frames(write.encode(xid)));
+        xid += 1;
+        for j in [i, (i + 1) % 4] {
+            let read = Request::Read {
+                ptr: ptrs[j],
+                range: None,
+            };
+            bytes.extend(Raw::frames(read.encode(xid)));
+            reads.push((xid, model[j].clone()));
+            xid += 1;
+        }
+    }
+    a.send_raw(&bytes).await;
+    for (xid, want) in reads {
+        let m = a.reply_to(xid).await;
+        assert_eq!(m.status(), Status::Data, "xid {xid}: {}", m.reason());
+        assert!(m.payload == want, "xid {xid}: a READ saw another write");
+    }
+    srv.stop().unwrap();
+}
+
 /// Pipelined READs of values held outside their slots are handled in batches (their
 /// values prefetched together): a batch mixing READs, a malformed request, a message
 /// refused at its first frame and a framing error answers each in turn and ends with
@@ -812,6 +874,7 @@ on_both_backends!(
     framing_errors_close_only_the_offending_connection,
     malformed_too_large_and_busy_keep_the_connection_open,
     a_batch_with_bad_messages_answers_each_then_the_framing_error,
+    batched_writes_and_reads_keep_the_order_of_the_connection,
     garbage_and_half_frames_leave_the_server_and_its_data_intact,
     connection_limit_per_ip,
     idle_connections_close_after_the_idle_timeout,

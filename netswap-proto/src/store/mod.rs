@@ -751,8 +751,10 @@ impl Store {
 
     /// Asks the CPU to start loading the records `ptrs` name and their values (the
     /// first KiB), before requests for them are applied: a connection with several
-    /// READs of values larger than [`INLINE_VALUE`] read at once waits for their
-    /// memory together instead of one cache miss after another (a hint: it changes
+    /// READs or REPLACEs of values larger than [`INLINE_VALUE`] read at once waits for
+    /// their memory together instead of one cache miss after another (a REPLACE's new
+    /// value gets the allocation the write before it freed: the old values prefetched
+    /// are the memory the next writes go to). A hint: it changes
     /// nothing; call with no shard locked). It costs a pointer decryption and two
     /// locks per pointer (looks at the first 32), so it pays only for values held
     /// outside their record's slot (docs/BENCHMARKS.md).
