@@ -771,8 +771,10 @@ fn same_bytes(reply: Reply, expect: &[u8], what: &str) {
 /// slot still migrating), reads, writes (also those that change the size) and deletes
 /// go through at once: a commit declares only the keys it uses and keeps its quota
 /// marker in the record's hash, and Redis refuses a command with several keys there
-/// when some of them do not exist (`TRYAGAIN`). Only bytes moving out of the hash to
-/// a data key not there yet wait for the end of the move.
+/// when some of them do not exist (`TRYAGAIN`). Bytes growing out of the state hash
+/// go through at once too: into a new data key on the importing node, and on the old
+/// node (which refuses new keys of a slot migrating away) into the hash, over 1 KiB,
+/// until a later write moves them out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_in_a_slot_being_migrated_are_read_and_written() {
     logs_from_env();
@@ -784,7 +786,7 @@ async fn records_in_a_slot_being_migrated_are_read_and_written() {
         .await;
     let big = Bytes::from(vec![1u8; 100_000]);
     let large = c.create(Access::READ | Access::WRITE, big.clone()).await;
-    let mut tries = cluster.errors("TRYAGAIN");
+    let tries = cluster.errors("TRYAGAIN");
     let asked = cluster.errors("ASK");
     for (p, value) in [(small, Bytes::from_static(b"small 0")), (large, big)] {
         let key = format!("{prefix}:{{r:{p}}}:m");
@@ -819,6 +821,38 @@ async fn records_in_a_slot_being_migrated_are_read_and_written() {
                 "WRITE_AT, {stage}"
             );
             same_bytes(c.read(p).await, &expect, stage);
+            let data_key = format!("{prefix}:{{r:{p}}}:d");
+            if p == small && stage == "keys not moved yet" {
+                // Growing out of the hash, by a range write and by a REPLACE: the old
+                // node refuses the new data key, the bytes stay in the hash.
+                version += 1;
+                let tail = vec![3u8; 1500];
+                let offset = expect.len() as u64;
+                expect.extend_from_slice(&tail);
+                let grow = Request::WriteAt {
+                    ptr: p,
+                    offset,
+                    data: Bytes::from(tail),
+                };
+                assert_eq!(c.ask(grow).await, Reply::Written(version), "WRITE_AT out");
+                same_bytes(c.read(p).await, &expect, "grown by WRITE_AT");
+                version += 1;
+                expect.resize(1800, 4);
+                let grow = Request::Replace {
+                    ptr: p,
+                    data: Bytes::from(expect.clone()),
+                };
+                assert_eq!(c.ask(grow).await, Reply::Written(version), "REPLACE out");
+                same_bytes(c.read(p).await, &expect, "grown by REPLACE");
+                let (old_node, new_node) = cluster.keys_of_move(&m);
+                assert!(old_node.contains(&key), "{old_node:?}");
+                assert!(!old_node.contains(&data_key) && new_node.is_empty());
+            } else if p == small {
+                // This stage's REPLACE moved the bytes out, on the importing node.
+                let (old_node, new_node) = cluster.keys_of_move(&m);
+                assert!(old_node.is_empty(), "{old_node:?}");
+                assert!(new_node.contains(&data_key), "{new_node:?}");
+            }
             cluster.migrate_keys(&m);
         }
         assert_eq!(
@@ -827,40 +861,30 @@ async fn records_in_a_slot_being_migrated_are_read_and_written() {
             "no command was refused for keys missing during the migration"
         );
         // A write that changes the size moves quota charges and leaves a marker: a
-        // field of the state hash, so it goes through at once too.
-        expect.push(7);
-        version += 1;
-        let grown = Request::Replace {
-            ptr: p,
-            data: Bytes::from(expect.clone()),
-        };
-        assert_eq!(c.ask(grown).await, Reply::Written(version), "growing");
-        same_bytes(c.read(p).await, &expect, "grown");
+        // field of the state hash, so it goes through at once too. The small record's
+        // bytes then go back into the hash and out again into a new data key, on the
+        // importing node, at once as well.
+        let mut sizes = vec![expect.len() + 1];
+        if p == small {
+            sizes.extend([100, 2000]);
+        }
+        for len in sizes {
+            version += 1;
+            expect.resize(len, 7);
+            let write = Request::Replace {
+                ptr: p,
+                data: Bytes::from(expect.clone()),
+            };
+            assert_eq!(c.ask(write).await, Reply::Written(version), "to {len} B");
+            same_bytes(c.read(p).await, &expect, "resized");
+        }
         assert_eq!(
             cluster.errors("TRYAGAIN"),
             tries,
-            "the growing write was refused"
+            "a write changing the size was refused"
         );
         if p == small {
-            // Bytes that move from the state hash to a data key that does not exist
-            // yet: Redis refuses that while the slot migrates; the write waits for
-            // the end of the move instead of failing.
-            expect.resize(2000, 9);
-            let out = Bytes::from(expect.clone());
-            let mut other = Raw::connect(gw.addr(), 2).await;
-            let move_out =
-                tokio::spawn(
-                    async move { other.ask(Request::Replace { ptr: p, data: out }).await },
-                );
-            eventually(
-                "the write moving the bytes out is refused",
-                Duration::from_secs(10),
-                async || cluster.errors("TRYAGAIN") > tries,
-            )
-            .await;
             cluster.finish_move(&m);
-            assert_eq!(move_out.await.unwrap(), Reply::Written(version + 1));
-            tries = cluster.errors("TRYAGAIN");
         } else {
             // A delete leaves its marker in a tombstone of the hash, at once as well.
             assert_eq!(c.ask(Request::Delete { ptr: p }).await, Reply::Done);

@@ -1067,10 +1067,11 @@ impl ClusterStore {
                 ..Change::default()
             };
             let committed = match indexed {
-                Ok(_) => self.commit(ptr, &change).await,
+                Ok(_) => self.commit_placing(ptr, &change).await,
                 Err(e) => Err(e),
             };
-            match committed {
+            let in_hash = matches!(committed, Ok((_, true)));
+            match committed.map(|(c, _)| c) {
                 Ok(Committed::Yes) => {
                     self.settle_later(ptr, op, vec![me], true);
                     // Its state is known: a first write through this gateway is
@@ -1086,7 +1087,7 @@ impl ClusterStore {
                             deadline: None,
                             size: data.len() as u64,
                             data: None,
-                            inline: data.len() <= scripts::IN_HASH,
+                            inline: in_hash || data.len() <= scripts::IN_HASH,
                         },
                     );
                     return Reply::Created(ptr);
@@ -1164,6 +1165,17 @@ impl ClusterStore {
         ptr: Pointer,
         change: &Change,
     ) -> redis::RedisResult<Committed> {
+        self.commit_placing(ptr, change).await.map(|(c, _)| c)
+    }
+
+    /// [`ClusterStore::commit`], and whether the bytes were kept in the state hash
+    /// whatever their size (a new data key refused while the slot migrates, see
+    /// `redis_io::commit`): a state remembered after the commit must say where they are.
+    pub(super) async fn commit_placing(
+        &self,
+        ptr: Pointer,
+        change: &Change,
+    ) -> redis::RedisResult<(Committed, bool)> {
         // Whatever happens, the state remembered is no longer the record's.
         lock(&self.states).forget(ptr);
         let keys = self.keys.record(ptr);
@@ -1174,7 +1186,7 @@ impl ClusterStore {
             // A re-send goes alone, not with other requests' commits.
             let batch = if resent { None } else { self.batch.as_deref() };
             match redis_io::commit(&self.redis, batch, &keys, change, self.wait_for(ptr)).await {
-                Ok(Committed::Changed) if resent => return Ok(Committed::Unknown),
+                Ok((Committed::Changed, _)) if resent => return Ok((Committed::Unknown, false)),
                 Ok(c) => return Ok(c),
                 Err(e) if redis_io::is_group_failed(&e) => {
                     debug!(%ptr, "a pipeline of commits failed; sending this one again alone");

@@ -280,7 +280,9 @@ impl ClusterStore {
             change.mark = true;
             pending = Some(op);
         }
-        let committed = self.commit(ptr, &change).await;
+        let committed = self.commit_placing(ptr, &change).await;
+        let in_hash = matches!(committed, Ok((_, true)));
+        let committed = committed.map(|(c, _)| c);
         if pending.is_some() && matches!(committed, Ok(Committed::Yes)) {
             super::crash_point("resize-after-commit");
         }
@@ -301,8 +303,9 @@ impl ClusterStore {
                         size: w.new_size,
                         data: None,
                         // Where the script put the bytes (`scripts::COMMIT`).
-                        inline: w.new_size <= scripts::IN_HASH as u64
-                            && (rec.inline || matches!(w.kind, WriteKind::Replace)),
+                        inline: in_hash
+                            || (w.new_size <= scripts::IN_HASH as u64
+                                && (rec.inline || matches!(w.kind, WriteKind::Replace))),
                         ..rec.clone()
                     },
                 );

@@ -693,39 +693,90 @@ pub(crate) async fn range(
 /// `wait_replicas > 0` the commit is followed, on the same connection to the
 /// record's primary, by `WAIT`, so that the change is on that many replicas before
 /// it is acknowledged.
+///
+/// A commit that makes a record's data key (a create of a record over
+/// `scripts::IN_HASH` bytes, or bytes growing out of the state hash) names it
+/// instead of declaring it (see `scripts::COMMIT`). Where the record's slot is
+/// migrating away and its keys are still on the old node, that node refuses the new
+/// key ("non local key", before the script writes anything): the commit is then sent
+/// again with the bytes kept in the state hash, where loads find them whatever their
+/// size, until a later write moves them out. The second value says so (true: the
+/// bytes are in the hash, whatever their size).
 pub(crate) async fn commit(
     conn: &ClusterConnection,
     batch: Option<&Batcher>,
     k: &RecordKeys,
     change: &Change,
     wait: Wait,
+) -> RedisResult<(Committed, bool)> {
+    match commit_as(conn, batch, k, change, wait.clone(), false).await {
+        Err(e) if is_non_local_key(&e) && names_data_key(change) => {
+            tracing::debug!(key = %k.meta, "a new data key is refused while its slot migrates; the bytes stay in the hash");
+            let c = Box::pin(commit_as(conn, None, k, change, wait, true)).await?;
+            Ok((c, true))
+        }
+        other => other.map(|c| (c, false)),
+    }
+}
+
+/// Whether `commit` names (creates) the record's data key rather than declaring it.
+fn names_data_key(change: &Change) -> bool {
+    plan(change, false).3
+}
+
+/// A script's error for a key its node does not serve (a new key of a slot
+/// migrating away).
+fn is_non_local_key(e: &RedisError) -> bool {
+    e.to_string().contains("non local key")
+}
+
+/// Where a commit puts the bytes (`scripts::COMMIT`'s data op), whether it uses the
+/// data key, whether the bytes leave the hash (`d` deleted), and whether the data
+/// key is new (named, not declared); `in_hash`: keep bytes that would make a new
+/// data key in the hash instead.
+fn plan(change: &Change, in_hash: bool) -> (&'static [u8], bool, bool, bool) {
+    let small = |b: &Bytes| b.len() <= scripts::IN_HASH;
+    let (op, uses_data, moved_out): (&'static [u8], bool, bool) =
+        match (&change.data, change.inline) {
+            (DataOp::None, _) => (b"n", false, false),
+            (DataOp::Set(b), true) if small(b) => (b"h", false, false),
+            (DataOp::Set(b), false) if small(b) => (b"H", true, false),
+            // A create, or bytes growing out of the hash: a new data key.
+            (DataOp::Set(_), true) if in_hash => (b"h", false, false),
+            (DataOp::Set(_), inline) => (b"s", true, inline && change.expected.is_some()),
+            (DataOp::Range(..), false) => (b"r", true, false),
+            (DataOp::Range(..), true) => {
+                let may_grow_out = change.new_size.is_none_or(|n| n > scripts::IN_HASH as u64);
+                (b"R", may_grow_out && !in_hash, false)
+            }
+            (DataOp::DeleteRecord, inline) => (b"x", !inline, false),
+        };
+    let new_key = uses_data && (op == b"R" || (op == b"s" && change.inline));
+    (op, uses_data, moved_out, new_key)
+}
+
+/// One `commit`, with the bytes kept in the hash or not (see `plan`).
+async fn commit_as(
+    conn: &ClusterConnection,
+    batch: Option<&Batcher>,
+    k: &RecordKeys,
+    change: &Change,
+    wait: Wait,
+    in_hash: bool,
 ) -> RedisResult<Committed> {
     let (events, data_events) = (k.events(), k.data_events());
     let expected = change.expected.map(|r| r.to_string()).unwrap_or_default();
     let fence = change.fence.to_string();
-    let small = |b: &Bytes| b.len() <= scripts::IN_HASH;
-    // Where the bytes go (`scripts::COMMIT`'s data ops): small ones into the state
-    // hash, larger ones into the data key, moved when they cross `IN_HASH`. The
-    // data key is declared only when the script uses it (or may: a range write that
-    // grows bytes in the hash past `IN_HASH`), and `d` is deleted from the hash when
-    // the bytes of an existing record leave it.
-    let none = || ("0".to_string(), Bytes::new());
-    let ((offset, data), data_op, uses_data, moved_out): ((String, Bytes), &[u8], bool, bool) =
-        match (&change.data, change.inline) {
-            (DataOp::None, _) => (none(), b"n", false, false),
-            (DataOp::Set(b), true) if small(b) => (("0".into(), b.clone()), b"h", false, false),
-            (DataOp::Set(b), false) if small(b) => (("0".into(), b.clone()), b"H", true, false),
-            (DataOp::Set(b), inline) => {
-                let out = inline && change.expected.is_some();
-                (("0".into(), b.clone()), b"s", true, out)
-            }
-            (DataOp::Range(off, b), false) => ((off.to_string(), b.clone()), b"r", true, false),
-            (DataOp::Range(off, b), true) => {
-                let may_grow_out = change.new_size.is_none_or(|n| n > scripts::IN_HASH as u64);
-                ((off.to_string(), b.clone()), b"R", may_grow_out, false)
-            }
-            (DataOp::DeleteRecord, inline) => (none(), b"x", !inline, false),
-        };
+    // The data key is declared only when the script uses it and it exists (or may: a
+    // range write of bytes in the data key), and `d` is deleted from the hash when
+    // the bytes of an existing record leave it. A data key the commit makes is named
+    // in ARGV[13]: declaring a missing key is `TRYAGAIN` while the slot moves.
+    let (data_op, uses_data, moved_out, new_key) = plan(change, in_hash);
+    let (offset, data) = match &change.data {
+        DataOp::Set(b) => ("0".to_string(), b.clone()),
+        DataOp::Range(off, b) => (off.to_string(), b.clone()),
+        DataOp::None | DataOp::DeleteRecord => ("0".to_string(), Bytes::new()),
+    };
     let n_set = change.set.len().to_string();
     let event: &[u8] = change.event.as_deref().unwrap_or_default();
     let delta_head: Vec<u8> = match (&change.data, change.new_size) {
@@ -733,12 +784,9 @@ pub(crate) async fn commit(
         (DataOp::Range(off, _), Some(size)) => super::events::delta_head(size, *off),
         _ => Vec::new(),
     };
-    // A create's data key is named, not declared (see `scripts::COMMIT`): both keys
-    // are new, and declaring two missing keys is `TRYAGAIN` while the slot moves.
-    let create_data = uses_data && change.expected.is_none() && data_op == b"s";
     let mut keys = Vec::with_capacity(2);
     keys.push(k.meta.as_str());
-    if uses_data && !create_data {
+    if uses_data && !new_key {
         keys.push(k.data.as_str());
     }
     let mut args: Vec<&[u8]> = Vec::with_capacity(14 + 2 * change.set.len() + change.del.len());
@@ -755,7 +803,7 @@ pub(crate) async fn commit(
         events.as_bytes(),
         data_events.as_bytes(),
         n_set.as_bytes(),
-        if create_data { k.data.as_bytes() } else { b"" },
+        if new_key { k.data.as_bytes() } else { b"" },
     ]);
     for (f, v) in &change.set {
         args.push(f.as_bytes());
@@ -990,6 +1038,43 @@ pub(crate) fn ms(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where commits put the bytes: a data key that does not exist yet is named, not
+    /// declared, and kept out of (bytes in the hash) when the node refuses it.
+    #[test]
+    fn a_new_data_key_is_named_and_can_be_done_without() {
+        let big = Bytes::from(vec![0u8; scripts::IN_HASH + 1]);
+        let small = Bytes::from_static(b"small");
+        let change = |expected, inline, data, new_size| Change {
+            expected,
+            inline,
+            data,
+            new_size,
+            ..Change::default()
+        };
+        let create = change(None, true, DataOp::Set(big.clone()), Some(1025));
+        let grow = change(Some(3), true, DataOp::Set(big.clone()), Some(1025));
+        let large = change(Some(3), false, DataOp::Set(big.clone()), Some(1025));
+        let shrink = change(Some(3), false, DataOp::Set(small.clone()), Some(5));
+        let range_in = change(Some(3), true, DataOp::Range(0, small.clone()), Some(5));
+        let range_out = change(Some(3), true, DataOp::Range(1000, big.clone()), Some(2025));
+        let range_large = change(Some(3), false, DataOp::Range(0, small), Some(2025));
+        // (data op, uses the data key, `d` deleted, data key new)
+        assert_eq!(plan(&create, false), (&b"s"[..], true, false, true));
+        assert_eq!(plan(&grow, false), (&b"s"[..], true, true, true));
+        assert_eq!(plan(&large, false), (&b"s"[..], true, false, false));
+        assert_eq!(plan(&shrink, false), (&b"H"[..], true, false, false));
+        assert_eq!(plan(&range_in, false), (&b"R"[..], false, false, false));
+        assert_eq!(plan(&range_out, false), (&b"R"[..], true, false, true));
+        assert_eq!(plan(&range_large, false), (&b"r"[..], true, false, false));
+        // Kept in the hash: nothing names a data key any more.
+        assert_eq!(plan(&create, true), (&b"h"[..], false, false, false));
+        assert_eq!(plan(&grow, true), (&b"h"[..], false, false, false));
+        assert_eq!(plan(&range_out, true), (&b"R"[..], false, false, false));
+        assert_eq!(plan(&large, true), plan(&large, false));
+        assert_eq!(plan(&range_large, true), plan(&range_large, false));
+        assert!(names_data_key(&grow) && !names_data_key(&large));
+    }
 
     fn bulk(b: &[u8]) -> Value {
         Value::BulkString(b.to_vec())

@@ -75,7 +75,7 @@ return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, siz
 ///
 /// Where the bytes go is decided by the gateway (`redis_io::commit`), by their size
 /// and where they are now: bytes up to `IN_HASH` live in the hash's field `d`,
-/// larger ones in the data key, never both.
+/// larger ones in the data key (except while a slot migrates, below), never both.
 ///
 /// Only the keys the commit uses are declared, so that a commit in a slot being
 /// migrated to another primary is not refused for a key that does not exist
@@ -85,24 +85,27 @@ return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, siz
 /// not keys and come as arguments (a script may publish on a channel of its keys'
 /// slot).
 ///
-/// A create whose bytes go to the data key does not declare it either, and names it
-/// in ARGV instead: both keys are new, and a slot's importing node answers `TRYAGAIN`
-/// to a command that declares several keys not all there, for the whole move; a
-/// script may write an undeclared key of its keys' slot on a node that serves it
-/// (the importing node, after `ASKING`). That `SET` is the script's first write, so
-/// if the node does not serve the key (the old node, where a tombstone of the same
-/// pointer sent the script) it fails before anything else is written.
+/// A commit that makes the data key (a create whose bytes go there, bytes growing
+/// out of the hash) does not declare it either, and names it in ARGV instead: a
+/// slot's importing node answers `TRYAGAIN` to a command that declares several keys
+/// not all there, for the whole move; a script may write an undeclared key of its
+/// keys' slot on a node that serves it (the importing node, after `ASKING`). That
+/// `SET` is the script's first write, so if the node does not serve the new key (the
+/// old node of a slot migrating away, where the record's state hash still is) it
+/// fails before anything else is written, and the gateway sends the commit again
+/// with the bytes kept in the hash (`redis_io::commit`): bytes in the hash may then
+/// be over `IN_HASH` until a later write moves them out.
 ///
 /// KEYS: meta, then the data key if the data op uses it. ARGV: expected rev ('' =
 /// must not exist), fence (0 = none), op id, data op, mark ('1': leave the marker
 /// field), offset, bytes, event payload ('' = none),
 /// delta head ('' = not a data change), event channel, channel of events with
-/// bytes, n, the data key of a create that does not declare it ('' = none), n
+/// bytes, n, the data key a commit makes without declaring it ('' = none), n
 /// field/value pairs to set, then the fields to delete. Data ops: `n`
 /// none; `x` delete the record (and its data key, if given); `h` bytes into the
 /// hash; `H` the same, and delete the data key (they move in); `s` set the data
 /// key; `r` set a range of the data key; `R` set a range of the bytes in the hash
-/// (moved to the data key if they grow past `IN_HASH`: the data key is given then).
+/// (moved to the data key if they grow past `IN_HASH` and the data key is named).
 pub(crate) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         &r#"
@@ -154,10 +157,9 @@ else
     local off = tonumber(ARGV[6])
     if off > #b then b = b .. string.rep('\0', off - #b) end
     b = string.sub(b, 1, off) .. ARGV[7] .. string.sub(b, off + #ARGV[7] + 1)
-    if #b <= IN_HASH then
+    if #b <= IN_HASH or not dk then
       redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', b, unpack(ARGV, 14, last))
     else
-      if not dk then return redis.error_reply('COMMIT: bytes outgrow the hash, and no data key was given') end
       redis.call('SET', dk, b)
       redis.call('HDEL', KEYS[1], 'd')
       redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 14, last))

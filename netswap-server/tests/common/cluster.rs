@@ -318,6 +318,19 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The keys of a slot being moved that are on its old node and on its new one
+    /// (`CLUSTER GETKEYSINSLOT` on each: up to 1,000).
+    pub fn keys_of_move(&self, m: &SlotMove) -> (Vec<String>, Vec<String>) {
+        let keys = |port| {
+            redis_cli(port, &["CLUSTER", "GETKEYSINSLOT", &m.slot, "1000"])
+                .lines()
+                .filter(|k| !k.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        (keys(m.from), keys(m.to))
+    }
+
     /// Whether `key` exists (`EXISTS` on its primary).
     pub fn exists(&self, key: &str) -> bool {
         redis_cli(self.primary_of(key), &["EXISTS", key]).trim() == "1"
