@@ -56,7 +56,8 @@ pub use outbound::{LARGE_MESSAGE, MAX_INTERLEAVED, OutFrame, OutQueue, WriteBuf}
 pub use reassembly::{InMessage, Inbound, Reassembler, ReassemblyLimits, SharedBudget};
 pub use receive::{ReceiveError, Receiver};
 pub use store::{
-    Applied, ConnId, INLINE_VALUE, Notification, Reaped, Session, Store, StoreConfig, StoreStats,
+    Applied, ConnId, INLINE_VALUE, Located, Notification, Reaped, Session, Store, StoreConfig,
+    StoreStats,
 };
 pub use types::{Access, Event, Opcode, ParsePointerError, Pointer, Status, Version};
 

@@ -145,6 +145,8 @@ struct Conn {
     batch_now: std::time::Instant,
     /// Messages taken from `rx` to be handled together (reused; see `Conn::process`).
     batch: Vec<Pending>,
+    /// The records of a batch, located ahead (reused; see `Conn::process_batch`).
+    located: Vec<netswap_proto::Located>,
     /// The last READ answered from the embedded store returned a value held outside
     /// its record's slot, or the last REPLACE wrote one: the next batch's values are
     /// prefetched.
@@ -164,6 +166,8 @@ enum Pending {
         xid: u32,
         op: u8,
         request: Result<Request, netswap_proto::Malformed>,
+        /// Where its record is, when the batch located it ahead.
+        at: Option<netswap_proto::Located>,
     },
     Refused {
         xid: u32,
@@ -238,6 +242,7 @@ pub(crate) async fn serve(
         eof: false,
         batch_now: std::time::Instant::now(),
         batch: Vec::new(),
+        located: Vec::new(),
         large_values: false,
         closing: None,
         closing_deadline: None,
@@ -606,38 +611,22 @@ impl Conn {
         Ok(capped)
     }
 
-    /// Takes every whole frame off the read buffer and acts on it, in order.
+    /// Takes every whole frame off the read buffer and acts on it, in order, in
+    /// batches of up to [`BATCH`] messages: with the embedded store, the records a
+    /// batch names are located (each pointer decrypted once, the decryptions
+    /// overlapping) and prefetched together first ([`netswap_proto::Store::prefetch`]),
+    /// so that pipelined requests wait for their cache misses at once rather than one
+    /// after another: their slots always, and the values held outside the slots while
+    /// this connection's READs return such values or its REPLACEs write them
+    /// (`large_values`). At pipeline 16, 64 B reads and writes over 300,000 records
+    /// +32-37%, 1 KiB reads over 10,000 +7-10% and then +9-12% more, 1 KiB writes
+    /// +12-15% and then +10% more; 64 B over 10,000 records (mostly in cache) within
+    /// ±1.5% (docs/BENCHMARKS.md).
     fn process(&mut self) {
-        while self.closing.is_none() {
-            if self.large_values && matches!(self.hub.backend, Backend::Memory(_)) {
-                if self.process_batch() {
-                    continue;
-                }
-                break;
-            }
-            match self.rx.next_inbound() {
-                Ok(None) => break,
-                Ok(Some(Inbound::Message(m))) => {
-                    self.apply(m.xid, m.op, Request::parse(m.op, m.arg, m.payload))
-                }
-                Ok(Some(Inbound::Refused {
-                    xid,
-                    status,
-                    reason,
-                })) => self.refused(xid, status, reason),
-                Err(e) => self.protocol_error(e.xid, e.error.to_string()),
-            }
-        }
+        while self.closing.is_none() && self.process_batch() {}
     }
 
-    /// Handles up to [`BATCH`] messages, the values they name prefetched together
-    /// first ([`netswap_proto::Store::prefetch`]): pipelined READs and REPLACEs of
-    /// values held outside their records' slots then wait for their cache misses at
-    /// once rather than one after another (1 KiB at pipeline 16 over 10,000 records:
-    /// reads +7-10%, writes +12-15%; docs/BENCHMARKS.md).
-    /// Used while this connection's READs return such values or its REPLACEs write
-    /// them; elsewhere the batching itself cost 2-6% (64 B reads). Returns whether
-    /// more may be waiting.
+    /// One batch of [`Conn::process`]. Returns whether more may be waiting.
     fn process_batch(&mut self) -> bool {
         let mut batch = std::mem::take(&mut self.batch);
         let mut error = None;
@@ -652,6 +641,7 @@ impl Conn {
                     xid: m.xid,
                     op: m.op,
                     request: Request::parse(m.op, m.arg, m.payload),
+                    at: None,
                 }),
                 Ok(Some(Inbound::Refused {
                     xid,
@@ -670,17 +660,34 @@ impl Conn {
             }
         }
         if let (Backend::Memory(store), true) = (&self.hub.backend, batch.len() > 1) {
-            store.prefetch(batch.iter().filter_map(|p| match p {
-                Pending::Request { request: Ok(r), .. } => r.pointer(),
-                _ => None,
-            }));
+            // Each pointer decrypted once, for the prefetch and the apply.
+            let mut located = std::mem::take(&mut self.located);
+            for p in batch.iter_mut() {
+                if let Pending::Request {
+                    request: Ok(r), at, ..
+                } = p
+                    && let Some(ptr) = r.pointer()
+                {
+                    let here = store.locate_ahead(ptr);
+                    *at = Some(here);
+                    located.push(here);
+                }
+            }
+            store.prefetch(&located, self.large_values);
+            located.clear();
+            self.located = located;
         }
         for p in batch.drain(..) {
             if self.closing.is_some() {
                 continue;
             }
             match p {
-                Pending::Request { xid, op, request } => self.apply(xid, op, request),
+                Pending::Request {
+                    xid,
+                    op,
+                    request,
+                    at,
+                } => self.apply(xid, op, request, at),
                 Pending::Refused {
                     xid,
                     status,
@@ -704,7 +711,14 @@ impl Conn {
         self.reply(xid, Reply::error(status, reason));
     }
 
-    fn apply(&mut self, xid: u32, op: u8, request: Result<Request, netswap_proto::Malformed>) {
+    /// Applies one request (`at`: where its record is, when located ahead).
+    fn apply(
+        &mut self,
+        xid: u32,
+        op: u8,
+        request: Result<Request, netswap_proto::Malformed>,
+        at: Option<netswap_proto::Located>,
+    ) {
         let request = match request {
             Ok(r) => r,
             Err(m) => {
@@ -762,7 +776,7 @@ impl Conn {
                 };
                 let now = self.batch_now;
                 let applied =
-                    store.apply_into(session, xid, request, now, &mut rand::rng(), &mut sink);
+                    store.apply_into(session, xid, request, at, now, &mut rand::rng(), &mut sink);
                 let ok = applied.reply.status() == Status::Ok;
                 if let Some((ptr, replaced)) = watch {
                     self.watch_settled(ptr, xid, replaced, ok);

@@ -33,6 +33,14 @@ use records::{Data, DataRef, Record, Records};
 /// buffer of their own (see [`Store::prefetch`]).
 pub const INLINE_VALUE: usize = records::INLINE;
 
+/// Where a pointer says its record is: [`Store::locate_ahead`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Located {
+    ptr: u64,
+    shard: usize,
+    slot: u32,
+}
+
 use crate::identity::{Identity, IdentityKey};
 use crate::message::{Delta, HelloInfo, NewOwner, Reply, Request};
 use crate::rules::{self, Decision, Payer, RecordView, Usage, WriteKind};
@@ -749,36 +757,52 @@ impl Store {
         }
     }
 
-    /// Asks the CPU to start loading the records `ptrs` name and their values (the
-    /// first KiB), before requests for them are applied: a connection with several
-    /// READs or REPLACEs of values larger than [`INLINE_VALUE`] read at once waits for
-    /// their memory together instead of one cache miss after another (a REPLACE's new
-    /// value gets the allocation the write before it freed: the old values prefetched
-    /// are the memory the next writes go to). A hint: it changes
-    /// nothing; call with no shard locked). It costs a pointer decryption and two
-    /// locks per pointer (looks at the first 32), so it pays only for values held
-    /// outside their record's slot (docs/BENCHMARKS.md).
-    pub fn prefetch(&self, ptrs: impl IntoIterator<Item = Pointer>) {
+    /// Where the record `ptr` names would be (a pointer decryption): handed to
+    /// [`Store::prefetch`] and then to [`Store::apply_into`] for the same request, a
+    /// batch decrypts each pointer once, and its decryptions (independent of each
+    /// other) overlap.
+    pub fn locate_ahead(&self, ptr: Pointer) -> Located {
+        let place = self.codec.decode(ptr.get());
+        Located {
+            ptr: ptr.get(),
+            shard: place.shard,
+            slot: place.slot,
+        }
+    }
+
+    /// The shard a pointer names, locked, and the slot it names there (`at`: where
+    /// [`Store::locate_ahead`] found it already, used if it is for this pointer).
+    fn locate_at(&self, ptr: u64, at: Option<Located>) -> (MutexGuard<'_, Shard>, u32) {
+        match at {
+            Some(at) if at.ptr == ptr => (self.lock_shard(at.shard), at.slot),
+            _ => self.locate(ptr),
+        }
+    }
+
+    /// Asks the CPU to start loading the records' slots `at` names (from
+    /// [`Store::locate_ahead`]) and, with `values`, then their values held outside the
+    /// slots (the first KiB), before requests for them are applied: a connection with
+    /// several requests read at once waits for their memory together instead of one
+    /// cache miss after another. The values pay only for values larger than
+    /// [`INLINE_VALUE`] (a REPLACE's new value gets the allocation the write before it
+    /// freed: the old values prefetched are the memory the next writes go to). A
+    /// hint: it changes nothing; call with no shard locked. It costs a shard lock per
+    /// record and pass (looks at the first 32) (docs/BENCHMARKS.md).
+    pub fn prefetch(&self, at: &[Located], values: bool) {
         /// Requests looked at per call, at most.
         const MAX: usize = 32;
         /// Bytes of a value loaded ahead (the hardware follows the rest).
         const VALUE_BYTES: usize = 1024;
+        let at = &at[..at.len().min(MAX)];
         // First every record's slot, then (the slots on their way) every value: the
         // misses of one pass overlap instead of following each other.
-        let mut places = [(0u64, 0usize, 0u32); MAX];
-        let mut n = 0;
-        for ptr in ptrs.into_iter().take(MAX) {
-            let place = self.codec.decode(ptr.get());
-            places[n] = (ptr.get(), place.shard, place.slot);
-            n += 1;
-            self.lock_shard(place.shard)
-                .records
-                .prefetch_slot(place.slot);
+        for a in at {
+            self.lock_shard(a.shard).records.prefetch_slot(a.slot);
         }
-        for &(ptr, shard, slot) in &places[..n] {
-            self.lock_shard(shard)
+        for a in at.iter().filter(|_| values) {
+            self.lock_shard(a.shard)
                 .records
-                .prefetch_value(ptr, slot, VALUE_BYTES);
+                .prefetch_value(a.ptr, a.slot, VALUE_BYTES);
         }
     }
 
@@ -791,19 +815,22 @@ impl Store {
         now: Instant,
         rng: &mut dyn RngCore,
     ) -> Applied {
-        self.apply_into(session, xid, request, now, rng, &mut |_| false)
+        self.apply_into(session, xid, request, None, now, rng, &mut |_| false)
     }
 
     /// [`Store::apply`], offering a READ's bytes to `sink` first, while the record is
     /// locked: a server that writes them into its output buffer there (returning
     /// true) copies them once, from the record, with no handle to share and no
     /// reference count to touch (`Applied::sent`). When `sink` returns false they come
-    /// in the reply as from `apply`.
+    /// in the reply as from `apply`. `at`: where [`Store::locate_ahead`] found the
+    /// request's record (`None`: the pointer is decrypted here).
+    #[allow(clippy::too_many_arguments)]
     pub fn apply_into(
         &self,
         session: &mut Session,
         xid: u32,
         request: Request,
+        at: Option<Located>,
         now: Instant,
         rng: &mut dyn RngCore,
         sink: &mut dyn FnMut(&[u8]) -> bool,
@@ -836,7 +863,7 @@ impl Store {
         };
         let mut released = Released::new();
         let (applied, retired) = {
-            let (mut guard, at) = self.locate(ptr.get());
+            let (mut guard, at) = self.locate_at(ptr.get(), at);
             let shard = &mut *guard;
             let me = &session.account;
             // One lookup: the decision and its application use the same slot.

@@ -106,7 +106,9 @@ fn reads_offer_their_bytes_to_the_sink() {
             got = Some(b.to_vec());
             take
         };
-        let applied = w.store.apply_into(s, 1, req, now, &mut w.rng, &mut sink);
+        let applied = w
+            .store
+            .apply_into(s, 1, req, None, now, &mut w.rng, &mut sink);
         (applied, got)
     };
     let read = |ptr, range| Request::Read { ptr, range };
@@ -1408,8 +1410,21 @@ fn prefetch_of_any_pointer_changes_nothing() {
     // exist; more than the 32 looked at.
     let mut ptrs = vec![p, q, gone];
     ptrs.extend((1..100u64).map(|n| Pointer::new(n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).unwrap()));
-    w.store.prefetch(ptrs.iter().copied());
-    w.store.prefetch(std::iter::empty());
+    let at: Vec<Located> = ptrs.iter().map(|&p| w.store.locate_ahead(p)).collect();
+    w.store.prefetch(&at, true);
+    w.store.prefetch(&at, false);
+    w.store.prefetch(&[], true);
+    // Located ahead for another pointer: the store decrypts the request's own.
+    let mut sink = |_: &[u8]| false;
+    let read = Request::Read {
+        ptr: q,
+        range: None,
+    };
+    let now = w.at(0);
+    let applied = w
+        .store
+        .apply_into(&mut a, 9, read, Some(at[0]), now, &mut w.rng, &mut sink);
+    assert_eq!(applied.reply, data(b"small"));
     assert_eq!(w.read(&mut a, p), Reply::Data(Bytes::from_static(big)));
     assert_eq!(w.read(&mut a, q), data(b"small"));
     assert_eq!(status(&w.read(&mut a, gone)), Status::AddressFault);
