@@ -33,6 +33,12 @@ use records::{Data, DataRef, Record, Records};
 /// buffer of their own (see [`Store::prefetch`]).
 pub const INLINE_VALUE: usize = records::INLINE;
 
+use crate::identity::{Identity, IdentityKey};
+use crate::message::{Delta, HelloInfo, NewOwner, Reply, Request};
+use crate::rules::{self, Decision, Payer, RecordView, Usage, WriteKind};
+use crate::snapshot::SnapshotRecord;
+use crate::types::{Access, Event, Pointer, Version};
+
 /// Where a pointer says its record is: [`Store::locate_ahead`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Located {
@@ -40,12 +46,6 @@ pub struct Located {
     shard: usize,
     slot: u32,
 }
-
-use crate::identity::{Identity, IdentityKey};
-use crate::message::{Delta, HelloInfo, NewOwner, Reply, Request};
-use crate::rules::{self, Decision, Payer, RecordView, Usage, WriteKind};
-use crate::snapshot::SnapshotRecord;
-use crate::types::{Access, Event, Pointer, Version};
 
 /// The store's limits and timings.
 #[derive(Clone, Debug, PartialEq, Eq)]

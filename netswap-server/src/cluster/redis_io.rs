@@ -700,8 +700,7 @@ pub(crate) async fn range(
 /// migrating away and its keys are still on the old node, that node refuses the new
 /// key ("non local key", before the script writes anything): the commit is then sent
 /// again with the bytes kept in the state hash, where loads find them whatever their
-/// size, until a later write moves them out. The second value says so (true: the
-/// bytes are in the hash, whatever their size).
+/// size, until a later write moves them out; the second value is true then.
 pub(crate) async fn commit(
     conn: &ClusterConnection,
     batch: Option<&Batcher>,
@@ -721,7 +720,7 @@ pub(crate) async fn commit(
 
 /// Whether `commit` names (creates) the record's data key rather than declaring it.
 fn names_data_key(change: &Change) -> bool {
-    plan(change, false).3
+    Plan::of(change, false).new_key
 }
 
 /// A script's error for a key its node does not serve (a new key of a slot
@@ -730,32 +729,49 @@ fn is_non_local_key(e: &RedisError) -> bool {
     e.to_string().contains("non local key")
 }
 
-/// Where a commit puts the bytes (`scripts::COMMIT`'s data op), whether it uses the
-/// data key, whether the bytes leave the hash (`d` deleted), and whether the data
-/// key is new (named, not declared); `in_hash`: keep bytes that would make a new
-/// data key in the hash instead.
-fn plan(change: &Change, in_hash: bool) -> (&'static [u8], bool, bool, bool) {
-    let small = |b: &Bytes| b.len() <= scripts::IN_HASH;
-    let (op, uses_data, moved_out): (&'static [u8], bool, bool) =
-        match (&change.data, change.inline) {
-            (DataOp::None, _) => (b"n", false, false),
-            (DataOp::Set(b), true) if small(b) => (b"h", false, false),
-            (DataOp::Set(b), false) if small(b) => (b"H", true, false),
-            // A create, or bytes growing out of the hash: a new data key.
-            (DataOp::Set(_), true) if in_hash => (b"h", false, false),
-            (DataOp::Set(_), inline) => (b"s", true, inline && change.expected.is_some()),
-            (DataOp::Range(..), false) => (b"r", true, false),
-            (DataOp::Range(..), true) => {
-                let may_grow_out = change.new_size.is_none_or(|n| n > scripts::IN_HASH as u64);
-                (b"R", may_grow_out && !in_hash, false)
-            }
-            (DataOp::DeleteRecord, inline) => (b"x", !inline, false),
-        };
-    let new_key = uses_data && (op == b"R" || (op == b"s" && change.inline));
-    (op, uses_data, moved_out, new_key)
+/// Where a commit puts a record's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Plan {
+    /// `scripts::COMMIT`'s data op.
+    op: &'static [u8],
+    /// The script uses the data key.
+    uses_data: bool,
+    /// The bytes leave the hash (`d` deleted).
+    moved_out: bool,
+    /// The data key is new: named in ARGV, not declared.
+    new_key: bool,
 }
 
-/// One `commit`, with the bytes kept in the hash or not (see `plan`).
+impl Plan {
+    /// The plan for `change`; `in_hash`: bytes that would make a new data key stay
+    /// in the hash instead.
+    fn of(change: &Change, in_hash: bool) -> Plan {
+        let small = |b: &Bytes| b.len() <= scripts::IN_HASH;
+        let (op, uses_data, moved_out): (&'static [u8], bool, bool) =
+            match (&change.data, change.inline) {
+                (DataOp::None, _) => (b"n", false, false),
+                (DataOp::Set(b), true) if small(b) => (b"h", false, false),
+                (DataOp::Set(b), false) if small(b) => (b"H", true, false),
+                // A create, or bytes growing out of the hash: a new data key.
+                (DataOp::Set(_), true) if in_hash => (b"h", false, false),
+                (DataOp::Set(_), inline) => (b"s", true, inline && change.expected.is_some()),
+                (DataOp::Range(..), false) => (b"r", true, false),
+                (DataOp::Range(..), true) => {
+                    let may_grow_out = change.new_size.is_none_or(|n| n > scripts::IN_HASH as u64);
+                    (b"R", may_grow_out && !in_hash, false)
+                }
+                (DataOp::DeleteRecord, inline) => (b"x", !inline, false),
+            };
+        Plan {
+            op,
+            uses_data,
+            moved_out,
+            new_key: uses_data && (op == b"R" || (op == b"s" && change.inline)),
+        }
+    }
+}
+
+/// One `commit`, with the bytes kept in the hash or not (see `Plan`).
 async fn commit_as(
     conn: &ClusterConnection,
     batch: Option<&Batcher>,
@@ -771,7 +787,12 @@ async fn commit_as(
     // range write of bytes in the data key), and `d` is deleted from the hash when
     // the bytes of an existing record leave it. A data key the commit makes is named
     // in ARGV[13]: declaring a missing key is `TRYAGAIN` while the slot moves.
-    let (data_op, uses_data, moved_out, new_key) = plan(change, in_hash);
+    let Plan {
+        op: data_op,
+        uses_data,
+        moved_out,
+        new_key,
+    } = Plan::of(change, in_hash);
     let (offset, data) = match &change.data {
         DataOp::Set(b) => ("0".to_string(), b.clone()),
         DataOp::Range(off, b) => (off.to_string(), b.clone()),
@@ -1060,6 +1081,10 @@ mod tests {
         let range_out = change(Some(3), true, DataOp::Range(1000, big.clone()), Some(2025));
         let range_large = change(Some(3), false, DataOp::Range(0, small), Some(2025));
         // (data op, uses the data key, `d` deleted, data key new)
+        let plan = |c: &Change, in_hash| {
+            let p = Plan::of(c, in_hash);
+            (p.op, p.uses_data, p.moved_out, p.new_key)
+        };
         assert_eq!(plan(&create, false), (&b"s"[..], true, false, true));
         assert_eq!(plan(&grow, false), (&b"s"[..], true, true, true));
         assert_eq!(plan(&large, false), (&b"s"[..], true, false, false));
