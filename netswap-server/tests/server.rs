@@ -397,6 +397,14 @@ async fn framing_errors_close_only_the_offending_connection(backend: Backend) {
     srv.stop().unwrap();
 }
 
+/// Records of at most 10,000 bytes, messages of at most 10,016 (a REPLACE of such a
+/// record with its pointer and header).
+fn records_of_at_most_10_000(c: &mut netswap_server::ServerConfig) {
+    c.store.max_record_bytes = 10_000;
+    c.store.max_message_bytes = 10_016;
+    c.reassembly.max_message_bytes = 10_016;
+}
+
 /// Pipelined REPLACEs and READs of values held outside their records' slots are
 /// handled in batches with their values prefetched: every READ still sees exactly the
 /// writes sent before it on the connection, across records, sizes (one frame and
@@ -411,7 +419,7 @@ async fn batched_writes_and_reads_keep_the_order_of_the_connection(backend: Back
         ptrs.push(a.create(Access::empty(), v.clone()).await);
         model.push(v);
     }
-    // A large READ first: the connection's next requests go in batches.
+    // A large READ first: the next batches prefetch values too.
     assert_eq!(a.read(ptrs[0]).await, Reply::Data(model[0].clone()));
     let mut bytes = Vec::new();
     let mut reads = Vec::new();
@@ -459,21 +467,17 @@ async fn batched_writes_and_reads_keep_the_order_of_the_connection(backend: Back
     srv.stop().unwrap();
 }
 
-/// Pipelined READs of values held outside their slots are handled in batches (their
-/// values prefetched together): a batch mixing READs, a malformed request, a message
+/// Pipelined requests are handled in batches (their records, and values held outside
+/// the slots, prefetched together): a batch mixing READs, a malformed request, a message
 /// refused at its first frame and a framing error answers each in turn and ends with
 /// the PROTOCOL_ERROR, as one request at a time would.
 async fn a_batch_with_bad_messages_answers_each_then_the_framing_error(backend: Backend) {
-    let srv = server_on(backend, |c| {
-        c.store.max_record_bytes = 10_000;
-        c.store.max_message_bytes = 10_016;
-        c.reassembly.max_message_bytes = 10_016;
-    });
+    let srv = server_on(backend, records_of_at_most_10_000);
     let mut a = Raw::connect(srv.addr(), 2).await;
     let value = Bytes::from(vec![7u8; 1024]);
     let p = a.create(Access::empty(), value.clone()).await;
     let q = a.create(Access::empty(), &b"small"[..]).await;
-    // A READ of a value over 64 bytes: the connection's next requests go in batches.
+    // A READ of a value over 64 bytes: the next batches prefetch values too.
     assert_eq!(a.read(p).await, Reply::Data(value.clone()));
     let read = |ptr, xid| Raw::frames(Request::Read { ptr, range: None }.encode(xid));
     let mut bytes = read(p, 1);
@@ -529,9 +533,7 @@ async fn a_batch_with_bad_messages_answers_each_then_the_framing_error(backend: 
 
 async fn malformed_too_large_and_busy_keep_the_connection_open(backend: Backend) {
     let srv = server_on(backend, |c| {
-        c.store.max_record_bytes = 10_000;
-        c.store.max_message_bytes = 10_016;
-        c.reassembly.max_message_bytes = 10_016;
+        records_of_at_most_10_000(c);
         c.reassembly.max_partial_messages = 2;
     });
     let mut a = Raw::connect(srv.addr(), 2).await;
