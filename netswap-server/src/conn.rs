@@ -145,8 +145,6 @@ struct Conn {
     batch_now: std::time::Instant,
     /// Messages taken from `rx` to be handled together (reused; see `Conn::process`).
     batch: Vec<Pending>,
-    /// The records of a batch, located ahead (reused; see `Conn::process_batch`).
-    located: Vec<netswap_proto::Located>,
     /// The last READ answered from the embedded store returned a value held outside
     /// its record's slot, or the last REPLACE wrote one: the next batch's values are
     /// prefetched.
@@ -242,7 +240,6 @@ pub(crate) async fn serve(
         eof: false,
         batch_now: std::time::Instant::now(),
         batch: Vec::new(),
-        located: Vec::new(),
         large_values: false,
         closing: None,
         closing_deadline: None,
@@ -661,21 +658,19 @@ impl Conn {
         }
         if let (Backend::Memory(store), true) = (&self.hub.backend, batch.len() > 1) {
             // Each pointer decrypted once, for the prefetch and the apply.
-            let mut located = std::mem::take(&mut self.located);
             for p in batch.iter_mut() {
                 if let Pending::Request {
                     request: Ok(r), at, ..
                 } = p
-                    && let Some(ptr) = r.pointer()
                 {
-                    let here = store.locate_ahead(ptr);
-                    *at = Some(here);
-                    located.push(here);
+                    *at = r.pointer().map(|ptr| store.locate_ahead(ptr));
                 }
             }
-            store.prefetch(&located, self.large_values);
-            located.clear();
-            self.located = located;
+            let located = batch.iter().filter_map(|p| match p {
+                Pending::Request { at, .. } => *at,
+                Pending::Refused { .. } => None,
+            });
+            store.prefetch(located, self.large_values);
         }
         for p in batch.drain(..) {
             if self.closing.is_some() {

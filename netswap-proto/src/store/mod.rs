@@ -788,18 +788,22 @@ impl Store {
     /// freed: the old values prefetched are the memory the next writes go to). A
     /// hint: it changes nothing; call with no shard locked. It costs a shard lock per
     /// record and pass (looks at the first 32) (docs/BENCHMARKS.md).
-    pub fn prefetch(&self, at: &[Located], values: bool) {
+    pub fn prefetch<I>(&self, at: I, values: bool)
+    where
+        I: IntoIterator<Item = Located>,
+        I::IntoIter: Clone,
+    {
         /// Requests looked at per call, at most.
         const MAX: usize = 32;
         /// Bytes of a value loaded ahead (the hardware follows the rest).
         const VALUE_BYTES: usize = 1024;
-        let at = &at[..at.len().min(MAX)];
+        let at = at.into_iter().take(MAX);
         // First every record's slot, then (the slots on their way) every value: the
         // misses of one pass overlap instead of following each other.
-        for a in at {
+        for a in at.clone() {
             self.lock_shard(a.shard).records.prefetch_slot(a.slot);
         }
-        for a in at.iter().filter(|_| values) {
+        for a in at.filter(|_| values) {
             self.lock_shard(a.shard)
                 .records
                 .prefetch_value(a.ptr, a.slot, VALUE_BYTES);

@@ -1411,9 +1411,9 @@ fn prefetch_of_any_pointer_changes_nothing() {
     let mut ptrs = vec![p, q, gone];
     ptrs.extend((1..100u64).map(|n| Pointer::new(n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).unwrap()));
     let at: Vec<Located> = ptrs.iter().map(|&p| w.store.locate_ahead(p)).collect();
-    w.store.prefetch(&at, true);
-    w.store.prefetch(&at, false);
-    w.store.prefetch(&[], true);
+    w.store.prefetch(at.iter().copied(), true);
+    w.store.prefetch(at.iter().copied(), false);
+    w.store.prefetch(std::iter::empty(), true);
     // Located ahead for another pointer: the store decrypts the request's own.
     let mut sink = |_: &[u8]| false;
     let read = Request::Read {
