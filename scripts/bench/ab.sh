@@ -5,10 +5,18 @@
 # Usage: scripts/bench/ab.sh A_SERVER_BINARY B_SERVER_BINARY RUNS [load args...]
 # Example: scripts/bench/ab.sh /tmp/old/netswap-server target/release/netswap-server 5 \
 #            --op read -d 64 -c 50 -P 16 --keys 1000000 --duration 4
+# With `hol ARGS...` instead of load arguments it runs `netswap-bench hol ARGS...` and
+# compares the p99 of the small reads (lower is better) instead of ops/s, e.g.
+#   scripts/bench/ab.sh A B 7 hol --big 67108864 --direction write --reads 200
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 a=$1 b=$2 runs=$3
 shift 3
+mode=load
+if [ "${1:-}" = hol ]; then
+  mode=hol
+  shift
+fi
 cargo build --release --quiet -p netswap-cli
 bench=target/release/netswap-bench
 tmp=$(mktemp -d)
@@ -21,13 +29,16 @@ for run in $(seq "$runs"); do
     [ "$side" = B ] && bin=$b
     start "$bin" --listen 127.0.0.1:0 --threads 1 --quota-records 100000000 \
       --quota-bytes 68719476736
-    "$bench" -s "$addr" --json load "$@" >"$tmp/r.json"
+    "$bench" -s "$addr" --json "$mode" "$@" >"$tmp/r.json"
     kill "$pid"
     wait "$pid" 2>/dev/null || true
     python3 - "$side" "$run" "$tmp/r.json" >>"$tmp/all" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[3]))
-print(sys.argv[1], sys.argv[2], int(r["ops_per_sec"]), r.get("p99_us", ""))
+if r["mode"] == "hol":
+    print(sys.argv[1], sys.argv[2], r["p99_us"], r["max_us"], r["transfer_seconds"])
+else:
+    print(sys.argv[1], sys.argv[2], int(r["ops_per_sec"]), r.get("p99_us", ""))
 EOF
     tail -1 "$tmp/all"
   done
@@ -35,10 +46,11 @@ done
 python3 - "$tmp/all" <<'EOF'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
+unit = "us p99 of the small reads (lower is better)" if len(rows[0]) == 5 else "ops/s"
 for side in "AB":
-    ops = [int(r[2]) for r in rows if r[0] == side]
-    print(f"{side} median {statistics.median(ops):,.0f} ops/s over {len(ops)} runs")
-a = statistics.median(int(r[2]) for r in rows if r[0] == "A")
-b = statistics.median(int(r[2]) for r in rows if r[0] == "B")
+    ops = [float(r[2]) for r in rows if r[0] == side]
+    print(f"{side} median {statistics.median(ops):,.0f} {unit} over {len(ops)} runs")
+a = statistics.median(float(r[2]) for r in rows if r[0] == "A")
+b = statistics.median(float(r[2]) for r in rows if r[0] == "B")
 print(f"B / A = {b / a:.3f}")
 EOF
