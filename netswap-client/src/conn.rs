@@ -504,6 +504,9 @@ async fn open(addr: &str, options: &Options) -> Result<TcpStream> {
             }
             socket.bind(SocketAddr::new(ip, 0))?;
         }
+        if let Some(bytes) = options.receive_buffer {
+            socket.set_recv_buffer_size(bytes)?;
+        }
         match socket.connect(addr).await {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),
@@ -587,5 +590,29 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
             conn.fail_all(format!("write failed: {e}"));
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_receive_buffer_option_sets_the_socket_s() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let size = |s: &TcpStream| socket2::SockRef::from(s).recv_buffer_size().unwrap();
+        let default = size(&open(&addr, &Options::default()).await.unwrap());
+        let options = Options {
+            receive_buffer: Some(40_000),
+            ..Options::default()
+        };
+        // Linux doubles the value for its bookkeeping; the range excludes the kernel's
+        // default (tcp_rmem: 128 KiB).
+        let set = size(&open(&addr, &options).await.unwrap());
+        assert!(
+            (40_000..=80_000).contains(&set),
+            "SO_RCVBUF {set} (default {default})"
+        );
     }
 }

@@ -22,6 +22,12 @@ pub struct Options {
     /// connection after a network failure sends no error), and it is replaced.
     /// `None`: never.
     pub keepalive: Option<Duration>,
+    /// The connection's socket receive buffer in bytes (`SO_RCVBUF`, set before
+    /// connecting; `None` = the kernel's autotuning). A small one (e.g. 256 KiB)
+    /// bounds how much of a large reply can queue in this client's socket ahead of a
+    /// small reply (head-of-line latency on a LAN), at the cost of throughput on links
+    /// with a long round trip. Capped by the kernel's `net.core.rmem_max`.
+    pub receive_buffer: Option<u32>,
 }
 
 impl Default for Options {
@@ -32,6 +38,7 @@ impl Default for Options {
             request_timeout: Some(Duration::from_secs(30)),
             reconnect: Reconnect::default(),
             keepalive: Some(Duration::from_secs(15)),
+            receive_buffer: None,
         }
     }
 }

@@ -91,6 +91,14 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_MAX_OUTPUT_BYTES", default_value_t = 4 << 20)]
     pub max_output_bytes: usize,
 
+    /// Each connection's socket receive buffer in bytes (`SO_RCVBUF`; 0 = the
+    /// kernel's autotuning). Bounds how much of a large upload can queue in the
+    /// server's socket ahead of a small request on the same connection (head-of-line
+    /// latency) at the cost of throughput on links with a long round trip; capped by
+    /// `net.core.rmem_max`. See docs/BENCHMARKS.md.
+    #[arg(long, env = "NETSWAP_RECEIVE_BUFFER", default_value_t = 0)]
+    pub receive_buffer: usize,
+
     /// Records one connection may watch at once.
     #[arg(long, env = "NETSWAP_MAX_WATCHES", default_value_t = 65_536)]
     pub max_watches: usize,
@@ -202,6 +210,8 @@ pub struct ServerConfig {
     pub stall_timeout: Duration,
     /// Backpressure threshold for queued replies.
     pub max_output_bytes: usize,
+    /// Each connection's `SO_RCVBUF` (`None`: the kernel's autotuning).
+    pub receive_buffer: Option<usize>,
     /// Notification queue per watching connection.
     pub notify_queue: usize,
     /// Bytes of changed data held for one watching connection.
@@ -342,6 +352,7 @@ impl ServerConfig {
             idle_timeout: (a.idle_timeout > 0).then(|| Duration::from_secs(a.idle_timeout)),
             stall_timeout: Duration::from_secs(a.stall_timeout.max(1)),
             max_output_bytes: a.max_output_bytes.max(64 * 1024),
+            receive_buffer: (a.receive_buffer > 0).then_some(a.receive_buffer),
             notify_queue: a.notify_queue,
             notify_queue_bytes: a.notify_queue_bytes,
             identity_key,
@@ -391,6 +402,9 @@ mod tests {
         assert_eq!(c.store.orphan_grace, Duration::from_secs(300));
         assert_eq!(c.max_connections_per_ip, 256);
         assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.receive_buffer, None, "the kernel's autotuning");
+        let a = Args::parse_from(["x", "--receive-buffer", "524288"]);
+        assert_eq!(ServerConfig::from_args(&a).unwrap().receive_buffer, Some(524_288));
     }
 
     #[test]

@@ -174,6 +174,20 @@ enum Pending {
     },
 }
 
+/// Socket options of an accepted connection: no Nagle delay, at most
+/// [`netswap_proto::NOTSENT_LOWAT`] unsent bytes in the kernel (replies wait in the
+/// fair queue instead, where a small one can pass a large one), and the receive
+/// buffer when one is configured (`--receive-buffer`). Failures only cost latency.
+pub(crate) fn tune_socket(stream: &TcpStream, receive_buffer: Option<usize>) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    #[cfg(target_os = "linux")]
+    let _ = sock.set_tcp_notsent_lowat(netswap_proto::NOTSENT_LOWAT);
+    if let Some(bytes) = receive_buffer {
+        let _ = sock.set_recv_buffer_size(bytes);
+    }
+}
+
 /// Serves one accepted connection until it ends.
 pub(crate) async fn serve(
     mut stream: TcpStream,
@@ -181,9 +195,7 @@ pub(crate) async fn serve(
     hub: Arc<Hub>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
-    #[cfg(target_os = "linux")]
-    let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(netswap_proto::NOTSENT_LOWAT);
+    tune_socket(&stream, hub.config.receive_buffer);
     let Some(slot) = hub.admit(peer.ip()) else {
         hub.metrics
             .connections_refused
@@ -1067,5 +1079,37 @@ impl Conn {
             }
         }
         End::Shutdown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connected loopback pair: (accepted, connecting).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (l.accept().await.unwrap().0, c)
+    }
+
+    #[tokio::test]
+    async fn a_configured_receive_buffer_is_set_and_none_leaves_the_kernel_s() {
+        let (s, _c) = pair().await;
+        let before = socket2::SockRef::from(&s).recv_buffer_size().unwrap();
+        tune_socket(&s, None);
+        assert_eq!(
+            socket2::SockRef::from(&s).recv_buffer_size().unwrap(),
+            before
+        );
+        assert!(s.nodelay().unwrap());
+        // Linux doubles the value for its bookkeeping; 40,000 is under any rmem_max,
+        // and the range excludes the kernel's default (tcp_rmem: 128 KiB).
+        tune_socket(&s, Some(40_000));
+        let set = socket2::SockRef::from(&s).recv_buffer_size().unwrap();
+        assert!(
+            (40_000..=80_000).contains(&set),
+            "SO_RCVBUF {set} (was {before})"
+        );
     }
 }

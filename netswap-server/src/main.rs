@@ -64,6 +64,19 @@ fn main() -> ExitCode {
                 }
             });
         }
+        #[cfg(target_os = "linux")]
+        if let Some(bytes) = config.receive_buffer
+            && let Some(max) = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+            && bytes > max
+        {
+            tracing::warn!(
+                receive_buffer = bytes,
+                rmem_max = max,
+                "--receive-buffer is over net.core.rmem_max: the kernel caps it there"
+            );
+        }
         println!("netswap-server listening on {}", server.local_addr());
         tracing::info!(
             addr = %server.local_addr(),

@@ -207,6 +207,34 @@ async fn a_small_request_is_served_while_a_large_upload_is_half_way(backend: Bac
     srv.stop().unwrap();
 }
 
+/// `--receive-buffer`: with a window of a few KB per connection, a large upload still
+/// arrives whole (in many more round trips), a small request sent in its middle is
+/// answered, and the record reads back byte-exact.
+async fn a_small_receive_buffer_still_takes_large_uploads(backend: Backend) {
+    let srv = server_on(backend, |c| c.receive_buffer = Some(8 * 1024));
+    let mut a = Raw::connect(srv.addr(), 2).await;
+    let p = a.create(Access::empty(), &b"small"[..]).await;
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let upload = Raw::frames(
+        Request::Replace {
+            ptr: p,
+            data: Bytes::from(big.clone()),
+        }
+        .encode(900),
+    );
+    let half = (upload.len() / 2) / MAX_FRAME * MAX_FRAME;
+    a.send_raw(&upload[..half]).await;
+    let m = a.call(ptr_req(p)).await;
+    assert_eq!(&m.payload[..], b"small", "answered before the upload ended");
+    a.send_raw(&upload[half..]).await;
+    assert_eq!(a.reply_to(900).await.status(), Status::Ok);
+    let Reply::Data(got) = a.read(p).await else {
+        panic!()
+    };
+    assert!(got[..] == big[..]);
+    srv.stop().unwrap();
+}
+
 async fn a_small_reply_is_not_held_behind_a_large_one(backend: Backend) {
     let srv = server_on(backend, |_| {});
     let mut a = Raw::connect(srv.addr(), 2).await;
@@ -870,6 +898,7 @@ on_both_backends!(
     permissions_takeover_and_transfer_across_identities,
     ten_megabyte_record_both_ways,
     a_small_request_is_served_while_a_large_upload_is_half_way,
+    a_small_receive_buffer_still_takes_large_uploads,
     a_small_reply_is_not_held_behind_a_large_one,
     watches_across_connections,
     orphans_are_reaped_unless_adopted_or_the_owner_returns,

@@ -179,6 +179,10 @@ enum Mode {
         /// Small reads issued one after another during the transfer.
         #[arg(long, default_value_t = 200)]
         reads: usize,
+        /// The client socket's receive buffer in bytes (the client's
+        /// `Options::receive_buffer`; 0 = the kernel's autotuning).
+        #[arg(long, default_value_t = 0)]
+        receive_buffer: u32,
     },
 }
 
@@ -746,10 +750,21 @@ fn idle(cli: &Cli, connections: usize, hold: f64) -> Result<(), String> {
     Ok(())
 }
 
-fn hol(cli: &Cli, big: usize, direction: Direction, reads: usize) -> Result<(), String> {
+fn hol(
+    cli: &Cli,
+    big: usize,
+    direction: Direction,
+    reads: usize,
+    receive_buffer: u32,
+) -> Result<(), String> {
     let rt = runtime()?;
     rt.block_on(async {
-        let c = Client::connect_with(cli.server, Options { request_timeout: None, ..Options::default() })
+        let options = Options {
+            request_timeout: None,
+            receive_buffer: (receive_buffer > 0).then_some(receive_buffer),
+            ..Options::default()
+        };
+        let c = Client::connect_with(cli.server, options)
             .await
             .map_err(|e| e.to_string())?;
         let small = c.create(Access::empty(), vec![1u8; 64]).await.map_err(|e| e.to_string())?;
@@ -848,7 +863,8 @@ fn main() -> std::process::ExitCode {
             big,
             direction,
             reads,
-        } => hol(&cli, big, direction, reads),
+            receive_buffer,
+        } => hol(&cli, big, direction, reads, receive_buffer),
         Mode::Sync {
             how,
             watchers,
