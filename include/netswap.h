@@ -306,6 +306,12 @@ typedef struct netswap_options {
    * long means the connection is dead (0: never; netswap_options_init: 15,000).
    */
   uint32_t keepalive_ms;
+  /**
+   * The socket's receive buffer in bytes (SO_RCVBUF; 0: the kernel's autotuning).
+   * A small one (e.g. 524,288) bounds how long a small reply can wait behind a
+   * large one on a LAN, at the cost of throughput over long round trips.
+   */
+  uint32_t receive_buffer;
 } netswap_options;
 
 /**

@@ -159,6 +159,12 @@ export interface ConnectOptions {
    * long means the connection is dead (default 15000; 0 = never).
    */
   keepaliveMs?: number
+  /**
+   * The socket's receive buffer in bytes (SO_RCVBUF; default 0 = the kernel's
+   * autotuning). A small one (e.g. 524288) bounds how long a small reply can wait
+   * behind a large one on a LAN, at the cost of throughput over long round trips.
+   */
+  receiveBuffer?: number
 }
 
 /** One event of a mirror. */

@@ -147,6 +147,13 @@ function nativeConnectOptions(o) {
     const v = checkMs('connect', k, o[k])
     if (v !== undefined) out[k] = v
   }
+  if (o.receiveBuffer !== undefined && o.receiveBuffer !== null) {
+    const v = o.receiveBuffer
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 0xffffffff) {
+      throw invalid(`connect: receiveBuffer must be a whole number of bytes (got ${kind(v)} ${String(v)})`)
+    }
+    out.receiveBuffer = v
+  }
   if (o.reconnect !== undefined) {
     const r = o.reconnect === false ? { enabled: false } : o.reconnect === true ? {} : o.reconnect
     if (typeof r !== 'object' || r === null) throw invalid('connect: reconnect must be true, false or an object')

@@ -75,6 +75,12 @@ export interface ConnectOptions {
   reconnect?: boolean | ReconnectOptions
   /** Ask the server something after this many ms of silence (default 15000; 0: never). */
   keepaliveMs?: number
+  /**
+   * The socket's receive buffer in bytes (SO_RCVBUF; default 0: the kernel's autotuning).
+   * A small one (e.g. 524288) bounds how long a small reply can wait behind a large one
+   * on a LAN, at the cost of throughput over long round trips.
+   */
+  receiveBuffer?: number
 }
 
 /** Per-call options. */

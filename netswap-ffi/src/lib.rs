@@ -87,6 +87,10 @@ pub struct netswap_options {
     /// Ask the server something after this many ms of silence; no answer within as
     /// long means the connection is dead (0: never; netswap_options_init: 15,000).
     pub keepalive_ms: u32,
+    /// The socket's receive buffer in bytes (SO_RCVBUF; 0: the kernel's autotuning).
+    /// A small one (e.g. 524,288) bounds how long a small reply can wait behind a
+    /// large one on a LAN, at the cost of throughput over long round trips.
+    pub receive_buffer: u32,
 }
 
 /// Where a client's connection stands (netswap_client_state()).
@@ -469,6 +473,7 @@ pub unsafe extern "C" fn netswap_options_init(options: *mut netswap_options) {
             reconnect_max_delay_ms: 5_000,
             reconnect_max_attempts: 0,
             keepalive_ms: 15_000,
+            receive_buffer: 0,
         };
     }
 }
@@ -495,6 +500,7 @@ fn options_from(o: &netswap_options) -> Result<Options, netswap_result> {
         max_attempts: (o.reconnect_max_attempts > 0).then_some(o.reconnect_max_attempts),
     };
     opts.keepalive = (o.keepalive_ms > 0).then(|| Duration::from_millis(o.keepalive_ms.into()));
+    opts.receive_buffer = (o.receive_buffer > 0).then_some(o.receive_buffer);
     Ok(opts)
 }
 

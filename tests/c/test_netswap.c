@@ -3,7 +3,7 @@
  *
  *   test_netswap HOST:PORT tests/vectors/requests.json
  *
- * Uses 127.0.0.2 and 127.0.0.3 as two identities. Prints one line per check that
+ * Uses 127.0.0.2 and 127.0.0.3 as two identities (and 127.0.0.4 alone). Prints one line per check that
  * fails and a closing "N passed, N failed" line; exits non-zero on any failure.
  */
 #include <pthread.h>
@@ -297,6 +297,32 @@ static void test_watch_vector(netswap_client *a, const char *requests_path) {
     CHECK_RC(netswap_delete(a, p), NETSWAP_OK);
 }
 
+/* A small receive buffer (options.receive_buffer): a record of a few MB still reads
+   back whole. */
+static void test_receive_buffer(const char *addr) {
+    netswap_options o;
+    netswap_options_init(&o);
+    CHECK(o.receive_buffer == 0); /* the kernel's autotuning by default */
+    o.local_addr = "127.0.0.4";
+    o.receive_buffer = 65536;
+    netswap_client *c = NULL;
+    CHECK_RC(netswap_connect(addr, &o, &c), NETSWAP_OK);
+    if (c == NULL) return;
+    size_t n = 3000000;
+    uint8_t *big = malloc(n);
+    for (size_t i = 0; i < n; i++) big[i] = (uint8_t)(i % 253);
+    uint64_t p = 0;
+    CHECK_RC(netswap_create(c, 0, big, n, &p), NETSWAP_OK);
+    netswap_buffer *got = NULL;
+    CHECK_RC(netswap_read(c, p, &got), NETSWAP_OK);
+    CHECK(got != NULL && netswap_buffer_len(got) == n &&
+          memcmp(netswap_buffer_data(got), big, n) == 0);
+    netswap_buffer_free(got);
+    CHECK_RC(netswap_delete(c, p), NETSWAP_OK);
+    free(big);
+    netswap_client_free(c);
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s HOST:PORT requests.json\n", argv[0]);
@@ -309,6 +335,7 @@ int main(int argc, char **argv) {
     test_threads(a);
     test_vectors(argv[2]);
     test_watch_vector(a, argv[2]);
+    test_receive_buffer(argv[1]);
 
     /* A watch still registered when its client is freed: callbacks stop, the
        handle is still freed by the caller. */

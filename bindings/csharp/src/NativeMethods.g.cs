@@ -422,6 +422,12 @@ namespace Netswap.Native
         ///  long means the connection is dead (0: never; netswap_options_init: 15,000).
         /// </summary>
         public uint keepalive_ms;
+        /// <summary>
+        ///  The socket's receive buffer in bytes (SO_RCVBUF; 0: the kernel's autotuning).
+        ///  A small one (e.g. 524,288) bounds how long a small reply can wait behind a
+        ///  large one on a LAN, at the cost of throughput over long round trips.
+        /// </summary>
+        public uint receive_buffer;
     }
 
     /// <summary>

@@ -173,6 +173,7 @@ namespace Netswap
                     o.reconnect_max_delay_ms = Millis(reconnect.MaxDelay);
                     o.reconnect_max_attempts = reconnect.MaxAttempts;
                     o.keepalive_ms = Millis(options.Keepalive);
+                    o.receive_buffer = options.ReceiveBuffer;
                     netswap_client* c = null;
                     Check(NativeMethods.netswap_connect(a, &o, &c), 0);
                     h.Set((IntPtr)c);

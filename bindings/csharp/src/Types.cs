@@ -161,6 +161,11 @@ namespace Netswap
         /// answer within as long means the connection is dead and it is replaced
         /// (TimeSpan.Zero: never).</summary>
         public TimeSpan Keepalive { get; set; }
+        /// <summary>The socket's receive buffer in bytes (SO_RCVBUF; 0, the default: the
+        /// kernel's autotuning). A small one (e.g. 524,288) bounds how long a small reply
+        /// can wait behind a large one on a LAN, at the cost of throughput over long
+        /// round trips.</summary>
+        public uint ReceiveBuffer { get; set; }
 
         /// <summary>Defaults: any local address, 10 s to connect, 30 s per call,
         /// reconnection on, keepalives after 15 s of silence.</summary>

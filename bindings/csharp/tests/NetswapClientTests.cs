@@ -1,6 +1,6 @@
 // NUnit tests of the C# client against a real server, whose address is in
 // NETSWAP_TEST_SERVER (started by bindings/csharp/test.sh with
-// --max-record-bytes 1600000 --quota-bytes 2000000). Identities: 127.0.0.2, .3, .9.
+// --max-record-bytes 1600000 --quota-bytes 2000000). Identities: 127.0.0.2, .3, .4, .9.
 using System;
 using System.Collections.Generic;
 using System.IO;
@@ -153,6 +153,19 @@ namespace Netswap.Tests
                 statuses++;
             }
             Assert.GreaterOrEqual(statuses, 4);
+        }
+
+        [Test]
+        public void ASmallReceiveBufferStillReadsALargeRecordWhole()
+        {
+            using (var a = NetswapClient.Connect(Server, new ConnectOptions { LocalAddress = "127.0.0.4", ReceiveBuffer = 65536 }))
+            {
+                var big = new byte[1500000];
+                for (int i = 0; i < big.Length; i++) big[i] = (byte)(i % 253);
+                var p = a.Create(big);
+                CollectionAssert.AreEqual(big, a.Read(p));
+                a.Delete(p);
+            }
         }
 
         [Test]

@@ -166,6 +166,20 @@ test('a large buffer both ways, with the event loop responsive', async () => {
   a.close()
 })
 
+test('a small receive buffer still reads a large record whole; a bad one is refused', async () => {
+  const a = await Client.connect(address, { localAddress: '127.0.0.2', receiveBuffer: 65536 })
+  const big = Buffer.alloc(3_000_000)
+  for (let i = 0; i < big.length; i++) big[i] = i % 253
+  const p = await a.create(big)
+  assert.ok((await a.read(p)).equals(big), 'read back equal')
+  await a.delete(p)
+  a.close()
+  await assert.rejects(
+    Client.connect(address, { receiveBuffer: -1 }),
+    /connect: receiveBuffer must be a whole number of bytes/,
+  )
+})
+
 test('watch callback and unsubscribe', async () => {
   const a = await connect('127.0.0.2')
   const b = await connect('127.0.0.3')

@@ -125,6 +125,10 @@ pub struct ConnectOptions {
     /// Ask the server something after this many ms of silence; no answer within as
     /// long means the connection is dead (default 15000; 0 = never).
     pub keepalive_ms: Option<u32>,
+    /// The socket's receive buffer in bytes (SO_RCVBUF; default 0 = the kernel's
+    /// autotuning). A small one (e.g. 524288) bounds how long a small reply can wait
+    /// behind a large one on a LAN, at the cost of throughput over long round trips.
+    pub receive_buffer: Option<u32>,
 }
 
 /// Automatic reconnection with exponential backoff and full jitter.
@@ -448,6 +452,9 @@ impl Client {
         }
         if let Some(ms) = o.keepalive_ms {
             opts.keepalive = (ms > 0).then(|| Duration::from_millis(ms.into()));
+        }
+        if let Some(bytes) = o.receive_buffer {
+            opts.receive_buffer = (bytes > 0).then_some(bytes);
         }
         if let Some(r) = o.reconnect {
             let d = Reconnect::default();
