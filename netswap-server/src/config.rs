@@ -404,7 +404,10 @@ mod tests {
         assert_eq!(c.idle_timeout, None);
         assert_eq!(c.receive_buffer, None, "the kernel's autotuning");
         let a = Args::parse_from(["x", "--receive-buffer", "524288"]);
-        assert_eq!(ServerConfig::from_args(&a).unwrap().receive_buffer, Some(524_288));
+        assert_eq!(
+            ServerConfig::from_args(&a).unwrap().receive_buffer,
+            Some(524_288)
+        );
     }
 
     #[test]
