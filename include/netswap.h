@@ -308,7 +308,7 @@ typedef struct netswap_options {
   uint32_t keepalive_ms;
   /**
    * The socket's receive buffer in bytes (SO_RCVBUF; 0: the kernel's autotuning).
-   * A small one (e.g. 524,288) bounds how long a small reply can wait behind a
+   * A small one (e.g. 262,144) bounds how long a small reply can wait behind a
    * large one on a LAN, at the cost of throughput over long round trips.
    */
   uint32_t receive_buffer;

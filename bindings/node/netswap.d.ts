@@ -77,7 +77,7 @@ export interface ConnectOptions {
   keepaliveMs?: number
   /**
    * The socket's receive buffer in bytes (SO_RCVBUF; default 0: the kernel's autotuning).
-   * A small one (e.g. 524288) bounds how long a small reply can wait behind a large one
+   * A small one (e.g. 262144) bounds how long a small reply can wait behind a large one
    * on a LAN, at the cost of throughput over long round trips.
    */
   receiveBuffer?: number

@@ -88,7 +88,7 @@ pub struct netswap_options {
     /// long means the connection is dead (0: never; netswap_options_init: 15,000).
     pub keepalive_ms: u32,
     /// The socket's receive buffer in bytes (SO_RCVBUF; 0: the kernel's autotuning).
-    /// A small one (e.g. 524,288) bounds how long a small reply can wait behind a
+    /// A small one (e.g. 262,144) bounds how long a small reply can wait behind a
     /// large one on a LAN, at the cost of throughput over long round trips.
     pub receive_buffer: u32,
 }

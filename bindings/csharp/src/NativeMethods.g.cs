@@ -424,7 +424,7 @@ namespace Netswap.Native
         public uint keepalive_ms;
         /// <summary>
         ///  The socket's receive buffer in bytes (SO_RCVBUF; 0: the kernel's autotuning).
-        ///  A small one (e.g. 524,288) bounds how long a small reply can wait behind a
+        ///  A small one (e.g. 262,144) bounds how long a small reply can wait behind a
         ///  large one on a LAN, at the cost of throughput over long round trips.
         /// </summary>
         public uint receive_buffer;

@@ -126,7 +126,7 @@ pub struct ConnectOptions {
     /// long means the connection is dead (default 15000; 0 = never).
     pub keepalive_ms: Option<u32>,
     /// The socket's receive buffer in bytes (SO_RCVBUF; default 0 = the kernel's
-    /// autotuning). A small one (e.g. 524288) bounds how long a small reply can wait
+    /// autotuning). A small one (e.g. 262144) bounds how long a small reply can wait
     /// behind a large one on a LAN, at the cost of throughput over long round trips.
     pub receive_buffer: Option<u32>,
 }
