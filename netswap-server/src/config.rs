@@ -9,6 +9,9 @@ use clap::Parser;
 use netswap_proto::{IdentityKey, MAX_MESSAGE, ReassemblyLimits, StoreConfig};
 use rand::RngCore;
 
+/// The largest `--receive-buffer` (the kernel takes an `int` and doubles it).
+const MAX_RECEIVE_BUFFER: usize = 1 << 30;
+
 /// netswap-server: swap space over the network.
 ///
 /// Serves netswap records over plain TCP (protocol v1, see docs/PROTOCOL.md), in
@@ -272,6 +275,12 @@ impl ServerConfig {
                     .into(),
             );
         }
+        if a.receive_buffer > MAX_RECEIVE_BUFFER {
+            return invalid(format!(
+                "--receive-buffer {} is over {MAX_RECEIVE_BUFFER} (1 GiB)",
+                a.receive_buffer
+            ));
+        }
         let cluster = match a.store.as_str() {
             "memory" => None,
             url => {
@@ -408,6 +417,9 @@ mod tests {
             ServerConfig::from_args(&a).unwrap().receive_buffer,
             Some(524_288)
         );
+        let a = Args::parse_from(["x", "--receive-buffer", "1073741825"]);
+        let e = ServerConfig::from_args(&a).unwrap_err().to_string();
+        assert!(e.contains("--receive-buffer 1073741825 is over"), "{e}");
     }
 
     #[test]
