@@ -182,14 +182,19 @@ async fn ten_megabyte_record_both_ways(backend: Backend) {
     srv.stop().unwrap();
 }
 
-async fn a_small_request_is_served_while_a_large_upload_is_half_way(backend: Backend) {
-    let srv = server_on(backend, |_| {});
+/// Replaces a small record with `big` on `srv`, sending half of the upload's frames,
+/// then a READ of the record (answered with the old bytes before the upload ended),
+/// then the rest; returns the connection and the record.
+async fn upload_with_a_read_half_way(
+    srv: &netswap_server::RunningServer,
+    big: Vec<u8>,
+) -> (Raw, Pointer) {
     let mut a = Raw::connect(srv.addr(), 2).await;
     let p = a.create(Access::empty(), &b"small"[..]).await;
     let upload = Raw::frames(
         Request::Replace {
             ptr: p,
-            data: Bytes::from(vec![7u8; 5_000_000]),
+            data: Bytes::from(big),
         }
         .encode(900),
     );
@@ -200,6 +205,12 @@ async fn a_small_request_is_served_while_a_large_upload_is_half_way(backend: Bac
     assert_eq!(&m.payload[..], b"small", "answered before the upload ended");
     a.send_raw(&upload[half..]).await;
     assert_eq!(a.reply_to(900).await.status(), Status::Ok);
+    (a, p)
+}
+
+async fn a_small_request_is_served_while_a_large_upload_is_half_way(backend: Backend) {
+    let srv = server_on(backend, |_| {});
+    let (mut a, p) = upload_with_a_read_half_way(&srv, vec![7u8; 5_000_000]).await;
     let Reply::Info(i) = a.ask(Request::Info { ptr: p }).await else {
         panic!()
     };
@@ -212,22 +223,8 @@ async fn a_small_request_is_served_while_a_large_upload_is_half_way(backend: Bac
 /// answered, and the record reads back byte-exact.
 async fn a_small_receive_buffer_still_takes_large_uploads(backend: Backend) {
     let srv = server_on(backend, |c| c.receive_buffer = Some(8 * 1024));
-    let mut a = Raw::connect(srv.addr(), 2).await;
-    let p = a.create(Access::empty(), &b"small"[..]).await;
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
-    let upload = Raw::frames(
-        Request::Replace {
-            ptr: p,
-            data: Bytes::from(big.clone()),
-        }
-        .encode(900),
-    );
-    let half = (upload.len() / 2) / MAX_FRAME * MAX_FRAME;
-    a.send_raw(&upload[..half]).await;
-    let m = a.call(ptr_req(p)).await;
-    assert_eq!(&m.payload[..], b"small", "answered before the upload ended");
-    a.send_raw(&upload[half..]).await;
-    assert_eq!(a.reply_to(900).await.status(), Status::Ok);
+    let (mut a, p) = upload_with_a_read_half_way(&srv, big.clone()).await;
     let Reply::Data(got) = a.read(p).await else {
         panic!()
     };
