@@ -752,55 +752,50 @@ impl Conn {
             self.stats.answered(op, Status::Ok);
             return self.reply(xid, Reply::Stats(self.hub.stats_entries(own)));
         }
-        let hub = self.hub.clone();
-        match (&hub.backend, &mut self.session) {
-            (Backend::Memory(store), ConnSession::Memory(_)) => {
-                // The mailbox exists and knows the watch before the watch does, so no
-                // notification is lost or sent the wrong way.
-                let watch = match request {
-                    Request::Watch { ptr, options } => {
-                        Some((ptr, self.watch_starting(ptr, xid, options)))
-                    }
-                    _ => None,
-                };
-                let unwatch = match request {
-                    Request::Unwatch { ptr } => self.session.watches().get(&ptr).map(|x| (ptr, *x)),
-                    _ => None,
-                };
-                let ConnSession::Memory(session) = &mut self.session else {
-                    unreachable!("matched above")
-                };
-                let wake_reaper = matches!(request, Request::Transfer { .. });
-                if let Request::Replace { data, .. } | Request::ReplaceIf { data, .. } = &request {
-                    self.large_values = data.len() > netswap_proto::INLINE_VALUE;
-                }
-                // A READ's bytes go straight from the record into the write buffer
-                // when nothing is queued before them (see `Conn::reply`).
-                let (outq, wbuf, large) = (&self.outq, &mut self.wbuf, &mut self.large_values);
-                let mut sink = |bytes: &[u8]| {
-                    *large = bytes.len() > netswap_proto::INLINE_VALUE;
-                    outq.is_empty() && wbuf.push_data(xid, bytes)
-                };
-                let now = self.batch_now;
-                let applied =
-                    store.apply_into(session, xid, request, at, now, &mut rand::rng(), &mut sink);
-                let ok = applied.reply.status() == Status::Ok;
-                if let Some((ptr, replaced)) = watch {
-                    self.watch_settled(ptr, xid, replaced, ok);
-                }
-                if let (Some((ptr, old)), true, Some(m)) = (unwatch, ok, &self.mailbox) {
-                    m.forget(ptr, old);
-                }
-                self.answer(xid, Some(op), applied);
-                if wake_reaper {
-                    self.hub.reaper.notify_one();
-                }
-            }
-            (Backend::Cluster(c), ConnSession::Cluster(_)) => {
-                let c = c.clone();
-                self.submit(c, xid, request);
-            }
-            _ => unreachable!("a session belongs to its backend"),
+        if let Backend::Cluster(c) = &self.hub.backend {
+            let c = c.clone();
+            return self.submit(c, xid, request);
+        }
+        // The mailbox exists and knows the watch before the watch does, so no
+        // notification is lost or sent the wrong way.
+        let watch = match request {
+            Request::Watch { ptr, options } => Some((ptr, self.watch_starting(ptr, xid, options))),
+            _ => None,
+        };
+        let unwatch = match request {
+            Request::Unwatch { ptr } => self.session.watches().get(&ptr).map(|x| (ptr, *x)),
+            _ => None,
+        };
+        // The store is borrowed from the hub (no `Arc` clone per request: two
+        // atomic operations on a count every connection's thread shares).
+        let (Backend::Memory(store), ConnSession::Memory(session)) =
+            (&self.hub.backend, &mut self.session)
+        else {
+            unreachable!("a session belongs to its backend")
+        };
+        let wake_reaper = matches!(request, Request::Transfer { .. });
+        if let Request::Replace { data, .. } | Request::ReplaceIf { data, .. } = &request {
+            self.large_values = data.len() > netswap_proto::INLINE_VALUE;
+        }
+        // A READ's bytes go straight from the record into the write buffer
+        // when nothing is queued before them (see `Conn::reply`).
+        let (outq, wbuf, large) = (&self.outq, &mut self.wbuf, &mut self.large_values);
+        let mut sink = |bytes: &[u8]| {
+            *large = bytes.len() > netswap_proto::INLINE_VALUE;
+            outq.is_empty() && wbuf.push_data(xid, bytes)
+        };
+        let now = self.batch_now;
+        let applied = store.apply_into(session, xid, request, at, now, &mut rand::rng(), &mut sink);
+        let ok = applied.reply.status() == Status::Ok;
+        if let Some((ptr, replaced)) = watch {
+            self.watch_settled(ptr, xid, replaced, ok);
+        }
+        if let (Some((ptr, old)), true, Some(m)) = (unwatch, ok, &self.mailbox) {
+            m.forget(ptr, old);
+        }
+        self.answer(xid, Some(op), applied);
+        if wake_reaper {
+            self.hub.reaper.notify_one();
         }
     }
 

@@ -8,6 +8,7 @@
 # With `hol ARGS...` instead of load arguments it runs `netswap-bench hol ARGS...` and
 # compares the p99 of the small reads (lower is better) instead of ops/s, e.g.
 #   scripts/bench/ab.sh A B 7 hol --big 67108864 --direction write --reads 200
+# AB_THREADS=N runs both servers with --threads N (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 a=$1 b=$2 runs=$3
@@ -27,7 +28,7 @@ for run in $(seq "$runs"); do
   for side in A B; do
     bin=$a
     [ "$side" = B ] && bin=$b
-    start "$bin" --listen 127.0.0.1:0 --threads 1 --quota-records 100000000 \
+    start "$bin" --listen 127.0.0.1:0 --threads "${AB_THREADS:-1}" --quota-records 100000000 \
       --quota-bytes 68719476736
     "$bench" -s "$addr" --json "$mode" "$@" >"$tmp/r.json"
     kill "$pid"
