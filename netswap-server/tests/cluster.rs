@@ -1437,6 +1437,97 @@ async fn small_records_keep_their_bytes_in_their_state_hash_and_move_when_they_g
     assert!(!cluster.exists(&meta) && !cluster.exists(&data_key));
 }
 
+/// Records stored by gateways of earlier versions, with their state in the fields
+/// `o`, `p`, `a`, `v`, `x`, `g` instead of the packed `s`: read (through the `LOAD`
+/// script), decided on as before, and converted by their next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_the_earlier_layout_are_read_and_converted_by_their_next_change() {
+    let cluster = common::cluster::shared();
+    let prefix = fresh_prefix();
+    let a = gateway(&prefix, |_| {});
+    let mut owner = Raw::connect(a.addr(), 2).await;
+    let p = owner.create(Access::READ, &b"old bytes"[..]).await;
+    let q = owner
+        .create(Access::READ | Access::WRITE, &b"shared"[..])
+        .await;
+    let meta = |ptr: Pointer| format!("{prefix}:{{r:{ptr}}}:m");
+    // Both rewritten as an earlier gateway stored them.
+    for ptr in [p, q] {
+        let mut r = cluster.primary_connection(&meta(ptr));
+        let s: Vec<u8> = redis::cmd("HGET")
+            .arg(meta(ptr))
+            .arg("s")
+            .query(&mut r)
+            .unwrap();
+        assert_eq!(
+            (s.len(), s[0], s[1]),
+            (43, 1, 0),
+            "format 1, no payer, no deadline"
+        );
+        let version = u64::from_be_bytes(s[3..11].try_into().unwrap());
+        let () = redis::pipe()
+            .cmd("HSET")
+            .arg(meta(ptr))
+            .arg("o")
+            .arg(&s[11..43])
+            .arg("a")
+            .arg(s[2].to_string())
+            .arg("v")
+            .arg(version.to_string())
+            .ignore()
+            .cmd("HDEL")
+            .arg(meta(ptr))
+            .arg("s")
+            .ignore()
+            .query(&mut r)
+            .unwrap();
+    }
+    let fields = |ptr: Pointer| {
+        let h = cluster.hgetall(&meta(ptr));
+        let mut f: Vec<String> = h
+            .into_keys()
+            .filter(|f| ["s", "o", "p", "a", "v", "x", "g"].contains(&f.as_str()))
+            .collect();
+        f.sort();
+        f
+    };
+    assert_eq!(fields(p), ["a", "o", "v"]);
+    // A gateway that remembers nothing of them, and the one that does.
+    let b = gateway(&prefix, |_| {});
+    let mut ob = Raw::connect(b.addr(), 2).await;
+    let mut xb = Raw::connect(b.addr(), 3).await;
+    for c in [&mut owner, &mut ob, &mut xb] {
+        assert_eq!(c.read(p).await, data(b"old bytes"));
+        assert_eq!(c.read(q).await, data(b"shared"));
+    }
+    // Decided on the old fields: only the owner writes p; anyone writes q.
+    let replace = |ptr, d: &'static [u8]| Request::Replace {
+        ptr,
+        data: Bytes::from_static(d),
+    };
+    assert_eq!(
+        xb.ask(replace(p, b"not yours")).await.status(),
+        Status::AccessViolation
+    );
+    assert_eq!(fields(p), ["a", "o", "v"], "a refusal changes nothing");
+    assert_eq!(ob.ask(replace(p, b"new bytes")).await, Reply::Written(2));
+    assert_eq!(fields(p), ["s"], "converted by its next change");
+    assert_eq!(xb.ask(replace(q, b"by another")).await, Reply::Written(2));
+    assert_eq!(fields(q), ["s"]);
+    for c in [&mut owner, &mut ob, &mut xb] {
+        assert_eq!(c.read(p).await, data(b"new bytes"));
+        assert_eq!(c.read(q).await, data(b"by another"));
+    }
+    // The converted state is the old one, changed: owner, access and version kept.
+    assert_eq!(
+        xb.ask(replace(p, b"still not yours")).await.status(),
+        Status::AccessViolation
+    );
+    assert_eq!(owner.ask(replace(p, b"third")).await, Reply::Written(3));
+    assert_eq!(owner.ask(Request::Delete { ptr: q }).await, Reply::Done);
+    assert_eq!(owner.read(q).await.status(), Status::AddressFault);
+}
+
 /// One identity's many concurrent creates and deletes on one gateway: their quota
 /// changes queue behind the one being written and go together in the next
 /// compare-and-set, each decided on what the ones before it left, so the quota holds

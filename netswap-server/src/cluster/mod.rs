@@ -874,8 +874,16 @@ impl ClusterStore {
             fence: deadline,
             op: op.clone(),
             mark: true,
-            set: vec![("r", (rec.rev + 1).to_string().into_bytes())],
-            del: vec!["p", "x", "g"],
+            set: vec![
+                ("r", (rec.rev + 1).to_string().into_bytes()),
+                Stored {
+                    payer: None,
+                    deadline: None,
+                    ..rec.clone()
+                }
+                .state_field(),
+            ],
+            del: rec.legacy_fields().to_vec(),
             ..Change::default()
         };
         let committed = self.commit(ptr, &change).await?;
@@ -1060,9 +1068,10 @@ impl ClusterStore {
                 data: DataOp::Set(data.clone()),
                 set: vec![
                     ("r", b"1".to_vec()),
-                    ("o", me.0.to_vec()),
-                    ("a", access.bits().to_string().into_bytes()),
-                    ("v", b"1".to_vec()),
+                    (
+                        redis_io::STATE,
+                        redis_io::pack_state(&me, None, access, 1, None),
+                    ),
                 ],
                 ..Change::default()
             };
@@ -1088,6 +1097,7 @@ impl ClusterStore {
                             size: data.len() as u64,
                             data: None,
                             inline: in_hash || data.len() <= scripts::IN_HASH,
+                            legacy: false,
                         },
                     );
                     return Reply::Created(ptr);

@@ -137,8 +137,13 @@ impl ClusterStore {
                     ),
                     set: vec![
                         ("r", rev.to_string().into_bytes()),
-                        ("a", access.bits().to_string().into_bytes()),
+                        Stored {
+                            access,
+                            ..rec.clone()
+                        }
+                        .state_field(),
                     ],
+                    del: rec.legacy_fields().to_vec(),
                     op: self.op_id(),
                     ..Change::default()
                 };
@@ -233,8 +238,13 @@ impl ClusterStore {
             },
             set: vec![
                 ("r", rev.to_string().into_bytes()),
-                ("v", w.new_version.to_string().into_bytes()),
+                Stored {
+                    version: w.new_version,
+                    ..rec.clone()
+                }
+                .state_field(),
             ],
+            del: rec.legacy_fields().to_vec(),
             op: self.op_id(),
             new_size: Some(w.new_size),
             inline: rec.inline,
@@ -306,6 +316,7 @@ impl ClusterStore {
                         inline: in_hash
                             || (w.new_size <= scripts::IN_HASH as u64
                                 && (rec.inline || matches!(w.kind, WriteKind::Replace))),
+                        legacy: false,
                         ..rec.clone()
                     },
                 );
@@ -445,25 +456,23 @@ impl ClusterStore {
         } else {
             rec.access
         };
-        let mut set = vec![
-            ("r", rev.to_string().into_bytes()),
-            ("o", to.0.to_vec()),
-            ("a", access.bits().to_string().into_bytes()),
-        ];
-        let mut del = vec![];
         let own_deadline =
             (!takeover && !receiver.live).then(|| now + redis_io::ms(self.cfg.orphan_grace));
-        match own_deadline {
-            Some(x) => {
-                set.push(("x", x.to_string().into_bytes()));
-                set.push(("g", receiver.generation.to_string().into_bytes()));
+        let set = vec![
+            ("r", rev.to_string().into_bytes()),
+            Stored {
+                owner: to,
+                payer: match payer {
+                    Payer::NewOwner => None,
+                    Payer::Unchanged => Some(old_payer),
+                },
+                access,
+                deadline: own_deadline.map(|x| (x, receiver.generation)),
+                ..rec.clone()
             }
-            None => del.extend(["x", "g"]),
-        }
-        match payer {
-            Payer::NewOwner => del.push("p"),
-            Payer::Unchanged => set.push(("p", old_payer.0.to_vec())),
-        }
+            .state_field(),
+        ];
+        let del = rec.legacy_fields().to_vec();
         // Index first, so that the reaper and claims always find the record.
         let tk = self.keys.identity(&to);
         let mut pipe = redis::pipe();

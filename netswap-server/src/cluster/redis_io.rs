@@ -34,6 +34,9 @@ pub(crate) struct Stored {
     pub data: Option<Bytes>,
     /// The bytes are in the state hash (field `d`), not in the data key.
     pub inline: bool,
+    /// Stored by a gateway of an earlier version: the state in the fields
+    /// [`LEGACY_FIELDS`] instead of `s`; the next commit converts it.
+    pub legacy: bool,
 }
 
 impl Stored {
@@ -41,6 +44,114 @@ impl Stored {
     pub fn payer(&self) -> Identity {
         self.payer.unwrap_or(self.owner)
     }
+
+    /// The field `s` for this state (see [`pack_state`]), to set in a commit.
+    pub fn state_field(&self) -> (&'static str, Vec<u8>) {
+        (
+            STATE,
+            pack_state(
+                &self.owner,
+                self.payer.as_ref(),
+                self.access,
+                self.version,
+                self.deadline,
+            ),
+        )
+    }
+
+    /// The fields a commit deletes to convert a record of the earlier layout (none
+    /// for one in the current layout).
+    pub fn legacy_fields(&self) -> &'static [&'static str] {
+        if self.legacy { &LEGACY_FIELDS } else { &[] }
+    }
+}
+
+/// The field of a record's state hash that holds everything the rules decide on but
+/// the revision (`r`, which scripts compare): owner, payer, access bits, version and
+/// its own orphan deadline, packed by [`pack_state`]. One field instead of six: a
+/// load's `HMGET` returns 4 values instead of 9, and the `redis` crate's reply parser
+/// (an allocation and a parse per value) was the gateway's largest cost per READ
+/// (docs/BENCHMARKS.md).
+pub(crate) const STATE: &str = "s";
+
+/// The state's fields in the layout of earlier versions (one each; no `s`).
+pub(crate) const LEGACY_FIELDS: [&str; 6] = ["o", "p", "a", "v", "x", "g"];
+
+/// Format byte of a packed state.
+const STATE_FORMAT: u8 = 1;
+/// Flags of a packed state: a payer follows the owner; a deadline follows.
+const HAS_PAYER: u8 = 1;
+const HAS_DEADLINE: u8 = 2;
+
+/// A record's state as the field `s`: format `1`, flags (1: payer, 2: deadline),
+/// access bits, version (u64, big-endian), owner (32 bytes), then the payer (32
+/// bytes) and the deadline and generation (two u64) when the flags say so. 43 to 91
+/// bytes.
+pub(crate) fn pack_state(
+    owner: &Identity,
+    payer: Option<&Identity>,
+    access: Access,
+    version: Version,
+    deadline: Option<(u64, u64)>,
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(91);
+    let flags = if payer.is_some() { HAS_PAYER } else { 0 }
+        | if deadline.is_some() { HAS_DEADLINE } else { 0 };
+    b.extend_from_slice(&[STATE_FORMAT, flags, access.bits()]);
+    b.extend_from_slice(&version.to_be_bytes());
+    b.extend_from_slice(&owner.0);
+    if let Some(p) = payer {
+        b.extend_from_slice(&p.0);
+    }
+    if let Some((x, g)) = deadline {
+        b.extend_from_slice(&x.to_be_bytes());
+        b.extend_from_slice(&g.to_be_bytes());
+    }
+    b
+}
+
+/// A record's state but its revision: owner, payer, access, version, deadline.
+pub(crate) type State = (
+    Identity,
+    Option<Identity>,
+    Access,
+    Version,
+    Option<(u64, u64)>,
+);
+
+/// What [`pack_state`] packed. `None`: not a packed state of this format (wrong
+/// length, format or flags).
+pub(crate) fn unpack_state(b: &[u8]) -> Option<State> {
+    let (&[format, flags, access], rest) = b.split_first_chunk::<3>()?;
+    if format != STATE_FORMAT || flags & !(HAS_PAYER | HAS_DEADLINE) != 0 {
+        return None;
+    }
+    let (version, rest) = rest.split_first_chunk::<8>()?;
+    let (owner, mut rest) = rest.split_first_chunk::<32>()?;
+    let payer = if flags & HAS_PAYER != 0 {
+        let (p, r) = rest.split_first_chunk::<32>()?;
+        rest = r;
+        Some(Identity(*p))
+    } else {
+        None
+    };
+    let deadline = if flags & HAS_DEADLINE != 0 {
+        let (x, r) = rest.split_first_chunk::<8>()?;
+        let (g, r) = r.split_first_chunk::<8>()?;
+        rest = r;
+        Some((u64::from_be_bytes(*x), u64::from_be_bytes(*g)))
+    } else {
+        None
+    };
+    rest.is_empty().then(|| {
+        (
+            Identity(*owner),
+            payer,
+            Access::from_bits_truncate(access),
+            u64::from_be_bytes(*version),
+            deadline,
+        )
+    })
 }
 
 /// How a commit went.
@@ -347,9 +458,27 @@ pub(crate) struct LoadCounters {
 /// the atomic scripts (each try that saw a change in between costs one round trip).
 const PLAIN_TRIES: usize = 3;
 
-/// The fields of a record's state, in the order `HMGET` and `LOAD` return them (`LOAD`
-/// without the last, `l`: the last change's operation id).
-const STATE_FIELDS: [&str; 9] = ["r", "o", "p", "a", "v", "x", "g", "l", "d"];
+/// The fields of a record's state hash a load reads, in this order: the revision, the
+/// packed state ([`STATE`]), the last change's operation id and the bytes when they
+/// are in the hash.
+const STATE_FIELDS: [&str; 4] = ["r", STATE, "l", "d"];
+/// Where [`STATE_FIELDS`] are in an `HMGET`'s reply.
+const F_REV: usize = 0;
+const F_STATE: usize = 1;
+const F_LAST: usize = 2;
+const F_DATA: usize = 3;
+
+/// One try of a load with plain commands.
+#[derive(Debug, PartialEq, Eq)]
+enum Plain {
+    /// The record (`None`: there is none).
+    Found(Option<Stored>),
+    /// It changed between the first command and the last: read again.
+    Changed,
+    /// It is in the layout of earlier versions ([`LEGACY_FIELDS`]), which only the
+    /// `LOAD` script reads.
+    Legacy,
+}
 
 /// Loads a record, with the bytes of `[start, start+len)` when they are at most
 /// `max_inline` (`len` `None`: no bytes; `max_inline` `usize::MAX`: whatever their
@@ -378,16 +507,28 @@ pub(crate) async fn load(
     counters: &LoadCounters,
 ) -> RedisResult<Option<Stored>> {
     // Bytes last seen in the state hash: one `HMGET` reads the record atomically.
-    if in_hash && let Some(found) = load_hash(conn, batch, k, range).await? {
+    let mut tries = if in_hash {
+        load_hash(conn, batch, k, range).await?
+    } else {
+        Plain::Changed
+    };
+    for _ in 0..PLAIN_TRIES {
+        match tries {
+            Plain::Found(found) => {
+                counters.plain.fetch_add(1, Ordering::Relaxed);
+                return Ok(found);
+            }
+            Plain::Legacy => break,
+            Plain::Changed => {}
+        }
+        tries = load_plain(conn, batch, k, range, max_inline).await?;
+        if matches!(tries, Plain::Changed) {
+            counters.retries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if let Plain::Found(found) = tries {
         counters.plain.fetch_add(1, Ordering::Relaxed);
         return Ok(found);
-    }
-    for _ in 0..PLAIN_TRIES {
-        if let Some(found) = load_plain(conn, batch, k, range, max_inline).await? {
-            counters.plain.fetch_add(1, Ordering::Relaxed);
-            return Ok(found);
-        }
-        counters.retries.fetch_add(1, Ordering::Relaxed);
     }
     counters.script.fetch_add(1, Ordering::Relaxed);
     // Boxed, like every rare path here: a future holds room for the largest of its
@@ -437,15 +578,15 @@ enum DataRead {
 /// ask `load` for (a load of `(0, WHOLE)` with no inline limit is one `GET`).
 pub(crate) const WHOLE: u64 = 1 << 53;
 
-/// One try of `load` with plain commands; `Ok(None)`: the record changed in between.
-/// With a batcher, the commands go with other loads' (`batch.rs`).
+/// One try of `load` with plain commands. With a batcher, the commands go with other
+/// loads' (`batch.rs`).
 async fn load_plain(
     conn: &ClusterConnection,
     batch: Option<&Batcher>,
     k: &RecordKeys,
     range: Option<(u64, u64)>,
     max_inline: usize,
-) -> RedisResult<Option<Option<Stored>>> {
+) -> RedisResult<Plain> {
     // At most `max_inline` bytes; a start beyond any record's size reads none.
     let read = match range {
         Some((0, n)) if n >= WHOLE && max_inline == usize::MAX => DataRead::Whole,
@@ -460,13 +601,13 @@ async fn load_plain(
 }
 
 /// A load of a record whose bytes were last seen in its state hash: one `HMGET` of
-/// the state with the bytes. `None`: they are not there (any more): load as usual.
+/// the state with the bytes. `Changed`: they are not there (any more): load as usual.
 async fn load_hash(
     conn: &ClusterConnection,
     batch: Option<&Batcher>,
     k: &RecordKeys,
     range: Option<(u64, u64)>,
-) -> RedisResult<Option<Option<Stored>>> {
+) -> RedisResult<Plain> {
     let build = || vec![state_command(k)];
     let replies = Batcher::send_idempotent(batch, conn, &k.meta, build).await?;
     let Some(Value::Array(state)) = first_error(replies)?.pop() else {
@@ -475,16 +616,22 @@ async fn load_hash(
     if state.len() != STATE_FIELDS.len() {
         return Err(bad("HMGET"));
     }
-    if state[0] == Value::Nil {
-        return Ok(Some(None));
+    if state[F_REV] == Value::Nil {
+        return Ok(Plain::Found(None));
     }
-    in_hash_record(&state, range).map(|r| r.map(Some))
+    if state[F_STATE] == Value::Nil {
+        return Ok(Plain::Legacy);
+    }
+    Ok(match in_hash_record(&state, range)? {
+        Some(rec) => Plain::Found(Some(rec)),
+        None => Plain::Changed,
+    })
 }
 
-/// The record of an `HMGET` of `STATE_FIELDS` whose bytes are in the hash (`None`:
-/// they are not), with the bytes of `range`.
+/// The record of an `HMGET` of `STATE_FIELDS` (with `s`) whose bytes are in the hash
+/// (`None`: they are not), with the bytes of `range`.
 fn in_hash_record(state: &[Value], range: Option<(u64, u64)>) -> RedisResult<Option<Stored>> {
-    let Value::BulkString(bytes) = &state[8] else {
+    let Value::BulkString(bytes) = &state[F_DATA] else {
         return Ok(None);
     };
     let size = bytes.len() as u64;
@@ -540,14 +687,13 @@ fn load_commands(k: &RecordKeys, read: DataRead) -> Vec<redis::Cmd> {
 }
 
 /// Reads the replies of `load_plain`'s commands (`HMGET` state, the data's as `read`
-/// says, `HGET l`): the record (`Some(None)`: there is none), or `None` when it
-/// changed between the first command and the last.
+/// says, `HGET l`).
 fn snapshot(
     replies: Vec<Value>,
     read: DataRead,
     range: Option<(u64, u64)>,
     max_inline: usize,
-) -> RedisResult<Option<Option<Stored>>> {
+) -> RedisResult<Plain> {
     let mut replies = replies.into_iter();
     let Some(Value::Array(state)) = replies.next() else {
         return Err(bad("HMGET"));
@@ -568,24 +714,54 @@ fn snapshot(
     if state.len() != STATE_FIELDS.len() {
         return Err(bad("HMGET"));
     }
+    if state[F_REV] != Value::Nil && state[F_STATE] == Value::Nil {
+        return Ok(Plain::Legacy);
+    }
     // Bytes in the hash: the `HMGET` alone was one consistent state.
-    if state[0] != Value::Nil
+    if state[F_REV] != Value::Nil
         && let Some(rec) = in_hash_record(&state, range)?
     {
-        return Ok(Some(Some(rec)));
+        return Ok(Plain::Found(Some(rec)));
     }
-    if state[0] == Value::Nil && last == Value::Nil {
-        return Ok(Some(None));
+    if state[F_REV] == Value::Nil && last == Value::Nil {
+        return Ok(Plain::Found(None));
     }
-    if state[0] == Value::Nil || state[7] != last {
-        return Ok(None);
+    if state[F_REV] == Value::Nil || state[F_LAST] != last {
+        return Ok(Plain::Changed);
     }
     let data = inline_bytes(range, size, max_inline, fetched)?;
-    Ok(Some(Some(stored(&state, size, data)?)))
+    Ok(Plain::Found(Some(stored(&state, size, data)?)))
 }
 
-/// A record's state from the fields `STATE_FIELDS`.
+/// A record at revision `rev` in `state`, of the layout of earlier versions or not.
+fn record(rev: u64, state: State, size: u64, data: Option<Bytes>, legacy: bool) -> Stored {
+    let (owner, payer, access, version, deadline) = state;
+    Stored {
+        rev,
+        owner,
+        payer,
+        access,
+        version,
+        deadline,
+        size,
+        data,
+        inline: false,
+        legacy,
+    }
+}
+
+/// A record's state from the fields `r` and `s` (the first two of `STATE_FIELDS`).
 fn stored(items: &[Value], size: u64, data: Option<Bytes>) -> RedisResult<Stored> {
+    let rev = int(&items[F_REV]).ok_or_else(|| bad("rev"))? as u64;
+    let state = bytes(&items[F_STATE])
+        .and_then(unpack_state)
+        .ok_or_else(|| bad("packed state"))?;
+    Ok(record(rev, state, size, data, false))
+}
+
+/// A record's state from the layout of earlier versions: the revision, then the
+/// fields [`LEGACY_FIELDS`] in their order.
+fn stored_legacy(items: &[Value], size: u64, data: Option<Bytes>) -> RedisResult<Stored> {
     let rev = int(&items[0]).ok_or_else(|| bad("rev"))? as u64;
     let owner = identity(&items[1]).ok_or_else(|| bad("owner"))?;
     let payer = match &items[2] {
@@ -598,17 +774,8 @@ fn stored(items: &[Value], size: u64, data: Option<Bytes>) -> RedisResult<Stored
         (Some(x), Some(g)) => Some((x as u64, g as u64)),
         _ => None,
     };
-    Ok(Stored {
-        rev,
-        owner,
-        payer,
-        access,
-        version,
-        deadline,
-        size,
-        data,
-        inline: false,
-    })
+    let state = (owner, payer, access, version, deadline);
+    Ok(record(rev, state, size, data, true))
 }
 
 /// `load` in one atomic script (the fallback when plain reads keep seeing changes).
@@ -635,17 +802,23 @@ async fn load_script(
     .await?;
     let mut items = match v {
         Value::Nil => return Ok(None),
-        Value::Array(items) if items.len() == 10 => items,
+        Value::Array(items) if items.len() == 11 => items,
         Value::Boolean(false) => return Ok(None),
         other => return Err(bad(&format!("LOAD gave {other:?}"))),
     };
     let inline = items.pop().and_then(|v| int(&v)) == Some(1);
-    let size = int(&items[7]).ok_or_else(|| bad("size"))? as u64;
     let data = match items.pop() {
         Some(Value::BulkString(b)) => Some(Bytes::from(b)),
         _ => None,
     };
-    let mut rec = stored(&items[..7], size, data)?;
+    let size = int(&items[8]).ok_or_else(|| bad("size"))? as u64;
+    let mut rec = if items[F_STATE] == Value::Nil {
+        // `r`, then the legacy fields.
+        items.remove(F_STATE);
+        stored_legacy(&items[..7], size, data)?
+    } else {
+        stored(&items[..2], size, data)?
+    };
     rec.inline = inline;
     Ok(Some(rec))
 }
@@ -1105,25 +1278,131 @@ mod tests {
         Value::BulkString(b.to_vec())
     }
 
-    /// `HMGET r o p a v x g l d` of a record at revision `rev`, last changed by
-    /// `op`, its bytes in the data key.
+    /// `HMGET r s l d` of a record at revision `rev`, last changed by `op`, its
+    /// bytes in the data key.
     fn state(rev: &str, op: &str) -> Value {
         state_with(rev, op, Value::Nil)
     }
 
     /// The same with `d`, the bytes in the hash (`Nil`: none).
     fn state_with(rev: &str, op: &str, d: Value) -> Value {
+        let packed = pack_state(
+            &Identity([7; 32]),
+            None,
+            Access::from_bits_truncate(3),
+            5,
+            None,
+        );
         Value::Array(vec![
             bulk(rev.as_bytes()),
-            bulk(&[7; 32]),
-            Value::Nil,
-            bulk(b"3"),
-            bulk(b"5"),
-            Value::Nil,
-            Value::Nil,
+            bulk(&packed),
             bulk(op.as_bytes()),
             d,
         ])
+    }
+
+    /// A plain try as the `Option`s it replaced: `None` read again, `Some(None)` no
+    /// record.
+    fn found(p: RedisResult<Plain>) -> RedisResult<Option<Option<Stored>>> {
+        p.map(|p| match p {
+            Plain::Found(f) => Some(f),
+            Plain::Changed => None,
+            Plain::Legacy => panic!("not a legacy record"),
+        })
+    }
+
+    #[test]
+    fn packed_states_round_trip_and_bad_ones_are_refused() {
+        let owner = Identity([1; 32]);
+        let payer = Identity([2; 32]);
+        let all = Access::READ | Access::WRITE | Access::TAKEOVER;
+        for (p, d) in [
+            (None, None),
+            (Some(&payer), None),
+            (None, Some((1_700_000_000_000, 9))),
+            (Some(&payer), Some((u64::MAX, 0))),
+        ] {
+            for (access, version) in [(Access::empty(), 1), (all, u64::MAX)] {
+                let b = pack_state(&owner, p, access, version, d);
+                assert_eq!(b.len(), 43 + p.map_or(0, |_| 32) + d.map_or(0, |_| 16));
+                assert_eq!(
+                    unpack_state(&b),
+                    Some((owner, p.copied(), access, version, d))
+                );
+                // Any byte less or more, another format or an unknown flag.
+                assert_eq!(unpack_state(&b[..b.len() - 1]), None);
+                assert_eq!(unpack_state(&[&b[..], &[0]].concat()), None);
+                let mut other = b.clone();
+                other[0] = 2;
+                assert_eq!(unpack_state(&other), None);
+                other = b.clone();
+                other[1] |= 4;
+                assert_eq!(unpack_state(&other), None);
+            }
+        }
+        assert_eq!(unpack_state(b""), None);
+        // A record's state field says the same as the record.
+        let rec = Stored {
+            rev: 3,
+            owner,
+            payer: Some(payer),
+            access: all,
+            version: 8,
+            deadline: Some((5, 6)),
+            size: 0,
+            data: None,
+            inline: true,
+            legacy: false,
+        };
+        let (name, b) = rec.state_field();
+        assert_eq!(name, "s");
+        assert_eq!(
+            unpack_state(&b),
+            Some((owner, Some(payer), all, 8, Some((5, 6))))
+        );
+        assert!(rec.legacy_fields().is_empty());
+        let old = Stored {
+            legacy: true,
+            ..rec
+        };
+        assert_eq!(old.legacy_fields(), LEGACY_FIELDS);
+    }
+
+    #[test]
+    fn records_of_the_earlier_layout_go_to_the_script() {
+        // `r` without `s`: the state is in the legacy fields, which only `LOAD` reads.
+        let legacy = || Value::Array(vec![bulk(b"4"), Value::Nil, bulk(b"g-1"), bulk(b"hello")]);
+        let replies = vec![legacy(), Value::Int(0), bulk(b""), last("g-1")];
+        assert_eq!(
+            snapshot(replies, DataRead::Range(0, 3), Some((0, 3)), 16).unwrap(),
+            Plain::Legacy
+        );
+        // The LOAD script's legacy fields, in their order after `r`.
+        let items = [
+            bulk(b"4"),
+            bulk(&[7; 32]),
+            bulk(&[8; 32]),
+            bulk(b"3"),
+            bulk(b"5"),
+            bulk(b"100"),
+            bulk(b"2"),
+        ];
+        let rec = stored_legacy(&items, 5, None).unwrap();
+        assert!(rec.legacy);
+        assert_eq!(
+            (rec.rev, rec.owner, rec.payer, rec.version, rec.deadline),
+            (
+                4,
+                Identity([7; 32]),
+                Some(Identity([8; 32])),
+                5,
+                Some((100, 2))
+            )
+        );
+        // A packed state that is not one is an error, not a guess.
+        let bad_state = Value::Array(vec![bulk(b"4"), bulk(b"xyz"), bulk(b"g-1"), bulk(b"hi")]);
+        let replies = vec![bad_state, Value::Int(0), bulk(b""), last("g-1")];
+        assert!(snapshot(replies, DataRead::Range(0, 3), Some((0, 3)), 16).is_err());
     }
 
     #[test]
@@ -1132,7 +1411,7 @@ mod tests {
         // Whatever the data key's commands and the last operation id said.
         for end in [last("g-1"), last("g-2"), Value::Nil] {
             let replies = vec![hashed(), Value::Int(0), bulk(b""), end];
-            let rec = snapshot(replies, DataRead::Range(1, 3), Some((1, 3)), 16)
+            let rec = found(snapshot(replies, DataRead::Range(1, 3), Some((1, 3)), 16))
                 .unwrap()
                 .unwrap()
                 .unwrap();
@@ -1172,7 +1451,7 @@ mod tests {
                 true => DataRead::Range(0, 16),
                 false => DataRead::Size,
             };
-            snapshot(replies, read, whole, 16)
+            found(snapshot(replies, read, whole, 16))
         };
         // Unchanged: the state, the size and the bytes.
         let rec = got(
@@ -1194,12 +1473,12 @@ mod tests {
         }
         // Created in between: missing at the first command is a consistent answer.
         let created = vec![
-            Value::Array(vec![Value::Nil; 9]),
+            Value::Array(vec![Value::Nil; 4]),
             Value::Int(0),
             last("g-3"),
         ];
         assert_eq!(got(created, false).unwrap(), None);
-        let missing = vec![Value::Array(vec![Value::Nil; 9]), Value::Int(0), Value::Nil];
+        let missing = vec![Value::Array(vec![Value::Nil; 4]), Value::Int(0), Value::Nil];
         assert_eq!(got(missing, false).unwrap(), Some(None));
         // Replies of the wrong shape are errors, not guesses.
         assert!(got(vec![state("4", "g-1"), Value::Int(3)], false).is_err());
@@ -1208,7 +1487,7 @@ mod tests {
         // All of it with GET (an empty record has no data key).
         let all = |d: Value| {
             let replies = vec![state("4", "g-1"), d, last("g-1")];
-            snapshot(replies, DataRead::Whole, whole, usize::MAX)
+            found(snapshot(replies, DataRead::Whole, whole, usize::MAX))
                 .unwrap()
                 .unwrap()
                 .unwrap()

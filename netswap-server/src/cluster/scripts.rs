@@ -14,9 +14,11 @@ use redis::Script;
 /// `HSET` (docs/ARCHITECTURE.md).
 pub(crate) const IN_HASH: usize = 1024;
 
-/// Loads a record atomically: `{rev, owner, payer, access, version, deadline,
-/// generation, size, data, inline}` or nil (`inline` 1: the bytes are in the state
-/// hash). The fallback of `redis_io::load`, which reads with
+/// Loads a record atomically: `{rev, state, owner, payer, access, version,
+/// deadline, generation, size, data, inline}` or nil (`inline` 1: the bytes are in
+/// the state hash). `state` is the packed state (`redis_io::STATE`); a record of
+/// the layout of earlier versions has none, and its state in the six fields after
+/// it (`redis_io::LEGACY_FIELDS`), which are false otherwise. The fallback of `redis_io::load`, which reads with
 /// plain commands (cheaper for Redis) while no write comes in between. `data` is the range `[start, start+len)` (cut at the end) when it is
 /// at most `max_inline` bytes and `len >= 0`, else nil (the gateway fetches it
 /// separately, after deciding the caller may read it).
@@ -25,9 +27,9 @@ pub(crate) const IN_HASH: usize = 1024;
 pub(crate) static LOAD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local m = redis.call('HMGET', KEYS[1], 'r', 'o', 'p', 'a', 'v', 'x', 'g', 'd')
+local m = redis.call('HMGET', KEYS[1], 'r', 's', 'o', 'p', 'a', 'v', 'x', 'g', 'd')
 if not m[1] then return false end
-local inline = m[8]
+local inline = m[9]
 local size
 if inline then size = #inline else size = redis.call('STRLEN', KEYS[2]) end
 local d = false
@@ -44,7 +46,7 @@ if n >= 0 and s <= size then
     d = redis.call('GETRANGE', KEYS[2], s, e - 1)
   end
 end
-return {m[1], m[2], m[3] or false, m[4], m[5], m[6] or false, m[7] or false, size, d, inline and 1 or 0}
+return {m[1], m[2] or false, m[3] or false, m[4] or false, m[5] or false, m[6] or false, m[7] or false, m[8] or false, size, d, inline and 1 or 0}
 "#,
     )
 });

@@ -94,6 +94,7 @@ mod tests {
             size: 3,
             data: Some(Bytes::from_static(b"abc")),
             inline: true,
+            legacy: false,
         }
     }
 

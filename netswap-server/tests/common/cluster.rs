@@ -307,14 +307,24 @@ impl RedisCluster {
         }
     }
 
-    /// The fields of hash `key` (`HGETALL` on its primary).
+    /// A plain connection to the primary serving `key`, for commands whose
+    /// arguments or replies are binary (which `redis-cli` would mangle).
+    pub fn primary_connection(&self, key: &str) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{}", self.primary_of(key)))
+            .and_then(|c| c.get_connection())
+            .expect("a connection to the key's primary")
+    }
+
+    /// The fields of hash `key` (`HGETALL` on its primary; values as text, lossily:
+    /// a record's packed state is binary).
     pub fn hgetall(&self, key: &str) -> std::collections::HashMap<String, String> {
-        let out = redis_cli(self.primary_of(key), &["HGETALL", key]);
-        let lines: Vec<&str> = out.lines().collect();
-        lines
-            .chunks(2)
-            .filter(|p| p.len() == 2)
-            .map(|p| (p[0].to_string(), p[1].to_string()))
+        let fields: std::collections::HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+            .arg(key)
+            .query(&mut self.primary_connection(key))
+            .expect("HGETALL");
+        fields
+            .into_iter()
+            .map(|(f, v)| (f, String::from_utf8_lossy(&v).into_owned()))
             .collect()
     }
 
