@@ -423,6 +423,16 @@ impl Conn {
                     while let Some(Some((xid, ptr, started, outcome))) = self.in_flight.next().now_or_never() {
                         self.finish(xid, ptr, started, outcome);
                     }
+                    // With more still in flight, let the tasks that read Redis's
+                    // other replies run first, and take what they finished too: at
+                    // pipeline 16 a gateway sent a write per ~5 replies, and this
+                    // made READs +10-11% and REPLACEs +11% (docs/BENCHMARKS.md).
+                    if !self.in_flight.is_empty() {
+                        tokio::task::yield_now().await;
+                        while let Some(Some((xid, ptr, started, outcome))) = self.in_flight.next().now_or_never() {
+                            self.finish(xid, ptr, started, outcome);
+                        }
+                    }
                     self.send_deferred();
                 }
                 ready = stream.ready(interest), if read || write => match ready {
