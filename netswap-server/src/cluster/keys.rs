@@ -74,7 +74,18 @@ pub(crate) struct RecordKeys {
 
 impl RecordKeys {
     fn of(prefix: &str, ptr: Pointer) -> RecordKeys {
-        let meta = format!("{prefix}:{{r:{ptr}}}:m");
+        // `{prefix}:{r:PTR}:m`, PTR in 16 hex digits as `Pointer` displays it, built
+        // without `format!`: its machinery was ~2% of a gateway's time per READ.
+        let mut meta = String::with_capacity(prefix.len() + 24);
+        meta.push_str(prefix);
+        meta.push_str(":{r:");
+        let v = ptr.get();
+        meta.extend(
+            (0..16)
+                .rev()
+                .map(|i| char::from_digit(((v >> (4 * i)) & 0xf) as u32, 16).expect("a hex digit")),
+        );
+        meta.push_str("}:m");
         let mut data = meta.clone();
         data.pop();
         data.push('d');
@@ -149,5 +160,11 @@ mod tests {
         assert_eq!(keys.channel(b"ns:{r:0000000000000abc}:x"), None);
         assert_eq!(Keys::new("other").channel(k.events().as_bytes()), None);
         assert_eq!(keys.reap(), "ns:{reap}");
+        // Built by hand: the pointer as it displays, for any value.
+        for v in [1, 0xfedc_ba98_7654_3210, u64::MAX, 0x8000_0000_0000_000a] {
+            let p = Pointer::new(v).unwrap();
+            assert_eq!(keys.record(p).meta, format!("ns:{{r:{p}}}:m"));
+            assert_eq!(keys.record(p).data, format!("ns:{{r:{p}}}:d"));
+        }
     }
 }

@@ -14,8 +14,7 @@
 //! Bounded: at most `capacity` records (an arbitrary one goes when full); 0 turns it
 //! off.
 
-use std::collections::HashMap;
-
+use hashbrown::HashMap;
 use netswap_proto::Pointer;
 
 use super::redis_io::Stored;
