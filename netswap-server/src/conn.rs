@@ -420,18 +420,14 @@ impl Conn {
                     self.finish(xid, ptr, started, outcome);
                     // Every other request that is done too, so their replies leave in
                     // one write.
-                    while let Some(Some((xid, ptr, started, outcome))) = self.in_flight.next().now_or_never() {
-                        self.finish(xid, ptr, started, outcome);
-                    }
+                    self.finish_done();
                     // With more still in flight, let the tasks that read Redis's
                     // other replies run first, and take what they finished too: at
                     // pipeline 16 a gateway sent a write per ~5 replies, and this
                     // made READs +10-11% and REPLACEs +11% (docs/BENCHMARKS.md).
                     if !self.in_flight.is_empty() {
                         tokio::task::yield_now().await;
-                        while let Some(Some((xid, ptr, started, outcome))) = self.in_flight.next().now_or_never() {
-                            self.finish(xid, ptr, started, outcome);
-                        }
+                        self.finish_done();
                     }
                     self.send_deferred();
                 }
@@ -880,6 +876,13 @@ impl Conn {
             let outcome = c.apply(caller, request).await;
             (xid, ptr, started, outcome)
         }));
+    }
+
+    /// Finishes every request in flight that is done already (without waiting).
+    fn finish_done(&mut self) {
+        while let Some(Some((xid, ptr, started, outcome))) = self.in_flight.next().now_or_never() {
+            self.finish(xid, ptr, started, outcome);
+        }
     }
 
     /// A request on the cluster backend completed.

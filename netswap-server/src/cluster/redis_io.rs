@@ -511,29 +511,24 @@ pub(crate) async fn load(
     counters: &LoadCounters,
 ) -> RedisResult<Option<Stored>> {
     // Bytes last seen in the state hash: one `HMGET` reads the record atomically.
-    let mut tries = if in_hash {
+    let mut got = if in_hash {
         load_hash(conn, batch, k, range).await?
     } else {
         Plain::Changed
     };
-    for _ in 0..PLAIN_TRIES {
-        match tries {
-            Plain::Found(found) => {
-                counters.plain.fetch_add(1, Ordering::Relaxed);
-                return Ok(found);
-            }
-            Plain::Legacy => break,
-            Plain::Changed => {}
-        }
-        tries = load_plain(conn, batch, k, range, max_inline).await?;
-        if matches!(tries, Plain::Changed) {
+    let mut tries = 0;
+    while got == Plain::Changed && tries < PLAIN_TRIES {
+        got = load_plain(conn, batch, k, range, max_inline).await?;
+        tries += 1;
+        if got == Plain::Changed {
             counters.retries.fetch_add(1, Ordering::Relaxed);
         }
     }
-    if let Plain::Found(found) = tries {
+    if let Plain::Found(found) = got {
         counters.plain.fetch_add(1, Ordering::Relaxed);
         return Ok(found);
     }
+    // Changed every time, or a record of the earlier layout.
     counters.script.fetch_add(1, Ordering::Relaxed);
     // Boxed, like every rare path here: a future holds room for the largest of its
     // awaits, and every request's future would otherwise carry this one's.
