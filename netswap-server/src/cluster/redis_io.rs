@@ -263,7 +263,10 @@ pub(crate) async fn run(
 
 /// `EVALSHA` of `script` with `keys` and `args`.
 fn evalsha(script: &Script, keys: &[&str], args: &[&[u8]]) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
+    let bytes =
+        keys.iter().map(|k| k.len()).sum::<usize>() + args.iter().map(|a| a.len()).sum::<usize>();
+    // The script's hash (40 hex digits) and the key count, then the keys and args.
+    let mut cmd = sized_cmd("EVALSHA", 2 + keys.len() + args.len(), 40 + 4 + bytes);
     cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
     for a in args {
         cmd.arg(*a);
