@@ -188,6 +188,14 @@ pub struct Args {
     /// last snapshot finished.
     #[arg(long, env = "NETSWAP_SNAPSHOT_INTERVAL", default_value_t = 60)]
     pub snapshot_interval: u64,
+
+    /// Turn transparent huge pages off for this process (Linux; as Redis's
+    /// `disable-thp`): where the kernel backs the heap with 2 MiB pages, the event
+    /// loop stalls every connection while one is faulted in and cleared (with
+    /// mimalloc, a 64 MiB write took 0.11 s instead of 0.04 s and small reads behind
+    /// it waited 4-7 ms; docs/BENCHMARKS.md). `false` leaves the system's setting.
+    #[arg(long, env = "NETSWAP_DISABLE_THP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub disable_thp: bool,
 }
 
 /// Everything the server needs, resolved from [`Args`] or built by hand (tests).

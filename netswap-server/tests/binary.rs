@@ -98,6 +98,41 @@ fn refuses_bad_settings_with_a_clear_message() {
     assert!(!out.status.success());
 }
 
+/// The `THP_enabled` line of a process's status (Linux 5.0 and later), if any.
+fn thp_enabled(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_string())
+}
+
+#[test]
+fn turns_transparent_huge_pages_off_for_itself_unless_told_not_to() {
+    let (mut child, _) = start(&[], &[]);
+    let pid = child.id();
+    let Some(default) = thp_enabled(pid) else {
+        // Not Linux, or a kernel without the field: nothing to check.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        return;
+    };
+    assert_eq!(default, "0", "off by default (PR_SET_THP_DISABLE)");
+    assert!(signal_and_wait(&mut child, "-TERM").success());
+    for (args, env) in [
+        (&["--disable-thp", "false"][..], &[][..]),
+        (&[][..], &[("NETSWAP_DISABLE_THP", "false")][..]),
+    ] {
+        let (mut child, _) = start(args, env);
+        assert_eq!(
+            thp_enabled(child.id()).as_deref(),
+            Some("1"),
+            "left to the system with {args:?} {env:?}"
+        );
+        assert!(signal_and_wait(&mut child, "-TERM").success());
+    }
+}
+
 #[test]
 fn help_states_every_flag_and_its_default() {
     let out = Command::new(env!("CARGO_BIN_EXE_netswap-server"))
@@ -115,6 +150,7 @@ fn help_states_every_flag_and_its_default() {
         "--quota-bytes",
         "--idle-timeout",
         "--identity-key",
+        "--disable-thp",
         "NETSWAP_LISTEN",
         "[default: 127.0.0.1:7420]",
         "[default: 300]",
