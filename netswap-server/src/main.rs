@@ -14,6 +14,9 @@ use tracing_subscriber::EnvFilter;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Before the first allocations that could land in huge pages (see `--disable-thp`);
+    // put back below when the flag says so.
+    let thp_off = netswap_server::set_transparent_huge_pages(false);
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -30,9 +33,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if args.disable_thp
-        && let Err(e) = netswap_server::disable_transparent_huge_pages()
-    {
+    if !args.disable_thp {
+        if let Err(e) = netswap_server::set_transparent_huge_pages(true) {
+            tracing::warn!(error = %e, "cannot leave transparent huge pages to the system");
+        }
+    } else if let Err(e) = thp_off {
         tracing::warn!(error = %e, "cannot turn transparent huge pages off for this process");
     }
     let threads = args
