@@ -201,19 +201,21 @@ pub(crate) async fn serve(
             .connections_refused
             .fetch_add(1, Ordering::Relaxed);
         info!(%peer, limit = hub.config.max_connections_per_ip, "refused: too many connections from this address");
-        refuse(&mut stream, hub.config.max_connections_per_ip).await;
+        // Boxed, like every rarely taken path below: a future's size is that of its
+        // largest state, and every connection's task is allocated at that size.
+        Box::pin(refuse(&mut stream, hub.config.max_connections_per_ip)).await;
         return;
     };
     let session = match &hub.backend {
         Backend::Memory(store) => ConnSession::Memory(store.connect(peer.ip())),
-        Backend::Cluster(c) => match c.open(peer.ip()).await {
+        Backend::Cluster(c) => match Box::pin(c.open(peer.ip())).await {
             Ok(s) => ConnSession::Cluster(s),
             Err(reply) => {
                 info!(%peer, "refused: the store is unavailable");
                 hub.metrics
                     .connections_refused
                     .fetch_add(1, Ordering::Relaxed);
-                refuse_with(&mut stream, reply).await;
+                Box::pin(refuse_with(&mut stream, reply)).await;
                 return;
             }
         },
@@ -265,7 +267,7 @@ pub(crate) async fn serve(
         _ => info!(%peer, ?end, "closed by the server"),
     }
     if matches!(end, End::ProtocolError(_) | End::Stalled) {
-        linger(&mut stream).await;
+        Box::pin(linger(&mut stream)).await;
     }
     let Conn { hub, session, .. } = conn;
     hub.close_route(session.conn());
@@ -275,7 +277,7 @@ pub(crate) async fn serve(
                 hub.reaper.notify_one();
             }
         }
-        (ConnSession::Cluster(s), Backend::Cluster(c)) => c.close(s).await,
+        (ConnSession::Cluster(s), Backend::Cluster(c)) => Box::pin(c.close(s)).await,
         _ => unreachable!("a session belongs to its backend"),
     }
     drop(slot);
@@ -353,7 +355,8 @@ async fn refuse_with(stream: &mut TcpStream, reply: Reply) {
 /// do not turn our close into a reset that destroys the reason we sent.
 async fn linger(stream: &mut TcpStream) {
     let _ = stream.shutdown().await;
-    let mut sink = [0u8; 4096];
+    // On the heap: an array here would be part of every connection's task (above).
+    let mut sink = vec![0u8; 4096];
     let _ = tokio::time::timeout(LINGER, async {
         while let Ok(n) = stream.read(&mut sink).await {
             if n == 0 {
@@ -1099,6 +1102,23 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         (l.accept().await.unwrap().0, c)
+    }
+
+    /// Every connection's task is allocated at the size of `serve`'s future, idle or
+    /// not: its rarely taken paths (refusals, lingering, the cluster's open and
+    /// close) are boxed so that they do not set it: 2,504 bytes, 6,368 before
+    /// (docs/BENCHMARKS.md, "Idle connections").
+    #[tokio::test]
+    async fn a_connection_s_task_stays_small() {
+        let (s, _c) = pair().await;
+        let config = crate::ServerConfig::new("127.0.0.1:0".parse().unwrap());
+        let store = netswap_proto::Store::new(config.store.clone(), config.identity_key.clone());
+        let hub = Arc::new(Hub::new(config, Backend::Memory(Box::new(store))));
+        let (_tx, rx) = watch::channel(false);
+        let peer = s.peer_addr().unwrap();
+        let task = serve(s, peer, hub, rx);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 3072, "serve's future is {size} bytes");
     }
 
     #[tokio::test]
