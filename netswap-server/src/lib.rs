@@ -647,31 +647,35 @@ pub fn build_runtime(threads: usize) -> io::Result<tokio::runtime::Runtime> {
     }
 }
 
-/// Turns transparent huge pages off for this process (`on` false:
+/// Turns transparent huge pages off for this process (`disabled` true:
 /// `prctl(PR_SET_THP_DISABLE)`, what Redis does with `disable-thp yes`), for its
-/// memory now and later, whatever the allocator asks for, or leaves them to the
-/// system's setting again (`on` true). Returns whether the call took effect; on
-/// systems other than Linux there is nothing to do (`Ok(false)`).
+/// memory now and later, whatever the allocator asks for, or lets the system's
+/// setting apply again (`disabled` false). Returns whether they were disabled before
+/// (a parent process may have done so: the flag is inherited), so that a caller can
+/// put that back. On systems other than Linux there is nothing to do (`Ok(false)`).
 ///
 /// Why (docs/BENCHMARKS.md): a huge page is faulted in and cleared in one go, 2 MiB
 /// at a time, on the thread that touches it first, here the event loop that serves
 /// every connection. mimalloc places its arenas where the kernel may use huge pages;
 /// on the test host a 64 MiB write then took 0.11 s instead of 0.04 s.
-pub fn set_transparent_huge_pages(on: bool) -> io::Result<bool> {
+pub fn set_transparent_huge_pages_disabled(disabled: bool) -> io::Result<bool> {
     #[cfg(target_os = "linux")]
     {
-        let off = libc::c_ulong::from(!on);
-        // SAFETY: PR_SET_THP_DISABLE takes an integer flag and no pointers.
-        let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, off, 0, 0, 0) };
-        if r == 0 {
-            Ok(true)
-        } else {
-            Err(io::Error::last_os_error())
+        // SAFETY: PR_GET_THP_DISABLE and PR_SET_THP_DISABLE take integers, no pointers.
+        let before = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        if before < 0 {
+            return Err(io::Error::last_os_error());
         }
+        let flag = libc::c_ulong::from(disabled);
+        // SAFETY: as above.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, flag, 0, 0, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(before == 1)
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = on;
+        let _ = disabled;
         Ok(false)
     }
 }

@@ -15,8 +15,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     // Before the first allocations that could land in huge pages (see `--disable-thp`);
-    // put back below when the flag says so.
-    let thp_off = netswap_server::set_transparent_huge_pages(false);
+    // put back as it was below when the flag says so.
+    let thp_before = netswap_server::set_transparent_huge_pages_disabled(true);
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -33,12 +33,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !args.disable_thp {
-        if let Err(e) = netswap_server::set_transparent_huge_pages(true) {
-            tracing::warn!(error = %e, "cannot leave transparent huge pages to the system");
+    match thp_before {
+        Ok(before) if !args.disable_thp => {
+            if let Err(e) = netswap_server::set_transparent_huge_pages_disabled(before) {
+                tracing::warn!(error = %e, "cannot leave transparent huge pages to the system");
+            }
         }
-    } else if let Err(e) = thp_off {
-        tracing::warn!(error = %e, "cannot turn transparent huge pages off for this process");
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot turn transparent huge pages off for this process")
+        }
     }
     let threads = args
         .threads

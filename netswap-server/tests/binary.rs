@@ -131,6 +131,15 @@ fn turns_transparent_huge_pages_off_for_itself_unless_told_not_to() {
         );
         assert!(signal_and_wait(&mut child, "-TERM").success());
     }
+    // "The system's setting" includes a parent's choice (the flag is inherited): with
+    // THP already off for this process, `false` leaves it off in the server. (The
+    // other tests of this binary do not look at THP.)
+    let before = netswap_server::set_transparent_huge_pages_disabled(true).unwrap();
+    let (mut child, _) = start(&["--disable-thp", "false"], &[]);
+    let inherited = thp_enabled(child.id());
+    netswap_server::set_transparent_huge_pages_disabled(before).unwrap();
+    assert_eq!(inherited.as_deref(), Some("0"), "a parent's choice is kept");
+    assert!(signal_and_wait(&mut child, "-TERM").success());
 }
 
 #[test]
