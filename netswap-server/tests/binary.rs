@@ -117,19 +117,21 @@ fn turns_transparent_huge_pages_off_for_itself_unless_told_not_to() {
         child.wait().unwrap();
         return;
     };
-    assert_eq!(default, "0", "off by default (PR_SET_THP_DISABLE)");
     assert!(signal_and_wait(&mut child, "-TERM").success());
+    assert_eq!(default, "0", "off by default (PR_SET_THP_DISABLE)");
     for (args, env) in [
         (&["--disable-thp", "false"][..], &[][..]),
         (&[][..], &[("NETSWAP_DISABLE_THP", "false")][..]),
     ] {
         let (mut child, _) = start(args, env);
+        let enabled = thp_enabled(child.id());
+        assert!(signal_and_wait(&mut child, "-TERM").success());
+        // As this process has it (1 unless something above it turned THP off).
         assert_eq!(
-            thp_enabled(child.id()).as_deref(),
-            Some("1"),
+            enabled,
+            thp_enabled(std::process::id()),
             "left to the system with {args:?} {env:?}"
         );
-        assert!(signal_and_wait(&mut child, "-TERM").success());
     }
     // "The system's setting" includes a parent's choice (the flag is inherited): with
     // THP already off for this process, `false` leaves it off in the server. (The
@@ -138,8 +140,9 @@ fn turns_transparent_huge_pages_off_for_itself_unless_told_not_to() {
     let (mut child, _) = start(&["--disable-thp", "false"], &[]);
     let inherited = thp_enabled(child.id());
     netswap_server::set_transparent_huge_pages_disabled(before).unwrap();
-    assert_eq!(inherited.as_deref(), Some("0"), "a parent's choice is kept");
+    // Stopped before the check, so that a failure leaves no server behind.
     assert!(signal_and_wait(&mut child, "-TERM").success());
+    assert_eq!(inherited.as_deref(), Some("0"), "a parent's choice is kept");
 }
 
 #[test]
