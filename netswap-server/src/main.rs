@@ -92,6 +92,7 @@ fn main() -> ExitCode {
                 "--receive-buffer is over net.core.rmem_max: the kernel caps it there"
             );
         }
+        let stop = shutdown_signal();
         println!("netswap-server listening on {}", server.local_addr());
         tracing::info!(
             addr = %server.local_addr(),
@@ -101,7 +102,7 @@ fn main() -> ExitCode {
             "listening"
         );
         server
-            .run(shutdown_signal())
+            .run(stop)
             .await
             .map_err(|e| (e.to_string(), ExitCode::FAILURE))
     });
@@ -114,19 +115,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Completes on SIGINT or SIGTERM. The handlers are installed here, when it is
+/// called, not when the future is first polled: called before the server says it
+/// listens, so that a signal sent right after that line stops it cleanly instead of
+/// killing it (the default action of both signals).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -98,6 +98,22 @@ fn refuses_bad_settings_with_a_clear_message() {
     assert!(!out.status.success());
 }
 
+/// A supervisor may stop the server the moment it says it listens: the signal
+/// handlers are in place by then, so SIGTERM is a clean stop (exit 0), never the
+/// signal's default action. Sent from this process at once (no `kill` command in
+/// between), many times, as the window before was a few microseconds wide.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_sigterm_right_after_the_listening_line_is_a_clean_stop() {
+    for round in 0..40 {
+        let (mut child, _) = start(&[], &[]);
+        // SAFETY: kill takes a pid and a signal number, no pointers.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let status = child.wait().unwrap();
+        assert!(status.success(), "round {round}: {status:?}");
+    }
+}
+
 /// The `THP_enabled` line of a process's status (Linux 5.0 and later), if any.
 fn thp_enabled(pid: u32) -> Option<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
