@@ -8,11 +8,17 @@
 //! [`Server`]; tests and embedders use [`spawn`] to run one on a background thread.
 //!
 //! ```no_run
+//! # #[cfg(unix)]
 //! # async fn demo() -> std::io::Result<()> {
 //! use netswap_server::{Server, ServerConfig};
+//! use tokio::signal::unix::{SignalKind, signal};
 //! let server = Server::bind(ServerConfig::new("127.0.0.1:0".parse().unwrap())).await?;
+//! // The handler before saying it listens: a SIGTERM sent at once is then a clean
+//! // stop, not the signal's default action (a future like `ctrl_c()` installs its
+//! // handler only when first polled).
+//! let mut term = signal(SignalKind::terminate())?;
 //! println!("listening on {}", server.local_addr());
-//! server.run(async { tokio::signal::ctrl_c().await.ok(); }).await
+//! server.run(async move { term.recv().await; }).await
 //! # }
 //! ```
 
