@@ -121,7 +121,12 @@ def netswap_load(srv, op, size, conns, pipeline, secs, protocol="netswap"):
     r = netswap_bench(srv.port, srv.proc.pid, "load", "--protocol", protocol, "--op", op, "-d", str(size),
                       "-c", str(conns), "-P", str(pipeline), "--keys", str(keys_for(size)),
                       "--duration", str(secs))
-    return {"ops": r["ops_per_sec"], "p99_us": r["p99_us"], "wire": r["wire_bytes_per_op"]}
+    # CPU per operation over the timed window, of the server (all its threads) and of the
+    # load generator: on a machine they share, which of the two is at a full core says
+    # what bounds the row.
+    return {"ops": r["ops_per_sec"], "p99_us": r["p99_us"], "wire": r["wire_bytes_per_op"],
+            **{k: r.get(k) for k in ("server_cpu_us_per_op", "server_cores",
+                                      "client_cpu_us_per_op", "client_cores")}}
 
 
 def memcached_load(srv, op, size, conns, pipeline, secs):
@@ -379,6 +384,9 @@ def main():
             ms = r["runs"][key]
             r[key] = median([m["ops"] for m in ms]) * scale
             r[key + "_p99_us"] = median([m["p99_us"] for m in ms])
+            for cpu in ("server_cpu_us_per_op", "server_cores", "client_cpu_us_per_op", "client_cores"):
+                xs = [m[cpu] for m in ms if m.get(cpu) is not None]
+                r[f"{key}_{cpu}"] = median(xs) if xs else None
         rows.append(r)
         print_row(r, who)
 
@@ -464,6 +472,12 @@ def print_row(r, who=None):
     rat = "  ".join(f"/{key} {ratio(k, r['netswap'], r[key])}" for key in ("redis", "memcached", "ceiling"))
     best = max(("netswap", "netswap_t2"), key=lambda key: r[key])
     print(f"{r['label']:<22} {cols}  | netswap(1t) {rat}  | faster threads: {best}", flush=True)
+    cpu = "  ".join(f"{key} {r[key + '_server_cpu_us_per_op']:.2f}+{r[key + '_client_cpu_us_per_op']:.2f} us "
+                    f"({r[key + '_server_cores']:.2f}/{r[key + '_client_cores']:.2f} cores)"
+                    for key, *_ in who if r.get(key + "_server_cpu_us_per_op") is not None
+                    and r.get(key + "_client_cpu_us_per_op") is not None)
+    if cpu:
+        print(f"{'':<22} CPU per op, server + load generator: {cpu}", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ struct Cli {
     /// Print one JSON object instead of text.
     #[arg(long, global = true)]
     json: bool,
-    /// The server's process id, to report its resident memory (Linux /proc).
+    /// The server's process id, to report its resident memory and, under load, its CPU
+    /// time per operation (Linux /proc).
     #[arg(long, global = true)]
     server_pid: Option<u32>,
     #[command(subcommand)]
@@ -222,6 +223,58 @@ fn rss_kib(pid: Option<u32>) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU time (user + system, all threads, exited ones included) the process `pid` has
+/// used so far, from `/proc/PID/stat`; `None` where that is not readable.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it start at
+    // `state` (field 3), so utime and stime (fields 14 and 15) are at 11 and 12.
+    let mut rest = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    let ticks = rest.next()?.parse::<u64>().ok()? + rest.next()?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks_per_second()?)
+}
+
+#[cfg(unix)]
+fn clock_ticks_per_second() -> Option<f64> {
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then_some(hz as f64)
+}
+
+#[cfg(not(unix))]
+fn clock_ticks_per_second() -> Option<f64> {
+    None
+}
+
+/// CPU time used by the server (`--server-pid`) and by this load generator over one
+/// measured window: where each side's time goes tells which of them bounds a rate
+/// when both share the machine (docs/BENCHMARKS.md).
+struct CpuWindow {
+    server: Option<(u32, f64)>,
+    own: Option<f64>,
+}
+
+impl CpuWindow {
+    fn start(server_pid: Option<u32>) -> CpuWindow {
+        CpuWindow {
+            server: server_pid.and_then(|p| Some((p, cpu_seconds(p)?))),
+            own: cpu_seconds(std::process::id()),
+        }
+    }
+
+    /// CPU seconds since `start`: (server, load generator).
+    fn finish(&self) -> (Option<f64>, Option<f64>) {
+        let server = self.server.and_then(|(p, t0)| Some(cpu_seconds(p)? - t0));
+        let own = self
+            .own
+            .and_then(|t0| Some(cpu_seconds(std::process::id())? - t0));
+        (server, own)
+    }
 }
 
 fn loopback(n: usize) -> IpAddr {
@@ -503,6 +556,7 @@ fn load(
     });
     let (keeper, ptrs) = ptrs.map_err(|e| format!("cannot prepare records: {e}"))?;
     let rss_before = rss_kib(cli.server_pid);
+    let cpu = CpuWindow::start(cli.server_pid);
     let started = Instant::now();
     let spec = Arc::new(LoadSpec {
         server: cli.server,
@@ -559,9 +613,13 @@ fn load(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let (server_cpu, own_cpu) = cpu.finish();
     let rss_after = rss_kib(cli.server_pid);
     drop(keeper);
     let ops_per_sec = ops as f64 / elapsed;
+    // Microseconds of CPU per operation, and cores used on average.
+    let per_op = |t: Option<f64>| t.map(|t| t * 1e6 / ops.max(1) as f64);
+    let cores = |t: Option<f64>| t.map(|t| t / elapsed);
     let op_name = format!("{op:?}").to_lowercase();
     if cli.json {
         println!(
@@ -576,6 +634,8 @@ fn load(
                 "p999_us": quantile_us(&hist, 0.999), "max_us": hist.max() as f64 / 1000.0,
                 "wire_bytes_per_op": bytes as f64 / ops.max(1) as f64,
                 "server_rss_kib_before": rss_before, "server_rss_kib_after": rss_after,
+                "server_cpu_us_per_op": per_op(server_cpu), "server_cores": cores(server_cpu),
+                "client_cpu_us_per_op": per_op(own_cpu), "client_cores": cores(own_cpu),
             })
         );
     } else {
@@ -594,6 +654,12 @@ fn load(
             "  {:.1} bytes on the wire per op (both directions, headers included)",
             bytes as f64 / ops.max(1) as f64
         );
+        if let (Some(us), Some(c)) = (per_op(server_cpu), cores(server_cpu)) {
+            println!("  server CPU {us:.2} us per op ({c:.2} cores)");
+        }
+        if let (Some(us), Some(c)) = (per_op(own_cpu), cores(own_cpu)) {
+            println!("  load generator CPU {us:.2} us per op ({c:.2} cores)");
+        }
     }
     if errors > 0 {
         return Err(format!("{errors} requests failed"));
