@@ -11,7 +11,7 @@ use std::io::IoSlice;
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::frame::{FrameHeader, HEADER_LEN, MAX_FRAME, MAX_MESSAGE, MAX_PAYLOAD};
-use crate::message::{Head, OutMessage};
+use crate::message::{Head, OutMessage, Reply};
 use crate::types::Status;
 
 /// One outgoing frame: a header and its payload as the part of the message's inline
@@ -436,6 +436,23 @@ impl WriteBuf {
         self.push_frame(xid, Status::Data as u8, 0, &[data])
     }
 
+    /// Appends a reply made of a few fixed bytes (WRITTEN or CONFLICT and a version,
+    /// CREATED and a pointer, DONE) as [`WriteBuf::push_message`] would append
+    /// `reply.encode(xid)`, without building the message first (what a write's reply
+    /// cost a server: docs/BENCHMARKS.md). Returns false, doing nothing, for any
+    /// other reply.
+    pub fn push_reply(&mut self, xid: u32, reply: &Reply) -> bool {
+        let status = reply.status() as u8;
+        match reply {
+            Reply::Written(v) | Reply::Conflict(v) => {
+                self.push_frame(xid, status, 0, &[&v.to_be_bytes()])
+            }
+            Reply::Created(p) => self.push_frame(xid, status, 0, &[&p.to_be_bytes()]),
+            Reply::Done => self.push_frame(xid, status, 0, &[]),
+            _ => false,
+        }
+    }
+
     fn push_frame(&mut self, xid: u32, op: u8, arg: u8, parts: &[&[u8]]) -> bool {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len > MAX_PAYLOAD {
@@ -690,6 +707,36 @@ mod tests {
             wb.advance(n);
         }
         assert_eq!(got, want.to_vec());
+    }
+
+    #[test]
+    fn a_fixed_reply_pushed_without_its_message_is_the_message_s_bytes() {
+        let ptr = crate::Pointer::new(0x0123_4567_89ab_cdef).unwrap();
+        for reply in [
+            Reply::Written(7),
+            Reply::Written(u64::MAX),
+            Reply::Conflict(3),
+            Reply::Created(ptr),
+            Reply::Done,
+        ] {
+            let mut want = WriteBuf::new();
+            assert!(want.push_message(&reply.encode(42)));
+            let mut got = WriteBuf::new();
+            assert!(got.push_reply(42, &reply), "{reply:?}");
+            assert_eq!(
+                got.copy_to_bytes(got.remaining()),
+                want.copy_to_bytes(want.remaining()),
+                "{reply:?}"
+            );
+        }
+        let mut wb = WriteBuf::new();
+        for other in [
+            Reply::Data(Bytes::from_static(b"abc")),
+            Reply::error(Status::AddressFault, "no such record"),
+        ] {
+            assert!(!wb.push_reply(1, &other), "{other:?}");
+        }
+        assert!(wb.is_empty());
     }
 
     #[test]

@@ -794,7 +794,7 @@ impl Conn {
             outq.is_empty() && wbuf.push_data(xid, bytes)
         };
         let now = self.batch_now;
-        let applied = store.apply_into(session, xid, request, at, now, &mut rand::rng(), &mut sink);
+        let applied = store.apply_into(session, xid, request, at, now, &mut LazyRng, &mut sink);
         let ok = applied.reply.status() == Status::Ok;
         if let Some((ptr, replaced)) = watch {
             self.watch_settled(ptr, xid, replaced, ok);
@@ -944,6 +944,10 @@ impl Conn {
     }
 
     fn reply(&mut self, xid: u32, reply: Reply) {
+        // A write's reply, a few fixed bytes, goes straight to the write buffer.
+        if self.outq.is_empty() && self.wbuf.push_reply(xid, &reply) {
+            return;
+        }
         let msg = reply.encode(xid);
         // With nothing queued, a small reply goes straight to the write buffer, in
         // the order the queue would have produced.
@@ -1090,6 +1094,22 @@ impl Conn {
             }
         }
         End::Shutdown
+    }
+}
+
+/// The thread's random number generator, taken only when a request uses it (a CREATE
+/// picks a shard with it): a READ or a write does not touch the thread-local.
+struct LazyRng;
+
+impl rand::RngCore for LazyRng {
+    fn next_u32(&mut self) -> u32 {
+        rand::rng().next_u32()
+    }
+    fn next_u64(&mut self) -> u64 {
+        rand::rng().next_u64()
+    }
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        rand::rng().fill_bytes(dst)
     }
 }
 

@@ -976,20 +976,22 @@ impl Store {
             }
             Decision::Info(info) => Reply::Info(info).into(),
             Decision::Write(w) => {
-                let payer = shard.payer(key, decided()).clone();
-                if w.bytes_delta > 0 {
-                    let grow = Usage {
-                        records: 0,
-                        bytes: w.bytes_delta as u64,
-                    };
-                    if let Err(kind) = payer.charge(grow, cfg) {
-                        return kind.reply(cfg).into();
-                    }
-                } else {
-                    payer.release(Usage {
+                // Only a change of size is the payer's business: a write of the same
+                // size (the common case) looks up no payer and takes no atomic
+                // operation on its account.
+                if w.bytes_delta != 0 {
+                    let payer = shard.payer(key, decided());
+                    let change = Usage {
                         records: 0,
                         bytes: w.bytes_delta.unsigned_abs(),
-                    });
+                    };
+                    if w.bytes_delta > 0 {
+                        if let Err(kind) = payer.charge(change, cfg) {
+                            return kind.reply(cfg).into();
+                        }
+                    } else {
+                        payer.release(change);
+                    }
                 }
                 let data = match request {
                     Request::Replace { data, .. }
