@@ -2,27 +2,22 @@
 //! time per operation of the server (`--server-pid`) and of the load generator, which
 //! say which of the two bounds a rate when they share a machine (docs/BENCHMARKS.md).
 
-use std::process::Command;
-
 use netswap_server::ServerConfig;
 
+mod common;
+use common::{bench, json};
+
 fn load(server: std::net::SocketAddr, server_pid: Option<u32>) -> serde_json::Value {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netswap-bench"));
-    cmd.args(["-s", &server.to_string(), "--json"]);
-    if let Some(pid) = server_pid {
-        cmd.args(["--server-pid", &pid.to_string()]);
+    let server = server.to_string();
+    let pid = server_pid.map(|p| p.to_string());
+    let mut args = vec!["-s", &server, "--json"];
+    if let Some(pid) = &pid {
+        args.extend(["--server-pid", pid]);
     }
-    cmd.args([
+    args.extend([
         "load", "--op", "replace", "-d", "64", "-c", "4", "-P", "8", "--keys", "100", "-n", "40000",
     ]);
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    json(&bench(&args))
 }
 
 #[test]

@@ -4,7 +4,10 @@
 //! starts its own with `scripts/redis-cluster.sh`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+mod common;
+use common::{bench, json};
 use std::sync::{Mutex, MutexGuard};
 
 /// A cluster to measure: the shared one, or one of our own (stopped on drop; one at
@@ -75,23 +78,6 @@ impl Drop for Cluster {
             stop(dir);
         }
     }
-}
-
-fn bench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_netswap-bench"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 #[test]
