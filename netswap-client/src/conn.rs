@@ -28,9 +28,8 @@ use tokio::time::Instant;
 use crate::client::Shared;
 use crate::error::{Error, Result};
 use crate::options::Options;
+use crate::raw;
 
-/// Bytes of frames the writer encodes per write.
-const WRITE_CHUNK: usize = 64 * 1024;
 /// Bytes reserved per read.
 const READ_CHUNK: usize = 64 * 1024;
 /// Requests given up on (timed out, cancelled) after they left, whose replies have not
@@ -577,7 +576,7 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
     // Vectored writes: large payloads go to the kernel from the caller's buffers.
     let mut buf = WriteBuf::new();
     loop {
-        let written = buf.fill(&mut lock(&conn.out), WRITE_CHUNK);
+        let written = buf.fill(&mut lock(&conn.out), raw::WRITE_CHUNK);
         if written == 0 {
             if conn.is_closed() {
                 let _ = wr.shutdown().await;
@@ -586,7 +585,7 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
             conn.wake_writer.notified().await;
             continue;
         }
-        if let Err(e) = wr.write_all_buf(&mut buf).await {
+        if let Err(e) = raw::write_frames(&mut wr, &mut buf, usize::MAX).await {
             conn.fail_all(format!("write failed: {e}"));
             return;
         }

@@ -14,16 +14,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use netswap_proto::{
-    HelloInfo, Identity, Inbound, MAX_MESSAGE, OutQueue, Pointer, Reassembler, ReassemblyLimits,
-    Receiver, Reply, WriteBuf,
+    HelloInfo, Identity, Inbound, MAX_MESSAGE, MAX_WRITE, OutQueue, Pointer, Reassembler,
+    ReassemblyLimits, Receiver, Reply, WriteBuf,
 };
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use netswap_proto::Opcode;
 
-/// Bytes per write batch, as the server.
-const WRITE_CHUNK: usize = 256 * 1024;
+/// Bytes per write batch, as the server's (`netswap-server`'s `WRITE_CHUNK`): the
+/// batch is refilled to it before each write of at most `MAX_WRITE` bytes, as the
+/// server does.
+const WRITE_CHUNK: usize = 64 * 1024;
 
 /// Serves until killed. Prints `netswap-bench ceiling listening on ADDR` once ready.
 pub(super) fn run(listen: SocketAddr, size: usize, threads: usize) -> Result<(), String> {
@@ -107,7 +108,10 @@ async fn serve(stream: TcpStream, value: Bytes, next_ptr: Arc<AtomicU64>) {
             if wbuf.len() < WRITE_CHUNK {
                 wbuf.fill(&mut outq, WRITE_CHUNK);
             }
-            if stream.write_all_buf(&mut wbuf).await.is_err() {
+            if netswap_client::raw::write_once(&mut stream, &mut wbuf, MAX_WRITE)
+                .await
+                .is_err()
+            {
                 return;
             }
         }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
+use netswap_client::raw::WRITE_CHUNK;
 use netswap_client::{Access, Client, Options, Pointer};
 use netswap_proto::{
     Inbound, MAX_MESSAGE, OutQueue, Reassembler, ReassemblyLimits, Receiver, Request, Status,
@@ -436,9 +437,9 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
     }
     loop {
         while !outq.is_empty() || !wbuf.is_empty() {
-            wbuf.fill(&mut outq, 256 * 1024);
+            wbuf.fill(&mut outq, WRITE_CHUNK);
             tally.bytes += wbuf.len() as u64;
-            stream.write_all_buf(&mut wbuf).await?;
+            netswap_client::raw::write_frames(&mut stream, &mut wbuf, usize::MAX).await?;
         }
         if inflight == 0 {
             break;
