@@ -576,19 +576,19 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
     // Vectored writes: large payloads go to the kernel from the caller's buffers.
     let mut buf = WriteBuf::new();
     loop {
-        let written = buf.fill(&mut lock(&conn.out), raw::WRITE_CHUNK);
-        if written == 0 {
-            if conn.is_closed() {
-                let _ = wr.shutdown().await;
-                return;
-            }
-            conn.wake_writer.notified().await;
-            continue;
-        }
-        if let Err(e) = raw::write_frames(&mut wr, &mut buf, usize::MAX).await {
+        let written = raw::write_frames(&mut wr, &mut buf, raw::MAX_CLIENT_WRITE, |b| {
+            b.fill(&mut lock(&conn.out), raw::WRITE_CHUNK);
+        })
+        .await;
+        if let Err(e) = written {
             conn.fail_all(format!("write failed: {e}"));
             return;
         }
+        if conn.is_closed() {
+            let _ = wr.shutdown().await;
+            return;
+        }
+        conn.wake_writer.notified().await;
     }
 }
 

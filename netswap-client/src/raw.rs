@@ -10,58 +10,55 @@ use netswap_proto::{MAX_PAYLOAD, Receiver, WriteBuf};
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
-/// Bytes of frames a client encodes per batch (`WriteBuf::fill`), each batch one
-/// vectored write (the client's writer and `netswap-bench`).
-///
-/// Larger than a server's writes ([`MAX_WRITE`](netswap_proto::MAX_WRITE)): a 1 MiB
-/// REPLACE went 12% faster in writes of 256 KiB than of 64,000 bytes, and 64 KiB
-/// ones were the same within 2% (docs/BENCHMARKS.md, "A client's uploads").
+/// Bytes of frames a client keeps encoded ahead of its writes (`WriteBuf::fill`
+/// before each write; the client's writer and `netswap-bench`).
 pub const WRITE_CHUNK: usize = 256 * 1024;
 
-/// Slices per vectored write: room for a batch of [`WRITE_CHUNK`] bytes and one frame
-/// more of full frames (a header and a payload slice each).
+/// Bytes a client hands the kernel per write, at most: four of a server's writes
+/// ([`MAX_WRITE`](netswap_proto::MAX_WRITE)), so four full TCP offload packets on
+/// loopback and three and a long one on Ethernet, never a short tail. A 1 MiB
+/// REPLACE went 17% faster in these than in tokio's `write_all_buf` (64 slices,
+/// 44,800 bytes, per write), and 11% faster than in writes of 64,000 bytes; 64 KiB
+/// REPLACEs within 2% (docs/BENCHMARKS.md, "A client's uploads").
+pub const MAX_CLIENT_WRITE: usize = 4 * netswap_proto::MAX_WRITE;
+
+/// Slices per vectored write: room for [`WRITE_CHUNK`] bytes of full frames (a header
+/// and a payload slice each) and then some.
 const WRITE_SLICES: usize = 2 * (WRITE_CHUNK / MAX_PAYLOAD + 2);
 
-/// Writes everything `buf` holds to `w` in vectored writes of at most `max_bytes`
-/// bytes each, each with as many slices as that takes (up to a batch of
-/// [`WRITE_CHUNK`] bytes): a server's replies in writes of
-/// [`MAX_WRITE`](netswap_proto::MAX_WRITE), a client's batch (`usize::MAX`) in one.
+/// Writes frames to `w` until `buf` is empty, as a server does: before each write
+/// `refill` tops `buf` up (typically `buf.fill(queue, WRITE_CHUNK)`, which adds
+/// nothing while `buf` holds that much), then one vectored write hands the kernel at
+/// most `max_bytes` of it, with as many slices as that takes. Refilling first keeps
+/// every write but the last of a burst full, never a full one and a short tail.
 ///
 /// Not `write_all_buf`: tokio gives a vectored write at most 64 slices, which for the
 /// frames of a large message (a header and a payload slice each) is 32 frames, 44,800
-/// bytes, so a 1 MiB upload took 24 `writev`s.
+/// bytes, so a 1 MiB upload took 24 `writev`s (and the kernel a slice's start-up cost
+/// per 1,390 bytes either way).
 pub async fn write_frames<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     buf: &mut WriteBuf,
     max_bytes: usize,
+    mut refill: impl FnMut(&mut WriteBuf),
 ) -> io::Result<()> {
-    while !buf.is_empty() {
-        write_once(w, buf, max_bytes).await?;
+    loop {
+        refill(buf);
+        if buf.is_empty() {
+            return Ok(());
+        }
+        // The slices live on the stack of one poll, not in the future.
+        let n = std::future::poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+            let k = buf.io_slices(&mut slices, max_bytes);
+            Pin::new(&mut *w).poll_write_vectored(cx, &slices[..k])
+        })
+        .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf.advance(n);
     }
-    Ok(())
-}
-
-/// One vectored write of at most `max_bytes` bytes of `buf` to `w`, as
-/// [`write_frames`] makes them; returns how many went (and leaves the rest in `buf`).
-/// For a writer that refills its batch between writes, as a server does, so that no
-/// write is a short tail.
-pub async fn write_once<W: AsyncWrite + Unpin + ?Sized>(
-    w: &mut W,
-    buf: &mut WriteBuf,
-    max_bytes: usize,
-) -> io::Result<usize> {
-    // The slices live on the stack of one poll, not in the future.
-    let n = std::future::poll_fn(|cx| {
-        let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
-        let k = buf.io_slices(&mut slices, max_bytes);
-        Pin::new(&mut *w).poll_write_vectored(cx, &slices[..k])
-    })
-    .await?;
-    if n == 0 && !buf.is_empty() {
-        return Err(io::ErrorKind::WriteZero.into());
-    }
-    buf.advance(n);
-    Ok(n)
 }
 
 /// Waits until `stream` is readable and reads once into `rx`, large messages straight
@@ -185,29 +182,31 @@ mod tests {
             accept,
         };
         let mut buf = WriteBuf::new();
-        while !q.is_empty() {
-            buf.fill(&mut q, WRITE_CHUNK);
-            write_frames(&mut w, &mut buf, max_bytes).await.unwrap();
-            assert!(buf.is_empty());
-        }
+        write_frames(&mut w, &mut buf, max_bytes, |b| {
+            b.fill(&mut q, WRITE_CHUNK);
+        })
+        .await
+        .unwrap();
+        assert!(buf.is_empty() && q.is_empty());
         assert_eq!(w.out, want.to_vec(), "the bytes are the queue's encoding");
         w
     }
 
     #[tokio::test]
-    async fn a_large_upload_goes_in_writes_of_the_chunk_with_every_slice_it_takes() {
-        let w = upload(usize::MAX, usize::MAX).await;
-        // One write per batch (`fill` stops past the chunk, within a frame), with every
-        // slice of it: tokio's `write_all_buf` offered 64 (44,800 bytes) per write.
+    async fn a_large_upload_goes_in_full_writes_with_every_slice_they_take() {
+        let w = upload(MAX_CLIENT_WRITE, usize::MAX).await;
+        // Every write but the last is full, with every slice it takes: tokio's
+        // `write_all_buf` offered 64 (44,800 bytes) per write.
         let frames = ((1usize << 20) + 5).div_ceil(MAX_PAYLOAD) + 1;
         let total = (1 << 20) + 5 + frames * netswap_proto::HEADER_LEN;
-        assert_eq!(w.calls.len(), total.div_ceil(WRITE_CHUNK), "{:?}", w.calls);
+        assert_eq!(
+            w.calls.len(),
+            total.div_ceil(MAX_CLIENT_WRITE),
+            "{:?}",
+            w.calls
+        );
         for &(slices, bytes) in &w.calls[..w.calls.len() - 1] {
-            assert!(
-                (WRITE_CHUNK..WRITE_CHUNK + netswap_proto::MAX_FRAME).contains(&bytes),
-                "{:?}",
-                w.calls
-            );
+            assert_eq!(bytes, MAX_CLIENT_WRITE, "{:?}", w.calls);
             assert!(slices > 300, "{slices} slices");
         }
     }
@@ -215,17 +214,20 @@ mod tests {
     #[tokio::test]
     async fn writes_stop_at_the_limit_and_partial_writes_lose_nothing() {
         let w = upload(MAX_WRITE, usize::MAX).await;
-        assert!(w.calls.iter().all(|&(_, bytes)| bytes <= MAX_WRITE));
-        assert_eq!(w.calls[0].1, MAX_WRITE);
+        let (last, full) = w.calls.split_last().unwrap();
+        assert!(
+            full.iter().all(|&(_, bytes)| bytes == MAX_WRITE),
+            "{:?}",
+            w.calls
+        );
+        assert!(last.1 <= MAX_WRITE);
         // A socket that takes a little at a time, cutting slices anywhere.
         let w = upload(MAX_WRITE, 1_001).await;
         assert!(w.calls.iter().all(|&(_, bytes)| bytes <= MAX_WRITE));
+        // No limit: what the buffer holds (a batch and less than a frame more).
         let w = upload(usize::MAX, 1_001).await;
-        assert!(
-            w.calls
-                .iter()
-                .all(|&(_, bytes)| bytes <= WRITE_CHUNK + MAX_PAYLOAD)
-        );
+        let most = WRITE_CHUNK + netswap_proto::MAX_FRAME;
+        assert!(w.calls.iter().all(|&(_, bytes)| bytes < most));
     }
 
     #[tokio::test]
@@ -237,7 +239,9 @@ mod tests {
         };
         let mut buf = WriteBuf::new();
         assert!(buf.push_message(&Reply::Done.encode(1)));
-        let e = write_frames(&mut w, &mut buf, MAX_WRITE).await.unwrap_err();
+        let e = write_frames(&mut w, &mut buf, MAX_WRITE, |_| {})
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WriteZero);
     }
 }

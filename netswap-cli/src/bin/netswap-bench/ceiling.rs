@@ -104,16 +104,11 @@ async fn serve(stream: TcpStream, value: Bytes, next_ptr: Arc<AtomicU64>) {
                 Err(_) => return,
             }
         }
-        while !outq.is_empty() || !wbuf.is_empty() {
-            if wbuf.len() < WRITE_CHUNK {
-                wbuf.fill(&mut outq, WRITE_CHUNK);
-            }
-            if netswap_client::raw::write_once(&mut stream, &mut wbuf, MAX_WRITE)
-                .await
-                .is_err()
-            {
-                return;
-            }
+        let written = netswap_client::raw::write_frames(&mut stream, &mut wbuf, MAX_WRITE, |b| {
+            b.fill(&mut outq, WRITE_CHUNK);
+        });
+        if written.await.is_err() {
+            return;
         }
         rx.release_idle_buffer();
         wbuf.release_idle_buffer();

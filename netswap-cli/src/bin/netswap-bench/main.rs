@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
-use netswap_client::raw::WRITE_CHUNK;
+use netswap_client::raw;
 use netswap_client::{Access, Client, Options, Pointer};
 use netswap_proto::{
     Inbound, MAX_MESSAGE, OutQueue, Reassembler, ReassemblyLimits, Receiver, Request, Status,
@@ -436,11 +436,12 @@ async fn drive(spec: Arc<LoadSpec>, conn_no: usize) -> std::io::Result<Tally> {
         inflight += 1;
     }
     loop {
-        while !outq.is_empty() || !wbuf.is_empty() {
-            wbuf.fill(&mut outq, WRITE_CHUNK);
-            tally.bytes += wbuf.len() as u64;
-            netswap_client::raw::write_frames(&mut stream, &mut wbuf, usize::MAX).await?;
-        }
+        raw::write_frames(&mut stream, &mut wbuf, raw::MAX_CLIENT_WRITE, |b| {
+            let before = b.len();
+            b.fill(&mut outq, raw::WRITE_CHUNK);
+            tally.bytes += (b.len() - before) as u64;
+        })
+        .await?;
         if inflight == 0 {
             break;
         }
