@@ -16,10 +16,10 @@ pub const WRITE_CHUNK: usize = 256 * 1024;
 
 /// Bytes a client hands the kernel per write, at most: four of a server's writes
 /// ([`MAX_WRITE`](netswap_proto::MAX_WRITE)), so four full TCP offload packets on
-/// loopback and three and a long one on Ethernet, never a short tail. A 1 MiB
-/// REPLACE went 17% faster in these than in tokio's `write_all_buf` (64 slices,
-/// 44,800 bytes, per write), and 11% faster than in writes of 64,000 bytes; 64 KiB
-/// REPLACEs within 2% (docs/BENCHMARKS.md, "A client's uploads").
+/// loopback and three and a long one on Ethernet, never a short tail. 1 MiB
+/// REPLACEs went 25% faster in these than in tokio's `write_all_buf` (64 slices,
+/// 44,800 bytes, per write) and 11% faster than in writes of 64,000 bytes, 64 KiB
+/// ones 4% faster (docs/BENCHMARKS.md, "A client's uploads").
 pub const MAX_CLIENT_WRITE: usize = 4 * netswap_proto::MAX_WRITE;
 
 /// Slices per vectored write: room for [`WRITE_CHUNK`] bytes of full frames (a header
