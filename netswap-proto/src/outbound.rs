@@ -361,8 +361,12 @@ impl WriteBuf {
     }
 
     /// Takes frames from `q`, in its fair order, until at least `limit` bytes wait or
-    /// `q` is empty. Returns the number of frames taken.
+    /// `q` is empty. Returns the number of frames taken. Does nothing when `q` is empty
+    /// or `limit` bytes already wait (writers top up before every write).
     pub fn fill(&mut self, q: &mut OutQueue, limit: usize) -> usize {
+        if q.is_empty() || self.len >= limit {
+            return 0;
+        }
         let mut frames = 0;
         // Room for the slices this fill will add (two per large frame), up front.
         let expect = limit.min(q.pending_bytes()) / MAX_FRAME + q.len();
@@ -707,6 +711,24 @@ mod tests {
             wb.advance(n);
         }
         assert_eq!(got, want.to_vec());
+    }
+
+    #[test]
+    fn a_fill_with_nothing_to_take_changes_nothing() {
+        let mut q = OutQueue::new();
+        let mut wb = WriteBuf::new();
+        assert!(wb.push_message(&msg(1, 10)));
+        assert_eq!(wb.fill(&mut q, 1 << 20), 0);
+        // The staged reply stays open: the next small one joins its slice.
+        assert!(wb.push_message(&msg(2, 10)));
+        let mut io = [IoSlice::new(&[]); 4];
+        assert_eq!(wb.chunks_vectored(&mut io), 1);
+        // Nor does a fill when `limit` bytes already wait.
+        q.push(msg(3, 10)).unwrap();
+        assert_eq!(wb.fill(&mut q, wb.len()), 0);
+        assert_eq!(q.len(), 1);
+        assert_eq!(wb.fill(&mut q, usize::MAX), 1);
+        assert!(q.is_empty());
     }
 
     #[test]
