@@ -607,6 +607,84 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
     );
 }
 
+/// A gateway loads its scripts on every primary before its first request, and on a
+/// replica promoted by a failover before a request meets it there (`SCRIPT LOAD` is
+/// not replicated). When Redis forgets them under a burst of writes (a restart,
+/// `SCRIPT FLUSH`), the writes that meet `NOSCRIPT` load them all again, once for
+/// those that met it together, and every write goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_are_loaded_before_they_are_needed_and_once_when_forgotten() {
+    const SCRIPTS: u64 = 8;
+    const WRITES: usize = 64;
+    let cluster = common::cluster::RedisCluster::start(3, 1, false);
+    let (gw, _) = gateway_on(&cluster, |_| {});
+    let primaries = cluster.primaries();
+    for &p in &primaries {
+        assert_eq!(
+            cluster.scripts_on(p),
+            SCRIPTS,
+            "primary {p} before any request"
+        );
+    }
+    let replica = *cluster
+        .ports
+        .iter()
+        .find(|p| !primaries.contains(p))
+        .unwrap();
+    assert_eq!(
+        cluster.scripts_on(replica),
+        0,
+        "Redis replicates no SCRIPT LOAD"
+    );
+    assert!(
+        cluster
+            .cli(replica, &["CLUSTER", "FAILOVER"])
+            .contains("OK")
+    );
+    eventually(
+        "the promoted replica has the scripts without a request",
+        Duration::from_secs(10),
+        async || cluster.primaries().contains(&replica) && cluster.scripts_on(replica) == SCRIPTS,
+    )
+    .await;
+
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let mut records = Vec::new();
+    for i in 0..WRITES {
+        records.push(c.create(Access::READ | Access::WRITE, vec![i as u8]).await);
+    }
+    cluster.flush_scripts();
+    let primaries = cluster.primaries();
+    let loads = || {
+        primaries
+            .iter()
+            .map(|&p| cluster.calls_on(p, "script|load"))
+            .collect::<Vec<_>>()
+    };
+    let before = loads();
+    let requests = records
+        .iter()
+        .map(|&ptr| Request::Replace {
+            ptr,
+            data: Bytes::from_static(b"after a flush"),
+        })
+        .collect();
+    for (i, reply) in pipelined(&mut c, requests).await.into_iter().enumerate() {
+        assert_eq!(reply, Reply::Written(2), "write {i}");
+    }
+    for (i, &p) in records.iter().enumerate() {
+        assert_eq!(c.read(p).await, data(b"after a flush"), "record {i}");
+    }
+    for ((p, b), a) in primaries.iter().zip(before).zip(loads()) {
+        // One load of every script; two if a write met NOSCRIPT again after it.
+        assert!(
+            a - b <= 2 * SCRIPTS,
+            "primary {p}: {} SCRIPT LOADs for {WRITES} writes that met NOSCRIPT",
+            a - b
+        );
+    }
+}
+
 /// A gateway's subscriptions are dropped (a network blip): writes in the gap find
 /// nobody subscribed and clear the record's watched mark. The gateway subscribes
 /// again, marks the record again, tells its watcher what changed meanwhile, and the

@@ -29,7 +29,7 @@ pub(crate) mod redis_io;
 pub(crate) mod scripts;
 mod states;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -242,6 +242,9 @@ pub(crate) struct ClusterStore {
     turns: Option<tokio::sync::Semaphore>,
     /// Records' last seen states, for writes in one round trip.
     states: Mutex<states::States>,
+    /// The primaries (by id) this gateway has loaded its scripts on, as of its last
+    /// look at the layout.
+    scripted: Mutex<HashSet<String>>,
     /// How loads went.
     loads: redis_io::LoadCounters,
     /// Loads and commits sent together (`None`: each on its own, `--redis-batch
@@ -337,8 +340,8 @@ async fn cluster_connection(
 }
 
 impl ClusterStore {
-    /// Connects to the cluster (a clear error when it is down or unreachable) and
-    /// loads the scripts.
+    /// Connects to the cluster (a clear error when it is down or unreachable), reads
+    /// its layout and loads the scripts on its primaries.
     pub async fn connect(
         cfg: StoreConfig,
         key: IdentityKey,
@@ -362,7 +365,7 @@ impl ClusterStore {
         let batch_task = batch
             .as_ref()
             .map(|b| tokio::spawn(b.clone().drive(redis.clone())));
-        Ok(ClusterStore {
+        let store = ClusterStore {
             redis,
             subs,
             cfg,
@@ -383,6 +386,7 @@ impl ClusterStore {
             push_rx: Mutex::new(Some(push_rx)),
             turns,
             states: Mutex::new(states::States::new(opts.state_cache)),
+            scripted: Mutex::default(),
             loads: redis_io::LoadCounters::default(),
             batch,
             batch_task,
@@ -390,7 +394,10 @@ impl ClusterStore {
             cache_stale: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             opts,
-        })
+        };
+        // The layout, and the scripts on every primary, before the first request.
+        store.refresh_topology().await;
+        Ok(store)
     }
 
     /// What this gateway has counted of its work with Redis.
@@ -475,9 +482,35 @@ impl ClusterStore {
             Ok(Value::VerbatimString { text, .. }) => text,
             _ => return,
         };
-        *lock(&self.replicas) = redis_io::Replicas::parse(&text);
+        let layout = redis_io::Replicas::parse(&text);
+        let (primaries, nodes) = (layout.primaries.clone(), layout.nodes.clone());
+        *lock(&self.replicas) = layout;
         if let Some(b) = &self.batch {
             b.set_primaries(batch::primaries(&text));
+        }
+        // Primaries seen for the first time (all of them at start, then a promoted
+        // replica, a node restarted) get the scripts before a request needs them:
+        // `SCRIPT LOAD` is not replicated, so a replica promoted by a failover has
+        // none, and every commit in flight would meet `NOSCRIPT` there.
+        let new: Vec<String> = {
+            let mut scripted = lock(&self.scripted);
+            scripted.retain(|id| primaries.contains(id));
+            primaries
+                .into_iter()
+                .filter(|id| !scripted.contains(id))
+                .collect()
+        };
+        for id in new {
+            let Some((host, port)) = nodes.get(&id) else {
+                continue;
+            };
+            match redis_io::load_scripts_on(&self.redis, host, *port).await {
+                Ok(()) => {
+                    debug!(node = %id, "scripts loaded on a new primary");
+                    lock(&self.scripted).insert(id);
+                }
+                Err(e) => debug!(node = %id, error = %e, "loading the scripts failed; next look"),
+            }
         }
     }
 

@@ -234,7 +234,8 @@ pub(crate) async fn run(
         )))
     };
     let evalsha = || evalsha(script, keys, args);
-    let sent = match conn.clone().route_command(evalsha(), route()).await {
+    let mut sent_at = Instant::now();
+    let mut sent = match conn.clone().route_command(evalsha(), route()).await {
         // Redirected to the node importing the slot and not let in there (see `ask`).
         Err(e) => match redirect(&e) {
             Some(to) => ask(conn, to, vec![evalsha()])
@@ -245,20 +246,82 @@ pub(crate) async fn run(
         },
         Ok(v) => v,
     };
-    match sent.extract_error() {
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            // SCRIPT LOAD goes to every primary.
-            script
-                .prepare_invoke()
-                .load_async(&mut conn.clone())
-                .await?;
-            conn.clone()
-                .route_command(evalsha(), route())
-                .await?
-                .extract_error()
+    for tries in 0.. {
+        match sent.extract_error() {
+            Err(e) if no_script(&e) && tries < 2 => {
+                reload_scripts(conn, (tries == 0).then_some(sent_at)).await?;
+                sent_at = Instant::now();
+                sent = conn.clone().route_command(evalsha(), route()).await?;
+            }
+            other => return other,
         }
-        other => other,
     }
+    unreachable!("the loop returns")
+}
+
+/// Loads every script a gateway runs on every primary the client library knows of
+/// (`SCRIPT LOAD` goes to all of them).
+pub(crate) async fn load_scripts(conn: &ClusterConnection) -> RedisResult<()> {
+    for script in scripts::all() {
+        script
+            .prepare_invoke()
+            .load_async(&mut conn.clone())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Loads every script a gateway runs on the node at `host:port` (a primary that
+/// `CLUSTER NODES` shows for the first time: a promoted replica has none of them,
+/// as `SCRIPT LOAD` is not replicated).
+pub(crate) async fn load_scripts_on(
+    conn: &ClusterConnection,
+    host: &str,
+    port: u16,
+) -> RedisResult<()> {
+    for script in scripts::all() {
+        let cmd = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(script.source())
+            .clone();
+        let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: host.to_string(),
+            port,
+        });
+        conn.clone().route_command(cmd, to).await?.extract_error()?;
+    }
+    Ok(())
+}
+
+/// Whether Redis answered `NOSCRIPT` (it does not know the script: a restarted node,
+/// a promoted replica, `SCRIPT FLUSH`).
+pub(crate) fn no_script(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+/// After a `NOSCRIPT` to a command sent at `sent`: loads every script on every
+/// primary, once for all the requests that met it at about the same time. A load
+/// that started after `sent` finished while this request waited covers it (its
+/// `SCRIPT LOAD` reached the node after the command that failed), so the request
+/// only sends its command again; `None`: load whatever happened meanwhile (the
+/// command failed again). Before, every commit in flight when a primary forgot the
+/// scripts loaded them again itself.
+pub(crate) async fn reload_scripts(
+    conn: &ClusterConnection,
+    sent: Option<Instant>,
+) -> RedisResult<()> {
+    // When the last load that succeeded started.
+    static LAST: tokio::sync::Mutex<Option<Instant>> = tokio::sync::Mutex::const_new(None);
+    let mut last = LAST.lock().await;
+    if let (Some(sent), Some(loaded)) = (sent, *last)
+        && loaded > sent
+    {
+        return Ok(());
+    }
+    let started = Instant::now();
+    load_scripts(conn).await?;
+    *last = Some(started);
+    Ok(())
 }
 
 /// `EVALSHA` of `script` with `keys` and `args`.
@@ -1015,13 +1078,13 @@ async fn commit_as(
     let v = match (wait.replicas, batch) {
         (0, Some(b)) => {
             let cmd = evalsha(&scripts::COMMIT, &keys, &args);
+            let sent = Instant::now();
             let Some(replies) = b.send(slot_of(keys[0]), vec![cmd]).await else {
                 return Err(group_failed());
             };
             match replies?.pop().map(Value::extract_error) {
-                Some(Err(e))
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
+                Some(Err(e)) if no_script(&e) => {
+                    reload_scripts(conn, Some(sent)).await?;
                     Box::pin(run(conn, &scripts::COMMIT, &keys, &args)).await?
                 }
                 Some(v) => v?,
@@ -1076,6 +1139,8 @@ pub(crate) struct Replicas {
     ranges: Vec<(u16, u16, u32)>,
     /// Every node's address by its id.
     pub nodes: Arc<HashMap<String, (String, u16)>>,
+    /// The ids of the primaries that are not failing.
+    pub primaries: Vec<String>,
 }
 
 impl Replicas {
@@ -1126,9 +1191,15 @@ impl Replicas {
                 Some((f[0].to_string(), (host.to_string(), port.parse().ok()?)))
             })
             .collect();
+        let primaries = lines
+            .iter()
+            .filter(|f| f.len() > 2 && f[2].contains("master") && !f[2].contains("fail"))
+            .map(|f| f[0].to_string())
+            .collect();
         Replicas {
             ranges,
             nodes: Arc::new(nodes),
+            primaries,
         }
     }
 }
@@ -1158,8 +1229,9 @@ async fn commit_and_wait(
         ]
     };
     let slot = SingleNodeRoutingInfo::SpecificNode(Route::new(slot_of(keys[0]), SlotAddr::Master));
-    let mut loaded = false;
+    let mut tries = 0;
     let (v, id) = loop {
+        let sent = Instant::now();
         let (pipe, count) = pipeline(build());
         let route = slot.clone();
         let mut replies = conn.clone().route_pipeline(pipe, 0, count, route).await?;
@@ -1171,13 +1243,9 @@ async fn commit_and_wait(
             .pop()
             .and_then(|v| bytes(&v).map(|b| String::from_utf8_lossy(b).into_owned()));
         match replies.pop().ok_or_else(|| bad("EVALSHA"))?.extract_error() {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) && !loaded => {
-                // SCRIPT LOAD goes to every primary.
-                scripts::COMMIT
-                    .prepare_invoke()
-                    .load_async(&mut conn.clone())
-                    .await?;
-                loaded = true;
+            Err(e) if no_script(&e) && tries < 2 => {
+                reload_scripts(conn, (tries == 0).then_some(sent)).await?;
+                tries += 1;
             }
             Err(e) => return Err(e),
             Ok(v) => break (v, id),

@@ -24,8 +24,8 @@ pub(crate) const IN_HASH: usize = 1024;
 /// separately, after deciding the caller may read it).
 ///
 /// KEYS: meta, data. ARGV: start, len (-1: none), max_inline.
-pub(crate) static LOAD: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(crate) static LOAD: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r#"
 local m = redis.call('HMGET', KEYS[1], 'r', 's', 'o', 'p', 'a', 'v', 'x', 'g', 'd')
 if not m[1] then return false end
@@ -108,8 +108,8 @@ return {m[1], m[2] or false, m[3] or false, m[4] or false, m[5] or false, m[6] o
 /// hash; `H` the same, and delete the data key (they move in); `s` set the data
 /// key; `r` set a range of the data key; `R` set a range of the bytes in the hash
 /// (moved to the data key if they grow past `IN_HASH` and the data key is named).
-pub(crate) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(crate) static COMMIT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         &r#"
 local marker = false
 if ARGV[5] == '1' then marker = 'm:' .. ARGV[3] end
@@ -200,8 +200,8 @@ return {1}
 /// loaded for the watch.
 ///
 /// KEYS: meta.
-pub(crate) static WATCHED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(crate) static WATCHED: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r#"
 local rw = redis.call('HMGET', KEYS[1], 'r', 'w')
 if rw[1] and not rw[2] then redis.call('HSET', KEYS[1], 'w', '1') end
@@ -215,8 +215,8 @@ return 1
 /// `{0, HGETALL}` when it changed (so the caller can decide again at once).
 ///
 /// KEYS: the hash. ARGV: expected, next, n, n pairs, k, k fields.
-pub(crate) static CAS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+pub(crate) static CAS: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
         r#"
 local cur = redis.call('HGET', KEYS[1], 'r') or ''
 if cur ~= ARGV[1] then return {0, redis.call('HGETALL', KEYS[1])} end
@@ -247,8 +247,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 /// before it).
 ///
 /// KEYS: leases, quota hash. ARGV: gateway, ttl ms, new ('1'/'0').
-pub(crate) static LEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+pub(crate) static LEASE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(&format!(
         r#"{NOW}
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local g
@@ -266,8 +266,8 @@ return {{now, g}}
 /// time it went offline. Returns `{live leases left, now}`.
 ///
 /// KEYS: leases, quota hash. ARGV: gateway.
-pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+pub(crate) static RELEASE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(&format!(
         r#"{NOW}
 redis.call('ZREM', KEYS[1], ARGV[1])
 local live = redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
@@ -281,8 +281,8 @@ return {{live, now}}
 /// `{live leases, latest lease expiry or false, offline since or false, generation, now}`.
 ///
 /// KEYS: leases, quota hash.
-pub(crate) static LIVENESS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+pub(crate) static LIVENESS: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(&format!(
         r#"{NOW}
 local live = redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 local last = redis.call('ZRANGE', KEYS[1], 0, 0, 'REV', 'WITHSCORES')
@@ -294,5 +294,41 @@ return {{live, last[2] or false, off or false, g, now}}
 });
 
 /// Redis's clock: `now` in ms.
-pub(crate) static TIME: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{NOW}\nreturn now")));
+pub(crate) static TIME: LazyLock<Lua> = LazyLock::new(|| Lua::new(&format!("{NOW}\nreturn now")));
+
+/// Every script a gateway runs, for loading them on a primary before they are needed
+/// (`redis_io::load_scripts`).
+pub(crate) fn all() -> [&'static Lua; 8] {
+    [
+        &*LOAD, &*COMMIT, &*WATCHED, &*CAS, &*LEASE, &*RELEASE, &*LIVENESS, &*TIME,
+    ]
+}
+
+/// A script with its source, which `SCRIPT LOAD` on one node needs (a [`Script`]
+/// keeps it to itself); used as the [`Script`] it is otherwise.
+pub(crate) struct Lua {
+    script: Script,
+    source: String,
+}
+
+impl Lua {
+    fn new(source: &str) -> Lua {
+        Lua {
+            script: Script::new(source),
+            source: source.to_string(),
+        }
+    }
+
+    /// The script's text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+impl std::ops::Deref for Lua {
+    type Target = Script;
+
+    fn deref(&self) -> &Script {
+        &self.script
+    }
+}

@@ -346,6 +346,16 @@ impl RedisCluster {
         redis_cli(self.primary_of(key), &["EXISTS", key]).trim() == "1"
     }
 
+    /// Runs a command on the node at `port` (`redis-cli`'s output).
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        redis_cli(port, args)
+    }
+
+    /// How many scripts the node at `port` holds (`INFO memory`).
+    pub fn scripts_on(&self, port: u16) -> u64 {
+        self.info_sum_on(&[port], "memory", "number_of_cached_scripts:")
+    }
+
     /// Empties every live node's script cache (`SCRIPT FLUSH`).
     pub fn flush_scripts(&self) {
         for p in self.live_ports() {
