@@ -109,6 +109,15 @@ type InFlight =
 /// ones included) before it stops reading more.
 const MAX_IN_FLIGHT: usize = 1024;
 
+/// How long after its last throttled lookup a connection on the cluster backend pays
+/// the miss throttle for every lookup before sending it to Redis. There a miss is
+/// known only when Redis answers, and a pipelining scanner has sent its next thousand
+/// guesses by then: each throttle window that ended let a burst of lookups through,
+/// and Redis answered ~180k guesses a second, all of them but the rate answered BUSY
+/// only afterwards (docs/RELIABILITY.md). On probation a lookup costs a token whether
+/// or not it misses, so the network's lookups to Redis stay within the rate.
+const PROBATION: Duration = Duration::from_secs(1);
+
 struct Conn {
     hub: Arc<Hub>,
     /// With Redis Cluster: requests in flight, at most one per record at a time (the
@@ -130,6 +139,11 @@ struct Conn {
     /// Until when requests that name a pointer get BUSY: this network looked up too
     /// many pointers that do not exist.
     throttled_until: Option<std::time::Instant>,
+    /// On the cluster backend, until when each request that names a pointer pays the
+    /// miss throttle up front (see [`PROBATION`]).
+    probation_until: Option<std::time::Instant>,
+    /// Requests in flight that paid the miss throttle up front.
+    prepaid: std::collections::HashSet<u32>,
     session: ConnSession,
     rx: Receiver,
     outq: OutQueue,
@@ -208,7 +222,8 @@ pub(crate) async fn serve(
     };
     let session = match &hub.backend {
         Backend::Memory(store) => ConnSession::Memory(store.connect(peer.ip())),
-        Backend::Cluster(c) => match Box::pin(c.open(peer.ip())).await {
+        Backend::Cluster(c) => match Box::pin(c.open(peer.ip(), hub.config.max_output_bytes)).await
+        {
             Ok(s) => ConnSession::Cluster(s),
             Err(reply) => {
                 info!(%peer, "refused: the store is unavailable");
@@ -235,6 +250,8 @@ pub(crate) async fn serve(
         ),
         net: slot.net,
         throttled_until: None,
+        probation_until: None,
+        prepaid: Default::default(),
         in_flight: FuturesUnordered::new(),
         busy: Default::default(),
         waiting: Default::default(),
@@ -763,6 +780,18 @@ impl Conn {
         }
         if let Backend::Cluster(c) = &self.hub.backend {
             let c = c.clone();
+            if request.pointer().is_some()
+                && self.probation_until.is_some_and(|t| self.batch_now < t)
+            {
+                if let Err(wait) = self.hub.throttle.admit(self.net) {
+                    self.throttled_until = Some(self.batch_now + wait);
+                    self.probation_until = Some(self.batch_now + PROBATION);
+                    self.hub.throttle.throttled.fetch_add(1, Ordering::Relaxed);
+                    self.stats.answered(op, Status::Busy);
+                    return self.reply(xid, throttled_reply(wait));
+                }
+                self.prepaid.insert(xid);
+            }
             return self.submit(c, xid, request);
         }
         // The mailbox exists and knows the watch before the watch does, so no
@@ -811,12 +840,20 @@ impl Conn {
     /// Replies to an applied request: the miss throttle, the reply, notifications;
     /// counted under `op` (`None`: counted already, with its own latency).
     fn answer(&mut self, xid: u32, op: Option<u8>, applied: Applied) {
-        if applied.miss
-            && let Some(wait) = self.hub.throttle.miss(self.net)
-        {
+        let prepaid = !self.prepaid.is_empty() && self.prepaid.remove(&xid);
+        let over = match (applied.miss, prepaid) {
+            (false, _) => None,
+            (true, true) => {
+                self.hub.throttle.count_miss();
+                None
+            }
+            (true, false) => self.hub.throttle.miss(self.net),
+        };
+        if let Some(wait) = over {
             // Over the rate: this miss and the next lookups say BUSY, so a scanner
             // learns nothing more until the rate allows.
             self.throttled_until = Some(self.batch_now + wait);
+            self.probation_until = Some(self.batch_now + PROBATION);
             self.hub.throttle.throttled.fetch_add(1, Ordering::Relaxed);
             if let Some(op) = op {
                 self.stats.answered(op, Status::Busy);
@@ -870,6 +907,7 @@ impl Conn {
             identity: *session.identity(),
             watching: session.watches().len(),
             watch_xid: ptr.and_then(|p| session.watches().get(&p).copied()),
+            budget: session.budget().clone(),
         };
         if let Some(p) = ptr {
             self.busy.insert(p);

@@ -1710,6 +1710,128 @@ async fn appends_keep_their_order(turns: usize, batch: bool) {
     gw.stop().unwrap();
 }
 
+/// A client that pipelines READs of a large record and reads none of the replies
+/// cannot make a gateway hold more than its `--max-output-bytes` of them. The
+/// embedded store shares one record's bytes among all such replies; a gateway gets a
+/// copy from Redis per READ, and without a budget they piled up in the connection's
+/// output (3.7 GiB in `flood --store`, docs/RELIABILITY.md). Every reply still
+/// arrives, byte-exact, once the client reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_cannot_make_a_gateway_hold_its_large_replies() {
+    const READS: u32 = 100;
+    const SIZE: usize = 4 << 20;
+    let cluster = common::cluster::shared();
+    let gw = GatewayProcess::start(
+        &cluster.nodes(),
+        &fresh_prefix(),
+        &["--max-output-bytes", "1048576"],
+        &[],
+    );
+    let rss_mib = || {
+        std::fs::read_to_string(format!("/proc/{}/status", gw.child.id()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+            / 1024
+    };
+    let bytes: Bytes = (0..SIZE)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let mut owner = Raw::connect(gw.addr, 2).await;
+    let p = owner.create(Access::READ, bytes.clone()).await;
+    let mut reader = Raw::connect_with_recv_buffer(gw.addr, 3, 4096).await;
+    let mut xids = Vec::new();
+    for _ in 0..READS {
+        let xid = reader.xid();
+        reader
+            .send(
+                xid,
+                &Request::Read {
+                    ptr: p,
+                    range: None,
+                },
+            )
+            .await;
+        xids.push(xid);
+    }
+    let before = rss_mib();
+    let mut peak = before;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_mib());
+    }
+    assert!(
+        peak < before + 64,
+        "{READS} unread READs of {SIZE} B: the gateway went from {before} to {peak} MiB"
+    );
+    // Another client is served meanwhile.
+    assert_eq!(owner.read(p).await, Reply::Data(bytes.clone()));
+    for (i, xid) in xids.into_iter().enumerate() {
+        let m = reader.reply_to(xid).await;
+        assert_eq!(m.status(), Status::Data, "read {i}");
+        assert!(
+            m.payload == bytes,
+            "read {i}: {} bytes, not the record's",
+            m.payload.len()
+        );
+    }
+}
+
+/// A pointer scanner on a gateway costs Redis about the miss rate, not its own rate.
+/// A gateway learns of a miss only when Redis answers, and a pipelining scanner has
+/// sent its next thousand guesses by then: before probation (`conn::PROBATION`), each
+/// throttle window let such a burst through to Redis, to be answered BUSY only
+/// afterwards. Now a connection whose lookups were throttled pays for each lookup
+/// before it is sent, and another identity's requests are served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pointer_scanner_costs_redis_the_miss_rate_not_its_own() {
+    const GUESSES: u32 = 8_000;
+    const BATCH: u32 = 1_000;
+    const RATE: u32 = 100;
+    let cluster = common::cluster::RedisCluster::start(3, 0, false);
+    let (gw, _) = gateway_on(&cluster, |c| c.max_misses_per_second = RATE);
+    let mut owner = Raw::connect(gw.addr(), 2).await;
+    let p = owner.create(Access::READ, &b"still here"[..]).await;
+    let mut scanner = Raw::connect(gw.addr(), 3).await;
+    let loads_before = cluster.calls("hmget");
+    let started = Instant::now();
+    let (mut faults, mut busy) = (0u32, 0u32);
+    let mut n = 0u64;
+    for _ in 0..GUESSES / BATCH {
+        let mut xids = Vec::new();
+        for _ in 0..BATCH {
+            n += 1;
+            let ptr = Pointer::new(n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).unwrap();
+            let xid = scanner.xid();
+            scanner.send(xid, &Request::Read { ptr, range: None }).await;
+            xids.push(xid);
+        }
+        for xid in xids {
+            match scanner.reply_to(xid).await.status() {
+                Status::AddressFault => faults += 1,
+                Status::Busy => busy += 1,
+                s => panic!("a guess answered {s:?}"),
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let loads = cluster.calls("hmget") - loads_before;
+    // The first batch goes out before any miss is known; then the rate (and its
+    // burst), per second of the scan.
+    let allowed = u64::from(BATCH + RATE) + (f64::from(RATE) * (secs + 1.0)) as u64;
+    assert!(
+        loads <= allowed,
+        "{GUESSES} guesses in {secs:.2} s: {loads} loads from Redis, more than {allowed} \
+         ({faults} ADDRESS_FAULT, {busy} BUSY)"
+    );
+    assert_eq!(faults + busy, GUESSES);
+    assert!(busy > GUESSES / 2, "{busy} BUSY");
+    assert_eq!(owner.read(p).await, data(b"still here"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_are_reaped_only_when_no_gateway_holds_their_identity() {
     let cluster = common::cluster::shared();

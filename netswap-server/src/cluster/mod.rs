@@ -20,6 +20,7 @@
 //!   its connections watch; commits publish their events atomically with the change.
 
 mod batch;
+mod budget;
 mod events;
 pub(crate) mod keys;
 mod ops;
@@ -48,6 +49,7 @@ use redis::{PushInfo, RedisError, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+pub(crate) use budget::ReplyBudget;
 use keys::Keys;
 use quota::{QuotaBook, QuotaError};
 use redis_io::{Change, Committed, DataOp, Stored, unavailable};
@@ -139,11 +141,16 @@ pub(crate) struct ClusterSession {
     conn: ConnId,
     identity: Identity,
     watches: HashMap<Pointer, u32>,
+    budget: ReplyBudget,
 }
 
 impl ClusterSession {
     pub fn conn(&self) -> ConnId {
         self.conn
+    }
+    /// Its budget of record bytes fetched for replies not sent yet (see `budget`).
+    pub fn budget(&self) -> &ReplyBudget {
+        &self.budget
     }
     pub fn identity(&self) -> &Identity {
         &self.identity
@@ -162,7 +169,7 @@ impl ClusterSession {
 }
 
 /// What a request needs to know about its connection.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Caller {
     pub conn: ConnId,
     pub xid: u32,
@@ -171,6 +178,8 @@ pub(crate) struct Caller {
     pub watching: usize,
     /// The XID of its watch on the request's record, if any.
     pub watch_xid: Option<u32>,
+    /// The connection's budget of fetched, unsent reply bytes.
+    pub budget: ReplyBudget,
 }
 
 /// What a request did to the connection's watches (the connection updates its own
@@ -563,7 +572,11 @@ impl ClusterStore {
     /// A connection from `ip` opened: the first one of its identity on this gateway
     /// takes a lease (which makes the identity connected for every gateway), and the
     /// charges of records handed to it while it was away move to it.
-    pub async fn open(self: &Arc<Self>, ip: IpAddr) -> Result<ClusterSession, Reply> {
+    pub async fn open(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        reply_budget: usize,
+    ) -> Result<ClusterSession, Reply> {
         let identity = self.identity_of(ip);
         let first = {
             let mut l = lock(&self.local);
@@ -583,6 +596,7 @@ impl ClusterStore {
             conn: ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed)),
             identity,
             watches: HashMap::new(),
+            budget: ReplyBudget::new(reply_budget),
         })
     }
 

@@ -101,6 +101,20 @@ impl ClusterStore {
             }
             _ => MAX_INLINE,
         };
+        // Bytes of a large record that come with the load are reserved of the
+        // connection's reply budget first (`budget`); a few kilobytes that come with
+        // it are reserved once they came.
+        let held = match (&known, range) {
+            (Some(known), Some((off, n))) if inline == usize::MAX => {
+                let expect = known.size.saturating_sub(off).min(n);
+                if expect > MAX_INLINE as u64 {
+                    Some(caller.budget.reserve(expect).await)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
         let in_hash = known.is_some_and(|k| k.inline);
         let loaded = self.load(ptr, range, inline, in_hash).await?;
         let Some(rec) = loaded else {
@@ -115,17 +129,28 @@ impl ClusterStore {
             Decision::Missing => unreachable!("the record exists"),
             Decision::Answer(r) => done(r),
             Decision::Info(i) => done(Reply::Info(i)),
-            Decision::Read { start, end } => match rec.data {
-                Some(d) if d.len() as u64 == end - start => done(Reply::Data(d)),
-                _ => {
-                    match redis_io::range(&self.redis, &self.keys.record(ptr), rec.rev, start, end)
-                        .await?
+            Decision::Read { start, end } => {
+                let held = match held {
+                    Some(held) => held,
+                    None => caller.budget.reserve(end - start).await,
+                };
+                let data = match rec.data {
+                    Some(d) if d.len() as u64 == end - start => d,
+                    _ => match redis_io::range(
+                        &self.redis,
+                        &self.keys.record(ptr),
+                        rec.rev,
+                        start,
+                        end,
+                    )
+                    .await?
                     {
-                        Some(d) => done(Reply::Data(d)),
-                        None => Ok(None),
-                    }
-                }
-            },
+                        Some(d) => d,
+                        None => return Ok(None),
+                    },
+                };
+                done(Reply::Data(held.attach(data)))
+            }
             Decision::Write(w) => self.write(ptr, &rec, w, request).await,
             Decision::SetAccess(access) => {
                 let rev = rec.rev + 1;
