@@ -164,6 +164,15 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_REDIS_STATE_CACHE", default_value_t = 65_536)]
     pub redis_state_cache: usize,
 
+    /// With Redis Cluster: bytes of records this gateway holds, across its
+    /// connections, fetched from Redis for large replies (over 16 KiB) not sent yet;
+    /// past it, large READs wait until replies are sent. Each READ gets its own copy
+    /// from Redis, so without a bound clients that read no replies could make a
+    /// gateway hold copies without end (each connection is also bounded by
+    /// --max-output-bytes, see docs/ARCHITECTURE.md).
+    #[arg(long, env = "NETSWAP_REDIS_MAX_REPLY_BYTES", default_value_t = 1 << 30)]
+    pub redis_max_reply_bytes: usize,
+
     /// With Redis Cluster: send the loads and commits of requests that arrive together
     /// as one pipeline per primary instead of one request each through the Redis
     /// client (the client's per-request work was a third of the gateway's CPU per
@@ -298,6 +307,7 @@ impl ServerConfig {
                 o.wait_replicas = a.redis_wait_replicas;
                 o.max_in_flight = a.redis_max_in_flight;
                 o.state_cache = a.redis_state_cache;
+                o.max_reply_bytes = a.redis_max_reply_bytes.max(1 << 20);
                 o.batch = a.redis_batch;
                 if a.redis_prefix.is_empty() || a.redis_prefix.contains(['{', '}']) {
                     return invalid("--redis-prefix must be non-empty and hold no braces".into());

@@ -1780,6 +1780,106 @@ async fn a_client_that_reads_nothing_cannot_make_a_gateway_hold_its_large_replie
     }
 }
 
+/// Many connections that read nothing cannot, together, make a gateway hold more
+/// than `--redis-max-reply-bytes` of large replies: each holds at most two, and all
+/// of them within the gateway's budget. Past it a large READ gets BUSY at once (it
+/// cannot wait: the replies holding the budget are sent only if their clients read);
+/// once they read, large READs are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_read_nothing_stay_within_the_gateways_reply_budget() {
+    const CONNS: u8 = 16;
+    const READS: u32 = 4;
+    const SIZE: usize = 4 << 20;
+    let cluster = common::cluster::shared();
+    let gw = GatewayProcess::start(
+        &cluster.nodes(),
+        &fresh_prefix(),
+        &[
+            "--max-output-bytes",
+            "16777216",
+            "--redis-max-reply-bytes",
+            "8388608",
+        ],
+        &[],
+    );
+    let rss_mib = || {
+        std::fs::read_to_string(format!("/proc/{}/status", gw.child.id()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+            / 1024
+    };
+    let bytes: Bytes = (0..SIZE)
+        .map(|i| (i % 253) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let mut owner = Raw::connect(gw.addr, 2).await;
+    let p = owner.create(Access::READ, bytes.clone()).await;
+    let before = rss_mib();
+    let mut readers = Vec::new();
+    for c in 0..CONNS {
+        let mut r = Raw::connect_with_recv_buffer(gw.addr, 10 + c, 4096).await;
+        let mut xids = Vec::new();
+        for _ in 0..READS {
+            let xid = r.xid();
+            r.send(
+                xid,
+                &Request::Read {
+                    ptr: p,
+                    range: None,
+                },
+            )
+            .await;
+            xids.push(xid);
+        }
+        readers.push((r, xids));
+    }
+    let mut peak = before;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_mib());
+    }
+    // Two per connection would be 128 MiB.
+    assert!(
+        peak < before + 48,
+        "{CONNS} connections with unread READs of {SIZE} B: {before} -> {peak} MiB"
+    );
+    let (mut served, mut busy) = (0, 0);
+    let mut readers: Vec<Raw> = readers
+        .into_iter()
+        .map(|(mut r, xids)| async move {
+            let mut got = Vec::new();
+            for xid in xids {
+                got.push(r.reply_to(xid).await);
+            }
+            (r, got)
+        })
+        .collect::<futures_util::future::JoinAll<_>>()
+        .await
+        .into_iter()
+        .map(|(r, got)| {
+            for m in got {
+                match m.status() {
+                    Status::Data => {
+                        assert!(m.payload == bytes, "{} bytes", m.payload.len());
+                        served += 1;
+                    }
+                    Status::Busy => busy += 1,
+                    s => panic!("a READ answered {s:?}"),
+                }
+            }
+            r
+        })
+        .collect();
+    assert!(served >= 2 && busy > 0, "{served} served, {busy} BUSY");
+    // Read, the replies gave the budget back.
+    for r in &mut readers {
+        assert_eq!(r.read(p).await, Reply::Data(bytes.clone()));
+    }
+}
+
 /// A pointer scanner on a gateway costs Redis about the miss rate, not its own rate.
 /// A gateway learns of a miss only when Redis answers, and a pipelining scanner has
 /// sent its next thousand guesses by then: before probation (`conn::PROBATION`), each

@@ -49,7 +49,7 @@ use redis::{PushInfo, RedisError, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-pub(crate) use budget::ReplyBudget;
+pub(crate) use budget::{GatewayBudget, ReplyBudget};
 use keys::Keys;
 use quota::{QuotaBook, QuotaError};
 use redis_io::{Change, Committed, DataOp, Stored, unavailable};
@@ -92,6 +92,9 @@ pub struct ClusterOptions {
     /// Loads and commits that arrive together go to Redis as one pipeline per
     /// primary (`--redis-batch`, `batch.rs`).
     pub batch: bool,
+    /// Bytes of records fetched for large replies not sent yet, across the gateway's
+    /// connections (`--redis-max-reply-bytes`, see `budget`).
+    pub max_reply_bytes: usize,
     /// How often the gateway reads the cluster's layout (`CLUSTER NODES`: replicas
     /// for `WAIT`, primaries for batching); the `redis` crate follows changes by
     /// itself in between.
@@ -131,6 +134,7 @@ impl ClusterOptions {
             state_cache: 65_536,
             batch: true,
             topology_every: Duration::from_secs(1),
+            max_reply_bytes: 1 << 30,
         })
     }
 }
@@ -254,6 +258,8 @@ pub(crate) struct ClusterStore {
     /// The primaries (by id) this gateway has loaded its scripts on, as of its last
     /// look at the layout.
     scripted: Mutex<HashSet<String>>,
+    /// Bytes of records fetched for large replies not sent yet, across connections.
+    reply_bytes: GatewayBudget,
     /// How loads went.
     loads: redis_io::LoadCounters,
     /// Loads and commits sent together (`None`: each on its own, `--redis-batch
@@ -396,6 +402,7 @@ impl ClusterStore {
             turns,
             states: Mutex::new(states::States::new(opts.state_cache)),
             scripted: Mutex::default(),
+            reply_bytes: GatewayBudget::new(opts.max_reply_bytes),
             loads: redis_io::LoadCounters::default(),
             batch,
             batch_task,
@@ -596,7 +603,7 @@ impl ClusterStore {
             conn: ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed)),
             identity,
             watches: HashMap::new(),
-            budget: ReplyBudget::new(reply_budget),
+            budget: ReplyBudget::new(reply_budget, &self.reply_bytes),
         })
     }
 

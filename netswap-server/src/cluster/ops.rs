@@ -28,6 +28,15 @@ fn done(reply: Reply) -> Attempt {
     Ok(Some(reply.into()))
 }
 
+/// A large READ while the gateway holds `--redis-max-reply-bytes` of replies its
+/// clients have not read yet (`budget`).
+fn replies_held() -> Reply {
+    Reply::error(
+        netswap_proto::Status::Busy,
+        "this gateway holds too many large replies that their clients have not read; retry later",
+    )
+}
+
 /// What the rules see of a record, for `caller`.
 fn view(rec: &Stored, caller: &Identity) -> RecordView {
     RecordView {
@@ -108,7 +117,10 @@ impl ClusterStore {
             (Some(known), Some((off, n))) if inline == usize::MAX => {
                 let expect = known.size.saturating_sub(off).min(n);
                 if expect > MAX_INLINE as u64 {
-                    Some(caller.budget.reserve(expect).await)
+                    match caller.budget.reserve(expect).await {
+                        Ok(held) => Some(held),
+                        Err(_) => return done(replies_held()),
+                    }
                 } else {
                     None
                 }
@@ -132,7 +144,10 @@ impl ClusterStore {
             Decision::Read { start, end } => {
                 let held = match held {
                     Some(held) => held,
-                    None => caller.budget.reserve(end - start).await,
+                    None => match caller.budget.reserve(end - start).await {
+                        Ok(held) => held,
+                        Err(_) => return done(replies_held()),
+                    },
                 };
                 let data = match rec.data {
                     Some(d) if d.len() as u64 == end - start => d,

@@ -4,7 +4,9 @@
 //! must be reaped after the grace period and none before. Server RSS is sampled.
 //!
 //! Run: `cargo run --release -p netswap-hardening --bin soak -- --seconds 180`
-//! (add `--restart-after 60` to restart the server from its snapshot mid-way).
+//! (add `--restart-after 60` to restart the server from its snapshot mid-way; add
+//! `--store redis-cluster://HOST:PORT,...` to run against a gateway on a Redis Cluster,
+//! under a key prefix of its own, where a restart is the gateway's).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,10 @@ struct Args {
     /// snapshot, `--data-dir`) this many seconds into the first round; 0 = never.
     #[arg(long, default_value_t = 0)]
     restart_after: u64,
+    /// Run against a gateway on this Redis Cluster (`redis-cluster://HOST:PORT,...`)
+    /// instead of the embedded store.
+    #[arg(long)]
+    store: Option<String>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -53,13 +59,24 @@ async fn main() {
     // The final check asks about every record after they are reaped: hundreds of
     // thousands of lookups of pointers that are gone, which the miss throttle would
     // (rightly) slow to 1,000 a second.
+    let prefix = format!("soak{}", std::process::id());
     let mut flags = vec![
         "--orphan-grace",
         grace.as_str(),
         "--max-misses-per-second",
         "0",
     ];
-    if a.restart_after > 0 {
+    if let Some(url) = &a.store {
+        std::fs::write(&key, rand::random::<[u8; 32]>()).expect("identity key file");
+        flags.extend([
+            "--store",
+            url.as_str(),
+            "--identity-key",
+            &key,
+            "--redis-prefix",
+            &prefix,
+        ]);
+    } else if a.restart_after > 0 {
         flags.extend([
             "--data-dir",
             &dir,
@@ -116,8 +133,12 @@ async fn main() {
         });
     }
     println!(
-        "soak: {} clients over {} identities for {} s, orphan grace {} s",
-        a.clients, a.identities, a.seconds, a.grace
+        "soak: {} clients over {} identities for {} s, orphan grace {} s, {}",
+        a.clients,
+        a.identities,
+        a.seconds,
+        a.grace,
+        a.store.as_deref().unwrap_or("embedded store")
     );
     let mut ok = true;
     let mut after_rounds = Vec::new();
