@@ -104,6 +104,17 @@ impl GatewayProcess {
         GatewayProcess { child, addr }
     }
 
+    /// Its resident memory, MiB.
+    fn rss_mib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+            / 1024
+    }
+
     fn kill(mut self) {
         let _ = self.child.kill(); // SIGKILL: no goodbye
         let _ = self.child.wait();
@@ -1727,15 +1738,7 @@ async fn a_client_that_reads_nothing_cannot_make_a_gateway_hold_its_large_replie
         &["--max-output-bytes", "1048576"],
         &[],
     );
-    let rss_mib = || {
-        std::fs::read_to_string(format!("/proc/{}/status", gw.child.id()))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap()
-            / 1024
-    };
+    let rss_mib = || gw.rss_mib();
     let bytes: Bytes = (0..SIZE)
         .map(|i| (i % 251) as u8)
         .collect::<Vec<_>>()
@@ -1802,15 +1805,7 @@ async fn connections_that_read_nothing_stay_within_the_gateways_reply_budget() {
         ],
         &[],
     );
-    let rss_mib = || {
-        std::fs::read_to_string(format!("/proc/{}/status", gw.child.id()))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap()
-            / 1024
-    };
+    let rss_mib = || gw.rss_mib();
     let bytes: Bytes = (0..SIZE)
         .map(|i| (i % 253) as u8)
         .collect::<Vec<_>>()
