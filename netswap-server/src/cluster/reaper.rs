@@ -159,7 +159,9 @@ impl ClusterStore {
             return Ok(0);
         };
         for _ in 0..MAX_ATTEMPTS {
-            let Some(rec) = self.load(ptr, None, 0, false).await? else {
+            let loaded = self.load(ptr, None, 0, false).await?;
+            let Some(rec) = loaded.filter(|r| r.owner == *id) else {
+                // Gone, or someone else's now: off the identity's index.
                 let _: Value = redis::cmd("SREM")
                     .arg(owned)
                     .arg(&s)
@@ -167,14 +169,6 @@ impl ClusterStore {
                     .await?;
                 return Ok(0);
             };
-            if rec.owner != *id {
-                let _: Value = redis::cmd("SREM")
-                    .arg(owned)
-                    .arg(&s)
-                    .query_async(&mut self.redis.clone())
-                    .await?;
-                return Ok(0);
-            }
             let own = rec
                 .deadline
                 .filter(|&(_, g)| g == live.generation)
