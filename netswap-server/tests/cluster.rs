@@ -1721,6 +1721,26 @@ async fn appends_keep_their_order(turns: usize, batch: bool) {
     gw.stop().unwrap();
 }
 
+/// A connection from 127.0.0.`from` with a 4 KiB receive buffer that has sent `n`
+/// READs of `p` and reads nothing yet; with their XIDs.
+async fn unread_reads(addr: SocketAddr, from: u8, p: Pointer, n: u32) -> (Raw, Vec<u32>) {
+    let mut c = Raw::connect_with_recv_buffer(addr, from, 4096).await;
+    let mut xids = Vec::new();
+    for _ in 0..n {
+        let xid = c.xid();
+        c.send(
+            xid,
+            &Request::Read {
+                ptr: p,
+                range: None,
+            },
+        )
+        .await;
+        xids.push(xid);
+    }
+    (c, xids)
+}
+
 /// A client that pipelines READs of a large record and reads none of the replies
 /// cannot make a gateway hold more than its `--max-output-bytes` of them. The
 /// embedded store shares one record's bytes among all such replies; a gateway gets a
@@ -1745,21 +1765,7 @@ async fn a_client_that_reads_nothing_cannot_make_a_gateway_hold_its_large_replie
         .into();
     let mut owner = Raw::connect(gw.addr, 2).await;
     let p = owner.create(Access::READ, bytes.clone()).await;
-    let mut reader = Raw::connect_with_recv_buffer(gw.addr, 3, 4096).await;
-    let mut xids = Vec::new();
-    for _ in 0..READS {
-        let xid = reader.xid();
-        reader
-            .send(
-                xid,
-                &Request::Read {
-                    ptr: p,
-                    range: None,
-                },
-            )
-            .await;
-        xids.push(xid);
-    }
+    let (mut reader, xids) = unread_reads(gw.addr, 3, p, READS).await;
     let before = rss_mib();
     let mut peak = before;
     for _ in 0..30 {
@@ -1815,21 +1821,7 @@ async fn connections_that_read_nothing_stay_within_the_gateways_reply_budget() {
     let before = rss_mib();
     let mut readers = Vec::new();
     for c in 0..CONNS {
-        let mut r = Raw::connect_with_recv_buffer(gw.addr, 10 + c, 4096).await;
-        let mut xids = Vec::new();
-        for _ in 0..READS {
-            let xid = r.xid();
-            r.send(
-                xid,
-                &Request::Read {
-                    ptr: p,
-                    range: None,
-                },
-            )
-            .await;
-            xids.push(xid);
-        }
-        readers.push((r, xids));
+        readers.push(unread_reads(gw.addr, 10 + c, p, READS).await);
     }
     let mut peak = before;
     for _ in 0..30 {
@@ -1873,6 +1865,62 @@ async fn connections_that_read_nothing_stay_within_the_gateways_reply_budget() {
     for r in &mut readers {
         assert_eq!(r.read(p).await, Reply::Data(bytes.clone()));
     }
+}
+
+/// One address that reads none of its large replies holds at most its share (a
+/// quarter) of the gateway's reply budget: its further large READs get BUSY, and
+/// another address's are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_reads_nothing_holds_only_its_share_of_the_reply_budget() {
+    const SIZE: usize = 4 << 20;
+    let cluster = common::cluster::shared();
+    let gw = GatewayProcess::start(
+        &cluster.nodes(),
+        &fresh_prefix(),
+        // A share of 16 MiB: four of these replies.
+        &[
+            "--max-output-bytes",
+            "67108864",
+            "--redis-max-reply-bytes",
+            "67108864",
+        ],
+        &[],
+    );
+    let bytes: Bytes = vec![5u8; SIZE].into();
+    let mut owner = Raw::connect(gw.addr, 2).await;
+    let p = owner.create(Access::READ, bytes.clone()).await;
+    let mut hog = Vec::new();
+    for _ in 0..3 {
+        hog.push(unread_reads(gw.addr, 30, p, 4).await);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Another address is served while the first holds its share.
+    let mut other = Raw::connect(gw.addr, 31).await;
+    assert_eq!(other.read(p).await, Reply::Data(bytes.clone()));
+    let (mut served, mut busy) = (0, 0);
+    for (mut c, xids) in hog {
+        for xid in xids {
+            let m = c.reply_to(xid).await;
+            match m.status() {
+                Status::Data => served += 1,
+                Status::Busy => {
+                    assert!(
+                        String::from_utf8_lossy(&m.payload).contains("this address"),
+                        "{:?}",
+                        String::from_utf8_lossy(&m.payload)
+                    );
+                    busy += 1;
+                }
+                s => panic!("a READ answered {s:?}"),
+            }
+        }
+    }
+    // Four of these replies fill its share (more only if the kernel took a whole
+    // reply into its socket buffer, which gives its bytes back).
+    assert!(
+        served >= 4 && busy >= 4 && served + busy == 12,
+        "{served} served, {busy} BUSY"
+    );
 }
 
 /// A pointer scanner on a gateway costs Redis about the miss rate, not its own rate.

@@ -19,12 +19,14 @@
 //! protocol's promise that a small reply is not held behind a large one), and a large
 //! reply reserves at most half of its budget, so that one huge reply does not hold
 //! up the next large one either: at most two large replies over half the budget wait
-//! unsent at once. Large replies also reserve their whole size of the gateway's
-//! budget across connections (`--redis-max-reply-bytes`), so that many connections
-//! (256 per address) holding two 64 MiB replies each cannot exhaust memory: past it,
-//! a large READ gets BUSY at once, as an upload past `--max-total-partial-bytes`
-//! does. It does not wait: the replies holding that budget are sent only when their
-//! clients read, which may be never.
+//! unsent at once. Large replies also reserve their whole size of their address's
+//! share (a quarter) of the gateway's budget across connections
+//! (`--redis-max-reply-bytes`), and of that budget, so that many connections (256
+//! per address) holding two 64 MiB replies each cannot exhaust memory, and one
+//! address cannot take all of it from the others: past either, a large READ gets BUSY
+//! at once, as an upload past `--max-partial-bytes-per-ip` or
+//! `--max-total-partial-bytes` does. It does not wait: the replies holding that
+//! budget are sent only when their clients read, which may be never.
 
 use std::sync::Arc;
 
@@ -67,9 +69,15 @@ impl Budget {
     }
 }
 
-/// The gateway's budget of large replies is taken: the READ gets BUSY.
+/// The address's share or the gateway's budget of large replies is taken: the READ
+/// gets BUSY.
 #[derive(Debug)]
-pub(crate) struct GatewayFull;
+pub(crate) enum Full {
+    /// The address's share.
+    Address,
+    /// The gateway's budget.
+    Gateway,
+}
 
 /// The gateway's budget of fetched, unsent bytes of large replies, across its
 /// connections (`--redis-max-reply-bytes`).
@@ -81,6 +89,11 @@ impl GatewayBudget {
     pub fn new(bytes: usize) -> GatewayBudget {
         GatewayBudget(Budget::new(bytes, 1 << 20))
     }
+
+    /// One address's share of it: a quarter.
+    pub fn share(&self) -> GatewayBudget {
+        GatewayBudget(Budget::new(self.0.size as usize / 4, 1 << 20))
+    }
 }
 
 /// One connection's budgets of fetched, unsent reply bytes: small and large replies.
@@ -88,61 +101,70 @@ impl GatewayBudget {
 pub(crate) struct ReplyBudget {
     small: Budget,
     large: Budget,
+    address: GatewayBudget,
     gateway: GatewayBudget,
 }
 
 impl ReplyBudget {
     /// Budgets of `bytes` each (at least twice [`MAX_INLINE`], at most 4 GiB), within
-    /// the gateway's.
-    pub fn new(bytes: usize, gateway: &GatewayBudget) -> ReplyBudget {
+    /// the `address`'s share of the `gateway`'s.
+    pub fn new(bytes: usize, address: &GatewayBudget, gateway: &GatewayBudget) -> ReplyBudget {
         ReplyBudget {
             small: Budget::new(bytes, 2 * MAX_INLINE),
             large: Budget::new(bytes, 2 * MAX_INLINE),
+            address: address.clone(),
             gateway: gateway.clone(),
         }
     }
 
     /// Waits until `n` more bytes may be held by the connection, and holds them. A
     /// large reply holds at most half of its connection's budget, and its size (at
-    /// most all) of the gateway's, or gets [`GatewayFull`] when that is taken.
-    pub async fn reserve(&self, n: u64) -> Result<Held, GatewayFull> {
+    /// most all) of its address's share and of the gateway's, or gets [`Full`] when
+    /// one of them is taken.
+    pub async fn reserve(&self, n: u64) -> Result<Held, Full> {
         if n == 0 {
             return Ok(Held {
                 own: None,
-                _gateway: None,
+                _shared: None,
             });
         }
         if n <= MAX_INLINE as u64 {
             return Ok(Held {
                 own: Some(self.small.take(n).await),
-                _gateway: None,
+                _shared: None,
             });
         }
         let own = self.large.take(n.min(u64::from(self.large.size / 2))).await;
-        let gateway = self.gateway.0.try_take(n).ok_or(GatewayFull)?;
+        // A reply larger than the whole share takes all of it, and as much of the
+        // gateway's: an address never holds more than its share.
+        let shared = n.min(u64::from(self.address.0.size));
+        let address = self.address.0.try_take(shared).ok_or(Full::Address)?;
+        let gateway = self.gateway.0.try_take(shared).ok_or(Full::Gateway)?;
         Ok(Held {
             own: Some(own),
-            _gateway: Some(gateway),
+            _shared: Some((address, gateway)),
         })
     }
 
-    /// Bytes that may be reserved now without waiting: small, large, the gateway's.
+    /// Bytes that may be reserved now without waiting: small, large, the address's,
+    /// the gateway's.
     #[cfg(test)]
-    pub fn available(&self) -> (usize, usize, usize) {
+    pub fn available(&self) -> (usize, usize, usize, usize) {
         (
             self.small.bytes.available_permits(),
             self.large.bytes.available_permits(),
+            self.address.0.bytes.available_permits(),
             self.gateway.0.bytes.available_permits(),
         )
     }
 }
 
-/// Bytes reserved of a [`ReplyBudget`] (the connection's, the gateway's); given back
-/// when dropped.
+/// Bytes reserved of a [`ReplyBudget`] (the connection's; the address's and the
+/// gateway's); given back when dropped.
 #[derive(Debug)]
 pub(crate) struct Held {
     own: Option<OwnedSemaphorePermit>,
-    _gateway: Option<OwnedSemaphorePermit>,
+    _shared: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 impl Held {
@@ -181,28 +203,30 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_are_given_back_when_the_last_reference_is_dropped() {
-        let budget = ReplyBudget::new(SIZE, &GatewayBudget::new(1 << 30));
+        let gateway = GatewayBudget::new(1 << 30);
+        let budget = ReplyBudget::new(SIZE, &gateway.share(), &gateway);
         let data = budget
             .reserve(600)
             .await
             .unwrap()
             .attach(Bytes::from(vec![7u8; 600]));
-        assert_eq!(budget.available(), (SIZE - 600, SIZE, 1 << 30));
+        assert_eq!(budget.available(), (SIZE - 600, SIZE, 1 << 28, 1 << 30));
         let frame = data.slice(10..20);
         drop(data);
         assert_eq!(budget.available().0, SIZE - 600, "a slice still holds them");
         assert_eq!(&frame[..], &[7u8; 10][..]);
         drop(frame);
-        assert_eq!(budget.available(), (SIZE, SIZE, 1 << 30));
+        assert_eq!(budget.available(), (SIZE, SIZE, 1 << 28, 1 << 30));
         // Nothing to hold: no reservation, the bytes as they are.
         let empty = budget.reserve(0).await.unwrap().attach(Bytes::new());
         assert!(empty.is_empty());
-        assert_eq!(budget.available(), (SIZE, SIZE, 1 << 30));
+        assert_eq!(budget.available(), (SIZE, SIZE, 1 << 28, 1 << 30));
     }
 
     #[tokio::test]
     async fn large_replies_wait_for_room_and_small_ones_never_wait_for_them() {
-        let budget = ReplyBudget::new(SIZE, &GatewayBudget::new(1 << 30));
+        let gateway = GatewayBudget::new(1 << 30);
+        let budget = ReplyBudget::new(SIZE, &gateway.share(), &gateway);
         let reserve = |n: u64| {
             let budget = budget.clone();
             tokio::spawn(async move { budget.reserve(n).await.unwrap() })
@@ -222,10 +246,10 @@ mod tests {
         drop(first);
         let third = third.await.unwrap();
         assert_eq!(budget.available().1, SIZE / 2 - 100_000);
-        assert_eq!(budget.available().2, (1 << 30) - (20 << 20) - 100_000);
+        assert_eq!(budget.available().3, (1 << 30) - (20 << 20) - 100_000);
         drop((second, third));
         assert_eq!(budget.available().1, SIZE);
-        assert_eq!(budget.available().2, 1 << 30);
+        assert_eq!(budget.available().3, 1 << 30);
         // Small replies have a budget of their own, and wait for room in it.
         let held: Vec<Held> = futures_util::future::join_all(
             (0..SIZE / MAX_INLINE)
@@ -239,26 +263,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn large_replies_of_all_connections_stay_within_the_gateways_budget() {
-        let gateway = GatewayBudget::new(8 << 20);
-        let a = ReplyBudget::new(SIZE, &gateway);
-        let b = ReplyBudget::new(SIZE, &gateway);
-        let first = a.reserve(5 << 20).await.unwrap();
+    async fn large_replies_stay_within_their_addresss_share_and_the_gateways_budget() {
+        let gateway = GatewayBudget::new(16 << 20);
+        let (one, other, third) = (gateway.share(), gateway.share(), gateway.share());
+        let a = ReplyBudget::new(SIZE, &one, &gateway);
+        let a2 = ReplyBudget::new(SIZE, &one, &gateway);
+        let b = ReplyBudget::new(SIZE, &other, &gateway);
+        let c = ReplyBudget::new(SIZE, &third, &gateway);
+        // An address's share is a quarter: 4 MiB, on all its connections together.
+        let first = a.reserve(3 << 20).await.unwrap();
         assert!(
-            b.reserve(5 << 20).await.is_err(),
-            "5 + 5 MiB is over the gateway's 8: BUSY, not a wait"
+            matches!(a2.reserve(3 << 20).await, Err(Full::Address)),
+            "3 + 3 MiB is over the address's 4: BUSY, not a wait"
         );
-        assert_eq!(b.available(), (SIZE, SIZE, 3 << 20), "nothing kept");
-        // Small replies do not count against it.
+        assert_eq!(
+            a2.available(),
+            (SIZE, SIZE, 1 << 20, 13 << 20),
+            "nothing kept"
+        );
+        // Other addresses are not held up by it, until the gateway's budget is taken.
+        let held: Vec<Held> = vec![
+            b.reserve(4 << 20).await.unwrap(),
+            c.reserve(4 << 20).await.unwrap(),
+        ];
+        let fourth = ReplyBudget::new(SIZE, &gateway.share(), &gateway);
+        let last = fourth.reserve(4 << 20).await.unwrap();
+        assert!(matches!(
+            ReplyBudget::new(SIZE, &gateway.share(), &gateway)
+                .reserve(2 << 20)
+                .await,
+            Err(Full::Gateway)
+        ));
+        // Small replies count against neither.
         let small = b.reserve(MAX_INLINE as u64).await.unwrap();
-        drop(first);
-        let second = b.reserve(5 << 20).await.unwrap();
-        assert_eq!(b.available().2, 3 << 20);
-        drop((small, second));
-        // One larger than the gateway's whole budget takes all of it.
+        drop((first, held, last, small));
+        assert_eq!(a.available(), (SIZE, SIZE, 4 << 20, 16 << 20));
+        // One larger than the whole share takes all of it.
         let huge = a.reserve(1 << 30).await.unwrap();
-        assert_eq!(b.available().2, 0);
+        assert_eq!(a.available().2, 0);
+        assert_eq!(a.available().3, 12 << 20);
         drop(huge);
-        assert_eq!(b.available().2, 8 << 20);
     }
 }

@@ -49,7 +49,7 @@ use redis::{PushInfo, RedisError, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-pub(crate) use budget::{GatewayBudget, ReplyBudget};
+pub(crate) use budget::{Full, GatewayBudget, ReplyBudget};
 use keys::Keys;
 use quota::{QuotaBook, QuotaError};
 use redis_io::{Change, Committed, DataOp, Stored, unavailable};
@@ -215,6 +215,8 @@ impl From<Reply> for Outcome {
 struct Local {
     /// Identities with connections on this gateway, and how many.
     identities: HashMap<Identity, u32>,
+    /// Their shares of the gateway's budget of large replies (`budget`).
+    reply_shares: HashMap<Identity, GatewayBudget>,
     /// Records watched from this gateway.
     watched: HashMap<Pointer, events::WatchEntry>,
 }
@@ -585,11 +587,17 @@ impl ClusterStore {
         reply_budget: usize,
     ) -> Result<ClusterSession, Reply> {
         let identity = self.identity_of(ip);
-        let first = {
+        let (first, share) = {
             let mut l = lock(&self.local);
             let n = l.identities.entry(identity).or_insert(0);
             *n += 1;
-            *n == 1
+            let first = *n == 1;
+            let share = l
+                .reply_shares
+                .entry(identity)
+                .or_insert_with(|| self.reply_bytes.share())
+                .clone();
+            (first, share)
         };
         if first && let Err(e) = self.take_lease(&identity, true).await {
             self.close_identity(&identity).await;
@@ -603,7 +611,7 @@ impl ClusterStore {
             conn: ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed)),
             identity,
             watches: HashMap::new(),
-            budget: ReplyBudget::new(reply_budget, &self.reply_bytes),
+            budget: ReplyBudget::new(reply_budget, &share, &self.reply_bytes),
         })
     }
 
@@ -649,6 +657,7 @@ impl ClusterStore {
                 }
                 Some(_) => {
                     l.identities.remove(id);
+                    l.reply_shares.remove(id);
                     true
                 }
                 None => false,

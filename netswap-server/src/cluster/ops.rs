@@ -11,7 +11,9 @@ use super::events::EventInfo;
 use super::keys;
 use super::redis_io::{self, Change, Committed, DataOp, Stored};
 use super::scripts;
-use super::{AttemptError, Caller, ClusterStore, FENCE, MAX_INLINE, Outcome, WatchChange, lock};
+use super::{
+    AttemptError, Caller, ClusterStore, FENCE, Full, MAX_INLINE, Outcome, WatchChange, lock,
+};
 
 /// `Ok(None)`: the record changed under the attempt; decide again.
 type Attempt = Result<Option<Outcome>, AttemptError>;
@@ -28,12 +30,20 @@ fn done(reply: Reply) -> Attempt {
     Ok(Some(reply.into()))
 }
 
-/// A large READ while the gateway holds `--redis-max-reply-bytes` of replies its
-/// clients have not read yet (`budget`).
-fn replies_held() -> Reply {
+/// A large READ while the caller's address holds its share, or the gateway holds
+/// `--redis-max-reply-bytes`, of large replies their clients have not read yet
+/// (`budget`).
+fn replies_held(full: Full) -> Reply {
     Reply::error(
         netswap_proto::Status::Busy,
-        "this gateway holds too many large replies that their clients have not read; retry later",
+        match full {
+            Full::Address => {
+                "large replies to this address that it has not read hold its share of this gateway's memory; retry later"
+            }
+            Full::Gateway => {
+                "this gateway holds too many large replies that their clients have not read; retry later"
+            }
+        },
     )
 }
 
@@ -119,7 +129,7 @@ impl ClusterStore {
                 if expect > MAX_INLINE as u64 {
                     match caller.budget.reserve(expect).await {
                         Ok(held) => Some(held),
-                        Err(_) => return done(replies_held()),
+                        Err(full) => return done(replies_held(full)),
                     }
                 } else {
                     None
@@ -146,7 +156,7 @@ impl ClusterStore {
                     Some(held) => held,
                     None => match caller.budget.reserve(end - start).await {
                         Ok(held) => held,
-                        Err(_) => return done(replies_held()),
+                        Err(full) => return done(replies_held(full)),
                     },
                 };
                 let data = match rec.data {
