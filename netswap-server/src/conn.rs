@@ -113,8 +113,8 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// the miss throttle for every lookup before sending it to Redis. There a miss is
 /// known only when Redis answers, and a pipelining scanner has sent its next thousand
 /// guesses by then: each throttle window that ended let a burst of lookups through,
-/// and Redis answered ~180k guesses a second, all of them but the rate answered BUSY
-/// only afterwards (docs/RELIABILITY.md). On probation a lookup costs a token whether
+/// and Redis answered every guess (118k a second), all of them but the rate answered
+/// BUSY only afterwards (docs/RELIABILITY.md). On probation a lookup costs a token whether
 /// or not it misses, so the network's lookups to Redis stay within the rate.
 const PROBATION: Duration = Duration::from_secs(1);
 

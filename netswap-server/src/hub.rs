@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use governor::clock::Clock;
+use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tracing::warn;
 
@@ -203,6 +203,18 @@ pub(crate) struct MissThrottle {
     pub throttled: AtomicU64,
 }
 
+/// How long until `limiter` allows again, at least 1 ms. Read on the limiter's own
+/// clock: making one (`DefaultClock::default()`) per miss cost a gateway under a
+/// pointer scan 39% of its time (the TSC check under it is slow on virtual machines).
+fn wait(
+    limiter: &DefaultKeyedRateLimiter<NetKey>,
+    not_until: governor::NotUntil<<DefaultClock as Clock>::Instant>,
+) -> Duration {
+    not_until
+        .wait_time_from(limiter.clock().now())
+        .max(Duration::from_millis(1))
+}
+
 impl MissThrottle {
     fn new(per_second: u32) -> MissThrottle {
         MissThrottle {
@@ -230,14 +242,7 @@ impl MissThrottle {
                         "throttled: too many lookups of pointers that do not exist (pointer scanning?)"
                     );
                 }
-                // The limiter's own clock: making one (`DefaultClock::default()`)
-                // per miss cost a gateway under a pointer scan 39% of its time
-                // (the TSC check under it is slow on virtual machines).
-                Some(
-                    not_until
-                        .wait_time_from(limiter.clock().now())
-                        .max(Duration::from_millis(1)),
-                )
+                Some(wait(limiter, not_until))
             }
         }
     }
@@ -254,11 +259,9 @@ impl MissThrottle {
         let Some(limiter) = self.limiter.as_ref() else {
             return Ok(());
         };
-        limiter.check_key(&net).map_err(|not_until| {
-            not_until
-                .wait_time_from(limiter.clock().now())
-                .max(Duration::from_millis(1))
-        })
+        limiter
+            .check_key(&net)
+            .map_err(|not_until| wait(limiter, not_until))
     }
 
     /// Forgets networks whose bucket is full again (called now and then).
