@@ -104,6 +104,16 @@ impl GatewayProcess {
         GatewayProcess { child, addr }
     }
 
+    /// Its highest resident memory over the next 3 s, MiB, sampled every 100 ms.
+    async fn peak_rss_mib(&self) -> u64 {
+        let mut peak = self.rss_mib();
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            peak = peak.max(self.rss_mib());
+        }
+        peak
+    }
+
     /// Its resident memory, MiB.
     fn rss_mib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -1721,6 +1731,18 @@ async fn appends_keep_their_order(turns: usize, batch: bool) {
     gw.stop().unwrap();
 }
 
+/// A record of `size` patterned bytes that anyone may read, created from
+/// 127.0.0.2: its owner's connection, its pointer and its bytes.
+async fn large_record(addr: SocketAddr, size: usize) -> (Raw, Pointer, Bytes) {
+    let bytes: Bytes = (0..size)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let mut owner = Raw::connect(addr, 2).await;
+    let p = owner.create(Access::READ, bytes.clone()).await;
+    (owner, p, bytes)
+}
+
 /// A connection from 127.0.0.`from` with a 4 KiB receive buffer that has sent `n`
 /// READs of `p` and reads nothing yet; with their XIDs.
 async fn unread_reads(addr: SocketAddr, from: u8, p: Pointer, n: u32) -> (Raw, Vec<u32>) {
@@ -1758,20 +1780,10 @@ async fn a_client_that_reads_nothing_cannot_make_a_gateway_hold_its_large_replie
         &["--max-output-bytes", "1048576"],
         &[],
     );
-    let rss_mib = || gw.rss_mib();
-    let bytes: Bytes = (0..SIZE)
-        .map(|i| (i % 251) as u8)
-        .collect::<Vec<_>>()
-        .into();
-    let mut owner = Raw::connect(gw.addr, 2).await;
-    let p = owner.create(Access::READ, bytes.clone()).await;
+    let (mut owner, p, bytes) = large_record(gw.addr, SIZE).await;
     let (mut reader, xids) = unread_reads(gw.addr, 3, p, READS).await;
-    let before = rss_mib();
-    let mut peak = before;
-    for _ in 0..30 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        peak = peak.max(rss_mib());
-    }
+    let before = gw.rss_mib();
+    let peak = gw.peak_rss_mib().await;
     assert!(
         peak < before + 64,
         "{READS} unread READs of {SIZE} B: the gateway went from {before} to {peak} MiB"
@@ -1811,23 +1823,13 @@ async fn connections_that_read_nothing_stay_within_the_gateways_reply_budget() {
         ],
         &[],
     );
-    let rss_mib = || gw.rss_mib();
-    let bytes: Bytes = (0..SIZE)
-        .map(|i| (i % 253) as u8)
-        .collect::<Vec<_>>()
-        .into();
-    let mut owner = Raw::connect(gw.addr, 2).await;
-    let p = owner.create(Access::READ, bytes.clone()).await;
-    let before = rss_mib();
+    let (_owner, p, bytes) = large_record(gw.addr, SIZE).await;
+    let before = gw.rss_mib();
     let mut readers = Vec::new();
     for c in 0..CONNS {
         readers.push(unread_reads(gw.addr, 10 + c, p, READS).await);
     }
-    let mut peak = before;
-    for _ in 0..30 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        peak = peak.max(rss_mib());
-    }
+    let peak = gw.peak_rss_mib().await;
     // Two per connection would be 128 MiB.
     assert!(
         peak < before + 48,
@@ -1886,9 +1888,7 @@ async fn an_address_that_reads_nothing_holds_only_its_share_of_the_reply_budget(
         ],
         &[],
     );
-    let bytes: Bytes = vec![5u8; SIZE].into();
-    let mut owner = Raw::connect(gw.addr, 2).await;
-    let p = owner.create(Access::READ, bytes.clone()).await;
+    let (_owner, p, bytes) = large_record(gw.addr, SIZE).await;
     let mut hog = Vec::new();
     for _ in 0..3 {
         hog.push(unread_reads(gw.addr, 30, p, 4).await);
