@@ -145,7 +145,8 @@ pub(crate) struct ClusterSession {
     conn: ConnId,
     identity: Identity,
     watches: HashMap<Pointer, u32>,
-    budget: ReplyBudget,
+    /// Shared with its requests in flight: one count to raise per request.
+    budget: Arc<ReplyBudget>,
 }
 
 impl ClusterSession {
@@ -153,7 +154,7 @@ impl ClusterSession {
         self.conn
     }
     /// Its budget of record bytes fetched for replies not sent yet (see `budget`).
-    pub fn budget(&self) -> &ReplyBudget {
+    pub fn budget(&self) -> &Arc<ReplyBudget> {
         &self.budget
     }
     pub fn identity(&self) -> &Identity {
@@ -183,7 +184,7 @@ pub(crate) struct Caller {
     /// The XID of its watch on the request's record, if any.
     pub watch_xid: Option<u32>,
     /// The connection's budget of fetched, unsent reply bytes.
-    pub budget: ReplyBudget,
+    pub budget: Arc<ReplyBudget>,
 }
 
 /// What a request did to the connection's watches (the connection updates its own
@@ -611,7 +612,7 @@ impl ClusterStore {
             conn: ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed)),
             identity,
             watches: HashMap::new(),
-            budget: ReplyBudget::new(reply_budget, &share, &self.reply_bytes),
+            budget: Arc::new(ReplyBudget::new(reply_budget, &share, &self.reply_bytes)),
         })
     }
 

@@ -246,17 +246,18 @@ pub(crate) async fn run(
         },
         Ok(v) => v,
     };
-    for tries in 0.. {
+    let mut tries = 0;
+    loop {
         match sent.extract_error() {
             Err(e) if no_script(&e) && tries < 2 => {
                 reload_scripts(conn, (tries == 0).then_some(sent_at)).await?;
+                tries += 1;
                 sent_at = Instant::now();
                 sent = conn.clone().route_command(evalsha(), route()).await?;
             }
             other => return other,
         }
     }
-    unreachable!("the loop returns")
 }
 
 /// Loads every script a gateway runs on every primary the client library knows of
