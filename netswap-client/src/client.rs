@@ -681,7 +681,10 @@ impl Shared {
                 return;
             }
             self.install(conn.clone());
-            self.register_all_again(&conn).await;
+            // On a task of its own: registering may be retried for as long as the
+            // server is busy, while this loop watches the connection (keepalives).
+            let (shared, registering) = (self.clone(), conn.clone());
+            tokio::spawn(async move { shared.register_all_again(&registering).await });
         }
     }
 }

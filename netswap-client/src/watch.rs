@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use netswap_proto::{Delta, Event, Pointer, RecordInfo, Reply, Request, Version, WatchOptions};
+use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -304,8 +305,13 @@ impl Shared {
     }
 
     /// A new connection: every group registered on an earlier one is registered again.
-    /// Failures other than the connection's own end the group (the record is gone or
-    /// unreadable) or are retried at the next connection.
+    /// A record that is gone or unreadable ends its group; a server that is busy
+    /// (BUSY: a gateway whose Redis Cluster is failing over, or whose reply budget
+    /// is taken) or slow (the request's deadline) is asked again on this connection,
+    /// after a pause drawn like the reconnection's backoff, until the watch is back or
+    /// the connection ends (the next one registers it again). Before, such a watch
+    /// stayed registered on the dead connection only, and heard nothing until the
+    /// next reconnection, which a healthy connection never brings.
     pub(crate) async fn register_all_again(self: &Arc<Self>, conn: &Arc<Conn>) {
         let ids: Vec<u64> = lock(&self.watches)
             .groups
@@ -316,10 +322,23 @@ impl Shared {
             })
             .map(|(id, _)| *id)
             .collect();
-        let started = Instant::now();
-        let deadline = self.options.request_timeout.map(|t| started + t);
         let all = ids.into_iter().map(|id| async move {
-            let _ = self.register(id, conn, false, started, deadline).await;
+            let mut attempt = 0;
+            loop {
+                let started = Instant::now();
+                let deadline = self.options.request_timeout.map(|t| started + t);
+                match self.register(id, conn, false, started, deadline).await {
+                    Err(Error::Busy(_) | Error::Timeout { .. }) if !conn.is_closed() => {}
+                    _ => return,
+                }
+                attempt += 1;
+                let window = self.options.reconnect.window(attempt);
+                let pause = rand::rng().random_range(std::time::Duration::ZERO..=window);
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = conn.ended() => return,
+                }
+            }
         });
         futures_util::future::join_all(all).await;
     }
