@@ -1801,6 +1801,22 @@ async fn a_client_that_reads_nothing_cannot_make_a_gateway_hold_its_large_replie
     }
 }
 
+/// A gateway on the shared cluster whose large replies may hold 8 MiB in all (2 MiB
+/// per address), each connection's 16 MiB.
+fn gateway_with_a_small_reply_budget() -> GatewayProcess {
+    GatewayProcess::start(
+        &common::cluster::shared().nodes(),
+        &fresh_prefix(),
+        &[
+            "--max-output-bytes",
+            "16777216",
+            "--redis-max-reply-bytes",
+            "8388608",
+        ],
+        &[],
+    )
+}
+
 /// Many connections that read nothing cannot, together, make a gateway hold more
 /// than `--redis-max-reply-bytes` of large replies: each holds at most two, and all
 /// of them within the gateway's budget. Past it a large READ gets BUSY at once (it
@@ -1811,18 +1827,7 @@ async fn connections_that_read_nothing_stay_within_the_gateways_reply_budget() {
     const CONNS: u8 = 16;
     const READS: u32 = 4;
     const SIZE: usize = 4 << 20;
-    let cluster = common::cluster::shared();
-    let gw = GatewayProcess::start(
-        &cluster.nodes(),
-        &fresh_prefix(),
-        &[
-            "--max-output-bytes",
-            "16777216",
-            "--redis-max-reply-bytes",
-            "8388608",
-        ],
-        &[],
-    );
+    let gw = gateway_with_a_small_reply_budget();
     let (_owner, p, bytes) = large_record(gw.addr, SIZE).await;
     let before = gw.rss_mib();
     let mut readers = Vec::new();
@@ -1867,6 +1872,70 @@ async fn connections_that_read_nothing_stay_within_the_gateways_reply_budget() {
     for r in &mut readers {
         assert_eq!(r.read(p).await, Reply::Data(bytes.clone()));
     }
+}
+
+/// A data watch's first reply carries the whole record, like a READ's: connections
+/// that start data watches on large records and read nothing cannot make a gateway
+/// hold more than `--redis-max-reply-bytes` of those replies either (before, each
+/// watch's copy from Redis was held in full: 16 connections × 4 records × 4 MiB).
+/// Past the budget a watch gets BUSY and is not registered; every watch that was
+/// started has its record's bytes, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_watches_that_are_not_read_stay_within_the_gateways_reply_budget() {
+    const CONNS: u8 = 16;
+    const RECORDS: usize = 4;
+    const SIZE: usize = 4 << 20;
+    let gw = gateway_with_a_small_reply_budget();
+    let (mut owner, first, bytes) = large_record(gw.addr, SIZE).await;
+    let mut records = vec![first];
+    while records.len() < RECORDS {
+        records.push(owner.create(Access::READ, bytes.clone()).await);
+    }
+    let before = gw.rss_mib();
+    let mut watchers = Vec::new();
+    for c in 0..CONNS {
+        let mut w = Raw::connect_with_recv_buffer(gw.addr, 50 + c, 4096).await;
+        let mut xids = Vec::new();
+        for &p in &records {
+            let xid = w.xid();
+            w.send(
+                xid,
+                &Request::Watch {
+                    ptr: p,
+                    options: WatchOptions::data(),
+                },
+            )
+            .await;
+            xids.push(xid);
+        }
+        watchers.push((w, xids));
+    }
+    let peak = gw.peak_rss_mib().await;
+    assert!(
+        peak < before + 48,
+        "{CONNS} connections with {RECORDS} unread data watches of {SIZE} B each: \
+         {before} -> {peak} MiB"
+    );
+    let (mut started, mut busy) = (0, 0);
+    for (w, xids) in &mut watchers {
+        for xid in xids.iter() {
+            let m = w.reply_to(*xid).await;
+            match m.status() {
+                Status::Ok => {
+                    assert!(
+                        m.payload.len() == WATCH_STATE_LEN + SIZE
+                            && m.payload[WATCH_STATE_LEN..] == bytes[..],
+                        "a data watch started with {} bytes, not the record's",
+                        m.payload.len()
+                    );
+                    started += 1;
+                }
+                Status::Busy => busy += 1,
+                s => panic!("a data WATCH answered {s:?}"),
+            }
+        }
+    }
+    assert!(started >= 2 && busy > 0, "{started} started, {busy} BUSY");
 }
 
 /// One address that reads none of its large replies holds at most its share (a
@@ -1921,6 +1990,119 @@ async fn an_address_that_reads_nothing_holds_only_its_share_of_the_reply_budget(
         served >= 4 && busy >= 4 && served + busy == 12,
         "{served} served, {busy} BUSY"
     );
+}
+
+/// A TCP proxy on 127.0.0.1 to a server, whose connections out come from 127.0.0.`from`
+/// (the identity the server sees); [`Proxy::cut`] drops every connection through it
+/// so far, as a network blip would, and it accepts new ones.
+struct Proxy {
+    addr: SocketAddr,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    async fn start(to: SocketAddr, from: u8) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cuts = cuts.clone();
+                cuts.mark_unchanged();
+                tokio::spawn(async move {
+                    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                    sock.bind(SocketAddr::from(([127, 0, 0, from], 0))).unwrap();
+                    let Ok(mut outbound) = sock.connect(to).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, cut }
+    }
+
+    /// Drops every connection through the proxy now.
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+/// A client that reconnects while its gateway answers its watches BUSY (here: another
+/// connection of its address holds the address's share of the reply budget, so a data
+/// watch of a large record, a mirror, is refused) registers them again once the
+/// gateway can serve them, on the same connection. Before, the client gave up on the
+/// watch until its next reconnection: the mirror missed every change after the blip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_comes_back_after_a_reconnection_its_gateway_answered_busy() {
+    const SIZE: usize = 4 << 20;
+    let cluster = common::cluster::shared();
+    // A share of 4 MiB: one of these replies.
+    let gw = GatewayProcess::start(
+        &cluster.nodes(),
+        &fresh_prefix(),
+        &["--redis-max-reply-bytes", "16777216"],
+        &[],
+    );
+    let (mut owner, p, bytes) = large_record(gw.addr, SIZE).await;
+    let proxy = Proxy::start(gw.addr, 61).await;
+    let client = netswap_client::Client::connect_with(
+        proxy.addr,
+        netswap_client::Options {
+            request_timeout: Some(Duration::from_secs(10)),
+            reconnect: netswap_client::Reconnect {
+                initial_delay: Duration::from_millis(50),
+                max_delay: Duration::from_millis(400),
+                ..netswap_client::Reconnect::default()
+            },
+            ..netswap_client::Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut mirror = client.mirror(p).await.unwrap();
+    assert!(mirror.data() == bytes);
+    let (mut hog, xids) = unread_reads(gw.addr, 61, p, 4).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut states = client.state_changes();
+    proxy.cut();
+    tokio::time::timeout(Duration::from_secs(10), states.changed())
+        .await
+        .expect("the client saw the cut")
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        states.wait_for(|s| s.name() == "CONNECTED"),
+    )
+    .await
+    .expect("the client reconnected")
+    .unwrap();
+    // Its mirror's registration meets BUSY meanwhile; the record changes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let m = owner
+        .call(Request::WriteAt {
+            ptr: p,
+            offset: 0,
+            data: Bytes::from_static(b"changed"),
+        })
+        .await;
+    assert_eq!(m.status(), Status::Ok);
+    // The share is given back.
+    for xid in xids {
+        hog.reply_to(xid).await;
+    }
+    let start = Instant::now();
+    while &mirror.data()[..7] != b"changed" {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the mirror never came back after the reconnection"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(500), mirror.next()).await;
+    }
+    assert!(mirror.data()[7..] == bytes[7..]);
 }
 
 /// A pointer scanner on a gateway costs Redis about the miss rate, not its own rate.

@@ -216,12 +216,21 @@ impl ClusterStore {
                 }
                 let data = matches!(request, Request::Watch { options, .. } if options.data);
                 // A data watch starts from the whole value at the revision it is
-                // registered on (read separately when it did not come with the load).
-                let bytes = match (&rec.data, data) {
-                    (_, false) => bytes::Bytes::new(),
-                    (Some(d), true) if d.len() as u64 == rec.size => d.clone(),
-                    (_, true) => {
-                        match redis_io::range(
+                // registered on (read separately when it did not come with the load),
+                // a reply like a READ's: its bytes are reserved of the connection's
+                // reply budget first, or a client that watches large records and
+                // reads nothing makes the gateway hold a copy of each.
+                let bytes = if data {
+                    let held = match held {
+                        Some(held) => held,
+                        None => match caller.budget.reserve(rec.size).await {
+                            Ok(held) => held,
+                            Err(full) => return done(replies_held(full)),
+                        },
+                    };
+                    let bytes = match &rec.data {
+                        Some(d) if d.len() as u64 == rec.size => d.clone(),
+                        _ => match redis_io::range(
                             &self.redis,
                             &self.keys.record(ptr),
                             rec.rev,
@@ -232,8 +241,11 @@ impl ClusterStore {
                         {
                             Some(d) => d,
                             None => return Ok(None),
-                        }
-                    }
+                        },
+                    };
+                    held.attach(bytes)
+                } else {
+                    bytes::Bytes::new()
                 };
                 self.register_watch(ptr, caller.conn, caller.xid, data, &rec);
                 let reply = match state {
