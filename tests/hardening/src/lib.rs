@@ -331,20 +331,7 @@ pub async fn non_readers(
                 x,
             ));
         }
-        // Write what the server accepts within a second; it stops reading early.
-        let sent = tokio::time::timeout(Duration::from_secs(1), async {
-            let mut sent = 0;
-            for chunk in burst.chunks(4096) {
-                if s.write_all(chunk).await.is_err() {
-                    break;
-                }
-                sent += chunk.len();
-            }
-            sent
-        })
-        .await
-        .unwrap_or(0);
-        sent_total += sent as u64;
+        sent_total += send_for_a_second(&mut s, &burst).await;
         held.push(s);
     }
     tokio::time::sleep(hold).await;
@@ -358,6 +345,85 @@ pub async fn non_readers(
                 clients as u64 * requests as u64 * record as u64 / 1_000_000
             ),
             format!("requests bytes fully written by the deadline: {sent_total}"),
+        ],
+        ..Report::default()
+    }
+}
+
+/// Writes what the server accepts of `burst` within a second (a server that stops
+/// reading stops it early); the bytes written.
+async fn send_for_a_second(s: &mut TcpStream, burst: &[u8]) -> u64 {
+    tokio::time::timeout(Duration::from_secs(1), async {
+        let mut sent = 0;
+        for chunk in burst.chunks(4096) {
+            if s.write_all(chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len() as u64;
+        }
+        sent
+    })
+    .await
+    .unwrap_or(0)
+}
+
+/// Clients that start data watches on `records` large records each (a data watch's
+/// first reply is the whole record) and never read, holding their connections for
+/// `hold`: a gateway, which gets a copy from Redis per reply, must not hold them all
+/// (the embedded store shares the records' bytes among the replies).
+pub async fn data_watch_non_readers(
+    addr: SocketAddr,
+    clients: u32,
+    record: usize,
+    records: u32,
+    hold: Duration,
+) -> Report {
+    let owner = Client::connect_with(
+        addr,
+        Options {
+            local_addr: Some(loopback(300)),
+            ..Options::default()
+        },
+    )
+    .await
+    .expect("owner connects");
+    let mut ptrs = Vec::new();
+    for _ in 0..records {
+        ptrs.push(
+            owner
+                .create(Access::READ, vec![9u8; record])
+                .await
+                .expect("record"),
+        );
+    }
+    let mut held = Vec::new();
+    let mut sent_total = 0u64;
+    for i in 0..clients {
+        let mut s = raw(addr, loopback(310 + i / 100)).await.expect("connect");
+        let mut burst = Vec::new();
+        for (x, &ptr) in ptrs.iter().enumerate() {
+            burst.extend(frames(
+                &Request::Watch {
+                    ptr,
+                    options: netswap_proto::WatchOptions::data(),
+                },
+                x as u32,
+            ));
+        }
+        sent_total += send_for_a_second(&mut s, &burst).await;
+        held.push(s);
+    }
+    tokio::time::sleep(hold).await;
+    drop(held);
+    Report {
+        attempts: clients as u64 * records as u64,
+        refused: 0,
+        notes: vec![
+            format!(
+                "{clients} clients started data watches on {records} records of {record} B each ({} MB of first replies) and read none",
+                clients as u64 * records as u64 * record as u64 / 1_000_000
+            ),
+            format!("request bytes fully written by the deadline: {sent_total}"),
         ],
         ..Report::default()
     }

@@ -71,6 +71,18 @@ async fn clients_that_never_read_do_not_stop_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_watchers_that_never_read_do_not_stop_others() {
+    let srv = server(|c| c.max_output_bytes = 256 * 1024);
+    let r = with_probe(srv.addr(), "data-watch non-readers", || {
+        data_watch_non_readers(srv.addr(), 10, 1 << 20, 8, Duration::from_secs(1))
+    })
+    .await;
+    println!("{r}");
+    probe_ok(&r);
+    srv.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_at_high_rate() {
     let srv = server(|c| {
         c.store.max_message_bytes = 4000;

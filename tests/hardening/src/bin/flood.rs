@@ -228,6 +228,14 @@ async fn main() {
         move |addr| non_readers(addr, clients, 4 << 20, 500, Duration::from_secs(5)),
     )
     .await;
+    let records = n(16.0);
+    run(
+        bin,
+        &["--max-output-bytes", "1048576"],
+        "clients starting data watches on large records and reading nothing",
+        move |addr| data_watch_non_readers(addr, clients, 4 << 20, records, Duration::from_secs(5)),
+    )
+    .await;
     let secs = 10.0 * s;
     run(
         bin,
