@@ -607,6 +607,26 @@ impl Collector for HubCollector {
                 "Quota changes (reservations, noted releases, settlements) those compare-and-sets carried.",
                 g.quota_changes,
             )?;
+            {
+                let mut fam = e.encode_descriptor(
+                    "netswap_redis_replies_refused",
+                    "Large replies (READs, data watches' first replies) answered BUSY because replies their clients have not read hold the address's share (a quarter) or all of --redis-max-reply-bytes.",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (held, n) in [
+                    ("address", g.replies_refused_address),
+                    ("gateway", g.replies_refused_gateway),
+                ] {
+                    ConstCounter::new(n).encode(fam.encode_family(&[("held", held)])?)?;
+                }
+            }
+            gauge(
+                &mut e,
+                "netswap_redis_reply_bytes_held",
+                "Bytes of large replies fetched from Redis and not sent yet (of --redis-max-reply-bytes).",
+                g.reply_bytes_held,
+            )?;
             counter(
                 &mut e,
                 "netswap_redis_unreplicated_writes",

@@ -1992,6 +1992,74 @@ async fn an_address_that_reads_nothing_holds_only_its_share_of_the_reply_budget(
     );
 }
 
+/// `/metrics` tells why large replies were refused (`netswap_redis_replies_refused_total`
+/// by what held the budget) and how many bytes unread replies hold
+/// (`netswap_redis_reply_bytes_held`), back to 0 once they are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_tell_what_holds_the_reply_budget() {
+    const SIZE: usize = 4 << 20;
+    let prefix = fresh_prefix();
+    // 4 MiB in all, 1 MiB per address: a 4 MiB reply takes one address's share.
+    let gw = gateway(&prefix, |c| {
+        c.cluster.as_mut().unwrap().max_reply_bytes = 4 << 20;
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let m = gw.metrics_addr().expect("serves /metrics");
+    let (_owner, p, _) = large_record(gw.addr(), SIZE).await;
+    let held = || metric(&scrape(m), "netswap_redis_reply_bytes_held");
+    let refused = |by: &str| {
+        metric(
+            &scrape(m),
+            &format!("netswap_redis_replies_refused_total{{held=\"{by}\"}}"),
+        )
+    };
+    assert_eq!(held(), 0.0);
+    // Four addresses hold a share each (a later READ of each is refused for its
+    // address: of three, at most one can have gone to the kernel's socket buffers),
+    // so the gateway's budget is taken.
+    let mut hogs = Vec::new();
+    for from in 70..74 {
+        hogs.push(unread_reads(gw.addr(), from, p, 3).await);
+    }
+    let start = Instant::now();
+    while held() < (4 << 20) as f64 || refused("address") < 4.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "held {} B, {} refused for the address",
+            held(),
+            refused("address")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused("gateway"), 0.0);
+    let mut late = Raw::connect(gw.addr(), 75).await;
+    assert_eq!(
+        late.call(Request::Read {
+            ptr: p,
+            range: None
+        })
+        .await
+        .status(),
+        Status::Busy
+    );
+    assert_eq!(refused("gateway"), 1.0);
+    for (hog, xids) in &mut hogs {
+        for xid in xids.iter() {
+            hog.reply_to(*xid).await;
+        }
+    }
+    let start = Instant::now();
+    while held() > 0.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} B still held after the replies were read",
+            held()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().unwrap();
+}
+
 /// A TCP proxy on 127.0.0.1 to a server, whose connections out come from 127.0.0.`from`
 /// (the identity the server sees); [`Proxy::cut`] drops every connection through it
 /// so far, as a network blip would, and it accepts new ones.

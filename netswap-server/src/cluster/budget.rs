@@ -94,6 +94,11 @@ impl GatewayBudget {
     pub fn share(&self) -> GatewayBudget {
         GatewayBudget(Budget::new(self.0.size as usize / 4, 1 << 20))
     }
+
+    /// Bytes of it held now by replies not sent yet.
+    pub fn held(&self) -> u64 {
+        u64::from(self.0.size) - self.0.bytes.available_permits() as u64
+    }
 }
 
 /// One connection's budgets of fetched, unsent reply bytes: small and large replies.

@@ -275,6 +275,10 @@ pub(crate) struct ClusterStore {
     cache_hits: AtomicU64,
     cache_stale: AtomicU64,
     cache_misses: AtomicU64,
+    /// Large replies refused BUSY by the reply budget: the address's share was
+    /// taken, the gateway's budget was.
+    refused_address: AtomicU64,
+    refused_gateway: AtomicU64,
 }
 
 /// What a gateway counts of its work with Redis (for `/metrics`).
@@ -305,6 +309,13 @@ pub struct GatewayCounts {
     pub quota_writes: u64,
     /// Quota changes (reserve, note, settle) they carried.
     pub quota_changes: u64,
+    /// Large replies (READs, data watches' first replies) refused BUSY because their
+    /// address held its share of `--redis-max-reply-bytes`.
+    pub replies_refused_address: u64,
+    /// The same, because the gateway held all of it.
+    pub replies_refused_gateway: u64,
+    /// Bytes of large replies fetched and not sent yet (of `--redis-max-reply-bytes`).
+    pub reply_bytes_held: u64,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -412,6 +423,8 @@ impl ClusterStore {
             cache_hits: AtomicU64::new(0),
             cache_stale: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
+            refused_address: AtomicU64::new(0),
+            refused_gateway: AtomicU64::new(0),
             opts,
         };
         // The layout, and the scripts on every primary, before the first request.
@@ -435,6 +448,9 @@ impl ClusterStore {
             batched_resent: self.batch.as_ref().map_or(0, |b| n(&b.counters.resent)),
             quota_writes: n(&self.quota.writes),
             quota_changes: n(&self.quota.changes),
+            replies_refused_address: n(&self.refused_address),
+            replies_refused_gateway: n(&self.refused_gateway),
+            reply_bytes_held: self.reply_bytes.held(),
         }
     }
 

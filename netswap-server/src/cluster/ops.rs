@@ -30,21 +30,25 @@ fn done(reply: Reply) -> Attempt {
     Ok(Some(reply.into()))
 }
 
-/// A large READ while the caller's address holds its share, or the gateway holds
-/// `--redis-max-reply-bytes`, of large replies their clients have not read yet
-/// (`budget`).
-fn replies_held(full: Full) -> Reply {
-    Reply::error(
-        netswap_proto::Status::Busy,
-        match full {
-            Full::Address => {
-                "large replies to this address that it has not read hold its share of this gateway's memory; retry later"
-            }
-            Full::Gateway => {
-                "this gateway holds too many large replies that their clients have not read; retry later"
-            }
-        },
-    )
+impl ClusterStore {
+    /// The BUSY of a large reply (a READ, a data watch's first) while the caller's
+    /// address holds its share, or the gateway holds `--redis-max-reply-bytes`, of
+    /// large replies their clients have not read yet (`budget`); counted for
+    /// `/metrics`.
+    fn replies_held(&self, full: Full) -> Reply {
+        let (counter, reason) = match full {
+            Full::Address => (
+                &self.refused_address,
+                "large replies to this address that it has not read hold its share of this gateway's memory; retry later",
+            ),
+            Full::Gateway => (
+                &self.refused_gateway,
+                "this gateway holds too many large replies that their clients have not read; retry later",
+            ),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Reply::error(netswap_proto::Status::Busy, reason)
+    }
 }
 
 /// What the rules see of a record, for `caller`.
@@ -129,7 +133,7 @@ impl ClusterStore {
                 if expect > MAX_INLINE as u64 {
                     match caller.budget.reserve(expect).await {
                         Ok(held) => Some(held),
-                        Err(full) => return done(replies_held(full)),
+                        Err(full) => return done(self.replies_held(full)),
                     }
                 } else {
                     None
@@ -156,7 +160,7 @@ impl ClusterStore {
                     Some(held) => held,
                     None => match caller.budget.reserve(end - start).await {
                         Ok(held) => held,
-                        Err(full) => return done(replies_held(full)),
+                        Err(full) => return done(self.replies_held(full)),
                     },
                 };
                 let data = match rec.data {
@@ -225,7 +229,7 @@ impl ClusterStore {
                         Some(held) => held,
                         None => match caller.budget.reserve(rec.size).await {
                             Ok(held) => held,
-                            Err(full) => return done(replies_held(full)),
+                            Err(full) => return done(self.replies_held(full)),
                         },
                     };
                     let bytes = match &rec.data {
