@@ -304,38 +304,18 @@ pub async fn non_readers(
     requests: u32,
     hold: Duration,
 ) -> Report {
-    let owner = Client::connect_with(
-        addr,
-        Options {
-            local_addr: Some(loopback(300)),
-            ..Options::default()
-        },
-    )
-    .await
-    .expect("owner connects");
-    let p = owner
-        .create(Access::READ, vec![9u8; record])
-        .await
-        .expect("record");
-    let mut held = Vec::new();
-    let mut sent_total = 0u64;
-    for i in 0..clients {
-        let mut s = raw(addr, loopback(310 + i / 100)).await.expect("connect");
-        let mut burst = Vec::new();
-        for x in 0..requests {
-            burst.extend(frames(
-                &Request::Read {
-                    ptr: p,
-                    range: None,
-                },
-                x,
-            ));
-        }
-        sent_total += send_for_a_second(&mut s, &burst).await;
-        held.push(s);
+    let (_owner, ptrs) = large_records(addr, 1, record).await;
+    let mut burst = Vec::new();
+    for x in 0..requests {
+        burst.extend(frames(
+            &Request::Read {
+                ptr: ptrs[0],
+                range: None,
+            },
+            x,
+        ));
     }
-    tokio::time::sleep(hold).await;
-    drop(held);
+    let sent = send_and_hold(addr, clients, &burst, hold).await;
     Report {
         attempts: clients as u64 * requests as u64,
         refused: 0,
@@ -344,27 +324,10 @@ pub async fn non_readers(
                 "{clients} clients asked for {requests} reads of {record} B each ({} MB of replies) and read none",
                 clients as u64 * requests as u64 * record as u64 / 1_000_000
             ),
-            format!("requests bytes fully written by the deadline: {sent_total}"),
+            format!("requests bytes fully written by the deadline: {sent}"),
         ],
         ..Report::default()
     }
-}
-
-/// Writes what the server accepts of `burst` within a second (a server that stops
-/// reading stops it early); the bytes written.
-async fn send_for_a_second(s: &mut TcpStream, burst: &[u8]) -> u64 {
-    tokio::time::timeout(Duration::from_secs(1), async {
-        let mut sent = 0;
-        for chunk in burst.chunks(4096) {
-            if s.write_all(chunk).await.is_err() {
-                break;
-            }
-            sent += chunk.len() as u64;
-        }
-        sent
-    })
-    .await
-    .unwrap_or(0)
 }
 
 /// Clients that start data watches on `records` large records each (a data watch's
@@ -378,6 +341,35 @@ pub async fn data_watch_non_readers(
     records: u32,
     hold: Duration,
 ) -> Report {
+    let (_owner, ptrs) = large_records(addr, records, record).await;
+    let mut burst = Vec::new();
+    for (x, &ptr) in ptrs.iter().enumerate() {
+        burst.extend(frames(
+            &Request::Watch {
+                ptr,
+                options: netswap_proto::WatchOptions::data(),
+            },
+            x as u32,
+        ));
+    }
+    let sent = send_and_hold(addr, clients, &burst, hold).await;
+    Report {
+        attempts: clients as u64 * records as u64,
+        refused: 0,
+        notes: vec![
+            format!(
+                "{clients} clients started data watches on {records} records of {record} B each ({} MB of first replies) and read none",
+                clients as u64 * records as u64 * record as u64 / 1_000_000
+            ),
+            format!("request bytes fully written by the deadline: {sent}"),
+        ],
+        ..Report::default()
+    }
+}
+
+/// `n` records of `size` bytes anyone may read, and the client that owns them (from
+/// `loopback(300)`; they live while it is connected).
+async fn large_records(addr: SocketAddr, n: u32, size: usize) -> (Client, Vec<Pointer>) {
     let owner = Client::connect_with(
         addr,
         Options {
@@ -388,45 +380,42 @@ pub async fn data_watch_non_readers(
     .await
     .expect("owner connects");
     let mut ptrs = Vec::new();
-    for _ in 0..records {
+    for _ in 0..n {
         ptrs.push(
             owner
-                .create(Access::READ, vec![9u8; record])
+                .create(Access::READ, vec![9u8; size])
                 .await
                 .expect("record"),
         );
     }
+    (owner, ptrs)
+}
+
+/// `clients` raw connections (100 per address, from `loopback(310)` on) each write
+/// what the server accepts of `burst` within a second (a server that stops reading
+/// stops it early), read nothing, and are held open for `hold`; the bytes written in
+/// all.
+async fn send_and_hold(addr: SocketAddr, clients: u32, burst: &[u8], hold: Duration) -> u64 {
     let mut held = Vec::new();
     let mut sent_total = 0u64;
     for i in 0..clients {
         let mut s = raw(addr, loopback(310 + i / 100)).await.expect("connect");
-        let mut burst = Vec::new();
-        for (x, &ptr) in ptrs.iter().enumerate() {
-            burst.extend(frames(
-                &Request::Watch {
-                    ptr,
-                    options: netswap_proto::WatchOptions::data(),
-                },
-                x as u32,
-            ));
-        }
-        sent_total += send_for_a_second(&mut s, &burst).await;
+        sent_total += tokio::time::timeout(Duration::from_secs(1), async {
+            let mut sent = 0;
+            for chunk in burst.chunks(4096) {
+                if s.write_all(chunk).await.is_err() {
+                    break;
+                }
+                sent += chunk.len() as u64;
+            }
+            sent
+        })
+        .await
+        .unwrap_or(0);
         held.push(s);
     }
     tokio::time::sleep(hold).await;
-    drop(held);
-    Report {
-        attempts: clients as u64 * records as u64,
-        refused: 0,
-        notes: vec![
-            format!(
-                "{clients} clients started data watches on {records} records of {record} B each ({} MB of first replies) and read none",
-                clients as u64 * records as u64 * record as u64 / 1_000_000
-            ),
-            format!("request bytes fully written by the deadline: {sent_total}"),
-        ],
-        ..Report::default()
-    }
+    sent_total
 }
 
 /// Malformed requests and over-the-limit messages at a high rate for `dur` (the
