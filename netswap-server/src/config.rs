@@ -166,11 +166,11 @@ pub struct Args {
 
     /// With Redis Cluster: bytes of records this gateway holds, across its
     /// connections, fetched from Redis for large replies (over 16 KiB) not sent yet;
-    /// past it, large READs wait until replies are sent. Each READ gets its own copy
-    /// from Redis, so without a bound clients that read no replies could make a
-    /// gateway hold copies without end. One address (all its connections) holds at
-    /// most a quarter of it; each connection is also bounded by --max-output-bytes
-    /// (docs/ARCHITECTURE.md).
+    /// past it, large READs and data watches get BUSY (retry later). Each READ gets
+    /// its own copy from Redis, so without a bound clients that read no replies could
+    /// make a gateway hold copies without end. One address (IPv4, or IPv6 /64; all
+    /// its connections) holds at most a quarter of it; each connection is also
+    /// bounded by --max-output-bytes (docs/ARCHITECTURE.md).
     #[arg(long, env = "NETSWAP_REDIS_MAX_REPLY_BYTES", default_value_t = 1 << 30)]
     pub redis_max_reply_bytes: usize,
 

@@ -20,7 +20,8 @@
 //! reply reserves at most half of its budget, so that one huge reply does not hold
 //! up the next large one either: at most two large replies over half the budget wait
 //! unsent at once. Large replies also reserve their whole size of their address's
-//! share (a quarter) of the gateway's budget across connections
+//! share (a quarter; an address is an IPv4 address or an IPv6 /64, [`Shares`]) of the
+//! gateway's budget across connections
 //! (`--redis-max-reply-bytes`), and of that budget, so that many connections (256
 //! per address) holding two 64 MiB replies each cannot exhaust memory, and one
 //! address cannot take all of it from the others: past either, a large READ gets BUSY
@@ -28,12 +29,15 @@
 //! `--max-total-partial-bytes` does. It does not wait: the replies holding that
 //! budget are sent only when their clients read, which may be never.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use hashbrown::HashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::MAX_INLINE;
+use crate::hub::NetKey;
 
 /// A budget: a semaphore of bytes, and its size.
 #[derive(Clone, Debug)]
@@ -98,6 +102,36 @@ impl GatewayBudget {
     /// Bytes of it held now by replies not sent yet.
     pub fn held(&self) -> u64 {
         u64::from(self.0.size) - self.0.bytes.available_permits() as u64
+    }
+}
+
+/// The shares of a gateway's budget of the networks that have connections: one per
+/// IPv4 address or IPv6 /64 (`hub::NetKey`, as the budget of unfinished uploads), so
+/// that an attacker cannot take a share per address of its /64. A network's share
+/// lives while it has connections.
+#[derive(Debug, Default)]
+pub(crate) struct Shares(HashMap<NetKey, (u32, GatewayBudget)>);
+
+impl Shares {
+    /// A connection from `ip` opens: its network's share of `gateway`.
+    pub fn join(&mut self, ip: IpAddr, gateway: &GatewayBudget) -> GatewayBudget {
+        let e = self
+            .0
+            .entry(NetKey::of(ip))
+            .or_insert_with(|| (0, gateway.share()));
+        e.0 += 1;
+        e.1.clone()
+    }
+
+    /// A connection from `ip` closed (or did not open after all).
+    pub fn leave(&mut self, ip: IpAddr) {
+        let net = NetKey::of(ip);
+        if let Some(e) = self.0.get_mut(&net) {
+            e.0 -= 1;
+            if e.0 == 0 {
+                self.0.remove(&net);
+            }
+        }
     }
 }
 
@@ -265,6 +299,37 @@ mod tests {
         assert!(!finishes(&more).await, "the small budget is taken");
         drop(held);
         more.await.unwrap();
+    }
+
+    #[test]
+    fn an_ipv6_64_has_one_share_and_it_goes_with_its_last_connection() {
+        let gateway = GatewayBudget::new(64 * SIZE);
+        let mut shares = Shares::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = shares.join(ip("2001:db8:1:2::1"), &gateway);
+        let b = shares.join(ip("2001:db8:1:2:ffff::9"), &gateway);
+        let other = shares.join(ip("2001:db8:1:3::1"), &gateway);
+        let v4 = shares.join(ip("192.0.2.1"), &gateway);
+        let v4_other = shares.join(ip("192.0.2.2"), &gateway);
+        let _held = a.0.try_take(SIZE as u64).unwrap();
+        let free = |s: &GatewayBudget| s.0.bytes.available_permits();
+        assert_eq!(free(&b), 15 * SIZE, "one /64, one share");
+        assert_eq!(free(&other), 16 * SIZE, "another /64, another share");
+        let _v4_held = v4.0.try_take(SIZE as u64).unwrap();
+        assert_eq!(free(&v4_other), 16 * SIZE, "each IPv4 address has its own");
+        shares.leave(ip("2001:db8:1:2::1"));
+        assert_eq!(
+            free(&shares.join(ip("2001:db8:1:2::7"), &gateway)),
+            15 * SIZE,
+            "the /64 still has a connection: the same share"
+        );
+        shares.leave(ip("2001:db8:1:2::7"));
+        shares.leave(ip("2001:db8:1:2:ffff::9"));
+        assert_eq!(
+            free(&shares.join(ip("2001:db8:1:2::1"), &gateway)),
+            16 * SIZE,
+            "its last connection gone, the /64 starts afresh"
+        );
     }
 
     #[tokio::test]

@@ -144,6 +144,8 @@ impl ClusterOptions {
 pub(crate) struct ClusterSession {
     conn: ConnId,
     identity: Identity,
+    /// Its address (its network's share of the reply budget).
+    ip: IpAddr,
     watches: HashMap<Pointer, u32>,
     /// Shared with its requests in flight: one count to raise per request.
     budget: Arc<ReplyBudget>,
@@ -216,8 +218,9 @@ impl From<Reply> for Outcome {
 struct Local {
     /// Identities with connections on this gateway, and how many.
     identities: HashMap<Identity, u32>,
-    /// Their shares of the gateway's budget of large replies (`budget`).
-    reply_shares: HashMap<Identity, GatewayBudget>,
+    /// The shares of the gateway's budget of large replies of the networks with
+    /// connections (`budget`).
+    reply_shares: budget::Shares,
     /// Records watched from this gateway.
     watched: HashMap<Pointer, events::WatchEntry>,
 }
@@ -609,14 +612,11 @@ impl ClusterStore {
             let n = l.identities.entry(identity).or_insert(0);
             *n += 1;
             let first = *n == 1;
-            let share = l
-                .reply_shares
-                .entry(identity)
-                .or_insert_with(|| self.reply_bytes.share())
-                .clone();
+            let share = l.reply_shares.join(ip, &self.reply_bytes);
             (first, share)
         };
         if first && let Err(e) = self.take_lease(&identity, true).await {
+            lock(&self.local).reply_shares.leave(ip);
             self.close_identity(&identity).await;
             return Err(unavailable(&e));
         }
@@ -627,6 +627,7 @@ impl ClusterStore {
         Ok(ClusterSession {
             conn: ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed)),
             identity,
+            ip,
             watches: HashMap::new(),
             budget: Arc::new(ReplyBudget::new(reply_budget, &share, &self.reply_bytes)),
         })
@@ -674,7 +675,6 @@ impl ClusterStore {
                 }
                 Some(_) => {
                     l.identities.remove(id);
-                    l.reply_shares.remove(id);
                     true
                 }
                 None => false,
@@ -721,6 +721,7 @@ impl ClusterStore {
         for ptr in session.watches.keys() {
             self.unregister_watch(*ptr, session.conn);
         }
+        lock(&self.local).reply_shares.leave(session.ip);
         self.close_identity(&session.identity).await;
     }
 
