@@ -9,8 +9,9 @@
 //!   fairly, so a large upload does not delay a small read issued after it.
 //! - It survives the network: a dropped connection is replaced with exponential
 //!   backoff and jitter ([`Reconnect`]), watches are registered again (asked again
-//!   with backoff while the server answers BUSY) and say what changed meanwhile, reads in flight are sent again once, and every call has a
-//!   deadline ([`Client::with_timeout`]) and stops when its future is dropped.
+//!   with backoff while the server answers BUSY) and say what changed meanwhile,
+//!   reads in flight are sent again once, and every call has a deadline
+//!   ([`Client::with_timeout`]) and stops when its future is dropped.
 //!   [`Client::state_changes`] tells when the connection comes and goes.
 //! - [`Client::mirror`]: a local copy of a record kept exact by the bytes the server
 //!   pushes for every change (a data watch).
