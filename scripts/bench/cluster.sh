@@ -13,6 +13,11 @@
 #
 # Usage: ./scripts/bench/cluster.sh [RUNS] [SECONDS]
 # NETSWAP_GATEWAY_FEATURES=mimalloc builds the gateway with that feature.
+# NETSWAP_BENCH_PIN=1 gives the cluster a core of its own: the six Redis nodes on CPU 0,
+# the gateway and every load generator on CPU 1 (`taskset`), so that the cluster has
+# the same CPU in both columns and the ratio is Redis's cost per operation through
+# the gateway against its cost per GET/SET (the gateway still shares its core with
+# the load generator).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}
@@ -31,12 +36,18 @@ gw=$!
 trap 'kill $gw 2>/dev/null; scripts/redis-cluster.sh stop "$work/cluster"; rm -rf "$work"' EXIT
 sleep 1
 redis_pids=$(cat "$work"/cluster/*/redis.pid)
+pin=()
+if [ "${NETSWAP_BENCH_PIN:-0}" = 1 ]; then
+  for p in $redis_pids; do taskset -a -p -c 0 "$p" >/dev/null; done
+  taskset -a -p -c 1 "$gw" >/dev/null
+  pin=(taskset -c 1)
+fi
 tick=$(getconf CLK_TCK)
 # CPU ticks (user + system) of the given processes.
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)[\"$1\"])"; }
-echo "gateway build: ${features:-default}; $runs runs of $secs s per column; CPU in us per op"
+echo "gateway build: ${features:-default}; pinned: ${NETSWAP_BENCH_PIN:-0}; $runs runs of $secs s per column; CPU in us per op"
 for row in "64 1" "64 16" "1024 1" "1024 16"; do
   set -- $row
   size=$1 pipe=$2
@@ -44,7 +55,7 @@ for row in "64 1" "64 16" "1024 1" "1024 16"; do
     ns=() nsp99=() nsgw=() nsrd=() cl=() clp99=() clrd=() rb=()
     for ((r = 0; r < runs; r++)); do
       g0=$(ticks $gw) r0=$(ticks $redis_pids)
-      out=$($bin/netswap-bench load -s 127.0.0.1:7480 -c 50 -P "$pipe" -d "$size" --op "$op" --keys 1000 --duration "$secs" --json)
+      out=$("${pin[@]}" $bin/netswap-bench load -s 127.0.0.1:7480 -c 50 -P "$pipe" -d "$size" --op "$op" --keys 1000 --duration "$secs" --json)
       g1=$(ticks $gw) r1=$(ticks $redis_pids)
       ops=$(field ops <<<"$out")
       ns+=("$(field ops_per_sec <<<"$out")")
@@ -53,7 +64,7 @@ for row in "64 1" "64 16" "1024 1" "1024 16"; do
       nsrd+=("$(python3 -c "print(($r1-$r0)/$tick*1e6/$ops)")")
 
       r0=$(ticks $redis_pids)
-      out=$($bin/netswap-bench load --protocol resp-cluster -s 127.0.0.1:18000 -c 50 -P "$pipe" -d "$size" --op "$op" --keys 1000 --duration "$secs" --json)
+      out=$("${pin[@]}" $bin/netswap-bench load --protocol resp-cluster -s 127.0.0.1:18000 -c 50 -P "$pipe" -d "$size" --op "$op" --keys 1000 --duration "$secs" --json)
       r1=$(ticks $redis_pids)
       ops=$(field ops <<<"$out")
       cl+=("$(field ops_per_sec <<<"$out")")
@@ -62,7 +73,7 @@ for row in "64 1" "64 16" "1024 1" "1024 16"; do
 
       t=$([ "$op" = read ] && echo get || echo set)
       n=$((pipe == 1 ? 200000 : 2000000))
-      out=$(redis-benchmark -h 127.0.0.1 -p 18000 --cluster -c 50 -P "$pipe" -d "$size" -t "$t" -n $n -r 1000 -q 2>/dev/null | tr '\r' '\n' | grep -E "requests per second" | tail -1)
+      out=$("${pin[@]}" redis-benchmark -h 127.0.0.1 -p 18000 --cluster -c 50 -P "$pipe" -d "$size" -t "$t" -n $n -r 1000 -q 2>/dev/null | tr '\r' '\n' | grep -E "requests per second" | tail -1)
       rb+=("$(awk '{for(i=1;i<=NF;i++) if ($(i+1)=="requests") print $i}' <<<"$out")")
     done
     m() { printf '%s\n' "$@" | median; }
