@@ -359,6 +359,21 @@ fn counter(
     ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
 }
 
+/// A counter with one label: a sample per `(value, count)`.
+fn counters_by(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: &[(&str, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut fam = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, n) in samples {
+        ConstCounter::new(*n).encode(fam.encode_family(&[(label, *value)])?)?;
+    }
+    Ok(())
+}
+
 fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
     ConstGauge::new(v as i64).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
@@ -545,38 +560,30 @@ impl Collector for HubCollector {
         )?;
         if let Backend::Cluster(c) = &hub.backend {
             let g = c.counts();
-            {
-                let mut fam = e.encode_descriptor(
-                    "netswap_redis_loads",
-                    "Loads of records from Redis Cluster: by plain commands in one round trip, or by the atomic LOAD script after writes kept coming in between.",
-                    None,
-                    MetricType::Counter,
-                )?;
-                for (how, n) in [("plain", g.loads_plain), ("script", g.loads_script)] {
-                    ConstCounter::new(n).encode(fam.encode_family(&[("how", how)])?)?;
-                }
-            }
+            counters_by(
+                &mut e,
+                "netswap_redis_loads",
+                "Loads of records from Redis Cluster: by plain commands in one round trip, or by the atomic LOAD script after writes kept coming in between.",
+                "how",
+                &[("plain", g.loads_plain), ("script", g.loads_script)],
+            )?;
             counter(
                 &mut e,
                 "netswap_redis_load_retries",
                 "Loads read again because a write came in between their commands.",
                 g.load_retries,
             )?;
-            {
-                let mut fam = e.encode_descriptor(
-                    "netswap_redis_state_cache_writes",
-                    "Writes by how the gateway's remembered state served them: hit (one round trip), stale (the commit refused it; decided again), miss (loaded first).",
-                    None,
-                    MetricType::Counter,
-                )?;
-                for (result, n) in [
+            counters_by(
+                &mut e,
+                "netswap_redis_state_cache_writes",
+                "Writes by how the gateway's remembered state served them: hit (one round trip), stale (the commit refused it; decided again), miss (loaded first).",
+                "result",
+                &[
                     ("hit", g.state_cache_hits),
                     ("stale", g.state_cache_stale),
                     ("miss", g.state_cache_misses),
-                ] {
-                    ConstCounter::new(n).encode(fam.encode_family(&[("result", result)])?)?;
-                }
-            }
+                ],
+            )?;
             counter(
                 &mut e,
                 "netswap_redis_batches",
@@ -607,20 +614,16 @@ impl Collector for HubCollector {
                 "Quota changes (reservations, noted releases, settlements) those compare-and-sets carried.",
                 g.quota_changes,
             )?;
-            {
-                let mut fam = e.encode_descriptor(
-                    "netswap_redis_replies_refused",
-                    "Large replies (READs, data watches' first replies) answered BUSY because replies their clients have not read hold the address's share (a quarter) or all of --redis-max-reply-bytes.",
-                    None,
-                    MetricType::Counter,
-                )?;
-                for (held, n) in [
+            counters_by(
+                &mut e,
+                "netswap_redis_replies_refused",
+                "Large replies (READs, data watches' first replies) answered BUSY because replies their clients have not read hold the address's share (a quarter) or all of --redis-max-reply-bytes.",
+                "held",
+                &[
                     ("address", g.replies_refused_address),
                     ("gateway", g.replies_refused_gateway),
-                ] {
-                    ConstCounter::new(n).encode(fam.encode_family(&[("held", held)])?)?;
-                }
-            }
+                ],
+            )?;
             gauge(
                 &mut e,
                 "netswap_redis_reply_bytes_held",

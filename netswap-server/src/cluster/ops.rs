@@ -7,6 +7,7 @@ use netswap_proto::rules::{self, Decision, Payer, RecordView, Usage, Write, Writ
 use netswap_proto::{Applied, Event, Identity, Pointer, Reply, Request};
 use redis::Value;
 
+use super::budget::Held;
 use super::events::EventInfo;
 use super::keys;
 use super::redis_io::{self, Change, Committed, DataOp, Stored};
@@ -48,6 +49,40 @@ impl ClusterStore {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         Reply::error(netswap_proto::Status::Busy, reason)
+    }
+
+    /// The bytes `[start, end)` of a loaded record for a reply that carries them (a
+    /// READ's, a data watch's first), reserved of the caller's reply budget first
+    /// (`held`: when they were reserved before the load), so that a client that reads
+    /// nothing cannot make the gateway hold a copy per request; fetched unless they
+    /// came with the load. `Err`: what the attempt ends with (BUSY when the budget is
+    /// full; `Ok(None)`, attempt again, when the record changed since the load).
+    async fn reply_bytes(
+        &self,
+        caller: &Caller,
+        ptr: Pointer,
+        rec: &Stored,
+        held: Option<Held>,
+        (start, end): (u64, u64),
+    ) -> Result<bytes::Bytes, Attempt> {
+        let held = match held {
+            Some(held) => held,
+            None => match caller.budget.reserve(end - start).await {
+                Ok(held) => held,
+                Err(full) => return Err(done(self.replies_held(full))),
+            },
+        };
+        let data = match &rec.data {
+            Some(d) if d.len() as u64 == end - start => d.clone(),
+            _ => match redis_io::range(&self.redis, &self.keys.record(ptr), rec.rev, start, end)
+                .await
+            {
+                Ok(Some(d)) => d,
+                Ok(None) => return Err(Ok(None)),
+                Err(e) => return Err(Err(e.into())),
+            },
+        };
+        Ok(held.attach(data))
     }
 }
 
@@ -156,29 +191,13 @@ impl ClusterStore {
             Decision::Answer(r) => done(r),
             Decision::Info(i) => done(Reply::Info(i)),
             Decision::Read { start, end } => {
-                let held = match held {
-                    Some(held) => held,
-                    None => match caller.budget.reserve(end - start).await {
-                        Ok(held) => held,
-                        Err(full) => return done(self.replies_held(full)),
-                    },
-                };
-                let data = match rec.data {
-                    Some(d) if d.len() as u64 == end - start => d,
-                    _ => match redis_io::range(
-                        &self.redis,
-                        &self.keys.record(ptr),
-                        rec.rev,
-                        start,
-                        end,
-                    )
-                    .await?
-                    {
-                        Some(d) => d,
-                        None => return Ok(None),
-                    },
-                };
-                done(Reply::Data(held.attach(data)))
+                match self
+                    .reply_bytes(caller, ptr, &rec, held, (start, end))
+                    .await
+                {
+                    Ok(data) => done(Reply::Data(data)),
+                    Err(ends) => ends,
+                }
             }
             Decision::Write(w) => self.write(ptr, &rec, w, request).await,
             Decision::SetAccess(access) => {
@@ -220,34 +239,15 @@ impl ClusterStore {
                 }
                 let data = matches!(request, Request::Watch { options, .. } if options.data);
                 // A data watch starts from the whole value at the revision it is
-                // registered on (read separately when it did not come with the load),
-                // a reply like a READ's: its bytes are reserved of the connection's
-                // reply budget first, or a client that watches large records and
-                // reads nothing makes the gateway hold a copy of each.
+                // registered on, in a reply like a READ's.
                 let bytes = if data {
-                    let held = match held {
-                        Some(held) => held,
-                        None => match caller.budget.reserve(rec.size).await {
-                            Ok(held) => held,
-                            Err(full) => return done(self.replies_held(full)),
-                        },
-                    };
-                    let bytes = match &rec.data {
-                        Some(d) if d.len() as u64 == rec.size => d.clone(),
-                        _ => match redis_io::range(
-                            &self.redis,
-                            &self.keys.record(ptr),
-                            rec.rev,
-                            0,
-                            rec.size,
-                        )
-                        .await?
-                        {
-                            Some(d) => d,
-                            None => return Ok(None),
-                        },
-                    };
-                    held.attach(bytes)
+                    match self
+                        .reply_bytes(caller, ptr, &rec, held, (0, rec.size))
+                        .await
+                    {
+                        Ok(bytes) => bytes,
+                        Err(ends) => return ends,
+                    }
                 } else {
                     bytes::Bytes::new()
                 };
