@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use netswap_proto::{
     HelloInfo, Inbound, MAX_MESSAGE, Opcode, OutQueue, Pointer, RESERVED_XID, Reassembler,
-    ReassemblyLimits, Receiver, Reply, Request, WriteBuf,
+    ReassemblyLimits, Receiver, Reply, Request, WatchOptions, WriteBuf,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -46,17 +46,29 @@ enum Route {
         op: Opcode,
         tx: oneshot::Sender<Result<Reply>>,
     },
-    /// A watch of the client's watch table: first its acknowledgement, then NOTIFYs.
+    /// A watch of the client's watch table (group `id`, record `ptr`): first its
+    /// acknowledgement (`ack`), then NOTIFYs.
     Watch {
         id: u64,
-        ack: Option<oneshot::Sender<Result<Reply>>>,
-        /// The XID of the watch this one replaces on the same record (freed once this
-        /// one is acknowledged: the server sends nothing on it any more).
-        replaces: Option<u32>,
+        ptr: Pointer,
+        ack: Option<AwaitedAck>,
     },
     /// A reply nobody waits for any more (given up on, or an UNWATCH sent on drop);
     /// the XID stays taken until it arrives. `then_free` is a watch XID to free too.
     Discard { then_free: Option<u32> },
+}
+
+/// A WATCH whose acknowledgement has not arrived yet.
+struct AwaitedAck {
+    /// The caller waiting for it; `None` once it gave up (timed out, or its future
+    /// was dropped). The acknowledgement is applied all the same when it comes: the
+    /// server has moved the record's watch to this XID by then.
+    tx: Option<oneshot::Sender<Result<Reply>>>,
+    /// What the WATCH asked for (what the server will send once it is applied).
+    options: WatchOptions,
+    /// The XID of the watch this one replaces on the same record (freed once this
+    /// one is acknowledged: the server sends nothing on it any more).
+    replaces: Option<u32>,
 }
 
 #[derive(Default)]
@@ -201,7 +213,16 @@ impl Conn {
         lock(&self.routes)
             .map
             .values()
-            .filter(|r| matches!(r, Route::Call { .. } | Route::Watch { ack: Some(_), .. }))
+            .filter(|r| {
+                matches!(
+                    r,
+                    Route::Call { .. }
+                        | Route::Watch {
+                            ack: Some(AwaitedAck { tx: Some(_), .. }),
+                            ..
+                        }
+                )
+            })
             .count()
     }
 
@@ -258,11 +279,18 @@ impl Conn {
         request: &Request,
         replaces: Option<u32>,
     ) -> Result<(u32, Pending)> {
+        let Request::Watch { ptr, options } = *request else {
+            unreachable!("start_watch sends WATCHes only");
+        };
         let (tx, rx) = oneshot::channel();
         let xid = self.register(Route::Watch {
             id,
-            ack: Some(tx),
-            replaces,
+            ptr,
+            ack: Some(AwaitedAck {
+                tx: Some(tx),
+                options,
+                replaces,
+            }),
         })?;
         self.send(request, xid);
         Ok((
@@ -305,6 +333,14 @@ impl Conn {
                 routes.map.remove(&xid);
                 return;
             }
+            // A WATCH that left is applied by the server whenever it gets there (and
+            // moves the record's watch away from any earlier XID): its late
+            // acknowledgement must still reach the watch table, which registers it or
+            // ends it. Discarding it left a watch the client never heard again.
+            Some(Route::Watch { ack: Some(ack), .. }) => {
+                ack.tx = None;
+                return;
+            }
             Some(r) => *r = Route::Discard { then_free: None },
         }
         routes.abandoned += 1;
@@ -337,7 +373,11 @@ impl Conn {
         let routes = std::mem::take(&mut lock(&self.routes).map);
         for (_, route) in routes {
             match route {
-                Route::Call { tx, .. } | Route::Watch { ack: Some(tx), .. } => {
+                Route::Call { tx, .. }
+                | Route::Watch {
+                    ack: Some(AwaitedAck { tx: Some(tx), .. }),
+                    ..
+                } => {
                     let _ = tx.send(Err(self.disconnected()));
                 }
                 _ => {}
@@ -366,36 +406,54 @@ impl Conn {
                     routes.abandoned = routes.abandoned.saturating_sub(1);
                 }
             }
-            Route::Watch { id, ack, replaces } => {
+            Route::Watch {
+                id,
+                ptr: watched,
+                ack,
+            } => {
                 let reply =
                     Reply::parse(ack.is_some().then_some(Opcode::Watch), status, arg, payload)
                         .map_err(|e| Error::BadReply(e.0));
                 let Some(client) = self.client.upgrade() else {
                     return;
                 };
+                let acknowledged = Route::Watch {
+                    id,
+                    ptr: watched,
+                    ack: None,
+                };
                 match ack {
-                    Some(tx) => {
+                    Some(AwaitedAck {
+                        tx,
+                        options,
+                        replaces,
+                    }) => {
                         let ok = matches!(reply, Ok(Reply::Done | Reply::Watching(..)));
                         if ok {
-                            routes.map.insert(
-                                xid,
-                                Route::Watch {
-                                    id,
-                                    ack: None,
-                                    replaces: None,
-                                },
-                            );
+                            routes.map.insert(xid, acknowledged);
                             if let Some(old) = replaces {
                                 routes.map.remove(&old);
                             }
                         }
                         drop(routes);
                         // The watch table learns first, so it knows this XID before
-                        // the first NOTIFY on it is delivered.
-                        if let (true, Ok(r)) = (ok, &reply) {
-                            client.watch_acknowledged(id, self.generation, xid, r);
+                        // the first NOTIFY on it is delivered. A watch nobody on this
+                        // client wants any more (its caller gave up and left) is ended.
+                        if let (true, Ok(r)) = (ok, &reply)
+                            && !client.watch_acknowledged(
+                                id,
+                                watched,
+                                self.generation,
+                                xid,
+                                options,
+                                r,
+                            )
+                        {
+                            self.unwatch(watched, xid);
                         }
-                        let _ = tx.send(reply);
+                        if let Some(tx) = tx {
+                            let _ = tx.send(reply);
+                        }
                     }
                     None => {
                         let Ok(Reply::Notify {
@@ -405,25 +463,11 @@ impl Conn {
                             delta,
                         }) = reply
                         else {
-                            routes.map.insert(
-                                xid,
-                                Route::Watch {
-                                    id,
-                                    ack: None,
-                                    replaces: None,
-                                },
-                            );
+                            routes.map.insert(xid, acknowledged);
                             return; // not a NOTIFY: ignored
                         };
                         if event != netswap_proto::Event::Deleted {
-                            routes.map.insert(
-                                xid,
-                                Route::Watch {
-                                    id,
-                                    ack: None,
-                                    replaces: None,
-                                },
-                            );
+                            routes.map.insert(xid, acknowledged);
                         }
                         // Deleted: the watch has ended and its XID is free.
                         drop(routes);

@@ -343,20 +343,36 @@ impl Shared {
         futures_util::future::join_all(all).await;
     }
 
-    /// The acknowledgement of a WATCH for group `id` arrived (on connection
-    /// `generation`, XID `xid`): from now on its NOTIFYs come with that XID. Called by
-    /// the connection's reader before any NOTIFY on that XID. Members that were
-    /// already running are told what changed since they last saw the record; mirrors
-    /// take the fresh copy.
-    pub(crate) fn watch_acknowledged(&self, id: u64, generation: u64, xid: u32, reply: &Reply) {
+    /// The acknowledgement of a WATCH for group `id` on `ptr` arrived (on connection
+    /// `generation`, XID `xid`, asking for `options`): from now on its NOTIFYs come
+    /// with that XID. Called by the connection's reader before any NOTIFY on that XID,
+    /// also when the WATCH's caller gave up waiting (the server has the watch all the
+    /// same). Members that were already running are told what changed since they last
+    /// saw the record; mirrors take the fresh copy.
+    ///
+    /// Returns false when nothing on this client watches `ptr` any more: the caller
+    /// then ends the watch on the server. (A group of `ptr` other than `id` sends,
+    /// or has sent, a WATCH of its own after this one, which takes the server's watch
+    /// over; ending it here would end that one.)
+    pub(crate) fn watch_acknowledged(
+        &self,
+        id: u64,
+        ptr: Pointer,
+        generation: u64,
+        xid: u32,
+        options: WatchOptions,
+        reply: &Reply,
+    ) -> bool {
         let mut w = lock(&self.watches);
         let Some(g) = w.groups.get_mut(&id) else {
-            return;
+            return w.by_ptr.contains_key(&ptr);
         };
         let Reply::Watching(info, data) = reply else {
-            return; // a v1 acknowledgement: nothing to compare
+            return true; // a v1 acknowledgement: nothing to compare
         };
-        g.registered = Some((g.wanted(), generation, xid));
+        // What the server was asked for, not what the members want now: a member that
+        // joined since (a mirror, wanting bytes) must still be registered.
+        g.registered = Some((options, generation, xid));
         let before = g.last.replace(*info);
         g.resyncing = false;
         let reloaded = match &g.copy {
@@ -411,6 +427,7 @@ impl Shared {
                 }
             }
         }
+        true
     }
 
     /// A NOTIFY for group `id` arrived on connection `generation`, XID `xid`.

@@ -3,6 +3,8 @@
 //! changed while it was away, no call hangs, and cancelled calls leave nothing behind.
 //! (Here because it needs the server binary, to kill it with SIGKILL.)
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -12,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use common::proxy::Proxy;
 use netswap_client::{
     Access, Client, ConnectionState, Error, Event, MirrorEvent, Options, Pointer, Reconnect,
 };
@@ -474,5 +477,138 @@ async fn five_hundred_clients_reconnect_spread_over_the_backoff_window() {
     for c in &clients {
         c.hello().await.unwrap();
     }
+    srv.stop().unwrap();
+}
+
+/// A watcher through a proxy that can hold the server's replies, and its record
+/// (made by another identity, straight to the server).
+async fn watcher_behind_a_proxy(
+    timeout: Duration,
+) -> (
+    netswap_server::RunningServer,
+    Client,
+    Proxy,
+    Client,
+    Pointer,
+) {
+    let srv = netswap_server::spawn(ServerConfig::new("127.0.0.1:0".parse().unwrap()), 1).unwrap();
+    let owner = Client::connect_with(srv.addr(), from(2)).await.unwrap();
+    let p = owner
+        .create(Access::READ | Access::WRITE, "version 1")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(srv.addr(), 3).await;
+    let watcher = Client::connect_with(
+        proxy.addr,
+        Options {
+            request_timeout: Some(timeout),
+            keepalive: None,
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    (srv, owner, proxy, watcher, p)
+}
+
+/// The server's count of registered watches, once it is `want` (within 5 s).
+async fn server_watches_become(c: &Client, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = c.stats().await.unwrap();
+        let n = stats.iter().find(|(k, _)| k == "watches").unwrap().1;
+        if n == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server has {n} watches, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A mirror joins a record's watch, and its WATCH (now with bytes) is acknowledged
+/// only after the call's deadline. The server moved the record's watch to that WATCH
+/// all the same; the client used to discard the late acknowledgement and kept
+/// listening on the earlier XID, on which nothing comes any more: the watch that was
+/// running went deaf until the next reconnection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_still_hears_changes_after_a_late_acknowledgement_its_caller_gave_up_on() {
+    let (srv, owner, proxy, watcher, p) = watcher_behind_a_proxy(Duration::from_millis(500)).await;
+    let mut w = watcher.watch(p).await.unwrap();
+    proxy.hold();
+    let m = watcher.mirror(p).await;
+    assert!(matches!(m, Err(Error::Timeout { .. })), "{m:?}");
+    proxy.release();
+    // Replies on one connection come in order: this one follows the late acknowledgement.
+    watcher.stats().await.unwrap();
+    let v = owner.replace(p, "version 2").await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("the running watch hears the change")
+        .unwrap();
+    assert_eq!((e.event, e.version), (Event::Changed, v));
+    server_watches_become(&owner, 1).await;
+    drop(w);
+    server_watches_become(&owner, 0).await;
+    srv.stop().unwrap();
+}
+
+/// A watch whose caller gave up before its acknowledgement came (the server applied
+/// it late) is ended on the server once the acknowledgement arrives: nobody on the
+/// client listens to it. It used to stay registered, and the server kept sending its
+/// events (with the bytes, for a data watch) until the connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_given_up_before_its_acknowledgement_is_ended_on_the_server() {
+    let (srv, owner, proxy, watcher, p) = watcher_behind_a_proxy(Duration::from_millis(500)).await;
+    proxy.hold();
+    let m = watcher.mirror(p).await;
+    assert!(matches!(m, Err(Error::Timeout { .. })), "{m:?}");
+    server_watches_become(&owner, 1).await;
+    proxy.release();
+    server_watches_become(&owner, 0).await;
+    // The client still watches what it is asked to.
+    let mut w = watcher.watch(p).await.unwrap();
+    let v = owner.replace(p, "version 2").await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("the change is heard")
+        .unwrap();
+    assert_eq!((e.event, e.version), (Event::Changed, v));
+    srv.stop().unwrap();
+}
+
+/// A mirror that joins a record's watch while the watch's first WATCH (without
+/// bytes) is on its way is registered with bytes once that one is acknowledged. The
+/// client used to take the acknowledgement for what the members wanted by then (the
+/// bytes, too), so the mirror was never registered, and its copy was empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_joins_while_the_watch_is_being_registered_gets_the_bytes() {
+    let (srv, owner, proxy, watcher, p) = watcher_behind_a_proxy(Duration::from_secs(10)).await;
+    proxy.hold();
+    let watching = {
+        let watcher = watcher.clone();
+        tokio::spawn(async move { watcher.watch(p).await })
+    };
+    server_watches_become(&owner, 1).await;
+    let mirroring = {
+        let watcher = watcher.clone();
+        tokio::spawn(async move { watcher.mirror(p).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.release();
+    let _w = watching.await.unwrap().unwrap();
+    let mut m = mirroring.await.unwrap().unwrap();
+    assert_eq!(&m.data()[..], b"version 1");
+    let v = owner.replace(p, "version 2").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while m.version() < v {
+            m.next().await.expect("the mirror runs");
+        }
+    })
+    .await
+    .expect("the mirror follows the change");
+    assert_eq!(&m.data()[..], b"version 2");
     srv.stop().unwrap();
 }

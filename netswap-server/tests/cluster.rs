@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::cluster::RedisCluster;
+use common::proxy::Proxy;
 use common::*;
 use netswap_proto::*;
 use netswap_server::{RunningServer, ServerConfig};
@@ -2058,45 +2059,6 @@ async fn metrics_tell_what_holds_the_reply_budget() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     gw.stop().unwrap();
-}
-
-/// A TCP proxy on 127.0.0.1 to a server, whose connections out come from 127.0.0.`from`
-/// (the identity the server sees); [`Proxy::cut`] drops every connection through it
-/// so far, as a network blip would, and it accepts new ones.
-struct Proxy {
-    addr: SocketAddr,
-    cut: tokio::sync::watch::Sender<u64>,
-}
-
-impl Proxy {
-    async fn start(to: SocketAddr, from: u8) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (cut, cuts) = tokio::sync::watch::channel(0u64);
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut cuts = cuts.clone();
-                cuts.mark_unchanged();
-                tokio::spawn(async move {
-                    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-                    sock.bind(SocketAddr::from(([127, 0, 0, from], 0))).unwrap();
-                    let Ok(mut outbound) = sock.connect(to).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cuts.changed() => {}
-                    }
-                });
-            }
-        });
-        Proxy { addr, cut }
-    }
-
-    /// Drops every connection through the proxy now.
-    fn cut(&self) {
-        self.cut.send_modify(|n| *n += 1);
-    }
 }
 
 /// A client that reconnects while its gateway answers its watches BUSY (here: another

@@ -32,6 +32,7 @@ impl Msg {
 }
 
 pub mod cluster;
+pub mod proxy;
 
 pub fn server(tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer {
     server_on(Backend::Memory, tweak)
