@@ -439,17 +439,8 @@ impl Conn {
                         // The watch table learns first, so it knows this XID before
                         // the first NOTIFY on it is delivered. A watch nobody on this
                         // client wants any more (its caller gave up and left) is ended.
-                        if let (true, Ok(r)) = (ok, &reply)
-                            && !client.watch_acknowledged(
-                                id,
-                                watched,
-                                self.generation,
-                                xid,
-                                options,
-                                r,
-                            )
-                        {
-                            self.unwatch(watched, xid);
+                        if let (true, Ok(r)) = (ok, &reply) {
+                            client.watch_acknowledged(self, id, watched, xid, options, r);
                         }
                         if let Some(tx) = tx {
                             let _ = tx.send(reply);

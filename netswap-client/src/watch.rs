@@ -350,25 +350,30 @@ impl Shared {
     /// same). Members that were already running are told what changed since they last
     /// saw the record; mirrors take the fresh copy.
     ///
-    /// Returns false when nothing on this client watches `ptr` any more: the caller
-    /// then ends the watch on the server. (A group of `ptr` other than `id` sends,
-    /// or has sent, a WATCH of its own after this one, which takes the server's watch
-    /// over; ending it here would end that one.)
+    /// When nothing on this client watches `ptr` any more, the watch is ended on the
+    /// server. (A group of `ptr` other than `id` sends, or has sent, a WATCH of its
+    /// own after this one, which takes the server's watch over; ending it here would
+    /// end that one. The UNWATCH is queued under the watch table's lock, so a group
+    /// made after this look sends its WATCH after the UNWATCH.)
     pub(crate) fn watch_acknowledged(
         &self,
+        conn: &Conn,
         id: u64,
         ptr: Pointer,
-        generation: u64,
         xid: u32,
         options: WatchOptions,
         reply: &Reply,
-    ) -> bool {
+    ) {
+        let generation = conn.generation;
         let mut w = lock(&self.watches);
         let Some(g) = w.groups.get_mut(&id) else {
-            return w.by_ptr.contains_key(&ptr);
+            if !w.by_ptr.contains_key(&ptr) {
+                conn.unwatch(ptr, xid);
+            }
+            return;
         };
         let Reply::Watching(info, data) = reply else {
-            return true; // a v1 acknowledgement: nothing to compare
+            return; // a v1 acknowledgement: nothing to compare
         };
         // What the server was asked for, not what the members want now: a member that
         // joined since (a mirror, wanting bytes) must still be registered.
@@ -427,7 +432,6 @@ impl Shared {
                 }
             }
         }
-        true
     }
 
     /// A NOTIFY for group `id` arrived on connection `generation`, XID `xid`.
@@ -532,12 +536,14 @@ impl Shared {
         }
         let g = w.groups.remove(&id).expect("found above");
         w.by_ptr.remove(&g.ptr);
-        drop(w);
+        // Queued before the lock is let go: a new watch of the record (a new group)
+        // sends its WATCH after this UNWATCH, not before it (which would end it).
         if let (Some((_, generation, xid)), Some(conn)) = (g.registered, self.current_conn())
             && conn.generation == generation
         {
             conn.unwatch(g.ptr, xid);
         }
+        drop(w);
     }
 
     pub(crate) fn next_watch_id(&self) -> u64 {
