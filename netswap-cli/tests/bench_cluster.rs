@@ -116,6 +116,90 @@ fn resp_cluster_reaches_every_primary_and_every_reply_is_a_hit() {
     }
 }
 
+/// `--resp-layout versioned-*`: every write the run counts raised its key's version
+/// by one (keys preloaded at version 0), and every read of those hashes hit.
+#[test]
+fn versioned_writes_raise_one_version_each_and_reads_of_them_hit() {
+    let cluster = Cluster::get();
+    let seed = &cluster.nodes[0];
+    let (host, port) = seed.rsplit_once(':').unwrap();
+    for layout in ["versioned-multi", "versioned-script"] {
+        for (op, n) in [("replace", 3000u64), ("read", 1000)] {
+            let out = json(&bench(&[
+                "load",
+                "--protocol",
+                "resp-cluster",
+                "--resp-layout",
+                layout,
+                "-s",
+                seed,
+                "-c",
+                "6",
+                "-P",
+                "4",
+                "--keys",
+                "200",
+                "-n",
+                &n.to_string(),
+                "--op",
+                op,
+                "--json",
+            ]));
+            assert_eq!(out["errors"], 0, "{layout} {op}: {out}");
+            assert_eq!(out["ops"], n, "{layout} {op}: {out}");
+            assert_eq!(out["resp_layout"], layout, "{out}");
+            if op == "read" {
+                continue;
+            }
+            // The versions of the 200 keys, through redis-cli (which follows MOVED).
+            let commands: String = (0..200).map(|k| format!("HGET vkey:{k:012} v\n")).collect();
+            let mut cli = Command::new("redis-cli")
+                .args(["-c", "-h", host, "-p", port])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("redis-cli is installed");
+            use std::io::Write;
+            cli.stdin
+                .take()
+                .unwrap()
+                .write_all(commands.as_bytes())
+                .unwrap();
+            let got = cli.wait_with_output().unwrap();
+            let versions: Vec<u64> = String::from_utf8_lossy(&got.stdout)
+                .lines()
+                .filter(|l| !l.starts_with("-> Redirected"))
+                .map(|l| {
+                    l.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("a version: {l:?}"))
+                })
+                .collect();
+            assert_eq!(versions.len(), 200);
+            assert_eq!(versions.iter().sum::<u64>(), n, "{layout}: {versions:?}");
+        }
+    }
+}
+
+#[test]
+fn resp_layouts_other_than_plain_need_a_resp_protocol() {
+    let o = bench(&[
+        "load",
+        "--resp-layout",
+        "versioned-multi",
+        "-s",
+        "127.0.0.1:1",
+        "-n",
+        "10",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--resp-layout goes with --protocol resp"),
+        "{err}"
+    );
+}
+
 #[test]
 fn plain_resp_on_a_cluster_node_is_a_clear_error() {
     let cluster = Cluster::get();

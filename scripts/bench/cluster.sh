@@ -7,6 +7,10 @@
 #             each connection on one primary with the keys of its slots): the same
 #             load generator, so the ratio compares the servers, not two tools;
 #   second    redis-benchmark --cluster (a second opinion on the cluster, another tool).
+# For writes, two more columns by the same load generator: the cluster's own
+# versioned write (each key a hash of value and version; a write replaces the value
+# and raises the version atomically, as a REPLACE does), with MULTI/HSET/HINCRBY/EXEC
+# and as one Lua script (`--resp-layout versioned-multi` / `versioned-script`).
 # Same value size, connections, pipeline and key count everywhere. Prints medians,
 # the gateway's p99, and the CPU time per operation (from /proc: the gateway's, and
 # the six Redis nodes' together) for the first two.
@@ -52,7 +56,7 @@ for row in "64 1" "64 16" "1024 1" "1024 16"; do
   set -- $row
   size=$1 pipe=$2
   for op in read replace; do
-    ns=() nsp99=() nsgw=() nsrd=() cl=() clp99=() clrd=() rb=()
+    ns=() nsp99=() nsgw=() nsrd=() cl=() clp99=() clrd=() rb=() vm=() vmrd=() vs=() vsrd=()
     for ((r = 0; r < runs; r++)); do
       g0=$(ticks $gw) r0=$(ticks $redis_pids)
       out=$("${pin[@]}" $bin/netswap-bench load -s 127.0.0.1:7480 -c 50 -P "$pipe" -d "$size" --op "$op" --keys 1000 --duration "$secs" --json)
@@ -71,6 +75,21 @@ for row in "64 1" "64 16" "1024 1" "1024 16"; do
       clp99+=("$(field p99_us <<<"$out")")
       clrd+=("$(python3 -c "print(($r1-$r0)/$tick*1e6/$ops)")")
 
+      if [ "$op" = replace ]; then
+        for layout in versioned-multi versioned-script; do
+          r0=$(ticks $redis_pids)
+          out=$("${pin[@]}" $bin/netswap-bench load --protocol resp-cluster --resp-layout $layout -s 127.0.0.1:18000 -c 50 -P "$pipe" -d "$size" --op "$op" --keys 1000 --duration "$secs" --json)
+          r1=$(ticks $redis_pids)
+          ops=$(field ops <<<"$out")
+          rd=$(python3 -c "print(($r1-$r0)/$tick*1e6/$ops)")
+          if [ $layout = versioned-multi ]; then
+            vm+=("$(field ops_per_sec <<<"$out")") vmrd+=("$rd")
+          else
+            vs+=("$(field ops_per_sec <<<"$out")") vsrd+=("$rd")
+          fi
+        done
+      fi
+
       t=$([ "$op" = read ] && echo get || echo set)
       n=$((pipe == 1 ? 200000 : 2000000))
       out=$("${pin[@]}" redis-benchmark -h 127.0.0.1 -p 18000 --cluster -c 50 -P "$pipe" -d "$size" -t "$t" -n $n -r 1000 -q 2>/dev/null | tr '\r' '\n' | grep -E "requests per second" | tail -1)
@@ -81,5 +100,10 @@ for row in "64 1" "64 16" "1024 1" "1024 16"; do
     printf '%-7s %4s B P%-2s | gateway %7.0f/s p99 %6.0f us, CPU gw %4.1f + redis %4.1f | cluster %7.0f/s p99 %6.0f us, CPU redis %4.1f | ratio %.2f | redis-benchmark %7.0f/s (ratio %.2f)\n' \
       "$op" "$size" "$pipe" "$a" "$(m "${nsp99[@]}")" "$(m "${nsgw[@]}")" "$(m "${nsrd[@]}")" \
       "$b" "$(m "${clp99[@]}")" "$(m "${clrd[@]}")" "$(python3 -c "print($a/$b)")" "$c" "$(python3 -c "print($a/$c)")"
+    if [ "$op" = replace ]; then
+      d=$(m "${vm[@]}") e=$(m "${vs[@]}")
+      printf '%-7s %4s B P%-2s | cluster versioned write: MULTI %7.0f/s, CPU redis %4.1f (ratio %.2f) | script %7.0f/s, CPU redis %4.1f (ratio %.2f)\n' \
+        "$op" "$size" "$pipe" "$d" "$(m "${vmrd[@]}")" "$(python3 -c "print($a/$d)")" "$e" "$(m "${vsrd[@]}")" "$(python3 -c "print($a/$e)")"
+    fi
   done
 done

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{BufMut, BytesMut};
+use clap::ValueEnum;
 use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::types::BytesFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,7 +28,7 @@ fn key_of(n: u64, keys: usize) -> usize {
 
 /// memcached binary-protocol request: GET (0x00) or SET (0x01) of key `n`.
 fn mc_request(out: &mut BytesMut, set: bool, key: usize, value: &[u8], opaque: u32) {
-    let key = key_name(key);
+    let key = key_name(key, RespLayout::Plain);
     let extras = if set { 8 } else { 0 };
     let body = extras + key.len() + if set { value.len() } else { 0 };
     out.put_u8(0x80);
@@ -135,21 +136,70 @@ pub(super) async fn drive_memcached(spec: Arc<LoadSpec>, conn_no: usize) -> std:
     Ok(tally)
 }
 
-/// RESP request: `GET key` or `SET key value`, encoded as a client library would.
-fn resp_request(out: &mut BytesMut, set: bool, key: usize, value: &[u8]) {
-    let key = key_name(key);
-    if set {
-        out.put_slice(b"*3\r\n$3\r\nSET\r\n");
-    } else {
-        out.put_slice(b"*2\r\n$3\r\nGET\r\n");
-    }
-    out.put_slice(format!("${}\r\n", key.len()).as_bytes());
-    out.put_slice(key.as_bytes());
-    out.put_slice(b"\r\n");
-    if set {
-        out.put_slice(format!("${}\r\n", value.len()).as_bytes());
-        out.put_slice(value);
+/// How the RESP keys hold their values, and so what a read and a write are.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(super) enum RespLayout {
+    /// A string per key: `GET`, `SET`.
+    Plain,
+    /// A hash per key, `{d: value, v: version}`: a read is `HGET key d`; a write
+    /// replaces the value and adds one to the version atomically, as a netswap
+    /// REPLACE does, with `MULTI`, `HSET key d value`, `HINCRBY key v 1`, `EXEC` in
+    /// one round trip.
+    VersionedMulti,
+    /// The same, with the write as one Lua script (`EVALSHA`): `HGET` of the version,
+    /// `HSET` of the value and the version + 1 (the shape of a compare-and-set).
+    VersionedScript,
+}
+
+/// The Lua script of [`RespLayout::VersionedScript`]'s writes.
+const VERSIONED_WRITE: &str = "local v = redis.call('HGET', KEYS[1], 'v') \
+redis.call('HSET', KEYS[1], 'd', ARGV[1], 'v', (tonumber(v) or 0) + 1) return 1";
+
+/// One RESP command (an array of bulk strings), encoded as a client library would.
+fn resp_command(out: &mut BytesMut, args: &[&[u8]]) {
+    out.put_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.put_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.put_slice(a);
         out.put_slice(b"\r\n");
+    }
+}
+
+/// A read or a write of `key` in `layout`; returns how many replies it gets.
+fn resp_request(
+    out: &mut BytesMut,
+    layout: RespLayout,
+    sha: &str,
+    set: bool,
+    key: usize,
+    value: &[u8],
+) -> usize {
+    let key = key_name(key, layout);
+    let k = key.as_bytes();
+    match (layout, set) {
+        (RespLayout::Plain, false) => resp_command(out, &[b"GET", k]),
+        (RespLayout::Plain, true) => resp_command(out, &[b"SET", k, value]),
+        (_, false) => resp_command(out, &[b"HGET", k, b"d"]),
+        (RespLayout::VersionedMulti, true) => {
+            resp_command(out, &[b"MULTI"]);
+            resp_command(out, &[b"HSET", k, b"d", value]);
+            resp_command(out, &[b"HINCRBY", k, b"v", b"1"]);
+            resp_command(out, &[b"EXEC"]);
+            return 4;
+        }
+        (RespLayout::VersionedScript, true) => {
+            resp_command(out, &[b"EVALSHA", sha.as_bytes(), b"1", k, value])
+        }
+    }
+    1
+}
+
+/// What the keys are stored as before a run: a `SET`, or an `HSET` of `d` and `v`.
+fn resp_preload_request(out: &mut BytesMut, layout: RespLayout, key: usize, value: &[u8]) {
+    let key = key_name(key, layout);
+    match layout {
+        RespLayout::Plain => resp_command(out, &[b"SET", key.as_bytes(), value]),
+        _ => resp_command(out, &[b"HSET", key.as_bytes(), b"d", value, b"v", b"0"]),
     }
 }
 
@@ -165,19 +215,28 @@ fn resp_reply(rbuf: &mut BytesMut) -> std::io::Result<Option<bool>> {
 /// the keys (numbers of `key:%012d`) it serves.
 pub(super) struct RespTargets {
     targets: Vec<(SocketAddr, Vec<usize>)>,
+    layout: RespLayout,
+    /// The SHA1 of [`VERSIONED_WRITE`], once loaded on every server.
+    sha: String,
 }
 
 impl RespTargets {
     /// One server with every key.
-    pub fn single(server: SocketAddr, keys: usize) -> RespTargets {
+    pub fn single(server: SocketAddr, keys: usize, layout: RespLayout) -> RespTargets {
         RespTargets {
             targets: vec![(server, (0..keys).collect())],
+            layout,
+            sha: String::new(),
         }
     }
 
     /// The primaries of the cluster `seed` belongs to (from `CLUSTER SLOTS`), each with
     /// the keys in its slots. Primaries that would get no key are left out.
-    pub async fn cluster(seed: SocketAddr, keys: usize) -> std::io::Result<RespTargets> {
+    pub async fn cluster(
+        seed: SocketAddr,
+        keys: usize,
+        layout: RespLayout,
+    ) -> std::io::Result<RespTargets> {
         let mut s = raw_connect(seed, None).await?;
         s.write_all(b"*2\r\n$7\r\nCLUSTER\r\n$5\r\nSLOTS\r\n")
             .await?;
@@ -193,7 +252,7 @@ impl RespTargets {
         let ranges = slot_ranges(&frame, seed.ip())?;
         let mut targets: Vec<(SocketAddr, Vec<usize>)> = Vec::new();
         for k in 0..keys {
-            let slot = redis_protocol::redis_keyslot(key_name(k).as_bytes());
+            let slot = redis_protocol::redis_keyslot(key_name(k, layout).as_bytes());
             let addr = ranges
                 .iter()
                 .find(|(a, b, _)| (*a..=*b).contains(&slot))
@@ -205,7 +264,11 @@ impl RespTargets {
             }
         }
         targets.sort_by_key(|t| t.0);
-        Ok(RespTargets { targets })
+        Ok(RespTargets {
+            targets,
+            layout,
+            sha: String::new(),
+        })
     }
 
     /// Connection `conn_no`'s server and keys (connections go round the servers).
@@ -261,26 +324,59 @@ fn slot_ranges(frame: &BytesFrame, seed: IpAddr) -> std::io::Result<Vec<(u16, u1
 }
 
 /// The name of key number `k`.
-fn key_name(k: usize) -> String {
-    format!("key:{k:012}")
+fn key_name(k: usize, layout: RespLayout) -> String {
+    match layout {
+        RespLayout::Plain => format!("key:{k:012}"),
+        // Hashes: other names than the strings of plain runs on the same server.
+        _ => format!("vkey:{k:012}"),
+    }
 }
 
 /// Stores every key once (pipelined SETs, each on the server that serves it) so that
 /// GETs hit.
-pub(super) async fn resp_preload(targets: &RespTargets, value: &[u8]) -> std::io::Result<()> {
+/// With [`RespLayout::VersionedScript`], also loads its script on every server.
+pub(super) async fn resp_preload(targets: &mut RespTargets, value: &[u8]) -> std::io::Result<()> {
     for (server, keys) in &targets.targets {
-        resp_preload_one(*server, keys, value).await?;
+        resp_preload_one(*server, keys, targets.layout, value).await?;
+        if targets.layout == RespLayout::VersionedScript {
+            targets.sha = resp_load_script(*server).await?;
+        }
     }
     Ok(())
 }
 
-async fn resp_preload_one(server: SocketAddr, keys: &[usize], value: &[u8]) -> std::io::Result<()> {
+/// `SCRIPT LOAD` of [`VERSIONED_WRITE`]: its SHA1.
+async fn resp_load_script(server: SocketAddr) -> std::io::Result<String> {
+    let mut s = raw_connect(server, None).await?;
+    let mut out = BytesMut::new();
+    resp_command(&mut out, &[b"SCRIPT", b"LOAD", VERSIONED_WRITE.as_bytes()]);
+    s.write_all(&out).await?;
+    let mut rbuf = BytesMut::with_capacity(1024);
+    loop {
+        if let Some((frame, _, _)) = decode_bytes_mut(&mut rbuf).map_err(other)? {
+            return match frame {
+                BytesFrame::BulkString(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+                f => Err(other(format!("SCRIPT LOAD on {server}: {f:?}"))),
+            };
+        }
+        if s.read_buf(&mut rbuf).await? == 0 {
+            return Err(other("the server closed the connection"));
+        }
+    }
+}
+
+async fn resp_preload_one(
+    server: SocketAddr,
+    keys: &[usize],
+    layout: RespLayout,
+    value: &[u8],
+) -> std::io::Result<()> {
     let mut s = raw_connect(server, None).await?;
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
     for chunk in keys.chunks(1024) {
         let mut out = BytesMut::new();
         for k in chunk {
-            resp_request(&mut out, true, *k, value);
+            resp_preload_request(&mut out, layout, *k, value);
         }
         s.write_all(&out).await?;
         let mut seen = 0;
@@ -289,7 +385,8 @@ async fn resp_preload_one(server: SocketAddr, keys: &[usize], value: &[u8]) -> s
                 Some(true) => seen += 1,
                 Some(false) => {
                     return Err(other(format!(
-                        "a preloading SET on {server} got an error (a Redis Cluster node? use --protocol resp-cluster)"
+                        "preloading {} on {server} got an error (a Redis Cluster node? use --protocol resp-cluster)",
+                        key_name(chunk[0], layout)
                     )));
                 }
                 None => {
@@ -315,7 +412,9 @@ pub(super) async fn drive_resp(
     let set = spec.op != Op::Read;
     let keys = own.len();
     let key_of = |n: u64| own[key_of(n, keys)];
-    let mut sent_at: VecDeque<Instant> = VecDeque::with_capacity(spec.pipeline);
+    let (layout, sha) = (targets.layout, targets.sha.as_str());
+    // Each request's start, replies still to come, and whether all were good so far.
+    let mut sent_at: VecDeque<(Instant, usize, bool)> = VecDeque::with_capacity(spec.pipeline);
     let mut wbuf = BytesMut::with_capacity(64 * 1024);
     let mut rbuf = BytesMut::with_capacity(256 * 1024);
     let mut tally = Tally::new();
@@ -325,8 +424,8 @@ pub(super) async fn drive_resp(
             break;
         }
         counter += 1;
-        resp_request(&mut wbuf, set, key_of(counter), &spec.value);
-        sent_at.push_back(Instant::now());
+        let replies = resp_request(&mut wbuf, layout, sha, set, key_of(counter), &spec.value);
+        sent_at.push_back((Instant::now(), replies, true));
     }
     loop {
         if !wbuf.is_empty() {
@@ -339,9 +438,15 @@ pub(super) async fn drive_resp(
         }
         let now = read_more(&mut stream, &mut rbuf, &mut tally, &spec).await?;
         while let Some(ok) = resp_reply(&mut rbuf)? {
-            let sent = sent_at
-                .pop_front()
+            let front = sent_at
+                .front_mut()
                 .ok_or_else(|| other("a reply to nothing"))?;
+            front.1 -= 1;
+            front.2 &= ok;
+            if front.1 > 0 {
+                continue; // a MULTI's OK and QUEUEDs: the request ends with its EXEC
+            }
+            let (sent, _, ok) = sent_at.pop_front().expect("looked at above");
             tally.ops += 1;
             if !ok {
                 tally.errors += 1;
@@ -349,8 +454,9 @@ pub(super) async fn drive_resp(
             let _ = tally.hist.record((now - sent).as_nanos().max(1) as u64);
             if spec.take() {
                 counter += 1;
-                resp_request(&mut wbuf, set, key_of(counter), &spec.value);
-                sent_at.push_back(Instant::now());
+                let replies =
+                    resp_request(&mut wbuf, layout, sha, set, key_of(counter), &spec.value);
+                sent_at.push_back((Instant::now(), replies, true));
             }
         }
     }

@@ -104,6 +104,11 @@ enum Mode {
         /// "key:%012d", preloaded), to measure those servers with the same client design.
         #[arg(long, value_enum, default_value = "netswap")]
         protocol: Protocol,
+        /// With --protocol resp or resp-cluster: how keys hold values, and so what a
+        /// write is (`versioned-*`: a hash of the value and a version, the version
+        /// raised with each write, atomically, as a netswap REPLACE does).
+        #[arg(long, value_enum, default_value = "plain")]
+        resp_layout: kv::RespLayout,
     },
     /// Create records and report the server's memory per record.
     Fill {
@@ -501,7 +506,7 @@ fn load(
     duration: f64,
     requests: Option<u64>,
     threads: usize,
-    protocol: Protocol,
+    (protocol, resp_layout): (Protocol, kv::RespLayout),
 ) -> Result<(), String> {
     let rt = runtime()?;
     let value = Bytes::from(vec![0x5Au8; size]);
@@ -510,21 +515,34 @@ fn load(
             "--protocol {protocol:?} supports read, replace and write-at"
         ));
     }
-    let targets = match protocol {
-        Protocol::Resp => Some(kv::RespTargets::single(cli.server, keys.max(1))),
+    let resp = matches!(protocol, Protocol::Resp | Protocol::RespCluster);
+    if !resp && resp_layout != kv::RespLayout::Plain {
+        return Err("--resp-layout goes with --protocol resp or resp-cluster".into());
+    }
+    let mut targets = match protocol {
+        Protocol::Resp => Some(kv::RespTargets::single(
+            cli.server,
+            keys.max(1),
+            resp_layout,
+        )),
         Protocol::RespCluster => Some(
-            rt.block_on(kv::RespTargets::cluster(cli.server, keys.max(1)))
-                .map_err(|e| format!("cannot read the cluster's slots from {}: {e}", cli.server))?,
+            rt.block_on(kv::RespTargets::cluster(
+                cli.server,
+                keys.max(1),
+                resp_layout,
+            ))
+            .map_err(|e| format!("cannot read the cluster's slots from {}: {e}", cli.server))?,
         ),
         _ => None,
     };
-    let preloaded = match (&targets, protocol) {
+    let preloaded = match (&mut targets, protocol) {
         (Some(t), _) => rt.block_on(kv::resp_preload(t, &value)),
         (None, Protocol::Memcached) => rt.block_on(kv::mc_preload(cli.server, keys.max(1), &value)),
         (None, _) => Ok(()),
     };
     preloaded.map_err(|e| format!("cannot preload the keys: {e}"))?;
-    let targets = Arc::new(targets.unwrap_or_else(|| kv::RespTargets::single(cli.server, 1)));
+    let targets =
+        Arc::new(targets.unwrap_or_else(|| kv::RespTargets::single(cli.server, 1, resp_layout)));
     // Records every connection may read and write (same identity or not).
     let ptrs = rt.block_on(async {
         if protocol != Protocol::Netswap {
@@ -628,6 +646,7 @@ fn load(
             "{}",
             serde_json::json!({
                 "tool": "netswap-bench", "mode": "load", "protocol": protocol.to_possible_value().map(|v| v.get_name().to_string()),
+                "resp_layout": resp.then(|| resp_layout.to_possible_value().map(|v| v.get_name().to_string())),
                 "servers": targets.servers(),
                 "op": op_name, "size": size,
                 "connections": connections, "pipeline": pipeline, "threads": threads,
@@ -903,6 +922,7 @@ fn main() -> std::process::ExitCode {
             requests,
             threads,
             protocol,
+            resp_layout,
         } => load(
             &cli,
             connections,
@@ -913,7 +933,7 @@ fn main() -> std::process::ExitCode {
             duration,
             requests,
             threads,
-            protocol,
+            (protocol, resp_layout),
         ),
         Mode::Fill {
             records,
