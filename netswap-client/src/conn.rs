@@ -336,11 +336,12 @@ impl Conn {
             // A WATCH that left is applied by the server whenever it gets there (and
             // moves the record's watch away from any earlier XID): its late
             // acknowledgement must still reach the watch table, which registers it or
-            // ends it. Discarding it left a watch the client never heard again.
-            Some(Route::Watch { ack: Some(ack), .. }) => {
-                ack.tx = None;
-                return;
-            }
+            // ends it. Discarding it left a watch the client never heard again. It
+            // counts as given up on until then, as a discarded reply does.
+            Some(Route::Watch { ack: Some(ack), .. }) => ack.tx = None,
+            // Acknowledged already (the caller went before it looked): the watch
+            // table has it, and ends it when its last member goes.
+            Some(Route::Watch { ack: None, .. }) => return,
             Some(r) => *r = Route::Discard { then_free: None },
         }
         routes.abandoned += 1;
@@ -429,6 +430,9 @@ impl Conn {
                         replaces,
                     }) => {
                         let ok = matches!(reply, Ok(Reply::Done | Reply::Watching(..)));
+                        if tx.is_none() {
+                            routes.abandoned = routes.abandoned.saturating_sub(1);
+                        }
                         if ok {
                             routes.map.insert(xid, acknowledged);
                             if let Some(old) = replaces {
