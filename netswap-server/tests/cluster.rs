@@ -636,7 +636,7 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
 /// those that met it together, and every write goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_are_loaded_before_they_are_needed_and_once_when_forgotten() {
-    const SCRIPTS: u64 = 8;
+    const SCRIPTS: u64 = 9;
     const WRITES: usize = 64;
     let cluster = common::cluster::RedisCluster::start(3, 1, false);
     let (gw, _) = gateway_on(&cluster, |_| {});

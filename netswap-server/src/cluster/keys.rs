@@ -154,6 +154,10 @@ mod tests {
         assert_eq!(k.meta, "ns:{r:0000000000000abc}:m");
         assert_eq!(k.data, "ns:{r:0000000000000abc}:d");
         assert_eq!(k.events(), "ns:{r:0000000000000abc}:e");
+        // The commit scripts make the channels so (`scripts::PUBLISH`).
+        let tag = &k.meta[..k.meta.len() - 1];
+        assert_eq!(k.events(), format!("{tag}e"));
+        assert_eq!(k.data_events(), format!("{tag}E"));
         assert_eq!(keys.channel(k.events().as_bytes()), Some((p, false)));
         assert_eq!(keys.channel(k.data_events().as_bytes()), Some((p, true)));
         assert_eq!(keys.channel(b"ns:{r:zz}:e"), None);

@@ -983,6 +983,21 @@ struct Plan {
 }
 
 impl Plan {
+    /// Whether `change` under this plan is one `scripts::COMMIT_BYTES` applies: new
+    /// bytes into the state hash of an existing record whose bytes are there, with no
+    /// fence, no marker and nothing deleted.
+    fn bytes_only(&self, change: &Change) -> bool {
+        self.op == b"h"
+            && change.inline
+            && change.expected.is_some()
+            && change.fence == 0
+            && !change.mark
+            && change.del.is_empty()
+            && !self.uses_data
+            && !self.moved_out
+            && !self.new_key
+    }
+
     /// The plan for `change`; `in_hash`: bytes that would make a new data key stay
     /// in the hash instead.
     fn of(change: &Change, in_hash: bool) -> Plan {
@@ -1020,19 +1035,19 @@ async fn commit_as(
     wait: Wait,
     in_hash: bool,
 ) -> RedisResult<Committed> {
-    let (events, data_events) = (k.events(), k.data_events());
     let expected = change.expected.map(|r| r.to_string()).unwrap_or_default();
     let fence = change.fence.to_string();
     // The data key is declared only when the script uses it and it exists (or may: a
     // range write of bytes in the data key), and `d` is deleted from the hash when
     // the bytes of an existing record leave it. A data key the commit makes is named
-    // in ARGV[13]: declaring a missing key is `TRYAGAIN` while the slot moves.
+    // in ARGV[11]: declaring a missing key is `TRYAGAIN` while the slot moves.
+    let plan = Plan::of(change, in_hash);
     let Plan {
         op: data_op,
         uses_data,
         moved_out,
         new_key,
-    } = Plan::of(change, in_hash);
+    } = plan;
     let (offset, data) = match &change.data {
         DataOp::Set(b) => ("0".to_string(), b.clone()),
         DataOp::Range(off, b) => (off.to_string(), b.clone()),
@@ -1050,22 +1065,36 @@ async fn commit_as(
     if uses_data && !new_key {
         keys.push(k.data.as_str());
     }
-    let mut args: Vec<&[u8]> = Vec::with_capacity(14 + 2 * change.set.len() + change.del.len());
-    args.extend_from_slice(&[
-        expected.as_bytes(),
-        fence.as_bytes(),
-        change.op.as_bytes(),
-        data_op,
-        if change.mark { b"1" } else { b"0" },
-        offset.as_bytes(),
-        &data,
-        event,
-        &delta_head,
-        events.as_bytes(),
-        data_events.as_bytes(),
-        n_set.as_bytes(),
-        if new_key { k.data.as_bytes() } else { b"" },
-    ]);
+    let lean = plan.bytes_only(change);
+    let script: &scripts::Lua = if lean {
+        &scripts::COMMIT_BYTES
+    } else {
+        &scripts::COMMIT
+    };
+    let mut args: Vec<&[u8]> = Vec::with_capacity(12 + 2 * change.set.len() + change.del.len());
+    if lean {
+        args.extend_from_slice(&[
+            expected.as_bytes(),
+            change.op.as_bytes(),
+            &data,
+            event,
+            &delta_head,
+        ]);
+    } else {
+        args.extend_from_slice(&[
+            expected.as_bytes(),
+            fence.as_bytes(),
+            change.op.as_bytes(),
+            data_op,
+            if change.mark { b"1" } else { b"0" },
+            offset.as_bytes(),
+            &data,
+            event,
+            &delta_head,
+            n_set.as_bytes(),
+            if new_key { k.data.as_bytes() } else { b"" },
+        ]);
+    }
     for (f, v) in &change.set {
         args.push(f.as_bytes());
         args.push(v);
@@ -1078,7 +1107,7 @@ async fn commit_as(
     }
     let v = match (wait.replicas, batch) {
         (0, Some(b)) => {
-            let cmd = evalsha(&scripts::COMMIT, &keys, &args);
+            let cmd = evalsha(script, &keys, &args);
             let sent = Instant::now();
             let Some(replies) = b.send(slot_of(keys[0]), vec![cmd]).await else {
                 return Err(group_failed());
@@ -1086,14 +1115,14 @@ async fn commit_as(
             match replies?.pop().map(Value::extract_error) {
                 Some(Err(e)) if no_script(&e) => {
                     reload_scripts(conn, Some(sent)).await?;
-                    Box::pin(run(conn, &scripts::COMMIT, &keys, &args)).await?
+                    Box::pin(run(conn, script, &keys, &args)).await?
                 }
                 Some(v) => v?,
                 None => return Err(bad("EVALSHA")),
             }
         }
-        (0, None) => Box::pin(run(conn, &scripts::COMMIT, &keys, &args)).await?,
-        _ => Box::pin(commit_and_wait(conn, &keys, &args, wait)).await?,
+        (0, None) => Box::pin(run(conn, script, &keys, &args)).await?,
+        _ => Box::pin(commit_and_wait(conn, script, &keys, &args, wait)).await?,
     };
     match v {
         Value::Array(items) => match items.first().and_then(int) {
@@ -1207,6 +1236,7 @@ impl Replicas {
 
 async fn commit_and_wait(
     conn: &ClusterConnection,
+    script: &scripts::Lua,
     keys: &[&str],
     args: &[&[u8]],
     wait: Wait,
@@ -1225,7 +1255,7 @@ async fn commit_and_wait(
     // pipeline again as a whole), and `WAIT` goes to the node that answered.
     let build = || {
         vec![
-            evalsha(&scripts::COMMIT, keys, args),
+            evalsha(script, keys, args),
             redis::cmd("CLUSTER").arg("MYID").clone(),
         ]
     };
