@@ -214,8 +214,9 @@ end
 /// `IN_HASH`) for an existing record whose bytes are in its state hash, with no
 /// fence, no quota marker and no field deleted (a REPLACE or REPLACE_IF of a small
 /// record that keeps its size). The same compare-and-set and idempotence as
-/// [`COMMIT`]'s, and the same events, with 8 fewer arguments and none of its
-/// branches: on an idle primary 6.3 against 7.9 us per call (docs/BENCHMARKS.md).
+/// [`COMMIT`]'s, and the same events, with 6 fewer arguments and none of its
+/// branches: 9.5 against 11.7 us of Redis per call under a REPLACE load
+/// (docs/BENCHMARKS.md, "A lean commit for the common write").
 /// Returns what [`COMMIT`] returns (`{1}`, `{0, rev}`).
 ///
 /// KEYS: meta. ARGV: expected rev, op id, bytes, event payload ('' = none), delta
