@@ -109,7 +109,7 @@ return {m[1], m[2] or false, m[3] or false, m[4] or false, m[5] or false, m[6] o
 /// (moved to the data key if they grow past `IN_HASH` and the data key is named).
 pub(crate) static COMMIT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
-        &r#"PUBLISH
+        &r#"--[[PUBLISH]]
 local marker = false
 if ARGV[5] == '1' then marker = 'm:' .. ARGV[3] end
 local lrw = redis.call('HMGET', KEYS[1], 'l', 'r', 'w', marker or 'l')
@@ -180,7 +180,7 @@ if lrw[3] and ARGV[8] ~= '' then publish(ARGV[8], ARGV[9], ARGV[7], op ~= 'x') e
 return {1}
 "#
         .replace("IN_HASH", &IN_HASH.to_string())
-        .replace("PUBLISH", PUBLISH),
+        .replace("--[[PUBLISH]]", PUBLISH),
     )
 });
 
