@@ -3,6 +3,7 @@
 //! against the cluster `scripts/test.sh` started (`NETSWAP_TEST_REDIS_CLUSTER`), or
 //! starts its own with `scripts/redis-cluster.sh`.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -159,7 +160,6 @@ fn versioned_writes_raise_one_version_each_and_reads_of_them_hit() {
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .expect("redis-cli is installed");
-            use std::io::Write;
             cli.stdin
                 .take()
                 .unwrap()
@@ -181,9 +181,16 @@ fn versioned_writes_raise_one_version_each_and_reads_of_them_hit() {
     }
 }
 
+/// `netswap-bench ARGS`, which must fail; its error message.
+fn failure(args: &[&str]) -> String {
+    let o = bench(args);
+    assert!(!o.status.success(), "netswap-bench {args:?} succeeded");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 #[test]
 fn resp_layouts_other_than_plain_need_a_resp_protocol() {
-    let o = bench(&[
+    let err = failure(&[
         "load",
         "--resp-layout",
         "versioned-multi",
@@ -192,8 +199,6 @@ fn resp_layouts_other_than_plain_need_a_resp_protocol() {
         "-n",
         "10",
     ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("--resp-layout goes with --protocol resp"),
         "{err}"
@@ -203,7 +208,7 @@ fn resp_layouts_other_than_plain_need_a_resp_protocol() {
 #[test]
 fn plain_resp_on_a_cluster_node_is_a_clear_error() {
     let cluster = Cluster::get();
-    let o = bench(&[
+    let err = failure(&[
         "load",
         "--protocol",
         "resp",
@@ -214,17 +219,13 @@ fn plain_resp_on_a_cluster_node_is_a_clear_error() {
         "-n",
         "10",
     ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--protocol resp-cluster"), "{err}");
 }
 
 /// `netswap-bench load --protocol resp-cluster -s addr -n 10`, which must fail; its
 /// error message.
 fn resp_cluster_error(addr: &str) -> String {
-    let o = bench(&["load", "--protocol", "resp-cluster", "-s", addr, "-n", "10"]);
-    assert!(!o.status.success());
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    failure(&["load", "--protocol", "resp-cluster", "-s", addr, "-n", "10"])
 }
 
 #[test]

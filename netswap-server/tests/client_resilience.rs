@@ -511,6 +511,16 @@ async fn watcher_behind_a_proxy(
     (srv, owner, proxy, watcher, p)
 }
 
+/// `owner` changes `p`; watch `w` hears it (within 5 s), with the new version.
+async fn change_is_heard(owner: &Client, p: Pointer, w: &mut netswap_client::Watch) {
+    let v = owner.replace(p, "version 2").await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("the change is heard")
+        .unwrap();
+    assert_eq!((e.event, e.version), (Event::Changed, v));
+}
+
 /// The server's count of registered watches, once it is `want` (within 5 s).
 async fn server_watches_become(c: &Client, want: u64) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -543,12 +553,7 @@ async fn a_watch_still_hears_changes_after_a_late_acknowledgement_its_caller_gav
     proxy.release();
     // Replies on one connection come in order: this one follows the late acknowledgement.
     watcher.stats().await.unwrap();
-    let v = owner.replace(p, "version 2").await.unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(5), w.next())
-        .await
-        .expect("the running watch hears the change")
-        .unwrap();
-    assert_eq!((e.event, e.version), (Event::Changed, v));
+    change_is_heard(&owner, p, &mut w).await;
     server_watches_become(&owner, 1).await;
     drop(w);
     server_watches_become(&owner, 0).await;
@@ -570,12 +575,7 @@ async fn a_watch_given_up_before_its_acknowledgement_is_ended_on_the_server() {
     server_watches_become(&owner, 0).await;
     // The client still watches what it is asked to.
     let mut w = watcher.watch(p).await.unwrap();
-    let v = owner.replace(p, "version 2").await.unwrap();
-    let e = tokio::time::timeout(Duration::from_secs(5), w.next())
-        .await
-        .expect("the change is heard")
-        .unwrap();
-    assert_eq!((e.event, e.version), (Event::Changed, v));
+    change_is_heard(&owner, p, &mut w).await;
     srv.stop().unwrap();
 }
 

@@ -984,18 +984,15 @@ struct Plan {
 
 impl Plan {
     /// Whether `change` under this plan is one `scripts::COMMIT_BYTES` applies: new
-    /// bytes into the state hash of an existing record whose bytes are there, with no
-    /// fence, no marker and nothing deleted.
+    /// bytes into the state hash of an existing record whose bytes are there (data op
+    /// `h`, which [`Plan::of`] gives only for bytes in the hash and no data key), with
+    /// no fence, no marker and nothing deleted.
     fn bytes_only(&self, change: &Change) -> bool {
         self.op == b"h"
-            && change.inline
             && change.expected.is_some()
             && change.fence == 0
             && !change.mark
             && change.del.is_empty()
-            && !self.uses_data
-            && !self.moved_out
-            && !self.new_key
     }
 
     /// The plan for `change`; `in_hash`: bytes that would make a new data key stay
@@ -1036,7 +1033,6 @@ async fn commit_as(
     in_hash: bool,
 ) -> RedisResult<Committed> {
     let expected = change.expected.map(|r| r.to_string()).unwrap_or_default();
-    let fence = change.fence.to_string();
     // The data key is declared only when the script uses it and it exists (or may: a
     // range write of bytes in the data key), and `d` is deleted from the hash when
     // the bytes of an existing record leave it. A data key the commit makes is named
@@ -1049,11 +1045,10 @@ async fn commit_as(
         new_key,
     } = plan;
     let (offset, data) = match &change.data {
-        DataOp::Set(b) => ("0".to_string(), b.clone()),
-        DataOp::Range(off, b) => (off.to_string(), b.clone()),
-        DataOp::None | DataOp::DeleteRecord => ("0".to_string(), Bytes::new()),
+        DataOp::Set(b) => (0, b.clone()),
+        DataOp::Range(off, b) => (*off, b.clone()),
+        DataOp::None | DataOp::DeleteRecord => (0, Bytes::new()),
     };
-    let n_set = change.set.len().to_string();
     let event: &[u8] = change.event.as_deref().unwrap_or_default();
     let delta_head: Vec<u8> = match (&change.data, change.new_size) {
         (DataOp::Set(_), Some(size)) => super::events::delta_head(size, 0),
@@ -1072,6 +1067,8 @@ async fn commit_as(
         &scripts::COMMIT
     };
     let mut args: Vec<&[u8]> = Vec::with_capacity(12 + 2 * change.set.len() + change.del.len());
+    // Numbers only `COMMIT` takes, made only for it.
+    let (fence, at, n_set): (String, String, String);
     if lean {
         args.extend_from_slice(&[
             expected.as_bytes(),
@@ -1081,13 +1078,18 @@ async fn commit_as(
             &delta_head,
         ]);
     } else {
+        (fence, at, n_set) = (
+            change.fence.to_string(),
+            offset.to_string(),
+            change.set.len().to_string(),
+        );
         args.extend_from_slice(&[
             expected.as_bytes(),
             fence.as_bytes(),
             change.op.as_bytes(),
             data_op,
             if change.mark { b"1" } else { b"0" },
-            offset.as_bytes(),
+            at.as_bytes(),
             &data,
             event,
             &delta_head,
