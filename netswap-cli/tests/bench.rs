@@ -50,3 +50,44 @@ fn load_reports_the_cpu_each_side_spent_per_operation() {
     assert!(r["server_cpu_us_per_op"].is_null(), "{r}");
     assert!(r["client_cpu_us_per_op"].as_f64().unwrap() > 0.0, "{r}");
 }
+
+/// `idle --per-address N` opens its connections from one source address per N, so a
+/// server sees as many identities as addresses (1: one identity per connection).
+#[test]
+fn idle_connections_come_from_one_address_per_as_many_as_asked() {
+    for (connections, per_address, identities) in [(120, 1, 120), (120, 50, 3)] {
+        let srv =
+            netswap_server::spawn(ServerConfig::new("127.0.0.1:0".parse().unwrap()), 1).unwrap();
+        let server = srv.addr().to_string();
+        let args = [
+            "-s".to_string(),
+            server,
+            "--json".into(),
+            "idle".into(),
+            "-c".into(),
+            connections.to_string(),
+            "--per-address".into(),
+            per_address.to_string(),
+            "--hold".into(),
+            "1.5".into(),
+        ];
+        let run = std::thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            json(&bench(&args))
+        });
+        let mut most = 0;
+        let started = std::time::Instant::now();
+        while !run.is_finished() && started.elapsed() < std::time::Duration::from_secs(30) {
+            most = most.max(srv.stats().store().accounts);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let r = run.join().unwrap();
+        assert_eq!(r["connections"], connections, "{r}");
+        assert_eq!(r["addresses"], identities, "{r}");
+        assert!(r["sampled_alive"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(
+            most, identities,
+            "identities the server saw at once with {per_address} connections per address"
+        );
+    }
+}

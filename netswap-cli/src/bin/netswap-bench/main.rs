@@ -127,12 +127,16 @@ enum Mode {
     },
     /// Open many connections, say HELLO, hold them idle, report memory per connection.
     Idle {
-        /// Connections (spread over 127.0.0.x source addresses, 200 per address).
+        /// Connections (spread over 127.0.x.y source addresses, --per-address each).
         #[arg(long, short = 'c', default_value_t = 10_000)]
         connections: usize,
         /// Seconds to hold them.
         #[arg(long, default_value_t = 2.0)]
         hold: f64,
+        /// Connections per source address, i.e. per identity (1: as many identities as
+        /// connections, as from many players or an attacker's many addresses).
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+        per_address: u32,
     },
     /// Many watchers keep an exact copy of one record that a writer changes at a tick
     /// rate: bytes on the wire per update and the time until every copy has it.
@@ -772,7 +776,7 @@ fn fill(
     Ok(())
 }
 
-fn idle(cli: &Cli, connections: usize, hold: f64) -> Result<(), String> {
+fn idle(cli: &Cli, connections: usize, hold: f64, per_address: usize) -> Result<(), String> {
     let rt = runtime()?;
     let before = rss_kib(cli.server_pid);
     let started = Instant::now();
@@ -786,7 +790,7 @@ fn idle(cli: &Cli, connections: usize, hold: f64) -> Result<(), String> {
             b.freeze()
         };
         for i in 0..connections {
-            let mut s = raw_connect(cli.server, Some(loopback(i / 200)))
+            let mut s = raw_connect(cli.server, Some(loopback(i / per_address)))
                 .await
                 .map_err(|e| format!("connection {i}: {e}"))?;
             s.write_all(&hello).await.map_err(|e| e.to_string())?;
@@ -819,12 +823,14 @@ fn idle(cli: &Cli, connections: usize, hold: f64) -> Result<(), String> {
         println!(
             "{}",
             serde_json::json!({"tool": "netswap-bench", "mode": "idle", "connections": connections,
+                "addresses": connections.div_ceil(per_address),
                 "open_seconds": opened, "server_rss_kib_before": before, "server_rss_kib_during": during,
                 "server_bytes_per_connection": per_conn, "sampled_alive": alive})
         );
     } else {
         println!(
-            "{connections} idle connections opened in {opened:.2} s; sampled {alive} still answering"
+            "{connections} idle connections from {} addresses opened in {opened:.2} s; sampled {alive} still answering",
+            connections.div_ceil(per_address)
         );
         if let Some(p) = per_conn {
             println!(
@@ -941,7 +947,11 @@ fn main() -> std::process::ExitCode {
             connections,
             pipeline,
         } => fill(&cli, records, size, connections.max(1), pipeline.max(1)),
-        Mode::Idle { connections, hold } => idle(&cli, connections, hold),
+        Mode::Idle {
+            connections,
+            hold,
+            per_address,
+        } => idle(&cli, connections, hold, per_address as usize),
         Mode::Ceiling {
             listen,
             size,
