@@ -10,6 +10,10 @@ root=$(pwd)
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Some tests hold thousands of connections at once (a gateway with many identities):
+# as many descriptors as the machine allows.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
 apt_install() {
   # Installs Debian packages as root (CI) or through sudo.
   local sudo=""

@@ -479,12 +479,12 @@ async fn reap(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
 
 /// The gateway's own work with Redis Cluster: hands the cluster's events to the
 /// watchers' mailboxes, renews leases, reaps (when it is the reaper) and drops
-/// subscriptions nobody uses.
+/// subscriptions nobody uses. Each chore runs on its own, so that the events never
+/// wait for a pass over thousands of leases or a round of reaping (they did: with
+/// 5,000 identities connected, a watch's changes arrived 250 ms late at the median).
 async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Receiver<bool>) {
     let pushes = tokio::spawn(c.clone().dispatch_events());
     let mut events = c.take_events().expect("taken once");
-    let mut renew = tokio::time::interval(c.lease_renewal());
-    let mut reap = tokio::time::interval(Duration::from_secs(1));
     c.refresh_topology().await;
     let topology = {
         let c = c.clone();
@@ -496,41 +496,78 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
             }
         })
     };
-    let mut sweep = tokio::time::interval(Duration::from_secs(10));
-    for t in [&mut renew, &mut reap, &mut sweep] {
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    }
+    let chores = [
+        tokio::spawn(every(c.lease_renewal(), stop.clone(), {
+            let c = c.clone();
+            move || {
+                let c = c.clone();
+                async move { c.renew_leases().await }
+            }
+        })),
+        tokio::spawn(every(Duration::from_secs(1), stop.clone(), {
+            let (c, hub) = (c.clone(), hub.clone());
+            move || {
+                let (c, hub) = (c.clone(), hub.clone());
+                async move {
+                    match c.reap_once().await {
+                        Ok(n) => {
+                            hub.metrics
+                                .orphans_reaped
+                                .fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => warn!(error = %e, "reaping failed; trying again in a second"),
+                    }
+                }
+            }
+        })),
+        tokio::spawn(every(Duration::from_secs(10), stop.clone(), {
+            let c = c.clone();
+            move || {
+                let c = c.clone();
+                async move { c.sweep_subscriptions(Duration::from_secs(30)).await }
+            }
+        })),
+    ];
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             Some(batch) = events.recv() => hub.deliver(batch),
-            _ = renew.tick() => c.renew_leases().await,
-            _ = reap.tick() => {
-                match c.reap_once().await {
-                    Ok(n) => {
-                        hub.metrics.orphans_reaped.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    Err(e) => warn!(error = %e, "reaping failed; trying again in a second"),
-                }
-            }
-            _ = sweep.tick() => c.sweep_subscriptions(Duration::from_secs(30)).await,
         }
+    }
+    // Each chore finishes the round it is in (a reaping round half done would be
+    // left to the repair pass).
+    for chore in chores {
+        let _ = chore.await;
     }
     pushes.abort();
     topology.abort();
 }
 
-/// Periodic upkeep that has no deadline of its own: forgets the throttle state of
-/// networks whose miss budget is full again.
-async fn housekeep(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+/// Runs `chore` every `period` (the first at once; a round that overruns delays the
+/// next, it never runs twice at once) until `stop`.
+async fn every<F, Fut>(period: Duration, mut stop: watch::Receiver<bool>, mut chore: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tick.tick() => hub.throttle.prune(),
+            _ = tick.tick() => chore().await,
         }
     }
+}
+
+/// Periodic upkeep that has no deadline of its own: forgets the throttle state of
+/// networks whose miss budget is full again.
+async fn housekeep(hub: Arc<Hub>, stop: watch::Receiver<bool>) {
+    every(Duration::from_secs(10), stop, || {
+        hub.throttle.prune();
+        std::future::ready(())
+    })
+    .await
 }
 
 /// A server running on its own thread and runtime; stopped by [`RunningServer::stop`]

@@ -378,6 +378,15 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<()
     ConstGauge::new(v as i64).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
+fn gauge_f64(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: f64,
+) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
 impl Collector for HubCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let hub = &self.0;
@@ -629,6 +638,18 @@ impl Collector for HubCollector {
                 "netswap_redis_reply_bytes_held",
                 "Bytes of large replies fetched from Redis and not sent yet (of --redis-max-reply-bytes).",
                 g.reply_bytes_held,
+            )?;
+            gauge_f64(
+                &mut e,
+                "netswap_redis_lease_renewal_seconds",
+                "How long the last pass renewing this gateway's leases on its identities took (a pass runs every third of --lease-ttl; one near the TTL lets leases run out).",
+                g.lease_renewal_micros as f64 / 1e6,
+            )?;
+            counter(
+                &mut e,
+                "netswap_redis_lease_renewals_failed",
+                "Lease renewals that failed (each is tried again at the next pass; the lease runs out after --lease-ttl without one).",
+                g.lease_renewals_failed,
             )?;
             counter(
                 &mut e,

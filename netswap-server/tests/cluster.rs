@@ -2236,6 +2236,69 @@ async fn orphans_are_reaped_only_when_no_gateway_holds_their_identity() {
     );
 }
 
+/// A gateway renews the leases of thousands of identities in a fraction of the
+/// renewal period, and its watches do not wait for it. Renewed one by one, in the task
+/// that also hands out the cluster's events, 3,000 identities made a pass outlast its
+/// period (a third of the TTL) on this host, and a watch heard of most changes late by
+/// up to a pass (the median 0.47 s, against well under a millisecond now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_identities_hold_up_neither_their_leases_nor_the_watches() {
+    const IDENTITIES: usize = 3000;
+    let ttl = Duration::from_secs(1);
+    let g = gateway(&fresh_prefix(), |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.cluster.as_mut().unwrap().lease_ttl = ttl;
+    });
+    let m = g.metrics_addr().expect("serves /metrics");
+    // Each from an address of its own (127.1.x.y: not the other tests' 127.0.0.N).
+    let mut held = Vec::with_capacity(IDENTITIES);
+    for n in 0..IDENTITIES {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        let from = std::net::IpAddr::from([127, 1, (n / 250) as u8, (n % 250 + 1) as u8]);
+        sock.bind(SocketAddr::new(from, 0)).unwrap();
+        held.push(sock.connect(g.addr()).await.expect("connects"));
+    }
+    let mut c = Raw::connect(g.addr(), 2).await;
+    let mut w = Raw::connect(g.addr(), 3).await;
+    eventually(
+        "every identity has a lease",
+        Duration::from_secs(30),
+        async || metric(&scrape(m), "netswap_identities") >= (IDENTITIES + 2) as f64,
+    )
+    .await;
+    let p = c.create(Access::READ | Access::WRITE, &b"0"[..]).await;
+    w.send(7, &Request::watch(p)).await;
+    assert_eq!(w.reply_to(7).await.status(), Status::Ok);
+    // Changes spread over several renewal periods.
+    let mut late = Vec::new();
+    for v in 2..=41 {
+        replace_as(&mut c, p, b"x", v).await;
+        let acknowledged = Instant::now();
+        changed_event(&mut w, 7, p, v).await;
+        late.push(acknowledged.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    late.sort();
+    let median = late[late.len() / 2];
+    assert!(
+        median < Duration::from_millis(50),
+        "a watch heard of changes {median:?} after they were acknowledged (median of {})",
+        late.len()
+    );
+    let mm = scrape(m);
+    let pass = metric(&mm, "netswap_redis_lease_renewal_seconds");
+    assert!(
+        pass > 0.0 && pass < (ttl / 3).as_secs_f64(),
+        "a pass over {IDENTITIES} leases took {pass} s, its period is {:?}",
+        ttl / 3
+    );
+    assert_eq!(
+        metric(&mm, "netswap_redis_lease_renewals_failed_total"),
+        0.0
+    );
+    drop(held);
+}
+
 /// Room given back through one gateway (a delete) can be used through another that
 /// last saw the identity's quota full: a refusal is decided on the quota as it is in
 /// Redis, not on what the gateway remembered.
