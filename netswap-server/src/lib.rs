@@ -509,13 +509,25 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
             move || {
                 let (c, hub) = (c.clone(), hub.clone());
                 async move {
-                    match c.reap_once().await {
-                        Ok(n) => {
-                            hub.metrics
-                                .orphans_reaped
-                                .fetch_add(n as u64, Ordering::Relaxed);
+                    // Rounds back to back while entries are due, for up to a second
+                    // (then the stop signal is looked at, and the next tick comes at
+                    // once).
+                    let started = std::time::Instant::now();
+                    loop {
+                        match c.reap_once().await {
+                            Ok(round) => {
+                                hub.metrics
+                                    .orphans_reaped
+                                    .fetch_add(round.reaped as u64, Ordering::Relaxed);
+                                if !round.more || started.elapsed() >= Duration::from_secs(1) {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "reaping failed; trying again in a second");
+                                break;
+                            }
                         }
-                        Err(e) => warn!(error = %e, "reaping failed; trying again in a second"),
                     }
                 }
             }

@@ -221,13 +221,39 @@ impl From<Reply> for Outcome {
 
 #[derive(Debug, Default)]
 struct Local {
-    /// Identities with connections on this gateway, and how many.
-    identities: HashMap<Identity, u32>,
+    /// Identities with connections on this gateway.
+    identities: HashMap<Identity, Held>,
     /// The shares of the gateway's budget of large replies of the networks with
     /// connections (`budget`).
     reply_shares: budget::Shares,
     /// Records watched from this gateway.
     watched: HashMap<Pointer, events::WatchEntry>,
+}
+
+/// An identity with connections on this gateway.
+#[derive(Debug)]
+struct Held {
+    /// Its connections here.
+    conns: u32,
+    /// This gateway may hold a lease on it in Redis (taking one began, and no release
+    /// since).
+    leased: bool,
+    /// Puts this gateway's lease changes of the identity (take, renew, release) in
+    /// one order. Without it a renewal sent before the identity's last connection
+    /// closed could reach Redis after the release: a lease nobody renews, which made
+    /// the reaper take the identity off its schedule as connected, so that its
+    /// records were never reaped.
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Held {
+    fn new() -> Held {
+        Held {
+            conns: 0,
+            leased: false,
+            turn: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
 }
 
 /// The Redis Cluster backend. See the module documentation.
@@ -624,19 +650,34 @@ impl ClusterStore {
         reply_budget: usize,
     ) -> Result<ClusterSession, Reply> {
         let identity = self.identity_of(ip);
-        let (first, share) = {
+        let (turn, share) = {
             let mut l = lock(&self.local);
-            let n = l.identities.entry(identity).or_insert(0);
-            *n += 1;
-            let first = *n == 1;
-            let share = l.reply_shares.join(ip, &self.reply_bytes);
-            (first, share)
+            let held = l.identities.entry(identity).or_insert_with(Held::new);
+            held.conns += 1;
+            let turn = held.turn.clone();
+            (turn, l.reply_shares.join(ip, &self.reply_bytes))
         };
-        if first && let Err(e) = self.take_lease(&identity, true).await {
-            lock(&self.local).reply_shares.leave(ip);
-            self.close_identity(&identity).await;
-            return Err(unavailable(&e));
-        }
+        // The identity's first connection here takes the lease; one that comes while
+        // that is under way waits for it.
+        let first = {
+            let _turn = turn.lock().await;
+            let first = {
+                let mut l = lock(&self.local);
+                let held = l
+                    .identities
+                    .get_mut(&identity)
+                    .expect("held by this connection");
+                !std::mem::replace(&mut held.leased, true)
+            };
+            if first && let Err(e) = self.take_lease(&identity, true).await {
+                drop(_turn);
+                lock(&self.local).reply_shares.leave(ip);
+                // Released: the script may have run though its reply was lost.
+                self.close_identity(&identity).await;
+                return Err(unavailable(&e));
+            }
+            first
+        };
         if first {
             let me = self.clone();
             tokio::spawn(async move { me.claim_parked(identity).await });
@@ -698,24 +739,41 @@ impl ClusterStore {
         Ok(())
     }
 
+    /// A connection of `id` closed: the last one here releases the lease, unless a
+    /// new connection came by the time it has the identity's turn.
     async fn close_identity(&self, id: &Identity) {
-        let last = {
+        let turn = {
             let mut l = lock(&self.local);
-            match l.identities.get_mut(id) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
+            let Some(held) = l.identities.get_mut(id) else {
+                return;
+            };
+            held.conns -= 1;
+            if held.conns > 0 {
+                return;
+            }
+            held.turn.clone()
+        };
+        let _turn = turn.lock().await;
+        let release = {
+            let mut l = lock(&self.local);
+            match l.identities.get(id) {
+                Some(held) if held.conns == 0 && Arc::ptr_eq(&held.turn, &turn) => {
+                    l.identities.remove(id).is_some_and(|h| h.leased)
                 }
-                Some(_) => {
-                    l.identities.remove(id);
-                    true
-                }
-                None => false,
+                _ => return,
             }
         };
-        if !last {
-            return;
+        if release {
+            self.release_lease(id).await;
         }
+        drop(_turn);
+        self.quota
+            .forget_unused(|i| lock(&self.local).identities.contains_key(i));
+    }
+
+    /// Gives up this gateway's lease on `id`; when no gateway holds one any more, the
+    /// reaper looks at the identity once its grace has passed.
+    async fn release_lease(&self, id: &Identity) {
         let k = self.keys.identity(id);
         let released = redis_io::run(
             &self.redis,
@@ -744,8 +802,6 @@ impl ClusterStore {
                 warn!(identity = %id, error = %e, "could not release a lease; it runs out by itself")
             }
         }
-        self.quota
-            .forget_unused(|i| lock(&self.local).identities.contains_key(i));
     }
 
     /// A connection closed: its watches end; the last connection of its identity on
@@ -898,27 +954,56 @@ impl ClusterStore {
     /// TTL, and a pass over ~50,000 would outlast the default TTL.
     pub async fn renew_leases(&self) {
         let started = Instant::now();
-        let ids: Vec<Identity> = lock(&self.local).identities.keys().copied().collect();
-        let mut renewed = Vec::with_capacity(ids.len());
+        let held: Vec<(Identity, Arc<tokio::sync::Mutex<()>>)> = lock(&self.local)
+            .identities
+            .iter()
+            .filter(|(_, h)| h.leased)
+            .map(|(id, h)| (*id, h.turn.clone()))
+            .collect();
+        let mut renewed = Vec::with_capacity(held.len());
         let mut latest = 0;
         let mut failed = 0u64;
         let mut first_error = None;
-        let mut each = futures_util::stream::iter(ids)
-            .map(|id| async move { (id, self.lease(&id, false).await) })
+        let mut each = futures_util::stream::iter(held)
+            .map(|(id, turn)| async move {
+                let _turn = turn.lock().await;
+                // Still held, by the same connections' era, and not released meanwhile.
+                let still = lock(&self.local)
+                    .identities
+                    .get(&id)
+                    .is_some_and(|h| h.leased && Arc::ptr_eq(&h.turn, &turn));
+                (
+                    id,
+                    if still {
+                        Some(self.lease(&id, false).await)
+                    } else {
+                        None
+                    },
+                )
+            })
             .buffer_unordered(RENEW_AT_ONCE);
         while let Some((id, r)) = each.next().await {
             match r {
-                Ok(now) => {
+                None => {}
+                Some(Ok(now)) => {
                     latest = latest.max(now);
                     renewed.push(id);
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     failed += 1;
                     first_error.get_or_insert(e);
                 }
             }
         }
         drop(each);
+        // Not those whose last connection left meanwhile: their release put them on
+        // the schedule for the end of their grace, which this must not postpone.
+        renewed.retain(|id| {
+            lock(&self.local)
+                .identities
+                .get(id)
+                .is_some_and(|h| h.leased)
+        });
         if let Err(e) = self.schedule_after_leases(latest, &renewed).await {
             // Each identity is on the schedule from when its lease was first taken;
             // a later due time only spares the reaper an early look.

@@ -25,11 +25,24 @@ const BATCH: usize = 200;
 /// Records of one identity reaped at once (their loads and deletes go to Redis in
 /// pipelines, `batch.rs`).
 const REAP_AT_ONCE: usize = 64;
+/// Schedule entries (identities, records) looked at at once in a round. One by one, a
+/// gateway looked at ~200 a second: 5,000 identities that left together were reaped
+/// over 25 s after their grace.
+const DUE_AT_ONCE: usize = 16;
+
+/// What a round of reaping did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Records deleted.
+    pub reaped: usize,
+    /// The round took as many entries as it may: more may be due now.
+    pub more: bool,
+}
 
 impl ClusterStore {
-    /// One round of reaping, if this gateway is (or becomes) the reaper. Returns the
-    /// records deleted.
-    pub async fn reap_once(&self) -> Result<usize, AttemptError> {
+    /// One round of reaping, if this gateway is (or becomes) the reaper: up to
+    /// [`BATCH`] entries of the schedule that are due, [`DUE_AT_ONCE`] at a time.
+    pub async fn reap_once(&self) -> Result<Round, AttemptError> {
         let mut redis = self.redis.clone();
         let got: Option<String> = redis::cmd("SET")
             .arg(self.keys.reap_lock())
@@ -45,7 +58,7 @@ impl ClusterStore {
                 .query_async(&mut redis)
                 .await?;
             if holder.as_deref() != Some(self.gateway.as_str()) {
-                return Ok(0);
+                return Ok(Round::default());
             }
             let _: Value = redis::cmd("PEXPIRE")
                 .arg(self.keys.reap_lock())
@@ -64,29 +77,37 @@ impl ClusterStore {
             .arg(BATCH)
             .query_async(&mut redis)
             .await?;
+        let more = due.len() == BATCH;
         let mut reaped = 0;
-        for member in due {
-            if let Some(hex) = member.strip_prefix("i:") {
-                if let Ok(id) = hex.parse::<Identity>() {
-                    reaped += self.reap_identity(&member, &id).await?;
-                    continue;
-                }
-            } else if let Some(hex) = member.strip_prefix("r:")
-                && let Ok(ptr) = hex.parse::<Pointer>()
-            {
-                reaped += self.reap_record(&member, ptr).await?;
-                continue;
-            }
-            let _: Value = redis::cmd("ZREM")
-                .arg(self.keys.reap())
-                .arg(&member)
-                .query_async(&mut redis)
-                .await?;
+        let mut each = futures_util::stream::iter(due)
+            .map(|member| self.reap_due(member))
+            .buffer_unordered(DUE_AT_ONCE);
+        while let Some(n) = each.next().await {
+            reaped += n?;
         }
         if reaped > 0 {
             info!(records = reaped, "reaped orphaned records");
         }
-        Ok(reaped)
+        Ok(Round { reaped, more })
+    }
+
+    /// Looks at one due entry of the schedule: the records deleted.
+    async fn reap_due(&self, member: String) -> Result<usize, AttemptError> {
+        if let Some(hex) = member.strip_prefix("i:") {
+            if let Ok(id) = hex.parse::<Identity>() {
+                return self.reap_identity(&member, &id).await;
+            }
+        } else if let Some(hex) = member.strip_prefix("r:")
+            && let Ok(ptr) = hex.parse::<Pointer>()
+        {
+            return self.reap_record(&member, ptr).await;
+        }
+        let _: Value = redis::cmd("ZREM")
+            .arg(self.keys.reap())
+            .arg(&member)
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(0)
     }
 
     async fn reschedule(&self, member: &str, at: Option<u64>) -> redis::RedisResult<()> {

@@ -113,6 +113,11 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(addr: SocketAddr, from: u8) -> Raw {
+        Raw::connect_socket(addr, local(from), TcpSocket::new_v4().unwrap()).await
+    }
+
+    /// Connects from any local address (tests with thousands of identities).
+    pub async fn connect_from(addr: SocketAddr, from: IpAddr) -> Raw {
         Raw::connect_socket(addr, from, TcpSocket::new_v4().unwrap()).await
     }
 
@@ -120,11 +125,11 @@ impl Raw {
     pub async fn connect_with_recv_buffer(addr: SocketAddr, from: u8, bytes: u32) -> Raw {
         let sock = TcpSocket::new_v4().unwrap();
         sock.set_recv_buffer_size(bytes).unwrap();
-        Raw::connect_socket(addr, from, sock).await
+        Raw::connect_socket(addr, local(from), sock).await
     }
 
-    async fn connect_socket(addr: SocketAddr, from: u8, sock: TcpSocket) -> Raw {
-        sock.bind(SocketAddr::new(local(from), 0)).unwrap();
+    async fn connect_socket(addr: SocketAddr, from: IpAddr, sock: TcpSocket) -> Raw {
+        sock.bind(SocketAddr::new(from, 0)).unwrap();
         let stream = sock.connect(addr).await.expect("connects");
         stream.set_nodelay(true).unwrap();
         Raw {
