@@ -478,10 +478,11 @@ async fn reap(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
 }
 
 /// The gateway's own work with Redis Cluster: hands the cluster's events to the
-/// watchers' mailboxes, renews leases, reaps (when it is the reaper) and drops
-/// subscriptions nobody uses. Each chore runs on its own, so that the events never
-/// wait for a pass over thousands of leases or a round of reaping (they did: with
-/// 5,000 identities connected, a watch's changes arrived 250 ms late at the median).
+/// watchers' mailboxes, renews leases, reaps (when it is the reaper), drops
+/// subscriptions nobody uses and forgets quota states nobody uses. Each chore runs on
+/// its own, so that the events never wait for a pass over thousands of leases or a
+/// round of reaping (they did: with 5,000 identities connected, a watch's changes
+/// arrived 250 ms late at the median).
 async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Receiver<bool>) {
     let pushes = tokio::spawn(c.clone().dispatch_events());
     let mut events = c.take_events().expect("taken once");
@@ -536,7 +537,10 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
             let c = c.clone();
             move || {
                 let c = c.clone();
-                async move { c.sweep_subscriptions(Duration::from_secs(30)).await }
+                async move {
+                    c.sweep_subscriptions(Duration::from_secs(30)).await;
+                    c.forget_unused_quotas();
+                }
             }
         })),
     ];

@@ -725,18 +725,22 @@ impl ClusterStore {
 
     /// The reaper looks at each of `ids` once a lease taken at `now` could have run
     /// out and the grace passed: one `ZADD GT` (a member not there yet is added) per
-    /// [`SCHEDULE_AT_ONCE`] identities.
+    /// [`SCHEDULE_AT_ONCE`] identities, all in one pipeline: a release that starts
+    /// after this does cannot come in between (its own schedule must come last).
     async fn schedule_after_leases(&self, now: u64, ids: &[Identity]) -> redis::RedisResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         let due = now + redis_io::ms(self.opts.lease_ttl + self.cfg.orphan_grace);
+        let mut pipe = redis::pipe();
         for chunk in ids.chunks(SCHEDULE_AT_ONCE) {
-            let mut cmd = redis::cmd("ZADD");
-            cmd.arg(self.keys.reap()).arg("GT");
+            let cmd = pipe.cmd("ZADD").arg(self.keys.reap()).arg("GT");
             for id in chunk {
                 cmd.arg(due).arg(keys::reap_identity(id));
             }
-            cmd.query_async::<Value>(&mut self.redis.clone()).await?;
+            cmd.ignore();
         }
-        Ok(())
+        pipe.query_async::<()>(&mut self.redis.clone()).await
     }
 
     /// A connection of `id` closed: the last one here releases the lease, unless a
@@ -767,8 +771,17 @@ impl ClusterStore {
             self.release_lease(id).await;
         }
         drop(_turn);
-        self.quota
-            .forget_unused(|i| lock(&self.local).identities.contains_key(i));
+        // Only its own: a walk over every identity's state at each close made
+        // thousands of identities leaving together quadratic.
+        self.quota.forget(id);
+    }
+
+    /// Forgets the cached quota states of identities with no connection here that no
+    /// request is using (those of records' payers, or reaped identities; every ten
+    /// seconds, by the server).
+    pub fn forget_unused_quotas(&self) {
+        let here: HashSet<Identity> = lock(&self.local).identities.keys().copied().collect();
+        self.quota.forget_unused(|i| here.contains(i));
     }
 
     /// Gives up this gateway's lease on `id`; when no gateway holds one any more, the

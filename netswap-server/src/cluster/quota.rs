@@ -215,10 +215,19 @@ impl QuotaBook {
         lock(&self.states).entry(*id).or_default().clone()
     }
 
-    /// Forgets cached states nobody is using (identities made up by the thousand
-    /// must not grow the gateway).
+    /// Forgets cached states nobody is using but those `keep` keeps (identities made
+    /// up by the thousand must not grow the gateway). A walk over every state: for
+    /// the periodic sweep, not for each connection that closes.
     pub fn forget_unused(&self, keep: impl Fn(&Identity) -> bool) {
         lock(&self.states).retain(|id, s| Arc::strong_count(s) > 1 || keep(id));
+    }
+
+    /// Forgets `id`'s cached state if nobody is using it.
+    pub fn forget(&self, id: &Identity) {
+        let mut states = lock(&self.states);
+        if states.get(id).is_some_and(|s| Arc::strong_count(s) == 1) {
+            states.remove(id);
+        }
     }
 
     /// Applies `decide` to the identity's state and writes the result with a
@@ -544,6 +553,30 @@ fn flatten(v: Value) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn states_nobody_uses_are_forgotten_one_by_one_or_all_but_those_kept() {
+        let book = QuotaBook::new(Keys::new("t"));
+        let id = |n: u8| Identity([n; 32]);
+        let held = book.state(&id(1));
+        for n in 2..=4 {
+            book.state(&id(n));
+        }
+        let known = || {
+            let mut v: Vec<u8> = lock(&book.states).keys().map(|i| i.0[0]).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(known(), [1, 2, 3, 4]);
+        book.forget(&id(1));
+        book.forget(&id(2));
+        assert_eq!(known(), [1, 3, 4], "1 is in use");
+        book.forget_unused(|i| *i == id(3));
+        assert_eq!(known(), [1, 3], "1 in use, 3 kept");
+        drop(held);
+        book.forget_unused(|_| false);
+        assert!(known().is_empty());
+    }
 
     #[test]
     fn edits_of_one_group_combine_in_order() {
