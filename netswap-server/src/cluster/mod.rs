@@ -650,16 +650,16 @@ impl ClusterStore {
         reply_budget: usize,
     ) -> Result<ClusterSession, Reply> {
         let identity = self.identity_of(ip);
-        let (turn, share) = {
+        let (turn, leased, share) = {
             let mut l = lock(&self.local);
             let held = l.identities.entry(identity).or_insert_with(Held::new);
             held.conns += 1;
-            let turn = held.turn.clone();
-            (turn, l.reply_shares.join(ip, &self.reply_bytes))
+            let (turn, leased) = (held.turn.clone(), held.leased);
+            (turn, leased, l.reply_shares.join(ip, &self.reply_bytes))
         };
-        // The identity's first connection here takes the lease; one that comes while
-        // that is under way waits for it.
-        let first = {
+        // The identity's first connection here takes the lease. Others do not wait
+        // for the identity's turn (a renewal may hold it while a primary fails over).
+        let first = !leased && {
             let _turn = turn.lock().await;
             let first = {
                 let mut l = lock(&self.local);
