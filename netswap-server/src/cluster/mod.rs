@@ -240,9 +240,9 @@ struct Held {
     leased: bool,
     /// Puts this gateway's lease changes of the identity (take, renew, release) in
     /// one order. Without it a renewal sent before the identity's last connection
-    /// closed could reach Redis after the release: a lease nobody renews, which made
-    /// the reaper take the identity off its schedule as connected, so that its
-    /// records were never reaped.
+    /// closed could reach Redis after the release: a lease nobody renews. With a
+    /// grace no longer than the TTL, the reaper could then find the identity
+    /// connected and take it off its schedule, and its records were never reaped.
     turn: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -964,7 +964,7 @@ impl ClusterStore {
     /// [`RENEW_AT_ONCE`] in flight, then the reaper's schedule for all of them
     /// together. One by one, each waiting for the last, a pass over 5,000 identities
     /// took ~0.6 s (two round trips each), longer than the renewal period of a short
-    /// TTL, and a pass over ~50,000 would outlast the default TTL.
+    /// TTL, and a pass over ~130,000 would have outlasted the default TTL.
     pub async fn renew_leases(&self) {
         let started = Instant::now();
         let held: Vec<(Identity, Arc<tokio::sync::Mutex<()>>)> = lock(&self.local)
