@@ -636,7 +636,7 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
 /// those that met it together, and every write goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_are_loaded_before_they_are_needed_and_once_when_forgotten() {
-    const SCRIPTS: u64 = 9;
+    const SCRIPTS: u64 = 11;
     const WRITES: usize = 64;
     let cluster = common::cluster::RedisCluster::start(3, 1, false);
     let (gw, _) = gateway_on(&cluster, |_| {});
@@ -2369,6 +2369,106 @@ async fn identities_that_leave_during_a_pass_of_renewals_are_reaped_when_their_g
             .map(|(p, _)| p)
             .collect();
     }
+}
+
+/// Identities that leave with nothing stored leave nothing in Redis once their grace
+/// has passed. Every identity ever seen kept its quota hash (generation, offline
+/// since) for good, so identities made up by the thousand grew the cluster without
+/// bound. One still connected, with a record, keeps its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_that_leave_with_nothing_leave_nothing_in_redis() {
+    const IDENTITIES: usize = 300;
+    let cluster = common::cluster::shared();
+    let prefix = fresh_prefix();
+    let g = gateway(&prefix, |c| {
+        c.store.orphan_grace = Duration::from_secs(1);
+        c.cluster.as_mut().unwrap().lease_ttl = Duration::from_secs(1);
+    });
+    // The identities with keys in Redis (each key carries its identity's tag).
+    let identities = || -> std::collections::HashSet<String> {
+        cluster
+            .primaries()
+            .into_iter()
+            .flat_map(|port| {
+                cluster
+                    .cli(port, &["KEYS", &format!("{prefix}:{{i:*")])
+                    .lines()
+                    .filter_map(|k| Some(k.split_once('{')?.1.split_once('}')?.0.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let mut keeper = Raw::connect(g.addr(), 2).await;
+    let kept = keeper.create(Access::READ, &b"kept"[..]).await;
+    let mut leaving = Vec::with_capacity(IDENTITIES);
+    for n in 0..IDENTITIES {
+        let from = std::net::IpAddr::from([127, 3, (n / 250) as u8, (n % 250 + 1) as u8]);
+        leaving.push(Raw::connect_from(g.addr(), from).await);
+    }
+    eventually(
+        "every identity has its keys",
+        Duration::from_secs(10),
+        async || identities().len() == IDENTITIES + 1,
+    )
+    .await;
+    drop(leaving);
+    eventually(
+        "only the identity still connected has keys",
+        Duration::from_secs(20),
+        async || identities().len() == 1,
+    )
+    .await;
+    assert_eq!(keeper.read(kept).await, data(b"kept"));
+    // And when it comes back, an identity that was forgotten starts afresh.
+    let mut back = Raw::connect_from(g.addr(), std::net::IpAddr::from([127, 3, 0, 1])).await;
+    let p = back.create(Access::READ, &b"back"[..]).await;
+    assert_eq!(back.read(p).await, data(b"back"));
+    assert_eq!(identities().len(), 2);
+}
+
+/// A record handed to an absent identity gets its own deadline, valid while the
+/// identity's generation is the one stored with it: reaped when that passes if the
+/// identity stays away, kept once it connects. Also when the identity was forgotten
+/// (nothing of it left in Redis) before the record came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_handed_to_an_absent_identity_keep_their_own_deadline() {
+    let g = gateway(&fresh_prefix(), |c| {
+        c.store.orphan_grace = Duration::from_secs(1);
+        c.cluster.as_mut().unwrap().lease_ttl = Duration::from_secs(1);
+    });
+    let b_from = std::net::IpAddr::from([127, 4, 0, 1]);
+    let b_id = {
+        let mut b = Raw::connect_from(g.addr(), b_from).await;
+        match b.ask(Request::Hello).await {
+            Reply::Hello(h) => h.identity,
+            other => panic!("HELLO: {other:?}"),
+        }
+    };
+    // B has left; after its grace the reaper forgets it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut a = Raw::connect_from(g.addr(), std::net::IpAddr::from([127, 4, 0, 2])).await;
+    let hand = async |a: &mut Raw, what: &'static [u8]| {
+        let p = a.create(Access::READ, what).await;
+        let to = NewOwner::Identity(b_id);
+        assert_eq!(a.ask(Request::Transfer { ptr: p, to }).await, Reply::Done);
+        p
+    };
+    let stays = hand(&mut a, b"B never comes").await;
+    assert_eq!(a.read(stays).await, data(b"B never comes"));
+    eventually(
+        "reaped at its own deadline",
+        Duration::from_secs(15),
+        async || a.read(stays).await.status() == Status::AddressFault,
+    )
+    .await;
+    let kept = hand(&mut a, b"B comes back").await;
+    let _b = Raw::connect_from(g.addr(), b_from).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        a.read(kept).await,
+        data(b"B comes back"),
+        "its owner connected: it follows its owner's lifetime"
+    );
 }
 
 /// Room given back through one gateway (a delete) can be used through another that

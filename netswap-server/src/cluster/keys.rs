@@ -8,7 +8,7 @@
 //! | `ns:{r:PTR}:d` | string | the record's data when larger (absent otherwise) |
 //! | `ns:{r:PTR}:e` | sharded channel | events of the record (SPUBLISHed by the commit) |
 //! | `ns:{r:PTR}:E` | sharded channel | the same events with the bytes each data change wrote, published only while a gateway subscribes (it has data watches on the record) |
-//! | `ns:{i:ID}:q` | hash | an identity's quota usage `n` records, `b` bytes, revision `r`, generation `g` (+1 per connect), offline-since `off` (ms), pending charges `p:OPID` |
+//! | `ns:{i:ID}:q` | hash | an identity's quota usage `n` records, `b` bytes, revision `r`, generation `g` (raised at each connect to Redis time in ms, or by 1 if that is later: it never repeats), offline-since `off` (ms), pending charges `p:OPID` |
 //! | `ns:{i:ID}:l` | sorted set | the identity's leases: gateway id → lease expiry (ms) |
 //! | `ns:{i:ID}:o` | set | pointers it owns (an index for reaping; may hold stale entries) |
 //! | `ns:{i:ID}:k` | set | pointers it owns that another identity still pays for ("parked") |

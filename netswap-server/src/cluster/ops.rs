@@ -539,24 +539,38 @@ impl ClusterStore {
             .state_field(),
         ];
         let del = rec.legacy_fields().to_vec();
-        // Index first, so that the reaper and claims always find the record.
+        // Index first, so that the reaper and claims always find the record (and the
+        // reaper does not forget the identity while the record is on its way).
         let tk = self.keys.identity(&to);
-        let mut pipe = redis::pipe();
-        pipe.cmd("SADD")
-            .arg(&tk.owned)
-            .arg(ptr.to_string())
-            .ignore();
-        if payer == Payer::Unchanged {
-            pipe.cmd("SADD")
-                .arg(&tk.parked)
-                .arg(ptr.to_string())
-                .ignore();
-        }
-        if let Err(e) = pipe.query_async::<Value>(&mut self.redis.clone()).await {
+        let indexed = redis_io::run(
+            &self.redis,
+            &scripts::INDEX_OWNED,
+            &[&tk.owned, &tk.parked, &tk.quota],
+            &[
+                ptr.to_string().as_bytes(),
+                if payer == Payer::Unchanged {
+                    b"1"
+                } else {
+                    b"0"
+                },
+            ],
+        )
+        .await;
+        let generation = match indexed {
+            Ok(v) => redis_io::as_int(&v).unwrap_or(0) as u64,
+            Err(e) => {
+                if moves {
+                    self.settle_later(ptr, op, vec![to, old_payer], false);
+                }
+                return Err(e.into());
+            }
+        };
+        if own_deadline.is_some() && generation != receiver.generation {
+            // The deadline would carry a generation the receiver no longer has.
             if moves {
                 self.settle_later(ptr, op, vec![to, old_payer], false);
             }
-            return Err(e.into());
+            return Ok(None);
         }
         if let Some(x) = own_deadline {
             let _: redis::RedisResult<Value> = redis::cmd("ZADD")

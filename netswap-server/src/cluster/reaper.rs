@@ -15,8 +15,8 @@ use netswap_proto::{Identity, Pointer};
 use redis::Value;
 use tracing::info;
 
-use super::redis_io;
 use super::{AttemptError, ClusterStore, MAX_ATTEMPTS};
+use super::{redis_io, scripts};
 
 /// How long the reaper lock lasts unless renewed.
 const LOCK_TTL: Duration = Duration::from_secs(10);
@@ -162,6 +162,14 @@ impl ClusterStore {
         }
         drop(each);
         self.quota.repair(&self.redis, id, live.now).await?;
+        // Nothing of it left: nothing of it stays in Redis (the script checks).
+        redis_io::run(
+            &self.redis,
+            &scripts::FORGET_IDENTITY,
+            &[&k.leases, &k.quota, &k.owned, &k.parked],
+            &[],
+        )
+        .await?;
         self.reschedule(member, None).await?;
         Ok(reaped)
     }

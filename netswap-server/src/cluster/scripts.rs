@@ -282,8 +282,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 "#;
 
 /// Takes or renews a gateway's lease on an identity: `{now, generation}`. A new lease
-/// (`ARGV[3] == '1'`) bumps the identity's generation (a connect voids deadlines set
-/// before it).
+/// (`ARGV[3] == '1'`) raises the identity's generation (a connect voids deadlines set
+/// before it) to Redis's time in ms, or one more than it was if that is later: so it
+/// never repeats, even after [`FORGET_IDENTITY`] deleted the hash that held it.
 ///
 /// KEYS: leases, quota hash. ARGV: gateway, ttl ms, new ('1'/'0').
 pub(crate) static LEASE: LazyLock<Lua> = LazyLock::new(|| {
@@ -292,7 +293,8 @@ pub(crate) static LEASE: LazyLock<Lua> = LazyLock::new(|| {
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local g
 if ARGV[3] == '1' then
-  g = redis.call('HINCRBY', KEYS[2], 'g', 1)
+  g = math.max(now, tonumber(redis.call('HGET', KEYS[2], 'g') or '0') + 1)
+  redis.call('HSET', KEYS[2], 'g', g)
 else
   g = tonumber(redis.call('HGET', KEYS[2], 'g') or '0')
 end
@@ -332,12 +334,55 @@ return {{live, last[2] or false, off or false, g, now}}
     ))
 });
 
+/// Deletes what an identity leaves in Redis once nothing of it is left: no live lease,
+/// no records charged (`n`, `b` zero or absent) or pending (`p:` markers), nothing in
+/// its indexes of owned and parked records. Its generation goes with it ([`LEASE`]
+/// keeps generations from repeating). Without this, every identity ever seen kept
+/// its quota hash (`g`, `off`) for good: identities made up by the thousand grew the
+/// cluster. Returns 1 when deleted.
+///
+/// KEYS: leases, quota hash, owned, parked.
+pub(crate) static FORGET_IDENTITY: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(&format!(
+        r#"{NOW}
+if redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf') > 0 then return 0 end
+if redis.call('SCARD', KEYS[3]) > 0 or redis.call('SCARD', KEYS[4]) > 0 then return 0 end
+local f = redis.call('HGETALL', KEYS[2])
+for i = 1, #f, 2 do
+  local k, v = f[i], f[i + 1]
+  if k == 'n' or k == 'b' then
+    if v ~= '0' then return 0 end
+  elseif k ~= 'g' and k ~= 'off' and k ~= 'r' then
+    return 0
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"#
+    ))
+});
+
+/// Indexes a record as owned (and, with `ARGV[2] == '1'`, parked) by an identity,
+/// and returns the identity's generation now: a change of owner that read another
+/// one decides again (the identity connected, or was forgotten, in between).
+///
+/// KEYS: owned, parked, quota hash. ARGV: pointer, parked ('1'/'0').
+pub(crate) static INDEX_OWNED: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+redis.call('SADD', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then redis.call('SADD', KEYS[2], ARGV[1]) end
+return tonumber(redis.call('HGET', KEYS[3], 'g') or '0')
+"#,
+    )
+});
+
 /// Redis's clock: `now` in ms.
 pub(crate) static TIME: LazyLock<Lua> = LazyLock::new(|| Lua::new(&format!("{NOW}\nreturn now")));
 
 /// Every script a gateway runs, for loading them on a primary before they are needed
 /// (`redis_io::load_scripts`).
-pub(crate) fn all() -> [&'static Lua; 9] {
+pub(crate) fn all() -> [&'static Lua; 11] {
     [
         &*LOAD,
         &*COMMIT,
@@ -348,6 +393,8 @@ pub(crate) fn all() -> [&'static Lua; 9] {
         &*RELEASE,
         &*LIVENESS,
         &*TIME,
+        &*FORGET_IDENTITY,
+        &*INDEX_OWNED,
     ]
 }
 
