@@ -498,51 +498,27 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
         })
     };
     let chores = [
-        tokio::spawn(every(c.lease_renewal(), stop.clone(), {
-            let c = c.clone();
-            move || {
-                let c = c.clone();
-                async move { c.renew_leases().await }
-            }
-        })),
-        tokio::spawn(every(Duration::from_secs(1), stop.clone(), {
-            let (c, hub) = (c.clone(), hub.clone());
-            move || {
-                let (c, hub) = (c.clone(), hub.clone());
-                async move {
-                    // Rounds back to back while entries are due, for up to a second
-                    // (then the stop signal is looked at, and the next tick comes at
-                    // once).
-                    let started = std::time::Instant::now();
-                    loop {
-                        match c.reap_once().await {
-                            Ok(round) => {
-                                hub.metrics
-                                    .orphans_reaped
-                                    .fetch_add(round.reaped as u64, Ordering::Relaxed);
-                                if !round.more || started.elapsed() >= Duration::from_secs(1) {
-                                    break;
-                                }
-                            }
-                            Err(e) => {
-                                warn!(error = %e, "reaping failed; trying again in a second");
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-        })),
-        tokio::spawn(every(Duration::from_secs(10), stop.clone(), {
-            let c = c.clone();
-            move || {
-                let c = c.clone();
-                async move {
-                    c.sweep_subscriptions(Duration::from_secs(30)).await;
-                    c.forget_unused_quotas();
-                }
-            }
-        })),
+        tokio::spawn(every(
+            c.lease_renewal(),
+            stop.clone(),
+            c.clone(),
+            |c| async move { c.renew_leases().await },
+        )),
+        tokio::spawn(every(
+            Duration::from_secs(1),
+            stop.clone(),
+            (c.clone(), hub.clone()),
+            |(c, hub)| async move { reap_while_due(&c, &hub).await },
+        )),
+        tokio::spawn(every(
+            Duration::from_secs(10),
+            stop.clone(),
+            c.clone(),
+            |c| async move {
+                c.sweep_subscriptions(Duration::from_secs(30)).await;
+                c.forget_unused_quotas();
+            },
+        )),
     ];
     loop {
         tokio::select! {
@@ -559,11 +535,34 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
     topology.abort();
 }
 
-/// Runs `chore` every `period` (the first at once; a round that overruns delays the
-/// next, it never runs twice at once) until `stop`.
-async fn every<F, Fut>(period: Duration, mut stop: watch::Receiver<bool>, mut chore: F)
+/// Reaping rounds back to back while entries are due, for up to a second (then the
+/// stop signal is looked at, and the next tick comes at once).
+async fn reap_while_due(c: &ClusterStore, hub: &Hub) {
+    let started = std::time::Instant::now();
+    loop {
+        match c.reap_once().await {
+            Ok(round) => {
+                hub.metrics
+                    .orphans_reaped
+                    .fetch_add(round.reaped as u64, Ordering::Relaxed);
+                if !round.more || started.elapsed() >= Duration::from_secs(1) {
+                    return;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "reaping failed; trying again in a second");
+                return;
+            }
+        }
+    }
+}
+
+/// Runs `chore` on a copy of `with` every `period` (the first at once; a round that
+/// overruns delays the next, it never runs twice at once) until `stop`.
+async fn every<T, F, Fut>(period: Duration, mut stop: watch::Receiver<bool>, with: T, mut chore: F)
 where
-    F: FnMut() -> Fut,
+    T: Clone,
+    F: FnMut(T) -> Fut,
     Fut: Future<Output = ()>,
 {
     let mut tick = tokio::time::interval(period);
@@ -571,7 +570,7 @@ where
     loop {
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tick.tick() => chore().await,
+            _ = tick.tick() => chore(with.clone()).await,
         }
     }
 }
@@ -579,7 +578,7 @@ where
 /// Periodic upkeep that has no deadline of its own: forgets the throttle state of
 /// networks whose miss budget is full again.
 async fn housekeep(hub: Arc<Hub>, stop: watch::Receiver<bool>) {
-    every(Duration::from_secs(10), stop, || {
+    every(Duration::from_secs(10), stop, hub, |hub| {
         hub.throttle.prune();
         std::future::ready(())
     })

@@ -2236,6 +2236,25 @@ async fn orphans_are_reaped_only_when_no_gateway_holds_their_identity() {
     );
 }
 
+/// Lease TTL `ttl` and, when given, orphan grace `grace`.
+fn lease_settings(c: &mut ServerConfig, ttl: Duration, grace: Option<Duration>) {
+    c.cluster.as_mut().unwrap().lease_ttl = ttl;
+    if let Some(grace) = grace {
+        c.store.orphan_grace = grace;
+    }
+}
+
+/// An in-process gateway on the shared cluster with `lease_settings` and `/metrics`,
+/// and where those are served.
+fn lease_gateway(ttl: Duration, grace: Option<Duration>) -> (RunningServer, SocketAddr) {
+    let g = gateway(&fresh_prefix(), |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        lease_settings(c, ttl, grace);
+    });
+    let m = g.metrics_addr().expect("serves /metrics");
+    (g, m)
+}
+
 /// A gateway renews the leases of thousands of identities in a fraction of the
 /// renewal period, and its watches do not wait for it. Renewed one by one, in the task
 /// that also hands out the cluster's events, 3,000 identities made a pass outlast its
@@ -2245,18 +2264,10 @@ async fn orphans_are_reaped_only_when_no_gateway_holds_their_identity() {
 async fn thousands_of_identities_hold_up_neither_their_leases_nor_the_watches() {
     const IDENTITIES: usize = 3000;
     let ttl = Duration::from_secs(1);
-    let g = gateway(&fresh_prefix(), |c| {
-        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-        c.cluster.as_mut().unwrap().lease_ttl = ttl;
-    });
-    let m = g.metrics_addr().expect("serves /metrics");
-    // Each from an address of its own (127.1.x.y: not the other tests' 127.0.0.N).
+    let (g, m) = lease_gateway(ttl, None);
     let mut held = Vec::with_capacity(IDENTITIES);
     for n in 0..IDENTITIES {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        let from = std::net::IpAddr::from([127, 1, (n / 250) as u8, (n % 250 + 1) as u8]);
-        sock.bind(SocketAddr::new(from, 0)).unwrap();
-        held.push(sock.connect(g.addr()).await.expect("connects"));
+        held.push(Raw::connect_from(g.addr(), many(1, n)).await);
     }
     let mut c = Raw::connect(g.addr(), 2).await;
     let mut w = Raw::connect(g.addr(), 3).await;
@@ -2310,17 +2321,11 @@ async fn thousands_of_identities_hold_up_neither_their_leases_nor_the_watches() 
 async fn identities_that_leave_during_a_pass_of_renewals_are_reaped_when_their_grace_ends() {
     const IDENTITIES: usize = 1500;
     let ttl = Duration::from_secs(12);
-    let g = gateway(&fresh_prefix(), |c| {
-        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-        c.store.orphan_grace = Duration::from_secs(1);
-        c.cluster.as_mut().unwrap().lease_ttl = ttl;
-    });
-    let m = g.metrics_addr().expect("serves /metrics");
+    let (g, m) = lease_gateway(ttl, Some(Duration::from_secs(1)));
     let mut owners = Vec::with_capacity(IDENTITIES);
     let mut records = Vec::with_capacity(IDENTITIES);
     for n in 0..IDENTITIES {
-        let from = std::net::IpAddr::from([127, 2, (n / 250) as u8, (n % 250 + 1) as u8]);
-        let mut c = Raw::connect_from(g.addr(), from).await;
+        let mut c = Raw::connect_from(g.addr(), many(2, n)).await;
         records.push(c.create(Access::READ, &b"an orphan soon"[..]).await);
         owners.push(c);
     }
@@ -2381,8 +2386,7 @@ async fn identities_that_leave_with_nothing_leave_nothing_in_redis() {
     let cluster = common::cluster::shared();
     let prefix = fresh_prefix();
     let g = gateway(&prefix, |c| {
-        c.store.orphan_grace = Duration::from_secs(1);
-        c.cluster.as_mut().unwrap().lease_ttl = Duration::from_secs(1);
+        lease_settings(c, Duration::from_secs(1), Some(Duration::from_secs(1)))
     });
     // The identities with keys in Redis (each key carries its identity's tag).
     let identities = || -> std::collections::HashSet<String> {
@@ -2402,8 +2406,7 @@ async fn identities_that_leave_with_nothing_leave_nothing_in_redis() {
     let kept = keeper.create(Access::READ, &b"kept"[..]).await;
     let mut leaving = Vec::with_capacity(IDENTITIES);
     for n in 0..IDENTITIES {
-        let from = std::net::IpAddr::from([127, 3, (n / 250) as u8, (n % 250 + 1) as u8]);
-        leaving.push(Raw::connect_from(g.addr(), from).await);
+        leaving.push(Raw::connect_from(g.addr(), many(3, n)).await);
     }
     eventually(
         "every identity has its keys",
@@ -2420,7 +2423,7 @@ async fn identities_that_leave_with_nothing_leave_nothing_in_redis() {
     .await;
     assert_eq!(keeper.read(kept).await, data(b"kept"));
     // And when it comes back, an identity that was forgotten starts afresh.
-    let mut back = Raw::connect_from(g.addr(), std::net::IpAddr::from([127, 3, 0, 1])).await;
+    let mut back = Raw::connect_from(g.addr(), many(3, 0)).await;
     let p = back.create(Access::READ, &b"back"[..]).await;
     assert_eq!(back.read(p).await, data(b"back"));
     assert_eq!(identities().len(), 2);
@@ -2432,11 +2435,8 @@ async fn identities_that_leave_with_nothing_leave_nothing_in_redis() {
 /// (nothing of it left in Redis) before the record came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_handed_to_an_absent_identity_keep_their_own_deadline() {
-    let g = gateway(&fresh_prefix(), |c| {
-        c.store.orphan_grace = Duration::from_secs(1);
-        c.cluster.as_mut().unwrap().lease_ttl = Duration::from_secs(1);
-    });
-    let b_from = std::net::IpAddr::from([127, 4, 0, 1]);
+    let (g, _) = lease_gateway(Duration::from_secs(1), Some(Duration::from_secs(1)));
+    let b_from = many(4, 0);
     let b_id = {
         let mut b = Raw::connect_from(g.addr(), b_from).await;
         match b.ask(Request::Hello).await {
@@ -2446,7 +2446,7 @@ async fn records_handed_to_an_absent_identity_keep_their_own_deadline() {
     };
     // B has left; after its grace the reaper forgets it.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut a = Raw::connect_from(g.addr(), std::net::IpAddr::from([127, 4, 0, 2])).await;
+    let mut a = Raw::connect_from(g.addr(), many(4, 1)).await;
     let hand = async |a: &mut Raw, what: &'static [u8]| {
         let p = a.create(Access::READ, what).await;
         let to = NewOwner::Identity(b_id);

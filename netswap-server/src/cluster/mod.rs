@@ -1011,12 +1011,10 @@ impl ClusterStore {
         drop(each);
         // Not those whose last connection left meanwhile: their release put them on
         // the schedule for the end of their grace, which this must not postpone.
-        renewed.retain(|id| {
-            lock(&self.local)
-                .identities
-                .get(id)
-                .is_some_and(|h| h.leased)
-        });
+        {
+            let l = lock(&self.local);
+            renewed.retain(|id| l.identities.get(id).is_some_and(|h| h.leased));
+        }
         if let Err(e) = self.schedule_after_leases(latest, &renewed).await {
             // Each identity is on the schedule from when its lease was first taken;
             // a later due time only spares the reaper an early look.

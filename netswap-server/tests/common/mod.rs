@@ -103,6 +103,12 @@ pub fn local(n: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, n])
 }
 
+/// The `n`th of many local addresses in 127.`block`.x.y (tests with thousands of
+/// identities; `block` 0 is the other tests' 127.0.0.N).
+pub fn many(block: u8, n: usize) -> IpAddr {
+    IpAddr::from([127, block, (n / 250) as u8, (n % 250 + 1) as u8])
+}
+
 pub struct Raw {
     pub stream: TcpStream,
     buf: BytesMut,
