@@ -28,6 +28,7 @@ pub(crate) mod quota;
 mod reaper;
 pub(crate) mod redis_io;
 pub(crate) mod scripts;
+mod serial;
 mod states;
 
 use std::collections::{HashMap, HashSet};
@@ -292,6 +293,11 @@ pub(crate) struct ClusterStore {
     turns: Option<tokio::sync::Semaphore>,
     /// Records' last seen states, for writes in one round trip.
     states: Mutex<states::States>,
+    /// One change at a time per record on this gateway (`serial`).
+    serial: serial::Serial,
+    /// This gateway's claim on a record its commits keep losing (`scripts::CLAIM`):
+    /// its id.
+    claim: Arc<str>,
     /// The primaries (by id) this gateway has loaded its scripts on, as of its last
     /// look at the layout.
     scripted: Mutex<HashSet<String>>,
@@ -427,6 +433,7 @@ impl ClusterStore {
         let mut id = [0u8; 8];
         rand::rng().fill_bytes(&mut id);
         let gateway = id.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let claim: Arc<str> = gateway.as_str().into();
         let (events, events_rx) = mpsc::unbounded_channel();
         let keys = Keys::new(&opts.prefix);
         info!(nodes = %opts.nodes.join(","), gateway, "connected to Redis Cluster");
@@ -459,6 +466,8 @@ impl ClusterStore {
             push_rx: Mutex::new(Some(push_rx)),
             turns,
             states: Mutex::new(states::States::new(opts.state_cache)),
+            serial: serial::Serial::default(),
+            claim,
             scripted: Mutex::default(),
             reply_bytes: GatewayBudget::new(opts.max_reply_bytes),
             loads: redis_io::LoadCounters::default(),
@@ -1205,6 +1214,15 @@ impl ClusterStore {
                 _ => Reply::Hello(self.hello(caller.identity)).into(),
             };
         };
+        // A change waits for the record's changes before it on this gateway
+        // (`serial`), before it takes a turn: a queue on a busy record holds no turns.
+        let _record_turn = match request {
+            Request::Read { .. }
+            | Request::Info { .. }
+            | Request::Watch { .. }
+            | Request::Unwatch { .. } => None,
+            _ => Some(self.serial.enter(ptr).await),
+        };
         // Reads take no turn: their loads go to Redis in pipelines (`batch.rs`), and
         // waiting for a turn only cost each read a wake-up (docs/BENCHMARKS.md).
         let _turn = match request {
@@ -1223,9 +1241,11 @@ impl ClusterStore {
         if watch && let Err(e) = Box::pin(self.subscribe(ptr, data)).await {
             return unavailable(&e).into();
         }
-        for n in 0..MAX_ATTEMPTS {
+        for _ in 0..MAX_ATTEMPTS {
+            // Every attempt may decide a write on the remembered state: after a lost
+            // race it is the one the commit found (`scripts::CHANGED`), or none.
             match self
-                .attempt(&caller, ptr, &request, transfer_to.as_ref(), n == 0)
+                .attempt(&caller, ptr, &request, transfer_to.as_ref(), true)
                 .await
             {
                 Ok(Some(outcome)) => {
@@ -1429,6 +1449,17 @@ impl ClusterStore {
     ) -> redis::RedisResult<(Committed, bool)> {
         // Whatever happens, the state remembered is no longer the record's.
         lock(&self.states).forget(ptr);
+        // After races lost in a row, claim the record (`scripts::CLAIM`).
+        let claimed;
+        let change = if change.expected.is_some() && self.serial.lost(ptr) >= scripts::CLAIM_AFTER {
+            claimed = Change {
+                claim: Some(self.claim.clone()),
+                ..change.clone()
+            };
+            &claimed
+        } else {
+            change
+        };
         let keys = self.keys.record(ptr);
         let started = Instant::now();
         let mut pause = Duration::from_millis(50);
@@ -1436,8 +1467,23 @@ impl ClusterStore {
         loop {
             // A re-send goes alone, not with other requests' commits.
             let batch = if resent { None } else { self.batch.as_deref() };
-            match redis_io::commit(&self.redis, batch, &keys, change, self.wait_for(ptr)).await {
-                Ok((Committed::Changed, _)) if resent => return Ok((Committed::Unknown, false)),
+            let committed =
+                redis_io::commit(&self.redis, batch, &keys, change, self.wait_for(ptr)).await;
+            match &committed {
+                Ok((Committed::Changed(found), _)) => {
+                    // The state the commit found: the next attempt is decided on it.
+                    if let Some(found) = found {
+                        lock(&self.states).seen(ptr, found);
+                    }
+                    self.serial.raced(ptr, false);
+                }
+                Ok((Committed::Yes, _)) => {
+                    self.serial.raced(ptr, true);
+                }
+                _ => {}
+            }
+            match committed {
+                Ok((Committed::Changed(_), _)) if resent => return Ok((Committed::Unknown, false)),
                 Ok(c) => return Ok(c),
                 Err(e) if redis_io::is_group_failed(&e) => {
                     debug!(%ptr, "a pipeline of commits failed; sending this one again alone");

@@ -227,7 +227,7 @@ impl ClusterStore {
             Decision::Delete => match Box::pin(self.delete(ptr, &rec)).await? {
                 Committed::Yes => done(Reply::Done),
                 Committed::Unknown => done(outcome_unknown()),
-                Committed::Changed | Committed::Fenced => Ok(None),
+                Committed::Changed(_) | Committed::Fenced => Ok(None),
             },
             Decision::TakeOver => Box::pin(self.change_owner(ptr, &rec, me, true)).await,
             Decision::Transfer(to) => Box::pin(self.change_owner(ptr, &rec, to, false)).await,
@@ -278,7 +278,7 @@ impl ClusterStore {
         match self.commit(ptr, &change).await? {
             Committed::Yes => done(reply),
             Committed::Unknown => done(outcome_unknown()),
-            Committed::Changed | Committed::Fenced => Ok(None),
+            Committed::Changed(_) | Committed::Fenced => Ok(None),
         }
     }
 
@@ -389,7 +389,7 @@ impl ClusterStore {
                 done(Reply::Written(w.new_version))
             }
             Committed::Unknown => done(outcome_unknown()),
-            Committed::Changed | Committed::Fenced => Ok(None),
+            Committed::Changed(_) | Committed::Fenced => Ok(None),
         }
     }
 
@@ -617,7 +617,7 @@ impl ClusterStore {
         match committed? {
             Committed::Yes => done(Reply::Done),
             Committed::Unknown => done(outcome_unknown()),
-            Committed::Changed | Committed::Fenced => Ok(None),
+            Committed::Changed(_) | Committed::Fenced => Ok(None),
         }
     }
 }

@@ -29,6 +29,21 @@ const REAP_AT_ONCE: usize = 64;
 /// gateway looked at ~200 a second: 5,000 identities that left together were reaped
 /// over 25 s after their grace.
 const DUE_AT_ONCE: usize = 16;
+/// When a record kept changing under the reaper (`MAX_ATTEMPTS` lost races: others
+/// write it through other gateways), its entry is looked at again this much later.
+/// It used to leave the schedule: the orphan outlived its grace for ever.
+const CONTENDED_RETRY: Duration = Duration::from_secs(1);
+
+/// What the reaper did with one record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reaping {
+    /// Deleted.
+    Reaped,
+    /// Not its time (or gone, or someone else's): nothing to do now.
+    Kept,
+    /// It kept changing under the reaper: look again later.
+    Contended,
+}
 
 /// What a round of reaping did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -153,15 +168,24 @@ impl ClusterStore {
             .await?;
         // Many at once: one by one, each record's load and delete waited for the
         // last one's, and a gateway reaped ~3,300 records a second (`soak --store`).
-        let mut reaped = 0;
+        let (mut reaped, mut contended) = (0, false);
         let mut each = futures_util::stream::iter(owned)
             .map(|s| self.reap_owned(&k.owned, s, id, owner_deadline, &live))
             .buffer_unordered(REAP_AT_ONCE);
-        while let Some(n) = each.next().await {
-            reaped += n?;
+        while let Some(r) = each.next().await {
+            match r? {
+                Reaping::Reaped => reaped += 1,
+                Reaping::Kept => {}
+                Reaping::Contended => contended = true,
+            }
         }
         drop(each);
         self.quota.repair(&self.redis, id, live.now).await?;
+        if contended {
+            let again = live.now + redis_io::ms(CONTENDED_RETRY);
+            self.reschedule(member, Some(again)).await?;
+            return Ok(reaped);
+        }
         // Nothing of it left: nothing of it stays in Redis (the script checks).
         redis_io::run(
             &self.redis,
@@ -175,7 +199,7 @@ impl ClusterStore {
     }
 
     /// Reaps one record of the offline identity `id` (`s`, from its set `owned`) if
-    /// its time has come: 1 if deleted.
+    /// its time has come.
     async fn reap_owned(
         &self,
         owned: &str,
@@ -183,10 +207,12 @@ impl ClusterStore {
         id: &Identity,
         owner_deadline: Option<u64>,
         live: &super::Liveness,
-    ) -> Result<usize, AttemptError> {
+    ) -> Result<Reaping, AttemptError> {
         let Ok(ptr) = s.parse::<Pointer>() else {
-            return Ok(0);
+            return Ok(Reaping::Kept);
         };
+        // After the changes of the record this gateway has in flight (`serial`).
+        let _turn = self.serial.enter(ptr).await;
         for _ in 0..MAX_ATTEMPTS {
             let loaded = self.load(ptr, None, 0, false).await?;
             let Some(rec) = loaded.filter(|r| r.owner == *id) else {
@@ -196,29 +222,32 @@ impl ClusterStore {
                     .arg(&s)
                     .query_async(&mut self.redis.clone())
                     .await?;
-                return Ok(0);
+                return Ok(Reaping::Kept);
             };
             let own = rec
                 .deadline
                 .filter(|&(_, g)| g == live.generation)
                 .map(|(x, _)| x);
             if rules::orphan_expiry(owner_deadline, own).is_some_and(|e| e > live.now) {
-                return Ok(0); // its own, later deadline is on the schedule
+                return Ok(Reaping::Kept); // its own, later deadline is on the schedule
             }
             if self.delete(ptr, &rec).await? == super::redis_io::Committed::Yes {
-                return Ok(1);
+                return Ok(Reaping::Reaped);
             }
         }
-        Ok(0)
+        Ok(Reaping::Contended)
     }
 
     async fn reap_record(&self, member: &str, ptr: Pointer) -> Result<usize, AttemptError> {
+        let _turn = self.serial.enter(ptr).await;
+        let mut now = None;
         for _ in 0..MAX_ATTEMPTS {
             let Some(rec) = self.load(ptr, None, 0, false).await? else {
                 self.reschedule(member, None).await?;
                 return Ok(0);
             };
             let owner = self.liveness(&rec.owner).await?;
+            now = Some(owner.now);
             let own = rec
                 .deadline
                 .filter(|&(_, g)| g == owner.generation && !owner.live)
@@ -241,6 +270,11 @@ impl ClusterStore {
                 self.reschedule(member, None).await?;
                 return Ok(1);
             }
+        }
+        // It kept changing: looked at again a little later, not in every round.
+        if let Some(now) = now {
+            self.reschedule(member, Some(now + redis_io::ms(CONTENDED_RETRY)))
+                .await?;
         }
         Ok(0)
     }

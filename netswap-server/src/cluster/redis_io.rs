@@ -158,8 +158,9 @@ pub(crate) fn unpack_state(b: &[u8]) -> Option<State> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Committed {
     Yes,
-    /// The record changed (or exists, or is gone) since it was loaded: decide again.
-    Changed,
+    /// The record changed (or exists, or is gone) since it was loaded: decide again,
+    /// on its state as the commit found it when it came back (`scripts::CHANGED`).
+    Changed(Option<Box<Stored>>),
     /// The fence passed: the change was not applied and never will be.
     Fenced,
     /// A reply was lost (a failover) and by the time a re-send got an answer the
@@ -190,6 +191,9 @@ pub(crate) struct Change {
     /// The record's bytes are in its state hash now, or it is new (see
     /// `scripts::COMMIT`'s data ops).
     pub inline: bool,
+    /// Claim the record for this gateway if the commit loses (`scripts::CLAIM`): the
+    /// gateway's id.
+    pub claim: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -1050,6 +1054,7 @@ async fn commit_as(
         DataOp::None | DataOp::DeleteRecord => (0, Bytes::new()),
     };
     let event: &[u8] = change.event.as_deref().unwrap_or_default();
+    let claim: &[u8] = change.claim.as_deref().unwrap_or_default().as_bytes();
     let delta_head: Vec<u8> = match (&change.data, change.new_size) {
         (DataOp::Set(_), Some(size)) => super::events::delta_head(size, 0),
         (DataOp::Range(off, _), Some(size)) => super::events::delta_head(size, *off),
@@ -1066,7 +1071,7 @@ async fn commit_as(
     } else {
         &scripts::COMMIT
     };
-    let mut args: Vec<&[u8]> = Vec::with_capacity(12 + 2 * change.set.len() + change.del.len());
+    let mut args: Vec<&[u8]> = Vec::with_capacity(13 + 2 * change.set.len() + change.del.len());
     // Numbers only `COMMIT` takes, made only for it.
     let (fence, at, n_set): (String, String, String);
     if lean {
@@ -1076,6 +1081,7 @@ async fn commit_as(
             &data,
             event,
             &delta_head,
+            claim,
         ]);
     } else {
         (fence, at, n_set) = (
@@ -1095,6 +1101,7 @@ async fn commit_as(
             &delta_head,
             n_set.as_bytes(),
             if new_key { k.data.as_bytes() } else { b"" },
+            claim,
         ]);
     }
     for (f, v) in &change.set {
@@ -1129,12 +1136,25 @@ async fn commit_as(
     match v {
         Value::Array(items) => match items.first().and_then(int) {
             Some(1) => Ok(Committed::Yes),
-            Some(0) => Ok(Committed::Changed),
+            Some(0) => Ok(Committed::Changed(found_changed(&items).map(Box::new))),
             Some(-1) => Ok(Committed::Fenced),
             _ => Err(bad("COMMIT")),
         },
         other => Err(bad(&format!("COMMIT gave {other:?}"))),
     }
+}
+
+/// The state a commit that found its record changed got back (`scripts::CHANGED`:
+/// `{0, rev, packed state, size, in hash}`), if it did.
+fn found_changed(items: &[Value]) -> Option<Stored> {
+    let [_, rev, state, size, in_hash] = items else {
+        return None;
+    };
+    let rev = u64::try_from(int(rev)?).ok()?;
+    let size = u64::try_from(int(size)?).ok()?;
+    let mut rec = record(rev, unpack_state(bytes(state)?)?, size, None, false);
+    rec.inline = bytes(in_hash)? == b"1";
+    Some(rec)
 }
 
 /// How many replicas must have a commit before it is acknowledged, and how long

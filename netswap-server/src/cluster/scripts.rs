@@ -61,7 +61,8 @@ return {m[1], m[2] or false, m[3] or false, m[4] or false, m[5] or false, m[6] o
 /// it, and a create under the same pointer replaces it. Returns `{1}` when applied
 /// (now or before), `{0, rev}` when the record
 /// changed (or exists, for a create; or is gone: rev nil), `{-1}` when `fence` (ms,
-/// Redis time) has passed.
+/// Redis time) has passed. A change of an existing record that finds it changed gets
+/// the record's state back with the revision (see [`CHANGED`]).
 ///
 /// Events: only a record marked watched (field `w`, set by [`WATCHED`] when a
 /// gateway subscribes to its channels) costs the commit a look at its subscribers
@@ -101,7 +102,8 @@ return {m[1], m[2] or false, m[3] or false, m[4] or false, m[5] or false, m[6] o
 /// must not exist), fence (0 = none), op id, data op, mark ('1': leave the marker
 /// field), offset, bytes, event payload ('' = none),
 /// delta head ('' = not a data change), n, the data key a commit makes without
-/// declaring it ('' = none), n field/value pairs to set, then the fields to delete.
+/// declaring it ('' = none), claim ([`CLAIM`]; '' = none), n field/value pairs to
+/// set, then the fields to delete.
 /// (The channels are made from KEYS[1], see [`PUBLISH`].) Data ops: `n`
 /// none; `x` delete the record (and its data key, if given); `h` bytes into the
 /// hash; `H` the same, and delete the data key (they move in); `s` set the data
@@ -110,9 +112,11 @@ return {m[1], m[2] or false, m[3] or false, m[4] or false, m[5] or false, m[6] o
 pub(crate) static COMMIT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         &r#"--[[PUBLISH]]
+--[[CHANGED]]
+--[[CLAIM]]
 local marker = false
 if ARGV[5] == '1' then marker = 'm:' .. ARGV[3] end
-local lrw = redis.call('HMGET', KEYS[1], 'l', 'r', 'w', marker or 'l')
+local lrw = redis.call('HMGET', KEYS[1], 'l', 'r', 'w', marker or 'l', 'c')
 if lrw[1] == ARGV[3] then return {1} end
 if marker and lrw[4] then return {1} end
 local dk = KEYS[2] or false
@@ -122,7 +126,10 @@ local cur = lrw[2]
 if ARGV[1] == '' then
   if cur then return {0, cur} end
 elseif cur ~= ARGV[1] then
-  return {0, cur or false}
+  if cur then claim(ARGV[12], lrw[5]) end
+  return changed(cur)
+elseif yields(lrw[5], ARGV[12]) then
+  return changed(cur)
 end
 if ARGV[2] ~= '0' then
   local t = redis.call('TIME')
@@ -133,7 +140,7 @@ local op = ARGV[4]
 if undeclared and op == 's' then redis.call('SET', dk, ARGV[7]) end
 -- A deleted record's tombstone (its markers only, see 'x') under the same pointer.
 if ARGV[1] == '' and redis.call('EXISTS', KEYS[1]) == 1 then redis.call('DEL', KEYS[1]) end
-local last = 11 + 2 * tonumber(ARGV[10])
+local last = 12 + 2 * tonumber(ARGV[10])
 if op == 'x' then
   if dk then redis.call('DEL', dk) end
   if marker then
@@ -152,18 +159,18 @@ if op == 'x' then
 else
   if op == 'h' or op == 'H' then
     if op == 'H' then redis.call('DEL', dk) end
-    redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', ARGV[7], unpack(ARGV, 12, last))
+    redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', ARGV[7], unpack(ARGV, 13, last))
   elseif op == 'R' then
     local b = redis.call('HGET', KEYS[1], 'd') or ''
     local off = tonumber(ARGV[6])
     if off > #b then b = b .. string.rep('\0', off - #b) end
     b = string.sub(b, 1, off) .. ARGV[7] .. string.sub(b, off + #ARGV[7] + 1)
     if #b <= IN_HASH or not dk then
-      redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', b, unpack(ARGV, 12, last))
+      redis.call('HSET', KEYS[1], 'l', ARGV[3], 'd', b, unpack(ARGV, 13, last))
     else
       redis.call('SET', dk, b)
       redis.call('HDEL', KEYS[1], 'd')
-      redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 12, last))
+      redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 13, last))
     end
   else
     if op == 's' then
@@ -171,16 +178,19 @@ else
     elseif op == 'r' then
       redis.call('SETRANGE', dk, tonumber(ARGV[6]), ARGV[7])
     end
-    redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 12, last))
+    redis.call('HSET', KEYS[1], 'l', ARGV[3], unpack(ARGV, 13, last))
   end
   if #ARGV > last then redis.call('HDEL', KEYS[1], unpack(ARGV, last + 1)) end
 end
 if marker and op ~= 'x' then redis.call('HSET', KEYS[1], marker, '1') end
+if lrw[5] and op ~= 'x' then redis.call('HDEL', KEYS[1], 'c', 'cn') end
 if lrw[3] and ARGV[8] ~= '' then publish(ARGV[8], ARGV[9], ARGV[7], op ~= 'x') end
 return {1}
 "#
         .replace("IN_HASH", &IN_HASH.to_string())
-        .replace("--[[PUBLISH]]", PUBLISH),
+        .replace("--[[PUBLISH]]", PUBLISH)
+        .replace("--[[CHANGED]]", CHANGED)
+        .replace("--[[CLAIM]]", &CLAIM),
     )
 });
 
@@ -210,6 +220,60 @@ local function publish(event, head, bytes, keep)
 end
 "#;
 
+/// What both commit scripts answer when the record they change has changed since
+/// it was loaded: `changed(rev)` is `{0, rev, packed state, size, in hash ('1'/'0')}`,
+/// one consistent state of the record, so that the gateway decides again on it and
+/// commits at once, in one round trip like the write that won (a write decided again
+/// on a fresh load took two, and lost again to writers that took one: writers of one
+/// record through other gateways got BUSY, docs/ARCHITECTURE.md). Only `{0, rev}` when
+/// the size cannot be read (the bytes are in a data key the script did not declare),
+/// or the record has the layout of earlier versions; `{0, false}` when it is gone.
+const CHANGED: &str = r#"
+local function changed(rev)
+  if not rev then return {0, false} end
+  local sd = redis.call('HMGET', KEYS[1], 's', 'd')
+  if not sd[1] then return {0, rev} end
+  if sd[2] then return {0, rev, sd[1], #sd[2], '1'} end
+  if KEYS[2] then return {0, rev, sd[1], redis.call('STRLEN', KEYS[2]), '0'} end
+  return {0, rev}
+end
+"#;
+
+/// Claims, so that writers of one record through several gateways all get in. Each
+/// gateway makes one change of a record at a time (`serial`), decided on the state
+/// the last one left, so the gateway whose commit won last sends the next one first
+/// and wins again: the others' changes lost race after race and were answered BUSY.
+/// A gateway whose changes of a record lost [`CLAIM_AFTER`] races in a row sends its
+/// next commit with a claim (its gateway id): if that commit loses too, it leaves the
+/// claim on the record (fields `c`, the gateway, and `cn`), and until the claimant's
+/// next commit of the record clears it, other gateways' commits `yield`: they apply
+/// nothing and get the record's state back, as if they had lost. A claimant that
+/// never comes back (it died, or its request was decided otherwise) costs others at
+/// most [`CLAIM_YIELDS`] commits in all: then the claim is gone. `claim(token, held)`
+/// leaves a claim unless there is one; `yields(held, token)` tells a commit whether it
+/// must give way.
+pub(crate) static CLAIM: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        r#"
+local function claim(token, held)
+  if token ~= '' and not held then redis.call('HSET', KEYS[1], 'c', token, 'cn', {CLAIM_YIELDS}) end
+end
+local function yields(held, token)
+  if not held or held == token then return false end
+  if redis.call('HINCRBY', KEYS[1], 'cn', -1) <= 0 then redis.call('HDEL', KEYS[1], 'c', 'cn') end
+  return true
+end
+"#
+    )
+});
+
+/// Races in a row a gateway's changes of one record lose before its next commit
+/// claims the record ([`CLAIM`]).
+pub(crate) const CLAIM_AFTER: u32 = 3;
+
+/// Commits of other gateways that give way to one claim at most ([`CLAIM`]).
+pub(crate) const CLAIM_YIELDS: u32 = 32;
+
 /// The commit of most writes, cheaper for Redis than [`COMMIT`]: new bytes (at most
 /// `IN_HASH`) for an existing record whose bytes are in its state hash, with no
 /// fence, no quota marker and no field deleted (a REPLACE or REPLACE_IF of a small
@@ -217,17 +281,24 @@ end
 /// [`COMMIT`]'s, and the same events, with 6 fewer arguments and none of its
 /// branches: 9.5 against 11.7 us of Redis per call under a REPLACE load
 /// (docs/BENCHMARKS.md, "A lean commit for the common write").
-/// Returns what [`COMMIT`] returns (`{1}`, `{0, rev}`).
+/// Returns what [`COMMIT`] returns (`{1}`, `{0, rev, …}`).
 ///
 /// KEYS: meta. ARGV: expected rev, op id, bytes, event payload ('' = none), delta
-/// head ('' = not a data change), then field/value pairs to set.
+/// head ('' = not a data change), claim ([`CLAIM`]; '' = none), then field/value
+/// pairs to set.
 pub(crate) static COMMIT_BYTES: LazyLock<Lua> = LazyLock::new(|| {
+    let claim = &*CLAIM;
     Lua::new(&format!(
-        r#"{PUBLISH}
-local m = redis.call('HMGET', KEYS[1], 'l', 'r', 'w')
+        r#"{PUBLISH}{CHANGED}{claim}
+local m = redis.call('HMGET', KEYS[1], 'l', 'r', 'w', 'c')
 if m[1] == ARGV[2] then return {{1}} end
-if m[2] ~= ARGV[1] then return {{0, m[2] or false}} end
-redis.call('HSET', KEYS[1], 'l', ARGV[2], 'd', ARGV[3], unpack(ARGV, 6))
+if m[2] ~= ARGV[1] then
+  if m[2] then claim(ARGV[6], m[4]) end
+  return changed(m[2])
+end
+if yields(m[4], ARGV[6]) then return changed(m[2]) end
+redis.call('HSET', KEYS[1], 'l', ARGV[2], 'd', ARGV[3], unpack(ARGV, 7))
+if m[4] then redis.call('HDEL', KEYS[1], 'c', 'cn') end
 if m[3] and ARGV[4] ~= '' then publish(ARGV[4], ARGV[5], ARGV[3], true) end
 return {{1}}
 "#
