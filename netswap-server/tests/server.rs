@@ -741,6 +741,56 @@ async fn a_hundred_and_twenty_concurrent_clients(backend: Backend) {
     srv.stop().unwrap();
 }
 
+/// Many connections writing one record at once all get their writes in, each once:
+/// the versions they are answered are exactly one sequence. (On a gateway, changes of
+/// one record raced each other and some were answered BUSY, docs/ARCHITECTURE.md.)
+async fn many_connections_writing_one_record_all_get_in(backend: Backend) {
+    let srv = server_on(backend, |_| {});
+    let addr = srv.addr();
+    let p = Raw::connect(addr, 2)
+        .await
+        .create(Access::READ | Access::WRITE, &b"shared"[..])
+        .await;
+    const WRITERS: u8 = 16;
+    const EACH: usize = 40;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr, 3 + w % 8).await;
+            let mut versions = Vec::new();
+            // Eight in flight at a time on each connection.
+            for _ in 0..EACH / 8 {
+                let mut xids = Vec::new();
+                for i in 0..8 {
+                    let xid = c.xid();
+                    let req = Request::Replace {
+                        ptr: p,
+                        data: Bytes::from(format!("writer {w} write {i}")),
+                    };
+                    c.send(xid, &req).await;
+                    xids.push(xid);
+                }
+                for xid in xids {
+                    let m = c.reply_to(xid).await;
+                    match Reply::parse(Some(Opcode::Replace), m.status, m.arg, m.payload) {
+                        Ok(Reply::Written(v)) => versions.push(v),
+                        other => panic!("REPLACE by writer {w}: {other:?}"),
+                    }
+                }
+            }
+            versions
+        }));
+    }
+    let mut versions = Vec::new();
+    for t in tasks {
+        versions.extend(t.await.unwrap());
+    }
+    versions.sort_unstable();
+    let all = WRITERS as u64 * EACH as u64;
+    assert_eq!(versions, (2..2 + all).collect::<Vec<_>>(), "one sequence");
+    srv.stop().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_throttled_not_buffered() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -907,5 +957,6 @@ on_both_backends!(
     connection_limit_per_ip,
     idle_connections_close_after_the_idle_timeout,
     a_hundred_and_twenty_concurrent_clients,
+    many_connections_writing_one_record_all_get_in,
     unfinished_messages_are_bounded_server_wide,
 );
