@@ -2687,6 +2687,45 @@ async fn a_delete_keeps_the_markers_of_changes_not_settled_yet() {
     assert_eq!(c.call(create(100)).await.status(), Status::Ok);
 }
 
+/// A create whose commit applied but whose reply was lost (`NETSWAP_FAULT_AT`; a
+/// failover longer than the gateway's re-sends does it) is answered BUSY, and the
+/// record it made, whose pointer nobody was told, is deleted: its owner does not pay
+/// for it while connected. It used to stay until its owner left: with a quota of one
+/// record, every later create was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_reply_was_lost_leaves_no_record() {
+    let cluster = common::cluster::shared();
+    let gw = GatewayProcess::start(
+        &cluster.nodes(),
+        &fresh_prefix(),
+        &["--quota-records", "1"],
+        &[("NETSWAP_FAULT_AT", "create-reply-lost")],
+    );
+    let mut c = Raw::connect(gw.addr, 2).await;
+    let create = Request::Create {
+        access: Access::READ,
+        data: Bytes::from_static(b"mine"),
+    };
+    assert_eq!(c.call(create.clone()).await.status(), Status::Busy);
+    // Refused while the lost record's charge and its reservation stand; the
+    // reservation is settled past its fence (10 s).
+    eventually(
+        "the lost create's record is gone and its charge given back",
+        Duration::from_secs(20),
+        async || match c.call(create.clone()).await.status() {
+            Status::Ok => true,
+            Status::QuotaExceeded => false,
+            s => panic!("CREATE: {s:?}"),
+        },
+    )
+    .await;
+    assert_eq!(
+        c.call(create).await.status(),
+        Status::QuotaExceeded,
+        "one record: the one just made"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_killed_between_quota_reservation_and_commit_is_repaired() {
     let cluster = common::cluster::shared();

@@ -66,6 +66,9 @@ const MAX_ATTEMPTS: usize = 64;
 /// How long a commit whose reply was lost is sent again (a failover takes a few
 /// seconds).
 const RESEND_FOR: Duration = Duration::from_secs(15);
+/// How long a gateway keeps trying to delete the record of a create whose caller was
+/// told it failed (`ClusterStore::undo_create_later`).
+const UNDO_FOR: Duration = Duration::from_secs(600);
 /// Events remembered per watched record, for watches being registered.
 const RECENT_EVENTS: usize = 64;
 /// Leases renewed at once (`ClusterStore::renew_leases`).
@@ -1265,7 +1268,7 @@ impl ClusterStore {
         .into()
     }
 
-    async fn create(&self, caller: &Caller, access: Access, data: Bytes) -> Reply {
+    async fn create(self: &Arc<Self>, caller: &Caller, access: Access, data: Bytes) -> Reply {
         if let Err(r) = rules::decide_create(data.len() as u64, &self.cfg) {
             return r;
         }
@@ -1340,6 +1343,15 @@ impl ClusterStore {
                 Ok(_) => self.commit_placing(ptr, &change).await,
                 Err(e) => Err(e),
             };
+            let committed = match committed {
+                Ok((Committed::Yes, _)) if fault_point("create-reply-lost") => {
+                    Err(RedisError::from((
+                        redis::ErrorKind::Io,
+                        "the create's reply was lost (NETSWAP_FAULT_AT)",
+                    )))
+                }
+                other => other,
+            };
             let in_hash = matches!(committed, Ok((_, true)));
             match committed.map(|(c, _)| c) {
                 Ok(Committed::Yes) => {
@@ -1376,11 +1388,68 @@ impl ClusterStore {
                     }
                 }
                 Err(e) => {
-                    // Unknown whether it committed: the repair pass settles it.
+                    // Unknown whether it committed; the repair pass settles the
+                    // charge. Nobody but this gateway knows the pointer, so a record
+                    // made would be one its owner cannot use and pays for while it
+                    // stays connected: it is deleted once Redis answers again.
+                    self.undo_create_later(ptr, me);
                     return unavailable(&e);
                 }
             }
         }
+    }
+
+    /// Deletes the record a create may have made at `ptr` for `me` when its caller was
+    /// told it failed (its commit's outcome was not known): in the background, trying
+    /// again while Redis fails, for up to [`UNDO_FOR`]. A gateway that dies first
+    /// leaves the record to the reaper (it goes with its owner's other records).
+    fn undo_create_later(self: &Arc<Self>, ptr: Pointer, me: Identity) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut pause = Duration::from_millis(200);
+            loop {
+                match store.undo_create(ptr, &me).await {
+                    Ok(deleted) => {
+                        if deleted {
+                            info!(%ptr, "deleted the record of a create whose caller was told it failed");
+                        }
+                        return;
+                    }
+                    Err(AttemptError::Redis(e)) if started.elapsed() + pause > UNDO_FOR => {
+                        warn!(%ptr, error = %e, "could not undo a create whose outcome was unknown; its owner's reaping will take it");
+                        return;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+    }
+
+    /// One try of [`ClusterStore::undo_create_later`]: whether a record was deleted.
+    async fn undo_create(&self, ptr: Pointer, me: &Identity) -> Result<bool, AttemptError> {
+        let _turn = self.serial.enter(ptr).await;
+        for _ in 0..MAX_ATTEMPTS {
+            // Only the record the create would have made: `me`'s, never changed (the
+            // pointer was never told anyone). Anything else under the pointer is not
+            // this create's (its compare-and-set refused it).
+            let Some(rec) = self
+                .load(ptr, None, 0, false)
+                .await?
+                .filter(|r| r.owner == *me && r.rev == 1)
+            else {
+                return Ok(false);
+            };
+            match self.delete(ptr, &rec).await? {
+                Committed::Yes => return Ok(true),
+                Committed::Unknown => return Ok(false),
+                Committed::Changed(_) | Committed::Fenced => {}
+            }
+        }
+        Ok(false)
     }
 
     /// Settles the quota entries of operation `op` on record `ptr` after its commit,
@@ -1521,6 +1590,18 @@ fn crash_point(name: &str) {
         eprintln!("netswap-server: NETSWAP_CRASH_AT={name}: aborting here, as a crash would");
         std::process::abort();
     }
+}
+
+/// For the tests of lost replies: `NETSWAP_FAULT_AT=NAME` makes the named point
+/// (e.g. `create-reply-lost`: a create's commit applied but its reply lost) happen
+/// once, the first time the process gets there. Read once; unset in production.
+fn fault_point(name: &str) -> bool {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    AT.get_or_init(|| std::env::var("NETSWAP_FAULT_AT").ok())
+        .as_deref()
+        == Some(name)
+        && !DONE.swap(true, Ordering::Relaxed)
 }
 
 /// Redis failed (unreachable, an error reply, a timeout).
