@@ -2817,6 +2817,42 @@ async fn a_cluster_that_goes_away_gets_busy_replies_and_is_used_again_when_back(
     };
     let mut c = Raw::connect(gw.addr(), 2).await;
     let p = c.create(Access::READ, &b"survives"[..]).await;
+    let shared = c.create(Access::READ | Access::WRITE, &b"w"[..]).await;
+    // (Connected before: a new connection is refused while the cluster is gone.)
+    let mut writers = Vec::new();
+    for from in 3..5 {
+        writers.push(Raw::connect(gw.addr(), from).await);
+    }
+    // A cluster that answers nothing. Writes of one record queue behind each other
+    // on a gateway (`serial`), and the first one's commit is sent again for 15 s:
+    // every queued write is still answered BUSY, none hangs.
+    cluster.freeze_all(true);
+    let t = Instant::now();
+    let writers: Vec<_> = writers
+        .into_iter()
+        .map(|mut w| {
+            tokio::spawn(async move {
+                let burst = (0..8)
+                    .map(|_| Request::Replace {
+                        ptr: shared,
+                        data: Bytes::from_static(b"x"),
+                    })
+                    .collect();
+                pipelined(&mut w, burst).await
+            })
+        })
+        .collect();
+    for w in writers {
+        let replies = tokio::time::timeout(Duration::from_secs(25), w)
+            .await
+            .expect("no hang: every queued write answered while the cluster is gone")
+            .unwrap();
+        for r in replies {
+            assert_eq!(r.status(), Status::Busy, "{r:?}");
+        }
+    }
+    println!("16 queued writes answered BUSY within {:?}", t.elapsed());
+    cluster.freeze_all(false);
     // Let the append-only file reach the disk, then take the whole cluster away.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.kill_all();
@@ -2846,7 +2882,22 @@ async fn a_cluster_that_goes_away_gets_busy_replies_and_is_used_again_when_back(
         async || c.read(p).await == data(b"survives"),
     )
     .await;
-    let q = c.create(Access::READ, &b"after"[..]).await;
+    // The first requests to a node whose connection is being made again may still
+    // time out (BUSY) after a long outage.
+    let mut q = None;
+    eventually("creates work again", Duration::from_secs(30), async || {
+        let create = Request::Create {
+            access: Access::READ,
+            data: Bytes::from_static(b"after"),
+        };
+        match c.ask(create).await {
+            Reply::Created(p) => q = Some(p),
+            r => assert_eq!(r.status(), Status::Busy, "{r:?}"),
+        }
+        q.is_some()
+    })
+    .await;
+    let q = q.unwrap();
     assert_eq!(c.read(q).await, data(b"after"));
 }
 

@@ -1224,6 +1224,11 @@ impl ClusterStore {
             | Request::Info { .. }
             | Request::Watch { .. }
             | Request::Unwatch { .. } => None,
+            // Not bounded: a connection has one request on a record in flight, so the
+            // queue is at most one change per connection writing the record, each
+            // about a round trip. While Redis fails, only a change decided on a
+            // remembered state is re-sent for long (15 s); the rest fail at their
+            // load (test `a_cluster_that_goes_away_…`: 16 queued writes all answered).
             _ => Some(self.serial.enter(ptr).await),
         };
         // Reads take no turn: their loads go to Redis in pipelines (`batch.rs`), and

@@ -439,6 +439,24 @@ impl RedisCluster {
         }
     }
 
+    /// Freezes (`frozen`: SIGSTOP) or thaws (SIGCONT) every running node: a cluster
+    /// that takes connections and answers nothing, as behind a network partition.
+    pub fn freeze_all(&self, frozen: bool) {
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        for (i, port) in self.ports.iter().enumerate() {
+            if self.nodes[i].is_none() {
+                continue;
+            }
+            let pid = std::fs::read_to_string(self.dir.join(port.to_string()).join("pid"))
+                .expect("the node's pid file");
+            let ok = Command::new("kill")
+                .args([signal, pid.trim()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {signal} the node on port {port}");
+        }
+    }
+
     /// Starts every killed node again (from its AOF and nodes.conf).
     pub fn restart_killed(&mut self, aof: bool) {
         for i in 0..self.ports.len() {
