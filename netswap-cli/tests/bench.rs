@@ -91,3 +91,40 @@ fn idle_connections_come_from_one_address_per_as_many_as_asked() {
         );
     }
 }
+
+/// `load --record PTR` works on an existing record instead of creating its own (so
+/// load generators on several gateways can share one): every write lands on it.
+#[test]
+fn load_writes_the_record_it_is_given() {
+    use netswap_client::{Access, blocking::Client};
+    let srv = netswap_server::spawn(ServerConfig::new("127.0.0.1:0".parse().unwrap()), 1).unwrap();
+    let owner = Client::connect(srv.addr()).unwrap();
+    let shared = owner
+        .create(Access::READ | Access::WRITE, &b"x"[..])
+        .unwrap();
+    let (server, ptr) = (srv.addr().to_string(), shared.to_string());
+    let args = [
+        "-s", &server, "--json", "load", "--op", "replace", "-c", "4", "-P", "4", "--record", &ptr,
+        "-n", "2000",
+    ];
+    let r = json(&bench(&args));
+    assert_eq!(r["ops"], 2000, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    assert_eq!(
+        owner.info(shared).unwrap().version,
+        2001,
+        "every write on it"
+    );
+    assert_eq!(
+        srv.stats().store().records,
+        1,
+        "no records of its own were made"
+    );
+    // A pointer that names no record: every request fails, and it says so.
+    let o = bench(&[
+        "-s", &server, "load", "--op", "read", "--record", "0x1234", "-n", "10",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("10 requests failed"), "{err}");
+}

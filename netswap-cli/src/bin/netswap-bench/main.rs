@@ -91,6 +91,11 @@ enum Mode {
         /// Records created beforehand and used at random.
         #[arg(long, default_value_t = 10_000)]
         keys: usize,
+        /// Use this existing record instead of creating `--keys` (repeat for several):
+        /// e.g. one record written by load generators on several gateways at once.
+        /// Its access bits must allow the operation.
+        #[arg(long = "record", value_name = "POINTER")]
+        records: Vec<Pointer>,
         /// Seconds to run (ignored with --requests).
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
@@ -506,7 +511,7 @@ fn load(
     pipeline: usize,
     size: usize,
     op: Op,
-    keys: usize,
+    (keys, records): (usize, Vec<Pointer>),
     duration: f64,
     requests: Option<u64>,
     threads: usize,
@@ -514,6 +519,11 @@ fn load(
 ) -> Result<(), String> {
     let rt = runtime()?;
     let value = Bytes::from(vec![0x5Au8; size]);
+    if !records.is_empty() && (protocol != Protocol::Netswap || op == Op::CreateDelete) {
+        return Err(
+            "--record goes with --protocol netswap and --op read, replace or write-at".into(),
+        );
+    }
     if protocol != Protocol::Netswap && op == Op::CreateDelete {
         return Err(format!(
             "--protocol {protocol:?} supports read, replace and write-at"
@@ -557,6 +567,9 @@ fn load(
                     .map(|k| Pointer::new(k).unwrap())
                     .collect(),
             ));
+        }
+        if !records.is_empty() {
+            return Ok((None, records));
         }
         let c = Client::connect_with(cli.server, Options::default()).await?;
         let mut ptrs = Vec::with_capacity(keys.max(1));
@@ -924,6 +937,7 @@ fn main() -> std::process::ExitCode {
             size,
             op,
             keys,
+            ref records,
             duration,
             requests,
             threads,
@@ -935,7 +949,7 @@ fn main() -> std::process::ExitCode {
             pipeline.max(1),
             size,
             op,
-            keys,
+            (keys, records.clone()),
             duration,
             requests,
             threads,
