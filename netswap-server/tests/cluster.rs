@@ -2818,10 +2818,13 @@ async fn a_cluster_that_goes_away_gets_busy_replies_and_is_used_again_when_back(
     let mut c = Raw::connect(gw.addr(), 2).await;
     let p = c.create(Access::READ, &b"survives"[..]).await;
     let shared = c.create(Access::READ | Access::WRITE, &b"w"[..]).await;
-    // (Connected before: a new connection is refused while the cluster is gone.)
+    // (Connected, and served once, before: a connection whose identity has no lease
+    // yet is refused while the cluster is gone.)
     let mut writers = Vec::new();
     for from in 3..5 {
-        writers.push(Raw::connect(gw.addr(), from).await);
+        let mut w = Raw::connect(gw.addr(), from).await;
+        assert_eq!(w.read(shared).await, data(b"w"));
+        writers.push(w);
     }
     // A cluster that answers nothing. Writes of one record queue behind each other
     // on a gateway (`serial`), and the first one's commit is sent again for 15 s:
