@@ -595,6 +595,24 @@ impl Collector for HubCollector {
             )?;
             counter(
                 &mut e,
+                "netswap_redis_queued_changes",
+                "Changes that waited for an earlier change of their record on this gateway (a record's changes go one at a time): many mean records written by many at once.",
+                g.queued_changes,
+            )?;
+            counter(
+                &mut e,
+                "netswap_redis_commit_races_lost",
+                "Commits that found their record changed since they were decided (by another gateway, or giving way to its claim); each is decided again on the state it brought back.",
+                g.commit_races_lost,
+            )?;
+            counter(
+                &mut e,
+                "netswap_redis_claims",
+                "Commits sent with a claim on a record this gateway's changes kept losing, so that writers through several gateways all get in.",
+                g.claims,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_batches",
                 "Pipelines sent to one primary with the loads and commits of several requests (--redis-batch).",
                 g.batches,

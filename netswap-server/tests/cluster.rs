@@ -1413,6 +1413,11 @@ async fn a_gateway_counts_its_loads_and_state_cache_on_metrics() {
     );
     assert_eq!(metric(&mm, "netswap_redis_load_retries_total"), 0.0);
     assert_eq!(metric(&mm, "netswap_redis_unreplicated_writes_total"), 0.0);
+    // One race lost (to B), no claim, and nothing waited: one connection, one at a
+    // time.
+    assert_eq!(metric(&mm, "netswap_redis_commit_races_lost_total"), 1.0);
+    assert_eq!(metric(&mm, "netswap_redis_claims_total"), 0.0);
+    assert_eq!(metric(&mm, "netswap_redis_queued_changes_total"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2483,6 +2488,7 @@ async fn records_handed_to_an_absent_identity_keep_their_own_deadline() {
 async fn writers_of_one_record_all_get_in_and_its_orphan_is_still_reaped() {
     let prefix = fresh_prefix();
     let settings = |c: &mut ServerConfig| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         lease_settings(c, Duration::from_secs(1), Some(Duration::from_secs(1)))
     };
     let gateways = [gateway(&prefix, settings), gateway(&prefix, settings)];
@@ -2524,6 +2530,14 @@ async fn writers_of_one_record_all_get_in_and_its_orphan_is_still_reaped() {
     for w in writers {
         assert!(w.await.unwrap() > 0, "every writer got writes in");
     }
+    // Both gateways queued their writers' changes, and lost races to each other.
+    let mut lost = 0.0;
+    for g in &gateways {
+        let m = scrape(g.metrics_addr().unwrap());
+        assert!(metric(&m, "netswap_redis_queued_changes_total") > 0.0);
+        lost += metric(&m, "netswap_redis_commit_races_lost_total");
+    }
+    assert!(lost > 0.0, "writes through two gateways raced");
     let mut observer = Raw::connect_from(gateways[1].addr(), many(5, 9)).await;
     eventually(
         "the orphan is reaped once it is left alone, if not before",

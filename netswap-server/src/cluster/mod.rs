@@ -301,6 +301,10 @@ pub(crate) struct ClusterStore {
     /// This gateway's claim on a record its commits keep losing (`scripts::CLAIM`):
     /// its id.
     claim: Arc<str>,
+    /// Commits of changes that found their record changed (lost a race, or gave way
+    /// to a claim), and commits sent with a claim.
+    races_lost: AtomicU64,
+    claims: AtomicU64,
     /// The primaries (by id) this gateway has loaded its scripts on, as of its last
     /// look at the layout.
     scripted: Mutex<HashSet<String>>,
@@ -367,6 +371,12 @@ pub struct GatewayCounts {
     pub lease_renewal_micros: u64,
     /// Lease renewals that failed (each tried again at the next pass).
     pub lease_renewals_failed: u64,
+    /// Changes that waited for an earlier change of their record on this gateway.
+    pub queued_changes: u64,
+    /// Commits of changes that found the record changed since they were decided.
+    pub commit_races_lost: u64,
+    /// Commits sent with a claim on their record (`scripts::CLAIM`).
+    pub claims: u64,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -471,6 +481,8 @@ impl ClusterStore {
             states: Mutex::new(states::States::new(opts.state_cache)),
             serial: serial::Serial::default(),
             claim,
+            races_lost: AtomicU64::new(0),
+            claims: AtomicU64::new(0),
             scripted: Mutex::default(),
             reply_bytes: GatewayBudget::new(opts.max_reply_bytes),
             loads: redis_io::LoadCounters::default(),
@@ -509,6 +521,9 @@ impl ClusterStore {
             reply_bytes_held: self.reply_bytes.held(),
             lease_renewal_micros: n(&self.renewal_micros),
             lease_renewals_failed: n(&self.renewals_failed),
+            queued_changes: n(&self.serial.queued),
+            commit_races_lost: n(&self.races_lost),
+            claims: n(&self.claims),
         }
     }
 
@@ -1526,6 +1541,7 @@ impl ClusterStore {
         // After races lost in a row, claim the record (`scripts::CLAIM`).
         let claimed;
         let change = if change.expected.is_some() && self.serial.lost(ptr) >= scripts::CLAIM_AFTER {
+            self.claims.fetch_add(1, Ordering::Relaxed);
             claimed = Change {
                 claim: Some(self.claim.clone()),
                 ..change.clone()
@@ -1548,6 +1564,9 @@ impl ClusterStore {
                     // The state the commit found: the next attempt is decided on it.
                     if let Some(found) = found {
                         lock(&self.states).seen(ptr, found);
+                    }
+                    if change.expected.is_some() {
+                        self.races_lost.fetch_add(1, Ordering::Relaxed);
                     }
                     self.serial.raced(ptr, false);
                 }

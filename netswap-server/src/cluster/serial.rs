@@ -18,6 +18,7 @@
 //! `scripts::CLAIM_AFTER`, the next commit claims the record (`scripts::CLAIM`). A
 //! record's queue exists while someone holds or waits for its turn.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hashbrown::HashMap;
@@ -40,6 +41,8 @@ struct Queue {
 #[derive(Debug, Default)]
 pub(crate) struct Serial {
     queues: Mutex<HashMap<Pointer, Queue>>,
+    /// Changes that found an earlier change of their record in flight or waiting.
+    pub queued: AtomicU64,
 }
 
 /// A record's turn, held until dropped (also while still waiting for it: a request
@@ -57,6 +60,9 @@ impl Serial {
             let mut queues = lock(&self.queues);
             let queue = queues.entry(ptr).or_default();
             queue.users += 1;
+            if queue.users > 1 {
+                self.queued.fetch_add(1, Ordering::Relaxed);
+            }
             queue.turn.clone()
         };
         let mut turn = Turn {
@@ -144,6 +150,7 @@ mod tests {
         }
         assert_eq!(*lock(&order), vec![0, 1, 2, 3, 4]);
         assert_eq!(serial.len(), 0, "no queue left behind");
+        assert_eq!(serial.queued.load(Ordering::Relaxed), 5, "five waited");
     }
 
     #[tokio::test]
