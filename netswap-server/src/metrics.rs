@@ -6,7 +6,7 @@
 //! measured per batch with the embedded store (one clock read per batch: every request
 //! of a batch gets the batch's time, an upper bound) and per request with Redis
 //! Cluster. `/metrics` encodes these with `prometheus-client` ([`Collector`]) and is
-//! served by `hyper` ([`serve_metrics`]); STATS ([`Metrics::stats`]) reads the same
+//! served by `hyper` ([`serve_metrics`]); STATS ([`Hub::stats_entries`]) reads the same
 //! numbers.
 
 use std::convert::Infallible;

@@ -132,12 +132,12 @@ impl IdentityKeys {
     }
 }
 
-/// A member of [`REAP`] for an identity.
+/// A member of the reaper's schedule ([`Keys::reap`]) for an identity.
 pub(crate) fn reap_identity(id: &Identity) -> String {
     format!("i:{id}")
 }
 
-/// A member of [`REAP`] for a record with its own deadline.
+/// A member of the reaper's schedule ([`Keys::reap`]) for a record with its own deadline.
 pub(crate) fn reap_record(ptr: Pointer) -> String {
     format!("r:{ptr}")
 }

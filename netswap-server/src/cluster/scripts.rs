@@ -104,7 +104,7 @@ return {m[1], m[2] or false, m[3] or false, m[4] or false, m[5] or false, m[6] o
 /// delta head ('' = not a data change), n, the data key a commit makes without
 /// declaring it ('' = none), claim ([`CLAIM`]; '' = none), n field/value pairs to
 /// set, then the fields to delete.
-/// (The channels are made from KEYS[1], see [`PUBLISH`].) Data ops: `n`
+/// (The channels are made from `KEYS[1]`, see [`PUBLISH`].) Data ops: `n`
 /// none; `x` delete the record (and its data key, if given); `h` bytes into the
 /// hash; `H` the same, and delete the data key (they move in); `s` set the data
 /// key; `r` set a range of the data key; `R` set a range of the bytes in the hash
