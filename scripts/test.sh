@@ -61,6 +61,9 @@ cargo clippy -p netswap-server --bins --no-default-features --quiet -- -D warnin
 step "API docs build without warnings (broken links, missing docs)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet \
   -p netswap-proto -p netswap-client -p netswap-server -p netswap-ffi
+# The internals' docs too (their links went stale unnoticed).
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --document-private-items \
+  -p netswap-proto -p netswap-client -p netswap-server
 
 step "Redis Cluster for the gateway tests (3 primaries + 3 replicas on loopback)"
 cluster_dir=$(mktemp -d /tmp/netswap-test-cluster.XXXXXX)
