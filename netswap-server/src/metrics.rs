@@ -20,7 +20,7 @@ use hyper::body::Bytes;
 use hyper::{Request as HttpRequest, Response, StatusCode};
 use netswap_proto::{Opcode, Status};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -374,15 +374,12 @@ fn counters_by(
     Ok(())
 }
 
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
-    ConstGauge::new(v as i64).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
-}
-
-fn gauge_f64(
+/// A gauge of any number Prometheus encodes (integers as integers, seconds as floats).
+fn gauge<N: EncodeGaugeValue>(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    v: f64,
+    v: N,
 ) -> Result<(), std::fmt::Error> {
     ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
@@ -657,7 +654,7 @@ impl Collector for HubCollector {
                 "Bytes of large replies fetched from Redis and not sent yet (of --redis-max-reply-bytes).",
                 g.reply_bytes_held,
             )?;
-            gauge_f64(
+            gauge(
                 &mut e,
                 "netswap_redis_lease_renewal_seconds",
                 "How long the last pass renewing this gateway's leases on its identities took (a pass runs every third of --lease-ttl; one near the TTL lets leases run out).",
