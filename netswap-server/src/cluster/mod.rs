@@ -235,29 +235,13 @@ struct Local {
 }
 
 /// An identity with connections on this gateway.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Held {
     /// Its connections here.
     conns: u32,
     /// This gateway may hold a lease on it in Redis (taking one began, and no release
-    /// since).
+    /// since). Changed only in the identity's turn (`ClusterStore::lease_turns`).
     leased: bool,
-    /// Puts this gateway's lease changes of the identity (take, renew, release) in
-    /// one order. Without it a renewal sent before the identity's last connection
-    /// closed could reach Redis after the release: a lease nobody renews. With a
-    /// grace no longer than the TTL, the reaper could then find the identity
-    /// connected and take it off its schedule, and its records were never reaped.
-    turn: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl Held {
-    fn new() -> Held {
-        Held {
-            conns: 0,
-            leased: false,
-            turn: Arc::new(tokio::sync::Mutex::new(())),
-        }
-    }
 }
 
 /// The Redis Cluster backend. See the module documentation.
@@ -298,6 +282,12 @@ pub(crate) struct ClusterStore {
     states: Mutex<states::States>,
     /// One change at a time per record on this gateway (`serial`).
     serial: serial::Serial,
+    /// This gateway's lease changes of an identity (take, renew, release) in one
+    /// order. Without it a renewal sent before the identity's last connection closed
+    /// could reach Redis after the release: a lease nobody renews. With a grace no
+    /// longer than the TTL, the reaper could then find the identity connected and
+    /// take it off its schedule, and its records were never reaped.
+    lease_turns: serial::Serial<Identity>,
     /// This gateway's claim on a record its commits keep losing (`scripts::CLAIM`):
     /// its id.
     claim: Arc<str>,
@@ -480,6 +470,7 @@ impl ClusterStore {
             turns,
             states: Mutex::new(states::States::new(opts.state_cache)),
             serial: serial::Serial::default(),
+            lease_turns: serial::Serial::default(),
             claim,
             races_lost: AtomicU64::new(0),
             claims: AtomicU64::new(0),
@@ -677,17 +668,17 @@ impl ClusterStore {
         reply_budget: usize,
     ) -> Result<ClusterSession, Reply> {
         let identity = self.identity_of(ip);
-        let (turn, leased, share) = {
+        let (leased, share) = {
             let mut l = lock(&self.local);
-            let held = l.identities.entry(identity).or_insert_with(Held::new);
+            let held = l.identities.entry(identity).or_default();
             held.conns += 1;
-            let (turn, leased) = (held.turn.clone(), held.leased);
-            (turn, leased, l.reply_shares.join(ip, &self.reply_bytes))
+            let leased = held.leased;
+            (leased, l.reply_shares.join(ip, &self.reply_bytes))
         };
         // The identity's first connection here takes the lease. Others do not wait
         // for the identity's turn (a renewal may hold it while a primary fails over).
         let first = !leased && {
-            let _turn = turn.lock().await;
+            let _turn = self.lease_turns.enter(identity).await;
             let first = {
                 let mut l = lock(&self.local);
                 let held = l
@@ -773,7 +764,7 @@ impl ClusterStore {
     /// A connection of `id` closed: the last one here releases the lease, unless a
     /// new connection came by the time it has the identity's turn.
     async fn close_identity(&self, id: &Identity) {
-        let turn = {
+        {
             let mut l = lock(&self.local);
             let Some(held) = l.identities.get_mut(id) else {
                 return;
@@ -782,15 +773,13 @@ impl ClusterStore {
             if held.conns > 0 {
                 return;
             }
-            held.turn.clone()
-        };
-        let _turn = turn.lock().await;
+        }
+        let _turn = self.lease_turns.enter(*id).await;
+        // Unless a connection came meanwhile (or another close of it released first).
         let release = {
             let mut l = lock(&self.local);
             match l.identities.get(id) {
-                Some(held) if held.conns == 0 && Arc::ptr_eq(&held.turn, &turn) => {
-                    l.identities.remove(id).is_some_and(|h| h.leased)
-                }
+                Some(held) if held.conns == 0 => l.identities.remove(id).is_some_and(|h| h.leased),
                 _ => return,
             }
         };
@@ -994,24 +983,25 @@ impl ClusterStore {
     /// TTL, and a pass over ~130,000 would have outlasted the default TTL.
     pub async fn renew_leases(&self) {
         let started = Instant::now();
-        let held: Vec<(Identity, Arc<tokio::sync::Mutex<()>>)> = lock(&self.local)
+        let held: Vec<Identity> = lock(&self.local)
             .identities
             .iter()
             .filter(|(_, h)| h.leased)
-            .map(|(id, h)| (*id, h.turn.clone()))
+            .map(|(id, _)| *id)
             .collect();
         let mut renewed = Vec::with_capacity(held.len());
         let mut latest = 0;
         let mut failed = 0u64;
         let mut first_error = None;
         let mut each = futures_util::stream::iter(held)
-            .map(|(id, turn)| async move {
-                let _turn = turn.lock().await;
-                // Still held, by the same connections' era, and not released meanwhile.
+            .map(|id| async move {
+                let _turn = self.lease_turns.enter(id).await;
+                // Still leased: not released meanwhile (a lease taken again since,
+                // in the identity's order, is renewed).
                 let still = lock(&self.local)
                     .identities
                     .get(&id)
-                    .is_some_and(|h| h.leased && Arc::ptr_eq(&h.turn, &turn));
+                    .is_some_and(|h| h.leased);
                 (
                     id,
                     if still {

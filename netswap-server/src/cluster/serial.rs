@@ -17,7 +17,11 @@
 //! the queue counts the races its changes lost in a row: past
 //! `scripts::CLAIM_AFTER`, the next commit claims the record (`scripts::CLAIM`). A
 //! record's queue exists while someone holds or waits for its turn.
+//!
+//! The same queues, keyed by identity, put a gateway's lease changes of an identity
+//! (take, renew, release) in one order (`ClusterStore::open`, `renew_leases`).
 
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -37,25 +41,35 @@ struct Queue {
     lost: u32,
 }
 
-/// The queues of the records that have changes in flight on this gateway.
-#[derive(Debug, Default)]
-pub(crate) struct Serial {
-    queues: Mutex<HashMap<Pointer, Queue>>,
-    /// Changes that found an earlier change of their record in flight or waiting.
+/// The queues of the keys (records, by default) that have changes in flight on this
+/// gateway.
+#[derive(Debug)]
+pub(crate) struct Serial<K = Pointer> {
+    queues: Mutex<HashMap<K, Queue>>,
+    /// Changes that found an earlier change of their key in flight or waiting.
     pub queued: AtomicU64,
 }
 
-/// A record's turn, held until dropped (also while still waiting for it: a request
+impl<K> Default for Serial<K> {
+    fn default() -> Self {
+        Serial {
+            queues: Mutex::new(HashMap::new()),
+            queued: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A key's turn, held until dropped (also while still waiting for it: a request
 /// dropped in the queue leaves it).
-pub(crate) struct Turn<'a> {
-    serial: &'a Serial,
-    ptr: Pointer,
+pub(crate) struct Turn<'a, K: Hash + Eq + Copy = Pointer> {
+    serial: &'a Serial<K>,
+    ptr: K,
     held: Option<OwnedMutexGuard<()>>,
 }
 
-impl Serial {
+impl<K: Hash + Eq + Copy> Serial<K> {
     /// Waits for `ptr`'s turn, after the changes of `ptr` that came before.
-    pub async fn enter(&self, ptr: Pointer) -> Turn<'_> {
+    pub async fn enter(&self, ptr: K) -> Turn<'_, K> {
         let queue = {
             let mut queues = lock(&self.queues);
             let queue = queues.entry(ptr).or_default();
@@ -76,7 +90,7 @@ impl Serial {
 
     /// Notes how a commit of `ptr` went: `won` (applied, or found applied), or it
     /// lost a race. Returns the races lost in a row.
-    pub fn raced(&self, ptr: Pointer, won: bool) -> u32 {
+    pub fn raced(&self, ptr: K, won: bool) -> u32 {
         match lock(&self.queues).get_mut(&ptr) {
             Some(q) if won => {
                 q.lost = 0;
@@ -91,7 +105,7 @@ impl Serial {
     }
 
     /// Races the commits of `ptr` lost in a row (0 when nobody holds its turn).
-    pub fn lost(&self, ptr: Pointer) -> u32 {
+    pub fn lost(&self, ptr: K) -> u32 {
         lock(&self.queues).get(&ptr).map_or(0, |q| q.lost)
     }
 
@@ -102,7 +116,7 @@ impl Serial {
     }
 }
 
-impl Drop for Turn<'_> {
+impl<K: Hash + Eq + Copy> Drop for Turn<'_, K> {
     fn drop(&mut self) {
         // The next in the queue may go now.
         self.held = None;
