@@ -32,7 +32,7 @@ use redis::{Cmd, RedisResult, Value};
 use tokio::sync::{Notify, oneshot};
 
 use super::lock;
-use super::redis_io::{asked, on_slot, slot_of};
+use super::redis_io::{asked, on_slot, slot_moving, slot_of};
 
 /// Hash slots of Redis Cluster.
 const SLOTS: usize = 16_384;
@@ -201,8 +201,9 @@ async fn send_group(conn: ClusterConnection, group: Vec<Item>, counters: &BatchC
                 let _ = answer.send(Some(Ok(values.by_ref().take(n).collect())));
             }
         }
-        // One entry alone: its own error (the crate retried it as it would have).
-        Err(e) if answers.len() == 1 && !asked => {
+        // One entry alone: its own error (the crate retried it as it would have),
+        // unless its slot moved on meanwhile (`on_slot` follows it further).
+        Err(e) if answers.len() == 1 && !asked && !slot_moving(&e) => {
             let (_, answer) = answers.pop().expect("one");
             let _ = answer.send(Some(Err(e)));
         }

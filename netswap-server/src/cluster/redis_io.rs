@@ -225,6 +225,16 @@ pub(crate) async fn run(
     keys: &[&str],
     args: &[&[u8]],
 ) -> RedisResult<Value> {
+    following_moves(|| run_once(conn, script, keys, args)).await
+}
+
+/// [`run`], without following a slot that keeps moving.
+async fn run_once(
+    conn: &ClusterConnection,
+    script: &Script,
+    keys: &[&str],
+    args: &[&[u8]],
+) -> RedisResult<Value> {
     let Some(first) = keys.first() else {
         return script
             .prepare_invoke()
@@ -410,6 +420,59 @@ pub(crate) async fn on_slot(
     conn: &ClusterConnection,
     slot: u16,
     build: impl Fn() -> Vec<redis::Cmd>,
+) -> RedisResult<Vec<Value>> {
+    following_moves(|| on_slot_once(conn, slot, &build)).await
+}
+
+/// Redis answered that the command's slot is served elsewhere (`MOVED`) or cannot
+/// take it yet (`TRYAGAIN`, a multi-key command while its slot migrates): it ran
+/// none of it.
+pub(crate) fn slot_moving(e: &RedisError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Server(ServerErrorKind::Moved | ServerErrorKind::TryAgain)
+    )
+}
+
+/// Pauses before each of [`following_moves`]' new tries: 630 ms in all.
+const MOVE_PAUSES_MS: [u64; 6] = [10, 20, 40, 80, 160, 320];
+
+/// Runs `send`, and again after a pause while Redis answers that the slot moved.
+///
+/// The `redis` crate follows `MOVED` and `ASK` itself, but only twice per request
+/// (`retries(2)`: more would hold requests for long while a node is down), and a
+/// slot that moved twice since the crate last read the layout takes three hops: to
+/// the old owner (`MOVED`), to the new one (`ASK`, the slot migrating on), to the
+/// next after one `ASKING`, which lets only the first command of a pipeline in
+/// (`MOVED` back). The crate then gives up with that `MOVED`, and a READ was answered
+/// BUSY under resharding (test `a_record_whose_slot_moved_twice_…`). A command
+/// answered `MOVED` or `TRYAGAIN` did not run (in a pipeline, those before it may
+/// have: every pipeline sent here may run twice, as loads only read and a commit
+/// carries an operation id); each `MOVED` also made the crate read the layout again,
+/// so the next try starts closer.
+async fn following_moves<T, F: Future<Output = RedisResult<T>>>(
+    mut send: impl FnMut() -> F,
+) -> RedisResult<T> {
+    let mut pauses = MOVE_PAUSES_MS.iter();
+    loop {
+        match send().await {
+            Err(e) if slot_moving(&e) => match pauses.next() {
+                Some(&ms) => {
+                    tracing::debug!(error = %e, "the slot moved; sending again");
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                None => return Err(e),
+            },
+            other => return other,
+        }
+    }
+}
+
+/// [`on_slot`], without following a slot that keeps moving.
+async fn on_slot_once(
+    conn: &ClusterConnection,
+    slot: u16,
+    build: &impl Fn() -> Vec<redis::Cmd>,
 ) -> RedisResult<Vec<Value>> {
     let (pipe, count) = pipeline(build());
     let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
