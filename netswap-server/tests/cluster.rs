@@ -445,15 +445,16 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
             assert_eq!(c.read(p).await, data(b"0"));
         }
         // (The reaper's lock and the record counts for the metrics add a `GET` or
-        // a `STRLEN` now and then.)
+        // a `STRLEN` now and then, and a pass renewing the gateway's leases, every
+        // 5 s, an `EVALSHA`: it failed this once in six runs of the server's tests.)
         let (s, l, d) = (
             scripts() - before.0,
             loads() - before.1,
             data_key() - before.2,
         );
         assert!(
-            s == 0 && (WRITES..WRITES + 5).contains(&l),
-            "{WRITES} READs: {s} script calls, {l} loads; expected none, and one each"
+            s < 3 && (WRITES..WRITES + 5).contains(&l),
+            "{WRITES} READs: {s} script calls, {l} loads; expected none (but a lease renewal), and one each"
         );
         if cache > 0 {
             // Its bytes were seen in its state hash: each load is that one `HMGET`.
