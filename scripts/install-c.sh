@@ -27,6 +27,10 @@ dest="${DESTDIR:-}$prefix"
 cargo rustc --release --quiet -p netswap-ffi --lib --crate-type cdylib -- \
   -C "link-arg=-Wl,-soname,libnetswap.so.$major"
 cp target/release/libnetswap.so target/release/libnetswap.so.install
+# Put back the library as cargo builds it (no soname): the C tests of `cargo test
+# --release` link against target/release/libnetswap.so, and with the soname they
+# looked for a libnetswap.so.0 that is not there.
+cargo build --release --quiet -p netswap-ffi --lib
 libs_private=$(cargo rustc --release --quiet -p netswap-ffi --lib --crate-type staticlib -- \
   --print native-static-libs 2>&1 | sed -n 's/.*native-static-libs: //p' | tail -1)
 [ -n "$libs_private" ] || { echo "rustc did not say what the static library needs" >&2; exit 1; }
