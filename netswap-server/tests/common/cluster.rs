@@ -110,13 +110,17 @@ impl RedisCluster {
             aof = if aof { "yes" } else { "no" },
             dir = dir.display()
         );
-        // The watchdog: when the test process is gone, the node goes too.
+        // The watchdog: when the test process is gone, the node goes too, and so do
+        // its files (the cluster shared by a test binary is never dropped: its
+        // directories stayed in /tmp after every run).
         let script = format!(
             "{redis} & node=$!; echo $node > {dir}/pid; trap 'kill -9 $node 2>/dev/null' TERM; \
              while kill -0 {parent} 2>/dev/null && kill -0 $node 2>/dev/null; do sleep 0.5; done; \
-             kill -9 $node 2>/dev/null; wait",
+             kill -9 $node 2>/dev/null; wait; \
+             kill -0 {parent} 2>/dev/null || {{ rm -rf {dir}; rmdir {top} 2>/dev/null; }}",
             parent = std::process::id(),
-            dir = dir.display()
+            dir = dir.display(),
+            top = self.dir.display()
         );
         Command::new("sh")
             .args(["-c", &script])
