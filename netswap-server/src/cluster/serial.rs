@@ -63,16 +63,16 @@ impl<K> Default for Serial<K> {
 /// dropped in the queue leaves it).
 pub(crate) struct Turn<'a, K: Hash + Eq + Copy = Pointer> {
     serial: &'a Serial<K>,
-    ptr: K,
+    key: K,
     held: Option<OwnedMutexGuard<()>>,
 }
 
 impl<K: Hash + Eq + Copy> Serial<K> {
-    /// Waits for `ptr`'s turn, after the changes of `ptr` that came before.
-    pub async fn enter(&self, ptr: K) -> Turn<'_, K> {
+    /// Waits for `key`'s turn, after the changes of `key` that came before.
+    pub async fn enter(&self, key: K) -> Turn<'_, K> {
         let queue = {
             let mut queues = lock(&self.queues);
-            let queue = queues.entry(ptr).or_default();
+            let queue = queues.entry(key).or_default();
             queue.users += 1;
             if queue.users > 1 {
                 self.queued.fetch_add(1, Ordering::Relaxed);
@@ -81,17 +81,17 @@ impl<K: Hash + Eq + Copy> Serial<K> {
         };
         let mut turn = Turn {
             serial: self,
-            ptr,
+            key,
             held: None,
         };
         turn.held = Some(queue.lock_owned().await);
         turn
     }
 
-    /// Notes how a commit of `ptr` went: `won` (applied, or found applied), or it
+    /// Notes how a commit of `key` went: `won` (applied, or found applied), or it
     /// lost a race. Returns the races lost in a row.
-    pub fn raced(&self, ptr: K, won: bool) -> u32 {
-        match lock(&self.queues).get_mut(&ptr) {
+    pub fn raced(&self, key: K, won: bool) -> u32 {
+        match lock(&self.queues).get_mut(&key) {
             Some(q) if won => {
                 q.lost = 0;
                 0
@@ -104,9 +104,9 @@ impl<K: Hash + Eq + Copy> Serial<K> {
         }
     }
 
-    /// Races the commits of `ptr` lost in a row (0 when nobody holds its turn).
-    pub fn lost(&self, ptr: K) -> u32 {
-        lock(&self.queues).get(&ptr).map_or(0, |q| q.lost)
+    /// Races the commits of `key` lost in a row (0 when nobody holds its turn).
+    pub fn lost(&self, key: K) -> u32 {
+        lock(&self.queues).get(&key).map_or(0, |q| q.lost)
     }
 
     /// Records with a change in flight or waiting.
@@ -121,10 +121,10 @@ impl<K: Hash + Eq + Copy> Drop for Turn<'_, K> {
         // The next in the queue may go now.
         self.held = None;
         let mut queues = lock(&self.serial.queues);
-        if let Some(q) = queues.get_mut(&self.ptr) {
+        if let Some(q) = queues.get_mut(&self.key) {
             q.users -= 1;
             if q.users == 0 {
-                queues.remove(&self.ptr);
+                queues.remove(&self.key);
             }
         }
     }

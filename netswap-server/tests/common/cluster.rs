@@ -427,10 +427,7 @@ impl RedisCluster {
     pub fn kill(&mut self, port: u16) {
         let i = self.ports.iter().position(|&p| p == port).expect("a node");
         if let Some(mut child) = self.nodes[i].take() {
-            let pid_file = self.dir.join(port.to_string()).join("pid");
-            if let Ok(pid) = std::fs::read_to_string(&pid_file) {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
-            }
+            self.signal(port, "-KILL");
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -451,14 +448,23 @@ impl RedisCluster {
             if self.nodes[i].is_none() {
                 continue;
             }
-            let pid = std::fs::read_to_string(self.dir.join(port.to_string()).join("pid"))
-                .expect("the node's pid file");
-            let ok = Command::new("kill")
+            assert!(
+                self.signal(*port, signal),
+                "kill {signal} the node on port {port}"
+            );
+        }
+    }
+
+    /// Sends `signal` (`kill`'s option, e.g. `-KILL`) to the Redis node on `port`
+    /// (its pid is in its pid file: the child is the node's watchdog shell). Whether
+    /// it was delivered.
+    fn signal(&self, port: u16, signal: &str) -> bool {
+        std::fs::read_to_string(self.dir.join(port.to_string()).join("pid")).is_ok_and(|pid| {
+            Command::new("kill")
                 .args([signal, pid.trim()])
                 .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "kill {signal} the node on port {port}");
-        }
+                .is_ok_and(|s| s.success())
+        })
     }
 
     /// Starts every killed node again (from its AOF and nodes.conf).
