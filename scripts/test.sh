@@ -84,8 +84,8 @@ export NETSWAP_TEST_REDIS_CLUSTER
 echo "cluster: $NETSWAP_TEST_REDIS_CLUSTER"
 
 step "Rust tests (unit, property, vectors, server on both backends, gateways on Redis Cluster, client, CLI, and the C tests incl. valgrind)"
-# The C tests link against the cdylib, which `cargo test` alone does not build.
-cargo build --quiet -p netswap-ffi --lib
+# The C tests link against the cdylib cargo builds with the rlib they test
+# (target/debug/deps, netswap-ffi/tests/c_api.rs).
 cargo test --workspace --quiet
 
 step "release build (server, CLI, bench, C library)"

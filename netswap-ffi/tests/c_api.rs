@@ -11,19 +11,29 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `target/<profile>`, where cargo put libnetswap.so next to this test's `deps/`.
-fn lib_dir() -> PathBuf {
+/// `target/<profile>/deps`, where this test binary is.
+fn deps_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    exe.parent().unwrap().to_path_buf()
 }
 
-/// `cargo test` builds this crate as an rlib only: build the C library (the cdylib)
-/// the C program links against, if it is not there yet.
+/// Where the C library is taken from: `target/<profile>/deps`. Cargo builds this
+/// crate's every crate type there, the cdylib too, in the same `rustc` run as the
+/// rlib this test links, so that one always has the sources under test. The copy in
+/// `target/<profile>` is only refreshed by `cargo build`: a plain `cargo test` after
+/// a change would have tested the old one.
+fn lib_dir() -> PathBuf {
+    deps_dir()
+}
+
+/// Builds the C library if cargo did not (see [`lib_dir`]).
 fn ensure_library() {
     if lib_dir().join("libnetswap.so").exists() {
         return;
     }
-    let profile = lib_dir()
+    let profile = deps_dir()
+        .parent()
+        .unwrap()
         .file_name()
         .unwrap()
         .to_string_lossy()
@@ -48,7 +58,7 @@ fn build(name: &str, extra: &[&str]) -> PathBuf {
 
 fn build_from(source: &str, name: &str, extra: &[&str]) -> PathBuf {
     ensure_library();
-    let out = lib_dir().join(name);
+    let out = deps_dir().parent().unwrap().join(name);
     let lib = lib_dir();
     let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
         .arg(root().join("tests/c").join(source))
@@ -74,16 +84,25 @@ fn build_from(source: &str, name: &str, extra: &[&str]) -> PathBuf {
     out
 }
 
+/// A command that runs a C test (or valgrind on one) with the library of
+/// [`lib_dir`]: cargo runs tests with `LD_LIBRARY_PATH` naming `target/<profile>`
+/// first, which would win over the program's run path.
+fn c_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
+    c.env("LD_LIBRARY_PATH", lib_dir());
+    c
+}
+
 fn run(prefix: &[&str], exe: &Path) {
     let server =
         netswap_server::spawn(ServerConfig::new("127.0.0.1:0".parse().unwrap()), 1).unwrap();
     let mut cmd = match prefix.split_first() {
         Some((program, args)) => {
-            let mut c = Command::new(program);
+            let mut c = c_command(program);
             c.args(args).arg(exe);
             c
         }
-        None => Command::new(exe),
+        None => c_command(exe),
     };
     let out = cmd
         .arg(server.addr().to_string())
@@ -187,7 +206,7 @@ fn c_program_survives_a_server_restart_with_deadlines_and_cancellation() {
     };
     let server = netswap_server::spawn(config(port), 1).unwrap();
     let silent = silent_server();
-    let mut child = Command::new(&exe)
+    let mut child = c_command(&exe)
         .arg(server.addr().to_string())
         .arg(silent.to_string())
         .stdin(std::process::Stdio::piped())
