@@ -11,19 +11,19 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `target/<profile>/deps`, where this test binary is.
-fn deps_dir() -> PathBuf {
+/// Where the C library is taken from: `target/<profile>/deps`, where this test binary
+/// is. Cargo builds this crate's every crate type there, the cdylib too, in the same
+/// `rustc` run as the rlib this test links, so that one always has the sources under
+/// test. The copy in `target/<profile>` is only refreshed by `cargo build`: a plain
+/// `cargo test` after a change would have tested the old one.
+fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     exe.parent().unwrap().to_path_buf()
 }
 
-/// Where the C library is taken from: `target/<profile>/deps`. Cargo builds this
-/// crate's every crate type there, the cdylib too, in the same `rustc` run as the
-/// rlib this test links, so that one always has the sources under test. The copy in
-/// `target/<profile>` is only refreshed by `cargo build`: a plain `cargo test` after
-/// a change would have tested the old one.
-fn lib_dir() -> PathBuf {
-    deps_dir()
+/// `target/<profile>`, where the C test programs go.
+fn profile_dir() -> PathBuf {
+    lib_dir().parent().unwrap().to_path_buf()
 }
 
 /// Builds the C library if cargo did not (see [`lib_dir`]).
@@ -31,9 +31,7 @@ fn ensure_library() {
     if lib_dir().join("libnetswap.so").exists() {
         return;
     }
-    let profile = deps_dir()
-        .parent()
-        .unwrap()
+    let profile = profile_dir()
         .file_name()
         .unwrap()
         .to_string_lossy()
@@ -58,7 +56,7 @@ fn build(name: &str, extra: &[&str]) -> PathBuf {
 
 fn build_from(source: &str, name: &str, extra: &[&str]) -> PathBuf {
     ensure_library();
-    let out = deps_dir().parent().unwrap().join(name);
+    let out = profile_dir().join(name);
     let lib = lib_dir();
     let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
         .arg(root().join("tests/c").join(source))
