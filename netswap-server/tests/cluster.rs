@@ -1817,6 +1817,80 @@ async fn appends_keep_their_order(turns: usize, batch: bool) {
     gw.stop().unwrap();
 }
 
+/// A request held up by a primary that does not answer does not hold up the replies
+/// to the same connection's requests on records of other primaries: a connection
+/// gathers the replies of requests that finish together for a few passes of the
+/// event loop (`GATHER_PASSES` in conn.rs), not until nothing is in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_up_by_one_primary_does_not_hold_up_the_connections_other_replies() {
+    let cluster = RedisCluster::start(3, 0, false);
+    let (gw, prefix) = gateway_on(&cluster, |c| {
+        // Long enough that the request on the frozen node is still in flight when
+        // the others have been answered.
+        c.cluster.as_mut().unwrap().response_timeout = Duration::from_secs(8);
+    });
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    // A record on one primary, `held`, and one on another, `served`.
+    let primary = |p: Pointer| cluster.primary_of(&format!("{prefix}:{{r:{p}}}:m"));
+    let held = c.create(Access::READ, &b"held"[..]).await;
+    let served = loop {
+        let p = c.create(Access::READ, &b"served"[..]).await;
+        if primary(p) != primary(held) {
+            break p;
+        }
+    };
+    assert_eq!(c.read(held).await, data(b"held"));
+    assert_eq!(c.read(served).await, data(b"served"));
+    cluster.freeze(primary(held), true);
+    // One write: a READ of `held`, then 16 READs of `served`.
+    let mut bytes = Raw::frames(
+        Request::Read {
+            ptr: held,
+            range: None,
+        }
+        .encode(100),
+    );
+    for i in 0..16 {
+        bytes.extend_from_slice(&Raw::frames(
+            Request::Read {
+                ptr: served,
+                range: None,
+            }
+            .encode(200 + i),
+        ));
+    }
+    let sent = Instant::now();
+    c.send_raw(&bytes).await;
+    for i in 0..16 {
+        let m = tokio::time::timeout(Duration::from_secs(3), c.reply_to(200 + i))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("READ {i} of the other primary's record held up behind the frozen one")
+            });
+        assert_eq!(m.status(), Status::Data);
+    }
+    let answered = sent.elapsed();
+    // The frozen node's request was still in flight all along (else this test showed
+    // nothing).
+    let first = tokio::time::timeout(Duration::from_millis(200), c.reply_to(100)).await;
+    assert!(
+        first.is_err(),
+        "the READ on the frozen node was answered before the others: {:?}",
+        first.map(|m| m.status())
+    );
+    cluster.freeze(primary(held), false);
+    let m = tokio::time::timeout(Duration::from_secs(30), c.reply_to(100))
+        .await
+        .expect("the READ on the thawed node is answered");
+    assert!(
+        matches!(m.status(), Status::Data | Status::Busy),
+        "{:?}",
+        m.status()
+    );
+    println!("16 READs answered in {answered:?} while one READ of the same connection was held");
+    gw.stop().unwrap();
+}
+
 /// A record of `size` patterned bytes that anyone may read, created from
 /// 127.0.0.2: its owner's connection, its pointer and its bytes.
 async fn large_record(addr: SocketAddr, size: usize) -> (Raw, Pointer, Bytes) {

@@ -443,16 +443,20 @@ impl RedisCluster {
     /// Freezes (`frozen`: SIGSTOP) or thaws (SIGCONT) every running node: a cluster
     /// that takes connections and answers nothing, as behind a network partition.
     pub fn freeze_all(&self, frozen: bool) {
-        let signal = if frozen { "-STOP" } else { "-CONT" };
         for (i, port) in self.ports.iter().enumerate() {
-            if self.nodes[i].is_none() {
-                continue;
+            if self.nodes[i].is_some() {
+                self.freeze(*port, frozen);
             }
-            assert!(
-                self.signal(*port, signal),
-                "kill {signal} the node on port {port}"
-            );
         }
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the node on `port`.
+    pub fn freeze(&self, port: u16, frozen: bool) {
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        assert!(
+            self.signal(port, signal),
+            "kill {signal} the node on port {port}"
+        );
     }
 
     /// Sends `signal` (`kill`'s option, e.g. `-KILL`) to the Redis node on `port`
