@@ -124,7 +124,11 @@ impl ClusterStore {
         {
             // The commit checks the revision: a stale state fails it, and the next
             // attempt loads. Any other decision is taken again on a fresh load.
-            let done = self.write(ptr, &rec, w, request).await;
+            // Boxed, as every change below: every request's future holds room for
+            // the largest branch it may take, and a write's (1.9 KB) made a READ's
+            // future 3.7 KB instead of 2.2 (READs +4.5% and REPLACEs +9% at
+            // pipeline 16; docs/BENCHMARKS.md, "A READ's future").
+            let done = Box::pin(self.write(ptr, &rec, w, request)).await;
             let counter = match &done {
                 Ok(Some(_)) => &self.cache_hits,
                 Ok(None) => &self.cache_stale,
@@ -199,7 +203,7 @@ impl ClusterStore {
                     Err(ends) => ends,
                 }
             }
-            Decision::Write(w) => self.write(ptr, &rec, w, request).await,
+            Decision::Write(w) => Box::pin(self.write(ptr, &rec, w, request)).await,
             Decision::SetAccess(access) => {
                 let rev = rec.rev + 1;
                 let change = Change {
@@ -220,10 +224,10 @@ impl ClusterStore {
                     op: self.op_id(),
                     ..Change::default()
                 };
-                self.commit_or_retry(ptr, change, Reply::Done).await
+                Box::pin(self.commit_or_retry(ptr, change, Reply::Done)).await
             }
-            // Boxed: rarer than reads and writes, and their futures are large; every
-            // request's future holds room for the largest branch it may take.
+            // Boxed, as the writes above: every request's future holds room for the
+            // largest branch it may take.
             Decision::Delete => match Box::pin(self.delete(ptr, &rec)).await? {
                 Committed::Yes => done(Reply::Done),
                 Committed::Unknown => done(outcome_unknown()),
