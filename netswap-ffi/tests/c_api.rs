@@ -83,8 +83,8 @@ fn build_from(source: &str, name: &str, extra: &[&str]) -> PathBuf {
 }
 
 /// A command that runs a C test (or valgrind on one) with the library of
-/// [`lib_dir`]: cargo runs tests with `LD_LIBRARY_PATH` naming `target/<profile>`
-/// first, which would win over the program's run path.
+/// [`lib_dir`]: cargo runs tests with an `LD_LIBRARY_PATH` that names
+/// `target/<profile>`, and `LD_LIBRARY_PATH` wins over the program's run path.
 fn c_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new(program);
     c.env("LD_LIBRARY_PATH", lib_dir());
