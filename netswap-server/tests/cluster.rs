@@ -1841,7 +1841,8 @@ async fn a_request_held_up_by_one_primary_does_not_hold_up_the_connections_other
     };
     assert_eq!(c.read(held).await, data(b"held"));
     assert_eq!(c.read(served).await, data(b"served"));
-    cluster.freeze(primary(held), true);
+    let frozen = primary(held);
+    cluster.freeze(frozen, true);
     // One write: a READ of `held`, then 16 READs of `served`.
     let mut bytes = Raw::frames(
         Request::Read {
@@ -1878,7 +1879,7 @@ async fn a_request_held_up_by_one_primary_does_not_hold_up_the_connections_other
         "the READ on the frozen node was answered before the others: {:?}",
         first.map(|m| m.status())
     );
-    cluster.freeze(primary(held), false);
+    cluster.freeze(frozen, false);
     let m = tokio::time::timeout(Duration::from_secs(30), c.reply_to(100))
         .await
         .expect("the READ on the thawed node is answered");
