@@ -109,8 +109,12 @@ impl ConnSession {
 }
 
 /// A request being served by an asynchronous backend, and its outcome.
+/// A request in flight: its XID, record, opcode and arrival (the read that brought
+/// it), and what it came to.
 type InFlight =
-    Pin<Box<dyn Future<Output = (u32, Option<Pointer>, (u8, Instant), Outcome)> + Send>>;
+    Pin<Box<dyn Future<Output = (u32, Option<Pointer>, (u8, std::time::Instant), Outcome)> + Send>>;
+/// A request queued behind another on its record: XID, request, arrival.
+type Queued = (u32, Request, std::time::Instant);
 
 /// Requests one connection may have in flight to an asynchronous backend (queued
 /// ones included) before it stops reading more.
@@ -132,7 +136,7 @@ struct Conn {
     /// still in flight (sent after their OK).
     in_flight: FuturesUnordered<InFlight>,
     busy: std::collections::HashSet<Pointer>,
-    waiting: std::collections::HashMap<Pointer, std::collections::VecDeque<(u32, Request)>>,
+    waiting: std::collections::HashMap<Pointer, std::collections::VecDeque<Queued>>,
     queued: usize,
     held: std::collections::HashMap<u32, Vec<Notification>>,
     /// WATCHes in flight: their record and the XID of the watch they replace.
@@ -444,10 +448,14 @@ impl Conn {
                 _ = shutdown.changed() => return self.shut_down(stream).await,
                 _ = mailbox_ready(&self.mailbox), if self.notes_room() > 0 => {}
                 Some((xid, ptr, started, outcome)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    self.finish(xid, ptr, started, outcome);
+                    // One reading of the clock for the latencies of every request
+                    // finished in this pass (2% of the gateway's CPU at pipeline 16
+                    // when each took its own).
+                    let now = std::time::Instant::now();
+                    self.finish(xid, ptr, started, outcome, now);
                     // Every other request that is done too, so their replies leave in
                     // one write.
-                    self.finish_done();
+                    self.finish_done(Some(now));
                     // With more still in flight, let the tasks that read Redis's
                     // other replies run (one pass of the event loop per yield), and
                     // take what they finished too, until nothing is left in flight or
@@ -459,7 +467,7 @@ impl Conn {
                     let mut passes = 0;
                     while !self.in_flight.is_empty() && passes < GATHER_PASSES {
                         tokio::task::yield_now().await;
-                        self.finish_done();
+                        self.finish_done(None);
                         passes += 1;
                     }
                     self.send_deferred();
@@ -898,14 +906,27 @@ impl Conn {
         if let Some(p) = ptr
             && self.busy.contains(&p)
         {
-            self.waiting.entry(p).or_default().push_back((xid, request));
+            let arrived = self.batch_now;
+            self.waiting
+                .entry(p)
+                .or_default()
+                .push_back((xid, request, arrived));
             self.queued += 1;
             return;
         }
-        self.start(c, xid, ptr, request);
+        self.start(c, xid, ptr, request, self.batch_now);
     }
 
-    fn start(&mut self, c: Arc<ClusterStore>, xid: u32, ptr: Option<Pointer>, request: Request) {
+    /// Starts a request that arrived at `arrived` (the time of the read that brought
+    /// it: its latency counts from there, queued or not).
+    fn start(
+        &mut self,
+        c: Arc<ClusterStore>,
+        xid: u32,
+        ptr: Option<Pointer>,
+        request: Request,
+        arrived: std::time::Instant,
+    ) {
         if let Request::Watch { ptr, options } = request {
             self.held.entry(xid).or_default();
             let replaced = self.watch_starting(ptr, xid, options);
@@ -925,26 +946,35 @@ impl Conn {
         if let Some(p) = ptr {
             self.busy.insert(p);
         }
-        let started = (request.opcode() as u8, Instant::now());
+        let started = (request.opcode() as u8, arrived);
         self.in_flight.push(Box::pin(async move {
             let outcome = c.apply(caller, request).await;
             (xid, ptr, started, outcome)
         }));
     }
 
-    /// Finishes every request in flight that is done already (without waiting).
-    fn finish_done(&mut self) {
+    /// Finishes every request in flight that is done already (without waiting), as
+    /// of `now` (`None`: the clock is read if any is done).
+    fn finish_done(&mut self, mut now: Option<std::time::Instant>) {
         while let Some(Some((xid, ptr, started, outcome))) = self.in_flight.next().now_or_never() {
-            self.finish(xid, ptr, started, outcome);
+            let now = *now.get_or_insert_with(std::time::Instant::now);
+            self.finish(xid, ptr, started, outcome, now);
         }
     }
 
     /// A request on the cluster backend completed.
-    fn finish(&mut self, xid: u32, ptr: Option<Pointer>, started: (u8, Instant), outcome: Outcome) {
+    fn finish(
+        &mut self,
+        xid: u32,
+        ptr: Option<Pointer>,
+        started: (u8, std::time::Instant),
+        outcome: Outcome,
+        now: std::time::Instant,
+    ) {
         self.stats.answered_after(
             started.0,
             outcome.applied.reply.status(),
-            started.1.elapsed(),
+            now.saturating_duration_since(started.1),
         );
         if let ConnSession::Cluster(s) = &mut self.session {
             match outcome.watch {
@@ -987,10 +1017,10 @@ impl Conn {
             // before a PROTOCOL_ERROR (sent once they are answered).
             return;
         }
-        if let (Some((x, r)), Backend::Cluster(c)) = (next, &self.hub.backend) {
+        if let (Some((x, r, arrived)), Backend::Cluster(c)) = (next, &self.hub.backend) {
             self.queued -= 1;
             let c = c.clone();
-            self.start(c, x, Some(p), r);
+            self.start(c, x, Some(p), r, arrived);
         }
     }
 
@@ -1126,7 +1156,7 @@ impl Conn {
             tokio::select! {
                 Some((xid, ptr, started, outcome)) = self.in_flight.next() => {
                     self.busy.clear();
-                    self.finish(xid, ptr, started, outcome);
+                    self.finish(xid, ptr, started, outcome, std::time::Instant::now());
                 }
                 _ = sleep_until(deadline) => break,
             }
