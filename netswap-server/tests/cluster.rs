@@ -839,6 +839,83 @@ async fn a_watch_follows_its_record_to_another_primary() {
     }
 }
 
+/// While a record's slot is being migrated (its keys already on the importing node,
+/// the slot still migrating), a commit runs on the importing node, where no gateway
+/// subscribes to the record's channel, so its event reaches no watcher then. Once the
+/// move ends, the old primary drops the slot's subscriptions, the gateway subscribes
+/// where the slot went, loads the record and tells its watchers what changed meanwhile
+/// (docs/ARCHITECTURE.md, What fails how). Also for a watch that starts while the
+/// record's slot has moved twice since the gateway last looked (its `SSUBSCRIBE`
+/// redirected by `MOVED`, its mark and its load by `MOVED` and then `ASK`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_learn_what_changed_while_their_records_slot_was_migrating() {
+    let cluster = RedisCluster::start(3, 0, false);
+    let (gw, prefix) = gateway_on(&cluster, |_| {});
+    let mut a = Raw::connect(gw.addr(), 2).await;
+    let mut w = Raw::connect(gw.addr(), 3).await;
+    let p = a.create(Access::READ | Access::WRITE, &b"0"[..]).await;
+    w.send(7, &Request::watch(p)).await;
+    assert_eq!(w.reply_to(7).await.status(), Status::Ok);
+    let key = format!("{prefix}:{{r:{p}}}:m");
+    let first = cluster.primary_of(&key);
+    let others: Vec<u16> = cluster
+        .ports
+        .iter()
+        .copied()
+        .filter(|&x| x != first)
+        .collect();
+    let (second, third) = (others[0], others[1]);
+
+    // A write while the slot migrates, its keys moved already.
+    let m = cluster.begin_move(&key, second);
+    cluster.migrate_keys(&m);
+    replace_as(&mut a, p, b"1", 2).await;
+    cluster.finish_move(&m);
+    assert_eq!(changed_until(&mut w, 7, p, 2).await, 2);
+    replace_as(&mut a, p, b"2", 3).await;
+    assert_eq!(
+        changed_until(&mut w, 7, p, 3).await,
+        3,
+        "a write after the move"
+    );
+
+    // Moved on to a third primary behind the gateway's back, then migrating back to
+    // the first: a new watch, a write, the end of the move.
+    let asked = cluster.errors("ASK");
+    cluster.move_slot_of(&key, third);
+    let m = cluster.begin_move(&key, first);
+    cluster.migrate_keys(&m);
+    let mut x = Raw::connect(gw.addr(), 4).await;
+    x.send(9, &Request::watch(p)).await;
+    assert_eq!(x.reply_to(9).await.status(), Status::Ok);
+    assert!(
+        cluster.errors("ASK") > asked,
+        "the watch was not redirected to the importing node: the test did not test that"
+    );
+    replace_as(&mut a, p, b"3", 4).await;
+    cluster.finish_move(&m);
+    assert_eq!(changed_until(&mut x, 9, p, 4).await, 4, "the new watch");
+    assert_eq!(changed_until(&mut w, 7, p, 4).await, 4, "the first watch");
+    replace_as(&mut a, p, b"4", 5).await;
+    assert_eq!(changed_until(&mut x, 9, p, 5).await, 5, "the new watch");
+    assert_eq!(changed_until(&mut w, 7, p, 5).await, 5, "the first watch");
+}
+
+/// Reads the "changed" events of the watch `xid` on `p` until one says version
+/// `version` or later (20 s at most), and returns that version.
+async fn changed_until(w: &mut Raw, xid: u32, p: Pointer, version: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok((v, _)) = tokio::time::timeout(left, next_change(w, xid, p)).await else {
+            panic!("no event of version {version} of {p} within 20 s");
+        };
+        if v >= version {
+            return v;
+        }
+    }
+}
+
 /// The version and whether the bytes came with it, of the next "changed" event of
 /// the watch `xid` on `p`.
 async fn next_change(w: &mut Raw, xid: u32, p: Pointer) -> (u64, bool) {
