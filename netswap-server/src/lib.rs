@@ -540,7 +540,9 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
 async fn reap_while_due(c: &ClusterStore, hub: &Hub) {
     let started = std::time::Instant::now();
     loop {
-        match c.reap_once().await {
+        let round = c.reap_once().await;
+        c.note_contact(round.is_ok());
+        match round {
             Ok(round) => {
                 hub.metrics
                     .orphans_reaped

@@ -3306,3 +3306,85 @@ async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
         "writes did not recover: stalled {worst:?}"
     );
 }
+
+/// A lease runs out while the cluster is unreachable whether or not its gateway is
+/// alive. After an outage longer than the lease TTL and the orphan grace, the reaper
+/// reaped every record of the clients that had stayed connected through it, at once
+/// when the cluster came back (20 of 20 here). Now an expired lease counts as offline
+/// only from a TTL after the gateway is back in touch with the cluster, by which time
+/// the gateways of connected identities have renewed their leases; the identities of
+/// a gateway that went away during the outage are still reaped, a TTL and the grace
+/// after the cluster is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_outage_longer_than_lease_and_grace_reaps_nothing_of_connected_clients() {
+    let mut cluster = RedisCluster::start(3, 0, true);
+    let ttl = Duration::from_secs(1);
+    let grace = Duration::from_secs(1);
+    let prefix = fresh_prefix();
+    let gw = gateway_at(&cluster, &prefix, |c| lease_settings(c, ttl, Some(grace)));
+    let gone = gateway_at(&cluster, &prefix, |c| lease_settings(c, ttl, Some(grace)));
+    let mut stays = Raw::connect(gw.addr(), 2).await;
+    let mut kept = Vec::new();
+    for i in 0..20u8 {
+        kept.push(stays.create(Access::READ, vec![i; 10]).await);
+    }
+    let mut leaves = Raw::connect(gone.addr(), 3).await;
+    let mut orphans = Vec::new();
+    for i in 0..5u8 {
+        orphans.push(leaves.create(Access::READ, vec![i; 10]).await);
+    }
+    // Leases renewed at least once before the outage.
+    tokio::time::sleep(ttl).await;
+
+    cluster.kill_all();
+    // The second gateway goes away while the cluster is down: its release fails,
+    // its lease runs out like a dead gateway's.
+    drop(leaves);
+    tokio::task::spawn_blocking(move || gone.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(2 * (ttl + grace)).await;
+    cluster.restart_killed(true);
+
+    let back = Instant::now();
+    let mut orphans_left = orphans.len();
+    while back.elapsed() < 3 * (ttl + grace) + Duration::from_secs(2) || orphans_left > 0 {
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "{orphans_left} of the records of the gateway that went away were not reaped"
+        );
+        let mut missing = 0;
+        for p in &kept {
+            match stays.read(*p).await {
+                Reply::Data(_) => {}
+                // The first requests after the outage may find a node's connection
+                // still being made again.
+                Reply::Error {
+                    status: Status::Busy,
+                    ..
+                } => {}
+                _ => missing += 1,
+            }
+        }
+        assert_eq!(
+            missing,
+            0,
+            "records of a client connected through the outage were reaped {:?} after it",
+            back.elapsed()
+        );
+        orphans_left = 0;
+        for p in &orphans {
+            let read = stays
+                .call(Request::Read {
+                    ptr: *p,
+                    range: None,
+                })
+                .await;
+            if read.status() != Status::AddressFault {
+                orphans_left += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

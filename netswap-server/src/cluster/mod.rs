@@ -263,6 +263,11 @@ pub(crate) struct ClusterStore {
     quota: Arc<QuotaBook>,
     /// Redis time (ms) at a local instant, to estimate Redis time without asking.
     clock: Mutex<(Instant, u64)>,
+    /// Since when this gateway has reached the cluster without a failure of its
+    /// periodic work (reaper rounds, lease renewals); `None`: it failed last. A
+    /// lease that ran out before then, plus a TTL, may have run out only because
+    /// its gateway could not renew it (see [`ClusterStore::liveness`]).
+    in_touch: Mutex<Option<Instant>>,
     next_conn: AtomicU64,
     next_op: AtomicU64,
     /// The last counts for STATS: records, bytes, pending orphans.
@@ -456,6 +461,7 @@ impl ClusterStore {
             quota: Arc::new(QuotaBook::new(keys.clone())),
             keys,
             clock: Mutex::new((at, now)),
+            in_touch: Mutex::new(None),
             next_conn: AtomicU64::new(1),
             next_op: AtomicU64::new(1),
             replicas: Mutex::default(),
@@ -531,6 +537,17 @@ impl ClusterStore {
 
     fn note_clock(&self, ms: u64) {
         *lock(&self.clock) = (Instant::now(), ms);
+    }
+
+    /// The periodic work reached the cluster (`true`) or failed (`false`): see
+    /// `in_touch`.
+    pub(crate) fn note_contact(&self, ok: bool) {
+        let mut t = lock(&self.in_touch);
+        match (ok, *t) {
+            (true, None) => *t = Some(Instant::now()),
+            (false, _) => *t = None,
+            (true, Some(_)) => {}
+        }
     }
 
     /// How many replicas a commit to `ptr` waits for: what `--redis-wait-replicas`
@@ -1040,6 +1057,7 @@ impl ClusterStore {
         if let Some(e) = first_error {
             warn!(failed, of = failed as usize + renewed.len(), error = %e, "lease renewals failed; trying again at the next pass");
         }
+        self.note_contact(failed == 0);
         self.renewals_failed.fetch_add(failed, Ordering::Relaxed);
         self.renewal_micros
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -1160,7 +1178,17 @@ impl ClusterStore {
         Ok(ok)
     }
 
-    /// Is `id` connected to any gateway (a live lease)? With its generation.
+    /// Is `id` connected to any gateway (a live lease)? With its generation, and
+    /// since when it is offline.
+    ///
+    /// An identity whose lease ran out (its gateways did not release it) counts as
+    /// offline from the lease's expiry, but never from before this gateway has been
+    /// in touch with the cluster for a lease TTL: a lease runs out while the cluster
+    /// is unreachable whether or not its gateway is alive, and the gateway renews it
+    /// within a TTL once the cluster is back. Without this, records of a client that
+    /// stayed connected through an outage longer than the TTL and the grace were
+    /// reaped when the cluster came back (test
+    /// `a_cluster_outage_longer_than_lease_and_grace_reaps_nothing_of_connected_clients`).
     async fn liveness(&self, id: &Identity) -> redis::RedisResult<Liveness> {
         let k = self.keys.identity(id);
         let v = redis_io::run(&self.redis, &scripts::LIVENESS, &[&k.leases, &k.quota], &[]).await?;
@@ -1183,12 +1211,23 @@ impl ClusterStore {
             }),
             None => None,
         };
+        let released = get(2).map(|x| x as u64);
+        let lapsed = last_lease.filter(|&l| released.is_none_or(|r| l >= r));
+        let offline_since = match lapsed {
+            Some(expiry) => {
+                // Redis time at which this gateway has been in touch for a TTL.
+                let ttl = redis_io::ms(self.opts.lease_ttl);
+                let settled = match *lock(&self.in_touch) {
+                    Some(t) => (now + ttl).saturating_sub(redis_io::ms(t.elapsed())),
+                    None => now + ttl,
+                };
+                Some(expiry.max(settled))
+            }
+            None => released,
+        };
         Ok(Liveness {
             live: get(0).unwrap_or(0) > 0,
-            offline_since: match (last_lease, get(2).map(|x| x as u64)) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            },
+            offline_since,
             generation: get(3).unwrap_or(0) as u64,
             now,
         })
