@@ -75,46 +75,7 @@ enum Op {
 #[derive(Subcommand, Debug)]
 enum Mode {
     /// Throughput and latency of one operation.
-    Load {
-        /// Connections.
-        #[arg(long, short = 'c', default_value_t = 50)]
-        connections: usize,
-        /// Requests in flight per connection.
-        #[arg(long, short = 'P', default_value_t = 1)]
-        pipeline: usize,
-        /// Value size in bytes.
-        #[arg(long, short = 'd', default_value_t = 64)]
-        size: usize,
-        /// The operation.
-        #[arg(long, value_enum, default_value = "read")]
-        op: Op,
-        /// Records created beforehand and used at random.
-        #[arg(long, default_value_t = 10_000)]
-        keys: usize,
-        /// Use this existing record instead of creating `--keys` (repeat for several):
-        /// e.g. one record written by load generators on several gateways at once.
-        /// Its access bits must allow the operation.
-        #[arg(long = "record", value_name = "POINTER")]
-        records: Vec<Pointer>,
-        /// Seconds to run (ignored with --requests).
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
-        /// Stop after this many requests in total instead.
-        #[arg(long, short = 'n')]
-        requests: Option<u64>,
-        /// Threads, each with its own runtime and share of the connections.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Speak memcached's binary protocol or Redis's RESP instead (GET/SET on keys
-        /// "key:%012d", preloaded), to measure those servers with the same client design.
-        #[arg(long, value_enum, default_value = "netswap")]
-        protocol: Protocol,
-        /// With --protocol resp or resp-cluster: how keys hold values, and so what a
-        /// write is (`versioned-*`: a hash of the value and a version, the version
-        /// raised with each write, atomically, as a netswap REPLACE does).
-        #[arg(long, value_enum, default_value = "plain")]
-        resp_layout: kv::RespLayout,
-    },
+    Load(LoadArgs),
     /// Create records and report the server's memory per record.
     Fill {
         /// Records to create.
@@ -200,6 +161,49 @@ enum Mode {
         #[arg(long, default_value_t = 0)]
         receive_buffer: u32,
     },
+}
+
+/// What `load` runs.
+#[derive(clap::Args, Debug)]
+struct LoadArgs {
+    /// Connections.
+    #[arg(long, short = 'c', default_value_t = 50)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, short = 'P', default_value_t = 1)]
+    pipeline: usize,
+    /// Value size in bytes.
+    #[arg(long, short = 'd', default_value_t = 64)]
+    size: usize,
+    /// The operation.
+    #[arg(long, value_enum, default_value = "read")]
+    op: Op,
+    /// Records created beforehand and used at random.
+    #[arg(long, default_value_t = 10_000)]
+    keys: usize,
+    /// Use this existing record instead of creating `--keys` (repeat for several):
+    /// e.g. one record written by load generators on several gateways at once.
+    /// Its access bits must allow the operation.
+    #[arg(long = "record", value_name = "POINTER")]
+    records: Vec<Pointer>,
+    /// Seconds to run (ignored with --requests).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop after this many requests in total instead.
+    #[arg(long, short = 'n')]
+    requests: Option<u64>,
+    /// Threads, each with its own runtime and share of the connections.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Speak memcached's binary protocol or Redis's RESP instead (GET/SET on keys
+    /// "key:%012d", preloaded), to measure those servers with the same client design.
+    #[arg(long, value_enum, default_value = "netswap")]
+    protocol: Protocol,
+    /// With --protocol resp or resp-cluster: how keys hold values, and so what a
+    /// write is (`versioned-*`: a hash of the value and a version, the version
+    /// raised with each write, atomically, as a netswap REPLACE does).
+    #[arg(long, value_enum, default_value = "plain")]
+    resp_layout: kv::RespLayout,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -504,19 +508,22 @@ fn quantile_us(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-#[allow(clippy::too_many_arguments)]
-fn load(
-    cli: &Cli,
-    connections: usize,
-    pipeline: usize,
-    size: usize,
-    op: Op,
-    (keys, records): (usize, Vec<Pointer>),
-    duration: f64,
-    requests: Option<u64>,
-    threads: usize,
-    (protocol, resp_layout): (Protocol, kv::RespLayout),
-) -> Result<(), String> {
+fn load(cli: &Cli, args: &LoadArgs) -> Result<(), String> {
+    let &LoadArgs {
+        connections,
+        pipeline,
+        size,
+        op,
+        keys,
+        ref records,
+        duration,
+        requests,
+        threads,
+        protocol,
+        resp_layout,
+    } = args;
+    let pipeline = pipeline.max(1);
+    let records = records.clone();
     let rt = runtime()?;
     let value = Bytes::from(vec![0x5Au8; size]);
     if !records.is_empty() && (protocol != Protocol::Netswap || op == Op::CreateDelete) {
@@ -931,30 +938,7 @@ fn hol(
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.mode {
-        Mode::Load {
-            connections,
-            pipeline,
-            size,
-            op,
-            keys,
-            ref records,
-            duration,
-            requests,
-            threads,
-            protocol,
-            resp_layout,
-        } => load(
-            &cli,
-            connections,
-            pipeline.max(1),
-            size,
-            op,
-            (keys, records.clone()),
-            duration,
-            requests,
-            threads,
-            (protocol, resp_layout),
-        ),
+        Mode::Load(ref args) => load(&cli, args),
         Mode::Fill {
             records,
             size,
