@@ -3388,3 +3388,66 @@ async fn a_cluster_outage_longer_than_lease_and_grace_reaps_nothing_of_connected
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// The reaper looks at an identity's liveness again before each chunk of its
+/// records. With one look for all of them, an identity that came back while its
+/// records were being reaped (here: while the reaper pauses after its first chunk,
+/// `NETSWAP_FAULT_AT=reap-pause`) lost all of them, although connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_that_comes_back_while_it_is_reaped_keeps_what_is_left() {
+    const RECORDS: usize = 600;
+    let cluster = common::cluster::shared();
+    let gw = GatewayProcess::start(
+        &cluster.nodes(),
+        &fresh_prefix(),
+        &["--orphan-grace", "1"],
+        &[("NETSWAP_FAULT_AT", "reap-pause")],
+    );
+    let mut owner = Raw::connect(gw.addr, 2).await;
+    let creates = (0..RECORDS)
+        .map(|i| Request::Create {
+            access: Access::READ,
+            data: Bytes::from(vec![i as u8; 8]),
+        })
+        .collect();
+    let ptrs: Vec<Pointer> = pipelined(&mut owner, creates)
+        .await
+        .into_iter()
+        .map(|r| match r {
+            Reply::Created(p) => p,
+            other => panic!("CREATE: {other:?}"),
+        })
+        .collect();
+    drop(owner);
+    let mut observer = Raw::connect(gw.addr, 3).await;
+    let left = async |o: &mut Raw| {
+        let reads = ptrs
+            .iter()
+            .map(|&ptr| Request::Read { ptr, range: None })
+            .collect();
+        pipelined(o, reads)
+            .await
+            .into_iter()
+            .filter(|r| matches!(r, Reply::Data(_)))
+            .count()
+    };
+    // Its grace (1 s) passes, the reaper takes the first chunk and pauses: the owner
+    // comes back then.
+    let mut now_left = RECORDS;
+    eventually("the reaper starts", Duration::from_secs(20), async || {
+        now_left = left(&mut observer).await;
+        now_left < RECORDS
+    })
+    .await;
+    assert!(now_left > 0, "all reaped before the owner could come back");
+    // (Served once: its lease is taken.)
+    let mut owner = Raw::connect(gw.addr, 2).await;
+    let _ = owner.read(ptrs[0]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The reaper finishes the chunk it was in (256 records), then looks again.
+    let kept = left(&mut observer).await;
+    assert!(
+        kept >= RECORDS - 256,
+        "{now_left} of {RECORDS} records were left when their owner came back, {kept} a while later"
+    );
+}

@@ -1645,10 +1645,12 @@ fn crash_point(name: &str) {
     }
 }
 
-/// For the tests of lost replies: `NETSWAP_FAULT_AT=NAME` makes the named point
-/// (e.g. `create-reply-lost`: a create's commit applied but its reply lost) happen
-/// once, the first time the process gets there. Read once; unset in production.
-fn fault_point(name: &str) -> bool {
+/// For the tests of lost replies and races: `NETSWAP_FAULT_AT=NAME` makes the named
+/// point (`create-reply-lost`: a create's commit applied but its reply lost;
+/// `reap-pause`: the reaper pauses 2 s after its first chunk of an identity's
+/// records) happen once, the first time the process gets there. Read once; unset in
+/// production.
+pub(crate) fn fault_point(name: &str) -> bool {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     AT.get_or_init(|| std::env::var("NETSWAP_FAULT_AT").ok())

@@ -15,7 +15,7 @@ use netswap_proto::{Identity, Pointer};
 use redis::Value;
 use tracing::info;
 
-use super::{AttemptError, ClusterStore, MAX_ATTEMPTS};
+use super::{AttemptError, ClusterStore, MAX_ATTEMPTS, fault_point};
 use super::{redis_io, scripts};
 
 /// How long the reaper lock lasts unless renewed.
@@ -25,6 +25,9 @@ const BATCH: usize = 200;
 /// Records of one identity reaped at once (their loads and deletes go to Redis in
 /// pipelines, `batch.rs`).
 const REAP_AT_ONCE: usize = 64;
+/// Records of one identity reaped on one look at its liveness: before each further
+/// chunk the reaper looks again, and stops if the identity came back.
+const REAP_PER_LOOK: usize = 4 * REAP_AT_ONCE;
 /// Schedule entries (identities, records) looked at at once in a round. One by one, a
 /// gateway looked at ~200 a second: 5,000 identities that left together were reaped
 /// over 25 s after their grace.
@@ -147,39 +150,69 @@ impl ClusterStore {
         Ok(())
     }
 
-    async fn reap_identity(&self, member: &str, id: &Identity) -> Result<usize, AttemptError> {
-        let live = self.liveness(id).await?;
+    /// Whether an identity's records may be reaped now, by what `live` says of it:
+    /// `Some(its deadline)`, or `None` once it is rescheduled (connected: its
+    /// gateways put it back on the schedule as they renew; offline but not for its
+    /// grace yet: for then).
+    async fn due_now(
+        &self,
+        member: &str,
+        live: &super::Liveness,
+    ) -> Result<Option<Option<u64>>, AttemptError> {
         if live.live {
-            // Its gateways put it back on the schedule as they renew.
             self.reschedule(member, None).await?;
-            return Ok(0);
+            return Ok(None);
         }
         let owner_deadline = live
             .offline_since
             .map(|t| t + redis_io::ms(self.cfg.orphan_grace));
         if let Some(d) = owner_deadline.filter(|d| *d > live.now) {
             self.reschedule(member, Some(d)).await?;
-            return Ok(0);
+            return Ok(None);
         }
+        Ok(Some(owner_deadline))
+    }
+
+    /// Reaps the records of an identity whose grace has passed, [`REAP_PER_LOOK`] at
+    /// a time, looking at its liveness again before each further chunk. With one look
+    /// for all of them, an identity that came back while its records were being
+    /// reaped lost the rest of them too, although connected (test
+    /// `an_identity_that_comes_back_while_it_is_reaped_keeps_what_is_left`).
+    async fn reap_identity(&self, member: &str, id: &Identity) -> Result<usize, AttemptError> {
+        let mut live = self.liveness(id).await?;
+        let Some(mut owner_deadline) = self.due_now(member, &live).await? else {
+            return Ok(0);
+        };
         let k = self.keys.identity(id);
         let owned: Vec<String> = redis::cmd("SMEMBERS")
             .arg(&k.owned)
             .query_async(&mut self.redis.clone())
             .await?;
-        // Many at once: one by one, each record's load and delete waited for the
-        // last one's, and a gateway reaped ~3,300 records a second (`soak --store`).
         let (mut reaped, mut contended) = (0, false);
-        let mut each = futures_util::stream::iter(owned)
-            .map(|s| self.reap_owned(&k.owned, s, id, owner_deadline, &live))
-            .buffer_unordered(REAP_AT_ONCE);
-        while let Some(r) = each.next().await {
-            match r? {
-                Reaping::Reaped => reaped += 1,
-                Reaping::Kept => {}
-                Reaping::Contended => contended = true,
+        for (i, chunk) in owned.chunks(REAP_PER_LOOK).enumerate() {
+            if i > 0 {
+                if fault_point("reap-pause") {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+                live = self.liveness(id).await?;
+                match self.due_now(member, &live).await? {
+                    Some(d) => owner_deadline = d,
+                    None => return Ok(reaped),
+                }
+            }
+            // Many at once: one by one, each record's load and delete waited for the
+            // last one's, and a gateway reaped ~3,300 records a second (`soak --store`).
+            let mut each = futures_util::stream::iter(chunk.iter().cloned())
+                .map(|s| self.reap_owned(&k.owned, s, id, owner_deadline, &live))
+                .buffer_unordered(REAP_AT_ONCE);
+            while let Some(r) = each.next().await {
+                match r? {
+                    Reaping::Reaped => reaped += 1,
+                    Reaping::Kept => {}
+                    Reaping::Contended => contended = true,
+                }
             }
         }
-        drop(each);
         self.quota.repair(&self.redis, id, live.now).await?;
         if contended {
             let again = live.now + redis_io::ms(CONTENDED_RETRY);
