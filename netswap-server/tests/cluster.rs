@@ -839,6 +839,51 @@ async fn a_watch_follows_its_record_to_another_primary() {
     }
 }
 
+/// A gateway that has not seen a record loads it with plain commands on its state
+/// hash and on its data key, which does not exist while the bytes are in the hash.
+/// While the record's slot is migrating and its keys have not moved yet, Redis
+/// answers `ASK` for that missing data key only; the crate then reports `ASK` for
+/// the whole pipeline, and the gateway sent all of it to the importing node, which
+/// does not have the state hash yet: the record read as missing (READ answered
+/// ADDRESS_FAULT, a watch told "deleted"). Each command now goes again on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_whose_slot_is_migrating_are_found_before_their_keys_move() {
+    let cluster = RedisCluster::start(3, 0, false);
+    let prefix = fresh_prefix();
+    let writer = gateway_at(&cluster, &prefix, |_| {});
+    let mut w = Raw::connect(writer.addr(), 2).await;
+    let small = w.create(Access::READ, &b"bytes in the hash"[..]).await;
+    let large = Bytes::from(vec![9u8; 3000]);
+    let big = w.create(Access::READ, large.clone()).await;
+    let mut moves = Vec::new();
+    for p in [small, big] {
+        let key = format!("{prefix}:{{r:{p}}}:m");
+        let from = cluster.primary_of(&key);
+        let to = *cluster.ports.iter().find(|&&x| x != from).unwrap();
+        moves.push(cluster.begin_move(&key, to));
+    }
+    // Each READ through a gateway of its own, which has seen neither record.
+    for round in 0..2 {
+        let fresh = gateway_at(&cluster, &prefix, |_| {});
+        let mut r = Raw::connect(fresh.addr(), 3).await;
+        assert_eq!(
+            r.read(small).await,
+            data(b"bytes in the hash"),
+            "round {round}: the small record"
+        );
+        let got = r.read(big).await;
+        assert!(got == data(&large), "round {round}: the large record");
+        if round == 0 {
+            for m in &moves {
+                cluster.migrate_keys(m);
+            }
+        }
+    }
+    for m in &moves {
+        cluster.finish_move(m);
+    }
+}
+
 /// While a record's slot is being migrated (its keys already on the importing node,
 /// the slot still migrating), a commit runs on the importing node, where no gateway
 /// subscribes to the record's channel, so its event reaches no watcher then. Once the
