@@ -108,9 +108,8 @@ impl ConnSession {
     }
 }
 
-/// A request being served by an asynchronous backend, and its outcome.
-/// A request in flight: its XID, record, opcode and arrival (the read that brought
-/// it), and what it came to.
+/// A request being served by an asynchronous backend: its XID, record, opcode and
+/// arrival (the read that brought it), and its outcome.
 type InFlight =
     Pin<Box<dyn Future<Output = (u32, Option<Pointer>, (u8, std::time::Instant), Outcome)> + Send>>;
 /// A request queued behind another on its record: XID, request, arrival.

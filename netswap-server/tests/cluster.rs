@@ -891,7 +891,8 @@ async fn records_whose_slot_is_migrating_are_found_before_their_keys_move() {
 /// where the slot went, loads the record and tells its watchers what changed meanwhile
 /// (docs/ARCHITECTURE.md, What fails how). Also for a watch that starts while the
 /// record's slot has moved twice since the gateway last looked (its `SSUBSCRIBE`
-/// redirected by `MOVED`, its mark and its load by `MOVED` and then `ASK`).
+/// redirected by `MOVED`, its mark and its load by `MOVED` and then `ASK`). Under
+/// load it failed 8 times in 20 with "deleted" (the test above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_learn_what_changed_while_their_records_slot_was_migrating() {
     let cluster = RedisCluster::start(3, 0, false);
@@ -3354,8 +3355,8 @@ async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
 
 /// A lease runs out while the cluster is unreachable whether or not its gateway is
 /// alive. After an outage longer than the lease TTL and the orphan grace, the reaper
-/// reaped every record of the clients that had stayed connected through it, at once
-/// when the cluster came back (20 of 20 here). Now an expired lease counts as offline
+/// reaped every record of the clients that had stayed connected through it as soon
+/// as the cluster came back (all 20 within a second here). Now an expired lease counts as offline
 /// only from a TTL after the gateway is back in touch with the cluster, by which time
 /// the gateways of connected identities have renewed their leases; the identities of
 /// a gateway that went away during the outage are still reaped, a TTL and the grace

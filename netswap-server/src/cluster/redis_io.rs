@@ -493,9 +493,10 @@ async fn on_slot_once(
         // node made a load read a record as missing: its data key (absent when the
         // bytes are in the state hash) was the one answered `ASK`, while the state
         // hash had not moved yet, and the importing node, told `ASKING`, serves a
-        // key it does not have as missing (test
-        // `watches_learn_what_changed_while_their_records_slot_was_migrating`: its
-        // watchers were told the record was deleted).
+        // key it does not have as missing: a READ was answered ADDRESS_FAULT, a
+        // watch told the record was deleted (tests
+        // `records_whose_slot_is_migrating_are_found_before_their_keys_move`,
+        // `watches_learn_what_changed_while_their_records_slot_was_migrating`).
         Err(e) if redirect(&e).is_some() => {
             let mut replies = Vec::with_capacity(count);
             for c in build() {
