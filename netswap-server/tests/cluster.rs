@@ -80,10 +80,13 @@ impl GatewayProcess {
             .arg(format!("redis-cluster://{}", nodes.join(",")))
             .arg("--identity-key")
             .arg(&key)
-            .args(["--redis-prefix", prefix, "--lease-ttl", "2"])
+            .args(["--redis-prefix", prefix])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
+        if !extra.contains(&"--lease-ttl") {
+            cmd.args(["--lease-ttl", "2"]);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -3528,4 +3531,44 @@ async fn an_identity_that_comes_back_while_it_is_reaped_keeps_what_is_left() {
         kept >= RECORDS - 256,
         "{now_left} of {RECORDS} records were left when their owner came back, {kept} a while later"
     );
+}
+
+/// A pass of renewals picks the identities still connected, then moves them on the
+/// reaper's schedule with `ZADD GT`. An identity whose last connection closed in
+/// between had its release's entry (the end of its grace) overtaken by the pass's
+/// (a TTL and the grace after the pass): it was reaped a TTL late. Here the pass
+/// pauses 4 s in between (`NETSWAP_FAULT_AT=schedule-pause`) and the owner leaves
+/// during the pause: reaped within its grace of the pass's end, not a TTL (9 s) later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_that_leaves_while_a_pass_schedules_is_reaped_on_time() {
+    let cluster = common::cluster::shared();
+    let gw = GatewayProcess::start(
+        &cluster.nodes(),
+        &fresh_prefix(),
+        &["--lease-ttl", "9", "--orphan-grace", "1"],
+        &[("NETSWAP_FAULT_AT", "schedule-pause")],
+    );
+    let connected = Instant::now();
+    let mut owner = Raw::connect(gw.addr, 2).await;
+    let p = owner.create(Access::READ, &b"an orphan soon"[..]).await;
+    // A pass every 3 s: the first that renews the owner starts within 3 s of its
+    // connection and pauses until 4 s after; the owner leaves within that pause.
+    tokio::time::sleep_until((connected + Duration::from_millis(3500)).into()).await;
+    drop(owner);
+    let mut observer = Raw::connect(gw.addr, 3).await;
+    eventually(
+        "the orphan is reaped within its grace of the pass's end",
+        Duration::from_millis(9000 - 3500),
+        async || {
+            observer
+                .call(Request::Read {
+                    ptr: p,
+                    range: None,
+                })
+                .await
+                .status()
+                == Status::AddressFault
+        },
+    )
+    .await;
 }
