@@ -3572,3 +3572,63 @@ async fn an_identity_that_leaves_while_a_pass_schedules_is_reaped_on_time() {
     )
     .await;
 }
+
+/// A reaper that finds an identity connected when its entry on the schedule is due
+/// (as after renewals that lagged) keeps it on the schedule. It used to take it off:
+/// a release that landed between its look and that removal lost its entry too, and
+/// the identity's records stayed until it came and left again. Here the reaper
+/// pauses 2 s after its look (`NETSWAP_FAULT_AT=reap-live-pause`) and the owner
+/// leaves in the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_that_leaves_while_the_reaper_finds_it_connected_is_still_reaped() {
+    let cluster = common::cluster::shared();
+    let prefix = fresh_prefix();
+    // A long TTL: no pass of renewals moves the entry while the test runs.
+    let gw = GatewayProcess::start(
+        &cluster.nodes(),
+        &prefix,
+        &["--lease-ttl", "30", "--orphan-grace", "1"],
+        &[("NETSWAP_FAULT_AT", "reap-live-pause")],
+    );
+    let mut owner = Raw::connect(gw.addr, 2).await;
+    let p = owner.create(Access::READ, &b"an orphan soon"[..]).await;
+    let reap = format!("{prefix}:{{reap}}");
+    let mut r = cluster.primary_connection(&reap);
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&reap)
+        .arg(0)
+        .arg(-1)
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(
+        members.len(),
+        1,
+        "the owner alone is on the schedule: {members:?}"
+    );
+    let _: i64 = redis::cmd("ZADD")
+        .arg(&reap)
+        .arg(0)
+        .arg(&members[0])
+        .query(&mut r)
+        .unwrap();
+    // A round each second: the reaper finds the owner connected within one and
+    // pauses 2 s; the owner leaves in the pause.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(owner);
+    let mut observer = Raw::connect(gw.addr, 3).await;
+    eventually(
+        "the orphan is reaped when its grace ends",
+        Duration::from_secs(8),
+        async || {
+            observer
+                .call(Request::Read {
+                    ptr: p,
+                    range: None,
+                })
+                .await
+                .status()
+                == Status::AddressFault
+        },
+    )
+    .await;
+}

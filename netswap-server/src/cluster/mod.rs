@@ -1669,7 +1669,9 @@ fn crash_point(name: &str) {
 /// point (`create-reply-lost`: a create's commit applied but its reply lost;
 /// `reap-pause`: the reaper pauses 2 s after its first chunk of an identity's
 /// records; `schedule-pause`: a pass of renewals pauses 4 s between picking the
-/// identities still connected and moving them on the reaper's schedule) happen once, the first time the process gets there. Read once; unset in
+/// identities still connected and moving them on the reaper's schedule;
+/// `reap-live-pause`: the reaper pauses 2 s after finding a due identity connected)
+/// happen once, the first time the process gets there. Read once; unset in
 /// production.
 pub(crate) fn fault_point(name: &str) -> bool {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();

@@ -151,16 +151,32 @@ impl ClusterStore {
     }
 
     /// Whether an identity's records may be reaped now, by what `live` says of it:
-    /// `Some(its deadline)`, or `None` once it is rescheduled (connected: its
-    /// gateways put it back on the schedule as they renew; offline but not for its
-    /// grace yet: for then).
+    /// `Some(its deadline)`, or `None` once it is rescheduled (connected: for a TTL
+    /// and the grace from now at the latest; offline but not for its grace yet: for
+    /// then).
+    ///
+    /// A connected identity stays on the schedule (`ZADD LT`: an earlier entry
+    /// stands). It used to be taken off, and a release that landed between the look
+    /// at its liveness and that removal lost its entry with it: the identity was not
+    /// reaped until it came and left again (test
+    /// `an_identity_that_leaves_while_the_reaper_finds_it_connected_is_still_reaped`).
     async fn due_now(
         &self,
         member: &str,
         live: &super::Liveness,
     ) -> Result<Option<Option<u64>>, AttemptError> {
         if live.live {
-            self.reschedule(member, None).await?;
+            if fault_point("reap-live-pause") {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            let at = live.now + redis_io::ms(self.opts.lease_ttl + self.cfg.orphan_grace);
+            let _: Value = redis::cmd("ZADD")
+                .arg(self.keys.reap())
+                .arg("LT")
+                .arg(at)
+                .arg(member)
+                .query_async(&mut self.redis.clone())
+                .await?;
             return Ok(None);
         }
         let owner_deadline = live
