@@ -2535,16 +2535,7 @@ async fn orphans_are_reaped_only_when_no_gateway_holds_their_identity() {
     eventually(
         "the orphan is reaped",
         Duration::from_secs(10),
-        async || {
-            observer
-                .call(Request::Read {
-                    ptr: lost,
-                    range: None,
-                })
-                .await
-                .status()
-                == Status::AddressFault
-        },
+        async || observer.read(lost).await.status() == Status::AddressFault,
     )
     .await;
     assert_eq!(
@@ -3456,13 +3447,7 @@ async fn a_cluster_outage_longer_than_lease_and_grace_reaps_nothing_of_connected
         );
         orphans_left = 0;
         for p in &orphans {
-            let read = stays
-                .call(Request::Read {
-                    ptr: *p,
-                    range: None,
-                })
-                .await;
-            if read.status() != Status::AddressFault {
+            if stays.read(*p).await.status() != Status::AddressFault {
                 orphans_left += 1;
             }
         }
@@ -3559,16 +3544,7 @@ async fn an_identity_that_leaves_while_a_pass_schedules_is_reaped_on_time() {
     eventually(
         "the orphan is reaped within its grace of the pass's end",
         Duration::from_millis(9000 - 3500),
-        async || {
-            observer
-                .call(Request::Read {
-                    ptr: p,
-                    range: None,
-                })
-                .await
-                .status()
-                == Status::AddressFault
-        },
+        async || observer.read(p).await.status() == Status::AddressFault,
     )
     .await;
 }
@@ -3619,16 +3595,7 @@ async fn an_identity_that_leaves_while_the_reaper_finds_it_connected_is_still_re
     eventually(
         "the orphan is reaped when its grace ends",
         Duration::from_secs(8),
-        async || {
-            observer
-                .call(Request::Read {
-                    ptr: p,
-                    range: None,
-                })
-                .await
-                .status()
-                == Status::AddressFault
-        },
+        async || observer.read(p).await.status() == Status::AddressFault,
     )
     .await;
 }
