@@ -64,6 +64,13 @@ struct GatewayProcess {
 }
 
 impl GatewayProcess {
+    /// A gateway on the shared cluster under `prefix`, with `extra` options, whose
+    /// fault point `fault` (`NETSWAP_FAULT_AT`) happens once.
+    fn with_fault(prefix: &str, extra: &[&str], fault: &str) -> GatewayProcess {
+        let nodes = common::cluster::shared().nodes();
+        GatewayProcess::start(&nodes, prefix, extra, &[("NETSWAP_FAULT_AT", fault)])
+    }
+
     fn start(
         nodes: &[String],
         prefix: &str,
@@ -3011,12 +3018,10 @@ async fn a_delete_keeps_the_markers_of_changes_not_settled_yet() {
 /// record, every later create was refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_whose_reply_was_lost_leaves_no_record() {
-    let cluster = common::cluster::shared();
-    let gw = GatewayProcess::start(
-        &cluster.nodes(),
+    let gw = GatewayProcess::with_fault(
         &fresh_prefix(),
         &["--quota-records", "1"],
-        &[("NETSWAP_FAULT_AT", "create-reply-lost")],
+        "create-reply-lost",
     );
     let mut c = Raw::connect(gw.addr, 2).await;
     let create = Request::Create {
@@ -3462,13 +3467,7 @@ async fn a_cluster_outage_longer_than_lease_and_grace_reaps_nothing_of_connected
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_that_comes_back_while_it_is_reaped_keeps_what_is_left() {
     const RECORDS: usize = 600;
-    let cluster = common::cluster::shared();
-    let gw = GatewayProcess::start(
-        &cluster.nodes(),
-        &fresh_prefix(),
-        &["--orphan-grace", "1"],
-        &[("NETSWAP_FAULT_AT", "reap-pause")],
-    );
+    let gw = GatewayProcess::with_fault(&fresh_prefix(), &["--orphan-grace", "1"], "reap-pause");
     let mut owner = Raw::connect(gw.addr, 2).await;
     let creates = (0..RECORDS)
         .map(|i| Request::Create {
@@ -3526,12 +3525,10 @@ async fn an_identity_that_comes_back_while_it_is_reaped_keeps_what_is_left() {
 /// during the pause: reaped within its grace of the pass's end, not a TTL (9 s) later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_that_leaves_while_a_pass_schedules_is_reaped_on_time() {
-    let cluster = common::cluster::shared();
-    let gw = GatewayProcess::start(
-        &cluster.nodes(),
+    let gw = GatewayProcess::with_fault(
         &fresh_prefix(),
         &["--lease-ttl", "9", "--orphan-grace", "1"],
-        &[("NETSWAP_FAULT_AT", "schedule-pause")],
+        "schedule-pause",
     );
     let connected = Instant::now();
     let mut owner = Raw::connect(gw.addr, 2).await;
@@ -3560,11 +3557,10 @@ async fn an_identity_that_leaves_while_the_reaper_finds_it_connected_is_still_re
     let cluster = common::cluster::shared();
     let prefix = fresh_prefix();
     // A long TTL: no pass of renewals moves the entry while the test runs.
-    let gw = GatewayProcess::start(
-        &cluster.nodes(),
+    let gw = GatewayProcess::with_fault(
         &prefix,
         &["--lease-ttl", "30", "--orphan-grace", "1"],
-        &[("NETSWAP_FAULT_AT", "reap-live-pause")],
+        "reap-live-pause",
     );
     let mut owner = Raw::connect(gw.addr, 2).await;
     let p = owner.create(Access::READ, &b"an orphan soon"[..]).await;
