@@ -668,6 +668,12 @@ impl Collector for HubCollector {
             )?;
             counter(
                 &mut e,
+                "netswap_redis_leases_lapsed",
+                "Lease renewals that found the lease run out: the gateway was paused or cut off from the cluster for longer than --lease-ttl, and its identities were offline for the other gateways meanwhile.",
+                g.leases_lapsed,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_unreplicated_writes",
                 "Writes acknowledged with fewer replicas than --redis-wait-replicas asked (their primary had fewer: a failover).",
                 g.unreplicated_writes,

@@ -2787,6 +2787,80 @@ async fn records_handed_to_an_absent_identity_keep_their_own_deadline() {
     );
 }
 
+/// A gateway paused for longer than the lease TTL (SIGSTOP here; a VM frozen, a long
+/// GC-like stall) lets its leases run out: for the other gateways its identities are
+/// offline, and a record handed to one of them then is parked, charged to its sender.
+/// When the gateway wakes, its next renewal finds the lease run out and counts as a
+/// new lease (generation raised, parked records claimed). It used to renew as if
+/// nothing had happened: the sender paid for the record for as long as the receiver
+/// stayed connected, and with a quota of one record could create nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_paused_past_its_leases_claims_what_was_handed_to_its_clients_meanwhile() {
+    logs_from_env();
+    let prefix = fresh_prefix();
+    let metrics_at = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let paused = GatewayProcess::start(
+        &common::cluster::shared().nodes(),
+        &prefix,
+        &[
+            "--quota-records",
+            "1",
+            "--orphan-grace",
+            "60",
+            "--metrics-listen",
+            &metrics_at.to_string(),
+        ],
+        &[],
+    );
+    let other = gateway(&prefix, |c| {
+        c.store.quota_records = 1;
+        lease_settings(c, Duration::from_secs(2), Some(Duration::from_secs(60)));
+    });
+    let mut receiver = Raw::connect(paused.addr, 2).await;
+    let to = match receiver.ask(Request::Hello).await {
+        Reply::Hello(h) => NewOwner::Identity(h.identity),
+        other => panic!("HELLO: {other:?}"),
+    };
+    let pid = paused.child.id() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // Past the TTL (2 s) from its last renewal.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut sender = Raw::connect(other.addr(), 3).await;
+    let p = sender.create(Access::READ, &b"handed over"[..]).await;
+    assert_eq!(
+        sender.ask(Request::Transfer { ptr: p, to }).await,
+        Reply::Done
+    );
+    let create = Request::Create {
+        access: Access::empty(),
+        data: Bytes::new(),
+    };
+    assert_eq!(
+        sender.call(create.clone()).await.status(),
+        Status::QuotaExceeded,
+        "the receiver is offline for this gateway: the record is parked, charged to its sender"
+    );
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    created_once(
+        "the woken gateway's renewal claims the parked record for its connected client",
+        Duration::from_secs(6),
+        &mut sender,
+        &create,
+    )
+    .await;
+    assert_eq!(receiver.read(p).await, data(b"handed over"));
+    let m = common::scrape(metrics_at);
+    assert!(
+        metric(&m, "netswap_redis_leases_lapsed_total") >= 1.0,
+        "the lapse is counted"
+    );
+    // The receiver pays for it now: its own create is refused (a quota of one).
+    assert_eq!(receiver.call(create).await.status(), Status::QuotaExceeded);
+}
+
 /// Writers of one record through one gateway and through another all get their
 /// writes in, and an orphan that others keep writing is still reaped. Every change is
 /// a compare-and-set: a write that lost a race loads the record and decides again,
@@ -2915,23 +2989,25 @@ async fn die_at(
 /// Creates an empty record, trying again while the quota is exceeded, until a
 /// repair pass frees room (20 s after `started` at most).
 async fn create_once_repaired(c: &mut Raw, started: Instant) {
-    loop {
-        let create = Request::Create {
-            access: Access::empty(),
-            data: Bytes::new(),
-        };
-        match c.call(create).await.status() {
-            Status::Ok => return,
-            Status::QuotaExceeded => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(20),
-                    "never repaired"
-                );
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            s => panic!("{s:?}"),
+    let create = Request::Create {
+        access: Access::empty(),
+        data: Bytes::new(),
+    };
+    let limit = Duration::from_secs(20).saturating_sub(started.elapsed());
+    created_once("repaired", limit, c, &create).await;
+}
+
+/// Sends `create` until it is not refused QUOTA_EXCEEDED, within `limit` (`what`
+/// made room); then it must have been answered OK.
+async fn created_once(what: &str, limit: Duration, c: &mut Raw, create: &Request) {
+    eventually(what, limit, async || {
+        match c.call(create.clone()).await.status() {
+            Status::Ok => true,
+            Status::QuotaExceeded => false,
+            s => panic!("CREATE: {s:?}"),
         }
-    }
+    })
+    .await;
 }
 
 /// A gateway that dies after a delete's commit and before settling its quota: the
@@ -3031,14 +3107,11 @@ async fn a_create_whose_reply_was_lost_leaves_no_record() {
     assert_eq!(c.call(create.clone()).await.status(), Status::Busy);
     // Refused while the lost record's charge and its reservation stand; the
     // reservation is settled past its fence (10 s).
-    eventually(
+    created_once(
         "the lost create's record is gone and its charge given back",
         Duration::from_secs(20),
-        async || match c.call(create.clone()).await.status() {
-            Status::Ok => true,
-            Status::QuotaExceeded => false,
-            s => panic!("CREATE: {s:?}"),
-        },
+        &mut c,
+        &create,
     )
     .await;
     assert_eq!(

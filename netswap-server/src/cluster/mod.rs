@@ -330,6 +330,8 @@ pub(crate) struct ClusterStore {
     /// renewals that failed in all passes.
     renewal_micros: AtomicU64,
     renewals_failed: AtomicU64,
+    /// Renewals that found their lease run out (`scripts::LEASE`).
+    leases_lapsed: AtomicU64,
 }
 
 /// What a gateway counts of its work with Redis (for `/metrics`).
@@ -371,6 +373,9 @@ pub struct GatewayCounts {
     pub lease_renewal_micros: u64,
     /// Lease renewals that failed (each tried again at the next pass).
     pub lease_renewals_failed: u64,
+    /// Lease renewals that found the lease run out: the identity was offline for
+    /// the other gateways (this one paused, or cut off, for longer than the TTL).
+    pub leases_lapsed: u64,
     /// Changes that waited for an earlier change of their record on this gateway.
     pub queued_changes: u64,
     /// Commits of changes that found the record changed since they were decided.
@@ -475,6 +480,7 @@ impl ClusterStore {
             unreplicated: AtomicU64::new(0),
             renewal_micros: AtomicU64::new(0),
             renewals_failed: AtomicU64::new(0),
+            leases_lapsed: AtomicU64::new(0),
             events,
             events_rx: Mutex::new(Some(events_rx)),
             push_rx: Mutex::new(Some(push_rx)),
@@ -524,6 +530,7 @@ impl ClusterStore {
             reply_bytes_held: self.reply_bytes.held(),
             lease_renewal_micros: n(&self.renewal_micros),
             lease_renewals_failed: n(&self.renewals_failed),
+            leases_lapsed: n(&self.leases_lapsed),
             queued_changes: n(&self.serial.queued),
             commit_races_lost: n(&self.races_lost),
             claims: n(&self.claims),
@@ -735,14 +742,15 @@ impl ClusterStore {
     /// Takes (`new`) or renews this gateway's lease on `id` and puts the identity on
     /// the reaper's schedule for when the lease could have run out.
     async fn take_lease(&self, id: &Identity, new: bool) -> redis::RedisResult<u64> {
-        let now = self.lease(id, new).await?;
+        let (now, _) = self.lease(id, new).await?;
         self.schedule_after_leases(now, std::slice::from_ref(id))
             .await?;
         Ok(now)
     }
 
-    /// The lease itself (the `LEASE` script): Redis's time then.
-    async fn lease(&self, id: &Identity, new: bool) -> redis::RedisResult<u64> {
+    /// The lease itself (the `LEASE` script): Redis's time then, and whether a
+    /// renewal found the lease run out (then taken anew, see [`scripts::LEASE`]).
+    async fn lease(&self, id: &Identity, new: bool) -> redis::RedisResult<(u64, bool)> {
         let k = self.keys.identity(id);
         let ttl = redis_io::ms(self.opts.lease_ttl).to_string();
         let v = redis_io::run(
@@ -756,12 +764,15 @@ impl ClusterStore {
             ],
         )
         .await?;
-        let now = match &v {
-            Value::Array(items) => items.first().and_then(redis_io::as_int).unwrap_or(0) as u64,
-            _ => 0,
+        let (now, lapsed) = match &v {
+            Value::Array(items) => (
+                items.first().and_then(redis_io::as_int).unwrap_or(0) as u64,
+                items.get(2).and_then(redis_io::as_int) == Some(1),
+            ),
+            _ => (0, false),
         };
         self.note_clock(now);
-        Ok(now)
+        Ok((now, lapsed))
     }
 
     /// The reaper looks at each of `ids` once a lease taken at `now` could have run
@@ -1016,6 +1027,7 @@ impl ClusterStore {
             .map(|(id, _)| *id)
             .collect();
         let mut renewed = Vec::with_capacity(held.len());
+        let mut lapsed = Vec::new();
         let mut latest = 0;
         let mut failed = 0u64;
         let mut first_error = None;
@@ -1041,9 +1053,12 @@ impl ClusterStore {
         while let Some((id, r)) = each.next().await {
             match r {
                 None => {}
-                Some(Ok(now)) => {
+                Some(Ok((now, ran_out))) => {
                     latest = latest.max(now);
                     renewed.push(id);
+                    if ran_out {
+                        lapsed.push(id);
+                    }
                 }
                 Some(Err(e)) => {
                     failed += 1;
@@ -1081,6 +1096,20 @@ impl ClusterStore {
         self.renewals_failed.fetch_add(failed, Ordering::Relaxed);
         self.renewal_micros
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if !lapsed.is_empty() {
+            // Offline for every other gateway meanwhile: what was handed to these
+            // identities then is charged to its senders until claimed, as at a
+            // connect (the `LEASE` script raised their generations).
+            warn!(
+                identities = lapsed.len(),
+                "leases had run out before their renewal (this gateway was paused or cut off from the cluster for longer than --lease-ttl); their identities were offline for other gateways and are connected again"
+            );
+            self.leases_lapsed
+                .fetch_add(lapsed.len() as u64, Ordering::Relaxed);
+            futures_util::stream::iter(lapsed)
+                .for_each_concurrent(RENEW_AT_ONCE, |id| self.claim_parked(id))
+                .await;
+        }
     }
 
     /// Moves the charge of every record handed to `id` while it was away to `id`

@@ -352,24 +352,34 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 "#;
 
-/// Takes or renews a gateway's lease on an identity: `{now, generation}`. A new lease
-/// (`ARGV[3] == '1'`) raises the identity's generation (a connect voids deadlines set
-/// before it) to Redis's time in ms, or one more than it was if that is later: so it
-/// never repeats, even after [`FORGET_IDENTITY`] deleted the hash that held it.
+/// Takes or renews a gateway's lease on an identity: `{now, generation, lapsed}`. A
+/// new lease (`ARGV[3] == '1'`) raises the identity's generation (a connect voids
+/// deadlines set before it) to Redis's time in ms, or one more than it was if that is
+/// later: so it never repeats, even after [`FORGET_IDENTITY`] deleted the hash that
+/// held it. A renewal (`'0'`) that finds this gateway's lease run out (its entry
+/// expired, or gone with the identity's forgotten hash: the gateway was paused or cut
+/// off from the cluster for longer than the TTL) is `lapsed` (1): for every other
+/// gateway the identity was offline meanwhile, so it counts as a new lease, and the
+/// gateway claims what was handed to the identity then.
 ///
 /// KEYS: leases, quota hash. ARGV: gateway, ttl ms, new ('1'/'0').
 pub(crate) static LEASE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(&format!(
         r#"{NOW}
+local lapsed = 0
+if ARGV[3] ~= '1' then
+  local held = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  if not held or tonumber(held) <= now then lapsed = 1 end
+end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local g
-if ARGV[3] == '1' then
+if ARGV[3] == '1' or lapsed == 1 then
   g = math.max(now, tonumber(redis.call('HGET', KEYS[2], 'g') or '0') + 1)
   redis.call('HSET', KEYS[2], 'g', g)
 else
   g = tonumber(redis.call('HGET', KEYS[2], 'g') or '0')
 end
-return {{now, g}}
+return {{now, g, lapsed}}
 "#
     ))
 });
