@@ -499,6 +499,12 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
     };
     let chores = [
         tokio::spawn(every(
+            c.check_every(),
+            stop.clone(),
+            c.clone(),
+            |c| async move { c.check_connection().await },
+        )),
+        tokio::spawn(every(
             c.lease_renewal(),
             stop.clone(),
             c.clone(),

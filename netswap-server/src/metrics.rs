@@ -674,6 +674,12 @@ impl Collector for HubCollector {
             )?;
             counter(
                 &mut e,
+                "netswap_redis_connections_replaced",
+                "Connections to Redis Cluster replaced because they stopped answering while the cluster answered a new one (the redis crate's recovery after a failover did not complete).",
+                g.connections_replaced,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_unreplicated_writes",
                 "Writes acknowledged with fewer replicas than --redis-wait-replicas asked (their primary had fewer: a failover).",
                 g.unreplicated_writes,

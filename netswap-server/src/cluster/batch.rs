@@ -123,7 +123,7 @@ impl Batcher {
 
     /// The batcher's task: sends what comes in, forever (the store aborts it when
     /// dropped).
-    pub async fn drive(self: Arc<Self>, conn: ClusterConnection) {
+    pub async fn drive(self: Arc<Self>, commands: Arc<super::Commands>) {
         let mut sending = FuturesUnordered::new();
         loop {
             tokio::select! {
@@ -139,7 +139,7 @@ impl Batcher {
                         group(std::mem::take(&mut inner.queue), &inner.primaries)
                     };
                     for g in groups {
-                        sending.push(send_group(conn.clone(), g, &self.counters));
+                        sending.push(send_group(commands.get(), g, &self.counters));
                     }
                 }
             }

@@ -224,7 +224,7 @@ impl ClusterStore {
     /// does not see the mark is one the load sees.
     async fn mark_watched(&self, ptr: Pointer) -> redis::RedisResult<()> {
         let k = self.keys.record(ptr);
-        redis_io::run(&self.redis, &scripts::WATCHED, &[k.meta.as_str()], &[]).await?;
+        redis_io::run(&self.redis(), &scripts::WATCHED, &[k.meta.as_str()], &[]).await?;
         Ok(())
     }
 

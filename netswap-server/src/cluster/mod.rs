@@ -71,6 +71,16 @@ const RESEND_FOR: Duration = Duration::from_secs(15);
 const UNDO_FOR: Duration = Duration::from_secs(600);
 /// Events remembered per watched record, for watches being registered.
 const RECENT_EVENTS: usize = 64;
+/// Looks in a row without an answer ([`ClusterStore::check_connection`], one a
+/// second, each waiting up to [`PING_WAIT`]) before a new connection is tried. A
+/// `PING` goes to any node the connection holds, so a failover (whose primary's
+/// commands wait) does not keep it from being answered; one that is not answered for
+/// two looks means the connection stopped serving, or the whole cluster did.
+const UNANSWERED_BEFORE_NEW: u64 = 2;
+
+/// How long a look waits for the `PING`'s answer (at most the response timeout).
+const PING_WAIT: Duration = Duration::from_secs(1);
+
 /// Leases renewed at once (`ClusterStore::renew_leases`).
 const RENEW_AT_ONCE: usize = 64;
 /// Identities put on the reaper's schedule per `ZADD`.
@@ -244,9 +254,25 @@ struct Held {
     leased: bool,
 }
 
+/// The connection that carries a gateway's commands, replaced when it stops
+/// answering while the cluster answers a new one ([`ClusterStore::check_connection`]).
+pub(crate) struct Commands(std::sync::RwLock<ClusterConnection>);
+
+impl Commands {
+    /// The connection now (a handle: cheap to clone, and a request sent on it goes
+    /// on even if it is replaced meanwhile).
+    pub fn get(&self) -> ClusterConnection {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replace(&self, conn: ClusterConnection) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = conn;
+    }
+}
+
 /// The Redis Cluster backend. See the module documentation.
 pub(crate) struct ClusterStore {
-    redis: ClusterConnection,
+    commands: Arc<Commands>,
     /// The connection that holds the watch subscriptions, and nothing else: Redis
     /// sends an `SUNSUBSCRIBE` nobody asked for when a slot moves to another primary,
     /// and the `redis` crate (1.8) takes any such push for the reply to the oldest
@@ -332,6 +358,10 @@ pub(crate) struct ClusterStore {
     renewals_failed: AtomicU64,
     /// Renewals that found their lease run out (`scripts::LEASE`).
     leases_lapsed: AtomicU64,
+    /// Looks in a row at the command connection that it did not answer
+    /// ([`ClusterStore::check_connection`]), and the times it was replaced.
+    unanswered: AtomicU64,
+    connections_replaced: AtomicU64,
 }
 
 /// What a gateway counts of its work with Redis (for `/metrics`).
@@ -376,6 +406,9 @@ pub struct GatewayCounts {
     /// Lease renewals that found the lease run out: the identity was offline for
     /// the other gateways (this one paused, or cut off, for longer than the TTL).
     pub leases_lapsed: u64,
+    /// Command connections replaced because they stopped answering while the
+    /// cluster answered a new one ([`ClusterStore::check_connection`]).
+    pub connections_replaced: u64,
     /// Changes that waited for an earlier change of their record on this gateway.
     pub queued_changes: u64,
     /// Commits of changes that found the record changed since they were decided.
@@ -458,11 +491,12 @@ impl ClusterStore {
         let turns =
             (opts.max_in_flight > 0).then(|| tokio::sync::Semaphore::new(opts.max_in_flight));
         let batch = opts.batch.then(|| Arc::new(batch::Batcher::default()));
+        let commands = Arc::new(Commands(std::sync::RwLock::new(redis)));
         let batch_task = batch
             .as_ref()
-            .map(|b| tokio::spawn(b.clone().drive(redis.clone())));
+            .map(|b| tokio::spawn(b.clone().drive(commands.clone())));
         let store = ClusterStore {
-            redis,
+            commands,
             subs,
             cfg,
             key,
@@ -481,6 +515,8 @@ impl ClusterStore {
             renewal_micros: AtomicU64::new(0),
             renewals_failed: AtomicU64::new(0),
             leases_lapsed: AtomicU64::new(0),
+            unanswered: AtomicU64::new(0),
+            connections_replaced: AtomicU64::new(0),
             events,
             events_rx: Mutex::new(Some(events_rx)),
             push_rx: Mutex::new(Some(push_rx)),
@@ -531,10 +567,71 @@ impl ClusterStore {
             lease_renewal_micros: n(&self.renewal_micros),
             lease_renewals_failed: n(&self.renewals_failed),
             leases_lapsed: n(&self.leases_lapsed),
+            connections_replaced: n(&self.connections_replaced),
             queued_changes: n(&self.serial.queued),
             commit_races_lost: n(&self.races_lost),
             claims: n(&self.claims),
         }
+    }
+
+    /// The connection for commands now (see [`Commands`]).
+    fn redis(&self) -> ClusterConnection {
+        self.commands.get()
+    }
+
+    /// How often [`ClusterStore::check_connection`] runs.
+    pub fn check_every(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    /// Looks whether the connection that carries this gateway's commands still
+    /// answers (a `PING` to any node); after [`UNANSWERED_BEFORE_NEW`] looks in a row
+    /// that got no answer, makes a new connection, and if that one answers, it
+    /// replaces the old one.
+    ///
+    /// The `redis` crate (1.8) can stop serving a cluster connection for good: under
+    /// load, while a primary fails over, its recovery (reading the slots again, or
+    /// connecting to the initial nodes again) never completes, and every request on
+    /// that connection times out from then on, while the cluster serves a new
+    /// connection at once. The soak under failovers found it
+    /// (`scripts/chaos-cluster.sh`: after the first SIGKILL of a primary, every
+    /// command of the gateway timed out for the 15 minutes the run went on). A
+    /// cluster that is down fails the new connection too, and nothing is replaced.
+    pub async fn check_connection(&self) {
+        let ping = async |c: ClusterConnection| {
+            let ping = redis::cmd("PING");
+            let any = redis::cluster_routing::RoutingInfo::SingleNode(
+                redis::cluster_routing::SingleNodeRoutingInfo::Random,
+            );
+            matches!(
+                tokio::time::timeout(
+                    PING_WAIT.min(self.opts.response_timeout),
+                    c.clone().route_command(ping, any)
+                )
+                .await,
+                Ok(Ok(_))
+            )
+        };
+        if ping(self.redis()).await {
+            self.unanswered.store(0, Ordering::Relaxed);
+            return;
+        }
+        if self.unanswered.fetch_add(1, Ordering::Relaxed) + 1 < UNANSWERED_BEFORE_NEW {
+            return;
+        }
+        let Ok(fresh) = cluster_connection(&self.opts, None).await else {
+            return; // the cluster does not answer a new connection either
+        };
+        if !ping(fresh.clone()).await {
+            return;
+        }
+        warn!(
+            looks = self.unanswered.load(Ordering::Relaxed),
+            "the connection to Redis Cluster stopped answering while the cluster answers a new one; replaced it"
+        );
+        self.commands.replace(fresh);
+        self.unanswered.store(0, Ordering::Relaxed);
+        self.connections_replaced.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Notifications for local watchers (taken once, by the server's event task).
@@ -599,8 +696,7 @@ impl ClusterStore {
     pub async fn refresh_topology(&self) {
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
         let nodes = self
-            .redis
-            .clone()
+            .redis()
             .route_command(
                 redis::cmd("CLUSTER").arg("NODES").clone(),
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
@@ -633,7 +729,7 @@ impl ClusterStore {
             let Some((host, port)) = nodes.get(&id) else {
                 continue;
             };
-            match redis_io::load_scripts_on(&self.redis, host, *port).await {
+            match redis_io::load_scripts_on(&self.redis(), host, *port).await {
                 Ok(()) => {
                     debug!(node = %id, "scripts loaded on a new primary");
                     lock(&self.scripted).insert(id);
@@ -653,7 +749,7 @@ impl ClusterStore {
         in_hash: bool,
     ) -> redis::RedisResult<Option<redis_io::Stored>> {
         redis_io::load(
-            &self.redis,
+            &self.redis(),
             self.batch.as_deref(),
             &self.keys.record(ptr),
             range,
@@ -754,7 +850,7 @@ impl ClusterStore {
         let k = self.keys.identity(id);
         let ttl = redis_io::ms(self.opts.lease_ttl).to_string();
         let v = redis_io::run(
-            &self.redis,
+            &self.redis(),
             &scripts::LEASE,
             &[&k.leases, &k.quota],
             &[
@@ -792,7 +888,7 @@ impl ClusterStore {
             }
             cmd.ignore();
         }
-        pipe.query_async::<()>(&mut self.redis.clone()).await
+        pipe.query_async::<()>(&mut self.redis()).await
     }
 
     /// A connection of `id` closed: the last one here releases the lease, unless a
@@ -839,7 +935,7 @@ impl ClusterStore {
     async fn release_lease(&self, id: &Identity) {
         let k = self.keys.identity(id);
         let released = redis_io::run(
-            &self.redis,
+            &self.redis(),
             &scripts::RELEASE,
             &[&k.leases, &k.quota],
             &[self.gateway.as_bytes()],
@@ -859,7 +955,7 @@ impl ClusterStore {
                         .arg(self.keys.reap())
                         .arg(due)
                         .arg(keys::reap_identity(id))
-                        .query_async::<Value>(&mut self.redis.clone())
+                        .query_async::<Value>(&mut self.redis())
                         .await;
                 }
             }
@@ -884,7 +980,7 @@ impl ClusterStore {
     /// primary (for monitoring and tests: it reads every key of the prefix).
     pub async fn count_records(&self) -> redis::RedisResult<(u64, u64)> {
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-        let mut conn = self.redis.clone();
+        let mut conn = self.redis();
         let nodes = conn
             .route_command(
                 redis::cmd("CLUSTER").arg("NODES").clone(),
@@ -977,7 +1073,7 @@ impl ClusterStore {
         let counted = self.count_records().await;
         let pending: redis::RedisResult<u64> = redis::cmd("ZCARD")
             .arg(self.keys.reap())
-            .query_async(&mut self.redis.clone())
+            .query_async(&mut self.redis())
             .await;
         let mut c = lock(&self.counts);
         if let Ok((r, b)) = counted {
@@ -1118,7 +1214,7 @@ impl ClusterStore {
         let k = self.keys.identity(&id);
         let parked: Vec<Vec<u8>> = match redis::cmd("SMEMBERS")
             .arg(&k.parked)
-            .query_async(&mut self.redis.clone())
+            .query_async(&mut self.redis())
             .await
         {
             Ok(v) => v,
@@ -1154,7 +1250,7 @@ impl ClusterStore {
             let _: Value = redis::cmd("SREM")
                 .arg(&k.parked)
                 .arg(ptr.to_string())
-                .query_async(&mut self.redis.clone())
+                .query_async(&mut self.redis())
                 .await?;
             return Ok(true);
         };
@@ -1162,7 +1258,7 @@ impl ClusterStore {
             let _: Value = redis::cmd("SREM")
                 .arg(&k.parked)
                 .arg(ptr.to_string())
-                .query_async(&mut self.redis.clone())
+                .query_async(&mut self.redis())
                 .await?;
             return Ok(true);
         };
@@ -1175,7 +1271,7 @@ impl ClusterStore {
         let deadline = now + redis_io::ms(FENCE);
         self.quota
             .reserve(
-                &self.redis,
+                &self.redis(),
                 &self.cfg,
                 id,
                 &op,
@@ -1188,10 +1284,10 @@ impl ClusterStore {
             .await?;
         if let Err(e) = self
             .quota
-            .note_release(&self.redis, &payer, &op, ptr, charge, deadline)
+            .note_release(&self.redis(), &payer, &op, ptr, charge, deadline)
             .await
         {
-            let _ = self.quota.settle(&self.redis, id, &op, false).await;
+            let _ = self.quota.settle(&self.redis(), id, &op, false).await;
             return Err(e);
         }
         let change = Change {
@@ -1221,7 +1317,7 @@ impl ClusterStore {
             let _: Value = redis::cmd("SREM")
                 .arg(&k.parked)
                 .arg(ptr.to_string())
-                .query_async(&mut self.redis.clone())
+                .query_async(&mut self.redis())
                 .await?;
         }
         Ok(ok)
@@ -1240,7 +1336,13 @@ impl ClusterStore {
     /// `a_cluster_outage_longer_than_lease_and_grace_reaps_nothing_of_connected_clients`).
     async fn liveness(&self, id: &Identity) -> redis::RedisResult<Liveness> {
         let k = self.keys.identity(id);
-        let v = redis_io::run(&self.redis, &scripts::LIVENESS, &[&k.leases, &k.quota], &[]).await?;
+        let v = redis_io::run(
+            &self.redis(),
+            &scripts::LIVENESS,
+            &[&k.leases, &k.quota],
+            &[],
+        )
+        .await?;
         let Value::Array(items) = v else {
             return Err(RedisError::from((redis::ErrorKind::Parse, "LIVENESS")));
         };
@@ -1387,7 +1489,7 @@ impl ClusterStore {
             match self
                 .quota
                 .reserve(
-                    &self.redis,
+                    &self.redis(),
                     &self.cfg,
                     &me,
                     &op,
@@ -1415,7 +1517,7 @@ impl ClusterStore {
             };
             let indexed = batch::Batcher::send_idempotent(
                 self.batch.as_deref(),
-                &self.redis,
+                &self.redis(),
                 &ik.owned,
                 sadd,
             )
@@ -1477,7 +1579,7 @@ impl ClusterStore {
                     // A pointer that exists already (a re-send that finds the record
                     // changed is that too: ours would carry our operation id), or the
                     // fence: give the charge back and try another pointer.
-                    let _ = self.quota.settle(&self.redis, &me, &op, false).await;
+                    let _ = self.quota.settle(&self.redis(), &me, &op, false).await;
                     if c == Committed::Fenced {
                         return Reply::error(
                             netswap_proto::Status::Busy,
@@ -1554,7 +1656,7 @@ impl ClusterStore {
     /// without delaying the reply, then removes its marker; a failure leaves them to
     /// the repair pass (which reads the marker).
     fn settle_later(&self, ptr: Pointer, op: String, ids: Vec<Identity>, committed: bool) {
-        let redis = self.redis.clone();
+        let redis = self.redis();
         let quota = self.quota.clone();
         let batch = self.batch.clone();
         let meta = self.keys.record(ptr).meta;
@@ -1582,7 +1684,7 @@ impl ClusterStore {
     /// requests' commands when batching; what they do may be left undone (index
     /// clean-up that the reaper and claims tolerate).
     fn send_later(&self, key: String, cmds: Vec<redis::Cmd>) {
-        let redis = self.redis.clone();
+        let redis = self.redis();
         let batch = self.batch.clone();
         tokio::spawn(async move {
             if let Err(e) =
@@ -1636,7 +1738,7 @@ impl ClusterStore {
             // A re-send goes alone, not with other requests' commits.
             let batch = if resent { None } else { self.batch.as_deref() };
             let committed =
-                redis_io::commit(&self.redis, batch, &keys, change, self.wait_for(ptr)).await;
+                redis_io::commit(&self.redis(), batch, &keys, change, self.wait_for(ptr)).await;
             match &committed {
                 Ok((Committed::Changed(found), _)) => {
                     // The state the commit found: the next attempt is decided on it.

@@ -74,7 +74,7 @@ impl ClusterStore {
         };
         let data = match &rec.data {
             Some(d) if d.len() as u64 == end - start => d.clone(),
-            _ => match redis_io::range(&self.redis, &self.keys.record(ptr), rec.rev, start, end)
+            _ => match redis_io::range(&self.redis(), &self.keys.record(ptr), rec.rev, start, end)
                 .await
             {
                 Ok(Some(d)) => d,
@@ -332,7 +332,7 @@ impl ClusterStore {
             // Boxed (writes that change a record's size are the rarer ones).
             let noted = if w.bytes_delta > 0 {
                 Box::pin(self.quota.reserve(
-                    &self.redis,
+                    &self.redis(),
                     &self.cfg,
                     &payer,
                     &op,
@@ -346,7 +346,7 @@ impl ClusterStore {
             } else {
                 Box::pin(
                     self.quota
-                        .note_release(&self.redis, &payer, &op, ptr, amount, deadline),
+                        .note_release(&self.redis(), &payer, &op, ptr, amount, deadline),
                 )
                 .await
             };
@@ -413,7 +413,7 @@ impl ClusterStore {
             bytes: rec.size,
         };
         self.quota
-            .note_release(&self.redis, &payer, &op, ptr, back, deadline)
+            .note_release(&self.redis(), &payer, &op, ptr, back, deadline)
             .await?;
         let change = Change {
             expected: Some(rec.rev),
@@ -495,7 +495,7 @@ impl ClusterStore {
             match self
                 .quota
                 .reserve(
-                    &self.redis,
+                    &self.redis(),
                     &self.cfg,
                     &to,
                     &op,
@@ -513,10 +513,10 @@ impl ClusterStore {
             }
             if let Err(e) = self
                 .quota
-                .note_release(&self.redis, &old_payer, &op, ptr, charge, deadline)
+                .note_release(&self.redis(), &old_payer, &op, ptr, charge, deadline)
                 .await
             {
-                let _ = self.quota.settle(&self.redis, &to, &op, false).await;
+                let _ = self.quota.settle(&self.redis(), &to, &op, false).await;
                 return Err(e.into());
             }
         }
@@ -547,7 +547,7 @@ impl ClusterStore {
         // reaper does not forget the identity while the record is on its way).
         let tk = self.keys.identity(&to);
         let indexed = redis_io::run(
-            &self.redis,
+            &self.redis(),
             &scripts::INDEX_OWNED,
             &[&tk.owned, &tk.parked, &tk.quota],
             &[
@@ -581,7 +581,7 @@ impl ClusterStore {
                 .arg(self.keys.reap())
                 .arg(x)
                 .arg(keys::reap_record(ptr))
-                .query_async(&mut self.redis.clone())
+                .query_async(&mut self.redis())
                 .await;
         }
         let change = Change {
@@ -616,7 +616,7 @@ impl ClusterStore {
                     .arg(ptr.to_string())
                     .ignore();
             }
-            let _ = pipe.query_async::<Value>(&mut self.redis.clone()).await;
+            let _ = pipe.query_async::<Value>(&mut self.redis()).await;
         }
         match committed? {
             Committed::Yes => done(Reply::Done),

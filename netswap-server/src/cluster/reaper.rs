@@ -61,7 +61,7 @@ impl ClusterStore {
     /// One round of reaping, if this gateway is (or becomes) the reaper: up to
     /// [`BATCH`] entries of the schedule that are due, [`DUE_AT_ONCE`] at a time.
     pub async fn reap_once(&self) -> Result<Round, AttemptError> {
-        let mut redis = self.redis.clone();
+        let mut redis = self.redis();
         let got: Option<String> = redis::cmd("SET")
             .arg(self.keys.reap_lock())
             .arg(&self.gateway)
@@ -84,7 +84,7 @@ impl ClusterStore {
                 .query_async(&mut redis)
                 .await?;
         }
-        let (now, _) = redis_io::redis_now(&self.redis).await?;
+        let (now, _) = redis_io::redis_now(&self.redis()).await?;
         self.note_clock(now);
         let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(self.keys.reap())
@@ -123,13 +123,13 @@ impl ClusterStore {
         let _: Value = redis::cmd("ZREM")
             .arg(self.keys.reap())
             .arg(&member)
-            .query_async(&mut self.redis.clone())
+            .query_async(&mut self.redis())
             .await?;
         Ok(0)
     }
 
     async fn reschedule(&self, member: &str, at: Option<u64>) -> redis::RedisResult<()> {
-        let mut redis = self.redis.clone();
+        let mut redis = self.redis();
         match at {
             Some(t) => {
                 let _: Value = redis::cmd("ZADD")
@@ -175,7 +175,7 @@ impl ClusterStore {
                 .arg("LT")
                 .arg(at)
                 .arg(member)
-                .query_async(&mut self.redis.clone())
+                .query_async(&mut self.redis())
                 .await?;
             return Ok(None);
         }
@@ -202,7 +202,7 @@ impl ClusterStore {
         let k = self.keys.identity(id);
         let owned: Vec<String> = redis::cmd("SMEMBERS")
             .arg(&k.owned)
-            .query_async(&mut self.redis.clone())
+            .query_async(&mut self.redis())
             .await?;
         let (mut reaped, mut contended) = (0, false);
         for (i, chunk) in owned.chunks(REAP_PER_LOOK).enumerate() {
@@ -229,7 +229,7 @@ impl ClusterStore {
                 }
             }
         }
-        self.quota.repair(&self.redis, id, live.now).await?;
+        self.quota.repair(&self.redis(), id, live.now).await?;
         if contended {
             let again = live.now + redis_io::ms(CONTENDED_RETRY);
             self.reschedule(member, Some(again)).await?;
@@ -237,7 +237,7 @@ impl ClusterStore {
         }
         // Nothing of it left: nothing of it stays in Redis (the script checks).
         redis_io::run(
-            &self.redis,
+            &self.redis(),
             &scripts::FORGET_IDENTITY,
             &[&k.leases, &k.quota, &k.owned, &k.parked],
             &[],
@@ -269,7 +269,7 @@ impl ClusterStore {
                 let _: Value = redis::cmd("SREM")
                     .arg(owned)
                     .arg(&s)
-                    .query_async(&mut self.redis.clone())
+                    .query_async(&mut self.redis())
                     .await?;
                 return Ok(Reaping::Kept);
             };

@@ -959,13 +959,18 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
                     .keys()
                     .nth(rng.random_range(0..mine.len().max(1)))
                     .copied();
-                // A write whose reply was lost with the connection (a server restart):
-                // the record holds the old state or the new one.
+                // A write whose reply was lost with the connection (a server restart),
+                // or answered BUSY by a gateway on a Redis Cluster (it failed over while
+                // the change was committed, or did not answer in time: the change may
+                // have been applied): the record holds the old state or the new one.
                 let mut uncertain: Option<(Pointer, Option<Known>)> = None;
                 let lost = |e: &Error| {
                     matches!(
                         e,
-                        Error::Disconnected(_) | Error::Io(_) | Error::Timeout { .. }
+                        Error::Disconnected(_)
+                            | Error::Io(_)
+                            | Error::Timeout { .. }
+                            | Error::Busy(_)
                     )
                 };
                 match (roll, pick) {
@@ -1038,13 +1043,8 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
                     // Ask what became of it: exactly the old or the new state is fine.
                     unknown.fetch_add(1, Ordering::Relaxed);
                     let old = mine.get(&p).cloned();
-                    let (d, i) = loop {
-                        match (client.read(p).await, client.info(p).await) {
-                            (Err(e), _) | (_, Err(e)) if lost(&e) => client = connect().await,
-                            other => break other,
-                        }
-                    };
-                    let now = match (d, i) {
+                    let (d, i) = read_settled(&mut client, p, &connect).await;
+                    let now = match (&d, &i) {
                         (Ok(d), Ok(i)) => Some((d.to_vec(), i.version)),
                         _ => None,
                     };
@@ -1058,7 +1058,13 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
                             }
                         }
                     } else {
-                        assert_eq!(now, old, "record {p} is neither the old nor the new state");
+                        assert_eq!(
+                            now,
+                            old,
+                            "record {p} is neither the old nor the new state (read: {:?}, info: {:?})",
+                            d.map(|d| d.len()),
+                            i
+                        );
                     }
                 }
             }
@@ -1066,7 +1072,7 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
             let mut checked = 0;
             let mut mismatches = Vec::new();
             for (p, (data, version)) in &mine {
-                match (client.read(*p).await, client.info(*p).await) {
+                match read_settled(&mut client, *p, &connect).await {
                     (Ok(d), Ok(i)) if d[..] == data[..] && i.version == *version => checked += 1,
                     (d, i) => mismatches.push(format!("{p}: {:?} / {:?}", d.map(|d| d.len()), i)),
                 }
@@ -1096,6 +1102,31 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
     result.reconnects = reconnects.load(Ordering::Relaxed);
     result.unknown_outcomes = unknown.load(Ordering::Relaxed);
     result
+}
+
+/// A READ and an INFO of `p`, again (on a new connection from `connect` when the
+/// last one was lost) until neither is answered BUSY nor lost: what the record holds
+/// once the server can tell.
+async fn read_settled<F: Future<Output = Client>>(
+    client: &mut Client,
+    p: Pointer,
+    connect: &impl Fn() -> F,
+) -> (
+    Result<bytes::Bytes, Error>,
+    Result<netswap_client::RecordInfo, Error>,
+) {
+    loop {
+        match (client.read(p).await, client.info(p).await) {
+            (Err(Error::Busy(_)), _) | (_, Err(Error::Busy(_))) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            (Err(Error::Disconnected(_) | Error::Io(_) | Error::Timeout { .. }), _)
+            | (_, Err(Error::Disconnected(_) | Error::Io(_) | Error::Timeout { .. })) => {
+                *client = connect().await
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A record's bytes and version as a soak task last saw them acknowledged.
@@ -1179,12 +1210,22 @@ impl ServerProcess {
     }
 
     /// Like [`ServerProcess::start`] on a given address (a restart on the same port).
+    /// Its log goes to the file `NETSWAP_SERVER_LOG` names (appended), if set.
     pub fn start_at(bin: &str, listen: SocketAddr, args: &[&str]) -> ServerProcess {
+        let log = match std::env::var_os("NETSWAP_SERVER_LOG") {
+            Some(path) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("the server's log file")
+                .into(),
+            None => std::process::Stdio::null(),
+        };
         let mut child = std::process::Command::new(bin)
             .args(["--listen", &listen.to_string(), "--threads", "1"])
             .args(args)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("server binary (build it: cargo build --release -p netswap-server)");
         let mut line = String::new();

@@ -6,7 +6,8 @@
 //! Run: `cargo run --release -p netswap-hardening --bin soak -- --seconds 180`
 //! (add `--restart-after 60` to restart the server from its snapshot mid-way; add
 //! `--store redis-cluster://HOST:PORT,...` to run against a gateway on a Redis Cluster,
-//! under a key prefix of its own, where a restart is the gateway's).
+//! under a key prefix of its own, where a restart is the gateway's; `--server-arg` passes
+//! further options, such as `--redis-wait-replicas 1`).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,10 @@ struct Args {
     /// instead of the embedded store.
     #[arg(long)]
     store: Option<String>,
+    /// One more option for the server (repeat for several), e.g.
+    /// `--server-arg=--redis-wait-replicas --server-arg=1`.
+    #[arg(long, allow_hyphen_values = true)]
+    server_arg: Vec<String>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -86,6 +91,7 @@ async fn main() {
             "0",
         ]);
     }
+    flags.extend(a.server_arg.iter().map(String::as_str));
     let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
     let args: Vec<&str> = flags.iter().map(String::as_str).collect();
     let server = ServerProcess::start(&a.server_bin, &args);
@@ -153,7 +159,7 @@ async fn main() {
         .await;
         let took = started.elapsed().as_secs_f64();
         println!(
-            "round {round}: {} operations ({:.0}/s), {} deliberate disconnects, {} writes whose reply was lost in a restart (each found old or new), {} records verified, {} mismatches",
+            "round {round}: {} operations ({:.0}/s), {} deliberate disconnects, {} writes of unknown outcome (reply lost in a restart, or BUSY from a gateway; each found old or new), {} records verified, {} mismatches",
             result.ops,
             result.ops as f64 / took,
             result.reconnects,
