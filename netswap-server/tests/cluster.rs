@@ -160,6 +160,15 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// A loopback address nothing listens on now (for a gateway process's `/metrics`, or
+/// a node that is down).
+fn unused_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// The gateways' logs on the test's output when `RUST_LOG` says which.
 fn logs_from_env() {
     if std::env::var_os("RUST_LOG").is_some() {
@@ -2798,10 +2807,7 @@ async fn records_handed_to_an_absent_identity_keep_their_own_deadline() {
 async fn a_gateway_paused_past_its_leases_claims_what_was_handed_to_its_clients_meanwhile() {
     logs_from_env();
     let prefix = fresh_prefix();
-    let metrics_at = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let metrics_at = unused_address();
     let paused = GatewayProcess::start(
         &common::cluster::shared().nodes(),
         &prefix,
@@ -3159,10 +3165,7 @@ async fn a_gateway_killed_between_quota_reservation_and_commit_is_repaired() {
 
 #[test]
 fn a_cluster_that_is_down_at_start_is_a_clear_error() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    }; // nothing listens there now
+    let port = unused_address().port(); // nothing listens there now
     let key = std::env::temp_dir().join(format!("netswap-down-key-{}", std::process::id()));
     std::fs::write(&key, GATEWAY_KEY).unwrap();
     let start = Instant::now();
@@ -3469,10 +3472,7 @@ async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
 async fn a_gateway_under_load_serves_again_after_a_primary_fails_over() {
     logs_from_env();
     let mut cluster = RedisCluster::start(3, 1, false);
-    let metrics_at = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let metrics_at = unused_address();
     let gw = GatewayProcess::start(
         &cluster.nodes(),
         &fresh_prefix(),
@@ -3542,6 +3542,59 @@ async fn a_gateway_under_load_serves_again_after_a_primary_fails_over() {
         stalled, 0,
         "connections not served again within 16 s of the primary's SIGKILL"
     );
+}
+
+/// A gateway that replaces its connection for subscriptions (because it stopped
+/// answering, as the command connection did in the soak under failovers; forced here
+/// by `NETSWAP_FAULT_AT=subs-replace` once a record is watched) subscribes again to
+/// every watched record on the new one: its watchers hear of later changes, and of
+/// those made while no subscription was in place. Without that, the old connection
+/// took the subscriptions with it and the watchers heard nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_survive_a_new_connection_for_the_subscriptions() {
+    logs_from_env();
+    let prefix = fresh_prefix();
+    let metrics_at = unused_address();
+    let gw = GatewayProcess::with_fault(
+        &prefix,
+        &["--metrics-listen", &metrics_at.to_string()],
+        "subs-replace",
+    );
+    let writers = gateway(&prefix, |_| {});
+    let mut watcher = Raw::connect(gw.addr, 2).await;
+    let mut writer = Raw::connect(writers.addr(), 3).await;
+    let p = writer
+        .create(Access::READ | Access::WRITE, &b"v1"[..])
+        .await;
+    watcher.send(50, &Request::watch(p)).await;
+    assert_eq!(watcher.reply_to(50).await.status(), Status::Ok);
+    eventually(
+        "the subscriptions' connection is replaced",
+        Duration::from_secs(10),
+        async || {
+            metric(
+                &common::scrape(metrics_at),
+                "netswap_redis_connections_replaced_total",
+            ) >= 1.0
+        },
+    )
+    .await;
+    // The first change may come before the new subscription is in place (then the
+    // watcher hears of it when the gateway looks at the record again) or after it;
+    // the second comes through the new subscription.
+    for version in [2, 3] {
+        let write = Request::Replace {
+            ptr: p,
+            data: Bytes::from(format!("v{version}")),
+        };
+        assert_eq!(writer.ask(write).await, Reply::Written(version));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            changed_event(&mut watcher, 50, p, version),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the watcher hears of version {version} within 10 s"));
+    }
 }
 
 /// A lease runs out while the cluster is unreachable whether or not its gateway is

@@ -184,7 +184,7 @@ impl ClusterStore {
         };
         if first {
             let channel = self.keys.record(ptr).events();
-            let r = self.subs.clone().ssubscribe(&channel).await;
+            let r = self.subs.get().ssubscribe(&channel).await;
             let mut l = lock(&self.local);
             match r {
                 Ok(()) => {
@@ -207,7 +207,7 @@ impl ClusterStore {
             };
             if let Some(mut with_bytes) = with_bytes {
                 self.subs
-                    .clone()
+                    .get()
                     .ssubscribe(self.keys.record(ptr).data_events())
                     .await?;
                 // Switched over when the confirmation is dispatched, in order with the
@@ -306,7 +306,7 @@ impl ClusterStore {
             let k = self.keys.record(p);
             if let Err(e) = self
                 .subs
-                .clone()
+                .get()
                 .sunsubscribe(&[k.events(), k.data_events()][..])
                 .await
             {
@@ -407,6 +407,26 @@ impl ClusterStore {
         }
     }
 
+    /// Subscribes again to the channels of every watched record (on a new connection
+    /// for the subscriptions, `ClusterStore::check_connection`), each in a task of
+    /// its own, and tells their watchers what changed meanwhile.
+    pub(super) fn resubscribe_all(self: &Arc<Self>) {
+        let watched: Vec<(Pointer, bool)> = lock(&self.local)
+            .watched
+            .iter()
+            .map(|(p, e)| (*p, *e.with_bytes.borrow()))
+            .collect();
+        for (ptr, with_bytes) in watched {
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.resubscribe(ptr, false).await;
+                if with_bytes {
+                    me.resubscribe(ptr, true).await;
+                }
+            });
+        }
+    }
+
     /// Subscribes again to a channel of `ptr` that Redis dropped (its slot moved),
     /// trying until it works or nobody here watches the record any more; then, if
     /// it is the channel in use, reports what the watchers missed (`resync`).
@@ -419,7 +439,7 @@ impl ClusterStore {
         };
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.subs.clone().ssubscribe(&channel).await {
+            match self.subs.get().ssubscribe(&channel).await {
                 Ok(()) => {
                     debug!(%ptr, "subscribed again after Redis dropped a subscription");
                     // Confirmed: what changed meanwhile is reported now (the client

@@ -277,8 +277,11 @@ pub(crate) struct ClusterStore {
     /// sends an `SUNSUBSCRIBE` nobody asked for when a slot moves to another primary,
     /// and the `redis` crate (1.8) takes any such push for the reply to the oldest
     /// request in flight on that connection, which would shift every later reply by
-    /// one. Here only (un)subscriptions can be in flight.
-    subs: ClusterConnection,
+    /// one. Here only (un)subscriptions can be in flight. Replaced like `commands`
+    /// when it stops answering ([`ClusterStore::check_connection`]).
+    subs: Commands,
+    /// Where the subscription connection's pushes go (for a new one).
+    push_tx: mpsc::UnboundedSender<PushInfo>,
     cfg: StoreConfig,
     key: IdentityKey,
     opts: ClusterOptions,
@@ -361,6 +364,7 @@ pub(crate) struct ClusterStore {
     /// Looks in a row at the command connection that it did not answer
     /// ([`ClusterStore::check_connection`]), and the times it was replaced.
     unanswered: AtomicU64,
+    subs_unanswered: AtomicU64,
     connections_replaced: AtomicU64,
 }
 
@@ -477,7 +481,9 @@ impl ClusterStore {
     ) -> Result<ClusterStore, String> {
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let redis = cluster_connection(&opts, None).await?;
-        let subs = cluster_connection(&opts, Some(push_tx)).await?;
+        let subs = Commands(std::sync::RwLock::new(
+            cluster_connection(&opts, Some(push_tx.clone())).await?,
+        ));
         let (now, at) = redis_io::redis_now(&redis)
             .await
             .map_err(|e| format!("Redis Cluster {}: {e}", opts.nodes.join(",")))?;
@@ -498,6 +504,7 @@ impl ClusterStore {
         let store = ClusterStore {
             commands,
             subs,
+            push_tx,
             cfg,
             key,
             gateway,
@@ -516,6 +523,7 @@ impl ClusterStore {
             renewals_failed: AtomicU64::new(0),
             leases_lapsed: AtomicU64::new(0),
             unanswered: AtomicU64::new(0),
+            subs_unanswered: AtomicU64::new(0),
             connections_replaced: AtomicU64::new(0),
             events,
             events_rx: Mutex::new(Some(events_rx)),
@@ -584,54 +592,84 @@ impl ClusterStore {
         Duration::from_secs(1)
     }
 
-    /// Looks whether the connection that carries this gateway's commands still
-    /// answers (a `PING` to any node); after [`UNANSWERED_BEFORE_NEW`] looks in a row
-    /// that got no answer, makes a new connection, and if that one answers, it
-    /// replaces the old one.
+    /// Looks whether the connections to the cluster still answer (a `PING` to any
+    /// node on each); after [`UNANSWERED_BEFORE_NEW`] looks in a row that got no
+    /// answer on one, makes a new connection, and if that one answers, it replaces
+    /// the old one. A new connection for the subscriptions subscribes again to every
+    /// watched record's channels and tells the watchers what changed meanwhile.
     ///
     /// The `redis` crate (1.8) can stop serving a cluster connection for good: under
-    /// load, while a primary fails over, its recovery (reading the slots again, or
-    /// connecting to the initial nodes again) never completes, and every request on
-    /// that connection times out from then on, while the cluster serves a new
-    /// connection at once. The soak under failovers found it
+    /// load, while a primary fails over or slots move, its recovery (reading the slots
+    /// again, or connecting to the initial nodes again) never completes, and every
+    /// request on that connection times out from then on, while the cluster serves a
+    /// new connection at once. The soak under failovers found it
     /// (`scripts/chaos-cluster.sh`: after the first SIGKILL of a primary, every
     /// command of the gateway timed out for the 15 minutes the run went on). A
     /// cluster that is down fails the new connection too, and nothing is replaced.
-    pub async fn check_connection(&self) {
-        let ping = async |c: ClusterConnection| {
-            let ping = redis::cmd("PING");
-            let any = redis::cluster_routing::RoutingInfo::SingleNode(
-                redis::cluster_routing::SingleNodeRoutingInfo::Random,
+    pub async fn check_connection(self: &Arc<Self>) {
+        if self.due_for_new(&self.commands, &self.unanswered).await
+            && let Some(fresh) = self.fresh_connection(None).await
+        {
+            warn!(
+                "the connection to Redis Cluster stopped answering while the cluster answers a new one; replaced it"
             );
-            matches!(
-                tokio::time::timeout(
-                    PING_WAIT.min(self.opts.response_timeout),
-                    c.clone().route_command(ping, any)
-                )
-                .await,
-                Ok(Ok(_))
-            )
-        };
-        if ping(self.redis()).await {
-            self.unanswered.store(0, Ordering::Relaxed);
-            return;
+            self.commands.replace(fresh);
+            self.connections_replaced.fetch_add(1, Ordering::Relaxed);
         }
-        if self.unanswered.fetch_add(1, Ordering::Relaxed) + 1 < UNANSWERED_BEFORE_NEW {
-            return;
+        let forced = !lock(&self.local).watched.is_empty() && fault_point("subs-replace");
+        if (self.due_for_new(&self.subs, &self.subs_unanswered).await || forced)
+            && let Some(fresh) = self.fresh_connection(Some(self.push_tx.clone())).await
+        {
+            warn!(
+                "the subscriptions' connection to Redis Cluster stopped answering while the cluster answers a new one; replaced it and subscribing again"
+            );
+            self.subs.replace(fresh);
+            self.connections_replaced.fetch_add(1, Ordering::Relaxed);
+            self.resubscribe_all();
         }
-        let Ok(fresh) = cluster_connection(&self.opts, None).await else {
-            return; // the cluster does not answer a new connection either
-        };
-        if !ping(fresh.clone()).await {
-            return;
-        }
-        warn!(
-            looks = self.unanswered.load(Ordering::Relaxed),
-            "the connection to Redis Cluster stopped answering while the cluster answers a new one; replaced it"
+    }
+
+    /// One look at `conn` (see [`ClusterStore::check_connection`]): whether it is
+    /// due to be replaced, by `unanswered`, its count of looks in a row without an
+    /// answer (reset then).
+    async fn due_for_new(&self, conn: &Commands, unanswered: &AtomicU64) -> bool {
+        let ping = redis::cmd("PING");
+        let any = redis::cluster_routing::RoutingInfo::SingleNode(
+            redis::cluster_routing::SingleNodeRoutingInfo::Random,
         );
-        self.commands.replace(fresh);
-        self.unanswered.store(0, Ordering::Relaxed);
-        self.connections_replaced.fetch_add(1, Ordering::Relaxed);
+        let wait = PING_WAIT.min(self.opts.response_timeout);
+        let answered = matches!(
+            tokio::time::timeout(wait, conn.get().route_command(ping, any)).await,
+            Ok(Ok(_))
+        );
+        if answered {
+            unanswered.store(0, Ordering::Relaxed);
+            return false;
+        }
+        if unanswered.fetch_add(1, Ordering::Relaxed) + 1 < UNANSWERED_BEFORE_NEW {
+            return false;
+        }
+        unanswered.store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// A new connection that answers a `PING`, or `None` (the cluster does not
+    /// answer a new connection either).
+    async fn fresh_connection(
+        &self,
+        pushes: Option<mpsc::UnboundedSender<PushInfo>>,
+    ) -> Option<ClusterConnection> {
+        let fresh = cluster_connection(&self.opts, pushes).await.ok()?;
+        let ping = redis::cmd("PING");
+        let any = redis::cluster_routing::RoutingInfo::SingleNode(
+            redis::cluster_routing::SingleNodeRoutingInfo::Random,
+        );
+        let wait = PING_WAIT.min(self.opts.response_timeout);
+        matches!(
+            tokio::time::timeout(wait, fresh.clone().route_command(ping, any)).await,
+            Ok(Ok(_))
+        )
+        .then_some(fresh)
     }
 
     /// Notifications for local watchers (taken once, by the server's event task).
