@@ -108,5 +108,7 @@ rc=0
 ./target/release/soak --store "redis-cluster://$nodes" --seconds "$secs" --rounds "$rounds" \
   --server-arg=--redis-wait-replicas --server-arg="${NETSWAP_CHAOS_WAIT_REPLICAS:-1}" || rc=$?
 wait $chaos_pid || true
+cp "$work/gateway.log" "${TMPDIR:-/tmp}/netswap-chaos-gateway.log"
+echo "gateway log: ${TMPDIR:-/tmp}/netswap-chaos-gateway.log"
 echo "gateway: $(grep -c 'stopped answering while the cluster answers a new one' "$work/gateway.log" || true) connection(s) to the cluster replaced (at: $(grep 'stopped answering while' "$work/gateway.log" | cut -c12-19 | tr '\n' ' '))"
 exit $rc
