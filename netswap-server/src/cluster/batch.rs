@@ -123,7 +123,7 @@ impl Batcher {
 
     /// The batcher's task: sends what comes in, forever (the store aborts it when
     /// dropped).
-    pub async fn drive(self: Arc<Self>, commands: Arc<super::Commands>) {
+    pub async fn drive(self: Arc<Self>, commands: Arc<super::Replaceable>) {
         let mut sending = FuturesUnordered::new();
         loop {
             tokio::select! {

@@ -254,11 +254,16 @@ struct Held {
     leased: bool,
 }
 
-/// The connection that carries a gateway's commands, replaced when it stops
-/// answering while the cluster answers a new one ([`ClusterStore::check_connection`]).
-pub(crate) struct Commands(std::sync::RwLock<ClusterConnection>);
+/// A connection to the cluster (the one for commands, or the one for subscriptions)
+/// that is replaced when it stops answering while the cluster answers a new one
+/// ([`ClusterStore::check_connection`]).
+pub(crate) struct Replaceable(std::sync::RwLock<ClusterConnection>);
 
-impl Commands {
+impl Replaceable {
+    fn new(conn: ClusterConnection) -> Replaceable {
+        Replaceable(std::sync::RwLock::new(conn))
+    }
+
     /// The connection now (a handle: cheap to clone, and a request sent on it goes
     /// on even if it is replaced meanwhile).
     pub fn get(&self) -> ClusterConnection {
@@ -272,14 +277,14 @@ impl Commands {
 
 /// The Redis Cluster backend. See the module documentation.
 pub(crate) struct ClusterStore {
-    commands: Arc<Commands>,
+    commands: Arc<Replaceable>,
     /// The connection that holds the watch subscriptions, and nothing else: Redis
     /// sends an `SUNSUBSCRIBE` nobody asked for when a slot moves to another primary,
     /// and the `redis` crate (1.8) takes any such push for the reply to the oldest
     /// request in flight on that connection, which would shift every later reply by
     /// one. Here only (un)subscriptions can be in flight. Replaced like `commands`
     /// when it stops answering ([`ClusterStore::check_connection`]).
-    subs: Commands,
+    subs: Replaceable,
     /// Where the subscription connection's pushes go (for a new one).
     push_tx: mpsc::UnboundedSender<PushInfo>,
     cfg: StoreConfig,
@@ -481,9 +486,7 @@ impl ClusterStore {
     ) -> Result<ClusterStore, String> {
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let redis = cluster_connection(&opts, None).await?;
-        let subs = Commands(std::sync::RwLock::new(
-            cluster_connection(&opts, Some(push_tx.clone())).await?,
-        ));
+        let subs = Replaceable::new(cluster_connection(&opts, Some(push_tx.clone())).await?);
         let (now, at) = redis_io::redis_now(&redis)
             .await
             .map_err(|e| format!("Redis Cluster {}: {e}", opts.nodes.join(",")))?;
@@ -497,7 +500,7 @@ impl ClusterStore {
         let turns =
             (opts.max_in_flight > 0).then(|| tokio::sync::Semaphore::new(opts.max_in_flight));
         let batch = opts.batch.then(|| Arc::new(batch::Batcher::default()));
-        let commands = Arc::new(Commands(std::sync::RwLock::new(redis)));
+        let commands = Arc::new(Replaceable::new(redis));
         let batch_task = batch
             .as_ref()
             .map(|b| tokio::spawn(b.clone().drive(commands.clone())));
@@ -582,7 +585,7 @@ impl ClusterStore {
         }
     }
 
-    /// The connection for commands now (see [`Commands`]).
+    /// The connection for commands now (see [`Replaceable`]).
     fn redis(&self) -> ClusterConnection {
         self.commands.get()
     }
@@ -632,17 +635,8 @@ impl ClusterStore {
     /// One look at `conn` (see [`ClusterStore::check_connection`]): whether it is
     /// due to be replaced, by `unanswered`, its count of looks in a row without an
     /// answer (reset then).
-    async fn due_for_new(&self, conn: &Commands, unanswered: &AtomicU64) -> bool {
-        let ping = redis::cmd("PING");
-        let any = redis::cluster_routing::RoutingInfo::SingleNode(
-            redis::cluster_routing::SingleNodeRoutingInfo::Random,
-        );
-        let wait = PING_WAIT.min(self.opts.response_timeout);
-        let answered = matches!(
-            tokio::time::timeout(wait, conn.get().route_command(ping, any)).await,
-            Ok(Ok(_))
-        );
-        if answered {
+    async fn due_for_new(&self, conn: &Replaceable, unanswered: &AtomicU64) -> bool {
+        if self.pings(conn.get()).await {
             unanswered.store(0, Ordering::Relaxed);
             return false;
         }
@@ -660,16 +654,20 @@ impl ClusterStore {
         pushes: Option<mpsc::UnboundedSender<PushInfo>>,
     ) -> Option<ClusterConnection> {
         let fresh = cluster_connection(&self.opts, pushes).await.ok()?;
-        let ping = redis::cmd("PING");
+        self.pings(fresh.clone()).await.then_some(fresh)
+    }
+
+    /// Whether `conn` answers a `PING` to any node within [`PING_WAIT`] (at most the
+    /// response timeout).
+    async fn pings(&self, mut conn: ClusterConnection) -> bool {
         let any = redis::cluster_routing::RoutingInfo::SingleNode(
             redis::cluster_routing::SingleNodeRoutingInfo::Random,
         );
         let wait = PING_WAIT.min(self.opts.response_timeout);
         matches!(
-            tokio::time::timeout(wait, fresh.clone().route_command(ping, any)).await,
+            tokio::time::timeout(wait, conn.route_command(redis::cmd("PING"), any)).await,
             Ok(Ok(_))
         )
-        .then_some(fresh)
     }
 
     /// Notifications for local watchers (taken once, by the server's event task).
