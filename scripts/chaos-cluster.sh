@@ -5,9 +5,9 @@
 # that a failover cannot lose an acknowledged write) and, during its first round:
 #   at  8 s  SIGKILL a primary; its replica takes over; the node is started again
 #            5 s later and rejoins as a replica;
-#   at 20 s  reshard 1,000 slots from one primary to another while the load runs;
-#   at 32 s  SIGKILL the primary that received them, started again 5 s later;
-#   at 44 s  reshard 1,000 slots back.
+#   at ~20 s reshard 1,000 slots from one primary to another while the load runs;
+#   at ~24 s SIGKILL the primary that received them, started again 5 s later;
+#   at ~31 s reshard 1,000 slots back.
 # The soak then checks every record it was told was written holds exactly its last
 # acknowledged bytes and version, and that every record is reaped after the grace.
 #
