@@ -1106,7 +1106,9 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
 
 /// A READ and an INFO of `p`, again (on a new connection from `connect` when the
 /// last one was lost) until neither is answered BUSY nor lost: what the record holds
-/// once the server can tell.
+/// once the server can tell. A server that answers BUSY for a minute gets its BUSY
+/// judged (a mismatch), so that a gateway that never serves again fails the soak
+/// instead of hanging it.
 async fn read_settled<F: Future<Output = Client>>(
     client: &mut Client,
     p: Pointer,
@@ -1115,9 +1117,10 @@ async fn read_settled<F: Future<Output = Client>>(
     Result<bytes::Bytes, Error>,
     Result<netswap_client::RecordInfo, Error>,
 ) {
+    let give_up = Instant::now() + Duration::from_secs(60);
     loop {
         match (client.read(p).await, client.info(p).await) {
-            (Err(Error::Busy(_)), _) | (_, Err(Error::Busy(_))) => {
+            (Err(Error::Busy(_)), _) | (_, Err(Error::Busy(_))) if Instant::now() < give_up => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
             (Err(Error::Disconnected(_) | Error::Io(_) | Error::Timeout { .. }), _)
