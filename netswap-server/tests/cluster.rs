@@ -57,10 +57,11 @@ fn gateway_at(
     netswap_server::spawn(c, 1).expect("gateway starts")
 }
 
-/// A gateway process (so that it can be killed with SIGKILL).
+/// A gateway process (so that it can be killed with SIGKILL), serving `/metrics`.
 struct GatewayProcess {
     child: Child,
     addr: SocketAddr,
+    metrics: SocketAddr,
 }
 
 impl GatewayProcess {
@@ -94,6 +95,8 @@ impl GatewayProcess {
         if !extra.contains(&"--lease-ttl") {
             cmd.args(["--lease-ttl", "2"]);
         }
+        let metrics = unused_address();
+        cmd.arg("--metrics-listen").arg(metrics.to_string());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -112,7 +115,16 @@ impl GatewayProcess {
             .unwrap();
         // Read at start (each gateway has its own file: tests run in parallel).
         let _ = std::fs::remove_file(&key);
-        GatewayProcess { child, addr }
+        GatewayProcess {
+            child,
+            addr,
+            metrics,
+        }
+    }
+
+    /// The value of `name` on its `/metrics` now.
+    fn metric(&self, name: &str) -> f64 {
+        metric(&common::scrape(self.metrics), name)
     }
 
     /// Its highest resident memory over the next 3 s, MiB, sampled every 100 ms.
@@ -2807,18 +2819,10 @@ async fn records_handed_to_an_absent_identity_keep_their_own_deadline() {
 async fn a_gateway_paused_past_its_leases_claims_what_was_handed_to_its_clients_meanwhile() {
     logs_from_env();
     let prefix = fresh_prefix();
-    let metrics_at = unused_address();
     let paused = GatewayProcess::start(
         &common::cluster::shared().nodes(),
         &prefix,
-        &[
-            "--quota-records",
-            "1",
-            "--orphan-grace",
-            "60",
-            "--metrics-listen",
-            &metrics_at.to_string(),
-        ],
+        &["--quota-records", "1", "--orphan-grace", "60"],
         &[],
     );
     let other = gateway(&prefix, |c| {
@@ -2858,9 +2862,8 @@ async fn a_gateway_paused_past_its_leases_claims_what_was_handed_to_its_clients_
     )
     .await;
     assert_eq!(receiver.read(p).await, data(b"handed over"));
-    let m = common::scrape(metrics_at);
     assert!(
-        metric(&m, "netswap_redis_leases_lapsed_total") >= 1.0,
+        paused.metric("netswap_redis_leases_lapsed_total") >= 1.0,
         "the lapse is counted"
     );
     // The receiver pays for it now: its own create is refused (a quota of one).
@@ -3472,13 +3475,7 @@ async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
 async fn a_gateway_under_load_serves_again_after_a_primary_fails_over() {
     logs_from_env();
     let mut cluster = RedisCluster::start(3, 1, false);
-    let metrics_at = unused_address();
-    let gw = GatewayProcess::start(
-        &cluster.nodes(),
-        &fresh_prefix(),
-        &["--metrics-listen", &metrics_at.to_string()],
-        &[],
-    );
+    let gw = GatewayProcess::start(&cluster.nodes(), &fresh_prefix(), &[], &[]);
     let addr = gw.addr;
     let started = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -3532,11 +3529,10 @@ async fn a_gateway_under_load_serves_again_after_a_primary_fails_over() {
             stalled += 1;
         }
     }
-    let m = common::scrape(metrics_at);
     println!(
         "{stalled} of 200 connections not answered OK in the last {:.0} s; connections replaced: {}",
         (started.elapsed() - serving_again).as_secs_f64(),
-        metric(&m, "netswap_redis_connections_replaced_total")
+        gw.metric("netswap_redis_connections_replaced_total")
     );
     assert_eq!(
         stalled, 0,
@@ -3554,12 +3550,7 @@ async fn a_gateway_under_load_serves_again_after_a_primary_fails_over() {
 async fn watches_survive_a_new_connection_for_the_subscriptions() {
     logs_from_env();
     let prefix = fresh_prefix();
-    let metrics_at = unused_address();
-    let gw = GatewayProcess::with_fault(
-        &prefix,
-        &["--metrics-listen", &metrics_at.to_string()],
-        "subs-replace",
-    );
+    let gw = GatewayProcess::with_fault(&prefix, &[], "subs-replace");
     let writers = gateway(&prefix, |_| {});
     let mut watcher = Raw::connect(gw.addr, 2).await;
     let mut writer = Raw::connect(writers.addr(), 3).await;
@@ -3571,12 +3562,7 @@ async fn watches_survive_a_new_connection_for_the_subscriptions() {
     eventually(
         "the subscriptions' connection is replaced",
         Duration::from_secs(10),
-        async || {
-            metric(
-                &common::scrape(metrics_at),
-                "netswap_redis_connections_replaced_total",
-            ) >= 1.0
-        },
+        async || gw.metric("netswap_redis_connections_replaced_total") >= 1.0,
     )
     .await;
     // The first change may come before the new subscription is in place (then the

@@ -99,10 +99,10 @@ impl Batcher {
     /// Sends the commands `build` makes (idempotent commands on keys of `key`'s
     /// slot: a group that fails may have run them) with other requests' commands, or
     /// alone (built again) when they cannot go together, or without a batcher; their
-    /// replies, errors left in place.
+    /// replies, errors left in place. The connection is taken from `conn` only then.
     pub async fn send_idempotent(
         batch: Option<&Batcher>,
-        conn: &ClusterConnection,
+        conn: &super::Replaceable,
         key: &str,
         build: impl Fn() -> Vec<Cmd>,
     ) -> RedisResult<Vec<Value>> {
@@ -113,7 +113,7 @@ impl Batcher {
             return replies;
         }
         // Boxed: the rare path, and a request's future holds room for its largest await.
-        Box::pin(on_slot(conn, slot, build)).await
+        Box::pin(on_slot(&conn.get(), slot, build)).await
     }
 
     /// Which primary serves which slot, from `CLUSTER NODES` (see [`primaries`]).

@@ -785,7 +785,7 @@ impl ClusterStore {
         in_hash: bool,
     ) -> redis::RedisResult<Option<redis_io::Stored>> {
         redis_io::load(
-            &self.redis(),
+            &self.commands,
             self.batch.as_deref(),
             &self.keys.record(ptr),
             range,
@@ -1553,7 +1553,7 @@ impl ClusterStore {
             };
             let indexed = batch::Batcher::send_idempotent(
                 self.batch.as_deref(),
-                &self.redis(),
+                &self.commands,
                 &ik.owned,
                 sadd,
             )
@@ -1692,13 +1692,13 @@ impl ClusterStore {
     /// without delaying the reply, then removes its marker; a failure leaves them to
     /// the repair pass (which reads the marker).
     fn settle_later(&self, ptr: Pointer, op: String, ids: Vec<Identity>, committed: bool) {
-        let redis = self.redis();
+        let commands = self.commands.clone();
         let quota = self.quota.clone();
         let batch = self.batch.clone();
         let meta = self.keys.record(ptr).meta;
         tokio::spawn(async move {
             for id in ids {
-                if let Err(e) = quota.settle(&redis, &id, &op, committed).await {
+                if let Err(e) = quota.settle(&commands.get(), &id, &op, committed).await {
                     debug!(identity = %id, op, error = ?e, "settle failed; the repair pass will do it");
                     return;
                 }
@@ -1712,7 +1712,7 @@ impl ClusterStore {
                         .take(),
                 ]
             };
-            let _ = batch::Batcher::send_idempotent(batch.as_deref(), &redis, &meta, del).await;
+            let _ = batch::Batcher::send_idempotent(batch.as_deref(), &commands, &meta, del).await;
         });
     }
 
@@ -1720,11 +1720,11 @@ impl ClusterStore {
     /// requests' commands when batching; what they do may be left undone (index
     /// clean-up that the reaper and claims tolerate).
     fn send_later(&self, key: String, cmds: Vec<redis::Cmd>) {
-        let redis = self.redis();
+        let commands = self.commands.clone();
         let batch = self.batch.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                batch::Batcher::send_idempotent(batch.as_deref(), &redis, &key, || cmds.clone())
+                batch::Batcher::send_idempotent(batch.as_deref(), &commands, &key, || cmds.clone())
                     .await
             {
                 debug!(key, error = %e, "index clean-up failed; the reaper skips stale entries");
@@ -1774,7 +1774,7 @@ impl ClusterStore {
             // A re-send goes alone, not with other requests' commits.
             let batch = if resent { None } else { self.batch.as_deref() };
             let committed =
-                redis_io::commit(&self.redis(), batch, &keys, change, self.wait_for(ptr)).await;
+                redis_io::commit(&self.commands, batch, &keys, change, self.wait_for(ptr)).await;
             match &committed {
                 Ok((Committed::Changed(found), _)) => {
                     // The state the commit found: the next attempt is decided on it.

@@ -13,6 +13,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind, Value};
 
+use super::Replaceable;
 use super::batch::Batcher;
 use super::keys::RecordKeys;
 use super::scripts;
@@ -672,7 +673,7 @@ enum Plain {
 /// 4 us of CPU more than the plain commands (docs/BENCHMARKS.md).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn load(
-    conn: &ClusterConnection,
+    conn: &Replaceable,
     batch: Option<&Batcher>,
     k: &RecordKeys,
     range: Option<(u64, u64)>,
@@ -750,7 +751,7 @@ pub(crate) const WHOLE: u64 = 1 << 53;
 /// One try of `load` with plain commands. With a batcher, the commands go with other
 /// loads' (`batch.rs`).
 async fn load_plain(
-    conn: &ClusterConnection,
+    conn: &Replaceable,
     batch: Option<&Batcher>,
     k: &RecordKeys,
     range: Option<(u64, u64)>,
@@ -772,7 +773,7 @@ async fn load_plain(
 /// A load of a record whose bytes were last seen in its state hash: one `HMGET` of
 /// the state with the bytes. `Changed`: they are not there (any more): load as usual.
 async fn load_hash(
-    conn: &ClusterConnection,
+    conn: &Replaceable,
     batch: Option<&Batcher>,
     k: &RecordKeys,
     range: Option<(u64, u64)>,
@@ -950,7 +951,7 @@ fn stored_legacy(items: &[Value], size: u64, data: Option<Bytes>) -> RedisResult
 
 /// `load` in one atomic script (the fallback when plain reads keep seeing changes).
 async fn load_script(
-    conn: &ClusterConnection,
+    conn: &Replaceable,
     k: &RecordKeys,
     range: Option<(u64, u64)>,
     max_inline: usize,
@@ -960,7 +961,7 @@ async fn load_script(
         None => ("0".into(), "-1".into()),
     };
     let v = run(
-        conn,
+        &conn.get(),
         &scripts::LOAD,
         &[&k.meta, &k.data],
         &[
@@ -1045,7 +1046,7 @@ pub(crate) async fn range(
 /// again with the bytes kept in the state hash, where loads find them whatever their
 /// size, until a later write moves them out; the second value is true then.
 pub(crate) async fn commit(
-    conn: &ClusterConnection,
+    conn: &Replaceable,
     batch: Option<&Batcher>,
     k: &RecordKeys,
     change: &Change,
@@ -1128,7 +1129,7 @@ impl Plan {
 
 /// One `commit`, with the bytes kept in the hash or not (see `Plan`).
 async fn commit_as(
-    conn: &ClusterConnection,
+    conn: &Replaceable,
     batch: Option<&Batcher>,
     k: &RecordKeys,
     change: &Change,
@@ -1222,15 +1223,16 @@ async fn commit_as(
             };
             match replies?.pop().map(Value::extract_error) {
                 Some(Err(e)) if no_script(&e) => {
-                    reload_scripts(conn, Some(sent)).await?;
-                    Box::pin(run(conn, script, &keys, &args)).await?
+                    let conn = conn.get();
+                    reload_scripts(&conn, Some(sent)).await?;
+                    Box::pin(run(&conn, script, &keys, &args)).await?
                 }
                 Some(v) => v?,
                 None => return Err(bad("EVALSHA")),
             }
         }
-        (0, None) => Box::pin(run(conn, script, &keys, &args)).await?,
-        _ => Box::pin(commit_and_wait(conn, script, &keys, &args, wait)).await?,
+        (0, None) => Box::pin(run(&conn.get(), script, &keys, &args)).await?,
+        _ => Box::pin(commit_and_wait(&conn.get(), script, &keys, &args, wait)).await?,
     };
     match v {
         Value::Array(items) => match items.first().and_then(int) {
