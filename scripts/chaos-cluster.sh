@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# The soak against a gateway on a Redis Cluster that fails over and reshards under it
+# The soak against gateways on a Redis Cluster that fails over and reshards under them
 # (docs/RELIABILITY.md, "The soak under failovers and resharding"). Starts a 3+3
-# cluster on loopback, runs `soak --store` (one gateway, `--redis-wait-replicas 1` so
-# that a failover cannot lose an acknowledged write) and, during its first round:
+# cluster on loopback, runs `soak --store` (two gateways sharing the cluster, each
+# client's connections going to one and the next in turn; `--redis-wait-replicas 1` so
+# that a failover cannot lose an acknowledged write; leases of 5 s) and, during its
+# first round:
 #   at  8 s  SIGKILL a primary; its replica takes over; the node is started again
 #            5 s later and rejoins as a replica;
 #   at ~20 s reshard 1,000 slots from one primary to another while the load runs;
 #   at ~24 s SIGKILL the primary that received them, started again 5 s later;
-#   at ~31 s reshard 1,000 slots back.
+#   at ~31 s reshard 1,000 slots back;
+#   at  38 s SIGKILL the second gateway; its clients carry on through the first, and it
+#            is started again 3 s later. Its leases run out at ~43 s: the identities
+#            it served are connected through the other gateway, so nothing may be
+#            reaped.
+# Beside the soak's 300 clients, 40 records are written through one gateway and
+# followed through the other: 20 by mirrors (data watches), 20 by watches.
 # The soak then checks every record it was told was written holds exactly its last
-# acknowledged bytes and version, and that every record is reaped after the grace.
+# acknowledged bytes and version, that every follower reaches its record's last state,
+# and that every record is reaped after the grace.
 #
 # Usage: ./scripts/chaos-cluster.sh [SECONDS] [ROUNDS]   (SECONDS >= 60)
-# NETSWAP_CHAOS_WAIT_REPLICAS=0 runs the gateway without `WAIT` (Redis's asynchronous
+# NETSWAP_CHAOS_WAIT_REPLICAS=0 runs the gateways without `WAIT` (Redis's asynchronous
 # replication may then lose acknowledged writes in a failover: mismatches expected).
+# NETSWAP_CHAOS_GATEWAYS=1 runs one gateway (and kills none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
@@ -23,7 +33,7 @@ cargo build --release --quiet -p netswap-hardening --bin soak
 work=$(mktemp -d /tmp/netswap-chaos.XXXXXX)
 base=18300
 nodes=$(scripts/redis-cluster.sh start "$work/cluster" $base 3)
-# The gateway's log, and the reshards', are kept when the soak fails.
+# The gateways' log (both append to it), and the reshards', are kept when the soak fails.
 export NETSWAP_SERVER_LOG=$work/gateway.log
 trap 'scripts/redis-cluster.sh stop "$work/cluster"; [ "${rc:-1}" = 0 ] && rm -rf "$work" || echo "kept $work"' EXIT
 log() { echo "chaos $(date +%T): $*"; }
@@ -101,14 +111,24 @@ chaos() {
   sleep 2
   rebalance_some
   log "done"
+  # Where the gateways' subscriptions are, by the role of each node (a gateway
+  # subscribes on the primary of the record's slot).
+  sleep 8
+  for ((p = base; p < base + 6; p++)); do
+    log ":$p $(redis-cli -p $p ROLE 2>/dev/null | head -1): $(redis-cli -p $p PUBSUB SHARDCHANNELS 2>/dev/null | grep -c . || true) shard channels subscribed"
+  done
 }
 chaos &
 chaos_pid=$!
+gateways=${NETSWAP_CHAOS_GATEWAYS:-2}
+kill_gateway=()
+[ "$gateways" -gt 1 ] && kill_gateway=(--kill-gateway-after 38)
 rc=0
 ./target/release/soak --store "redis-cluster://$nodes" --seconds "$secs" --rounds "$rounds" \
+  --gateways "$gateways" "${kill_gateway[@]}" --mirrors 40 --server-arg=--lease-ttl --server-arg=5 \
   --server-arg=--redis-wait-replicas --server-arg="${NETSWAP_CHAOS_WAIT_REPLICAS:-1}" || rc=$?
 wait $chaos_pid || true
 cp "$work/gateway.log" "${TMPDIR:-/tmp}/netswap-chaos-gateway.log"
-echo "gateway log: ${TMPDIR:-/tmp}/netswap-chaos-gateway.log"
-echo "gateway: $(grep -c 'stopped answering while the cluster answers a new one' "$work/gateway.log" || true) connection(s) to the cluster replaced (at: $(grep 'stopped answering while' "$work/gateway.log" | cut -c12-19 | tr '\n' ' '))"
+echo "gateways' log: ${TMPDIR:-/tmp}/netswap-chaos-gateway.log"
+echo "gateways: $(grep -c 'stopped answering while the cluster answers a new one' "$work/gateway.log" || true) connection(s) to the cluster replaced (at: $(grep 'stopped answering while' "$work/gateway.log" | cut -c12-19 | tr '\n' ' '))"
 exit $rc

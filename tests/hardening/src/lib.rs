@@ -916,7 +916,18 @@ pub async fn pointer_scan(addr: SocketAddr, n: u32) -> Report {
 /// random disconnects for `dur`; every acknowledged write is remembered, and at the
 /// end every record must hold exactly its last acknowledged bytes and version.
 /// Returns the records checked and any mismatch.
-pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration) -> SoakResult {
+///
+/// With several servers in `addrs` (gateways on one Redis Cluster), each connection
+/// goes to the next server in turn, starting from a different one for each client of
+/// an identity: an identity has connections on several gateways at once, and a record
+/// is written through whichever gateway its client is on at the time.
+pub async fn soak(
+    addrs: &[SocketAddr],
+    clients: u32,
+    identities: u32,
+    dur: Duration,
+) -> SoakResult {
+    assert!(!addrs.is_empty(), "a server to soak");
     let stop = Instant::now() + dur;
     let mut tasks = Vec::new();
     let ops = Arc::new(AtomicU64::new(0));
@@ -926,17 +937,24 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
         let ops = ops.clone();
         let reconnects = reconnects.clone();
         let unknown = unknown.clone();
+        let addrs = addrs.to_vec();
+        // The server of this task's next connection (an index into `addrs`).
+        let next = Arc::new(AtomicU64::new((c / identities) as u64));
         tasks.push(tokio::spawn(async move {
             let from = loopback(600 + c % identities);
             let mut rng = SmallRng::seed_from_u64(c as u64 * 7919);
             // What this task knows: record -> (bytes, version) as last acknowledged.
             let mut mine: HashMap<Pointer, Known> = HashMap::new();
-            let connect = || async move {
-                // The server may be restarting: keep trying for a while.
+            let connect = || {
+                let (addrs, next) = (addrs.clone(), next.clone());
+                async move {
+                // The server may be restarting: keep trying for a while (the next
+                // server in turn at each attempt).
                 let deadline = Instant::now() + Duration::from_secs(60);
                 loop {
+                    let at = next.fetch_add(1, Ordering::Relaxed) as usize % addrs.len();
                     let c = Client::connect_with(
-                        addr,
+                        addrs[at],
                         Options {
                             local_addr: Some(from),
                             request_timeout: Some(Duration::from_secs(20)),
@@ -949,6 +967,7 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
                         Err(e) if Instant::now() > deadline => panic!("cannot reconnect: {e}"),
                         Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
+                }
                 }
             };
             let mut client = connect().await;
@@ -1087,16 +1106,12 @@ pub async fn soak(addr: SocketAddr, clients: u32, identities: u32, dur: Duration
         }));
     }
     let mut result = SoakResult::default();
-    let mut clients = Vec::new();
     for t in tasks {
         let (checked, mismatches, records, client) = t.await.expect("soak task");
         result.checked += checked;
         result.mismatches.extend(mismatches);
         result.records.extend(records);
-        clients.push(client);
-    }
-    for c in clients {
-        c.close();
+        result.clients.push(client);
     }
     result.ops = ops.load(Ordering::Relaxed);
     result.reconnects = reconnects.load(Ordering::Relaxed);
@@ -1132,6 +1147,264 @@ async fn read_settled<F: Future<Output = Client>>(
     }
 }
 
+/// Watches across servers: `pairs` records, each written for `dur` by a client on one
+/// server (`addrs[i % n]`) and followed by a client of another identity on the next
+/// server (`addrs[(i + 1) % n]`): half with a mirror ([`Client::mirror`], a data
+/// watch), half with a watch of the state ([`Client::watch`]). What a follower holds
+/// may never go back, and once the writes stop, every follower must reach the
+/// record's last version (a mirror: with exactly its bytes; read settled) within
+/// 30 s. Run beside [`soak`] on gateways of one Redis Cluster, it checks that changes
+/// made through one gateway reach watchers on another through failovers, slot moves
+/// and a gateway's SIGKILL.
+pub async fn mirror_soak(addrs: &[SocketAddr], pairs: u32, dur: Duration) -> MirrorSoakResult {
+    assert!(!addrs.is_empty(), "a server to soak");
+    let stop = Instant::now() + dur;
+    let mut tasks = Vec::new();
+    for i in 0..pairs {
+        let (writer_at, mirror_at) = (
+            addrs[i as usize % addrs.len()],
+            addrs[(i as usize + 1) % addrs.len()],
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut rng = SmallRng::seed_from_u64(i as u64 * 104_729);
+            let options = |n: u32| Options {
+                local_addr: Some(loopback(700 + n)),
+                request_timeout: Some(Duration::from_secs(20)),
+                ..Options::default()
+            };
+            let writer = Client::connect_with(writer_at, options(i))
+                .await
+                .expect("the writer connects");
+            let watcher = Client::connect_with(mirror_at, options(pairs + i))
+                .await
+                .expect("the mirror's client connects");
+            let ptr = settled(|| writer.create(Access::READ, vec![0u8; 1500])).await;
+            // Half the records are followed by a watch of their state (events without
+            // the bytes, on the record's other channel) instead of a mirror; each kind
+            // on every server (records 0 and 1 mirrored, 2 and 3 watched, …).
+            let mut follower = if i % 4 < 2 {
+                Follower::Mirror(settled(|| watcher.mirror(ptr)).await)
+            } else {
+                Follower::Watch(settled(|| watcher.watch(ptr)).await, 1)
+            };
+            let mut out = MirrorPair {
+                ptr,
+                changes: 0,
+                unknown: 0,
+                went_back: None,
+                converged_after: None,
+                mismatch: None,
+            };
+            let mut seen = 0;
+            let started = Instant::now();
+            let mut advanced = Duration::ZERO;
+            while Instant::now() < stop {
+                // Records of 1,500 to 3,000 bytes, patched within their first 1,500.
+                let written = if rng.random_range(0..3) == 0 {
+                    let off = rng.random_range(0..1300u64);
+                    let patch: Vec<u8> = (0..rng.random_range(1..200)).map(|_| rng.random()).collect();
+                    writer.write_at(ptr, off, patch).await
+                } else {
+                    let data: Vec<u8> = (0..rng.random_range(1500..3000)).map(|_| rng.random()).collect();
+                    writer.replace(ptr, data).await
+                };
+                match written {
+                    Ok(_) => out.changes += 1,
+                    // Lost with the connection or answered BUSY: applied or not, the
+                    // last state is read once the writes stop.
+                    Err(Error::Busy(_) | Error::Disconnected(_) | Error::Io(_) | Error::Timeout { .. }) => {
+                        out.unknown += 1
+                    }
+                    Err(e) => {
+                        out.mismatch = Some(format!("{ptr}: a write was refused: {e}"));
+                        break;
+                    }
+                }
+                let v = follower.version().await;
+                if v < seen {
+                    out.went_back = Some((seen, v));
+                }
+                if v > seen {
+                    advanced = started.elapsed();
+                }
+                seen = seen.max(v);
+            }
+            let (data, version) = loop {
+                match (writer.read(ptr).await, writer.info(ptr).await) {
+                    (Ok(d), Ok(info)) => break (d, info.version),
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            let waited = Instant::now();
+            while waited.elapsed() < Duration::from_secs(30) {
+                if follower.holds(version, &data).await {
+                    out.converged_after = Some(waited.elapsed());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if out.converged_after.is_none() && out.mismatch.is_none() {
+                out.mismatch = Some(format!(
+                    "{ptr}: the {} is at version {} (last changed {:.1} s into the run), the record at version {version} ({} B)",
+                    follower.kind(),
+                    follower.version().await,
+                    advanced.as_secs_f64(),
+                    data.len()
+                ));
+            }
+            (out, writer, watcher, follower)
+        }));
+    }
+    let mut result = MirrorSoakResult::default();
+    for t in tasks {
+        let (pair, writer, watcher, follower) = t.await.expect("mirror task");
+        result.pairs.push(pair);
+        result.clients.push((writer, watcher, follower));
+    }
+    result
+}
+
+/// How [`mirror_soak`] follows a record: a mirror (a data watch: the bytes), or a
+/// watch of its state (events, with the highest version heard).
+#[derive(Debug)]
+pub enum Follower {
+    /// A copy kept by the bytes of each change.
+    Mirror(netswap_client::Mirror),
+    /// A watch, and the highest version its events told.
+    Watch(netswap_client::Watch, u64),
+}
+
+impl Follower {
+    /// The version it is at (a watch's events read first, without waiting).
+    async fn version(&mut self) -> u64 {
+        match self {
+            Follower::Mirror(m) => {
+                // The copy is kept up to date without its events: drop them.
+                while m.try_next().is_some() {}
+                m.version()
+            }
+            Follower::Watch(w, seen) => {
+                while let Ok(Some(e)) = tokio::time::timeout(Duration::ZERO, w.next()).await {
+                    *seen = (*seen).max(e.version);
+                }
+                *seen
+            }
+        }
+    }
+
+    /// Whether it holds the record's `version` (a mirror: with exactly `data`).
+    async fn holds(&mut self, version: u64, data: &[u8]) -> bool {
+        self.version().await == version
+            && match self {
+                Follower::Mirror(m) => m.with_data(|d, _| d == data),
+                Follower::Watch(..) => true,
+            }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Follower::Mirror(_) => "mirror",
+            Follower::Watch(..) => "watch",
+        }
+    }
+}
+
+/// `call` again until it is not answered BUSY or lost (within a minute), for a setup
+/// step that must succeed.
+async fn settled<T, F: Future<Output = Result<T, Error>>>(call: impl Fn() -> F) -> T {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        match call().await {
+            Ok(t) => return t,
+            Err(e) if Instant::now() > give_up => panic!("still failing after a minute: {e}"),
+            Err(Error::Busy(_) | Error::Disconnected(_) | Error::Io(_) | Error::Timeout { .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// One record of [`mirror_soak`] and its follower.
+#[derive(Debug)]
+pub struct MirrorPair {
+    /// The record.
+    pub ptr: Pointer,
+    /// Writes acknowledged.
+    pub changes: u64,
+    /// Writes whose outcome is unknown (lost reply, BUSY).
+    pub unknown: u64,
+    /// A follower's version seen after a higher one: (highest seen, then seen).
+    pub went_back: Option<(u64, u64)>,
+    /// How long after the writes stopped the follower held the record's last state.
+    pub converged_after: Option<Duration>,
+    /// What the follower held instead, if it never did within 30 s.
+    pub mismatch: Option<String>,
+}
+
+/// What [`mirror_soak`] found.
+#[derive(Debug, Default)]
+pub struct MirrorSoakResult {
+    /// Each record's outcome.
+    pub pairs: Vec<MirrorPair>,
+    /// Each record's writer, follower's client and follower, still connected.
+    pub clients: Vec<(Client, Client, Follower)>,
+}
+
+impl MirrorSoakResult {
+    /// Closes every client at once: the records are orphans from now on.
+    pub fn leave(&mut self) {
+        for (writer, watcher, follower) in self.clients.drain(..) {
+            drop(follower);
+            writer.close();
+            watcher.close();
+        }
+    }
+
+    /// Whether every follower reached its record's last state and never went back.
+    pub fn ok(&self) -> bool {
+        self.pairs
+            .iter()
+            .all(|p| p.mismatch.is_none() && p.went_back.is_none())
+    }
+
+    /// One line: writes, unknown outcomes, the slowest convergence, failures.
+    pub fn summary(&self) -> String {
+        let changes: u64 = self.pairs.iter().map(|p| p.changes).sum();
+        let unknown: u64 = self.pairs.iter().map(|p| p.unknown).sum();
+        let slowest = self
+            .pairs
+            .iter()
+            .filter_map(|p| p.converged_after)
+            .max()
+            .unwrap_or_default();
+        let failed: Vec<String> = self
+            .pairs
+            .iter()
+            .filter_map(|p| {
+                p.mismatch.clone().or(p.went_back.map(|(a, b)| {
+                    format!("{}: the follower went from version {a} back to {b}", p.ptr)
+                }))
+            })
+            .collect();
+        format!(
+            "{} records followed (half by mirrors, half by watches) through other servers: {changes} writes acknowledged, {unknown} of unknown outcome; {} followers reached the record's last state (slowest {:.2} s after the writes stopped); {} failed{}",
+            self.pairs.len(),
+            self.pairs
+                .iter()
+                .filter(|p| p.converged_after.is_some())
+                .count(),
+            slowest.as_secs_f64(),
+            failed.len(),
+            failed
+                .iter()
+                .take(5)
+                .map(|f| format!("\n  MIRROR {f}"))
+                .collect::<String>()
+        )
+    }
+}
+
 /// A record's bytes and version as a soak task last saw them acknowledged.
 type Known = (Vec<u8>, u64);
 
@@ -1149,9 +1422,21 @@ pub struct SoakResult {
     /// Writes whose reply was lost with the connection (a server restart), each then
     /// found in exactly its old or its new state.
     pub unknown_outcomes: u64,
-    /// Every record alive at the end; all their owners disconnected at the same moment
-    /// when `soak` returned.
+    /// Every record alive at the end; all their owners disconnect at the same moment
+    /// at [`SoakResult::leave`].
     pub records: Vec<Pointer>,
+    /// The clients, still connected (so that a soak run beside another can leave
+    /// with it).
+    pub clients: Vec<Client>,
+}
+
+impl SoakResult {
+    /// Closes every client at once: their records are orphans from now on.
+    pub fn leave(&mut self) {
+        for c in self.clients.drain(..) {
+            c.close();
+        }
+    }
 }
 
 /// Counts how many of `records` still exist, asking from a fresh identity (the soak's
@@ -1254,6 +1539,13 @@ impl ServerProcess {
     /// Its resident memory now, KiB (Linux /proc).
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.pid())
+    }
+
+    /// Stops it with SIGKILL (no goodbye: its connections and leases are left as
+    /// they are) and waits.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Stops it with SIGTERM (a clean shutdown: replies flushed, and with

@@ -117,7 +117,16 @@ async fn short_soak_loses_nothing_and_reaps_orphans() {
         // The last check asks about every record once they are reaped.
         c.max_misses_per_second = 0;
     });
-    let result = soak(srv.addr(), 40, 10, Duration::from_secs(4)).await;
+    let addrs = [srv.addr()];
+    let (mut result, mut mirrors) = tokio::join!(
+        soak(&addrs, 40, 10, Duration::from_secs(4)),
+        mirror_soak(&addrs, 8, Duration::from_secs(4))
+    );
+    result.leave();
+    mirrors.leave();
+    result.records.extend(mirrors.pairs.iter().map(|p| p.ptr));
+    println!("{}", mirrors.summary());
+    assert!(mirrors.ok(), "{}", mirrors.summary());
     println!(
         "ops {} reconnects {} checked {} mismatches {:?}",
         result.ops, result.reconnects, result.checked, result.mismatches
@@ -168,7 +177,8 @@ async fn a_soak_with_a_restart_in_the_middle_loses_nothing() {
         .await
         .unwrap()
     });
-    let result = soak(addr, 40, 10, Duration::from_secs(5)).await;
+    let mut result = soak(&[addr], 40, 10, Duration::from_secs(5)).await;
+    result.leave();
     let second = restart.await.unwrap();
     println!(
         "ops {} reconnects {} unknown outcomes {} checked {} mismatches {:?}",

@@ -6,9 +6,12 @@
 //! Run: `cargo run --release -p netswap-hardening --bin soak -- --seconds 180`
 //! (add `--restart-after 60` to restart the server from its snapshot mid-way; add
 //! `--store redis-cluster://HOST:PORT,...` to run against a gateway on a Redis Cluster,
-//! under a key prefix of its own, where a restart is the gateway's; `--server-arg` passes
-//! further options, such as `--redis-wait-replicas 1`).
+//! under a key prefix of its own, where a restart is the gateway's; `--gateways 2` runs
+//! two gateways on that cluster, each client's connections going to one and the next in
+//! turn, and `--kill-gateway-after 38` SIGKILLs one of them mid-round; `--server-arg`
+//! passes further options, such as `--redis-wait-replicas 1`).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +49,19 @@ struct Args {
     /// instead of the embedded store.
     #[arg(long)]
     store: Option<String>,
+    /// Gateways on the cluster of `--store`, sharing its key prefix and identity key:
+    /// the clients' connections go to each in turn.
+    #[arg(long, default_value_t = 1)]
+    gateways: usize,
+    /// SIGKILL the last gateway this many seconds into the first round and start it
+    /// again on the same port 3 s later (needs `--gateways 2` or more); 0 = never.
+    #[arg(long, default_value_t = 0)]
+    kill_gateway_after: u64,
+    /// Records written through one gateway and followed through the next (half by
+    /// mirrors, half by watches), beside the soak's clients: every follower must reach
+    /// its record's last state.
+    #[arg(long, default_value_t = 0)]
+    mirrors: u32,
     /// One more option for the server (repeat for several), e.g.
     /// `--server-arg=--redis-wait-replicas --server-arg=1`.
     #[arg(long, allow_hyphen_values = true)]
@@ -94,10 +110,25 @@ async fn main() {
     flags.extend(a.server_arg.iter().map(String::as_str));
     let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
     let args: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = ServerProcess::start(&a.server_bin, &args);
-    let addr = server.addr;
-    let pid = Arc::new(AtomicU32::new(server.pid()));
-    let server = Arc::new(Mutex::new(Some(server)));
+    assert!(
+        a.gateways == 1 || a.store.is_some(),
+        "--gateways needs --store (gateways on one Redis Cluster)"
+    );
+    assert!(
+        a.kill_gateway_after == 0 || a.gateways > 1,
+        "--kill-gateway-after needs --gateways 2 or more (its clients move to the others)"
+    );
+    let servers: Vec<Arc<Mutex<Option<ServerProcess>>>> = (0..a.gateways)
+        .map(|_| Arc::new(Mutex::new(Some(ServerProcess::start(&a.server_bin, &args)))))
+        .collect();
+    let addrs: Vec<SocketAddr> = servers
+        .iter()
+        .map(|s| s.lock().unwrap().as_ref().expect("started").addr)
+        .collect();
+    let addr = addrs[0];
+    let pid = Arc::new(AtomicU32::new(
+        servers[0].lock().unwrap().as_ref().expect("started").pid(),
+    ));
     let sampled = pid.clone();
     let done = Arc::new(AtomicBool::new(false));
     let finished = done.clone();
@@ -113,30 +144,57 @@ async fn main() {
         }
         samples
     });
-    if a.restart_after > 0 {
-        let (server, pid, bin) = (server.clone(), pid.clone(), a.server_bin.clone());
-        let after = Duration::from_secs(a.restart_after);
+    let restart = |slot: Arc<Mutex<Option<ServerProcess>>>,
+                   pid: Option<Arc<AtomicU32>>,
+                   after: u64,
+                   kill: bool| {
+        let (flags, bin) = (flags.clone(), a.server_bin.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let old = server.lock().unwrap().take().expect("running");
+            tokio::time::sleep(Duration::from_secs(after)).await;
+            let old = slot.lock().unwrap().take().expect("running");
+            let addr = old.addr;
             let t = Instant::now();
-            let clean = tokio::task::spawn_blocking(move || old.terminate())
-                .await
-                .unwrap();
+            let how = if kill {
+                tokio::task::spawn_blocking(move || old.kill())
+                    .await
+                    .unwrap();
+                // Its clients find it gone and connect to the other gateways; it stays
+                // away for a moment before it is started again.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                "SIGKILLed the gateway on".to_string()
+            } else {
+                let clean = tokio::task::spawn_blocking(move || old.terminate())
+                    .await
+                    .unwrap();
+                format!("restarted the server (clean exit with a snapshot: {clean}) on")
+            };
             let next = tokio::task::spawn_blocking(move || {
                 let args: Vec<&str> = flags.iter().map(String::as_str).collect();
                 ServerProcess::start_at(&bin, addr, &args)
             })
             .await
             .unwrap();
-            pid.store(next.pid(), Ordering::Relaxed);
+            if let Some(pid) = pid {
+                pid.store(next.pid(), Ordering::Relaxed);
+            }
             println!(
-                "  restarted the server {} s into round 1 (clean exit with a snapshot: {clean}); back after {:.2} s",
-                after.as_secs(),
+                "  {how} {addr} {after} s into round 1; serving again after {:.2} s",
                 t.elapsed().as_secs_f64()
             );
-            *server.lock().unwrap() = Some(next);
+            *slot.lock().unwrap() = Some(next);
         });
+    };
+    if a.restart_after > 0 {
+        restart(
+            servers[0].clone(),
+            Some(pid.clone()),
+            a.restart_after,
+            false,
+        );
+    }
+    if a.kill_gateway_after > 0 {
+        let last = servers.last().expect("gateways").clone();
+        restart(last, None, a.kill_gateway_after, true);
     }
     println!(
         "soak: {} clients over {} identities for {} s, orphan grace {} s, {}",
@@ -144,19 +202,23 @@ async fn main() {
         a.identities,
         a.seconds,
         a.grace,
-        a.store.as_deref().unwrap_or("embedded store")
+        match &a.store {
+            Some(store) => format!("{} gateway(s) on {store}", a.gateways),
+            None => "embedded store".to_string(),
+        }
     );
     let mut ok = true;
     let mut after_rounds = Vec::new();
     for round in 1..=a.rounds {
         let started = Instant::now();
-        let result = soak(
-            addr,
-            a.clients,
-            a.identities,
-            Duration::from_secs(a.seconds),
-        )
-        .await;
+        let dur = Duration::from_secs(a.seconds);
+        let (mut result, mut mirrors) = tokio::join!(
+            soak(&addrs, a.clients, a.identities, dur),
+            mirror_soak(&addrs, a.mirrors, dur)
+        );
+        // Every owner leaves at once.
+        result.leave();
+        mirrors.leave();
         let took = started.elapsed().as_secs_f64();
         println!(
             "round {round}: {} operations ({:.0}/s), {} deliberate disconnects, {} writes of unknown outcome (reply lost in a restart, or BUSY from a gateway; each found old or new), {} records verified, {} mismatches",
@@ -169,6 +231,11 @@ async fn main() {
         );
         for m in result.mismatches.iter().take(10) {
             println!("  MISMATCH {m}");
+        }
+        if a.mirrors > 0 {
+            println!("  {}", mirrors.summary());
+            // Their records are orphans now too: reaped with the others.
+            result.records.extend(mirrors.pairs.iter().map(|p| p.ptr));
         }
         let alive = count_alive(addr, &result.records).await;
         println!(
@@ -195,11 +262,16 @@ async fn main() {
                 a.grace
             );
         }
-        ok &= result.mismatches.is_empty() && alive == result.records.len() && after == 0;
+        ok &= mirrors.ok()
+            && result.mismatches.is_empty()
+            && alive == result.records.len()
+            && after == 0;
         after_rounds.push(rss_kib(pid.load(Ordering::Relaxed)) / 1024);
     }
     let rss_end = rss_kib(pid.load(Ordering::Relaxed));
-    drop(server.lock().unwrap().take());
+    for s in &servers {
+        drop(s.lock().unwrap().take());
+    }
     done.store(true, Ordering::Relaxed);
     let samples = sampler.join().unwrap();
     let _ = std::fs::remove_dir_all(&data);
