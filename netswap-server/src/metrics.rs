@@ -680,6 +680,12 @@ impl Collector for HubCollector {
             )?;
             counter(
                 &mut e,
+                "netswap_redis_subscriptions_renewed",
+                "Times the gateway subscribed again to every watched record on a new connection because the cluster's primaries changed (a failover takes the dead primary's subscriptions with it).",
+                g.subscriptions_renewed,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_unreplicated_writes",
                 "Writes acknowledged with fewer replicas than --redis-wait-replicas asked (their primary had fewer: a failover).",
                 g.unreplicated_writes,

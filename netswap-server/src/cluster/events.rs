@@ -441,7 +441,7 @@ impl ClusterStore {
         loop {
             match self.subs.get().ssubscribe(&channel).await {
                 Ok(()) => {
-                    debug!(%ptr, "subscribed again after Redis dropped a subscription");
+                    debug!(%ptr, with_bytes, "subscribed again to a watched record's channel");
                     // Confirmed: what changed meanwhile is reported now (the client
                     // library does not always pass the confirmation on as a push).
                     let in_use = lock(&self.local)

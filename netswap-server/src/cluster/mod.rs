@@ -342,6 +342,10 @@ pub(crate) struct ClusterStore {
     /// The primaries (by id) this gateway has loaded its scripts on, as of its last
     /// look at the layout.
     scripted: Mutex<HashSet<String>>,
+    /// The primaries (ids, sorted) at the last look at the topology: a change makes
+    /// the gateway subscribe again on a new connection
+    /// ([`ClusterStore::refresh_topology`]).
+    primaries_seen: Mutex<Vec<String>>,
     /// Bytes of records fetched for large replies not sent yet, across connections.
     reply_bytes: GatewayBudget,
     /// How loads went.
@@ -371,6 +375,9 @@ pub(crate) struct ClusterStore {
     unanswered: AtomicU64,
     subs_unanswered: AtomicU64,
     connections_replaced: AtomicU64,
+    /// Times every watched record was subscribed again on a new connection because
+    /// the primaries changed ([`ClusterStore::refresh_topology`]).
+    subscriptions_renewed: AtomicU64,
 }
 
 /// What a gateway counts of its work with Redis (for `/metrics`).
@@ -418,6 +425,9 @@ pub struct GatewayCounts {
     /// Command connections replaced because they stopped answering while the
     /// cluster answered a new one ([`ClusterStore::check_connection`]).
     pub connections_replaced: u64,
+    /// Times every watched record was subscribed again on a new connection because
+    /// the cluster's primaries changed (a failover: [`ClusterStore::refresh_topology`]).
+    pub subscriptions_renewed: u64,
     /// Changes that waited for an earlier change of their record on this gateway.
     pub queued_changes: u64,
     /// Commits of changes that found the record changed since they were decided.
@@ -528,6 +538,7 @@ impl ClusterStore {
             unanswered: AtomicU64::new(0),
             subs_unanswered: AtomicU64::new(0),
             connections_replaced: AtomicU64::new(0),
+            subscriptions_renewed: AtomicU64::new(0),
             events,
             events_rx: Mutex::new(Some(events_rx)),
             push_rx: Mutex::new(Some(push_rx)),
@@ -540,6 +551,7 @@ impl ClusterStore {
             races_lost: AtomicU64::new(0),
             claims: AtomicU64::new(0),
             scripted: Mutex::default(),
+            primaries_seen: Mutex::default(),
             reply_bytes: GatewayBudget::new(opts.max_reply_bytes),
             loads: redis_io::LoadCounters::default(),
             batch,
@@ -552,7 +564,7 @@ impl ClusterStore {
             opts,
         };
         // The layout, and the scripts on every primary, before the first request.
-        store.refresh_topology().await;
+        store.look_at_topology().await;
         Ok(store)
     }
 
@@ -579,6 +591,7 @@ impl ClusterStore {
             lease_renewals_failed: n(&self.renewals_failed),
             leases_lapsed: n(&self.leases_lapsed),
             connections_replaced: n(&self.connections_replaced),
+            subscriptions_renewed: n(&self.subscriptions_renewed),
             queued_changes: n(&self.serial.queued),
             commit_races_lost: n(&self.races_lost),
             claims: n(&self.claims),
@@ -621,15 +634,26 @@ impl ClusterStore {
         }
         let forced = !lock(&self.local).watched.is_empty() && fault_point("subs-replace");
         if (self.due_for_new(&self.subs, &self.subs_unanswered).await || forced)
-            && let Some(fresh) = self.fresh_connection(Some(self.push_tx.clone())).await
+            && self.subscribe_anew().await
         {
             warn!(
                 "the subscriptions' connection to Redis Cluster stopped answering while the cluster answers a new one; replaced it and subscribing again"
             );
-            self.subs.replace(fresh);
             self.connections_replaced.fetch_add(1, Ordering::Relaxed);
-            self.resubscribe_all();
         }
+    }
+
+    /// Replaces the connection for subscriptions with a new one (if the cluster
+    /// answers one) and subscribes again there to every watched record's channels,
+    /// telling the watchers what changed meanwhile. Returns whether it did.
+    async fn subscribe_anew(self: &Arc<Self>) -> bool {
+        let Some(fresh) = self.fresh_connection(Some(self.push_tx.clone())).await else {
+            return false;
+        };
+        // The old connection's subscriptions go with it.
+        self.subs.replace(fresh);
+        self.resubscribe_all();
+        true
     }
 
     /// One look at `conn` (see [`ClusterStore::check_connection`]): whether it is
@@ -729,7 +753,31 @@ impl ClusterStore {
 
     /// Refreshes what the gateway knows of the cluster's replicas and primaries
     /// (every [`ClusterOptions::topology_every`]).
-    pub async fn refresh_topology(&self) {
+    ///
+    /// When the primaries change (a failover), the gateway subscribes again to every
+    /// watched record on a new connection. A primary that dies takes its
+    /// subscriptions with it, and Redis says nothing about it (unlike a slot that
+    /// moves: an `SUNSUBSCRIBE`). The `redis` crate subscribes again on its own, but by
+    /// the slot map it had: to the restarted node, which is now a replica. A replica
+    /// takes a shard channel subscription and gets the channel's messages, but a commit
+    /// looks for subscribers on the primary only (`scripts::COMMIT`): it found none,
+    /// cleared the record's watched mark, and published nothing any more. A new
+    /// connection reads the slots anew, so every subscription is on a primary again.
+    pub async fn refresh_topology(self: &Arc<Self>) {
+        if self.look_at_topology().await
+            && !lock(&self.local).watched.is_empty()
+            && self.subscribe_anew().await
+        {
+            info!(
+                "the cluster's primaries changed; subscribed again to every watched record on a new connection"
+            );
+            self.subscriptions_renewed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads the layout (`CLUSTER NODES`) and loads the scripts on primaries seen for
+    /// the first time; returns whether the primaries changed since the last look.
+    async fn look_at_topology(&self) -> bool {
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
         let nodes = self
             .redis()
@@ -741,11 +789,19 @@ impl ClusterStore {
         let text = match nodes {
             Ok(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
             Ok(Value::VerbatimString { text, .. }) => text,
-            _ => return,
+            _ => return false,
         };
         let layout = redis_io::Replicas::parse(&text);
         let (primaries, nodes) = (layout.primaries.clone(), layout.nodes.clone());
         *lock(&self.replicas) = layout;
+        let changed = {
+            let mut now = primaries.clone();
+            now.sort();
+            let mut seen = lock(&self.primaries_seen);
+            let changed = !seen.is_empty() && *seen != now;
+            *seen = now;
+            changed
+        };
         if let Some(b) = &self.batch {
             b.set_primaries(batch::primaries(&text));
         }
@@ -773,6 +829,7 @@ impl ClusterStore {
                 Err(e) => debug!(node = %id, error = %e, "loading the scripts failed; next look"),
             }
         }
+        changed
     }
 
     /// Loads a record (`redis_io::load`), with other requests' loads when batching;
