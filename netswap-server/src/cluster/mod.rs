@@ -342,8 +342,8 @@ pub(crate) struct ClusterStore {
     /// The primaries (by id) this gateway has loaded its scripts on, as of its last
     /// look at the layout.
     scripted: Mutex<HashSet<String>>,
-    /// The primaries (ids, sorted) at the last look at the topology: a change makes
-    /// the gateway subscribe again on a new connection
+    /// The primaries serving slots (ids, sorted) at the last look at the topology: a
+    /// change makes the gateway subscribe again on a new connection
     /// ([`ClusterStore::refresh_topology`]).
     primaries_seen: Mutex<Vec<String>>,
     /// Bytes of records fetched for large replies not sent yet, across connections.
@@ -754,15 +754,17 @@ impl ClusterStore {
     /// Refreshes what the gateway knows of the cluster's replicas and primaries
     /// (every [`ClusterOptions::topology_every`]).
     ///
-    /// When the primaries change (a failover), the gateway subscribes again to every
-    /// watched record on a new connection. A primary that dies takes its
-    /// subscriptions with it, and Redis says nothing about it (unlike a slot that
-    /// moves: an `SUNSUBSCRIBE`). The `redis` crate subscribes again on its own, but by
-    /// the slot map it had: to the restarted node, which is now a replica. A replica
-    /// takes a shard channel subscription and gets the channel's messages, but a commit
-    /// looks for subscribers on the primary only (`scripts::COMMIT`): it found none,
-    /// cleared the record's watched mark, and published nothing any more. A new
-    /// connection reads the slots anew, so every subscription is on a primary again.
+    /// When the primaries serving slots change (a replica took over), the gateway
+    /// subscribes again to every watched record on a new connection. A primary that
+    /// dies takes its subscriptions with it, and Redis says nothing about it (unlike a
+    /// slot that moves: an `SUNSUBSCRIBE`). The `redis` crate subscribes again on its
+    /// own, but by the slot map it had: to the restarted node, which is now a replica.
+    /// A replica takes a shard channel subscription and gets the channel's messages,
+    /// but a commit looks for subscribers on the primary only (`scripts::COMMIT`): it
+    /// found none, cleared the record's watched mark, and published nothing any more.
+    /// A new connection reads the slots anew, so every subscription is on a primary
+    /// again. A primary only suspected down, or slots moved between primaries, change
+    /// nothing here (a moved slot's subscriptions are followed by its `SUNSUBSCRIBE`).
     pub async fn refresh_topology(self: &Arc<Self>) {
         if self.look_at_topology().await
             && !lock(&self.local).watched.is_empty()
@@ -793,15 +795,13 @@ impl ClusterStore {
         };
         let layout = redis_io::Replicas::parse(&text);
         let (primaries, nodes) = (layout.primaries.clone(), layout.nodes.clone());
-        *lock(&self.replicas) = layout;
         let changed = {
-            let mut now = primaries.clone();
-            now.sort();
             let mut seen = lock(&self.primaries_seen);
-            let changed = !seen.is_empty() && *seen != now;
-            *seen = now;
+            let changed = !seen.is_empty() && *seen != layout.serving;
+            *seen = layout.serving.clone();
             changed
         };
+        *lock(&self.replicas) = layout;
         if let Some(b) = &self.batch {
             b.set_primaries(batch::primaries(&text));
         }

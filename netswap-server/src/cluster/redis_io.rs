@@ -1294,6 +1294,10 @@ pub(crate) struct Replicas {
     pub nodes: Arc<HashMap<String, (String, u16)>>,
     /// The ids of the primaries that are not failing.
     pub primaries: Vec<String>,
+    /// The ids of the primaries that serve slots, failing or not (sorted): this
+    /// changes when a replica takes over (not while a primary is only suspected
+    /// down, nor when slots move between primaries that keep some).
+    pub serving: Vec<String>,
 }
 
 impl Replicas {
@@ -1349,10 +1353,19 @@ impl Replicas {
             .filter(|f| f.len() > 2 && f[2].contains("master") && !f[2].contains("fail"))
             .map(|f| f[0].to_string())
             .collect();
+        let mut serving: Vec<String> = lines
+            .iter()
+            .filter(|f| {
+                f.len() > 8 && f[2].contains("master") && f[8..].iter().any(|r| !r.starts_with('['))
+            })
+            .map(|f| f[0].to_string())
+            .collect();
+        serving.sort();
         Replicas {
             ranges,
             nodes: Arc::new(nodes),
             primaries,
+            serving,
         }
     }
 }
@@ -1801,5 +1814,48 @@ e 127.0.0.1:9@10 slave,fail b 0 0 2 connected
         );
         assert_eq!(r.of(&key_in(10923, 16383)), Some(0));
         assert_eq!(Replicas::default().of("x"), None);
+    }
+
+    #[test]
+    fn the_primaries_serving_slots_change_when_a_replica_takes_over_only() {
+        let serving = |nodes: &str| Replicas::parse(nodes).serving;
+        let before = serving(
+            "\
+a 127.0.0.1:1@2 myself,master - 0 0 1 connected 0-5460
+b 127.0.0.1:3@4 master - 0 0 2 connected 5461-10922 [5461->-a]
+c 127.0.0.1:5@6 master - 0 0 3 connected 10923-16383
+d 127.0.0.1:7@8 slave b 0 0 2 connected
+",
+        );
+        assert_eq!(before, ["a", "b", "c"]);
+        // Suspected down, then failed: it still serves its slots until its replica
+        // takes over.
+        let suspected = serving(
+            "\
+a 127.0.0.1:1@2 myself,master - 0 0 1 connected 0-5460
+b 127.0.0.1:3@4 master,fail? - 0 0 2 connected 5461-10922
+c 127.0.0.1:5@6 master - 0 0 3 connected 10923-16383
+d 127.0.0.1:7@8 slave b 0 0 2 connected
+",
+        );
+        assert_eq!(suspected, before);
+        // Slots moved between primaries that keep some: no change.
+        let moved = serving(
+            "\
+a 127.0.0.1:1@2 myself,master - 0 0 1 connected 0-6000
+b 127.0.0.1:3@4 master - 0 0 2 connected 6001-10922
+c 127.0.0.1:5@6 master - 0 0 3 connected 10923-16383
+",
+        );
+        assert_eq!(moved, before);
+        let taken_over = serving(
+            "\
+a 127.0.0.1:1@2 myself,master - 0 0 1 connected 0-5460
+b 127.0.0.1:3@4 master,fail - 0 0 2 connected
+c 127.0.0.1:5@6 master - 0 0 3 connected 10923-16383
+d 127.0.0.1:7@8 master - 0 0 4 connected 5461-10922
+",
+        );
+        assert_eq!(taken_over, ["a", "c", "d"]);
     }
 }
