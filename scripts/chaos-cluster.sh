@@ -112,8 +112,10 @@ chaos() {
   rebalance_some
   log "done"
   # Where the gateways' subscriptions are, by the role of each node (a gateway
-  # subscribes on the primary of the record's slot).
-  sleep 8
+  # subscribes on the primary of the record's slot), ~54 s in: after the SIGKILLed
+  # gateway's watchers are back (expect 60: two channels for each of the 20 mirrored
+  # records, one for each of the 20 watched ones).
+  sleep 12
   for ((p = base; p < base + 6; p++)); do
     log ":$p $(redis-cli -p $p ROLE 2>/dev/null | head -1): $(redis-cli -p $p PUBSUB SHARDCHANNELS 2>/dev/null | grep -c . || true) shard channels subscribed"
   done

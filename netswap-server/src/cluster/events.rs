@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use super::redis_io::{self, Stored};
 use super::scripts;
-use super::{ClusterStore, RECENT_EVENTS, lock};
+use super::{ClusterStore, RECENT_EVENTS, fault_point, lock};
 
 /// An event as published: kind, version, revision, owner and access bits after it;
 /// on the channel with bytes, a data change also carries what it wrote.
@@ -513,43 +513,62 @@ impl ClusterStore {
         }
         let me = self.clone();
         tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
             loop {
-                me.resync(ptr).await;
-                let mut l = lock(&me.local);
-                let Some(e) = l.watched.get_mut(&ptr) else {
-                    return;
-                };
-                if !std::mem::take(&mut e.resync_again) {
-                    e.resyncing = false;
-                    return;
+                // Until it gets through: a record whose check failed may have lost its
+                // watched mark, and then no commit publishes its events any more.
+                let done = me.resync(ptr).await;
+                {
+                    let mut l = lock(&me.local);
+                    let Some(e) = l.watched.get_mut(&ptr) else {
+                        return;
+                    };
+                    if done && !std::mem::take(&mut e.resync_again) {
+                        e.resyncing = false;
+                        return;
+                    }
+                }
+                if done {
+                    pause = Duration::from_millis(100);
+                } else {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
                 }
             }
         });
     }
 
     /// Compares a watched record with what was last known and tells the watchers what
-    /// changed while events could not arrive.
-    async fn resync(&self, ptr: Pointer) {
+    /// changed while events could not arrive. Returns whether it got through (marked
+    /// and loaded the record); one that did not is tried again (`resync_soon`).
+    async fn resync(&self, ptr: Pointer) -> bool {
         // Marked again first: while the subscription was gone, a commit that found
         // nobody subscribed cleared the mark.
-        let loaded = match self.mark_watched(ptr).await {
-            Ok(()) => self.load(ptr, None, 0, false).await,
-            Err(e) => Err(e),
+        let loaded = if fault_point("resync-fails") {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "NETSWAP_FAULT_AT=resync-fails",
+            )))
+        } else {
+            match self.mark_watched(ptr).await {
+                Ok(()) => self.load(ptr, None, 0, false).await,
+                Err(e) => Err(e),
+            }
         };
         let now = match loaded {
             Ok(r) => r,
             Err(e) => {
-                warn!(%ptr, error = %e, "could not check a watched record after a reconnect");
-                return;
+                warn!(%ptr, error = %e, "could not check a watched record after a reconnect; trying again");
+                return false;
             }
         };
         let out = {
             let mut l = lock(&self.local);
             let Some(e) = l.watched.get_mut(&ptr) else {
-                return;
+                return true;
             };
             let Some((rev, version, owner, access)) = e.known else {
-                return;
+                return true;
             };
             let mut events = Vec::new();
             match &now {
@@ -589,6 +608,7 @@ impl ClusterStore {
             debug!(%ptr, events = out.len(), "events recovered after a lost subscription");
             let _ = self.events.send(out);
         }
+        true
     }
 }
 
