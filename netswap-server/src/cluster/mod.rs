@@ -33,7 +33,7 @@ mod states;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -346,6 +346,8 @@ pub(crate) struct ClusterStore {
     /// change makes the gateway subscribe again on a new connection
     /// ([`ClusterStore::refresh_topology`]).
     primaries_seen: Mutex<Vec<String>>,
+    /// The primaries changed and the subscriptions are not on a new connection yet.
+    renewal_due: AtomicBool,
     /// Bytes of records fetched for large replies not sent yet, across connections.
     reply_bytes: GatewayBudget,
     /// How loads went.
@@ -552,6 +554,7 @@ impl ClusterStore {
             claims: AtomicU64::new(0),
             scripted: Mutex::default(),
             primaries_seen: Mutex::default(),
+            renewal_due: AtomicBool::new(false),
             reply_bytes: GatewayBudget::new(opts.max_reply_bytes),
             loads: redis_io::LoadCounters::default(),
             batch,
@@ -765,11 +768,19 @@ impl ClusterStore {
     /// A new connection reads the slots anew, so every subscription is on a primary
     /// again. A primary only suspected down, or slots moved between primaries, change
     /// nothing here (a moved slot's subscriptions are followed by its `SUNSUBSCRIBE`).
+    /// A renewal that could not make its new connection is tried again at the next
+    /// look.
     pub async fn refresh_topology(self: &Arc<Self>) {
-        if self.look_at_topology().await
-            && !lock(&self.local).watched.is_empty()
-            && self.subscribe_anew().await
-        {
+        if self.look_at_topology().await {
+            self.renewal_due.store(true, Ordering::Relaxed);
+        }
+        if !self.renewal_due.load(Ordering::Relaxed) {
+            return;
+        }
+        if lock(&self.local).watched.is_empty() {
+            self.renewal_due.store(false, Ordering::Relaxed);
+        } else if self.subscribe_anew().await {
+            self.renewal_due.store(false, Ordering::Relaxed);
             info!(
                 "the cluster's primaries changed; subscribed again to every watched record on a new connection"
             );
