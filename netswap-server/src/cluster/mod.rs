@@ -280,9 +280,9 @@ pub(crate) struct ClusterStore {
     commands: Arc<Replaceable>,
     /// The connection that holds the watch subscriptions, and nothing else: Redis
     /// sends an `SUNSUBSCRIBE` nobody asked for when a slot moves to another primary,
-    /// and the `redis` crate (1.8) takes any such push for the reply to the oldest
-    /// request in flight on that connection, which would shift every later reply by
-    /// one. Here only (un)subscriptions can be in flight. Replaced like `commands`
+    /// and the `redis` crate (1.8.1; fixed in 1.8.2) took any such push for the reply
+    /// to the oldest request in flight on that connection, which shifted every later
+    /// reply by one. Here only (un)subscriptions can be in flight. Replaced like `commands`
     /// when it stops answering ([`ClusterStore::check_connection`]).
     subs: Replaceable,
     /// Where the subscription connection's pushes go (for a new one).
