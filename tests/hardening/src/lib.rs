@@ -1229,12 +1229,10 @@ pub async fn mirror_soak(addrs: &[SocketAddr], pairs: u32, dur: Duration) -> Mir
                 }
                 seen = seen.max(v);
             }
-            let (data, version) = loop {
-                match (writer.read(ptr).await, writer.info(ptr).await) {
-                    (Ok(d), Ok(info)) => break (d, info.version),
-                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            };
+            // The record's last state (the writes have stopped): asked again while
+            // BUSY or lost, like the setup; any other answer fails the run.
+            let data = settled(|| writer.read(ptr)).await;
+            let version = settled(|| writer.info(ptr)).await.version;
             let waited = Instant::now();
             while waited.elapsed() < Duration::from_secs(30) {
                 if follower.holds(version, &data).await {
