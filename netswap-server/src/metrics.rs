@@ -686,6 +686,12 @@ impl Collector for HubCollector {
             )?;
             counter(
                 &mut e,
+                "netswap_redis_subscriptions_missing",
+                "Of those renewals, the ones made because the primaries held fewer of the gateway's subscriptions than its watches need (CLIENT INFO's ssub, two looks in a row): the redis crate lost some when a connection to a node came back, or made one on a replica.",
+                g.subscriptions_missing,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_unreplicated_writes",
                 "Writes acknowledged with fewer replicas than --redis-wait-replicas asked (their primary had fewer: a failover).",
                 g.unreplicated_writes,

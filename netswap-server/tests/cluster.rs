@@ -822,6 +822,106 @@ async fn a_watch_outlives_its_subscription_being_dropped() {
     }
 }
 
+/// A gateway whose connection for subscriptions to a primary drops (a blip, no
+/// failover) loses its subscriptions there, and any watch made before that
+/// connection is back lands on the primary's replica, where commits do not look
+/// for subscribers. Both were silent: the `redis` crate subscribes again with one
+/// `SSUBSCRIBE` naming every channel it had on that node, which Redis refuses
+/// (`CROSSSLOT`) when they are of more than one slot, and sends a subscription to a
+/// replica when the primary's connection is down. Without the gateway's count of its
+/// subscriptions on the primaries, neither watch heard of its record again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_made_before_and_during_a_blip_to_their_primary_hear_their_records_after_it() {
+    logs_from_env();
+    let cluster = RedisCluster::start(3, 1, false);
+    let (writer, prefix) = gateway_on(&cluster, |_| {});
+    let watcher = gateway_at(&cluster, &prefix, |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())
+    });
+    let mut c = Raw::connect(writer.addr(), 2).await;
+    // Two records of one primary, of different slots.
+    let first = c.create(Access::READ | Access::WRITE, &b"0"[..]).await;
+    let meta_of = |p: Pointer| format!("{prefix}:{{r:{p}}}:m");
+    let primary = cluster.primary_of(&meta_of(first));
+    let second = loop {
+        let p = c.create(Access::READ | Access::WRITE, &b"0"[..]).await;
+        if cluster.primary_of(&meta_of(p)) == primary {
+            break p;
+        }
+    };
+    let channel = format!("{prefix}:{{r:{second}}}:e");
+    let replica = cluster.replicas_of(primary)[0];
+    let mut w = Raw::connect(watcher.addr(), 3).await;
+    w.send(7, &Request::watch(first)).await;
+    assert_eq!(w.reply_to(7).await.status(), Status::Ok);
+    // The primary takes no new connection for a while, and the watcher's gateway's
+    // connection for subscriptions to it is closed as a network blip would.
+    let mut admin = cluster.primary_connection(&meta_of(first));
+    let mut on_primary = |args: &[&str]| -> redis::Value {
+        redis::cmd(args[0])
+            .arg(&args[1..])
+            .query(&mut admin)
+            .unwrap()
+    };
+    on_primary(&["CONFIG", "SET", "maxclients", "1"]);
+    assert_eq!(
+        on_primary(&["CLIENT", "KILL", "TYPE", "pubsub"]),
+        redis::Value::Int(1),
+        "the watcher's gateway subscribed"
+    );
+    // The watch is made as a client would: again after each BUSY. While the
+    // primary is out of reach, the crate sends the `SSUBSCRIBE` to another node: a
+    // node of another shard answers `MOVED` to the primary (BUSY), the primary's
+    // replica takes it.
+    let blip = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        w.send(8, &Request::watch(second)).await;
+        let r = w.reply_to(8).await;
+        match r.status() {
+            Status::Ok => break,
+            Status::Busy if blip.elapsed() < Duration::from_secs(20) => {}
+            s => panic!("the watch during the blip: {s:?} {}", r.reason()),
+        }
+    }
+    assert_eq!(
+        cluster.shard_subscribers_on(replica, &channel),
+        1,
+        "the watch made during the blip subscribed on the replica"
+    );
+    // Writes during the blip find nobody subscribed on the primary.
+    replace_as(&mut c, first, b"in the gap", 2).await;
+    replace_as(&mut c, second, b"in the gap", 2).await;
+    replace_as(&mut c, second, b"in the gap", 3).await;
+    on_primary(&["CONFIG", "SET", "maxclients", "10000"]);
+    for (xid, p, v) in [(7, first, 2), (8, second, 3)] {
+        let mut seen = 0;
+        while seen < v {
+            seen = tokio::time::timeout(Duration::from_secs(10), next_change(&mut w, xid, p))
+                .await
+                .unwrap_or_else(|_| panic!("watch {xid} heard of version {v} within 10 s"))
+                .0;
+        }
+    }
+    assert!(
+        metric(
+            &scrape(watcher.metrics_addr().unwrap()),
+            "netswap_redis_subscriptions_missing_total"
+        ) >= 1.0,
+        "the gateway found subscriptions missing (if the crate subscribes again one channel \
+         at a time, as docs/upstream/redis-rs-ssubscribe-crossslot.md proposes, both watches \
+         hear without it)"
+    );
+    // Live events again, each write's own, for both.
+    for v in 4..7 {
+        replace_as(&mut c, first, b"after", v - 1).await;
+        changed_event(&mut w, 7, first, v - 1).await;
+        replace_as(&mut c, second, b"after", v).await;
+        changed_event(&mut w, 8, second, v).await;
+    }
+    assert_eq!(cluster.shard_subscribers_on(primary, &channel), 1);
+}
+
 /// A record created through `writer` (by identity 2, the returned writer), watched
 /// through `watcher` by a state watch (identity 3, XID 7) and a data watch (identity
 /// 4, XID 9), both of which heard of its version 2 (the data watch with the bytes).

@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -324,6 +325,72 @@ impl ClusterStore {
             .sum()
     }
 
+    /// Channels of watched records whose subscription Redis confirmed: what the
+    /// connection for subscriptions should hold on the primaries.
+    fn channels_confirmed(&self) -> u64 {
+        lock(&self.local)
+            .watched
+            .values()
+            .map(|e| u64::from(*e.subscribed.borrow()) + u64::from(*e.with_bytes.borrow()))
+            .sum()
+    }
+
+    /// Whether the connection for subscriptions holds fewer shard channels on the
+    /// primaries than this gateway's watches need, as counted by the primaries
+    /// themselves (`CLIENT INFO` on that connection to each primary: its `ssub`).
+    /// `None`: not known now (nothing watched, a subscription being made again, a
+    /// primary failing or not answering on that connection).
+    ///
+    /// Two ways to lose a subscription that nothing reports: the `redis` crate
+    /// subscribes again after its connection to a node came back with one
+    /// `SSUBSCRIBE` naming every channel of that node, which Redis refuses
+    /// (`CROSSSLOT`) as soon as the channels are of more than one slot, and the
+    /// crate drops that error; and a subscription made while the primary's
+    /// connection was down goes to its replica, where a commit does not count it
+    /// (`scripts::COMMIT` asks the primary: `PUBSUB SHARDNUMSUB`).
+    pub(super) async fn subscriptions_short(&self) -> Option<bool> {
+        if lock(&self.local).watched.is_empty() || self.resubscribing.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let primaries: Vec<(String, u16)> = {
+            let layout = lock(&self.replicas);
+            let mut at = Vec::with_capacity(layout.serving.len());
+            for id in &layout.serving {
+                if !layout.primaries.contains(id) {
+                    return None;
+                }
+                at.push(layout.nodes.get(id)?.clone());
+            }
+            at
+        };
+        let before = self.channels_confirmed();
+        let mut held = 0;
+        for (host, port) in primaries {
+            held += self.shard_channels_on(host, port).await?;
+        }
+        // A record forgotten meanwhile was unsubscribed too; one subscribed since
+        // was subscribed before it counted.
+        let expected = before.min(self.channels_confirmed());
+        Some(held < expected)
+    }
+
+    /// The shard channels the connection for subscriptions holds on the node at
+    /// `host:port` (`None`: no answer within [`super::PING_WAIT`]).
+    async fn shard_channels_on(&self, host: String, port: u16) -> Option<u64> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+        let mut conn = self.subs.get();
+        let info = conn.route_command(redis::cmd("CLIENT").arg("INFO").clone(), to);
+        let text = match tokio::time::timeout(super::PING_WAIT, info).await {
+            Ok(Ok(Value::BulkString(b))) => String::from_utf8_lossy(&b).into_owned(),
+            Ok(Ok(Value::VerbatimString { text, .. })) => text,
+            _ => return None,
+        };
+        text.split_whitespace()
+            .find_map(|f| f.strip_prefix("ssub="))
+            .and_then(|n| n.parse().ok())
+    }
+
     /// Dispatches pushes from Redis until the connection ends (the server's task).
     pub async fn dispatch_events(self: Arc<Self>) {
         let Some(mut rx) = lock(&self.push_rx).take() else {
@@ -390,8 +457,7 @@ impl ClusterStore {
                     .get(&ptr)
                     .is_some_and(|e| !with_bytes || *e.with_bytes.borrow());
                 if needed {
-                    let me = self.clone();
-                    tokio::spawn(async move { me.resubscribe(ptr, with_bytes).await });
+                    self.resubscribe_soon(ptr, &[with_bytes]);
                 }
             }
             _ => {}
@@ -417,14 +483,22 @@ impl ClusterStore {
             .map(|(p, e)| (*p, *e.with_bytes.borrow()))
             .collect();
         for (ptr, with_bytes) in watched {
-            let me = self.clone();
-            tokio::spawn(async move {
-                me.resubscribe(ptr, false).await;
-                if with_bytes {
-                    me.resubscribe(ptr, true).await;
-                }
-            });
+            let channels: &[bool] = if with_bytes { &[false, true] } else { &[false] };
+            self.resubscribe_soon(ptr, channels);
         }
+    }
+
+    /// Subscribes again to channels of `ptr` (`false`: the plain one, `true`: the
+    /// one with bytes, in that order) in a task of its own, counted in
+    /// `resubscribing` from now until it is done.
+    fn resubscribe_soon(self: &Arc<Self>, ptr: Pointer, channels: &[bool]) {
+        let counted = Resubscribing::new(self.clone());
+        let channels = channels.to_vec();
+        tokio::spawn(async move {
+            for with_bytes in channels {
+                counted.0.resubscribe(ptr, with_bytes).await;
+            }
+        });
     }
 
     /// Subscribes again to a channel of `ptr` that Redis dropped (its slot moved),
@@ -609,6 +683,23 @@ impl ClusterStore {
             let _ = self.events.send(out);
         }
         true
+    }
+}
+
+/// Counts subscriptions being made again while it lives (see
+/// `ClusterStore::subscriptions_short`, which does not count meanwhile).
+struct Resubscribing(Arc<ClusterStore>);
+
+impl Resubscribing {
+    fn new(store: Arc<ClusterStore>) -> Self {
+        store.resubscribing.fetch_add(1, Ordering::Relaxed);
+        Resubscribing(store)
+    }
+}
+
+impl Drop for Resubscribing {
+    fn drop(&mut self) {
+        self.0.resubscribing.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -81,6 +81,12 @@ const UNANSWERED_BEFORE_NEW: u64 = 2;
 /// How long a look waits for the `PING`'s answer (at most the response timeout).
 const PING_WAIT: Duration = Duration::from_secs(1);
 
+/// Looks at the topology in a row that must find subscriptions missing on the
+/// primaries before they are all made again ([`ClusterStore::refresh_topology`]):
+/// one look can fall between a slot's move and its channels' subscription on the
+/// new primary.
+const SHORT_LOOKS_BEFORE_RENEWAL: u64 = 2;
+
 /// Leases renewed at once (`ClusterStore::renew_leases`).
 const RENEW_AT_ONCE: usize = 64;
 /// Identities put on the reaper's schedule per `ZADD`.
@@ -348,6 +354,11 @@ pub(crate) struct ClusterStore {
     primaries_seen: Mutex<Vec<String>>,
     /// The primaries changed and the subscriptions are not on a new connection yet.
     renewal_due: AtomicBool,
+    /// Looks in a row that found fewer subscriptions on the primaries than the
+    /// watches need ([`ClusterStore::refresh_topology`]).
+    short_looks: AtomicU64,
+    /// Subscriptions being made again now (`events::ClusterStore::resubscribe`).
+    resubscribing: std::sync::atomic::AtomicUsize,
     /// Bytes of records fetched for large replies not sent yet, across connections.
     reply_bytes: GatewayBudget,
     /// How loads went.
@@ -380,6 +391,8 @@ pub(crate) struct ClusterStore {
     /// Times every watched record was subscribed again on a new connection because
     /// the primaries changed ([`ClusterStore::refresh_topology`]).
     subscriptions_renewed: AtomicU64,
+    /// Of those, times it was because subscriptions were missing on the primaries.
+    subscriptions_missing: AtomicU64,
 }
 
 /// What a gateway counts of its work with Redis (for `/metrics`).
@@ -430,6 +443,10 @@ pub struct GatewayCounts {
     /// Times every watched record was subscribed again on a new connection because
     /// the cluster's primaries changed (a failover: [`ClusterStore::refresh_topology`]).
     pub subscriptions_renewed: u64,
+    /// Of those, times the primaries held fewer of this gateway's subscriptions than
+    /// its watches need, on [`SHORT_LOOKS_BEFORE_RENEWAL`] looks in a row (the
+    /// `redis` crate lost some without a word: [`ClusterStore::refresh_topology`]).
+    pub subscriptions_missing: u64,
     /// Changes that waited for an earlier change of their record on this gateway.
     pub queued_changes: u64,
     /// Commits of changes that found the record changed since they were decided.
@@ -541,6 +558,7 @@ impl ClusterStore {
             subs_unanswered: AtomicU64::new(0),
             connections_replaced: AtomicU64::new(0),
             subscriptions_renewed: AtomicU64::new(0),
+            subscriptions_missing: AtomicU64::new(0),
             events,
             events_rx: Mutex::new(Some(events_rx)),
             push_rx: Mutex::new(Some(push_rx)),
@@ -555,6 +573,8 @@ impl ClusterStore {
             scripted: Mutex::default(),
             primaries_seen: Mutex::default(),
             renewal_due: AtomicBool::new(false),
+            short_looks: AtomicU64::new(0),
+            resubscribing: Default::default(),
             reply_bytes: GatewayBudget::new(opts.max_reply_bytes),
             loads: redis_io::LoadCounters::default(),
             batch,
@@ -595,6 +615,7 @@ impl ClusterStore {
             leases_lapsed: n(&self.leases_lapsed),
             connections_replaced: n(&self.connections_replaced),
             subscriptions_renewed: n(&self.subscriptions_renewed),
+            subscriptions_missing: n(&self.subscriptions_missing),
             queued_changes: n(&self.serial.queued),
             commit_races_lost: n(&self.races_lost),
             claims: n(&self.claims),
@@ -770,9 +791,32 @@ impl ClusterStore {
     /// nothing here (a moved slot's subscriptions are followed by its `SUNSUBSCRIBE`).
     /// A renewal that could not make its new connection is tried again at the next
     /// look.
+    ///
+    /// Each look also counts the subscriptions this gateway holds on the primaries
+    /// (`ClusterStore::subscriptions_short`). Fewer than its watches need, on
+    /// [`SHORT_LOOKS_BEFORE_RENEWAL`] looks in a row, renews them the same way: the
+    /// `redis` crate can lose subscriptions without a word when its connection to a
+    /// node comes back, and a subscription made meanwhile can land on a replica.
     pub async fn refresh_topology(self: &Arc<Self>) {
         if self.look_at_topology().await {
             self.renewal_due.store(true, Ordering::Relaxed);
+        } else if !self.renewal_due.load(Ordering::Relaxed) {
+            match self.subscriptions_short().await {
+                Some(true) => {
+                    let looks = self.short_looks.fetch_add(1, Ordering::Relaxed) + 1;
+                    if looks >= SHORT_LOOKS_BEFORE_RENEWAL {
+                        warn!(
+                            looks,
+                            "the primaries hold fewer of this gateway's subscriptions than its watches need; subscribing again on a new connection"
+                        );
+                        self.short_looks.store(0, Ordering::Relaxed);
+                        self.subscriptions_missing.fetch_add(1, Ordering::Relaxed);
+                        self.renewal_due.store(true, Ordering::Relaxed);
+                    }
+                }
+                Some(false) => self.short_looks.store(0, Ordering::Relaxed),
+                None => {}
+            }
         }
         if !self.renewal_due.load(Ordering::Relaxed) {
             return;

@@ -423,6 +423,36 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The ports of the replicas of the primary on `port` (from `CLUSTER NODES`).
+    pub fn replicas_of(&self, port: u16) -> Vec<u16> {
+        let nodes = redis_cli(self.live_ports()[0], &["CLUSTER", "NODES"]);
+        let rows: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() > 3)
+            .collect();
+        let port_of = |f: &[&str]| -> Option<u16> {
+            f[1].split('@').next()?.rsplit_once(':')?.1.parse().ok()
+        };
+        let Some(id) = rows.iter().find(|f| port_of(f) == Some(port)).map(|f| f[0]) else {
+            return Vec::new();
+        };
+        rows.iter()
+            .filter(|f| f[3] == id)
+            .filter_map(|f| port_of(f))
+            .collect()
+    }
+
+    /// How many clients of the node on `port` are subscribed to the shard channel
+    /// `channel` (`PUBSUB SHARDNUMSUB`, which counts the node's own clients only).
+    pub fn shard_subscribers_on(&self, port: u16, channel: &str) -> u64 {
+        redis_cli(port, &["PUBSUB", "SHARDNUMSUB", channel])
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Kills the node on `port` with SIGKILL.
     pub fn kill(&mut self, port: u16) {
         let i = self.ports.iter().position(|&p| p == port).expect("a node");
