@@ -13,7 +13,10 @@
 #   at  38 s SIGKILL the second gateway; its clients carry on through the first, and it
 #            is started again 3 s later. Its leases run out at ~43 s: the identities
 #            it served are connected through the other gateway, so nothing may be
-#            reaped.
+#            reaped;
+#   at ~45 s every primary closes its subscribers' connections (CLIENT KILL TYPE
+#            pubsub): a blip of the gateways' connections for subscriptions, no
+#            failover.
 # Beside the soak's 300 clients, 40 records are written through one gateway and
 # followed through the other: 20 by mirrors (data watches), 20 by watches.
 # The soak then checks every record it was told was written holds exactly its last
@@ -110,12 +113,18 @@ chaos() {
   kill_primary "$(primaries "$(alive)" | head -1 | cut -d' ' -f2)"
   sleep 2
   rebalance_some
+  sleep 6
+  # A blip: every primary closes the connections of its subscribers (the gateways'
+  # connections for subscriptions), and stays up.
+  for p in $(primaries "$(alive)" | cut -d' ' -f2); do
+    log "CLIENT KILL TYPE pubsub on :$p: $(redis-cli -p "$p" CLIENT KILL TYPE pubsub) closed"
+  done
   log "done"
   # Where the gateways' subscriptions are, by the role of each node (a gateway
-  # subscribes on the primary of the record's slot), ~54 s in: after the SIGKILLed
-  # gateway's watchers are back (expect 60: two channels for each of the 20 mirrored
-  # records, one for each of the 20 watched ones).
-  sleep 12
+  # subscribes on the primary of the record's slot), ~6 s after the blip and after the
+  # SIGKILLed gateway's watchers are back (expect 60: two channels for each of the 20
+  # mirrored records, one for each of the 20 watched ones).
+  sleep 6
   for ((p = base; p < base + 6; p++)); do
     log ":$p $(redis-cli -p $p ROLE 2>/dev/null | head -1): $(redis-cli -p $p PUBSUB SHARDCHANNELS 2>/dev/null | grep -c . || true) shard channels subscribed"
   done
@@ -133,4 +142,5 @@ wait $chaos_pid || true
 cp "$work/gateway.log" "${TMPDIR:-/tmp}/netswap-chaos-gateway.log"
 echo "gateways' log: ${TMPDIR:-/tmp}/netswap-chaos-gateway.log"
 echo "gateways: $(grep -c 'stopped answering while the cluster answers a new one' "$work/gateway.log" || true) connection(s) to the cluster replaced (at: $(grep 'stopped answering while' "$work/gateway.log" | cut -c12-19 | tr '\n' ' '))"
+echo "gateways: $(grep -c 'fewer of this gateway.s subscriptions than its watches need' "$work/gateway.log" || true) renewal(s) of the subscriptions for subscriptions found missing, $(grep -c "the cluster's primaries changed; subscribed again" "$work/gateway.log" || true) for changed primaries"
 exit $rc
