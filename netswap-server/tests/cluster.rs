@@ -3665,6 +3665,48 @@ async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
     );
 }
 
+/// A connection from `from` that creates a record readable by all, then writes and
+/// reads it as fast as it is answered (BUSY: again 20 ms later; a request unanswered
+/// for 10 s is given up) until `stop`; returns the record, when (since `started`) it
+/// was last answered OK, and the connection, still open.
+fn load_worker(
+    addr: SocketAddr,
+    from: std::net::IpAddr,
+    started: Instant,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(Pointer, Duration, Raw)> {
+    tokio::spawn(async move {
+        let mut c = Raw::connect_from(addr, from).await;
+        let p = c.create(Access::READ, &b"0"[..]).await;
+        let mut last_ok = Duration::ZERO;
+        let mut n = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            let request = if n.is_multiple_of(2) {
+                Request::Replace {
+                    ptr: p,
+                    data: Bytes::from(n.to_string()),
+                }
+            } else {
+                Request::Read {
+                    ptr: p,
+                    range: None,
+                }
+            };
+            match tokio::time::timeout(Duration::from_secs(10), c.ask(request)).await {
+                Ok(Reply::Data(_) | Reply::Written(_)) => last_ok = started.elapsed(),
+                Ok(Reply::Error {
+                    status: Status::Busy,
+                    ..
+                }) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Ok(r) => panic!("{r:?}"),
+                Err(_) => {}
+            }
+        }
+        (p, last_ok, c)
+    })
+}
+
 /// A gateway under the load of many connections, whose cluster loses a primary to
 /// SIGKILL (a replica takes over, the node comes back as a replica), serves again
 /// within seconds. The `redis` crate's cluster connection could stop serving for good
@@ -3683,39 +3725,9 @@ async fn a_gateway_under_load_serves_again_after_a_primary_fails_over() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // 200 connections from 40 addresses, each writing and reading a record of its own
     // as fast as it is answered; each reports when it was last answered OK.
-    let mut workers = Vec::new();
-    for w in 0..200usize {
-        let stop = stop.clone();
-        workers.push(tokio::spawn(async move {
-            let mut c = Raw::connect_from(addr, many(7, w % 40)).await;
-            let p = c.create(Access::READ, &b"0"[..]).await;
-            let mut last_ok = Duration::ZERO;
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                n += 1;
-                let request = if n.is_multiple_of(2) {
-                    Request::Replace {
-                        ptr: p,
-                        data: Bytes::from(n.to_string()),
-                    }
-                } else {
-                    Request::Read {
-                        ptr: p,
-                        range: None,
-                    }
-                };
-                match c.ask(request).await {
-                    Reply::Data(_) | Reply::Written(_) => last_ok = started.elapsed(),
-                    Reply::Error {
-                        status: Status::Busy,
-                        ..
-                    } => tokio::time::sleep(Duration::from_millis(20)).await,
-                    r => panic!("{r:?}"),
-                }
-            }
-            last_ok
-        }));
-    }
+    let workers: Vec<_> = (0..200usize)
+        .map(|w| load_worker(addr, many(7, w % 40), started, stop.clone()))
+        .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let victim = cluster.primaries()[0];
     let killed_at = started.elapsed();
@@ -3727,7 +3739,7 @@ async fn a_gateway_under_load_serves_again_after_a_primary_fails_over() {
     let serving_again = killed_at + Duration::from_secs(16);
     let mut stalled = 0;
     for w in workers {
-        if w.await.unwrap() < serving_again {
+        if w.await.unwrap().1 < serving_again {
             stalled += 1;
         }
     }
@@ -3739,6 +3751,88 @@ async fn a_gateway_under_load_serves_again_after_a_primary_fails_over() {
     assert_eq!(
         stalled, 0,
         "connections not served again within 16 s of the primary's SIGKILL"
+    );
+}
+
+/// The `redis` crate's cluster connection can stop serving for good while a primary
+/// fails over under load (its recovery deadlocks with requests in flight; the gateway
+/// replaces it within seconds, which `NETSWAP_FAULT_AT=commands-stay-stuck` turns off
+/// here). The leases have a connection of their own: while the command connection is
+/// stuck, they are still renewed, and the reaper, on another gateway, leaves alone
+/// the records of clients that stayed connected. With the leases on the command
+/// connection, their renewals failed with it, the leases ran out, and the reaper took
+/// those records (seen in `scripts/chaos-cluster.sh`, where each new command
+/// connection got stuck again while the layout kept changing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_renewed_while_the_connection_for_commands_is_stuck() {
+    logs_from_env();
+    let mut cluster = RedisCluster::start(3, 1, false);
+    let prefix = fresh_prefix();
+    // The reaper: started first, it takes the reaper's lock.
+    let reaper = gateway_at(&cluster, &prefix, |c| {
+        lease_settings(c, Duration::from_secs(6), Some(Duration::from_secs(2)))
+    });
+    let mut others = Raw::connect_from(reaper.addr(), local(2)).await;
+    others
+        .create(Access::READ, &b"the reaper's first round"[..])
+        .await;
+    let stuck = GatewayProcess::start(
+        &cluster.nodes(),
+        &prefix,
+        &["--lease-ttl", "6", "--orphan-grace", "2"],
+        &[("NETSWAP_FAULT_AT", "commands-stay-stuck")],
+    );
+    let addr = stuck.addr;
+    let started = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 200 connections from 40 addresses under load, as in
+    // `a_gateway_under_load_serves_again_after_a_primary_fails_over`.
+    let workers: Vec<_> = (0..200usize)
+        .map(|w| load_worker(addr, many(8, w % 40), started, stop.clone()))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let killed_at = started.elapsed();
+    let victim = cluster.primaries()[0];
+    tokio::task::block_in_place(|| cluster.kill(victim));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::task::block_in_place(|| cluster.restart_killed(false));
+    // Past a lease's TTL and the grace, twice over, after the kill.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut held = Vec::new();
+    let mut stalled = 0;
+    for w in workers {
+        let (p, last_ok, c) = w.await.unwrap();
+        if last_ok < killed_at + Duration::from_secs(10) {
+            stalled += 1;
+        }
+        held.push((p, c));
+    }
+    let mut gone = 0;
+    for (p, _) in &held {
+        match others
+            .ask(Request::Read {
+                ptr: *p,
+                range: None,
+            })
+            .await
+        {
+            Reply::Data(_) => {}
+            Reply::Error {
+                status: Status::AddressFault,
+                ..
+            } => gone += 1,
+            r => panic!("reading a record through the reaper's gateway: {r:?}"),
+        }
+    }
+    println!(
+        "{stalled} of 200 connections not answered OK from 10 s after the kill; leases lapsed: {}; renewals failed: {}",
+        stuck.metric("netswap_redis_leases_lapsed_total"),
+        stuck.metric("netswap_redis_lease_renewals_failed_total"),
+    );
+    assert_eq!(
+        gone, 0,
+        "records (of 200) of clients still connected reaped while their gateway's command connection was stuck"
     );
 }
 

@@ -293,6 +293,18 @@ pub(crate) struct ClusterStore {
     subs: Replaceable,
     /// Where the subscription connection's pushes go (for a new one).
     push_tx: mpsc::UnboundedSender<PushInfo>,
+    /// The connection for this gateway's leases (taking, renewing, releasing them,
+    /// and the reaper's schedule they move), and nothing else: a lease is renewed
+    /// even while the connection for commands is stuck. The `redis` crate's cluster
+    /// connection can stop serving for seconds at a time while slots move and
+    /// primaries fail over (its recovery deadlocks with requests in flight,
+    /// `docs/upstream/redis-rs-cluster-recovery-deadlock.md`), again and again on
+    /// each new connection while the layout keeps changing; with the leases on it,
+    /// their renewals failed meanwhile, the leases ran out, and a client that had
+    /// stayed connected lost its records to the reaper (`scripts/chaos-cluster.sh`,
+    /// docs/RELIABILITY.md). Its few requests seldom meet a recovery. Replaced like
+    /// `commands` when it stops answering ([`ClusterStore::check_connection`]).
+    liveness: Replaceable,
     cfg: StoreConfig,
     key: IdentityKey,
     opts: ClusterOptions,
@@ -387,6 +399,7 @@ pub(crate) struct ClusterStore {
     /// ([`ClusterStore::check_connection`]), and the times it was replaced.
     unanswered: AtomicU64,
     subs_unanswered: AtomicU64,
+    liveness_unanswered: AtomicU64,
     connections_replaced: AtomicU64,
     /// Times every watched record was subscribed again on a new connection because
     /// the primaries changed ([`ClusterStore::refresh_topology`]).
@@ -516,6 +529,7 @@ impl ClusterStore {
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let redis = cluster_connection(&opts, None).await?;
         let subs = Replaceable::new(cluster_connection(&opts, Some(push_tx.clone())).await?);
+        let liveness = Replaceable::new(cluster_connection(&opts, None).await?);
         let (now, at) = redis_io::redis_now(&redis)
             .await
             .map_err(|e| format!("Redis Cluster {}: {e}", opts.nodes.join(",")))?;
@@ -536,6 +550,7 @@ impl ClusterStore {
         let store = ClusterStore {
             commands,
             subs,
+            liveness,
             push_tx,
             cfg,
             key,
@@ -556,6 +571,7 @@ impl ClusterStore {
             leases_lapsed: AtomicU64::new(0),
             unanswered: AtomicU64::new(0),
             subs_unanswered: AtomicU64::new(0),
+            liveness_unanswered: AtomicU64::new(0),
             connections_replaced: AtomicU64::new(0),
             subscriptions_renewed: AtomicU64::new(0),
             subscriptions_missing: AtomicU64::new(0),
@@ -632,11 +648,12 @@ impl ClusterStore {
         Duration::from_secs(1)
     }
 
-    /// Looks whether the connections to the cluster still answer (a `PING` to any
-    /// node on each); after [`UNANSWERED_BEFORE_NEW`] looks in a row that got no
-    /// answer on one, makes a new connection, and if that one answers, it replaces
-    /// the old one. A new connection for the subscriptions subscribes again to every
-    /// watched record's channels and tells the watchers what changed meanwhile.
+    /// Looks whether the connections to the cluster (for commands, subscriptions and
+    /// leases) still answer (a `PING` to any node on each); after
+    /// [`UNANSWERED_BEFORE_NEW`] looks in a row that got no answer on one, makes a
+    /// new connection, and if that one answers, it replaces the old one. A new
+    /// connection for the subscriptions subscribes again to every watched record's
+    /// channels and tells the watchers what changed meanwhile.
     ///
     /// The `redis` crate (1.8) can stop serving a cluster connection for good: under
     /// load, while a primary fails over or slots move, its recovery (reading the slots
@@ -647,13 +664,27 @@ impl ClusterStore {
     /// command of the gateway timed out for the 15 minutes the run went on). A
     /// cluster that is down fails the new connection too, and nothing is replaced.
     pub async fn check_connection(self: &Arc<Self>) {
+        // `NETSWAP_FAULT_AT=commands-stay-stuck`: a command connection that stops
+        // answering stays (tests of what does not depend on it).
         if self.due_for_new(&self.commands, &self.unanswered).await
+            && !fault_set("commands-stay-stuck")
             && let Some(fresh) = self.fresh_connection(None).await
         {
             warn!(
                 "the connection to Redis Cluster stopped answering while the cluster answers a new one; replaced it"
             );
             self.commands.replace(fresh);
+            self.connections_replaced.fetch_add(1, Ordering::Relaxed);
+        }
+        if self
+            .due_for_new(&self.liveness, &self.liveness_unanswered)
+            .await
+            && let Some(fresh) = self.fresh_connection(None).await
+        {
+            warn!(
+                "the leases' connection to Redis Cluster stopped answering while the cluster answers a new one; replaced it"
+            );
+            self.liveness.replace(fresh);
             self.connections_replaced.fetch_add(1, Ordering::Relaxed);
         }
         let forced = !lock(&self.local).watched.is_empty() && fault_point("subs-replace");
@@ -998,7 +1029,7 @@ impl ClusterStore {
         let k = self.keys.identity(id);
         let ttl = redis_io::ms(self.opts.lease_ttl).to_string();
         let v = redis_io::run(
-            &self.redis(),
+            &self.liveness.get(),
             &scripts::LEASE,
             &[&k.leases, &k.quota],
             &[
@@ -1036,7 +1067,7 @@ impl ClusterStore {
             }
             cmd.ignore();
         }
-        pipe.query_async::<()>(&mut self.redis()).await
+        pipe.query_async::<()>(&mut self.liveness.get()).await
     }
 
     /// A connection of `id` closed: the last one here releases the lease, unless a
@@ -1083,7 +1114,7 @@ impl ClusterStore {
     async fn release_lease(&self, id: &Identity) {
         let k = self.keys.identity(id);
         let released = redis_io::run(
-            &self.redis(),
+            &self.liveness.get(),
             &scripts::RELEASE,
             &[&k.leases, &k.quota],
             &[self.gateway.as_bytes()],
@@ -1103,7 +1134,7 @@ impl ClusterStore {
                         .arg(self.keys.reap())
                         .arg(due)
                         .arg(keys::reap_identity(id))
-                        .query_async::<Value>(&mut self.redis())
+                        .query_async::<Value>(&mut self.liveness.get())
                         .await;
                 }
             }
@@ -1959,6 +1990,15 @@ pub(crate) fn fault_point(name: &str) -> bool {
         .as_deref()
         == Some(name)
         && !DONE.swap(true, Ordering::Relaxed)
+}
+
+/// Whether `NETSWAP_FAULT_AT` names `name`, every time (a fault that lasts, unlike
+/// [`fault_point`]'s).
+pub(crate) fn fault_set(name: &str) -> bool {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    AT.get_or_init(|| std::env::var("NETSWAP_FAULT_AT").ok())
+        .as_deref()
+        == Some(name)
 }
 
 /// Redis failed (unreachable, an error reply, a timeout).
