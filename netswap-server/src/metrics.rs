@@ -681,7 +681,7 @@ impl Collector for HubCollector {
             counter(
                 &mut e,
                 "netswap_redis_subscriptions_renewed",
-                "Times the gateway subscribed again to every watched record on a new connection because the cluster's primaries changed (a failover takes the dead primary's subscriptions with it).",
+                "Times the gateway subscribed again to every watched record on a new connection because the cluster's primaries changed (a failover takes the dead primary's subscriptions with it) or subscriptions were missing on the primaries (see netswap_redis_subscriptions_missing_total).",
                 g.subscriptions_renewed,
             )?;
             counter(

@@ -402,7 +402,8 @@ pub(crate) struct ClusterStore {
     liveness_unanswered: AtomicU64,
     connections_replaced: AtomicU64,
     /// Times every watched record was subscribed again on a new connection because
-    /// the primaries changed ([`ClusterStore::refresh_topology`]).
+    /// the primaries changed or subscriptions were missing
+    /// ([`ClusterStore::refresh_topology`]).
     subscriptions_renewed: AtomicU64,
     /// Of those, times it was because subscriptions were missing on the primaries.
     subscriptions_missing: AtomicU64,
@@ -454,7 +455,9 @@ pub struct GatewayCounts {
     /// cluster answered a new one ([`ClusterStore::check_connection`]).
     pub connections_replaced: u64,
     /// Times every watched record was subscribed again on a new connection because
-    /// the cluster's primaries changed (a failover: [`ClusterStore::refresh_topology`]).
+    /// the cluster's primaries changed (a failover) or the primaries held fewer of
+    /// this gateway's subscriptions than its watches need
+    /// ([`ClusterStore::refresh_topology`]).
     pub subscriptions_renewed: u64,
     /// Of those, times the primaries held fewer of this gateway's subscriptions than
     /// its watches need, on [`SHORT_LOOKS_BEFORE_RENEWAL`] looks in a row (the
