@@ -922,6 +922,97 @@ async fn watches_made_before_and_during_a_blip_to_their_primary_hear_their_recor
     assert_eq!(cluster.shard_subscribers_on(primary, &channel), 1);
 }
 
+/// A measurement, not a check (run it on purpose, in a release build: `cargo test
+/// --release -p netswap-server --test cluster -- --ignored --nocapture
+/// renewing_every_subscription`): how long a gateway with thousands of watched
+/// records takes to have all of them subscribed on the primaries again after a blip
+/// of its connection for subscriptions (every primary closes its subscribers'
+/// connections; the gateway's count finds them missing and renews them all on a new
+/// connection), and what that costs Redis. `NETSWAP_MEASURE_WATCHED` records
+/// (default 5,000). docs/BENCHMARKS.md has the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run it on purpose, in a release build"]
+async fn renewing_every_subscription_of_thousands_of_watched_records() {
+    let n: usize = std::env::var("NETSWAP_MEASURE_WATCHED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let cluster = RedisCluster::start(3, 0, false);
+    let (gw, prefix) = gateway_on(&cluster, |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())
+    });
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let mut ptrs = Vec::with_capacity(n);
+    for _ in 0..n {
+        ptrs.push(c.create(Access::READ | Access::WRITE, &b"0"[..]).await);
+    }
+    let mut w = Raw::connect(gw.addr(), 3).await;
+    for (i, p) in ptrs.iter().enumerate() {
+        w.send(i as u32 + 1, &Request::watch(*p)).await;
+    }
+    for i in 0..n {
+        assert_eq!(w.reply_to(i as u32 + 1).await.status(), Status::Ok);
+    }
+    let primaries = cluster.primaries();
+    let pattern = format!("{prefix}:*");
+    let channels = || -> usize {
+        primaries
+            .iter()
+            .map(|&p| {
+                cluster
+                    .cli(p, &["PUBSUB", "SHARDCHANNELS", &pattern])
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .count()
+            })
+            .sum()
+    };
+    eventually(
+        "every watch subscribed",
+        Duration::from_secs(30),
+        async || channels() == n,
+    )
+    .await;
+    let calls = |command: &str| -> u64 {
+        primaries
+            .iter()
+            .map(|&p| cluster.calls_on(p, command))
+            .sum()
+    };
+    let before = ["ssubscribe", "evalsha", "hmget", "client|info"].map(calls);
+    let blip = Instant::now();
+    for &p in &primaries {
+        cluster.cli(p, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    }
+    let mut lowest = n;
+    loop {
+        let now = channels();
+        lowest = lowest.min(now);
+        if now == n && lowest < n {
+            break;
+        }
+        assert!(
+            blip.elapsed() < Duration::from_secs(60),
+            "{now} of {n} after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let back = blip.elapsed();
+    // The resyncs (a mark and a load each) go on after the subscriptions.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = ["ssubscribe", "evalsha", "hmget", "client|info"].map(calls);
+    let m = scrape(gw.metrics_addr().unwrap());
+    println!(
+        "{n} watched records: all {n} subscribed on the primaries again {:.2} s after the blip (lowest {lowest}); renewals for missing subscriptions: {}; Redis calls meanwhile: SSUBSCRIBE {}, EVALSHA {}, HMGET {}, CLIENT INFO {}",
+        back.as_secs_f64(),
+        metric(&m, "netswap_redis_subscriptions_missing_total"),
+        after[0] - before[0],
+        after[1] - before[1],
+        after[2] - before[2],
+        after[3] - before[3],
+    );
+}
+
 /// A record created through `writer` (by identity 2, the returned writer), watched
 /// through `watcher` by a state watch (identity 3, XID 7) and a data watch (identity
 /// 4, XID 9), both of which heard of its version 2 (the data watch with the bytes).
