@@ -3798,6 +3798,37 @@ fn load_worker(
     })
 }
 
+/// 200 connections from 40 addresses of `block` load the gateway at `addr`
+/// ([`load_worker`]); 3 s in, the first primary is SIGKILLed, and started again 5 s
+/// later (it comes back as a replica); the load goes on for `after` more, then stops.
+/// Returns when the kill was and when the load stopped (since it started), and each
+/// connection's record, when it was last answered OK and the connection, still open.
+async fn load_through_a_failover(
+    cluster: &mut RedisCluster,
+    addr: SocketAddr,
+    block: u8,
+    after: Duration,
+) -> (Duration, Duration, Vec<(Pointer, Duration, Raw)>) {
+    let started = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..200usize)
+        .map(|w| load_worker(addr, many(block, w % 40), started, stop.clone()))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let killed_at = started.elapsed();
+    let victim = cluster.primaries()[0];
+    tokio::task::block_in_place(|| cluster.kill(victim));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::task::block_in_place(|| cluster.restart_killed(false));
+    tokio::time::sleep(after).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut done = Vec::with_capacity(workers.len());
+    for w in workers {
+        done.push(w.await.unwrap());
+    }
+    (killed_at, started.elapsed(), done)
+}
+
 /// A gateway under the load of many connections, whose cluster loses a primary to
 /// SIGKILL (a replica takes over, the node comes back as a replica), serves again
 /// within seconds. The `redis` crate's cluster connection could stop serving for good
@@ -3811,32 +3842,16 @@ async fn a_gateway_under_load_serves_again_after_a_primary_fails_over() {
     logs_from_env();
     let mut cluster = RedisCluster::start(3, 1, false);
     let gw = GatewayProcess::start(&cluster.nodes(), &fresh_prefix(), &[], &[]);
-    let addr = gw.addr;
-    let started = Instant::now();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // 200 connections from 40 addresses, each writing and reading a record of its own
-    // as fast as it is answered; each reports when it was last answered OK.
-    let workers: Vec<_> = (0..200usize)
-        .map(|w| load_worker(addr, many(7, w % 40), started, stop.clone()))
-        .collect();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let victim = cluster.primaries()[0];
-    let killed_at = started.elapsed();
-    tokio::task::block_in_place(|| cluster.kill(victim));
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    tokio::task::block_in_place(|| cluster.restart_killed(false));
-    tokio::time::sleep(Duration::from_secs(15)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (killed_at, ended, workers) =
+        load_through_a_failover(&mut cluster, gw.addr, 7, Duration::from_secs(15)).await;
     let serving_again = killed_at + Duration::from_secs(16);
-    let mut stalled = 0;
-    for w in workers {
-        if w.await.unwrap().1 < serving_again {
-            stalled += 1;
-        }
-    }
+    let stalled = workers
+        .iter()
+        .filter(|(_, last_ok, _)| *last_ok < serving_again)
+        .count();
     println!(
         "{stalled} of 200 connections not answered OK in the last {:.0} s; connections replaced: {}",
-        (started.elapsed() - serving_again).as_secs_f64(),
+        (ended - serving_again).as_secs_f64(),
         gw.metric("netswap_redis_connections_replaced_total")
     );
     assert_eq!(
@@ -3873,34 +3888,15 @@ async fn leases_are_renewed_while_the_connection_for_commands_is_stuck() {
         &["--lease-ttl", "6", "--orphan-grace", "2"],
         &[("NETSWAP_FAULT_AT", "commands-stay-stuck")],
     );
-    let addr = stuck.addr;
-    let started = Instant::now();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // 200 connections from 40 addresses under load, as in
-    // `a_gateway_under_load_serves_again_after_a_primary_fails_over`.
-    let workers: Vec<_> = (0..200usize)
-        .map(|w| load_worker(addr, many(8, w % 40), started, stop.clone()))
-        .collect();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let killed_at = started.elapsed();
-    let victim = cluster.primaries()[0];
-    tokio::task::block_in_place(|| cluster.kill(victim));
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    tokio::task::block_in_place(|| cluster.restart_killed(false));
     // Past a lease's TTL and the grace, twice over, after the kill.
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut held = Vec::new();
-    let mut stalled = 0;
-    for w in workers {
-        let (p, last_ok, c) = w.await.unwrap();
-        if last_ok < killed_at + Duration::from_secs(10) {
-            stalled += 1;
-        }
-        held.push((p, c));
-    }
+    let (killed_at, _, held) =
+        load_through_a_failover(&mut cluster, stuck.addr, 8, Duration::from_secs(12)).await;
+    let stalled = held
+        .iter()
+        .filter(|(_, last_ok, _)| *last_ok < killed_at + Duration::from_secs(10))
+        .count();
     let mut gone = 0;
-    for (p, _) in &held {
+    for (p, _, _) in &held {
         match others
             .ask(Request::Read {
                 ptr: *p,

@@ -1987,16 +1987,12 @@ fn crash_point(name: &str) {
 /// happen once, the first time the process gets there. Read once; unset in
 /// production.
 pub(crate) fn fault_point(name: &str) -> bool {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    AT.get_or_init(|| std::env::var("NETSWAP_FAULT_AT").ok())
-        .as_deref()
-        == Some(name)
-        && !DONE.swap(true, Ordering::Relaxed)
+    fault_set(name) && !DONE.swap(true, Ordering::Relaxed)
 }
 
 /// Whether `NETSWAP_FAULT_AT` names `name`, every time (a fault that lasts, unlike
-/// [`fault_point`]'s).
+/// [`fault_point`]'s, such as `commands-stay-stuck`).
 pub(crate) fn fault_set(name: &str) -> bool {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     AT.get_or_init(|| std::env::var("NETSWAP_FAULT_AT").ok())

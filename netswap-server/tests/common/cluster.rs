@@ -32,6 +32,11 @@ fn free_port_pair() -> u16 {
     }
 }
 
+/// The port of a `CLUSTER NODES` address field (`host:port@bus`).
+fn node_port(address: &str) -> Option<u16> {
+    address.split('@').next()?.rsplit_once(':')?.1.parse().ok()
+}
+
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string()])
@@ -173,12 +178,7 @@ impl RedisCluster {
             if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
                 continue;
             }
-            let port: u16 = f[1]
-                .split('@')
-                .next()
-                .and_then(|a| a.rsplit_once(':'))
-                .and_then(|(_, p)| p.parse().ok())
-                .unwrap();
+            let port = node_port(f[1]).unwrap();
             for range in &f[8..] {
                 let (a, b) = match range.split_once('-') {
                     Some((a, b)) => (a.parse::<u16>().unwrap_or(1), b.parse::<u16>().unwrap_or(0)),
@@ -419,7 +419,7 @@ impl RedisCluster {
             .lines()
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
             .filter(|f| f.len() > 2 && f[2].contains("master") && !f[2].contains("fail"))
-            .filter_map(|f| f[1].split('@').next()?.rsplit_once(':')?.1.parse().ok())
+            .filter_map(|f| node_port(f[1]))
             .collect()
     }
 
@@ -431,15 +431,16 @@ impl RedisCluster {
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
             .filter(|f| f.len() > 3)
             .collect();
-        let port_of = |f: &[&str]| -> Option<u16> {
-            f[1].split('@').next()?.rsplit_once(':')?.1.parse().ok()
-        };
-        let Some(id) = rows.iter().find(|f| port_of(f) == Some(port)).map(|f| f[0]) else {
+        let Some(id) = rows
+            .iter()
+            .find(|f| node_port(f[1]) == Some(port))
+            .map(|f| f[0])
+        else {
             return Vec::new();
         };
         rows.iter()
             .filter(|f| f[3] == id)
-            .filter_map(|f| port_of(f))
+            .filter_map(|f| node_port(f[1]))
             .collect()
     }
 
