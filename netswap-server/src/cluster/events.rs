@@ -381,11 +381,12 @@ impl ClusterStore {
         let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
         let mut conn = self.subs.get();
         let info = conn.route_command(redis::cmd("CLIENT").arg("INFO").clone(), to);
-        let text = match tokio::time::timeout(super::PING_WAIT, info).await {
-            Ok(Ok(Value::BulkString(b))) => String::from_utf8_lossy(&b).into_owned(),
-            Ok(Ok(Value::VerbatimString { text, .. })) => text,
-            _ => return None,
-        };
+        let text = redis_io::into_text(
+            tokio::time::timeout(super::PING_WAIT, info)
+                .await
+                .ok()?
+                .ok()?,
+        )?;
         text.split_whitespace()
             .find_map(|f| f.strip_prefix("ssub="))
             .and_then(|n| n.parse().ok())

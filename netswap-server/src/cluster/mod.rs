@@ -877,10 +877,8 @@ impl ClusterStore {
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
             )
             .await;
-        let text = match nodes {
-            Ok(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
-            Ok(Value::VerbatimString { text, .. }) => text,
-            _ => return false,
+        let Some(text) = nodes.ok().and_then(redis_io::into_text) else {
+            return false;
         };
         let layout = redis_io::Replicas::parse(&text);
         let (primaries, nodes) = (layout.primaries.clone(), layout.nodes.clone());
@@ -1169,18 +1167,9 @@ impl ClusterStore {
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
             )
             .await?;
-        let text = match nodes {
-            Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-            Value::VerbatimString { text, .. } => text,
-            Value::SimpleString(s) => s,
-            other => {
-                return Err(RedisError::from((
-                    redis::ErrorKind::Parse,
-                    "CLUSTER NODES",
-                    format!("{other:?}"),
-                )));
-            }
-        };
+        let text = redis_io::into_text(nodes).ok_or_else(|| {
+            RedisError::from((redis::ErrorKind::Parse, "CLUSTER NODES: not text"))
+        })?;
         let pattern = format!("{}:{{r:*}}:m", self.opts.prefix);
         let (mut records, mut bytes) = (0u64, 0u64);
         for line in text.lines() {

@@ -1462,6 +1462,16 @@ pub(crate) fn as_bytes(v: &Value) -> Option<&[u8]> {
     bytes(v)
 }
 
+/// Reads a text reply (`CLUSTER NODES`, `CLIENT INFO`: a bulk string in RESP2, a
+/// verbatim string in RESP3).
+pub(crate) fn into_text(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+        Value::VerbatimString { text, .. } | Value::SimpleString(text) => Some(text),
+        _ => None,
+    }
+}
+
 /// A deadline for a change (for fences), `ahead` from Redis time now as estimated.
 pub(crate) fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
