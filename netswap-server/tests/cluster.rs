@@ -661,25 +661,13 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
     );
 }
 
-/// A gateway loads its scripts on every primary before its first request, and on a
-/// replica promoted by a failover before a request meets it there (`SCRIPT LOAD` is
-/// not replicated). When Redis forgets them under a burst of writes (a restart,
-/// `SCRIPT FLUSH`), the writes that meet `NOSCRIPT` load them all again, once for
-/// those that met it together, and every write goes through.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scripts_are_loaded_before_they_are_needed_and_once_when_forgotten() {
-    const SCRIPTS: u64 = 11;
-    const WRITES: usize = 64;
-    let cluster = common::cluster::RedisCluster::start(3, 1, false);
-    let (gw, _) = gateway_on(&cluster, |_| {});
+/// The scripts a gateway runs (`scripts::all`).
+const SCRIPTS: u64 = 11;
+
+/// A replica of `cluster` is promoted (`CLUSTER FAILOVER`) and has every script
+/// within seconds, without a request (`SCRIPT LOAD` is not replicated).
+async fn a_promoted_replica_gets_the_scripts(cluster: &RedisCluster) {
     let primaries = cluster.primaries();
-    for &p in &primaries {
-        assert_eq!(
-            cluster.scripts_on(p),
-            SCRIPTS,
-            "primary {p} before any request"
-        );
-    }
     let replica = *cluster
         .ports
         .iter()
@@ -701,6 +689,27 @@ async fn scripts_are_loaded_before_they_are_needed_and_once_when_forgotten() {
         async || cluster.primaries().contains(&replica) && cluster.scripts_on(replica) == SCRIPTS,
     )
     .await;
+}
+
+/// A gateway loads its scripts on every primary before its first request, and on a
+/// replica promoted by a failover before a request meets it there (`SCRIPT LOAD` is
+/// not replicated). When Redis forgets them under a burst of writes (a restart,
+/// `SCRIPT FLUSH`), the writes that meet `NOSCRIPT` load them all again, once for
+/// those that met it together, and every write goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_are_loaded_before_they_are_needed_and_once_when_forgotten() {
+    const WRITES: usize = 64;
+    let cluster = common::cluster::RedisCluster::start(3, 1, false);
+    let (gw, _) = gateway_on(&cluster, |_| {});
+    let primaries = cluster.primaries();
+    for &p in &primaries {
+        assert_eq!(
+            cluster.scripts_on(p),
+            SCRIPTS,
+            "primary {p} before any request"
+        );
+    }
+    a_promoted_replica_gets_the_scripts(&cluster).await;
 
     let mut c = Raw::connect(gw.addr(), 2).await;
     let mut records = Vec::new();
@@ -834,8 +843,16 @@ async fn a_watch_outlives_its_subscription_being_dropped() {
 async fn watches_made_before_and_during_a_blip_to_their_primary_hear_their_records_after_it() {
     logs_from_env();
     let cluster = RedisCluster::start(3, 1, false);
-    let (writer, prefix) = gateway_on(&cluster, |_| {});
-    let watcher = gateway_at(&cluster, &prefix, |c| {
+    watches_hear_their_records_after_a_blip(&cluster).await;
+}
+
+/// The test above on `cluster` (its own: the blip changes a primary's settings for a
+/// while): two records of one primary, of different slots, watched through another
+/// gateway than the writes', one watch made before and one during a blip of the
+/// watcher's subscriptions to that primary; both hear every write after it.
+async fn watches_hear_their_records_after_a_blip(cluster: &RedisCluster) {
+    let (writer, prefix) = gateway_on(cluster, |_| {});
+    let watcher = gateway_at(cluster, &prefix, |c| {
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())
     });
     let mut c = Raw::connect(writer.addr(), 2).await;
@@ -920,6 +937,40 @@ async fn watches_made_before_and_during_a_blip_to_their_primary_hear_their_recor
         changed_event(&mut w, 8, second, v).await;
     }
     assert_eq!(cluster.shard_subscribers_on(primary, &channel), 1);
+}
+
+/// A cluster whose nodes announce hostnames (`cluster-preferred-endpoint-type
+/// hostname`, as deployments with TLS or Kubernetes do): the `redis` crate routes by
+/// `CLUSTER SLOTS` and connects to `localhost:PORT`, while `CLUSTER NODES` names
+/// `127.0.0.1:PORT`. What a gateway sends to one node it picked from the layout
+/// (`WAIT` to the node that applied a commit, the scripts on a promoted replica,
+/// `count_records`' scan, the count of its subscriptions after a blip) must reach the
+/// node by the crate's name for it: by `CLUSTER NODES`' name, the crate knew no such
+/// connection, every acknowledged write failed, and watches stayed deaf after a blip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_announces_hostnames_is_served_in_full() {
+    logs_from_env();
+    let cluster = RedisCluster::start_announcing_hostnames(3, 1);
+    let slots = cluster.cli(cluster.ports[0], &["CLUSTER", "SLOTS"]);
+    assert!(slots.contains("localhost"), "CLUSTER SLOTS: {slots}");
+    // Writes acknowledged when a replica has them too (`WAIT` to the primary).
+    let (gw, _) = gateway_on(&cluster, |c| {
+        c.cluster.as_mut().expect("a gateway").wait_replicas = 1;
+    });
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let p = c.create(Access::READ | Access::WRITE, &b"0"[..]).await;
+    replace_as(&mut c, p, b"acknowledged", 2).await;
+    assert_eq!(c.read(p).await, data(b"acknowledged"));
+    assert_eq!(
+        gw.stats()
+            .count_records()
+            .await
+            .expect("a scan of every primary"),
+        (1, 12)
+    );
+    a_promoted_replica_gets_the_scripts(&cluster).await;
+    tokio::task::block_in_place(|| cluster.wait_healthy());
+    watches_hear_their_records_after_a_blip(&cluster).await;
 }
 
 /// A measurement, not a check (run it on purpose, in a release build: `cargo test

@@ -869,18 +869,9 @@ impl ClusterStore {
     /// Reads the layout (`CLUSTER NODES`) and loads the scripts on primaries seen for
     /// the first time; returns whether the primaries changed since the last look.
     async fn look_at_topology(&self) -> bool {
-        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-        let nodes = self
-            .redis()
-            .route_command(
-                redis::cmd("CLUSTER").arg("NODES").clone(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            )
-            .await;
-        let Some(text) = nodes.ok().and_then(redis_io::into_text) else {
+        let Some((layout, text)) = redis_io::Replicas::read(&self.redis()).await else {
             return false;
         };
-        let layout = redis_io::Replicas::parse(&text);
         let (primaries, nodes) = (layout.primaries.clone(), layout.nodes.clone());
         let changed = {
             let mut seen = lock(&self.primaries_seen);
@@ -1161,31 +1152,18 @@ impl ClusterStore {
     pub async fn count_records(&self) -> redis::RedisResult<(u64, u64)> {
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
         let mut conn = self.redis();
-        let nodes = conn
-            .route_command(
-                redis::cmd("CLUSTER").arg("NODES").clone(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            )
-            .await?;
-        let text = redis_io::into_text(nodes).ok_or_else(|| {
-            RedisError::from((redis::ErrorKind::Parse, "CLUSTER NODES: not text"))
+        let (layout, _) = redis_io::Replicas::read(&conn).await.ok_or_else(|| {
+            RedisError::from((redis::ErrorKind::Parse, "CLUSTER NODES: no answer"))
         })?;
         let pattern = format!("{}:{{r:*}}:m", self.opts.prefix);
         let (mut records, mut bytes) = (0u64, 0u64);
-        for line in text.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 3 || !f[2].contains("master") || f[2].contains("fail") {
-                continue;
-            }
-            let Some((host, port)) = f[1].split('@').next().and_then(|a| a.rsplit_once(':')) else {
-                continue;
-            };
-            let Ok(port) = port.parse::<u16>() else {
+        for id in &layout.primaries {
+            let Some((host, port)) = layout.nodes.get(id) else {
                 continue;
             };
             let route = SingleNodeRoutingInfo::ByAddress {
-                host: host.to_string(),
-                port,
+                host: host.clone(),
+                port: *port,
             };
             let mut cursor = "0".to_string();
             loop {

@@ -1290,7 +1290,10 @@ pub(crate) fn slot_of(key: &str) -> u16 {
 #[derive(Debug, Default)]
 pub(crate) struct Replicas {
     ranges: Vec<(u16, u16, u32)>,
-    /// Every node's address by its id.
+    /// Every node's address by its id, as the `redis` crate names it (so that a
+    /// command routed `ByAddress` finds the crate's connection to it): the endpoint
+    /// `CLUSTER SLOTS` gives for a node that serves slots or replicates one that does
+    /// ([`Replicas::name_as_routed`]), `CLUSTER NODES`' IP for any other.
     pub nodes: Arc<HashMap<String, (String, u16)>>,
     /// The ids of the primaries that are not failing.
     pub primaries: Vec<String>,
@@ -1301,6 +1304,65 @@ pub(crate) struct Replicas {
 }
 
 impl Replicas {
+    /// Reads the layout from Redis: `CLUSTER NODES` (roles, health, slots), then
+    /// `CLUSTER SLOTS` for the nodes' addresses as the crate routes to them
+    /// ([`Replicas::nodes`]). `None`: no readable answer.
+    pub async fn read(conn: &ClusterConnection) -> Option<(Replicas, String)> {
+        let mut conn = conn.clone();
+        let random = || RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+        let nodes = conn
+            .route_command(redis::cmd("CLUSTER").arg("NODES").clone(), random())
+            .await
+            .ok()
+            .and_then(into_text)?;
+        let mut layout = Replicas::parse(&nodes);
+        // Without `CLUSTER SLOTS`, the names of `CLUSTER NODES` (what they were
+        // before any node announced a hostname).
+        if let Ok(slots) = conn
+            .route_command(redis::cmd("CLUSTER").arg("SLOTS").clone(), random())
+            .await
+        {
+            layout.name_as_routed(&slots);
+        }
+        Some((layout, nodes))
+    }
+
+    /// Names each node that `slots` (a `CLUSTER SLOTS` reply) lists by the endpoint
+    /// given there, as the `redis` crate does: a node announcing a hostname with
+    /// `cluster-preferred-endpoint-type hostname` is `CLUSTER NODES`' IP but the
+    /// crate's hostname. An endpoint that is empty, `NULL`, a wildcard (the answering
+    /// node's own address, for the crate) or `?` (unknown) leaves the node's name as
+    /// it was.
+    pub fn name_as_routed(&mut self, slots: &Value) {
+        let Value::Array(ranges) = slots else {
+            return;
+        };
+        let mut named = (*self.nodes).clone();
+        for range in ranges {
+            let Value::Array(range) = range else { continue };
+            for node in range.iter().skip(2) {
+                let Value::Array(node) = node else { continue };
+                let (Some(host), Some(port), Some(id)) = (
+                    node.first().and_then(as_bytes),
+                    node.get(1).and_then(as_int),
+                    node.get(2).and_then(as_bytes),
+                ) else {
+                    continue;
+                };
+                let host = String::from_utf8_lossy(host);
+                let unnamed = matches!(host.as_ref(), "" | "?" | "0.0.0.0" | "::");
+                let (Ok(port), false) = (u16::try_from(port), unnamed) else {
+                    continue;
+                };
+                named.insert(
+                    String::from_utf8_lossy(id).into_owned(),
+                    (host.into_owned(), port),
+                );
+            }
+        }
+        self.nodes = Arc::new(named);
+    }
+
     /// Replicas of the primary serving `key` (`None`: not known yet).
     pub fn of(&self, key: &str) -> Option<u32> {
         let slot = slot_of(key);
@@ -1824,6 +1886,50 @@ e 127.0.0.1:9@10 slave,fail b 0 0 2 connected
         );
         assert_eq!(r.of(&key_in(10923, 16383)), Some(0));
         assert_eq!(Replicas::default().of("x"), None);
+    }
+
+    #[test]
+    fn nodes_are_named_as_cluster_slots_names_them() {
+        let nodes = "\
+a 127.0.0.1:1@2,cache-a myself,master - 0 0 1 connected 0-5460
+b 127.0.0.1:3@4,cache-b master - 0 0 2 connected 5461-16383
+c 127.0.0.1:5@6,cache-c slave a 0 0 1 connected
+d 127.0.0.1:7@8 master - 0 0 3 connected
+";
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let node = |host: Value, port: i64, id: &str| {
+            Value::Array(vec![host, Value::Int(port), bulk(id), Value::Array(vec![])])
+        };
+        let slots = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node(bulk("cache-a"), 1, "a"),
+                // Unknown to the answering node, and no address: the crate skips
+                // these, and so do the names.
+                node(bulk("?"), 5, "c"),
+            ]),
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(16383),
+                node(Value::Nil, 3, "b"),
+            ]),
+            Value::Int(7),
+        ]);
+        let mut r = Replicas::parse(nodes);
+        r.name_as_routed(&slots);
+        let name = |id: &str| r.nodes.get(id).cloned();
+        assert_eq!(
+            name("a"),
+            Some(("cache-a".into(), 1)),
+            "the endpoint routed to"
+        );
+        assert_eq!(name("b"), Some(("127.0.0.1".into(), 3)), "NULL: as before");
+        assert_eq!(name("c"), Some(("127.0.0.1".into(), 5)), "`?`: as before");
+        assert_eq!(name("d"), Some(("127.0.0.1".into(), 7)), "serves no slot");
+        let before = r.nodes.clone();
+        r.name_as_routed(&Value::Nil);
+        assert_eq!(r.nodes, before, "garbage changes nothing");
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub struct RedisCluster {
     dir: PathBuf,
     nodes: Vec<Option<Child>>,
     owned: bool,
+    /// More `redis-server` options for every node.
+    extra: String,
+    /// The nodes' password (`requirepass`), if any.
+    password: Option<String>,
 }
 
 fn free_port_pair() -> u16 {
@@ -37,15 +41,6 @@ fn node_port(address: &str) -> Option<u16> {
     address.split('@').next()?.rsplit_once(':')?.1.parse().ok()
 }
 
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli (Debian's redis-tools; the test command installs it)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A hash slot on its way from one primary to another ([`RedisCluster::begin_move`]).
 pub struct SlotMove {
     slot: String,
@@ -56,9 +51,62 @@ pub struct SlotMove {
 }
 
 impl RedisCluster {
+    /// `redis-cli` on the node at `port` (as the cluster's password's user).
+    fn redis_cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .envs(self.auth())
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli (Debian's redis-tools; the test command installs it)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `redis-cli`'s password, when the nodes have one (`REDISCLI_AUTH`: not on its
+    /// command line, and no warning about it).
+    fn auth(&self) -> Option<(&'static str, &str)> {
+        self.password.as_deref().map(|p| ("REDISCLI_AUTH", p))
+    }
+
     /// Starts `primaries` primaries with `replicas` replicas each. `aof`: with the
     /// append-only file on (fsync every second), so a restart keeps the data.
     pub fn start(primaries: usize, replicas: usize, aof: bool) -> RedisCluster {
+        Self::start_with(primaries, replicas, aof, "", None)
+    }
+
+    /// A cluster whose nodes want `password` from every client (`requirepass`, and
+    /// `masterauth` for the replicas).
+    pub fn start_with_password(primaries: usize, replicas: usize, password: &str) -> RedisCluster {
+        Self::start_with(
+            primaries,
+            replicas,
+            false,
+            &format!("--requirepass {password} --masterauth {password}"),
+            Some(password),
+        )
+    }
+
+    /// A cluster whose nodes announce the hostname `localhost` and ask clients to
+    /// connect to that (`cluster-preferred-endpoint-type hostname`, as deployments
+    /// with TLS or Kubernetes do): `CLUSTER SLOTS`, which clients route by, names
+    /// `localhost`, while `CLUSTER NODES` still names the IP.
+    pub fn start_announcing_hostnames(primaries: usize, replicas: usize) -> RedisCluster {
+        Self::start_with(
+            primaries,
+            replicas,
+            false,
+            "--cluster-announce-hostname localhost --cluster-preferred-endpoint-type hostname",
+            None,
+        )
+    }
+
+    fn start_with(
+        primaries: usize,
+        replicas: usize,
+        aof: bool,
+        extra: &str,
+        password: Option<&str>,
+    ) -> RedisCluster {
         let dir = std::env::temp_dir().join(format!(
             "netswap-redis-{}-{}",
             std::process::id(),
@@ -72,6 +120,8 @@ impl RedisCluster {
             dir,
             nodes: Vec::new(),
             owned: true,
+            extra: extra.to_string(),
+            password: password.map(str::to_string),
         };
         for i in 0..n {
             let child = c.spawn_node(i, aof);
@@ -79,7 +129,7 @@ impl RedisCluster {
         }
         for &p in &c.ports {
             wait_until(Duration::from_secs(10), || {
-                redis_cli(p, &["PING"]).trim() == "PONG"
+                c.redis_cli(p, &["PING"]).trim() == "PONG"
             });
         }
         let addrs: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
@@ -91,6 +141,7 @@ impl RedisCluster {
             "--cluster-yes".into(),
         ]);
         let out = Command::new("redis-cli")
+            .envs(c.auth())
             .args(&args)
             .output()
             .expect("redis-cli --cluster create");
@@ -111,9 +162,10 @@ impl RedisCluster {
             "redis-server --port {port} --bind 127.0.0.1 --cluster-enabled yes \
              --cluster-config-file nodes.conf --cluster-node-timeout 1500 \
              --appendonly {aof} --appendfsync everysec --save '' --dir {dir} \
-             --logfile {dir}/log.txt --cluster-require-full-coverage no",
+             --logfile {dir}/log.txt --cluster-require-full-coverage no {extra}",
             aof = if aof { "yes" } else { "no" },
-            dir = dir.display()
+            dir = dir.display(),
+            extra = self.extra
         );
         // The watchdog: when the test process is gone, the node goes too, and so do
         // its files (the cluster shared by a test binary is never dropped: its
@@ -148,8 +200,8 @@ impl RedisCluster {
     pub fn wait_healthy(&self) {
         wait_until(Duration::from_secs(30), || {
             self.live_ports().iter().all(|&p| {
-                let info = redis_cli(p, &["CLUSTER", "INFO"]);
-                let repl = redis_cli(p, &["INFO", "replication"]);
+                let info = self.redis_cli(p, &["CLUSTER", "INFO"]);
+                let repl = self.redis_cli(p, &["INFO", "replication"]);
                 info.contains("cluster_state:ok")
                     && info.contains("cluster_slots_ok:16384")
                     && (repl.contains("role:master") || repl.contains("master_link_status:up"))
@@ -169,11 +221,12 @@ impl RedisCluster {
     /// The port of the primary serving `key`.
     pub fn primary_of(&self, key: &str) -> u16 {
         let any = self.live_ports()[0];
-        let slot: u16 = redis_cli(any, &["CLUSTER", "KEYSLOT", key])
+        let slot: u16 = self
+            .redis_cli(any, &["CLUSTER", "KEYSLOT", key])
             .trim()
             .parse()
             .unwrap();
-        for line in redis_cli(any, &["CLUSTER", "NODES"]).lines() {
+        for line in self.redis_cli(any, &["CLUSTER", "NODES"]).lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
                 continue;
@@ -211,8 +264,11 @@ impl RedisCluster {
 
     /// The hash slots the primary on `port` serves.
     pub fn slots_of(&self, port: u16) -> Vec<u16> {
-        let me = redis_cli(port, &["CLUSTER", "MYID"]).trim().to_string();
-        redis_cli(port, &["CLUSTER", "NODES"])
+        let me = self
+            .redis_cli(port, &["CLUSTER", "MYID"])
+            .trim()
+            .to_string();
+        self.redis_cli(port, &["CLUSTER", "NODES"])
             .lines()
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
             .filter(|f| f.len() > 8 && f[0] == me)
@@ -228,8 +284,9 @@ impl RedisCluster {
     /// Moves `slots` hash slots from the primary on `from` to the one on `to` with
     /// the operator's tool (`redis-cli --cluster reshard`), until it is done.
     pub fn reshard(&self, from: u16, to: u16, slots: usize) {
-        let id = |p: u16| redis_cli(p, &["CLUSTER", "MYID"]).trim().to_string();
+        let id = |p: u16| self.redis_cli(p, &["CLUSTER", "MYID"]).trim().to_string();
         let out = Command::new("redis-cli")
+            .envs(self.auth())
             .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
             .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
             .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
@@ -248,7 +305,8 @@ impl RedisCluster {
     pub fn begin_move(&self, key: &str, to: u16) -> SlotMove {
         let from = self.primary_of(key);
         assert_ne!(from, to, "the slot is on {to} already");
-        let slot = redis_cli(from, &["CLUSTER", "KEYSLOT", key])
+        let slot = self
+            .redis_cli(from, &["CLUSTER", "KEYSLOT", key])
             .trim()
             .parse()
             .unwrap();
@@ -262,7 +320,7 @@ impl RedisCluster {
         to: u16,
         slots: impl IntoIterator<Item = u16>,
     ) -> Vec<SlotMove> {
-        let id = |p: u16| redis_cli(p, &["CLUSTER", "MYID"]).trim().to_string();
+        let id = |p: u16| self.redis_cli(p, &["CLUSTER", "MYID"]).trim().to_string();
         let (from_id, to_id) = (id(from), id(to));
         slots
             .into_iter()
@@ -274,11 +332,11 @@ impl RedisCluster {
                     from_id: from_id.clone(),
                     to_id: to_id.clone(),
                 };
-                redis_cli(
+                self.redis_cli(
                     to,
                     &["CLUSTER", "SETSLOT", &m.slot, "IMPORTING", &m.from_id],
                 );
-                redis_cli(
+                self.redis_cli(
                     from,
                     &["CLUSTER", "SETSLOT", &m.slot, "MIGRATING", &m.to_id],
                 );
@@ -291,7 +349,7 @@ impl RedisCluster {
     /// migrating: requests for its keys are redirected with `ASK`).
     pub fn migrate_keys(&self, m: &SlotMove) {
         loop {
-            let keys = redis_cli(m.from, &["CLUSTER", "GETKEYSINSLOT", &m.slot, "100"]);
+            let keys = self.redis_cli(m.from, &["CLUSTER", "GETKEYSINSLOT", &m.slot, "100"]);
             let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
             if keys.is_empty() {
                 break;
@@ -299,7 +357,7 @@ impl RedisCluster {
             let to_port = m.to.to_string();
             let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
             args.extend(keys);
-            let out = redis_cli(m.from, &args);
+            let out = self.redis_cli(m.from, &args);
             assert!(out.contains("OK"), "MIGRATE: {out}");
         }
     }
@@ -307,14 +365,19 @@ impl RedisCluster {
     /// Ends a move: every primary learns the slot's new owner.
     pub fn finish_move(&self, m: &SlotMove) {
         for p in self.live_ports() {
-            redis_cli(p, &["CLUSTER", "SETSLOT", &m.slot, "NODE", &m.to_id]);
+            self.redis_cli(p, &["CLUSTER", "SETSLOT", &m.slot, "NODE", &m.to_id]);
         }
     }
 
     /// A plain connection to the primary serving `key`, for commands whose
     /// arguments or replies are binary (which `redis-cli` would mangle).
     pub fn primary_connection(&self, key: &str) -> redis::Connection {
-        redis::Client::open(format!("redis://127.0.0.1:{}", self.primary_of(key)))
+        let auth = self
+            .password
+            .as_deref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        redis::Client::open(format!("redis://{auth}127.0.0.1:{}", self.primary_of(key)))
             .and_then(|c| c.get_connection())
             .expect("a connection to the key's primary")
     }
@@ -336,7 +399,7 @@ impl RedisCluster {
     /// (`CLUSTER GETKEYSINSLOT` on each: up to 1,000).
     pub fn keys_of_move(&self, m: &SlotMove) -> (Vec<String>, Vec<String>) {
         let keys = |port| {
-            redis_cli(port, &["CLUSTER", "GETKEYSINSLOT", &m.slot, "1000"])
+            self.redis_cli(port, &["CLUSTER", "GETKEYSINSLOT", &m.slot, "1000"])
                 .lines()
                 .filter(|k| !k.is_empty())
                 .map(str::to_string)
@@ -347,12 +410,14 @@ impl RedisCluster {
 
     /// Whether `key` exists (`EXISTS` on its primary).
     pub fn exists(&self, key: &str) -> bool {
-        redis_cli(self.primary_of(key), &["EXISTS", key]).trim() == "1"
+        self.redis_cli(self.primary_of(key), &["EXISTS", key])
+            .trim()
+            == "1"
     }
 
     /// Runs a command on the node at `port` (`redis-cli`'s output).
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
-        redis_cli(port, args)
+        self.redis_cli(port, args)
     }
 
     /// How many scripts the node at `port` holds (`INFO memory`).
@@ -363,7 +428,7 @@ impl RedisCluster {
     /// Empties every live node's script cache (`SCRIPT FLUSH`).
     pub fn flush_scripts(&self) {
         for p in self.live_ports() {
-            redis_cli(p, &["SCRIPT", "FLUSH"]);
+            self.redis_cli(p, &["SCRIPT", "FLUSH"]);
         }
     }
 
@@ -377,7 +442,7 @@ impl RedisCluster {
         ports
             .iter()
             .map(|&p| {
-                redis_cli(p, &["INFO", section])
+                self.redis_cli(p, &["INFO", section])
                     .lines()
                     .find_map(|l| l.strip_prefix(prefix))
                     .and_then(|rest| rest.split(',').next()?.trim().parse::<u64>().ok())
@@ -415,7 +480,7 @@ impl RedisCluster {
 
     /// The ports of the primaries (from `CLUSTER NODES`).
     pub fn primaries(&self) -> Vec<u16> {
-        redis_cli(self.live_ports()[0], &["CLUSTER", "NODES"])
+        self.redis_cli(self.live_ports()[0], &["CLUSTER", "NODES"])
             .lines()
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
             .filter(|f| f.len() > 2 && f[2].contains("master") && !f[2].contains("fail"))
@@ -425,7 +490,7 @@ impl RedisCluster {
 
     /// The ports of the replicas of the primary on `port` (from `CLUSTER NODES`).
     pub fn replicas_of(&self, port: u16) -> Vec<u16> {
-        let nodes = redis_cli(self.live_ports()[0], &["CLUSTER", "NODES"]);
+        let nodes = self.redis_cli(self.live_ports()[0], &["CLUSTER", "NODES"]);
         let rows: Vec<Vec<&str>> = nodes
             .lines()
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
@@ -447,7 +512,7 @@ impl RedisCluster {
     /// How many clients of the node on `port` are subscribed to the shard channel
     /// `channel` (`PUBSUB SHARDNUMSUB`, which counts the node's own clients only).
     pub fn shard_subscribers_on(&self, port: u16, channel: &str) -> u64 {
-        redis_cli(port, &["PUBSUB", "SHARDNUMSUB", channel])
+        self.redis_cli(port, &["PUBSUB", "SHARDNUMSUB", channel])
             .lines()
             .nth(1)
             .and_then(|n| n.trim().parse().ok())
@@ -512,7 +577,7 @@ impl RedisCluster {
         }
         for &p in &self.ports {
             wait_until(Duration::from_secs(10), || {
-                redis_cli(p, &["PING"]).trim() == "PONG"
+                self.redis_cli(p, &["PING"]).trim() == "PONG"
             });
         }
         self.wait_healthy();
@@ -529,6 +594,8 @@ impl RedisCluster {
             dir: PathBuf::new(),
             nodes: Vec::new(),
             owned: false,
+            extra: String::new(),
+            password: None,
         })
     }
 }
