@@ -134,8 +134,16 @@ pub struct Args {
     /// Where records live: `memory` (this process, the fastest) or
     /// `redis-cluster://HOST:PORT,HOST:PORT,...` (the server becomes a stateless
     /// gateway; any number of gateways on one cluster are one netswap; they must all
-    /// use the same --identity-key). See docs/ARCHITECTURE.md.
-    #[arg(long, env = "NETSWAP_STORE", default_value = "memory")]
+    /// use the same --identity-key). A cluster that wants a password:
+    /// `redis-cluster://USER:PASSWORD@HOST:PORT,...` (`:PASSWORD@` for the default
+    /// user; percent-encoded), best given as NETSWAP_STORE, which `ps` does not show.
+    /// See docs/ARCHITECTURE.md.
+    #[arg(
+        long,
+        env = "NETSWAP_STORE",
+        default_value = "memory",
+        hide_env_values = true
+    )]
     pub store: String,
 
     /// With Redis Cluster: seconds an identity stays connected after its gateway

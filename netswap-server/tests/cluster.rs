@@ -3510,6 +3510,117 @@ async fn a_gateway_killed_between_quota_reservation_and_commit_is_repaired() {
     );
 }
 
+/// A cluster whose nodes want a password (`requirepass`, as production clusters do):
+/// gateways given it in the store URL serve, as the default user and as an ACL user,
+/// each of their connections authenticated (commands, watches across gateways,
+/// leases). Without it, or with a wrong one, a gateway does not start: exit code 4,
+/// a clear reason, and the password nowhere in what it prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_a_password_is_served_with_it_and_refused_without() {
+    logs_from_env();
+    let cluster = RedisCluster::start_with_password(3, 0, "s3cret@pass");
+    let nodes = cluster.nodes().join(",");
+    let key = std::env::temp_dir().join(format!("netswap-auth-key-{}", std::process::id()));
+    std::fs::write(&key, GATEWAY_KEY).unwrap();
+    for (store, says) in [
+        (format!("redis-cluster://{nodes}"), "wants a password"),
+        (
+            format!("redis-cluster://:wrong-one@{nodes}"),
+            "refused the store URL's user",
+        ),
+        (
+            format!("redis-cluster://someone:s3cret%40pass@{nodes}"),
+            "refused the store URL's user",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_netswap-server"))
+            .args(["--listen", "127.0.0.1:0", "--identity-key"])
+            .arg(&key)
+            .env("NETSWAP_STORE", &store)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{store}: {err}");
+        assert!(err.contains(says), "{store}: {err}");
+        assert!(
+            !err.contains("wrong-one") && !err.contains("s3cret"),
+            "{store}: {err}"
+        );
+    }
+    let _ = std::fs::remove_file(&key);
+    // An ACL user of its own for the second gateway, on every node (ACLs are not
+    // shared by a cluster's nodes), with what docs/ARCHITECTURE.md lists.
+    let prefix = fresh_prefix();
+    let (keys, channels) = (format!("~{prefix}:*"), format!("&{prefix}:*"));
+    for &p in &cluster.ports {
+        let mut acl = vec![
+            "ACL",
+            "SETUSER",
+            "netswap-gw",
+            "on",
+            ">gw pass",
+            &keys,
+            &channels,
+        ];
+        acl.extend(ACL_COMMANDS.split_whitespace());
+        let ok = cluster.cli(p, &acl);
+        assert!(ok.contains("OK"), "{ok}");
+        // The refused starts above are in the log: only what comes next counts.
+        cluster.cli(p, &["ACL", "LOG", "RESET"]);
+    }
+    let at = |store: String, prefix: &str| {
+        let mut o = netswap_server::ClusterOptions::parse(&store).unwrap();
+        o.prefix = prefix.to_string();
+        let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+        c.cluster = Some(o);
+        c.identity_key = IdentityKey::new(GATEWAY_KEY);
+        netswap_server::spawn(c, 1).expect("gateway starts")
+    };
+    let writer = at(format!("redis-cluster://:s3cret%40pass@{nodes}"), &prefix);
+    let watcher = at(
+        format!("redis-cluster://netswap-gw:gw%20pass@{nodes}"),
+        &prefix,
+    );
+    let (mut c, mut w, _d, p) = watched_both_ways(writer.addr(), watcher.addr()).await;
+    replace_as(&mut c, p, b"authenticated", 3).await;
+    changed_event(&mut w, 7, p, 3).await;
+    assert_eq!(c.read(p).await, data(b"authenticated"));
+    // Both gateways hold leases for their clients' identities.
+    let leases = || {
+        cluster
+            .primaries()
+            .into_iter()
+            .map(|port| {
+                let pattern = format!("{prefix}:{{i:*}}:l");
+                cluster
+                    .cli(port, &["--scan", "--pattern", &pattern])
+                    .lines()
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    eventually("leases taken", Duration::from_secs(5), async || {
+        leases() >= 2
+    })
+    .await;
+    // The clients leave (leases released) and the reapers look for a second more:
+    // nothing the ACL user's gateway sent was refused.
+    drop((c, w, _d));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for &port in &cluster.ports {
+        let denied = cluster.cli(port, &["ACL", "LOG"]);
+        assert!(
+            denied.trim().is_empty(),
+            "node {port} refused: {}",
+            denied.replace('\n', " ")
+        );
+    }
+}
+
+/// The commands an ACL user of a gateway needs (docs/ARCHITECTURE.md, "Credentials").
+const ACL_COMMANDS: &str =
+    "+@read +@write +@scripting +@pubsub +@connection +cluster +client +wait +info +time";
+
 #[test]
 fn a_cluster_that_is_down_at_start_is_a_clear_error() {
     let port = unused_address().port(); // nothing listens there now

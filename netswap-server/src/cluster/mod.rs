@@ -92,11 +92,33 @@ const RENEW_AT_ONCE: usize = 64;
 /// Identities put on the reaper's schedule per `ZADD`.
 const SCHEDULE_AT_ONCE: usize = 512;
 
+/// Who a gateway is to Redis: the user and password of `redis-cluster://USER:PASSWORD@…`
+/// (Redis's `AUTH` on every connection to every node). Never printed: its `Debug`
+/// hides the password.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// An ACL user (`None`: Redis's `default` user).
+    pub username: Option<String>,
+    /// Its password (`None`: no `AUTH`).
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
+
 /// Settings of the Redis Cluster backend.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
     /// Seed nodes, `host:port`.
     pub nodes: Vec<String>,
+    /// User and password for every node (from the URL).
+    pub credentials: Credentials,
     /// Lease time to live: how long an identity stays "connected" after its gateway
     /// vanished without saying goodbye.
     pub lease_ttl: Duration,
@@ -127,11 +149,48 @@ pub struct ClusterOptions {
 }
 
 impl ClusterOptions {
-    /// Parses `redis-cluster://host:port,host:port,...`.
+    /// Parses `redis-cluster://[[USER]:PASSWORD@]host:port,host:port,...`: the seed
+    /// nodes, and the user and password for all of them (percent-encoded, as in any
+    /// URL: `%40` for `@`; `:PASSWORD@` alone for Redis's `default` user, as
+    /// `redis-cli -u` takes it). Errors name the URL without its password.
     pub fn parse(url: &str) -> Result<ClusterOptions, String> {
-        let rest = url.strip_prefix("redis-cluster://").ok_or_else(|| {
-            format!("--store {url}: expected memory or redis-cluster://HOST:PORT,...")
-        })?;
+        let Some(rest) = url.strip_prefix("redis-cluster://") else {
+            return Err(format!(
+                "--store {}: expected memory or redis-cluster://[[USER]:PASSWORD@]HOST:PORT,...",
+                redact(url)
+            ));
+        };
+        let (credentials, rest) = match rest.rsplit_once('@') {
+            None => (Credentials::default(), rest),
+            Some((userinfo, hosts)) => {
+                let decode = |s: &str, what: &str| {
+                    percent_encoding::percent_decode_str(s)
+                        .decode_utf8()
+                        .map(|s| s.into_owned())
+                        .map_err(|_| {
+                            format!(
+                                "--store {}: the {what} is not UTF-8 once decoded",
+                                redact(url)
+                            )
+                        })
+                };
+                let (user, password) = match userinfo.split_once(':') {
+                    Some((u, p)) => (u, Some(p)),
+                    None => (userinfo, None),
+                };
+                let credentials = Credentials {
+                    username: Some(decode(user, "user")?).filter(|u| !u.is_empty()),
+                    password: password.map(|p| decode(p, "password")).transpose()?,
+                };
+                if credentials.password.is_none() {
+                    return Err(format!(
+                        "--store {}: a user needs a password (USER:PASSWORD@, or :PASSWORD@ for the default user)",
+                        redact(url)
+                    ));
+                }
+                (credentials, hosts)
+            }
+        };
         let nodes: Vec<String> = rest
             .split(',')
             .map(str::trim)
@@ -139,18 +198,20 @@ impl ClusterOptions {
             .map(|s| s.to_string())
             .collect();
         if nodes.is_empty() {
-            return Err(format!("--store {url}: no nodes"));
+            return Err(format!("--store {}: no nodes", redact(url)));
         }
         for n in &nodes {
-            if n.rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
+            if n.contains(['/', '?', '#'])
+                || n.rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
             {
                 return Err(format!("--store: node {n:?} is not HOST:PORT"));
             }
         }
         Ok(ClusterOptions {
             nodes,
+            credentials,
             lease_ttl: Duration::from_secs(15),
             wait_replicas: 0,
             response_timeout: Duration::from_secs(2),
@@ -488,6 +549,20 @@ impl Drop for ClusterStore {
     }
 }
 
+/// `url` with the password of its user information, if any, replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, hosts)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{hosts}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -509,6 +584,12 @@ async fn cluster_connection(
         .connection_timeout(Duration::from_secs(1))
         .response_timeout(opts.response_timeout)
         .retries(2);
+    if let Some(user) = &opts.credentials.username {
+        builder = builder.username(user);
+    }
+    if let Some(password) = &opts.credentials.password {
+        builder = builder.password(password);
+    }
     if let Some(tx) = pushes {
         builder = builder.push_sender(tx);
     }
@@ -518,7 +599,19 @@ async fn cluster_connection(
     tokio::time::timeout(Duration::from_secs(10), client.get_async_connection())
         .await
         .map_err(|_| format!("Redis Cluster {nodes}: no answer within 10 s"))?
-        .map_err(|e| format!("Redis Cluster {nodes} is unreachable or not a working cluster: {e}"))
+        .map_err(|e| {
+            let e = e.to_string();
+            if e.contains("NOAUTH") {
+                format!(
+                    "Redis Cluster {nodes} wants a password; give it in the store URL \
+                     (redis-cluster://[USER]:PASSWORD@HOST:PORT,...): {e}"
+                )
+            } else if e.contains("WRONGPASS") {
+                format!("Redis Cluster {nodes} refused the store URL's user and password: {e}")
+            } else {
+                format!("Redis Cluster {nodes} is unreachable or not a working cluster: {e}")
+            }
+        })
 }
 
 impl ClusterStore {
@@ -1995,5 +2088,53 @@ impl From<QuotaError> for AttemptError {
                 unreachable!("quota refusals are answered where they happen")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_carry_a_user_and_password_for_every_node() {
+        let o = ClusterOptions::parse("redis-cluster://127.0.0.1:7000,127.0.0.1:7001").unwrap();
+        assert_eq!(o.nodes, ["127.0.0.1:7000", "127.0.0.1:7001"]);
+        assert_eq!(o.credentials, Credentials::default());
+        let o = ClusterOptions::parse("redis-cluster://gw:p%40ss%3Aw0rd@a:1,b:2").unwrap();
+        assert_eq!(o.nodes, ["a:1", "b:2"]);
+        assert_eq!(o.credentials.username.as_deref(), Some("gw"));
+        assert_eq!(o.credentials.password.as_deref(), Some("p@ss:w0rd"));
+        let o = ClusterOptions::parse("redis-cluster://:secret@a:1").unwrap();
+        assert_eq!(o.credentials.username, None, "the default user");
+        assert_eq!(o.credentials.password.as_deref(), Some("secret"));
+        // An @ not encoded in the password: the last one ends it.
+        let o = ClusterOptions::parse("redis-cluster://:se@cret@a:1").unwrap();
+        assert_eq!(o.credentials.password.as_deref(), Some("se@cret"));
+        assert_eq!(o.nodes, ["a:1"]);
+        let shown = format!("{o:?}");
+        assert!(
+            !shown.contains("se@cret") && shown.contains("<hidden>"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn bad_store_urls_are_refused_without_showing_the_password() {
+        for (url, says) in [
+            ("redis-cluster://gw@a:1", "a user needs a password"),
+            ("redis-cluster://gw:hunter2@", "no nodes"),
+            ("redis-cluster://gw:hunter2@a:1/0", "is not HOST:PORT"),
+            ("redis-cluster://gw:hunter2%FF@a:1", "not UTF-8"),
+            (
+                "redis://gw:hunter2@a:1",
+                "expected memory or redis-cluster://",
+            ),
+        ] {
+            let e = ClusterOptions::parse(url).unwrap_err();
+            assert!(e.contains(says), "{url}: {e}");
+            assert!(!e.contains("hunter2"), "{url}: {e}");
+        }
+        assert_eq!(redact("redis://gw:x@a:1"), "redis://gw:***@a:1");
+        assert_eq!(redact("redis://a:1"), "redis://a:1");
     }
 }
