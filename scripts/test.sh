@@ -34,6 +34,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v script >/dev/null || missing+=(bsdutils)
+command -v openssl >/dev/null || missing+=(openssl)   # certificates of the TLS cluster test
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing from Debian: ${missing[*]}"
   apt_install "${missing[@]}"

@@ -137,6 +137,7 @@ pub struct Args {
     /// use the same --identity-key). A cluster that wants a password:
     /// `redis-cluster://USER:PASSWORD@HOST:PORT,...` (`:PASSWORD@` for the default
     /// user; percent-encoded), best given as NETSWAP_STORE, which `ps` does not show.
+    /// Nodes that speak TLS: `rediss-cluster://...` (see --redis-tls-ca).
     /// See docs/ARCHITECTURE.md.
     #[arg(
         long,
@@ -188,6 +189,20 @@ pub struct Args {
     /// READ; docs/BENCHMARKS.md). `false` sends each on its own.
     #[arg(long, env = "NETSWAP_REDIS_BATCH", default_value_t = true, action = clap::ArgAction::Set)]
     pub redis_batch: bool,
+
+    /// With `rediss-cluster://` (TLS): a PEM file of the authorities that sign the
+    /// nodes' certificates, trusted instead of the system's.
+    #[arg(long, env = "NETSWAP_REDIS_TLS_CA", value_name = "FILE")]
+    pub redis_tls_ca: Option<PathBuf>,
+
+    /// With `rediss-cluster://` (TLS): this gateway's PEM certificate, for nodes that
+    /// ask clients for one (`tls-auth-clients yes`); needs --redis-tls-key.
+    #[arg(long, env = "NETSWAP_REDIS_TLS_CERT", value_name = "FILE")]
+    pub redis_tls_cert: Option<PathBuf>,
+
+    /// With `rediss-cluster://` (TLS): the PEM private key of --redis-tls-cert.
+    #[arg(long, env = "NETSWAP_REDIS_TLS_KEY", value_name = "FILE")]
+    pub redis_tls_key: Option<PathBuf>,
 
     /// With Redis Cluster: the prefix of every key, so that several netswap
     /// deployments can share one cluster.
@@ -322,9 +337,39 @@ impl ServerConfig {
                     return invalid("--redis-prefix must be non-empty and hold no braces".into());
                 }
                 o.prefix = a.redis_prefix.clone();
+                if let Some(tls) = o.tls.as_mut() {
+                    let read = |flag: &str, path: &PathBuf| {
+                        std::fs::read(path).map_err(|e| {
+                            ConfigError::Invalid(format!("{flag} {}: {e}", path.display()))
+                        })
+                    };
+                    if let Some(ca) = &a.redis_tls_ca {
+                        tls.ca = Some(read("--redis-tls-ca", ca)?);
+                    }
+                    tls.client = match (&a.redis_tls_cert, &a.redis_tls_key) {
+                        (Some(cert), Some(key)) => Some((
+                            read("--redis-tls-cert", cert)?,
+                            read("--redis-tls-key", key)?,
+                        )),
+                        (None, None) => None,
+                        _ => {
+                            return invalid(
+                                "--redis-tls-cert and --redis-tls-key go together".into(),
+                            );
+                        }
+                    };
+                }
                 Some(o)
             }
         };
+        let tls_flags =
+            a.redis_tls_ca.is_some() || a.redis_tls_cert.is_some() || a.redis_tls_key.is_some();
+        if tls_flags && cluster.as_ref().is_none_or(|c| c.tls.is_none()) {
+            return invalid(
+                "--redis-tls-ca, --redis-tls-cert and --redis-tls-key are for --store rediss-cluster://... (TLS)"
+                    .into(),
+            );
+        }
         if cluster.is_some() && a.identity_key.is_none() {
             return invalid(
                 "--store redis-cluster://... needs --identity-key FILE, the same file on every gateway: identities are the hash of the key and the address, so gateways with different keys would see every client as someone else"
@@ -447,6 +492,31 @@ mod tests {
         let a = Args::parse_from(["x", "--receive-buffer", "1073741825"]);
         let e = ServerConfig::from_args(&a).unwrap_err().to_string();
         assert!(e.contains("--receive-buffer 1073741825 is over"), "{e}");
+    }
+
+    #[test]
+    fn tls_flags_need_a_tls_store_and_readable_files() {
+        let err = |args: &[&str]| {
+            let a = Args::parse_from([&["x"], args].concat());
+            ServerConfig::from_args(&a).unwrap_err().to_string()
+        };
+        let e = err(&["--redis-tls-ca", "/etc/hostname"]);
+        assert!(e.contains("are for --store rediss-cluster://"), "{e}");
+        let e = err(&[
+            "--store",
+            "redis-cluster://a:1",
+            "--redis-tls-ca",
+            "/etc/hostname",
+        ]);
+        assert!(e.contains("are for --store rediss-cluster://"), "{e}");
+        let tls = ["--store", "rediss-cluster://a:1"];
+        let e = err(&[&tls[..], &["--redis-tls-cert", "/etc/hostname"]].concat());
+        assert!(e.contains("go together"), "{e}");
+        let e = err(&[&tls[..], &["--redis-tls-ca", "/nonexistent/ca.crt"]].concat());
+        assert!(
+            e.contains("--redis-tls-ca /nonexistent/ca.crt: No such file"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -47,8 +47,8 @@ use tracing::{error, info, warn};
 
 pub use persist::{DataDir, LoadError, SnapshotReport};
 
-pub use cluster::ClusterOptions;
 use cluster::ClusterStore;
+pub use cluster::{ClusterOptions, Credentials, Tls};
 use hub::{Backend, Hub};
 
 /// How long shutdown waits for connections to flush their last replies.

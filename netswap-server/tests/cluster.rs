@@ -3510,6 +3510,28 @@ async fn a_gateway_killed_between_quota_reservation_and_commit_is_repaired() {
     );
 }
 
+/// Starts the gateway binary on `store` (as `NETSWAP_STORE`) with `flags`, which
+/// must refuse to start with exit code 4 (the store unavailable); its stderr.
+fn refused_start(store: &str, flags: &[&str]) -> String {
+    let key = std::env::temp_dir().join(format!(
+        "netswap-refused-key-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::write(&key, GATEWAY_KEY).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_netswap-server"))
+        .args(["--listen", "127.0.0.1:0", "--identity-key"])
+        .arg(&key)
+        .args(flags)
+        .env("NETSWAP_STORE", store)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&key);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(4), "{store} {flags:?}: {err}");
+    err
+}
+
 /// A cluster whose nodes want a password (`requirepass`, as production clusters do):
 /// gateways given it in the store URL serve, as the default user and as an ACL user,
 /// each of their connections authenticated (commands, watches across gateways,
@@ -3520,8 +3542,6 @@ async fn a_cluster_with_a_password_is_served_with_it_and_refused_without() {
     logs_from_env();
     let cluster = RedisCluster::start_with_password(3, 0, "s3cret@pass");
     let nodes = cluster.nodes().join(",");
-    let key = std::env::temp_dir().join(format!("netswap-auth-key-{}", std::process::id()));
-    std::fs::write(&key, GATEWAY_KEY).unwrap();
     for (store, says) in [
         (format!("redis-cluster://{nodes}"), "wants a password"),
         (
@@ -3533,21 +3553,13 @@ async fn a_cluster_with_a_password_is_served_with_it_and_refused_without() {
             "refused the store URL's user",
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_netswap-server"))
-            .args(["--listen", "127.0.0.1:0", "--identity-key"])
-            .arg(&key)
-            .env("NETSWAP_STORE", &store)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(4), "{store}: {err}");
+        let err = refused_start(&store, &[]);
         assert!(err.contains(says), "{store}: {err}");
         assert!(
             !err.contains("wrong-one") && !err.contains("s3cret"),
             "{store}: {err}"
         );
     }
-    let _ = std::fs::remove_file(&key);
     // An ACL user of its own for the second gateway, on every node (ACLs are not
     // shared by a cluster's nodes), with what docs/ARCHITECTURE.md lists.
     let prefix = fresh_prefix();
@@ -3620,6 +3632,81 @@ async fn a_cluster_with_a_password_is_served_with_it_and_refused_without() {
 /// The commands an ACL user of a gateway needs (docs/ARCHITECTURE.md, "Credentials").
 const ACL_COMMANDS: &str =
     "+@read +@write +@scripting +@pubsub +@connection +cluster +client +wait +info +time";
+
+/// A cluster that speaks TLS only, between its nodes too, and wants a certificate
+/// from every client (as clusters with encryption in transit do): gateways given
+/// `rediss-cluster://`, the nodes' authority and a client certificate serve, across
+/// gateways (a watch), with writes acknowledged by a replica (`WAIT`, to the node
+/// that applied each). A gateway that speaks plain TCP to it, does not trust its
+/// authority, or has no client certificate does not start: exit code 4 and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_tls_is_served_and_a_gateway_it_cannot_trust_is_refused() {
+    logs_from_env();
+    let cluster = RedisCluster::start_with_tls(3, 1);
+    let tls = cluster.tls_files();
+    let nodes = cluster.nodes().join(",");
+    let (ca, other_ca) = (
+        tls.ca.display().to_string(),
+        tls.other_ca.display().to_string(),
+    );
+    let (cert, cert_key) = (
+        tls.client_cert.display().to_string(),
+        tls.client_key.display().to_string(),
+    );
+    let client = ["--redis-tls-cert", &cert, "--redis-tls-key", &cert_key];
+    for (store, flags, says) in [
+        (format!("redis-cluster://{nodes}"), vec![], "unreachable"),
+        (
+            format!("rediss-cluster://{nodes}"),
+            client.to_vec(),
+            "UnknownIssuer",
+        ),
+        (
+            format!("rediss-cluster://{nodes}"),
+            [&["--redis-tls-ca", other_ca.as_str()][..], &client].concat(),
+            "--redis-tls-ca FILE",
+        ),
+        (
+            format!("rediss-cluster://{nodes}"),
+            vec!["--redis-tls-ca", &ca],
+            "--redis-tls-cert FILE",
+        ),
+    ] {
+        let err = refused_start(&store, &flags);
+        assert!(err.contains(says), "{store} {flags:?}: {err}");
+    }
+    let prefix = fresh_prefix();
+    let gateway = |wait_replicas: u32| {
+        let mut o =
+            netswap_server::ClusterOptions::parse(&format!("rediss-cluster://{nodes}")).unwrap();
+        o.prefix = prefix.clone();
+        o.wait_replicas = wait_replicas;
+        o.tls = Some(netswap_server::Tls {
+            ca: Some(std::fs::read(&tls.ca).unwrap()),
+            client: Some((
+                std::fs::read(&tls.client_cert).unwrap(),
+                std::fs::read(&tls.client_key).unwrap(),
+            )),
+        });
+        let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+        c.cluster = Some(o);
+        c.identity_key = IdentityKey::new(GATEWAY_KEY);
+        netswap_server::spawn(c, 1).expect("gateway starts")
+    };
+    let (writer, watcher) = (gateway(1), gateway(0));
+    let (mut c, mut w, _d, p) = watched_both_ways(writer.addr(), watcher.addr()).await;
+    replace_as(&mut c, p, b"encrypted", 3).await;
+    changed_event(&mut w, 7, p, 3).await;
+    assert_eq!(c.read(p).await, data(b"encrypted"));
+    assert_eq!(
+        writer
+            .stats()
+            .count_records()
+            .await
+            .expect("a scan of every primary"),
+        (1, 9)
+    );
+}
 
 #[test]
 fn a_cluster_that_is_down_at_start_is_a_clear_error() {

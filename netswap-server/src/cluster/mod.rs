@@ -112,6 +112,30 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// TLS to every node (`rediss-cluster://`): whom to trust, and who the gateway is
+/// when the nodes ask clients for a certificate (`tls-auth-clients`).
+#[derive(Clone, Default)]
+pub struct Tls {
+    /// PEM certificates of the authorities that sign the nodes' certificates
+    /// (`--redis-tls-ca`); `None`: the system's.
+    pub ca: Option<Vec<u8>>,
+    /// The gateway's PEM certificate and private key (`--redis-tls-cert`,
+    /// `--redis-tls-key`).
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("ca", &self.ca.as_ref().map(|c| c.len()))
+            .field(
+                "client",
+                &self.client.as_ref().map(|_| "<certificate and key>"),
+            )
+            .finish()
+    }
+}
+
 /// Settings of the Redis Cluster backend.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
@@ -119,6 +143,8 @@ pub struct ClusterOptions {
     pub nodes: Vec<String>,
     /// User and password for every node (from the URL).
     pub credentials: Credentials,
+    /// TLS to every node (`rediss-cluster://`); `None`: plain TCP.
+    pub tls: Option<Tls>,
     /// Lease time to live: how long an identity stays "connected" after its gateway
     /// vanished without saying goodbye.
     pub lease_ttl: Duration,
@@ -149,16 +175,26 @@ pub struct ClusterOptions {
 }
 
 impl ClusterOptions {
-    /// Parses `redis-cluster://[[USER]:PASSWORD@]host:port,host:port,...`: the seed
+    /// Parses `redis-cluster://[[USER]:PASSWORD@]host:port,host:port,...` (or
+    /// `rediss-cluster://...`: TLS to every node, trusting the system's authorities
+    /// until [`ClusterOptions::tls`] says otherwise): the seed
     /// nodes, and the user and password for all of them (percent-encoded, as in any
     /// URL: `%40` for `@`; `:PASSWORD@` alone for Redis's `default` user, as
     /// `redis-cli -u` takes it). Errors name the URL without its password.
     pub fn parse(url: &str) -> Result<ClusterOptions, String> {
-        let Some(rest) = url.strip_prefix("redis-cluster://") else {
-            return Err(format!(
-                "--store {}: expected memory or redis-cluster://[[USER]:PASSWORD@]HOST:PORT,...",
-                redact(url)
-            ));
+        let (rest, tls) = match (
+            url.strip_prefix("redis-cluster://"),
+            url.strip_prefix("rediss-cluster://"),
+        ) {
+            (Some(rest), _) => (rest, None),
+            (_, Some(rest)) => (rest, Some(Tls::default())),
+            _ => {
+                return Err(format!(
+                    "--store {}: expected memory, redis-cluster://[[USER]:PASSWORD@]HOST:PORT,... \
+                     or rediss-cluster://... (TLS)",
+                    redact(url)
+                ));
+            }
         };
         let (credentials, rest) = match rest.rsplit_once('@') {
             None => (Credentials::default(), rest),
@@ -212,6 +248,7 @@ impl ClusterOptions {
         Ok(ClusterOptions {
             nodes,
             credentials,
+            tls,
             lease_ttl: Duration::from_secs(15),
             wait_replicas: 0,
             response_timeout: Duration::from_secs(2),
@@ -574,16 +611,40 @@ async fn cluster_connection(
     pushes: Option<mpsc::UnboundedSender<PushInfo>>,
 ) -> Result<ClusterConnection, String> {
     let nodes = opts.nodes.join(",");
+    let scheme = if opts.tls.is_some() {
+        "rediss"
+    } else {
+        "redis"
+    };
     let urls: Vec<String> = opts
         .nodes
         .iter()
-        .map(|n| format!("redis://{n}/?protocol=resp3"))
+        .map(|n| format!("{scheme}://{n}/?protocol=resp3"))
         .collect();
+    if opts.tls.is_some() {
+        // The crate's TLS is rustls, which takes its cryptography from the process's
+        // provider: ring (an error only says one is installed already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
     let mut builder = ClusterClientBuilder::new(urls)
         .use_protocol(redis::ProtocolVersion::RESP3)
         .connection_timeout(Duration::from_secs(1))
         .response_timeout(opts.response_timeout)
         .retries(2);
+    if let Some(tls) = &opts.tls {
+        builder = builder.tls(redis::TlsMode::Secure);
+        if tls.ca.is_some() || tls.client.is_some() {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: tls.client.clone().map(|(client_cert, client_key)| {
+                    redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }
+                }),
+                root_cert: tls.ca.clone(),
+            });
+        }
+    }
     if let Some(user) = &opts.credentials.username {
         builder = builder.username(user);
     }
@@ -608,6 +669,21 @@ async fn cluster_connection(
                 )
             } else if e.contains("WRONGPASS") {
                 format!("Redis Cluster {nodes} refused the store URL's user and password: {e}")
+            } else if e.contains("UnknownIssuer") {
+                format!(
+                    "Redis Cluster {nodes}: the nodes' certificates are signed by an authority \
+                     the gateway does not trust (give its certificate: --redis-tls-ca FILE): {e}"
+                )
+            } else if e.contains("CertificateRequired") {
+                format!(
+                    "Redis Cluster {nodes} wants a client certificate \
+                     (--redis-tls-cert FILE --redis-tls-key FILE): {e}"
+                )
+            } else if opts.tls.is_none() && e.contains("reset by peer") {
+                format!(
+                    "Redis Cluster {nodes} is unreachable or not a working cluster (nodes that \
+                     speak TLS only close plain connections so: rediss-cluster://...): {e}"
+                )
             } else {
                 format!("Redis Cluster {nodes} is unreachable or not a working cluster: {e}")
             }
@@ -2100,6 +2176,14 @@ mod tests {
         let o = ClusterOptions::parse("redis-cluster://127.0.0.1:7000,127.0.0.1:7001").unwrap();
         assert_eq!(o.nodes, ["127.0.0.1:7000", "127.0.0.1:7001"]);
         assert_eq!(o.credentials, Credentials::default());
+        assert!(o.tls.is_none());
+        let o = ClusterOptions::parse("rediss-cluster://:pw@a:1").unwrap();
+        let tls = o.tls.expect("TLS");
+        assert!(
+            tls.ca.is_none() && tls.client.is_none(),
+            "the system's authorities"
+        );
+        assert_eq!(o.credentials.password.as_deref(), Some("pw"));
         let o = ClusterOptions::parse("redis-cluster://gw:p%40ss%3Aw0rd@a:1,b:2").unwrap();
         assert_eq!(o.nodes, ["a:1", "b:2"]);
         assert_eq!(o.credentials.username.as_deref(), Some("gw"));
@@ -2127,7 +2211,7 @@ mod tests {
             ("redis-cluster://gw:hunter2%FF@a:1", "not UTF-8"),
             (
                 "redis://gw:hunter2@a:1",
-                "expected memory or redis-cluster://",
+                "expected memory, redis-cluster://",
             ),
         ] {
             let e = ClusterOptions::parse(url).unwrap_err();

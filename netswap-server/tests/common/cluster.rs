@@ -22,6 +22,20 @@ pub struct RedisCluster {
     extra: String,
     /// The nodes' password (`requirepass`), if any.
     password: Option<String>,
+    /// The directory of the TLS files when the nodes speak TLS only ([`Self::tls`]).
+    tls: Option<PathBuf>,
+}
+
+/// The TLS files of a cluster started by [`RedisCluster::start_with_tls`]: PEM files
+/// made by `openssl` for the test.
+pub struct TlsFiles {
+    /// The authority that signed the nodes' and the client's certificates.
+    pub ca: PathBuf,
+    /// A client certificate it signed, and its key.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// Another authority, which signed nothing here.
+    pub other_ca: PathBuf,
 }
 
 fn free_port_pair() -> u16 {
@@ -55,6 +69,7 @@ impl RedisCluster {
     fn redis_cli(&self, port: u16, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .envs(self.auth())
+            .args(self.tls_args())
             .args(["-p", &port.to_string()])
             .args(args)
             .output()
@@ -68,10 +83,47 @@ impl RedisCluster {
         self.password.as_deref().map(|p| ("REDISCLI_AUTH", p))
     }
 
+    /// `redis-cli`'s options for TLS, when the nodes speak TLS only.
+    fn tls_args(&self) -> Vec<String> {
+        let Some(dir) = &self.tls else {
+            return Vec::new();
+        };
+        let f = |name: &str| dir.join(name).display().to_string();
+        vec![
+            "--tls".into(),
+            "--cacert".into(),
+            f("ca.crt"),
+            "--cert".into(),
+            f("client.crt"),
+            "--key".into(),
+            f("client.key"),
+        ]
+    }
+
+    /// The TLS files of a cluster started by [`Self::start_with_tls`].
+    pub fn tls_files(&self) -> TlsFiles {
+        let dir = self.tls.as_ref().expect("a cluster with TLS");
+        TlsFiles {
+            ca: dir.join("ca.crt"),
+            client_cert: dir.join("client.crt"),
+            client_key: dir.join("client.key"),
+            other_ca: dir.join("other-ca.crt"),
+        }
+    }
+
     /// Starts `primaries` primaries with `replicas` replicas each. `aof`: with the
     /// append-only file on (fsync every second), so a restart keeps the data.
     pub fn start(primaries: usize, replicas: usize, aof: bool) -> RedisCluster {
-        Self::start_with(primaries, replicas, aof, "", None)
+        Self::start_with(primaries, replicas, aof, "", None, false)
+    }
+
+    /// A cluster that speaks TLS only, between its nodes too (`tls-port`,
+    /// `tls-cluster`, `tls-replication`), and wants a certificate from every client
+    /// (`tls-auth-clients yes`): the authority, the nodes' certificate (for
+    /// `127.0.0.1` and `localhost`) and a client's are made by `openssl`
+    /// ([`Self::tls_files`]).
+    pub fn start_with_tls(primaries: usize, replicas: usize) -> RedisCluster {
+        Self::start_with(primaries, replicas, false, "", None, true)
     }
 
     /// A cluster whose nodes want `password` from every client (`requirepass`, and
@@ -83,6 +135,7 @@ impl RedisCluster {
             false,
             &format!("--requirepass {password} --masterauth {password}"),
             Some(password),
+            false,
         )
     }
 
@@ -97,6 +150,7 @@ impl RedisCluster {
             false,
             "--cluster-announce-hostname localhost --cluster-preferred-endpoint-type hostname",
             None,
+            false,
         )
     }
 
@@ -106,6 +160,7 @@ impl RedisCluster {
         aof: bool,
         extra: &str,
         password: Option<&str>,
+        tls: bool,
     ) -> RedisCluster {
         let dir = std::env::temp_dir().join(format!(
             "netswap-redis-{}-{}",
@@ -113,6 +168,7 @@ impl RedisCluster {
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        let tls = tls.then(|| make_tls_files(&dir.join("tls")));
         let n = primaries * (1 + replicas);
         let ports: Vec<u16> = (0..n).map(|_| free_port_pair()).collect();
         let mut c = RedisCluster {
@@ -122,6 +178,7 @@ impl RedisCluster {
             owned: true,
             extra: extra.to_string(),
             password: password.map(str::to_string),
+            tls,
         };
         for i in 0..n {
             let child = c.spawn_node(i, aof);
@@ -142,6 +199,7 @@ impl RedisCluster {
         ]);
         let out = Command::new("redis-cli")
             .envs(c.auth())
+            .args(c.tls_args())
             .args(&args)
             .output()
             .expect("redis-cli --cluster create");
@@ -158,8 +216,18 @@ impl RedisCluster {
         let port = self.ports[i];
         let dir = self.dir.join(port.to_string());
         std::fs::create_dir_all(&dir).unwrap();
+        // With TLS, the port is TLS's, and so is the cluster bus (port + 10000).
+        let listen = match &self.tls {
+            None => format!("--port {port}"),
+            Some(tls) => format!(
+                "--port 0 --tls-port {port} --tls-cluster yes --tls-replication yes \
+                 --tls-cert-file {t}/node.crt --tls-key-file {t}/node.key \
+                 --tls-ca-cert-file {t}/ca.crt --tls-auth-clients yes",
+                t = tls.display()
+            ),
+        };
         let redis = format!(
-            "redis-server --port {port} --bind 127.0.0.1 --cluster-enabled yes \
+            "redis-server {listen} --bind 127.0.0.1 --cluster-enabled yes \
              --cluster-config-file nodes.conf --cluster-node-timeout 1500 \
              --appendonly {aof} --appendfsync everysec --save '' --dir {dir} \
              --logfile {dir}/log.txt --cluster-require-full-coverage no {extra}",
@@ -287,6 +355,7 @@ impl RedisCluster {
         let id = |p: u16| self.redis_cli(p, &["CLUSTER", "MYID"]).trim().to_string();
         let out = Command::new("redis-cli")
             .envs(self.auth())
+            .args(self.tls_args())
             .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
             .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
             .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
@@ -596,6 +665,7 @@ impl RedisCluster {
             owned: false,
             extra: String::new(),
             password: None,
+            tls: None,
         })
     }
 }
@@ -616,6 +686,40 @@ pub fn shared() -> &'static RedisCluster {
     SHARED.get_or_init(|| {
         RedisCluster::shared_from_env().unwrap_or_else(|| RedisCluster::start(3, 1, false))
     })
+}
+
+/// Makes, in `dir`, a test authority (`ca.crt`), a node certificate it signs for
+/// `127.0.0.1` and `localhost` (`node.crt`, `node.key`), a client certificate it
+/// signs (`client.crt`, `client.key`), and another authority that signs nothing
+/// (`other-ca.crt`), with `openssl` (P-256 keys, valid for a day).
+fn make_tls_files(dir: &std::path::Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let script = r#"set -e
+key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+key ca.key; key other-ca.key; key node.key; key client.key
+openssl req -x509 -new -key ca.key -subj /CN=netswap-test-ca -days 1 -out ca.crt
+openssl req -x509 -new -key other-ca.key -subj /CN=someone-else -days 1 -out other-ca.crt
+openssl req -new -key node.key -subj /CN=localhost -out node.csr
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost
+extendedKeyUsage=serverAuth,clientAuth
+' > node.ext
+openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile node.ext -out node.crt 2>/dev/null
+openssl req -new -key client.key -subj /CN=netswap-gateway -out client.csr
+printf 'extendedKeyUsage=clientAuth
+' > client.ext
+openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile client.ext -out client.crt 2>/dev/null
+"#;
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("openssl (Debian's openssl; the test command installs it)");
+    assert!(
+        out.status.success(),
+        "making the TLS files failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.to_path_buf()
 }
 
 fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) {
