@@ -778,14 +778,31 @@ fn respond<B>(hub: &Arc<Hub>, req: &HttpRequest<B>) -> Response<Full<Bytes>> {
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .expect("a valid response")
     };
-    if req.uri().path() != "/metrics" {
+    let path = req.uri().path();
+    if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return reply(
             StatusCode::NOT_FOUND,
-            "not found: metrics are at /metrics\n",
+            "not found: metrics are at /metrics (and /healthz, /readyz)\n",
         );
     }
     if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match path {
+        // Liveness: the process serves.
+        "/healthz" => return reply(StatusCode::OK, "ok\n"),
+        // Readiness: requests can be served (a gateway out of touch with the cluster
+        // answers every request BUSY; a load balancer should send clients elsewhere).
+        "/readyz" => {
+            return match &hub.backend {
+                Backend::Cluster(c) if !c.in_touch() => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: the Redis Cluster did not answer this gateway's last periodic work\n",
+                ),
+                _ => reply(StatusCode::OK, "ready\n"),
+            };
+        }
+        _ => {}
     }
     hub.metrics.scrapes.fetch_add(1, Ordering::Relaxed);
     Response::builder()

@@ -3756,8 +3756,13 @@ async fn a_cluster_that_goes_away_gets_busy_replies_and_is_used_again_when_back(
         o.response_timeout = Duration::from_millis(500);
         c.cluster = Some(o);
         c.identity_key = IdentityKey::new(GATEWAY_KEY);
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         netswap_server::spawn(c, 2).unwrap()
     };
+    // Ready (for a load balancer's probe) once its periodic work reached the cluster.
+    let probe = gw.metrics_addr().unwrap();
+    let ready = || http_get(probe, "/readyz").0;
+    eventually("ready", Duration::from_secs(5), async || ready() == 200).await;
     let mut c = Raw::connect(gw.addr(), 2).await;
     let p = c.create(Access::READ, &b"survives"[..]).await;
     let shared = c.create(Access::READ | Access::WRITE, &b"w"[..]).await;
@@ -3821,12 +3826,22 @@ async fn a_cluster_that_goes_away_gets_busy_replies_and_is_used_again_when_back(
         Status::Ok,
         "the gateway itself is fine"
     );
+    eventually("not ready", Duration::from_secs(5), async || ready() == 503).await;
+    assert_eq!(
+        http_get(probe, "/healthz"),
+        (200, "ok\n".into()),
+        "but alive"
+    );
     cluster.restart_killed(true);
     eventually(
         "the gateway uses the cluster again",
         Duration::from_secs(30),
         async || c.read(p).await == data(b"survives"),
     )
+    .await;
+    eventually("ready again", Duration::from_secs(5), async || {
+        ready() == 200
+    })
     .await;
     // The first requests to a node whose connection is being made again may still
     // time out (BUSY) after a long outage.

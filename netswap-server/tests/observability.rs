@@ -255,6 +255,13 @@ async fn metrics_refuse_what_is_not_a_scrape_and_a_flood_of_scrapes_does_not_dis
         Err(e) => panic!("{e}"),
     };
     assert_eq!(status(ureq::get(format!("http://{m}/")).call()), 404);
+    // Liveness and readiness for load balancers; the embedded store is always ready.
+    assert_eq!(http_get(m, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(http_get(m, "/readyz"), (200, "ready\n".into()));
+    assert_eq!(
+        status(ureq::post(format!("http://{m}/readyz")).send("")),
+        405
+    );
     assert_eq!(
         status(ureq::get(format!("http://{m}/metrics/x")).call()),
         404

@@ -936,6 +936,13 @@ impl ClusterStore {
         *lock(&self.clock) = (Instant::now(), ms);
     }
 
+    /// Whether this gateway's periodic work (reaper rounds, lease renewals, each at
+    /// least once a second) reached the cluster the last time it ran (`in_touch`):
+    /// the readiness that `/readyz` reports.
+    pub(crate) fn in_touch(&self) -> bool {
+        lock(&self.in_touch).is_some()
+    }
+
     /// The periodic work reached the cluster (`true`) or failed (`false`): see
     /// `in_touch`.
     pub(crate) fn note_contact(&self, ok: bool) {

@@ -267,6 +267,15 @@ pub fn data(b: &[u8]) -> Reply {
     Reply::Data(Bytes::copy_from_slice(b))
 }
 
+/// `GET http://ADDR/PATH` on a server's metrics listener: the status and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    match ureq::get(format!("http://{addr}{path}")).call() {
+        Ok(r) => (r.status().as_u16(), r.into_body().read_to_string().unwrap()),
+        Err(ureq::Error::StatusCode(code)) => (code, String::new()),
+        Err(e) => panic!("GET {path}: {e}"),
+    }
+}
+
 /// `/metrics`, parsed into `name{labels}` → value.
 pub fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
     let body = ureq::get(format!("http://{addr}/metrics"))
