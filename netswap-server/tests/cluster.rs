@@ -3690,6 +3690,27 @@ async fn a_cluster_over_tls_is_served_and_a_gateway_it_cannot_trust_is_refused()
         let err = refused_start(&store, &flags);
         assert!(err.contains(says), "{store} {flags:?}: {err}");
     }
+    tls_gateways_serve(&cluster).await;
+}
+
+/// [`a_cluster_over_tls_is_served_and_a_gateway_it_cannot_trust_is_refused`] on a
+/// cluster whose nodes announce the hostname their certificate names (`localhost`):
+/// the crate connects to and verifies `localhost`, not the IP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_tls_that_announces_hostnames_is_served() {
+    logs_from_env();
+    let cluster = RedisCluster::start_with_tls_announcing_hostnames(3, 1);
+    let slots = cluster.cli(cluster.ports[0], &["CLUSTER", "SLOTS"]);
+    assert!(slots.contains("localhost"), "CLUSTER SLOTS: {slots}");
+    tls_gateways_serve(&cluster).await;
+}
+
+/// Two gateways with the authority and a client certificate of `cluster` (TLS only):
+/// a watch across them, writes acknowledged by a replica, `count_records`' scan, then
+/// a replica promoted (the scripts reach it) and both still serve.
+async fn tls_gateways_serve(cluster: &RedisCluster) {
+    let tls = cluster.tls_files();
+    let nodes = cluster.nodes().join(",");
     let prefix = fresh_prefix();
     let gateway = |wait_replicas: u32| {
         let mut o =
@@ -3721,6 +3742,30 @@ async fn a_cluster_over_tls_is_served_and_a_gateway_it_cannot_trust_is_refused()
             .expect("a scan of every primary"),
         (1, 9)
     );
+    a_promoted_replica_gets_the_scripts(cluster).await;
+    tokio::task::block_in_place(|| cluster.wait_healthy());
+    // (A write answered BUSY may have been applied: the version is the one answered.)
+    let mut version = 0;
+    eventually(
+        "writes after the failover",
+        Duration::from_secs(10),
+        async || {
+            let write = Request::Replace {
+                ptr: p,
+                data: Bytes::from_static(b"after"),
+            };
+            match c.ask(write).await {
+                Reply::Written(v) => {
+                    version = v;
+                    true
+                }
+                _ => false,
+            }
+        },
+    )
+    .await;
+    while next_change(&mut w, 7, p).await.0 < version {}
+    assert_eq!(c.read(p).await, data(b"after"));
 }
 
 #[test]

@@ -38,6 +38,10 @@ pub struct TlsFiles {
     pub other_ca: PathBuf,
 }
 
+/// The nodes' options to announce the hostname `localhost` and have clients use it.
+const HOSTNAMES: &str =
+    "--cluster-announce-hostname localhost --cluster-preferred-endpoint-type hostname";
+
 fn free_port_pair() -> u16 {
     // The cluster bus listens on port + 10000.
     loop {
@@ -126,6 +130,13 @@ impl RedisCluster {
         Self::start_with(primaries, replicas, false, "", None, true)
     }
 
+    /// [`Self::start_with_tls`] with nodes that announce the hostname `localhost`
+    /// ([`Self::start_announcing_hostnames`]), which their certificate names: how
+    /// clusters with TLS in Kubernetes are set up.
+    pub fn start_with_tls_announcing_hostnames(primaries: usize, replicas: usize) -> RedisCluster {
+        Self::start_with(primaries, replicas, false, HOSTNAMES, None, true)
+    }
+
     /// A cluster whose nodes want `password` from every client (`requirepass`, and
     /// `masterauth` for the replicas).
     pub fn start_with_password(primaries: usize, replicas: usize, password: &str) -> RedisCluster {
@@ -144,14 +155,7 @@ impl RedisCluster {
     /// with TLS or Kubernetes do): `CLUSTER SLOTS`, which clients route by, names
     /// `localhost`, while `CLUSTER NODES` still names the IP.
     pub fn start_announcing_hostnames(primaries: usize, replicas: usize) -> RedisCluster {
-        Self::start_with(
-            primaries,
-            replicas,
-            false,
-            "--cluster-announce-hostname localhost --cluster-preferred-endpoint-type hostname",
-            None,
-            false,
-        )
+        Self::start_with(primaries, replicas, false, HOSTNAMES, None, false)
     }
 
     fn start_with(
