@@ -795,7 +795,7 @@ fn respond<B>(hub: &Arc<Hub>, req: &HttpRequest<B>) -> Response<Full<Bytes>> {
         // answers every request BUSY; a load balancer should send clients elsewhere).
         "/readyz" => {
             return match &hub.backend {
-                Backend::Cluster(c) if !c.in_touch() => reply(
+                Backend::Cluster(c) if !c.ready() => reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: the Redis Cluster did not answer this gateway's last periodic work\n",
                 ),

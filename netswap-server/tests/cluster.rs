@@ -4245,6 +4245,17 @@ async fn leases_are_renewed_while_the_connection_for_commands_is_stuck() {
         gone, 0,
         "records (of 200) of clients still connected reaped while their gateway's command connection was stuck"
     );
+    // Its connection for commands still stuck, the gateway is not ready, and says so
+    // on every look (its leases, renewed on their own connection, do not make it
+    // look ready between two failed rounds of its reaper).
+    let answers: Vec<u16> = (0..30)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            http_get(stuck.metrics, "/readyz").0
+        })
+        .collect();
+    assert!(answers.iter().all(|&a| a == 503), "/readyz: {answers:?}");
+    assert_eq!(http_get(stuck.metrics, "/healthz").0, 200);
 }
 
 /// A gateway that replaces its connection for subscriptions (because it stopped

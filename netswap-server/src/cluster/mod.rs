@@ -92,6 +92,15 @@ const RENEW_AT_ONCE: usize = 64;
 /// Identities put on the reaper's schedule per `ZADD`.
 const SCHEDULE_AT_ONCE: usize = 512;
 
+/// A gateway's periodic work that reaches the cluster (`ClusterStore::note_contact`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Work {
+    /// A round of the reaper, on the connection for commands.
+    Reaper = 0,
+    /// A pass of lease renewals, on the leases' connection.
+    Leases = 1,
+}
+
 /// Who a gateway is to Redis: the user and password of `redis-cluster://USER:PASSWORD@…`
 /// (Redis's `AUTH` on every connection to every node). Never printed: its `Debug`
 /// hides the password.
@@ -418,6 +427,11 @@ pub(crate) struct ClusterStore {
     /// lease that ran out before then, plus a TTL, may have run out only because
     /// its gateway could not renew it (see [`ClusterStore::liveness`]).
     in_touch: Mutex<Option<Instant>>,
+    /// Whether the last round of the reaper (on the connection for commands) and the
+    /// last pass of lease renewals (on the leases' own) each reached the cluster:
+    /// `/readyz` wants both, as either alone can succeed while the other's connection
+    /// is stuck.
+    work_ok: [AtomicBool; 2],
     next_conn: AtomicU64,
     next_op: AtomicU64,
     /// The last counts for STATS: records, bytes, pending orphans.
@@ -732,6 +746,7 @@ impl ClusterStore {
             keys,
             clock: Mutex::new((at, now)),
             in_touch: Mutex::new(None),
+            work_ok: [AtomicBool::new(true), AtomicBool::new(true)],
             next_conn: AtomicU64::new(1),
             next_op: AtomicU64::new(1),
             replicas: Mutex::default(),
@@ -936,16 +951,17 @@ impl ClusterStore {
         *lock(&self.clock) = (Instant::now(), ms);
     }
 
-    /// Whether this gateway's periodic work (reaper rounds, lease renewals, each at
-    /// least once a second) reached the cluster the last time it ran (`in_touch`):
-    /// the readiness that `/readyz` reports.
-    pub(crate) fn in_touch(&self) -> bool {
-        lock(&self.in_touch).is_some()
+    /// Whether each kind of this gateway's periodic work (reaper rounds every second,
+    /// lease renewals every third of the TTL) reached the cluster the last time it
+    /// ran: the readiness that `/readyz` reports (true from a successful start).
+    pub(crate) fn ready(&self) -> bool {
+        self.work_ok.iter().all(|ok| ok.load(Ordering::Relaxed))
     }
 
-    /// The periodic work reached the cluster (`true`) or failed (`false`): see
-    /// `in_touch`.
-    pub(crate) fn note_contact(&self, ok: bool) {
+    /// The periodic `work` reached the cluster (`true`) or failed (`false`): see
+    /// `in_touch` and [`ClusterStore::ready`].
+    pub(crate) fn note_contact(&self, work: Work, ok: bool) {
+        self.work_ok[work as usize].store(ok, Ordering::Relaxed);
         let mut t = lock(&self.in_touch);
         match (ok, *t) {
             (true, None) => *t = Some(Instant::now()),
@@ -1513,7 +1529,7 @@ impl ClusterStore {
         if let Some(e) = first_error {
             warn!(failed, of = failed as usize + renewed.len(), error = %e, "lease renewals failed; trying again at the next pass");
         }
-        self.note_contact(failed == 0);
+        self.note_contact(Work::Leases, failed == 0);
         self.renewals_failed.fetch_add(failed, Ordering::Relaxed);
         self.renewal_micros
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
