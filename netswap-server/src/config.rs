@@ -338,18 +338,13 @@ impl ServerConfig {
                 }
                 o.prefix = a.redis_prefix.clone();
                 if let Some(tls) = o.tls.as_mut() {
-                    let read = |flag: &str, path: &PathBuf| {
-                        std::fs::read(path).map_err(|e| {
-                            ConfigError::Invalid(format!("{flag} {}: {e}", path.display()))
-                        })
-                    };
                     if let Some(ca) = &a.redis_tls_ca {
-                        tls.ca = Some(read("--redis-tls-ca", ca)?);
+                        tls.ca = Some(read_pem("--redis-tls-ca", ca, Pem::Certificates)?);
                     }
                     tls.client = match (&a.redis_tls_cert, &a.redis_tls_key) {
                         (Some(cert), Some(key)) => Some((
-                            read("--redis-tls-cert", cert)?,
-                            read("--redis-tls-key", key)?,
+                            read_pem("--redis-tls-cert", cert, Pem::Certificates)?,
+                            read_pem("--redis-tls-key", key, Pem::PrivateKey)?,
                         )),
                         (None, None) => None,
                         _ => {
@@ -469,6 +464,39 @@ fn load_or_create_key(path: &Path) -> std::io::Result<IdentityKey> {
     }
 }
 
+/// What a PEM file given for TLS to Redis must hold.
+#[derive(Clone, Copy)]
+enum Pem {
+    /// One certificate or more.
+    Certificates,
+    /// A private key.
+    PrivateKey,
+}
+
+/// Reads the PEM file of `flag` and checks it holds what `want` says, so that a wrong
+/// file is an error at start that names it, not a failed connection.
+fn read_pem(flag: &str, path: &Path, want: Pem) -> Result<Vec<u8>, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: String| ConfigError::Invalid(format!("{flag} {}: {what}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    match want {
+        Pem::Certificates => {
+            let certs = CertificateDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("not PEM certificates ({e:?})")))?;
+            if certs.is_empty() {
+                return Err(bad("no PEM certificate in it".into()));
+            }
+        }
+        Pem::PrivateKey => {
+            PrivateKeyDer::from_pem_slice(&bytes)
+                .map_err(|e| bad(format!("no PEM private key in it ({e:?})")))?;
+        }
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,6 +540,22 @@ mod tests {
         let tls = ["--store", "rediss-cluster://a:1"];
         let e = err(&[&tls[..], &["--redis-tls-cert", "/etc/hostname"]].concat());
         assert!(e.contains("go together"), "{e}");
+        let junk = std::env::temp_dir().join(format!("netswap-not-pem-{}", std::process::id()));
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let junk_path = junk.display().to_string();
+        for flags in [
+            vec!["--redis-tls-ca", &junk_path],
+            vec![
+                "--redis-tls-cert",
+                &junk_path,
+                "--redis-tls-key",
+                &junk_path,
+            ],
+        ] {
+            let e = err(&[&tls[..], &flags].concat());
+            assert!(e.contains("no PEM certificate in it"), "{flags:?}: {e}");
+        }
+        let _ = std::fs::remove_file(&junk);
         let e = err(&[&tls[..], &["--redis-tls-ca", "/nonexistent/ca.crt"]].concat());
         assert!(
             e.contains("--redis-tls-ca /nonexistent/ca.crt: No such file"),

@@ -3690,6 +3690,26 @@ async fn a_cluster_over_tls_is_served_and_a_gateway_it_cannot_trust_is_refused()
         let err = refused_start(&store, &flags);
         assert!(err.contains(says), "{store} {flags:?}: {err}");
     }
+    // A certificate given as the key is refused before any connection (exit code 2,
+    // a bad setting), naming the flag and the file.
+    let out = Command::new(env!("CARGO_BIN_EXE_netswap-server"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-tls-cert",
+            &cert,
+            "--redis-tls-key",
+            &cert,
+        ])
+        .env("NETSWAP_STORE", format!("rediss-cluster://{nodes}"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("--redis-tls-key {cert}: no PEM private key")),
+        "{err}"
+    );
     tls_gateways_serve(&cluster).await;
 }
 
