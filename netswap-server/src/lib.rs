@@ -547,7 +547,7 @@ async fn reap_while_due(c: &ClusterStore, hub: &Hub) {
     let started = std::time::Instant::now();
     loop {
         let round = c.reap_once().await;
-        c.note_contact(cluster::Work::Reaper, round.is_ok());
+        c.note_contact(round.is_ok());
         match round {
             Ok(round) => {
                 hub.metrics

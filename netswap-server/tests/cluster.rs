@@ -4532,3 +4532,35 @@ async fn an_identity_that_leaves_while_the_reaper_finds_it_connected_is_still_re
     )
     .await;
 }
+
+/// A gateway stays ready (`/readyz`) while one primary fails over: its other shards
+/// serve, and a load balancer that took every gateway out of rotation meanwhile would
+/// turn a shard's few seconds into an outage of all. The primary killed is the one
+/// of the reaper's lock, whose rounds fail until its replica takes over: readiness by
+/// the periodic work's success (as first built) answered 503 for seconds then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_stays_ready_while_one_primary_fails_over() {
+    logs_from_env();
+    let mut cluster = RedisCluster::start(3, 1, false);
+    let (gw, prefix) = gateway_on(&cluster, |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())
+    });
+    let probe = gw.metrics_addr().unwrap();
+    let victim = cluster.primary_of(&format!("{prefix}:{{reap}}"));
+    tokio::task::block_in_place(|| cluster.kill(victim));
+    let killed = Instant::now();
+    let mut looks = Vec::new();
+    while killed.elapsed() < Duration::from_secs(10) {
+        looks.push(http_get(probe, "/readyz").0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let not_ready = looks.iter().filter(|&&s| s != 200).count();
+    // A `PING` may still meet the dead node before the client library drops it.
+    assert!(
+        not_ready <= 5,
+        "{not_ready} of {} looks not ready: {looks:?}",
+        looks.len()
+    );
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    c.create(Access::READ, &b"after the failover"[..]).await;
+}

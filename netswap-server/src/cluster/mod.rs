@@ -92,15 +92,6 @@ const RENEW_AT_ONCE: usize = 64;
 /// Identities put on the reaper's schedule per `ZADD`.
 const SCHEDULE_AT_ONCE: usize = 512;
 
-/// A gateway's periodic work that reaches the cluster (`ClusterStore::note_contact`).
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Work {
-    /// A round of the reaper, on the connection for commands.
-    Reaper = 0,
-    /// A pass of lease renewals, on the leases' connection.
-    Leases = 1,
-}
-
 /// Who a gateway is to Redis: the user and password of `redis-cluster://USER:PASSWORD@…`
 /// (Redis's `AUTH` on every connection to every node). Never printed: its `Debug`
 /// hides the password.
@@ -427,11 +418,10 @@ pub(crate) struct ClusterStore {
     /// lease that ran out before then, plus a TTL, may have run out only because
     /// its gateway could not renew it (see [`ClusterStore::liveness`]).
     in_touch: Mutex<Option<Instant>>,
-    /// Whether the last round of the reaper (on the connection for commands) and the
-    /// last pass of lease renewals (on the leases' own) each reached the cluster:
-    /// `/readyz` wants both, as either alone can succeed while the other's connection
-    /// is stuck.
-    work_ok: [AtomicBool; 2],
+    /// Whether the last `PING` on the connection for commands, and on the leases'
+    /// connection, was answered (`check_connection`, every second): `/readyz` wants
+    /// both.
+    answered: [AtomicBool; 2],
     next_conn: AtomicU64,
     next_op: AtomicU64,
     /// The last counts for STATS: records, bytes, pending orphans.
@@ -746,7 +736,7 @@ impl ClusterStore {
             keys,
             clock: Mutex::new((at, now)),
             in_touch: Mutex::new(None),
-            work_ok: [AtomicBool::new(true), AtomicBool::new(true)],
+            answered: [AtomicBool::new(true), AtomicBool::new(true)],
             next_conn: AtomicU64::new(1),
             next_op: AtomicU64::new(1),
             replicas: Mutex::default(),
@@ -853,7 +843,9 @@ impl ClusterStore {
     pub async fn check_connection(self: &Arc<Self>) {
         // `NETSWAP_FAULT_AT=commands-stay-stuck`: a command connection that stops
         // answering stays (tests of what does not depend on it).
-        if self.due_for_new(&self.commands, &self.unanswered).await
+        if self
+            .due_for_new(&self.commands, &self.unanswered, &self.answered[0])
+            .await
             && !fault_set("commands-stay-stuck")
             && let Some(fresh) = self.fresh_connection(None).await
         {
@@ -861,10 +853,11 @@ impl ClusterStore {
                 "the connection to Redis Cluster stopped answering while the cluster answers a new one; replaced it"
             );
             self.commands.replace(fresh);
+            self.answered[0].store(true, Ordering::Relaxed);
             self.connections_replaced.fetch_add(1, Ordering::Relaxed);
         }
         if self
-            .due_for_new(&self.liveness, &self.liveness_unanswered)
+            .due_for_new(&self.liveness, &self.liveness_unanswered, &self.answered[1])
             .await
             && let Some(fresh) = self.fresh_connection(None).await
         {
@@ -872,10 +865,15 @@ impl ClusterStore {
                 "the leases' connection to Redis Cluster stopped answering while the cluster answers a new one; replaced it"
             );
             self.liveness.replace(fresh);
+            self.answered[1].store(true, Ordering::Relaxed);
             self.connections_replaced.fetch_add(1, Ordering::Relaxed);
         }
         let forced = !lock(&self.local).watched.is_empty() && fault_point("subs-replace");
-        if (self.due_for_new(&self.subs, &self.subs_unanswered).await || forced)
+        let subs_answered = AtomicBool::new(true);
+        if (self
+            .due_for_new(&self.subs, &self.subs_unanswered, &subs_answered)
+            .await
+            || forced)
             && self.subscribe_anew().await
         {
             warn!(
@@ -900,9 +898,16 @@ impl ClusterStore {
 
     /// One look at `conn` (see [`ClusterStore::check_connection`]): whether it is
     /// due to be replaced, by `unanswered`, its count of looks in a row without an
-    /// answer (reset then).
-    async fn due_for_new(&self, conn: &Replaceable, unanswered: &AtomicU64) -> bool {
-        if self.pings(conn.get()).await {
+    /// answer (reset then); `answered`: whether this look's `PING` was answered.
+    async fn due_for_new(
+        &self,
+        conn: &Replaceable,
+        unanswered: &AtomicU64,
+        answered: &AtomicBool,
+    ) -> bool {
+        let pinged = self.pings(conn.get()).await;
+        answered.store(pinged, Ordering::Relaxed);
+        if pinged {
             unanswered.store(0, Ordering::Relaxed);
             return false;
         }
@@ -951,17 +956,19 @@ impl ClusterStore {
         *lock(&self.clock) = (Instant::now(), ms);
     }
 
-    /// Whether each kind of this gateway's periodic work (reaper rounds every second,
-    /// lease renewals every third of the TTL) reached the cluster the last time it
-    /// ran: the readiness that `/readyz` reports (true from a successful start).
+    /// Whether the gateway's connections for commands and for leases each answered
+    /// the last `PING` of [`ClusterStore::check_connection`] (every second; true from
+    /// a successful start): the readiness that `/readyz` reports. A `PING` goes to
+    /// any node, so a shard failing over leaves the gateway ready (its other shards
+    /// serve); a cluster that is gone, or a connection of this gateway's that is
+    /// stuck, does not.
     pub(crate) fn ready(&self) -> bool {
-        self.work_ok.iter().all(|ok| ok.load(Ordering::Relaxed))
+        self.answered.iter().all(|a| a.load(Ordering::Relaxed))
     }
 
-    /// The periodic `work` reached the cluster (`true`) or failed (`false`): see
-    /// `in_touch` and [`ClusterStore::ready`].
-    pub(crate) fn note_contact(&self, work: Work, ok: bool) {
-        self.work_ok[work as usize].store(ok, Ordering::Relaxed);
+    /// The periodic work reached the cluster (`true`) or failed (`false`): see
+    /// `in_touch`.
+    pub(crate) fn note_contact(&self, ok: bool) {
         let mut t = lock(&self.in_touch);
         match (ok, *t) {
             (true, None) => *t = Some(Instant::now()),
@@ -1529,7 +1536,7 @@ impl ClusterStore {
         if let Some(e) = first_error {
             warn!(failed, of = failed as usize + renewed.len(), error = %e, "lease renewals failed; trying again at the next pass");
         }
-        self.note_contact(Work::Leases, failed == 0);
+        self.note_contact(failed == 0);
         self.renewals_failed.fetch_add(failed, Ordering::Relaxed);
         self.renewal_micros
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
