@@ -951,8 +951,7 @@ async fn watches_hear_their_records_after_a_blip(cluster: &RedisCluster) {
 async fn a_cluster_that_announces_hostnames_is_served_in_full() {
     logs_from_env();
     let cluster = RedisCluster::start_announcing_hostnames(3, 1);
-    let slots = cluster.cli(cluster.ports[0], &["CLUSTER", "SLOTS"]);
-    assert!(slots.contains("localhost"), "CLUSTER SLOTS: {slots}");
+    cluster.assert_announces_hostnames();
     // Writes acknowledged when a replica has them too (`WAIT` to the primary).
     let (gw, _) = gateway_on(&cluster, |c| {
         c.cluster.as_mut().expect("a gateway").wait_replicas = 1;
@@ -3720,8 +3719,7 @@ async fn a_cluster_over_tls_is_served_and_a_gateway_it_cannot_trust_is_refused()
 async fn a_cluster_over_tls_that_announces_hostnames_is_served() {
     logs_from_env();
     let cluster = RedisCluster::start_with_tls_announcing_hostnames(3, 1);
-    let slots = cluster.cli(cluster.ports[0], &["CLUSTER", "SLOTS"]);
-    assert!(slots.contains("localhost"), "CLUSTER SLOTS: {slots}");
+    cluster.assert_announces_hostnames();
     tls_gateways_serve(&cluster).await;
 }
 
@@ -3791,23 +3789,9 @@ async fn tls_gateways_serve(cluster: &RedisCluster) {
 #[test]
 fn a_cluster_that_is_down_at_start_is_a_clear_error() {
     let port = unused_address().port(); // nothing listens there now
-    let key = std::env::temp_dir().join(format!("netswap-down-key-{}", std::process::id()));
-    std::fs::write(&key, GATEWAY_KEY).unwrap();
     let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_netswap-server"))
-        .args(["--listen", "127.0.0.1:0", "--store"])
-        .arg(format!("redis-cluster://127.0.0.1:{port}"))
-        .arg("--identity-key")
-        .arg(&key)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&key);
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "exit code 4: the store is unavailable"
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Exit code 4: the store is unavailable.
+    let err = refused_start(&format!("redis-cluster://127.0.0.1:{port}"), &[]);
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert!(err.contains("unreachable"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(15));

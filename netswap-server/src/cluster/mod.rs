@@ -844,7 +844,7 @@ impl ClusterStore {
         // `NETSWAP_FAULT_AT=commands-stay-stuck`: a command connection that stops
         // answering stays (tests of what does not depend on it).
         if self
-            .due_for_new(&self.commands, &self.unanswered, &self.answered[0])
+            .due_for_new(&self.commands, &self.unanswered, Some(&self.answered[0]))
             .await
             && !fault_set("commands-stay-stuck")
             && let Some(fresh) = self.fresh_connection(None).await
@@ -857,7 +857,11 @@ impl ClusterStore {
             self.connections_replaced.fetch_add(1, Ordering::Relaxed);
         }
         if self
-            .due_for_new(&self.liveness, &self.liveness_unanswered, &self.answered[1])
+            .due_for_new(
+                &self.liveness,
+                &self.liveness_unanswered,
+                Some(&self.answered[1]),
+            )
             .await
             && let Some(fresh) = self.fresh_connection(None).await
         {
@@ -869,9 +873,8 @@ impl ClusterStore {
             self.connections_replaced.fetch_add(1, Ordering::Relaxed);
         }
         let forced = !lock(&self.local).watched.is_empty() && fault_point("subs-replace");
-        let subs_answered = AtomicBool::new(true);
         if (self
-            .due_for_new(&self.subs, &self.subs_unanswered, &subs_answered)
+            .due_for_new(&self.subs, &self.subs_unanswered, None)
             .await
             || forced)
             && self.subscribe_anew().await
@@ -898,15 +901,18 @@ impl ClusterStore {
 
     /// One look at `conn` (see [`ClusterStore::check_connection`]): whether it is
     /// due to be replaced, by `unanswered`, its count of looks in a row without an
-    /// answer (reset then); `answered`: whether this look's `PING` was answered.
+    /// answer (reset then); `answered`, if given: set to whether this look's `PING` was
+    /// answered (for `/readyz`).
     async fn due_for_new(
         &self,
         conn: &Replaceable,
         unanswered: &AtomicU64,
-        answered: &AtomicBool,
+        answered: Option<&AtomicBool>,
     ) -> bool {
         let pinged = self.pings(conn.get()).await;
-        answered.store(pinged, Ordering::Relaxed);
+        if let Some(a) = answered {
+            a.store(pinged, Ordering::Relaxed);
+        }
         if pinged {
             unanswered.store(0, Ordering::Relaxed);
             return false;

@@ -104,6 +104,13 @@ impl RedisCluster {
         ]
     }
 
+    /// Checks that the nodes name themselves `localhost` where clients route
+    /// (`CLUSTER SLOTS`), as [`Self::start_announcing_hostnames`] asks.
+    pub fn assert_announces_hostnames(&self) {
+        let slots = self.cli(self.ports[0], &["CLUSTER", "SLOTS"]);
+        assert!(slots.contains("localhost"), "CLUSTER SLOTS: {slots}");
+    }
+
     /// The TLS files of a cluster started by [`Self::start_with_tls`].
     pub fn tls_files(&self) -> TlsFiles {
         let dir = self.tls.as_ref().expect("a cluster with TLS");

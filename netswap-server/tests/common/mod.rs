@@ -278,12 +278,8 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// `/metrics`, parsed into `name{labels}` → value.
 pub fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
-    let body = ureq::get(format!("http://{addr}/metrics"))
-        .call()
-        .expect("GET /metrics")
-        .into_body()
-        .read_to_string()
-        .unwrap();
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "GET /metrics");
     body.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| {
