@@ -173,6 +173,15 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_REDIS_STATE_CACHE", default_value_t = 65_536)]
     pub redis_state_cache: usize,
 
+    /// With Redis Cluster: small records (bytes up to 1 KiB) this gateway holds with
+    /// their bytes and answers READs of without a load, kept exact by Redis's
+    /// invalidations (CLIENT TRACKING): a READ never sees a state older than a change
+    /// acknowledged before it arrived, through any gateway. Each change of a record
+    /// then costs Redis a push to every gateway with the cache on, so it pays where
+    /// records are read much more than written. 0 = off (docs/ARCHITECTURE.md).
+    #[arg(long, env = "NETSWAP_REDIS_READ_CACHE", default_value_t = 0)]
+    pub redis_read_cache: usize,
+
     /// With Redis Cluster: bytes of records this gateway holds, across its
     /// connections, fetched from Redis for large replies (over 16 KiB) not sent yet;
     /// past it, large READs and data watches get BUSY (retry later). Each READ gets
@@ -331,6 +340,7 @@ impl ServerConfig {
                 o.wait_replicas = a.redis_wait_replicas;
                 o.max_in_flight = a.redis_max_in_flight;
                 o.state_cache = a.redis_state_cache;
+                o.read_cache = a.redis_read_cache;
                 o.max_reply_bytes = a.redis_max_reply_bytes.max(1 << 20);
                 o.batch = a.redis_batch;
                 if a.redis_prefix.is_empty() || a.redis_prefix.contains(['{', '}']) {

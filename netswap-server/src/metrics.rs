@@ -590,6 +590,29 @@ impl Collector for HubCollector {
                     ("miss", g.state_cache_misses),
                 ],
             )?;
+            counters_by(
+                &mut e,
+                "netswap_redis_read_cache_loads",
+                "Loads by how the read cache (--redis-read-cache) served them: hit (answered from it after a barrier), fill (loaded on a tracking connection, filling it), missed (held, but its barrier failed or it was invalidated meanwhile: loaded).",
+                "result",
+                &[
+                    ("hit", g.read_cache_hits),
+                    ("fill", g.read_cache_fills),
+                    ("missed", g.read_cache_missed_at_barrier),
+                ],
+            )?;
+            counter(
+                &mut e,
+                "netswap_redis_read_cache_barriers",
+                "Barriers sent on the read cache's tracking connections (one serves the hits on one primary gathered in one pass).",
+                g.read_cache_barriers,
+            )?;
+            counter(
+                &mut e,
+                "netswap_redis_read_cache_invalidations",
+                "Records the read cache dropped on Redis's invalidations (changes through any gateway).",
+                g.read_cache_invalidations,
+            )?;
             counter(
                 &mut e,
                 "netswap_redis_queued_changes",

@@ -2028,6 +2028,326 @@ async fn a_gateway_counts_its_loads_and_state_cache_on_metrics() {
     assert_eq!(metric(&mm, "netswap_redis_queued_changes_total"), 0.0);
 }
 
+/// The number a read cache test wrote as a record's 8 bytes.
+fn written_number(r: Reply) -> u64 {
+    match r {
+        Reply::Data(b) if b.len() == 8 => u64::from_be_bytes(b[..].try_into().unwrap()),
+        r => panic!("not a number written by the test: {r:?}"),
+    }
+}
+
+/// A gateway with the read cache on (`--redis-read-cache`), serving `/metrics`.
+fn read_cached(c: &mut ServerConfig) {
+    c.cluster.as_mut().expect("a gateway").read_cache = 1024;
+    c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+}
+
+/// The read cache answers READs without a load; it must never answer one with a
+/// state older than a write acknowledged before the READ was sent, through either
+/// gateway, while other connections keep its entries hot, and what a reader sees of
+/// a record never goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cache_answers_no_read_older_than_a_write_acknowledged_before_it() {
+    logs_from_env();
+    let prefix = fresh_prefix();
+    let (a, b) = (gateway(&prefix, read_cached), gateway(&prefix, read_cached));
+    let mut owner = Raw::connect(b.addr(), 2).await;
+    let mut ptrs = Vec::new();
+    for _ in 0..8 {
+        ptrs.push(
+            owner
+                .create(
+                    Access::READ | Access::WRITE,
+                    Bytes::copy_from_slice(&0u64.to_be_bytes()),
+                )
+                .await,
+        );
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for (i, addr) in [a.addr(), a.addr(), b.addr()].into_iter().enumerate() {
+        let (ptrs, stop) = (ptrs.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr, 10 + i as u8).await;
+            let mut last = vec![0u64; ptrs.len()];
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (j, &p) in ptrs.iter().enumerate() {
+                    let v = written_number(c.read(p).await);
+                    assert!(
+                        v >= last[j],
+                        "reader {i} saw record {j} go back from {} to {v}",
+                        last[j]
+                    );
+                    last[j] = v;
+                    reads += 1;
+                }
+            }
+            reads
+        }));
+    }
+    let mut writers = [
+        Raw::connect(a.addr(), 3).await,
+        Raw::connect(b.addr(), 4).await,
+    ];
+    let mut checkers = [
+        Raw::connect(a.addr(), 5).await,
+        Raw::connect(b.addr(), 6).await,
+    ];
+    for n in 1..=300u64 {
+        let j = (n as usize * 5) % ptrs.len();
+        let w = (n % 2) as usize;
+        let write = Request::Replace {
+            ptr: ptrs[j],
+            data: Bytes::copy_from_slice(&n.to_be_bytes()),
+        };
+        assert!(matches!(writers[w].ask(write).await, Reply::Written(_)));
+        // Read right after the acknowledgement through both gateways (the writer's
+        // own too), also while the reader's gateway holds the record.
+        for (g, c) in checkers.iter_mut().enumerate() {
+            assert_eq!(
+                written_number(c.read(ptrs[j]).await),
+                n,
+                "write {n} acknowledged by gateway {w}, read through gateway {g}"
+            );
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut reads = 0;
+    for r in readers {
+        reads += r.await.unwrap();
+    }
+    let m = scrape(a.metrics_addr().unwrap());
+    let loads = |r: &str| {
+        metric(
+            &m,
+            &format!("netswap_redis_read_cache_loads_total{{result=\"{r}\"}}"),
+        )
+    };
+    // Every write dropped the record from both caches; the hot readers read it
+    // again from the cache in between.
+    assert!(
+        loads("hit") > 300.0,
+        "hits {} of {reads} hot reads",
+        loads("hit")
+    );
+    assert!(loads("fill") >= 150.0, "fills {}", loads("fill"));
+    assert!(metric(&m, "netswap_redis_read_cache_invalidations_total") >= 150.0);
+    assert!(metric(&m, "netswap_redis_read_cache_barriers_total") > 0.0);
+}
+
+/// Reads of `p` through `reader` right after writes through `writer`, for `secs`
+/// seconds: each READ answered must hold the last write acknowledged (BUSY is allowed
+/// while the cluster fails over). How many writes were read back.
+async fn writes_read_back(
+    writer: &mut Raw,
+    reader: &mut Raw,
+    p: Pointer,
+    n: &mut u64,
+    secs: f64,
+    what: &str,
+) -> u32 {
+    let start = Instant::now();
+    let mut read_back = 0;
+    while start.elapsed().as_secs_f64() < secs {
+        let next = *n + 1;
+        let write = Request::Replace {
+            ptr: p,
+            data: Bytes::copy_from_slice(&next.to_be_bytes()),
+        };
+        match writer.ask(write).await {
+            Reply::Written(_) => *n = next,
+            Reply::Error {
+                status: Status::Busy,
+                ..
+            } => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            r => panic!("{what}: write {next}: {r:?}"),
+        }
+        match reader.read(p).await {
+            Reply::Error {
+                status: Status::Busy,
+                ..
+            } => tokio::time::sleep(Duration::from_millis(50)).await,
+            r => {
+                assert_eq!(written_number(r), *n, "{what}: read after write {n}");
+                read_back += 1;
+            }
+        }
+    }
+    read_back
+}
+
+/// What the read cache cannot vouch for it drops: the entries of a tracking
+/// connection that is closed, and of a primary that a manual failover made a
+/// replica (it stays connected, and gets the new primary's writes late), or that
+/// was killed. Reads after acknowledged writes stay exact through all three, and the
+/// cache serves again after each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cache_follows_lost_tracking_connections_and_failovers() {
+    logs_from_env();
+    let mut cluster = RedisCluster::start(3, 1, false);
+    let (a, prefix) = gateway_on(&cluster, read_cached);
+    // Writes acknowledged once a replica has them: the kill below loses none.
+    let b = gateway_at(&cluster, &prefix, |c| {
+        c.cluster.as_mut().expect("a gateway").wait_replicas = 1;
+    });
+    let m = a.metrics_addr().unwrap();
+    let hits = || {
+        metric(
+            &scrape(m),
+            r#"netswap_redis_read_cache_loads_total{result="hit"}"#,
+        )
+    };
+    let mut writer = Raw::connect(b.addr(), 2).await;
+    let mut reader = Raw::connect(a.addr(), 3).await;
+    let p = writer
+        .create(
+            Access::READ | Access::WRITE,
+            Bytes::copy_from_slice(&0u64.to_be_bytes()),
+        )
+        .await;
+    let key = format!("{prefix}:{{r:{p}}}:m");
+    let mut n = 0;
+    // Served from the cache again: a few READs in a row are hits.
+    let served_again = async |reader: &mut Raw, n: u64, what: &str| {
+        let before = hits();
+        eventually(what, Duration::from_secs(10), async || {
+            for _ in 0..3 {
+                assert_eq!(written_number(reader.read(p).await), n);
+            }
+            hits() > before
+        })
+        .await;
+    };
+    served_again(&mut reader, n, "hits at first").await;
+
+    // Every tracking connection closed by the primaries.
+    for port in cluster.primaries() {
+        for line in cluster.cli(port, &["CLIENT", "LIST"]).lines() {
+            if line.contains(" flags=tB ") {
+                let id = line
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_start_matches("id=");
+                cluster.cli(port, &["CLIENT", "KILL", "ID", id]);
+            }
+        }
+    }
+    let ok = writes_read_back(&mut writer, &mut reader, p, &mut n, 2.0, "tracking lost").await;
+    assert!(ok > 5, "{ok} writes read back");
+    served_again(
+        &mut reader,
+        n,
+        "hits after the tracking connections came back",
+    )
+    .await;
+
+    // A manual failover: the old primary stays up as a replica of the new one.
+    let old = cluster.primary_of(&key);
+    let replica = cluster.replicas_of(old)[0];
+    assert_eq!(cluster.cli(replica, &["CLUSTER", "FAILOVER"]).trim(), "OK");
+    let ok = writes_read_back(&mut writer, &mut reader, p, &mut n, 4.0, "manual failover").await;
+    assert!(ok > 5, "{ok} writes read back");
+    assert_eq!(cluster.primary_of(&key), replica, "the failover happened");
+    served_again(&mut reader, n, "hits after the manual failover").await;
+
+    // The new primary killed: its replica (the old primary) takes over.
+    tokio::task::block_in_place(|| cluster.kill(replica));
+    let ok = writes_read_back(&mut writer, &mut reader, p, &mut n, 12.0, "primary killed").await;
+    assert!(ok > 5, "{ok} writes read back");
+    served_again(&mut reader, n, "hits after the primary was killed").await;
+    tokio::task::block_in_place(|| cluster.restart_killed(false));
+}
+
+/// A primary that a failover made a replica keeps the read cache's tracking
+/// connection, and hears of the new primary's writes only by replication, later. Here
+/// the gateway keeps its old layout (it looks once a minute), and the old primary is
+/// frozen while a write goes to the new one and a READ of the record (held, filled
+/// there) is answered: the READ must wait for a barrier there (which Redis answers
+/// `MOVED` from a replica), not serve what it holds. (Without barriers this fails at
+/// the first record. Whether a barrier without the `MOVED` check would fail here
+/// depends on Redis sending the replicated write's invalidation in another read of
+/// the gateway's than the barrier's reply: it did not in 3 runs, so that check is
+/// argued in `reads`, not shown here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cache_stays_exact_while_its_primary_is_made_a_replica() {
+    logs_from_env();
+    let cluster = RedisCluster::start(3, 1, false);
+    let (a, prefix) = gateway_on(&cluster, |c| {
+        read_cached(c);
+        c.cluster.as_mut().expect("a gateway").topology_every = Duration::from_secs(60);
+    });
+    let plain = gateway_at(&cluster, &prefix, |_| {});
+    let m = a.metrics_addr().unwrap();
+    let hits = || {
+        metric(
+            &scrape(m),
+            r#"netswap_redis_read_cache_loads_total{result="hit"}"#,
+        )
+    };
+    let mut writer = Raw::connect(plain.addr(), 2).await;
+    let mut reader = Raw::connect(a.addr(), 3).await;
+    let key = |p: Pointer| format!("{prefix}:{{r:{p}}}:m");
+    let mut ptrs: Vec<Pointer> = Vec::new();
+    for _ in 0..12 {
+        let zero = Bytes::copy_from_slice(&0u64.to_be_bytes());
+        ptrs.push(writer.create(Access::READ | Access::WRITE, zero).await);
+    }
+    // The records of one primary.
+    let old = cluster.primary_of(&key(ptrs[0]));
+    ptrs.retain(|&p| cluster.primary_of(&key(p)) == old);
+    // The creates' quota settlements change the records' hashes (they drop the
+    // changes' markers), which drops them from the cache.
+    eventually("the creates settled", Duration::from_secs(10), async || {
+        ptrs.iter()
+            .all(|&p| !cluster.hgetall(&key(p)).keys().any(|f| f.starts_with("m:")))
+    })
+    .await;
+    // Held: READs in a row answered from the cache.
+    eventually(
+        "the records are held",
+        Duration::from_secs(10),
+        async || {
+            let before = hits();
+            for &p in &ptrs {
+                assert_eq!(written_number(reader.read(p).await), 0);
+            }
+            hits() == before + ptrs.len() as f64
+        },
+    )
+    .await;
+    let new = cluster.replicas_of(old)[0];
+    assert_eq!(cluster.cli(new, &["CLUSTER", "FAILOVER"]).trim(), "OK");
+    // (Not `primary_of`: a node asked mid-failover may know no primary of the slot.)
+    eventually("the failover", Duration::from_secs(10), async || {
+        let replication = cluster.cli(old, &["INFO", "replication"]);
+        cluster.cli(new, &["ROLE"]).starts_with("master")
+            && replication.contains("role:slave")
+            && replication.contains("master_link_status:up")
+    })
+    .await;
+    assert_eq!(cluster.primary_of(&key(ptrs[0])), new);
+    for (i, &p) in ptrs.iter().enumerate() {
+        let n = i as u64 + 1;
+        cluster.freeze(old, true);
+        let write = Request::Replace {
+            ptr: p,
+            data: Bytes::copy_from_slice(&n.to_be_bytes()),
+        };
+        assert!(matches!(writer.ask(write).await, Reply::Written(_)));
+        let thaw = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            cluster.freeze(old, false);
+        };
+        let (read, ()) = tokio::join!(reader.read(p), thaw);
+        assert_eq!(written_number(read), n, "read after write {n}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_hold_across_gateways() {
     let prefix = fresh_prefix();

@@ -9,6 +9,8 @@
 # compares the p99 of the small reads (lower is better) instead of ops/s, e.g.
 #   scripts/bench/ab.sh A B 7 hol --big 67108864 --direction write --reads 200
 # AB_THREADS=N runs both servers with --threads N (default 1).
+# AB_A_ARGS / AB_B_ARGS: more server flags for A / B (the same binary twice compares
+# two settings), e.g. AB_B_ARGS="--redis-read-cache 65536".
 # AB_STORE=redis-cluster://HOST:PORT,... runs both as gateways on that cluster (start
 # one with scripts/redis-cluster.sh), each run under a fresh key prefix, e.g.
 #   AB_STORE=redis-cluster://127.0.0.1:18500 scripts/bench/ab.sh A B 8 \
@@ -30,15 +32,15 @@ pid=
 source scripts/bench/lib.sh
 for run in $(seq "$runs"); do
   for side in A B; do
-    bin=$a
-    [ "$side" = B ] && bin=$b
+    bin=$a extra=${AB_A_ARGS:-}
+    [ "$side" = B ] && bin=$b extra=${AB_B_ARGS:-}
     store=()
     if [ -n "${AB_STORE:-}" ]; then
       [ -f "$tmp/key" ] || head -c 32 /dev/urandom >"$tmp/key"
       store=(--store "$AB_STORE" --identity-key "$tmp/key" --redis-prefix "ab$RANDOM$RANDOM")
     fi
     start "$bin" --listen 127.0.0.1:0 --threads "${AB_THREADS:-1}" --quota-records 100000000 \
-      --quota-bytes 68719476736 "${store[@]}"
+      --quota-bytes 68719476736 "${store[@]}" $extra
     "$bench" -s "$addr" --json "$mode" "$@" >"$tmp/r.json"
     kill "$pid"
     wait "$pid" 2>/dev/null || true

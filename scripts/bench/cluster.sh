@@ -18,6 +18,7 @@
 # Usage: ./scripts/bench/cluster.sh [RUNS] [SECONDS]
 # NETSWAP_GATEWAY_FEATURES=mimalloc builds the gateway with that feature.
 # NETSWAP_GATEWAY_THREADS=N runs the gateway with N worker threads (default 1).
+# NETSWAP_GATEWAY_ARGS="..." gives the gateway more flags (e.g. --redis-read-cache 65536).
 # NETSWAP_BENCH_PIN=1 gives the cluster a core of its own: the six Redis nodes on CPU 0,
 # the gateway and every load generator on CPU 1 (`taskset`), so that the cluster has
 # the same CPU in both columns and the ratio is Redis's cost per operation through
@@ -37,7 +38,7 @@ cp $bin/netswap-server "$work/gateway"
 nodes=$(scripts/redis-cluster.sh start "$work/cluster" 18000 3)
 head -c 32 /dev/urandom >"$work/key"
 "$work/gateway" --listen 127.0.0.1:7480 --threads "$threads" --store "redis-cluster://$nodes" \
-  --identity-key "$work/key" --quota-records 100000000 2>"$work/gw.log" >/dev/null &
+  --identity-key "$work/key" --quota-records 100000000 ${NETSWAP_GATEWAY_ARGS:-} 2>"$work/gw.log" >/dev/null &
 gw=$!
 trap 'kill $gw 2>/dev/null; scripts/redis-cluster.sh stop "$work/cluster"; rm -rf "$work"' EXIT
 sleep 1
@@ -53,7 +54,7 @@ tick=$(getconf CLK_TCK)
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)[\"$1\"])"; }
-echo "gateway build: ${features:-default}; threads: $threads; pinned: ${NETSWAP_BENCH_PIN:-0}; $runs runs of $secs s per column; CPU in us per op"
+echo "gateway build: ${features:-default}; threads: $threads; flags: ${NETSWAP_GATEWAY_ARGS:-none}; pinned: ${NETSWAP_BENCH_PIN:-0}; $runs runs of $secs s per column; CPU in us per op"
 for row in "64 1" "64 16" "1024 1" "1024 16"; do
   set -- $row
   size=$1 pipe=$2

@@ -37,7 +37,7 @@ use super::redis_io::{asked, on_slot, slot_moving, slot_of};
 /// Hash slots of Redis Cluster.
 const SLOTS: usize = 16_384;
 /// A slot whose primary is not known.
-const UNKNOWN: u16 = u16::MAX;
+pub(crate) const UNKNOWN: u16 = u16::MAX;
 /// Entries (loads or commits) per pipeline at most: bounds one pipeline's size when
 /// very many requests arrive at once.
 const MAX_GROUP: usize = 256;
@@ -221,12 +221,19 @@ async fn send_group(conn: ClusterConnection, group: Vec<Item>, counters: &BatchC
 /// The primary of each slot (an index per primary; `UNKNOWN` where no healthy
 /// primary claims the slot), from the text of `CLUSTER NODES`.
 pub(crate) fn primaries(nodes: &str) -> Vec<u16> {
+    primaries_by_id(nodes).0
+}
+
+/// [`primaries`], with the id of each index's primary.
+pub(crate) fn primaries_by_id(nodes: &str) -> (Vec<u16>, Vec<String>) {
     let mut map = vec![UNKNOWN; SLOTS];
+    let mut ids = Vec::new();
     let masters = nodes
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .filter(|f| f.len() >= 8 && f[2].contains("master") && !f[2].contains("fail"));
     for (i, f) in masters.enumerate() {
+        ids.push(f[0].to_string());
         // Slot ranges "a-b" or single slots "a"; "[slot->-node]" entries of a
         // migration are skipped (the crate follows those by ASK).
         for r in &f[8.min(f.len())..] {
@@ -242,7 +249,7 @@ pub(crate) fn primaries(nodes: &str) -> Vec<u16> {
             }
         }
     }
-    map
+    (map, ids)
 }
 
 #[cfg(test)]

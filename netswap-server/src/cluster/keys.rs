@@ -14,6 +14,7 @@
 //! | `ns:{i:ID}:k` | set | pointers it owns that another identity still pays for ("parked") |
 //! | `ns:{reap}` | sorted set | `i:ID` or `r:PTR` → when to look at it for reaping (ms) |
 //! | `ns:{reap}:lock` | string, TTL | which gateway is the reaper now |
+//! | `ns:{b:N}` | never written | a key the read cache's barriers ask `EXISTS` of: one on a slot of the primary asked (`reads`) |
 //!
 //! `PTR` is 16 lowercase hex digits, `ID` 64. Times are Redis server time
 //! (`TIME`) in milliseconds, so gateways' clocks do not matter. `ns` is the prefix
@@ -50,6 +51,30 @@ impl Keys {
     /// Who reaps.
     pub fn reap_lock(&self) -> String {
         format!("{}:{{reap}}:lock", self.prefix)
+    }
+
+    /// What every key of every record starts with (`PREFIX:{r:`).
+    pub fn records(&self) -> String {
+        format!("{}:{{r:", self.prefix)
+    }
+
+    /// The `n`th key the read cache may probe for (`EXISTS`) to learn that a node
+    /// still serves its slot: `PREFIX:{b:N}`, never written.
+    pub fn probe(&self, n: u32) -> String {
+        format!("{}:{{b:{n}}}", self.prefix)
+    }
+
+    /// The pointer whose record's key `key` is (its state hash or its data).
+    pub fn record_of(&self, key: &[u8]) -> Option<Pointer> {
+        let s = std::str::from_utf8(key).ok()?;
+        let rest = s.strip_prefix(self.prefix.as_str())?.strip_prefix(":{r:")?;
+        let hex = rest
+            .strip_suffix("}:m")
+            .or_else(|| rest.strip_suffix("}:d"))?;
+        if hex.len() != 16 {
+            return None;
+        }
+        Pointer::new(u64::from_str_radix(hex, 16).ok()?)
     }
 
     /// The pointer a record event channel names, and whether it is the channel with
@@ -164,6 +189,18 @@ mod tests {
         assert_eq!(keys.channel(b"ns:{r:0000000000000abc}:x"), None);
         assert_eq!(Keys::new("other").channel(k.events().as_bytes()), None);
         assert_eq!(keys.reap(), "ns:{reap}");
+        assert_eq!(keys.records(), "ns:{r:");
+        assert!(k.meta.starts_with(&keys.records()) && k.data.starts_with(&keys.records()));
+        assert_eq!(keys.record_of(k.meta.as_bytes()), Some(p));
+        assert_eq!(keys.record_of(k.data.as_bytes()), Some(p));
+        assert_eq!(keys.record_of(k.events().as_bytes()), None);
+        assert_eq!(keys.record_of(b"ns:{r:abc}:m"), None);
+        assert_eq!(
+            keys.record_of(b"ns:{r:0000000000000000}:m"),
+            None,
+            "no null pointer"
+        );
+        assert_eq!(Keys::new("other").record_of(k.meta.as_bytes()), None);
         // Built by hand: the pointer as it displays, for any value.
         for v in [1, 0xfedc_ba98_7654_3210, u64::MAX, 0x8000_0000_0000_000a] {
             let p = Pointer::new(v).unwrap();

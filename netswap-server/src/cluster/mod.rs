@@ -25,6 +25,7 @@ mod events;
 pub(crate) mod keys;
 mod ops;
 pub(crate) mod quota;
+mod reads;
 mod reaper;
 pub(crate) mod redis_io;
 pub(crate) mod scripts;
@@ -162,6 +163,9 @@ pub struct ClusterOptions {
     /// Records whose last seen state is remembered, so that a write on one of them
     /// takes one Redis round trip (`--redis-state-cache`); 0 = off.
     pub state_cache: usize,
+    /// Small records held with their bytes and answered without a load, kept exact
+    /// by Redis's invalidations (`--redis-read-cache`, `reads`); 0 = off.
+    pub read_cache: usize,
     /// Loads and commits that arrive together go to Redis as one pipeline per
     /// primary (`--redis-batch`, `batch.rs`).
     pub batch: bool,
@@ -255,6 +259,7 @@ impl ClusterOptions {
             prefix: "ns".into(),
             max_in_flight: 256,
             state_cache: 65_536,
+            read_cache: 0,
             batch: true,
             topology_every: Duration::from_secs(1),
             max_reply_bytes: 1 << 30,
@@ -439,6 +444,8 @@ pub(crate) struct ClusterStore {
     turns: Option<tokio::sync::Semaphore>,
     /// Records' last seen states, for writes in one round trip.
     states: Mutex<states::States>,
+    /// Small records read without a load (`None`: `--redis-read-cache 0`).
+    reads: Option<reads::ReadCache>,
     /// One change at a time per record on this gateway (`serial`).
     serial: serial::Serial,
     /// This gateway's lease changes of an identity (take, renew, release) in one
@@ -526,6 +533,18 @@ pub struct GatewayCounts {
     pub state_cache_stale: u64,
     /// Writes with no remembered state (loaded first).
     pub state_cache_misses: u64,
+    /// Loads answered by the read cache (`--redis-read-cache`), after their barrier.
+    pub read_cache_hits: u64,
+    /// Loads that went on a tracking connection, filling the read cache.
+    pub read_cache_fills: u64,
+    /// Held records whose barrier failed or that were invalidated while it was in
+    /// flight (loaded instead).
+    pub read_cache_missed_at_barrier: u64,
+    /// Barriers sent on the tracking connections (each serves the hits on one
+    /// primary gathered in one pass).
+    pub read_cache_barriers: u64,
+    /// Held records dropped by Redis's invalidations.
+    pub read_cache_invalidations: u64,
     /// Writes acknowledged with fewer replicas than `--redis-wait-replicas` asked.
     pub unreplicated_writes: u64,
     /// Pipelines the batcher sent (the loads and commits of several requests).
@@ -694,6 +713,46 @@ async fn cluster_connection(
         })
 }
 
+/// A client for the one node at `host:port`, with the store URL's user, password and
+/// TLS (RESP3).
+fn node_client(opts: &ClusterOptions, host: &str, port: u16) -> redis::RedisResult<redis::Client> {
+    use redis::IntoConnectionInfo;
+    let scheme = if opts.tls.is_some() {
+        "rediss"
+    } else {
+        "redis"
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let info = format!("{scheme}://{host}:{port}/?protocol=resp3").into_connection_info()?;
+    let mut redis = info.redis_settings().clone();
+    if let Some(user) = &opts.credentials.username {
+        redis = redis.set_username(user);
+    }
+    if let Some(password) = &opts.credentials.password {
+        redis = redis.set_password(password);
+    }
+    let info = info.set_redis_settings(redis);
+    match &opts.tls {
+        Some(tls) if tls.ca.is_some() || tls.client.is_some() => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: tls.client.clone().map(|(client_cert, client_key)| {
+                    redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }
+                }),
+                root_cert: tls.ca.clone(),
+            },
+        ),
+        _ => redis::Client::open(info),
+    }
+}
+
 impl ClusterStore {
     /// Connects to the cluster (a clear error when it is down or unreachable), reads
     /// its layout and loads the scripts on its primaries.
@@ -723,6 +782,8 @@ impl ClusterStore {
         let batch_task = batch
             .as_ref()
             .map(|b| tokio::spawn(b.clone().drive(commands.clone())));
+        let reads =
+            (opts.read_cache > 0).then(|| reads::ReadCache::new(opts.read_cache, keys.clone()));
         let store = ClusterStore {
             commands,
             subs,
@@ -757,6 +818,7 @@ impl ClusterStore {
             push_rx: Mutex::new(Some(push_rx)),
             turns,
             states: Mutex::new(states::States::new(opts.state_cache)),
+            reads,
             serial: serial::Serial::default(),
             lease_turns: serial::Serial::default(),
             schedule_turn: tokio::sync::Mutex::new(()),
@@ -794,6 +856,17 @@ impl ClusterStore {
             state_cache_hits: n(&self.cache_hits),
             state_cache_stale: n(&self.cache_stale),
             state_cache_misses: n(&self.cache_misses),
+            read_cache_hits: self.reads.as_ref().map_or(0, |r| n(&r.counters.hits)),
+            read_cache_fills: self.reads.as_ref().map_or(0, |r| n(&r.counters.fills)),
+            read_cache_missed_at_barrier: self
+                .reads
+                .as_ref()
+                .map_or(0, |r| n(&r.counters.missed_at_barrier)),
+            read_cache_barriers: self.reads.as_ref().map_or(0, |r| n(&r.counters.barriers)),
+            read_cache_invalidations: self
+                .reads
+                .as_ref()
+                .map_or(0, |r| n(&r.counters.invalidations)),
             unreplicated_writes: n(&self.unreplicated),
             batches: self.batch.as_ref().map_or(0, |b| n(&b.counters.pipelines)),
             batched: self.batch.as_ref().map_or(0, |b| n(&b.counters.carried)),
@@ -1088,6 +1161,9 @@ impl ClusterStore {
         if let Some(b) = &self.batch {
             b.set_primaries(batch::primaries(&text));
         }
+        if let Some(cache) = &self.reads {
+            cache.follow(&self.opts, &text, &nodes).await;
+        }
         // Primaries seen for the first time (all of them at start, then a promoted
         // replica, a node restarted) get the scripts before a request needs them:
         // `SCRIPT LOAD` is not replicated, so a replica promoted by a failover has
@@ -1124,10 +1200,21 @@ impl ClusterStore {
         max_inline: usize,
         in_hash: bool,
     ) -> redis::RedisResult<Option<redis_io::Stored>> {
+        let k = self.keys.record(ptr);
+        if let Some(cache) = &self.reads
+            && in_hash
+        {
+            if let Some(rec) = cache.get(ptr, range).await {
+                return Ok(Some(rec));
+            }
+            if let Some(loaded) = cache.load(ptr, &k, range).await {
+                return loaded;
+            }
+        }
         redis_io::load(
             &self.commands,
             self.batch.as_deref(),
-            &self.keys.record(ptr),
+            &k,
             range,
             max_inline,
             in_hash,

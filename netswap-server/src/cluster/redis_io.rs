@@ -778,9 +778,23 @@ async fn load_hash(
     k: &RecordKeys,
     range: Option<(u64, u64)>,
 ) -> RedisResult<Plain> {
-    let build = || vec![state_command(k, HASH_FIELDS)];
+    let build = || vec![hash_load_command(k)];
     let replies = Batcher::send_idempotent(batch, conn, &k.meta, build).await?;
-    let Some(Value::Array(state)) = first_error(replies)?.pop() else {
+    let Some(state) = first_error(replies)?.pop() else {
+        return Err(bad("HMGET"));
+    };
+    hash_load_reply(state, range)
+}
+
+/// The one command of a load of a record whose bytes are in its state hash.
+pub(crate) fn hash_load_command(k: &RecordKeys) -> redis::Cmd {
+    state_command(k, HASH_FIELDS)
+}
+
+/// Reads the reply to [`hash_load_command`]: `Found`, or `Changed` when the bytes are
+/// not in the hash (any more), or `Legacy`.
+fn hash_load_reply(state: Value, range: Option<(u64, u64)>) -> RedisResult<Plain> {
+    let Value::Array(state) = state else {
         return Err(bad("HMGET"));
     };
     if state.len() != HASH_FIELDS {
@@ -796,6 +810,32 @@ async fn load_hash(
         Some(rec) => Plain::Found(Some(rec)),
         None => Plain::Changed,
     })
+}
+
+/// Reads the reply to [`hash_load_command`] with all of the record's bytes: the
+/// record (`None`: there is none), or `Ok(None)` when its bytes are not in the
+/// hash or it is of the earlier layout (a load as usual answers those).
+pub(crate) fn hash_load_whole(state: Value) -> RedisResult<Option<Option<Stored>>> {
+    Ok(match hash_load_reply(state, Some((0, WHOLE)))? {
+        Plain::Found(found) => Some(found),
+        Plain::Changed | Plain::Legacy => None,
+    })
+}
+
+/// `rec`, which holds all of its bytes, with only those of `range` (as a load of
+/// `range` returns them: none when it starts beyond the end).
+pub(crate) fn ranged(rec: &Stored, range: Option<(u64, u64)>) -> Stored {
+    let data = match (range, &rec.data) {
+        (Some((s, n)), Some(all)) if s <= rec.size => {
+            let e = s.saturating_add(n).min(rec.size);
+            Some(all.slice(s as usize..e as usize))
+        }
+        _ => None,
+    };
+    Stored {
+        data,
+        ..rec.clone()
+    }
 }
 
 /// The record of an `HMGET` of (at least the first [`HASH_FIELDS`] of)

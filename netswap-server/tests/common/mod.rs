@@ -46,6 +46,9 @@ pub enum Backend {
     /// A gateway on the shared Redis Cluster ([`cluster::shared`]), with keys of its
     /// own (a random prefix), so tests do not see each other's records.
     Cluster,
+    /// The same, with the read cache on (`--redis-read-cache`): every rule must hold
+    /// with READs answered from it.
+    ClusterReadCache,
 }
 
 /// The identity key every test gateway shares.
@@ -67,15 +70,20 @@ pub fn fresh_prefix() -> String {
 
 pub fn server_on(backend: Backend, tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer {
     let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
-    if backend == Backend::Cluster {
-        c.cluster = Some(cluster_options(&fresh_prefix()));
+    if backend != Backend::Memory {
+        let mut o = cluster_options(&fresh_prefix());
+        if backend == Backend::ClusterReadCache {
+            o.read_cache = 65_536;
+        }
+        c.cluster = Some(o);
         c.identity_key = IdentityKey::new(GATEWAY_KEY);
     }
     tweak(&mut c);
     netswap_server::spawn(c, 1).expect("server starts")
 }
 
-/// Runs `test` on both backends: `name_memory` and `name_cluster` tests.
+/// Runs `test` on both backends: `memory::name`, `cluster::name`, and
+/// `cluster_read_cache::name` (the cluster with the read cache on).
 #[macro_export]
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
@@ -92,6 +100,14 @@ macro_rules! on_both_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(super::Backend::Cluster).await
+                }
+            )*
+        }
+        mod cluster_read_cache {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::ClusterReadCache).await
                 }
             )*
         }

@@ -1,0 +1,510 @@
+//! A read cache kept exact (`--redis-read-cache N`, off by default): small records
+//! (bytes in their state hash) held by the gateway, answered without a load, and never
+//! older than a change acknowledged before the request arrived, through any gateway.
+//!
+//! - **Tracking.** The gateway holds one connection of its own to each primary
+//!   (RESP3), with `CLIENT TRACKING ON BCAST PREFIX <prefix>:{r:`: the primary
+//!   pushes an invalidation on it for every change of a record's keys, whoever made
+//!   it. The `redis` crate hands a push to [`Entries`] in the connection's reading
+//!   task, before it reads on: every invalidation that came before a reply is
+//!   applied before the reply's caller runs.
+//! - **Fills.** A load of a record last seen with its bytes in its hash goes on that
+//!   connection (one `HMGET`, as a load through the connection for commands does) and
+//!   fills an entry. Before it is sent, a placeholder is put in: an invalidation of
+//!   the record takes it away, and the reply fills only if it is still there. A change
+//!   made after the `HMGET` was executed pushes its invalidation after the reply on
+//!   the same connection, so no entry is ever filled with a state older than the
+//!   last invalidation seen.
+//! - **Barriers.** A hit is answered only after a barrier on the connection that
+//!   filled it: one `EXISTS` of a key on a slot of that primary, sent after the
+//!   request arrived, shared by all the hits on that primary that come while the one
+//!   before is in flight (one task sends them; hits wait on a `watch`). A change
+//!   acknowledged before the request arrived was executed by the primary before it
+//!   read the barrier, and in an earlier pass of its event loop: Redis queues a pass's
+//!   invalidations (`beforeSleep`, `trackingBroadcastInvalidationMessages`) before it
+//!   writes the pass's replies, the change's acknowledgement among them, and the
+//!   barrier was sent after that acknowledgement was out. So the invalidation is ahead
+//!   of the barrier's reply on the connection, and the entry is gone when the barrier
+//!   returns; the entry is used only if it is still there then. (A barrier read in the
+//!   same pass as a change is answered before the change's invalidation, but that
+//!   change was not acknowledged before the barrier was sent: the READ ran alongside
+//!   it.)
+//! - **Only a primary vouches.** A replica applies its primary's changes later than
+//!   they were acknowledged, so the rule above does not hold for it. A barrier on a
+//!   node that is not (any more) the primary of the probed slot is answered `MOVED`
+//!   (a replica without `READONLY` redirects every key), and fails; a fill there too.
+//!   A failover that makes the primary a replica keeps the connection open, so this
+//!   matters (test `a_read_cache_stays_exact_while_its_primary_is_made_a_replica`).
+//! - **What drops entries.** An invalidation of the record; a `FLUSHALL` (an
+//!   invalidation of everything); the connection closing (its entries go; the next
+//!   look at the layout connects again); a primary no longer serving slots (its
+//!   entries go). A barrier that fails (the node is a replica now and answers
+//!   `MOVED`, the slot is migrating and answers `ASK`, a timeout) is a miss: the
+//!   request loads as without the cache. Keys a slot's migration moves are deleted on
+//!   the old primary, which invalidates them there.
+//! - **The window Redis Cluster has itself.** A primary cut off from the rest of the
+//!   cluster, but not from this gateway, answers barriers until it notices (the
+//!   cluster's node timeout), while its replica may already acknowledge changes; in
+//!   that window Redis Cluster also acknowledges writes on the old primary that it
+//!   then loses.
+//!
+//! What it costs: Redis pushes each change of a record's keys to every gateway with
+//! the cache on (about a `SPUBLISH` to one subscriber each), so it is worth it where
+//! records are read much more often than written.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hashbrown::HashMap;
+use netswap_proto::Pointer;
+use redis::aio::MultiplexedConnection;
+use redis::{PushInfo, PushKind, RedisResult, Value};
+use tracing::debug;
+
+use super::batch::UNKNOWN;
+use super::keys::{Keys, RecordKeys};
+use super::redis_io::{self, Stored};
+use super::{ClusterOptions, lock};
+
+/// What the read cache counted (for `/metrics`).
+#[derive(Debug, Default)]
+pub(crate) struct ReadCounters {
+    /// Loads answered from the cache (after their barrier).
+    pub hits: AtomicU64,
+    /// Loads that went on a tracking connection and filled (or tried to fill) an
+    /// entry.
+    pub fills: AtomicU64,
+    /// Hits whose barrier failed or whose entry went meanwhile (loaded instead).
+    pub missed_at_barrier: AtomicU64,
+    /// Barriers sent.
+    pub barriers: AtomicU64,
+    /// Entries (or placeholders) dropped by an invalidation.
+    pub invalidations: AtomicU64,
+}
+
+/// An entry of the cache.
+enum Entry {
+    /// A fill on `tracker`'s connection is under way; it fills only if this is still
+    /// here (the same `token`) when its reply comes.
+    Filling { token: u64, tracker: Arc<Tracker> },
+    /// The record as `tracker`'s connection last read it, with all of its bytes.
+    Ready {
+        token: u64,
+        tracker: Arc<Tracker>,
+        rec: Stored,
+    },
+}
+
+impl Entry {
+    fn tracker(&self) -> u64 {
+        match self {
+            Entry::Filling { tracker, .. } | Entry::Ready { tracker, .. } => tracker.id,
+        }
+    }
+}
+
+/// The entries, shared with the tracking connections' push handlers.
+struct Entries {
+    map: HashMap<Pointer, Entry>,
+    capacity: usize,
+    next_token: u64,
+}
+
+impl Entries {
+    fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    /// Puts `entry` in for `ptr`, making room when full (an arbitrary entry goes).
+    fn put(&mut self, ptr: Pointer, entry: Entry) {
+        if !self.map.contains_key(&ptr)
+            && self.map.len() >= self.capacity
+            && let Some(victim) = self.map.keys().next().copied()
+        {
+            self.map.remove(&victim);
+        }
+        self.map.insert(ptr, entry);
+    }
+
+    /// Drops the entries filled on the tracking connection `tracker`.
+    fn drop_tracker(&mut self, tracker: u64) {
+        self.map.retain(|_, e| e.tracker() != tracker);
+    }
+}
+
+/// One tracking connection to a primary.
+pub(crate) struct Tracker {
+    id: u64,
+    /// The primary's id.
+    node: String,
+    conn: MultiplexedConnection,
+    /// Cleared when the connection closes (its push handler sees it go).
+    alive: Arc<AtomicBool>,
+    barriers: Arc<Barriers>,
+    /// The task that sends the barriers (aborted with the tracker).
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// A tracking connection's barriers, numbered: at most one in flight; the hits that
+/// come meanwhile wait for the next one, sent when it returns. (One task sends
+/// them, and hits wait on a `watch`: waking each hit once per barrier. A shared
+/// future per barrier woke every hit at each of its inner wake-ups, and cost the
+/// gateway ~10% of its time at 66 hits per barrier.)
+struct Barriers {
+    /// The number of the last barrier sent (set before it is sent).
+    sent: AtomicU64,
+    /// The highest barrier number a hit waits for.
+    wanted: AtomicU64,
+    wake: tokio::sync::Notify,
+    /// The last barrier returned: its number, and whether it showed the connection
+    /// current.
+    done: tokio::sync::watch::Sender<(u64, bool)>,
+    /// A key on a slot this primary serves, for `EXISTS` (set at each look at the
+    /// layout).
+    probe: Mutex<String>,
+}
+
+impl Tracker {
+    /// Waits for a barrier on this connection sent after now (with the other hits
+    /// that come before it is sent): `true` when the primary answered it as the
+    /// primary of a slot, so every invalidation of a change it acknowledged before
+    /// now has been applied.
+    async fn barrier(&self) -> bool {
+        let b = &self.barriers;
+        let mut done = b.done.subscribe();
+        // The next barrier sent: the driver numbers a barrier before it sends it.
+        let want = b.sent.load(Ordering::SeqCst) + 1;
+        b.wanted.fetch_max(want, Ordering::SeqCst);
+        b.wake.notify_one();
+        match done.wait_for(|(n, _)| *n >= want).await {
+            // A later barrier than `want` was sent later still: as good.
+            Ok(v) => v.1 && self.alive.load(Ordering::Acquire),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Sends `b`'s barriers on `conn`, one at a time, as hits want them.
+async fn drive(b: Arc<Barriers>, conn: MultiplexedConnection, counters: Arc<ReadCounters>) {
+    loop {
+        while b.wanted.load(Ordering::SeqCst) <= b.sent.load(Ordering::SeqCst) {
+            b.wake.notified().await;
+        }
+        // The hits ready in this pass of the event loop join.
+        tokio::task::yield_now().await;
+        let n = b.sent.fetch_add(1, Ordering::SeqCst) + 1;
+        counters.barriers.fetch_add(1, Ordering::Relaxed);
+        let probe = lock(&b.probe).clone();
+        let mut c = conn.clone();
+        let r: RedisResult<Value> = redis::cmd("EXISTS").arg(probe).query_async(&mut c).await;
+        b.done.send_replace((n, r.is_ok()));
+    }
+}
+
+/// A key of the `keys` deployment's that hashes to one of the slots `slots` gives
+/// primary `i` (`None`: it serves none).
+fn probe_key(keys: &Keys, slots: &[u16], i: usize) -> Option<String> {
+    if !slots.contains(&(i as u16)) {
+        return None;
+    }
+    (0u32..)
+        .map(|n| keys.probe(n))
+        .find(|k| slots.get(redis_io::slot_of(k) as usize) == Some(&(i as u16)))
+}
+
+/// Which tracking connection serves each slot.
+#[derive(Default)]
+struct Layout {
+    /// The index in `trackers` of each slot's primary (`UNKNOWN`: none).
+    slots: Vec<u16>,
+    /// Per primary: its tracking connection (`None`: not connected).
+    trackers: Vec<Option<Arc<Tracker>>>,
+}
+
+/// The read cache (see the module documentation).
+pub(crate) struct ReadCache {
+    entries: Arc<Mutex<Entries>>,
+    keys: Keys,
+    layout: Mutex<Layout>,
+    pub counters: Arc<ReadCounters>,
+    next_tracker: AtomicU64,
+}
+
+impl ReadCache {
+    /// A cache of at most `capacity` records.
+    pub fn new(capacity: usize, keys: Keys) -> ReadCache {
+        ReadCache {
+            entries: Arc::new(Mutex::new(Entries {
+                map: HashMap::new(),
+                capacity,
+                next_token: 0,
+            })),
+            keys,
+            layout: Mutex::default(),
+            counters: Arc::default(),
+            next_tracker: AtomicU64::new(1),
+        }
+    }
+
+    /// The record `ptr` from the cache, with the bytes of `range`, once a barrier
+    /// showed it current (`None`: not held, or not shown current: load it).
+    pub async fn get(&self, ptr: Pointer, range: Option<(u64, u64)>) -> Option<Stored> {
+        let (token, tracker) = match lock(&self.entries).map.get(&ptr) {
+            Some(Entry::Ready { token, tracker, .. }) => (*token, tracker.clone()),
+            _ => return None,
+        };
+        let current = tracker.barrier().await;
+        let rec = match lock(&self.entries).map.get(&ptr) {
+            Some(Entry::Ready { token: t, rec, .. }) if current && *t == token => {
+                redis_io::ranged(rec, range)
+            }
+            _ => {
+                self.counters
+                    .missed_at_barrier
+                    .fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        };
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        Some(rec)
+    }
+
+    /// Loads `ptr`, whose bytes were last seen in its state hash, on the tracking
+    /// connection of its slot's primary, filling its entry: the record (`None`:
+    /// there is none) with the bytes of `range`. `None`: no tracking connection
+    /// serves the slot, the primary did not answer as its primary, or the bytes are
+    /// not in the hash: load it as usual.
+    pub async fn load(
+        &self,
+        ptr: Pointer,
+        k: &RecordKeys,
+        range: Option<(u64, u64)>,
+    ) -> Option<RedisResult<Option<Stored>>> {
+        let tracker = {
+            let layout = lock(&self.layout);
+            let i = *layout.slots.get(redis_io::slot_of(&k.meta) as usize)?;
+            if i == UNKNOWN {
+                return None;
+            }
+            layout.trackers.get(i as usize)?.clone()?
+        };
+        if !tracker.alive.load(Ordering::Acquire) {
+            return None;
+        }
+        self.counters.fills.fetch_add(1, Ordering::Relaxed);
+        let token = {
+            let mut entries = lock(&self.entries);
+            let token = entries.token();
+            let tracker = tracker.clone();
+            entries.put(ptr, Entry::Filling { token, tracker });
+            token
+        };
+        let mut conn = tracker.conn.clone();
+        let reply: RedisResult<Value> = redis_io::hash_load_command(k).query_async(&mut conn).await;
+        let mut entries = lock(&self.entries);
+        let still =
+            matches!(entries.map.get(&ptr), Some(Entry::Filling { token: t, .. }) if *t == token);
+        let found = match reply.map(redis_io::hash_load_whole) {
+            Ok(Ok(Some(found))) => found,
+            // A redirection (the node is not the slot's primary now), a timeout, or
+            // bytes not in the hash: the usual load answers.
+            _ => {
+                if still {
+                    entries.map.remove(&ptr);
+                }
+                return None;
+            }
+        };
+        match (&found, still) {
+            (Some(rec), true) => {
+                let rec = rec.clone();
+                entries.map.insert(
+                    ptr,
+                    Entry::Ready {
+                        token,
+                        tracker,
+                        rec,
+                    },
+                );
+            }
+            (None, true) => {
+                entries.map.remove(&ptr);
+            }
+            (_, false) => {}
+        }
+        Some(Ok(found.map(|rec| redis_io::ranged(&rec, range))))
+    }
+
+    /// Follows the cluster's layout (`CLUSTER NODES`' text, the nodes' addresses by
+    /// id as the crate routes to them): a tracking connection to every primary that
+    /// serves slots; the entries of primaries that no longer do go.
+    pub async fn follow(
+        &self,
+        opts: &ClusterOptions,
+        nodes_text: &str,
+        addresses: &std::collections::HashMap<String, (String, u16)>,
+    ) {
+        let (slots, ids) = super::batch::primaries_by_id(nodes_text);
+        let known: Vec<Option<Arc<Tracker>>> = {
+            let layout = lock(&self.layout);
+            ids.iter()
+                .map(|id| {
+                    layout
+                        .trackers
+                        .iter()
+                        .flatten()
+                        .find(|t| &t.node == id && t.alive.load(Ordering::Acquire))
+                        .cloned()
+                })
+                .collect()
+        };
+        let mut trackers = Vec::with_capacity(ids.len());
+        for (i, (id, known)) in ids.iter().zip(known).enumerate() {
+            // A primary that serves no slot gets no tracking connection.
+            if !slots.contains(&(i as u16)) {
+                trackers.push(None);
+                continue;
+            }
+            let t = match known {
+                Some(t) => Some(t),
+                None => match addresses.get(id) {
+                    Some((host, port)) => match self.track(opts, id, host, *port).await {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            debug!(node = %id, error = %e, "no tracking connection; next look");
+                            None
+                        }
+                    },
+                    None => None,
+                },
+            };
+            // The probe stays while its slot is the primary's (a search may take
+            // thousands of tries for a primary of few slots).
+            if let Some(t) = &t {
+                let mut probe = lock(&t.barriers.probe);
+                let kept = !probe.is_empty()
+                    && slots.get(redis_io::slot_of(&probe) as usize) == Some(&(i as u16));
+                if !kept && let Some(k) = probe_key(&self.keys, &slots, i) {
+                    *probe = k;
+                }
+            }
+            trackers.push(t);
+        }
+        let live: Vec<u64> = trackers.iter().flatten().map(|t| t.id).collect();
+        lock(&self.entries)
+            .map
+            .retain(|_, e| live.contains(&e.tracker()));
+        *lock(&self.layout) = Layout { slots, trackers };
+    }
+
+    /// A new tracking connection to the primary `node` at `host:port`.
+    async fn track(
+        &self,
+        opts: &ClusterOptions,
+        node: &str,
+        host: &str,
+        port: u16,
+    ) -> RedisResult<Arc<Tracker>> {
+        let id = self.next_tracker.fetch_add(1, Ordering::Relaxed);
+        let alive = Arc::new(AtomicBool::new(true));
+        let pushes = {
+            let (entries, keys, alive) = (self.entries.clone(), self.keys.clone(), alive.clone());
+            let counters = self.counters.clone();
+            move |info: PushInfo| -> Result<(), ()> {
+                match info.kind {
+                    PushKind::Invalidate => {
+                        let mut entries = lock(&entries);
+                        match info.data.first() {
+                            Some(Value::Array(keys_changed)) => {
+                                for key in keys_changed {
+                                    let ptr = match key {
+                                        Value::BulkString(b) => keys.record_of(b),
+                                        _ => None,
+                                    };
+                                    if let Some(ptr) = ptr
+                                        && entries.map.remove(&ptr).is_some()
+                                    {
+                                        counters.invalidations.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                            }
+                            // `FLUSHALL` (a null), or anything not understood:
+                            // nothing this connection filled can be trusted.
+                            _ => entries.drop_tracker(id),
+                        }
+                    }
+                    PushKind::Disconnection => {
+                        alive.store(false, Ordering::Release);
+                        lock(&entries).drop_tracker(id);
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+        };
+        let client = super::node_client(opts, host, port)?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(opts.response_timeout))
+            .set_push_sender(pushes);
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let () = redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .arg("BCAST")
+            .arg("PREFIX")
+            .arg(self.keys.records())
+            .query_async(&mut conn)
+            .await?;
+        debug!(node, host, port, "tracking connection made");
+        let barriers = Arc::new(Barriers {
+            sent: AtomicU64::new(0),
+            wanted: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+            done: tokio::sync::watch::Sender::new((0, false)),
+            probe: Mutex::default(),
+        });
+        let driver = tokio::spawn(drive(barriers.clone(), conn.clone(), self.counters.clone()));
+        Ok(Arc::new(Tracker {
+            id,
+            node: node.to_string(),
+            conn,
+            alive,
+            barriers,
+            driver,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_keys_hash_to_a_slot_of_their_primary() {
+        let keys = Keys::new("ns");
+        // Three primaries in thirds, and one that serves no slot.
+        let slots: Vec<u16> = (0..16_384u32).map(|s| (s * 3 / 16_384) as u16).collect();
+        for i in 0..3 {
+            let k = probe_key(&keys, &slots, i).expect("a key");
+            assert!(k.starts_with("ns:{b:"), "{k}");
+            assert_eq!(slots[redis_io::slot_of(&k) as usize], i as u16);
+        }
+        assert_eq!(probe_key(&keys, &slots, 3), None);
+        // A primary with one slot only gets a key there too.
+        let mut one = vec![0u16; 16_384];
+        one[12_345] = 1;
+        let k = probe_key(&keys, &one, 1).expect("a key");
+        assert_eq!(redis_io::slot_of(&k), 12_345);
+    }
+}
