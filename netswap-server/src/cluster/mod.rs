@@ -1201,15 +1201,13 @@ impl ClusterStore {
         in_hash: bool,
     ) -> redis::RedisResult<Option<redis_io::Stored>> {
         let k = self.keys.record(ptr);
+        // A small record: loaded on the read cache's tracking connection, filling
+        // it (`reads`); the usual load when that cannot be done.
         if let Some(cache) = &self.reads
             && in_hash
+            && let Some(loaded) = cache.load(ptr, &k, range).await
         {
-            if let Some(rec) = cache.get(ptr, range).await {
-                return Ok(Some(rec));
-            }
-            if let Some(loaded) = cache.load(ptr, &k, range).await {
-                return loaded;
-            }
+            return loaded;
         }
         redis_io::load(
             &self.commands,

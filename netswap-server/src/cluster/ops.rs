@@ -51,6 +51,55 @@ impl ClusterStore {
         Reply::error(netswap_proto::Status::Busy, reason)
     }
 
+    /// Loads `ptr` for `request` (with the bytes of `range`), reserving the reply
+    /// budget first for a large READ known to be allowed. `Err`: what the attempt
+    /// ends with.
+    async fn load_for(
+        &self,
+        caller: &Caller,
+        ptr: Pointer,
+        request: &Request,
+        range: Option<(u64, u64)>,
+    ) -> Result<(Option<Stored>, Option<Held>), Attempt> {
+        let me = caller.identity;
+        // How many bytes may come with the load: up to MAX_INLINE, so that a caller
+        // who may not read a big record does not make Redis send it; all of a read
+        // the remembered state allows (decided again on the loaded state).
+        let known = lock(&self.states).get(ptr);
+        let inline = match &known {
+            Some(known) if range.is_some() => {
+                match rules::decide(request, Some(&view(known, &me)), &me, None, &self.cfg) {
+                    Decision::Read { .. } => usize::MAX,
+                    _ if known.size > MAX_INLINE as u64 => 0,
+                    _ => MAX_INLINE,
+                }
+            }
+            _ => MAX_INLINE,
+        };
+        // Bytes of a large record that come with the load are reserved of the
+        // connection's reply budget first (`budget`); a few kilobytes that come with
+        // it are reserved once they came.
+        let held = match (&known, range) {
+            (Some(known), Some((off, n))) if inline == usize::MAX => {
+                let expect = known.size.saturating_sub(off).min(n);
+                if expect > MAX_INLINE as u64 {
+                    match caller.budget.reserve(expect).await {
+                        Ok(held) => Some(held),
+                        Err(full) => return Err(done(self.replies_held(full))),
+                    }
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        let in_hash = known.is_some_and(|k| k.inline);
+        match self.load(ptr, range, inline, in_hash).await {
+            Ok(loaded) => Ok((loaded, held)),
+            Err(e) => Err(Err(e.into())),
+        }
+    }
+
     /// The bytes `[start, end)` of a loaded record for a reply that carries them (a
     /// READ's, a data watch's first), reserved of the caller's reply budget first
     /// (`held`: when they were reserved before the load), so that a client that reads
@@ -149,39 +198,25 @@ impl ClusterStore {
             Request::Watch { options, .. } if options.data => Some((0, redis_io::WHOLE)),
             _ => None,
         };
-        // How many bytes may come with the load: up to MAX_INLINE, so that a caller
-        // who may not read a big record does not make Redis send it; all of a read
-        // the remembered state allows (decided again on the loaded state below).
-        let known = lock(&self.states).get(ptr);
-        let inline = match &known {
-            Some(known) if range.is_some() => {
-                match rules::decide(request, Some(&view(known, &me)), &me, None, &self.cfg) {
-                    Decision::Read { .. } => usize::MAX,
-                    _ if known.size > MAX_INLINE as u64 => 0,
-                    _ => MAX_INLINE,
-                }
-            }
-            _ => MAX_INLINE,
+        // A small record held by the read cache, shown current by a barrier: no load
+        // (`reads`). Its state is remembered already (the fill was a load).
+        let cached = match &self.reads {
+            Some(cache) => cache.get(ptr, range).await,
+            None => None,
         };
-        // Bytes of a large record that come with the load are reserved of the
-        // connection's reply budget first (`budget`); a few kilobytes that come with
-        // it are reserved once they came.
-        let held = match (&known, range) {
-            (Some(known), Some((off, n))) if inline == usize::MAX => {
-                let expect = known.size.saturating_sub(off).min(n);
-                if expect > MAX_INLINE as u64 {
-                    match caller.budget.reserve(expect).await {
-                        Ok(held) => Some(held),
-                        Err(full) => return done(self.replies_held(full)),
-                    }
-                } else {
-                    None
+        let (loaded, held) = match cached {
+            Some(rec) => (Some(rec), None),
+            None => {
+                let (loaded, held) = match self.load_for(caller, ptr, request, range).await {
+                    Ok(got) => got,
+                    Err(ends) => return ends,
+                };
+                if let Some(rec) = &loaded {
+                    lock(&self.states).seen(ptr, rec);
                 }
+                (loaded, held)
             }
-            _ => None,
         };
-        let in_hash = known.is_some_and(|k| k.inline);
-        let loaded = self.load(ptr, range, inline, in_hash).await?;
         let Some(rec) = loaded else {
             lock(&self.states).forget(ptr);
             return Ok(Some(Outcome {
@@ -189,7 +224,6 @@ impl ClusterStore {
                 watch: WatchChange::None,
             }));
         };
-        lock(&self.states).seen(ptr, &rec);
         match rules::decide(request, Some(&view(&rec, &me)), &me, transfer_to, &self.cfg) {
             Decision::Missing => unreachable!("the record exists"),
             Decision::Answer(r) => done(r),
