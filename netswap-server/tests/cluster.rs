@@ -2042,6 +2042,34 @@ fn read_cached(c: &mut ServerConfig) {
     c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
 }
 
+/// READs a gateway's read cache answered, from its `/metrics` at `m`.
+fn read_cache_hits(m: SocketAddr) -> f64 {
+    metric(
+        &scrape(m),
+        r#"netswap_redis_read_cache_loads_total{result="hit"}"#,
+    )
+}
+
+/// READs of `p` through `gw` (a gateway with the read cache on, serving `/metrics`)
+/// get `expect`, and some are answered from the cache within 10 s (its tracking
+/// connections work on this cluster).
+async fn reads_come_from_the_cache(gw: &RunningServer, p: Pointer, expect: &[u8]) {
+    let m = gw.metrics_addr().expect("serves /metrics");
+    let hits = || read_cache_hits(m);
+    let mut c = Raw::connect(gw.addr(), 40).await;
+    eventually(
+        "READs answered from the cache",
+        Duration::from_secs(10),
+        async || {
+            for _ in 0..3 {
+                assert_eq!(c.read(p).await, data(expect));
+            }
+            hits() > 0.0
+        },
+    )
+    .await;
+}
+
 /// The read cache answers READs without a load; it must never answer one with a
 /// state older than a write acknowledged before the READ was sent, through either
 /// gateway, while other connections keep its entries hot, and what a reader sees of
@@ -2195,12 +2223,7 @@ async fn a_read_cache_follows_lost_tracking_connections_and_failovers() {
         c.cluster.as_mut().expect("a gateway").wait_replicas = 1;
     });
     let m = a.metrics_addr().unwrap();
-    let hits = || {
-        metric(
-            &scrape(m),
-            r#"netswap_redis_read_cache_loads_total{result="hit"}"#,
-        )
-    };
+    let hits = || read_cache_hits(m);
     let mut writer = Raw::connect(b.addr(), 2).await;
     let mut reader = Raw::connect(a.addr(), 3).await;
     let p = writer
@@ -2283,12 +2306,7 @@ async fn a_read_cache_stays_exact_while_its_primary_is_made_a_replica() {
     });
     let plain = gateway_at(&cluster, &prefix, |_| {});
     let m = a.metrics_addr().unwrap();
-    let hits = || {
-        metric(
-            &scrape(m),
-            r#"netswap_redis_read_cache_loads_total{result="hit"}"#,
-        )
-    };
+    let hits = || read_cache_hits(m);
     let mut writer = Raw::connect(plain.addr(), 2).await;
     let mut reader = Raw::connect(a.addr(), 3).await;
     let key = |p: Pointer| format!("{prefix}:{{r:{p}}}:m");
@@ -3920,6 +3938,8 @@ async fn a_cluster_with_a_password_is_served_with_it_and_refused_without() {
         let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
         c.cluster = Some(o);
         c.identity_key = IdentityKey::new(GATEWAY_KEY);
+        // The read cache's tracking connections authenticate too.
+        read_cached(&mut c);
         netswap_server::spawn(c, 1).expect("gateway starts")
     };
     let writer = at(format!("redis-cluster://:s3cret%40pass@{nodes}"), &prefix);
@@ -3931,6 +3951,7 @@ async fn a_cluster_with_a_password_is_served_with_it_and_refused_without() {
     replace_as(&mut c, p, b"authenticated", 3).await;
     changed_event(&mut w, 7, p, 3).await;
     assert_eq!(c.read(p).await, data(b"authenticated"));
+    reads_come_from_the_cache(&watcher, p, b"authenticated").await;
     // Both gateways hold leases for their clients' identities.
     let leases = || {
         cluster
@@ -4065,6 +4086,8 @@ async fn tls_gateways_serve(cluster: &RedisCluster) {
         let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
         c.cluster = Some(o);
         c.identity_key = IdentityKey::new(GATEWAY_KEY);
+        // The read cache's tracking connections speak TLS too.
+        read_cached(&mut c);
         netswap_server::spawn(c, 1).expect("gateway starts")
     };
     let (writer, watcher) = (gateway(1), gateway(0));
@@ -4072,6 +4095,7 @@ async fn tls_gateways_serve(cluster: &RedisCluster) {
     replace_as(&mut c, p, b"encrypted", 3).await;
     changed_event(&mut w, 7, p, 3).await;
     assert_eq!(c.read(p).await, data(b"encrypted"));
+    reads_come_from_the_cache(&watcher, p, b"encrypted").await;
     assert_eq!(
         writer
             .stats()
