@@ -27,6 +27,8 @@
 # NETSWAP_CHAOS_WAIT_REPLICAS=0 runs the gateways without `WAIT` (Redis's asynchronous
 # replication may then lose acknowledged writes in a failover: mismatches expected).
 # NETSWAP_CHAOS_GATEWAYS=1 runs one gateway (and kills none).
+# NETSWAP_CHAOS_READ_CACHE=N runs the gateways with --redis-read-cache N (reads served
+# from the cache must stay exact through the failovers and the resharding).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
@@ -134,13 +136,18 @@ chaos_pid=$!
 gateways=${NETSWAP_CHAOS_GATEWAYS:-2}
 kill_gateway=()
 [ "$gateways" -gt 1 ] && kill_gateway=(--kill-gateway-after 38)
+read_cache=()
+[ -n "${NETSWAP_CHAOS_READ_CACHE:-}" ] &&
+  read_cache=(--server-arg=--redis-read-cache --server-arg="$NETSWAP_CHAOS_READ_CACHE")
 rc=0
 ./target/release/soak --store "redis-cluster://$nodes" --seconds "$secs" --rounds "$rounds" \
   --gateways "$gateways" "${kill_gateway[@]}" --mirrors 40 --server-arg=--lease-ttl --server-arg=5 \
-  --server-arg=--redis-wait-replicas --server-arg="${NETSWAP_CHAOS_WAIT_REPLICAS:-1}" || rc=$?
+  --server-arg=--redis-wait-replicas --server-arg="${NETSWAP_CHAOS_WAIT_REPLICAS:-1}" \
+  "${read_cache[@]}" || rc=$?
 wait $chaos_pid || true
 cp "$work/gateway.log" "${TMPDIR:-/tmp}/netswap-chaos-gateway.log"
 echo "gateways' log: ${TMPDIR:-/tmp}/netswap-chaos-gateway.log"
 echo "gateways: $(grep -c 'stopped answering while the cluster answers a new one' "$work/gateway.log" || true) connection(s) to the cluster replaced (at: $(grep 'stopped answering while' "$work/gateway.log" | cut -c12-19 | tr '\n' ' '))"
 echo "gateways: $(grep -c 'fewer of this gateway.s subscriptions than its watches need' "$work/gateway.log" || true) renewal(s) of the subscriptions for subscriptions found missing, $(grep -c "the cluster's primaries changed; subscribed again" "$work/gateway.log" || true) for changed primaries"
+grep 'read cache' "$work/gateway.log" | sed 's/^/gateways: /' || true
 exit $rc

@@ -385,6 +385,19 @@ impl Server {
             hub: self.hub.clone(),
         }
         .store();
+        if let Backend::Cluster(c) = &self.hub.backend
+            && c.read_cache_on()
+        {
+            let g = c.counts();
+            info!(
+                hits = g.read_cache_hits,
+                fills = g.read_cache_fills,
+                missed = g.read_cache_missed_at_barrier,
+                barriers = g.read_cache_barriers,
+                invalidations = g.read_cache_invalidations,
+                "read cache"
+            );
+        }
         info!(records = stats.records, bytes = stats.data_bytes, "stopped");
         Ok(())
     }

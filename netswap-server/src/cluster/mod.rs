@@ -846,6 +846,11 @@ impl ClusterStore {
         Ok(store)
     }
 
+    /// Whether the read cache is on (`--redis-read-cache`).
+    pub fn read_cache_on(&self) -> bool {
+        self.reads.is_some()
+    }
+
     /// What this gateway has counted of its work with Redis.
     pub fn counts(&self) -> GatewayCounts {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);

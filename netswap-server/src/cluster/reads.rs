@@ -416,9 +416,14 @@ impl ReadCache {
         let id = self.next_tracker.fetch_add(1, Ordering::Relaxed);
         let alive = Arc::new(AtomicBool::new(true));
         let pushes = {
-            let (entries, keys, alive) = (self.entries.clone(), self.keys.clone(), alive.clone());
+            // Weak: the entries hold the trackers, whose connections hold this.
+            let entries = Arc::downgrade(&self.entries);
+            let (keys, alive) = (self.keys.clone(), alive.clone());
             let counters = self.counters.clone();
             move |info: PushInfo| -> Result<(), ()> {
+                let Some(entries) = entries.upgrade() else {
+                    return Ok(());
+                };
                 match info.kind {
                     PushKind::Invalidate => {
                         let mut entries = lock(&entries);

@@ -269,8 +269,11 @@ async fn main() {
         after_rounds.push(rss_kib(pid.load(Ordering::Relaxed)) / 1024);
     }
     let rss_end = rss_kib(pid.load(Ordering::Relaxed));
+    // SIGTERM: a gateway logs what it counted as it stops (its read cache's hits).
     for s in &servers {
-        drop(s.lock().unwrap().take());
+        if let Some(server) = s.lock().unwrap().take() {
+            server.terminate();
+        }
     }
     done.store(true, Ordering::Relaxed);
     let samples = sampler.join().unwrap();
