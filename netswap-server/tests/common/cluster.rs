@@ -274,16 +274,25 @@ impl RedisCluster {
             .collect()
     }
 
-    /// Waits until every slot is served, every live node agrees, and every replica
-    /// is in sync with its primary.
+    /// Waits until every slot is served, every live node agrees, every replica is in
+    /// sync with its primary, and every node knows each node as a primary serving
+    /// slots or as a replica (gossip tells a replica's role a little after the
+    /// cluster is created: until then `replicas_of` finds none).
     pub fn wait_healthy(&self) {
         wait_until(Duration::from_secs(30), || {
             self.live_ports().iter().all(|&p| {
                 let info = self.redis_cli(p, &["CLUSTER", "INFO"]);
                 let repl = self.redis_cli(p, &["INFO", "replication"]);
+                let roles_known = self
+                    .redis_cli(p, &["CLUSTER", "NODES"])
+                    .lines()
+                    .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                    .filter(|f| f.len() > 2 && !f[2].contains("fail"))
+                    .all(|f| f[2].contains("slave") || f.len() > 8);
                 info.contains("cluster_state:ok")
                     && info.contains("cluster_slots_ok:16384")
                     && (repl.contains("role:master") || repl.contains("master_link_status:up"))
+                    && roles_known
             })
         });
     }
