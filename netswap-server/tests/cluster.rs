@@ -2286,6 +2286,57 @@ async fn a_read_cache_follows_lost_tracking_connections_and_failovers() {
     tokio::task::block_in_place(|| cluster.restart_killed(false));
 }
 
+/// A held record whose slot moves to another primary (resharding): its keys leave the
+/// old primary (`MIGRATE` deletes them there, which invalidates the entry), and its
+/// writes go to the new one, where the gateway's tracking connection never filled it.
+/// Reads right after the move and after writes must hold them, and the cache serves
+/// the record again from its new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cache_follows_a_record_whose_slot_moved() {
+    logs_from_env();
+    let cluster = RedisCluster::start(3, 0, false);
+    let (a, prefix) = gateway_on(&cluster, read_cached);
+    let plain = gateway_at(&cluster, &prefix, |_| {});
+    let mut writer = Raw::connect(plain.addr(), 2).await;
+    let mut reader = Raw::connect(a.addr(), 3).await;
+    let number = |n: u64| Bytes::copy_from_slice(&n.to_be_bytes());
+    let p = writer.create(Access::READ | Access::WRITE, number(0)).await;
+    let key = format!("{prefix}:{{r:{p}}}:m");
+    eventually("the create settled", Duration::from_secs(10), async || {
+        !cluster.hgetall(&key).keys().any(|f| f.starts_with("m:"))
+    })
+    .await;
+    let m = a.metrics_addr().unwrap();
+    eventually("the record is held", Duration::from_secs(10), async || {
+        let before = read_cache_hits(m);
+        for _ in 0..3 {
+            assert_eq!(written_number(reader.read(p).await), 0);
+        }
+        read_cache_hits(m) == before + 3.0
+    })
+    .await;
+    let from = cluster.primary_of(&key);
+    let to = *cluster.ports.iter().find(|&&x| x != from).unwrap();
+    tokio::task::block_in_place(|| cluster.move_slot_of(&key, to));
+    for n in 1..=5 {
+        assert!(matches!(
+            writer
+                .ask(Request::Replace {
+                    ptr: p,
+                    data: number(n),
+                })
+                .await,
+            Reply::Written(_)
+        ));
+        assert_eq!(
+            written_number(reader.read(p).await),
+            n,
+            "read after write {n}"
+        );
+    }
+    reads_come_from_the_cache(&a, p, &5u64.to_be_bytes()).await;
+}
+
 /// A primary that a failover made a replica keeps the read cache's tracking
 /// connection, and hears of the new primary's writes only by replication, later. Here
 /// the gateway keeps its old layout (it looks once a minute), and the old primary is
