@@ -445,7 +445,7 @@ pub(crate) struct ClusterStore {
     /// Records' last seen states, for writes in one round trip.
     states: Mutex<states::States>,
     /// Small records read without a load (`None`: `--redis-read-cache 0`).
-    reads: Option<reads::ReadCache>,
+    reads: Option<Arc<reads::ReadCache>>,
     /// One change at a time per record on this gateway (`serial`).
     serial: serial::Serial,
     /// This gateway's lease changes of an identity (take, renew, release) in one
@@ -782,8 +782,8 @@ impl ClusterStore {
         let batch_task = batch
             .as_ref()
             .map(|b| tokio::spawn(b.clone().drive(commands.clone())));
-        let reads =
-            (opts.read_cache > 0).then(|| reads::ReadCache::new(opts.read_cache, keys.clone()));
+        let reads = (opts.read_cache > 0)
+            .then(|| Arc::new(reads::ReadCache::new(opts.read_cache, keys.clone())));
         let store = ClusterStore {
             commands,
             subs,
@@ -1166,8 +1166,12 @@ impl ClusterStore {
         if let Some(b) = &self.batch {
             b.set_primaries(batch::primaries(&text));
         }
+        // In the background: connecting to a primary that does not answer must not
+        // hold up this look (the scripts for new primaries, below), nor the next.
         if let Some(cache) = &self.reads {
-            cache.follow(&self.opts, &text, &nodes).await;
+            let (cache, opts, nodes) = (cache.clone(), self.opts.clone(), nodes.clone());
+            let text = text.clone();
+            tokio::spawn(async move { cache.follow(&opts, &text, &nodes).await });
         }
         // Primaries seen for the first time (all of them at start, then a promoted
         // replica, a node restarted) get the scripts before a request needs them:

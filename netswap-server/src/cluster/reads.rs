@@ -236,6 +236,8 @@ pub(crate) struct ReadCache {
     layout: Mutex<Layout>,
     pub counters: Arc<ReadCounters>,
     next_tracker: AtomicU64,
+    /// Held by the look at the layout that is following it ([`ReadCache::follow`]).
+    following: tokio::sync::Mutex<()>,
 }
 
 impl ReadCache {
@@ -251,6 +253,7 @@ impl ReadCache {
             layout: Mutex::default(),
             counters: Arc::default(),
             next_tracker: AtomicU64::new(1),
+            following: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -345,13 +348,18 @@ impl ReadCache {
 
     /// Follows the cluster's layout (`CLUSTER NODES`' text, the nodes' addresses by
     /// id as the crate routes to them): a tracking connection to every primary that
-    /// serves slots; the entries of primaries that no longer do go.
+    /// serves slots; the entries of primaries that no longer do go. One at a time: a
+    /// look that comes while one is still connecting is skipped (the next look
+    /// brings a newer layout), so an older layout never replaces a newer one.
     pub async fn follow(
         &self,
         opts: &ClusterOptions,
         nodes_text: &str,
         addresses: &std::collections::HashMap<String, (String, u16)>,
     ) {
+        let Ok(_turn) = self.following.try_lock() else {
+            return;
+        };
         let (slots, ids) = super::batch::primaries_by_id(nodes_text);
         let known: Vec<Option<Arc<Tracker>>> = {
             let layout = lock(&self.layout);
