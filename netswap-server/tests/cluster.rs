@@ -44,11 +44,14 @@ fn gateway_at(
     prefix: &str,
     tweak: impl FnOnce(&mut ServerConfig),
 ) -> RunningServer {
-    let mut o = netswap_server::ClusterOptions::parse(&format!(
-        "redis-cluster://{}",
-        cluster.nodes().join(",")
-    ))
-    .unwrap();
+    let store = format!("redis-cluster://{}", cluster.nodes().join(","));
+    gateway_of(&store, prefix, tweak)
+}
+
+/// An in-process gateway (one thread) on the cluster of the store URL `store`
+/// (with a password, `rediss-cluster://`, …), under `prefix`.
+fn gateway_of(store: &str, prefix: &str, tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer {
+    let mut o = netswap_server::ClusterOptions::parse(store).unwrap();
     o.prefix = prefix.to_string();
     let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     c.cluster = Some(o);
@@ -449,16 +452,10 @@ async fn changed_event(w: &mut Raw, xid: u32, p: Pointer, version: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
     let cluster = common::cluster::RedisCluster::start(3, 0, false);
-    let nodes = cluster.nodes().join(",");
     let start = |prefix: &str, cache: usize| {
-        let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
-        let mut o =
-            netswap_server::ClusterOptions::parse(&format!("redis-cluster://{nodes}")).unwrap();
-        o.prefix = prefix.to_string();
-        o.state_cache = cache;
-        c.cluster = Some(o);
-        c.identity_key = IdentityKey::new(GATEWAY_KEY);
-        netswap_server::spawn(c, 1).expect("gateway starts")
+        gateway_at(&cluster, prefix, |c| {
+            c.cluster.as_mut().expect("a gateway").state_cache = cache;
+        })
     };
     const WRITES: u64 = 200;
     let mut per_write = Vec::new();
@@ -4006,16 +4003,8 @@ async fn a_cluster_with_a_password_is_served_with_it_and_refused_without() {
         // The refused starts above are in the log: only what comes next counts.
         cluster.cli(p, &["ACL", "LOG", "RESET"]);
     }
-    let at = |store: String, prefix: &str| {
-        let mut o = netswap_server::ClusterOptions::parse(&store).unwrap();
-        o.prefix = prefix.to_string();
-        let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
-        c.cluster = Some(o);
-        c.identity_key = IdentityKey::new(GATEWAY_KEY);
-        // The read cache's tracking connections authenticate too.
-        read_cached(&mut c);
-        netswap_server::spawn(c, 1).expect("gateway starts")
-    };
+    // The read cache's tracking connections authenticate too.
+    let at = |store: String, prefix: &str| gateway_of(&store, prefix, read_cached);
     let writer = at(format!("redis-cluster://:s3cret%40pass@{nodes}"), &prefix);
     let watcher = at(
         format!("redis-cluster://netswap-gw:gw%20pass@{nodes}"),
@@ -4146,23 +4135,19 @@ async fn tls_gateways_serve(cluster: &RedisCluster) {
     let nodes = cluster.nodes().join(",");
     let prefix = fresh_prefix();
     let gateway = |wait_replicas: u32| {
-        let mut o =
-            netswap_server::ClusterOptions::parse(&format!("rediss-cluster://{nodes}")).unwrap();
-        o.prefix = prefix.clone();
-        o.wait_replicas = wait_replicas;
-        o.tls = Some(netswap_server::Tls {
-            ca: Some(std::fs::read(&tls.ca).unwrap()),
-            client: Some((
-                std::fs::read(&tls.client_cert).unwrap(),
-                std::fs::read(&tls.client_key).unwrap(),
-            )),
-        });
-        let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
-        c.cluster = Some(o);
-        c.identity_key = IdentityKey::new(GATEWAY_KEY);
-        // The read cache's tracking connections speak TLS too.
-        read_cached(&mut c);
-        netswap_server::spawn(c, 1).expect("gateway starts")
+        gateway_of(&format!("rediss-cluster://{nodes}"), &prefix, |c| {
+            let o = c.cluster.as_mut().expect("a gateway");
+            o.wait_replicas = wait_replicas;
+            o.tls = Some(netswap_server::Tls {
+                ca: Some(std::fs::read(&tls.ca).unwrap()),
+                client: Some((
+                    std::fs::read(&tls.client_cert).unwrap(),
+                    std::fs::read(&tls.client_key).unwrap(),
+                )),
+            });
+            // The read cache's tracking connections speak TLS too.
+            read_cached(c);
+        })
     };
     let (writer, watcher) = (gateway(1), gateway(0));
     let (mut c, mut w, _d, p) = watched_both_ways(writer.addr(), watcher.addr()).await;

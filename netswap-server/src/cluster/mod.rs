@@ -125,6 +125,22 @@ pub struct Tls {
     pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+impl Tls {
+    /// The authority and client certificate for the `redis` crate (`None`: neither
+    /// is given; the system's authorities, no client certificate).
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        (self.ca.is_some() || self.client.is_some()).then(|| redis::TlsCertificates {
+            client_tls: self.client.clone().map(|(client_cert, client_key)| {
+                redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }
+            }),
+            root_cert: self.ca.clone(),
+        })
+    }
+}
+
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tls")
@@ -656,16 +672,8 @@ async fn cluster_connection(
         .retries(2);
     if let Some(tls) = &opts.tls {
         builder = builder.tls(redis::TlsMode::Secure);
-        if tls.ca.is_some() || tls.client.is_some() {
-            builder = builder.certs(redis::TlsCertificates {
-                client_tls: tls.client.clone().map(|(client_cert, client_key)| {
-                    redis::ClientTlsConfig {
-                        client_cert,
-                        client_key,
-                    }
-                }),
-                root_cert: tls.ca.clone(),
-            });
+        if let Some(certs) = tls.certificates() {
+            builder = builder.certs(certs);
         }
     }
     if let Some(user) = &opts.credentials.username {
@@ -736,20 +744,9 @@ fn node_client(opts: &ClusterOptions, host: &str, port: u16) -> redis::RedisResu
         redis = redis.set_password(password);
     }
     let info = info.set_redis_settings(redis);
-    match &opts.tls {
-        Some(tls) if tls.ca.is_some() || tls.client.is_some() => redis::Client::build_with_tls(
-            info,
-            redis::TlsCertificates {
-                client_tls: tls.client.clone().map(|(client_cert, client_key)| {
-                    redis::ClientTlsConfig {
-                        client_cert,
-                        client_key,
-                    }
-                }),
-                root_cert: tls.ca.clone(),
-            },
-        ),
-        _ => redis::Client::open(info),
+    match opts.tls.as_ref().and_then(Tls::certificates) {
+        Some(certs) => redis::Client::build_with_tls(info, certs),
+        None => redis::Client::open(info),
     }
 }
 

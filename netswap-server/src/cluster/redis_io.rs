@@ -832,9 +832,18 @@ pub(crate) fn ranged(rec: &Stored, range: Option<(u64, u64)>) -> Stored {
         }
         _ => None,
     };
+    // Field by field: `..rec.clone()` would clone the bytes only to drop them.
     Stored {
+        rev: rec.rev,
+        owner: rec.owner,
+        payer: rec.payer,
+        access: rec.access,
+        version: rec.version,
+        deadline: rec.deadline,
+        size: rec.size,
         data,
-        ..rec.clone()
+        inline: rec.inline,
+        legacy: rec.legacy,
     }
 }
 
