@@ -176,10 +176,10 @@ pub struct Args {
     /// With Redis Cluster: small records (bytes up to 1 KiB) this gateway holds with
     /// their bytes and answers READs of without a load, kept exact by Redis's
     /// invalidations (CLIENT TRACKING): a READ never sees a state older than a change
-    /// acknowledged before it arrived, through any gateway. Each change of a record
-    /// then costs Redis a push to every gateway with the cache on, so it pays where
-    /// records are read much more than written. 0 = off (docs/ARCHITECTURE.md).
-    #[arg(long, env = "NETSWAP_REDIS_READ_CACHE", default_value_t = 0)]
+    /// acknowledged before it arrived, through any gateway. A change of a record costs
+    /// Redis a push to each gateway that read it since its last change; at most
+    /// N x ~1.1 KiB of memory. 0 = off (docs/ARCHITECTURE.md).
+    #[arg(long, env = "NETSWAP_REDIS_READ_CACHE", default_value_t = crate::cluster::DEFAULT_READ_CACHE)]
     pub redis_read_cache: usize,
 
     /// With Redis Cluster: bytes of records this gateway holds, across its

@@ -48,7 +48,7 @@ use tracing::{error, info, warn};
 pub use persist::{DataDir, LoadError, SnapshotReport};
 
 use cluster::ClusterStore;
-pub use cluster::{ClusterOptions, Credentials, Tls};
+pub use cluster::{ClusterOptions, Credentials, DEFAULT_READ_CACHE, Tls};
 use hub::{Backend, Hub};
 
 /// How long shutdown waits for connections to flush their last replies.
@@ -395,6 +395,7 @@ impl Server {
                 missed = g.read_cache_missed_at_barrier,
                 barriers = g.read_cache_barriers,
                 invalidations = g.read_cache_invalidations,
+                pushes = g.read_cache_pushes,
                 "read cache"
             );
         }

@@ -615,6 +615,12 @@ impl Collector for HubCollector {
             )?;
             counter(
                 &mut e,
+                "netswap_redis_read_cache_pushes",
+                "Invalidations Redis pushed to the read cache's tracking connections: one per change of a record this gateway read since its last change (what the cache costs Redis per write).",
+                g.read_cache_pushes,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_queued_changes",
                 "Changes that waited for an earlier change of their record on this gateway (a record's changes go one at a time): many mean records written by many at once.",
                 g.queued_changes,

@@ -53,6 +53,7 @@ fn gateway_at(
 fn gateway_of(store: &str, prefix: &str, tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer {
     let mut o = netswap_server::ClusterOptions::parse(store).unwrap();
     o.prefix = prefix.to_string();
+    o.read_cache = 0; // as `common::cluster_options`
     let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     c.cluster = Some(o);
     c.identity_key = IdentityKey::new(GATEWAY_KEY);
@@ -2161,6 +2162,70 @@ async fn a_read_cache_answers_no_read_older_than_a_write_acknowledged_before_it(
     assert!(metric(&m, "netswap_redis_read_cache_barriers_total") > 0.0);
 }
 
+/// Redis tells a gateway's read cache of the changes of the records it read only (it
+/// tracks what each tracking connection read), not of every write to every record:
+/// a gateway with the cache costs Redis nothing for records it does not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cache_hears_only_of_the_records_it_read() {
+    logs_from_env();
+    let prefix = fresh_prefix();
+    let (a, b) = (gateway(&prefix, |_| {}), gateway(&prefix, read_cached));
+    let mut owner = Raw::connect(a.addr(), 2).await;
+    let mut ptrs = Vec::new();
+    for i in 0..40u64 {
+        let bytes = Bytes::copy_from_slice(&i.to_be_bytes());
+        ptrs.push(owner.create(Access::READ | Access::WRITE, bytes).await);
+    }
+    let held = &ptrs[..5];
+    reads_come_from_the_cache(&b, held[0], &0u64.to_be_bytes()).await;
+    let m = b.metrics_addr().unwrap();
+    let mut reader = Raw::connect(b.addr(), 3).await;
+    // Each held record read until a READ of it is a hit (the first loads, the next
+    // fills on the tracking connection); then a round of READs of all five hits.
+    for (i, &p) in held.iter().enumerate() {
+        let expect = (i as u64).to_be_bytes();
+        eventually("a hit", Duration::from_secs(10), async || {
+            let before = read_cache_hits(m);
+            assert_eq!(reader.read(p).await, data(&expect));
+            read_cache_hits(m) > before
+        })
+        .await;
+    }
+    eventually("five hits in a row", Duration::from_secs(10), async || {
+        let before = read_cache_hits(m);
+        for (i, &p) in held.iter().enumerate() {
+            assert_eq!(reader.read(p).await, data(&(i as u64).to_be_bytes()));
+        }
+        read_cache_hits(m) - before == held.len() as f64
+    })
+    .await;
+    let pushes = || metric(&scrape(m), "netswap_redis_read_cache_pushes_total");
+    let before = pushes();
+    // Every record written once through the gateway without the cache.
+    for (i, &p) in ptrs.iter().enumerate() {
+        let write = Request::Replace {
+            ptr: p,
+            data: Bytes::copy_from_slice(&(100 + i as u64).to_be_bytes()),
+        };
+        assert!(matches!(owner.ask(write).await, Reply::Written(_)));
+    }
+    eventually(
+        "an invalidation per held record",
+        Duration::from_secs(5),
+        async || pushes() - before >= held.len() as f64,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pushes() - before,
+        held.len() as f64,
+        "40 records written, 5 of them held by the gateway with the cache"
+    );
+    for (i, &p) in ptrs.iter().enumerate() {
+        assert_eq!(reader.read(p).await, data(&(100 + i as u64).to_be_bytes()));
+    }
+}
+
 /// Reads of `p` through `reader` right after writes through `writer`, for `secs`
 /// seconds: each READ answered must hold the last write acknowledged (BUSY is allowed
 /// while the cluster fails over). How many writes were read back.
@@ -4000,6 +4065,11 @@ async fn a_cluster_with_a_password_is_served_with_it_and_refused_without() {
         acl.extend(ACL_COMMANDS.split_whitespace());
         let ok = cluster.cli(p, &acl);
         assert!(ok.contains("OK"), "{ok}");
+        // And one that may not track keys: its gateway has no read cache.
+        acl[2] = "netswap-nocache";
+        acl.push("-client|tracking");
+        let ok = cluster.cli(p, &acl);
+        assert!(ok.contains("OK"), "{ok}");
         // The refused starts above are in the log: only what comes next counts.
         cluster.cli(p, &["ACL", "LOG", "RESET"]);
     }
@@ -4010,11 +4080,52 @@ async fn a_cluster_with_a_password_is_served_with_it_and_refused_without() {
         format!("redis-cluster://netswap-gw:gw%20pass@{nodes}"),
         &prefix,
     );
+    let untracked = at(
+        format!("redis-cluster://netswap-nocache:gw%20pass@{nodes}"),
+        &prefix,
+    );
     let (mut c, mut w, _d, p) = watched_both_ways(writer.addr(), watcher.addr()).await;
     replace_as(&mut c, p, b"authenticated", 3).await;
     changed_event(&mut w, 7, p, 3).await;
     assert_eq!(c.read(p).await, data(b"authenticated"));
     reads_come_from_the_cache(&watcher, p, b"authenticated").await;
+    // The gateway whose user may not track serves READs by loads, and asked once:
+    // not again at each look at the layout (every second).
+    let mut u = Raw::connect(untracked.addr(), 9).await;
+    for _ in 0..20 {
+        assert_eq!(u.read(p).await, data(b"authenticated"));
+    }
+    let m = scrape(untracked.metrics_addr().unwrap());
+    for r in ["hit", "fill"] {
+        let key = format!("netswap_redis_read_cache_loads_total{{result=\"{r}\"}}");
+        assert_eq!(metric(&m, &key), 0.0, "{r}");
+    }
+    let refusals = || {
+        cluster
+            .ports
+            .iter()
+            .flat_map(|&port| acl_log(&cluster.cli(port, &["ACL", "LOG"])))
+            .map(|(count, object, user)| {
+                assert_eq!(
+                    (object.as_str(), user.as_str()),
+                    ("client|tracking", "netswap-nocache"),
+                    "node refused what the gateways need"
+                );
+                count
+            })
+            .sum::<u64>()
+    };
+    eventually(
+        "CLIENT TRACKING refused",
+        Duration::from_secs(5),
+        async || refusals() > 0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(refusals(), 1, "CLIENT TRACKING asked again after a refusal");
+    for &port in &cluster.ports {
+        cluster.cli(port, &["ACL", "LOG", "RESET"]);
+    }
     // Both gateways hold leases for their clients' identities.
     let leases = || {
         cluster
@@ -4045,6 +4156,29 @@ async fn a_cluster_with_a_password_is_served_with_it_and_refused_without() {
             denied.replace('\n', " ")
         );
     }
+}
+
+/// The entries of `redis-cli ACL LOG`'s output: (count, object, username) each.
+fn acl_log(out: &str) -> Vec<(u64, String, String)> {
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    let mut entries: Vec<(u64, String, String)> = Vec::new();
+    for pair in lines.windows(2) {
+        match pair[0] {
+            "count" => entries.push((pair[1].parse().expect("a count"), "".into(), "".into())),
+            "object" => {
+                if let Some(e) = entries.last_mut() {
+                    e.1 = pair[1].to_string();
+                }
+            }
+            "username" => {
+                if let Some(e) = entries.last_mut() {
+                    e.2 = pair[1].to_string();
+                }
+            }
+            _ => {}
+        }
+    }
+    entries
 }
 
 /// The commands an ACL user of a gateway needs (docs/ARCHITECTURE.md, "Credentials").
@@ -4221,6 +4355,10 @@ async fn a_cluster_that_goes_away_gets_busy_replies_and_is_used_again_when_back(
         .unwrap();
         o.prefix = prefix;
         o.response_timeout = Duration::from_millis(500);
+        // The read cache on, as by default: a tracking connection that times out is
+        // given up, or each queued write would wait for its timeout too, and some
+        // would not be answered in time.
+        assert!(o.read_cache > 0);
         c.cluster = Some(o);
         c.identity_key = IdentityKey::new(GATEWAY_KEY);
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
@@ -4613,10 +4751,19 @@ async fn leases_are_renewed_while_the_connection_for_commands_is_stuck() {
     others
         .create(Access::READ, &b"the reaper's first round"[..])
         .await;
+    // Without the read cache: the READs of the load must go on the connection for
+    // commands, which the `redis` crate leaves stuck after a failover under load.
     let stuck = GatewayProcess::start(
         &cluster.nodes(),
         &prefix,
-        &["--lease-ttl", "6", "--orphan-grace", "2"],
+        &[
+            "--lease-ttl",
+            "6",
+            "--orphan-grace",
+            "2",
+            "--redis-read-cache",
+            "0",
+        ],
         &[("NETSWAP_FAULT_AT", "commands-stay-stuck")],
     );
     // Past a lease's TTL and the grace, twice over, after the kill.
@@ -4654,14 +4801,21 @@ async fn leases_are_renewed_while_the_connection_for_commands_is_stuck() {
     );
     // Its connection for commands still stuck, the gateway is not ready, and says so
     // on every look (its leases, renewed on their own connection, do not make it
-    // look ready between two failed rounds of its reaper).
+    // look ready between two failed rounds of its reaper). The crate's stuck
+    // connection is a race, and does not come in every run (it did not in 2 of 3 runs
+    // of the whole suite on 2026-12-07, which loads the host differently; alone, 3 of
+    // 3): when every connection was answered again, the gateway must say it is ready.
+    let expect = if stalled == 0 { 200 } else { 503 };
     let answers: Vec<u16> = (0..30)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(100));
             http_get(stuck.metrics, "/readyz").0
         })
         .collect();
-    assert!(answers.iter().all(|&a| a == 503), "/readyz: {answers:?}");
+    assert!(
+        answers.iter().all(|&a| a == expect),
+        "/readyz with {stalled} of 200 connections stalled: {answers:?}"
+    );
     assert_eq!(http_get(stuck.metrics, "/healthz").0, 200);
 }
 

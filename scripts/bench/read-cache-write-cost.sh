@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # What the read cache costs writes: REPLACE 64 B at pipeline 16 through one gateway
 # without the cache, while K = 0, 1, 3 other gateways with `--redis-read-cache` run on
-# the same prefix (idle: Redis still pushes them an invalidation per change), three
-# rounds alternating K. Prints REPLACEs/s and Redis's CPU per REPLACE (all nodes, from
-# /proc). docs/BENCHMARKS.md, "The read cache".
-# Usage: scripts/bench/read-cache-write-cost.sh CLUSTER_DIR PORT
-#   (a cluster from `scripts/redis-cluster.sh start CLUSTER_DIR PORT 3`)
+# the same prefix (idle: they read none of the records written), three rounds
+# alternating K. Prints REPLACEs/s and Redis's CPU per REPLACE (all nodes, from /proc).
+# docs/BENCHMARKS.md, "The read cache" and "Tracking what a gateway read".
+# Usage: [GW=netswap-server] scripts/bench/read-cache-write-cost.sh CLUSTER_DIR PORT
+#   (a cluster from `scripts/redis-cluster.sh start CLUSTER_DIR PORT 3`; GW: the
+#   gateway binary to measure, default this checkout's release build)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir=$1 port=$2
 cargo build --release --quiet -p netswap-server -p netswap-cli
+gw=${GW:-./target/release/netswap-server}
 S=redis-cluster://127.0.0.1:$port
 key=$(mktemp)
 head -c 32 /dev/urandom >"$key"
@@ -21,9 +23,9 @@ for k in 0 1 3; do
   pre=gc$RANDOM$RANDOM
   others=()
   for i in $(seq $k); do
-    ./target/release/netswap-server --listen 127.0.0.1:0 --identity-key "$key" --store $S --redis-prefix $pre --threads 1 --redis-read-cache 65536 >/dev/null 2>&1 & others+=($!)
+    "$gw" --listen 127.0.0.1:0 --identity-key "$key" --store $S --redis-prefix $pre --threads 1 --redis-read-cache 65536 >/dev/null 2>&1 & others+=($!)
   done
-  ./target/release/netswap-server --listen 127.0.0.1:7432 --identity-key "$key" --store $S --redis-prefix $pre --threads 1 --quota-records 100000000 >/dev/null 2>&1 & A=$!
+  "$gw" --listen 127.0.0.1:7432 --identity-key "$key" --store $S --redis-prefix $pre --threads 1 --quota-records 100000000 >/dev/null 2>&1 & A=$!
   sleep 1.5
   t0=$(ticks)
   out=$(./target/release/netswap-bench -s 127.0.0.1:7432 --json load -c 50 -P 16 -d 64 --op replace --keys 1000 --duration 4)

@@ -53,11 +53,6 @@ impl Keys {
         format!("{}:{{reap}}:lock", self.prefix)
     }
 
-    /// What every key of every record starts with (`PREFIX:{r:`).
-    pub fn records(&self) -> String {
-        format!("{}:{{r:", self.prefix)
-    }
-
     /// The `n`th key the read cache may probe for (`EXISTS`) to learn that a node
     /// still serves its slot: `PREFIX:{b:N}`, never written.
     pub fn probe(&self, n: u32) -> String {
@@ -189,8 +184,6 @@ mod tests {
         assert_eq!(keys.channel(b"ns:{r:0000000000000abc}:x"), None);
         assert_eq!(Keys::new("other").channel(k.events().as_bytes()), None);
         assert_eq!(keys.reap(), "ns:{reap}");
-        assert_eq!(keys.records(), "ns:{r:");
-        assert!(k.meta.starts_with(&keys.records()) && k.data.starts_with(&keys.records()));
         assert_eq!(keys.record_of(k.meta.as_bytes()), Some(p));
         assert_eq!(keys.record_of(k.data.as_bytes()), Some(p));
         assert_eq!(keys.record_of(k.events().as_bytes()), None);

@@ -92,6 +92,9 @@ const SHORT_LOOKS_BEFORE_RENEWAL: u64 = 2;
 const RENEW_AT_ONCE: usize = 64;
 /// Identities put on the reaper's schedule per `ZADD`.
 const SCHEDULE_AT_ONCE: usize = 512;
+/// Records a gateway's read cache holds unless told otherwise (`--redis-read-cache`):
+/// at most ~18 MiB of records of up to 1 KiB.
+pub const DEFAULT_READ_CACHE: usize = 16_384;
 
 /// Who a gateway is to Redis: the user and password of `redis-cluster://USER:PASSWORD@…`
 /// (Redis's `AUTH` on every connection to every node). Never printed: its `Debug`
@@ -180,7 +183,8 @@ pub struct ClusterOptions {
     /// takes one Redis round trip (`--redis-state-cache`); 0 = off.
     pub state_cache: usize,
     /// Small records held with their bytes and answered without a load, kept exact
-    /// by Redis's invalidations (`--redis-read-cache`, `reads`); 0 = off.
+    /// by Redis's invalidations (`--redis-read-cache`, `reads`); 0 = off. Default
+    /// [`DEFAULT_READ_CACHE`].
     pub read_cache: usize,
     /// Loads and commits that arrive together go to Redis as one pipeline per
     /// primary (`--redis-batch`, `batch.rs`).
@@ -275,7 +279,7 @@ impl ClusterOptions {
             prefix: "ns".into(),
             max_in_flight: 256,
             state_cache: 65_536,
-            read_cache: 0,
+            read_cache: DEFAULT_READ_CACHE,
             batch: true,
             topology_every: Duration::from_secs(1),
             max_reply_bytes: 1 << 30,
@@ -561,6 +565,9 @@ pub struct GatewayCounts {
     pub read_cache_barriers: u64,
     /// Held records dropped by Redis's invalidations.
     pub read_cache_invalidations: u64,
+    /// Invalidation pushes Redis sent the tracking connections (one per change of a
+    /// record this gateway read since its last change).
+    pub read_cache_pushes: u64,
     /// Writes acknowledged with fewer replicas than `--redis-wait-replicas` asked.
     pub unreplicated_writes: u64,
     /// Pipelines the batcher sent (the loads and commits of several requests).
@@ -869,6 +876,7 @@ impl ClusterStore {
                 .reads
                 .as_ref()
                 .map_or(0, |r| n(&r.counters.invalidations)),
+            read_cache_pushes: self.reads.as_ref().map_or(0, |r| n(&r.counters.pushes)),
             unreplicated_writes: n(&self.unreplicated),
             batches: self.batch.as_ref().map_or(0, |b| n(&b.counters.pipelines)),
             batched: self.batch.as_ref().map_or(0, |b| n(&b.counters.carried)),

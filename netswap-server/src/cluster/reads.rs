@@ -1,34 +1,32 @@
-//! A read cache kept exact (`--redis-read-cache N`, off by default): small records
+//! A read cache kept exact (`--redis-read-cache N`, on by default, 0 = off): small records
 //! (bytes in their state hash) held by the gateway, answered without a load, and never
 //! older than a change acknowledged before the request arrived, through any gateway.
 //!
 //! - **Tracking.** The gateway holds one connection of its own to each primary
-//!   (RESP3), with `CLIENT TRACKING ON BCAST PREFIX <prefix>:{r:`: the primary
-//!   pushes an invalidation on it for every change of a record's keys, whoever made
-//!   it. The `redis` crate hands a push to [`Entries`] in the connection's reading
-//!   task, before it reads on: every invalidation that came before a reply is
-//!   applied before the reply's caller runs.
+//!   (RESP3), with `CLIENT TRACKING ON`: Redis remembers the keys read on it and
+//!   pushes an invalidation on it for the next change of each, whoever makes it (then
+//!   forgets the key until it is read again). The `redis` crate hands a push to
+//!   [`Entries`] in the connection's reading task, before it reads on: every
+//!   invalidation that came before a reply is applied before the reply's caller runs.
 //! - **Fills.** A load of a record last seen with its bytes in its hash goes on that
-//!   connection (one `HMGET`, as a load through the connection for commands does) and
-//!   fills an entry. Before it is sent, a placeholder is put in: an invalidation of
-//!   the record takes it away, and the reply fills only if it is still there. A change
-//!   made after the `HMGET` was executed pushes its invalidation after the reply on
-//!   the same connection, so no entry is ever filled with a state older than the
-//!   last invalidation seen.
+//!   connection (one `HMGET`, as a load through the connection for commands does),
+//!   which makes Redis track the record's state hash for it, and fills an entry. Before
+//!   it is sent, a placeholder is put in: an invalidation of the record takes it away,
+//!   and the reply fills only if it is still there. A change made after the `HMGET`
+//!   was executed pushes its invalidation after the reply on the same connection, so
+//!   no entry is ever filled with a state older than the last invalidation seen. (Every
+//!   change of a record writes its state hash, also one that changes only its data
+//!   key; only records whose bytes are in the hash are held.)
 //! - **Barriers.** A hit is answered only after a barrier on the connection that
 //!   filled it: one `EXISTS` of a key on a slot of that primary, sent after the
 //!   request arrived, shared by all the hits on that primary that come while the one
 //!   before is in flight (one task sends them; hits wait on a `watch`). A change
 //!   acknowledged before the request arrived was executed by the primary before it
-//!   read the barrier, and in an earlier pass of its event loop: Redis queues a pass's
-//!   invalidations (`beforeSleep`, `trackingBroadcastInvalidationMessages`) before it
-//!   writes the pass's replies, the change's acknowledgement among them, and the
-//!   barrier was sent after that acknowledgement was out. So the invalidation is ahead
-//!   of the barrier's reply on the connection, and the entry is gone when the barrier
-//!   returns; the entry is used only if it is still there then. (A barrier read in the
-//!   same pass as a change is answered before the change's invalidation, but that
-//!   change was not acknowledged before the barrier was sent: the READ ran alongside
-//!   it.)
+//!   read the barrier, and Redis writes a tracked key's invalidation into the tracking
+//!   connection's output while it executes the change (`trackingInvalidateKey`, from
+//!   `signalModifiedKey`). So the invalidation is ahead of the barrier's reply on the
+//!   connection, and the entry is gone when the barrier returns; the entry is used
+//!   only if it is still there then.
 //! - **Only a primary vouches.** A replica applies its primary's changes later than
 //!   they were acknowledged, so the rule above does not hold for it. A barrier on a
 //!   node that is not (any more) the primary of the probed slot is answered `MOVED`
@@ -37,8 +35,10 @@
 //!   matters (test `a_read_cache_stays_exact_while_its_primary_is_made_a_replica`).
 //! - **What drops entries.** An invalidation of the record; a `FLUSHALL` (an
 //!   invalidation of everything); the connection closing (its entries go; the next
-//!   look at the layout connects again); a primary no longer serving slots (its
-//!   entries go). A barrier that fails (the node is a replica now and answers
+//!   look at the layout connects again); a barrier or fill on it that times out (the
+//!   connection is given up: the requests after it load at once instead of each
+//!   waiting for the node, and the next look connects again); a primary no longer
+//!   serving slots (its entries go). A barrier that fails (the node is a replica now and answers
 //!   `MOVED`, the slot is migrating and answers `ASK`, a timeout) is a miss: the
 //!   request loads as without the cache. Keys a slot's migration moves are deleted on
 //!   the old primary, which invalidates them there.
@@ -48,9 +48,11 @@
 //!   that window Redis Cluster also acknowledges writes on the old primary that it
 //!   then loses.
 //!
-//! What it costs: Redis pushes each change of a record's keys to every gateway with
-//! the cache on (about a `SPUBLISH` to one subscriber each), so it is worth it where
-//! records are read much more often than written.
+//! What it costs: a change of a record some gateways filled since its last change is
+//! pushed to each of them (about a `SPUBLISH` to one subscriber each; none for a record
+//! no gateway holds), and Redis keeps a table of the keys each tracking connection
+//! read (`tracking-table-max-keys` bounds it: past it Redis forgets keys at random
+//! and pushes their invalidation, which only costs the gateway a fill).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,7 +62,7 @@ use hashbrown::HashMap;
 use netswap_proto::Pointer;
 use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, RedisResult, Value};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::batch::UNKNOWN;
 use super::keys::{Keys, RecordKeys};
@@ -81,6 +83,9 @@ pub(crate) struct ReadCounters {
     pub barriers: AtomicU64,
     /// Entries (or placeholders) dropped by an invalidation.
     pub invalidations: AtomicU64,
+    /// Invalidation pushes received (Redis sends one per change of a record this
+    /// gateway read since its last change: what the cache costs Redis per write).
+    pub pushes: AtomicU64,
 }
 
 /// An entry of the cache.
@@ -192,8 +197,24 @@ impl Tracker {
     }
 }
 
+/// Whether `e` leaves a tracking connection in doubt (a timeout, the connection
+/// lost): it is then given up (`alive` cleared), so that the requests after it load
+/// at once instead of each waiting for the same timeout while the node does not
+/// answer; the next look at the layout connects again. An answer from the node (a
+/// `MOVED`, …) says nothing against the connection.
+fn gives_up(e: &redis::RedisError, alive: &AtomicBool) {
+    if e.code().is_none() {
+        alive.store(false, Ordering::Release);
+    }
+}
+
 /// Sends `b`'s barriers on `conn`, one at a time, as hits want them.
-async fn drive(b: Arc<Barriers>, conn: MultiplexedConnection, counters: Arc<ReadCounters>) {
+async fn drive(
+    b: Arc<Barriers>,
+    conn: MultiplexedConnection,
+    alive: Arc<AtomicBool>,
+    counters: Arc<ReadCounters>,
+) {
     loop {
         while b.wanted.load(Ordering::SeqCst) <= b.sent.load(Ordering::SeqCst) {
             b.wake.notified().await;
@@ -205,6 +226,9 @@ async fn drive(b: Arc<Barriers>, conn: MultiplexedConnection, counters: Arc<Read
         let probe = lock(&b.probe).clone();
         let mut c = conn.clone();
         let r: RedisResult<Value> = redis::cmd("EXISTS").arg(probe).query_async(&mut c).await;
+        if let Err(e) = &r {
+            gives_up(e, &alive);
+        }
         b.done.send_replace((n, r.is_ok()));
     }
 }
@@ -218,6 +242,14 @@ fn probe_key(keys: &Keys, slots: &[u16], i: usize) -> Option<String> {
     (0u32..)
         .map(|n| keys.probe(n))
         .find(|k| slots.get(redis_io::slot_of(k) as usize) == Some(&(i as u16)))
+}
+
+/// Why a tracking connection was not made.
+enum Tracking {
+    /// The node refused `CLIENT TRACKING` (`NOPERM`; `ERR`: a Redis without it).
+    Refused(redis::RedisError),
+    /// Connecting failed (the node is down, a timeout, …): the next look tries again.
+    Failed(redis::RedisError),
 }
 
 /// Which tracking connection serves each slot.
@@ -238,6 +270,9 @@ pub(crate) struct ReadCache {
     next_tracker: AtomicU64,
     /// Held by the look at the layout that is following it ([`ReadCache::follow`]).
     following: tokio::sync::Mutex<()>,
+    /// Set when a primary refused `CLIENT TRACKING` (an ACL user without it): the
+    /// cache stays off for the gateway's life instead of trying every second.
+    refused: AtomicBool,
 }
 
 impl ReadCache {
@@ -254,6 +289,7 @@ impl ReadCache {
             counters: Arc::default(),
             next_tracker: AtomicU64::new(1),
             following: tokio::sync::Mutex::new(()),
+            refused: AtomicBool::new(false),
         }
     }
 
@@ -264,6 +300,10 @@ impl ReadCache {
             Some(Entry::Ready { token, tracker, .. }) => (*token, tracker.clone()),
             _ => return None,
         };
+        if !tracker.alive.load(Ordering::Acquire) {
+            // Given up (`gives_up`): no barrier to wait for.
+            return None;
+        }
         let current = tracker.barrier().await;
         let rec = match lock(&self.entries).map.get(&ptr) {
             Some(Entry::Ready { token: t, rec, .. }) if current && *t == token => {
@@ -312,6 +352,9 @@ impl ReadCache {
         };
         let mut conn = tracker.conn.clone();
         let reply: RedisResult<Value> = redis_io::hash_load_command(k).query_async(&mut conn).await;
+        if let Err(e) = &reply {
+            gives_up(e, &tracker.alive);
+        }
         let mut entries = lock(&self.entries);
         let still =
             matches!(entries.map.get(&ptr), Some(Entry::Filling { token: t, .. }) if *t == token);
@@ -360,6 +403,9 @@ impl ReadCache {
         let Ok(_turn) = self.following.try_lock() else {
             return;
         };
+        if self.refused.load(Ordering::Relaxed) {
+            return;
+        }
         let (slots, ids) = super::batch::primaries_by_id(nodes_text);
         let known: Vec<Option<Arc<Tracker>>> = {
             let layout = lock(&self.layout);
@@ -386,7 +432,19 @@ impl ReadCache {
                 None => match addresses.get(id) {
                     Some((host, port)) => match self.track(opts, id, host, *port).await {
                         Ok(t) => Some(t),
-                        Err(e) => {
+                        Err(Tracking::Refused(e)) => {
+                            warn!(
+                                node = %id,
+                                error = %e,
+                                "Redis refused CLIENT TRACKING (an ACL user needs +client or \
+                                 +@connection): the read cache is off, READs load"
+                            );
+                            self.refused.store(true, Ordering::Relaxed);
+                            *lock(&self.layout) = Layout::default();
+                            lock(&self.entries).map.clear();
+                            return;
+                        }
+                        Err(Tracking::Failed(e)) => {
                             debug!(node = %id, error = %e, "no tracking connection; next look");
                             None
                         }
@@ -420,7 +478,7 @@ impl ReadCache {
         node: &str,
         host: &str,
         port: u16,
-    ) -> RedisResult<Arc<Tracker>> {
+    ) -> Result<Arc<Tracker>, Tracking> {
         let id = self.next_tracker.fetch_add(1, Ordering::Relaxed);
         let alive = Arc::new(AtomicBool::new(true));
         let pushes = {
@@ -434,6 +492,7 @@ impl ReadCache {
                 };
                 match info.kind {
                     PushKind::Invalidate => {
+                        counters.pushes.fetch_add(1, Ordering::Relaxed);
                         let mut entries = lock(&entries);
                         match info.data.first() {
                             Some(Value::Array(keys_changed)) => {
@@ -463,22 +522,29 @@ impl ReadCache {
                 Ok(())
             }
         };
-        let client = super::node_client(opts, host, port)?;
+        let client = super::node_client(opts, host, port).map_err(Tracking::Failed)?;
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(opts.response_timeout))
             .set_push_sender(pushes);
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+            .await
+            .map_err(Tracking::Failed)?;
+        // Not `BCAST`: Redis then pushes a change only to the connections that read
+        // the key since its last change (the fills), not to every gateway with the
+        // cache for every write (docs/BENCHMARKS.md, "Tracking what a gateway read").
         let () = redis::cmd("CLIENT")
             .arg("TRACKING")
             .arg("ON")
-            .arg("BCAST")
-            .arg("PREFIX")
-            .arg(self.keys.records())
             .query_async(&mut conn)
-            .await?;
+            .await
+            .map_err(|e| match e.code() {
+                // The node said no, and will say so again (not a passing state of
+                // its own, as `LOADING` or `BUSY` are).
+                Some("NOPERM" | "ERR") => Tracking::Refused(e),
+                _ => Tracking::Failed(e),
+            })?;
         debug!(node, host, port, "tracking connection made");
         let barriers = Arc::new(Barriers {
             sent: AtomicU64::new(0),
@@ -487,7 +553,12 @@ impl ReadCache {
             done: tokio::sync::watch::Sender::new((0, false)),
             probe: Mutex::default(),
         });
-        let driver = tokio::spawn(drive(barriers.clone(), conn.clone(), self.counters.clone()));
+        let driver = tokio::spawn(drive(
+            barriers.clone(),
+            conn.clone(),
+            alive.clone(),
+            self.counters.clone(),
+        ));
         Ok(Arc::new(Tracker {
             id,
             node: node.to_string(),
