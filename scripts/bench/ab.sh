@@ -8,7 +8,8 @@
 # With `hol ARGS...` instead of load arguments it runs `netswap-bench hol ARGS...` and
 # compares the p99 of the small reads (lower is better) instead of ops/s, e.g.
 #   scripts/bench/ab.sh A B 7 hol --big 67108864 --direction write --reads 200
-# AB_THREADS=N runs both servers with --threads N (default 1).
+# AB_THREADS=N runs both servers with --threads N (default 1); AB_A_THREADS /
+# AB_B_THREADS set it for one side.
 # AB_A_ARGS / AB_B_ARGS: more server flags for A / B (the same binary twice compares
 # two settings), e.g. AB_B_ARGS="--redis-read-cache 65536".
 # AB_STORE=redis-cluster://HOST:PORT,... runs both as gateways on that cluster (start
@@ -32,14 +33,14 @@ pid=
 source scripts/bench/lib.sh
 for run in $(seq "$runs"); do
   for side in A B; do
-    bin=$a extra=${AB_A_ARGS:-}
-    [ "$side" = B ] && bin=$b extra=${AB_B_ARGS:-}
+    bin=$a extra=${AB_A_ARGS:-} threads=${AB_A_THREADS:-${AB_THREADS:-1}}
+    [ "$side" = B ] && bin=$b extra=${AB_B_ARGS:-} threads=${AB_B_THREADS:-${AB_THREADS:-1}}
     store=()
     if [ -n "${AB_STORE:-}" ]; then
       [ -f "$tmp/key" ] || head -c 32 /dev/urandom >"$tmp/key"
       store=(--store "$AB_STORE" --identity-key "$tmp/key" --redis-prefix "ab$RANDOM$RANDOM")
     fi
-    start "$bin" --listen 127.0.0.1:0 --threads "${AB_THREADS:-1}" --quota-records 100000000 \
+    start "$bin" --listen 127.0.0.1:0 --threads "$threads" --quota-records 100000000 \
       --quota-bytes 68719476736 "${store[@]}" $extra
     "$bench" -s "$addr" --json "$mode" "$@" >"$tmp/r.json"
     kill "$pid"

@@ -38,10 +38,10 @@
 //!   look at the layout connects again); a barrier or fill on it that times out (the
 //!   connection is given up: the requests after it load at once instead of each
 //!   waiting for the node, and the next look connects again); a primary no longer
-//!   serving slots (its entries go). A barrier that fails (the node is a replica now and answers
-//!   `MOVED`, the slot is migrating and answers `ASK`, a timeout) is a miss: the
-//!   request loads as without the cache. Keys a slot's migration moves are deleted on
-//!   the old primary, which invalidates them there.
+//!   serving slots (its entries go). A barrier that fails (the node is a replica now
+//!   and answers `MOVED`, the slot is migrating and answers `ASK`, a timeout) is a
+//!   miss: the request loads as without the cache. Keys a slot's migration moves are
+//!   deleted on the old primary, which invalidates them there.
 //! - **The window Redis Cluster has itself.** A primary cut off from the rest of the
 //!   cluster, but not from this gateway, answers barriers until it notices (the
 //!   cluster's node timeout), while its replica may already acknowledge changes; in
