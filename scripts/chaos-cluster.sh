@@ -27,9 +27,8 @@
 # NETSWAP_CHAOS_WAIT_REPLICAS=0 runs the gateways without `WAIT` (Redis's asynchronous
 # replication may then lose acknowledged writes in a failover: mismatches expected).
 # NETSWAP_CHAOS_GATEWAYS=1 runs one gateway (and kills none).
-# NETSWAP_CHAOS_READ_CACHE=N runs the gateways with --redis-read-cache N (0: without the
-# read cache, which is on by default; reads served from the cache must stay exact
-# through the failovers and the resharding).
+# NETSWAP_CHAOS_READ_CACHE=N runs the gateways with --redis-read-cache N (reads served
+# from the cache must stay exact through the failovers and the resharding).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}

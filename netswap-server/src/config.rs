@@ -178,8 +178,9 @@ pub struct Args {
     /// invalidations (CLIENT TRACKING): a READ never sees a state older than a change
     /// acknowledged before it arrived, through any gateway. A change of a record costs
     /// Redis a push to each gateway that read it since its last change; at most
-    /// N x ~1.1 KiB of memory. 0 = off (docs/ARCHITECTURE.md).
-    #[arg(long, env = "NETSWAP_REDIS_READ_CACHE", default_value_t = crate::cluster::DEFAULT_READ_CACHE)]
+    /// N x ~1.1 KiB of memory. It pays where the records read fit in it: past that,
+    /// its fills cost more than the loads they replace. 0 = off (docs/ARCHITECTURE.md).
+    #[arg(long, env = "NETSWAP_REDIS_READ_CACHE", default_value_t = 0)]
     pub redis_read_cache: usize,
 
     /// With Redis Cluster: bytes of records this gateway holds, across its

@@ -18,8 +18,7 @@
 # Usage: ./scripts/bench/cluster.sh [RUNS] [SECONDS]
 # NETSWAP_GATEWAY_FEATURES=mimalloc builds the gateway with that feature.
 # NETSWAP_GATEWAY_THREADS=N runs the gateway with N worker threads (default 1).
-# NETSWAP_GATEWAY_ARGS="..." gives the gateway more flags (e.g. --redis-read-cache 0: without
-# the read cache, which is on by default).
+# NETSWAP_GATEWAY_ARGS="..." gives the gateway more flags (e.g. --redis-read-cache 65536).
 # NETSWAP_BENCH_PIN=1 gives the cluster a core of its own: the six Redis nodes on CPU 0,
 # the gateway and every load generator on CPU 1 (`taskset`), so that the cluster has
 # the same CPU in both columns and the ratio is Redis's cost per operation through

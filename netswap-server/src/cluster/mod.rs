@@ -92,9 +92,6 @@ const SHORT_LOOKS_BEFORE_RENEWAL: u64 = 2;
 const RENEW_AT_ONCE: usize = 64;
 /// Identities put on the reaper's schedule per `ZADD`.
 const SCHEDULE_AT_ONCE: usize = 512;
-/// Records a gateway's read cache holds unless told otherwise (`--redis-read-cache`):
-/// at most ~18 MiB of records of up to 1 KiB.
-pub const DEFAULT_READ_CACHE: usize = 16_384;
 
 /// Who a gateway is to Redis: the user and password of `redis-cluster://USER:PASSWORD@…`
 /// (Redis's `AUTH` on every connection to every node). Never printed: its `Debug`
@@ -183,8 +180,8 @@ pub struct ClusterOptions {
     /// takes one Redis round trip (`--redis-state-cache`); 0 = off.
     pub state_cache: usize,
     /// Small records held with their bytes and answered without a load, kept exact
-    /// by Redis's invalidations (`--redis-read-cache`, `reads`); 0 = off. Default
-    /// [`DEFAULT_READ_CACHE`].
+    /// by Redis's invalidations (`--redis-read-cache`, `reads`); 0 = off (the
+    /// default).
     pub read_cache: usize,
     /// Loads and commits that arrive together go to Redis as one pipeline per
     /// primary (`--redis-batch`, `batch.rs`).
@@ -279,7 +276,7 @@ impl ClusterOptions {
             prefix: "ns".into(),
             max_in_flight: 256,
             state_cache: 65_536,
-            read_cache: DEFAULT_READ_CACHE,
+            read_cache: 0,
             batch: true,
             topology_every: Duration::from_secs(1),
             max_reply_bytes: 1 << 30,

@@ -1,4 +1,4 @@
-//! A read cache kept exact (`--redis-read-cache N`, on by default, 0 = off): small records
+//! A read cache kept exact (`--redis-read-cache N`, off by default): small records
 //! (bytes in their state hash) held by the gateway, answered without a load, and never
 //! older than a change acknowledged before the request arrived, through any gateway.
 //!

@@ -60,7 +60,7 @@ pub fn cluster_options(prefix: &str) -> netswap_server::ClusterOptions {
     let mut o = netswap_server::ClusterOptions::parse(&format!("redis-cluster://{nodes}")).unwrap();
     o.prefix = prefix.to_string();
     o.lease_ttl = Duration::from_secs(2);
-    // Without the read cache (on by default), so that every READ of these tests goes
+    // Without the read cache (the default), so that every READ of these tests goes
     // through a load; the cache's tests turn it on (`Backend::ClusterReadCache`,
     // `read_cached` in tests/cluster.rs).
     o.read_cache = 0;
