@@ -396,6 +396,7 @@ impl Server {
                 barriers = g.read_cache_barriers,
                 invalidations = g.read_cache_invalidations,
                 pushes = g.read_cache_pushes,
+                bypassed = g.read_cache_bypassed,
                 "read cache"
             );
         }

@@ -593,12 +593,13 @@ impl Collector for HubCollector {
             counters_by(
                 &mut e,
                 "netswap_redis_read_cache_loads",
-                "Loads by how the read cache (--redis-read-cache) served them: hit (answered from it after a barrier), fill (loaded on a tracking connection, filling it), missed (held, but its barrier failed or it was invalidated meanwhile: loaded).",
+                "Loads by how the read cache (--redis-read-cache) served them: hit (answered from it after a barrier), fill (loaded on a tracking connection, filling it), missed (held, but its barrier failed or it was invalidated meanwhile: loaded), bypassed (could have filled it, but the cache served few hits: loaded as without it).",
                 "result",
                 &[
                     ("hit", g.read_cache_hits),
                     ("fill", g.read_cache_fills),
                     ("missed", g.read_cache_missed_at_barrier),
+                    ("bypassed", g.read_cache_bypassed),
                 ],
             )?;
             counter(

@@ -565,6 +565,8 @@ pub struct GatewayCounts {
     /// Invalidation pushes Redis sent the tracking connections (one per change of a
     /// record this gateway read since its last change).
     pub read_cache_pushes: u64,
+    /// Loads that could have filled the read cache but did not (it served few hits).
+    pub read_cache_bypassed: u64,
     /// Writes acknowledged with fewer replicas than `--redis-wait-replicas` asked.
     pub unreplicated_writes: u64,
     /// Pipelines the batcher sent (the loads and commits of several requests).
@@ -874,6 +876,7 @@ impl ClusterStore {
                 .as_ref()
                 .map_or(0, |r| n(&r.counters.invalidations)),
             read_cache_pushes: self.reads.as_ref().map_or(0, |r| n(&r.counters.pushes)),
+            read_cache_bypassed: self.reads.as_ref().map_or(0, |r| n(&r.counters.bypassed)),
             unreplicated_writes: n(&self.unreplicated),
             batches: self.batch.as_ref().map_or(0, |b| n(&b.counters.pipelines)),
             batched: self.batch.as_ref().map_or(0, |b| n(&b.counters.carried)),

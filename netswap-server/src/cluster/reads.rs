@@ -86,6 +86,9 @@ pub(crate) struct ReadCounters {
     /// Invalidation pushes received (Redis sends one per change of a record this
     /// gateway read since its last change: what the cache costs Redis per write).
     pub pushes: AtomicU64,
+    /// Loads that could have filled an entry but did not, the cache serving few
+    /// hits ([`ReadCache::admits`]).
+    pub bypassed: AtomicU64,
 }
 
 /// An entry of the cache.
@@ -144,17 +147,60 @@ pub(crate) struct Tracker {
     id: u64,
     /// The primary's id.
     node: String,
-    conn: MultiplexedConnection,
     /// Cleared when the connection closes (its push handler sees it go).
     alive: Arc<AtomicBool>,
     barriers: Arc<Barriers>,
-    /// The task that sends the barriers (aborted with the tracker).
-    driver: tokio::task::JoinHandle<()>,
+    fills: Arc<Fills>,
+    /// The tasks that send the barriers and the fills (aborted with the tracker).
+    drivers: [tokio::task::JoinHandle<()>; 2],
 }
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        self.driver.abort();
+        for d in &self.drivers {
+            d.abort();
+        }
+    }
+}
+
+/// A tracking connection's fills waiting to be sent: the ones that come in one pass
+/// go to Redis as one pipeline (sent alone, each was a write and a read of its own
+/// for Redis: READs of 100,000 records through 16,384 entries, mostly fills, were
+/// 0.80× of the same gateway without the cache at pipeline 1).
+#[derive(Default)]
+struct Fills {
+    waiting: Mutex<Vec<(redis::Cmd, tokio::sync::oneshot::Sender<Option<Value>>)>>,
+    wake: tokio::sync::Notify,
+}
+
+/// Sends `f`'s fills on `conn`, those that wait together as one pipeline; each gets
+/// its reply, or `None` (an error: it loads as without the cache).
+async fn drive_fills(f: Arc<Fills>, conn: MultiplexedConnection, alive: Arc<AtomicBool>) {
+    loop {
+        f.wake.notified().await;
+        // The fills ready in this pass of the event loop join.
+        tokio::task::yield_now().await;
+        let batch = std::mem::take(&mut *lock(&f.waiting));
+        if batch.is_empty() {
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (cmd, _) in &batch {
+            pipe.add_command(cmd.clone());
+        }
+        let mut c = conn.clone();
+        let replies: RedisResult<Vec<Value>> = pipe.query_async(&mut c).await;
+        match replies {
+            Ok(replies) if replies.len() == batch.len() => {
+                for ((_, tx), reply) in batch.into_iter().zip(replies) {
+                    let ok = !matches!(reply, Value::ServerError(_));
+                    let _ = tx.send(ok.then_some(reply));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => gives_up(&e, &alive),
+        }
     }
 }
 
@@ -273,7 +319,21 @@ pub(crate) struct ReadCache {
     /// Set when a primary refused `CLIENT TRACKING` (an ACL user without it): the
     /// cache stays off for the gateway's life instead of trying every second.
     refused: AtomicBool,
+    /// Loads that could fill an entry, and hits, in the current admission window.
+    window_misses: AtomicU64,
+    window_hits: AtomicU64,
+    /// The last window served fewer hits than half its loads that could fill: fill
+    /// only one in [`SPARSE_FILLS`] of them.
+    sparse: AtomicBool,
 }
+
+/// Loads that could fill an entry per admission window ([`ReadCache::admits`]).
+const ADMISSION_WINDOW: u64 = 4096;
+/// While the cache serves few hits, one in this many of those loads fills (a fill
+/// costs more than a load: it goes on the tracking connection, and Redis tracks the
+/// key; READs of 100,000 records through 16,384 entries, 16% hits, were 0.85× of
+/// the same gateway without the cache at pipeline 1 when all filled).
+const SPARSE_FILLS: u64 = 8;
 
 impl ReadCache {
     /// A cache of at most `capacity` records.
@@ -290,6 +350,9 @@ impl ReadCache {
             next_tracker: AtomicU64::new(1),
             following: tokio::sync::Mutex::new(()),
             refused: AtomicBool::new(false),
+            window_misses: AtomicU64::new(0),
+            window_hits: AtomicU64::new(0),
+            sparse: AtomicBool::new(false),
         }
     }
 
@@ -317,7 +380,26 @@ impl ReadCache {
             }
         };
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        self.window_hits.fetch_add(1, Ordering::Relaxed);
         Some(rec)
+    }
+
+    /// Whether a load that could fill an entry does (see [`ADMISSION_WINDOW`]): all
+    /// do while the cache serves at least one hit per two of them, one in
+    /// [`SPARSE_FILLS`] otherwise (the others load as without the cache, counted
+    /// `bypassed`).
+    fn admits(&self) -> bool {
+        let n = self.window_misses.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= ADMISSION_WINDOW {
+            self.window_misses.store(0, Ordering::Relaxed);
+            let hits = self.window_hits.swap(0, Ordering::Relaxed);
+            self.sparse.store(hits * 2 < n, Ordering::Relaxed);
+        }
+        if self.sparse.load(Ordering::Relaxed) && !n.is_multiple_of(SPARSE_FILLS) {
+            self.counters.bypassed.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     /// Loads `ptr`, whose bytes were last seen in its state hash, on the tracking
@@ -339,7 +421,7 @@ impl ReadCache {
             }
             layout.trackers.get(i as usize)?.clone()?
         };
-        if !tracker.alive.load(Ordering::Acquire) {
+        if !tracker.alive.load(Ordering::Acquire) || !self.admits() {
             return None;
         }
         self.counters.fills.fetch_add(1, Ordering::Relaxed);
@@ -350,16 +432,16 @@ impl ReadCache {
             entries.put(ptr, Entry::Filling { token, tracker });
             token
         };
-        let mut conn = tracker.conn.clone();
-        let reply: RedisResult<Value> = redis_io::hash_load_command(k).query_async(&mut conn).await;
-        if let Err(e) = &reply {
-            gives_up(e, &tracker.alive);
-        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&tracker.fills.waiting).push((redis_io::hash_load_command(k), tx));
+        tracker.fills.wake.notify_one();
+        // `None`: an error (the fill's, or the whole pipeline's: see `drive_fills`).
+        let reply = rx.await.ok().flatten();
         let mut entries = lock(&self.entries);
         let still =
             matches!(entries.map.get(&ptr), Some(Entry::Filling { token: t, .. }) if *t == token);
         let found = match reply.map(redis_io::hash_load_whole) {
-            Ok(Ok(Some(found))) => found,
+            Some(Ok(Some(found))) => found,
             // A redirection (the node is not the slot's primary now), a timeout, or
             // bytes not in the hash: the usual load answers.
             _ => {
@@ -553,19 +635,23 @@ impl ReadCache {
             done: tokio::sync::watch::Sender::new((0, false)),
             probe: Mutex::default(),
         });
-        let driver = tokio::spawn(drive(
-            barriers.clone(),
-            conn.clone(),
-            alive.clone(),
-            self.counters.clone(),
-        ));
+        let fills = Arc::new(Fills::default());
+        let drivers = [
+            tokio::spawn(drive(
+                barriers.clone(),
+                conn.clone(),
+                alive.clone(),
+                self.counters.clone(),
+            )),
+            tokio::spawn(drive_fills(fills.clone(), conn.clone(), alive.clone())),
+        ];
         Ok(Arc::new(Tracker {
             id,
             node: node.to_string(),
-            conn,
             alive,
             barriers,
-            driver,
+            fills,
+            drivers,
         }))
     }
 }
@@ -573,6 +659,26 @@ impl ReadCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fills_are_sparse_while_the_cache_serves_few_hits() {
+        let cache = ReadCache::new(16, Keys::new("ns"));
+        let admitted = |n: u64| (0..n).filter(|_| cache.admits()).count();
+        // No hits in the first window: all fill, then one in SPARSE_FILLS.
+        assert_eq!(admitted(ADMISSION_WINDOW), ADMISSION_WINDOW as usize);
+        let sparse = admitted(ADMISSION_WINDOW);
+        assert_eq!(sparse, (ADMISSION_WINDOW / SPARSE_FILLS) as usize);
+        assert_eq!(
+            cache.counters.bypassed.load(Ordering::Relaxed),
+            ADMISSION_WINDOW - sparse as u64
+        );
+        // A window with a hit per two such loads: all fill again.
+        cache
+            .window_hits
+            .fetch_add(ADMISSION_WINDOW / 2, Ordering::Relaxed);
+        admitted(ADMISSION_WINDOW);
+        assert_eq!(admitted(ADMISSION_WINDOW), ADMISSION_WINDOW as usize);
+    }
 
     #[test]
     fn probe_keys_hash_to_a_slot_of_their_primary() {
