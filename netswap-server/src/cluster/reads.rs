@@ -16,7 +16,10 @@
 //!   was executed pushes its invalidation after the reply on the same connection, so
 //!   no entry is ever filled with a state older than the last invalidation seen. (Every
 //!   change of a record writes its state hash, also one that changes only its data
-//!   key; only records whose bytes are in the hash are held.)
+//!   key; only records whose bytes are in the hash are held.) The fills of one pass go
+//!   as one pipeline (the crate hands the pushes between its replies over before the
+//!   pipeline's reply, so a fill is only the more careful for it). While the cache
+//!   serves few hits, only some loads fill ([`ReadCache::admits`]).
 //! - **Barriers.** A hit is answered only after a barrier on the connection that
 //!   filled it: one `EXISTS` of a key on a slot of that primary, sent after the
 //!   request arrived, shared by all the hits on that primary that come while the one
