@@ -40,7 +40,7 @@ const SLOTS: usize = 16_384;
 pub(crate) const UNKNOWN: u16 = u16::MAX;
 /// Entries (loads or commits) per pipeline at most: bounds one pipeline's size when
 /// very many requests arrive at once.
-const MAX_GROUP: usize = 256;
+pub(crate) const MAX_GROUP: usize = 256;
 
 /// What an entry gets back: its commands' replies, or `None`: send again alone.
 type Answer = Option<RedisResult<Vec<Value>>>;

@@ -183,7 +183,15 @@ async fn drive_fills(f: Arc<Fills>, conn: MultiplexedConnection, alive: Arc<Atom
         f.wake.notified().await;
         // The fills ready in this pass of the event loop join.
         tokio::task::yield_now().await;
-        let batch = std::mem::take(&mut *lock(&f.waiting));
+        // At most `MAX_GROUP` per pipeline, as the batcher's; the rest go next.
+        let batch: Vec<_> = {
+            let mut waiting = lock(&f.waiting);
+            let n = waiting.len().min(super::batch::MAX_GROUP);
+            if waiting.len() > n {
+                f.wake.notify_one();
+            }
+            waiting.drain(..n).collect()
+        };
         if batch.is_empty() {
             continue;
         }
@@ -322,9 +330,10 @@ pub(crate) struct ReadCache {
     /// Set when a primary refused `CLIENT TRACKING` (an ACL user without it): the
     /// cache stays off for the gateway's life instead of trying every second.
     refused: AtomicBool,
-    /// Loads that could fill an entry, and hits, in the current admission window.
+    /// Loads that could fill an entry in the current admission window, and the hits
+    /// counted when it began.
     window_misses: AtomicU64,
-    window_hits: AtomicU64,
+    window_start_hits: AtomicU64,
     /// The last window served fewer hits than half its loads that could fill: fill
     /// only one in [`SPARSE_FILLS`] of them.
     sparse: AtomicBool,
@@ -354,7 +363,7 @@ impl ReadCache {
             following: tokio::sync::Mutex::new(()),
             refused: AtomicBool::new(false),
             window_misses: AtomicU64::new(0),
-            window_hits: AtomicU64::new(0),
+            window_start_hits: AtomicU64::new(0),
             sparse: AtomicBool::new(false),
         }
     }
@@ -383,7 +392,6 @@ impl ReadCache {
             }
         };
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        self.window_hits.fetch_add(1, Ordering::Relaxed);
         Some(rec)
     }
 
@@ -395,7 +403,8 @@ impl ReadCache {
         let n = self.window_misses.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= ADMISSION_WINDOW {
             self.window_misses.store(0, Ordering::Relaxed);
-            let hits = self.window_hits.swap(0, Ordering::Relaxed);
+            let now = self.counters.hits.load(Ordering::Relaxed);
+            let hits = now - self.window_start_hits.swap(now, Ordering::Relaxed);
             self.sparse.store(hits * 2 < n, Ordering::Relaxed);
         }
         if self.sparse.load(Ordering::Relaxed) && !n.is_multiple_of(SPARSE_FILLS) {
@@ -677,7 +686,8 @@ mod tests {
         );
         // A window with a hit per two such loads: all fill again.
         cache
-            .window_hits
+            .counters
+            .hits
             .fetch_add(ADMISSION_WINDOW / 2, Ordering::Relaxed);
         admitted(ADMISSION_WINDOW);
         assert_eq!(admitted(ADMISSION_WINDOW), ADMISSION_WINDOW as usize);
