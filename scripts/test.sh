@@ -77,7 +77,8 @@ stop_cluster() {
   exit "$status"
 }
 trap stop_cluster EXIT
-# A free base port: the tests' own clusters pick theirs at random in 20000-29999.
+# A free base port (the tests' own clusters pick free ones at random in 12000-21999,
+# which skip those in use).
 base=17000
 while redis-cli -p $base PING >/dev/null 2>&1; do base=$((base + 10)); done
 NETSWAP_TEST_REDIS_CLUSTER=$(scripts/redis-cluster.sh start "$cluster_dir" $base 3)

@@ -66,6 +66,8 @@ struct GatewayProcess {
     child: Child,
     addr: SocketAddr,
     metrics: SocketAddr,
+    /// Its standard error (removed when dropped).
+    log: std::path::PathBuf,
 }
 
 impl GatewayProcess {
@@ -94,8 +96,10 @@ impl GatewayProcess {
             .arg(&key)
             .args(["--redis-prefix", prefix])
             .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stdout(Stdio::piped());
+        // Its log, kept to say why it did not start (each gateway has its own).
+        let log = std::env::temp_dir().join(format!("netswap-gw-log-{}-{n}", std::process::id()));
+        cmd.stderr(std::fs::File::create(&log).unwrap());
         if !extra.contains(&"--lease-ttl") {
             cmd.args(["--lease-ttl", "2"]);
         }
@@ -111,18 +115,25 @@ impl GatewayProcess {
             &mut line,
         )
         .unwrap();
+        // Read at start (each gateway has its own file: tests run in parallel).
+        let _ = std::fs::remove_file(&key);
         let addr = line
             .trim()
             .strip_prefix("netswap-server listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .unwrap_or_else(|| {
+                let _ = child.wait();
+                panic!(
+                    "unexpected first line {line:?}; the gateway's log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
             .parse()
             .unwrap();
-        // Read at start (each gateway has its own file: tests run in parallel).
-        let _ = std::fs::remove_file(&key);
         GatewayProcess {
             child,
             addr,
             metrics,
+            log,
         }
     }
 
@@ -173,6 +184,7 @@ impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

@@ -215,7 +215,8 @@ pub(crate) fn unavailable(e: &RedisError) -> Reply {
 }
 
 /// Runs `script` with `keys` and `args`: `EVALSHA` to the primary of the first key's
-/// slot (loading the script there first if it does not know it yet).
+/// slot, or to any primary for a script without keys (loading the script there first
+/// if it does not know it yet).
 ///
 /// Built here rather than with `Script::prepare_invoke`, which copies every argument
 /// twice more before sending (a REPLACE's data among them), and whose cluster call
@@ -236,17 +237,17 @@ async fn run_once(
     keys: &[&str],
     args: &[&[u8]],
 ) -> RedisResult<Value> {
-    let Some(first) = keys.first() else {
-        return script
-            .prepare_invoke()
-            .invoke_async(&mut conn.clone())
-            .await;
-    };
+    // A script without keys (the clock) goes to any primary. Without a route the
+    // client library may pick a replica and, on `NOSCRIPT`, load the script there:
+    // scripts belong on primaries only (a promoted replica gets them from the
+    // gateway that sees it promoted, `load_scripts_on`).
     let route = || {
-        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
-            first,
-            SlotAddr::Master,
-        )))
+        RoutingInfo::SingleNode(match keys.first() {
+            Some(first) => {
+                SingleNodeRoutingInfo::SpecificNode(Route::with_key(first, SlotAddr::Master))
+            }
+            None => SingleNodeRoutingInfo::RandomPrimary,
+        })
     };
     let evalsha = || evalsha(script, keys, args);
     let mut sent_at = Instant::now();

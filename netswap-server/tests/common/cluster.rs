@@ -43,12 +43,22 @@ const HOSTNAMES: &str =
     "--cluster-announce-hostname localhost --cluster-preferred-endpoint-type hostname";
 
 fn free_port_pair() -> u16 {
-    // The cluster bus listens on port + 10000.
+    // Ports handed out before, by this test process: a port is free between the
+    // probe and the node's bind, so two clusters started together (or two nodes of
+    // one) could be given the same one. The second node then fails to bind, its
+    // watchdog writes its pid over the first's, and the first outlives the test.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    // The cluster bus listens on port + 10000. Both stay under Linux's ephemeral
+    // range (32768 and up), where the port of an outgoing connection could take
+    // them between the probe and the bind.
     loop {
-        let p = 20000 + (rand::random::<u16>() % 10000);
-        if TcpListener::bind(("127.0.0.1", p)).is_ok()
+        let p = 12000 + (rand::random::<u16>() % 10000);
+        if !given.contains(&p)
+            && TcpListener::bind(("127.0.0.1", p)).is_ok()
             && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok()
         {
+            given.push(p);
             return p;
         }
     }
