@@ -2360,6 +2360,143 @@ async fn a_read_cache_follows_lost_tracking_connections_and_failovers() {
     tokio::task::block_in_place(|| cluster.restart_killed(false));
 }
 
+/// A primary that stops answering (SIGSTOP, as behind a partition) holds up only the
+/// READs of its own records, and only until the barrier on its tracking connection
+/// times out: the cache goes on answering the records of the other primaries from
+/// the start, while the gateway's looks at the layout try to connect to the frozen
+/// one again. Through its replica's takeover and its own return as a replica, reads
+/// after acknowledged writes stay exact, and the cache serves its records again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_cache_keeps_serving_while_a_primary_does_not_answer() {
+    logs_from_env();
+    let mut cluster = RedisCluster::start(3, 1, false);
+    let (a, prefix) = gateway_on(&cluster, read_cached);
+    let b = gateway_at(&cluster, &prefix, |c| {
+        c.cluster.as_mut().expect("a gateway").wait_replicas = 1;
+    });
+    let m = a.metrics_addr().unwrap();
+    let hits = || read_cache_hits(m);
+    let mut writer = Raw::connect(b.addr(), 2).await;
+    let mut reader = Raw::connect(a.addr(), 3).await;
+    // A record on each primary.
+    let primaries = cluster.primaries();
+    let mut on: Vec<(u16, Pointer)> = Vec::new();
+    while on.len() < primaries.len() {
+        let p = writer
+            .create(
+                Access::READ | Access::WRITE,
+                Bytes::copy_from_slice(&0u64.to_be_bytes()),
+            )
+            .await;
+        let port = cluster.primary_of(&format!("{prefix}:{{r:{p}}}:m"));
+        if !on.iter().any(|(q, _)| *q == port) {
+            on.push((port, p));
+        }
+    }
+    for &(_, p) in &on {
+        reads_come_from_the_cache(&a, p, &0u64.to_be_bytes()).await;
+    }
+    let (frozen, p0) = on[0];
+    let others: Vec<Pointer> = on[1..].iter().map(|(_, p)| *p).collect();
+    // Connected first: a connection's first request takes its identity's lease,
+    // which may live on the primary about to be frozen.
+    let mut stuck = Raw::connect(a.addr(), 3).await;
+    assert_eq!(written_number(stuck.read(p0).await), 0);
+    cluster.freeze(frozen, true);
+    // A READ of the frozen primary's record waits for its barrier, on a connection of
+    // its own.
+    let stuck_read = tokio::spawn(async move { stuck.read(p0).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = hits();
+    let started = Instant::now();
+    let mut reads = 0;
+    // Past the frozen primary's barrier timing out (2 s) and the next look at the
+    // layout connecting to it again, and through the failover.
+    while started.elapsed() < Duration::from_secs(4) {
+        for &p in &others {
+            let t = Instant::now();
+            assert_eq!(written_number(reader.read(p).await), 0);
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "a READ of another primary's record took {:?} while one primary is frozen",
+                t.elapsed()
+            );
+            reads += 1;
+        }
+    }
+    assert!(
+        hits() - before >= reads as f64,
+        "{} hits for {reads} READs of the other primaries' records while one was frozen",
+        hits() - before
+    );
+    // Its replica takes over; writes acknowledged by it are read back through the
+    // cache, on every primary.
+    let mut n0 = 0;
+    let ok = writes_read_back(
+        &mut writer,
+        &mut reader,
+        p0,
+        &mut n0,
+        12.0,
+        "frozen primary",
+    )
+    .await;
+    assert!(ok > 5, "{ok} writes read back");
+    let mut n1 = 0;
+    let ok = writes_read_back(
+        &mut writer,
+        &mut reader,
+        others[0],
+        &mut n1,
+        2.0,
+        "another primary",
+    )
+    .await;
+    assert!(ok > 5, "{ok} writes read back");
+    // The READ that met the frozen primary was answered (a load, or BUSY), not held.
+    match tokio::time::timeout(Duration::from_secs(5), stuck_read).await {
+        Ok(Ok(
+            Reply::Data(_)
+            | Reply::Error {
+                status: Status::Busy,
+                ..
+            },
+        )) => {}
+        r => panic!("the READ sent while its primary was frozen: {r:?}"),
+    }
+    // Back, as a replica of the new primary.
+    cluster.freeze(frozen, false);
+    tokio::task::block_in_place(|| cluster.wait_healthy());
+    // (Asked only now: `redis-cli` would wait for ever on the frozen node.)
+    assert_ne!(
+        cluster.primary_of(&format!("{prefix}:{{r:{p0}}}:m")),
+        frozen,
+        "the replica took over"
+    );
+    let ok = writes_read_back(
+        &mut writer,
+        &mut reader,
+        p0,
+        &mut n0,
+        3.0,
+        "old primary back",
+    )
+    .await;
+    assert!(ok > 5, "{ok} writes read back");
+    let before = hits();
+    eventually(
+        "hits of the record whose primary was frozen, from its new primary",
+        Duration::from_secs(10),
+        async || {
+            for _ in 0..3 {
+                assert_eq!(written_number(reader.read(p0).await), n0);
+            }
+            hits() > before
+        },
+    )
+    .await;
+}
+
 /// A held record whose slot moves to another primary (resharding): its keys leave the
 /// old primary (`MIGRATE` deletes them there, which invalidates the entry), and its
 /// writes go to the new one, where the gateway's tracking connection never filled it.

@@ -79,15 +79,25 @@ pub struct SlotMove {
 }
 
 impl RedisCluster {
-    /// `redis-cli` on the node at `port` (as the cluster's password's user).
+    /// `redis-cli` on the node at `port` (as the cluster's password's user). A node
+    /// that takes the connection and answers nothing (frozen by [`Self::freeze`])
+    /// fails the test after 30 s instead of holding it for ever.
     fn redis_cli(&self, port: u16, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
+        let out = Command::new("timeout")
+            .arg("30")
+            .arg("redis-cli")
             .envs(self.auth())
             .args(self.tls_args())
             .args(["-p", &port.to_string()])
             .args(args)
             .output()
             .expect("redis-cli (Debian's redis-tools; the test command installs it)");
+        // `timeout`'s status when the time ran out.
+        assert_ne!(
+            out.status.code(),
+            Some(124),
+            "redis-cli {args:?} on port {port}: no answer in 30 s (a frozen node?)"
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
