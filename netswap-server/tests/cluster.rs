@@ -2282,6 +2282,19 @@ async fn writes_read_back(
     read_back
 }
 
+/// Two gateways on `cluster` under a fresh prefix: one with the read cache (to read
+/// through), and one whose writes are acknowledged once a replica has them (to
+/// write through: a failover loses none of them).
+fn cached_reader_and_careful_writer(
+    cluster: &RedisCluster,
+) -> (RunningServer, RunningServer, String) {
+    let (a, prefix) = gateway_on(cluster, read_cached);
+    let b = gateway_at(cluster, &prefix, |c| {
+        c.cluster.as_mut().expect("a gateway").wait_replicas = 1;
+    });
+    (a, b, prefix)
+}
+
 /// What the read cache cannot vouch for it drops: the entries of a tracking
 /// connection that is closed, and of a primary that a manual failover made a
 /// replica (it stays connected, and gets the new primary's writes late), or that
@@ -2291,11 +2304,8 @@ async fn writes_read_back(
 async fn a_read_cache_follows_lost_tracking_connections_and_failovers() {
     logs_from_env();
     let mut cluster = RedisCluster::start(3, 1, false);
-    let (a, prefix) = gateway_on(&cluster, read_cached);
     // Writes acknowledged once a replica has them: the kill below loses none.
-    let b = gateway_at(&cluster, &prefix, |c| {
-        c.cluster.as_mut().expect("a gateway").wait_replicas = 1;
-    });
+    let (a, b, prefix) = cached_reader_and_careful_writer(&cluster);
     let m = a.metrics_addr().unwrap();
     let hits = || read_cache_hits(m);
     let mut writer = Raw::connect(b.addr(), 2).await;
@@ -2369,11 +2379,8 @@ async fn a_read_cache_follows_lost_tracking_connections_and_failovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_cache_keeps_serving_while_a_primary_does_not_answer() {
     logs_from_env();
-    let mut cluster = RedisCluster::start(3, 1, false);
-    let (a, prefix) = gateway_on(&cluster, read_cached);
-    let b = gateway_at(&cluster, &prefix, |c| {
-        c.cluster.as_mut().expect("a gateway").wait_replicas = 1;
-    });
+    let cluster = RedisCluster::start(3, 1, false);
+    let (a, b, prefix) = cached_reader_and_careful_writer(&cluster);
     let m = a.metrics_addr().unwrap();
     let hits = || read_cache_hits(m);
     let mut writer = Raw::connect(b.addr(), 2).await;
