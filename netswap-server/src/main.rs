@@ -94,6 +94,10 @@ fn main() -> ExitCode {
         }
         let stop = shutdown_signal();
         println!("netswap-server listening on {}", server.local_addr());
+        // Its own line, after the first: with port 0 the only way to learn the port.
+        if let Some(metrics) = server.metrics_addr() {
+            println!("netswap-server metrics on {metrics}");
+        }
         tracing::info!(
             addr = %server.local_addr(),
             threads,

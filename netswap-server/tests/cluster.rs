@@ -103,18 +103,18 @@ impl GatewayProcess {
         if !extra.contains(&"--lease-ttl") {
             cmd.args(["--lease-ttl", "2"]);
         }
-        let metrics = unused_address();
-        cmd.arg("--metrics-listen").arg(metrics.to_string());
+        // A free port of its choosing: one probed free here could be taken (as the
+        // source port of some connection) before the gateway binds it.
+        cmd.args(["--metrics-listen", "127.0.0.1:0"]);
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("gateway binary");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        let mut second = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut second).unwrap();
         // Read at start (each gateway has its own file: tests run in parallel).
         let _ = std::fs::remove_file(&key);
         let addr = line
@@ -127,6 +127,12 @@ impl GatewayProcess {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 )
             })
+            .parse()
+            .unwrap();
+        let metrics = second
+            .trim()
+            .strip_prefix("netswap-server metrics on ")
+            .unwrap_or_else(|| panic!("unexpected second line {second:?}"))
             .parse()
             .unwrap();
         GatewayProcess {
