@@ -15,17 +15,13 @@ use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::types::BytesFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{LoadSpec, Op, Tally, raw_connect, read_more};
+use super::{LoadSpec, Op, Picker, Tally, raw_connect, read_more};
 
 fn other(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
 /// Which key request `n` uses (the same spread as netswap's pointers).
-fn key_of(n: u64, keys: usize) -> usize {
-    (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize % keys
-}
-
 /// memcached binary-protocol request: GET (0x00) or SET (0x01) of key `n`.
 fn mc_request(out: &mut BytesMut, set: bool, key: usize, value: &[u8], opaque: u32) {
     let key = key_name(key, RespLayout::Plain);
@@ -89,7 +85,8 @@ pub(super) async fn drive_memcached(spec: Arc<LoadSpec>, conn_no: usize) -> std:
     let mut tally = Tally::new();
     let mut counter = (conn_no as u64) << 40;
     let mut inflight = 0usize;
-    let key_of = |n: u64| key_of(n, keys);
+    let picker = Picker::new(keys, spec.zipf);
+    let key_of = |n: u64| picker.pick(n);
     for (slot, sent) in sent_at.iter_mut().enumerate() {
         if !spec.take() {
             break;
@@ -411,7 +408,8 @@ pub(super) async fn drive_resp(
     let mut stream = raw_connect(server, None).await?;
     let set = spec.op != Op::Read;
     let keys = own.len();
-    let key_of = |n: u64| own[key_of(n, keys)];
+    let picker = Picker::new(keys, spec.zipf);
+    let key_of = |n: u64| own[picker.pick(n)];
     let (layout, sha) = (targets.layout, targets.sha.as_str());
     // Each request's start, replies still to come, and whether all were good so far.
     let mut sent_at: VecDeque<(Instant, usize, bool)> = VecDeque::with_capacity(spec.pipeline);

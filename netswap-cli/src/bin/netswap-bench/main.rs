@@ -31,6 +31,7 @@ use netswap_proto::{
     Inbound, MAX_MESSAGE, OutQueue, Reassembler, ReassemblyLimits, Receiver, Request, Status,
     WriteBuf,
 };
+use rand::SeedableRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
@@ -181,6 +182,11 @@ struct LoadArgs {
     /// Records created beforehand and used at random.
     #[arg(long, default_value_t = 10_000)]
     keys: usize,
+    /// Pick records by Zipf's law with this exponent instead of evenly: the k-th most
+    /// requested record gets a share proportional to 1/k^S (0.99: the hot set of a
+    /// typical cache workload; 0: even). The same for every protocol.
+    #[arg(long, value_name = "S")]
+    zipf: Option<f64>,
     /// Use this existing record instead of creating `--keys` (repeat for several):
     /// e.g. one record written by load generators on several gateways at once.
     /// Its access bits must allow the operation.
@@ -338,11 +344,49 @@ impl Tally {
     }
 }
 
+/// Which of `keys` records a request names: spread evenly over them, or by Zipf's
+/// law (`--zipf`), where the first records are the hottest.
+#[derive(Clone)]
+struct Picker {
+    keys: usize,
+    zipf: Option<rand_distr::Zipf<f64>>,
+}
+
+impl Picker {
+    fn new(keys: usize, zipf: Option<f64>) -> Picker {
+        let keys = keys.max(1);
+        Picker {
+            keys,
+            zipf: zipf.map(|s| {
+                rand_distr::Zipf::new(keys as f64, s).expect("checked when the run was set up")
+            }),
+        }
+    }
+
+    /// The record of request number `n` (0-based, below `keys`).
+    fn pick(&self, n: u64) -> usize {
+        match &self.zipf {
+            None => (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize % self.keys,
+            Some(z) => {
+                // Seeded by the request's number: a run names the same records each
+                // time, as the even spread does.
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(n);
+                let rank: f64 = rand_distr::Distribution::sample(z, &mut rng);
+                (rank as usize).clamp(1, self.keys) - 1
+            }
+        }
+    }
+}
+
 struct LoadSpec {
     server: SocketAddr,
     op: Op,
     pipeline: usize,
     keys: Arc<Vec<Pointer>>,
+    /// `--zipf`: the exponent records are picked by (`None`: evenly).
+    zipf: Option<f64>,
+    /// Picks among `keys`.
+    picker: Picker,
     value: Bytes,
     stop: Arc<AtomicBool>,
     budget: Arc<AtomicU64>,
@@ -361,7 +405,7 @@ impl LoadSpec {
 }
 
 fn request(spec: &LoadSpec, n: u64, created: Option<Pointer>) -> Request {
-    let ptr = spec.keys[(n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize % spec.keys.len()];
+    let ptr = spec.keys[spec.picker.pick(n)];
     match (spec.op, created) {
         (Op::Read, _) => Request::Read { ptr, range: None },
         (Op::Replace, _) => Request::Replace {
@@ -515,6 +559,7 @@ fn load(cli: &Cli, args: &LoadArgs) -> Result<(), String> {
         size,
         op,
         keys,
+        zipf,
         ref records,
         duration,
         requests,
@@ -523,6 +568,11 @@ fn load(cli: &Cli, args: &LoadArgs) -> Result<(), String> {
         resp_layout,
     } = args;
     let pipeline = pipeline.max(1);
+    if let Some(s) = zipf
+        && !(s.is_finite() && s >= 0.0)
+    {
+        return Err(format!("--zipf wants an exponent of 0 or more, not {s}"));
+    }
     let records = records.clone();
     let rt = runtime()?;
     let value = Bytes::from(vec![0x5Au8; size]);
@@ -606,7 +656,9 @@ fn load(cli: &Cli, args: &LoadArgs) -> Result<(), String> {
         server: cli.server,
         op,
         pipeline,
+        picker: Picker::new(ptrs.len(), zipf),
         keys: Arc::new(ptrs),
+        zipf,
         value,
         stop: Arc::new(AtomicBool::new(false)),
         budget: Arc::new(AtomicU64::new(requests.unwrap_or(u64::MAX))),
@@ -991,5 +1043,34 @@ fn main() -> std::process::ExitCode {
             eprintln!("netswap-bench: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Picker;
+
+    /// The share of `n` picks that fall on the first `hot` of `keys` records.
+    fn share(p: &Picker, hot: usize, n: u64) -> f64 {
+        (0..n).filter(|&i| p.pick(i) < hot).count() as f64 / n as f64
+    }
+
+    #[test]
+    fn the_even_picker_spreads_and_zipf_favours_the_first_records() {
+        let (keys, n) = (100_000, 200_000);
+        let even = Picker::new(keys, None);
+        let zipf = Picker::new(keys, Some(0.99));
+        assert!((0..n).all(|i| even.pick(i) < keys && zipf.pick(i) < keys));
+        // Evenly: the first 1% get about 1%. By Zipf's law with 0.99: about
+        // H(1000, 0.99) / H(100000, 0.99) = 0.63.
+        let e = share(&even, keys / 100, n);
+        let z = share(&zipf, keys / 100, n);
+        assert!((0.008..0.012).contains(&e), "even: {e}");
+        assert!((0.58..0.68).contains(&z), "zipf 0.99: {z}");
+        // The same request names the same record every time.
+        assert_eq!(zipf.pick(12_345), zipf.pick(12_345));
+        // An exponent of 0 is even.
+        let flat = share(&Picker::new(keys, Some(0.0)), keys / 100, n);
+        assert!((0.008..0.012).contains(&flat), "zipf 0: {flat}");
     }
 }
