@@ -21,6 +21,7 @@
 
 mod batch;
 mod budget;
+mod clock;
 mod events;
 pub(crate) mod keys;
 mod ops;

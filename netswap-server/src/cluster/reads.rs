@@ -68,6 +68,7 @@ use redis::{PushInfo, PushKind, RedisResult, Value};
 use tracing::{debug, warn};
 
 use super::batch::UNKNOWN;
+use super::clock::{Clock, Hand};
 use super::keys::{Keys, RecordKeys};
 use super::redis_io::{self, Stored};
 use super::{ClusterOptions, lock};
@@ -100,10 +101,12 @@ enum Entry {
     /// here (the same `token`) when its reply comes.
     Filling { token: u64, tracker: Arc<Tracker> },
     /// The record as `tracker`'s connection last read it, with all of its bytes.
+    /// `hit`: answered a READ since the eviction's hand last passed it ([`Clock`]).
     Ready {
         token: u64,
         tracker: Arc<Tracker>,
         rec: Stored,
+        hit: bool,
     },
 }
 
@@ -115,11 +118,27 @@ impl Entry {
     }
 }
 
+impl Hand for Entry {
+    fn token(&self) -> u64 {
+        match self {
+            Entry::Filling { token, .. } | Entry::Ready { token, .. } => *token,
+        }
+    }
+
+    fn second_chance(&mut self) -> bool {
+        match self {
+            Entry::Ready { hit, .. } => std::mem::take(hit),
+            Entry::Filling { .. } => false,
+        }
+    }
+}
+
 /// The entries, shared with the tracking connections' push handlers.
 struct Entries {
     map: HashMap<Pointer, Entry>,
     capacity: usize,
     next_token: u64,
+    clock: Clock,
 }
 
 impl Entries {
@@ -128,15 +147,17 @@ impl Entries {
         self.next_token
     }
 
-    /// Puts `entry` in for `ptr`, making room when full (an arbitrary entry goes).
+    /// Puts `entry` in for `ptr`, making room when full (the [`Clock`] picks what goes).
     fn put(&mut self, ptr: Pointer, entry: Entry) {
         if !self.map.contains_key(&ptr)
             && self.map.len() >= self.capacity
-            && let Some(victim) = self.map.keys().next().copied()
+            && let Some(victim) = self.clock.victim(&mut self.map)
         {
             self.map.remove(&victim);
         }
+        let token = entry.token();
         self.map.insert(ptr, entry);
+        self.clock.filled(ptr, token, &self.map);
     }
 
     /// Drops the entries filled on the tracking connection `tracker`.
@@ -355,6 +376,7 @@ impl ReadCache {
                 map: HashMap::new(),
                 capacity,
                 next_token: 0,
+                clock: Clock::default(),
             })),
             keys,
             layout: Mutex::default(),
@@ -380,8 +402,11 @@ impl ReadCache {
             return None;
         }
         let current = tracker.barrier().await;
-        let rec = match lock(&self.entries).map.get(&ptr) {
-            Some(Entry::Ready { token: t, rec, .. }) if current && *t == token => {
+        let rec = match lock(&self.entries).map.get_mut(&ptr) {
+            Some(Entry::Ready {
+                token: t, rec, hit, ..
+            }) if current && *t == token => {
+                *hit = true;
                 redis_io::ranged(rec, range)
             }
             _ => {
@@ -472,6 +497,7 @@ impl ReadCache {
                         token,
                         tracker,
                         rec,
+                        hit: false,
                     },
                 );
             }

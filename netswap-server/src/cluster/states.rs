@@ -11,19 +11,41 @@
 //! is decided again on a fresh load, so a stale entry can cost a round trip but
 //! never change an answer.
 //!
-//! Bounded: at most `capacity` records (an arbitrary one goes when full); 0 turns it
-//! off.
+//! Bounded: at most `capacity` records (when full, [`Clock`] picks the one that
+//! goes: one not used since the hand last passed); 0 turns it off.
 
 use hashbrown::HashMap;
 use netswap_proto::Pointer;
 
+use super::clock::{Clock, Hand};
 use super::redis_io::Stored;
 
 /// Records' last seen states (see the module documentation).
 #[derive(Debug)]
 pub(crate) struct States {
-    map: HashMap<Pointer, Stored>,
+    map: HashMap<Pointer, Remembered>,
     capacity: usize,
+    next_token: u64,
+    clock: Clock,
+}
+
+/// A record's remembered state, the token it was noted with, and whether a request
+/// used it since the eviction's hand last passed.
+#[derive(Debug)]
+struct Remembered {
+    state: Stored,
+    token: u64,
+    used: bool,
+}
+
+impl Hand for Remembered {
+    fn token(&self) -> u64 {
+        self.token
+    }
+
+    fn second_chance(&mut self) -> bool {
+        std::mem::take(&mut self.used)
+    }
 }
 
 impl States {
@@ -32,12 +54,17 @@ impl States {
         States {
             map: HashMap::new(),
             capacity,
+            next_token: 0,
+            clock: Clock::default(),
         }
     }
 
     /// The last state seen of `ptr`, if any.
-    pub fn get(&self, ptr: Pointer) -> Option<Stored> {
-        self.map.get(&ptr).cloned()
+    pub fn get(&mut self, ptr: Pointer) -> Option<Stored> {
+        self.map.get_mut(&ptr).map(|r| {
+            r.used = true;
+            r.state.clone()
+        })
     }
 
     /// Notes a state seen of `ptr` (its bytes are not kept). A state older than the
@@ -51,17 +78,27 @@ impl States {
             ..rec.clone()
         };
         if let Some(known) = self.map.get_mut(&ptr) {
-            if known.rev <= state.rev {
-                *known = state;
+            if known.state.rev <= state.rev {
+                known.state = state;
             }
             return;
         }
         if self.map.len() >= self.capacity
-            && let Some(victim) = self.map.keys().next().copied()
+            && let Some(victim) = self.clock.victim(&mut self.map)
         {
             self.map.remove(&victim);
         }
-        self.map.insert(ptr, state);
+        self.next_token += 1;
+        let token = self.next_token;
+        self.map.insert(
+            ptr,
+            Remembered {
+                state,
+                token,
+                used: false,
+            },
+        );
+        self.clock.filled(ptr, token, &self.map);
     }
 
     /// Forgets `ptr` (it is gone, or a change of this gateway is under way).
@@ -119,6 +156,25 @@ mod tests {
             2,
             "after forget any state is news"
         );
+    }
+
+    #[test]
+    fn keeps_the_states_in_use_when_full() {
+        let mut s = States::new(100);
+        for n in 1..=100 {
+            s.seen(ptr(n), &state(1));
+        }
+        // The first ten are used, then ninety others come: the ninety unused go
+        // (the used ones get a second chance; unused again, they would go next).
+        for n in 1..=10 {
+            assert!(s.get(ptr(n)).is_some());
+        }
+        for n in 101..=190 {
+            s.seen(ptr(n), &state(1));
+        }
+        assert!((1..=10).all(|n| s.get(ptr(n)).is_some()), "used: kept");
+        assert!((11..=100).all(|n| s.get(ptr(n)).is_none()), "unused: gone");
+        assert_eq!(s.len(), 100);
     }
 
     #[test]
