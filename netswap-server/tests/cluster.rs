@@ -1884,6 +1884,11 @@ async fn pipelined(c: &mut Raw, requests: Vec<Request>) -> Vec<Reply> {
         c.send(xid, &req).await;
         sent.push((xid, req.opcode()));
     }
+    replies_to(c, sent).await
+}
+
+/// The typed replies to the requests `sent` (XID, opcode), in that order.
+async fn replies_to(c: &mut Raw, sent: Vec<(u32, Opcode)>) -> Vec<Reply> {
     let mut replies = Vec::new();
     for (xid, op) in sent {
         let m = c.reply_to(xid).await;
@@ -1984,6 +1989,79 @@ async fn requests_sent_together_survive_a_slot_moved_under_them() {
     assert!(
         metric(&mm, "netswap_redis_batched_total") > metric(&mm, "netswap_redis_batches_total"),
         "pipelines carried more than one request on average"
+    );
+}
+
+/// Sends `requests` in one write (so the gateway reads them together) and returns the
+/// typed replies in the same order.
+async fn in_one_write(c: &mut Raw, requests: &[Request]) -> Vec<Reply> {
+    let mut bytes = Vec::new();
+    let mut sent = Vec::new();
+    for req in requests {
+        let xid = c.xid();
+        bytes.extend_from_slice(&Raw::frames(req.encode(xid)));
+        sent.push((xid, req.opcode()));
+    }
+    c.send_raw(&bytes).await;
+    replies_to(c, sent).await
+}
+
+/// READs of one record and range that a connection sends together share one load
+/// (`Conn::submit`), and each gets the record; a READ after a write of the record
+/// in the same batch sees the write, and a READ of another range gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_one_record_that_arrive_together_share_one_load() {
+    let prefix = fresh_prefix();
+    let gw = gateway(&prefix, |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let m = gw.metrics_addr().expect("serves /metrics");
+    let loads = || {
+        let mm = scrape(m);
+        metric(&mm, r#"netswap_redis_loads_total{how="plain"}"#)
+            + metric(&mm, r#"netswap_redis_loads_total{how="script"}"#)
+    };
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let p = c.create(Access::READ | Access::WRITE, &b"first"[..]).await;
+    let read = Request::Read {
+        ptr: p,
+        range: None,
+    };
+    let before = loads();
+    let replies = in_one_write(&mut c, &vec![read.clone(); 16]).await;
+    assert!(replies.iter().all(|r| *r == data(b"first")), "{replies:?}");
+    assert_eq!(loads() - before, 1.0, "16 READs of one record, one load");
+
+    let replace = Request::Replace {
+        ptr: p,
+        data: Bytes::from_static(b"second"),
+    };
+    let part = Request::Read {
+        ptr: p,
+        range: Some((0, 3)),
+    };
+    let replies = in_one_write(
+        &mut c,
+        &[
+            read.clone(),
+            part.clone(),
+            replace,
+            read.clone(),
+            read,
+            part,
+        ],
+    )
+    .await;
+    assert_eq!(
+        replies,
+        vec![
+            data(b"first"),
+            data(b"fir"),
+            Reply::Written(2),
+            data(b"second"),
+            data(b"second"),
+            data(b"sec"),
+        ]
     );
 }
 
