@@ -925,9 +925,10 @@ impl Conn {
     /// of waiting for it and then asking Redis again. That reply is as new as its own
     /// would be: the one in flight has sent nothing to Redis yet (a request's future is
     /// first polled after the read), so what it reads is read after both arrived, and
-    /// nothing of this connection comes between them. By Zipf's law (exponent 0.99)
-    /// the hottest record takes ~8% of the READs, and 16 in flight on a connection
-    /// often name it twice (docs/BENCHMARKS.md).
+    /// nothing of this connection comes between them. Replies up to
+    /// [`crate::cluster::SHARED_REPLY_MAX`] are shared (see `finish`). By Zipf's law
+    /// (exponent 0.99) the hottest record takes ~8% of the READs, so a client that
+    /// pipelines sends it more than once in one go (docs/BENCHMARKS.md).
     fn submit(&mut self, c: Arc<ClusterStore>, xid: u32, request: Request) {
         let ptr = request.pointer();
         let read_range = match &request {
@@ -1045,16 +1046,28 @@ impl Conn {
             self.watch_settled(p, xid, replaced, ok);
         }
         // The READs that share this one's reply (`submit`), answered right after it.
-        let shared = ptr
-            .and_then(|p| self.sharing.remove(&p))
-            .filter(|s| !s.followers.is_empty())
-            .map(|s| {
-                (
-                    s.followers,
-                    outcome.applied.reply.clone(),
-                    outcome.applied.miss,
-                )
-            });
+        // A large reply is not shared: each READ of it holds its own share of the
+        // reply budgets (`cluster::budget`), so those READs go to the front of the
+        // record's queue instead, in their order, and run one at a time as before.
+        let mut shared = None;
+        if let Some(p) = ptr
+            && let Some(s) = self.sharing.remove(&p)
+            && !s.followers.is_empty()
+        {
+            match &outcome.applied.reply {
+                Reply::Data(b) if b.len() > crate::cluster::SHARED_REPLY_MAX => {
+                    let q = self.waiting.entry(p).or_default();
+                    for (x, arrived) in s.followers.into_iter().rev() {
+                        let read = Request::Read {
+                            ptr: p,
+                            range: s.range,
+                        };
+                        q.push_front((x, read, arrived));
+                    }
+                }
+                reply => shared = Some((s.followers, reply.clone(), outcome.applied.miss)),
+            }
+        }
         self.answer(xid, None, outcome.applied);
         if let Some((followers, reply, miss)) = shared {
             for (x, arrived) in followers {

@@ -61,6 +61,9 @@ use redis_io::{Change, Committed, DataOp, Stored, unavailable};
 /// Bytes a READ gets back with the record's state in one round trip; larger ranges are
 /// read in a second one, once the caller is known to be allowed.
 const MAX_INLINE: usize = 16 * 1024;
+/// The largest reply READs that arrive together may share (`conn::Conn::submit`):
+/// larger ones each hold their own part of the reply budgets (`budget`).
+pub(crate) const SHARED_REPLY_MAX: usize = MAX_INLINE;
 /// How long a quota reservation and its commit may take before the commit is fenced.
 const FENCE: Duration = Duration::from_secs(10);
 /// Attempts at a request whose record keeps changing under it.
