@@ -16,6 +16,10 @@
 # one with scripts/redis-cluster.sh), each run under a fresh key prefix, e.g.
 #   AB_STORE=redis-cluster://127.0.0.1:18500 scripts/bench/ab.sh A B 8 \
 #     --op read -d 64 -c 50 -P 16 --keys 1000 --duration 4
+# AB_FLUSH=1 (with AB_STORE) empties the cluster (`FLUSHALL` on every primary) before
+# each run: each run creates its --keys records, so without it the side that runs
+# second finds more keys in Redis, which cost it 2.5-5% in runs of 100,000 records
+# (docs/BENCHMARKS.md, "Records picked by Zipf's law").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 a=$1 b=$2 runs=$3
@@ -39,6 +43,15 @@ for run in $(seq "$runs"); do
     if [ -n "${AB_STORE:-}" ]; then
       [ -f "$tmp/key" ] || head -c 32 /dev/urandom >"$tmp/key"
       store=(--store "$AB_STORE" --identity-key "$tmp/key" --redis-prefix "ab$RANDOM$RANDOM")
+      if [ "${AB_FLUSH:-0}" = 1 ]; then
+        first=${AB_STORE#redis-cluster://}
+        first=${first%%,*}
+        redis-cli -h "${first%:*}" -p "${first##*:}" CLUSTER NODES |
+          awk '$3 ~ /master/ && $3 !~ /fail/ {split($2, a, "@"); print a[1]}' |
+          while read -r node; do
+            redis-cli -h "${node%:*}" -p "${node##*:}" FLUSHALL >/dev/null
+          done
+      fi
     fi
     start "$bin" --listen 127.0.0.1:0 --threads "$threads" --quota-records 100000000 \
       --quota-bytes 68719476736 "${store[@]}" $extra

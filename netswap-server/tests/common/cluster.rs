@@ -228,7 +228,9 @@ impl RedisCluster {
             replicas.to_string(),
             "--cluster-yes".into(),
         ]);
-        let out = Command::new("redis-cli")
+        // `timeout`: a node that does not answer fails the test (status 124).
+        let out = Command::new("timeout")
+            .args(["120", "redis-cli"])
             .envs(c.auth())
             .args(c.tls_args())
             .args(&args)
@@ -236,7 +238,8 @@ impl RedisCluster {
             .expect("redis-cli --cluster create");
         assert!(
             out.status.success(),
-            "redis-cli --cluster create failed: {}",
+            "redis-cli --cluster create failed ({}): {}",
+            out.status,
             String::from_utf8_lossy(&out.stdout)
         );
         c.wait_healthy();
@@ -393,7 +396,8 @@ impl RedisCluster {
     /// the operator's tool (`redis-cli --cluster reshard`), until it is done.
     pub fn reshard(&self, from: u16, to: u16, slots: usize) {
         let id = |p: u16| self.redis_cli(p, &["CLUSTER", "MYID"]).trim().to_string();
-        let out = Command::new("redis-cli")
+        let out = Command::new("timeout")
+            .args(["120", "redis-cli"])
             .envs(self.auth())
             .args(self.tls_args())
             .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
@@ -403,7 +407,8 @@ impl RedisCluster {
             .expect("redis-cli");
         assert!(
             out.status.success(),
-            "redis-cli --cluster reshard: {}{}",
+            "redis-cli --cluster reshard ({}): {}{}",
+            out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
