@@ -144,13 +144,12 @@ struct Conn {
     /// others wait in `waiting`, in arrival order), and the notifications of WATCHes
     /// still in flight (sent after their OK).
     in_flight: FuturesUnordered<InFlight>,
-    busy: std::collections::HashSet<Pointer>,
+    /// The records with a request in flight, and for a READ started as it arrived,
+    /// what READs of the record may share its reply (see [`Conn::submit`]).
+    busy: std::collections::HashMap<Pointer, Option<Sharing>>,
     waiting: std::collections::HashMap<Pointer, std::collections::VecDeque<Queued>>,
-    /// Requests waiting in `waiting` and in `sharing`.
+    /// Requests waiting in `waiting`, and READs sharing another's reply (`busy`).
     queued: usize,
-    /// The READs in flight that READs of the same record may share (see
-    /// [`Conn::submit`]).
-    sharing: std::collections::HashMap<Pointer, Sharing>,
     /// The calls of [`Conn::read`] so far: which one a request came in.
     read_pass: u64,
     held: std::collections::HashMap<u32, Vec<Notification>>,
@@ -282,7 +281,6 @@ pub(crate) async fn serve(
         busy: Default::default(),
         waiting: Default::default(),
         queued: 0,
-        sharing: Default::default(),
         read_pass: 0,
         held: Default::default(),
         watches_starting: Default::default(),
@@ -931,18 +929,14 @@ impl Conn {
     /// pipelines sends it more than once in one go (docs/BENCHMARKS.md).
     fn submit(&mut self, c: Arc<ClusterStore>, xid: u32, request: Request) {
         let ptr = request.pointer();
-        let read_range = match &request {
-            Request::Read { range, .. } => Some(*range),
-            _ => None,
-        };
         if let Some(p) = ptr
-            && self.busy.contains(&p)
+            && let Some(in_flight) = self.busy.get_mut(&p)
         {
-            if let Some(range) = read_range
-                && !self.waiting.contains_key(&p)
-                && let Some(s) = self.sharing.get_mut(&p)
+            if let Request::Read { range, .. } = &request
+                && let Some(s) = in_flight
                 && s.read_pass == self.read_pass
-                && s.range == range
+                && s.range == *range
+                && !self.waiting.contains_key(&p)
             {
                 s.followers.push((xid, self.batch_now));
                 self.queued += 1;
@@ -956,21 +950,12 @@ impl Conn {
             self.queued += 1;
             return;
         }
-        self.start(c, xid, ptr, request, self.batch_now);
-        if let (Some(p), Some(range)) = (ptr, read_range) {
-            self.sharing.insert(
-                p,
-                Sharing {
-                    read_pass: self.read_pass,
-                    range,
-                    followers: Vec::new(),
-                },
-            );
-        }
+        self.start(c, xid, ptr, request, self.batch_now, true);
     }
 
     /// Starts a request that arrived at `arrived` (the time of the read that brought
-    /// it: its latency counts from there, queued or not).
+    /// it: its latency counts from there, queued or not). `shareable`: it is started
+    /// in the read it came in, so a READ may share its reply ([`Conn::submit`]).
     fn start(
         &mut self,
         c: Arc<ClusterStore>,
@@ -978,6 +963,7 @@ impl Conn {
         ptr: Option<Pointer>,
         request: Request,
         arrived: std::time::Instant,
+        shareable: bool,
     ) {
         if let Request::Watch { ptr, options } = request {
             self.held.entry(xid).or_default();
@@ -996,7 +982,15 @@ impl Conn {
             budget: session.budget().clone(),
         };
         if let Some(p) = ptr {
-            self.busy.insert(p);
+            let sharing = match &request {
+                Request::Read { range, .. } if shareable => Some(Sharing {
+                    read_pass: self.read_pass,
+                    range: *range,
+                    followers: Vec::new(),
+                }),
+                _ => None,
+            };
+            self.busy.insert(p, sharing);
         }
         let started = (request.opcode() as u8, arrived);
         self.in_flight.push(Box::pin(async move {
@@ -1051,7 +1045,7 @@ impl Conn {
         // record's queue instead, in their order, and run one at a time as before.
         let mut shared = None;
         if let Some(p) = ptr
-            && let Some(s) = self.sharing.remove(&p)
+            && let Some(s) = self.busy.get_mut(&p).and_then(Option::take)
             && !s.followers.is_empty()
         {
             match &outcome.applied.reply {
@@ -1113,7 +1107,7 @@ impl Conn {
         if let (Some((x, r, arrived)), Backend::Cluster(c)) = (next, &self.hub.backend) {
             self.queued -= 1;
             let c = c.clone();
-            self.start(c, x, Some(p), r, arrived);
+            self.start(c, x, Some(p), r, arrived, false);
         }
     }
 
