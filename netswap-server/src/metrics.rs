@@ -634,6 +634,12 @@ impl Collector for HubCollector {
             )?;
             counter(
                 &mut e,
+                "netswap_redis_grouped_writes",
+                "Writes committed in one commit with an earlier write of their record that queued with them on this gateway (one round trip and one script for the group).",
+                g.grouped_writes,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_claims",
                 "Commits sent with a claim on a record this gateway's changes kept losing, so that writers through several gateways all get in.",
                 g.claims,

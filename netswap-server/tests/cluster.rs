@@ -678,7 +678,7 @@ async fn a_write_on_a_record_seen_before_takes_one_round_trip() {
 }
 
 /// The scripts a gateway runs (`scripts::all`).
-const SCRIPTS: u64 = 11;
+const SCRIPTS: u64 = 12;
 
 /// A replica of `cluster` is promoted (`CLUSTER FAILOVER`) and has every script
 /// within seconds, without a request (`SCRIPT LOAD` is not replicated).
@@ -4010,6 +4010,148 @@ async fn writers_of_one_record_all_get_in_and_its_orphan_is_still_reaped() {
         async || observer.read(hot).await.status() == Status::AddressFault,
     )
     .await;
+}
+
+/// Writes of one record that queue together on a gateway are committed together
+/// (`group.rs`), and nothing a client sees tells them from writes one at a time:
+/// every REPLACE gets its own version, the versions are 2, 3, … with none twice, a
+/// watcher hears every one in order, a data watcher gets each write's bytes with its
+/// version, and the record ends with the bytes of the highest. REPLACE_IFs on one
+/// version racing each other: exactly one wins each round, the rest are CONFLICT with
+/// the version it made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_of_one_record_that_queue_together_commit_together() {
+    const WRITERS: usize = 8;
+    const WRITES: usize = 40;
+    const ROUNDS: u64 = 20;
+    let prefix = fresh_prefix();
+    let gw = gateway(&prefix, |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())
+    });
+    let mut owner = Raw::connect_from(gw.addr(), many(6, 0)).await;
+    let hot = owner
+        .create(Access::READ | Access::WRITE, vec![b'-'; 16])
+        .await;
+    let mut w = Raw::connect_from(gw.addr(), many(6, 100)).await;
+    w.send(7, &Request::watch(hot)).await;
+    assert_eq!(w.reply_to(7).await.status(), Status::Ok);
+    let mut d = Raw::connect_from(gw.addr(), many(6, 101)).await;
+    d.send(
+        9,
+        &Request::Watch {
+            ptr: hot,
+            options: WatchOptions::data(),
+        },
+    )
+    .await;
+    assert_eq!(d.reply_to(9).await.status(), Status::Ok);
+
+    let start = Arc::new(Barrier::new(WRITERS));
+    let mut writers = Vec::new();
+    for i in 0..WRITERS {
+        let (addr, start) = (gw.addr(), start.clone());
+        writers.push(tokio::spawn(async move {
+            let mut c = Raw::connect_from(addr, many(6, 1 + i)).await;
+            start.wait().await;
+            let mut got = Vec::new();
+            for n in 0..WRITES {
+                let data = Bytes::from(format!("writer {i:02} #{n:04}."));
+                match c
+                    .ask(Request::Replace {
+                        ptr: hot,
+                        data: data.clone(),
+                    })
+                    .await
+                {
+                    Reply::Written(v) => got.push((v, data)),
+                    other => panic!("REPLACE {n} of writer {i}: {other:?}"),
+                }
+            }
+            got
+        }));
+    }
+    let mut written = std::collections::BTreeMap::new();
+    for wr in writers {
+        for (v, data) in wr.await.unwrap() {
+            assert!(written.insert(v, data).is_none(), "version {v} given twice");
+        }
+    }
+    let last = 1 + (WRITERS * WRITES) as u64;
+    assert_eq!(
+        written.keys().copied().collect::<Vec<_>>(),
+        (2..=last).collect::<Vec<_>>(),
+        "one version per write, none skipped"
+    );
+    for v in 2..=last {
+        changed_event(&mut w, 7, hot, v).await;
+    }
+    let mut bytes = vec![b'-'; 16];
+    for v in 2..=last {
+        let n = d.reply_to(9).await;
+        match Reply::parse(None, n.status, n.arg, n.payload).unwrap() {
+            Reply::Notify {
+                event: Event::Changed,
+                version,
+                delta: Some(delta),
+                ..
+            } => {
+                assert_eq!((version, delta.base), (v, v - 1), "events in order");
+                bytes.resize(delta.size as usize, 0);
+                for (off, b) in delta.ranges {
+                    bytes[off as usize..off as usize + b.len()].copy_from_slice(&b);
+                }
+                assert_eq!(bytes, written[&v], "the bytes of version {v}");
+            }
+            other => panic!("data watch: {other:?}"),
+        }
+    }
+    same_bytes(owner.read(hot).await, &written[&last], "the record");
+    let grouped = metric(
+        &scrape(gw.metrics_addr().unwrap()),
+        "netswap_redis_grouped_writes_total",
+    );
+    assert!(grouped > 0.0, "writes that queued together were grouped");
+
+    // REPLACE_IF races: one winner per round, whoever it is.
+    let mut racers = Vec::new();
+    for i in 0..WRITERS {
+        racers.push(Raw::connect_from(gw.addr(), many(6, 1 + i)).await);
+    }
+    for round in 0..ROUNDS {
+        let expected = last + round;
+        let sent: Vec<u32> = {
+            let mut sent = Vec::new();
+            for r in racers.iter_mut() {
+                let xid = r.xid();
+                let req = Request::ReplaceIf {
+                    ptr: hot,
+                    expected,
+                    data: Bytes::from(format!("round {round:04}, won.")),
+                };
+                r.send(xid, &req).await;
+                sent.push(xid);
+            }
+            sent
+        };
+        let mut won = 0;
+        for (r, xid) in racers.iter_mut().zip(sent) {
+            let m = r.reply_to(xid).await;
+            match Reply::parse(Some(Opcode::ReplaceIf), m.status, m.arg, m.payload).unwrap() {
+                Reply::Written(v) => {
+                    assert_eq!(v, expected + 1);
+                    won += 1;
+                }
+                Reply::Conflict(v) => assert_eq!(v, expected + 1, "round {round}"),
+                other => panic!("REPLACE_IF in round {round}: {other:?}"),
+            }
+        }
+        assert_eq!(won, 1, "round {round}: exactly one REPLACE_IF wins");
+    }
+    same_bytes(
+        owner.read(hot).await,
+        format!("round {:04}, won.", ROUNDS - 1).as_bytes(),
+        "the last round's winner",
+    );
 }
 
 /// Room given back through one gateway (a delete) can be used through another that

@@ -23,6 +23,7 @@ mod batch;
 mod budget;
 mod clock;
 mod events;
+mod group;
 pub(crate) mod keys;
 mod ops;
 pub(crate) mod quota;
@@ -467,8 +468,9 @@ pub(crate) struct ClusterStore {
     states: Mutex<states::States>,
     /// Small records read without a load (`None`: `--redis-read-cache 0`).
     reads: Option<Arc<reads::ReadCache>>,
-    /// One change at a time per record on this gateway (`serial`).
-    serial: serial::Serial,
+    /// One change at a time per record on this gateway, and writes committed
+    /// together (`serial`, [`ClusterStore::apply_group`]).
+    serial: Arc<serial::Serial<Pointer, group::Member>>,
     /// This gateway's lease changes of an identity (take, renew, release) in one
     /// order. Without it a renewal sent before the identity's last connection closed
     /// could reach Redis after the release: a lease nobody renews. With a grace no
@@ -486,6 +488,8 @@ pub(crate) struct ClusterStore {
     /// Commits of changes that found their record changed (lost a race, or gave way
     /// to a claim), and commits sent with a claim.
     races_lost: AtomicU64,
+    /// See [`GatewayCounts::grouped_writes`].
+    grouped_writes: AtomicU64,
     claims: AtomicU64,
     /// The primaries (by id) this gateway has loaded its scripts on, as of its last
     /// look at the layout.
@@ -614,6 +618,9 @@ pub struct GatewayCounts {
     pub queued_changes: u64,
     /// Commits of changes that found the record changed since they were decided.
     pub commit_races_lost: u64,
+    /// Writes committed in one commit with an earlier write of their record
+    /// ([`ClusterStore::apply_group`]).
+    pub grouped_writes: u64,
     /// Commits sent with a claim on their record (`scripts::CLAIM`).
     pub claims: u64,
 }
@@ -826,11 +833,12 @@ impl ClusterStore {
             turns,
             states: Mutex::new(states::States::new(opts.state_cache)),
             reads,
-            serial: serial::Serial::default(),
+            serial: Arc::default(),
             lease_turns: serial::Serial::default(),
             schedule_turn: tokio::sync::Mutex::new(()),
             claim,
             races_lost: AtomicU64::new(0),
+            grouped_writes: AtomicU64::new(0),
             claims: AtomicU64::new(0),
             scripted: Mutex::default(),
             primaries_seen: Mutex::default(),
@@ -898,6 +906,7 @@ impl ClusterStore {
             subscriptions_missing: n(&self.subscriptions_missing),
             queued_changes: n(&self.serial.queued),
             commit_races_lost: n(&self.races_lost),
+            grouped_writes: n(&self.grouped_writes),
             claims: n(&self.claims),
         }
     }
@@ -1871,7 +1880,14 @@ impl ClusterStore {
         };
         // A change waits for the record's changes before it on this gateway
         // (`serial`), before it takes a turn: a queue on a busy record holds no turns.
+        // A small write may be committed with others of its record instead (`group`).
         let _record_turn = match request {
+            _ if group::groupable(&request) => {
+                match self.enter_grouped(&caller, ptr, &request).await {
+                    Ok(turn) => Some(turn),
+                    Err(outcome) => return outcome,
+                }
+            }
             Request::Read { .. }
             | Request::Info { .. }
             | Request::Watch { .. }
@@ -1889,6 +1905,12 @@ impl ClusterStore {
             Request::Read { .. } | Request::Info { .. } => None,
             _ => self.turn().await,
         };
+        self.apply_in_turn(&caller, ptr, &request).await
+    }
+
+    /// [`ClusterStore::apply`] once the request holds its record's turn (a change)
+    /// and a turn of the gateway's.
+    async fn apply_in_turn(&self, caller: &Caller, ptr: Pointer, request: &Request) -> Outcome {
         let transfer_to = match &request {
             Request::Transfer { to, .. } => Some(match *to {
                 NewOwner::Identity(id) => id,
@@ -1905,7 +1927,7 @@ impl ClusterStore {
             // Every attempt may decide a write on the remembered state: after a lost
             // race it is the one the commit found (`scripts::CHANGED`), or none.
             match self
-                .attempt(&caller, ptr, &request, transfer_to.as_ref(), true)
+                .attempt(caller, ptr, request, transfer_to.as_ref(), true)
                 .await
             {
                 Ok(Some(outcome)) => {

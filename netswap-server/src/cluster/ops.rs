@@ -20,7 +20,7 @@ use super::{
 type Attempt = Result<Option<Outcome>, AttemptError>;
 
 /// The reply when a change's outcome cannot be told (see `Committed::Unknown`).
-fn outcome_unknown() -> Reply {
+pub(super) fn outcome_unknown() -> Reply {
     Reply::error(
         netswap_proto::Status::Busy,
         "the cluster failed over while this change was applied, and the record changed since: read it to see whether the change was applied",
@@ -136,7 +136,7 @@ impl ClusterStore {
 }
 
 /// What the rules see of a record, for `caller`.
-fn view(rec: &Stored, caller: &Identity) -> RecordView {
+pub(super) fn view(rec: &Stored, caller: &Identity) -> RecordView {
     RecordView {
         owned_by_caller: rec.owner == *caller,
         access: rec.access,

@@ -195,6 +195,20 @@ pub(crate) struct Change {
     /// Claim the record for this gateway if the commit loses (`scripts::CLAIM`): the
     /// gateway's id.
     pub claim: Option<std::sync::Arc<str>>,
+    /// Writes applied together (`group`): each one's event, in order; `data` is the
+    /// last one's bytes. Empty for one change (`event`).
+    pub group: Vec<GroupWrite>,
+}
+
+/// One of the writes of a group's commit (`scripts::COMMIT_GROUP`).
+#[derive(Clone, Debug)]
+pub(crate) struct GroupWrite {
+    /// Its event.
+    pub event: Vec<u8>,
+    /// Its delta head (`events::delta_head`).
+    pub head: Vec<u8>,
+    /// Its bytes (for the channel of events with bytes).
+    pub bytes: Bytes,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -1216,15 +1230,31 @@ async fn commit_as(
         keys.push(k.data.as_str());
     }
     let lean = plan.bytes_only(change);
-    let script: &scripts::Lua = if lean {
+    let grouped = lean && !change.group.is_empty();
+    let script: &scripts::Lua = if grouped {
+        &scripts::COMMIT_GROUP
+    } else if lean {
         &scripts::COMMIT_BYTES
     } else {
         &scripts::COMMIT
     };
-    let mut args: Vec<&[u8]> = Vec::with_capacity(13 + 2 * change.set.len() + change.del.len());
-    // Numbers only `COMMIT` takes, made only for it.
+    let mut args: Vec<&[u8]> =
+        Vec::with_capacity(13 + 2 * change.set.len() + change.del.len() + 3 * change.group.len());
+    // Numbers only `COMMIT` and `COMMIT_GROUP` take, made only for them.
     let (fence, at, n_set): (String, String, String);
-    if lean {
+    let n_writes: String;
+    if grouped {
+        n_writes = change.group.len().to_string();
+        args.extend_from_slice(&[
+            expected.as_bytes(),
+            change.op.as_bytes(),
+            claim,
+            n_writes.as_bytes(),
+        ]);
+        for w in &change.group {
+            args.extend_from_slice(&[&w.event, &w.head, &w.bytes]);
+        }
+    } else if lean {
         args.extend_from_slice(&[
             expected.as_bytes(),
             change.op.as_bytes(),

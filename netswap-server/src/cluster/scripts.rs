@@ -203,20 +203,30 @@ return {1}
 /// gone). The channels are the state hash's key with `e` and `E` for its last `m`
 /// (`keys::RecordKeys`), made here so that commits of records nobody watches do not
 /// carry them.
+///
+/// `COMMIT_GROUP` sends several events on one look at the subscribers: `channels()`
+/// gives both channels and whether each has subscribers, `send(…)` sends one event.
 const PUBLISH: &str = r#"
-local function publish(event, head, bytes, keep)
+local function channels()
   local base = string.sub(KEYS[1], 1, -2)
   local e, de = base .. 'e', base .. 'E'
   local subs = redis.call('PUBSUB', 'SHARDNUMSUB', e, de)
-  if subs[2] > 0 then redis.call('SPUBLISH', e, event) end
-  if subs[4] > 0 then
+  return e, de, subs[2] > 0, subs[4] > 0
+end
+local function send(e, de, to_e, to_de, event, head, bytes)
+  if to_e then redis.call('SPUBLISH', e, event) end
+  if to_de then
     if head ~= '' then
       redis.call('SPUBLISH', de, event .. head .. bytes)
     else
       redis.call('SPUBLISH', de, event)
     end
   end
-  if subs[2] == 0 and subs[4] == 0 and keep then redis.call('HDEL', KEYS[1], 'w') end
+end
+local function publish(event, head, bytes, keep)
+  local e, de, to_e, to_de = channels()
+  send(e, de, to_e, to_de, event, head, bytes)
+  if not to_e and not to_de and keep then redis.call('HDEL', KEYS[1], 'w') end
 end
 "#;
 
@@ -274,6 +284,25 @@ pub(crate) const CLAIM_AFTER: u32 = 3;
 /// Commits of other gateways that give way to one claim at most ([`CLAIM`]).
 pub(crate) const CLAIM_YIELDS: u32 = 32;
 
+/// The start of [`COMMIT_BYTES`] and [`COMMIT_GROUP`]: reads the record's `l`, `r`,
+/// `w` and `c` into `m`, and returns `{1}` if the commit was applied already (its
+/// operation id, ARGV[2]), or the record's state (`CHANGED`) if it is not at the
+/// expected revision (ARGV[1]) or gives way to a claim (`CLAIM`; the commit's own in
+/// ARGV[`claim_arg`]).
+fn lean_check(claim_arg: usize) -> String {
+    let claim = &*CLAIM;
+    format!(
+        r#"{PUBLISH}{CHANGED}{claim}
+local m = redis.call('HMGET', KEYS[1], 'l', 'r', 'w', 'c')
+if m[1] == ARGV[2] then return {{1}} end
+if m[2] ~= ARGV[1] then
+  if m[2] then claim(ARGV[{claim_arg}], m[4]) end
+  return changed(m[2])
+end
+if yields(m[4], ARGV[{claim_arg}]) then return changed(m[2]) end"#
+    )
+}
+
 /// The commit of most writes, cheaper for Redis than [`COMMIT`]: new bytes (at most
 /// `IN_HASH`) for an existing record whose bytes are in its state hash, with no
 /// fence, no quota marker and no field deleted (a REPLACE or REPLACE_IF of a small
@@ -287,19 +316,41 @@ pub(crate) const CLAIM_YIELDS: u32 = 32;
 /// head ('' = not a data change), claim ([`CLAIM`]; '' = none), then field/value
 /// pairs to set.
 pub(crate) static COMMIT_BYTES: LazyLock<Lua> = LazyLock::new(|| {
-    let claim = &*CLAIM;
+    let check = lean_check(6);
     Lua::new(&format!(
-        r#"{PUBLISH}{CHANGED}{claim}
-local m = redis.call('HMGET', KEYS[1], 'l', 'r', 'w', 'c')
-if m[1] == ARGV[2] then return {{1}} end
-if m[2] ~= ARGV[1] then
-  if m[2] then claim(ARGV[6], m[4]) end
-  return changed(m[2])
-end
-if yields(m[4], ARGV[6]) then return changed(m[2]) end
+        r#"{check}
 redis.call('HSET', KEYS[1], 'l', ARGV[2], 'd', ARGV[3], unpack(ARGV, 7))
 if m[4] then redis.call('HDEL', KEYS[1], 'c', 'cn') end
 if m[3] and ARGV[4] ~= '' then publish(ARGV[4], ARGV[5], ARGV[3], true) end
+return {{1}}
+"#
+    ))
+});
+
+/// Several writes of one record in one commit (`group`): [`COMMIT_BYTES`] for n
+/// whole-record writes decided one after the other on the expected revision, each
+/// with its own event, sent in order. All or none: the same compare-and-set,
+/// idempotence and claims as [`COMMIT_BYTES`]; the record gets the last write's
+/// bytes, and the fields set say the state after the last.
+/// Returns what [`COMMIT`] returns (`{1}`, `{0, rev, …}`).
+///
+/// KEYS: meta. ARGV: expected rev, op id, claim ([`CLAIM`]; '' = none), n, then n
+/// triples (event payload, delta head, bytes), then field/value pairs to set.
+pub(crate) static COMMIT_GROUP: LazyLock<Lua> = LazyLock::new(|| {
+    let check = lean_check(3);
+    Lua::new(&format!(
+        r#"{check}
+local n = tonumber(ARGV[4])
+local fields = 5 + 3 * n
+redis.call('HSET', KEYS[1], 'l', ARGV[2], 'd', ARGV[fields - 1], unpack(ARGV, fields))
+if m[4] then redis.call('HDEL', KEYS[1], 'c', 'cn') end
+if m[3] then
+  local e, de, to_e, to_de = channels()
+  for at = 5, fields - 1, 3 do
+    send(e, de, to_e, to_de, ARGV[at], ARGV[at + 1], ARGV[at + 2])
+  end
+  if not to_e and not to_de then redis.call('HDEL', KEYS[1], 'w') end
+end
 return {{1}}
 "#
     ))
@@ -463,11 +514,12 @@ pub(crate) static TIME: LazyLock<Lua> = LazyLock::new(|| Lua::new(&format!("{NOW
 
 /// Every script a gateway runs, for loading them on a primary before they are needed
 /// (`redis_io::load_scripts`).
-pub(crate) fn all() -> [&'static Lua; 11] {
+pub(crate) fn all() -> [&'static Lua; 12] {
     [
         &*LOAD,
         &*COMMIT,
         &*COMMIT_BYTES,
+        &*COMMIT_GROUP,
         &*WATCHED,
         &*CAS,
         &*LEASE,

@@ -1,0 +1,262 @@
+//! Writes of one record that queued together on a gateway, committed together.
+//!
+//! A gateway changes a record one change at a time (`serial`), one Redis round trip
+//! each, so a record written by many connections at once took at most one write per
+//! round trip, and the writes queued behind it waited for every one before them
+//! (REPLACE by Zipf's law: half the writes per second of writes spread evenly, and a
+//! p99 of a quarter of a second; docs/BENCHMARKS.md). Now the small whole-record
+//! writes (REPLACE and REPLACE_IF of at most `scripts::IN_HASH` bytes) that queue
+//! behind a change of their record join one *group*; its leader, once it has the
+//! record's turn, decides them in the order they came, each on the state the one
+//! before leaves (the rules of `netswap_proto::rules`, as for one write), and commits
+//! them with one compare-and-set on the revision they were decided on
+//! (`scripts::COMMIT_GROUP`): all or none. Each write still raises the version by
+//! one and sends its own event, in order, and gets its own reply; a REPLACE_IF whose
+//! version an earlier member already raised gets its CONFLICT, decided in the same
+//! order it would have been one at a time. Writes of other kinds, or ones that change
+//! the record's size (quota charges, a fence), end the group's prefix and go one at a
+//! time as before.
+//!
+//! A group is decided only on the state the gateway remembers (`states`): the commit
+//! checks the revision, so a stale state costs one lost race, after which the state
+//! the commit found is remembered and the group decided again. With no state
+//! remembered the first member goes alone (its load remembers one).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use netswap_proto::rules::{self, Decision, WriteKind};
+use netswap_proto::{Event, Pointer, Reply, Request, Status};
+use tokio::sync::oneshot;
+
+use super::events::{EventInfo, delta_head};
+use super::ops::{outcome_unknown, view};
+use super::redis_io::{Change, Committed, DataOp, GroupWrite, Stored, unavailable};
+use super::serial::{Entered, Turn};
+use super::{Caller, ClusterStore, MAX_ATTEMPTS, Outcome, lock, scripts};
+
+/// The most writes one commit applies (the leader's and those that joined it).
+pub(crate) const MAX_GROUP: usize = 32;
+
+/// A write waiting in a group: who asked, what, and where its outcome goes.
+pub(crate) struct Member {
+    caller: Caller,
+    request: Request,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// Whether `request` may be committed with other writes of its record: a REPLACE or
+/// REPLACE_IF of bytes that fit in a state hash.
+pub(crate) fn groupable(request: &Request) -> bool {
+    matches!(request, Request::Replace { data, .. } | Request::ReplaceIf { data, .. }
+        if data.len() <= scripts::IN_HASH)
+}
+
+/// A group's members decided on one state: the replies of the first
+/// `replies.len()` members, if `change` (their writes) commits.
+struct Decided {
+    replies: Vec<Reply>,
+    change: Change,
+    /// The record after the change.
+    after: Stored,
+    /// Writes in the change.
+    writes: usize,
+}
+
+impl ClusterStore {
+    /// Takes the record's turn for a groupable write ([`groupable`]): joins the
+    /// record's open group, or leads a new one and applies it when the record's turn
+    /// comes (`Err`: the write's outcome), or, if nothing joined it, returns the turn
+    /// for the caller to apply the write alone as any change.
+    ///
+    /// Only the turn: a request's future is `apply`'s whichever request it is, and
+    /// holds room for the largest branch, so a second way to apply one request here
+    /// made every request's future 368 bytes larger (docs/BENCHMARKS.md, "A READ's
+    /// future").
+    pub(super) async fn enter_grouped(
+        self: &Arc<Self>,
+        caller: &Caller,
+        ptr: Pointer,
+        request: &Request,
+    ) -> Result<Turn<'_, Pointer, Member>, Outcome> {
+        // A member is made only if the write joins a group.
+        let mut outcome = None;
+        let entered = self
+            .serial
+            .enter_group(ptr, MAX_GROUP, || {
+                let (reply, receiver) = oneshot::channel();
+                outcome = Some(receiver);
+                Member {
+                    caller: caller.clone(),
+                    request: request.clone(),
+                    reply,
+                }
+            })
+            .await;
+        match entered {
+            Entered::Joined => {}
+            Entered::Lead(turn, members) if members.is_empty() => return Ok(turn),
+            Entered::Lead(turn, members) => {
+                let (reply, receiver) = oneshot::channel();
+                outcome = Some(receiver);
+                let mut all = Vec::with_capacity(1 + members.len());
+                all.push(Member {
+                    caller: caller.clone(),
+                    request: request.clone(),
+                    reply,
+                });
+                all.extend(members);
+                // In a task of its own: the members' connections wait for it
+                // whatever becomes of the leader's.
+                let turn = turn.detach(self.serial.clone());
+                tokio::spawn(self.clone().apply_group(ptr, turn, all));
+            }
+        }
+        let outcome = outcome.expect("a member made");
+        Err(outcome.await.unwrap_or_else(|_| {
+            Reply::error(
+                Status::Busy,
+                "this write was not applied: the write it was queued with ended first; retry",
+            )
+            .into()
+        }))
+    }
+
+    /// Applies a group's members in order, holding the record's turn: the longest
+    /// prefix that can be decided together in one commit, else the first alone.
+    async fn apply_group(
+        self: Arc<Self>,
+        ptr: Pointer,
+        turn: Turn<'static, Pointer, Member>,
+        members: Vec<Member>,
+    ) {
+        let _turn = turn;
+        let _admitted = self.turn().await;
+        let mut queue: VecDeque<Member> = members.into();
+        let mut lost = 0;
+        while !queue.is_empty() {
+            let decided = match lock(&self.states).get(ptr) {
+                Some(rec) if queue.len() > 1 => self.decide_group(&rec, &queue),
+                _ => None,
+            };
+            let Some(d) = decided else {
+                let m = queue.pop_front().expect("not empty");
+                let done = self.apply_in_turn(&m.caller, ptr, &m.request).await;
+                let _ = m.reply.send(done);
+                lost = 0;
+                continue;
+            };
+            let failed = match self.commit(ptr, &d.change).await {
+                Ok(Committed::Yes) => {
+                    lock(&self.states).seen(ptr, &d.after);
+                    self.grouped_writes
+                        .fetch_add(d.writes as u64 - 1, Ordering::Relaxed);
+                    let n = d.replies.len();
+                    for (m, r) in queue.drain(..n).zip(d.replies) {
+                        let _ = m.reply.send(r.into());
+                    }
+                    lost = 0;
+                    continue;
+                }
+                // Decided again on the state the commit found (remembered by
+                // `commit`), or, if it brought none, the first alone.
+                Ok(Committed::Changed(_) | Committed::Fenced) => {
+                    lost += 1;
+                    if lost < MAX_ATTEMPTS {
+                        continue;
+                    }
+                    Reply::error(
+                        Status::Busy,
+                        "the record kept changing under this request; retry later",
+                    )
+                }
+                Ok(Committed::Unknown) => outcome_unknown(),
+                Err(e) => unavailable(&e),
+            };
+            lost = 0;
+            for m in queue.drain(..d.replies.len()) {
+                let _ = m.reply.send(failed.clone().into());
+            }
+        }
+    }
+
+    /// Decides the longest prefix of `queue` that one commit can apply, on `rec`:
+    /// whole-record writes that keep the record's size in its state hash, and the
+    /// answers (CONFLICT, ACCESS_VIOLATION, …) between them, which the commit's
+    /// compare-and-set shows were decided on the record as it was. `None` when that
+    /// is fewer than two members or holds no write.
+    fn decide_group(&self, rec: &Stored, queue: &VecDeque<Member>) -> Option<Decided> {
+        if rec.legacy || !rec.inline || rec.size > scripts::IN_HASH as u64 {
+            return None;
+        }
+        let mut cur = rec.clone();
+        let mut replies = Vec::new();
+        let mut writes: Vec<GroupWrite> = Vec::new();
+        for m in queue {
+            let me = m.caller.identity;
+            let (Request::Replace { data, .. } | Request::ReplaceIf { data, .. }) = &m.request
+            else {
+                break;
+            };
+            match rules::decide(&m.request, Some(&view(&cur, &me)), &me, None, &self.cfg) {
+                Decision::Write(w)
+                    if matches!(w.kind, WriteKind::Replace)
+                        && w.bytes_delta == 0
+                        && w.new_size <= scripts::IN_HASH as u64 =>
+                {
+                    let rev = cur.rev + 1;
+                    writes.push(GroupWrite {
+                        event: EventInfo::new(
+                            Event::Changed,
+                            w.new_version,
+                            rev,
+                            cur.owner,
+                            cur.access,
+                        )
+                        .encode(),
+                        head: delta_head(w.new_size, 0),
+                        bytes: data.clone(),
+                    });
+                    cur = Stored {
+                        rev,
+                        version: w.new_version,
+                        size: w.new_size,
+                        ..cur
+                    };
+                    replies.push(Reply::Written(w.new_version));
+                }
+                Decision::Answer(r) => replies.push(r),
+                _ => break,
+            }
+        }
+        if writes.is_empty() || replies.len() < 2 {
+            return None;
+        }
+        let n = writes.len();
+        let last = writes.pop().expect("one write at least");
+        let change = Change {
+            expected: Some(rec.rev),
+            event: Some(last.event.clone()),
+            data: DataOp::Set(last.bytes.clone()),
+            set: vec![("r", cur.rev.to_string().into_bytes()), cur.state_field()],
+            op: self.op_id(),
+            new_size: Some(cur.size),
+            inline: true,
+            // One write alone is `scripts::COMMIT_BYTES`'s, with the answers.
+            group: if n > 1 {
+                writes.push(last);
+                writes
+            } else {
+                Vec::new()
+            },
+            ..Change::default()
+        };
+        Some(Decided {
+            replies,
+            change,
+            after: cur,
+            writes: n,
+        })
+    }
+}
