@@ -204,29 +204,38 @@ return {1}
 /// (`keys::RecordKeys`), made here so that commits of records nobody watches do not
 /// carry them.
 ///
-/// `COMMIT_GROUP` sends several events on one look at the subscribers: `channels()`
-/// gives both channels and whether each has subscribers, `send(…)` sends one event.
+/// One function: a script defines its functions anew on every call, and each costs
+/// Redis a closure (`COMMIT_GROUP` has its own, [`PUBLISH_ALL`]).
 const PUBLISH: &str = r#"
-local function channels()
+local function publish(event, head, bytes, keep)
   local base = string.sub(KEYS[1], 1, -2)
   local e, de = base .. 'e', base .. 'E'
   local subs = redis.call('PUBSUB', 'SHARDNUMSUB', e, de)
-  return e, de, subs[2] > 0, subs[4] > 0
-end
-local function send(e, de, to_e, to_de, event, head, bytes)
-  if to_e then redis.call('SPUBLISH', e, event) end
-  if to_de then
+  if subs[2] > 0 then redis.call('SPUBLISH', e, event) end
+  if subs[4] > 0 then
     if head ~= '' then
       redis.call('SPUBLISH', de, event .. head .. bytes)
     else
       redis.call('SPUBLISH', de, event)
     end
   end
+  if subs[2] == 0 and subs[4] == 0 and keep then redis.call('HDEL', KEYS[1], 'w') end
 end
-local function publish(event, head, bytes, keep)
-  local e, de, to_e, to_de = channels()
-  send(e, de, to_e, to_de, event, head, bytes)
-  if not to_e and not to_de and keep then redis.call('HDEL', KEYS[1], 'w') end
+"#;
+
+/// [`PUBLISH`] for the writes of a group (`COMMIT_GROUP`): `publish_all(first,
+/// last)` sends the events of the ARGV triples (event, delta head, bytes) from
+/// `first` to `last` in order, on one look at the subscribers.
+const PUBLISH_ALL: &str = r#"
+local function publish_all(first, last)
+  local base = string.sub(KEYS[1], 1, -2)
+  local e, de = base .. 'e', base .. 'E'
+  local subs = redis.call('PUBSUB', 'SHARDNUMSUB', e, de)
+  if subs[2] == 0 and subs[4] == 0 then redis.call('HDEL', KEYS[1], 'w') end
+  for at = first, last, 3 do
+    if subs[2] > 0 then redis.call('SPUBLISH', e, ARGV[at]) end
+    if subs[4] > 0 then redis.call('SPUBLISH', de, ARGV[at] .. ARGV[at + 1] .. ARGV[at + 2]) end
+  end
 end
 "#;
 
@@ -289,10 +298,10 @@ pub(crate) const CLAIM_YIELDS: u32 = 32;
 /// operation id, ARGV[2]), or the record's state (`CHANGED`) if it is not at the
 /// expected revision (ARGV[1]) or gives way to a claim (`CLAIM`; the commit's own in
 /// ARGV[`claim_arg`]).
-fn lean_check(claim_arg: usize) -> String {
+fn lean_check(claim_arg: usize, publish: &str) -> String {
     let claim = &*CLAIM;
     format!(
-        r#"{PUBLISH}{CHANGED}{claim}
+        r#"{publish}{CHANGED}{claim}
 local m = redis.call('HMGET', KEYS[1], 'l', 'r', 'w', 'c')
 if m[1] == ARGV[2] then return {{1}} end
 if m[2] ~= ARGV[1] then
@@ -316,7 +325,7 @@ if yields(m[4], ARGV[{claim_arg}]) then return changed(m[2]) end"#
 /// head ('' = not a data change), claim ([`CLAIM`]; '' = none), then field/value
 /// pairs to set.
 pub(crate) static COMMIT_BYTES: LazyLock<Lua> = LazyLock::new(|| {
-    let check = lean_check(6);
+    let check = lean_check(6, PUBLISH);
     Lua::new(&format!(
         r#"{check}
 redis.call('HSET', KEYS[1], 'l', ARGV[2], 'd', ARGV[3], unpack(ARGV, 7))
@@ -337,20 +346,14 @@ return {{1}}
 /// KEYS: meta. ARGV: expected rev, op id, claim ([`CLAIM`]; '' = none), n, then n
 /// triples (event payload, delta head, bytes), then field/value pairs to set.
 pub(crate) static COMMIT_GROUP: LazyLock<Lua> = LazyLock::new(|| {
-    let check = lean_check(3);
+    let check = lean_check(3, PUBLISH_ALL);
     Lua::new(&format!(
         r#"{check}
 local n = tonumber(ARGV[4])
 local fields = 5 + 3 * n
 redis.call('HSET', KEYS[1], 'l', ARGV[2], 'd', ARGV[fields - 1], unpack(ARGV, fields))
 if m[4] then redis.call('HDEL', KEYS[1], 'c', 'cn') end
-if m[3] then
-  local e, de, to_e, to_de = channels()
-  for at = 5, fields - 1, 3 do
-    send(e, de, to_e, to_de, ARGV[at], ARGV[at + 1], ARGV[at + 2])
-  end
-  if not to_e and not to_de then redis.call('HDEL', KEYS[1], 'w') end
-end
+if m[3] then publish_all(5, fields - 3) end
 return {{1}}
 "#
     ))
