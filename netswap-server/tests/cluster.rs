@@ -4915,11 +4915,53 @@ async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
         opts(&mut o);
         c.cluster = Some(o);
         c.identity_key = IdentityKey::new(GATEWAY_KEY);
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         netswap_server::spawn(c, 2).unwrap()
     };
     let gws = [mk(), mk()];
-    // 16 writers, each with its own record, writing a counter as fast as it can.
+    // One record written by eight connections at once, four through each gateway:
+    // their writes queue together and are committed in groups (`group.rs`), through
+    // the failover of the record's own primary.
+    let mut creator = Raw::connect(gws[0].addr(), 19).await;
+    let hot = creator
+        .create(Access::READ | Access::WRITE, &b"--:--------"[..])
+        .await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut hot_writers = Vec::new();
+    for w in 0..8u8 {
+        let addr = gws[w as usize % 2].addr();
+        let stop = stop.clone();
+        hot_writers.push(tokio::spawn(async move {
+            let mut c = Raw::connect(addr, 40 + w).await;
+            // (version, bytes) of each acknowledged write; the bytes of those
+            // answered BUSY (maybe applied).
+            let (mut acked, mut maybe) = (Vec::new(), Vec::new());
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let data = Bytes::from(format!("{w:02}:{n:08}"));
+                match c
+                    .ask(Request::Replace {
+                        ptr: hot,
+                        data: data.clone(),
+                    })
+                    .await
+                {
+                    Reply::Written(v) => acked.push((v, data)),
+                    Reply::Error {
+                        status: Status::Busy,
+                        ..
+                    } => {
+                        maybe.push(data);
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    r => panic!("hot writer {w}: {r:?}"),
+                }
+            }
+            (acked, maybe)
+        }));
+    }
+    // 16 writers, each with its own record, writing a counter as fast as it can.
     let mut writers = Vec::new();
     for w in 0..16u8 {
         let addr = gws[w as usize % 2].addr();
@@ -4962,7 +5004,7 @@ async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
         }));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let victim = cluster.primary_of("ns:{r:0000000000000001}:m");
+    let victim = cluster.primary_of(&format!("{prefix}:{{r:{hot}}}:m"));
     cluster.kill(victim);
     let killed_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -4994,10 +5036,54 @@ async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
         unresolved += maybe.len();
         checked += 1;
     }
+    // The hot record: every acknowledged write has a version of its own, each
+    // writer's rise, and the record holds the highest acknowledged write, or a later
+    // one answered BUSY (maybe applied) with a higher version.
+    let (mut versions, mut maybe) = (std::collections::BTreeMap::new(), Vec::new());
+    for w in hot_writers {
+        let (acked, busy) = w.await.unwrap();
+        assert!(!acked.is_empty(), "every hot writer got writes in");
+        assert!(
+            acked.windows(2).all(|a| a[0].0 < a[1].0),
+            "a writer's versions rise"
+        );
+        for (v, data) in acked {
+            assert!(
+                versions.insert(v, data).is_none(),
+                "version {v} acknowledged twice"
+            );
+        }
+        maybe.extend(busy);
+    }
+    let (&top, top_data) = versions.last_key_value().unwrap();
+    let (data, version) = loop {
+        let data = creator.read(hot).await;
+        let info = creator.ask(Request::Info { ptr: hot }).await;
+        match (data, info) {
+            (Reply::Data(d), Reply::Info(i)) => break (d, i.version),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert!(
+        (version == top && data == *top_data) || (version > top && maybe.contains(&data)),
+        "the hot record holds {data:?} at version {version}; the highest acknowledged is {top_data:?} at {top}"
+    );
+    let grouped: f64 = gws
+        .iter()
+        .map(|g| {
+            metric(
+                &scrape(g.metrics_addr().unwrap()),
+                "netswap_redis_grouped_writes_total",
+            )
+        })
+        .sum();
+    assert!(grouped > 0.0, "the hot record's writes were grouped");
     println!(
-        "failover: {checked} records checked, longest write stall {:.2} s, {unresolved} BUSY writes after the last acknowledged ones (primary killed {:.1} s before the end)",
+        "failover: {checked} records checked, longest write stall {:.2} s, {unresolved} BUSY writes after the last acknowledged ones (primary killed {:.1} s before the end); the hot record: {} writes acknowledged, {} BUSY",
         worst.as_secs_f64(),
-        killed_at.elapsed().as_secs_f64()
+        killed_at.elapsed().as_secs_f64(),
+        versions.len(),
+        maybe.len()
     );
     // Failure detection (cluster-node-timeout 1.5 s), the election, and the gateway
     // following the new topology: a few seconds, and well before the end.
