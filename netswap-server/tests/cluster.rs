@@ -4014,9 +4014,10 @@ async fn writers_of_one_record_all_get_in_and_its_orphan_is_still_reaped() {
 
 /// Writes of one record that queue together on a gateway are committed together
 /// (`group.rs`), and nothing a client sees tells them from writes one at a time:
-/// every REPLACE gets its own version, the versions are 2, 3, … with none twice, a
-/// watcher hears every one in order, a data watcher gets each write's bytes with its
-/// version, and the record ends with the bytes of the highest. REPLACE_IFs on one
+/// every REPLACE and WRITE_AT gets its own version, the versions are 2, 3, … with
+/// none twice, a watcher hears every one in order, a data watcher gets each write's
+/// bytes with its version, and the record ends with the writes applied in the order
+/// of their versions. REPLACE_IFs on one
 /// version racing each other: exactly one wins each round, the rest are CONFLICT with
 /// the version it made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -4053,35 +4054,56 @@ async fn writes_of_one_record_that_queue_together_commit_together() {
         writers.push(tokio::spawn(async move {
             let mut c = Raw::connect_from(addr, many(6, 1 + i)).await;
             start.wait().await;
+            // Half REPLACE the whole record, half WRITE_AT their own 4 bytes of it.
             let mut got = Vec::new();
             for n in 0..WRITES {
-                let data = Bytes::from(format!("writer {i:02} #{n:04}."));
-                match c
-                    .ask(Request::Replace {
+                let (request, write) = if i < WRITERS / 2 {
+                    let data = Bytes::from(format!("writer {i:02} #{n:04}."));
+                    let request = Request::Replace {
                         ptr: hot,
                         data: data.clone(),
-                    })
-                    .await
-                {
-                    Reply::Written(v) => got.push((v, data)),
-                    other => panic!("REPLACE {n} of writer {i}: {other:?}"),
+                    };
+                    (request, (None, data))
+                } else {
+                    let offset = 4 * (i - WRITERS / 2) as u64;
+                    let data = Bytes::from(format!("{i}{n:03}"));
+                    let request = Request::WriteAt {
+                        ptr: hot,
+                        offset,
+                        data: data.clone(),
+                    };
+                    (request, (Some(offset), data))
+                };
+                match c.ask(request).await {
+                    Reply::Written(v) => got.push((v, write)),
+                    other => panic!("write {n} of writer {i}: {other:?}"),
                 }
             }
             got
         }));
     }
-    let mut written = std::collections::BTreeMap::new();
+    let mut writes = std::collections::BTreeMap::new();
     for wr in writers {
-        for (v, data) in wr.await.unwrap() {
-            assert!(written.insert(v, data).is_none(), "version {v} given twice");
+        for (v, write) in wr.await.unwrap() {
+            assert!(writes.insert(v, write).is_none(), "version {v} given twice");
         }
     }
     let last = 1 + (WRITERS * WRITES) as u64;
     assert_eq!(
-        written.keys().copied().collect::<Vec<_>>(),
+        writes.keys().copied().collect::<Vec<_>>(),
         (2..=last).collect::<Vec<_>>(),
         "one version per write, none skipped"
     );
+    // The record's bytes at each version: the writes applied in version order.
+    let mut written = std::collections::BTreeMap::new();
+    let mut state = vec![b'-'; 16];
+    for (&v, (offset, data)) in &writes {
+        match offset {
+            None => state = data.to_vec(),
+            Some(off) => state[*off as usize..*off as usize + data.len()].copy_from_slice(data),
+        }
+        written.insert(v, state.clone());
+    }
     for v in 2..=last {
         changed_event(&mut w, 7, hot, v).await;
     }
@@ -4106,11 +4128,42 @@ async fn writes_of_one_record_that_queue_together_commit_together() {
         }
     }
     same_bytes(owner.read(hot).await, &written[&last], "the record");
-    let grouped = metric(
-        &scrape(gw.metrics_addr().unwrap()),
-        "netswap_redis_grouped_writes_total",
+    let grouped = || {
+        metric(
+            &scrape(gw.metrics_addr().unwrap()),
+            "netswap_redis_grouped_writes_total",
+        )
+    };
+    let before = grouped();
+    assert!(before > 0.0, "writes that queued together were grouped");
+
+    // WRITE_ATs only, each writer to its own 2 bytes: the record ends with every
+    // writer's last bytes (made by the group's script from the record's bytes).
+    let mut writers = Vec::new();
+    for i in 0..WRITERS {
+        let addr = gw.addr();
+        writers.push(tokio::spawn(async move {
+            let mut c = Raw::connect_from(addr, many(6, 1 + i)).await;
+            for n in 0..WRITES {
+                let write = Request::WriteAt {
+                    ptr: hot,
+                    offset: 2 * i as u64,
+                    data: Bytes::from(format!("{:02}", n % 100)),
+                };
+                assert!(matches!(c.ask(write).await, Reply::Written(_)));
+            }
+        }));
+    }
+    for wr in writers {
+        wr.await.unwrap();
+    }
+    let each_last = format!("{:02}", (WRITES - 1) % 100).repeat(WRITERS);
+    same_bytes(
+        owner.read(hot).await,
+        each_last.as_bytes(),
+        "every writer's last",
     );
-    assert!(grouped > 0.0, "writes that queued together were grouped");
+    assert!(grouped() > before, "WRITE_ATs were grouped");
 
     // REPLACE_IF races: one winner per round, whoever it is.
     let mut racers = Vec::new();
@@ -4118,7 +4171,7 @@ async fn writes_of_one_record_that_queue_together_commit_together() {
         racers.push(Raw::connect_from(gw.addr(), many(6, 1 + i)).await);
     }
     for round in 0..ROUNDS {
-        let expected = last + round;
+        let expected = last + (WRITERS * WRITES) as u64 + round;
         let sent: Vec<u32> = {
             let mut sent = Vec::new();
             for r in racers.iter_mut() {

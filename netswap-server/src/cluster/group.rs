@@ -4,8 +4,8 @@
 //! each, so a record written by many connections at once took at most one write per
 //! round trip, and the writes queued behind it waited for every one before them
 //! (REPLACE by Zipf's law: half the writes per second of writes spread evenly, and a
-//! p99 of a quarter of a second; docs/BENCHMARKS.md). Now the small whole-record
-//! writes (REPLACE and REPLACE_IF of at most `scripts::IN_HASH` bytes) that queue
+//! p99 of a quarter of a second; docs/BENCHMARKS.md). Now the small writes (REPLACE,
+//! REPLACE_IF and WRITE_AT within the first `scripts::IN_HASH` bytes) that queue
 //! behind a change of their record join one *group*; its leader, once it has the
 //! record's turn, decides them in the order they came, each on the state the one
 //! before leaves (the rules of `netswap_proto::rules`, as for one write), and commits
@@ -13,8 +13,8 @@
 //! (`scripts::COMMIT_GROUP`): all or none. Each write still raises the version by
 //! one and sends its own event, in order, and gets its own reply; a REPLACE_IF whose
 //! version an earlier member already raised gets its CONFLICT, decided in the same
-//! order it would have been one at a time. Writes of other kinds, or ones that change
-//! the record's size (quota charges, a fence), end the group's prefix and go one at a
+//! order it would have been one at a time. Other changes, and writes that change the
+//! record's size (quota charges, a fence), end the group's prefix and go one at a
 //! time as before.
 //!
 //! A group is decided only on the state the gateway remembers (`states`): the commit
@@ -26,6 +26,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use bytes::Bytes;
 use netswap_proto::rules::{self, Decision, WriteKind};
 use netswap_proto::{Event, Pointer, Reply, Request, Status};
 use tokio::sync::oneshot;
@@ -46,11 +47,18 @@ pub(crate) struct Member {
     reply: oneshot::Sender<Outcome>,
 }
 
-/// Whether `request` may be committed with other writes of its record: a REPLACE or
-/// REPLACE_IF of bytes that fit in a state hash.
+/// Whether `request` may be committed with other writes of its record: a REPLACE,
+/// REPLACE_IF or WRITE_AT of bytes that fit in a state hash.
 pub(crate) fn groupable(request: &Request) -> bool {
-    matches!(request, Request::Replace { data, .. } | Request::ReplaceIf { data, .. }
-        if data.len() <= scripts::IN_HASH)
+    match request {
+        Request::Replace { data, .. } | Request::ReplaceIf { data, .. } => {
+            data.len() <= scripts::IN_HASH
+        }
+        Request::WriteAt { offset, data, .. } => {
+            offset.saturating_add(data.len() as u64) <= scripts::IN_HASH as u64
+        }
+        _ => false,
+    }
 }
 
 /// A group's members decided on one state: the replies of the first
@@ -182,7 +190,7 @@ impl ClusterStore {
     }
 
     /// Decides the longest prefix of `queue` that one commit can apply, on `rec`:
-    /// whole-record writes that keep the record's size in its state hash, and the
+    /// writes that keep the record's size, in its state hash, and the
     /// answers (CONFLICT, ACCESS_VIOLATION, …) between them, which the commit's
     /// compare-and-set shows were decided on the record as it was. `None` when that
     /// is fewer than two members or holds no write.
@@ -195,16 +203,20 @@ impl ClusterStore {
         let mut writes: Vec<GroupWrite> = Vec::new();
         for m in queue {
             let me = m.caller.identity;
-            let (Request::Replace { data, .. } | Request::ReplaceIf { data, .. }) = &m.request
+            let (Request::Replace { data, .. }
+            | Request::ReplaceIf { data, .. }
+            | Request::WriteAt { data, .. }) = &m.request
             else {
                 break;
             };
             match rules::decide(&m.request, Some(&view(&cur, &me)), &me, None, &self.cfg) {
                 Decision::Write(w)
-                    if matches!(w.kind, WriteKind::Replace)
-                        && w.bytes_delta == 0
-                        && w.new_size <= scripts::IN_HASH as u64 =>
+                    if w.bytes_delta == 0 && w.new_size <= scripts::IN_HASH as u64 =>
                 {
+                    let (offset, at) = match w.kind {
+                        WriteKind::Replace => (None, 0),
+                        WriteKind::At(off) => (Some(off), off),
+                    };
                     let rev = cur.rev + 1;
                     writes.push(GroupWrite {
                         event: EventInfo::new(
@@ -215,8 +227,9 @@ impl ClusterStore {
                             cur.access,
                         )
                         .encode(),
-                        head: delta_head(w.new_size, 0),
+                        head: delta_head(w.new_size, at),
                         bytes: data.clone(),
+                        offset,
                     });
                     cur = Stored {
                         rev,
@@ -234,22 +247,24 @@ impl ClusterStore {
             return None;
         }
         let n = writes.len();
-        let last = writes.pop().expect("one write at least");
+        let last = writes.last().expect("one write at least");
+        // One REPLACE alone (with answers) is `scripts::COMMIT_BYTES`'s; the rest go
+        // in `group`, and the script makes the bytes from them (`data` is only what
+        // makes the commit a lean one, `redis_io::Plan`).
+        let alone = n == 1 && last.offset.is_none();
         let change = Change {
             expected: Some(rec.rev),
             event: Some(last.event.clone()),
-            data: DataOp::Set(last.bytes.clone()),
+            data: DataOp::Set(if alone {
+                last.bytes.clone()
+            } else {
+                Bytes::new()
+            }),
             set: vec![("r", cur.rev.to_string().into_bytes()), cur.state_field()],
             op: self.op_id(),
             new_size: Some(cur.size),
             inline: true,
-            // One write alone is `scripts::COMMIT_BYTES`'s, with the answers.
-            group: if n > 1 {
-                writes.push(last);
-                writes
-            } else {
-                Vec::new()
-            },
+            group: if alone { Vec::new() } else { writes },
             ..Change::default()
         };
         Some(Decided {

@@ -207,8 +207,10 @@ pub(crate) struct GroupWrite {
     pub event: Vec<u8>,
     /// Its delta head (`events::delta_head`).
     pub head: Vec<u8>,
-    /// Its bytes (for the channel of events with bytes).
+    /// Its bytes: the record's (a REPLACE), or those written at `offset`.
     pub bytes: Bytes,
+    /// Where a WRITE_AT writes `bytes`; `None`: they replace the record's.
+    pub offset: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -1243,6 +1245,7 @@ async fn commit_as(
     // Numbers only `COMMIT` and `COMMIT_GROUP` take, made only for them.
     let (fence, at, n_set): (String, String, String);
     let n_writes: String;
+    let offsets: Vec<String>;
     if grouped {
         n_writes = change.group.len().to_string();
         args.extend_from_slice(&[
@@ -1251,8 +1254,13 @@ async fn commit_as(
             claim,
             n_writes.as_bytes(),
         ]);
-        for w in &change.group {
-            args.extend_from_slice(&[&w.event, &w.head, &w.bytes]);
+        offsets = change
+            .group
+            .iter()
+            .map(|w| w.offset.map(|o| o.to_string()).unwrap_or_default())
+            .collect();
+        for (w, off) in change.group.iter().zip(&offsets) {
+            args.extend_from_slice(&[&w.event, &w.head, &w.bytes, off.as_bytes()]);
         }
     } else if lean {
         args.extend_from_slice(&[

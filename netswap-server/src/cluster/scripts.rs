@@ -224,15 +224,15 @@ end
 "#;
 
 /// [`PUBLISH`] for the writes of a group (`COMMIT_GROUP`): `publish_all(first,
-/// last)` sends the events of the ARGV triples (event, delta head, bytes) from
-/// `first` to `last` in order, on one look at the subscribers.
+/// last)` sends the events of the ARGV quadruples (event, delta head, bytes, offset)
+/// from `first` to `last` in order, on one look at the subscribers.
 const PUBLISH_ALL: &str = r#"
 local function publish_all(first, last)
   local base = string.sub(KEYS[1], 1, -2)
   local e, de = base .. 'e', base .. 'E'
   local subs = redis.call('PUBSUB', 'SHARDNUMSUB', e, de)
   if subs[2] == 0 and subs[4] == 0 then redis.call('HDEL', KEYS[1], 'w') end
-  for at = first, last, 3 do
+  for at = first, last, 4 do
     if subs[2] > 0 then redis.call('SPUBLISH', e, ARGV[at]) end
     if subs[4] > 0 then redis.call('SPUBLISH', de, ARGV[at] .. ARGV[at + 1] .. ARGV[at + 2]) end
   end
@@ -337,23 +337,36 @@ return {{1}}
 });
 
 /// Several writes of one record in one commit (`group`): [`COMMIT_BYTES`] for n
-/// whole-record writes decided one after the other on the expected revision, each
-/// with its own event, sent in order. All or none: the same compare-and-set,
-/// idempotence and claims as [`COMMIT_BYTES`]; the record gets the last write's
-/// bytes, and the fields set say the state after the last.
+/// writes that keep the size of a record whose bytes are in its state hash, decided
+/// one after the other on the expected revision, each with its own event, sent in
+/// order. All or none: the same compare-and-set, idempotence and claims as
+/// [`COMMIT_BYTES`]. The record's bytes are those of the writes applied in order (a
+/// REPLACE's replace them, a WRITE_AT's are written at its offset; the record's own
+/// are read only when the first write is a WRITE_AT), and the fields set say the
+/// state after the last.
 /// Returns what [`COMMIT`] returns (`{1}`, `{0, rev, …}`).
 ///
 /// KEYS: meta. ARGV: expected rev, op id, claim ([`CLAIM`]; '' = none), n, then n
-/// triples (event payload, delta head, bytes), then field/value pairs to set.
+/// quadruples (event payload, delta head, bytes, offset: '' for a REPLACE), then
+/// field/value pairs to set.
 pub(crate) static COMMIT_GROUP: LazyLock<Lua> = LazyLock::new(|| {
     let check = lean_check(3, PUBLISH_ALL);
     Lua::new(&format!(
         r#"{check}
-local n = tonumber(ARGV[4])
-local fields = 5 + 3 * n
-redis.call('HSET', KEYS[1], 'l', ARGV[2], 'd', ARGV[fields - 1], unpack(ARGV, fields))
+local fields = 5 + 4 * tonumber(ARGV[4])
+local b
+for at = 5, fields - 4, 4 do
+  if ARGV[at + 3] == '' then
+    b = ARGV[at + 2]
+  else
+    if not b then b = redis.call('HGET', KEYS[1], 'd') or '' end
+    local off = tonumber(ARGV[at + 3])
+    b = string.sub(b, 1, off) .. ARGV[at + 2] .. string.sub(b, off + #ARGV[at + 2] + 1)
+  end
+end
+redis.call('HSET', KEYS[1], 'l', ARGV[2], 'd', b, unpack(ARGV, fields))
 if m[4] then redis.call('HDEL', KEYS[1], 'c', 'cn') end
-if m[3] then publish_all(5, fields - 3) end
+if m[3] then publish_all(5, fields - 4) end
 return {{1}}
 "#
     ))
