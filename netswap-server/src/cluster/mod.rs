@@ -469,7 +469,7 @@ pub(crate) struct ClusterStore {
     /// Small records read without a load (`None`: `--redis-read-cache 0`).
     reads: Option<Arc<reads::ReadCache>>,
     /// One change at a time per record on this gateway, and writes committed
-    /// together (`serial`, [`ClusterStore::apply_group`]).
+    /// together (`serial`, `group`).
     serial: Arc<serial::Serial<Pointer, group::Member>>,
     /// This gateway's lease changes of an identity (take, renew, release) in one
     /// order. Without it a renewal sent before the identity's last connection closed
@@ -619,7 +619,7 @@ pub struct GatewayCounts {
     /// Commits of changes that found the record changed since they were decided.
     pub commit_races_lost: u64,
     /// Writes committed in one commit with an earlier write of their record
-    /// ([`ClusterStore::apply_group`]).
+    /// (`cluster/group.rs`).
     pub grouped_writes: u64,
     /// Commits sent with a claim on their record (`scripts::CLAIM`).
     pub claims: u64,

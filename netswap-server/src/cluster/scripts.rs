@@ -295,9 +295,9 @@ pub(crate) const CLAIM_YIELDS: u32 = 32;
 
 /// The start of [`COMMIT_BYTES`] and [`COMMIT_GROUP`]: reads the record's `l`, `r`,
 /// `w` and `c` into `m`, and returns `{1}` if the commit was applied already (its
-/// operation id, ARGV[2]), or the record's state (`CHANGED`) if it is not at the
-/// expected revision (ARGV[1]) or gives way to a claim (`CLAIM`; the commit's own in
-/// ARGV[`claim_arg`]).
+/// operation id, `ARGV[2]`), or the record's state (`CHANGED`) if it is not at the
+/// expected revision (`ARGV[1]`) or gives way to a claim (`CLAIM`; the commit's own
+/// in the argument `claim_arg`). `publish`: the Lua functions for its events.
 fn lean_check(claim_arg: usize, publish: &str) -> String {
     let claim = &*CLAIM;
     format!(
