@@ -2707,7 +2707,14 @@ async fn a_read_cache_stays_exact_while_its_primary_is_made_a_replica() {
             && replication.contains("master_link_status:up")
     })
     .await;
-    assert_eq!(cluster.primary_of(&key(ptrs[0])), new);
+    // Every node learns of it by gossip, some a moment after the two nodes above:
+    // `primary_of` asks one of them (it once answered the old primary here).
+    eventually(
+        "the node asked knows the new primary",
+        Duration::from_secs(10),
+        async || cluster.primary_of(&key(ptrs[0])) == new,
+    )
+    .await;
     // The old primary, a replica now, answers the barrier `MOVED`: a READ of a record
     // it filled (nothing written since) is a miss, not a hit.
     let (&last, ptrs) = ptrs.split_last().expect("records");
