@@ -108,10 +108,19 @@ impl ConnSession {
     }
 }
 
-/// A request being served by an asynchronous backend: its XID, record, opcode and
-/// arrival (the read that brought it), and its outcome.
-type InFlight =
-    Pin<Box<dyn Future<Output = (u32, Option<Pointer>, (u8, std::time::Instant), Outcome)> + Send>>;
+/// A request being served by an asynchronous backend (see [`Finished`]).
+type InFlight = Pin<Box<dyn Future<Output = Finished> + Send>>;
+
+/// A request an asynchronous backend finished: its XID, record, opcode and arrival
+/// (the read that brought it), and its outcome; and the writes of the same record
+/// that were started with it (see [`Conn::finish`]), with theirs.
+struct Finished {
+    xid: u32,
+    ptr: Option<Pointer>,
+    started: (u8, std::time::Instant),
+    outcome: Outcome,
+    more: Vec<(u32, (u8, std::time::Instant), Outcome)>,
+}
 /// A request queued behind another on its record: XID, request, arrival.
 type Queued = (u32, Request, std::time::Instant);
 
@@ -128,6 +137,10 @@ struct Sharing {
 /// Requests one connection may have in flight to an asynchronous backend (queued
 /// ones included) before it stops reading more.
 const MAX_IN_FLIGHT: usize = 1024;
+
+/// Writes of one record a connection hands to the store together at most (the
+/// store's group is as large: `cluster::MAX_GROUP`).
+const MAX_WRITES_TOGETHER: usize = crate::cluster::MAX_GROUP;
 
 /// How long after its last throttled lookup a connection on the cluster backend pays
 /// the miss throttle for every lookup before sending it to Redis. There a miss is
@@ -462,12 +475,12 @@ impl Conn {
                 biased;
                 _ = shutdown.changed() => return self.shut_down(stream).await,
                 _ = mailbox_ready(&self.mailbox), if self.notes_room() > 0 => {}
-                Some((xid, ptr, started, outcome)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                Some(done) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     // One reading of the clock for the latencies of every request
                     // finished in this pass (2% of the gateway's CPU at pipeline 16
                     // when each took its own).
                     let now = std::time::Instant::now();
-                    self.finish(xid, ptr, started, outcome, now);
+                    self.finish(done, now);
                     // Every other request that is done too, so their replies leave in
                     // one write.
                     self.finish_done(Some(now));
@@ -970,17 +983,7 @@ impl Conn {
             let replaced = self.watch_starting(ptr, xid, options);
             self.watches_starting.insert(xid, (ptr, replaced));
         }
-        let ConnSession::Cluster(session) = &self.session else {
-            unreachable!("only the cluster backend is asynchronous")
-        };
-        let caller = Caller {
-            conn: session.conn(),
-            xid,
-            identity: *session.identity(),
-            watching: session.watches().len(),
-            watch_xid: ptr.and_then(|p| session.watches().get(&p).copied()),
-            budget: session.budget().clone(),
-        };
+        let caller = self.caller(xid, ptr);
         if let Some(p) = ptr {
             let sharing = match &request {
                 Request::Read { range, .. } if shareable => Some(Sharing {
@@ -995,28 +998,78 @@ impl Conn {
         let started = (request.opcode() as u8, arrived);
         self.in_flight.push(Box::pin(async move {
             let outcome = c.apply(caller, request).await;
-            (xid, ptr, started, outcome)
+            Finished {
+                xid,
+                ptr,
+                started,
+                outcome,
+                more: Vec::new(),
+            }
+        }));
+    }
+
+    /// The caller of a request with XID `xid` on the cluster backend.
+    fn caller(&self, xid: u32, ptr: Option<Pointer>) -> Caller {
+        let ConnSession::Cluster(session) = &self.session else {
+            unreachable!("only the cluster backend is asynchronous")
+        };
+        Caller {
+            conn: session.conn(),
+            xid,
+            identity: *session.identity(),
+            watching: session.watches().len(),
+            watch_xid: ptr.and_then(|p| session.watches().get(&p).copied()),
+            budget: session.budget().clone(),
+        }
+    }
+
+    /// Starts writes of record `p` that queued one after the other behind this
+    /// connection's request on it, together: the store commits them as a group, in
+    /// their order (`ClusterStore::apply_writes`), in one round trip instead of one
+    /// each. The first is in flight as any request; the others stay counted in
+    /// `queued` until they are answered with it ([`Conn::finish`]).
+    fn start_writes(&mut self, c: Arc<ClusterStore>, p: Pointer, writes: Vec<Queued>) {
+        let mut started = Vec::with_capacity(writes.len());
+        let mut requests = Vec::with_capacity(writes.len());
+        for (xid, request, arrived) in writes {
+            started.push((xid, (request.opcode() as u8, arrived)));
+            requests.push((self.caller(xid, Some(p)), request));
+        }
+        self.busy.insert(p, None);
+        self.in_flight.push(Box::pin(async move {
+            let mut outcomes = c.apply_writes(p, requests).await.into_iter();
+            let mut started = started.into_iter();
+            let (xid, first) = started.next().expect("two writes at least");
+            let outcome = outcomes.next().expect("an outcome per write");
+            Finished {
+                xid,
+                ptr: Some(p),
+                started: first,
+                outcome,
+                more: started.zip(outcomes).map(|((x, s), o)| (x, s, o)).collect(),
+            }
         }));
     }
 
     /// Finishes every request in flight that is done already (without waiting), as
     /// of `now` (`None`: the clock is read if any is done).
     fn finish_done(&mut self, mut now: Option<std::time::Instant>) {
-        while let Some(Some((xid, ptr, started, outcome))) = self.in_flight.next().now_or_never() {
+        while let Some(Some(done)) = self.in_flight.next().now_or_never() {
             let now = *now.get_or_insert_with(std::time::Instant::now);
-            self.finish(xid, ptr, started, outcome, now);
+            self.finish(done, now);
         }
     }
 
-    /// A request on the cluster backend completed.
-    fn finish(
-        &mut self,
-        xid: u32,
-        ptr: Option<Pointer>,
-        started: (u8, std::time::Instant),
-        outcome: Outcome,
-        now: std::time::Instant,
-    ) {
+    /// A request on the cluster backend completed (with the writes started with it,
+    /// [`Conn::start_writes`]).
+    fn finish(&mut self, done: Finished, now: std::time::Instant) {
+        let Finished {
+            xid,
+            ptr,
+            started,
+            outcome,
+            more,
+        } = done;
         self.stats.answered_after(
             started.0,
             outcome.applied.reply.status(),
@@ -1087,26 +1140,55 @@ impl Conn {
                 self.notify(n);
             }
         }
+        // The writes started with it, in their order.
+        for (x, (op, arrived), o) in more {
+            self.queued = self.queued.saturating_sub(1);
+            self.stats.answered_after(
+                op,
+                o.applied.reply.status(),
+                now.saturating_duration_since(arrived),
+            );
+            self.answer(x, None, o.applied);
+        }
         let Some(p) = ptr else { return };
         self.busy.remove(&p);
-        let next = match self.waiting.get_mut(&p) {
-            Some(q) => {
-                let next = q.pop_front();
-                if q.is_empty() {
-                    self.waiting.remove(&p);
+        // The next request on the record, and the writes that queued right behind it
+        // if it is one that may be grouped (`Conn::start_writes`).
+        let mut next = Vec::new();
+        if let Some(q) = self.waiting.get_mut(&p) {
+            if let Some(first) = q.pop_front() {
+                let grouped = crate::cluster::groupable(&first.1);
+                next.push(first);
+                while grouped
+                    && next.len() < MAX_WRITES_TOGETHER
+                    && q.front()
+                        .is_some_and(|(_, r, _)| crate::cluster::groupable(r))
+                {
+                    next.extend(q.pop_front());
                 }
-                next
             }
-            None => None,
-        };
+            if q.is_empty() {
+                self.waiting.remove(&p);
+            }
+        }
         if self.closing.is_some() && self.deferred.is_none() {
             // A closing connection starts nothing new, except the requests that came
             // before a PROTOCOL_ERROR (sent once they are answered).
             return;
         }
-        if let (Some((x, r, arrived)), Backend::Cluster(c)) = (next, &self.hub.backend) {
+        let Backend::Cluster(c) = &self.hub.backend else {
+            return;
+        };
+        if next.is_empty() {
+            return;
+        }
+        let c = c.clone();
+        if next.len() > 1 {
+            // The first counts in `in_flight` now; the others in `queued` still.
             self.queued -= 1;
-            let c = c.clone();
+            self.start_writes(c, p, next);
+        } else if let Some((x, r, arrived)) = next.pop() {
+            self.queued -= 1;
             self.start(c, x, Some(p), r, arrived, false);
         }
     }
@@ -1241,9 +1323,9 @@ impl Conn {
         self.queued = 0;
         while !self.in_flight.is_empty() {
             tokio::select! {
-                Some((xid, ptr, started, outcome)) = self.in_flight.next() => {
+                Some(done) = self.in_flight.next() => {
                     self.busy.clear();
-                    self.finish(xid, ptr, started, outcome, std::time::Instant::now());
+                    self.finish(done, std::time::Instant::now());
                 }
                 _ = sleep_until(deadline) => break,
             }

@@ -2006,6 +2006,78 @@ async fn in_one_write(c: &mut Raw, requests: &[Request]) -> Vec<Reply> {
     replies_to(c, sent).await
 }
 
+/// Writes of one record that one connection pipelines are handed to the store
+/// together once they queued behind its request on the record (`Conn::finish`), and
+/// committed as a group: each gets its own version, in the order sent, and a request
+/// that may not be grouped between them (a READ) still sees exactly the writes sent
+/// before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_pipelined_writes_of_one_record_are_committed_together() {
+    let prefix = fresh_prefix();
+    let gw = gateway(&prefix, |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let mut c = Raw::connect(gw.addr(), 2).await;
+    let p = c.create(Access::empty(), &b"........"[..]).await;
+    let write = |n: usize| {
+        if n.is_multiple_of(2) {
+            Request::Replace {
+                ptr: p,
+                data: Bytes::from(format!("r{n:03}....")),
+            }
+        } else {
+            Request::WriteAt {
+                ptr: p,
+                offset: 4,
+                data: Bytes::from(format!("w{n:03}")),
+            }
+        }
+    };
+    // The record's bytes after the writes up to `n` (a REPLACE, then a WRITE_AT of
+    // its second half).
+    let after = |n: usize| {
+        if n.is_multiple_of(2) {
+            format!("r{n:03}....")
+        } else {
+            format!("r{:03}w{n:03}", n - 1)
+        }
+    };
+    let mut requests: Vec<Request> = (0..16).map(write).collect();
+    requests.insert(
+        9,
+        Request::Read {
+            ptr: p,
+            range: None,
+        },
+    );
+    requests.extend((16..24).map(write));
+    let replies = in_one_write(&mut c, &requests).await;
+    let mut version = 1;
+    for (i, reply) in replies.into_iter().enumerate() {
+        match (i, reply) {
+            (9, Reply::Data(d)) => {
+                assert_eq!(d, after(8).as_bytes(), "the READ sent after write 8")
+            }
+            (_, Reply::Written(v)) => {
+                version += 1;
+                assert_eq!(v, version, "request {i}: versions in the order sent");
+            }
+            (_, other) => panic!("request {i}: {other:?}"),
+        }
+    }
+    same_bytes(c.read(p).await, after(23).as_bytes(), "the last write");
+    let grouped = metric(
+        &scrape(gw.metrics_addr().unwrap()),
+        "netswap_redis_grouped_writes_total",
+    );
+    // 1 alone, then 8 together (7 grouped), the READ, then 15 together (14 grouped):
+    // 21 when the 25 requests come in one read from the socket, as on loopback.
+    assert!(
+        grouped >= 7.0,
+        "the writes that queued were committed together: {grouped} grouped"
+    );
+}
+
 /// READs of one record and range that a connection sends together share one load
 /// (`Conn::submit`), and each gets the record; a READ after a write of the record
 /// in the same batch sees the write, and a READ of another range gets its own.

@@ -118,7 +118,11 @@ impl ClusterStore {
                 // In a task of its own: the members' connections wait for it
                 // whatever becomes of the leader's.
                 let turn = turn.detach(self.serial.clone());
-                tokio::spawn(self.clone().apply_group(ptr, turn, all));
+                let store = self.clone();
+                tokio::spawn(async move {
+                    let _turn = turn;
+                    store.apply_group(ptr, all).await
+                });
             }
         }
         let outcome = outcome.expect("a member made");
@@ -131,15 +135,44 @@ impl ClusterStore {
         }))
     }
 
-    /// Applies a group's members in order, holding the record's turn: the longest
-    /// prefix that can be decided together in one commit, else the first alone.
-    async fn apply_group(
-        self: Arc<Self>,
+    /// Applies writes of one record that one connection sent one after the other
+    /// (`Conn` hands them over together when they queued behind its request on the
+    /// record), after the record's changes before them on this gateway, committed
+    /// together as a group's; their outcomes in order.
+    pub(crate) async fn apply_writes(
+        &self,
         ptr: Pointer,
-        turn: Turn<'static, Pointer, Member>,
-        members: Vec<Member>,
-    ) {
-        let _turn = turn;
+        writes: Vec<(Caller, Request)>,
+    ) -> Vec<Outcome> {
+        let mut members = Vec::with_capacity(writes.len());
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for (caller, request) in writes {
+            let (reply, outcome) = oneshot::channel();
+            members.push(Member {
+                caller,
+                request,
+                reply,
+            });
+            outcomes.push(outcome);
+        }
+        {
+            let _turn = self.serial.enter(ptr).await;
+            self.apply_group(ptr, members).await;
+        }
+        let mut done = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            // Each was sent before `apply_group` returned.
+            done.push(outcome.await.unwrap_or_else(|_| {
+                Reply::error(Status::Busy, "this write was not applied; retry").into()
+            }));
+        }
+        done
+    }
+
+    /// Applies a group's members in order, while the caller holds the record's turn:
+    /// the longest prefix that can be decided together in one commit, else the first
+    /// alone.
+    async fn apply_group(&self, ptr: Pointer, members: Vec<Member>) {
         let _admitted = self.turn().await;
         let mut queue: VecDeque<Member> = members.into();
         let mut lost = 0;

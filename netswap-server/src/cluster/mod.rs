@@ -24,6 +24,7 @@ mod budget;
 mod clock;
 mod events;
 mod group;
+pub(crate) use group::{MAX_GROUP, groupable};
 pub(crate) mod keys;
 mod ops;
 pub(crate) mod quota;
