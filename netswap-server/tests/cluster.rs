@@ -1087,17 +1087,8 @@ async fn watched_both_ways(writer: SocketAddr, watcher: SocketAddr) -> (Raw, Raw
     let mut w = Raw::connect(watcher, 3).await;
     let mut d = Raw::connect(watcher, 4).await;
     let p = c.create(Access::READ | Access::WRITE, &b"0"[..]).await;
-    w.send(7, &Request::watch(p)).await;
-    assert_eq!(w.reply_to(7).await.status(), Status::Ok);
-    d.send(
-        9,
-        &Request::Watch {
-            ptr: p,
-            options: WatchOptions::data(),
-        },
-    )
-    .await;
-    assert_eq!(d.reply_to(9).await.status(), Status::Ok);
+    watch_ok(&mut w, 7, p, false).await;
+    watch_ok(&mut d, 9, p, true).await;
     replace_as(&mut c, p, b"1", 2).await;
     changed_event(&mut w, 7, p, 2).await;
     assert!(
@@ -1105,6 +1096,17 @@ async fn watched_both_ways(writer: SocketAddr, watcher: SocketAddr) -> (Raw, Raw
         "a data watch's event has the bytes"
     );
     (c, w, d, p)
+}
+
+/// `w` watches `p` with XID `xid` (`data`: a data watch), and the gateway says OK.
+async fn watch_ok(w: &mut Raw, xid: u32, p: Pointer, data: bool) {
+    let options = if data {
+        WatchOptions::data()
+    } else {
+        WatchOptions::default()
+    };
+    w.send(xid, &Request::Watch { ptr: p, options }).await;
+    assert_eq!(w.reply_to(xid).await.status(), Status::Ok);
 }
 
 /// A watched record's slot moves to another primary: Redis drops the shard
@@ -4113,18 +4115,9 @@ async fn writes_of_one_record_that_queue_together_commit_together() {
         .create(Access::READ | Access::WRITE, vec![b'-'; 16])
         .await;
     let mut w = Raw::connect_from(gw.addr(), many(6, 100)).await;
-    w.send(7, &Request::watch(hot)).await;
-    assert_eq!(w.reply_to(7).await.status(), Status::Ok);
+    watch_ok(&mut w, 7, hot, false).await;
     let mut d = Raw::connect_from(gw.addr(), many(6, 101)).await;
-    d.send(
-        9,
-        &Request::Watch {
-            ptr: hot,
-            options: WatchOptions::data(),
-        },
-    )
-    .await;
-    assert_eq!(d.reply_to(9).await.status(), Status::Ok);
+    watch_ok(&mut d, 9, hot, true).await;
 
     let start = Arc::new(Barrier::new(WRITERS));
     let mut writers = Vec::new();

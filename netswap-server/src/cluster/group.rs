@@ -47,6 +47,19 @@ pub(crate) struct Member {
     reply: oneshot::Sender<Outcome>,
 }
 
+impl Member {
+    /// A member for `caller`'s `request`, and where its outcome will come.
+    fn new(caller: Caller, request: Request) -> (Member, oneshot::Receiver<Outcome>) {
+        let (reply, outcome) = oneshot::channel();
+        let member = Member {
+            caller,
+            request,
+            reply,
+        };
+        (member, outcome)
+    }
+}
+
 /// Whether `request` may be committed with other writes of its record: a REPLACE,
 /// REPLACE_IF or WRITE_AT of bytes that fit in a state hash.
 pub(crate) fn groupable(request: &Request) -> bool {
@@ -93,27 +106,19 @@ impl ClusterStore {
         let entered = self
             .serial
             .enter_group(ptr, MAX_GROUP, || {
-                let (reply, receiver) = oneshot::channel();
+                let (member, receiver) = Member::new(caller.clone(), request.clone());
                 outcome = Some(receiver);
-                Member {
-                    caller: caller.clone(),
-                    request: request.clone(),
-                    reply,
-                }
+                member
             })
             .await;
         match entered {
             Entered::Joined => {}
             Entered::Lead(turn, members) if members.is_empty() => return Ok(turn),
             Entered::Lead(turn, members) => {
-                let (reply, receiver) = oneshot::channel();
+                let (me, receiver) = Member::new(caller.clone(), request.clone());
                 outcome = Some(receiver);
                 let mut all = Vec::with_capacity(1 + members.len());
-                all.push(Member {
-                    caller: caller.clone(),
-                    request: request.clone(),
-                    reply,
-                });
+                all.push(me);
                 all.extend(members);
                 // In a task of its own: the members' connections wait for it
                 // whatever becomes of the leader's.
@@ -147,12 +152,8 @@ impl ClusterStore {
         let mut members = Vec::with_capacity(writes.len());
         let mut outcomes = Vec::with_capacity(writes.len());
         for (caller, request) in writes {
-            let (reply, outcome) = oneshot::channel();
-            members.push(Member {
-                caller,
-                request,
-                reply,
-            });
+            let (member, outcome) = Member::new(caller, request);
+            members.push(member);
             outcomes.push(outcome);
         }
         {
