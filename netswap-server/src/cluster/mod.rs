@@ -422,14 +422,15 @@ pub(crate) struct ClusterStore {
     /// The connection for this gateway's leases (taking, renewing, releasing them,
     /// and the reaper's schedule they move), and nothing else: a lease is renewed
     /// even while the connection for commands is stuck. The `redis` crate's cluster
-    /// connection can stop serving for seconds at a time while slots move and
-    /// primaries fail over (its recovery deadlocks with requests in flight,
-    /// `docs/upstream/redis-rs-cluster-recovery-deadlock.md`), again and again on
-    /// each new connection while the layout keeps changing; with the leases on it,
-    /// their renewals failed meanwhile, the leases ran out, and a client that had
-    /// stayed connected lost its records to the reaper (`scripts/chaos-cluster.sh`,
-    /// docs/RELIABILITY.md). Its few requests seldom meet a recovery. Replaced like
-    /// `commands` when it stops answering ([`ClusterStore::check_connection`]).
+    /// connection, as released (1.8.2), can stop serving for seconds at a time while
+    /// slots move and primaries fail over (its recovery deadlocks with requests in
+    /// flight, `docs/upstream/redis-rs-cluster-recovery-deadlock.md`; netswap builds
+    /// with the fix, third_party/README.md), again and again on each new connection
+    /// while the layout keeps changing; with the leases on it, their renewals failed
+    /// meanwhile, the leases ran out, and a client that had stayed connected lost its
+    /// records to the reaper (`scripts/chaos-cluster.sh`, docs/RELIABILITY.md). Its
+    /// few requests seldom meet a recovery. Replaced like `commands` when it stops
+    /// answering ([`ClusterStore::check_connection`]).
     liveness: Replaceable,
     cfg: StoreConfig,
     key: IdentityKey,
@@ -939,10 +940,13 @@ impl ClusterStore {
     /// cluster that is down fails the new connection too, and nothing is replaced.
     pub async fn check_connection(self: &Arc<Self>) {
         // `NETSWAP_FAULT_AT=commands-stay-stuck`: a command connection that stops
-        // answering stays (tests of what does not depend on it).
-        if self
+        // answering stays (tests of what does not depend on it);
+        // `commands-replace`: the first look replaces it anyway (a test of the
+        // replacement under load).
+        if (self
             .due_for_new(&self.commands, &self.unanswered, Some(&self.answered[0]))
             .await
+            || fault_point("commands-replace"))
             && !fault_set("commands-stay-stuck")
             && let Some(fresh) = self.fresh_connection(None).await
         {
