@@ -18,7 +18,10 @@
 #            pubsub): a blip of the gateways' connections for subscriptions, no
 #            failover.
 # Beside the soak's 300 clients, 40 records are written through one gateway and
-# followed through the other: 20 by mirrors (data watches), 20 by watches.
+# followed through the other: 20 by mirrors (data watches), 20 by watches. And 4
+# records are each written by 8 clients at once, through both gateways (writes of one
+# record that queue on a gateway are committed together): no two writes may get one
+# version, and each record must end with the write acknowledged at its version.
 # The soak then checks every record it was told was written holds exactly its last
 # acknowledged bytes and version, that every follower reaches its record's last state,
 # and that every record is reaped after the grace.
@@ -141,7 +144,7 @@ read_cache=()
   read_cache=(--server-arg=--redis-read-cache --server-arg="$NETSWAP_CHAOS_READ_CACHE")
 rc=0
 ./target/release/soak --store "redis-cluster://$nodes" --seconds "$secs" --rounds "$rounds" \
-  --gateways "$gateways" "${kill_gateway[@]}" --mirrors 40 --server-arg=--lease-ttl --server-arg=5 \
+  --gateways "$gateways" "${kill_gateway[@]}" --mirrors 40 --hot 4 --server-arg=--lease-ttl --server-arg=5 \
   --server-arg=--redis-wait-replicas --server-arg="${NETSWAP_CHAOS_WAIT_REPLICAS:-1}" \
   "${read_cache[@]}" || rc=$?
 wait $chaos_pid || true
@@ -149,5 +152,5 @@ cp "$work/gateway.log" "${TMPDIR:-/tmp}/netswap-chaos-gateway.log"
 echo "gateways' log: ${TMPDIR:-/tmp}/netswap-chaos-gateway.log"
 echo "gateways: $(grep -c 'stopped answering while the cluster answers a new one' "$work/gateway.log" || true) connection(s) to the cluster replaced (at: $(grep 'stopped answering while' "$work/gateway.log" | cut -c12-19 | tr '\n' ' '))"
 echo "gateways: $(grep -c 'fewer of this gateway.s subscriptions than its watches need' "$work/gateway.log" || true) renewal(s) of the subscriptions for subscriptions found missing, $(grep -c "the cluster's primaries changed; subscribed again" "$work/gateway.log" || true) for changed primaries"
-grep 'read cache' "$work/gateway.log" | sed 's/^/gateways: /' || true
+grep -E "read cache|the gateway's counts" "$work/gateway.log" | sed 's/^/gateways: /' || true
 exit $rc

@@ -400,6 +400,15 @@ impl Server {
                 "read cache"
             );
         }
+        if let Backend::Cluster(c) = &self.hub.backend {
+            let g = c.counts();
+            info!(
+                grouped = g.grouped_writes,
+                races_lost = g.commit_races_lost,
+                connections_replaced = g.connections_replaced,
+                "the gateway's counts"
+            );
+        }
         info!(records = stats.records, bytes = stats.data_bytes, "stopped");
         Ok(())
     }

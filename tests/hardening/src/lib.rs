@@ -1574,3 +1574,164 @@ pub fn rss_kib(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Records written by many at once ([`hot_soak`]): each acknowledged write's
+/// version, and what the record held at the end.
+#[derive(Debug, Default)]
+pub struct HotSoakResult {
+    /// The records.
+    pub records: Vec<Pointer>,
+    /// Writes acknowledged.
+    pub acknowledged: u64,
+    /// Writes answered BUSY or lost with a connection (applied or not).
+    pub unknown: u64,
+    /// What broke a rule: two writes acknowledged with one version, a writer's
+    /// versions going back, a last state that is no write's.
+    pub mismatches: Vec<String>,
+    /// The owners and writers, still connected.
+    pub clients: Vec<Client>,
+}
+
+impl HotSoakResult {
+    /// Closes every client at once: the records are orphans from now on.
+    pub fn leave(&mut self) {
+        for c in self.clients.drain(..) {
+            c.close();
+        }
+    }
+
+    /// One line: records, writes, unknown outcomes, failures.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} records written by {} writers each through every server: {} writes acknowledged, {} of unknown outcome, {} broken rules{}",
+            self.records.len(),
+            HOT_WRITERS,
+            self.acknowledged,
+            self.unknown,
+            self.mismatches.len(),
+            self.mismatches
+                .iter()
+                .take(5)
+                .map(|m| format!("\n  HOT {m}"))
+                .collect::<String>()
+        )
+    }
+}
+
+/// The writes of one record of [`hot_soak`].
+#[derive(Default)]
+struct HotWrites {
+    /// Version -> the bytes acknowledged with it.
+    versions: HashMap<u64, Vec<u8>>,
+    /// The bytes of writes of unknown outcome.
+    lost: Vec<Vec<u8>>,
+}
+
+/// Writers of each record in [`hot_soak`].
+pub const HOT_WRITERS: u32 = 8;
+
+/// `records` records, each written by [`HOT_WRITERS`] clients of their own
+/// identities spread over `addrs` (so that on a gateway their writes queue behind one
+/// another and are committed together), with REPLACEs of a few bytes naming the
+/// writer and its count, for `dur`. Each record's owner (another identity) stays
+/// connected. Then, for each record: no two acknowledged writes got one version, each
+/// writer's versions rose, and the record holds the write acknowledged with its
+/// version or, past every acknowledged one, a write of unknown outcome.
+pub async fn hot_soak(addrs: &[SocketAddr], records: u32, dur: Duration) -> HotSoakResult {
+    assert!(!addrs.is_empty(), "a server to soak");
+    let stop = Instant::now() + dur;
+    let options = |n: u32| Options {
+        local_addr: Some(loopback(800 + n)),
+        request_timeout: Some(Duration::from_secs(20)),
+        ..Options::default()
+    };
+    let mut result = HotSoakResult::default();
+    let mut tasks = Vec::new();
+    for r in 0..records {
+        let owner = Client::connect_with(addrs[r as usize % addrs.len()], options(r))
+            .await
+            .expect("the owner connects");
+        let ptr = settled(|| owner.create(Access::READ | Access::WRITE, &b"-"[..])).await;
+        result.records.push(ptr);
+        result.clients.push(owner);
+        for w in 0..HOT_WRITERS {
+            let at = addrs[(r + w) as usize % addrs.len()];
+            let me = records + r * HOT_WRITERS + w;
+            tasks.push(tokio::spawn(async move {
+                let c = Client::connect_with(at, options(me))
+                    .await
+                    .expect("a writer connects");
+                let (mut acked, mut unknown) = (Vec::new(), Vec::new());
+                let mut n = 0u64;
+                let mut broken = None;
+                while Instant::now() < stop {
+                    n += 1;
+                    let data = format!("{w}:{n}").into_bytes();
+                    match c.replace(ptr, data.clone()).await {
+                        Ok(v) => acked.push((v, data)),
+                        Err(
+                            Error::Busy(_)
+                            | Error::Disconnected(_)
+                            | Error::Io(_)
+                            | Error::Timeout { .. },
+                        ) => {
+                            unknown.push(data);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => {
+                            broken =
+                                Some(format!("{ptr}: writer {w}'s write {n} was refused: {e}"));
+                            break;
+                        }
+                    }
+                }
+                (r, w, c, acked, unknown, broken)
+            }));
+        }
+    }
+    let mut by_record: Vec<HotWrites> = (0..records).map(|_| Default::default()).collect();
+    for t in tasks {
+        let (r, w, c, acked, unknown, broken) = t.await.expect("a hot writer");
+        let ptr = result.records[r as usize];
+        result.mismatches.extend(broken);
+        result.acknowledged += acked.len() as u64;
+        result.unknown += unknown.len() as u64;
+        if let Some(pair) = acked.windows(2).find(|p| p[1].0 <= p[0].0) {
+            result.mismatches.push(format!(
+                "{ptr}: writer {w}'s versions went from {} to {}",
+                pair[0].0, pair[1].0
+            ));
+        }
+        let HotWrites { versions, lost } = &mut by_record[r as usize];
+        for (v, data) in acked {
+            if let Some(other) = versions.insert(v, data.clone()) {
+                result.mismatches.push(format!(
+                    "{ptr}: version {v} acknowledged to two writes ({} and {})",
+                    String::from_utf8_lossy(&other),
+                    String::from_utf8_lossy(&data)
+                ));
+            }
+        }
+        lost.extend(unknown);
+        result.clients.push(c);
+    }
+    for (r, HotWrites { versions, lost }) in by_record.iter().enumerate() {
+        let ptr = result.records[r];
+        let reader = &result.clients[r];
+        let data = settled(|| reader.read(ptr)).await.to_vec();
+        let version = settled(|| reader.info(ptr)).await.version;
+        let highest = versions.keys().max().copied().unwrap_or(1);
+        let holds = match versions.get(&version) {
+            Some(acked) => *acked == data,
+            None => version > highest && lost.contains(&data),
+        };
+        if !holds || version < highest {
+            result.mismatches.push(format!(
+                "{ptr}: ends at version {version} with {:?}; the highest acknowledged is {highest} with {:?}",
+                String::from_utf8_lossy(&data),
+                versions.get(&highest).map(|d| String::from_utf8_lossy(d).into_owned())
+            ));
+        }
+    }
+    result
+}

@@ -118,15 +118,24 @@ async fn short_soak_loses_nothing_and_reaps_orphans() {
         c.max_misses_per_second = 0;
     });
     let addrs = [srv.addr()];
-    let (mut result, mut mirrors) = tokio::join!(
+    let (mut result, mut mirrors, mut hot) = tokio::join!(
         soak(&addrs, 40, 10, Duration::from_secs(4)),
-        mirror_soak(&addrs, 8, Duration::from_secs(4))
+        mirror_soak(&addrs, 8, Duration::from_secs(4)),
+        hot_soak(&addrs, 2, Duration::from_secs(4))
     );
     result.leave();
     mirrors.leave();
+    hot.leave();
     result.records.extend(mirrors.pairs.iter().map(|p| p.ptr));
+    result.records.extend(&hot.records);
     println!("{}", mirrors.summary());
     assert!(mirrors.ok(), "{}", mirrors.summary());
+    println!("{}", hot.summary());
+    assert!(
+        hot.mismatches.is_empty() && hot.acknowledged > 100,
+        "{}",
+        hot.summary()
+    );
     println!(
         "ops {} reconnects {} checked {} mismatches {:?}",
         result.ops, result.reconnects, result.checked, result.mismatches

@@ -62,6 +62,12 @@ struct Args {
     /// its record's last state.
     #[arg(long, default_value_t = 0)]
     mirrors: u32,
+    /// Records each written by `HOT_WRITERS` clients at once through every server
+    /// (on a gateway, writes of one record that queue together are committed
+    /// together): no two writes may get one version, and each record must end with a
+    /// write acknowledged at its version.
+    #[arg(long, default_value_t = 0)]
+    hot: u32,
     /// One more option for the server (repeat for several), e.g.
     /// `--server-arg=--redis-wait-replicas --server-arg=1`.
     #[arg(long, allow_hyphen_values = true)]
@@ -71,9 +77,12 @@ struct Args {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let a = Args::parse();
-    let data = std::env::temp_dir().join(format!("netswap-soak-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    std::fs::create_dir_all(&data).expect("a data directory");
+    // Removed when dropped: at the end, and when the soak panics.
+    let dir_guard = tempfile::Builder::new()
+        .prefix("netswap-soak-")
+        .tempdir()
+        .expect("a data directory");
+    let data = dir_guard.path().to_path_buf();
     let grace = a.grace.to_string();
     let dir = data.join("data").display().to_string();
     let key = data.join("identity.key").display().to_string();
@@ -212,13 +221,15 @@ async fn main() {
     for round in 1..=a.rounds {
         let started = Instant::now();
         let dur = Duration::from_secs(a.seconds);
-        let (mut result, mut mirrors) = tokio::join!(
+        let (mut result, mut mirrors, mut hot) = tokio::join!(
             soak(&addrs, a.clients, a.identities, dur),
-            mirror_soak(&addrs, a.mirrors, dur)
+            mirror_soak(&addrs, a.mirrors, dur),
+            hot_soak(&addrs, a.hot, dur)
         );
         // Every owner leaves at once.
         result.leave();
         mirrors.leave();
+        hot.leave();
         let took = started.elapsed().as_secs_f64();
         println!(
             "round {round}: {} operations ({:.0}/s), {} deliberate disconnects, {} writes of unknown outcome (reply lost in a restart, or BUSY from a gateway; each found old or new), {} records verified, {} mismatches",
@@ -236,6 +247,10 @@ async fn main() {
             println!("  {}", mirrors.summary());
             // Their records are orphans now too: reaped with the others.
             result.records.extend(mirrors.pairs.iter().map(|p| p.ptr));
+        }
+        if a.hot > 0 {
+            println!("  {}", hot.summary());
+            result.records.extend(&hot.records);
         }
         let alive = count_alive(addr, &result.records).await;
         println!(
@@ -263,6 +278,7 @@ async fn main() {
             );
         }
         ok &= mirrors.ok()
+            && hot.mismatches.is_empty()
             && result.mismatches.is_empty()
             && alive == result.records.len()
             && after == 0;
@@ -277,7 +293,7 @@ async fn main() {
     }
     done.store(true, Ordering::Relaxed);
     let samples = sampler.join().unwrap();
-    let _ = std::fs::remove_dir_all(&data);
+    drop(dir_guard);
     let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
     let at = |t: u64| samples.iter().find(|s| s.0 >= t).map_or(0, |s| s.1) / 1024;
     println!(
