@@ -161,8 +161,17 @@ struct Conn {
     /// what READs of the record may share its reply (see [`Conn::submit`]).
     busy: std::collections::HashMap<Pointer, Option<Sharing>>,
     waiting: std::collections::HashMap<Pointer, std::collections::VecDeque<Queued>>,
-    /// Requests waiting in `waiting`, and READs sharing another's reply (`busy`).
+    /// Requests waiting in `waiting`, READs sharing another's reply (`busy`), and
+    /// the writes in `first_writes`.
     queued: usize,
+    /// Writes that may be grouped, each the first request of its record in this
+    /// batch with nothing in flight on the record: started at the end of the batch
+    /// together with the groupable writes of the record that queued right behind
+    /// them (`Conn::start_first_writes`). Their records are in `busy` meanwhile.
+    first_writes: Vec<(Pointer, Queued)>,
+    /// Whether the batch being applied names a record more than once: only then are
+    /// writes held in `first_writes` (otherwise nothing can queue behind them).
+    repeats: bool,
     /// The calls of [`Conn::read`] so far: which one a request came in.
     read_pass: u64,
     held: std::collections::HashMap<u32, Vec<Notification>>,
@@ -224,6 +233,26 @@ enum Pending {
         status: Status,
         reason: String,
     },
+}
+
+/// Whether two requests of `batch` (at most [`BATCH`]) name one record.
+fn names_a_record_twice(batch: &[Pending]) -> bool {
+    let mut seen = [None; BATCH];
+    let mut n = 0;
+    for p in batch {
+        if let Pending::Request { request: Ok(r), .. } = p
+            && let Some(ptr) = r.pointer()
+        {
+            if seen[..n].contains(&Some(ptr)) {
+                return true;
+            }
+            if let Some(slot) = seen.get_mut(n) {
+                *slot = Some(ptr);
+                n += 1;
+            }
+        }
+    }
+    false
 }
 
 /// Socket options of an accepted connection: no Nagle delay, at most
@@ -294,6 +323,8 @@ pub(crate) async fn serve(
         busy: Default::default(),
         waiting: Default::default(),
         queued: 0,
+        first_writes: Vec::new(),
+        repeats: false,
         read_pass: 0,
         held: Default::default(),
         watches_starting: Default::default(),
@@ -760,6 +791,8 @@ impl Conn {
             });
             store.prefetch(located, self.large_values);
         }
+        self.repeats =
+            matches!(self.hub.backend, Backend::Cluster(_)) && names_a_record_twice(&batch);
         for p in batch.drain(..) {
             if self.closing.is_some() {
                 continue;
@@ -779,6 +812,8 @@ impl Conn {
             }
         }
         self.batch = batch;
+        // Before a PROTOCOL_ERROR: they came before it.
+        self.start_first_writes();
         if let Some(e) = error
             && self.closing.is_none()
         {
@@ -963,7 +998,59 @@ impl Conn {
             self.queued += 1;
             return;
         }
+        if let Some(p) = ptr
+            && self.repeats
+            && crate::cluster::groupable(&request)
+        {
+            self.busy.insert(p, None);
+            self.queued += 1;
+            self.first_writes.push((p, (xid, request, self.batch_now)));
+            return;
+        }
         self.start(c, xid, ptr, request, self.batch_now, true);
+    }
+
+    /// Starts the writes held in `first_writes` (at the end of each batch of
+    /// requests, [`Conn::process_batch`]), each with the groupable writes of its
+    /// record that queued right behind it in the batch: a burst of writes of one
+    /// record that a client pipelines goes to the store as one group from its first
+    /// write, in one round trip instead of two (the first alone, then the rest, as
+    /// when only the writes queued behind a request in flight were handed over).
+    /// Nothing waited meanwhile: the futures of requests are first polled after the
+    /// read that brought them.
+    fn start_first_writes(&mut self) {
+        if self.first_writes.is_empty() {
+            return;
+        }
+        let Backend::Cluster(c) = &self.hub.backend else {
+            return;
+        };
+        let c = c.clone();
+        let mut held = std::mem::take(&mut self.first_writes);
+        for (p, first) in held.drain(..) {
+            // The first counts in `in_flight` now; those behind it in `queued` still.
+            self.queued -= 1;
+            let mut next = vec![first];
+            if !self.waiting.is_empty()
+                && let Some(q) = self.waiting.get_mut(&p)
+            {
+                while next.len() < MAX_WRITES_TOGETHER
+                    && q.front()
+                        .is_some_and(|(_, r, _)| crate::cluster::groupable(r))
+                {
+                    next.extend(q.pop_front());
+                }
+                if q.is_empty() {
+                    self.waiting.remove(&p);
+                }
+            }
+            if next.len() > 1 {
+                self.start_writes(c.clone(), p, next);
+            } else if let Some((x, r, arrived)) = next.pop() {
+                self.start(c.clone(), x, Some(p), r, arrived, false);
+            }
+        }
+        self.first_writes = held;
     }
 
     /// Starts a request that arrived at `arrived` (the time of the read that brought
@@ -1023,8 +1110,9 @@ impl Conn {
         }
     }
 
-    /// Starts writes of record `p` that queued one after the other behind this
-    /// connection's request on it, together: the store commits them as a group, in
+    /// Starts writes of record `p` that queued one after the other (behind this
+    /// connection's request on it, or behind the first write of a batch,
+    /// [`Conn::start_first_writes`]), together: the store commits them as a group, in
     /// their order (`ClusterStore::apply_writes`), in one round trip instead of one
     /// each. The first is in flight as any request; the others stay counted in
     /// `queued` until they are answered with it ([`Conn::finish`]).

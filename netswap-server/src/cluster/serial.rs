@@ -53,6 +53,9 @@ struct Queue<F> {
     lost: u32,
     /// The group that writes may still join: its id and members.
     open: Option<(u64, Vec<F>)>,
+    /// How many members the open group may take in all (its leader's own writes
+    /// left out).
+    room: usize,
     /// Groups closed with members that their leaders have not taken yet.
     closed: Vec<(u64, Vec<F>)>,
 }
@@ -64,6 +67,7 @@ impl<F> Default for Queue<F> {
             users: 0,
             lost: 0,
             open: None,
+            room: 0,
             closed: Vec::new(),
         }
     }
@@ -125,7 +129,8 @@ impl<K, F> std::ops::Deref for SerialRef<'_, K, F> {
 /// How [`Serial::enter_group`] went.
 pub(crate) enum Entered<'a, K: Hash + Eq + Copy, F> {
     /// The turn, with the members that joined the caller's group while it waited,
-    /// in the order they came (none if nothing was ahead of it: then nothing could).
+    /// in the order they came (none if nothing was ahead of it: then nothing could);
+    /// from [`Serial::enter_group_many`], the caller's own members first.
     Lead(Turn<'a, K, F>, Vec<F>),
     /// The caller's member (made by `join`) joined another's group: its leader has
     /// it now.
@@ -136,7 +141,7 @@ impl<K: Hash + Eq + Copy, F> Serial<K, F> {
     /// Waits for `key`'s turn, after the changes of `key` that came before. Closes
     /// the open group: nothing that comes later joins a group ahead of this.
     pub async fn enter(&self, key: K) -> Turn<'_, K, F> {
-        let (queue, _) = self.queue_up(lock(&self.queues).entry(key).or_default(), false);
+        let (queue, _) = self.queue_up(lock(&self.queues).entry(key).or_default(), None);
         let mut turn = Turn {
             serial: SerialRef::Borrowed(self),
             key,
@@ -161,16 +166,48 @@ impl<K: Hash + Eq + Copy, F> Serial<K, F> {
         let (queue, group) = {
             let mut queues = lock(&self.queues);
             let queue = queues.entry(key).or_default();
-            // The leader is the group's first.
             if let Some((_, members)) = &mut queue.open
-                && members.len() + 1 < max
+                && members.len() < queue.room
             {
                 members.push(join());
                 self.joined.fetch_add(1, Ordering::Relaxed);
                 return Entered::Joined;
             }
-            self.queue_up(queue, true)
+            // The leader is the group's first.
+            self.queue_up(queue, Some(max.saturating_sub(1)))
         };
+        self.lead(key, queue, group, Vec::new()).await
+    }
+
+    /// [`Serial::enter_group`] for several members at once (`own`, in their order,
+    /// at most `max`): all join the open group if it has room for all; else the
+    /// caller leads a new group with them first, and the members that join it while
+    /// it waits after them (`Entered::Lead` has `own` followed by those).
+    pub async fn enter_group_many(&self, key: K, max: usize, own: Vec<F>) -> Entered<'_, K, F> {
+        let (queue, group) = {
+            let mut queues = lock(&self.queues);
+            let queue = queues.entry(key).or_default();
+            if let Some((_, members)) = &mut queue.open
+                && members.len() + own.len() <= queue.room
+            {
+                self.joined.fetch_add(own.len() as u64, Ordering::Relaxed);
+                members.extend(own);
+                return Entered::Joined;
+            }
+            self.queue_up(queue, Some(max.saturating_sub(own.len())))
+        };
+        self.lead(key, queue, group, own).await
+    }
+
+    /// Waits for the turn of a caller that leads group `group` (if one was opened):
+    /// `own` and the members that joined it.
+    async fn lead(
+        &self,
+        key: K,
+        queue: Arc<tokio::sync::Mutex<()>>,
+        group: Option<u64>,
+        mut own: Vec<F>,
+    ) -> Entered<'_, K, F> {
         let mut turn = Turn {
             serial: SerialRef::Borrowed(self),
             key,
@@ -179,16 +216,22 @@ impl<K: Hash + Eq + Copy, F> Serial<K, F> {
             counted: true,
         };
         turn.held = Some(queue.lock_owned().await);
-        let members = turn.take_members();
-        Entered::Lead(turn, members)
+        let joined = turn.take_members();
+        if own.is_empty() {
+            own = joined;
+        } else {
+            own.extend(joined);
+        }
+        Entered::Lead(turn, own)
     }
 
     /// Counts one more user of a queue and closes its open group; opens a new
-    /// one (its id returned) when `group` and a change is ahead.
+    /// one (its id returned) with room for `group` members when that is given and a
+    /// change is ahead.
     fn queue_up(
         &self,
         queue: &mut Queue<F>,
-        group: bool,
+        group: Option<usize>,
     ) -> (Arc<tokio::sync::Mutex<()>>, Option<u64>) {
         queue.users += 1;
         if queue.users > 1 {
@@ -199,9 +242,10 @@ impl<K: Hash + Eq + Copy, F> Serial<K, F> {
         {
             queue.closed.push(open);
         }
-        let id = (group && queue.users > 1).then(|| {
+        let id = group.filter(|_| queue.users > 1).map(|room| {
             let id = self.next_group.fetch_add(1, Ordering::Relaxed);
             queue.open = Some((id, Vec::new()));
+            queue.room = room;
             id
         });
         (queue.turn.clone(), id)
@@ -425,6 +469,50 @@ mod tests {
         plain.await.unwrap();
         assert_eq!(third.await.unwrap(), vec![31, 32]);
         assert_eq!(serial.joined.load(Ordering::Relaxed), 5);
+        assert_eq!(serial.len(), 0, "no queue left behind");
+    }
+
+    /// Several writes entered at once (a connection's burst) join the open group
+    /// only if it has room for all of them, else lead a group of their own, first in
+    /// it, which later writes may join up to the group's size.
+    #[tokio::test]
+    async fn writes_entered_together_join_or_lead_together() {
+        let serial = Arc::new(Serial::<Pointer, u32>::default());
+        let first = serial.enter(ptr(1)).await;
+        let lead = |own: Vec<u32>| {
+            let s = serial.clone();
+            tokio::spawn(async move {
+                match s.enter_group_many(ptr(1), 4, own).await {
+                    Entered::Lead(_, members) => members,
+                    Entered::Joined => panic!("leads"),
+                }
+            })
+        };
+        let a = lead(vec![1, 2]);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(matches!(
+            serial.enter_group(ptr(1), 4, || 3).await,
+            Entered::Joined
+        ));
+        // Two more do not fit in a group of four with three in it.
+        let b = lead(vec![4, 5]);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(matches!(
+            serial.enter_group(ptr(1), 4, || 6).await,
+            Entered::Joined
+        ));
+        assert!(matches!(
+            serial.enter_group_many(ptr(1), 4, vec![7]).await,
+            Entered::Joined
+        ));
+        // Full: this one leads a group of its own.
+        let c = lead(vec![8]);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(first);
+        assert_eq!(a.await.unwrap(), vec![1, 2, 3]);
+        assert_eq!(b.await.unwrap(), vec![4, 5, 6, 7]);
+        assert_eq!(c.await.unwrap(), vec![8]);
+        assert_eq!(serial.joined.load(Ordering::Relaxed), 3);
         assert_eq!(serial.len(), 0, "no queue left behind");
     }
 
