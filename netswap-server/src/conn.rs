@@ -235,6 +235,18 @@ enum Pending {
     },
 }
 
+/// Moves the groupable writes at the front of a record's queue `q` to `next`, behind
+/// the groupable write there, up to [`MAX_WRITES_TOGETHER`] in all: the writes
+/// handed to the store together ([`Conn::start_writes`]).
+fn take_groupable(q: &mut std::collections::VecDeque<Queued>, next: &mut Vec<Queued>) {
+    while next.len() < MAX_WRITES_TOGETHER
+        && q.front()
+            .is_some_and(|(_, r, _)| crate::cluster::groupable(r))
+    {
+        next.extend(q.pop_front());
+    }
+}
+
 /// Whether two requests of `batch` (at most [`BATCH`]) name one record.
 fn names_a_record_twice(batch: &[Pending]) -> bool {
     let mut seen = [None; BATCH];
@@ -1034,12 +1046,7 @@ impl Conn {
             if !self.waiting.is_empty()
                 && let Some(q) = self.waiting.get_mut(&p)
             {
-                while next.len() < MAX_WRITES_TOGETHER
-                    && q.front()
-                        .is_some_and(|(_, r, _)| crate::cluster::groupable(r))
-                {
-                    next.extend(q.pop_front());
-                }
+                take_groupable(q, &mut next);
                 if q.is_empty() {
                     self.waiting.remove(&p);
                 }
@@ -1247,12 +1254,8 @@ impl Conn {
             if let Some(first) = q.pop_front() {
                 let grouped = crate::cluster::groupable(&first.1);
                 next.push(first);
-                while grouped
-                    && next.len() < MAX_WRITES_TOGETHER
-                    && q.front()
-                        .is_some_and(|(_, r, _)| crate::cluster::groupable(r))
-                {
-                    next.extend(q.pop_front());
+                if grouped {
+                    take_groupable(q, &mut next);
                 }
             }
             if q.is_empty() {

@@ -120,14 +120,7 @@ impl ClusterStore {
                 let mut all = Vec::with_capacity(1 + members.len());
                 all.push(me);
                 all.extend(members);
-                // In a task of its own: the members' connections wait for it
-                // whatever becomes of the leader's.
-                let turn = turn.detach(self.serial.clone());
-                let store = self.clone();
-                tokio::spawn(async move {
-                    let _turn = turn;
-                    store.apply_group(ptr, all).await
-                });
+                self.spawn_group(ptr, turn, all);
             }
         }
         let outcome = outcome.expect("a member made");
@@ -170,15 +163,7 @@ impl ClusterStore {
                 let _turn = turn;
                 self.apply_group(ptr, all).await;
             }
-            Entered::Lead(turn, all) => {
-                // Others joined: in a task of its own, as in `enter_grouped`.
-                let turn = turn.detach(self.serial.clone());
-                let store = self.clone();
-                tokio::spawn(async move {
-                    let _turn = turn;
-                    store.apply_group(ptr, all).await
-                });
-            }
+            Entered::Lead(turn, all) => self.spawn_group(ptr, turn, all),
         }
         let mut done = Vec::with_capacity(outcomes.len());
         for outcome in outcomes {
@@ -187,6 +172,22 @@ impl ClusterStore {
             }));
         }
         done
+    }
+
+    /// Applies a group that others joined in a task of its own, holding `turn`: the
+    /// members' connections get their outcomes whatever becomes of the leader's.
+    fn spawn_group(
+        self: &Arc<Self>,
+        ptr: Pointer,
+        turn: Turn<'_, Pointer, Member>,
+        all: Vec<Member>,
+    ) {
+        let turn = turn.detach(self.serial.clone());
+        let store = self.clone();
+        tokio::spawn(async move {
+            let _turn = turn;
+            store.apply_group(ptr, all).await
+        });
     }
 
     /// Applies a group's members in order, while the caller holds the record's turn:
