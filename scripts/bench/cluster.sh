@@ -24,6 +24,13 @@
 # the same CPU in both columns and the ratio is Redis's cost per operation through
 # the gateway against its cost per GET/SET (the gateway still shares its core with
 # the load generator).
+# NETSWAP_BENCH_PIN=gateway gives the gateway cores of its own, as a gateway on a host
+# of its own in front of the cluster: the gateway on NETSWAP_BENCH_GATEWAY_CPUS
+# (default 0), the six Redis nodes and every load generator on
+# NETSWAP_BENCH_CLUSTER_CPUS (default 1), so that Redis and the load generator have the
+# same cores in both columns and the gateway adds its own (taskset CPU lists; on a
+# larger host e.g. NETSWAP_BENCH_GATEWAY_CPUS=0-3 NETSWAP_BENCH_CLUSTER_CPUS=4-15
+# NETSWAP_GATEWAY_THREADS=4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}
@@ -48,6 +55,11 @@ if [ "${NETSWAP_BENCH_PIN:-0}" = 1 ]; then
   for p in $redis_pids; do taskset -a -p -c 0 "$p" >/dev/null; done
   taskset -a -p -c 1 "$gw" >/dev/null
   pin=(taskset -c 1)
+elif [ "${NETSWAP_BENCH_PIN:-0}" = gateway ]; then
+  gw_cpus=${NETSWAP_BENCH_GATEWAY_CPUS:-0} cluster_cpus=${NETSWAP_BENCH_CLUSTER_CPUS:-1}
+  for p in $redis_pids; do taskset -a -p -c "$cluster_cpus" "$p" >/dev/null; done
+  taskset -a -p -c "$gw_cpus" "$gw" >/dev/null
+  pin=(taskset -c "$cluster_cpus")
 fi
 tick=$(getconf CLK_TCK)
 # CPU ticks (user + system) of the given processes.
