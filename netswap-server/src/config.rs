@@ -201,7 +201,8 @@ pub struct Args {
     pub redis_batch: bool,
 
     /// With `rediss-cluster://` (TLS): a PEM file of the authorities that sign the
-    /// nodes' certificates, trusted instead of the system's.
+    /// nodes' certificates, trusted instead of the system's. The three TLS files are
+    /// read again when they change (renewed certificates: no restart needed).
     #[arg(long, env = "NETSWAP_REDIS_TLS_CA", value_name = "FILE")]
     pub redis_tls_ca: Option<PathBuf>,
 
@@ -349,21 +350,20 @@ impl ServerConfig {
                 }
                 o.prefix = a.redis_prefix.clone();
                 if let Some(tls) = o.tls.as_mut() {
-                    if let Some(ca) = &a.redis_tls_ca {
-                        tls.ca = Some(read_pem("--redis-tls-ca", ca, Pem::Certificates)?);
-                    }
-                    tls.client = match (&a.redis_tls_cert, &a.redis_tls_key) {
-                        (Some(cert), Some(key)) => Some((
-                            read_pem("--redis-tls-cert", cert, Pem::Certificates)?,
-                            read_pem("--redis-tls-key", key, Pem::PrivateKey)?,
-                        )),
-                        (None, None) => None,
-                        _ => {
-                            return invalid(
-                                "--redis-tls-cert and --redis-tls-key go together".into(),
-                            );
-                        }
+                    let files = crate::cluster::TlsFiles {
+                        ca: a.redis_tls_ca.clone(),
+                        client: match (&a.redis_tls_cert, &a.redis_tls_key) {
+                            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                            (None, None) => None,
+                            _ => {
+                                return invalid(
+                                    "--redis-tls-cert and --redis-tls-key go together".into(),
+                                );
+                            }
+                        },
                     };
+                    (tls.ca, tls.client) = files.read().map_err(ConfigError::Invalid)?;
+                    tls.files = (files != Default::default()).then_some(files);
                 }
                 Some(o)
             }
@@ -473,39 +473,6 @@ fn load_or_create_key(path: &Path) -> std::io::Result<IdentityKey> {
         }
         Err(e) => Err(e),
     }
-}
-
-/// What a PEM file given for TLS to Redis must hold.
-#[derive(Clone, Copy)]
-enum Pem {
-    /// One certificate or more.
-    Certificates,
-    /// A private key.
-    PrivateKey,
-}
-
-/// Reads the PEM file of `flag` and checks it holds what `want` says, so that a wrong
-/// file is an error at start that names it, not a failed connection.
-fn read_pem(flag: &str, path: &Path, want: Pem) -> Result<Vec<u8>, ConfigError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |what: String| ConfigError::Invalid(format!("{flag} {}: {what}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    match want {
-        Pem::Certificates => {
-            let certs = CertificateDer::pem_slice_iter(&bytes)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(format!("not PEM certificates ({e:?})")))?;
-            if certs.is_empty() {
-                return Err(bad("no PEM certificate in it".into()));
-            }
-        }
-        Pem::PrivateKey => {
-            PrivateKeyDer::from_pem_slice(&bytes)
-                .map_err(|e| bad(format!("no PEM private key in it ({e:?})")))?;
-        }
-    }
-    Ok(bytes)
 }
 
 #[cfg(test)]

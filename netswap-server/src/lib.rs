@@ -48,7 +48,7 @@ use tracing::{error, info, warn};
 pub use persist::{DataDir, LoadError, SnapshotReport};
 
 use cluster::ClusterStore;
-pub use cluster::{ClusterOptions, Credentials, Tls};
+pub use cluster::{ClusterOptions, Credentials, Tls, TlsFiles};
 use hub::{Backend, Hub};
 
 /// How long shutdown waits for connections to flush their last replies.

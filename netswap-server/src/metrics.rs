@@ -716,6 +716,12 @@ impl Collector for HubCollector {
             )?;
             counter(
                 &mut e,
+                "netswap_redis_tls_reloads",
+                "Times the TLS files (--redis-tls-ca, --redis-tls-cert, --redis-tls-key) changed and were read again: later connections to Redis Cluster use them, and the gateway's connections were made anew with them.",
+                g.tls_reloads,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_subscriptions_renewed",
                 "Times the gateway subscribed again to every watched record on a new connection because the cluster's primaries changed (a failover takes the dead primary's subscriptions with it) or subscriptions were missing on the primaries (see netswap_redis_subscriptions_missing_total).",
                 g.subscriptions_renewed,

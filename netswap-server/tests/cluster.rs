@@ -84,14 +84,19 @@ impl GatewayProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> GatewayProcess {
+        let store = format!("redis-cluster://{}", nodes.join(","));
+        GatewayProcess::start_on(&store, prefix, extra, env)
+    }
+
+    /// A gateway on the store URL `store` (`rediss-cluster://…` too).
+    fn start_on(store: &str, prefix: &str, extra: &[&str], env: &[(&str, &str)]) -> GatewayProcess {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let key = std::env::temp_dir().join(format!("netswap-gw-key-{}-{n}", std::process::id()));
         std::fs::write(&key, GATEWAY_KEY).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_netswap-server"));
         cmd.args(["--listen", "127.0.0.1:0", "--threads", "1"])
-            .arg("--store")
-            .arg(format!("redis-cluster://{}", nodes.join(",")))
+            .args(["--store", store])
             .arg("--identity-key")
             .arg(&key)
             .args(["--redis-prefix", prefix])
@@ -4787,6 +4792,117 @@ async fn a_cluster_over_tls_that_announces_hostnames_is_served() {
     tls_gateways_serve(&cluster).await;
 }
 
+/// Certificates renewed while a gateway serves (short-lived ones, as cert-manager or
+/// Vault hand out): the nodes move to a new authority, and the gateway's files are
+/// replaced as Kubernetes replaces a mounted secret (a symbolic link to a new
+/// directory, swapped in one rename). The gateway reads them again and makes its
+/// connections anew with them; then every connection of the nodes' clients is
+/// killed, and the gateway, which can only connect with the new files now (one with
+/// the old ones is refused: an invalid peer certificate), serves again, watches
+/// included. Files that are no PEM, installed in between, change nothing.
+/// Without reading the files again it answered BUSY from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_files_renewed_while_serving_are_read_again() {
+    logs_from_env();
+    let mut cluster = RedisCluster::start_with_tls(3, 0);
+    let old = cluster.tls_files();
+    let dir = std::env::temp_dir().join(format!(
+        "netswap-tls-renewal-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    // `dir/now` links to the files in use (`dir/v1`, then `dir/v2`).
+    let install = |version: &str, files: &common::cluster::TlsFiles| {
+        let v = dir.join(version);
+        std::fs::create_dir_all(&v).unwrap();
+        std::fs::copy(&files.ca, v.join("ca.crt")).unwrap();
+        std::fs::copy(&files.client_cert, v.join("client.crt")).unwrap();
+        std::fs::copy(&files.client_key, v.join("client.key")).unwrap();
+        let link = dir.join(format!("now-{version}"));
+        std::os::unix::fs::symlink(&v, &link).unwrap();
+        std::fs::rename(&link, dir.join("now")).unwrap();
+    };
+    install("v1", &old);
+    let now = |name: &str| dir.join("now").join(name).display().to_string();
+    let flags = [
+        "--redis-tls-ca".to_string(),
+        now("ca.crt"),
+        "--redis-tls-cert".to_string(),
+        now("client.crt"),
+        "--redis-tls-key".to_string(),
+        now("client.key"),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let store = format!("rediss-cluster://{}", cluster.nodes().join(","));
+    let gw = GatewayProcess::start_on(&store, &fresh_prefix(), &flags, &[]);
+    let (mut c, mut w, _d, p) = watched_both_ways(gw.addr, gw.addr).await;
+
+    let next = cluster.renew_tls();
+    // The connections made before go on; a new one with the old files is refused.
+    replace_as(&mut c, p, b"renewed nodes", 3).await;
+    changed_event(&mut w, 7, p, 3).await;
+    let err = refused_start(&store, &flags);
+    assert!(err.contains("invalid peer certificate"), "{err}");
+
+    // Files that are no PEM: nothing changes, and the gateway says why.
+    let junk = dir.join("junk.crt");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    install(
+        "bad",
+        &common::cluster::TlsFiles {
+            ca: junk.clone(),
+            ..cluster.tls_files()
+        },
+    );
+    eventually(
+        "the gateway says why it cannot use the files",
+        Duration::from_secs(10),
+        async || std::fs::read_to_string(&gw.log).is_ok_and(|l| l.contains("cannot be used")),
+    )
+    .await;
+    replace_as(&mut c, p, b"bad files", 4).await;
+    changed_event(&mut w, 7, p, 4).await;
+    assert_eq!(gw.metric("netswap_redis_tls_reloads_total"), 0.0);
+
+    // Good files, changed again: read at once, not after the wait for bad ones.
+    install("v2", &next);
+    eventually(
+        "the gateway reads its files again",
+        Duration::from_secs(5),
+        async || gw.metric("netswap_redis_tls_reloads_total") >= 1.0,
+    )
+    .await;
+    for &port in &cluster.ports {
+        cluster.cli(port, &["CLIENT", "KILL", "TYPE", "normal"]);
+        cluster.cli(port, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    }
+    // (A write answered BUSY may have been applied: the version is the one answered.)
+    let mut version = 0;
+    eventually(
+        "writes after every connection was killed",
+        Duration::from_secs(15),
+        async || match c
+            .ask(Request::Replace {
+                ptr: p,
+                data: Bytes::from_static(b"new files"),
+            })
+            .await
+        {
+            Reply::Written(v) => {
+                version = v;
+                true
+            }
+            _ => false,
+        },
+    )
+    .await;
+    assert_eq!(c.read(p).await, data(b"new files"));
+    while next_change(&mut w, 7, p).await.0 < version {}
+    assert_eq!(gw.metric("netswap_redis_tls_reloads_total"), 1.0);
+    gw.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Two gateways with the authority and a client certificate of `cluster` (TLS only):
 /// a watch across them, writes acknowledged by a replica, `count_records`' scan, then
 /// a replica promoted (the scripts reach it) and both still serve.
@@ -4804,6 +4920,7 @@ async fn tls_gateways_serve(cluster: &RedisCluster) {
                     std::fs::read(&tls.client_cert).unwrap(),
                     std::fs::read(&tls.client_key).unwrap(),
                 )),
+                files: None,
             });
             // The read cache's tracking connections speak TLS too.
             read_cached(c);

@@ -37,6 +37,7 @@ mod states;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -96,6 +97,9 @@ const SHORT_LOOKS_BEFORE_RENEWAL: u64 = 2;
 
 /// Leases renewed at once (`ClusterStore::renew_leases`).
 const RENEW_AT_ONCE: usize = 64;
+/// How long TLS files that changed but could not be used wait before they are tried
+/// again ([`ClusterStore::reload_tls`]); files that change again are tried at once.
+const TLS_RETRY: Duration = Duration::from_secs(10);
 /// Identities put on the reaper's schedule per `ZADD`.
 const SCHEDULE_AT_ONCE: usize = 512;
 
@@ -129,6 +133,101 @@ pub struct Tls {
     /// The gateway's PEM certificate and private key (`--redis-tls-cert`,
     /// `--redis-tls-key`).
     pub client: Option<(Vec<u8>, Vec<u8>)>,
+    /// The files `ca` and `client` were read from: the gateway reads them again when
+    /// they change, and its later connections use them
+    /// (every second, docs/ARCHITECTURE.md, "Credentials and TLS"). `None`: given as bytes, read once.
+    pub files: Option<TlsFiles>,
+}
+
+/// Where a gateway's TLS settings come from (`--redis-tls-ca`, `--redis-tls-cert`,
+/// `--redis-tls-key`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The authorities' certificates.
+    pub ca: Option<PathBuf>,
+    /// The gateway's certificate and its private key.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// What a PEM file must hold ([`read_pem`]).
+#[derive(Clone, Copy)]
+enum Pem {
+    /// One certificate or more.
+    Certificates,
+    /// A private key.
+    PrivateKey,
+}
+
+/// Reads the PEM file of `flag` and checks it holds what `want` says, so that a wrong
+/// file is an error that names it (at start: exit code 2), not a failed connection.
+fn read_pem(flag: &str, path: &Path, want: Pem) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: String| format!("{flag} {}: {what}", path.display());
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    match want {
+        Pem::Certificates => {
+            let certs = CertificateDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("not PEM certificates ({e:?})")))?;
+            if certs.is_empty() {
+                return Err(bad("no PEM certificate in it".into()));
+            }
+        }
+        Pem::PrivateKey => {
+            PrivateKeyDer::from_pem_slice(&bytes)
+                .map_err(|e| bad(format!("no PEM private key in it ({e:?})")))?;
+        }
+    }
+    Ok(bytes)
+}
+
+/// A file's modification time and length, or `None` when it cannot be read.
+type Stamp = Option<(std::time::SystemTime, u64)>;
+
+/// What [`ClusterStore::reload_tls`] last saw of the TLS files.
+struct TlsWatch {
+    /// Their stamps when last taken (at start, or read again).
+    taken: Vec<Stamp>,
+    /// Their stamps when they could not be taken, and when to try them again.
+    failed: Option<(Vec<Stamp>, Instant)>,
+}
+
+/// The authorities' certificates, and the gateway's certificate and key, as
+/// [`Tls::ca`] and [`Tls::client`] hold them.
+type TlsBytes = (Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>);
+
+impl TlsFiles {
+    /// Reads and checks the files: the authorities' certificates and the gateway's
+    /// certificate and key, as [`Tls::ca`] and [`Tls::client`] hold them.
+    pub fn read(&self) -> Result<TlsBytes, String> {
+        let ca = match &self.ca {
+            Some(p) => Some(read_pem("--redis-tls-ca", p, Pem::Certificates)?),
+            None => None,
+        };
+        let client = match &self.client {
+            Some((cert, key)) => Some((
+                read_pem("--redis-tls-cert", cert, Pem::Certificates)?,
+                read_pem("--redis-tls-key", key, Pem::PrivateKey)?,
+            )),
+            None => None,
+        };
+        Ok((ca, client))
+    }
+
+    /// The files' stamps now: a change of any means they were replaced.
+    fn stamps(&self) -> Vec<Stamp> {
+        let stamp = |p: &PathBuf| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+        };
+        let mut all: Vec<Stamp> = self.ca.iter().map(stamp).collect();
+        if let Some((cert, key)) = &self.client {
+            all.extend([stamp(cert), stamp(key)]);
+        }
+        all
+    }
 }
 
 impl Tls {
@@ -155,6 +254,7 @@ impl std::fmt::Debug for Tls {
                 "client",
                 &self.client.as_ref().map(|_| "<certificate and key>"),
             )
+            .field("files", &self.files)
             .finish()
     }
 }
@@ -537,6 +637,13 @@ pub(crate) struct ClusterStore {
     subs_unanswered: AtomicU64,
     liveness_unanswered: AtomicU64,
     connections_replaced: AtomicU64,
+    /// The TLS settings of new connections: `opts.tls` as read again when its files
+    /// changed ([`ClusterStore::reload_tls`]).
+    tls_now: std::sync::RwLock<Option<Tls>>,
+    /// The TLS files' stamps as last taken, and as they were when they could not be.
+    tls_watch: Mutex<TlsWatch>,
+    /// Times the TLS files were read again and taken.
+    tls_reloads: AtomicU64,
     /// Times every watched record was subscribed again on a new connection because
     /// the primaries changed or subscriptions were missing
     /// ([`ClusterStore::refresh_topology`]).
@@ -607,6 +714,9 @@ pub struct GatewayCounts {
     /// Command connections replaced because they stopped answering while the
     /// cluster answered a new one ([`ClusterStore::check_connection`]).
     pub connections_replaced: u64,
+    /// Times the TLS files (`--redis-tls-*`) changed and were read again and taken
+    /// for new connections ([`ClusterStore::check_connection`]).
+    pub tls_reloads: u64,
     /// Times every watched record was subscribed again on a new connection because
     /// the cluster's primaries changed (a failover) or the primaries held fewer of
     /// this gateway's subscriptions than its watches need
@@ -827,6 +937,17 @@ impl ClusterStore {
             subs_unanswered: AtomicU64::new(0),
             liveness_unanswered: AtomicU64::new(0),
             connections_replaced: AtomicU64::new(0),
+            tls_now: std::sync::RwLock::new(opts.tls.clone()),
+            tls_watch: Mutex::new(TlsWatch {
+                taken: opts
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.files.as_ref())
+                    .map(TlsFiles::stamps)
+                    .unwrap_or_default(),
+                failed: None,
+            }),
+            tls_reloads: AtomicU64::new(0),
             subscriptions_renewed: AtomicU64::new(0),
             subscriptions_missing: AtomicU64::new(0),
             events,
@@ -904,6 +1025,7 @@ impl ClusterStore {
             lease_renewals_failed: n(&self.renewals_failed),
             leases_lapsed: n(&self.leases_lapsed),
             connections_replaced: n(&self.connections_replaced),
+            tls_reloads: n(&self.tls_reloads),
             subscriptions_renewed: n(&self.subscriptions_renewed),
             subscriptions_missing: n(&self.subscriptions_missing),
             queued_changes: n(&self.serial.queued),
@@ -939,6 +1061,7 @@ impl ClusterStore {
     /// command of the gateway timed out for the 15 minutes the run went on). A
     /// cluster that is down fails the new connection too, and nothing is replaced.
     pub async fn check_connection(self: &Arc<Self>) {
+        self.reload_tls().await;
         // `NETSWAP_FAULT_AT=commands-stay-stuck`: a command connection that stops
         // answering stays (tests of what does not depend on it);
         // `commands-replace`: the first look replaces it anyway (a test of the
@@ -987,6 +1110,79 @@ impl ClusterStore {
         }
     }
 
+    /// The settings of a new connection: the options given, with the TLS files as
+    /// last read ([`ClusterStore::reload_tls`]).
+    fn opts_now(&self) -> ClusterOptions {
+        let mut o = self.opts.clone();
+        o.tls = self
+            .tls_now
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        o
+    }
+
+    /// Reads the TLS files again when one of them changed (a certificate renewed: a
+    /// gateway's connections must not outlive its certificate, nor trust only an
+    /// authority the nodes no longer use), and if a new connection with them is
+    /// answered, takes them for every later connection and replaces the
+    /// connections for commands, leases and subscriptions with new ones (the read
+    /// cache's connections, made per primary, take them when next made). Files that
+    /// cannot be read or checked, or that the cluster refuses, leave everything as it
+    /// was; they are tried again every [`TLS_RETRY`] while they stay as they are,
+    /// and at once when they change again.
+    async fn reload_tls(self: &Arc<Self>) {
+        let Some(files) = self.opts.tls.as_ref().and_then(|t| t.files.clone()) else {
+            return;
+        };
+        let stamps = files.stamps();
+        {
+            let watch = lock(&self.tls_watch);
+            let failed = |(f, t): &(Vec<Stamp>, Instant)| *f == stamps && Instant::now() < *t;
+            if watch.taken == stamps || watch.failed.as_ref().is_some_and(failed) {
+                return;
+            }
+        }
+        let taken = self.take_tls(&files).await;
+        let mut watch = lock(&self.tls_watch);
+        match taken {
+            Ok(()) => {
+                *watch = TlsWatch {
+                    taken: stamps,
+                    failed: None,
+                }
+            }
+            Err(e) => {
+                watch.failed = Some((stamps, Instant::now() + TLS_RETRY));
+                warn!(error = %e, "the TLS files changed, but the new ones cannot be used; the connections go on with those read before, and the files are tried again in {} s", TLS_RETRY.as_secs());
+            }
+        }
+    }
+
+    /// [`ClusterStore::reload_tls`]'s work once a file changed.
+    async fn take_tls(self: &Arc<Self>, files: &TlsFiles) -> Result<(), String> {
+        let (ca, client) = files.read()?;
+        let mut opts = self.opts_now();
+        if let Some(tls) = opts.tls.as_mut() {
+            (tls.ca, tls.client) = (ca, client);
+        }
+        let fresh = cluster_connection(&opts, None).await?;
+        if !self.pings(fresh.clone()).await {
+            return Err("a new connection with them made no answer to a PING".into());
+        }
+        *self.tls_now.write().unwrap_or_else(|e| e.into_inner()) = opts.tls;
+        self.commands.replace(fresh);
+        if let Some(fresh) = self.fresh_connection(None).await {
+            self.liveness.replace(fresh);
+        }
+        // Missed now, it is replaced with one on the new files when it stops
+        // answering, as any other.
+        self.subscribe_anew().await;
+        self.tls_reloads.fetch_add(1, Ordering::Relaxed);
+        info!("the TLS files changed: read them again; new connections to Redis Cluster use them");
+        Ok(())
+    }
+
     /// Replaces the connection for subscriptions with a new one (if the cluster
     /// answers one) and subscribes again there to every watched record's channels,
     /// telling the watchers what changed meanwhile. Returns whether it did.
@@ -1031,7 +1227,7 @@ impl ClusterStore {
         &self,
         pushes: Option<mpsc::UnboundedSender<PushInfo>>,
     ) -> Option<ClusterConnection> {
-        let fresh = cluster_connection(&self.opts, pushes).await.ok()?;
+        let fresh = cluster_connection(&self.opts_now(), pushes).await.ok()?;
         self.pings(fresh.clone()).await.then_some(fresh)
     }
 
@@ -1192,7 +1388,7 @@ impl ClusterStore {
         // In the background: connecting to a primary that does not answer must not
         // hold up this look (the scripts for new primaries, below), nor the next.
         if let Some(cache) = &self.reads {
-            let (cache, opts, nodes) = (cache.clone(), self.opts.clone(), nodes.clone());
+            let (cache, opts, nodes) = (cache.clone(), self.opts_now(), nodes.clone());
             let text = text.clone();
             tokio::spawn(async move { cache.follow(&opts, &text, &nodes).await });
         }

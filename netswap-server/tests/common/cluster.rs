@@ -7,7 +7,7 @@
 //! one cluster for the whole run) is used by [`shared`] instead of starting another.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -140,6 +140,45 @@ impl RedisCluster {
             client_key: dir.join("client.key"),
             other_ca: dir.join("other-ca.crt"),
         }
+    }
+
+    /// Moves the nodes of a cluster started by [`Self::start_with_tls`] to a new
+    /// authority, as a renewal of their certificates would: every node first trusts
+    /// clients of both (`tls-ca-cert-file`), then presents a certificate of the new
+    /// one (`tls-cert-file`, `tls-key-file`) on every connection made from then on.
+    /// Returns the new authority's files (its client certificate included), which
+    /// [`Self::tls_files`] and the cluster's own `redis-cli` use from then on.
+    pub fn renew_tls(&mut self) -> TlsFiles {
+        let old = self.tls.clone().expect("a cluster with TLS");
+        let next = make_tls_files(&self.dir.join(format!("tls-{}", rand::random::<u32>())));
+        let mut both = std::fs::read(old.join("ca.crt")).unwrap();
+        both.extend(std::fs::read(next.join("ca.crt")).unwrap());
+        let both_path = next.join("both-ca.crt");
+        std::fs::write(&both_path, both).unwrap();
+        let path = |p: &Path| p.display().to_string();
+        for &port in &self.ports {
+            let ok = self.redis_cli(
+                port,
+                &["CONFIG", "SET", "tls-ca-cert-file", &path(&both_path)],
+            );
+            assert!(ok.contains("OK"), "tls-ca-cert-file on {port}: {ok}");
+        }
+        for &port in &self.ports {
+            let ok = self.redis_cli(
+                port,
+                &[
+                    "CONFIG",
+                    "SET",
+                    "tls-cert-file",
+                    &path(&next.join("node.crt")),
+                    "tls-key-file",
+                    &path(&next.join("node.key")),
+                ],
+            );
+            assert!(ok.contains("OK"), "tls-cert-file on {port}: {ok}");
+        }
+        self.tls = Some(next);
+        self.tls_files()
     }
 
     /// Starts `primaries` primaries with `replicas` replicas each. `aof`: with the
