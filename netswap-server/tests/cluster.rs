@@ -4816,6 +4816,14 @@ async fn tls_files_renewed_while_serving_are_read_again() {
         std::process::id(),
         rand::random::<u32>()
     ));
+    /// Removes the directory however the test ends.
+    struct Removed(std::path::PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _removed = Removed(dir.clone());
     // `dir/now` links to the files in use (`dir/v1`, then `dir/v2`).
     let install = |version: &str, files: &common::cluster::TlsFiles| {
         let v = dir.join(version);
@@ -4905,7 +4913,6 @@ async fn tls_files_renewed_while_serving_are_read_again() {
     while next_change(&mut w, 7, p).await.0 < version {}
     assert_eq!(gw.metric("netswap_redis_tls_reloads_total"), 1.0);
     gw.kill();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Two gateways with the authority and a client certificate of `cluster` (TLS only):
