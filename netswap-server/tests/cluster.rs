@@ -4811,19 +4811,12 @@ async fn tls_files_renewed_while_serving_are_read_again() {
     logs_from_env();
     let mut cluster = RedisCluster::start_with_tls(3, 0);
     let old = cluster.tls_files();
-    let dir = std::env::temp_dir().join(format!(
-        "netswap-tls-renewal-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    /// Removes the directory however the test ends.
-    struct Removed(std::path::PathBuf);
-    impl Drop for Removed {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _removed = Removed(dir.clone());
+    // Removed however the test ends.
+    let temp = tempfile::Builder::new()
+        .prefix("netswap-tls-renewal-")
+        .tempdir()
+        .unwrap();
+    let dir = temp.path();
     // `dir/now` links to the files in use (`dir/v1`, then `dir/v2`).
     let install = |version: &str, files: &common::cluster::TlsFiles| {
         let v = dir.join(version);
