@@ -698,6 +698,12 @@ impl Collector for HubCollector {
             )?;
             counter(
                 &mut e,
+                "netswap_redis_lease_renewals",
+                "Lease renewals that succeeded (every identity with a connection here, each third of --lease-ttl).",
+                g.lease_renewals,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_lease_renewals_failed",
                 "Lease renewals that failed (each is tried again at the next pass; the lease runs out after --lease-ttl without one).",
                 g.lease_renewals_failed,

@@ -3761,9 +3761,10 @@ fn lease_gateway(ttl: Duration, grace: Option<Duration>) -> (RunningServer, Sock
 /// median 0.47 s, against well under a millisecond now). The TTL is 3 s (a period of
 /// 1 s): in a slow phase of this host, passes over 3,000 leases took 0.22–0.38 s alone
 /// and 0.46–0.62 s beside two busy loops (2026-12-07), so with a 1-s TTL the bound of
-/// its period (0.33 s) failed the full suite at random. (Some leases do run out here,
-/// which this test does not look for: 238–1,539 of 3,000 in 4 of 6 runs alone with a
-/// 1-s TTL, 648 in the full suite with 3 s; docs/RELIABILITY.md.)
+/// its period (0.33 s) failed the full suite at random. (Some leases did run out here,
+/// renewed in hash-map order: 238–1,539 of 3,000 in 4 of 6 runs alone with a 1-s TTL,
+/// 648 in the full suite with 3 s; docs/RELIABILITY.md. Since they are renewed oldest
+/// first, `identities_that_connect_during_long_passes_keep_their_leases` looks for it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_identities_hold_up_neither_their_leases_nor_the_watches() {
     const IDENTITIES: usize = 3000;
@@ -3807,6 +3808,8 @@ async fn thousands_of_identities_hold_up_neither_their_leases_nor_the_watches() 
     // passes that all outlast their period are (one by one, they did).
     let mut passes = Vec::new();
     let mut last = -1.0;
+    let renewals = || metric(&scrape(m), "netswap_redis_lease_renewals_total");
+    let renewed_before = renewals();
     let sampling = Instant::now();
     while passes.len() < 3 && sampling.elapsed() < Duration::from_secs(10) {
         let now = metric(&scrape(m), "netswap_redis_lease_renewal_seconds");
@@ -3822,9 +3825,83 @@ async fn thousands_of_identities_hold_up_neither_their_leases_nor_the_watches() 
         "passes over {IDENTITIES} leases took {passes:?} s, their period is {:?}",
         ttl / 3
     );
+    // The passes renewed leases, and nearly all of them (not that none failed: the
+    // test command's run on a fresh machine once had 6 renewals time out among
+    // these tests' load, each tried again at the next pass).
+    let failed = metric(&scrape(m), "netswap_redis_lease_renewals_failed_total");
+    let renewed = renewals() - renewed_before;
+    assert!(
+        renewed >= (2 * IDENTITIES) as f64 && failed <= renewed / 100.0,
+        "{renewed} leases renewed in {} passes, {failed} renewals failed in all",
+        passes.len()
+    );
+    drop(held);
+}
+
+/// Passes of renewals renew the oldest leases first, so a lease runs out only when a
+/// pass takes longer than the TTL, not half of it. In the order of the gateway's hash
+/// map of identities, the same from pass to pass only while nobody comes or goes, an
+/// identity that connected during one pass, or every identity when the map grew, could
+/// be renewed last in the next one: a pass that met a storm of 3,000 connections took
+/// a second, and up to half of those leases ran out with a 1-s TTL while their clients
+/// stayed connected (docs/RELIABILITY.md). Here every renewal is sent 100 ms late
+/// (`NETSWAP_FAULT_AT=renewals-slow`), 64 at a time, so that passes take ~1.8 s of the
+/// 3-s TTL, while 256 identities connect one by one over several passes: in hash-map
+/// order leases ran out (checked by hand: in each of 3 runs), oldest first none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_that_connect_during_long_passes_keep_their_leases() {
+    const FIRST: usize = 64 * 13;
+    const LATER: usize = 64 * 4;
+    const IDENTITIES: usize = FIRST + LATER;
+    let g = GatewayProcess::with_fault(&fresh_prefix(), &["--lease-ttl", "3"], "renewals-slow");
+    let mut held = Vec::with_capacity(IDENTITIES);
+    for n in 0..FIRST {
+        held.push(Raw::connect_from(g.addr, many(7, n)).await);
+    }
+    let pass = || g.metric("netswap_redis_lease_renewal_seconds");
+    let first = pass();
+    eventually(
+        "every identity has a lease, and a pass over them all ended",
+        Duration::from_secs(30),
+        async || g.metric("netswap_identities") >= FIRST as f64 && pass() != first,
+    )
+    .await;
+    // A connection every 15 ms: about two passes' time.
+    for n in FIRST..IDENTITIES {
+        held.push(Raw::connect_from(g.addr, many(7, n)).await);
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    // Three whole passes once all are connected: from the end of the one under way
+    // (it may have started before the last connected).
+    let mut last = pass();
+    let mut passes = Vec::new();
+    let mut renewed = 0.0;
+    let sampling = Instant::now();
+    while passes.len() < 4 && sampling.elapsed() < Duration::from_secs(20) {
+        let now = pass();
+        if now != last {
+            if passes.is_empty() {
+                renewed = g.metric("netswap_redis_lease_renewals_total");
+            }
+            passes.push(now);
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let renewed = g.metric("netswap_redis_lease_renewals_total") - renewed;
+    let whole = passes.get(1..).unwrap_or_default();
+    assert!(
+        whole.len() == 3 && whole.iter().all(|&p| p > 1.5),
+        "three passes, each longer than half the TTL (where hash-map order let leases run out): {passes:?} s"
+    );
+    assert!(
+        renewed >= (3 * IDENTITIES) as f64,
+        "{renewed} leases renewed in three passes over {IDENTITIES}"
+    );
     assert_eq!(
-        metric(&scrape(m), "netswap_redis_lease_renewals_failed_total"),
-        0.0
+        g.metric("netswap_redis_leases_lapsed_total"),
+        0.0,
+        "no lease ran out (passes took {passes:?} s, the TTL is 3 s)"
     );
     drop(held);
 }

@@ -484,6 +484,10 @@ struct Held {
     /// This gateway may hold a lease on it in Redis (taking one began, and no release
     /// since). Changed only in the identity's turn (`ClusterStore::lease_turns`).
     leased: bool,
+    /// When the last lease script that succeeded for it (the take or a renewal) was
+    /// sent: its lease runs until at least a TTL after that. Passes renew the
+    /// identities in this order, oldest first (`ClusterStore::renew_leases`).
+    renewed: Option<Instant>,
 }
 
 /// A connection to the cluster (the one for commands, or the one for subscriptions)
@@ -626,8 +630,9 @@ pub(crate) struct ClusterStore {
     refused_address: AtomicU64,
     refused_gateway: AtomicU64,
     /// The last pass over this gateway's leases: how long it took (µs), and
-    /// renewals that failed in all passes.
+    /// renewals that succeeded and that failed in all passes.
     renewal_micros: AtomicU64,
+    renewals: AtomicU64,
     renewals_failed: AtomicU64,
     /// Renewals that found their lease run out (`scripts::LEASE`).
     leases_lapsed: AtomicU64,
@@ -706,6 +711,8 @@ pub struct GatewayCounts {
     pub reply_bytes_held: u64,
     /// How long the last pass renewing this gateway's leases took (µs).
     pub lease_renewal_micros: u64,
+    /// Lease renewals that succeeded.
+    pub lease_renewals: u64,
     /// Lease renewals that failed (each tried again at the next pass).
     pub lease_renewals_failed: u64,
     /// Lease renewals that found the lease run out: the identity was offline for
@@ -931,6 +938,7 @@ impl ClusterStore {
             counted_at: Mutex::default(),
             unreplicated: AtomicU64::new(0),
             renewal_micros: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
             renewals_failed: AtomicU64::new(0),
             leases_lapsed: AtomicU64::new(0),
             unanswered: AtomicU64::new(0),
@@ -1022,6 +1030,7 @@ impl ClusterStore {
             replies_refused_gateway: n(&self.refused_gateway),
             reply_bytes_held: self.reply_bytes.held(),
             lease_renewal_micros: n(&self.renewal_micros),
+            lease_renewals: n(&self.renewals),
             lease_renewals_failed: n(&self.renewals_failed),
             leases_lapsed: n(&self.leases_lapsed),
             connections_replaced: n(&self.connections_replaced),
@@ -1502,12 +1511,16 @@ impl ClusterStore {
                     .expect("held by this connection");
                 !std::mem::replace(&mut held.leased, true)
             };
-            if first && let Err(e) = self.take_lease(&identity, true).await {
-                drop(_turn);
-                lock(&self.local).reply_shares.leave(ip);
-                // Released: the script may have run though its reply was lost.
-                self.close_identity(&identity).await;
-                return Err(unavailable(&e));
+            if first {
+                let sent = Instant::now();
+                if let Err(e) = self.take_lease(&identity, true).await {
+                    drop(_turn);
+                    lock(&self.local).reply_shares.leave(ip);
+                    // Released: the script may have run though its reply was lost.
+                    self.close_identity(&identity).await;
+                    return Err(unavailable(&e));
+                }
+                self.note_renewed(&identity, sent);
             }
             first
         };
@@ -1776,19 +1789,38 @@ impl ClusterStore {
         lock(&self.local).identities.len()
     }
 
+    /// Notes that a lease script for `id` sent at `sent` succeeded.
+    fn note_renewed(&self, id: &Identity, sent: Instant) {
+        if let Some(h) = lock(&self.local).identities.get_mut(id) {
+            h.renewed = h.renewed.max(Some(sent));
+        }
+    }
+
     /// Renews this gateway's leases (every third of the TTL, by the server):
     /// [`RENEW_AT_ONCE`] in flight, then the reaper's schedule for all of them
     /// together. One by one, each waiting for the last, a pass over 5,000 identities
     /// took ~0.6 s (two round trips each), longer than the renewal period of a short
     /// TTL, and a pass over ~130,000 would have outlasted the default TTL.
+    ///
+    /// Oldest lease first: each identity then comes at about the same point of
+    /// every pass, so it waits about as long as the passes are apart, and a lease
+    /// runs out only when a pass takes longer than the TTL. In the order of the hash
+    /// map (the same from pass to pass only while nobody comes or goes), an identity
+    /// that connected during a pass, or any when the map grew, could be renewed
+    /// last in the next, waiting up to two passes: a pass that met a storm of 3,000
+    /// connections took a second, and up to half of those leases ran out with a 1-s
+    /// TTL (docs/RELIABILITY.md).
     pub async fn renew_leases(&self) {
         let started = Instant::now();
-        let held: Vec<Identity> = lock(&self.local)
+        let mut held: Vec<(Option<Instant>, Identity)> = lock(&self.local)
             .identities
             .iter()
             .filter(|(_, h)| h.leased)
-            .map(|(id, _)| *id)
+            .map(|(id, h)| (h.renewed, *id))
             .collect();
+        // Leases being taken (none sent yet) last.
+        held.sort_unstable_by_key(|&(renewed, _)| (renewed.is_none(), renewed));
+        let held = held.into_iter().map(|(_, id)| id);
         let mut renewed = Vec::with_capacity(held.len());
         let mut lapsed = Vec::new();
         let mut latest = 0;
@@ -1806,7 +1838,13 @@ impl ClusterStore {
                 (
                     id,
                     if still {
-                        Some(self.lease(&id, false).await)
+                        // `NETSWAP_FAULT_AT=renewals-slow`: each renewal is sent
+                        // 100 ms late (a test of passes nearly as long as the TTL).
+                        if fault_set("renewals-slow") {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        let sent = Instant::now();
+                        Some(self.lease(&id, false).await.map(|r| (r, sent)))
                     } else {
                         None
                     },
@@ -1816,7 +1854,8 @@ impl ClusterStore {
         while let Some((id, r)) = each.next().await {
             match r {
                 None => {}
-                Some(Ok((now, ran_out))) => {
+                Some(Ok(((now, ran_out), sent))) => {
+                    self.note_renewed(&id, sent);
                     latest = latest.max(now);
                     renewed.push(id);
                     if ran_out {
@@ -1830,6 +1869,7 @@ impl ClusterStore {
             }
         }
         drop(each);
+        let renewed_all = renewed.len();
         // Not those whose last connection left meanwhile: their release put them on
         // the schedule for the end of their grace, which this must not postpone. And
         // none that leaves from here on may have its release's entry overtaken by
@@ -1857,6 +1897,8 @@ impl ClusterStore {
         }
         self.note_contact(failed == 0);
         self.renewals_failed.fetch_add(failed, Ordering::Relaxed);
+        self.renewals
+            .fetch_add(renewed_all as u64, Ordering::Relaxed);
         self.renewal_micros
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         if !lapsed.is_empty() {
