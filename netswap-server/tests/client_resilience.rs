@@ -7,7 +7,6 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,20 +21,16 @@ use netswap_proto::{Reply, decode_frame};
 use netswap_server::ServerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Dir(PathBuf);
+/// A test's directory (data directory and identity key), removed however the test
+/// ends.
+struct Dir(tempfile::TempDir);
 
 impl Dir {
     fn new(name: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("netswap-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        Dir(tempfile::Builder::new()
+            .prefix(&format!("netswap-{name}-"))
+            .tempdir()
+            .unwrap())
     }
 }
 
@@ -56,9 +51,9 @@ impl Process {
             .args(["--listen", &format!("127.0.0.1:{port}"), "--threads", "1"])
             .args(["--snapshot-interval", "0", "--orphan-grace", "60"])
             .arg("--data-dir")
-            .arg(dir.0.join("data"))
+            .arg(dir.0.path().join("data"))
             .arg("--identity-key")
-            .arg(dir.0.join("identity.key"))
+            .arg(dir.0.path().join("identity.key"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

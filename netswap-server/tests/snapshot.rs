@@ -14,29 +14,25 @@ use bytes::Bytes;
 use common::*;
 use netswap_proto::*;
 
-struct Dir(PathBuf);
+/// A test's directory (its data directory and identity key), removed however the
+/// test ends.
+struct Dir(tempfile::TempDir);
 
 impl Dir {
     fn new(name: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("netswap-snap-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
+        Dir(tempfile::Builder::new()
+            .prefix(&format!("netswap-snap-{name}-"))
+            .tempdir()
+            .unwrap())
     }
     fn data(&self) -> PathBuf {
-        self.0.join("data")
+        self.0.path().join("data")
     }
     fn key(&self) -> PathBuf {
-        self.0.join("identity.key")
+        self.0.path().join("identity.key")
     }
     fn snapshot(&self) -> PathBuf {
         self.data().join("netswap.snapshot")
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
