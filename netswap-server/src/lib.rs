@@ -541,11 +541,11 @@ async fn cluster_upkeep(hub: Arc<Hub>, c: Arc<ClusterStore>, mut stop: watch::Re
             |(c, hub)| async move { reap_while_due(&c, &hub).await },
         )),
         tokio::spawn(every(
-            Duration::from_secs(10),
+            c.sweep_every(),
             stop.clone(),
             c.clone(),
             |c| async move {
-                c.sweep_subscriptions(Duration::from_secs(30)).await;
+                c.sweep_subscriptions().await;
                 c.forget_unused_quotas();
             },
         )),

@@ -686,6 +686,12 @@ impl Collector for HubCollector {
             )?;
             gauge(
                 &mut e,
+                "netswap_redis_subscribed_records",
+                "Records this gateway holds subscriptions to events for: watched here now, or until 30 s after their last watch here ended.",
+                g.subscribed_records,
+            )?;
+            gauge(
+                &mut e,
                 "netswap_redis_reply_bytes_held",
                 "Bytes of large replies fetched from Redis and not sent yet (of --redis-max-reply-bytes).",
                 g.reply_bytes_held,

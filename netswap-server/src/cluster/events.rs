@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use netswap_proto::{Access, ConnId, Delta, Event, Identity, Notification, Pointer, Version};
 use redis::{PushInfo, PushKind, Value};
 use tracing::{debug, warn};
@@ -38,6 +39,9 @@ pub(crate) struct EventInfo {
 
 /// Bytes of an event without its data.
 const EVENT_LEN: usize = 50;
+
+/// Records the sweep unsubscribes from at once (`ClusterStore::sweep_subscriptions`).
+const UNSUBSCRIBE_AT_ONCE: usize = 64;
 
 /// What the commit script appends to an event on the channel with bytes, before the
 /// bytes: the record's new size and the offset written.
@@ -142,6 +146,9 @@ pub(crate) struct WatchEntry {
     /// subscription was confirmed again while it ran).
     resyncing: bool,
     resync_again: bool,
+    /// The sweep is unsubscribing from its channels: forgotten once Redis confirmed
+    /// that, and a watch of it waits until then (`ClusterStore::subscribe`).
+    leaving: bool,
 }
 
 impl WatchEntry {
@@ -155,6 +162,7 @@ impl WatchEntry {
             idle_since: None,
             resyncing: false,
             resync_again: false,
+            leaving: false,
         }
     }
 
@@ -170,17 +178,38 @@ impl ClusterStore {
     /// Makes sure this gateway is subscribed to `ptr`'s events (and, for a data
     /// watch, to its events with bytes), before a WATCH loads the record (so no event
     /// after the load can be missed).
+    ///
+    /// A record the sweep is unsubscribing from is subscribed to anew once that is
+    /// done: a `SSUBSCRIBE` sent before the sweep's `SUNSUBSCRIBE` would be undone
+    /// by it, and the watch would hear nothing.
     pub(super) async fn subscribe(&self, ptr: Pointer, data: bool) -> redis::RedisResult<()> {
-        let (mut ready, first) = {
-            let mut l = lock(&self.local);
-            match l.watched.get(&ptr) {
-                Some(e) => (e.subscribed.subscribe(), false),
-                None => {
-                    let e = WatchEntry::new();
-                    let rx = e.subscribed.subscribe();
-                    l.watched.insert(ptr, e);
-                    (rx, true)
+        let (mut ready, first) = loop {
+            let swept = self.swept.notified();
+            tokio::pin!(swept);
+            swept.as_mut().enable();
+            let taken = {
+                let mut l = lock(&self.local);
+                match l.watched.get_mut(&ptr) {
+                    Some(e) if e.leaving => None,
+                    Some(e) => {
+                        // Taken: the sweep leaves it alone from now on (a WATCH
+                        // refused makes it idle again, `unsubscribe_if_unwatched`).
+                        if e.watchers.is_empty() {
+                            e.idle_since = None;
+                        }
+                        Some((e.subscribed.subscribe(), false))
+                    }
+                    None => {
+                        let e = WatchEntry::new();
+                        let rx = e.subscribed.subscribe();
+                        l.watched.insert(ptr, e);
+                        Some((rx, true))
+                    }
                 }
+            };
+            match taken {
+                Some(taken) => break taken,
+                None => swept.await,
             }
         };
         if first {
@@ -285,35 +314,59 @@ impl ClusterStore {
         }
     }
 
-    /// Unsubscribes from channels nobody has watched for `idle` (called now and then:
-    /// a watch that comes back soon finds its subscription still there).
-    pub async fn sweep_subscriptions(&self, idle: Duration) {
+    /// Unsubscribes from the channels of records nobody has watched for
+    /// [`super::ClusterOptions::unsubscribe_after`] (every
+    /// [`ClusterStore::sweep_every`], by the server: a watch that comes back soon
+    /// finds its subscription still there), [`UNSUBSCRIBE_AT_ONCE`] at a time. Each
+    /// record is forgotten once its `SUNSUBSCRIBE` was answered; a watch of it
+    /// meanwhile waits for that (`subscribe`). Forgotten first and unsubscribed
+    /// after, one at a time, a record watched again in between was subscribed to
+    /// anew, unsubscribed by the sweep, and subscribed a third time when the
+    /// confirmation of that `SUNSUBSCRIBE` showed it watched (`on_push`), with a
+    /// resync for what its watchers missed in between (test
+    /// `records_watched_again_while_the_sweep_unsubscribes_are_subscribed_once`).
+    pub async fn sweep_subscriptions(&self) {
+        let idle = self.opts.unsubscribe_after;
         let gone: Vec<Pointer> = {
             let mut l = lock(&self.local);
-            let gone: Vec<Pointer> = l
-                .watched
-                .iter()
+            l.watched
+                .iter_mut()
                 .filter(|(_, e)| {
-                    e.watchers.is_empty() && e.idle_since.is_some_and(|t| t.elapsed() >= idle)
+                    !e.leaving
+                        && e.watchers.is_empty()
+                        && e.idle_since.is_some_and(|t| t.elapsed() >= idle)
                 })
-                .map(|(p, _)| *p)
-                .collect();
-            for p in &gone {
-                l.watched.remove(p);
-            }
-            gone
+                .map(|(p, e)| {
+                    e.leaving = true;
+                    *p
+                })
+                .collect()
         };
-        for p in gone {
-            let k = self.keys.record(p);
-            if let Err(e) = self
-                .subs
-                .get()
-                .sunsubscribe(&[k.events(), k.data_events()][..])
-                .await
-            {
-                debug!(ptr = %p, error = %e, "SUNSUBSCRIBE failed");
-            }
-        }
+        futures_util::stream::iter(gone)
+            .for_each_concurrent(UNSUBSCRIBE_AT_ONCE, |p| async move {
+                let k = self.keys.record(p);
+                if let Err(e) = self
+                    .subs
+                    .get()
+                    .sunsubscribe(&[k.events(), k.data_events()][..])
+                    .await
+                {
+                    debug!(ptr = %p, error = %e, "SUNSUBSCRIBE failed");
+                }
+                let mut l = lock(&self.local);
+                if l.watched.get(&p).is_some_and(|e| e.leaving) {
+                    l.watched.remove(&p);
+                }
+                drop(l);
+                self.swept.notify_waiters();
+            })
+            .await;
+    }
+
+    /// Records this gateway holds subscriptions for: watched here now, or in the
+    /// last [`super::ClusterOptions::unsubscribe_after`].
+    pub fn subscribed_records(&self) -> u64 {
+        lock(&self.local).watched.len() as u64
     }
 
     /// Watches registered from this gateway.
@@ -331,6 +384,7 @@ impl ClusterStore {
         lock(&self.local)
             .watched
             .values()
+            .filter(|e| !e.leaving)
             .map(|e| u64::from(*e.subscribed.borrow()) + u64::from(*e.with_bytes.borrow()))
             .sum()
     }
@@ -450,13 +504,13 @@ impl ClusterStore {
                 let Some((ptr, with_bytes)) = self.channel_of(&push) else {
                     return;
                 };
-                // This gateway forgets a record before it unsubscribes from it, so a
-                // record still here lost a subscription it needs: Redis drops the
-                // subscriptions of a slot it gives to another primary.
+                // Unless the sweep is unsubscribing from it, a record still here lost
+                // a subscription it needs: Redis drops the subscriptions of a slot it
+                // gives to another primary.
                 let needed = lock(&self.local)
                     .watched
                     .get(&ptr)
-                    .is_some_and(|e| !with_bytes || *e.with_bytes.borrow());
+                    .is_some_and(|e| !e.leaving && (!with_bytes || *e.with_bytes.borrow()));
                 if needed {
                     self.resubscribe_soon(ptr, &[with_bytes]);
                 }
@@ -481,6 +535,7 @@ impl ClusterStore {
         let watched: Vec<(Pointer, bool)> = lock(&self.local)
             .watched
             .iter()
+            .filter(|(_, e)| !e.leaving)
             .map(|(p, e)| (*p, *e.with_bytes.borrow()))
             .collect();
         for (ptr, with_bytes) in watched {
@@ -532,7 +587,11 @@ impl ClusterStore {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(2));
-            if !lock(&self.local).watched.contains_key(&ptr) {
+            if lock(&self.local)
+                .watched
+                .get(&ptr)
+                .is_none_or(|e| e.leaving)
+            {
                 return;
             }
         }

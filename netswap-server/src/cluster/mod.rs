@@ -299,6 +299,10 @@ pub struct ClusterOptions {
     /// for `WAIT`, primaries for batching); the `redis` crate follows changes by
     /// itself in between.
     pub topology_every: Duration,
+    /// How long the subscriptions to a record's events outlast its last watch here
+    /// (a watch that comes back soon finds them there); the sweep looks every third
+    /// of this, at most every 10 s.
+    pub unsubscribe_after: Duration,
 }
 
 impl ClusterOptions {
@@ -385,6 +389,7 @@ impl ClusterOptions {
             read_cache: 0,
             batch: true,
             topology_every: Duration::from_secs(1),
+            unsubscribe_after: Duration::from_secs(30),
             max_reply_bytes: 1 << 30,
         })
     }
@@ -611,6 +616,9 @@ pub(crate) struct ClusterStore {
     short_looks: AtomicU64,
     /// Subscriptions being made again now (`events::ClusterStore::resubscribe`).
     resubscribing: std::sync::atomic::AtomicUsize,
+    /// Told when the sweep forgot records it unsubscribed from (a watch of one waits
+    /// for that before it subscribes anew: `events::ClusterStore::subscribe`).
+    swept: tokio::sync::Notify,
     /// Bytes of records fetched for large replies not sent yet, across connections.
     reply_bytes: GatewayBudget,
     /// How loads went.
@@ -709,6 +717,9 @@ pub struct GatewayCounts {
     pub replies_refused_gateway: u64,
     /// Bytes of large replies fetched and not sent yet (of `--redis-max-reply-bytes`).
     pub reply_bytes_held: u64,
+    /// Records this gateway holds subscriptions for (watched here now, or in the
+    /// last `unsubscribe_after`).
+    pub subscribed_records: u64,
     /// How long the last pass renewing this gateway's leases took (µs).
     pub lease_renewal_micros: u64,
     /// Lease renewals that succeeded.
@@ -976,6 +987,7 @@ impl ClusterStore {
             renewal_due: AtomicBool::new(false),
             short_looks: AtomicU64::new(0),
             resubscribing: Default::default(),
+            swept: tokio::sync::Notify::new(),
             reply_bytes: GatewayBudget::new(opts.max_reply_bytes),
             loads: redis_io::LoadCounters::default(),
             batch,
@@ -1029,6 +1041,7 @@ impl ClusterStore {
             replies_refused_address: n(&self.refused_address),
             replies_refused_gateway: n(&self.refused_gateway),
             reply_bytes_held: self.reply_bytes.held(),
+            subscribed_records: self.subscribed_records(),
             lease_renewal_micros: n(&self.renewal_micros),
             lease_renewals: n(&self.renewals),
             lease_renewals_failed: n(&self.renewals_failed),
@@ -1318,6 +1331,12 @@ impl ClusterStore {
     /// How often [`ClusterStore::refresh_topology`] runs.
     pub fn topology_every(&self) -> Duration {
         self.opts.topology_every
+    }
+
+    /// How often subscriptions nobody uses are looked for
+    /// ([`ClusterOptions::unsubscribe_after`]).
+    pub fn sweep_every(&self) -> Duration {
+        (self.opts.unsubscribe_after / 3).clamp(Duration::from_millis(100), Duration::from_secs(10))
     }
 
     /// Refreshes what the gateway knows of the cluster's replicas and primaries
