@@ -193,6 +193,12 @@ pub struct Args {
     #[arg(long, env = "NETSWAP_REDIS_MAX_REPLY_BYTES", default_value_t = 1 << 30)]
     pub redis_max_reply_bytes: usize,
 
+    /// With Redis Cluster: seconds the subscriptions to a record's events outlast its
+    /// last watch on this gateway (a watch that comes back within them needs no new
+    /// subscription); looked for every third of this, at most every 10 s.
+    #[arg(long, env = "NETSWAP_REDIS_UNSUBSCRIBE_AFTER", default_value_t = 30)]
+    pub redis_unsubscribe_after: u64,
+
     /// With Redis Cluster: send the loads and commits of requests that arrive together
     /// as one pipeline per primary instead of one request each through the Redis
     /// client (the client's per-request work was a third of the gateway's CPU per
@@ -345,6 +351,7 @@ impl ServerConfig {
                 o.read_cache = a.redis_read_cache;
                 o.max_reply_bytes = a.redis_max_reply_bytes.max(1 << 20);
                 o.batch = a.redis_batch;
+                o.unsubscribe_after = Duration::from_secs(a.redis_unsubscribe_after);
                 if a.redis_prefix.is_empty() || a.redis_prefix.contains(['{', '}']) {
                     return invalid("--redis-prefix must be non-empty and hold no braces".into());
                 }

@@ -687,7 +687,7 @@ impl Collector for HubCollector {
             gauge(
                 &mut e,
                 "netswap_redis_subscribed_records",
-                "Records this gateway holds subscriptions to events for: watched here now, or until 30 s after their last watch here ended.",
+                "Records this gateway holds subscriptions to events for: watched here now, or until --redis-unsubscribe-after once their last watch here ended.",
                 g.subscribed_records,
             )?;
             gauge(

@@ -253,6 +253,14 @@ impl ClusterStore {
     /// (`scripts::COMMIT`). After the subscription, before the load: a commit that
     /// does not see the mark is one the load sees.
     async fn mark_watched(&self, ptr: Pointer) -> redis::RedisResult<()> {
+        // `NETSWAP_FAULT_AT=watch-mark-fails`: the first mark fails (Redis failing
+        // after a WATCH's subscription).
+        if fault_point("watch-mark-fails") {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "NETSWAP_FAULT_AT=watch-mark-fails",
+            )));
+        }
         let k = self.keys.record(ptr);
         redis_io::run(&self.redis(), &scripts::WATCHED, &[k.meta.as_str()], &[]).await?;
         Ok(())
@@ -303,7 +311,7 @@ impl ClusterStore {
         }
     }
 
-    /// Forgets a record nobody watches (a WATCH that was refused).
+    /// Leaves a record nobody watches to the sweep (a WATCH that registered nothing).
     pub(super) async fn unsubscribe_if_unwatched(&self, ptr: Pointer) {
         let mut l = lock(&self.local);
         if let Some(e) = l.watched.get_mut(&ptr)

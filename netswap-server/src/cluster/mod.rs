@@ -2171,8 +2171,21 @@ impl ClusterStore {
     }
 
     /// [`ClusterStore::apply`] once the request holds its record's turn (a change)
-    /// and a turn of the gateway's.
+    /// and a turn of the gateway's. A WATCH that registered nothing, however it
+    /// ended (refused, or BUSY when Redis failed after its subscription), leaves its
+    /// record's subscription to the sweep: only the refused ones did, and a WATCH
+    /// answered BUSY kept a subscription nobody used until the gateway stopped.
     async fn apply_in_turn(&self, caller: &Caller, ptr: Pointer, request: &Request) -> Outcome {
+        let outcome = self.apply_decided(caller, ptr, request).await;
+        if matches!(request, Request::Watch { .. }) && outcome.watch == WatchChange::None {
+            Box::pin(self.unsubscribe_if_unwatched(ptr)).await;
+        }
+        outcome
+    }
+
+    /// [`ClusterStore::apply_in_turn`], but for the subscriptions of WATCHes that
+    /// registered nothing.
+    async fn apply_decided(&self, caller: &Caller, ptr: Pointer, request: &Request) -> Outcome {
         let transfer_to = match &request {
             Request::Transfer { to, .. } => Some(match *to {
                 NewOwner::Identity(id) => id,
@@ -2192,12 +2205,7 @@ impl ClusterStore {
                 .attempt(caller, ptr, request, transfer_to.as_ref(), true)
                 .await
             {
-                Ok(Some(outcome)) => {
-                    if watch && outcome.watch == WatchChange::None {
-                        Box::pin(self.unsubscribe_if_unwatched(ptr)).await;
-                    }
-                    return outcome;
-                }
+                Ok(Some(outcome)) => return outcome,
                 Ok(None) => continue, // the record changed under us: decide again
                 Err(AttemptError::Redis(e)) => return unavailable(&e).into(),
             }
