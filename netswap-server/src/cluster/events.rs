@@ -353,13 +353,16 @@ impl ClusterStore {
         futures_util::stream::iter(gone)
             .for_each_concurrent(UNSUBSCRIBE_AT_ONCE, |p| async move {
                 let k = self.keys.record(p);
-                if let Err(e) = self
-                    .subs
-                    .get()
-                    .sunsubscribe(&[k.events(), k.data_events()][..])
-                    .await
-                {
-                    debug!(ptr = %p, error = %e, "SUNSUBSCRIBE failed");
+                let mut subs = self.subs.get();
+                let channels = [k.events(), k.data_events()];
+                let unsubscribe = subs.sunsubscribe(&channels[..]);
+                // Bounded, as a WATCH of the record waits for it (a confirmation that
+                // comes later finds the record forgotten, or watched again and
+                // subscribed again: `on_push`).
+                match tokio::time::timeout(self.opts.response_timeout, unsubscribe).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(ptr = %p, error = %e, "SUNSUBSCRIBE failed"),
+                    Err(_) => debug!(ptr = %p, "SUNSUBSCRIBE not answered in time"),
                 }
                 let mut l = lock(&self.local);
                 if l.watched.get(&p).is_some_and(|e| e.leaving) {
