@@ -1013,17 +1013,9 @@ async fn renewing_every_subscription_of_thousands_of_watched_records() {
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())
     });
     let mut c = Raw::connect(gw.addr(), 2).await;
-    let mut ptrs = Vec::with_capacity(n);
-    for _ in 0..n {
-        ptrs.push(c.create(Access::READ | Access::WRITE, &b"0"[..]).await);
-    }
+    let ptrs = records(&mut c, n).await;
     let mut w = Raw::connect(gw.addr(), 3).await;
-    for (i, p) in ptrs.iter().enumerate() {
-        w.send(i as u32 + 1, &Request::watch(*p)).await;
-    }
-    for i in 0..n {
-        assert_eq!(w.reply_to(i as u32 + 1).await.status(), Status::Ok);
-    }
+    watch_all(&mut w, &ptrs).await;
     let primaries = cluster.primaries();
     let pattern = format!("{prefix}:*");
     let channels = || -> usize {
@@ -3914,13 +3906,17 @@ async fn identities_that_connect_during_long_passes_keep_their_leases() {
     drop(held);
 }
 
-/// An in-process gateway on the shared cluster whose subscriptions outlast their
-/// records' last watch by 1 s (30 s by default), serving `/metrics`.
+/// Subscriptions that outlast their records' last watch by 1 s (30 s by default),
+/// and `/metrics`.
+fn sweep_settings(c: &mut ServerConfig) {
+    c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    c.cluster.as_mut().unwrap().unsubscribe_after = Duration::from_secs(1);
+}
+
+/// An in-process gateway on the shared cluster with `sweep_settings`, and where
+/// `/metrics` is served.
 fn sweeping_gateway() -> (RunningServer, SocketAddr) {
-    let g = gateway(&fresh_prefix(), |c| {
-        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-        c.cluster.as_mut().unwrap().unsubscribe_after = Duration::from_secs(1);
-    });
+    let g = gateway(&fresh_prefix(), sweep_settings);
     let m = g.metrics_addr().expect("serves /metrics");
     (g, m)
 }
@@ -4034,10 +4030,7 @@ async fn a_watch_answered_busy_leaves_no_subscription_behind() {
 async fn records_watched_again_while_the_sweep_unsubscribes_are_subscribed_once() {
     const RECORDS: usize = 1000;
     let cluster = RedisCluster::start(3, 0, false);
-    let (g, _) = gateway_on(&cluster, |c| {
-        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-        c.cluster.as_mut().unwrap().unsubscribe_after = Duration::from_secs(1);
-    });
+    let (g, _) = gateway_on(&cluster, sweep_settings);
     let m = g.metrics_addr().expect("serves /metrics");
     let mut c = Raw::connect(g.addr(), 2).await;
     let ptrs = records(&mut c, RECORDS).await;

@@ -1874,9 +1874,8 @@ impl ClusterStore {
             match r {
                 None => {}
                 Some(Ok(((now, ran_out), sent))) => {
-                    self.note_renewed(&id, sent);
                     latest = latest.max(now);
-                    renewed.push(id);
+                    renewed.push((id, sent));
                     if ran_out {
                         lapsed.push(id);
                     }
@@ -1898,10 +1897,18 @@ impl ClusterStore {
         // load, 39 of 1,500 identities that left during a pass were not reaped 8 s
         // after, in one run of `identities_that_leave_during_a_pass_of_renewals_…`).
         let turn = self.schedule_turn.lock().await;
-        {
-            let l = lock(&self.local);
-            renewed.retain(|id| l.identities.get(id).is_some_and(|h| h.leased));
-        }
+        let renewed: Vec<Identity> = {
+            // Each still connected notes its renewal here, under the one lock.
+            let mut l = lock(&self.local);
+            renewed
+                .into_iter()
+                .filter_map(|(id, sent)| {
+                    let h = l.identities.get_mut(&id).filter(|h| h.leased)?;
+                    h.renewed = h.renewed.max(Some(sent));
+                    Some(id)
+                })
+                .collect()
+        };
         if !renewed.is_empty() && fault_point("schedule-pause") {
             tokio::time::sleep(Duration::from_secs(4)).await;
         }
