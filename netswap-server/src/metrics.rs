@@ -692,6 +692,12 @@ impl Collector for HubCollector {
             )?;
             gauge(
                 &mut e,
+                "netswap_redis_unsubscribes_owed",
+                "Records whose SUNSUBSCRIBE failed or was not answered (Redis may still publish their events to this gateway): sent again at the next sweep of unused subscriptions.",
+                g.unsubscribes_owed,
+            )?;
+            gauge(
+                &mut e,
                 "netswap_redis_reply_bytes_held",
                 "Bytes of large replies fetched from Redis and not sent yet (of --redis-max-reply-bytes).",
                 g.reply_bytes_held,

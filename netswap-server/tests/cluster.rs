@@ -4017,6 +4017,70 @@ async fn a_watch_answered_busy_leaves_no_subscription_behind() {
     changed_event(&mut w, 7, p, 2).await;
 }
 
+/// A sweep's `SUNSUBSCRIBE` that fails is sent again by the next sweep, and not for a
+/// record watched again in between. The sweep forgot the record either way, and Redis
+/// kept the subscription until the gateway's connection for subscriptions was
+/// replaced: publishing every change of the record to a gateway that ignored it (here
+/// `NETSWAP_FAULT_AT=unsubscribes-fail`: the first sweep's fail unsent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_unsubscribe_is_sent_again_by_the_next_sweep() {
+    let cluster = common::cluster::shared();
+    let prefix = fresh_prefix();
+    let g = GatewayProcess::with_fault(
+        &prefix,
+        &["--redis-unsubscribe-after", "1"],
+        "unsubscribes-fail",
+    );
+    let mut c = Raw::connect(g.addr, 2).await;
+    let (left, again) = (
+        c.create(Access::READ | Access::WRITE, &b"0"[..]).await,
+        c.create(Access::READ | Access::WRITE, &b"0"[..]).await,
+    );
+    let channel = |p: Pointer| format!("{prefix}:{{r:{p}}}:e");
+    let subscribers = |p: Pointer| {
+        cluster.shard_subscribers_on(
+            cluster.primary_of(&format!("{prefix}:{{r:{p}}}:m")),
+            &channel(p),
+        )
+    };
+    let mut w = Raw::connect(g.addr, 3).await;
+    watch_all(&mut w, &[left, again]).await;
+    assert_eq!((subscribers(left), subscribers(again)), (1, 1));
+    drop(w);
+    // Looked for often: the next sweep comes a third of a second after.
+    let swept = Instant::now();
+    while g.metric("netswap_redis_subscribed_records") != 0.0 {
+        assert!(swept.elapsed() < Duration::from_secs(10), "no sweep");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(g.metric("netswap_redis_unsubscribes_owed") >= 1.0);
+    // One is watched again before the next sweep can send its `SUNSUBSCRIBE` again,
+    // or while it does (the watch waits for it).
+    let mut w = Raw::connect(g.addr, 3).await;
+    w.send(7, &Request::watch(again)).await;
+    assert_eq!(w.reply_to(7).await.status(), Status::Ok);
+    eventually(
+        "the other record's subscription is dropped in Redis",
+        Duration::from_secs(10),
+        async || subscribers(left) == 0,
+    )
+    .await;
+    eventually(
+        "no SUNSUBSCRIBE is owed",
+        Duration::from_secs(2),
+        async || g.metric("netswap_redis_unsubscribes_owed") == 0.0,
+    )
+    .await;
+    assert_eq!(g.metric("netswap_redis_subscribed_records"), 1.0);
+    assert_eq!(
+        subscribers(again),
+        1,
+        "the record watched again keeps its subscription"
+    );
+    replace_as(&mut c, again, b"heard", 2).await;
+    changed_event(&mut w, 7, again, 2).await;
+}
+
 /// Records watched again while the sweep unsubscribes from them keep their
 /// subscriptions, made once. The sweep used to forget the records first and
 /// unsubscribe after, one by one: a record watched again in between was subscribed to

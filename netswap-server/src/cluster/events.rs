@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -336,8 +336,10 @@ impl ClusterStore {
     pub async fn sweep_subscriptions(&self) {
         let idle = self.opts.unsubscribe_after;
         let gone: Vec<Pointer> = {
-            let mut l = lock(&self.local);
-            l.watched
+            let mut guard = lock(&self.local);
+            let l = &mut *guard;
+            let mut gone: Vec<Pointer> = l
+                .watched
                 .iter_mut()
                 .filter(|(_, e)| {
                     !e.leaving
@@ -348,30 +350,81 @@ impl ClusterStore {
                     e.leaving = true;
                     *p
                 })
-                .collect()
+                .collect();
+            // Owed an `SUNSUBSCRIBE` by an earlier sweep: sent again, as leaving
+            // records (a watch meanwhile waits for it), unless watched again since
+            // (subscribed anew after the one that failed: the subscription is the
+            // watch's now).
+            let owed: Vec<Pointer> = l
+                .unsubscribe_owed
+                .drain()
+                .filter(|p| !l.watched.contains_key(p))
+                .collect();
+            for p in owed {
+                let mut e = WatchEntry::new();
+                e.leaving = true;
+                l.watched.insert(p, e);
+                gone.push(p);
+            }
+            gone
         };
+        // `NETSWAP_FAULT_AT=unsubscribes-fail`: every `SUNSUBSCRIBE` of the first
+        // sweep that sends any fails unsent (a test of the sweeps after).
+        let failing = !gone.is_empty() && fault_point("unsubscribes-fail");
+        let failed = AtomicU64::new(0);
         futures_util::stream::iter(gone)
-            .for_each_concurrent(UNSUBSCRIBE_AT_ONCE, |p| async move {
-                let k = self.keys.record(p);
-                let mut subs = self.subs.get();
-                let channels = [k.events(), k.data_events()];
-                let unsubscribe = subs.sunsubscribe(&channels[..]);
-                // Bounded, as a WATCH of the record waits for it (a confirmation that
-                // comes later finds the record forgotten, or watched again and
-                // subscribed again: `on_push`).
-                match tokio::time::timeout(self.opts.response_timeout, unsubscribe).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => debug!(ptr = %p, error = %e, "SUNSUBSCRIBE failed"),
-                    Err(_) => debug!(ptr = %p, "SUNSUBSCRIBE not answered in time"),
+            .for_each_concurrent(UNSUBSCRIBE_AT_ONCE, |p| {
+                let failed = &failed;
+                async move {
+                    let k = self.keys.record(p);
+                    let mut subs = self.subs.get();
+                    let channels = [k.events(), k.data_events()];
+                    let unsubscribe = async {
+                        if failing {
+                            return Err(redis::RedisError::from((
+                                redis::ErrorKind::Io,
+                                "NETSWAP_FAULT_AT=unsubscribes-fail",
+                            )));
+                        }
+                        subs.sunsubscribe(&channels[..]).await
+                    };
+                    // Bounded, as a WATCH of the record waits for it (a confirmation
+                    // that comes later finds the record forgotten, or watched again
+                    // and subscribed again: `on_push`).
+                    let done =
+                        match tokio::time::timeout(self.opts.response_timeout, unsubscribe).await {
+                            Ok(Ok(())) => true,
+                            Ok(Err(e)) => {
+                                debug!(ptr = %p, error = %e, "SUNSUBSCRIBE failed");
+                                false
+                            }
+                            Err(_) => {
+                                debug!(ptr = %p, "SUNSUBSCRIBE not answered in time");
+                                false
+                            }
+                        };
+                    let mut l = lock(&self.local);
+                    if l.watched.get(&p).is_some_and(|e| e.leaving) {
+                        l.watched.remove(&p);
+                        if !done {
+                            // Redis may still hold the subscription: sent again at
+                            // the next sweep.
+                            l.unsubscribe_owed.insert(p);
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    drop(l);
+                    self.swept.notify_waiters();
                 }
-                let mut l = lock(&self.local);
-                if l.watched.get(&p).is_some_and(|e| e.leaving) {
-                    l.watched.remove(&p);
-                }
-                drop(l);
-                self.swept.notify_waiters();
             })
             .await;
+        let failed = failed.into_inner();
+        if failed > 0 {
+            warn!(
+                records = failed,
+                "SUNSUBSCRIBEs of unused subscriptions failed or were not answered; sending them again at the next sweep"
+            );
+        }
     }
 
     /// Records this gateway holds subscriptions for: watched here now, or in the

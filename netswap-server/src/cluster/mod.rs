@@ -479,6 +479,11 @@ struct Local {
     reply_shares: budget::Shares,
     /// Records watched from this gateway.
     watched: HashMap<Pointer, events::WatchEntry>,
+    /// Records forgotten by the sweep whose `SUNSUBSCRIBE` failed or was not
+    /// answered: Redis may still hold their subscriptions (and publish their events
+    /// to this gateway for nothing), so the next sweep sends it again
+    /// (`ClusterStore::sweep_subscriptions`).
+    unsubscribe_owed: HashSet<Pointer>,
 }
 
 /// An identity with connections on this gateway.
@@ -720,6 +725,9 @@ pub struct GatewayCounts {
     /// Records this gateway holds subscriptions for (watched here now, or in the
     /// last `unsubscribe_after`).
     pub subscribed_records: u64,
+    /// Records whose `SUNSUBSCRIBE` failed or was not answered, to be sent again at
+    /// the next sweep.
+    pub unsubscribes_owed: u64,
     /// How long the last pass renewing this gateway's leases took (µs).
     pub lease_renewal_micros: u64,
     /// Lease renewals that succeeded.
@@ -1042,6 +1050,7 @@ impl ClusterStore {
             replies_refused_gateway: n(&self.refused_gateway),
             reply_bytes_held: self.reply_bytes.held(),
             subscribed_records: self.subscribed_records(),
+            unsubscribes_owed: lock(&self.local).unsubscribe_owed.len() as u64,
             lease_renewal_micros: n(&self.renewal_micros),
             lease_renewals: n(&self.renewals),
             lease_renewals_failed: n(&self.renewals_failed),
@@ -1212,8 +1221,10 @@ impl ClusterStore {
         let Some(fresh) = self.fresh_connection(Some(self.push_tx.clone())).await else {
             return false;
         };
-        // The old connection's subscriptions go with it.
+        // The old connection's subscriptions go with it, those owed an
+        // `SUNSUBSCRIBE` too.
         self.subs.replace(fresh);
+        lock(&self.local).unsubscribe_owed.clear();
         self.resubscribe_all();
         true
     }
@@ -2557,7 +2568,8 @@ fn crash_point(name: &str) {
 /// `reap-pause`: the reaper pauses 2 s after its first chunk of an identity's
 /// records; `schedule-pause`: a pass of renewals pauses 4 s between picking the
 /// identities still connected and moving them on the reaper's schedule;
-/// `reap-live-pause`: the reaper pauses 2 s after finding a due identity connected)
+/// `reap-live-pause`: the reaper pauses 2 s after finding a due identity connected;
+/// `unsubscribes-fail`: the `SUNSUBSCRIBE`s of the first sweep that sends any fail)
 /// happen once, the first time the process gets there. Read once; unset in
 /// production.
 pub(crate) fn fault_point(name: &str) -> bool {
