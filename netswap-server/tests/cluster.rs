@@ -24,6 +24,7 @@ fn gateway(prefix: &str, tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer
     c.cluster = Some(cluster_options(prefix));
     c.identity_key = IdentityKey::new(GATEWAY_KEY);
     tweak(&mut c);
+    logs();
     netswap_server::spawn(c, 2).expect("gateway starts")
 }
 
@@ -58,6 +59,7 @@ fn gateway_of(store: &str, prefix: &str, tweak: impl FnOnce(&mut ServerConfig)) 
     c.cluster = Some(o);
     c.identity_key = IdentityKey::new(GATEWAY_KEY);
     tweak(&mut c);
+    logs();
     netswap_server::spawn(c, 1).expect("gateway starts")
 }
 
@@ -102,9 +104,11 @@ impl GatewayProcess {
             .args(["--redis-prefix", prefix])
             .args(extra)
             .stdout(Stdio::piped());
-        // Its log, kept to say why it did not start (each gateway has its own).
+        // Its log, kept to say why it did not start, or what it did last when its test
+        // fails (each gateway has its own; no colours in a file).
         let log = std::env::temp_dir().join(format!("netswap-gw-log-{}-{n}", std::process::id()));
-        cmd.stderr(std::fs::File::create(&log).unwrap());
+        cmd.stderr(std::fs::File::create(&log).unwrap())
+            .env("NO_COLOR", "1");
         if !extra.contains(&"--lease-ttl") {
             cmd.args(["--lease-ttl", "2"]);
         }
@@ -195,9 +199,23 @@ impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // The test failed: the end of the gateway's log goes into its output.
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "the last {} lines of the log of the gateway on {}:\n{}",
+                lines.len().min(LOG_LINES_SHOWN),
+                self.addr,
+                lines[lines.len().saturating_sub(LOG_LINES_SHOWN)..].join("\n")
+            );
+        }
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// Lines of a gateway process's log shown when its test fails.
+const LOG_LINES_SHOWN: usize = 100;
 
 /// A loopback address nothing listens on now (for a gateway process's `/metrics`, or
 /// a node that is down).
@@ -208,13 +226,19 @@ fn unused_address() -> SocketAddr {
         .unwrap()
 }
 
-/// The gateways' logs on the test's output when `RUST_LOG` says which.
-fn logs_from_env() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .try_init();
-    }
+/// The gateways' warnings and errors in each test's captured output, shown when it
+/// fails (`RUST_LOG` picks other levels; `--nocapture` shows them as they come).
+/// Called by every helper that starts an in-process gateway: its threads are started
+/// from the test's, and print into the test's output. (A failure of CI's run once
+/// showed only its assertion, not why the gateway's lease renewals had failed.)
+fn logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("netswap_server=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
 }
 
 async fn eventually(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> bool) {
@@ -231,7 +255,6 @@ fn status(m: &Msg) -> Status {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pointer_made_through_one_gateway_works_through_another() {
-    logs_from_env();
     let prefix = fresh_prefix();
     let (a, b) = (gateway(&prefix, |_| {}), gateway(&prefix, |_| {}));
     let mut owner = Raw::connect(a.addr(), 2).await;
@@ -780,7 +803,6 @@ async fn scripts_are_loaded_before_they_are_needed_and_once_when_forgotten() {
 /// into the run while its record went on for 1,400 versions).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_outlives_its_subscription_being_dropped() {
-    logs_from_env();
     let cluster = RedisCluster::start(3, 0, false);
     let (writer, prefix) = gateway_on(&cluster, |_| {});
     let watcher = GatewayProcess::start(
@@ -862,7 +884,6 @@ async fn a_watch_outlives_its_subscription_being_dropped() {
 /// subscriptions on the primaries, neither watch heard of its record again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_made_before_and_during_a_blip_to_their_primary_hear_their_records_after_it() {
-    logs_from_env();
     let cluster = RedisCluster::start(3, 1, false);
     watches_hear_their_records_after_a_blip(&cluster).await;
 }
@@ -970,7 +991,6 @@ async fn watches_hear_their_records_after_a_blip(cluster: &RedisCluster) {
 /// connection, every acknowledged write failed, and watches stayed deaf after a blip.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_that_announces_hostnames_is_served_in_full() {
-    logs_from_env();
     let cluster = RedisCluster::start_announcing_hostnames(3, 1);
     cluster.assert_announces_hostnames();
     // Writes acknowledged when a replica has them too (`WAIT` to the primary).
@@ -1157,7 +1177,6 @@ async fn a_watch_follows_its_record_to_another_primary() {
 /// heard of their record again after a failover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_survives_its_records_primary_failing_over() {
-    logs_from_env();
     let mut cluster = RedisCluster::start(3, 1, false);
     // Acknowledged writes are on the replica too: the record survives the failover.
     let (writer, prefix) = gateway_on(&cluster, |c| {
@@ -1390,7 +1409,6 @@ fn same_bytes(reply: Reply, expect: &[u8], what: &str) {
 /// until a later write moves them out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_in_a_slot_being_migrated_are_read_and_written() {
-    logs_from_env();
     let cluster = RedisCluster::start(3, 0, false);
     let (gw, prefix) = gateway_on(&cluster, |_| {});
     let mut c = Raw::connect(gw.addr(), 2).await;
@@ -1617,7 +1635,6 @@ async fn records_are_created_and_deleted_in_slots_being_migrated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resharding_under_load_needs_nothing_from_the_gateways() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-    logs_from_env();
     let cluster = RedisCluster::start(3, 0, false);
     let (a, prefix) = gateway_on(&cluster, |_| {});
     let b = gateway_at(&cluster, &prefix, |_| {});
@@ -2260,7 +2277,6 @@ async fn reads_come_from_the_cache(gw: &RunningServer, p: Pointer, expect: &[u8]
 /// a record never goes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_cache_answers_no_read_older_than_a_write_acknowledged_before_it() {
-    logs_from_env();
     let prefix = fresh_prefix();
     let (a, b) = (gateway(&prefix, read_cached), gateway(&prefix, read_cached));
     let mut owner = Raw::connect(b.addr(), 2).await;
@@ -2353,7 +2369,6 @@ async fn a_read_cache_answers_no_read_older_than_a_write_acknowledged_before_it(
 /// a gateway with the cache costs Redis nothing for records it does not hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_cache_hears_only_of_the_records_it_read() {
-    logs_from_env();
     let prefix = fresh_prefix();
     let (a, b) = (gateway(&prefix, |_| {}), gateway(&prefix, read_cached));
     let mut owner = Raw::connect(a.addr(), 2).await;
@@ -2476,7 +2491,6 @@ fn cached_reader_and_careful_writer(
 /// cache serves again after each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_cache_follows_lost_tracking_connections_and_failovers() {
-    logs_from_env();
     let mut cluster = RedisCluster::start(3, 1, false);
     // Writes acknowledged once a replica has them: the kill below loses none.
     let (a, b, prefix) = cached_reader_and_careful_writer(&cluster);
@@ -2552,7 +2566,6 @@ async fn a_read_cache_follows_lost_tracking_connections_and_failovers() {
 /// after acknowledged writes stay exact, and the cache serves its records again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_cache_keeps_serving_while_a_primary_does_not_answer() {
-    logs_from_env();
     let cluster = RedisCluster::start(3, 1, false);
     let (a, b, prefix) = cached_reader_and_careful_writer(&cluster);
     let m = a.metrics_addr().unwrap();
@@ -2685,7 +2698,6 @@ async fn a_read_cache_keeps_serving_while_a_primary_does_not_answer() {
 /// the record again from its new primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_cache_follows_a_record_whose_slot_moved() {
-    logs_from_env();
     let cluster = RedisCluster::start(3, 0, false);
     let (a, prefix) = gateway_on(&cluster, read_cached);
     let plain = gateway_at(&cluster, &prefix, |_| {});
@@ -2742,7 +2754,6 @@ async fn a_read_cache_follows_a_record_whose_slot_moved() {
 /// did not in 3 runs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_cache_stays_exact_while_its_primary_is_made_a_replica() {
-    logs_from_env();
     let cluster = RedisCluster::start(3, 1, false);
     let (a, prefix) = gateway_on(&cluster, |c| {
         read_cached(c);
@@ -4313,7 +4324,6 @@ async fn records_handed_to_an_absent_identity_keep_their_own_deadline() {
 /// stayed connected, and with a quota of one record could create nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_paused_past_its_leases_claims_what_was_handed_to_its_clients_meanwhile() {
-    logs_from_env();
     let prefix = fresh_prefix();
     let paused = GatewayProcess::start(
         &common::cluster::shared().nodes(),
@@ -4877,7 +4887,6 @@ fn refused_start(store: &str, flags: &[&str]) -> String {
 /// a clear reason, and the password nowhere in what it prints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_with_a_password_is_served_with_it_and_refused_without() {
-    logs_from_env();
     let cluster = RedisCluster::start_with_password(3, 0, "s3cret@pass");
     let nodes = cluster.nodes().join(",");
     for (store, says) in [
@@ -5043,7 +5052,6 @@ const ACL_COMMANDS: &str =
 /// authority, or has no client certificate does not start: exit code 4 and why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_over_tls_is_served_and_a_gateway_it_cannot_trust_is_refused() {
-    logs_from_env();
     let cluster = RedisCluster::start_with_tls(3, 1);
     let tls = cluster.tls_files();
     let nodes = cluster.nodes().join(",");
@@ -5105,7 +5113,6 @@ async fn a_cluster_over_tls_is_served_and_a_gateway_it_cannot_trust_is_refused()
 /// the crate connects to and verifies `localhost`, not the IP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_over_tls_that_announces_hostnames_is_served() {
-    logs_from_env();
     let cluster = RedisCluster::start_with_tls_announcing_hostnames(3, 1);
     cluster.assert_announces_hostnames();
     tls_gateways_serve(&cluster).await;
@@ -5122,7 +5129,6 @@ async fn a_cluster_over_tls_that_announces_hostnames_is_served() {
 /// Without reading the files again it answered BUSY from then on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_files_renewed_while_serving_are_read_again() {
-    logs_from_env();
     let mut cluster = RedisCluster::start_with_tls(3, 0);
     let old = cluster.tls_files();
     // Removed however the test ends.
@@ -5324,6 +5330,7 @@ async fn a_cluster_that_goes_away_gets_busy_replies_and_is_used_again_when_back(
         c.cluster = Some(o);
         c.identity_key = IdentityKey::new(GATEWAY_KEY);
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        logs();
         netswap_server::spawn(c, 2).unwrap()
     };
     // Ready (for a load balancer's probe) once its periodic work reached the cluster.
@@ -5477,7 +5484,6 @@ async fn a_write_in_a_migrating_slot_waits_for_the_replica_of_the_node_that_appl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
-    logs_from_env();
     let mut cluster = RedisCluster::start(3, 1, false);
     let prefix = fresh_prefix();
     let opts = |o: &mut netswap_server::ClusterOptions| {
@@ -5496,6 +5502,7 @@ async fn a_primary_failing_over_under_load_loses_no_acknowledged_write() {
         c.cluster = Some(o);
         c.identity_key = IdentityKey::new(GATEWAY_KEY);
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        logs();
         netswap_server::spawn(c, 2).unwrap()
     };
     let gws = [mk(), mk()];
@@ -5759,7 +5766,6 @@ async fn load_through_a_failover(
 /// (`NETSWAP_FAULT_AT=commands-stay-stuck`): the crate alone must recover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_under_load_serves_again_after_a_primary_fails_over() {
-    logs_from_env();
     let mut cluster = RedisCluster::start(3, 1, false);
     let gw = GatewayProcess::start(
         &cluster.nodes(),
@@ -5793,7 +5799,6 @@ async fn a_gateway_under_load_serves_again_after_a_primary_fails_over() {
 /// one, and no write is refused or lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_for_commands_replaced_under_load_answers_every_request() {
-    logs_from_env();
     let gw = GatewayProcess::with_fault(&fresh_prefix(), &[], "commands-replace");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = (0..20usize)
@@ -5856,7 +5861,6 @@ async fn a_connection_for_commands_replaced_under_load_answers_every_request() {
 /// ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_renewed_while_the_connection_for_commands_is_stuck() {
-    logs_from_env();
     let mut cluster = RedisCluster::start(3, 1, false);
     let prefix = fresh_prefix();
     // The reaper: started first, it takes the reaper's lock.
@@ -5943,7 +5947,6 @@ async fn leases_are_renewed_while_the_connection_for_commands_is_stuck() {
 /// took the subscriptions with it and the watchers heard nothing again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_survive_a_new_connection_for_the_subscriptions() {
-    logs_from_env();
     let prefix = fresh_prefix();
     let gw = GatewayProcess::with_fault(&prefix, &[], "subs-replace");
     let writers = gateway(&prefix, |_| {});
@@ -6197,7 +6200,6 @@ async fn an_identity_that_leaves_while_the_reaper_finds_it_connected_is_still_re
 /// the periodic work's success (as first built) answered 503 for seconds then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_stays_ready_while_one_primary_fails_over() {
-    logs_from_env();
     let mut cluster = RedisCluster::start(3, 1, false);
     let (gw, prefix) = gateway_on(&cluster, |c| {
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())
