@@ -1840,7 +1840,7 @@ impl ClusterStore {
     /// last in the next, waiting up to two passes: a pass that met a storm of 3,000
     /// connections took a second, and up to half of those leases ran out with a 1-s
     /// TTL (docs/RELIABILITY.md).
-    pub async fn renew_leases(&self) {
+    pub async fn renew_leases(self: &Arc<Self>) {
         let started = Instant::now();
         let mut held: Vec<(Option<Instant>, Identity)> = lock(&self.local)
             .identities
@@ -1948,9 +1948,14 @@ impl ClusterStore {
             );
             self.leases_lapsed
                 .fetch_add(lapsed.len() as u64, Ordering::Relaxed);
-            futures_util::stream::iter(lapsed)
-                .for_each_concurrent(RENEW_AT_ONCE, |id| self.claim_parked(id))
-                .await;
+            // In the background, as at a connect: the next pass does not wait for
+            // them.
+            let me = self.clone();
+            tokio::spawn(async move {
+                futures_util::stream::iter(lapsed)
+                    .for_each_concurrent(RENEW_AT_ONCE, |id| me.claim_parked(id))
+                    .await;
+            });
         }
     }
 
