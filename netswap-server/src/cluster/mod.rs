@@ -1828,7 +1828,7 @@ impl ClusterStore {
 
     /// Renews this gateway's leases (every third of the TTL, by the server):
     /// [`RENEW_AT_ONCE`] in flight, then the reaper's schedule for all of them
-    /// together. One by one, each waiting for the last, a pass over 5,000 identities
+    /// together; the claims of leases found run out go on in the background. One by one, each waiting for the last, a pass over 5,000 identities
     /// took ~0.6 s (two round trips each), longer than the renewal period of a short
     /// TTL, and a pass over ~130,000 would have outlasted the default TTL.
     ///
