@@ -722,6 +722,12 @@ impl Collector for HubCollector {
             )?;
             counter(
                 &mut e,
+                "netswap_redis_lease_renewals_late",
+                "Lease renewals not done within a quarter of their period (a primary slow or not answering): they went on in the background, and their pass went on to the others.",
+                g.lease_renewals_late,
+            )?;
+            counter(
+                &mut e,
                 "netswap_redis_leases_lapsed",
                 "Lease renewals that found the lease run out: the gateway was paused or cut off from the cluster for longer than --lease-ttl, and its identities were offline for the other gateways meanwhile.",
                 g.leases_lapsed,

@@ -498,7 +498,15 @@ struct Held {
     /// sent: its lease runs until at least a TTL after that. Passes renew the
     /// identities in this order, oldest first (`ClusterStore::renew_leases`).
     renewed: Option<Instant>,
+    /// A pass of renewals has it: its renewal is queued or in flight (in the
+    /// background, if late: a later pass leaves it alone until it is done).
+    renewing: bool,
 }
+
+/// One lease renewal's outcome ([`ClusterStore::renew_leases`]): `None` if the
+/// identity was no longer leased; else the `LEASE` script's result (Redis's time, and
+/// whether the lease had run out) and when it was sent.
+type Renewal = Option<redis::RedisResult<((u64, bool), Instant)>>;
 
 /// A connection to the cluster (the one for commands, or the one for subscriptions)
 /// that is replaced when it stops answering while the cluster answers a new one
@@ -598,6 +606,9 @@ pub(crate) struct ClusterStore {
     /// its own entry on the schedule: a release's entry is never overtaken by a
     /// pass's `ZADD GT` that still counted the identity as connected.
     schedule_turn: tokio::sync::Mutex<()>,
+    /// A pass's identities are being moved on the reaper's schedule
+    /// (`ClusterStore::schedule_renewed`, in the background).
+    scheduling: AtomicBool,
     /// This gateway's claim on a record its commits keep losing (`scripts::CLAIM`):
     /// its id.
     claim: Arc<str>,
@@ -647,6 +658,8 @@ pub(crate) struct ClusterStore {
     renewal_micros: AtomicU64,
     renewals: AtomicU64,
     renewals_failed: AtomicU64,
+    /// Renewals that went on in the background (`renew_leases`).
+    renewals_late: AtomicU64,
     /// Renewals that found their lease run out (`scripts::LEASE`).
     leases_lapsed: AtomicU64,
     /// Looks in a row at the command connection that it did not answer
@@ -734,6 +747,9 @@ pub struct GatewayCounts {
     pub lease_renewals: u64,
     /// Lease renewals that failed (each tried again at the next pass).
     pub lease_renewals_failed: u64,
+    /// Lease renewals not done within a quarter of the renewal period (at most the
+    /// response timeout), which went on in the background while the pass went on.
+    pub lease_renewals_late: u64,
     /// Lease renewals that found the lease run out: the identity was offline for
     /// the other gateways (this one paused, or cut off, for longer than the TTL).
     pub leases_lapsed: u64,
@@ -959,6 +975,7 @@ impl ClusterStore {
             renewal_micros: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
             renewals_failed: AtomicU64::new(0),
+            renewals_late: AtomicU64::new(0),
             leases_lapsed: AtomicU64::new(0),
             unanswered: AtomicU64::new(0),
             subs_unanswered: AtomicU64::new(0),
@@ -986,6 +1003,7 @@ impl ClusterStore {
             serial: Arc::default(),
             lease_turns: serial::Serial::default(),
             schedule_turn: tokio::sync::Mutex::new(()),
+            scheduling: AtomicBool::new(false),
             claim,
             races_lost: AtomicU64::new(0),
             grouped_writes: AtomicU64::new(0),
@@ -1054,6 +1072,7 @@ impl ClusterStore {
             lease_renewal_micros: n(&self.renewal_micros),
             lease_renewals: n(&self.renewals),
             lease_renewals_failed: n(&self.renewals_failed),
+            lease_renewals_late: n(&self.renewals_late),
             leases_lapsed: n(&self.leases_lapsed),
             connections_replaced: n(&self.connections_replaced),
             tls_reloads: n(&self.tls_reloads),
@@ -1842,46 +1861,57 @@ impl ClusterStore {
     /// TTL (docs/RELIABILITY.md).
     pub async fn renew_leases(self: &Arc<Self>) {
         let started = Instant::now();
-        let mut held: Vec<(Option<Instant>, Identity)> = lock(&self.local)
-            .identities
-            .iter()
-            .filter(|(_, h)| h.leased)
-            .map(|(id, h)| (h.renewed, *id))
-            .collect();
+        let mut held: Vec<(Option<Instant>, Identity)> = {
+            let mut l = lock(&self.local);
+            l.identities
+                .iter_mut()
+                // Not one whose renewal from an earlier pass still goes on.
+                .filter(|(_, h)| h.leased && !h.renewing)
+                .map(|(id, h)| {
+                    h.renewing = true;
+                    (h.renewed, *id)
+                })
+                .collect()
+        };
         // Leases being taken (none sent yet) last.
         held.sort_unstable_by_key(|&(renewed, _)| (renewed.is_none(), renewed));
-        let held = held.into_iter().map(|(_, id)| id);
-        let mut renewed = Vec::with_capacity(held.len());
+        // A renewal not done by then goes on in the background and gives its place
+        // to the next: renewals sent to a primary that does not answer (cut off, or
+        // stalled) each waited for the response timeout and took all of a pass's
+        // places, so the identities of the primaries that answered were renewed
+        // seconds late and their leases ran out for the other gateways (test
+        // `a_primary_that_stops_answering_holds_up_only_its_own_leases`: 249 of 388
+        // with a 3-s TTL while one of three primaries was stopped for 6 s; with the
+        // one that holds the reaper's schedule, up to 402 of 405, see
+        // `schedule_renewed`).
+        let patience = (self.lease_renewal() / 4).min(self.opts.response_timeout);
+        let mut each = futures_util::stream::iter(held)
+            .map(|(_, id)| {
+                let mut renewal = tokio::spawn(self.clone().renew_one(id));
+                async move {
+                    match tokio::time::timeout(patience, &mut renewal).await {
+                        Ok(joined) => Ok((id, joined.ok().flatten())),
+                        Err(_) => Err((id, renewal)),
+                    }
+                }
+            })
+            .buffer_unordered(RENEW_AT_ONCE);
+        let mut done = Vec::new();
+        let mut late = Vec::new();
+        let mut renewed = Vec::new();
         let mut lapsed = Vec::new();
         let mut latest = 0;
         let mut failed = 0u64;
         let mut first_error = None;
-        let mut each = futures_util::stream::iter(held)
-            .map(|id| async move {
-                let _turn = self.lease_turns.enter(id).await;
-                // Still leased: not released meanwhile (a lease taken again since,
-                // in the identity's order, is renewed).
-                let still = lock(&self.local)
-                    .identities
-                    .get(&id)
-                    .is_some_and(|h| h.leased);
-                (
-                    id,
-                    if still {
-                        // `NETSWAP_FAULT_AT=renewals-slow`: each renewal is sent
-                        // 100 ms late (a test of passes nearly as long as the TTL).
-                        if fault_set("renewals-slow") {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        let sent = Instant::now();
-                        Some(self.lease(&id, false).await.map(|r| (r, sent)))
-                    } else {
-                        None
-                    },
-                )
-            })
-            .buffer_unordered(RENEW_AT_ONCE);
-        while let Some((id, r)) = each.next().await {
+        while let Some(r) = each.next().await {
+            let (id, r) = match r {
+                Ok(r) => r,
+                Err(still_going) => {
+                    late.push(still_going);
+                    continue;
+                }
+            };
+            done.push(id);
             match r {
                 None => {}
                 Some(Ok(((now, ran_out), sent))) => {
@@ -1899,18 +1929,14 @@ impl ClusterStore {
         }
         drop(each);
         let renewed_all = renewed.len();
-        // Not those whose last connection left meanwhile: their release put them on
-        // the schedule for the end of their grace, which this must not postpone. And
-        // none that leaves from here on may have its release's entry overtaken by
-        // this pass's: the release waits for `schedule_turn` (a release in between
-        // was reaped a TTL late: test
-        // `an_identity_that_leaves_while_a_pass_schedules_is_reaped_on_time`; under
-        // load, 39 of 1,500 identities that left during a pass were not reaped 8 s
-        // after, in one run of `identities_that_leave_during_a_pass_of_renewals_…`).
-        let turn = self.schedule_turn.lock().await;
         let renewed: Vec<Identity> = {
             // Each still connected notes its renewal here, under the one lock.
             let mut l = lock(&self.local);
+            for id in &done {
+                if let Some(h) = l.identities.get_mut(id) {
+                    h.renewing = false;
+                }
+            }
             renewed
                 .into_iter()
                 .filter_map(|(id, sent)| {
@@ -1920,17 +1946,21 @@ impl ClusterStore {
                 })
                 .collect()
         };
-        if !renewed.is_empty() && fault_point("schedule-pause") {
-            tokio::time::sleep(Duration::from_secs(4)).await;
+        // The reaper's schedule, in the background, one pass's at a time: passes
+        // waited for it, and while the primary of the schedule did not answer, each
+        // took the response timeout longer (and the leases of a 3-s TTL came within
+        // a few hundred ms of running out). A pass that finds the last one's still
+        // going leaves it at that: an identity's entry that comes due early is only
+        // looked at early.
+        if !renewed.is_empty() && !self.scheduling.swap(true, Ordering::AcqRel) {
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.schedule_renewed(latest, renewed).await;
+                me.scheduling.store(false, Ordering::Release);
+            });
         }
-        if let Err(e) = self.schedule_after_leases(latest, &renewed).await {
-            // Each identity is on the schedule from when its lease was first taken;
-            // a later due time only spares the reaper an early look.
-            warn!(identities = renewed.len(), error = %e, "could not move renewed identities on the reaper's schedule");
-        }
-        drop(turn);
         if let Some(e) = first_error {
-            warn!(failed, of = failed as usize + renewed.len(), error = %e, "lease renewals failed; trying again at the next pass");
+            warn!(failed, of = failed as usize + renewed_all, error = %e, "lease renewals failed; trying again at the next pass");
         }
         self.note_contact(failed == 0);
         self.renewals_failed.fetch_add(failed, Ordering::Relaxed);
@@ -1938,25 +1968,139 @@ impl ClusterStore {
             .fetch_add(renewed_all as u64, Ordering::Relaxed);
         self.renewal_micros
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        if !lapsed.is_empty() {
-            // Offline for every other gateway meanwhile: what was handed to these
-            // identities then is charged to its senders until claimed, as at a
-            // connect (the `LEASE` script raised their generations).
-            warn!(
-                identities = lapsed.len(),
-                "leases had run out before their renewal (this gateway was paused or cut off from the cluster for longer than --lease-ttl); their identities were offline for other gateways and are connected again"
-            );
-            self.leases_lapsed
-                .fetch_add(lapsed.len() as u64, Ordering::Relaxed);
-            // In the background, as at a connect: the next pass does not wait for
-            // them.
+        if !late.is_empty() {
+            self.renewals_late
+                .fetch_add(late.len() as u64, Ordering::Relaxed);
             let me = self.clone();
-            tokio::spawn(async move {
-                futures_util::stream::iter(lapsed)
-                    .for_each_concurrent(RENEW_AT_ONCE, |id| me.claim_parked(id))
-                    .await;
-            });
+            tokio::spawn(async move { me.finish_late_renewals(late).await });
         }
+        self.claim_lapsed(lapsed);
+    }
+
+    /// Moves identities a pass renewed (Redis's time `now`) on the reaper's
+    /// schedule.
+    async fn schedule_renewed(&self, now: u64, renewed: Vec<Identity>) {
+        // Not those whose last connection left meanwhile: their release put them on
+        // the schedule for the end of their grace, which this must not postpone. And
+        // none that leaves from here on may have its release's entry overtaken by
+        // this one's: the release waits for `schedule_turn` (a release in between
+        // was reaped a TTL late: test
+        // `an_identity_that_leaves_while_a_pass_schedules_is_reaped_on_time`; under
+        // load, 39 of 1,500 identities that left during a pass were not reaped 8 s
+        // after, in one run of `identities_that_leave_during_a_pass_of_renewals_…`).
+        let _turn = self.schedule_turn.lock().await;
+        let renewed: Vec<Identity> = {
+            let l = lock(&self.local);
+            renewed
+                .into_iter()
+                .filter(|id| l.identities.get(id).is_some_and(|h| h.leased))
+                .collect()
+        };
+        if !renewed.is_empty() && fault_point("schedule-pause") {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+        if let Err(e) = self.schedule_after_leases(now, &renewed).await {
+            // Each identity is on the schedule from when its lease was first taken;
+            // a later due time only spares the reaper an early look.
+            warn!(identities = renewed.len(), error = %e, "could not move renewed identities on the reaper's schedule");
+        }
+    }
+
+    /// One renewal of a pass ([`ClusterStore::renew_leases`]): `None` if `id` is no
+    /// longer leased; else the lease script's result and when it was sent.
+    async fn renew_one(self: Arc<Self>, id: Identity) -> Renewal {
+        let _turn = self.lease_turns.enter(id).await;
+        // Still leased: not released meanwhile (a lease taken again since, in the
+        // identity's order, is renewed).
+        let still = lock(&self.local)
+            .identities
+            .get(&id)
+            .is_some_and(|h| h.leased);
+        if !still {
+            return None;
+        }
+        // `NETSWAP_FAULT_AT=renewals-slow`: each renewal is sent 100 ms late (a test
+        // of passes nearly as long as the TTL).
+        if fault_set("renewals-slow") {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let sent = Instant::now();
+        Some(self.lease(&id, false).await.map(|r| (r, sent)))
+    }
+
+    /// The renewals a pass left going on in the background: each noted as the pass
+    /// notes its own when it ends (the reaper's schedule aside: a renewed identity
+    /// whose entry comes due is only looked at early).
+    async fn finish_late_renewals(
+        self: Arc<Self>,
+        late: Vec<(Identity, tokio::task::JoinHandle<Renewal>)>,
+    ) {
+        let results = futures_util::future::join_all(
+            late.into_iter()
+                .map(|(id, renewal)| async move { (id, renewal.await.ok().flatten()) }),
+        )
+        .await;
+        let mut lapsed = Vec::new();
+        let (mut renewed, mut failed) = (0u64, 0u64);
+        let mut first_error = None;
+        {
+            let mut l = lock(&self.local);
+            for (id, r) in results {
+                let h = l.identities.get_mut(&id);
+                match r {
+                    Some(Ok(((_, ran_out), sent))) => {
+                        renewed += 1;
+                        if ran_out {
+                            lapsed.push(id);
+                        }
+                        if let Some(h) = h {
+                            h.renewing = false;
+                            if h.leased {
+                                h.renewed = h.renewed.max(Some(sent));
+                            }
+                        }
+                    }
+                    other => {
+                        if let Some(Err(e)) = other {
+                            failed += 1;
+                            first_error.get_or_insert(e);
+                        }
+                        if let Some(h) = h {
+                            h.renewing = false;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            warn!(failed, of = failed + renewed, error = %e, "lease renewals that went on in the background failed; trying again at the next pass");
+        }
+        self.renewals_failed.fetch_add(failed, Ordering::Relaxed);
+        self.renewals.fetch_add(renewed, Ordering::Relaxed);
+        self.claim_lapsed(lapsed);
+    }
+
+    /// After renewals that found leases run out: offline for every other gateway
+    /// meanwhile, what was handed to these identities then is charged to its
+    /// senders until claimed, as at a connect (the `LEASE` script raised their
+    /// generations). In the background, as at a connect: the next pass does not
+    /// wait for the claims.
+    fn claim_lapsed(self: &Arc<Self>, lapsed: Vec<Identity>) {
+        if lapsed.is_empty() {
+            return;
+        }
+        warn!(
+            identities = lapsed.len(),
+            "leases had run out before their renewal (this gateway was paused or cut off from the cluster for longer than --lease-ttl); their identities were offline for other gateways and are connected again"
+        );
+        self.leases_lapsed
+            .fetch_add(lapsed.len() as u64, Ordering::Relaxed);
+        let me = self.clone();
+        tokio::spawn(async move {
+            futures_util::stream::iter(lapsed)
+                .for_each_concurrent(RENEW_AT_ONCE, |id| me.claim_parked(id))
+                .await;
+        });
     }
 
     /// Moves the charge of every record handed to `id` while it was away to `id`
