@@ -159,11 +159,12 @@ pub struct Args {
     pub redis_wait_replicas: u32,
 
     /// With Redis Cluster: requests that change records this gateway works on at
-    /// once (the rest wait their turn in the gateway, in order); 0 = no limit. Reads
-    /// take no turn (their loads go to Redis in pipelines, see --redis-batch). Writes
-    /// at pipeline 16 on 50 connections: 128 turns 71k/s (p99 18-21 ms), 256 turns
-    /// 78-81k/s (21-25 ms), 512 or no limit 77k/s (51-65 ms) (docs/BENCHMARKS.md).
-    #[arg(long, env = "NETSWAP_REDIS_MAX_IN_FLIGHT", default_value_t = 256)]
+    /// once, per primary (the rest wait their turn in the gateway, in order; each
+    /// primary's on their own, so a primary that stops answering holds up only the
+    /// changes of its records); 0 = no limit. Reads take no turn (their loads go to
+    /// Redis in pipelines, see --redis-batch). See docs/BENCHMARKS.md for how the
+    /// bound moves throughput and the tail of writes at pipeline 16.
+    #[arg(long, env = "NETSWAP_REDIS_MAX_IN_FLIGHT", default_value_t = 128)]
     pub redis_max_in_flight: usize,
 
     /// With Redis Cluster: records whose last seen state (not their bytes, ~150 B

@@ -194,7 +194,7 @@ impl ClusterStore {
     /// the longest prefix that can be decided together in one commit, else the first
     /// alone.
     async fn apply_group(&self, ptr: Pointer, members: Vec<Member>) {
-        let _admitted = self.turn().await;
+        let _admitted = self.turn(super::keys::record_slot(ptr)).await;
         let mut queue: VecDeque<Member> = members.into();
         let mut lost = 0;
         while !queue.is_empty() {

@@ -132,6 +132,15 @@ impl RecordKeys {
     }
 }
 
+/// The hash slot of every key of the record `ptr` (their hash tag, `r:PTR`, is the
+/// same whatever the prefix), without building one.
+pub(crate) fn record_slot(ptr: Pointer) -> u16 {
+    use std::io::Write;
+    let mut tag = [0u8; 18];
+    write!(&mut tag[..], "r:{ptr}").expect("18 bytes: `r:` and 16 hex digits");
+    redis_protocol::redis_keyslot(&tag)
+}
+
 /// Keys of one identity.
 pub(crate) struct IdentityKeys {
     pub quota: String,
@@ -165,6 +174,15 @@ pub(crate) fn reap_record(ptr: Pointer) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_records_slot_is_that_of_its_keys() {
+        for p in [1, 0xabc, u64::MAX, 0x0123_4567_89ab_cdef] {
+            let p = Pointer::new(p).unwrap();
+            let meta = Keys::new("some:prefix").record(p).meta;
+            assert_eq!(record_slot(p), crate::cluster::redis_io::slot_of(&meta));
+        }
+    }
 
     #[test]
     fn a_records_keys_share_one_slot_and_its_channel_names_it() {

@@ -34,6 +34,7 @@ pub(crate) mod redis_io;
 pub(crate) mod scripts;
 mod serial;
 mod states;
+mod turns;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -279,8 +280,8 @@ pub struct ClusterOptions {
     /// Prefix of every key (`--redis-prefix`): deployments sharing a cluster use
     /// different ones.
     pub prefix: String,
-    /// Requests that change records worked on at once (`--redis-max-in-flight`;
-    /// reads take no turn); 0 = no limit.
+    /// Requests that change records worked on at once, per primary
+    /// (`--redis-max-in-flight`, `turns.rs`; reads take no turn); 0 = no limit.
     pub max_in_flight: usize,
     /// Records whose last seen state is remembered, so that a write on one of them
     /// takes one Redis round trip (`--redis-state-cache`); 0 = off.
@@ -384,7 +385,7 @@ impl ClusterOptions {
             wait_replicas: 0,
             response_timeout: Duration::from_secs(2),
             prefix: "ns".into(),
-            max_in_flight: 256,
+            max_in_flight: 128,
             state_cache: 65_536,
             read_cache: 0,
             batch: true,
@@ -587,7 +588,7 @@ pub(crate) struct ClusterStore {
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Notification>>>>,
     push_rx: Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>>,
     /// Turns for requests (`ClusterOptions::max_in_flight`); `None`: no limit.
-    turns: Option<tokio::sync::Semaphore>,
+    turns: Option<turns::Turns>,
     /// Records' last seen states, for writes in one round trip.
     states: Mutex<states::States>,
     /// Small records read without a load (`None`: `--redis-read-cache 0`).
@@ -943,8 +944,7 @@ impl ClusterStore {
         let (events, events_rx) = mpsc::unbounded_channel();
         let keys = Keys::new(&opts.prefix);
         info!(nodes = %opts.nodes.join(","), gateway, "connected to Redis Cluster");
-        let turns =
-            (opts.max_in_flight > 0).then(|| tokio::sync::Semaphore::new(opts.max_in_flight));
+        let turns = (opts.max_in_flight > 0).then(|| turns::Turns::new(opts.max_in_flight));
         let batch = opts.batch.then(|| Arc::new(batch::Batcher::default()));
         let commands = Arc::new(Replaceable::new(redis));
         let batch_task = batch
@@ -1442,6 +1442,9 @@ impl ClusterStore {
         *lock(&self.replicas) = layout;
         if let Some(b) = &self.batch {
             b.set_primaries(batch::primaries(&text));
+        }
+        if let Some(t) = &self.turns {
+            t.follow(&text);
         }
         // In the background: connecting to a primary that does not answer must not
         // hold up this look (the scripts for new primaries, below), nor the next.
@@ -2281,12 +2284,13 @@ impl ClusterStore {
 
     // ---- requests ----
 
-    /// A turn to work with Redis, held until the request is done with it: requests
-    /// queue here, in arrival order, rather than inside the Redis client (`None`: no
-    /// limit).
-    async fn turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    /// A turn to work with Redis for a change whose first key is in `slot`, held
+    /// until the request is done with it: requests queue here, in arrival order,
+    /// rather than inside the Redis client, each primary's on their own (`turns.rs`;
+    /// `None`: no limit).
+    async fn turn(&self, slot: u16) -> Option<tokio::sync::OwnedSemaphorePermit> {
         match &self.turns {
-            Some(turns) => Some(turns.acquire().await.expect("never closed")),
+            Some(turns) => Some(turns.enter(slot).await),
             None => None,
         }
     }
@@ -2298,7 +2302,10 @@ impl ClusterStore {
         let Some(ptr) = request.pointer() else {
             return match request {
                 Request::Create { access, data } => {
-                    let _turn = self.turn().await;
+                    // The turn of its identity's primary, which it asks first (its
+                    // quota); the new record's slot is not known yet.
+                    let quota = self.keys.identity(&caller.identity).quota;
+                    let _turn = self.turn(redis_io::slot_of(&quota)).await;
                     // Boxed, as the other rarer branches: every request's future
                     // holds room for the largest branch it may take.
                     Box::pin(self.create(&caller, access, data)).await.into()
@@ -2332,7 +2339,7 @@ impl ClusterStore {
         // waiting for a turn only cost each read a wake-up (docs/BENCHMARKS.md).
         let _turn = match request {
             Request::Read { .. } | Request::Info { .. } => None,
-            _ => self.turn().await,
+            _ => self.turn(keys::record_slot(ptr)).await,
         };
         self.apply_in_turn(&caller, ptr, &request).await
     }
