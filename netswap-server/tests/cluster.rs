@@ -3849,6 +3849,11 @@ async fn a_primary_that_stops_answering_holds_up_only_its_own_leases() {
         metric(&scrape(m), "netswap_redis_lease_renewals_late_total") > 0.0,
         "renewals to the primary that did not answer went on in the background"
     );
+    // Nor was a connection replaced: the others' primaries answered on them.
+    assert_eq!(
+        metric(&scrape(m), "netswap_redis_connections_replaced_total"),
+        0.0
+    );
     // Once it answers again, its identities' leases are renewed again too.
     let mut all = leases_on(stalled);
     eventually(
@@ -3876,7 +3881,10 @@ async fn a_primary_that_stops_answering_holds_up_only_the_writes_of_its_records(
     const WRITERS: usize = 12;
     const IN_FLIGHT: usize = 100;
     let cluster = RedisCluster::start(3, 0, false);
-    let (g, prefix) = gateway_on(&cluster, |_| {});
+    let (g, prefix) = gateway_on(&cluster, |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let m = g.metrics_addr().expect("serves /metrics");
     let meta_of = |p: Pointer| format!("{prefix}:{{r:{p}}}:m");
     let mut c = Raw::connect(g.addr(), 2).await;
     // The one of the reaper's schedule, which the gateway also asks every second.
@@ -3947,6 +3955,13 @@ async fn a_primary_that_stops_answering_holds_up_only_the_writes_of_its_records(
         slowest < Duration::from_secs(1),
         "a write of a record on a primary that answered took {slowest:?} while another primary did not answer"
     );
+    // No connection was replaced either: the primaries that answered did so on them
+    // (a `PING` to a node picked at random, two looks in a row on the stopped one,
+    // replaced a connection in 3 of 8 runs of this test and the leases' one).
+    assert_eq!(
+        metric(&scrape(m), "netswap_redis_connections_replaced_total"),
+        0.0
+    );
 }
 
 /// A gateway renews the leases of thousands of identities before they run out, and
@@ -4004,7 +4019,8 @@ async fn thousands_of_identities_hold_up_neither_their_leases_nor_the_watches() 
     let mut passes = Vec::new();
     let mut last = -1.0;
     let renewals = || metric(&scrape(m), "netswap_redis_lease_renewals_total");
-    let renewed_before = renewals();
+    let late = || metric(&scrape(m), "netswap_redis_lease_renewals_late_total");
+    let (renewed_before, late_before) = (renewals(), late());
     let sampling = Instant::now();
     while passes.len() < 3 && sampling.elapsed() < Duration::from_secs(10) {
         let now = metric(&scrape(m), "netswap_redis_lease_renewal_seconds");
@@ -4022,12 +4038,15 @@ async fn thousands_of_identities_hold_up_neither_their_leases_nor_the_watches() 
     );
     // The passes renewed leases, and nearly all of them (not that none failed: the
     // test command's run on a fresh machine once had 6 renewals time out among
-    // these tests' load, each tried again at the next pass).
+    // these tests' load, each tried again at the next pass). A renewal not done
+    // within a quarter of the period goes on in the background, counted when done,
+    // and the next pass leaves its identity alone meanwhile: counted here as it
+    // goes (a run of the suite counted 5,893 renewals over the passes, none failed).
     let failed = metric(&scrape(m), "netswap_redis_lease_renewals_failed_total");
-    let renewed = renewals() - renewed_before;
+    let (renewed, late) = (renewals() - renewed_before, late() - late_before);
     assert!(
-        renewed >= (2 * IDENTITIES) as f64 && failed <= renewed / 100.0,
-        "{renewed} leases renewed in {} passes, {failed} renewals failed in all",
+        renewed + late >= (2 * IDENTITIES) as f64 && failed <= renewed / 100.0,
+        "{renewed} leases renewed and {late} late in {} passes, {failed} renewals failed in all",
         passes.len()
     );
     drop(held);
