@@ -82,9 +82,10 @@ const UNDO_FOR: Duration = Duration::from_secs(600);
 const RECENT_EVENTS: usize = 64;
 /// Looks in a row without an answer ([`ClusterStore::check_connection`], one a
 /// second, each waiting up to [`PING_WAIT`]) before a new connection is tried. A
-/// `PING` goes to any node the connection holds, so a failover (whose primary's
-/// commands wait) does not keep it from being answered; one that is not answered for
-/// two looks means the connection stopped serving, or the whole cluster did.
+/// look sends a `PING` to each primary and any answer counts, so a failover, or a
+/// primary that stops answering, does not keep it from being answered; a look with
+/// no answer at all, twice in a row, means the connection stopped serving, or the
+/// whole cluster did.
 const UNANSWERED_BEFORE_NEW: u64 = 2;
 
 /// How long a look waits for the `PING`'s answer (at most the response timeout).
@@ -1096,7 +1097,8 @@ impl ClusterStore {
     }
 
     /// Looks whether the connections to the cluster (for commands, subscriptions and
-    /// leases) still answer (a `PING` to any node on each); after
+    /// leases) still answer (a `PING` to each primary on each, any answer counting:
+    /// [`ClusterStore::pings`]); after
     /// [`UNANSWERED_BEFORE_NEW`] looks in a row that got no answer on one, makes a
     /// new connection, and if that one answers, it replaces the old one. A new
     /// connection for the subscriptions subscribes again to every watched record's
@@ -1285,7 +1287,7 @@ impl ClusterStore {
 
     /// Whether `conn` gets an answer within [`PING_WAIT`] (at most the response
     /// timeout) to a `PING` sent to each primary not marked failing, from one at
-    /// least (before the first reading of the layout: to a `PING` to any node).
+    /// least (before the first reading of the layout: to one `PING` to any node).
     ///
     /// One `PING` to a node picked at random made a primary that stops answering
     /// without closing its connections (cut off, or stalled) look like a connection
