@@ -3773,10 +3773,7 @@ async fn a_primary_that_stops_answering_holds_up_only_its_own_leases() {
         lease_settings(c, Duration::from_secs(3), None);
     });
     let m = g.metrics_addr().expect("serves /metrics");
-    let mut held = Vec::with_capacity(IDENTITIES);
-    for n in 0..IDENTITIES {
-        held.push(Raw::connect_from(g.addr(), many(9, n)).await);
-    }
+    let _held = connect_many(g.addr(), 9, IDENTITIES).await;
     eventually(
         "every identity has a lease",
         Duration::from_secs(30),
@@ -3980,10 +3977,7 @@ async fn thousands_of_identities_hold_up_neither_their_leases_nor_the_watches() 
     const IDENTITIES: usize = 3000;
     let ttl = Duration::from_secs(3);
     let (g, m) = lease_gateway(ttl, None);
-    let mut held = Vec::with_capacity(IDENTITIES);
-    for n in 0..IDENTITIES {
-        held.push(Raw::connect_from(g.addr(), many(1, n)).await);
-    }
+    let held = connect_many(g.addr(), 1, IDENTITIES).await;
     let mut c = Raw::connect(g.addr(), 2).await;
     let mut w = Raw::connect(g.addr(), 3).await;
     eventually(
@@ -4068,10 +4062,7 @@ async fn identities_that_connect_during_long_passes_keep_their_leases() {
     const LATER: usize = 64 * 4;
     const IDENTITIES: usize = FIRST + LATER;
     let g = GatewayProcess::with_fault(&fresh_prefix(), &["--lease-ttl", "3"], "renewals-slow");
-    let mut held = Vec::with_capacity(IDENTITIES);
-    for n in 0..FIRST {
-        held.push(Raw::connect_from(g.addr, many(7, n)).await);
-    }
+    let mut held = connect_many(g.addr, 7, FIRST).await;
     let pass = || g.metric("netswap_redis_lease_renewal_seconds");
     let first = pass();
     eventually(
@@ -4141,6 +4132,16 @@ fn sweeping_gateway() -> (RunningServer, SocketAddr) {
     let g = gateway(&fresh_prefix(), sweep_settings);
     let m = g.metrics_addr().expect("serves /metrics");
     (g, m)
+}
+
+/// `n` connections to `addr`, each from its own loopback address (`many(block, i)`):
+/// `n` identities.
+async fn connect_many(addr: SocketAddr, block: u8, n: usize) -> Vec<Raw> {
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        held.push(Raw::connect_from(addr, many(block, i)).await);
+    }
+    held
 }
 
 /// `n` records of `c`'s, readable and writable by all.
@@ -4459,10 +4460,7 @@ async fn identities_that_leave_with_nothing_leave_nothing_in_redis() {
     };
     let mut keeper = Raw::connect(g.addr(), 2).await;
     let kept = keeper.create(Access::READ, &b"kept"[..]).await;
-    let mut leaving = Vec::with_capacity(IDENTITIES);
-    for n in 0..IDENTITIES {
-        leaving.push(Raw::connect_from(g.addr(), many(3, n)).await);
-    }
+    let leaving = connect_many(g.addr(), 3, IDENTITIES).await;
     eventually(
         "every identity has its keys",
         Duration::from_secs(10),

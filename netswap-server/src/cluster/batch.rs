@@ -12,7 +12,7 @@
 //! first entry's slot.
 //!
 //! Which primary serves which slot comes from `CLUSTER NODES` (read every second,
-//! [`primaries`]); the crate's routing stays the authority. When a slot moved since
+//! [`primaries_by_id`]); the crate's routing stays the authority. When a slot moved since
 //! the last reading, a command of a group gets `MOVED` or `ASK`, the crate retries the
 //! whole group, and when it still fails every entry is sent again on its own
 //! ([`Batcher::send`] returns `None`), routed by the crate alone. That is safe
@@ -116,7 +116,7 @@ impl Batcher {
         Box::pin(on_slot(&conn.get(), slot, build)).await
     }
 
-    /// Which primary serves which slot, from `CLUSTER NODES` (see [`primaries`]).
+    /// Which primary serves which slot, from `CLUSTER NODES` (see [`primaries_by_id`]).
     pub fn set_primaries(&self, primaries: Vec<u16>) {
         lock(&self.inner).primaries = primaries;
     }
@@ -219,12 +219,8 @@ async fn send_group(conn: ClusterConnection, group: Vec<Item>, counters: &BatchC
 }
 
 /// The primary of each slot (an index per primary; `UNKNOWN` where no healthy
-/// primary claims the slot), from the text of `CLUSTER NODES`.
-pub(crate) fn primaries(nodes: &str) -> Vec<u16> {
-    primaries_by_id(nodes).0
-}
-
-/// [`primaries`], with the id of each index's primary.
+/// primary claims the slot), from the text of `CLUSTER NODES`, and the id of each
+/// index's primary.
 pub(crate) fn primaries_by_id(nodes: &str) -> (Vec<u16>, Vec<String>) {
     let mut map = vec![UNKNOWN; SLOTS];
     let mut ids = Vec::new();
@@ -266,7 +262,7 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0
 
     #[test]
     fn primaries_map_every_slot_to_its_healthy_primary() {
-        let p = primaries(NODES);
+        let p = primaries_by_id(NODES).0;
         assert_eq!(p.len(), SLOTS);
         assert_eq!((p[5461], p[10922]), (0, 0));
         assert_eq!((p[10923], p[16383]), (1, 1));
@@ -288,7 +284,7 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0
 
     #[test]
     fn loads_group_by_primary_and_unknown_slots_go_alone() {
-        let p = primaries(NODES);
+        let p = primaries_by_id(NODES).0;
         let slots = |g: &Vec<Item>| g.iter().map(|i| i.slot).collect::<Vec<_>>();
         let groups = group([0, 6000, 5460, 16000, 7, 12000].map(item).into(), &p);
         let mut got: Vec<Vec<u16>> = groups.iter().map(slots).collect();
@@ -313,7 +309,7 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0
 
     #[test]
     fn primaries_of_garbage_are_unknown() {
-        let p = primaries("nonsense\n1 2 master - 0 0 1 connected 9-3 x-y 20000\n\n");
+        let p = primaries_by_id("nonsense\n1 2 master - 0 0 1 connected 9-3 x-y 20000\n\n").0;
         assert!(p.iter().all(|&x| x == UNKNOWN));
     }
 }

@@ -1483,11 +1483,13 @@ impl ClusterStore {
             changed
         };
         *lock(&self.replicas) = layout;
-        if let Some(b) = &self.batch {
-            b.set_primaries(batch::primaries(&text));
-        }
+        // Read once for both: the slots' primaries, and the primaries' ids.
+        let (slots, ids) = batch::primaries_by_id(&text);
         if let Some(t) = &self.turns {
-            t.follow(&text);
+            t.follow(&slots, &ids);
+        }
+        if let Some(b) = &self.batch {
+            b.set_primaries(slots);
         }
         // In the background: connecting to a primary that does not answer must not
         // hold up this look (the scripts for new primaries, below), nor the next.

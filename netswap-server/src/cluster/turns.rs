@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::batch::{UNKNOWN, primaries_by_id};
+use super::batch::UNKNOWN;
 use super::lock;
 
 /// The turns of one gateway.
@@ -49,10 +49,10 @@ impl Turns {
         }
     }
 
-    /// Takes the layout of `CLUSTER NODES` (`nodes`, its text). A primary keeps its
-    /// turns, those held included, as long as it is one.
-    pub fn follow(&self, nodes: &str) {
-        let (slots, ids) = primaries_by_id(nodes);
+    /// Takes the layout of `CLUSTER NODES` as `batch::primaries_by_id` reads it: the
+    /// primary of each slot (an index into `ids`), and the primaries' node ids. A
+    /// primary keeps its turns, those held included, as long as it is one.
+    pub fn follow(&self, slots: &[u16], ids: &[String]) {
         let sets: Vec<Arc<Semaphore>> = {
             let mut by_id = lock(&self.by_id);
             by_id.retain(|id, _| ids.contains(id));
@@ -65,7 +65,7 @@ impl Turns {
                 })
                 .collect()
         };
-        *self.layout.write().unwrap_or_else(|e| e.into_inner()) = (slots, sets);
+        *self.layout.write().unwrap_or_else(|e| e.into_inner()) = (slots.to_vec(), sets);
     }
 
     /// A turn for a change whose first key is in `slot`, held until dropped.
@@ -90,6 +90,12 @@ impl Turns {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::batch::primaries_by_id;
+
+    fn follow(t: &Turns, nodes: &str) {
+        let (slots, ids) = primaries_by_id(nodes);
+        t.follow(&slots, &ids);
+    }
 
     const NODES: &str = "\
 a1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460
@@ -100,7 +106,7 @@ c3 127.0.0.1:30003@31003 master - 0 0 3 connected 10923-16383
     #[tokio::test]
     async fn a_primary_whose_turns_are_all_held_holds_up_no_other() {
         let t = Turns::new(2);
-        t.follow(NODES);
+        follow(&t, NODES);
         let held = [t.enter(0).await, t.enter(5460).await];
         assert_eq!(t.set_of(1).available_permits(), 0);
         // Another primary's, and slots of none known, are free.
@@ -113,7 +119,7 @@ c3 127.0.0.1:30003@31003 master - 0 0 3 connected 10923-16383
     #[tokio::test]
     async fn a_primary_keeps_its_turns_when_the_listing_changes_order() {
         let t = Turns::new(1);
-        t.follow(NODES);
+        follow(&t, NODES);
         let held = t.enter(6000).await;
         // b2 listed first now, and a1 marked failing: its slots have no primary.
         let reordered = "\
@@ -121,7 +127,7 @@ b2 127.0.0.1:30002@31002 master - 0 0 2 connected 5461-10922
 a1 127.0.0.1:30001@31001 master,fail - 0 0 1 connected 0-5460
 c3 127.0.0.1:30003@31003 master - 0 0 3 connected 10923-16383
 ";
-        t.follow(reordered);
+        follow(&t, reordered);
         assert_eq!(
             t.set_of(6000).available_permits(),
             0,
