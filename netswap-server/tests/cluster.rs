@@ -3872,16 +3872,11 @@ async fn a_primary_that_stops_answering_holds_up_only_its_own_leases() {
 /// (`cluster/turns.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_that_stops_answering_holds_up_only_the_writes_of_its_records() {
-    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     // Writes in flight: a third of them, ~400, to the primary that stops answering,
     // more than the 256 turns of the whole gateway that there were.
     const WRITERS: usize = 12;
     const IN_FLIGHT: usize = 100;
-    let cluster = RedisCluster::start(3, 0, false);
-    let (g, prefix) = gateway_on(&cluster, |c| {
-        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-    });
-    let m = g.metrics_addr().expect("serves /metrics");
+    let (cluster, g, prefix, m) = cluster_and_gateway();
     let meta_of = |p: Pointer| format!("{prefix}:{{r:{p}}}:m");
     let mut c = Raw::connect(g.addr(), 2).await;
     // The one of the reaper's schedule, which the gateway also asks every second.
@@ -3894,71 +3889,192 @@ async fn a_primary_that_stops_answering_holds_up_only_the_writes_of_its_records(
             break p;
         }
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for n in 0..WRITERS {
-        let ptrs = records(&mut c, IN_FLIGHT).await;
-        let mut w = Raw::connect_from(g.addr(), many(10, n)).await;
-        let stop = stop.clone();
-        writers.push(tokio::spawn(async move {
-            while !stop.load(Relaxed) {
-                let writes = ptrs
-                    .iter()
-                    .map(|&ptr| Request::Replace {
-                        ptr,
-                        data: Bytes::from_static(b"l"),
-                    })
-                    .collect();
-                pipelined(&mut w, writes).await;
-            }
-        }));
+    let mut each = Vec::new();
+    for _ in 0..WRITERS {
+        each.push(records(&mut c, IN_FLIGHT).await);
     }
+    let writers = Writers::start(g.addr(), each, &[b"l"]).await;
     let mut probe = Raw::connect(g.addr(), 3).await;
-    let mut slowest = Duration::ZERO;
-    let write = async |probe: &mut Raw| {
-        let sent = Instant::now();
-        let r = probe
-            .call(Request::Replace {
-                ptr: probe_record,
-                data: Bytes::from_static(b"p"),
-            })
-            .await;
-        let status = match r.status() {
-            Status::Ok => "OK".to_string(),
-            other => format!("{other:?}: {}", r.reason()),
-        };
-        (status, sent.elapsed())
-    };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    cluster.freeze(stalled, true);
-    let frozen = Instant::now();
-    let mut statuses = Vec::new();
-    while frozen.elapsed() < Duration::from_secs(5) {
-        let (status, took) = write(&mut probe).await;
-        statuses.push(status);
-        slowest = slowest.max(took);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    cluster.freeze(stalled, false);
-    stop.store(true, Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
-    assert!(
-        statuses.iter().all(|s| s == "OK"),
-        "writes of a record on a primary that answered: {statuses:?}"
-    );
-    assert!(
-        slowest < Duration::from_secs(1),
-        "a write of a record on a primary that answered took {slowest:?} while another primary did not answer"
-    );
+    let probed = probe_while_stopped(&cluster, stalled, &mut probe, probe_record).await;
+    writers.stop().await;
     // No connection was replaced either: the primaries that answered did so on them
     // (a `PING` to a node picked at random, two looks in a row on the stopped one,
     // replaced a connection in 3 of 8 runs of this test and the leases' one).
-    assert_eq!(
-        metric(&scrape(m), "netswap_redis_connections_replaced_total"),
-        0.0
-    );
+    probed.assert_unaffected(m);
+}
+
+/// A change holds a turn only of the primary it waits on. Writes that change a
+/// record's size change its payer's quota, wherever that is: they held their record's
+/// primary's turn while they waited on the payer's, so writes of records on primaries
+/// that answered, paid for by an identity whose quota was on one that did not, held
+/// those primaries' turns, and a write of another record there waited behind them.
+/// Now a change's turn moves to the primary it waits on (`cluster/turns.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_stops_answering_holds_up_only_the_writes_it_is_asked_for() {
+    // Writes in flight on the primaries that answer: ~600 each, over their 128 turns.
+    const WRITERS: usize = 12;
+    const IN_FLIGHT: usize = 100;
+    let (cluster, g, prefix, m) = cluster_and_gateway();
+    let stalled = cluster.primaries()[0];
+    let primary_of_identity = |n: u8| {
+        let id = Identity::derive(&IdentityKey::new(GATEWAY_KEY), local(n));
+        cluster.primary_of(&format!("{prefix}:{{i:{id}}}:q"))
+    };
+    let primary_of_record = |p: Pointer| cluster.primary_of(&format!("{prefix}:{{r:{p}}}:m"));
+    // The owner of the written records: its quota is on the primary that stops.
+    let owner_n = (2..=250)
+        .find(|&n| primary_of_identity(n) == stalled)
+        .unwrap();
+    let prober_n = (2..=250)
+        .find(|&n| n != owner_n && primary_of_identity(n) != stalled)
+        .unwrap();
+    let mut owner = Raw::connect(g.addr(), owner_n).await;
+    let mut answering = Vec::new();
+    while answering.len() < WRITERS * IN_FLIGHT {
+        answering.extend(
+            records(&mut owner, 300)
+                .await
+                .into_iter()
+                .filter(|&p| primary_of_record(p) != stalled),
+        );
+    }
+    let mut probe = Raw::connect(g.addr(), prober_n).await;
+    let probe_record = loop {
+        let p = probe.create(Access::READ | Access::WRITE, &b"0"[..]).await;
+        if primary_of_record(p) != stalled {
+            break p;
+        }
+    };
+    // Each round changes every record's size, by one byte up or down.
+    let each = answering.chunks(IN_FLIGHT).take(WRITERS).map(<[_]>::to_vec);
+    let writers = Writers::start(g.addr(), each.collect(), &[b"ll", b"l"]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let probed = probe_while_stopped(&cluster, stalled, &mut probe, probe_record).await;
+    writers.stop().await;
+    probed.assert_unaffected(m);
+}
+
+/// A cluster of the test's own (3 primaries, no replicas), and a gateway on it
+/// serving `/metrics`: its prefix and metrics address.
+fn cluster_and_gateway() -> (RedisCluster, RunningServer, String, SocketAddr) {
+    let cluster = RedisCluster::start(3, 0, false);
+    let (g, prefix) = gateway_on(&cluster, |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let m = g.metrics_addr().expect("serves /metrics");
+    (cluster, g, prefix, m)
+}
+
+/// Connections that keep writing their records until stopped, each from an address
+/// of its own (127.10.x.y).
+struct Writers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    /// One connection per list of `records`, writing all of its records pipelined,
+    /// round after round, each round the next of `values`.
+    async fn start(
+        addr: SocketAddr,
+        records: Vec<Vec<Pointer>>,
+        values: &'static [&'static [u8]],
+    ) -> Writers {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for (n, ptrs) in records.into_iter().enumerate() {
+            let mut w = Raw::connect_from(addr, many(10, n)).await;
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                for &value in values.iter().cycle() {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    let data = Bytes::from_static(value);
+                    let writes = ptrs
+                        .iter()
+                        .map(|&ptr| Request::Replace {
+                            ptr,
+                            data: data.clone(),
+                        })
+                        .collect();
+                    pipelined(&mut w, writes).await;
+                }
+            }));
+        }
+        Writers { stop, tasks }
+    }
+
+    /// Stops them after their round, and waits for them.
+    async fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+/// What a probe's writes of a record on a primary that answered got while another
+/// primary was stopped ([`probe_while_stopped`]).
+struct Probed {
+    /// Each write's outcome: "OK", its status and reason, or none within 10 s.
+    outcomes: Vec<String>,
+    slowest: Duration,
+}
+
+impl Probed {
+    /// Every write answered OK, within a second, and no connection of the gateway
+    /// serving `/metrics` on `m` replaced.
+    fn assert_unaffected(&self, m: SocketAddr) {
+        let (outcomes, slowest) = (&self.outcomes, self.slowest);
+        assert!(
+            outcomes.iter().all(|s| s == "OK"),
+            "writes of a record on a primary that answered: {outcomes:?}"
+        );
+        assert!(
+            slowest < Duration::from_secs(1),
+            "a write of a record on a primary that answered took {slowest:?} while another primary did not answer"
+        );
+        assert_eq!(
+            metric(&scrape(m), "netswap_redis_connections_replaced_total"),
+            0.0
+        );
+    }
+}
+
+/// Stops the primary on `stalled` for 5 s, and meanwhile writes `ptr` (1 byte, its
+/// size: no quota to change) through `probe` every 100 ms, then lets it go on.
+async fn probe_while_stopped(
+    cluster: &RedisCluster,
+    stalled: u16,
+    probe: &mut Raw,
+    ptr: Pointer,
+) -> Probed {
+    cluster.freeze(stalled, true);
+    let frozen = Instant::now();
+    let mut outcomes = Vec::new();
+    let mut slowest = Duration::ZERO;
+    while frozen.elapsed() < Duration::from_secs(5) {
+        let sent = Instant::now();
+        let write = probe.call(Request::Replace {
+            ptr,
+            data: Bytes::from_static(b"p"),
+        });
+        let r = tokio::time::timeout(Duration::from_secs(10), write).await;
+        slowest = slowest.max(sent.elapsed());
+        outcomes.push(match &r {
+            Ok(r) if r.status() == Status::Ok => "OK".to_string(),
+            Ok(r) => format!("{:?}: {}", r.status(), r.reason()),
+            Err(_) => "no answer within 10 s".to_string(),
+        });
+        if r.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.freeze(stalled, false);
+    Probed { outcomes, slowest }
 }
 
 /// A gateway renews the leases of thousands of identities before they run out, and

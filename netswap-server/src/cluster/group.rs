@@ -194,7 +194,8 @@ impl ClusterStore {
     /// the longest prefix that can be decided together in one commit, else the first
     /// alone.
     async fn apply_group(&self, ptr: Pointer, members: Vec<Member>) {
-        let _admitted = self.turn(super::keys::record_slot(ptr)).await;
+        let slot = super::keys::record_slot(ptr);
+        let mut turn = self.turn(slot).await;
         let mut queue: VecDeque<Member> = members.into();
         let mut lost = 0;
         while !queue.is_empty() {
@@ -204,11 +205,15 @@ impl ClusterStore {
             };
             let Some(d) = decided else {
                 let m = queue.pop_front().expect("not empty");
-                let done = self.apply_in_turn(&m.caller, ptr, &m.request).await;
+                let done = self
+                    .apply_in_turn(&m.caller, ptr, &m.request, &mut turn)
+                    .await;
                 let _ = m.reply.send(done);
                 lost = 0;
                 continue;
             };
+            // (A write alone may have moved the turn to its payer's primary.)
+            turn.move_to(slot).await;
             let failed = match self.commit(ptr, &d.change).await {
                 Ok(Committed::Yes) => {
                     lock(&self.states).seen(ptr, &d.after);

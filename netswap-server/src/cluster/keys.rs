@@ -141,6 +141,15 @@ pub(crate) fn record_slot(ptr: Pointer) -> u16 {
     redis_protocol::redis_keyslot(&tag)
 }
 
+/// The hash slot of every key of the identity `id` (their hash tag, `i:ID`), without
+/// building one.
+pub(crate) fn identity_slot(id: &Identity) -> u16 {
+    use std::io::Write;
+    let mut tag = [0u8; 66];
+    write!(&mut tag[..], "i:{id}").expect("66 bytes: `i:` and 64 hex digits");
+    redis_protocol::redis_keyslot(&tag)
+}
+
 /// Keys of one identity.
 pub(crate) struct IdentityKeys {
     pub quota: String,
@@ -181,6 +190,19 @@ mod tests {
             let p = Pointer::new(p).unwrap();
             let meta = Keys::new("some:prefix").record(p).meta;
             assert_eq!(record_slot(p), crate::cluster::redis_io::slot_of(&meta));
+        }
+    }
+
+    #[test]
+    fn an_identitys_slot_is_that_of_its_keys() {
+        let key = netswap_proto::IdentityKey::new([7; 32]);
+        for last in [1, 2, 200] {
+            let id = Identity::derive(&key, std::net::IpAddr::from([10, 0, 0, last]));
+            let quota = Keys::new("some:prefix").identity(&id).quota;
+            assert_eq!(
+                identity_slot(&id),
+                crate::cluster::redis_io::slot_of(&quota)
+            );
         }
     }
 

@@ -61,6 +61,7 @@ pub(crate) use budget::{Full, GatewayBudget, ReplyBudget};
 use keys::Keys;
 use quota::{QuotaBook, QuotaError};
 use redis_io::{Change, Committed, DataOp, Stored, unavailable};
+use turns::{Turn, Turns};
 
 /// Bytes a READ gets back with the record's state in one round trip; larger ranges are
 /// read in a second one, once the caller is known to be allowed.
@@ -589,7 +590,7 @@ pub(crate) struct ClusterStore {
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Notification>>>>,
     push_rx: Mutex<Option<mpsc::UnboundedReceiver<PushInfo>>>,
     /// Turns for requests (`ClusterOptions::max_in_flight`); `None`: no limit.
-    turns: Option<turns::Turns>,
+    turns: Option<Turns>,
     /// Records' last seen states, for writes in one round trip.
     states: Mutex<states::States>,
     /// Small records read without a load (`None`: `--redis-read-cache 0`).
@@ -945,7 +946,7 @@ impl ClusterStore {
         let (events, events_rx) = mpsc::unbounded_channel();
         let keys = Keys::new(&opts.prefix);
         info!(nodes = %opts.nodes.join(","), gateway, "connected to Redis Cluster");
-        let turns = (opts.max_in_flight > 0).then(|| turns::Turns::new(opts.max_in_flight));
+        let turns = (opts.max_in_flight > 0).then(|| Turns::new(opts.max_in_flight));
         let batch = opts.batch.then(|| Arc::new(batch::Batcher::default()));
         let commands = Arc::new(Replaceable::new(redis));
         let batch_task = batch
@@ -2332,14 +2333,11 @@ impl ClusterStore {
     // ---- requests ----
 
     /// A turn to work with Redis for a change whose first key is in `slot`, held
-    /// until the request is done with it: requests queue here, in arrival order,
-    /// rather than inside the Redis client, each primary's on their own (`turns.rs`;
-    /// `None`: no limit).
-    async fn turn(&self, slot: u16) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        match &self.turns {
-            Some(turns) => Some(turns.enter(slot).await),
-            None => None,
-        }
+    /// until the request is done with it and moved to each primary it waits on:
+    /// requests queue here, in arrival order, rather than inside the Redis client,
+    /// each primary's on their own (`turns.rs`).
+    pub(super) async fn turn(&self, slot: u16) -> Turn<'_> {
+        Turns::first(self.turns.as_ref(), slot).await
     }
 
     /// Applies one request. Never waits on Redis for longer than the per-command
@@ -2351,11 +2349,12 @@ impl ClusterStore {
                 Request::Create { access, data } => {
                     // The turn of its identity's primary, which it asks first (its
                     // quota); the new record's slot is not known yet.
-                    let quota = self.keys.identity(&caller.identity).quota;
-                    let _turn = self.turn(redis_io::slot_of(&quota)).await;
+                    let mut turn = self.turn(keys::identity_slot(&caller.identity)).await;
                     // Boxed, as the other rarer branches: every request's future
                     // holds room for the largest branch it may take.
-                    Box::pin(self.create(&caller, access, data)).await.into()
+                    Box::pin(self.create(&caller, access, data, &mut turn))
+                        .await
+                        .into()
                 }
                 // Answered without Redis: a keepalive never waits for a turn.
                 _ => Reply::Hello(self.hello(caller.identity)).into(),
@@ -2384,20 +2383,27 @@ impl ClusterStore {
         };
         // Reads take no turn: their loads go to Redis in pipelines (`batch.rs`), and
         // waiting for a turn only cost each read a wake-up (docs/BENCHMARKS.md).
-        let _turn = match request {
-            Request::Read { .. } | Request::Info { .. } => None,
+        let mut turn = match request {
+            Request::Read { .. } | Request::Info { .. } => Turn::none(),
             _ => self.turn(keys::record_slot(ptr)).await,
         };
-        self.apply_in_turn(&caller, ptr, &request).await
+        self.apply_in_turn(&caller, ptr, &request, &mut turn).await
     }
 
     /// [`ClusterStore::apply`] once the request holds its record's turn (a change)
-    /// and a turn of the gateway's. A WATCH that registered nothing, however it
+    /// and `turn`, of its record's primary (moved to each other primary the change
+    /// waits on, `turns::Turn`; none for a read). A WATCH that registered nothing, however it
     /// ended (refused, or BUSY when Redis failed after its subscription), leaves its
     /// record's subscription to the sweep: only the refused ones did, and a WATCH
     /// answered BUSY kept a subscription nobody used until the gateway stopped.
-    async fn apply_in_turn(&self, caller: &Caller, ptr: Pointer, request: &Request) -> Outcome {
-        let outcome = self.apply_decided(caller, ptr, request).await;
+    async fn apply_in_turn(
+        &self,
+        caller: &Caller,
+        ptr: Pointer,
+        request: &Request,
+        turn: &mut Turn<'_>,
+    ) -> Outcome {
+        let outcome = self.apply_decided(caller, ptr, request, turn).await;
         if matches!(request, Request::Watch { .. }) && outcome.watch == WatchChange::None {
             Box::pin(self.unsubscribe_if_unwatched(ptr)).await;
         }
@@ -2406,7 +2412,13 @@ impl ClusterStore {
 
     /// [`ClusterStore::apply_in_turn`], but for the subscriptions of WATCHes that
     /// registered nothing.
-    async fn apply_decided(&self, caller: &Caller, ptr: Pointer, request: &Request) -> Outcome {
+    async fn apply_decided(
+        &self,
+        caller: &Caller,
+        ptr: Pointer,
+        request: &Request,
+        turn: &mut Turn<'_>,
+    ) -> Outcome {
         let transfer_to = match &request {
             Request::Transfer { to, .. } => Some(match *to {
                 NewOwner::Identity(id) => id,
@@ -2419,11 +2431,15 @@ impl ClusterStore {
         if watch && let Err(e) = Box::pin(self.subscribe(ptr, data)).await {
             return unavailable(&e).into();
         }
-        for _ in 0..MAX_ATTEMPTS {
+        for n in 0..MAX_ATTEMPTS {
+            if n > 0 {
+                // A lost race after the turn was moved to another primary (a payer's).
+                turn.move_to(keys::record_slot(ptr)).await;
+            }
             // Every attempt may decide a write on the remembered state: after a lost
             // race it is the one the commit found (`scripts::CHANGED`), or none.
             match self
-                .attempt(caller, ptr, request, transfer_to.as_ref(), true)
+                .attempt(caller, ptr, request, transfer_to.as_ref(), true, turn)
                 .await
             {
                 Ok(Some(outcome)) => return outcome,
@@ -2438,7 +2454,15 @@ impl ClusterStore {
         .into()
     }
 
-    async fn create(self: &Arc<Self>, caller: &Caller, access: Access, data: Bytes) -> Reply {
+    /// CREATE, holding `turn` of its identity's primary (its quota first), then of
+    /// the new record's.
+    async fn create(
+        self: &Arc<Self>,
+        caller: &Caller,
+        access: Access,
+        data: Bytes,
+        turn: &mut Turn<'_>,
+    ) -> Reply {
         if let Err(r) = rules::decide_create(data.len() as u64, &self.cfg) {
             return r;
         }
@@ -2448,6 +2472,8 @@ impl ClusterStore {
             bytes: data.len() as u64,
         };
         loop {
+            // The quota, and the owner's index, are on its identity's primary.
+            turn.move_to(keys::identity_slot(&me)).await;
             let ptr = loop {
                 if let Some(p) = Pointer::new(rand::rng().next_u64()) {
                     break p;
@@ -2510,7 +2536,10 @@ impl ClusterStore {
                 ..Change::default()
             };
             let committed = match indexed {
-                Ok(_) => self.commit_placing(ptr, &change).await,
+                Ok(_) => {
+                    turn.move_to(keys::record_slot(ptr)).await;
+                    self.commit_placing(ptr, &change).await
+                }
                 Err(e) => Err(e),
             };
             let committed = match committed {
@@ -2549,6 +2578,7 @@ impl ClusterStore {
                     // A pointer that exists already (a re-send that finds the record
                     // changed is that too: ours would carry our operation id), or the
                     // fence: give the charge back and try another pointer.
+                    turn.move_to(keys::identity_slot(&me)).await;
                     let _ = self.quota.settle(&self.redis(), &me, &op, false).await;
                     if c == Committed::Fenced {
                         return Reply::error(
@@ -2613,7 +2643,7 @@ impl ClusterStore {
             else {
                 return Ok(false);
             };
-            match self.delete(ptr, &rec).await? {
+            match self.delete(ptr, &rec, &mut Turn::none()).await? {
                 Committed::Yes => return Ok(true),
                 Committed::Unknown => return Ok(false),
                 Committed::Changed(_) | Committed::Fenced => {}

@@ -12,6 +12,7 @@ use super::events::EventInfo;
 use super::keys;
 use super::redis_io::{self, Change, Committed, DataOp, Stored};
 use super::scripts;
+use super::turns::Turn;
 use super::{
     AttemptError, Caller, ClusterStore, FENCE, Full, MAX_INLINE, Outcome, WatchChange, lock,
 };
@@ -155,6 +156,7 @@ impl ClusterStore {
         request: &Request,
         transfer_to: Option<&Identity>,
         remembered: bool,
+        turn: &mut Turn<'_>,
     ) -> Attempt {
         let me = caller.identity;
         let is_write = matches!(
@@ -177,7 +179,7 @@ impl ClusterStore {
             // the largest branch it may take, and a write's (1.9 KB) made a READ's
             // future 3.7 KB instead of 2.2 (READs +4.5% and REPLACEs +9% at
             // pipeline 16; docs/BENCHMARKS.md, "A READ's future").
-            let done = Box::pin(self.write(ptr, &rec, w, request)).await;
+            let done = Box::pin(self.write(ptr, &rec, w, request, turn)).await;
             let counter = match &done {
                 Ok(Some(_)) => &self.cache_hits,
                 Ok(None) => &self.cache_stale,
@@ -237,7 +239,7 @@ impl ClusterStore {
                     Err(ends) => ends,
                 }
             }
-            Decision::Write(w) => Box::pin(self.write(ptr, &rec, w, request)).await,
+            Decision::Write(w) => Box::pin(self.write(ptr, &rec, w, request, turn)).await,
             Decision::SetAccess(access) => {
                 let rev = rec.rev + 1;
                 let change = Change {
@@ -262,13 +264,13 @@ impl ClusterStore {
             }
             // Boxed, as the writes above: every request's future holds room for the
             // largest branch it may take.
-            Decision::Delete => match Box::pin(self.delete(ptr, &rec)).await? {
+            Decision::Delete => match Box::pin(self.delete(ptr, &rec, turn)).await? {
                 Committed::Yes => done(Reply::Done),
                 Committed::Unknown => done(outcome_unknown()),
                 Committed::Changed(_) | Committed::Fenced => Ok(None),
             },
-            Decision::TakeOver => Box::pin(self.change_owner(ptr, &rec, me, true)).await,
-            Decision::Transfer(to) => Box::pin(self.change_owner(ptr, &rec, to, false)).await,
+            Decision::TakeOver => Box::pin(self.change_owner(ptr, &rec, me, true, turn)).await,
+            Decision::Transfer(to) => Box::pin(self.change_owner(ptr, &rec, to, false, turn)).await,
             Decision::Watch(state) => {
                 if let Err(r) =
                     rules::admit_watch(caller.watching, caller.watch_xid.is_some(), &self.cfg)
@@ -322,7 +324,15 @@ impl ClusterStore {
 
     /// REPLACE, REPLACE_IF, WRITE_AT: growth is charged to whoever pays for the
     /// record (reserve, commit, settle); shrinking gives back after the commit.
-    async fn write(&self, ptr: Pointer, rec: &Stored, w: Write, request: &Request) -> Attempt {
+    /// `turn` is moved to the payer's primary for its quota, and back.
+    async fn write(
+        &self,
+        ptr: Pointer,
+        rec: &Stored,
+        w: Write,
+        request: &Request,
+        turn: &mut Turn<'_>,
+    ) -> Attempt {
         let data = match request {
             Request::Replace { data, .. }
             | Request::ReplaceIf { data, .. }
@@ -356,6 +366,7 @@ impl ClusterStore {
         };
         let mut pending = None;
         if w.bytes_delta != 0 {
+            turn.move_to(keys::identity_slot(&payer)).await;
             let op = self.op_id();
             let now = self.now_ms();
             let deadline = now + redis_io::ms(FENCE);
@@ -393,6 +404,7 @@ impl ClusterStore {
             change.op = op.clone();
             change.mark = true;
             pending = Some(op);
+            turn.move_to(keys::record_slot(ptr)).await;
         }
         let committed = self.commit_placing(ptr, &change).await;
         let in_hash = matches!(committed, Ok((_, true)));
@@ -432,13 +444,15 @@ impl ClusterStore {
     }
 
     /// Deletes a record (DELETE, or the reaper): the payer gets its charge back, the
-    /// watchers a "deleted" event.
+    /// watchers a "deleted" event. `turn` is moved to the payer's primary, and back.
     pub(super) async fn delete(
         &self,
         ptr: Pointer,
         rec: &Stored,
+        turn: &mut Turn<'_>,
     ) -> Result<Committed, AttemptError> {
         let payer = rec.payer();
+        turn.move_to(keys::identity_slot(&payer)).await;
         let op = self.op_id();
         let now = self.now_ms();
         let deadline = now + redis_io::ms(FENCE);
@@ -469,6 +483,7 @@ impl ClusterStore {
             ),
             ..Change::default()
         };
+        turn.move_to(keys::record_slot(ptr)).await;
         let committed = self.commit(ptr, &change).await;
         if matches!(committed, Ok(Committed::Yes)) {
             super::crash_point("delete-after-commit");
@@ -502,15 +517,20 @@ impl ClusterStore {
 
     /// TAKEOVER (`takeover`: the caller takes it and pays, the TAKEOVER bit is
     /// cleared) or TRANSFER to `to` (who pays when connected anywhere; else the payer
-    /// so far keeps paying and the record gets its own orphan deadline).
+    /// so far keeps paying and the record gets its own orphan deadline). `turn` is
+    /// moved to each primary in turn: the receiver's, the old payer's, the
+    /// reaper's schedule's, the record's.
     async fn change_owner(
         &self,
         ptr: Pointer,
         rec: &Stored,
         to: Identity,
         takeover: bool,
+        turn: &mut Turn<'_>,
     ) -> Attempt {
         let old_payer = rec.payer();
+        let to_slot = keys::identity_slot(&to);
+        turn.move_to(to_slot).await;
         let receiver = self.liveness(&to).await?;
         let payer = if takeover {
             Payer::NewOwner
@@ -545,11 +565,13 @@ impl ClusterStore {
                 Err(super::QuotaError::Exceeded(kind)) => return done(kind.reply(&self.cfg)),
                 Err(super::QuotaError::Redis(e)) => return Err(e.into()),
             }
+            turn.move_to(keys::identity_slot(&old_payer)).await;
             if let Err(e) = self
                 .quota
                 .note_release(&self.redis(), &old_payer, &op, ptr, charge, deadline)
                 .await
             {
+                turn.move_to(to_slot).await;
                 let _ = self.quota.settle(&self.redis(), &to, &op, false).await;
                 return Err(e.into());
             }
@@ -580,6 +602,7 @@ impl ClusterStore {
         // Index first, so that the reaper and claims always find the record (and the
         // reaper does not forget the identity while the record is on its way).
         let tk = self.keys.identity(&to);
+        turn.move_to(to_slot).await;
         let indexed = redis_io::run(
             &self.redis(),
             &scripts::INDEX_OWNED,
@@ -611,6 +634,7 @@ impl ClusterStore {
             return Ok(None);
         }
         if let Some(x) = own_deadline {
+            turn.move_to(redis_io::slot_of(&self.keys.reap())).await;
             let _: redis::RedisResult<Value> = redis::cmd("ZADD")
                 .arg(self.keys.reap())
                 .arg(x)
@@ -628,6 +652,7 @@ impl ClusterStore {
             del,
             ..Change::default()
         };
+        turn.move_to(keys::record_slot(ptr)).await;
         let committed = self.commit(ptr, &change).await;
         if moves {
             match &committed {
@@ -639,6 +664,7 @@ impl ClusterStore {
         }
         if matches!(committed, Ok(Committed::Yes)) {
             let old = self.keys.identity(&rec.owner);
+            turn.move_to(keys::identity_slot(&rec.owner)).await;
             let mut pipe = redis::pipe();
             pipe.cmd("SREM")
                 .arg(&old.owned)

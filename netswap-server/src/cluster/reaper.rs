@@ -280,7 +280,11 @@ impl ClusterStore {
             if rules::orphan_expiry(owner_deadline, own).is_some_and(|e| e > live.now) {
                 return Ok(Reaping::Kept); // its own, later deadline is on the schedule
             }
-            if self.delete(ptr, &rec).await? == super::redis_io::Committed::Yes {
+            if self
+                .delete(ptr, &rec, &mut super::turns::Turn::none())
+                .await?
+                == super::redis_io::Committed::Yes
+            {
                 return Ok(Reaping::Reaped);
             }
         }
@@ -315,7 +319,11 @@ impl ClusterStore {
                 self.reschedule(member, Some(expiry)).await?;
                 return Ok(0);
             }
-            if self.delete(ptr, &rec).await? == super::redis_io::Committed::Yes {
+            if self
+                .delete(ptr, &rec, &mut super::turns::Turn::none())
+                .await?
+                == super::redis_io::Committed::Yes
+            {
                 self.reschedule(member, None).await?;
                 return Ok(1);
             }
