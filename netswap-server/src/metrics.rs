@@ -692,6 +692,12 @@ impl Collector for HubCollector {
             )?;
             gauge(
                 &mut e,
+                "netswap_redis_primaries_silent",
+                "Primaries that did not answer the last look's PING (every second) on the connection for commands; creates put new records on the others meanwhile.",
+                g.primaries_silent,
+            )?;
+            gauge(
+                &mut e,
                 "netswap_redis_unsubscribes_owed",
                 "Records whose SUNSUBSCRIBE failed or was not answered (Redis may still publish their events to this gateway): sent again at the next sweep of unused subscriptions.",
                 g.unsubscribes_owed,

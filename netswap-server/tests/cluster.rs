@@ -3917,10 +3917,7 @@ async fn a_primary_that_stops_answering_holds_up_only_the_writes_it_is_asked_for
     const IN_FLIGHT: usize = 100;
     let (cluster, g, prefix, m) = cluster_and_gateway();
     let stalled = cluster.primaries()[0];
-    let primary_of_identity = |n: u8| {
-        let id = Identity::derive(&IdentityKey::new(GATEWAY_KEY), local(n));
-        cluster.primary_of(&format!("{prefix}:{{i:{id}}}:q"))
-    };
+    let primary_of_identity = |n: u8| primary_of_identity(&cluster, &prefix, n);
     let primary_of_record = |p: Pointer| cluster.primary_of(&format!("{prefix}:{{r:{p}}}:m"));
     // The owner of the written records: its quota is on the primary that stops.
     let owner_n = (2..=250)
@@ -4013,6 +4010,77 @@ impl Writers {
             t.await.unwrap();
         }
     }
+}
+
+/// The primary of the quota of the identity of 127.0.0.`n` under `prefix`.
+fn primary_of_identity(cluster: &RedisCluster, prefix: &str, n: u8) -> u16 {
+    let id = Identity::derive(&IdentityKey::new(GATEWAY_KEY), local(n));
+    cluster.primary_of(&format!("{prefix}:{{i:{id}}}:q"))
+}
+
+/// A create picks its record's pointer, so while a primary does not answer it picks
+/// one on another (`cluster/silent.rs`). Before, with one of three primaries stopped,
+/// a third of the creates drew a pointer there and were answered BUSY after the
+/// response timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_go_to_primaries_that_answer() {
+    const CREATES: usize = 45;
+    let (cluster, g, prefix, m) = cluster_and_gateway();
+    // Not the first: `primary_of` asks the first node that runs.
+    let stalled = cluster.primaries()[2];
+    let n = (2..=250)
+        .find(|&n| primary_of_identity(&cluster, &prefix, n) != stalled)
+        .unwrap();
+    let mut c = Raw::connect(g.addr(), n).await;
+    let silent = async |n: f64| metric(&scrape(m), "netswap_redis_primaries_silent") == n;
+    assert!(silent(0.0).await);
+    cluster.freeze(stalled, true);
+    eventually(
+        "the gateway heard that the primary does not answer",
+        Duration::from_secs(10),
+        async || silent(1.0).await,
+    )
+    .await;
+    let mut outcomes = Vec::new();
+    let mut made = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..CREATES {
+        let sent = Instant::now();
+        let create = c.ask(Request::Create {
+            access: Access::READ,
+            data: Bytes::from_static(b"new"),
+        });
+        let r = tokio::time::timeout(Duration::from_secs(10), create).await;
+        slowest = slowest.max(sent.elapsed());
+        match r {
+            Ok(Reply::Created(p)) => made.push(p),
+            Ok(other) => outcomes.push(format!("{other:?}")),
+            Err(_) => {
+                outcomes.push("no answer within 10 s".to_string());
+                break;
+            }
+        }
+    }
+    cluster.freeze(stalled, false);
+    assert!(
+        outcomes.is_empty(),
+        "creates not answered Created: {outcomes:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a create took {slowest:?} while a primary did not answer"
+    );
+    let primary_of_record = |p: Pointer| cluster.primary_of(&format!("{prefix}:{{r:{p}}}:m"));
+    assert!(made.iter().all(|&p| primary_of_record(p) != stalled));
+    // Once it answers again, new records go there too.
+    eventually(
+        "the gateway heard that the primary answers again",
+        Duration::from_secs(10),
+        async || silent(0.0).await,
+    )
+    .await;
+    let after = records(&mut c, CREATES).await;
+    assert!(after.iter().any(|&p| primary_of_record(p) == stalled));
 }
 
 /// What a probe's writes of a record on a primary that answered got while another

@@ -33,6 +33,7 @@ mod reaper;
 pub(crate) mod redis_io;
 pub(crate) mod scripts;
 mod serial;
+mod silent;
 mod states;
 mod turns;
 
@@ -628,6 +629,8 @@ pub(crate) struct ClusterStore {
     /// change makes the gateway subscribe again on a new connection
     /// ([`ClusterStore::refresh_topology`]).
     primaries_seen: Mutex<Vec<String>>,
+    /// Primaries that did not answer the last look, whose slots creates avoid.
+    silent: silent::Silent,
     /// The primaries changed and the subscriptions are not on a new connection yet.
     renewal_due: AtomicBool,
     /// Looks in a row that found fewer subscriptions on the primaries than the
@@ -744,6 +747,8 @@ pub struct GatewayCounts {
     /// Records whose `SUNSUBSCRIBE` failed or was not answered, to be sent again at
     /// the next sweep.
     pub unsubscribes_owed: u64,
+    /// Primaries that did not answer the last look's `PING` (creates avoid them).
+    pub primaries_silent: u64,
     /// How long the last pass renewing this gateway's leases took (µs).
     pub lease_renewal_micros: u64,
     /// Lease renewals that succeeded.
@@ -1012,6 +1017,7 @@ impl ClusterStore {
             claims: AtomicU64::new(0),
             scripted: Mutex::default(),
             primaries_seen: Mutex::default(),
+            silent: silent::Silent::default(),
             renewal_due: AtomicBool::new(false),
             short_looks: AtomicU64::new(0),
             resubscribing: Default::default(),
@@ -1071,6 +1077,7 @@ impl ClusterStore {
             reply_bytes_held: self.reply_bytes.held(),
             subscribed_records: self.subscribed_records(),
             unsubscribes_owed: lock(&self.local).unsubscribe_owed.len() as u64,
+            primaries_silent: self.silent.count() as u64,
             lease_renewal_micros: n(&self.renewal_micros),
             lease_renewals: n(&self.renewals),
             lease_renewals_failed: n(&self.renewals_failed),
@@ -1119,10 +1126,17 @@ impl ClusterStore {
         // answering stays (tests of what does not depend on it);
         // `commands-replace`: the first look replaces it anyway (a test of the
         // replacement under load).
-        if (self
-            .due_for_new(&self.commands, &self.unanswered, Some(&self.answered[0]))
-            .await
-            || fault_point("commands-replace"))
+        let mut silent = HashSet::new();
+        let due = self
+            .due_for_new(
+                &self.commands,
+                &self.unanswered,
+                Some(&self.answered[0]),
+                Some(&mut silent),
+            )
+            .await;
+        self.silent.heard(silent);
+        if (due || fault_point("commands-replace"))
             && !fault_set("commands-stay-stuck")
             && let Some(fresh) = self.fresh_connection(None).await
         {
@@ -1138,6 +1152,7 @@ impl ClusterStore {
                 &self.liveness,
                 &self.liveness_unanswered,
                 Some(&self.answered[1]),
+                None,
             )
             .await
             && let Some(fresh) = self.fresh_connection(None).await
@@ -1151,7 +1166,7 @@ impl ClusterStore {
         }
         let forced = !lock(&self.local).watched.is_empty() && fault_point("subs-replace");
         if (self
-            .due_for_new(&self.subs, &self.subs_unanswered, None)
+            .due_for_new(&self.subs, &self.subs_unanswered, None, None)
             .await
             || forced)
             && self.subscribe_anew().await
@@ -1220,7 +1235,7 @@ impl ClusterStore {
             (tls.ca, tls.client) = (ca, client);
         }
         let fresh = cluster_connection(&opts, None).await?;
-        if !self.pings(fresh.clone()).await {
+        if !self.pings(fresh.clone(), None).await {
             return Err("a new connection with them made no answer to a PING".into());
         }
         *self.tls_now.write().unwrap_or_else(|e| e.into_inner()) = opts.tls;
@@ -1254,14 +1269,16 @@ impl ClusterStore {
     /// One look at `conn` (see [`ClusterStore::check_connection`]): whether it is
     /// due to be replaced, by `unanswered`, its count of looks in a row without an
     /// answer (reset then); `answered`, if given: set to whether this look's `PING` was
-    /// answered (for `/readyz`).
+    /// answered (for `/readyz`); `silent`, if given: filled with the primaries that
+    /// did not answer (see [`ClusterStore::pings`]).
     async fn due_for_new(
         &self,
         conn: &Replaceable,
         unanswered: &AtomicU64,
         answered: Option<&AtomicBool>,
+        silent: Option<&mut HashSet<String>>,
     ) -> bool {
-        let pinged = self.pings(conn.get()).await;
+        let pinged = self.pings(conn.get(), silent).await;
         if let Some(a) = answered {
             a.store(pinged, Ordering::Relaxed);
         }
@@ -1283,7 +1300,7 @@ impl ClusterStore {
         pushes: Option<mpsc::UnboundedSender<PushInfo>>,
     ) -> Option<ClusterConnection> {
         let fresh = cluster_connection(&self.opts_now(), pushes).await.ok()?;
-        self.pings(fresh.clone()).await.then_some(fresh)
+        self.pings(fresh.clone(), None).await.then_some(fresh)
     }
 
     /// Whether `conn` gets an answer within [`PING_WAIT`] (at most the response
@@ -1298,46 +1315,73 @@ impl ClusterStore {
     /// two tests that stop a primary for 5–6 s, `a_primary_that_stops_answering_…`).
     /// A connection that is stuck (the `redis` crate's recovery that never ends,
     /// docs/upstream) answers none.
-    async fn pings(&self, conn: ClusterConnection) -> bool {
+    ///
+    /// `silent`, if given: the look waits for every answer (a primary that does not
+    /// answer makes it take [`PING_WAIT`]), and the node ids of the primaries that did
+    /// not answer are put there (`silent.rs`); else the first answer ends it.
+    async fn pings(
+        &self,
+        conn: ClusterConnection,
+        mut silent: Option<&mut HashSet<String>>,
+    ) -> bool {
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
         let wait = PING_WAIT.min(self.opts.response_timeout);
-        let primaries: Vec<(String, u16)> = {
+        let primaries: Vec<(String, (String, u16))> = {
             let layout = lock(&self.replicas);
             layout
                 .primaries
                 .iter()
-                .filter_map(|id| layout.nodes.get(id).cloned())
+                .filter_map(|id| Some((id.clone(), layout.nodes.get(id)?.clone())))
                 .collect()
         };
-        let routes: Vec<RoutingInfo> = if primaries.is_empty() {
-            vec![RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random)]
+        let routes: Vec<(Option<String>, RoutingInfo)> = if primaries.is_empty() {
+            vec![(None, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))]
         } else {
             primaries
                 .into_iter()
-                .map(|(host, port)| {
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port })
+                .map(|(id, (host, port))| {
+                    let to = SingleNodeRoutingInfo::ByAddress { host, port };
+                    (Some(id), RoutingInfo::SingleNode(to))
                 })
                 .collect()
         };
         let mut each: futures_util::stream::FuturesUnordered<_> = routes
             .into_iter()
-            .map(|to| {
+            .map(|(id, to)| {
                 let mut conn = conn.clone();
                 async move {
-                    matches!(
-                        tokio::time::timeout(wait, conn.route_command(redis::cmd("PING"), to))
-                            .await,
-                        Ok(Ok(_))
-                    )
+                    let ping = conn.route_command(redis::cmd("PING"), to);
+                    let answered = matches!(tokio::time::timeout(wait, ping).await, Ok(Ok(_)));
+                    (id, answered)
                 }
             })
             .collect();
-        while let Some(answered) = each.next().await {
-            if answered {
-                return true;
+        let mut any = false;
+        while let Some((id, answered)) = each.next().await {
+            any |= answered;
+            match silent.as_deref_mut() {
+                None if any => return true,
+                Some(silent) if !answered => silent.extend(id),
+                _ => {}
             }
         }
-        false
+        any
+    }
+
+    /// A random pointer for a new record, whose slot's primary answered the last look
+    /// where one can be drawn (`silent.rs`).
+    fn new_pointer(&self) -> Pointer {
+        let mut draws = 0;
+        loop {
+            let Some(p) = Pointer::new(rand::rng().next_u64()) else {
+                continue;
+            };
+            draws += 1;
+            if draws < silent::DRAWS && self.silent.avoids(p) {
+                continue;
+            }
+            return p;
+        }
     }
 
     /// Notifications for local watchers (taken once, by the server's event task).
@@ -1486,6 +1530,7 @@ impl ClusterStore {
         *lock(&self.replicas) = layout;
         // Read once for both: the slots' primaries, and the primaries' ids.
         let (slots, ids) = batch::primaries_by_id(&text);
+        self.silent.follow(&slots, &ids);
         if let Some(t) = &self.turns {
             t.follow(&slots, &ids);
         }
@@ -2474,11 +2519,7 @@ impl ClusterStore {
         loop {
             // The quota, and the owner's index, are on its identity's primary.
             turn.move_to(keys::identity_slot(&me)).await;
-            let ptr = loop {
-                if let Some(p) = Pointer::new(rand::rng().next_u64()) {
-                    break p;
-                }
-            };
+            let ptr = self.new_pointer();
             let op = self.op_id();
             let now = self.now_ms();
             let deadline = now + redis_io::ms(FENCE);
