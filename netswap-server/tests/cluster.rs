@@ -4033,7 +4033,12 @@ async fn creates_go_to_primaries_that_answer() {
         .unwrap();
     let mut c = Raw::connect(g.addr(), n).await;
     let silent = async |n: f64| metric(&scrape(m), "netswap_redis_primaries_silent") == n;
-    assert!(silent(0.0).await);
+    eventually(
+        "the gateway heard every primary",
+        Duration::from_secs(10),
+        async || silent(0.0).await,
+    )
+    .await;
     cluster.freeze(stalled, true);
     eventually(
         "the gateway heard that the primary does not answer",

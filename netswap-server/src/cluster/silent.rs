@@ -9,9 +9,10 @@
 //! look's wait are *silent* until a later look hears them. Slots of no known primary
 //! (before a failover promotes a replica, `CLUSTER NODES` marks the primary failing)
 //! are avoided as well. A create whose random pointer's slot is to be avoided draws
-//! another, up to [`DRAWS`] times. Before, a third of the creates (with three
-//! primaries) went to the primary that did not answer and were answered BUSY after
-//! the response timeout (test `creates_go_to_primaries_that_answer`).
+//! another, up to [`DRAWS`] pointers in all. Before, a third of the creates (with
+//! three primaries) went to the primary that did not answer, and their commits timed
+//! out and were sent again for up to 15 s (`RESEND_FOR`, for a failover): no answer
+//! within 10 s (test `creates_go_to_primaries_that_answer`).
 //!
 //! What it costs the pointers: while a primary is silent, a new pointer is one whose
 //! slot another primary serves, ~0.6 bits fewer of 64 with one of three primaries
