@@ -73,16 +73,15 @@ impl Silent {
         }
     }
 
-    /// Whether a new record had better not be put at `ptr`.
+    /// Whether a new record had better not be put at `ptr` (while no slot is
+    /// avoided: one load, no slot computed).
     pub fn avoids(&self, ptr: Pointer) -> bool {
         self.any.load(Ordering::Relaxed) && self.avoid(record_slot(ptr))
     }
 
-    /// Whether a new record had better not go to `slot`.
+    /// Whether a new record had better not go to `slot` (none is while `avoid` is
+    /// empty).
     fn avoid(&self, slot: u16) -> bool {
-        if !self.any.load(Ordering::Relaxed) {
-            return false;
-        }
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         state.avoid.get(slot as usize).copied().unwrap_or(false)
     }
