@@ -698,6 +698,12 @@ impl Collector for HubCollector {
             )?;
             gauge(
                 &mut e,
+                "netswap_redis_slots_avoided",
+                "Hash slots creates put no new record in now: of primaries that did not answer the last look's PING, or of none known (a primary marked failing, before a replica takes over).",
+                g.slots_avoided,
+            )?;
+            gauge(
+                &mut e,
                 "netswap_redis_unsubscribes_owed",
                 "Records whose SUNSUBSCRIBE failed or was not answered (Redis may still publish their events to this gateway): sent again at the next sweep of unused subscriptions.",
                 g.unsubscribes_owed,

@@ -749,6 +749,8 @@ pub struct GatewayCounts {
     pub unsubscribes_owed: u64,
     /// Primaries that did not answer the last look's `PING` (creates avoid them).
     pub primaries_silent: u64,
+    /// Slots creates avoid: of primaries that did not answer, or of none known.
+    pub slots_avoided: u64,
     /// How long the last pass renewing this gateway's leases took (µs).
     pub lease_renewal_micros: u64,
     /// Lease renewals that succeeded.
@@ -1078,6 +1080,7 @@ impl ClusterStore {
             subscribed_records: self.subscribed_records(),
             unsubscribes_owed: lock(&self.local).unsubscribe_owed.len() as u64,
             primaries_silent: self.silent.count() as u64,
+            slots_avoided: self.silent.avoided() as u64,
             lease_renewal_micros: n(&self.renewal_micros),
             lease_renewals: n(&self.renewals),
             lease_renewals_failed: n(&self.renewals_failed),

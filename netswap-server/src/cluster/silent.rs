@@ -40,6 +40,9 @@ pub(crate) struct Silent {
     any: AtomicBool,
     /// Silent primaries that serve slots now (for `/metrics`).
     count: AtomicUsize,
+    /// Slots avoided now (for `/metrics`): a primary marked failing is no longer
+    /// pinged, so its slots are avoided without it being counted silent.
+    avoided: AtomicUsize,
     state: RwLock<State>,
 }
 
@@ -91,6 +94,11 @@ impl Silent {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// How many slots creates avoid now.
+    pub fn avoided(&self) -> usize {
+        self.avoided.load(Ordering::Relaxed)
+    }
+
     fn settle(&self, state: &mut State) {
         let silent: Vec<bool> = state
             .ids
@@ -106,6 +114,8 @@ impl Silent {
         let any = avoid.iter().any(|&a| a) && !avoid.iter().all(|&a| a);
         state.avoid = if any { avoid } else { Vec::new() };
         self.any.store(any, Ordering::Relaxed);
+        let avoided = state.avoid.iter().filter(|&&a| a).count();
+        self.avoided.store(avoided, Ordering::Relaxed);
         self.count
             .store(silent.iter().filter(|&&s| s).count(), Ordering::Relaxed);
     }
@@ -142,8 +152,10 @@ c3 127.0.0.1:30003@31003 master - 0 0 3 connected 10923-16383
         assert!(!s.avoid(5460));
         assert!(s.avoid(5461) && s.avoid(10922));
         assert!(!s.avoid(10923));
+        assert_eq!(s.avoided(), 5462);
         s.heard(HashSet::new());
         assert_eq!(s.count(), 0);
+        assert_eq!(s.avoided(), 0);
         assert!(!s.avoid(5461));
     }
 
@@ -161,6 +173,7 @@ c3 127.0.0.1:30003@31003 master - 0 0 3 connected 10923-16383
         assert!(s.avoid(0) && s.avoid(5460));
         assert!(!s.avoid(5461));
         assert_eq!(s.count(), 0, "none silent");
+        assert_eq!(s.avoided(), 5461);
     }
 
     #[test]
@@ -170,6 +183,7 @@ c3 127.0.0.1:30003@31003 master - 0 0 3 connected 10923-16383
         s.heard(ids(&["a1", "b2", "c3"]));
         assert_eq!(s.count(), 3);
         assert!(!s.avoid(0) && !s.avoid(6000) && !s.avoid(16383));
+        assert_eq!(s.avoided(), 0);
         // A silent node that is no longer a primary counts for nothing.
         s.heard(ids(&["gone"]));
         assert_eq!(s.count(), 0);
