@@ -2770,9 +2770,21 @@ async fn a_read_cache_stays_exact_while_its_primary_is_made_a_replica() {
         let zero = Bytes::copy_from_slice(&0u64.to_be_bytes());
         ptrs.push(writer.create(Access::READ | Access::WRITE, zero).await);
     }
-    // The records of one primary (two at least: 12 records on 3 primaries).
+    // The records of one primary, two at least: the first one's may have got only
+    // it of 12 (1.2% of runs with pointers drawn at random; one full suite failed so),
+    // so more are made until it has two.
     let old = cluster.primary_of(&key(ptrs[0]));
     ptrs.retain(|&p| cluster.primary_of(&key(p)) == old);
+    for _ in 0..100 {
+        if ptrs.len() >= 2 {
+            break;
+        }
+        let zero = Bytes::copy_from_slice(&0u64.to_be_bytes());
+        let p = writer.create(Access::READ | Access::WRITE, zero).await;
+        if cluster.primary_of(&key(p)) == old {
+            ptrs.push(p);
+        }
+    }
     assert!(
         ptrs.len() >= 2,
         "{} records on the first one's primary",
